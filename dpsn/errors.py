@@ -1,0 +1,96 @@
+"""Every error dpsn raises on purpose.
+
+Each kind derives from :class:`DpsnError` *and* from the builtin a caller would already catch
+(``except ValueError`` still works for bad ids, ``except FileNotFoundError`` for a missing store),
+the way zarr's ``NodeNotFoundError`` is also a ``FileNotFoundError``. Messages say what is wrong
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheCapacityError",
+    "CorruptSegmentError",
+    "CorruptStoreError",
+    "DpsnError",
+    "InvalidDeltaError",
+    "InvalidIdsError",
+    "ReadOnlyError",
+    "RowIdOutOfRangeError",
+    "SnapshotNotFoundError",
+    "SnapshotUnavailableError",
+    "StoreExistsError",
+    "StoreFullError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StoreVersionError",
+]
+
+
+class DpsnError(Exception):
+    """Base class of every error dpsn raises deliberately."""
+
+
+class InvalidIdsError(DpsnError, ValueError):
+    """Row ids that are not integers, have the wrong shape, or do not fit the call."""
+
+
+class RowIdOutOfRangeError(InvalidIdsError, IndexError):
+    """A row id is negative or not below the pool's ``rows``."""
+
+
+class InvalidDeltaError(DpsnError, ValueError):
+    """Deltas with the wrong shape, dtype or non-finite values (NaN/Inf)."""
+
+
+class StoreNotFoundError(DpsnError, FileNotFoundError):
+    """The path holds no dpsn store (no manifest), or a part of one is missing."""
+
+
+class StoreExistsError(DpsnError, FileExistsError):
+    """``create`` was pointed at a path that already holds something."""
+
+
+class StoreVersionError(DpsnError):
+    """The store was written by a newer (or foreign) format version this dpsn cannot read."""
+
+
+class CorruptStoreError(DpsnError, OSError):
+    """Store data failed an integrity check (checksum, size, structure)."""
+
+
+class CorruptSegmentError(CorruptStoreError):
+    """A delta segment failed its checksum or could not be decoded.
+
+    ``segment`` names the segment and ``rows`` holds the row ids stored in the damaged chunk, so
+    a caller can drop or rewrite exactly those rows.
+    """
+
+    def __init__(self, message: str, *, segment: str, rows: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.segment = segment
+        self.rows = rows or []
+
+
+class StoreLockedError(DpsnError, BlockingIOError):
+    """Another process (or another Pool in this process) holds the store's writer lock."""
+
+
+class ReadOnlyError(DpsnError, PermissionError):
+    """A write was attempted on a pool opened read-only (``mode="r"`` or a snapshot view)."""
+
+
+class StoreFullError(DpsnError, OSError):
+    """The disk (or a file-size limit) ran out during a commit; the store was left as it was."""
+
+
+class SnapshotNotFoundError(DpsnError, LookupError):
+    """No snapshot of that name and no commit with that id."""
+
+
+class SnapshotUnavailableError(DpsnError, LookupError):
+    """The commit is in the log but ``gc`` removed data it needs; pin snapshots to keep one."""
+
+
+class CacheCapacityError(DpsnError, ValueError):
+    """A batch needs more distinct rows than the device cache can hold at once."""

@@ -1,0 +1,71 @@
+"""The generator interface: what the pool needs from anything that makes base rows.
+
+Why this shape: a store persists a generator as ``kind`` + ``config()`` (JSON, in the manifest)
++ ``state_dict()`` (arrays, in Zarr) and rebuilds it with
+``GENERATORS[kind](dim=, seed=, **config)`` followed by ``load_state_dict``. So a generator
+
+- is fully described by keyword-only hyperparameters that are JSON values;
+- keeps all persisted state in float32 ``nn.Parameter``s (buffers only for what is derivable
+  from the config, registered ``persistent=False``), and nothing is a pickle;
+- initialises its weights from ``seed`` alone, never from the global RNG, so a fresh
+  construction is bit-identical to the last one and needs no weights to regenerate base rows;
+- maps int64 ids ``[...]`` to float32 rows ``[..., dim]``; each row depends only on its own id
+  (never on the rest of the batch), so any row can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ._hash import as_int64_ids, check_seed
+
+__all__ = ["Generator"]
+
+
+class Generator(nn.Module, ABC):
+    """Base rows from row ids: ``forward(ids int64 [...]) -> float32 [..., dim]``.
+
+    Subclasses set ``kind`` (the registry name; persisted in stores, so never rename one),
+    accept their hyperparameters keyword-only, call ``super().__init__(dim=, seed=)`` first, and
+    return from :meth:`config` every hyperparameter other than ``dim`` and ``seed``.
+    """
+
+    kind: ClassVar[str]
+
+    dim: int
+    seed: int
+
+    def __init__(self, *, dim: int, seed: int) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.seed = check_seed(seed)
+
+    @abstractmethod
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows for ``ids`` (int64 ``[...]``): float32 ``[..., dim]`` on the module's device."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable kwargs, excluding ``dim`` and ``seed``, that rebuild this generator."""
+
+    @property
+    def device(self) -> torch.device:
+        """The device the parameters live on (and rows are produced on)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _prepare_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` as int64 on this module's device; only the dtype is checked (the pool checks
+        ranges), to keep the hot path cheap."""
+        return as_int64_ids(ids).to(self.device)
+
+    def extra_repr(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"dim={self.dim}, seed={self.seed}" + (f", {items}" if items else "")

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import dpsn
+
+settings.register_profile(
+    "ci", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "store"
+
+
+# A small shared array keeps store creation fast in tests; the row formula is the same.
+SMALL_GENERATOR = {"kind": "hashed_slices", "memory_size": 4096}
+
+
+@pytest.fixture
+def pool(store_path):
+    p = dpsn.create(
+        store_path, rows=10**12, dim=16, seed=7, chunk_rows=8, generator=SMALL_GENERATOR
+    )
+    yield p
+    p.close()

@@ -1,0 +1,187 @@
+"""The on-disk format of a store: names, key layouts and value layouts.
+
+Everything here is persisted. Never renumber, never reuse a name for something else; add new
+names instead and bump ``FORMAT_VERSION`` when an older dpsn could misread a newer store.
+``docs/format.md`` describes the same layout for people.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
+
+FORMAT_NAME = "dpsn-store"
+FORMAT_VERSION = 1  # never renumber
+
+MANIFEST = "dpsn.json"
+LMDB_DIR = "index.lmdb"
+ZARR_DIR = "data.zarr"
+LOCK_FILE = "writer.lock"
+
+# LMDB named databases (never rename).
+DB_META = b"meta"
+DB_ROWS = b"rows"
+DB_COMMITS = b"commits"
+DB_SEGMENTS = b"segments"
+DB_SNAPSHOTS = b"snapshots"
+
+# Keys of DB_META.
+META_FORMAT = b"format_version"
+META_HEAD = b"head"
+META_NEXT_SEGMENT = b"next_segment"
+
+# DB_ROWS value: segment id (u64), row offset inside the segment (u64), commit id (u64).
+# Little-endian so that numpy reads a whole column of values with one frombuffer.
+ROW_VALUE = struct.Struct("<QQQ")
+ROW_VALUE_DTYPE = [("segment", "<u8"), ("offset", "<u8"), ("commit", "<u8")]
+
+# Keys of DB_ROWS, DB_COMMITS and DB_SEGMENTS are u64 big-endian, so LMDB's byte order is the
+# numeric order and a cursor walk returns ids sorted.
+U64_KEY = struct.Struct(">Q")
+
+# Zarr paths inside ZARR_DIR.
+SEGMENTS_GROUP = "segments"
+GENERATOR_GROUP = "generator"
+SEGMENT_IDS = "ids"  # int64 [n], sorted, unique: the rows written by the commit
+SEGMENT_DELTAS = "deltas"  # [n, dim] in the store dtype (bf16 stored as uint16)
+SEGMENT_DROPS = "drops"  # int64 [m], sorted: rows the commit returned to procedural
+
+
+def u64_key(value: int) -> bytes:
+    return U64_KEY.pack(value)
+
+
+def segment_name(segment_id: int) -> str:
+    """Zarr group name of a segment: fixed width, so names sort like ids."""
+    return f"{segment_id:016x}"
+
+
+def generator_name(version: int) -> str:
+    return f"v{version:08d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The immutable description of a store, written once by ``create``."""
+
+    rows: int
+    dim: int
+    dtype: str
+    seed: int
+    generator: dict[str, Any]
+    chunk_rows: int
+    compressor: str
+    created: float
+    uuid: str
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "rows": self.rows,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "generator": self.generator,
+            "chunk_rows": self.chunk_rows,
+            "compressor": self.compressor,
+            "created": self.created,
+            "uuid": self.uuid,
+        }
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Write the manifest durably (temp file, fsync, rename, fsync the directory)."""
+    tmp = root / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
+    fsync_dir(root)
+
+
+_MANIFEST_FIELDS = {
+    "rows": int,
+    "dim": int,
+    "dtype": str,
+    "seed": int,
+    "generator": dict,
+    "chunk_rows": int,
+    "compressor": str,
+    "created": (int, float),
+    "uuid": str,
+}
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read and validate a manifest; a store is untrusted input, so every field is checked."""
+    path = root / MANIFEST
+    if not root.exists():
+        raise StoreNotFoundError(f"no such store: {root} does not exist")
+    if not path.is_file():
+        raise StoreNotFoundError(
+            f"{root} is not a dpsn store: it has no {MANIFEST}. "
+            "Create one with dpsn.create(path, rows, dim) or `dpsn create`."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStoreError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise StoreNotFoundError(
+            f"{root} is not a dpsn store: {MANIFEST} does not say format={FORMAT_NAME!r}"
+        )
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CorruptStoreError(f"{path}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise StoreVersionError(
+            f"{root} has format version {version}; this dpsn reads up to {FORMAT_VERSION}. "
+            "Upgrade dpsn to open it."
+        )
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
+            raise CorruptStoreError(f"{path}: field {name!r} is missing or has the wrong type")
+    if raw["rows"] < 1 or raw["dim"] < 1 or raw["chunk_rows"] < 1:
+        raise CorruptStoreError(f"{path}: rows, dim and chunk_rows must be positive")
+    return Manifest(
+        rows=raw["rows"],
+        dim=raw["dim"],
+        dtype=raw["dtype"],
+        seed=raw["seed"],
+        generator=raw["generator"],
+        chunk_rows=raw["chunk_rows"],
+        compressor=raw["compressor"],
+        created=float(raw["created"]),
+        uuid=raw["uuid"],
+        format_version=version,
+    )
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory below ``path`` (zarr writes without fsync)."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
