@@ -260,44 +260,45 @@ class Pool:
         out = self._generator(flat.reshape(-1).to(self.device)).to(self._dtype)
         return out.reshape(*flat.shape, self.dim)
 
-    def _deltas_unique(self, uniq: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Deltas (pool dtype, CPU) of unique ids and a mask of which have one at all."""
-        out = torch.zeros((len(uniq), self.dim), dtype=self._dtype)
-        staged, staged_values, dropped = self._staging.lookup(uniq)
+    def _lookup_deltas(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Sparse deltas of ``ids`` (any order, repeats allowed): the positions in ``ids`` that
+        have a delta, staged or committed, and those deltas (pool dtype, CPU). Rows without one
+        cost nothing here, so a read of procedural rows allocates no zeros."""
+        staged, staged_values, dropped = self._staging.lookup(ids)
         from_disk = ~(staged | dropped)
-        found, values = self._store.read_deltas(self._index, uniq[from_disk])
-        disk_rows = np.flatnonzero(from_disk)[found]
-        if len(disk_rows):
-            out[torch.from_numpy(disk_rows)] = _from_storage(values, self._dtype)
-        if staged.any():
-            out[torch.from_numpy(staged)] = staged_values
-        has = staged.copy()
-        has[disk_rows] = True
-        return out, has
+        disk_pos = np.flatnonzero(from_disk)
+        found, values = self._store.read_deltas(self._index, ids[disk_pos])
+        disk_pos = disk_pos[found]
+        disk_values = _from_storage(values, self._dtype)
+        if not staged.any():
+            return disk_pos, disk_values
+        pos = np.concatenate([disk_pos, np.flatnonzero(staged)])
+        return pos, torch.cat([disk_values, staged_values])
 
     @torch.no_grad()
     def delta(self, ids: Any) -> torch.Tensor:
         """The learned part of rows: committed delta, or the staged one when there is one."""
         self._check_open()
         flat = as_ids(ids, self.rows)
-        uniq, inverse = np.unique(flat.reshape(-1).numpy(), return_inverse=True)
-        out, _ = self._deltas_unique(uniq)
-        return out[torch.from_numpy(inverse)].reshape(*flat.shape, self.dim).to(self.device)
+        pos, values = self._lookup_deltas(flat.reshape(-1).numpy())
+        out = torch.zeros((flat.numel(), self.dim), dtype=self._dtype)
+        out[torch.from_numpy(pos)] = values
+        return out.reshape(*flat.shape, self.dim).to(self.device)
 
     @torch.no_grad()
     def read(self, ids: Any) -> torch.Tensor:
         """Rows ``base + delta`` for ids of any shape: returns ``[*ids.shape, dim]`` in the
-        pool's dtype on the pool's device. Each distinct id is generated and fetched once."""
+        pool's dtype on the pool's device. Disk chunks are read once per call, however many
+        ids share them; bases are regenerated per id (cheaper than deduplicating)."""
         self._check_open()
-        flat = as_ids(ids, self.rows)
-        uniq, inverse = np.unique(flat.reshape(-1).numpy(), return_inverse=True)
-        deltas, has = self._deltas_unique(uniq)
-        rows = self._generator(torch.from_numpy(uniq).to(self.device))
-        if has.any():
-            sel = torch.from_numpy(np.flatnonzero(has)).to(self.device)
-            rows[sel] += deltas[torch.from_numpy(has)].to(self.device, torch.float32)
-        rows = rows.to(self._dtype)[torch.from_numpy(inverse).to(self.device)]
-        return rows.reshape(*flat.shape, self.dim)
+        full = as_ids(ids, self.rows)
+        flat = full.reshape(-1)
+        pos, values = self._lookup_deltas(flat.numpy())
+        rows = self._generator(flat.to(self.device))
+        if len(pos):
+            sel = torch.from_numpy(pos).to(self.device)
+            rows.index_add_(0, sel, values.to(self.device, rows.dtype))
+        return rows.to(self._dtype).reshape(*full.shape, self.dim)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -315,8 +316,10 @@ class Pool:
         if add:
             summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
             summed.index_add_(0, inv, values.float())
-            current, _ = self._deltas_unique(uniq)
-            new = (current.float() + summed).to(self._dtype)
+            current = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
+            pos, values = self._lookup_deltas(uniq)
+            current[torch.from_numpy(pos)] = values.float()
+            new = (current + summed).to(self._dtype)
             if not torch.isfinite(new).all():
                 from dpsn.errors import InvalidDeltaError
 

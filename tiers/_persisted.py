@@ -531,7 +531,13 @@ class PersistedStore:
         seg = None
         if len(ids) or len(drops):
             seg = self.segments.write(
-                segment_id, commit_id, ids, deltas, drops, chunk_rows=self.manifest.chunk_rows
+                segment_id,
+                commit_id,
+                ids,
+                deltas,
+                drops,
+                # A small commit gets one tight chunk instead of a mostly-padding one.
+                chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
             )
         new_index = index.apply(ids, segment_id, commit_id, drops)
         record = Commit(

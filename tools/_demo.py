@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ROWS, DIM, CONCEPTS, BATCH, LR = 10**9, 64, 2048, 256, 0.5
+ROWS, DIM, CONCEPTS, BATCH, LR = 10**9, 64, 2048, 256, 0.3
 
 
 def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
@@ -49,13 +49,14 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
         before = float(((pool.read(concepts) - targets) ** 2).mean())
         bar = tqdm(range(steps), desc="train", file=sys.stderr, disable=None, leave=False)
         for step in bar:
-            pick = torch.multinomial(weights, BATCH, replacement=True, generator=g)
+            pick = torch.unique(torch.multinomial(weights, BATCH, replacement=True, generator=g))
             ids = concepts[pick]
             rows = pool.read(ids).requires_grad_()
-            loss = ((rows - targets[pick]) ** 2).mean()
+            loss = ((rows - targets[pick]) ** 2).sum(dim=1).mean()
             loss.backward()
-            pool.write(ids, -LR * BATCH * rows.grad, add=True)  # duplicate ids sum their grads
-            losses.append(float(loss))
+            # Plain SGD on the rows' deltas: each step moves a row LR of the way to its target.
+            pool.write(ids, -(LR * len(ids) / 2) * rows.grad, add=True)
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if (step + 1) % max(1, steps // 4) == 0:
                 pool.commit(f"checkpoint at step {step + 1}")
