@@ -2,6 +2,7 @@
 
 from dpsn.tiers import Commit, VerifyReport
 
-from ._pool import Pool, create, open
+from ._api import create, open
+from ._pool import Pool, Prefetch
 
-__all__ = ["Commit", "Pool", "VerifyReport", "create", "open"]
+__all__ = ["Commit", "Pool", "Prefetch", "VerifyReport", "create", "open"]

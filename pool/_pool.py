@@ -1,158 +1,50 @@
-"""The pool as users see it: ``dpsn.create``, ``dpsn.open`` and ``Pool``.
+"""``Pool``: rows as users see them, ``base(i) + delta(i)``, through the tier stack.
 
-A row's value is ``base(i) + delta(i)``: the base is regenerated from the pool seed by the
-store's generator, the delta exists only for rows that were written. A writable pool stages
-writes in memory; ``commit()`` makes them durable in one atomic step. A read-only pool (or a
-snapshot view) sees exactly one commit for its whole life, whatever writers do meanwhile;
-``refresh()`` moves it to the newest commit.
+Where a row's delta lives, newest first: a dirty slot of the device cache, the host staging
+area (uncommitted writes and rows evicted dirty), the persisted store (committed), else nowhere
+(the row is procedural). ``commit()`` writes dirty cache rows back into staging and makes
+staging durable in one atomic step.
+
+The cache holds two columns per slot: the row's ``delta`` and its materialized value ``row``
+(``base + delta`` in the pool dtype), so a hot read is a single gather. Bases come from the
+generator and go stale if its weights change:
+
+- frozen generator (the default): materialized rows are kept, and every read checks the
+  weights' version counters; after an in-place change (an optimizer step, ``load_state_dict``)
+  all cached rows are re-materialized once, from their cached deltas;
+- trainable generator (any parameter with ``requires_grad``): bases are regenerated on every
+  read from the current weights and only the cached deltas are used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
-import uuid
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from dpsn.errors import ReadOnlyError
-from dpsn.hypernet import GENERATORS, Generator, make_generator
-from dpsn.tiers import COMPRESSORS, Commit, Manifest, PersistedStore, RowIndex, VerifyReport
+from dpsn.errors import CorruptStoreError, InvalidDeltaError, ReadOnlyError
+from dpsn.hypernet import Generator, make_generator
+from dpsn.tiers import Commit, DeviceCache, PersistedStore, RowIndex, VerifyReport
 
+from ._dtypes import DTYPES, from_storage, to_storage
 from ._staging import Staging
-from ._validate import DTYPES, MAX_ROWS, as_deltas, as_ids, parse_dtype
+from ._validate import as_deltas, as_ids
 
-CHUNK_BYTES = 256 << 10  # ~256 KiB chunks: big enough to stream, small enough for random reads
-
-
-def _to_storage(values: torch.Tensor) -> np.ndarray:
-    if values.dtype == torch.bfloat16:
-        return values.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return values.contiguous().numpy()
-
-
-def _from_storage(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(values)
-
-
-def _default_chunk_rows(dim: int, itemsize: int) -> int:
-    rows = max(1, CHUNK_BYTES // (dim * itemsize))
-    return 1 << (rows.bit_length() - 1)
-
-
-def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
-    if isinstance(generator, Generator):
-        if generator.dim != dim or generator.seed != seed:
-            raise ValueError(
-                f"generator was built for dim={generator.dim}, seed={generator.seed}; "
-                f"the pool has dim={dim}, seed={seed}"
-            )
-        return generator
-    if isinstance(generator, str):
-        return make_generator(generator, dim=dim, seed=seed)
-    if isinstance(generator, dict):
-        config = dict(generator)
-        kind = config.pop("kind", None)
-        if not isinstance(kind, str):
-            raise ValueError(f"a generator spec needs a 'kind' (one of {sorted(GENERATORS)})")
-        return make_generator(kind, dim=dim, seed=seed, **config)
-    raise TypeError(
-        f"generator= takes a kind name, a dict with 'kind', or a Generator; got {generator!r}"
-    )
-
-
-def create(
-    path: str | os.PathLike[str],
-    rows: int,
-    dim: int,
-    *,
-    seed: int = 0,
-    generator: str | dict[str, Any] | Generator = "hashed_slices",
-    dtype: str | torch.dtype = torch.float32,
-    chunk_rows: int | None = None,
-    compressor: Literal["lz4", "zstd", "none"] = "lz4",
-    device: str | torch.device | None = None,
-    map_size: int | None = None,
-) -> Pool:
-    """Create a store at ``path`` and return it open for writing (``mode="r+"``).
-
-    ``rows`` may be up to 2**63-1; rows are virtual until written, so a 10**12-row pool costs
-    the generator's weights and nothing else. ``seed`` fixes every base row. The store's first
-    commit (id 1, message "create") records the spec and generator weights.
-    """
-    for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"rows must be in 1..2**63-1, got {rows}")
-    if not 1 <= dim <= 1 << 20:
-        raise ValueError(f"dim must be in 1..2**20, got {dim}")
-    if not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be in 0..2**64-1, got {seed}")
-    if compressor not in COMPRESSORS:
-        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
-    dtype_name = parse_dtype(dtype)
-    itemsize = DTYPES[dtype_name].itemsize
-    if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(dim, itemsize)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    gen = _build_generator(generator, dim=dim, seed=seed)
-    manifest = Manifest(
-        rows=rows,
-        dim=dim,
-        dtype=dtype_name,
-        seed=seed,
-        generator={"kind": gen.kind, "config": gen.config()},
-        chunk_rows=chunk_rows,
-        compressor=compressor,
-        created=time.time(),
-        uuid=uuid.uuid4().hex,
-    )
-    state = {k: v.detach().cpu().float().numpy() for k, v in gen.state_dict().items()}
-    kwargs = {} if map_size is None else {"map_size": map_size}
-    store = PersistedStore.create(Path(path), manifest, state, **kwargs)
-    return Pool(store, commit=1, index=RowIndex.empty(), device=device)
-
-
-def open(
-    path: str | os.PathLike[str],
-    mode: Literal["r", "r+"] = "r",
-    *,
-    at: str | int | None = None,
-    device: str | torch.device | None = None,
-) -> Pool:
-    """Open a store. ``mode="r"`` reads the newest commit (or ``at=``, a snapshot name or a
-    commit id); ``mode="r+"`` also takes the store's single writer lock."""
-    if mode not in ("r", "r+"):
-        raise ValueError(f'mode must be "r" or "r+", got {mode!r}')
-    if at is not None and mode != "r":
-        raise ValueError('a past commit (at=...) can only be opened read-only: use mode="r"')
-    store = PersistedStore.open(Path(path), writable=mode == "r+")
-    try:
-        if at is None:
-            commit, index = store.load_head()
-        else:
-            commit = store.resolve(at)
-            index = store.load_index(commit)
-        return Pool(store, commit=commit, index=index, device=device)
-    except BaseException:
-        store.close()
-        raise
+CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
+_REMATERIALIZE_BATCH = 1 << 16
 
 
 class Pool:
     """A pool of rows backed by a store. Obtain one with :func:`dpsn.create` or :func:`dpsn.open`.
 
-    Not thread-safe for writers: one thread stages and commits. Usable as a context manager;
-    ``close()`` releases the writer lock. Uncommitted writes are discarded on close.
+    One thread drives a pool (reads, writes, commits); a prefetch runs on a helper thread and is
+    serialised with it. Usable as a context manager; ``close()`` releases the writer lock and
+    discards uncommitted changes.
     """
 
     def __init__(
@@ -162,6 +54,8 @@ class Pool:
         commit: int,
         index: RowIndex,
         device: str | torch.device | None = None,
+        cache_rows: int | None = None,
+        policy: str = "lru",
     ) -> None:
         self._store = store
         self._commit = commit
@@ -171,6 +65,19 @@ class Pool:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._generator = self._load_generator(store.commit_record(commit).generator)
         self._staging = Staging(m.dim, self._dtype)
+        self._io = dict.fromkeys(("rows_from_disk", "bytes_from_disk", "rows_generated"), 0)
+        if cache_rows is None:
+            cache_rows = max(1024, CACHE_BYTES // (2 * m.dim * self._dtype.itemsize))
+        if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
+            raise ValueError(f"cache_rows must be a non-negative int, got {cache_rows!r}")
+        self._cache: DeviceCache | None = None
+        if cache_rows:
+            columns = {"delta": (m.dim, self._dtype), "row": (m.dim, self._dtype)}
+            self._cache = DeviceCache(cache_rows, columns, device=self.device, policy=policy)
+        self._lock = self._cache.mutex if self._cache else threading.RLock()
+        self._stamp = self._generator_stamp()
+        self._step_slots: torch.Tensor | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None
 
     def _load_generator(self, version: int) -> Generator:
         m = self._store.manifest
@@ -182,8 +89,6 @@ class Pool:
         state = self._store.read_generator(version)
         expected = set(gen.state_dict())
         if set(state) != expected:
-            from dpsn.errors import CorruptStoreError
-
             raise CorruptStoreError(
                 f"generator weights in the store ({sorted(state)}) do not match the "
                 f"{m.generator['kind']} generator ({sorted(expected)})"
@@ -216,6 +121,7 @@ class Pool:
 
     @property
     def generator(self) -> Generator:
+        """The generator module. Frozen by default; see the module docstring before training it."""
         return self._generator
 
     @property
@@ -228,17 +134,23 @@ class Pool:
         return self._store.writable
 
     @property
+    def cache(self) -> DeviceCache | None:
+        return self._cache
+
+    @property
     def staged_rows(self) -> int:
-        return len(self._staging)
+        """Rows changed since the last commit (staged on the host or dirty in the cache)."""
+        dirty = int(self._cache.dirty.sum()) if self._cache else 0
+        return len(self._staging) + dirty
 
     def __repr__(self) -> str:
         mode = "r+" if self.writable else "r"
+        cache = self._cache.capacity if self._cache else 0
         return (
             f"Pool({str(self.path)!r}, mode={mode!r}, rows={self.rows}, dim={self.dim}, "
-            f"dtype={self._dtype}, commit={self._commit}, persisted={len(self._index)})"
+            f"dtype={self._dtype}, commit={self._commit}, persisted={len(self._index)}, "
+            f"device={self.device}, cache_rows={cache})"
         )
-
-    # -- reading -------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._store.closed:
@@ -252,114 +164,244 @@ class Pool:
                 'open it with dpsn.open(path, mode="r+") to change it'
             )
 
+    # -- where deltas come from ----------------------------------------------------------------
+
+    def _host_deltas(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Deltas of ``ids`` (any order, repeats allowed) from staging or disk: the positions in
+        ``ids`` that have one and their values (pool dtype, CPU). Rows without one cost nothing,
+        so a read of procedural rows allocates no zeros."""
+        staged, staged_values, dropped = self._staging.lookup(ids)
+        disk_pos = np.flatnonzero(~(staged | dropped))
+        found, values = self._store.read_deltas(self._index, ids[disk_pos])
+        disk_pos = disk_pos[found]
+        self._io["rows_from_disk"] += len(disk_pos)
+        self._io["bytes_from_disk"] += values.nbytes
+        disk_values = from_storage(values, self._dtype)
+        if not staged.any():
+            return disk_pos, disk_values
+        return np.concatenate([disk_pos, np.flatnonzero(staged)]), torch.cat(
+            [disk_values, staged_values]
+        )
+
+    def _dense_host_deltas(self, ids: np.ndarray) -> torch.Tensor:
+        out = torch.zeros((len(ids), self.dim), dtype=self._dtype)
+        pos, values = self._host_deltas(ids)
+        out[torch.from_numpy(pos)] = values
+        return out
+
+    def _materialize(self, ids: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """``base + delta`` in float32, cast once to the pool dtype (the one formula for rows)."""
+        self._io["rows_generated"] += len(ids)
+        base = self._generator(ids.to(self.device))
+        return (base + deltas.to(self.device, torch.float32)).to(self._dtype)
+
+    def _fill(self, missing: torch.Tensor) -> dict[str, torch.Tensor]:
+        delta = self._dense_host_deltas(missing.numpy())
+        return {"delta": delta, "row": self._materialize(missing, delta)}
+
+    def _write_back(self, ids: torch.Tensor, columns: dict[str, torch.Tensor]) -> None:
+        """A dirty row leaves the cache: its delta is staged, never lost."""
+        order = torch.argsort(ids)
+        self._staging.put(ids[order].numpy(), columns["delta"][order])
+
+    # -- generator staleness -------------------------------------------------------------------
+
+    def _generator_stamp(self) -> tuple[int, ...]:
+        return tuple(v for p in self._generator.parameters() for v in (id(p), p._version))
+
+    def _trains_generator(self) -> bool:
+        return any(p.requires_grad for p in self._generator.parameters())
+
+    def _rematerialize_if_stale(self) -> None:
+        stamp = self._generator_stamp()
+        if stamp == self._stamp or self._cache is None:
+            return
+        keys, slots = self._cache.occupied_ids()
+        delta, row = self._cache.columns["delta"], self._cache.columns["row"]
+        for a in range(0, len(keys), _REMATERIALIZE_BATCH):
+            s = slots[a : a + _REMATERIALIZE_BATCH]
+            row[s] = self._materialize(keys[a : a + _REMATERIALIZE_BATCH], delta[s])
+        self._stamp = stamp
+
+    # -- reading -------------------------------------------------------------------------------
+
     @torch.no_grad()
     def base(self, ids: Any) -> torch.Tensor:
         """Procedural rows only (no deltas): what an untrained row looks like."""
         self._check_open()
-        flat = as_ids(ids, self.rows)
-        out = self._generator(flat.reshape(-1).to(self.device)).to(self._dtype)
-        return out.reshape(*flat.shape, self.dim)
-
-    def _lookup_deltas(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """Sparse deltas of ``ids`` (any order, repeats allowed): the positions in ``ids`` that
-        have a delta, staged or committed, and those deltas (pool dtype, CPU). Rows without one
-        cost nothing here, so a read of procedural rows allocates no zeros."""
-        staged, staged_values, dropped = self._staging.lookup(ids)
-        from_disk = ~(staged | dropped)
-        disk_pos = np.flatnonzero(from_disk)
-        found, values = self._store.read_deltas(self._index, ids[disk_pos])
-        disk_pos = disk_pos[found]
-        disk_values = _from_storage(values, self._dtype)
-        if not staged.any():
-            return disk_pos, disk_values
-        pos = np.concatenate([disk_pos, np.flatnonzero(staged)])
-        return pos, torch.cat([disk_values, staged_values])
+        full = as_ids(ids, self.rows)
+        out = self._generator(full.reshape(-1).to(self.device)).to(self._dtype)
+        return out.reshape(*full.shape, self.dim)
 
     @torch.no_grad()
     def delta(self, ids: Any) -> torch.Tensor:
-        """The learned part of rows: committed delta, or the staged one when there is one."""
-        self._check_open()
-        flat = as_ids(ids, self.rows)
-        pos, values = self._lookup_deltas(flat.reshape(-1).numpy())
-        out = torch.zeros((flat.numel(), self.dim), dtype=self._dtype)
-        out[torch.from_numpy(pos)] = values
-        return out.reshape(*flat.shape, self.dim).to(self.device)
-
-    @torch.no_grad()
-    def read(self, ids: Any) -> torch.Tensor:
-        """Rows ``base + delta`` for ids of any shape: returns ``[*ids.shape, dim]`` in the
-        pool's dtype on the pool's device. Disk chunks are read once per call, however many
-        ids share them; bases are regenerated per id (cheaper than deduplicating)."""
+        """The learned part of rows (zeros for procedural rows), wherever it currently lives."""
         self._check_open()
         full = as_ids(ids, self.rows)
         flat = full.reshape(-1)
-        pos, values = self._lookup_deltas(flat.numpy())
-        rows = self._generator(flat.to(self.device))
-        if len(pos):
-            sel = torch.from_numpy(pos).to(self.device)
-            rows.index_add_(0, sel, values.to(self.device, rows.dtype))
-        return rows.to(self._dtype).reshape(*full.shape, self.dim)
+        with self._lock:
+            out = self._dense_host_deltas(flat.numpy()).to(self.device)
+            if self._cache is not None:
+                slots, hit = self._cache.find(flat.to(self.device))
+                out[hit] = self._cache.columns["delta"][slots[hit]]
+        return out.reshape(*full.shape, self.dim)
+
+    @torch.no_grad()
+    def read(self, ids: Any) -> torch.Tensor:
+        """Rows ``base + delta`` for ids of any shape: ``[*ids.shape, dim]`` in the pool dtype on
+        the pool's device.
+
+        With a cache, the batch's rows are paged in (misses filled in one batch, each distinct
+        id once) and stay locked against eviction until the next ``read`` (the step in flight).
+        Raises :class:`~dpsn.errors.CacheCapacityError` when a batch has more distinct ids than
+        the cache can hold.
+        """
+        self._check_open()
+        full = as_ids(ids, self.rows)
+        flat = full.reshape(-1)
+        with self._lock:
+            if self._cache is None:
+                pos, values = self._host_deltas(flat.numpy())
+                rows = self._generator(flat.to(self.device))
+                if len(pos):
+                    sel = torch.from_numpy(pos).to(self.device)
+                    rows.index_add_(0, sel, values.to(self.device, rows.dtype))
+                out = rows.to(self._dtype)
+            else:
+                out = self._read_cached(flat)
+        return out.reshape(*full.shape, self.dim)
+
+    def _read_cached(self, flat: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        assert cache is not None
+        self._rematerialize_if_stale()
+        # A new read means the previous step is over: its rows may be evicted again.
+        self._release_step()
+        slots = cache.lookup(flat, self._fill, self._write_back)
+        cache.lock(slots)
+        self._step_slots = slots
+        if self._trains_generator():
+            return self._materialize(flat, cache.columns["delta"][slots])
+        return cache.columns["row"][slots]
+
+    def prefetch(self, ids: Any) -> Prefetch:
+        """Page rows in ahead of the ``read`` that needs them, on a helper thread, while the
+        current step computes. The rows stay locked against eviction until the handle is
+        released (``release()``, or leave its ``with`` block)."""
+        self._check_open()
+        flat = as_ids(ids, self.rows).reshape(-1)
+        if self._cache is None:
+            return Prefetch(self, None)
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dpsn-prefetch")
+        return Prefetch(self, self._prefetcher.submit(self._prefetch_job, flat))
+
+    def _prefetch_job(self, flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        cache = self._cache
+        assert cache is not None
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with self._lock, torch.no_grad():
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    slots = cache.lookup(flat, self._fill, self._write_back)
+                event = torch.cuda.Event()
+                event.record(stream)
+            else:
+                slots, event = cache.lookup(flat, self._fill, self._write_back), None
+            slots = torch.unique(slots)
+            cache.lock(slots)
+        return slots, event
 
     # -- writing -------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def write(self, ids: Any, deltas: Any, *, add: bool = False) -> None:
         """Stage deltas for rows. ``add=False`` replaces a row's delta, ``add=True`` adds to it
         (a gradient step). Repeated ids in one call: the last wins when replacing, all are
-        summed when adding. Invalid input raises before anything is staged."""
+        summed when adding. Rows in the cache are updated there (and become dirty); others are
+        staged on the host. Invalid input raises before anything changes."""
         self._require_writable()
-        flat = as_ids(ids, self.rows)
-        values = as_deltas(deltas, flat.shape, self.dim, self._dtype)
+        full = as_ids(ids, self.rows)
+        values = as_deltas(deltas, full.shape, self.dim, self._dtype)
         if values.shape[0] == 0:
             return
-        uniq, inverse = np.unique(flat.reshape(-1).numpy(), return_inverse=True)
+        uniq, inverse = np.unique(full.reshape(-1).numpy(), return_inverse=True)
         inv = torch.from_numpy(inverse)
-        if add:
-            summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
-            summed.index_add_(0, inv, values.float())
-            current = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
-            pos, values = self._lookup_deltas(uniq)
-            current[torch.from_numpy(pos)] = values.float()
-            new = (current + summed).to(self._dtype)
-            if not torch.isfinite(new).all():
-                from dpsn.errors import InvalidDeltaError
-
-                raise InvalidDeltaError(f"adding these deltas overflows {self._dtype}")
-        else:
-            last = torch.full((len(uniq),), -1, dtype=torch.int64)
-            last.scatter_reduce_(0, inv, torch.arange(len(inv)), reduce="amax")
-            new = values[last]
-        self._staging.put(uniq, new.contiguous())
+        with self._lock:
+            cache = self._cache
+            if cache is not None:
+                slots, hit = cache.find(torch.from_numpy(uniq).to(self.device))
+                hit_cpu = hit.cpu()
+            else:
+                hit_cpu = torch.zeros(len(uniq), dtype=torch.bool)
+            if add:
+                summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
+                summed.index_add_(0, inv, values.float())
+                current = self._dense_host_deltas(uniq).float()
+                if cache is not None and bool(hit_cpu.any()):
+                    current[hit_cpu] = cache.columns["delta"][slots[hit]].cpu().float()
+                new = (current + summed).to(self._dtype)
+                if not torch.isfinite(new).all():
+                    raise InvalidDeltaError(f"adding these deltas overflows {self._dtype}")
+            else:
+                last = torch.full((len(uniq),), -1, dtype=torch.int64)
+                last.scatter_reduce_(0, inv, torch.arange(len(inv)), reduce="amax")
+                new = values[last]
+            if cache is not None and bool(hit_cpu.any()):
+                s = slots[hit]
+                cache.columns["delta"][s] = new[hit_cpu].to(self.device)
+                cache.columns["row"][s] = self._materialize(
+                    torch.from_numpy(uniq)[hit_cpu], new[hit_cpu]
+                )
+                cache.mark_dirty(s)
+            if not bool(hit_cpu.all()):
+                miss = ~hit_cpu.numpy()
+                self._staging.put(uniq[miss], new[~hit_cpu].contiguous())
 
     def drop(self, ids: Any) -> None:
         """Return rows to procedural at the next commit: their deltas are deleted."""
         self._require_writable()
-        flat = as_ids(ids, self.rows)
-        self._staging.drop(np.unique(flat.reshape(-1).numpy()))
+        uniq = np.unique(as_ids(ids, self.rows).reshape(-1).numpy())
+        with self._lock:
+            self._staging.drop(uniq)
+            if self._cache is not None:
+                self._cache.invalidate(torch.from_numpy(uniq))
 
     def discard(self) -> None:
-        """Forget every staged write and drop."""
-        self._staging.clear()
+        """Forget every change since the last commit (staged, dropped, dirty in the cache)."""
+        with self._lock:
+            self._staging.clear()
+            if self._cache is not None:
+                self._release_step()
+                self._cache.clear()
 
     def commit(self, message: str = "") -> Commit:
-        """Make staged changes durable in one atomic step and return the new commit.
+        """Make every change since the last commit durable in one atomic step.
 
-        On failure (full disk, crash) the store keeps its previous commit and the staged changes
-        stay staged, so the commit can simply be retried.
+        Dirty cache rows are written back first. On failure (a full disk, a crash) the store
+        keeps its previous commit and the changes stay staged, so the commit can be retried.
         """
         self._require_writable()
         if not isinstance(message, str):
             raise TypeError("commit message must be a str")
-        st = self._staging
-        record, index = self._store.commit(
-            self._index,
-            self._commit,
-            st.ids,
-            _to_storage(st.values),
-            st.drops,
-            message=message,
-        )
-        self._index, self._commit = index, record.id
-        st.clear()
+        with self._lock:
+            if self._cache is not None:
+                ids, columns = self._cache.dirty_rows()
+                if len(ids):
+                    self._write_back(ids, columns)
+                self._cache.clean()
+            st = self._staging
+            record, index = self._store.commit(
+                self._index,
+                self._commit,
+                st.ids,
+                to_storage(st.values),
+                st.drops,
+                message=message,
+                stats=self.stats(),
+            )
+            self._index, self._commit = index, record.id
+            st.clear()
         return record
 
     # -- history -------------------------------------------------------------------------------
@@ -370,7 +412,7 @@ class Pool:
         return self._store.log()
 
     def snapshot(self, name: str) -> Commit:
-        """Pin this pool's current commit under ``name`` (staged changes are not included:
+        """Pin this pool's current commit under ``name`` (uncommitted changes are not included:
         commit first). A pinned commit survives gc; open it with ``dpsn.open(path, at=name)``."""
         self._require_writable()
         self._store.pin(name, self._commit)
@@ -385,14 +427,39 @@ class Pool:
         self._check_open()
         if self.writable:
             return self._commit
-        commit, index = self._store.load_head()
-        version = self._store.commit_record(commit).generator
-        if version != self._store.commit_record(self._commit).generator:
-            self._generator = self._load_generator(version)
-        self._commit, self._index = commit, index
+        with self._lock:
+            commit, index = self._store.load_head()
+            version = self._store.commit_record(commit).generator
+            if version != self._store.commit_record(self._commit).generator:
+                self._generator = self._load_generator(version)
+                self._stamp = self._generator_stamp()
+            self._commit, self._index = commit, index
+            if self._cache is not None:
+                self._release_step()
+                self._cache.clear()
         return commit
 
     # -- health --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Cache and tier counters, in total and for the last read (``"last_step"``)."""
+        out: dict[str, Any] = dict(self._io)
+        cache = self._cache
+        if cache is None:
+            out.update(hits=0, misses=0, evictions=0, hit_rate=None, capacity=0, cached_rows=0)
+            return out
+        out.update(cache.stats.total)
+        out.update(
+            hit_rate=cache.stats.hit_rate,
+            capacity=cache.capacity,
+            cached_rows=len(cache),
+            dirty_rows=int(cache.dirty.sum()),
+            locked_rows=int((cache.locks > 0).sum()),
+            policy=cache.policy.name,
+            device=str(self.device),
+            last_step=dict(cache.stats.last),
+        )
+        return out
 
     def info(self) -> dict[str, Any]:
         """A summary: spec, virtual size, what is persisted and what it costs on disk."""
@@ -402,7 +469,6 @@ class Pool:
         live = [records[s] for s in self._index.segments().tolist() if s in records]
         raw = sum(r.raw_bytes for r in live)
         stored = sum(r.stored_bytes for r in live)
-        itemsize = self._dtype.itemsize
         return {
             "path": str(self.path),
             "format_version": m.format_version,
@@ -421,7 +487,7 @@ class Pool:
             "snapshots": len(self._store.snapshots()),
             "persisted_rows": len(self._index),
             "staged_rows": self.staged_rows,
-            "delta_bytes_raw": len(self._index) * m.dim * itemsize,
+            "delta_bytes_raw": len(self._index) * m.dim * self._dtype.itemsize,
             "segment_bytes_raw": raw,
             "segment_bytes_stored": stored,
             "compression_ratio": (raw / stored) if stored else None,
@@ -452,8 +518,16 @@ class Pool:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def _release_step(self) -> None:
+        if self._step_slots is not None and self._cache is not None:
+            self._cache.unlock(self._step_slots)
+        self._step_slots = None
+
     def close(self) -> None:
-        """Release the store (and the writer lock). Staged, uncommitted changes are dropped."""
+        """Release the store (and the writer lock). Uncommitted changes are discarded."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
         if not self._store.closed:
             self._staging.clear()
             self._store.close()
@@ -465,8 +539,51 @@ class Pool:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.close()
+        except Exception:
+            pass
 
 
-__all__ = ["Pool", "create", "open"]
+class Prefetch:
+    """A handle on rows being paged in ahead of use; see :meth:`Pool.prefetch`."""
+
+    def __init__(self, pool: Pool, future: Future[tuple[torch.Tensor, Any]] | None) -> None:
+        self._pool = pool
+        self._future = future
+        self._released = future is None
+
+    def wait(self) -> None:
+        """Block until the rows are in the cache (and, on CUDA, make the current stream wait)."""
+        if self._future is None:
+            return
+        _, event = self._future.result()
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def release(self) -> None:
+        """Unlock the prefetched rows (they become evictable again)."""
+        if self._released:
+            return
+        self._released = True
+        assert self._future is not None
+        slots, _ = self._future.result()
+        cache = self._pool.cache
+        if cache is not None:
+            with cache.mutex:
+                cache.unlock(slots)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass

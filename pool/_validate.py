@@ -9,19 +9,7 @@ import torch
 
 from dpsn.errors import InvalidDeltaError, InvalidIdsError, RowIdOutOfRangeError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 MAX_ROWS = (1 << 63) - 1
-
-
-def parse_dtype(dtype: str | torch.dtype) -> str:
-    for name, td in DTYPES.items():
-        if dtype in (name, td):
-            return name
-    raise TypeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
 
 
 def as_ids(ids: Any, rows: int) -> torch.Tensor:

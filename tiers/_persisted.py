@@ -89,13 +89,18 @@ class Commit:
     segment: int | None
     generator: int
     provenance: str
+    # Runtime figures of the writer at commit time (cache hits, I/O); informational only.
+    stats: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Commit:
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        try:
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        except TypeError as e:
+            raise CorruptStoreError(f"a commit record is missing fields: {e}") from e
 
 
 @dataclass(slots=True)
@@ -510,6 +515,7 @@ class PersistedStore:
         drops: np.ndarray,
         *,
         message: str = "",
+        stats: dict[str, Any] | None = None,
     ) -> tuple[Commit, RowIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index."""
@@ -551,6 +557,7 @@ class PersistedStore:
             segment=segment_id if seg else None,
             generator=parent.generator,
             provenance=_digest(parent.provenance, seg.checksums if seg else None, parent.generator),
+            stats=stats,
         )
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
         values["segment"] = segment_id

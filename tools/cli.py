@@ -238,6 +238,70 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_trace(spec: str) -> list[list[int]]:
+    """Batches of ids: a file with one batch per line, or one inline batch "1,2,3"."""
+    from pathlib import Path
+
+    path = Path(spec)
+    lines = path.read_text().splitlines() if path.is_file() else [spec]
+    batches = []
+    for n, line in enumerate(lines, 1):
+        parts = line.replace(",", " ").split()
+        if not parts:
+            continue
+        try:
+            batches.append([parse_count(p) for p in parts])
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--replay {spec}: line {n}: {e}") from None
+    return batches
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import dpsn
+
+    from ._format import fields, human_bytes
+
+    with dpsn.open(args.path) as pool:
+        info = pool.info()
+        writer = next((c.stats for c in reversed(pool.log()) if c.stats), None)
+    out: dict[str, Any] = {
+        "store": {
+            k: info[k] for k in ("persisted_rows", "segments", "bytes_on_disk", "compression_ratio")
+        },
+        "writer": writer,
+    }
+    if args.replay:
+        batches = _parse_trace(args.replay)
+        with dpsn.open(args.path, cache_rows=args.cache_rows, policy=args.policy) as pool:
+            for batch in batches:
+                pool.read(batch)
+            out["replay"] = pool.stats() | {"batches": len(batches)}
+    if args.json:
+        _print_json(out)
+        return EXIT_OK
+    pairs: list[tuple[str, Any]] = [
+        ("persisted rows", info["persisted_rows"]),
+        ("segments", info["segments"]),
+        ("bytes on disk", human_bytes(info["bytes_on_disk"])),
+        ("compression ratio", info["compression_ratio"]),
+    ]
+    for title, s in (("writer (last commit)", writer), ("replay", out.get("replay"))):
+        if not s:
+            continue
+        pairs += [
+            (f"{title}: hit rate", s.get("hit_rate")),
+            (f"{title}: hits / misses", f"{s.get('hits', 0)} / {s.get('misses', 0)}"),
+            (f"{title}: evictions", s.get("evictions", 0)),
+            (f"{title}: write-backs", s.get("writebacks", 0)),
+            (f"{title}: rows from disk", s.get("rows_from_disk", 0)),
+            (f"{title}: bytes from disk", human_bytes(s.get("bytes_from_disk", 0))),
+            (f"{title}: bytes to device", human_bytes(s.get("bytes_to_device", 0))),
+            (f"{title}: rows generated", s.get("rows_generated", 0)),
+        ]
+    print(fields(pairs))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -296,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("gc", "remove segments no commit at HEAD or snapshot references", cmd_gc)
     sp.add_argument("path")
     sp.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+
+    sp = add(
+        "stats",
+        "cache and I/O figures: the writer's at its last commit, or a replayed trace",
+        cmd_stats,
+    )
+    sp.add_argument("path")
+    sp.add_argument(
+        "--replay",
+        metavar="TRACE",
+        help='ids to read through a fresh cache: a file (one batch per line) or "1,2,3"',
+    )
+    sp.add_argument("--cache-rows", type=parse_count, default=None)
+    sp.add_argument("--policy", default="lru")
 
     sp = add("demo", "create a store, train a little, commit, reopen and inspect it", cmd_demo)
     sp.add_argument("dir", nargs="?", default="dpsn-demo", help="where (default ./dpsn-demo)")

@@ -1,0 +1,151 @@
+"""``dpsn.create`` and ``dpsn.open``: where configuration is validated and a Pool is built."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dpsn.hypernet import GENERATORS, Generator, make_generator
+from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex
+
+from ._dtypes import DTYPES, parse_dtype
+from ._pool import Pool
+from ._validate import MAX_ROWS
+
+CHUNK_BYTES = 256 << 10  # ~256 KiB chunks: big enough to stream, small enough for random reads
+
+
+def _default_chunk_rows(dim: int, itemsize: int) -> int:
+    rows = max(1, CHUNK_BYTES // (dim * itemsize))
+    return 1 << (rows.bit_length() - 1)
+
+
+def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
+    if isinstance(generator, Generator):
+        if generator.dim != dim or generator.seed != seed:
+            raise ValueError(
+                f"generator was built for dim={generator.dim}, seed={generator.seed}; "
+                f"the pool has dim={dim}, seed={seed}"
+            )
+        return generator
+    if isinstance(generator, str):
+        return make_generator(generator, dim=dim, seed=seed)
+    if isinstance(generator, dict):
+        config = dict(generator)
+        kind = config.pop("kind", None)
+        if not isinstance(kind, str):
+            raise ValueError(f"a generator spec needs a 'kind' (one of {sorted(GENERATORS)})")
+        return make_generator(kind, dim=dim, seed=seed, **config)
+    raise TypeError(
+        f"generator= takes a kind name, a dict with 'kind', or a Generator; got {generator!r}"
+    )
+
+
+def create(
+    path: str | os.PathLike[str],
+    rows: int,
+    dim: int,
+    *,
+    seed: int = 0,
+    generator: str | dict[str, Any] | Generator = "hashed_slices",
+    dtype: str | torch.dtype = torch.float32,
+    chunk_rows: int | None = None,
+    compressor: Literal["lz4", "zstd", "none"] = "lz4",
+    device: str | torch.device | None = None,
+    cache_rows: int | None = None,
+    policy: str = "lru",
+    map_size: int | None = None,
+) -> Pool:
+    """Create a store at ``path`` and return it open for writing (``mode="r+"``).
+
+    ``rows`` may be up to 2**63-1; rows are virtual until written, so a 10**12-row pool costs
+    the generator's weights and nothing else. ``seed`` fixes every base row. ``generator`` is a
+    kind name (``"hashed_slices"``, ``"rf_mlp"``), a dict ``{"kind": ..., **config}`` or a
+    Generator module. The store's first commit (id 1, message "create") records the spec and the
+    generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
+    :func:`open`.
+    """
+    for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"rows must be in 1..2**63-1, got {rows}")
+    if not 1 <= dim <= 1 << 20:
+        raise ValueError(f"dim must be in 1..2**20, got {dim}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in 0..2**64-1, got {seed}")
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+    dtype_name = parse_dtype(dtype)
+    if chunk_rows is None:
+        chunk_rows = _default_chunk_rows(dim, DTYPES[dtype_name].itemsize)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    gen = _build_generator(generator, dim=dim, seed=seed)
+    manifest = Manifest(
+        rows=rows,
+        dim=dim,
+        dtype=dtype_name,
+        seed=seed,
+        generator={"kind": gen.kind, "config": gen.config()},
+        chunk_rows=chunk_rows,
+        compressor=compressor,
+        created=time.time(),
+        uuid=uuid.uuid4().hex,
+    )
+    state = {k: v.detach().cpu().float().numpy() for k, v in gen.state_dict().items()}
+    kwargs = {} if map_size is None else {"map_size": map_size}
+    store = PersistedStore.create(Path(path), manifest, state, **kwargs)
+    try:
+        return Pool(
+            store,
+            commit=1,
+            index=RowIndex.empty(),
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+def open(  # noqa: A001 - mirrors zarr.open / builtins.open, as users expect
+    path: str | os.PathLike[str],
+    mode: Literal["r", "r+"] = "r",
+    *,
+    at: str | int | None = None,
+    device: str | torch.device | None = None,
+    cache_rows: int | None = None,
+    policy: str = "lru",
+) -> Pool:
+    """Open a store.
+
+    ``mode="r"`` reads the newest commit (or ``at=``, a snapshot name or a commit id) and keeps
+    seeing it until ``refresh()``; ``mode="r+"`` also takes the store's single writer lock.
+    Rows are served through a cache of ``cache_rows`` rows on ``device`` (CUDA when asked for,
+    else CPU) with eviction ``policy`` (``"lru"``, ``"lfu"``); ``cache_rows=None`` sizes it to
+    about 64 MiB, ``cache_rows=0`` reads without a cache.
+    """
+    if mode not in ("r", "r+"):
+        raise ValueError(f'mode must be "r" or "r+", got {mode!r}')
+    if at is not None and mode != "r":
+        raise ValueError('a past commit (at=...) can only be opened read-only: use mode="r"')
+    store = PersistedStore.open(Path(path), writable=mode == "r+")
+    try:
+        if at is None:
+            commit, index = store.load_head()
+        else:
+            commit = store.resolve(at)
+            index = store.load_index(commit)
+        return Pool(
+            store, commit=commit, index=index, device=device, cache_rows=cache_rows, policy=policy
+        )
+    except BaseException:
+        store.close()
+        raise

@@ -1,0 +1,318 @@
+"""The device cache: lookups, policies, write-back, locking, prefetch, staleness; and a
+property test that a cached pool always answers exactly like an uncached one."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import dpsn
+from dpsn.errors import CacheCapacityError
+from dpsn.tiers import DeviceCache, EvictionPolicy, policies, register_policy
+
+SMALL = {"kind": "hashed_slices", "memory_size": 1024}
+
+
+class Filler:
+    """A fill callback that records what it was asked for."""
+
+    def __init__(self, dim=2):
+        self.calls = []
+        self.dim = dim
+
+    def __call__(self, ids):
+        self.calls.append(ids.tolist())
+        v = ids[:, None].float().expand(-1, self.dim)
+        return {"v": v.clone()}
+
+
+def make_cache(capacity=4, policy="lru"):
+    return DeviceCache(capacity, {"v": (2, torch.float32)}, policy=policy)
+
+
+def no_evict(ids, cols):
+    raise AssertionError("nothing is dirty")
+
+
+def test_hits_and_misses_and_duplicate_ids_filled_once():
+    c, fill = make_cache(), Filler()
+    slots = c.lookup(torch.tensor([5, 7, 5, 5]), fill, no_evict)
+    assert fill.calls == [[5, 7]]
+    assert torch.equal(c.columns["v"][slots][:, 0], torch.tensor([5.0, 7, 5, 5]))
+    c.lookup(torch.tensor([7, 5]), fill, no_evict)
+    assert fill.calls == [[5, 7]]
+    assert c.stats.total["misses"] == 2 and c.stats.total["hits"] == 4
+    assert c.stats.last == {**c.stats.last, "hits": 2, "misses": 0}
+
+
+def test_lru_evicts_least_recently_used():
+    c, fill = make_cache(3), Filler()
+    for i in (1, 2, 3):
+        c.lookup(torch.tensor([i]), fill, no_evict)
+    c.lookup(torch.tensor([1]), fill, no_evict)  # 2 is now the oldest
+    c.lookup(torch.tensor([4]), fill, no_evict)
+    assert sorted(c.occupied_ids()[0].tolist()) == [1, 3, 4]
+    assert c.stats.total["evictions"] == 1
+
+
+def test_lfu_evicts_least_frequently_used():
+    c, fill = make_cache(3, "lfu"), Filler()
+    for batch in ([1], [1], [1], [2], [2], [3]):
+        c.lookup(torch.tensor(batch), fill, no_evict)
+    c.lookup(torch.tensor([3]), fill, no_evict)  # 3 is now the most recent, but seen twice
+    c.lookup(torch.tensor([4]), fill, no_evict)
+    assert sorted(c.occupied_ids()[0].tolist()) == [1, 3, 4] or sorted(
+        c.occupied_ids()[0].tolist()
+    ) == [1, 2, 4]
+    assert 1 in c.occupied_ids()[0].tolist()
+
+
+def test_dirty_rows_are_handed_back_before_eviction():
+    c, fill = make_cache(2), Filler()
+    evicted = []
+    slots = c.lookup(torch.tensor([1, 2]), fill, no_evict)
+    c.columns["v"][slots[0]] = 42.0
+    c.mark_dirty(slots[:1])
+    c.lookup(torch.tensor([3, 4]), fill, lambda ids, cols: evicted.append((ids, cols["v"])))
+    assert len(evicted) == 1 and evicted[0][0].tolist() == [1]
+    assert torch.equal(evicted[0][1], torch.full((1, 2), 42.0))
+    assert c.stats.total["writebacks"] == 1
+
+
+def test_batch_larger_than_capacity_is_a_clear_error():
+    c, fill = make_cache(3), Filler()
+    c.lookup(torch.tensor([1]), fill, no_evict)
+    with pytest.raises(CacheCapacityError, match="4 distinct rows but the cache holds 3"):
+        c.lookup(torch.tensor([1, 2, 3, 4]), fill, no_evict)
+    assert c.occupied_ids()[0].tolist() == [1]  # unchanged
+
+
+def test_locked_rows_are_never_evicted():
+    c, fill = make_cache(2), Filler()
+    slots = c.lookup(torch.tensor([1, 2]), fill, no_evict)
+    c.lock(slots)
+    with pytest.raises(CacheCapacityError, match="can be evicted"):
+        c.lookup(torch.tensor([3]), fill, no_evict)
+    c.unlock(slots)
+    c.lookup(torch.tensor([3]), fill, no_evict)
+
+
+def test_policies_are_pluggable_by_name():
+    assert {"lru", "lfu"} <= set(policies())
+
+    class MRU(EvictionPolicy):
+        name = "mru-test"
+
+        def __init__(self, capacity, device):
+            super().__init__(capacity, device)
+            self.last = torch.zeros(capacity, dtype=torch.float64)
+
+        def touch(self, slots, step):
+            self.last[slots] = step
+
+        insert = touch
+
+        def score(self):
+            return -self.last
+
+    register_policy(MRU)
+    c, fill = make_cache(2, "mru-test"), Filler()
+    c.lookup(torch.tensor([1]), fill, no_evict)
+    c.lookup(torch.tensor([2]), fill, no_evict)
+    c.lookup(torch.tensor([3]), fill, no_evict)
+    assert sorted(c.occupied_ids()[0].tolist()) == [1, 3]
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_cache(2, "nope")
+
+
+# -- the pool with a cache -------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A cached pool and an uncached one over identical stores."""
+    kw = dict(rows=1000, dim=4, seed=3, generator=SMALL, chunk_rows=4)
+    cached = dpsn.create(tmp_path / "a", cache_rows=4, **kw)
+    plain = dpsn.create(tmp_path / "b", cache_rows=0, **kw)
+    yield cached, plain
+    cached.close()
+    plain.close()
+
+
+def test_eviction_of_a_dirty_row_stages_it(pair):
+    cached, plain = pair
+    cached.read([1, 2, 3, 4])
+    cached.write([1], torch.ones(1, 4))  # in cache, dirty
+    assert cached.stats()["dirty_rows"] == 1
+    cached.read([5, 6, 7, 8])  # evicts 1..4
+    assert cached.stats()["writebacks"] == 1
+    assert torch.equal(cached.delta([1]), torch.ones(1, 4))
+    c = cached.commit()
+    assert c.rows_written == 1
+    cached.close()
+    with dpsn.open(cached.path) as r:
+        assert torch.equal(r.delta([1]), torch.ones(1, 4))
+
+
+def test_commit_writes_back_dirty_rows_and_store_equals_cache(pair):
+    cached, _ = pair
+    cached.read([1, 2])
+    cached.write([1, 2], torch.randn(2, 4))
+    expected = cached.read([1, 2]).clone()
+    cached.commit()
+    assert cached.stats()["dirty_rows"] == 0
+    with dpsn.open(cached.path, cache_rows=0) as r:
+        assert torch.equal(r.read([1, 2]), expected)
+
+
+def test_capacity_error_from_pool_read(pair):
+    cached, _ = pair
+    with pytest.raises(CacheCapacityError):
+        cached.read(torch.arange(5))
+    assert cached.read(torch.arange(4)).shape == (4, 4)
+
+
+def test_frozen_generator_changed_in_place_is_rematerialized(pair):
+    cached, plain = pair
+    ids = torch.tensor([1, 2, 3])
+    cached.read(ids)
+    with torch.no_grad():
+        cached.generator.memory.mul_(2.0)
+        plain.generator.memory.mul_(2.0)
+    assert torch.equal(cached.read(ids), plain.read(ids))
+
+
+def test_trainable_generator_regenerates_bases_every_read(pair):
+    cached, _ = pair
+    ids = torch.tensor([1, 2])
+    cached.read(ids)
+    cached.generator.requires_grad_(True)
+    before = cached.read(ids)
+    with torch.no_grad():
+        cached.generator.memory.add_(1.0)
+    after = cached.read(ids)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, cached.base(ids))
+
+
+def test_prefetch_pages_rows_in_and_locks_them(pair):
+    cached, _ = pair
+    cached.read([1, 2])
+    with cached.prefetch([10, 11]) as pf:
+        pf.wait()
+        assert cached.stats()["locked_rows"] == 4  # the step in flight and the prefetch
+        hits = cached.stats()["hits"]
+        cached.read([10, 11])  # served from the cache
+        assert cached.stats()["hits"] == hits + 2
+        with pytest.raises(CacheCapacityError):  # 10, 11 locked by the prefetch + this batch
+            cached.read([20, 21, 22])
+    cached.read([20, 21, 22])
+
+
+def test_stats_keys_and_cli(pair, capsys):
+    cached, _ = pair
+    cached.read([1, 1, 2])
+    s = cached.stats()
+    for key in (
+        "hits",
+        "misses",
+        "evictions",
+        "hit_rate",
+        "bytes_to_device",
+        "rows_generated",
+        "bytes_from_disk",
+        "last_step",
+    ):
+        assert key in s
+    assert s["misses"] == 2 and s["hits"] == 1
+    from dpsn.tools.cli import main
+
+    assert main(["stats", str(cached.path), "--json", "--replay", "1,2,3,1"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["replay"]["misses"] == 3 and out["replay"]["hits"] == 1
+    cached.commit("with stats")
+    assert main(["stats", str(cached.path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["writer"]["misses"] == 2 and out["store"]["persisted_rows"] == 0
+
+
+# -- property: a cached pool is indistinguishable from an uncached one -----------------------
+
+ids_st = st.lists(st.integers(0, 30), min_size=1, max_size=7)
+
+
+class CachedVsPlain(RuleBasedStateMachine):
+    CAPACITY = 6
+
+    def __init__(self):
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="dpsn-cache-"))
+        kw = dict(rows=31, dim=3, seed=1, generator=SMALL, chunk_rows=4)
+        self.cached = dpsn.create(self.dir / "a", cache_rows=self.CAPACITY, policy="lru", **kw)
+        self.plain = dpsn.create(self.dir / "b", cache_rows=0, **kw)
+
+    def both(self, fn):
+        a, b = fn(self.cached), fn(self.plain)
+        if a is not None:
+            assert torch.equal(a, b), (a, b)
+
+    @rule(ids=ids_st)
+    def read(self, ids):
+        if len(set(ids)) > self.CAPACITY:
+            with pytest.raises(CacheCapacityError):
+                self.cached.read(ids)
+        else:
+            self.both(lambda p: p.read(ids))
+
+    @rule(ids=ids_st, value=st.floats(-4, 4, width=32), add=st.booleans())
+    def write(self, ids, value, add):
+        d = torch.full((len(ids), 3), value) + torch.arange(len(ids))[:, None].float() / 8
+        self.both(lambda p: p.write(ids, d, add=add))
+
+    @rule(ids=ids_st)
+    def drop(self, ids):
+        self.both(lambda p: p.drop(ids))
+
+    @rule()
+    def commit(self):
+        self.cached.commit()
+        self.plain.commit()
+
+    @rule()
+    def discard(self):
+        self.both(lambda p: p.discard())
+
+    @rule(policy=st.sampled_from(["lru", "lfu"]))
+    def reopen(self, policy):
+        self.cached.close()
+        self.plain.close()
+        self.cached = dpsn.open(self.dir / "a", "r+", cache_rows=self.CAPACITY, policy=policy)
+        self.plain = dpsn.open(self.dir / "b", "r+", cache_rows=0)
+
+    @rule(ids=st.lists(st.integers(0, 30), min_size=1, max_size=3))
+    def prefetch(self, ids):
+        try:
+            with self.cached.prefetch(ids) as pf:
+                pf.wait()
+        except CacheCapacityError:
+            pass
+
+    @invariant()
+    def all_rows_agree(self):
+        self.both(lambda p: p.delta(torch.arange(31)))
+
+    def teardown(self):
+        self.cached.close()
+        self.plain.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestCachedVsPlain = CachedVsPlain.TestCase
+TestCachedVsPlain.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -1,0 +1,239 @@
+"""A fixed-capacity, fully associative row cache on the compute device.
+
+The id -> slot map is a sorted key column searched with ``torch.searchsorted``: a batch lookup
+is a handful of tensor ops on the device, with no Python loop or dict per id (the alternative
+the issue names beside FBGEMM's set-associative TBE cache). Full associativity keeps the
+replacement exact, so LRU/LFU behave as their textbook versions, which is what lets them be
+compared with Belady's optimum (``bench/cache.py``).
+
+Each slot holds named columns (e.g. a row's delta, its materialized value, optimizer state). The
+cache knows nothing of what they mean: its owner fills missing rows through a callback, is handed
+dirty rows before they are evicted (write-back), and says which slots it changed (dirty). Rows of
+a step in flight or of a pending prefetch are locked and never chosen as victims.
+
+Not thread-safe by itself: ``mutex`` serialises lookups when a prefetch thread is running.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dpsn.errors import CacheCapacityError
+
+from ._policies import make_policy
+
+FillFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+EvictFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
+
+_COUNTERS = (
+    "lookups",
+    "hits",
+    "misses",
+    "evictions",
+    "writebacks",
+    "bytes_to_device",
+    "bytes_written_back",
+)
+
+
+@dataclass
+class CacheStats:
+    """Counters in total and for the most recent lookup (one model step's read)."""
+
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+
+    def add(self, **counts: int) -> None:
+        for k, v in counts.items():
+            self.total[k] = self.total.get(k, 0) + v
+            self.last[k] = self.last.get(k, 0) + v
+
+    def new_step(self) -> None:
+        self.last = dict.fromkeys(self.total, 0)
+
+    @property
+    def hit_rate(self) -> float | None:
+        n = self.total["hits"] + self.total["misses"]
+        return self.total["hits"] / n if n else None
+
+
+class DeviceCache:
+    def __init__(
+        self,
+        capacity: int,
+        columns: dict[str, tuple[int, torch.dtype]],
+        *,
+        device: torch.device | str = "cpu",
+        policy: str = "lru",
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"cache capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.policy = make_policy(policy, capacity, self.device)
+        # Uninitialised: a slot's columns are always written before the slot is used.
+        self.columns = {
+            name: torch.empty((capacity, width), dtype=dtype, device=self.device)
+            for name, (width, dtype) in columns.items()
+        }
+        self.slot_ids = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.dirty = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.locks = torch.zeros(capacity, dtype=torch.int32, device=self.device)
+        self._keys = torch.empty(0, dtype=torch.int64, device=self.device)  # sorted cached ids
+        self._slots = torch.empty(0, dtype=torch.int64, device=self.device)  # their slots
+        self._fresh = 0  # slots [_fresh, capacity) were never used: taken in order, no search
+        self.step = 0
+        self.stats = CacheStats()
+        self.mutex = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def row_bytes(self) -> int:
+        return sum(c.shape[1] * c.element_size() for c in self.columns.values())
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of ``ids`` (device int64, any order) and a hit mask; no fill, no stats."""
+        if len(self._keys) == 0:
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        pos = torch.searchsorted(self._keys, ids).clamp_(max=len(self._keys) - 1)
+        hit = self._keys[pos] == ids
+        return self._slots[pos], hit
+
+    def lookup(self, ids: torch.Tensor, fill: FillFn, evict: EvictFn) -> torch.Tensor:
+        """Slots holding ``ids`` (1-D int64), paging in the misses in one batch.
+
+        ``fill(missing_ids_cpu)`` returns each column's values for the missing ids (unique,
+        sorted); ``evict(ids_cpu, columns_cpu)`` receives dirty rows before their slots are
+        reused. Each distinct missing id is filled once however often it occurs.
+        """
+        with self.mutex:
+            self.step += 1
+            self.stats.new_step()
+            ids = ids.to(self.device)
+            slots, hit = self.find(ids)
+            n_miss = 0
+            if not bool(hit.all()):
+                missing = torch.unique(ids[~hit])
+                n_miss = len(missing)
+                self._admit(ids, slots, hit, missing, fill, evict)
+                slots, hit = self.find(ids)
+            self.policy.touch(slots, self.step)
+            self.stats.add(lookups=1, hits=len(ids) - n_miss, misses=n_miss)
+            return slots
+
+    def _admit(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        hit: torch.Tensor,
+        missing: torch.Tensor,
+        fill: FillFn,
+        evict: EvictFn,
+    ) -> None:
+        distinct = len(missing) + int(torch.unique(slots[hit]).numel())
+        if distinct > self.capacity:
+            raise CacheCapacityError(
+                f"a batch needs {distinct} distinct rows but the cache holds {self.capacity}; "
+                "raise cache_rows (or pass cache_rows=0 to read without a cache)"
+            )
+        n = len(missing)
+        if self._fresh + n <= self.capacity:  # warming up: never-used slots, no eviction
+            victims = torch.arange(self._fresh, self._fresh + n, device=self.device)
+            self._fresh += n
+        else:
+            evictable = self.locks == 0
+            evictable[slots[hit]] = False  # never evict a row this very batch uses
+            occupied = self.slot_ids >= 0
+            victims = self.policy.victims(evictable, occupied, n)
+            self._evict(victims, evict)
+        values = fill(missing.cpu())
+        for name, col in self.columns.items():
+            col[victims] = values[name].to(self.device, col.dtype, non_blocking=True)
+        self.slot_ids[victims] = missing
+        self.dirty[victims] = False
+        self._index_insert(missing, victims)
+        self.policy.insert(victims, self.step)
+        self.stats.add(bytes_to_device=len(missing) * self.row_bytes())
+
+    def _evict(self, victims: torch.Tensor, evict: EvictFn) -> None:
+        old = self.slot_ids[victims]
+        occupied = old >= 0
+        if not bool(occupied.any()):
+            return
+        gone = victims[occupied]
+        dirty = gone[self.dirty[gone]]
+        if len(dirty):
+            evict(
+                self.slot_ids[dirty].cpu(),
+                {name: col[dirty].cpu() for name, col in self.columns.items()},
+            )
+            self.stats.add(writebacks=len(dirty), bytes_written_back=len(dirty) * self.row_bytes())
+        self._forget(gone)
+        self.stats.add(evictions=len(gone))
+
+    # -- sorted index maintenance --------------------------------------------------------------
+
+    def _forget(self, slots: torch.Tensor) -> None:
+        """Remove ``slots`` (occupied) from the id index and mark them empty."""
+        keep = ~torch.isin(self._slots, slots)
+        self._keys, self._slots = self._keys[keep], self._slots[keep]
+        self.slot_ids[slots] = -1
+        self.dirty[slots] = False
+
+    def _index_insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Merge sorted unique ``ids`` (absent from the index) into the sorted key column."""
+        n_old, n_new = len(self._keys), len(ids)
+        # Each new id lands after the old keys below it and after the new ids before it.
+        new_pos = torch.searchsorted(self._keys, ids) + torch.arange(n_new, device=self.device)
+        is_new = torch.zeros(n_old + n_new, dtype=torch.bool, device=self.device)
+        is_new[new_pos] = True
+        keys = torch.empty(n_old + n_new, dtype=torch.int64, device=self.device)
+        vals = torch.empty_like(keys)
+        keys[new_pos], vals[new_pos] = ids, slots
+        keys[~is_new], vals[~is_new] = self._keys, self._slots
+        self._keys, self._slots = keys, vals
+
+    # -- owner's hooks -------------------------------------------------------------------------
+
+    def mark_dirty(self, slots: torch.Tensor) -> None:
+        self.dirty[slots] = True
+
+    def dirty_rows(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Ids (CPU) and column values (CPU) of every dirty slot, for write-back at commit."""
+        slots = torch.nonzero(self.dirty).flatten()
+        return self.slot_ids[slots].cpu(), {n: c[slots].cpu() for n, c in self.columns.items()}
+
+    def clean(self) -> None:
+        self.dirty.zero_()
+
+    def invalidate(self, ids: torch.Tensor) -> None:
+        """Drop ``ids`` from the cache without write-back (they were dropped or discarded)."""
+        with self.mutex:
+            slots, hit = self.find(ids.to(self.device))
+            if bool(hit.any()):
+                self._forget(torch.unique(slots[hit]))
+
+    def clear(self) -> None:
+        with self.mutex:
+            self.slot_ids.fill_(-1)
+            self.dirty.zero_()
+            self._fresh = 0
+            self._keys = self._keys[:0]
+            self._slots = self._slots[:0]
+
+    def lock(self, slots: torch.Tensor) -> None:
+        self.locks.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+
+    def unlock(self, slots: torch.Tensor) -> None:
+        self.locks.index_add_(0, slots, -torch.ones_like(slots, dtype=torch.int32))
+
+    def occupied_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted cached ids and their slots."""
+        return self._keys, self._slots
