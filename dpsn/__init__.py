@@ -3,12 +3,55 @@
 >>> import dpsn
 >>> pool = dpsn.create("store", rows=10**12, dim=64)   # doctest: +SKIP
 >>> pool.write([3, 7], deltas); pool.commit("first")   # doctest: +SKIP
+
+The public names below are loaded on first use, so ``import dpsn.index`` or ``dpsn.tiers`` does
+not drag in the pool (the dependency arrows point pool -> index/tiers/hypernet, never back).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dpsn import errors
 from dpsn.errors import DpsnError
-from dpsn.pool import Commit, Pool, VerifyReport, create, open
 
 __version__ = "0.1.0"
 
-__all__ = ["Commit", "DpsnError", "Pool", "VerifyReport", "__version__", "create", "errors", "open"]
+_LAZY = {
+    "Commit": "dpsn.pool",
+    "Pool": "dpsn.pool",
+    "Prefetch": "dpsn.pool",
+    "VerifyReport": "dpsn.pool",
+    "create": "dpsn.pool",
+    "open": "dpsn.pool",
+}
+
+if TYPE_CHECKING:
+    from dpsn.pool import Commit, Pool, Prefetch, VerifyReport, create, open
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpsn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [
+    "Commit",
+    "DpsnError",
+    "Pool",
+    "Prefetch",
+    "VerifyReport",
+    "__version__",
+    "create",
+    "errors",
+    "open",
+]

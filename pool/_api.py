@@ -115,7 +115,7 @@ def create(
         raise
 
 
-def open(  # noqa: A001 - mirrors zarr.open / builtins.open, as users expect
+def open(  # mirrors zarr.open / builtins.open, as users expect
     path: str | os.PathLike[str],
     mode: Literal["r", "r+"] = "r",
     *,

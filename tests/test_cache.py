@@ -145,7 +145,7 @@ def pair(tmp_path):
 
 
 def test_eviction_of_a_dirty_row_stages_it(pair):
-    cached, plain = pair
+    cached, _ = pair
     cached.read([1, 2, 3, 4])
     cached.write([1], torch.ones(1, 4))  # in cache, dirty
     assert cached.stats()["dirty_rows"] == 1

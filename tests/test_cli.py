@@ -1,5 +1,6 @@
 """The dpsn command line on real stores: tables, --json, exit codes."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_parse_count():
     assert parse_count("1e12") == 10**12
     assert parse_count("10**12") == 10**12
     assert parse_count("1_000") == 1000
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_count("abc")
 
 

@@ -6,24 +6,24 @@ commits, nothing of models. The device cache builds on it.
 
 from ._cache import CacheStats, DeviceCache
 from ._format import FORMAT_VERSION, Manifest
-from ._policies import EvictionPolicy, make_policy, policies, register_policy
 from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
+from ._policies import EvictionPolicy, make_policy, policies, register_policy
 from ._rowindex import RowIndex
 from ._segments import COMPRESSORS
 
 __all__ = [
     "COMPRESSORS",
+    "FORMAT_VERSION",
     "CacheStats",
+    "Commit",
     "DeviceCache",
     "EvictionPolicy",
-    "make_policy",
-    "policies",
-    "register_policy",
-    "FORMAT_VERSION",
-    "Commit",
     "Manifest",
     "PersistedStore",
     "RowIndex",
     "VerifyReport",
+    "make_policy",
+    "policies",
+    "register_policy",
     "storage_dtype",
 ]

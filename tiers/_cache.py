@@ -152,6 +152,8 @@ class DeviceCache:
             evictable[slots[hit]] = False  # never evict a row this very batch uses
             occupied = self.slot_ids >= 0
             victims = self.policy.victims(evictable, occupied, n)
+            # Victims may include never-used slots: the bump region must not hand them out again.
+            self._fresh = max(self._fresh, int(victims.max()) + 1)
             self._evict(victims, evict)
         values = fill(missing.cpu())
         for name, col in self.columns.items():

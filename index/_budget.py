@@ -1,0 +1,170 @@
+"""The per-input budget: how many rows each input gets, between ``k_min`` and ``k_max``.
+
+Simple inputs should cost less than hard ones (DESIGN: "simple inputs get fewer rows"). A router
+ranks ``k_max`` candidates for every input; the budget maps a complexity signal ``c`` in [0, 1] to
+``k = k_min + round(c * (k_max - k_min))`` and the router keeps the best ``k`` candidates. The
+signals:
+
+- ``"fixed"``: c = 1, every input gets ``k_max`` (the baseline the savings are measured against).
+- ``"entropy"``: normalised entropy of softmax(scores / temperature) over the candidates. A flat
+  score profile means no few rows stand out, so the input gets more of them.
+- ``"novelty"``: distance to the nearest VQ region, ``d / (1 + d)`` with d in units of the mean
+  distance seen at ``fit``; inputs far from every centroid are unfamiliar and get more rows.
+- ``"learned"``: ``sigmoid(w . x + b)``, a one-layer head. k itself is an integer and carries no
+  gradient; ``RouteResult.complexity`` does, so a caller trains the head with its own loss (for
+  example a compute penalty plus a task loss through gates scaled by the complexity).
+
+Calibration. Raw entropy and novelty are not spread evenly over [0, 1] (entropy of a few
+similar scores sits near 1, so every input would get ``k_max``). ``calibrate(raw)`` stores the
+quantiles of the raw signal over a sample; from then on ``c`` is the signal's empirical CDF, so
+budgets spread evenly over ``[k_min, k_max]`` on inputs like the sample and unusual inputs land
+at the ends. ``Router.calibrate_budget(x_sample)`` does this (VQ/LSH ``fit`` calls it); redo it
+after the keys have trained for a while, since the scores they produce move.
+
+The mapping depends on the router's state only (parameters, quantile buffer), not on history, so
+routing is deterministic for a given state. The counters (``inputs``, ``rows``) are statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import RouterConfigError
+
+__all__ = ["SIGNALS", "Budget", "BudgetSignal"]
+
+BudgetSignal = Literal["fixed", "entropy", "novelty", "learned"]
+SIGNALS: tuple[str, ...] = ("fixed", "entropy", "novelty", "learned")
+_QUANTILES = 65  # points of the stored empirical CDF
+
+
+class Budget(nn.Module):
+    """Maps a per-input complexity signal to a row budget ``k`` in ``[k_min, k_max]``.
+
+    Axes: T inputs, K = k_max candidates.
+    """
+
+    def __init__(
+        self,
+        *,
+        k_min: int,
+        k_max: int,
+        signal: BudgetSignal,
+        d_in: int,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k_min <= k_max:
+            raise RouterConfigError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k={k_max}")
+        if signal not in SIGNALS:
+            raise RouterConfigError(f"budget signal must be one of {SIGNALS}, got {signal!r}")
+        if not temperature > 0:
+            raise RouterConfigError(f"budget temperature must be > 0, got {temperature}")
+        self.k_min = int(k_min)
+        self.k_max = int(k_max)
+        self.signal = signal
+        self.temperature = float(temperature)
+        self.head = nn.Linear(d_in, 1) if signal == "learned" else None
+        self.register_buffer("quantiles", torch.zeros(_QUANTILES))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero the statistics behind :attr:`mean_k` and :attr:`compute_saved`."""
+        self._inputs: Tensor | None = None
+        self._rows: Tensor | None = None
+
+    def complexity(self, x: Tensor, scores: Tensor, novelty: Tensor | None) -> Tensor:
+        """``[T]`` in [0, 1]; ``x [T, d_in]``, ``scores [T, K]`` (all finite), ``novelty [T]``."""
+        raw = self.raw(x, scores, novelty)
+        if self.signal in ("entropy", "novelty") and bool(self.calibrated):
+            return self._cdf(raw)
+        return raw
+
+    @torch.no_grad()
+    def calibrate(self, raw: Tensor) -> None:
+        """Store the quantiles of raw signals ``[n]`` measured on a representative sample."""
+        if self.signal not in ("entropy", "novelty"):
+            raise RouterConfigError(
+                f"only 'entropy' and 'novelty' budgets are calibrated, not {self.signal!r}"
+            )
+        if raw.numel() < 2:
+            raise RouterConfigError("calibrating the budget needs at least 2 samples")
+        levels = torch.linspace(0, 1, _QUANTILES, dtype=torch.float64)
+        q = torch.quantile(raw.detach().double().cpu(), levels)
+        self.quantiles.copy_(q.to(self.quantiles))
+        self.calibrated.fill_(True)
+
+    def _cdf(self, raw: Tensor) -> Tensor:
+        # piecewise-linear empirical CDF through the stored quantiles, clipped to [0, 1]
+        q = self.quantiles.to(raw.dtype)
+        n = q.numel()
+        hi = torch.searchsorted(q, raw.detach().contiguous()).clamp(1, n - 1)
+        lo_v, hi_v = q[hi - 1], q[hi]
+        gap = hi_v - lo_v
+        frac = torch.where(gap > 0, (raw - lo_v) / gap.clamp_min(1e-30), 0.5).clamp(0.0, 1.0)
+        return ((hi - 1).to(raw.dtype) + frac) / (n - 1)
+
+    def raw(self, x: Tensor, scores: Tensor, novelty: Tensor | None) -> Tensor:
+        """The uncalibrated signal, ``[T]`` in [0, 1]."""
+        t = x.shape[0]
+        if self.signal == "fixed":
+            return x.new_ones(t)
+        if self.signal == "entropy":
+            kk = scores.shape[-1]
+            if kk < 2:
+                return x.new_ones(t)
+            logp = torch.log_softmax(scores / self.temperature, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            return (ent / math.log(kk)).clamp(0.0, 1.0)
+        if self.signal == "novelty":
+            if novelty is None:
+                raise RouterConfigError(
+                    "budget signal 'novelty' needs a router with regions (VQRouter); "
+                    "use 'entropy' or 'learned' for this router"
+                )
+            d = novelty.clamp_min(0.0)
+            return d / (1.0 + d)
+        assert self.head is not None
+        return torch.sigmoid(self.head(x).squeeze(-1))
+
+    def k_for(self, complexity: Tensor) -> Tensor:
+        """``[T]`` int64 budgets from complexities in [0, 1]."""
+        span = self.k_max - self.k_min
+        k = self.k_min + torch.round(complexity.detach().float() * span).to(torch.int64)
+        return k.clamp_(self.k_min, self.k_max)
+
+    @torch.no_grad()
+    def observe(self, k: Tensor) -> None:
+        """Add one batch of budgets to the counters (kept on k's device: no sync)."""
+        n = torch.tensor(k.numel(), dtype=torch.int64, device=k.device)
+        s = k.sum()
+        if self._inputs is None or self._rows is None:
+            self._inputs, self._rows = n, s
+        else:
+            self._inputs = self._inputs + n
+            self._rows = self._rows + s
+
+    @property
+    def inputs(self) -> int:
+        """Inputs routed since the last reset."""
+        return 0 if self._inputs is None else int(self._inputs)
+
+    @property
+    def rows(self) -> int:
+        """Rows handed out since the last reset (sum of k)."""
+        return 0 if self._rows is None else int(self._rows)
+
+    @property
+    def mean_k(self) -> float:
+        """Average budget per input since the last reset (``k_max`` before any input)."""
+        return self.rows / self.inputs if self.inputs else float(self.k_max)
+
+    @property
+    def compute_saved(self) -> float:
+        """Fraction of row work saved against a fixed ``k = k_max``: ``1 - mean_k / k_max``."""
+        return 1.0 - self.mean_k / self.k_max

@@ -1,0 +1,208 @@
+"""Router state in a Zarr v3 group: arrays + a JSON manifest, every array digest-checked.
+
+Layout of the group the caller passes (e.g. ``routers/main`` of the store's Zarr group)::
+
+    <group>/zarr.json              attributes["dpsn_router"] = manifest (below), written last
+    <group>/state.<param-name>     one array per state_dict entry (parameters and buffers)
+    <group>/extra.<name>           uint8 arrays: faiss.serialize_index blobs
+
+    manifest = {
+      "format_version": 1,                    # never renumber
+      "kind": "product_keys" | "vq" | "lsh",  # persisted names: never rename
+      "config": {...},                        # constructor keyword arguments
+      "arrays": {name: {"blake2b": hex, "dtype": "float32", "shape": [...]}},
+      "digest": hex,                          # blake2b over config and arrays, fixed order
+    }
+
+Nothing is pickled and nothing is ``torch.load``-ed: a router read from a stranger's store can
+only fill tensors. Each array's blake2b is checked before use; this matters for the FAISS blobs
+in particular, since faiss deserialises byte-corrupted buffers without complaint. Arrays are
+written before the manifest, so a save killed half way leaves a manifest whose digests do not
+match and the load refuses it (rather than routing with a mix of old and new state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
+
+from ._base import Router
+from ._errors import UnknownRouterError
+from ._lsh import LSHRouter
+from ._product_keys import ProductKeyRouter
+from ._vq import VQRouter
+
+__all__ = ["FORMAT_VERSION", "ROUTER_KINDS", "load_router", "router_digest", "save_router"]
+
+FORMAT_VERSION = 1  # never renumber
+ATTR = "dpsn_router"
+# Persisted kind names -> classes. Never rename a key; add new kinds only.
+ROUTER_KINDS: dict[str, type[Router]] = {
+    "product_keys": ProductKeyRouter,
+    "vq": VQRouter,
+    "lsh": LSHRouter,
+}
+_DIGEST_SIZE = 32
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    h.update(f"{arr.dtype.str}|{list(arr.shape)}|".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _manifest_digest(kind: str, config: dict[str, Any], digests: dict[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    head = {"format_version": FORMAT_VERSION, "kind": kind, "config": config}
+    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(digests):
+        h.update(b"\0" + name.encode() + b"\0" + digests[name].encode())
+    return h.hexdigest()
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().cpu().contiguous()
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.dtype == torch.bfloat16:  # zarr has no bfloat16: store the bits
+        return t.view(torch.int16).numpy(), dtype
+    return t.numpy(), dtype
+
+
+def _from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.array(arr))  # copy: never alias zarr's buffers
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _collect(router: Router) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for key, t in router.state_dict().items():
+        arrays[f"state.{key}"], dtypes[f"state.{key}"] = _to_numpy(t)
+    for key, blob in router.extra_arrays().items():
+        arrays[f"extra.{key}"] = np.ascontiguousarray(blob, dtype=np.uint8)
+        dtypes[f"extra.{key}"] = "uint8"
+    return arrays, dtypes
+
+
+def _kind_of(router: Router) -> str:
+    kind = getattr(type(router), "kind", None)
+    if ROUTER_KINDS.get(kind) is not type(router):  # type: ignore[arg-type]
+        raise UnknownRouterError(
+            f"cannot persist {type(router).__name__}: only {sorted(ROUTER_KINDS)} are known"
+        )
+    return kind  # type: ignore[return-value]
+
+
+def router_digest(router: Router) -> str:
+    """blake2b hex of the router's kind, config and state: what ``save_router`` returns."""
+    kind = _kind_of(router)
+    arrays, _ = _collect(router)
+    return _manifest_digest(kind, router.config(), {n: _array_digest(a) for n, a in arrays.items()})
+
+
+def save_router(router: Router, group: zarr.Group) -> str:
+    """Write the router's state into ``group`` (Zarr v3) and return its digest.
+
+    Overwrites a router saved there before. The caller owns durability (fsync and making the
+    group visible through its commit), as for every other Zarr write in dpsn.
+    """
+    kind = _kind_of(router)
+    config = router.config()
+    arrays, dtypes = _collect(router)
+    entries: dict[str, dict[str, Any]] = {}
+    for name, arr in arrays.items():
+        dig = _array_digest(arr)
+        group.create_array(name, data=arr, overwrite=True, attributes={"blake2b": dig})
+        entries[name] = {"blake2b": dig, "dtype": dtypes[name], "shape": list(arr.shape)}
+    digest = _manifest_digest(kind, config, {n: e["blake2b"] for n, e in entries.items()})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config,
+        "arrays": entries,
+        "digest": digest,
+    }
+    group.attrs[ATTR] = manifest
+    for name in list(group.array_keys()):  # arrays of an older save that are no longer used
+        if name.startswith(("state.", "extra.")) and name not in entries:
+            del group[name]
+    return digest
+
+
+def _read_manifest(group: zarr.Group) -> dict[str, Any]:
+    manifest = group.attrs.get(ATTR)
+    if manifest is None:
+        raise StoreNotFoundError(
+            f"zarr group {group.path!r} holds no dpsn router (no {ATTR!r} attribute); "
+            "save one there with save_router"
+        )
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
+        raise CorruptStoreError(f"router manifest in {group.path!r} is malformed")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreVersionError(
+            f"router in {group.path!r} has format_version {version!r}; this dpsn reads "
+            f"{FORMAT_VERSION}: upgrade dpsn"
+        )
+    return manifest
+
+
+def load_router(group: zarr.Group) -> Router:
+    """Rebuild the router saved in ``group``; every array is digest-checked before use.
+
+    Raises ``UnknownRouterError`` for a kind this dpsn does not know, ``CorruptStoreError``
+    when an array is missing, unreadable or fails its blake2b, ``StoreNotFoundError`` when the
+    group holds no router. The router comes back in training mode, like any new module.
+    """
+    manifest = _read_manifest(group)
+    kind = manifest.get("kind")
+    cls = ROUTER_KINDS.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise UnknownRouterError(
+            f"stored router kind {kind!r} is unknown; known kinds: {sorted(ROUTER_KINDS)}. "
+            "It was written by a newer or foreign dpsn"
+        )
+    entries: dict[str, dict[str, Any]] = manifest["arrays"]
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise CorruptStoreError(f"router manifest in {group.path!r} has no config")
+    digests = {n: str(e.get("blake2b")) for n, e in entries.items()}
+    if _manifest_digest(kind, config, digests) != manifest.get("digest"):  # type: ignore[arg-type]
+        raise CorruptStoreError(f"router manifest in {group.path!r} fails its digest")
+    arrays: dict[str, np.ndarray] = {}
+    for name, entry in entries.items():
+        try:
+            arr = np.asarray(group[name][...])
+        except Exception as exc:  # any decode or I/O failure is damage to the store
+            raise CorruptStoreError(f"router array {name!r} cannot be read: {exc}") from exc
+        if _array_digest(arr) != entry["blake2b"]:
+            raise CorruptStoreError(
+                f"router array {name!r} in {group.path!r} fails its blake2b check; the store "
+                "is damaged: restore it from a snapshot or re-save the router"
+            )
+        arrays[name] = arr
+    try:
+        router = cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise CorruptStoreError(f"stored router config cannot build a {kind!r}: {exc}") from exc
+    state = {
+        n.removeprefix("state."): _from_numpy(a, entries[n]["dtype"])
+        for n, a in arrays.items()
+        if n.startswith("state.")
+    }
+    try:
+        router.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CorruptStoreError(f"stored router state does not fit its config: {exc}") from exc
+    router.load_extra_arrays(
+        {n.removeprefix("extra."): a for n, a in arrays.items() if n.startswith("extra.")}
+    )
+    return router

@@ -1,0 +1,127 @@
+"""Product keys: exact top-k against brute force over every combined key, and the search kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpsn.index import ProductKeyRouter, RouterConfigError
+from dpsn.index._product_keys import grid_shape
+from dpsn.index._topk import merge_heads, topk_ip
+from dpsn.index.testing import mixture
+
+D_IN = 16
+
+
+def brute_force(router: ProductKeyRouter, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Score all n1 * n2 combined keys per head, mask ids >= N, max over heads, top-k."""
+    pk = router.pk
+    with torch.no_grad():
+        q = pk.queries(x)  # [T, H, d_key]
+        s1 = torch.einsum("the,hne->thn", q[..., : pk.half], pk.keys1)  # [T, H, n1]
+        s2 = torch.einsum("the,hne->thn", q[..., pk.half :], pk.keys2)  # [T, H, n2]
+        full = (s1[..., :, None] + s2[..., None, :]).flatten(2).amax(1)  # [T, n1 * n2]
+        full[:, router.num_rows :] = float("-inf")
+        return full.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("num_rows", [16, 17, 1000, 1023, 4099, 10_000])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_exact_top_k_against_all_combined_keys(num_rows: int, heads: int) -> None:
+    k = min(8, num_rows)
+    router = ProductKeyRouter(d_in=D_IN, num_rows=num_rows, k=k, heads=heads, seed=3).eval()
+    x = mixture(48, seed=2)
+    res = router(x)
+    want_scores, want_ids = brute_force(router, x, k)
+    assert torch.equal(res.ids, want_ids)
+    torch.testing.assert_close(res.scores.detach(), want_scores, atol=1e-5, rtol=1e-5)
+    assert int(res.ids.max()) < num_rows
+
+
+def test_k_equal_to_pool_returns_every_row() -> None:
+    router = ProductKeyRouter(d_in=D_IN, num_rows=10, k=10).eval()
+    res = router(mixture(5))
+    assert torch.equal(res.ids.sort(1).values, torch.arange(10).expand(5, 10))
+
+
+def test_chunking_does_not_change_results() -> None:
+    x = mixture(32, seed=4)
+    small = ProductKeyRouter(d_in=D_IN, num_rows=200_003, k=16, max_elems=4096).eval()
+    big = ProductKeyRouter(d_in=D_IN, num_rows=200_003, k=16).eval()
+    assert torch.equal(small(x).ids, big(x).ids)
+
+
+def test_trillion_rows() -> None:
+    """N = 10**12 with 10**6 sub-keys per half; also N just below (a partial grid row)."""
+    x = mixture(4, seed=5)
+    for n in (10**12, 10**12 - 7):
+        router = ProductKeyRouter(d_in=D_IN, num_rows=n, k=8, d_key=8).eval()
+        assert (router.pk.n1, router.pk.n2) == (10**6, 10**6)
+        res = router(x)
+        assert bool(((res.ids >= 0) & (res.ids < n)).all())
+        pk = router.pk
+        with torch.no_grad():
+            q = pk.queries(x)[:, 0]
+            s1 = q[:, : pk.half] @ pk.keys1[0].T  # [T, n1]
+            s2 = q[:, pk.half :] @ pk.keys2[0].T
+        best = s1.argmax(1) * pk.n2 + s2.argmax(1)
+        if n == 10**12:  # the best row is (argmax half a, argmax half b)
+            assert torch.equal(res.ids[:, 0], best)
+        i1, i2 = res.ids // pk.n2, res.ids % pk.n2
+        torch.testing.assert_close(
+            res.scores.detach(), s1.gather(1, i1) + s2.gather(1, i2), atol=1e-5, rtol=1e-5
+        )
+
+
+@given(st.integers(1, 10**15))
+def test_grid_shape(n: int) -> None:
+    n1, n2 = grid_shape(n)
+    assert n1 * n2 >= n and n1 * n2 - n < n2 and n1 <= n2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 9),
+    st.integers(1, 3000),
+    st.integers(1, 40),
+    st.data(),
+)
+def test_topk_ip_is_exact(g: int, m: int, n: int, k: int, data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, n - 1))
+    stop = data.draw(st.integers(start + 1, n))
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    q = torch.randn(g, m, 6, generator=gen)
+    keys = torch.randn(g, n, 6, generator=gen)
+    v, i = topk_ip(q, keys, k, start=start, stop=stop, max_elems=512)
+    want_v, want_i = torch.bmm(q, keys[:, start:stop].transpose(1, 2)).topk(min(k, stop - start))
+    torch.testing.assert_close(v, want_v)
+    assert torch.equal(i, want_i + start)
+
+
+def test_merge_heads_keeps_best_copy() -> None:
+    ids = torch.tensor([[5, 3, 9, 5, 3, 1]])
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.95, 0.8, 0.2]])
+    pos = merge_heads(ids, scores, 3)
+    assert ids.gather(1, pos).tolist() == [[5, 3, 9]]
+    torch.testing.assert_close(scores.gather(1, pos), torch.tensor([[0.95, 0.8, 0.5]]))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"num_rows": 0, "k": 1},
+        {"num_rows": 10, "k": 11},
+        {"num_rows": 2**63, "k": 1},
+        {"num_rows": 10, "k": 2, "d_key": 7},
+        {"num_rows": 10, "k": 2, "heads": 0},
+        {"num_rows": 10, "k": 2, "k_min": 3},
+        {"num_rows": 10, "k": 2, "budget": "novelty", "k_min": 1},
+        {"num_rows": 10, "k": 2, "budget": "vibes"},
+    ],
+)
+def test_bad_config_is_refused(kw: dict) -> None:
+    with pytest.raises(RouterConfigError):
+        ProductKeyRouter(d_in=D_IN, **kw)
