@@ -19,6 +19,7 @@ generator and go stale if its weights change:
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import CorruptStoreError, InvalidDeltaError, ReadOnlyError
+from dpsn.errors import (
+    CorruptStoreError,
+    DpsnError,
+    InvalidDeltaError,
+    ReadOnlyError,
+    SnapshotNotFoundError,
+)
 from dpsn.hypernet import Generator, make_generator
 from dpsn.tiers import Commit, DeviceCache, PersistedStore, RowIndex, VerifyReport
 
@@ -36,6 +43,7 @@ from ._dtypes import DTYPES, from_storage, to_storage
 from ._staging import Staging
 from ._validate import as_deltas, as_ids
 
+_ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
 _REMATERIALIZE_BATCH = 1 << 16
 
@@ -77,6 +85,8 @@ class Pool:
             self._cache = DeviceCache(cache_rows, columns, device=self.device, policy=policy)
         self._lock = self._cache.mutex if self._cache else threading.RLock()
         self._stamp = self._generator_stamp()
+        self._saved_stamp = self._stamp  # the weights as last committed
+        self._routers: dict[str, torch.nn.Module] = {}
         self._step_slots: torch.Tensor | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
 
@@ -392,6 +402,13 @@ class Pool:
                     self._write_back(ids, columns)
                 self._cache.clean()
             st = self._staging
+            generator_state = None
+            if self._generator_stamp() != self._saved_stamp:  # trained since the last commit
+                generator_state = {
+                    k: v.detach().cpu().float().numpy()
+                    for k, v in self._generator.state_dict().items()
+                }
+            routers = self._save_routers(self._commit + 1)
             record, index = self._store.commit(
                 self._index,
                 self._commit,
@@ -400,10 +417,67 @@ class Pool:
                 st.drops,
                 message=message,
                 stats=self.stats(),
+                generator_state=generator_state,
+                routers=routers,
             )
             self._index, self._commit = index, record.id
+            self._saved_stamp = self._generator_stamp()
             st.clear()
         return record
+
+    # -- routers -------------------------------------------------------------------------------
+
+    def save_router(self, name: str, router: torch.nn.Module) -> None:
+        """Keep ``router`` with the store: its state is saved at every commit (when it changed)
+        and joins the provenance hash. Reopen it with :meth:`load_router`."""
+        self._require_writable()
+        from dpsn.index import Router
+
+        if not isinstance(router, Router):
+            raise TypeError(f"save_router takes a dpsn.index Router, not {type(router).__name__}")
+        if not _ROUTER_NAME.fullmatch(name):
+            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
+        self._routers[name] = router
+
+    def _save_routers(self, version: int) -> dict[str, str]:
+        if not self._routers:
+            return {}
+        from dpsn.index import router_digest, save_router
+
+        known = self._store.commit_record(self._commit).routers or {}
+        saved = {}
+        for name, router in self._routers.items():
+            digest = router_digest(router)
+            if known.get(name, {}).get("digest") == digest:
+                continue  # unchanged since it was last saved
+            group = self._store.router_group(name, version, write=True)
+            saved[name] = save_router(router, group)
+            self._store.sync_router(name, version)
+        return saved
+
+    def routers(self) -> dict[str, dict[str, Any]]:
+        """Routers saved with this pool's commit: name -> {"version", "digest"}."""
+        self._check_open()
+        return dict(self._store.commit_record(self._commit).routers or {})
+
+    def load_router(self, name: str) -> torch.nn.Module:
+        """The router ``name`` as saved with this pool's commit, checked against its digest."""
+        self._check_open()
+        from dpsn.index import load_router, router_digest
+
+        record = self.routers().get(name)
+        if record is None:
+            raise SnapshotNotFoundError(
+                f"no router named {name!r} at commit {self._commit}; "
+                f"saved: {sorted(self.routers())}"
+            )
+        router = load_router(self._store.router_group(name, record["version"], write=False))
+        if router_digest(router) != record["digest"]:
+            raise CorruptStoreError(
+                f"router {name!r} does not match the digest its commit recorded; "
+                "the store is damaged"
+            )
+        return router
 
     # -- history -------------------------------------------------------------------------------
 
@@ -500,7 +574,13 @@ class Pool:
         """Re-read every segment, generator weight and index entry and check them. Problems are
         reported in the returned report, never raised."""
         self._check_open()
-        return self._store.verify(progress)
+        report = self._store.verify(progress)
+        for name in self.routers():
+            try:
+                self.load_router(name)
+            except (DpsnError, ValueError) as e:
+                report.problems.append(f"router {name!r}: {e}")
+        return report
 
     def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
         """Delete what no commit at HEAD and no snapshot needs. Needs ``mode="r+"``."""

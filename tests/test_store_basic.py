@@ -165,3 +165,50 @@ def test_commit_with_nothing_staged_is_a_valid_empty_commit(pool):
     c = pool.commit("noop")
     assert c.rows_written == 0 and c.segment is None
     assert pool.verify().ok
+
+
+def test_routers_persist_with_commits_and_join_provenance(pool, store_path):
+    from dpsn.index import ProductKeyRouter
+
+    router = ProductKeyRouter(d_in=8, num_rows=pool.rows, k=4)
+    x = torch.randn(5, 8)
+    expected = router(x).ids
+    pool.save_router("main", router)
+    c1 = pool.commit("router")
+    assert c1.routers["main"]["version"] == c1.id
+    c2 = pool.commit("unchanged router is not written again")
+    assert c2.routers == c1.routers
+    with torch.no_grad():
+        next(router.parameters()).add_(1.0)
+    changed = router(x).ids
+    c3 = pool.commit("changed router")
+    assert c3.routers["main"]["version"] == c3.id
+    assert c3.provenance != c2.provenance
+    pool.close()
+    with dpsn.open(store_path, at=c1.id) as old:
+        assert torch.equal(old.load_router("main")(x).ids, expected)
+        assert old.verify().ok
+    with dpsn.open(store_path) as r:
+        assert torch.equal(r.load_router("main")(x).ids, changed)
+        assert r.routers()["main"]["version"] == c3.id
+        with pytest.raises(dpsn.errors.SnapshotNotFoundError):
+            r.load_router("other")
+
+
+def test_trained_generator_weights_are_committed_as_a_new_version(pool, store_path):
+    ids = torch.arange(10)
+    with torch.no_grad():
+        pool.generator.memory.mul_(3.0)
+    trained = pool.read(ids).clone()
+    c = pool.commit("generator trained")
+    assert c.generator == c.id
+    pool.close()
+    with dpsn.open(store_path) as r:
+        assert torch.equal(r.read(ids), trained)
+    with dpsn.open(store_path, at=1) as original:
+        assert torch.equal(original.read(ids) * 3.0, trained)
+    with dpsn.open(store_path, mode="r+") as w:
+        result = w.gc()
+        assert result["stale_versions"] == ["data.zarr/generator/v00000001"]
+    with pytest.raises(dpsn.errors.SnapshotUnavailableError):
+        dpsn.open(store_path, at=1)

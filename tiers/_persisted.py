@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -71,6 +73,8 @@ from ._rowindex import RowIndex
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
 
 SNAPSHOTS_GROUP = "snapshots"
+ROUTERS_GROUP = "routers"
+_ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SNAPSHOT_COLUMNS = ("ids", "segment", "offset", "commit")
 _META_GENERATOR_PREFIX = b"generator/"
 
@@ -91,6 +95,8 @@ class Commit:
     provenance: str
     # Runtime figures of the writer at commit time (cache hits, I/O); informational only.
     stats: dict[str, Any] | None = None
+    # Routers saved with the store: name -> {"version": commit that wrote it, "digest": hex}.
+    routers: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,6 +281,10 @@ class PersistedStore:
     # -- generator weights ---------------------------------------------------------------------
 
     def _write_generator(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        # A directory of this version can only be a crashed commit's leftover: not referenced.
+        shutil.rmtree(
+            self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version), ignore_errors=True
+        )
         root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
         arrays = {}
         for name, value in sorted(state.items()):
@@ -304,6 +314,11 @@ class PersistedStore:
     def read_generator(self, version: int) -> dict[str, np.ndarray]:
         """Generator weights, each checked against its recorded shape and checksum."""
         record = self.generator_record(version)
+        if not (self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version)).is_dir():
+            raise SnapshotUnavailableError(
+                f"generator version {version} was removed by gc; only HEAD and pinned snapshots "
+                "keep theirs"
+            )
         out = {}
         for name, meta in record["arrays"].items():
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
@@ -431,6 +446,28 @@ class PersistedStore:
         self.commit_record(at)
         return at
 
+    # -- routers -------------------------------------------------------------------------------
+
+    def router_group(self, name: str, version: int, *, write: bool) -> zarr.Group:
+        """The Zarr group of router ``name`` as saved by commit ``version``. For writing it is
+        created empty (a leftover of a crashed commit with that id is removed first); the caller
+        fills it and calls :meth:`sync_router` before committing."""
+        if not _ROUTER_NAME.fullmatch(name):
+            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
+        path = f"{ROUTERS_GROUP}/{name}/{version:016x}"
+        if write:
+            self._require_writer()
+            shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
+            root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
+            return root.require_group(path)
+        try:
+            return zarr.open_group(self._zarr, path=path, mode="r", zarr_format=3)
+        except Exception as e:
+            raise CorruptStoreError(f"router {name!r} ({path}) cannot be opened: {e}") from e
+
+    def sync_router(self, name: str, version: int) -> None:
+        fsync_tree(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{version:016x}")
+
     # -- snapshots -----------------------------------------------------------------------------
 
     def snapshots(self) -> dict[str, dict[str, Any]]:
@@ -516,9 +553,15 @@ class PersistedStore:
         *,
         message: str = "",
         stats: dict[str, Any] | None = None,
+        generator_state: dict[str, np.ndarray] | None = None,
+        routers: dict[str, str] | None = None,
     ) -> tuple[Commit, RowIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
-        ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index."""
+        ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
+
+        ``generator_state`` (new generator weights) is written as a new generator version;
+        ``routers`` maps names to digests of routers the caller has already written with
+        :meth:`router_group` for this commit. Both join the provenance hash."""
         self._require_writer()
         env = self._env
         current = self.head()
@@ -545,6 +588,12 @@ class PersistedStore:
                 # A small commit gets one tight chunk instead of a mostly-padding one.
                 chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
             )
+        gen_version, gen_record = parent.generator, None
+        if generator_state is not None:
+            gen_version, gen_record = commit_id, self._write_generator(commit_id, generator_state)
+        router_records = dict(parent.routers or {})
+        for name, digest in (routers or {}).items():
+            router_records[name] = {"version": commit_id, "digest": digest}
         new_index = index.apply(ids, segment_id, commit_id, drops)
         record = Commit(
             id=commit_id,
@@ -555,9 +604,15 @@ class PersistedStore:
             rows_dropped=len(drops),
             persisted_rows=len(new_index),
             segment=segment_id if seg else None,
-            generator=parent.generator,
-            provenance=_digest(parent.provenance, seg.checksums if seg else None, parent.generator),
+            generator=gen_version,
+            provenance=_digest(
+                parent.provenance,
+                seg.checksums if seg else None,
+                gen_record or gen_version,
+                router_records,
+            ),
             stats=stats,
+            routers=router_records or None,
         )
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
         values["segment"] = segment_id
@@ -580,6 +635,12 @@ class PersistedStore:
                     u64_key(segment_id), json.dumps(seg.to_json()).encode(), db=env.dbs[DB_SEGMENTS]
                 )
                 txn.put(META_NEXT_SEGMENT, u64_key(segment_id + 1), db=env.dbs[DB_META])
+            if gen_record is not None:
+                txn.put(
+                    _META_GENERATOR_PREFIX + u64_key(commit_id),
+                    json.dumps(gen_record).encode(),
+                    db=env.dbs[DB_META],
+                )
             txn.put(
                 u64_key(commit_id), json.dumps(record.to_json()).encode(), db=env.dbs[DB_COMMITS]
             )
@@ -631,8 +692,12 @@ class PersistedStore:
         dead_records = sorted(set(records) - live)
         orphans = sorted(set(self.segments.on_disk()) - set(records))
         partials = [p for p in (self.root / ZARR_DIR).rglob("*.partial")]
+        stale_dirs = self._unreferenced_versions()
         freed = 0
         if not dry_run:
+            for d in stale_dirs:
+                freed += dir_bytes(d)
+                shutil.rmtree(d, ignore_errors=True)
             if dead_records:
 
                 def forget(txn: lmdb.Transaction) -> None:
@@ -649,9 +714,32 @@ class PersistedStore:
             "removed_segments": dead_records,
             "orphan_segments": orphans,
             "partial_files": len(partials),
+            "stale_versions": [str(d.relative_to(self.root)) for d in stale_dirs],
             "freed_bytes": freed,
             "dry_run": dry_run,
         }
+
+    def _unreferenced_versions(self) -> list[Path]:
+        """Generator and router versions that neither HEAD nor a snapshot uses (older ones, and
+        leftovers of crashed commits)."""
+        keep_commits = {self.head(), *(r["commit"] for r in self.snapshots().values())}
+        records = [self.commit_record(c) for c in keep_commits]
+        keep = {
+            self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(r.generator) for r in records
+        }
+        for r in records:
+            for name, meta in (r.routers or {}).items():
+                keep.add(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{meta['version']:016x}")
+        found = []
+        gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP
+        if gen_dir.is_dir():
+            found += [p for p in gen_dir.iterdir() if p.is_dir()]
+        router_dir = self.root / ZARR_DIR / ROUTERS_GROUP
+        if router_dir.is_dir():
+            found += [
+                v for n in router_dir.iterdir() if n.is_dir() for v in n.iterdir() if v.is_dir()
+            ]
+        return sorted(p for p in found if p not in keep)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-read every referenced chunk and check it; report problems, never raise for them."""
