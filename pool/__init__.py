@@ -1,8 +1,24 @@
-"""The pool: create and open stores, read rows, stage and commit deltas."""
+"""The pool: create and open stores, read rows, stage and commit deltas, and train rows as a
+layer of a model."""
 
 from dpsn.tiers import Commit, VerifyReport
 
 from ._api import create, open
+from ._layer import PoolLayer
+from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool, Prefetch
 
-__all__ = ["Commit", "Pool", "Prefetch", "VerifyReport", "create", "open"]
+__all__ = [
+    "ROW_OPTIMIZERS",
+    "Commit",
+    "Pool",
+    "PoolLayer",
+    "Prefetch",
+    "RowAdagrad",
+    "RowAdam",
+    "RowOptimizer",
+    "RowSGD",
+    "VerifyReport",
+    "create",
+    "open",
+]

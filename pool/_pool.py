@@ -73,6 +73,7 @@ class Pool:
         self._dtype = DTYPES[m.dtype]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._generator = self._load_generator(store.commit_record(commit).generator)
+        self._state_width = 0
         self._staging = Staging(m.dim, self._dtype)
         self._io = dict.fromkeys(("rows_from_disk", "bytes_from_disk", "rows_generated"), 0)
         if cache_rows is None:
@@ -81,13 +82,13 @@ class Pool:
             raise ValueError(f"cache_rows must be a non-negative int, got {cache_rows!r}")
         self._cache: DeviceCache | None = None
         if cache_rows:
-            columns = {"delta": (m.dim, self._dtype), "row": (m.dim, self._dtype)}
-            self._cache = DeviceCache(cache_rows, columns, device=self.device, policy=policy)
+            self._cache = self._make_cache(cache_rows, policy)
         self._lock = self._cache.mutex if self._cache else threading.RLock()
         self._stamp = self._generator_stamp()
         self._saved_stamp = self._stamp  # the weights as last committed
         self._routers: dict[str, torch.nn.Module] = {}
         self._step_slots: torch.Tensor | None = None
+        self._owner_slots: dict[int, torch.Tensor] = {}
         self._prefetcher: ThreadPoolExecutor | None = None
 
     def _load_generator(self, version: int) -> Generator:
@@ -177,28 +178,35 @@ class Pool:
 
     # -- where deltas come from ----------------------------------------------------------------
 
-    def _host_deltas(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    def _host_deltas(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Deltas of ``ids`` (any order, repeats allowed) from staging or disk: the positions in
-        ``ids`` that have one and their values (pool dtype, CPU). Rows without one cost nothing,
-        so a read of procedural rows allocates no zeros."""
-        staged, staged_values, dropped = self._staging.lookup(ids)
+        ``ids`` that have one, their values (pool dtype, CPU) and their row state. Rows without
+        a delta cost nothing, so a read of procedural rows allocates no zeros."""
+        staged, staged_values, staged_state, dropped = self._staging.lookup(ids)
         disk_pos = np.flatnonzero(~(staged | dropped))
-        found, values = self._store.read_deltas(self._index, ids[disk_pos])
+        found, values, state = self._store.read_deltas(
+            self._index, ids[disk_pos], state_width=self._state_width
+        )
         disk_pos = disk_pos[found]
         self._io["rows_from_disk"] += len(disk_pos)
-        self._io["bytes_from_disk"] += values.nbytes
-        disk_values = from_storage(values, self._dtype)
+        self._io["bytes_from_disk"] += values.nbytes + state.nbytes
+        disk_values, disk_state = from_storage(values, self._dtype), torch.from_numpy(state)
         if not staged.any():
-            return disk_pos, disk_values
-        return np.concatenate([disk_pos, np.flatnonzero(staged)]), torch.cat(
-            [disk_values, staged_values]
+            return disk_pos, disk_values, disk_state
+        return (
+            np.concatenate([disk_pos, np.flatnonzero(staged)]),
+            torch.cat([disk_values, staged_values]),
+            torch.cat([disk_state, staged_state]),
         )
 
-    def _dense_host_deltas(self, ids: np.ndarray) -> torch.Tensor:
-        out = torch.zeros((len(ids), self.dim), dtype=self._dtype)
-        pos, values = self._host_deltas(ids)
-        out[torch.from_numpy(pos)] = values
-        return out
+    def _dense_host_deltas(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = torch.zeros((len(ids), self.dim), dtype=self._dtype)
+        state = torch.zeros((len(ids), self._state_width), dtype=torch.float32)
+        pos, values, row_state = self._host_deltas(ids)
+        at = torch.from_numpy(pos)
+        delta[at] = values
+        state[at] = row_state
+        return delta, state
 
     def _materialize(self, ids: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """``base + delta`` in float32, cast once to the pool dtype (the one formula for rows)."""
@@ -207,13 +215,52 @@ class Pool:
         return (base + deltas.to(self.device, torch.float32)).to(self._dtype)
 
     def _fill(self, missing: torch.Tensor) -> dict[str, torch.Tensor]:
-        delta = self._dense_host_deltas(missing.numpy())
-        return {"delta": delta, "row": self._materialize(missing, delta)}
+        delta, state = self._dense_host_deltas(missing.numpy())
+        out = {"delta": delta, "row": self._materialize(missing, delta)}
+        if self._state_width:
+            out["state"] = state
+        return out
 
     def _write_back(self, ids: torch.Tensor, columns: dict[str, torch.Tensor]) -> None:
-        """A dirty row leaves the cache: its delta is staged, never lost."""
+        """A dirty row leaves the cache: its delta (and state) is staged, never lost."""
         order = torch.argsort(ids)
-        self._staging.put(ids[order].numpy(), columns["delta"][order])
+        state = columns["state"][order] if "state" in columns else None
+        self._staging.put(ids[order].numpy(), columns["delta"][order], state)
+
+    def _make_cache(self, capacity: int, policy: str) -> DeviceCache:
+        columns = {"delta": (self.dim, self._dtype), "row": (self.dim, self._dtype)}
+        if self._state_width:
+            columns["state"] = (self._state_width, torch.float32)
+        return DeviceCache(capacity, columns, device=self.device, policy=policy)
+
+    @property
+    def state_width(self) -> int:
+        return self._state_width
+
+    def enable_row_state(self, width: int) -> None:
+        """Keep ``width`` float32 values of state beside each row's delta (a row optimizer's):
+        cached on the device, staged, evicted and committed with the delta, and read back from
+        the store when a row's segment holds state of the same width (else zeros).
+
+        Changes since the last commit are kept; cached rows are written back and re-read."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ValueError(f"state width must be a non-negative int, got {width!r}")
+        with self._lock:
+            if width == self._state_width:
+                return
+            old = self._cache
+            if old is not None:
+                self._release_step()
+                self._owner_slots.clear()
+                ids, columns = old.dirty_rows()
+                if len(ids):
+                    self._write_back(ids, columns)
+            self._state_width = width
+            self._staging.set_state_width(width)
+            if old is not None:
+                self._cache = self._make_cache(old.capacity, old.policy.name)
+                self._cache.stats = old.stats
+                self._lock = self._cache.mutex
 
     # -- generator staleness -------------------------------------------------------------------
 
@@ -251,7 +298,7 @@ class Pool:
         full = as_ids(ids, self.rows)
         flat = full.reshape(-1)
         with self._lock:
-            out = self._dense_host_deltas(flat.numpy()).to(self.device)
+            out = self._dense_host_deltas(flat.numpy())[0].to(self.device)
             if self._cache is not None:
                 slots, hit = self._cache.find(flat.to(self.device))
                 out[hit] = self._cache.columns["delta"][slots[hit]]
@@ -272,7 +319,7 @@ class Pool:
         flat = full.reshape(-1)
         with self._lock:
             if self._cache is None:
-                pos, values = self._host_deltas(flat.numpy())
+                pos, values, _ = self._host_deltas(flat.numpy())
                 rows = self._generator(flat.to(self.device))
                 if len(pos):
                     sel = torch.from_numpy(pos).to(self.device)
@@ -294,6 +341,68 @@ class Pool:
         if self._trains_generator():
             return self._materialize(flat, cache.columns["delta"][slots])
         return cache.columns["row"][slots]
+
+    # -- the layer's path: paging in by owner, fused row updates -------------------------------
+
+    def _page_in(self, ids: torch.Tensor, owner: object) -> torch.Tensor:
+        """Slots of ``ids`` (1-D, validated), locked for ``owner``'s step in flight until that
+        owner pages in again. Several layers can share one pool without evicting each other's
+        rows between their forward and backward."""
+        cache = self._cache
+        if cache is None:
+            raise ValueError("a PoolLayer needs a pool with a cache (cache_rows > 0)")
+        with self._lock:
+            self._rematerialize_if_stale()
+            key = id(owner)
+            previous = self._owner_slots.pop(key, None)
+            if previous is not None:
+                cache.unlock(previous)
+            slots = cache.lookup(ids, self._fill, self._write_back)
+            cache.lock(slots)
+            self._owner_slots[key] = slots
+            return slots
+
+    @torch.no_grad()
+    def _apply_row_grads(self, ids: torch.Tensor, grads: torch.Tensor, optimizer: Any) -> None:
+        """One optimizer step on the deltas (and state) of unique ``ids`` with summed ``grads``.
+
+        Rows still cached are updated in place and become dirty; a row evicted between forward
+        and backward (possible only if its owner paged in again in between) is updated on the
+        host and staged, so no update is ever lost or applied to the wrong row."""
+        self._require_writable()
+        cache = self._cache
+        assert cache is not None
+        with self._lock:
+            slots, hit = cache.find(ids)
+            grads = grads.float()
+            if bool(hit.any()):
+                s = slots[hit]
+                delta = cache.columns["delta"][s].float()
+                state = (
+                    cache.columns["state"][s]
+                    if self._state_width
+                    else torch.empty((len(s), 0), device=self.device)
+                )
+                new_delta, new_state = optimizer.step(delta, grads[hit], state)
+                cache.columns["delta"][s] = new_delta.to(self._dtype)
+                if self._state_width:
+                    cache.columns["state"][s] = new_state
+                cache.columns["row"][s] = self._materialize(ids[hit], cache.columns["delta"][s])
+                cache.mark_dirty(s)
+            if not bool(hit.all()):
+                miss = ~hit
+                host_ids = ids[miss].cpu()
+                order = torch.argsort(host_ids)
+                host_ids = host_ids[order]
+                delta, state = self._dense_host_deltas(host_ids.numpy())
+                new_delta, new_state = optimizer.step(
+                    delta.float(), grads[miss].cpu()[order], state
+                )
+                self._staging.put(
+                    host_ids.numpy(),
+                    new_delta.to(self._dtype),
+                    new_state if self._state_width else None,
+                )
 
     def prefetch(self, ids: Any) -> Prefetch:
         """Page rows in ahead of the ``read`` that needs them, on a helper thread, while the
@@ -348,7 +457,7 @@ class Pool:
             if add:
                 summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32)
                 summed.index_add_(0, inv, values.float())
-                current = self._dense_host_deltas(uniq).float()
+                current = self._dense_host_deltas(uniq)[0].float()
                 if cache is not None and bool(hit_cpu.any()):
                     current[hit_cpu] = cache.columns["delta"][slots[hit]].cpu().float()
                 new = (current + summed).to(self._dtype)
@@ -367,7 +476,8 @@ class Pool:
                 cache.mark_dirty(s)
             if not bool(hit_cpu.all()):
                 miss = ~hit_cpu.numpy()
-                self._staging.put(uniq[miss], new[~hit_cpu].contiguous())
+                state = self._dense_host_deltas(uniq[miss])[1] if self._state_width else None
+                self._staging.put(uniq[miss], new[~hit_cpu].contiguous(), state)
 
     def drop(self, ids: Any) -> None:
         """Return rows to procedural at the next commit: their deltas are deleted."""
@@ -384,6 +494,7 @@ class Pool:
             self._staging.clear()
             if self._cache is not None:
                 self._release_step()
+                self._owner_slots.clear()
                 self._cache.clear()
 
     def commit(self, message: str = "") -> Commit:
@@ -415,6 +526,7 @@ class Pool:
                 st.ids,
                 to_storage(st.values),
                 st.drops,
+                state=st.state.numpy() if self._state_width else None,
                 message=message,
                 stats=self.stats(),
                 generator_state=generator_state,
@@ -511,6 +623,7 @@ class Pool:
             self._commit, self._index = commit, index
             if self._cache is not None:
                 self._release_step()
+                self._owner_slots.clear()
                 self._cache.clear()
         return commit
 
@@ -600,6 +713,8 @@ class Pool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _release_step(self) -> None:
+        """Unlock the rows of the read in flight (and, when the cache is reset, of every
+        layer's step)."""
         if self._step_slots is not None and self._cache is not None:
             self._cache.unlock(self._step_slots)
         self._step_slots = None

@@ -1,8 +1,9 @@
 """Uncommitted changes of a writable pool, held as sorted columns so that a batch of ids is
 looked up with one ``searchsorted`` (no dict, no loop per id).
 
-A staged row holds its *whole* delta (not an increment): reading it needs nothing from disk,
-and committing it is a plain overwrite. Dropped rows are kept apart as a sorted id set.
+A staged row holds its *whole* delta (not an increment) and its per-row state (e.g. a row
+optimizer's; ``state_width`` columns, zero when unused): reading it needs nothing from disk, and
+committing it is a plain overwrite. Dropped rows are kept apart as a sorted id set.
 """
 
 from __future__ import annotations
@@ -21,38 +22,50 @@ def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class Staging:
-    def __init__(self, dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, state_width: int = 0) -> None:
         self.dim = dim
         self.dtype = dtype
+        self.state_width = state_width
         self.clear()
 
     def clear(self) -> None:
         self.ids = _NO_IDS
         self.values = torch.empty((0, self.dim), dtype=self.dtype)
+        self.state = torch.empty((0, self.state_width), dtype=torch.float32)
         self.drops = _NO_IDS
+
+    def set_state_width(self, width: int) -> None:
+        """Change the per-row state width; staged rows keep their deltas, their state resets."""
+        self.state_width = width
+        self.state = torch.zeros((len(self.ids), width), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.ids) + len(self.drops)
 
-    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-        """For unique ``ids``: mask of staged ones, their values, mask of staged drops."""
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]:
+        """For ``ids``: mask of staged ones, their values and state, mask of staged drops."""
         pos, staged = _member(self.ids, ids)
         _, dropped = _member(self.drops, ids)
-        return staged, self.values[torch.from_numpy(pos[staged])], dropped
+        sel = torch.from_numpy(pos[staged])
+        return staged, self.values[sel], self.state[sel], dropped
 
-    def put(self, ids: np.ndarray, values: torch.Tensor) -> None:
-        """Stage whole deltas for sorted unique ``ids``."""
+    def put(self, ids: np.ndarray, values: torch.Tensor, state: torch.Tensor | None = None) -> None:
+        """Stage whole deltas (and state; zeros if None) for sorted unique ``ids``."""
+        if state is None:
+            state = torch.zeros((len(ids), self.state_width), dtype=torch.float32)
         pos, present = _member(self.ids, ids)
         if present.any():
-            self.values[torch.from_numpy(pos[present])] = values[torch.from_numpy(present)]
+            at, src = torch.from_numpy(pos[present]), torch.from_numpy(present)
+            self.values[at] = values[src]
+            self.state[at] = state[src]
         new = ~present
         if new.any():
             all_ids = np.concatenate([self.ids, ids[new]])
-            order = np.argsort(all_ids, kind="stable")
-            self.ids = all_ids[order]
-            self.values = torch.cat([self.values, values[torch.from_numpy(new)]])[
-                torch.from_numpy(order)
-            ]
+            order = torch.from_numpy(np.argsort(all_ids, kind="stable"))
+            src = torch.from_numpy(new)
+            self.ids = all_ids[order.numpy()]
+            self.values = torch.cat([self.values, values[src]])[order]
+            self.state = torch.cat([self.state, state[src]])[order]
         _, undrop = _member(self.drops, ids)
         if undrop.any():
             self.drops = np.setdiff1d(self.drops, ids, assume_unique=True)
@@ -63,4 +76,5 @@ class Staging:
             keep = ~np.isin(self.ids, ids)
             self.ids = self.ids[keep]
             self.values = self.values[torch.from_numpy(keep)]
+            self.state = self.state[torch.from_numpy(keep)]
         self.drops = np.union1d(self.drops, ids)

@@ -51,6 +51,7 @@ GENERATOR_GROUP = "generator"
 SEGMENT_IDS = "ids"  # int64 [n], sorted, unique: the rows written by the commit
 SEGMENT_DELTAS = "deltas"  # [n, dim] in the store dtype (bf16 stored as uint16)
 SEGMENT_DROPS = "drops"  # int64 [m], sorted: rows the commit returned to procedural
+SEGMENT_STATE = "state"  # float32 [n, w], optional: per-row state (e.g. a row optimizer's)
 
 
 def u64_key(value: int) -> bytes:

@@ -59,6 +59,7 @@ from ._format import (
     ROW_VALUE_DTYPE,
     SEGMENT_DROPS,
     SEGMENT_IDS,
+    SEGMENT_STATE,
     ZARR_DIR,
     Manifest,
     fsync_tree,
@@ -555,6 +556,7 @@ class PersistedStore:
         stats: dict[str, Any] | None = None,
         generator_state: dict[str, np.ndarray] | None = None,
         routers: dict[str, str] | None = None,
+        state: np.ndarray | None = None,
     ) -> tuple[Commit, RowIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
@@ -587,6 +589,7 @@ class PersistedStore:
                 drops,
                 # A small commit gets one tight chunk instead of a mostly-padding one.
                 chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
+                state=state,
             )
         gen_version, gen_record = parent.generator, None
         if generator_state is not None:
@@ -656,14 +659,18 @@ class PersistedStore:
 
     # -- reading deltas ------------------------------------------------------------------------
 
-    def read_deltas(self, index: RowIndex, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Committed deltas of ``ids`` (unique, any order) under ``index``: a mask of which ids
-        have one, and their rows (storage dtype) in the order of ``ids[mask]``."""
+    def read_deltas(
+        self, index: RowIndex, ids: np.ndarray, *, state_width: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Committed deltas of ``ids`` (any order, repeats allowed) under ``index``: a mask of
+        which ids have one, their rows (storage dtype) in the order of ``ids[mask]``, and their
+        per-row state ``[n, state_width]`` (zeros where a segment holds none of that width)."""
         pos, found = index.find(ids)
         pos = pos[found]
         out = np.empty((len(pos), self.manifest.dim), dtype=self.storage_dtype)
+        state = np.zeros((len(pos), state_width), dtype="<f4")
         if len(pos) == 0:
-            return found, out
+            return found, out, state
         seg = index.segment[pos]
         off = index.offset[pos]
         order = np.lexsort((off, seg))  # group by segment, offsets ascending within each
@@ -674,7 +681,9 @@ class PersistedStore:
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             rec = self.segment_record(int(seg_sorted[a]))
             out[order[a:b]] = self.segments.gather(rec, off_sorted[a:b])
-        return found, out
+            if state_width and rec.state_width == state_width:
+                state[order[a:b]] = self.segments.gather(rec, off_sorted[a:b], SEGMENT_STATE)
+        return found, out, state
 
     # -- maintenance ---------------------------------------------------------------------------
 

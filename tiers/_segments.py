@@ -31,6 +31,7 @@ from ._format import (
     SEGMENT_DELTAS,
     SEGMENT_DROPS,
     SEGMENT_IDS,
+    SEGMENT_STATE,
     SEGMENTS_GROUP,
     fsync_dir,
     fsync_tree,
@@ -70,6 +71,7 @@ class SegmentRecord:
     checksums: dict[str, list[int]]
     raw_bytes: int
     stored_bytes: int
+    state_width: int = 0
 
     @property
     def name(self) -> str:
@@ -86,6 +88,7 @@ class SegmentRecord:
             "checksums": self.checksums,
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.stored_bytes,
+            "state_width": self.state_width,
         }
 
     @classmethod
@@ -100,6 +103,7 @@ class SegmentRecord:
             checksums={k: [int(c) for c in v] for k, v in raw["checksums"].items()},
             raw_bytes=int(raw["raw_bytes"]),
             stored_bytes=int(raw["stored_bytes"]),
+            state_width=int(raw.get("state_width", 0)),
         )
 
 
@@ -129,6 +133,7 @@ class SegmentStore:
         drops: np.ndarray,
         *,
         chunk_rows: int,
+        state: np.ndarray | None = None,
     ) -> SegmentRecord:
         """Write a segment durably. The caller holds the writer lock and has not yet published
         ``segment_id`` in LMDB, so any directory of that name is a crashed commit's leftover."""
@@ -144,6 +149,11 @@ class SegmentStore:
                 SEGMENT_DELTAS: (deltas.astype(self.storage_dtype, copy=False), (chunk_rows, dim)),
                 SEGMENT_DROPS: (drops.astype("<i8", copy=False), (DROPS_CHUNK,)),
             }
+            if state is not None and state.shape[1] > 0:
+                arrays[SEGMENT_STATE] = (
+                    state.astype("<f4", copy=False),
+                    (chunk_rows, state.shape[1]),
+                )
             checksums: dict[str, list[int]] = {}
             for key, (data, chunks) in arrays.items():
                 arr = root.create_array(
@@ -177,6 +187,7 @@ class SegmentStore:
             checksums=checksums,
             raw_bytes=raw,
             stored_bytes=dir_bytes(path),
+            state_width=0 if state is None else int(state.shape[1]),
         )
 
     def remove(self, segment_id: int) -> int:
@@ -227,8 +238,11 @@ class SegmentStore:
             data = np.ascontiguousarray(arr[lo:hi])
         except Exception as e:
             raise self._damage(rec, key, chunk_lo, chunk_hi, f"cannot be decoded ({e})") from e
-        want_dtype = self.storage_dtype if key == SEGMENT_DELTAS else np.dtype("<i8")
-        if data.dtype != want_dtype or (key == SEGMENT_DELTAS and data.shape[1:] != (rec.dim,)):
+        want_dtype, want_tail = {
+            SEGMENT_DELTAS: (self.storage_dtype, (rec.dim,)),
+            SEGMENT_STATE: (np.dtype("<f4"), (rec.state_width,)),
+        }.get(key, (np.dtype("<i8"), ()))
+        if data.dtype != want_dtype or data.shape[1:] != want_tail:
             raise self._damage(rec, key, chunk_lo, chunk_hi, "has the wrong dtype or shape")
         for c in range(chunk_lo, chunk_hi):
             piece = data[(c - chunk_lo) * step : (c - chunk_lo + 1) * step]
@@ -261,14 +275,19 @@ class SegmentStore:
             return np.empty((0,), dtype="<i8")
         return self._read_span(rec, key, 0, -(-n // step))
 
-    def gather(self, rec: SegmentRecord, offsets: np.ndarray) -> np.ndarray:
-        """Rows at sorted ``offsets`` of a segment's deltas: whole chunks are read in contiguous
-        runs (one zarr call per run, never per row) and sliced in numpy."""
+    def gather(
+        self, rec: SegmentRecord, offsets: np.ndarray, key: str = SEGMENT_DELTAS
+    ) -> np.ndarray:
+        """Rows at sorted ``offsets`` of a segment's deltas (or state): whole chunks are read in
+        contiguous runs (one zarr call per run, never per row) and sliced in numpy."""
         cr = rec.chunk_rows
         chunks = np.unique(offsets // cr)
-        out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
+        if key == SEGMENT_STATE:
+            out = np.empty((len(offsets), rec.state_width), dtype="<f4")
+        else:
+            out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
         for lo, hi in _runs(chunks):
-            block = self._read_span(rec, SEGMENT_DELTAS, lo, hi)
+            block = self._read_span(rec, key, lo, hi)
             a, b = np.searchsorted(offsets, [lo * cr, hi * cr])
             out[a:b] = block[offsets[a:b] - lo * cr]
         return out

@@ -1,0 +1,117 @@
+"""Sparse row optimizers, applied inside the backward pass to the rows a step used.
+
+The state of a row lives beside its delta (a cache column, staged and committed with it), so
+training resumes exactly after a reopen. Following FBGEMM's TBE optimizers, the second moment
+is kept per row (one scalar), not per element: it halves the state and, for rows that are
+updated rarely and in bursts, adapts as well (Gupta et al., "Shampoo"/row-wise AdaGrad as used
+for embedding tables). All updates are pure tensor functions of (delta, grad, state), one batch
+of unique rows at a time, computed in float32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+
+class RowOptimizer(ABC):
+    """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, lr: float) -> None:
+        if not lr > 0:
+            raise ValueError(f"row learning rate must be positive, got {lr}")
+        self.lr = float(lr)
+
+    @abstractmethod
+    def state_width(self, dim: int) -> int: ...
+
+    @abstractmethod
+    def step(
+        self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the new (delta, state). Inputs are float32 and must not be modified."""
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr}
+
+
+class RowSGD(RowOptimizer):
+    name = "sgd"
+
+    def __init__(self, *, lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+
+    def state_width(self, dim: int) -> int:
+        return 0
+
+    def step(self, delta, grad, state):
+        return delta - self.lr * grad, state
+
+
+class RowAdagrad(RowOptimizer):
+    """Row-wise AdaGrad: ``G += mean(g^2)``, ``delta -= lr * g / (sqrt(G) + eps)``."""
+
+    name = "adagrad"
+
+    def __init__(self, *, lr: float = 0.05, eps: float = 1e-8) -> None:
+        super().__init__(lr=lr)
+        self.eps = eps
+
+    def state_width(self, dim: int) -> int:
+        return 1
+
+    def step(self, delta, grad, state):
+        g2 = state[:, :1] + grad.pow(2).mean(dim=1, keepdim=True)
+        return delta - self.lr * grad / (g2.sqrt() + self.eps), g2
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "eps": self.eps}
+
+
+class RowAdam(RowOptimizer):
+    """Adam with an element-wise first moment and a row-wise second moment (FBGEMM's
+    partial row-wise Adam). Bias correction uses each row's own step count, since rows are
+    updated at different times. State per row: ``[m (dim) | v | t]``."""
+
+    name = "adam"
+
+    def __init__(
+        self, *, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        super().__init__(lr=lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = eps
+
+    def state_width(self, dim: int) -> int:
+        return dim + 2
+
+    def step(self, delta, grad, state):
+        dim = grad.shape[1]
+        b1, b2 = self.betas
+        m = b1 * state[:, :dim] + (1 - b1) * grad
+        v = b2 * state[:, dim : dim + 1] + (1 - b2) * grad.pow(2).mean(dim=1, keepdim=True)
+        t = state[:, dim + 1 : dim + 2] + 1
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        new = delta - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return new, torch.cat([m, v, t], dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "betas": list(self.betas), "eps": self.eps}
+
+
+ROW_OPTIMIZERS: dict[str, type[RowOptimizer]] = {
+    cls.name: cls for cls in (RowSGD, RowAdagrad, RowAdam)
+}
+
+
+def make_row_optimizer(spec: str | RowOptimizer, **kwargs: Any) -> RowOptimizer:
+    if isinstance(spec, RowOptimizer):
+        return spec
+    if spec not in ROW_OPTIMIZERS:
+        raise ValueError(f"unknown row optimizer {spec!r}; known: {sorted(ROW_OPTIMIZERS)}")
+    return ROW_OPTIMIZERS[spec](**kwargs)

@@ -1,0 +1,178 @@
+"""PoolLayer: routing, the fused sparse row update, exact resume, the frozen-generator
+guarantee."""
+
+import pytest
+import torch
+
+import dpsn
+from dpsn.pool import PoolLayer, RowAdagrad, RowAdam
+
+D_IN, D_OUT = 8, 6
+SMALL = {"kind": "hashed_slices", "memory_size": 2048}
+
+
+def make(path, cache_rows=512, **kw):
+    pool = dpsn.create(
+        path, rows=10**9, dim=D_IN + D_OUT, seed=5, generator=SMALL, cache_rows=cache_rows
+    )
+    layer = PoolLayer(pool, D_IN, D_OUT, k=4, **kw)
+    return pool, layer
+
+
+def batches(n, seed=0, tokens=16):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D_IN, D_OUT, generator=g)
+    for _ in range(n):
+        x = torch.randn(tokens, D_IN, generator=g)
+        yield x, torch.tanh(x @ w)
+
+
+def train(layer, opt, data):
+    losses, used = [], []
+    for x, y in data:
+        loss = ((layer(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        used.append(layer.last_route.ids[layer.last_route.mask])
+    return losses, torch.unique(torch.cat(used))
+
+
+def test_output_shape_and_gradients_reach_the_router(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    x = torch.randn(2, 3, D_IN, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, D_OUT)
+    y.square().sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    pool.close()
+
+
+def test_training_updates_only_used_rows_and_learns(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    probe = torch.randint(0, 10**9, (400,))
+    before = pool.read(probe).clone()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses, used = train(layer, opt, batches(60))
+    assert sum(losses[-10:]) < sum(losses[:10])
+    after = pool.read(probe)
+    untouched = ~torch.isin(probe, used)
+    assert untouched.sum() > 200
+    assert torch.equal(after[untouched], before[untouched])  # bit-identical
+    assert torch.equal(pool.read(probe[untouched]), pool.base(probe[untouched]))
+    assert not torch.equal(pool.delta(used), torch.zeros(len(used), D_IN + D_OUT))
+    pool.close()
+
+
+@pytest.mark.parametrize("row_optimizer", ["adam", "adagrad", "sgd"])
+def test_resume_after_commit_matches_an_uninterrupted_run_bit_for_bit(tmp_path, row_optimizer):
+    n, m = 12, 10
+    # a cache smaller than the working set, so evictions and write-backs happen too
+    pool, layer = make(tmp_path / "a", cache_rows=96, row_optimizer=row_optimizer)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    data = list(batches(n + m, seed=1))
+    full_losses, used = train(layer, opt, data)
+    assert pool.stats()["evictions"] > 0 and pool.stats()["writebacks"] > 0
+    full_deltas = pool.delta(used).clone()
+
+    pool2, layer2 = make(tmp_path / "b", cache_rows=96, row_optimizer=row_optimizer)
+    opt2 = torch.optim.Adam(layer2.parameters(), lr=1e-2)
+    first, _ = train(layer2, opt2, data[:n])
+    layer2.commit("checkpoint")
+    dense, opt_state = layer2.state_dict(), opt2.state_dict()
+    pool2.close()
+
+    pool3 = dpsn.open(tmp_path / "b", mode="r+", cache_rows=96)
+    layer3 = PoolLayer(pool3, D_IN, D_OUT, k=4, row_optimizer=row_optimizer)
+    layer3.load_state_dict(dense)
+    opt3 = torch.optim.Adam(layer3.parameters(), lr=1e-2)
+    opt3.load_state_dict(opt_state)
+    second, _ = train(layer3, opt3, data[n:])
+    assert first + second == full_losses
+    assert torch.equal(pool3.delta(used), full_deltas)
+    layer3.commit("done")
+    for p in (pool, pool3):
+        p.close()
+
+
+def test_router_is_saved_with_commits(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    x = torch.randn(5, D_IN)
+    ids = layer.router(x).ids
+    layer.commit("with router")
+    pool.close()
+    with dpsn.open(tmp_path / "s") as r:
+        assert torch.equal(r.load_router("router")(x).ids, ids)
+
+
+def test_state_dict_holds_no_rows(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    sd = layer.state_dict()
+    assert sd["_extra_state"]["store"] == str(pool.path)
+    tensors = {k: t for k, t in sd.items() if torch.is_tensor(t)}
+    assert set(tensors) == {f"router.{k}" for k in layer.router.state_dict()}  # no rows
+    other, other_layer = make(tmp_path / "t")
+    with pytest.raises(ValueError, match="belongs to the store"):
+        other_layer.load_state_dict(sd)
+    pool.close()
+    other.close()
+
+
+def test_train_generator_opt_in_trains_and_commits_the_generator(tmp_path):
+    pool, layer = make(tmp_path / "s", train_generator=True)
+    assert any(p is pool.generator.memory for p in layer.parameters())
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    before = pool.generator.memory.detach().clone()
+    train(layer, opt, batches(5))
+    assert not torch.equal(pool.generator.memory.detach(), before)
+    c = layer.commit("generator trained")
+    assert c.generator == c.id
+    pool.close()
+
+
+def test_rows_evicted_between_forward_and_backward_are_updated_on_the_host(tmp_path):
+    pool, layer = make(tmp_path / "s", cache_rows=64, row_optimizer="sgd", row_lr=0.1)
+    x1, x2 = torch.randn(16, D_IN), torch.randn(16, D_IN)
+    y1 = layer(x1)
+    used = layer.last_route.ids[layer.last_route.mask].unique()
+    layer(x2)  # the same owner pages in again: x1's rows may be evicted now
+    before = pool.delta(used).clone()
+    y1.square().sum().backward()
+    assert not torch.equal(pool.delta(used), before)  # every used row got its update
+    pool.close()
+
+
+def test_autocast_bfloat16(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, D_IN))
+    y.float().sum().backward()
+    pool.close()
+
+
+def test_bad_configuration(tmp_path):
+    pool = dpsn.create(tmp_path / "s", rows=100, dim=10, generator=SMALL)
+    with pytest.raises(ValueError, match="must be 14"):
+        PoolLayer(pool, D_IN, D_OUT)
+    with pytest.raises(ValueError, match="expected inputs"):
+        PoolLayer(pool, 4, 6, k=2)(torch.randn(3, 5))
+    pool.close()
+    nocache = dpsn.create(tmp_path / "n", rows=100, dim=14, generator=SMALL, cache_rows=0)
+    with pytest.raises(ValueError, match="cache"):
+        PoolLayer(nocache, D_IN, D_OUT)
+    nocache.close()
+
+
+def test_row_optimizers_follow_their_formulas():
+    delta, grad = torch.zeros(2, 3), torch.tensor([[1.0, 2, 3], [0, 0, 1]])
+    new, state = RowAdagrad(lr=0.5).step(delta, grad, torch.zeros(2, 1))
+    g2 = grad.pow(2).mean(1, keepdim=True)
+    assert torch.allclose(new, -0.5 * grad / g2.sqrt()) and torch.allclose(state, g2)
+    adam = RowAdam(lr=0.1)
+    new, state = adam.step(delta, grad, torch.zeros(2, 5))
+    # first Adam step: m_hat = g, v_hat = mean(g^2)
+    assert torch.allclose(new, -0.1 * grad / (g2.sqrt() + 1e-8), atol=1e-6)
+    assert torch.equal(state[:, 4], torch.ones(2))
