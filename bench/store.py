@@ -86,7 +86,7 @@ def main() -> None:
         # LMDB refuses a second open of one environment per process: raw first, then dpsn.
         t_raw = best_of(lambda: raw_read(tmp / "s", sample, dim, chunk_rows), repeat=3)
         raw_rows = raw_read(tmp / "s", sample, dim, chunk_rows)
-        reader = dpsn.open(tmp / "s")
+        reader = dpsn.open(tmp / "s", cache_rows=0)  # the store path itself, no device cache
         t_delta = best_of(lambda: reader.delta(sample), repeat=3)
         t_read = best_of(lambda: reader.read(sample), repeat=3)
         assert np.array_equal(reader.delta(sample).numpy(), raw_rows)
@@ -112,7 +112,7 @@ def main() -> None:
         t_gather = best_of(lambda: torch.index_select(dense, 0, idx, out=out))
         proc_rows = [("torch.index_select (dense 1M x dim)", batch / t_gather, 1.0)]
         for kind in ("hashed_slices", "rf_mlp"):
-            p = dpsn.create(tmp / kind, rows=10**12, dim=dim, generator=kind)
+            p = dpsn.create(tmp / kind, rows=10**12, dim=dim, generator=kind, cache_rows=0)
             vids = torch.from_numpy(rng.integers(0, 10**12, batch))
             t_gen = best_of(lambda p=p, vids=vids: p.generator(vids), repeat=3)
             t_pool = best_of(lambda p=p, vids=vids: p.read(vids), repeat=3)
