@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Commit": "dpsn.pool",
     "Pool": "dpsn.pool",
+    "PoolLayer": "dpsn.pool",
     "Prefetch": "dpsn.pool",
     "VerifyReport": "dpsn.pool",
     "create": "dpsn.pool",
@@ -48,6 +49,7 @@ __all__ = [
     "Commit",
     "DpsnError",
     "Pool",
+    "PoolLayer",
     "Prefetch",
     "VerifyReport",
     "__version__",
