@@ -29,7 +29,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from dpsn.pool import Commit, Pool, Prefetch, VerifyReport, create, open
+    from dpsn.pool import Commit, Pool, PoolLayer, Prefetch, VerifyReport, create, open
 
 
 def __getattr__(name: str) -> Any:
