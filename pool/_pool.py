@@ -695,10 +695,12 @@ class Pool:
                 report.problems.append(f"router {name!r}: {e}")
         return report
 
-    def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
+    def gc(
+        self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         """Delete what no commit at HEAD and no snapshot needs. Needs ``mode="r+"``."""
         self._require_writable()
-        return self._store.gc(dry_run=dry_run)
+        return self._store.gc(dry_run=dry_run, progress=progress)
 
     def segments_total(self) -> int:
         return len(self._store.segment_records())

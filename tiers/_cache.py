@@ -157,7 +157,12 @@ class DeviceCache:
             self._evict(victims, evict)
         values = fill(missing.cpu())
         for name, col in self.columns.items():
-            col[victims] = values[name].to(self.device, col.dtype, non_blocking=True)
+            value = values[name]
+            if self.device.type == "cuda" and value.device.type == "cpu":
+                # Pinned staging makes the host-to-device copy truly asynchronous, so a
+                # prefetch on a side stream overlaps the step computing on the main one.
+                value = value.pin_memory()
+            col[victims] = value.to(self.device, col.dtype, non_blocking=True)
         self.slot_ids[victims] = missing
         self.dirty[victims] = False
         self._index_insert(missing, victims)

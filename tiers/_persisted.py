@@ -687,9 +687,12 @@ class PersistedStore:
 
     # -- maintenance ---------------------------------------------------------------------------
 
-    def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
+    def gc(
+        self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         """Remove segments that neither HEAD nor a snapshot references, leftovers of crashed
-        commits, and zarr ``.partial`` files. Needs the writer lock."""
+        commits, and zarr ``.partial`` files. Needs the writer lock. ``progress(done, total)``
+        is called as segments are removed."""
         self._require_writer()
         _, head_index = self.load_head()
         live = set(head_index.segments().tolist())
@@ -714,8 +717,11 @@ class PersistedStore:
                         txn.delete(u64_key(s), db=self._env.dbs[DB_SEGMENTS])
 
                 self._env.write(forget)
-            for s in dead_records + orphans:
+            doomed = dead_records + orphans
+            for done, s in enumerate(doomed, 1):
                 freed += self.segments.remove(s)
+                if progress is not None:
+                    progress(done, len(doomed))
             for p in partials:
                 freed += p.stat().st_size
                 p.unlink(missing_ok=True)

@@ -225,7 +225,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from ._format import human_bytes
 
     with dpsn.open(args.path, mode="r+") as pool:
-        result = pool.gc(dry_run=args.dry_run)
+        bar = _progress(0, "gc")
+        with bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = pool.gc(dry_run=args.dry_run, progress=progress)
     if args.json:
         _print_json(result)
     else:
