@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "Backend", "FlatL2Index", "faiss_gpu_available", "index_from_bytes"]
+__all__ = ["BACKENDS", "Backend", "FlatL2Index", "faiss_gpu_available", "index_to_bytes"]
 
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
@@ -33,14 +33,13 @@ def faiss_gpu_available() -> bool:
 
 
 def index_to_bytes(index: faiss.Index) -> np.ndarray:
-    """``faiss.serialize_index`` as a uint8 array (what the persisted store holds)."""
+    """``faiss.serialize_index`` as a uint8 array (what the persisted store holds).
+
+    Stored blobs are never deserialised: a router rebuilds its index from its digest-checked
+    buffers and compares the bytes (see ``load_extra_arrays``), so a crafted blob cannot reach
+    faiss's C++ parser.
+    """
     return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
-
-
-def index_from_bytes(blob: np.ndarray) -> faiss.Index:
-    """Inverse of :func:`index_to_bytes`. The caller must have checked the blob's digest:
-    faiss accepts byte-corrupted buffers without complaint."""
-    return faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
 
 
 def _use_torch(q: Tensor, backend: str) -> bool:

@@ -17,15 +17,14 @@ Axes used throughout: T inputs, K = k_max candidates per input, H heads, D dense
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ._budget import SIGNALS, Budget
+from ._budget import SIGNALS, Budget, BudgetSignal
 from ._errors import RouterConfigError, RouterInputError
 from ._topk import merge_topk
 from ._usage import UsageCounter
@@ -99,8 +98,9 @@ class Router(nn.Module, ABC):
         num_rows: int,
         k: int,
         k_min: int | None = None,
-        budget: str = "auto",
+        budget: BudgetSignal | Literal["auto"] = "auto",
         temperature: float = 1.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(d_in, int) or d_in < 1:
@@ -124,8 +124,13 @@ class Router(nn.Module, ABC):
         self.k_max = k
         self.k_min = k_min
         self.budget = Budget(
-            k_min=k_min, k_max=k, signal=budget, d_in=d_in, temperature=temperature
-        )  # type: ignore[arg-type]
+            k_min=k_min,
+            k_max=k,
+            signal=budget,  # type: ignore[arg-type]
+            d_in=d_in,
+            temperature=temperature,
+            seed=seed,
+        )
         self.usage_counter = UsageCounter(num_rows)
         self.track_usage = True
         self._config: dict[str, Any] = {
@@ -242,16 +247,23 @@ class Router(nn.Module, ABC):
         """Spread budgets evenly over [k_min, k_max] on inputs like ``x_sample``.
 
         Routes the sample (without counting usage) and stores the quantiles of the budget signal
-        (see ``_budget``). A no-op for a fixed budget; refused for a learned one.
+        (see ``_budget``). A no-op for a fixed budget; refused for a learned one. The sample is
+        routed in eval mode, so a query batch norm's running statistics are left as they were
+        (and the budget is calibrated on the scores routing will actually produce).
         """
         if self.budget.signal == "fixed":
             return
         x = self.check_input(x_sample)
-        raws = []
-        for s in range(0, x.shape[0], batch):
-            xb = x[s : s + batch]
-            _, scores, novelty, _ = self._candidates(xb)
-            raws.append(self.budget.raw(xb, scores.detach(), novelty))
+        was_training = self.training
+        self.eval()
+        try:
+            raws = []
+            for s in range(0, x.shape[0], batch):
+                xb = x[s : s + batch]
+                _, scores, novelty, _ = self._candidates(xb)
+                raws.append(self.budget.raw(xb, scores.detach(), novelty))
+        finally:
+            self.train(was_training)
         self.budget.calibrate(torch.cat(raws))
 
     # -- statistics and persistence hooks -----------------------------------------------------
@@ -282,8 +294,3 @@ class Router(nn.Module, ABC):
 
     def load_extra_arrays(self, arrays: dict[str, Any]) -> None:
         """Restore what :meth:`extra_arrays` returned."""
-
-    @staticmethod
-    def _ceil_sqrt(n: int) -> int:
-        r = math.isqrt(n)
-        return r if r * r == n else r + 1

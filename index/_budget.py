@@ -42,10 +42,25 @@ SIGNALS: tuple[str, ...] = ("fixed", "entropy", "novelty", "learned")
 _QUANTILES = 65  # points of the stored empirical CDF
 
 
+def _seeded_linear(d_in: int, d_out: int, seed: int) -> nn.Linear:
+    """``nn.Linear`` with PyTorch's default init drawn from ``seed``, not the global RNG.
+
+    DESIGN: routing is a pure function of the router's state and no global RNG state is
+    consulted; ``nn.Linear(...)`` would both read and advance ``torch``'s global generator.
+    """
+    lin = torch.nn.utils.skip_init(nn.Linear, d_in, d_out)
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(d_in)
+    with torch.no_grad():
+        lin.weight.copy_(torch.rand(d_out, d_in, generator=g) * 2 * bound - bound)
+        lin.bias.copy_(torch.rand(d_out, generator=g) * 2 * bound - bound)
+    return lin
+
+
 class Budget(nn.Module):
     """Maps a per-input complexity signal to a row budget ``k`` in ``[k_min, k_max]``.
 
-    Axes: T inputs, K = k_max candidates.
+    Axes: T inputs, K = k_max candidates. ``seed`` draws the learned head's initial weights.
     """
 
     def __init__(
@@ -56,6 +71,7 @@ class Budget(nn.Module):
         signal: BudgetSignal,
         d_in: int,
         temperature: float = 1.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not 1 <= k_min <= k_max:
@@ -68,7 +84,7 @@ class Budget(nn.Module):
         self.k_max = int(k_max)
         self.signal = signal
         self.temperature = float(temperature)
-        self.head = nn.Linear(d_in, 1) if signal == "learned" else None
+        self.head = _seeded_linear(d_in, 1, seed) if signal == "learned" else None
         self.register_buffer("quantiles", torch.zeros(_QUANTILES))
         self.register_buffer("calibrated", torch.tensor(False))
         self.reset_counters()

@@ -25,7 +25,7 @@ random and never trained, so it never drifts; the product sub-keys are searched 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -34,7 +34,8 @@ from torch import Tensor
 
 from dpsn.errors import CorruptStoreError
 
-from ._backend import _use_torch, index_from_bytes, index_to_bytes
+from ._backend import Backend, _use_torch, index_to_bytes
+from ._budget import BudgetSignal
 from ._errors import RouterConfigError
 from ._regions import RegionRouter
 
@@ -71,7 +72,7 @@ class LSHRouter(RegionRouter):
         d_key: int | None = None,
         region_weight: float = 4.0,
         k_min: int | None = None,
-        budget: str = "auto",
+        budget: BudgetSignal | Literal["auto"] = "auto",
         temperature: float = 1.0,
         query_batchnorm: bool = False,
         seed: int = 0,
@@ -79,7 +80,7 @@ class LSHRouter(RegionRouter):
         refresh_every: int = 1000,
         drift_tol: float = 0.1,
         max_elems: int = 1 << 22,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         nbits = default_nbits(num_rows, k) if nbits is None else int(nbits)
         if not 1 <= nbits <= 62:
@@ -100,12 +101,11 @@ class LSHRouter(RegionRouter):
             seed=seed,
             max_elems=max_elems,
             backend=backend,
+            refresh_every=refresh_every,
+            drift_tol=drift_tol,
         )
         self.nbits = nbits
-        self.seed = seed
         self.threshold_rate = threshold_rate
-        self.refresh_every = refresh_every
-        self.drift_tol = drift_tol
         self.register_buffer("proj", torch.zeros(nbits, d_in))  # A, copied from faiss
         self.register_buffer("thresholds", torch.zeros(nbits))  # indexed (routing)
         self.register_buffer("live_thresholds", torch.zeros(nbits))  # tracked online
@@ -114,12 +114,7 @@ class LSHRouter(RegionRouter):
         self._index: faiss.IndexLSH | None = None
         # buffers replaced wholesale (load_state_dict): rebuild the FAISS index from them
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_index", None))
-        self._config.update(
-            nbits=nbits,
-            threshold_rate=threshold_rate,
-            refresh_every=refresh_every,
-            drift_tol=drift_tol,
-        )
+        self._config.update(nbits=nbits, threshold_rate=threshold_rate)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -141,10 +136,7 @@ class LSHRouter(RegionRouter):
         self.live_thresholds.copy_(self.thresholds)
         margins = xn @ a.T - thr
         self.scale.fill_(max(float(np.abs(margins).mean()), 1e-12))
-        self.fitted.fill_(True)
-        self.updates_since_refresh.zero_()
-        if self.budget.signal in ("entropy", "novelty"):
-            self.calibrate_budget(x)
+        self._after_fit(x)
         return self
 
     @torch.no_grad()
@@ -158,7 +150,7 @@ class LSHRouter(RegionRouter):
         x = self.check_input(x)
         above = (x @ self.proj.T > self.live_thresholds).to(x.dtype).mean(0)  # [nbits]
         self.live_thresholds.add_(self.threshold_rate * self.scale * (2 * above - 1))
-        return self._after_update(refresh_every=self.refresh_every, drift_tol=self.drift_tol)
+        return self._after_update()
 
     @torch.no_grad()
     def drift(self) -> float:
@@ -246,21 +238,19 @@ class LSHRouter(RegionRouter):
         return {"faiss_lsh": index_to_bytes(self._faiss_index())}
 
     def load_extra_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Check the stored FAISS index against the buffers, without deserialising it.
+
+        The index is a function of ``proj`` and ``thresholds``: it is rebuilt from those
+        (digest-checked) buffers and its serialisation compared byte for byte with the stored
+        blob, so no bytes from the store ever reach faiss's parser.
+        """
         if not bool(self.fitted):
             return
         if "faiss_lsh" not in arrays:
             raise CorruptStoreError("stored LSH router lacks its FAISS index 'faiss_lsh'")
-        index = index_from_bytes(arrays["faiss_lsh"])
-        ok = isinstance(index, faiss.IndexLSH) and index.nbits == self.nbits
-        if ok:
-            a = faiss.vector_to_array(index.rrot.A).reshape(self.nbits, self.d_in)
-            thr = faiss.vector_to_array(index.thresholds)
-            ok = np.array_equal(a, self.proj.detach().float().cpu().numpy()) and np.array_equal(
-                thr, self.thresholds.detach().float().cpu().numpy()
-            )
-        if not ok:
+        self._index = None
+        if not np.array_equal(index_to_bytes(self._faiss_index()), arrays["faiss_lsh"]):
             raise CorruptStoreError(
                 "stored FAISS LSH index disagrees with the router's buffers; the store is "
                 "damaged: restore it from a snapshot"
             )
-        self._index = index

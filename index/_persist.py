@@ -15,26 +15,31 @@ Layout of the group the caller passes (e.g. ``routers/main`` of the store's Zarr
     }
 
 Nothing is pickled and nothing is ``torch.load``-ed: a router read from a stranger's store can
-only fill tensors. Each array's blake2b is checked before use; this matters for the FAISS blobs
-in particular, since faiss deserialises byte-corrupted buffers without complaint. Arrays are
-written before the manifest, so a save killed half way leaves a manifest whose digests do not
-match and the load refuses it (rather than routing with a mix of old and new state).
+only fill tensors. Before an array is read, its name, dtype (plain numbers only), shape (the one
+the config implies, so a crafted store cannot make the load allocate what it likes) and codecs
+(a short allow-list, so no codec registered by some other installed package decodes it) are
+checked; after, its blake2b. The FAISS blobs are never deserialised at all: each router rebuilds
+its index from its buffers and compares the bytes. Arrays are written before the manifest, so a
+save killed half way leaves a manifest whose digests do not match and the load refuses it
+(rather than routing with a mix of old and new state).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
 from ._base import Router
-from ._errors import UnknownRouterError
+from ._errors import RouterConfigError, UnknownRouterError
 from ._lsh import LSHRouter
 from ._product_keys import ProductKeyRouter
 from ._vq import VQRouter
@@ -50,6 +55,25 @@ ROUTER_KINDS: dict[str, type[Router]] = {
     "lsh": LSHRouter,
 }
 _DIGEST_SIZE = 32
+# Persisted dtype names (the manifest's "dtype") -> the numpy dtype the zarr array holds.
+_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(np_name)
+    for name, np_name in {
+        "bool": "bool",
+        "uint8": "uint8",
+        "int8": "int8",
+        "int16": "int16",
+        "int32": "int32",
+        "int64": "int64",
+        "float16": "float16",
+        "bfloat16": "int16",  # zarr has no bfloat16: the bits are stored
+        "float32": "float32",
+        "float64": "float64",
+    }.items()
+}
+_FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
+_CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose"})
+_ARRAY_NAME = re.compile(r"(state|extra)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def _array_digest(arr: np.ndarray) -> str:
@@ -71,9 +95,15 @@ def _manifest_digest(kind: str, config: dict[str, Any], digests: dict[str, str])
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     t = t.detach().cpu().contiguous()
     dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise RouterConfigError(f"cannot persist a {t.dtype} tensor; cast the router to float32")
     if t.dtype == torch.bfloat16:  # zarr has no bfloat16: store the bits
         return t.view(torch.int16).numpy(), dtype
     return t.numpy(), dtype
+
+
+def _dtype_class(t: torch.Tensor) -> str:
+    return "float" if t.is_floating_point() else str(t.dtype).removeprefix("torch.")
 
 
 def _from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
@@ -120,7 +150,9 @@ def save_router(router: Router, group: zarr.Group) -> str:
     entries: dict[str, dict[str, Any]] = {}
     for name, arr in arrays.items():
         dig = _array_digest(arr)
-        group.create_array(name, data=arr, overwrite=True, attributes={"blake2b": dig})
+        group.create_array(  # codecs pinned: they must stay inside what load_router allows
+            name, data=arr, overwrite=True, compressors=ZstdCodec(), attributes={"blake2b": dig}
+        )
         entries[name] = {"blake2b": dig, "dtype": dtypes[name], "shape": list(arr.shape)}
     digest = _manifest_digest(kind, config, {n: e["blake2b"] for n, e in entries.items()})
     manifest = {
@@ -155,51 +187,110 @@ def _read_manifest(group: zarr.Group) -> dict[str, Any]:
     return manifest
 
 
+def _check_entries(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The manifest's array entries, validated as data from a stranger would be."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, entry in raw.items():
+        ok = (
+            isinstance(name, str)
+            and _ARRAY_NAME.fullmatch(name) is not None
+            and isinstance(entry, dict)
+            and isinstance(entry.get("blake2b"), str)
+            and entry.get("dtype") in _DTYPES
+            and (not name.startswith("extra.") or entry.get("dtype") == "uint8")
+            and isinstance(entry.get("shape"), list)
+            and all(type(n) is int and n >= 0 for n in entry["shape"])
+        )
+        if not ok:
+            raise CorruptStoreError(f"router manifest in {where!r} has a malformed entry {name!r}")
+        entries[name] = entry
+    return entries
+
+
+def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarray:
+    """Read one array after checking what it claims to be; check its blake2b after."""
+    where = group.path
+    try:
+        arr = group.get(name)
+        meta = arr.metadata.to_dict() if isinstance(arr, zarr.Array) else None
+    except Exception as exc:  # any decode or I/O failure is damage to the store
+        raise CorruptStoreError(f"router array {name!r} cannot be opened: {exc}") from exc
+    if meta is None:
+        raise CorruptStoreError(f"router array {name!r} is missing from {where!r}")
+    codecs = {c.get("name") if isinstance(c, dict) else None for c in meta.get("codecs", ())}
+    if (
+        arr.dtype != _DTYPES[entry["dtype"]]
+        or list(arr.shape) != entry["shape"]
+        or not codecs <= _CODECS
+    ):
+        raise CorruptStoreError(
+            f"router array {name!r} in {where!r} is not what its manifest says (dtype "
+            f"{arr.dtype}, shape {list(arr.shape)}, codecs {sorted(map(str, codecs))}); the "
+            "store is damaged or was not written by dpsn"
+        )
+    try:
+        data = np.asarray(arr[...])
+    except Exception as exc:
+        raise CorruptStoreError(f"router array {name!r} cannot be read: {exc}") from exc
+    if _array_digest(data) != entry["blake2b"]:
+        raise CorruptStoreError(
+            f"router array {name!r} in {where!r} fails its blake2b check; the store "
+            "is damaged: restore it from a snapshot or re-save the router"
+        )
+    return data
+
+
 def load_router(group: zarr.Group) -> Router:
-    """Rebuild the router saved in ``group``; every array is digest-checked before use.
+    """Rebuild the router saved in ``group``; every array is checked before use.
 
     Raises ``UnknownRouterError`` for a kind this dpsn does not know, ``CorruptStoreError``
-    when an array is missing, unreadable or fails its blake2b, ``StoreNotFoundError`` when the
-    group holds no router. The router comes back in training mode, like any new module.
+    when the manifest or an array is malformed, missing, unreadable or fails its blake2b,
+    ``StoreNotFoundError`` when the group holds no router. The router comes back in training
+    mode, like any new module, with the dtypes it was saved with.
     """
     manifest = _read_manifest(group)
     kind = manifest.get("kind")
-    cls = ROUTER_KINDS.get(kind)  # type: ignore[arg-type]
+    cls = ROUTER_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise UnknownRouterError(
             f"stored router kind {kind!r} is unknown; known kinds: {sorted(ROUTER_KINDS)}. "
             "It was written by a newer or foreign dpsn"
         )
-    entries: dict[str, dict[str, Any]] = manifest["arrays"]
+    entries = _check_entries(manifest["arrays"], group.path)
     config = manifest.get("config")
     if not isinstance(config, dict):
         raise CorruptStoreError(f"router manifest in {group.path!r} has no config")
-    digests = {n: str(e.get("blake2b")) for n, e in entries.items()}
+    digests = {n: e["blake2b"] for n, e in entries.items()}
     if _manifest_digest(kind, config, digests) != manifest.get("digest"):  # type: ignore[arg-type]
         raise CorruptStoreError(f"router manifest in {group.path!r} fails its digest")
-    arrays: dict[str, np.ndarray] = {}
-    for name, entry in entries.items():
-        try:
-            arr = np.asarray(group[name][...])
-        except Exception as exc:  # any decode or I/O failure is damage to the store
-            raise CorruptStoreError(f"router array {name!r} cannot be read: {exc}") from exc
-        if _array_digest(arr) != entry["blake2b"]:
-            raise CorruptStoreError(
-                f"router array {name!r} in {group.path!r} fails its blake2b check; the store "
-                "is damaged: restore it from a snapshot or re-save the router"
-            )
-        arrays[name] = arr
     try:
         router = cls(**config)
     except (TypeError, ValueError) as exc:
         raise CorruptStoreError(f"stored router config cannot build a {kind!r}: {exc}") from exc
+    # the config fixes every state shape and kind of dtype: compare before reading a byte
+    # (a float tensor may come back in another float dtype, anything else in its own)
+    expected = {
+        f"state.{n}": (list(t.shape), _dtype_class(t)) for n, t in router.state_dict().items()
+    }
+    stored = {
+        n: (e["shape"], e["dtype"] if e["dtype"] not in _FLOATS else "float")
+        for n, e in entries.items()
+        if n.startswith("state.")
+    }
+    if stored != expected:
+        raise CorruptStoreError(
+            f"stored router state in {group.path!r} does not fit its config (arrays or shapes "
+            "differ); the store is damaged"
+        )
+    arrays = {name: _read_array(group, name, entry) for name, entry in entries.items()}
     state = {
         n.removeprefix("state."): _from_numpy(a, entries[n]["dtype"])
         for n, a in arrays.items()
         if n.startswith("state.")
     }
     try:
-        router.load_state_dict(state, strict=True)
+        # assign: keep the stored dtypes (a float64 router comes back float64, routing alike)
+        router.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CorruptStoreError(f"stored router state does not fit its config: {exc}") from exc
     router.load_extra_arrays(

@@ -17,12 +17,13 @@ Axes: T inputs, H heads, k results, e = d_key / 2 (half width), n1 / n2 sub-keys
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._base import Router
+from ._budget import BudgetSignal
 from ._errors import RouterConfigError
 from ._topk import merge_heads, merge_topk, topk_ip
 
@@ -66,12 +67,15 @@ class ProductKeys(nn.Module):
         self.heads = heads
         self.d_key = d_key
         self.half = d_key // 2
+        self.seed = seed
         self.n1, self.n2 = grid_shape(grid_rows)
         self.max_elems = max_elems
         g = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(d_in)
-        self.query = nn.Linear(d_in, heads * d_key)
-        with torch.no_grad():  # seeded init: two routers of one config start identical
+        # seeded init: two routers of one config start identical, and building one neither
+        # reads nor advances torch's global RNG (skip_init: nn.Linear's own init would)
+        self.query = torch.nn.utils.skip_init(nn.Linear, d_in, heads * d_key)
+        with torch.no_grad():
             w = torch.rand(heads * d_key, d_in, generator=g) * 2 * bound - bound
             self.query.weight.copy_(w)
             self.query.bias.zero_()
@@ -79,6 +83,16 @@ class ProductKeys(nn.Module):
         std = 1.0 / math.sqrt(self.half)
         self.keys1 = nn.Parameter(torch.randn(heads, self.n1, self.half, generator=g) * std)
         self.keys2 = nn.Parameter(torch.randn(heads, self.n2, self.half, generator=g) * std)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments a router records for rebuilding these keys."""
+        return {
+            "heads": self.heads,
+            "d_key": self.d_key,
+            "query_batchnorm": self.query_bn is not None,
+            "seed": self.seed,
+            "max_elems": self.max_elems,
+        }
 
     def queries(self, x: Tensor) -> Tensor:
         """``[T, H, d_key]`` queries of ``x [T, d_in]``."""
@@ -176,14 +190,20 @@ class ProductKeyRouter(Router):
         heads: int = 1,
         d_key: int | None = None,
         k_min: int | None = None,
-        budget: str = "auto",
+        budget: BudgetSignal | Literal["auto"] = "auto",
         temperature: float = 1.0,
         query_batchnorm: bool = False,
         seed: int = 0,
         max_elems: int = 1 << 22,
     ) -> None:
         super().__init__(
-            d_in=d_in, num_rows=num_rows, k=k, k_min=k_min, budget=budget, temperature=temperature
+            d_in=d_in,
+            num_rows=num_rows,
+            k=k,
+            k_min=k_min,
+            budget=budget,
+            temperature=temperature,
+            seed=seed,
         )
         d_key = default_d_key(d_in) if d_key is None else d_key
         self.pk = ProductKeys(
@@ -195,13 +215,7 @@ class ProductKeyRouter(Router):
             seed=seed,
             max_elems=max_elems,
         )
-        self._config.update(
-            heads=heads,
-            d_key=d_key,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
-        )
+        self._config.update(self.pk.config())
 
     def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Any, Any]:
         ids, scores = self.pk.select(self.pk.queries(x), self.k_max, self.num_rows)

@@ -28,13 +28,14 @@ Axes: T inputs, B beam regions, k results, H heads, d = d_in.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ._backend import BACKENDS
+from ._backend import BACKENDS, Backend
 from ._base import Router
+from ._budget import BudgetSignal
 from ._errors import RouterConfigError, RouterNotFittedError
 from ._product_keys import ProductKeys, default_d_key
 
@@ -56,15 +57,23 @@ class RegionRouter(Router):
         d_key: int | None,
         region_weight: float,
         k_min: int | None,
-        budget: str,
+        budget: BudgetSignal | Literal["auto"],
         temperature: float,
         query_batchnorm: bool,
         seed: int,
         max_elems: int,
-        backend: str,
+        backend: Backend,
+        refresh_every: int,
+        drift_tol: float,
     ) -> None:
         super().__init__(
-            d_in=d_in, num_rows=num_rows, k=k, k_min=k_min, budget=budget, temperature=temperature
+            d_in=d_in,
+            num_rows=num_rows,
+            k=k,
+            k_min=k_min,
+            budget=budget,
+            temperature=temperature,
+            seed=seed,
         )
         if num_regions < 1 or num_rows // num_regions < k:
             raise RouterConfigError(
@@ -77,11 +86,19 @@ class RegionRouter(Router):
             raise RouterConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not region_weight > 0:
             raise RouterConfigError(f"region_weight must be > 0, got {region_weight}")
+        if refresh_every < 0 or not drift_tol >= 0:
+            raise RouterConfigError(
+                f"need refresh_every >= 0 (0: never on a count) and drift_tol >= 0 (inf: never "
+                f"on drift), got refresh_every={refresh_every}, drift_tol={drift_tol}"
+            )
         self.num_regions = num_regions
         self.beam = min(beam, num_regions)
         self.block, self.rem = divmod(num_rows, num_regions)
         self.region_weight = float(region_weight)
         self.backend = backend
+        self.seed = seed
+        self.refresh_every = refresh_every
+        self.drift_tol = drift_tol
         d_key = default_d_key(d_in) if d_key is None else d_key
         self.local = ProductKeys(
             d_in=d_in,
@@ -97,14 +114,12 @@ class RegionRouter(Router):
         self.register_buffer("updates_since_refresh", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("refreshes", torch.tensor(0, dtype=torch.int64))
         self._config.update(
+            self.local.config(),
             beam=beam,
-            heads=heads,
-            d_key=d_key,
             region_weight=region_weight,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
             backend=backend,
+            refresh_every=refresh_every,
+            drift_tol=drift_tol,
         )
 
     # -- region <-> id arithmetic -------------------------------------------------------------
@@ -151,15 +166,30 @@ class RegionRouter(Router):
                 "thousand representative inputs first"
             )
 
+    def _local_topk(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Exact local top-k for big regions (``block + 1`` rows) and, if ``rem``, small ones.
+
+        One search serves both: the top-(k+1) over ``[0, block]`` holds the top-k over
+        ``[0, block)`` once local id ``block`` (the row only big regions have) is dropped.
+        Returns ``(ids, scores)`` ``[T, k]`` for big regions, then for small ones (or None).
+        """
+        k = self.k_max
+        if not self.rem:
+            lid, lsc = self.local.select(q, k, self.block)
+            return lid, lsc, None, None
+        lid, lsc = self.local.select(q, k + 1, self.block + 1)  # [T, k + 1], best first
+        keep = lid != self.block  # all True but at most one entry per input
+        # stable: kept entries first, in rank order; the dropped one (or the last) goes last
+        order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :k]
+        return lid[:, :k], lsc[:, :k], lid.gather(1, order), lsc.gather(1, order)
+
     def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         self._check_fitted()
         t, k = x.shape[0], self.k_max
         regions, rs, novelty = self._region_beam(x)  # [T, B]
         nb = regions.shape[1]
-        q = self.local.queries(x)
-        lid, lsc = self.local.select(q, k, self.block + (1 if self.rem else 0))  # [T, k]
-        if self.rem:  # regions >= rem are one row shorter: their own exact local top-k
-            lid_s, lsc_s = self.local.select(q, k, self.block)
+        lid, lsc, lid_s, lsc_s = self._local_topk(self.local.queries(x))  # [T, k]
+        if lid_s is not None and lsc_s is not None:  # regions >= rem are one row shorter
             small = (regions >= self.rem)[..., None]  # [T, B, 1]
             lid_b = torch.where(small, lid_s[:, None], lid[:, None])  # [T, B, k]
             lsc_b = torch.where(small, lsc_s[:, None], lsc[:, None])
@@ -198,12 +228,20 @@ class RegionRouter(Router):
     def refresh(self) -> None:
         """Make the live region state the routing state and rebuild the FAISS index."""
 
-    def _after_update(self, *, refresh_every: int, drift_tol: float) -> dict[str, Any]:
+    def _after_fit(self, x: Tensor) -> None:
+        """What every ``fit`` ends with: route from now on, calibrate the budget on ``x``."""
+        self.fitted.fill_(True)
+        self.updates_since_refresh.zero_()
+        if self.budget.signal in ("entropy", "novelty"):
+            self.calibrate_budget(x)
+
+    def _after_update(self) -> dict[str, Any]:
+        """What every ``update`` ends with: count it, refresh when due or drifted too far."""
         self.updates += 1
         self.updates_since_refresh += 1
         drift = self.drift()
-        due = refresh_every > 0 and int(self.updates_since_refresh) >= refresh_every
-        if due or drift > drift_tol:
+        due = self.refresh_every > 0 and int(self.updates_since_refresh) >= self.refresh_every
+        if due or drift > self.drift_tol:
             self.refresh()
             return {"drift": drift, "refreshed": True}
         return {"drift": drift, "refreshed": False}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from dpsn.errors import CorruptStoreError
 
-from ._backend import FlatL2Index, index_from_bytes
+from ._backend import Backend, FlatL2Index
+from ._budget import BudgetSignal
 from ._errors import RouterConfigError
 from ._regions import RegionRouter
 
@@ -79,7 +80,7 @@ class VQRouter(RegionRouter):
         d_key: int | None = None,
         region_weight: float = 16.0,
         k_min: int | None = None,
-        budget: str = "auto",
+        budget: BudgetSignal | Literal["auto"] = "auto",
         temperature: float = 1.0,
         query_batchnorm: bool = False,
         seed: int = 0,
@@ -88,7 +89,7 @@ class VQRouter(RegionRouter):
         refresh_every: int = 1000,
         drift_tol: float = 0.1,
         max_elems: int = 1 << 22,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         levels = tuple(int(c) for c in (levels or default_levels(num_rows, k)))
         if not levels or any(c < 1 for c in levels) or len(levels) > 4:
@@ -111,13 +112,12 @@ class VQRouter(RegionRouter):
             seed=seed,
             max_elems=max_elems,
             backend=backend,
+            refresh_every=refresh_every,
+            drift_tol=drift_tol,
         )
         self.levels = levels
         self.niter = niter
         self.ema_decay = ema_decay
-        self.refresh_every = refresh_every
-        self.drift_tol = drift_tol
-        self.seed = seed
         for lvl, c in enumerate(levels):
             self.register_buffer(f"codebook{lvl}", torch.zeros(c, d_in))  # indexed (routing)
             self.register_buffer(f"ema_count{lvl}", torch.zeros(c))  # live, EMA of shares
@@ -126,23 +126,21 @@ class VQRouter(RegionRouter):
         self._indexes: list[FlatL2Index] = []
         # codebooks replaced wholesale (load_state_dict): rebuild the FAISS indexes from them
         self.register_load_state_dict_post_hook(lambda module, _: module._rebuild_if_fitted())
-        self._config.update(
-            levels=list(levels),
-            niter=niter,
-            ema_decay=ema_decay,
-            refresh_every=refresh_every,
-            drift_tol=drift_tol,
-        )
+        self._config.update(levels=list(levels), niter=niter, ema_decay=ema_decay)
 
     def _codebook(self, lvl: int) -> Tensor:
         return getattr(self, f"codebook{lvl}")
 
-    def _live(self, lvl: int) -> Tensor:
-        """Live codebook of a level: EMA sums over Laplace-smoothed EMA counts (VQ-VAE)."""
-        n = getattr(self, f"ema_count{lvl}")
+    @staticmethod
+    def _smooth(n: Tensor) -> Tensor:
+        """Laplace-smoothed EMA counts (VQ-VAE): no centroid divides by zero."""
         total = n.sum()
-        smooth = (n + _LAPLACE_EPS) / (total + n.numel() * _LAPLACE_EPS) * total
-        return getattr(self, f"ema_sum{lvl}") / smooth.clamp_min(1e-12)[:, None]
+        return ((n + _LAPLACE_EPS) / (total + n.numel() * _LAPLACE_EPS) * total).clamp_min(1e-12)
+
+    def _live(self, lvl: int) -> Tensor:
+        """Live codebook of a level: EMA sums over smoothed EMA counts."""
+        n = getattr(self, f"ema_count{lvl}")
+        return getattr(self, f"ema_sum{lvl}") / self._smooth(n)[:, None]
 
     # -- training the regions -----------------------------------------------------------------
 
@@ -169,15 +167,15 @@ class VQRouter(RegionRouter):
             share = np.bincount(assign[:, 0], minlength=c).astype(np.float32) / n
             res = res - cents[assign[:, 0]]
             cb = torch.from_numpy(cents).to(self._codebook(lvl))
+            count = torch.from_numpy(share).to(cb)
             self._codebook(lvl).copy_(cb)
-            getattr(self, f"ema_count{lvl}").copy_(torch.from_numpy(share))
-            getattr(self, f"ema_sum{lvl}").copy_(cb * torch.from_numpy(share)[:, None].to(cb))
+            getattr(self, f"ema_count{lvl}").copy_(count)
+            # sums over the *smoothed* counts, so that live == indexed: drift() is 0 after fit
+            # (with raw shares, an empty cluster's live centroid would sit at the origin)
+            getattr(self, f"ema_sum{lvl}").copy_(cb * self._smooth(count)[:, None])
         self.scale.fill_(max(float((res**2).sum(1).mean()), 1e-12))
         self._build_indexes()
-        self.fitted.fill_(True)
-        self.updates_since_refresh.zero_()
-        if self.budget.signal in ("entropy", "novelty"):
-            self.calibrate_budget(x)
+        self._after_fit(x)
         return self
 
     def _rebuild_if_fitted(self) -> None:
@@ -214,7 +212,7 @@ class VQRouter(RegionRouter):
             cnt.mul_(gamma).add_(share / max(t, 1), alpha=1 - gamma)
             getattr(self, f"ema_sum{lvl}").mul_(gamma).add_(sums / max(t, 1), alpha=1 - gamma)
             res = res - live[a]
-        return self._after_update(refresh_every=self.refresh_every, drift_tol=self.drift_tol)
+        return self._after_update()
 
     @torch.no_grad()
     def drift(self) -> float:
@@ -297,19 +295,21 @@ class VQRouter(RegionRouter):
         return {f"faiss_level{lvl}": ix.to_bytes() for lvl, ix in enumerate(self._indexes)}
 
     def load_extra_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Check the stored FAISS indexes against the codebooks, without deserialising them.
+
+        A flat index is a function of its codebook: it is rebuilt from the (digest-checked)
+        buffer and its serialisation compared byte for byte with the stored blob, so no bytes
+        from the store ever reach faiss's parser.
+        """
         if not bool(self.fitted):
             return
-        indexes = []
-        for lvl in range(len(self.levels)):
+        self._build_indexes()
+        for lvl, ix in enumerate(self._indexes):
             name = f"faiss_level{lvl}"
             if name not in arrays:
                 raise CorruptStoreError(f"stored VQ router lacks its FAISS index {name!r}")
-            ix = FlatL2Index(index_from_bytes(arrays[name]))
-            cb = self._codebook(lvl).detach().float().cpu().numpy()
-            if ix.index.d != self.d_in or not np.array_equal(ix.vectors(), cb):
+            if not np.array_equal(ix.to_bytes(), arrays[name]):
                 raise CorruptStoreError(
                     f"stored FAISS index {name!r} disagrees with codebook{lvl}; the store is "
                     "damaged: restore it from a snapshot"
                 )
-            indexes.append(ix)
-        self._indexes = indexes

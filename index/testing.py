@@ -6,10 +6,33 @@ the tests and the benchmark measure the same thing the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import faiss
 import torch
 from torch import Tensor
 
-__all__ = ["mixture", "recall"]
+__all__ = ["mixture", "recall", "single_threaded"]
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch and faiss on one thread each inside the block, then restore both.
+
+    torch and faiss-cpu each bring their own OpenMP runtime; on a small, shared machine their
+    idle threads spin while the other works, and a barrier waits whenever one of its threads is
+    descheduled. For test-sized problems (tens of inputs, thousands of keys) that overhead is
+    all there is: one thread runs the index tests several times faster and checks the same.
+    """
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
 
 
 def mixture(

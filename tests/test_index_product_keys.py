@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,8 +11,15 @@ from hypothesis import strategies as st
 
 from dpsn.index import ProductKeyRouter, RouterConfigError
 from dpsn.index._product_keys import grid_shape
-from dpsn.index._topk import merge_heads, topk_ip
-from dpsn.index.testing import mixture
+from dpsn.index._topk import _chunk_topk, merge_heads, topk_ip
+from dpsn.index.testing import mixture, single_threaded
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with single_threaded():  # see its docstring: small problems, shared machine
+        yield
+
 
 D_IN = 16
 
@@ -99,6 +108,29 @@ def test_topk_ip_is_exact(g: int, m: int, n: int, k: int, data: st.DataObject) -
     want_v, want_i = torch.bmm(q, keys[:, start:stop].transpose(1, 2)).topk(min(k, stop - start))
     torch.testing.assert_close(v, want_v)
     assert torch.equal(i, want_i + start)
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+@pytest.mark.parametrize("ties", [False, True])
+def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
+    """The block-max path (chunks a multiple of 32 wide, more than 2k blocks) that does the work
+    at scale, which random small shapes rarely reach; with ties, values must still be exact and
+    every index must point at its value."""
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randn(2, 5, 32 * 97, generator=gen)
+    if ties:
+        scores = scores.round()  # a handful of distinct values, many ties
+    v, i = _chunk_topk(scores, k)
+    want = scores.topk(k, dim=-1).values
+    assert torch.equal(v, want) and torch.equal(scores.gather(-1, i), v)
+    assert bool((i.sort(-1).values[..., 1:] != i.sort(-1).values[..., :-1]).all())  # distinct
+    # and through topk_ip, whose key chunks then take the block-max path
+    q = torch.randn(2, 5, 6, generator=gen)
+    keys = torch.randn(2, 32 * 1000, 6, generator=gen)
+    got_v, got_i = topk_ip(q, keys, k, max_elems=1 << 12)
+    want_v, want_i = torch.bmm(q, keys.transpose(1, 2)).topk(k)
+    torch.testing.assert_close(got_v, want_v)
+    assert torch.equal(got_i, want_i)
 
 
 def test_merge_heads_keeps_best_copy() -> None:

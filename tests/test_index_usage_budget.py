@@ -79,3 +79,19 @@ def test_learned_budget_is_not_calibrated() -> None:
     b = Budget(k_min=1, k_max=4, signal="learned", d_in=4)
     with pytest.raises(RouterConfigError):
         b.calibrate(torch.rand(10))
+
+
+def test_learned_head_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    rng = torch.get_rng_state()
+    a = Budget(k_min=1, k_max=8, signal="learned", d_in=4, seed=3)
+    torch.manual_seed(99)  # the global RNG must not matter
+    b = Budget(k_min=1, k_max=8, signal="learned", d_in=4, seed=3)
+    c = Budget(k_min=1, k_max=8, signal="learned", d_in=4, seed=4)
+    torch.set_rng_state(rng)
+    assert a.head is not None and b.head is not None and c.head is not None
+    assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert bool((a.head.weight.abs() <= 0.5).all())  # default Linear init: U(-1/sqrt(d), ..)
+    rng = torch.get_rng_state()
+    Budget(k_min=1, k_max=8, signal="learned", d_in=4)
+    assert torch.equal(rng, torch.get_rng_state())
