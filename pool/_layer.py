@@ -53,7 +53,8 @@ class _FusedRows(torch.autograd.Function):
         layer: PoolLayer,
     ) -> torch.Tensor:
         ctx.layer, ctx.ids, ctx.mask = layer, ids, mask
-        return table[slots].float()
+        rows = torch.index_select(table, 0, slots.reshape(-1))
+        return rows.reshape(*slots.shape, table.shape[1]).float()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
