@@ -58,7 +58,11 @@ class _FusedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
-        ctx.layer._update_rows(ctx.ids[ctx.mask], grad[ctx.mask])
+        ids, grad = ctx.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        mask = ctx.mask.reshape(-1)
+        if not bool(mask.all()):  # a fixed budget has no padding: skip the copy
+            ids, grad = ids[mask], grad[mask]
+        ctx.layer._update_rows(ids, grad)
         return None, None, None, None, None, None
 
 
@@ -69,7 +73,9 @@ class PoolLayer(nn.Module):
         pool: an open pool (``mode="r+"`` to train) with ``dim == d_in + d_out`` and a cache.
         d_in, d_out: input and output widths.
         router: a ``dpsn.index`` router over ``pool.rows`` rows; default a product-key router
-            with ``k`` rows per token and ``heads`` heads.
+            with ``k`` rows per token, ``heads`` heads and batch norm on the query (without it
+            the routing collapsed onto a few percent of the rows in bench/quality.py, as the
+            PKM paper reports).
         k: rows per token (the router's ``k_max``).
         activation: ``"gelu"`` (default), ``"relu"``, ``"silu"`` or ``"tanh"``.
         row_optimizer: ``"adam"`` (partial row-wise, default), ``"adagrad"``, ``"sgd"`` or a
@@ -108,7 +114,9 @@ class PoolLayer(nn.Module):
         if router is None:
             from dpsn.index import ProductKeyRouter
 
-            router = ProductKeyRouter(d_in=d_in, num_rows=pool.rows, k=k, heads=heads)
+            router = ProductKeyRouter(
+                d_in=d_in, num_rows=pool.rows, k=k, heads=heads, query_batchnorm=True
+            )
         self.router = router
         kwargs = {} if row_lr is None else {"lr": row_lr}
         self.row_optimizer = make_row_optimizer(row_optimizer, **kwargs)
@@ -143,7 +151,8 @@ class PoolLayer(nn.Module):
             rows = self.pool.generator(ids.reshape(-1)).reshape(*ids.shape, -1) + deltas
         else:
             rows = _FusedRows.apply(self._anchor, cache.columns["row"], slots, ids, mask, self)
-        u, v = rows[..., : self.d_in], rows[..., self.d_in :]  # (T, K, I), (T, K, O)
+        # split, not slicing: its backward writes one gradient instead of two zero-filled ones
+        u, v = rows.split([self.d_in, self.d_out], dim=-1)  # (T, K, I), (T, K, O)
         gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
         act = _ACTIVATIONS[self.activation](torch.einsum("ti,tki->tk", x2.float(), u))
         y = torch.einsum("tk,tko->to", gates * act, v)

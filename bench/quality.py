@@ -1,0 +1,326 @@
+"""Quality benchmark: dense feed-forward blocks vs dpsn PoolLayers at equal active compute.
+
+    python bench/quality.py            # full run (~10 min on 2 cores)
+    python bench/quality.py --quick    # smoke run (< 1 min)
+    python bench/quality.py --set k=64 --set row_lr=3e-2   # try another pool configuration
+
+Two models side by side, identical except for their feed-forward blocks (the byte-level
+transformer of ``examples/lm.py``, trained on CPython's ``pydoc_data/topics.py`` with the last
+10% held out):
+
+- (a) dense: every block has a dense FFN of hidden width ``h = d_ff + k``;
+- (b) pool: every block has a ``PoolLayer`` with ``k`` active rows per token out of a pool of
+  ``rows`` rows (one pool per layer), beside a small dense FFN of width ``d_ff`` (0: none).
+
+How the compute is matched (multiply-adds per token, forward): a dense FFN of width ``h`` costs
+``h * 2d`` and a PoolLayer row ``2d`` (``x . u`` and ``act * v``, PEER), so ``k`` active rows
+plus the side FFN cost exactly what the dense FFN of width ``d_ff + k`` costs, with as many
+active FFN parameters per token. The router is extra on (b)'s side and is counted, not hidden:
+its query projection ``d * d_key``, the sub-key scores ``2 * sqrt(rows) * d_key / 2``, the
+``k * k`` candidate sums and the re-scoring of the chosen rows (``k * d_key``); the table shows
+each model's total multiply-adds per token (attention and output head included). The pool is
+100-1000x the dense FFN's parameters (``pool / dense FFN`` column).
+
+Measured:
+- validation bits/byte on the whole held-out text after the same number of steps, and after
+  the same training wall-clock time: (a)'s time for those steps, which (b) gets as a time
+  budget in a second run (its learning rate schedule runs over that budget);
+  aim: (b) at least 5% lower than (a);
+- training tokens/s (evaluation excluded); aim: (b) >= 0.5x (a);
+- the digits classifier (``examples/digits.py``): test accuracy with a dense hidden block
+  vs a PoolLayer over 10**6 rows at the same active width.
+
+Settings tried for (b) (300 steps each, k=32 unless said; dense FFN 32: 2.342, 64: 2.248,
+16: 2.331 val bits/byte; +-0.03 between near-identical configs):
+
+    row optimizer, lr     query BN   other                         val bpb   vs dense
+    adam 1e-2             no                                       2.228     -4.9%
+    adam 1e-2             yes                                      2.163     -7.6%
+    adam 3e-2 / 3e-3      yes                                      2.148 / 2.259
+    adam 1e-2             yes        router heads 2                2.136
+    adam 1e-2             yes        + dense side FFN 32 (vs 64)   2.133     -5.1%
+    adagrad 0.05          yes                                      2.072     -11.5%
+    adagrad 0.025         yes        rows 32,000 (default)         2.050     -12.5%
+    adagrad 0.05 / 0.1 / 0.2  yes                                  2.106 / 2.117 / 2.160
+    adagrad 0.05          no                                       2.133
+    adagrad 0.05          yes        router heads 2                2.088
+    adagrad 0.05          yes        + dense side FFN 32 (vs 64)   2.090     -7.0%
+    adagrad 0.05          yes        k=16 (vs dense 16)            2.107     -9.6%
+
+Without batch norm on the query the router collapses (4.6% of rows used after 20 steps, Gini
+0.997); with it ~60%. Row-wise AdaGrad beats partial row-wise Adam here and is cheaper.
+
+Curves (train and validation bits/byte vs step and vs seconds) go to
+``bench/results/quality.json`` and ``bench/results/quality.png``. Threads: one per process by
+default (``--threads``): on a small machine shared with other work, torch's multi-threaded CPU
+kernels slow down by 10x or more while they wait for each other, and both models run alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples"))
+import digits  # noqa: E402
+import lm  # noqa: E402
+from _common import RESULTS, print_table, write_json  # noqa: E402
+
+# The default: the best of the settings tried (module docstring), sized to finish in ~6 min.
+DEFAULT = lm.LMConfig(
+    d_model=128,
+    n_layers=2,
+    n_heads=4,
+    context=128,
+    batch=8,
+    d_ff=0,
+    k=32,
+    rows=32_000,  # 8.19M pool parameters a layer: ~980x the dense FFN's 8,352
+    router_heads=1,
+    d_key=32,
+    query_batchnorm=True,
+    row_optimizer="adagrad",
+    row_lr=0.025,
+    lr=3e-3,
+)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` overrides of :class:`lm.LMConfig` (values as Python literals)."""
+    names = {f.name for f in fields(lm.LMConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--set takes key=value with key one of {sorted(names)}: {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def dense_ffn_params(cfg: lm.LMConfig, width: int) -> int:
+    return width * 2 * cfg.d_model + width + cfg.d_model
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {"dense": "tab:blue", "pool": "tab:red", "pool (time budget)": "tab:orange"}
+    for name, run in runs.items():
+        c = run["curves"]
+        color = colors.get(name)
+        for ax, x_train, x_val in (
+            (axes[0], c["train_step"], c["val_step"]),
+            (axes[1], c["train_seconds"], c["val_seconds"]),
+        ):
+            ax.plot(x_train, smooth(c["train_bpb"], 20), color=color, alpha=0.35, lw=1)
+            ax.plot(x_val, c["val_bpb"], color=color, marker="o", ms=3, label=f"{name} (val)")
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training seconds")
+    axes[0].set_ylabel("bits per byte (faint: train, smoothed)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    lo = min(min(r["curves"]["val_bpb"]) for r in runs.values())
+    axes[0].set_ylim(lo - 0.2, lo + 2.5)
+    fig.suptitle("dpsn quality: dense FFN vs PoolLayer at equal active compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min)")
+    ap.add_argument("--steps", type=int, default=None, help="LM steps (default 800; quick 15)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only (no JSON/PNG)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (15 if args.quick else 800)
+    eval_every = max(5, steps // 16)
+    eval_windows = 8 if args.quick else 64
+    final_windows = 16 if args.quick else None  # None: the whole held-out text (~10 s a model)
+    pool_cfg = replace(DEFAULT, ffn="pool", **parse_set(args.set))
+    dense_cfg = replace(pool_cfg, ffn="dense", d_ff=pool_cfg.d_ff + pool_cfg.k)
+    h = dense_cfg.d_ff
+    ratio = pool_cfg.rows * 2 * pool_cfg.d_model / dense_ffn_params(dense_cfg, h)
+    macs_a, macs_b = lm.macs_per_token(dense_cfg), lm.macs_per_token(pool_cfg)
+    matching = {
+        "rule": "dense FFN width h = d_ff + k; pool: k rows (2d MACs each) + side FFN d_ff",
+        "dense_ffn_width": h,
+        "pool_k": pool_cfg.k,
+        "pool_side_ffn_width": pool_cfg.d_ff,
+        "active_ffn_params_per_token": [
+            lm.active_params_per_token(dense_cfg),
+            lm.active_params_per_token(pool_cfg),
+        ],
+        "macs_per_token": {"dense": macs_a, "pool": macs_b},
+        "router_overhead_of_total": macs_b["router"] / macs_b["total"],
+        "pool_over_dense_ffn_params": ratio,
+    }
+    print(
+        f"matching: dense FFN width {h} vs {pool_cfg.k} pool rows"
+        + (f" + dense side FFN {pool_cfg.d_ff}" if pool_cfg.d_ff else "")
+        + f"; MACs/token {macs_a['total']:,} vs {macs_b['total']:,} (router "
+        f"{macs_b['router']:,} = {matching['router_overhead_of_total']:.1%} of (b)); "
+        f"pool = {ratio:,.0f}x the dense FFN's parameters"
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="dpsn-quality-"))
+    started = time.perf_counter()
+    common = {
+        "eval_every": eval_every,
+        "eval_windows": eval_windows,
+        "final_windows": final_windows,
+        "progress": sys.stderr.isatty(),
+    }
+    try:
+        dense = lm.train(dense_cfg, steps=steps, desc="(a) dense", **common)
+        pool = lm.train(pool_cfg, steps=steps, store=tmp / "b", desc="(b) pool", **common)
+        budget = dense["train_seconds"]
+        pool_t = lm.train(
+            pool_cfg, seconds=budget, store=tmp / "bt", desc="(b) pool, time budget", **common
+        )
+        digit_runs: dict[str, dict[str, Any]] = {}
+        if not args.skip_digits:
+            seeds = [0] if args.quick else [0, 1, 2]  # 450 test images: one seed is noisy
+            for kind in ("dense", "pool"):
+                runs = []
+                for seed in seeds:
+                    dcfg = digits.DigitsConfig(steps=60 if args.quick else 300, seed=seed)
+                    store = tmp / f"digits-{seed}" if kind == "pool" else None
+                    runs.append(digits.train_and_test(dcfg, kind, store))
+                accs = [r["test_accuracy"] for r in runs]
+                digit_runs[kind] = {
+                    "test_accuracy": sum(accs) / len(accs),
+                    "per_seed": accs,
+                    "seeds": seeds,
+                    "train_seconds": sum(r["train_seconds"] for r in runs),
+                    "config": {k: v for k, v in asdict(dcfg).items() if k != "seed"},
+                }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = time.perf_counter() - started
+
+    va, vb, vbt = dense["val_bpb"], pool["val_bpb"], pool_t["val_bpb"]
+    speed = pool["tokens_per_s"] / dense["tokens_per_s"]
+    rows = [
+        [
+            "(a) dense",
+            f"FFN {h}",
+            f"{dense_ffn_params(dense_cfg, h):,}",
+            f"{macs_a['total']:,}",
+            dense["steps"],
+            dense["train_seconds"],
+            dense["tokens_per_s"],
+            f"{va:.4f}",
+            f"{va:.4f}",
+            f"{digit_runs['dense']['test_accuracy']:.4f}" if digit_runs else "-",
+        ],
+        [
+            "(b) pool",
+            f"k={pool_cfg.k}" + (f"+FFN {pool_cfg.d_ff}" if pool_cfg.d_ff else ""),
+            f"{pool_cfg.rows * 2 * pool_cfg.d_model:,} ({ratio:,.0f}x)",
+            f"{macs_b['total']:,}",
+            f"{pool['steps']} / {pool_t['steps']}",
+            pool["train_seconds"],
+            pool["tokens_per_s"],
+            f"{vb:.4f}",
+            f"{vbt:.4f}",
+            f"{digit_runs['pool']['test_accuracy']:.4f}" if digit_runs else "-",
+        ],
+    ]
+    where = "a held-out subset" if args.quick else "the whole held-out text"
+    print_table(
+        f"quality (val bits/byte on {where}, {dense['val_bytes']:,} bytes; "
+        f"equal time = {budget:.1f} s of training)",
+        [
+            "model",
+            "FFN",
+            "FFN params/layer",
+            "MACs/token",
+            "steps (eq. steps / eq. time)",
+            "train s",
+            "tokens/s",
+            "val bpb eq. steps",
+            "val bpb eq. time",
+            f"digits acc ({len(digit_runs['dense']['seeds'])} seeds)" if digit_runs else "digits",
+        ],
+        rows,
+    )
+    summary = [
+        ["val bpb, equal steps: (b) vs (a)", f"{vb / va - 1:+.1%}", "<= -5%"],
+        ["val bpb, equal time: (b) vs (a)", f"{vbt / va - 1:+.1%}", "<= -5%"],
+        ["training tokens/s: (b) / (a)", f"{speed:.2f}x", ">= 0.5x"],
+    ]
+    if digit_runs:
+        gain = digit_runs["pool"]["test_accuracy"] - digit_runs["dense"]["test_accuracy"]
+        summary.append(["digits test accuracy: (b) - (a)", f"{gain:+.4f}", "-"])
+    print_table("against the aims", ["figure", "measured", "aim"], summary)
+    print(f"\ntotal {total:.0f} s")
+
+    def strip(run: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in run.items() if k != "store"}
+
+    payload = {
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "matching": matching,
+        "configs": {"dense": asdict(dense_cfg), "pool": asdict(pool_cfg)},
+        "lm": {"dense": strip(dense), "pool": strip(pool), "pool_time_budget": strip(pool_t)},
+        "equal_time_seconds": budget,
+        "summary": {
+            "val_bpb_dense": va,
+            "val_bpb_pool_equal_steps": vb,
+            "val_bpb_pool_equal_time": vbt,
+            "val_change_equal_steps": vb / va - 1,
+            "val_change_equal_time": vbt / va - 1,
+            "tokens_per_s_ratio": speed,
+            "digits_accuracy": {k: v["test_accuracy"] for k, v in digit_runs.items()},
+        },
+        "digits": digit_runs,
+        "total_seconds": total,
+    }
+    if not args.no_write:
+        write_json("quality", payload)
+        plot(
+            {"dense": dense, "pool": pool, "pool (time budget)": pool_t},
+            RESULTS / "quality.png",
+        )
+    return payload
+
+
+if __name__ == "__main__":
+    main()
