@@ -6,7 +6,7 @@ Why this shape: a store persists a generator as ``kind`` + ``config()`` (JSON, i
 
 - is fully described by keyword-only hyperparameters that are JSON values;
 - keeps all persisted state in float32 ``nn.Parameter``s (buffers only for what is derivable
-  from the config, registered ``persistent=False``), and nothing is a pickle;
+  from the config, registered ``persistent=False``), and nothing is pickled;
 - initialises its weights from ``seed`` alone, never from the global RNG, so a fresh
   construction is bit-identical to the last one and needs no weights to regenerate base rows;
 - maps int64 ids ``[...]`` to float32 rows ``[..., dim]``; each row depends only on its own id
