@@ -93,11 +93,13 @@ class Pool:
 
     def _load_generator(self, version: int) -> Generator:
         m = self._store.manifest
+        kind, config = m.generator["kind"], m.generator["config"]
         # Built on the meta device: its initialisation would be thrown away by the stored weights.
+        # A generator with (non-persisted, derived) buffers needs them computed: build it for real.
         with torch.device("meta"):
-            gen = make_generator(
-                m.generator["kind"], dim=m.dim, seed=m.seed, **m.generator["config"]
-            )
+            gen = make_generator(kind, dim=m.dim, seed=m.seed, **config)
+        if any(True for _ in gen.buffers()):
+            gen = make_generator(kind, dim=m.dim, seed=m.seed, **config)
         state = self._store.read_generator(version)
         expected = set(gen.state_dict())
         if set(state) != expected:
