@@ -1,7 +1,8 @@
 """A fixed-capacity, fully associative row cache on the compute device.
 
-The id -> slot map is a sorted key column searched with ``torch.searchsorted``: a batch lookup
-is a handful of tensor ops on the device, with no Python loop or dict per id (the alternative
+The id -> slot map is a direct-mapped table of slot guesses (confirmed against ``slot_ids``)
+in front of a sorted key column searched with ``torch.searchsorted``: a batch lookup is a
+handful of tensor ops on the device, with no Python loop or dict per id (the alternative
 the issue names beside FBGEMM's set-associative TBE cache). Full associativity keeps the
 replacement exact, so LRU/LFU behave as their textbook versions, which is what lets them be
 compared with Belady's optimum (``bench/cache.py``).
