@@ -305,9 +305,9 @@ def hot_batch(
     assert torch.equal(pool.read(ids), F.embedding(pos, weight))
     slots, _ = cache.find(ids)
 
-    def lock_unlock() -> None:
-        cache.lock(slots)
-        cache.unlock(slots)
+    def pin() -> None:
+        cache.unpin("bench")
+        cache.pin("bench", slots)
 
     misses = cache.stats.total["misses"]
     fns: dict[str, Callable[[], Any]] = {
@@ -318,7 +318,7 @@ def hot_batch(
         "as_ids": lambda: as_ids(ids, pool.rows),
         "find": lambda: cache.find(ids),
         "policy.touch": lambda: cache.policy.touch(slots, cache.step),
-        "lock+unlock": lock_unlock,
+        "pin": pin,
         "gather": lambda: torch.index_select(col, 0, slots),
         "(col[slots])": lambda: col[slots],  # advanced indexing, for comparison
     }
@@ -452,7 +452,7 @@ def main() -> None:
             for r in hot
         ],
     )
-    stage_names = ["as_ids", "find", "policy.touch", "lock+unlock", "gather", "(col[slots])"]
+    stage_names = ["as_ids", "find", "policy.touch", "pin", "gather", "(col[slots])"]
     print_table(
         "pool.read stages, all hits (microseconds per call, each timed alone; gather is "
         "torch.index_select as pool.read does it, (col[slots]) the same rows by advanced indexing)",

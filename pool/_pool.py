@@ -19,6 +19,7 @@ generator and go stale if its weights change:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import threading
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from ._validate import as_deltas, as_ids
 _ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
 _REMATERIALIZE_BATCH = 1 << 16
+_READ = ("read", 0)  # the pin holder of the rows of the last plain read
 
 
 class Pool:
@@ -87,8 +89,8 @@ class Pool:
         self._stamp = self._generator_stamp()
         self._saved_stamp = self._stamp  # the weights as last committed
         self._routers: dict[str, torch.nn.Module] = {}
-        self._step_slots: torch.Tensor | None = None
-        self._owner_slots: dict[int, torch.Tensor] = {}
+        self._owners: set[tuple[str, int]] = set()  # pin holders of layers' steps in flight
+        self._prefetches = itertools.count()
         self._prefetcher: ThreadPoolExecutor | None = None
 
     def _load_generator(self, version: int) -> Generator:
@@ -252,8 +254,7 @@ class Pool:
                 return
             old = self._cache
             if old is not None:
-                self._release_step()
-                self._owner_slots.clear()
+                self._release_steps()
                 ids, columns = old.dirty_rows()
                 if len(ids):
                     self._write_back(ids, columns)
@@ -336,10 +337,9 @@ class Pool:
         assert cache is not None
         self._rematerialize_if_stale()
         # A new read means the previous step is over: its rows may be evicted again.
-        self._release_step()
+        cache.unpin(_READ)
         slots = cache.lookup(flat, self._fill, self._write_back)
-        cache.lock(slots)
-        self._step_slots = slots
+        cache.pin(_READ, slots)
         if self._trains_generator():
             return self._materialize(flat, cache.columns["delta"][slots])
         # index_select, not advanced indexing: about twice as fast for a gather of rows
@@ -356,13 +356,11 @@ class Pool:
             raise ValueError("a PoolLayer needs a pool with a cache (cache_rows > 0)")
         with self._lock:
             self._rematerialize_if_stale()
-            key = id(owner)
-            previous = self._owner_slots.pop(key, None)
-            if previous is not None:
-                cache.unlock(previous)
+            key = ("layer", id(owner))
+            cache.unpin(key)
             slots = cache.lookup(ids, self._fill, self._write_back)
-            cache.lock(slots)
-            self._owner_slots[key] = slots
+            cache.pin(key, slots)
+            self._owners.add(key)
             return slots
 
     @torch.no_grad()
@@ -417,9 +415,10 @@ class Pool:
             return Prefetch(self, None)
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dpsn-prefetch")
-        return Prefetch(self, self._prefetcher.submit(self._prefetch_job, flat))
+        key = ("prefetch", next(self._prefetches))
+        return Prefetch(self, self._prefetcher.submit(self._prefetch_job, flat, key), key)
 
-    def _prefetch_job(self, flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def _prefetch_job(self, flat: torch.Tensor, key: tuple[str, int]) -> tuple[torch.Tensor, Any]:
         cache = self._cache
         assert cache is not None
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -431,8 +430,7 @@ class Pool:
                 event.record(stream)
             else:
                 slots, event = cache.lookup(flat, self._fill, self._write_back), None
-            slots = torch.unique(slots)
-            cache.lock(slots)
+            cache.pin(key, slots)
         return slots, event
 
     # -- writing -------------------------------------------------------------------------------
@@ -496,8 +494,7 @@ class Pool:
         with self._lock:
             self._staging.clear()
             if self._cache is not None:
-                self._release_step()
-                self._owner_slots.clear()
+                self._release_steps()
                 self._cache.clear()
 
     def commit(self, message: str = "") -> Commit:
@@ -625,8 +622,7 @@ class Pool:
                 self._stamp = self._generator_stamp()
             self._commit, self._index = commit, index
             if self._cache is not None:
-                self._release_step()
-                self._owner_slots.clear()
+                self._release_steps()
                 self._cache.clear()
         return commit
 
@@ -645,7 +641,7 @@ class Pool:
             capacity=cache.capacity,
             cached_rows=len(cache),
             dirty_rows=int(cache.dirty.sum()),
-            locked_rows=int((cache.locks > 0).sum()),
+            locked_rows=int(cache.pinned().sum()),
             policy=cache.policy.name,
             device=str(self.device),
             last_step=dict(cache.stats.last),
@@ -717,12 +713,12 @@ class Pool:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def _release_step(self) -> None:
-        """Unlock the rows of the read in flight (and, when the cache is reset, of every
-        layer's step)."""
-        if self._step_slots is not None and self._cache is not None:
-            self._cache.unlock(self._step_slots)
-        self._step_slots = None
+    def _release_steps(self) -> None:
+        """Unpin the rows of the read and of every layer's step in flight (the cache is reset)."""
+        if self._cache is not None:
+            for key in (_READ, *self._owners):
+                self._cache.unpin(key)
+        self._owners.clear()
 
     def close(self) -> None:
         """Release the store (and the writer lock). Uncommitted changes are discarded."""
@@ -747,9 +743,15 @@ class Pool:
 class Prefetch:
     """A handle on rows being paged in ahead of use; see :meth:`Pool.prefetch`."""
 
-    def __init__(self, pool: Pool, future: Future[tuple[torch.Tensor, Any]] | None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        future: Future[tuple[torch.Tensor, Any]] | None,
+        key: tuple[str, int] | None = None,
+    ) -> None:
         self._pool = pool
         self._future = future
+        self._key = key
         self._released = future is None
 
     def wait(self) -> None:
@@ -769,11 +771,10 @@ class Prefetch:
             return
         self._released = True
         assert self._future is not None
-        slots, _ = self._future.result()
+        self._future.result()  # the job pins when it ends: let it end first
         cache = self._pool.cache
         if cache is not None:
-            with cache.mutex:
-                cache.unlock(slots)
+            cache.unpin(self._key)
 
     def __enter__(self) -> Prefetch:
         return self

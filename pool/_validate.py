@@ -35,7 +35,7 @@ def as_ids(ids: Any, rows: int) -> torch.Tensor:
         raise InvalidIdsError("row ids must be int64 (uint64 ids cannot be checked for range)")
     ids = ids.detach().to("cpu", torch.int64)
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= rows:
             bad = lo if lo < 0 else hi
             raise RowIdOutOfRangeError(

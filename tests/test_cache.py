@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -95,11 +95,49 @@ def test_batch_larger_than_capacity_is_a_clear_error():
 def test_locked_rows_are_never_evicted():
     c, fill = make_cache(2), Filler()
     slots = c.lookup(torch.tensor([1, 2]), fill, no_evict)
-    c.lock(slots)
+    c.pin("step", slots)
     with pytest.raises(CacheCapacityError, match="can be evicted"):
         c.lookup(torch.tensor([3]), fill, no_evict)
-    c.unlock(slots)
+    c.unpin("step")
     c.lookup(torch.tensor([3]), fill, no_evict)
+
+
+def test_pins_are_per_holder_and_replaced_not_stacked():
+    c, fill = make_cache(3), Filler()
+    a = c.lookup(torch.tensor([1, 2]), fill, no_evict)
+    c.pin("layer", a)
+    c.pin("read", a[:1])
+    c.pin("layer", c.lookup(torch.tensor([3]), fill, no_evict))  # the layer's next step
+    assert sorted(c.slot_ids[c.pinned()].tolist()) == [1, 3]  # 2 is free again, 1 still read's
+    c.lookup(torch.tensor([4]), fill, no_evict)  # evicts 2, the only unpinned row
+    assert sorted(c.occupied_ids()[0].tolist()) == [1, 3, 4]
+    c.unpin("read")
+    c.unpin("never-pinned")  # a no-op, not an error
+    assert sorted(c.slot_ids[c.pinned()].tolist()) == [3]
+    c.unpin_all()
+    assert not bool(c.pinned().any())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(0, 2**62), min_size=1, max_size=24), min_size=1, max_size=12
+    ),
+    capacity=st.integers(24, 40),
+)
+def test_find_is_exact_whatever_the_guess_tables_hold(batches, capacity):
+    """The guess tables are tiny here (16x capacity buckets, ids up to 2**62): collisions in
+    both tables are common, and every answer must still match the cache's contents."""
+    c, fill = make_cache(capacity), Filler()
+    for batch in batches:
+        ids = torch.tensor(batch)
+        slots = c.lookup(ids, fill, no_evict)
+        assert torch.equal(c.slot_ids[slots], ids)
+        cached = c.occupied_ids()[0]
+        probe = torch.cat([ids, ids + 1, cached])
+        got, hit = c.find(probe)
+        assert torch.equal(hit, torch.isin(probe, cached))
+        assert torch.equal(c.slot_ids[got[hit]], probe[hit])
 
 
 def test_policies_are_pluggable_by_name():

@@ -61,10 +61,10 @@ class LRU(EvictionPolicy):
         self.last = torch.zeros(capacity, dtype=torch.float64, device=device)
 
     def touch(self, slots: torch.Tensor, step: int) -> None:
-        self.last[slots] = float(step)
+        self.last.scatter_(0, slots, float(step))
 
     def insert(self, slots: torch.Tensor, step: int) -> None:
-        self.last[slots] = float(step)
+        self.last.scatter_(0, slots, float(step))
 
     def score(self) -> torch.Tensor:
         return self.last
