@@ -72,6 +72,36 @@ def test_lfu_evicts_least_frequently_used():
     assert 1 in c.occupied_ids()[0].tolist()
 
 
+@pytest.mark.parametrize(("policy", "kept"), [("lfu", [3, 5]), ("tinylfu", [1, 5])])
+def test_tinylfu_remembers_rows_it_evicted(policy, kept):
+    """Row 1 is read often, pushed out (the other row is pinned), then read once more: in-cache
+    LFU starts it again from one and drops it before row 3; TinyLFU's sketch still knows it."""
+    c, fill = make_cache(2, policy), Filler()
+    for _ in range(3):
+        c.lookup(torch.tensor([1]), fill, no_evict)
+    c.pin("step", c.lookup(torch.tensor([2]), fill, no_evict))
+    c.lookup(torch.tensor([3]), fill, no_evict)  # evicts 1, the only unpinned row
+    c.unpin("step")
+    c.lookup(torch.tensor([1]), fill, no_evict)  # evicts 2 (seen once, longest ago)
+    c.lookup(torch.tensor([3]), fill, no_evict)
+    c.lookup(torch.tensor([5]), fill, no_evict)
+    assert sorted(c.occupied_ids()[0].tolist()) == kept
+
+
+def test_tinylfu_sketch_counts_and_halves():
+    c, fill = make_cache(4, "tinylfu"), Filler()
+    sketch = c.policy
+    sketch.sample_size = 12
+    c.lookup(torch.tensor([7, 7, 8]), fill, no_evict)
+    c.lookup(torch.tensor([7, 9]), fill, no_evict)
+    est = sketch.estimate(torch.tensor([7, 8, 9, 10]))
+    assert (est >= torch.tensor([3, 1, 1, 0], dtype=est.dtype)).all()  # count-min: never below
+    c.lookup(torch.tensor([7] * 7), fill, no_evict)  # 12 accesses: everything halves
+    assert sketch.counted == 6
+    assert 5 <= int(sketch.estimate(torch.tensor([7]))) <= 6  # (3 + 7) // 2, or one more
+    c.lookup(torch.tensor([], dtype=torch.int64), fill, no_evict)  # an empty batch is fine
+
+
 def test_dirty_rows_are_handed_back_before_eviction():
     c, fill = make_cache(2), Filler()
     evicted = []
@@ -327,7 +357,7 @@ class CachedVsPlain(RuleBasedStateMachine):
     def discard(self):
         self.both(lambda p: p.discard())
 
-    @rule(policy=st.sampled_from(["lru", "lfu"]))
+    @rule(policy=st.sampled_from(["lru", "lfu", "tinylfu"]))
     def reopen(self, policy):
         self.cached.close()
         self.plain.close()

@@ -179,7 +179,7 @@ class DeviceCache:
                 n_miss = len(missing)
                 self._admit(ids, slots, hit, missing, fill, evict)
                 slots, hit = self.find(ids)
-            self.policy.touch(slots, self.step)
+            self.policy.access(ids, slots, self.step)
             self.stats.add(lookups=1, hits=len(ids) - n_miss, misses=n_miss)
             return slots
 
