@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from dpsn.hypernet import GENERATORS, Generator, make_generator
-from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex
+from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
 
 from ._dtypes import DTYPES, parse_dtype
 from ._pool import Pool
@@ -81,6 +81,7 @@ def create(
         raise ValueError(f"seed must be in 0..2**64-1, got {seed}")
     if compressor not in COMPRESSORS:
         raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+    check_policy(policy)  # before anything is written
     dtype_name = parse_dtype(dtype)
     if chunk_rows is None:
         chunk_rows = _default_chunk_rows(dim, DTYPES[dtype_name].itemsize)

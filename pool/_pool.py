@@ -38,7 +38,7 @@ from dpsn.errors import (
     SnapshotNotFoundError,
 )
 from dpsn.hypernet import Generator, make_generator
-from dpsn.tiers import Commit, DeviceCache, PersistedStore, RowIndex, VerifyReport
+from dpsn.tiers import Commit, DeviceCache, PersistedStore, RowIndex, VerifyReport, check_policy
 
 from ._dtypes import DTYPES, from_storage, to_storage
 from ._staging import Staging
@@ -78,6 +78,7 @@ class Pool:
         self._state_width = 0
         self._staging = Staging(m.dim, self._dtype)
         self._io = dict.fromkeys(("rows_from_disk", "bytes_from_disk", "rows_generated"), 0)
+        check_policy(policy)  # a typo is an error even where no cache is built
         if cache_rows is None:
             cache_rows = max(1024, CACHE_BYTES // (2 * m.dim * self._dtype.itemsize))
         if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:

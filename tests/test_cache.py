@@ -198,6 +198,19 @@ def test_policies_are_pluggable_by_name():
         make_cache(2, "nope")
 
 
+def test_unknown_policy_is_an_error_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown eviction policy 'lur'; known: lfu, lru"):
+        dpsn.create(tmp_path / "s", rows=10, dim=2, policy="lur")
+    assert not (tmp_path / "s").exists()
+    dpsn.create(tmp_path / "s", rows=10, dim=2).close()
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        dpsn.open(tmp_path / "s", cache_rows=0, policy="lur")  # even with no cache
+    from dpsn.tools.cli import main
+
+    assert main(["stats", str(tmp_path / "s"), "--policy", "lur"]) == 2
+    assert "unknown eviction policy 'lur'" in capsys.readouterr().err
+
+
 # -- the pool with a cache -------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ commits, nothing of models. The device cache builds on it.
 from ._cache import CacheStats, DeviceCache
 from ._format import FORMAT_VERSION, Manifest
 from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
-from ._policies import EvictionPolicy, make_policy, policies, register_policy
+from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
 from ._rowindex import RowIndex
 from ._segments import COMPRESSORS
 
@@ -22,6 +22,7 @@ __all__ = [
     "PersistedStore",
     "RowIndex",
     "VerifyReport",
+    "check_policy",
     "make_policy",
     "policies",
     "register_policy",

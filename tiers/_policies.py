@@ -202,13 +202,15 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
     return cls
 
 
+def check_policy(name: str) -> None:
+    """Raise ``ValueError`` naming the known policies unless ``name`` is one."""
+    if name not in _POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(policies())}")
+
+
 def make_policy(name: str, capacity: int, device: torch.device) -> EvictionPolicy:
-    try:
-        return _POLICIES[name](capacity, device)
-    except KeyError:
-        raise ValueError(
-            f"unknown eviction policy {name!r}; known: {', '.join(sorted(_POLICIES))}"
-        ) from None
+    check_policy(name)
+    return _POLICIES[name](capacity, device)
 
 
 def policies() -> list[str]:

@@ -265,9 +265,11 @@ def _parse_trace(spec: str) -> list[list[int]]:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     import dpsn
+    from dpsn.tiers import check_policy
 
     from ._format import fields, human_bytes
 
+    check_policy(args.policy)  # even without --replay: a typo is an error
     with dpsn.open(args.path) as pool:
         info = pool.info()
         writer = next((c.stats for c in reversed(pool.log()) if c.stats), None)
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='ids to read through a fresh cache: a file (one batch per line) or "1,2,3"',
     )
     sp.add_argument("--cache-rows", type=parse_count, default=None)
-    sp.add_argument("--policy", default="lru")
+    sp.add_argument("--policy", default="lru", help="lru, lfu, tinylfu (default lru)")
 
     sp = add("demo", "create a store, train a little, commit, reopen and inspect it", cmd_demo)
     sp.add_argument("dir", nargs="?", default="dpsn-demo", help="where (default ./dpsn-demo)")
