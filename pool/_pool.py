@@ -314,7 +314,7 @@ class Pool:
         the pool's device.
 
         With a cache, the batch's rows are paged in (misses filled in one batch, each distinct
-        id once) and stay locked against eviction until the next ``read`` (the step in flight).
+        id once) and stay pinned against eviction until the next ``read`` (the step in flight).
         Raises :class:`~dpsn.errors.CacheCapacityError` when a batch has more distinct ids than
         the cache can hold.
         """
@@ -349,7 +349,7 @@ class Pool:
     # -- the layer's path: paging in by owner, fused row updates -------------------------------
 
     def _page_in(self, ids: torch.Tensor, owner: object) -> torch.Tensor:
-        """Slots of ``ids`` (1-D, validated), locked for ``owner``'s step in flight until that
+        """Slots of ``ids`` (1-D, validated), pinned for ``owner``'s step in flight until that
         owner pages in again. Several layers can share one pool without evicting each other's
         rows between their forward and backward."""
         cache = self._cache
@@ -408,7 +408,7 @@ class Pool:
 
     def prefetch(self, ids: Any) -> Prefetch:
         """Page rows in ahead of the ``read`` that needs them, on a helper thread, while the
-        current step computes. The rows stay locked against eviction until the handle is
+        current step computes. The rows stay pinned against eviction until the handle is
         released (``release()``, or leave its ``with`` block)."""
         self._check_open()
         flat = as_ids(ids, self.rows).reshape(-1)
@@ -767,7 +767,7 @@ class Prefetch:
         return self._future is None or self._future.done()
 
     def release(self) -> None:
-        """Unlock the prefetched rows (they become evictable again)."""
+        """Unpin the prefetched rows (they become evictable again)."""
         if self._released:
             return
         self._released = True
