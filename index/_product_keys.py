@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._base import Router
 from ._budget import BudgetSignal
 from ._errors import RouterConfigError
-from ._topk import merge_heads, merge_topk, topk_ip
+from ._topk import merge_heads, merge_topk, sorted_pair_candidates, topk_ip
 
 __all__ = ["ProductKeyRouter", "ProductKeys", "grid_shape"]
 
@@ -119,8 +119,11 @@ class ProductKeys(nn.Module):
             v2, i2 = merge_topk([va, vb], [ia, ib], k)
         else:
             v2, i2 = topk_ip(q2, k2s, k, max_elems=me)
-        vals = [(v1[..., :, None] + v2[..., None, :]).flatten(-2)]  # [H, T, k1 * k2]
-        idx = [(i1[..., :, None] * n2 + i2[..., None, :]).flatten(-2)]
+        # Only pairs that can make the top-k of the sum (v1, v2 are sorted): ~k ln k, not k**2
+        pairs = sorted_pair_candidates(v1.shape[-1], v2.shape[-1], k, q.device)
+        first, second = pairs // v2.shape[-1], pairs % v2.shape[-1]
+        vals = [v1[..., first] + v2[..., second]]  # [H, T, P]
+        idx = [i1[..., first] * n2 + i2[..., second]]
         if r:  # the partial row f, paired with the first r sub-keys of half b
             s1f = torch.einsum("hte,he->ht", q1, k1s[:, f])
             vals.append(s1f[..., None] + va)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["merge_heads", "merge_topk", "topk_ip"]
+__all__ = ["merge_heads", "merge_topk", "sorted_pair_candidates", "topk_ip"]
 
 _BLOCK = 32  # keys per block for the block-max reduction
 _DEFAULT_MAX_ELEMS = 1 << 22  # scores alive at once per chunk (16 MiB of float32)
@@ -23,8 +23,9 @@ _CHUNK = 1 << 14
 
 def merge_topk(vals: list[Tensor], idx: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
     """Top-k of the concatenation of several partial top-k lists along the last axis."""
-    v = torch.cat(vals, dim=-1)
-    i = torch.cat(idx, dim=-1)
+    # one list needs no concatenation (a copy of every candidate)
+    v = vals[0] if len(vals) == 1 else torch.cat(vals, dim=-1)
+    i = idx[0] if len(idx) == 1 else torch.cat(idx, dim=-1)
     kk = min(k, v.shape[-1])
     top_v, pos = v.topk(kk, dim=-1)
     return top_v, i.gather(-1, pos)
@@ -91,6 +92,22 @@ def topk_ip(
             v, i = merge_topk(vals, idx, kk)
             vals, idx = [v], [i]
     return merge_topk(vals, idx, kk)
+
+
+def sorted_pair_candidates(n1: int, n2: int, k: int, device: torch.device) -> Tensor:
+    """Flat positions ``i * n2 + j`` of the pairs that can be in the top-k of
+    ``a[i] + b[j]`` when ``a`` (n1) and ``b`` (n2) are each sorted descending.
+
+    Pair (i, j) is beaten or tied by every pair (i', j') with i' <= i and j' <= j, so it can rank
+    among the first k only if (i + 1) * (j + 1) <= k: about k * ln(k) pairs instead of n1 * n2
+    (119 of 1,024 at k = 32), with the same top-k.
+    """
+    i = torch.arange(min(n1, k), device=device)
+    reach = torch.clamp(k // (i + 1), max=n2)  # how many j each i may pair with
+    rows = torch.repeat_interleave(i, reach)
+    starts = torch.cumsum(reach, 0) - reach
+    cols = torch.arange(len(rows), device=device) - torch.repeat_interleave(starts, reach)
+    return rows * n2 + cols
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dpsn.index import ProductKeyRouter, RouterConfigError
 from dpsn.index._product_keys import grid_shape
-from dpsn.index._topk import _chunk_topk, merge_heads, topk_ip
+from dpsn.index._topk import _chunk_topk, merge_heads, sorted_pair_candidates, topk_ip
 from dpsn.index.testing import mixture, single_threaded
 
 
@@ -108,6 +108,26 @@ def test_topk_ip_is_exact(g: int, m: int, n: int, k: int, data: st.DataObject) -
     want_v, want_i = torch.bmm(q, keys[:, start:stop].transpose(1, 2)).topk(min(k, stop - start))
     torch.testing.assert_close(v, want_v)
     assert torch.equal(i, want_i + start)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 40), st.integers(1, 40), st.integers(1, 64), st.booleans(), st.integers(0, 99)
+)
+def test_pruned_pairs_keep_the_top_k_of_sums(n1: int, n2: int, k: int, ties: bool, seed: int):
+    """Of a[i] + b[j] with a, b sorted descending, the pairs with (i+1)(j+1) <= k hold the top k
+    (the values exactly, ties included)."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(3, n1, generator=gen), torch.randn(3, n2, generator=gen)
+    if ties:
+        a, b = a.round(), b.round()
+    a, b = a.sort(-1, descending=True).values, b.sort(-1, descending=True).values
+    full = (a[:, :, None] + b[:, None, :]).flatten(1)
+    pairs = sorted_pair_candidates(n1, n2, k, torch.device("cpu"))
+    kk = min(k, n1 * n2)
+    assert len(pairs) >= kk
+    got = full[:, pairs].topk(kk, dim=-1).values
+    assert torch.equal(got, full.topk(kk, dim=-1).values)
 
 
 @pytest.mark.parametrize("k", [1, 7, 40])
