@@ -23,6 +23,7 @@ guarantee up: every row's base moves.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -35,13 +36,115 @@ from ._pool import Pool
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
+def _gather(
+    layer: PoolLayer, table: torch.Tensor, slots: torch.Tensor, owner: object
+) -> torch.Tensor:
+    """Rows ``[*slots.shape, D]`` in float32, gathered into the layer's reusable buffer when no
+    pending backward still needs it (``owner`` then holds it until its backward runs)."""
+    flat = slots.reshape(-1)
+    out = layer._row_buffer(len(flat), table, owner)
+    if out is not None:
+        rows = torch.index_select(table, 0, flat, out=out)
+    else:
+        rows = torch.index_select(table, 0, flat).float()
+    return rows.reshape(*slots.shape, table.shape[1])
+
+
+class _Uses:
+    """Where each distinct row was used in a batch, as a sparse ``[rows, T]`` pattern: sums of
+    per-use gradients become one sparse-dense matmul each, with no ``[T, K, width]``
+    intermediate (the row gradient of use (t, k) is a coefficient times a token vector)."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        t, k = ids.shape
+        token = torch.arange(t, device=ids.device).repeat_interleave(k)
+        keep = mask.reshape(-1)
+        self.keep = None if bool(keep.all()) else keep  # a fixed budget has no padding
+        flat = ids.reshape(-1) if self.keep is None else ids.reshape(-1)[keep]
+        token = token if self.keep is None else token[keep]
+        sorted_ids, self.order = torch.sort(flat, stable=True)
+        self.ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        self.crow = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=ids.device)
+        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.col = token[self.order]
+        self.shape = (len(self.ids), t)
+
+    def sum(self, coef: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``[rows, F]``: for each row, sum over its uses (t, k) of ``coef[t, k] * vectors[t]``."""
+        values = coef.reshape(-1) if self.keep is None else coef.reshape(-1)[self.keep]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the matmul is not
+            warnings.simplefilter("ignore", UserWarning)
+            m = torch.sparse_csr_tensor(
+                self.crow, self.col, values[self.order], self.shape, check_invariants=False
+            )
+        return m @ vectors
+
+
+class _PeerRows(torch.autograd.Function):
+    """The whole PEER executor over rows gathered by slot, with a hand-written backward.
+
+    ``y[t] = sum_k w[t, k] v[t, k]`` with ``w = gates * act(u[t, k] . x[t])``. Autograd through
+    these matmuls would materialise each use's row gradient (``[T, K, I]`` and ``[T, K, O]``,
+    outer products) and then sum them per row; but the gradient of use (t, k) is a scalar
+    times ``x[t]`` (for u) or times ``dy[t]`` (for v), so the backward sums them per row with
+    two sparse-dense matmuls (:class:`_Uses`) and hands the sums to the row optimizer. Returns
+    the gradients of ``x`` and ``gates`` (which reach the router). The frozen-generator path;
+    ``train_generator=True`` goes through autograd (:class:`_FusedRows`). ``anchor`` requires
+    grad, so the rows train even when neither ``x`` nor the router does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        anchor: torch.Tensor,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        table: torch.Tensor,
+        slots: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        layer: PoolLayer,
+    ) -> torch.Tensor:
+        rows = _gather(layer, table, slots, owner=ctx)
+        u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
+        h = torch.matmul(u, x[:, :, None])[..., 0]  # (T, K)
+        w = gates * _ACTIVATIONS[layer.activation](h)
+        ctx.save_for_backward(x, gates, h, ids, mask)
+        ctx.layer, ctx.rows, ctx.version = layer, rows, rows._version
+        return torch.matmul(w[:, None, :], v)[:, 0]  # (T, O)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gates, h, ids, mask = ctx.saved_tensors
+        layer, rows = ctx.layer, ctx.rows
+        if rows._version != ctx.version:
+            raise RuntimeError(
+                "a PoolLayer's gathered rows were overwritten before this backward ran; "
+                "run backward before the layer's next forward, or keep the graph alive with "
+                "retain_graph only until then"
+            )
+        u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
+        dy = dy.float()
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_()
+            act = _ACTIVATIONS[layer.activation](hh)
+        dw = torch.matmul(v, dy[:, :, None])[..., 0]  # (T, K): dL/dw
+        dgates = dw * act.detach()
+        (dh,) = torch.autograd.grad(act, hh, dw * gates)
+        dx = torch.matmul(dh[:, None, :], u)[:, 0]  # (T, I)
+        layer._release_rows(ctx)  # u and v are read: the buffer may be reused
+        uses = _Uses(ids, mask)
+        if len(uses.ids):
+            grads = torch.cat([uses.sum(dh, x), uses.sum(gates * act.detach(), dy)], dim=1)
+            layer.pool._apply_row_grads(uses.ids, grads, layer.row_optimizer)
+        return None, dx, dgates, None, None, None, None, None
+
+
 class _FusedRows(torch.autograd.Function):
     """Gathers rows by slot as their two halves ``u [T, K, I]`` and ``v [T, K, O]``; its
-    backward updates those rows in place.
+    backward updates those rows in place. The ``train_generator=True`` path, where autograd
+    must also reach the generator through the base rows.
 
-    Two outputs, not one ``[T, K, D]`` split afterwards: split's backward concatenates the two
-    gradients into a fresh ``[T, K, D]`` tensor (measured 20 ms a layer at T*K = 32,768 rows of
-    256 on one CPU thread); here each half's gradient is summed straight into its columns.
     ``anchor`` is a scalar that requires grad, so autograd calls the backward even though the
     rows themselves are not leaves that an optimizer would see.
     """
@@ -64,11 +167,15 @@ class _FusedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_u: torch.Tensor, grad_v: torch.Tensor) -> tuple[None, ...]:
         ids, mask = ctx.ids.reshape(-1), ctx.mask.reshape(-1)
-        grad_u = grad_u.reshape(len(ids), -1)
-        grad_v = grad_v.reshape(len(ids), -1)
-        if not bool(mask.all()):  # a fixed budget has no padding: skip the copies
-            ids, grad_u, grad_v = ids[mask], grad_u[mask], grad_v[mask]
-        ctx.layer._update_rows(ids, grad_u, grad_v)
+        grads = torch.cat([grad_u, grad_v], dim=-1).reshape(len(ids), -1)
+        if not bool(mask.all()):
+            ids, grads = ids[mask], grads[mask]
+        if not len(ids):
+            return None, None, None, None, None, None
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        summed = torch.zeros((len(uniq), grads.shape[1]), dtype=torch.float32, device=ids.device)
+        summed.index_add_(0, inverse, grads.float())
+        ctx.layer.pool._apply_row_grads(uniq, summed, ctx.layer.row_optimizer)
         return None, None, None, None, None, None
 
 
@@ -132,6 +239,12 @@ class PoolLayer(nn.Module):
             self.generator = pool.generator  # registered: its weights join parameters()
             self.generator.requires_grad_(True)
         self._anchor = torch.zeros((), requires_grad=True)
+        # The gathered rows of the last step, reused as the next gather's output while no
+        # autograd graph still holds them: a fresh [T*K, D] tensor costs its page faults every
+        # step (16 ms vs 3.4 ms for a 32 MiB gather on one thread, past glibc's mmap threshold).
+        self._rows: torch.Tensor | None = None
+        self._rows_owner: object = None  # the forward (autograd ctx) whose backward needs them
+        self._building_graph = False  # grad mode of the forward in progress
         self.last_route: Any = None  # the most recent RouteResult (for budget/usage figures)
 
     def extra_repr(self) -> str:
@@ -152,34 +265,39 @@ class PoolLayer(nn.Module):
         slots = self.pool._page_in(ids.reshape(-1), owner=self).reshape(ids.shape)
         cache = self.pool.cache
         assert cache is not None
-        if self.train_generator:
+        self._building_graph = torch.is_grad_enabled()  # (a Function's forward runs without)
+        gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
+        xf = x2.float()
+        if not self.train_generator:
+            # autocast off: the executor's matmuls and its backward work in float32
+            with torch.autocast(x.device.type, enabled=False):
+                y = _PeerRows.apply(
+                    self._anchor, xf, gates.float(), cache.columns["row"], slots, ids, mask, self
+                )
+        else:
             du, dv = _FusedRows.apply(self._anchor, cache.columns["delta"], slots, ids, mask, self)
             base = self.pool.generator(ids.reshape(-1)).reshape(*ids.shape, -1)
             bu, bv = base.split([self.d_in, self.d_out], dim=-1)
-            u, v = bu + du, bv + dv
-        else:
-            u, v = _FusedRows.apply(self._anchor, cache.columns["row"], slots, ids, mask, self)
-        # u: (T, K, I), v: (T, K, O)
-        gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
-        # Batched matmuls laid out so that their backward writes the rows' gradients
-        # [T, K, I] and [T, K, O] contiguous (einsum's came out transposed: a copy each).
-        act = _ACTIVATIONS[self.activation](torch.matmul(u, x2.float()[:, :, None])[..., 0])
-        y = torch.matmul((gates * act)[:, None, :], v)[:, 0]
+            u, v = bu + du, bv + dv  # (T, K, I), (T, K, O)
+            act = _ACTIVATIONS[self.activation](torch.einsum("ti,tki->tk", xf, u))
+            y = torch.einsum("tk,tko->to", gates * act, v)
         return y.to(x.dtype).reshape(*lead, self.d_out)
 
-    def _update_rows(self, ids: torch.Tensor, grad_u: torch.Tensor, grad_v: torch.Tensor) -> None:
-        """Sum each row's gradient over its uses in the batch and take one optimizer step."""
-        if ids.numel() == 0:
-            return
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        halves = []
-        for grad in (
-            grad_u,
-            grad_v,
-        ):  # contiguous sums (index_add_ into a column slice is 3x slower)
-            half = torch.zeros((len(uniq), grad.shape[1]), dtype=torch.float32, device=ids.device)
-            halves.append(half.index_add_(0, inverse, grad.float()))
-        self.pool._apply_row_grads(uniq, torch.cat(halves, dim=1), self.row_optimizer)
+    def _row_buffer(self, n: int, table: torch.Tensor, owner: object) -> torch.Tensor | None:
+        """A float32 ``[n, D]`` output for the gather, or None (allocate one) while the last is
+        held by a forward whose backward has not run, or if the table is not float32."""
+        if table.dtype != torch.float32 or self._rows_owner is not None:
+            return None
+        if self._rows is None or self._rows.shape[0] < n or self._rows.device != table.device:
+            self._rows = torch.empty((n, table.shape[1]), dtype=table.dtype, device=table.device)
+        # Held until that backward runs. A graph dropped without backward (a forward with grad
+        # on, for evaluation) only costs later steps the reuse, never correctness.
+        self._rows_owner = owner if self._building_graph else None
+        return self._rows[:n]
+
+    def _release_rows(self, owner: object) -> None:
+        if self._rows_owner is owner:
+            self._rows_owner = None
 
     def commit(self, message: str = "") -> Any:
         """Write back dirty rows and their optimizer state, the router and (when trained) the

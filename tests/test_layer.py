@@ -6,6 +6,7 @@ import torch
 
 import dpsn
 from dpsn.pool import PoolLayer, RowAdagrad, RowAdam
+from dpsn.pool._layer import _ACTIVATIONS
 
 D_IN, D_OUT = 8, 6
 SMALL = {"kind": "hashed_slices", "memory_size": 2048}
@@ -48,6 +49,48 @@ def test_output_shape_and_gradients_reach_the_router(tmp_path):
     grads = {n: p.grad for n, p in layer.named_parameters()}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    pool.close()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "tanh"])
+@pytest.mark.parametrize("budget", ["fixed", "padded"])
+def test_hand_written_backward_matches_autograd(tmp_path, activation, budget):
+    """The executor's backward (row gradients summed by sparse matmuls, no per-use tensors)
+    against plain autograd in float64 over the same rows: the row updates (SGD, lr 1: the
+    delta moves by minus the summed gradient), the input's gradient and the router's."""
+    from dpsn.index import ProductKeyRouter
+
+    pool = dpsn.create(tmp_path / "s", rows=300, dim=D_IN + D_OUT, seed=5, generator=SMALL)
+    router = ProductKeyRouter(d_in=D_IN, num_rows=300, k=6, k_min=2 if budget == "padded" else 6)
+    layer = PoolLayer(
+        pool, D_IN, D_OUT, router=router, activation=activation, row_optimizer="sgd", row_lr=1.0
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, D_IN, generator=g, requires_grad=True)
+    c = torch.randn(20, D_OUT, generator=g)
+    if budget == "padded":
+        router.calibrate_budget(x.detach())
+    (layer(x) * c).sum().backward()
+    route = layer.last_route
+    if budget == "padded":
+        assert not bool(route.mask.all())  # the budget left padding to skip
+    used = route.ids[route.mask].unique()
+
+    rows = pool.base(used).double().requires_grad_()  # nothing was written before this step
+    x_ref = x.detach().clone().requires_grad_()
+    ref_route = router(x_ref)
+    assert torch.equal(ref_route.ids, route.ids)
+    pos = torch.searchsorted(used, torch.where(route.mask, route.ids, used[0]))
+    r = rows[pos]  # (T, K, D)
+    u, v = r[..., :D_IN], r[..., D_IN:]
+    gates = torch.softmax(ref_route.scores.double(), dim=-1)
+    act = _ACTIVATIONS[activation]
+    y = torch.einsum("tk,tko->to", gates * act(torch.einsum("ti,tki->tk", x_ref.double(), u)), v)
+    (y * c.double()).sum().backward()
+
+    moved = pool.delta(used).double()  # = -lr * summed gradient
+    torch.testing.assert_close(moved, -rows.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad.double(), rtol=1e-4, atol=1e-5)
     pool.close()
 
 
@@ -142,6 +185,59 @@ def test_rows_evicted_between_forward_and_backward_are_updated_on_the_host(tmp_p
     before = pool.delta(used).clone()
     y1.square().sum().backward()
     assert not torch.equal(pool.delta(used), before)  # every used row got its update
+    pool.close()
+
+
+def test_rows_train_when_neither_input_nor_router_needs_grad(tmp_path):
+    pool, layer = make(tmp_path / "s", row_optimizer="sgd")
+    layer.router.requires_grad_(False)
+    x = torch.randn(8, D_IN)  # no grad either
+    y = layer(x)
+    used = layer.last_route.ids[layer.last_route.mask].unique()
+    y.square().sum().backward()
+    assert bool((pool.delta(used) != 0).any(dim=1).all())
+    pool.close()
+
+
+def test_interleaved_forwards_and_backwards_each_update_their_own_rows(tmp_path):
+    """The gathered rows' buffer is reused only once the forward that holds it has run its
+    backward: a forward in between gets its own, and every backward sees its own rows. Checked
+    against the same sequence with the reuse switched off."""
+    results = []
+    for reuse in (True, False):
+        pool, layer = make(tmp_path / f"s{reuse}", row_optimizer="sgd", row_lr=0.5)
+        if not reuse:
+            layer._row_buffer = lambda n, table, owner: None
+        xs = [torch.randn(8, D_IN, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        used = []
+
+        def forward(x, layer=layer, used=used):
+            y = layer(x)
+            used.append(layer.last_route.ids[layer.last_route.mask])
+            return y.square().sum()
+
+        loss0 = forward(xs[0])
+        loss0.backward()  # releases the buffer: the next forward reuses it
+        loss1, loss2 = forward(xs[1]), forward(xs[2])  # 2 cannot take 1's buffer
+        loss2.backward()
+        loss3 = forward(xs[3])  # nor can 3: 1 still holds it
+        loss1.backward()
+        loss3.backward()
+        ids = torch.cat(used).unique()
+        results.append((ids, pool.delta(ids)))
+        pool.close()
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert bool((results[0][1] != 0).any())
+
+
+def test_a_second_backward_after_the_rows_were_reused_is_refused(tmp_path):
+    pool, layer = make(tmp_path / "s", row_optimizer="sgd")
+    y1 = layer(torch.randn(8, D_IN))
+    y1.sum().backward(retain_graph=True)
+    layer(torch.randn(8, D_IN))  # reuses the buffer y1's graph gathered into
+    with pytest.raises(RuntimeError, match="overwritten before this backward"):
+        y1.sum().backward()
     pool.close()
 
 
