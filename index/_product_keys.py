@@ -144,9 +144,9 @@ class ProductKeys(nn.Module):
             self.keys2.reshape(-1, e), 0, (h * self.n2 + ids % self.n2).flatten()
         )
         k1, k2 = k1.view(*ids.shape, e), k2.view(*ids.shape, e)  # [T, H, k, e]
-        return torch.einsum("the,thke->thk", q[..., :e], k1) + torch.einsum(
-            "the,thke->thk", q[..., e:], k2
-        )
+        # [T, H, k, e] @ [T, H, e, 1]: the keys stay in the layout they were gathered in
+        # (einsum permuted a copy of each)
+        return (torch.matmul(k1, q[..., :e, None]) + torch.matmul(k2, q[..., e:, None]))[..., 0]
 
     def select(self, q: Tensor, k: int, n_valid: int) -> tuple[Tensor, Tensor]:
         """Top-k rows of ``max_h score_h`` over ``[0, n_valid)``: ``(ids, scores)``, ``[T, k]``.
