@@ -1,6 +1,6 @@
 """Quality benchmark: dense feed-forward blocks vs dpsn PoolLayers at equal active compute.
 
-    python bench/quality.py            # full run (~10 min on 2 cores)
+    python bench/quality.py            # full run (3-10 min on 2 cores)
     python bench/quality.py --quick    # smoke run (< 1 min)
     python bench/quality.py --set k=64 --set row_lr=3e-2   # try another pool configuration
 

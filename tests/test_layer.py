@@ -75,6 +75,8 @@ def test_hand_written_backward_matches_autograd(tmp_path, activation, budget):
     if budget == "padded":
         assert not bool(route.mask.all())  # the budget left padding to skip
     used = route.ids[route.mask].unique()
+    router_grads = {n: p.grad.clone() for n, p in router.named_parameters()}
+    router.zero_grad()
 
     rows = pool.base(used).double().requires_grad_()  # nothing was written before this step
     x_ref = x.detach().clone().requires_grad_()
@@ -91,6 +93,8 @@ def test_hand_written_backward_matches_autograd(tmp_path, activation, budget):
     moved = pool.delta(used).double()  # = -lr * summed gradient
     torch.testing.assert_close(moved, -rows.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x_ref.grad.double(), rtol=1e-4, atol=1e-5)
+    for name, p in router.named_parameters():  # query projection, sub-keys (and batch norm)
+        torch.testing.assert_close(router_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
     pool.close()
 
 
