@@ -24,6 +24,7 @@ guarantee up: every row's base moves.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -119,9 +120,9 @@ class _PeerRows(torch.autograd.Function):
         layer, rows = ctx.layer, ctx.rows
         if rows._version != ctx.version:
             raise RuntimeError(
-                "a PoolLayer's gathered rows were overwritten before this backward ran; "
-                "run backward before the layer's next forward, or keep the graph alive with "
-                "retain_graph only until then"
+                "a PoolLayer's gathered rows were reused by a later forward before this "
+                "backward ran: a graph kept with retain_graph=True can be run backward again "
+                "only until the layer's next forward"
             )
         u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
         dy = dy.float()
@@ -243,7 +244,8 @@ class PoolLayer(nn.Module):
         # autograd graph still holds them: a fresh [T*K, D] tensor costs its page faults every
         # step (16 ms vs 3.4 ms for a 32 MiB gather on one thread, past glibc's mmap threshold).
         self._rows: torch.Tensor | None = None
-        self._rows_owner: object = None  # the forward (autograd ctx) whose backward needs them
+        # the forward (its autograd node) whose backward still needs them
+        self._rows_owner: weakref.ref[object] | None = None
         self._building_graph = False  # grad mode of the forward in progress
         self.last_route: Any = None  # the most recent RouteResult (for budget/usage figures)
 
@@ -286,17 +288,18 @@ class PoolLayer(nn.Module):
     def _row_buffer(self, n: int, table: torch.Tensor, owner: object) -> torch.Tensor | None:
         """A float32 ``[n, D]`` output for the gather, or None (allocate one) while the last is
         held by a forward whose backward has not run, or if the table is not float32."""
-        if table.dtype != torch.float32 or self._rows_owner is not None:
+        holder = self._rows_owner() if self._rows_owner is not None else None
+        if table.dtype != torch.float32 or holder is not None:
             return None
         if self._rows is None or self._rows.shape[0] < n or self._rows.device != table.device:
             self._rows = torch.empty((n, table.shape[1]), dtype=table.dtype, device=table.device)
-        # Held until that backward runs. A graph dropped without backward (a forward with grad
-        # on, for evaluation) only costs later steps the reuse, never correctness.
-        self._rows_owner = owner if self._building_graph else None
+        # Held until that backward runs, or until its graph is dropped without one (a weak
+        # reference: the autograd node dies with its graph, and no backward can read the rows).
+        self._rows_owner = weakref.ref(owner) if self._building_graph else None
         return self._rows[:n]
 
     def _release_rows(self, owner: object) -> None:
-        if self._rows_owner is owner:
+        if self._rows_owner is not None and self._rows_owner() is owner:
             self._rows_owner = None
 
     def commit(self, message: str = "") -> Any:

@@ -240,8 +240,16 @@ def test_a_second_backward_after_the_rows_were_reused_is_refused(tmp_path):
     y1 = layer(torch.randn(8, D_IN))
     y1.sum().backward(retain_graph=True)
     layer(torch.randn(8, D_IN))  # reuses the buffer y1's graph gathered into
-    with pytest.raises(RuntimeError, match="overwritten before this backward"):
+    with pytest.raises(RuntimeError, match="reused by a later forward before this backward"):
         y1.sum().backward()
+    pool.close()
+
+
+def test_a_dropped_graph_frees_the_gathered_rows(tmp_path):
+    pool, layer = make(tmp_path / "s")
+    layer(torch.randn(8, D_IN))  # grad on, never run backward: the graph is dropped
+    owner = type("Owner", (), {})()  # a stand-in for the next forward's autograd node
+    assert layer._row_buffer(1, pool.cache.columns["row"], owner) is not None
     pool.close()
 
 
