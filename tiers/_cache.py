@@ -1,11 +1,11 @@
 """A fixed-capacity, fully associative row cache on the compute device.
 
-The id -> slot map is a direct-mapped table of slot guesses (confirmed against ``slot_ids``)
-in front of a sorted key column searched with ``torch.searchsorted``: a batch lookup is a
-handful of tensor ops on the device, with no Python loop or dict per id (the alternative
-the issue names beside FBGEMM's set-associative TBE cache). Full associativity keeps the
-replacement exact, so LRU/LFU behave as their textbook versions, which is what lets them be
-compared with Belady's optimum (``bench/cache.py``).
+The id -> slot map is two direct-mapped tables of slot guesses (confirmed against
+``slot_ids``) in front of a sorted key column searched with ``torch.searchsorted``: a batch
+lookup is a handful of tensor ops on the device, with no Python loop or dict per id (the
+alternative the issue names beside FBGEMM's set-associative TBE cache). Full associativity
+keeps the replacement exact, so the policies behave as their textbook versions, which is what
+lets them be compared with Belady's optimum (``bench/cache.py``).
 
 Each slot holds named columns (e.g. a row's delta, its materialized value, optimizer state). The
 cache knows nothing of what they mean: its owner fills missing rows through a callback, is handed
