@@ -17,10 +17,10 @@ What is measured, each against its baseline in the same run:
   (marked ``*``): a batch's rows must all be resident at once. Also shown: plain per-access LRU
   (an OrderedDict, sanity check) and the infinite-cache ceiling ``1 - distinct / accesses``.
   On the Zipf traces (i.i.d. draws from a known distribution) also A0: keep the capacity's most
-  popular ids once seen, the optimal online policy for such traces; where A0/opt is below 0.9,
-  no policy that cannot see the future reaches the aim. A0 here ignores batching (a batch's
-  other rows need slots too), so it is an upper bound and can pass Belady where one batch is a
-  large part of the capacity.
+  popular ids once seen, the optimal online policy for such traces (in expectation); where
+  A0/opt is below 0.9, no policy that cannot see the future can be expected to reach the aim.
+  A0 here ignores batching (a batch's other rows need slots too), so it is an upper bound and
+  can pass Belady where one batch is a large part of the capacity.
 - hot-row lookups (every id cached): ``pool.read`` and the raw ``cache.lookup`` + gather of the
   ``row`` column vs ``F.embedding(positions, weight)`` on a dense tensor of the same rows.
   Aim: >= 0.8 of it. A per-stage breakdown of ``pool.read`` says where the time goes (with
