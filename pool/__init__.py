@@ -1,12 +1,12 @@
 """The pool: create and open stores, read rows, stage and commit deltas, and train rows as a
 layer of a model."""
 
-from dpsn.tiers import Commit, VerifyReport
+from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 
 from ._api import create, open
 from ._layer import PoolLayer
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
-from ._pool import Pool, Prefetch
+from ._pool import Pool
 
 __all__ = [
     "ROW_OPTIMIZERS",
@@ -16,6 +16,7 @@ __all__ = [
     "Prefetch",
     "RowAdagrad",
     "RowAdam",
+    "RowBatch",
     "RowOptimizer",
     "RowSGD",
     "VerifyReport",

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import torch
 
+from dpsn._dtypes import parse_pool_dtype, storage_dtype
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
 
-from ._dtypes import DTYPES, parse_dtype
 from ._pool import Pool
 from ._validate import MAX_ROWS
 
@@ -82,9 +82,9 @@ def create(
     if compressor not in COMPRESSORS:
         raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
     check_policy(policy)  # before anything is written
-    dtype_name = parse_dtype(dtype)
+    dtype_name = parse_pool_dtype(dtype)
     if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(dim, DTYPES[dtype_name].itemsize)
+        chunk_rows = _default_chunk_rows(dim, storage_dtype(dtype_name).itemsize)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     gen = _build_generator(generator, dim=dim, seed=seed)

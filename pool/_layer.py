@@ -23,75 +23,46 @@ guarantee up: every row's base moves.
 
 from __future__ import annotations
 
-import warnings
 import weakref
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpsn.tiers import RowBatch
+
 from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
+from ._training import RowTrainer, sum_by_row
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
-def _gather(
-    layer: PoolLayer, table: torch.Tensor, slots: torch.Tensor, owner: object
-) -> torch.Tensor:
-    """Rows ``[*slots.shape, D]`` in float32, gathered into the layer's reusable buffer when no
-    pending backward still needs it (``owner`` then holds it until its backward runs)."""
-    flat = slots.reshape(-1)
-    out = layer._row_buffer(len(flat), table, owner)
+def _gather(layer: PoolLayer, batch: RowBatch, shape: torch.Size, owner: object) -> torch.Tensor:
+    """Rows ``[*shape, D]`` of every use, float32, gathered into the layer's reusable buffer when
+    no pending backward still needs it (``owner`` then holds it until its backward runs)."""
+    index, table = batch.use_index.reshape(-1), batch.table
+    out = layer._row_buffer(len(index), table, owner)
     if out is not None:
-        rows = torch.index_select(table, 0, flat, out=out)
+        rows = torch.index_select(table, 0, index, out=out)
     else:
-        rows = torch.index_select(table, 0, flat).float()
-    return rows.reshape(*slots.shape, table.shape[1])
-
-
-class _Uses:
-    """Where each distinct row was used in a batch, as a sparse ``[rows, T]`` pattern: sums of
-    per-use gradients become one sparse-dense matmul each, with no ``[T, K, width]``
-    intermediate (the row gradient of use (t, k) is a coefficient times a token vector)."""
-
-    def __init__(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        t, k = ids.shape
-        token = torch.arange(t, device=ids.device).repeat_interleave(k)
-        keep = mask.reshape(-1)
-        self.keep = None if bool(keep.all()) else keep  # a fixed budget has no padding
-        flat = ids.reshape(-1) if self.keep is None else ids.reshape(-1)[keep]
-        token = token if self.keep is None else token[keep]
-        sorted_ids, self.order = torch.sort(flat, stable=True)
-        self.ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        self.crow = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=ids.device)
-        torch.cumsum(counts, 0, out=self.crow[1:])
-        self.col = token[self.order]
-        self.shape = (len(self.ids), t)
-
-    def sum(self, coef: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``[rows, F]``: for each row, sum over its uses (t, k) of ``coef[t, k] * vectors[t]``."""
-        values = coef.reshape(-1) if self.keep is None else coef.reshape(-1)[self.keep]
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the matmul is not
-            warnings.simplefilter("ignore", UserWarning)
-            m = torch.sparse_csr_tensor(
-                self.crow, self.col, values[self.order], self.shape, check_invariants=False
-            )
-        return m @ vectors
+        rows = torch.index_select(table, 0, index).float()
+    return rows.reshape(*shape, table.shape[1])
 
 
 class _PeerRows(torch.autograd.Function):
-    """The whole PEER executor over rows gathered by slot, with a hand-written backward.
+    """The whole PEER executor over a paged-in batch of rows, with a hand-written backward.
 
     ``y[t] = sum_k w[t, k] v[t, k]`` with ``w = gates * act(u[t, k] . x[t])``. Autograd through
     these matmuls would materialise each use's row gradient (``[T, K, I]`` and ``[T, K, O]``,
     outer products) and then sum them per row; but the gradient of use (t, k) is a scalar
     times ``x[t]`` (for u) or times ``dy[t]`` (for v), so the backward sums them per row with
-    two sparse-dense matmuls (:class:`_Uses`) and hands the sums to the row optimizer. Returns
-    the gradients of ``x`` and ``gates`` (which reach the router). The frozen-generator path;
-    ``train_generator=True`` goes through autograd (:class:`_FusedRows`). ``anchor`` requires
-    grad, so the rows train even when neither ``x`` nor the router does.
+    two sparse-dense matmuls (:func:`sum_by_row`) and hands the sums to the row trainer.
+    Returns the gradients of ``x`` and ``gates`` (which reach the router). The frozen-generator
+    path; ``train_generator=True`` goes through autograd (:class:`_FusedDeltas`). ``anchor``
+    requires grad, so the rows train even when neither ``x`` nor the router does.
     """
 
     @staticmethod
@@ -100,24 +71,21 @@ class _PeerRows(torch.autograd.Function):
         anchor: torch.Tensor,
         x: torch.Tensor,
         gates: torch.Tensor,
-        table: torch.Tensor,
-        slots: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
+        batch: RowBatch,
         layer: PoolLayer,
     ) -> torch.Tensor:
-        rows = _gather(layer, table, slots, owner=ctx)
+        rows = _gather(layer, batch, gates.shape, owner=ctx)
         u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
         h = torch.einsum("ti,tki->tk", x, u)  # (T, K); 1.5x the speed of matmul on strided u
         w = gates * _ACTIVATIONS[layer.activation](h)
-        ctx.save_for_backward(x, gates, h, ids, mask)
-        ctx.layer, ctx.rows, ctx.version = layer, rows, rows._version
+        ctx.save_for_backward(x, gates, h)
+        ctx.layer, ctx.batch, ctx.rows, ctx.version = layer, batch, rows, rows._version
         return torch.matmul(w[:, None, :], v)[:, 0]  # (T, O)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, gates, h, ids, mask = ctx.saved_tensors
-        layer, rows = ctx.layer, ctx.rows
+        x, gates, h = ctx.saved_tensors
+        layer, rows, batch = ctx.layer, ctx.rows, ctx.batch
         if rows._version != ctx.version:
             raise RuntimeError(
                 "a PoolLayer's gathered rows were reused by a later forward before this "
@@ -134,57 +102,55 @@ class _PeerRows(torch.autograd.Function):
         (dh,) = torch.autograd.grad(act, hh, dw * gates)
         dx = torch.matmul(dh[:, None, :], u)[:, 0]  # (T, I)
         layer._release_rows(ctx)  # u and v are read: the buffer may be reused
-        uses = _Uses(ids, mask)
-        if len(uses.ids):
-            grads = torch.cat([uses.sum(dh, x), uses.sum(gates * act.detach(), dy)], dim=1)
-            layer.pool._apply_row_grads(uses.ids, grads, layer.row_optimizer)
-        return None, dx, dgates, None, None, None, None, None
+        if len(batch) and layer.pool.writable:  # a read-only pool's rows never change
+            token = torch.arange(x.shape[0], device=x.device)[:, None].expand(gates.shape)
+            grads = torch.cat(
+                [
+                    sum_by_row(batch, dh, x, token),
+                    sum_by_row(batch, gates * act.detach(), dy, token),
+                ],
+                dim=1,
+            )
+            layer.trainer.step(batch, grads)
+        batch.release()
+        return None, dx, dgates, None, None
 
 
-class _FusedRows(torch.autograd.Function):
-    """Gathers rows by slot as their two halves ``u [T, K, I]`` and ``v [T, K, O]``; its
-    backward updates those rows in place. The ``train_generator=True`` path, where autograd
-    must also reach the generator through the base rows.
+class _FusedDeltas(torch.autograd.Function):
+    """The deltas of every use, ``[T, K, D]``, as a function whose backward sums each row's
+    gradient and applies the row step: the ``train_generator=True`` path, where autograd must
+    also reach the generator through the base rows (``row = base(ids) + delta``).
 
     ``anchor`` is a scalar that requires grad, so autograd calls the backward even though the
-    rows themselves are not leaves that an optimizer would see.
+    deltas themselves are not leaves that an optimizer would see.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        anchor: torch.Tensor,
-        table: torch.Tensor,
-        slots: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        layer: PoolLayer,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.layer, ctx.ids, ctx.mask = layer, ids, mask
-        rows = torch.index_select(table, 0, slots.reshape(-1)).float()
-        rows = rows.reshape(*slots.shape, table.shape[1])
-        return rows[..., : layer.d_in], rows[..., layer.d_in :]
+    def forward(ctx: Any, anchor: torch.Tensor, batch: RowBatch, layer: PoolLayer) -> torch.Tensor:
+        ctx.batch, ctx.layer = batch, layer
+        deltas = batch.deltas()  # [n, D], float32
+        return torch.index_select(deltas, 0, batch.inverse.reshape(-1)).reshape(
+            *batch.inverse.shape, deltas.shape[1]
+        )
 
     @staticmethod
-    def backward(ctx: Any, grad_u: torch.Tensor, grad_v: torch.Tensor) -> tuple[None, ...]:
-        ids, mask = ctx.ids.reshape(-1), ctx.mask.reshape(-1)
-        grads = torch.cat([grad_u, grad_v], dim=-1).reshape(len(ids), -1)
-        if not bool(mask.all()):
-            ids, grads = ids[mask], grads[mask]
-        if not len(ids):
-            return None, None, None, None, None, None
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        summed = torch.zeros((len(uniq), grads.shape[1]), dtype=torch.float32, device=ids.device)
-        summed.index_add_(0, inverse, grads.float())
-        ctx.layer.pool._apply_row_grads(uniq, summed, ctx.layer.row_optimizer)
-        return None, None, None, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
+        batch = ctx.batch
+        if ctx.layer.pool.writable:  # a read-only pool's rows never change
+            summed = torch.zeros((len(batch), grad.shape[-1]), device=grad.device)
+            flat = grad.reshape(-1, grad.shape[-1]).float()
+            summed.index_add_(0, batch.inverse.reshape(-1), flat)
+            ctx.layer.trainer.step(batch, summed)
+        batch.release()
+        return None, None, None
 
 
 class PoolLayer(nn.Module):
     """A routed, sparse feed-forward block whose neurons are rows of a dpsn pool.
 
     Args:
-        pool: an open pool (``mode="r+"`` to train) with ``dim == d_in + d_out`` and a cache.
+        pool: an open pool (``mode="r+"`` to train the rows; on a read-only pool only the
+            router trains) with ``dim == d_in + d_out``.
         d_in, d_out: input and output widths.
         router: a ``dpsn.index`` router over ``pool.rows`` rows; default a product-key router
             with ``k`` rows per token, ``heads`` heads and batch norm on the query (without it
@@ -195,7 +161,13 @@ class PoolLayer(nn.Module):
         row_optimizer: ``"adam"`` (partial row-wise, default), ``"adagrad"``, ``"sgd"`` or a
             :class:`RowOptimizer`; ``row_lr`` its learning rate. Memory values train best with
             their own, higher learning rate than the dense part (Lample et al., 2019).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: row gradients
+            are unscaled by it, and a step whose row gradients are not finite is skipped.
+        row_clip: clip each row's gradient to this norm (``clip_grad_norm_`` cannot see rows).
         train_generator: also train the generator's shared weights (see the module docstring).
+
+    The rules of the fused row step (once per graph, scaler, ``accumulate()``, clipping,
+    nothing under ``no_grad``) are in ``dpsn.pool._training`` and the README.
     """
 
     def __init__(
@@ -210,6 +182,8 @@ class PoolLayer(nn.Module):
         activation: str = "gelu",
         row_optimizer: str | RowOptimizer = "adam",
         row_lr: float | None = None,
+        grad_scaler: Any = None,
+        row_clip: float | None = None,
         train_generator: bool = False,
     ) -> None:
         super().__init__()
@@ -218,8 +192,6 @@ class PoolLayer(nn.Module):
                 f"a PoolLayer row holds u (d_in={d_in}) and v (d_out={d_out}): the pool's dim "
                 f"must be {d_in + d_out}, not {pool.dim}"
             )
-        if pool.cache is None:
-            raise ValueError("a PoolLayer needs a pool opened with a cache (cache_rows > 0)")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}")
         self.pool = pool
@@ -234,7 +206,10 @@ class PoolLayer(nn.Module):
         self.router = router
         kwargs = {} if row_lr is None else {"lr": row_lr}
         self.row_optimizer = make_row_optimizer(row_optimizer, **kwargs)
-        pool.enable_row_state(self.row_optimizer.state_width(pool.dim))
+        self.trainer = RowTrainer(
+            pool, self.row_optimizer, grad_scaler=grad_scaler, row_clip=row_clip
+        )
+        pool.set_state_width(self.row_optimizer.state_width(pool.dim))
         self.train_generator = train_generator
         if train_generator:
             self.generator = pool.generator  # registered: its weights join parameters()
@@ -255,6 +230,12 @@ class PoolLayer(nn.Module):
             f"row_optimizer={self.row_optimizer.name}, train_generator={self.train_generator}"
         )
 
+    def accumulate(self) -> AbstractContextManager[None]:
+        """``with layer.accumulate():`` sums the rows' gradients over the backward passes in the
+        block and applies one row step when it exits (gradient accumulation for rows, which have
+        no ``.grad`` for ``optimizer.step`` to read)."""
+        return self.trainer.accumulate()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"expected inputs [..., {self.d_in}], got {tuple(x.shape)}")
@@ -264,25 +245,22 @@ class PoolLayer(nn.Module):
         self.last_route = route
         mask = route.mask  # (T, K)
         ids = torch.where(mask, route.ids, route.ids[:, :1])  # padding -> a row already paged
-        slots = self.pool._page_in(ids.reshape(-1), owner=self).reshape(ids.shape)
-        cache = self.pool.cache
-        assert cache is not None
+        batch = self.pool.page_in(ids)
         self._building_graph = torch.is_grad_enabled()  # (a Function's forward runs without)
         gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
         xf = x2.float()
         if not self.train_generator:
             # autocast off: the executor's matmuls and its backward work in float32
             with torch.autocast(x.device.type, enabled=False):
-                y = _PeerRows.apply(
-                    self._anchor, xf, gates.float(), cache.columns["row"], slots, ids, mask, self
-                )
+                y = _PeerRows.apply(self._anchor, xf, gates.float(), batch, self)
         else:
-            du, dv = _FusedRows.apply(self._anchor, cache.columns["delta"], slots, ids, mask, self)
-            base = self.pool.generator(ids.reshape(-1)).reshape(*ids.shape, -1)
-            bu, bv = base.split([self.d_in, self.d_out], dim=-1)
-            u, v = bu + du, bv + dv  # (T, K, I), (T, K, O)
+            delta = _FusedDeltas.apply(self._anchor, batch, self)
+            base = self.pool.generator(batch.ids)[batch.inverse]  # (T, K, D), trains the weights
+            u, v = (base + delta).split([self.d_in, self.d_out], dim=-1)  # (T, K, I), (T, K, O)
             act = _ACTIVATIONS[self.activation](torch.einsum("ti,tki->tk", xf, u))
             y = torch.einsum("tk,tko->to", gates * act, v)
+        if not y.requires_grad:
+            batch.release()  # no backward will come for these rows (no_grad, inference_mode)
         return y.to(x.dtype).reshape(*lead, self.d_out)
 
     def _row_buffer(self, n: int, table: torch.Tensor, owner: object) -> torch.Tensor | None:
@@ -310,14 +288,10 @@ class PoolLayer(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         # The store reference, never the rows: reopen the store to get them back.
-        return {
-            "store": str(self.pool.path),
-            "commit": self.pool.head,
-            "uuid": self.pool._store.manifest.uuid,
-        }
+        return {"store": str(self.pool.path), "commit": self.pool.head, "uuid": self.pool.uuid}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        uuid = self.pool._store.manifest.uuid
+        uuid = self.pool.uuid
         if state.get("uuid") not in (None, uuid):
             raise ValueError(
                 f"this state_dict belongs to the store at {state.get('store')} "

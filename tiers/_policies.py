@@ -22,8 +22,15 @@ class EvictionPolicy(ABC):
         self.capacity = capacity
         self.device = device
 
-    def access(self, ids: torch.Tensor, slots: torch.Tensor, step: int) -> None:
-        """One lookup's ``ids`` (with repeats, all now cached) in ``slots``, at ``step``.
+    def access(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        step: int,
+        counts: torch.Tensor | None = None,
+    ) -> None:
+        """One lookup's ``ids`` (all now cached) in ``slots``, at ``step``: either with repeats,
+        or unique with ``counts`` uses each.
 
         The cache calls this once per lookup, after the misses are in. The default records the
         slots with :meth:`touch`; a policy that remembers ids beyond the cache's contents (a
@@ -170,13 +177,23 @@ class TinyLFU(EvictionPolicy):
         cells = self._cells(ids)
         return torch.index_select(self.sketch, 0, cells.flatten()).view(cells.shape).amin(0)
 
-    def access(self, ids: torch.Tensor, slots: torch.Tensor, step: int) -> None:
+    def access(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        step: int,
+        counts: torch.Tensor | None = None,
+    ) -> None:
         cells = self._cells(ids).flatten()
-        self.sketch.index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
+        if counts is None:
+            add = torch.ones_like(cells, dtype=torch.int32)
+        else:
+            add = counts.to(torch.int32).repeat(len(self._mult))
+        self.sketch.index_add_(0, cells, add)
         est = torch.index_select(self.sketch, 0, cells).view(len(self._mult), -1).amin(0)
         self.freq.scatter_(0, slots, est.to(torch.float64))  # repeats carry equal estimates
         self.last.scatter_(0, slots, float(step))
-        self.counted += len(ids)
+        self.counted += len(ids) if counts is None else int(counts.sum())
         if self.counted >= self.sample_size:  # TinyLFU's reset: halve, so popularity ages
             self.sketch >>= 1
             self.freq.mul_(0.5)

@@ -1,0 +1,138 @@
+"""How executors train rows: the fused row step and the PyTorch habits it must honour.
+
+Rows are updated inside the backward pass, as FBGEMM's TBE and TorchRec's fused optimizers do:
+the executor's backward sums each used row's gradient and hands the sums to a :class:`RowTrainer`,
+which applies the row optimizer to the deltas in the tier stack. Since no ``.grad`` ever exists
+for a row, the habits that act on ``.grad`` elsewhere are rules here (each tested):
+
+- a graph's row step applies once: a second backward through the same graph raises;
+- ``grad_scaler=``: row gradients are divided by the scaler's current scale, and a step whose
+  row gradients hold inf or NaN is skipped for the rows (``stats()["skipped_row_steps"]``), as
+  ``GradScaler.step`` skips the dense optimizer's;
+- ``accumulate()``: row gradients are summed over micro-batches and one row step is applied when
+  the block exits (for SGD, the step of the concatenated batch);
+- ``row_clip=``: each row's gradient is clipped to that norm (``clip_grad_norm_`` cannot see
+  rows, which have no ``.grad``);
+- no row update without a backward: a forward under ``torch.no_grad()`` or
+  ``torch.inference_mode()`` builds no graph and releases its rows at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dpsn.tiers import SECOND_BACKWARD, RowBatch
+
+from ._optim import RowOptimizer
+
+
+def sum_by_row(
+    batch: RowBatch, coef: torch.Tensor, vectors: torch.Tensor, group: torch.Tensor
+) -> torch.Tensor:
+    """``[n, F]``: for each distinct row of ``batch``, the sum over its uses ``u`` of
+    ``coef[u] * vectors[group[u]]`` (uses flattened in request order).
+
+    The gradient of one use of a row is a scalar times one input vector (a token's ``x`` or
+    ``dy``, a bag's ``dy``), so the per-row sums are one sparse ``[rows, groups]`` x dense
+    matmul, with no ``[uses, F]`` intermediate. The sparse pattern is the batch's own grouping
+    of uses by row (``order``, ``offsets``), computed once when the rows were paged in.
+    """
+    order = batch.order
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the matmul is not
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.sparse_csr_tensor(
+            batch.offsets,
+            group.reshape(-1)[order],
+            coef.reshape(-1)[order].to(vectors.dtype),
+            (len(batch), vectors.shape[0]),
+            check_invariants=False,
+        )
+    return m @ vectors
+
+
+class RowTrainer:
+    """Turns an executor's summed row gradients into row steps (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: Any,
+        optimizer: RowOptimizer,
+        *,
+        grad_scaler: Any = None,
+        row_clip: float | None = None,
+    ) -> None:
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError("grad_scaler must be a torch.amp.GradScaler (or have get_scale())")
+        if row_clip is not None and not (isinstance(row_clip, int | float) and row_clip > 0):
+            raise ValueError(f"row_clip must be a positive number, got {row_clip!r}")
+        if row_clip is not None and not math.isfinite(row_clip):
+            raise ValueError(f"row_clip must be finite, got {row_clip!r}")
+        self.pool = pool
+        self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        self.row_clip = None if row_clip is None else float(row_clip)
+        self._depth = 0  # nesting of accumulate()
+        self._stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def step(self, batch: RowBatch, grads: torch.Tensor) -> None:
+        """The backward of ``batch`` produced ``grads`` ``[n, dim]`` (aligned with
+        ``batch.ids``): apply one row step, or stash it inside ``accumulate()``."""
+        if batch.applied:
+            raise RuntimeError(SECOND_BACKWARD)
+        grads = self._unscale(grads.float())
+        if self._depth:
+            batch.applied = True  # its gradient is taken; a second backward still raises
+            self._stash.append((batch.ids, grads))
+            return
+        if self._ready(grads):
+            batch.apply_grads(grads, self.optimizer)
+        else:
+            batch.applied = True
+
+    def _unscale(self, grads: torch.Tensor) -> torch.Tensor:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return grads
+        return grads / float(scaler.get_scale())
+
+    def _ready(self, grads: torch.Tensor) -> bool:
+        """Check and clip ``grads`` in place; False (and counted) when they are not finite."""
+        if not bool(torch.isfinite(grads).all()):
+            self.pool.count_skipped_row_step()
+            return False
+        if self.row_clip is not None:
+            norms = torch.linalg.vector_norm(grads, dim=1, keepdim=True)
+            grads.mul_((self.row_clip / (norms + 1e-6)).clamp_(max=1.0))
+        return True
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Sum row gradients over the backward passes inside the block; apply one row step on
+        leaving it (nothing if the block raised)."""
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            if self._depth == 1:
+                self._stash.clear()
+            raise
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and self._stash:
+            stash, self._stash = self._stash, []
+            self._apply_stash(stash)
+
+    def _apply_stash(self, stash: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        ids = torch.cat([i for i, _ in stash])
+        grads = torch.cat([g for _, g in stash])
+        with self.pool.page_in(ids) as batch:  # the distinct rows, sorted, with use inverse
+            summed = torch.zeros((len(batch), grads.shape[1]), device=grads.device)
+            summed.index_add_(0, batch.inverse.reshape(-1), grads)
+            if self._ready(summed):
+                batch.apply_grads(summed, self.optimizer)

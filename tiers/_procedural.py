@@ -1,0 +1,76 @@
+"""The procedural tier: base rows from the store's generator, and whether its weights moved.
+
+The generator is rebuilt from the store (kind and config from the manifest, weights from the
+commit's generator version, checked) and frozen. Its base rows are cached beside trained deltas,
+so the tier stack must know when they go stale: every parameter's ``_version`` counter moves on
+an in-place change (an optimizer step, ``load_state_dict``), and a parameter that requires grad
+means bases must be regenerated on every read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpsn.errors import CorruptStoreError
+from dpsn.hypernet import Generator, make_generator
+
+from ._persisted import PersistedStore
+
+
+def load_generator(store: PersistedStore, version: int, device: torch.device) -> Generator:
+    """The generator of ``store`` at weights ``version``, frozen, in eval mode, on ``device``."""
+    m = store.manifest
+    kind, config = m.generator["kind"], m.generator["config"]
+    # Built on the meta device: its initialisation would be thrown away by the stored weights.
+    # A generator with (non-persisted, derived) buffers needs them computed: build it for real.
+    with torch.device("meta"):
+        gen = make_generator(kind, dim=m.dim, seed=m.seed, **config)
+    if any(True for _ in gen.buffers()):
+        gen = make_generator(kind, dim=m.dim, seed=m.seed, **config)
+    state = store.read_generator(version)
+    expected = set(gen.state_dict())
+    if set(state) != expected:
+        raise CorruptStoreError(
+            f"generator weights in the store ({sorted(state)}) do not match the "
+            f"{kind} generator ({sorted(expected)})"
+        )
+    gen.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, assign=True)
+    gen.requires_grad_(False)
+    return gen.to(device).eval()
+
+
+class ProceduralTier:
+    """Makes base rows and tracks the generator's weights against what the cache and the last
+    commit hold."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.rows_generated = 0
+        self.seen = self.stamp()  # the weights cached rows were made from
+        self.saved = self.seen  # the weights as last committed
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Base rows ``[n, dim]`` float32 on the generator's device for 1-D ``ids``."""
+        self.rows_generated += len(ids)
+        return self.generator(ids)
+
+    def stamp(self) -> tuple[int, ...]:
+        return tuple(v for p in self.generator.parameters() for v in (id(p), p._version))
+
+    def trainable(self) -> bool:
+        """True while some weight requires grad: bases must then be regenerated on every read
+        (through autograd) rather than taken from the cache."""
+        return any(p.requires_grad for p in self.generator.parameters())
+
+    def changed_since_commit(self) -> bool:
+        return self.stamp() != self.saved
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The weights as float32 arrays, as a commit stores them."""
+        return {k: v.detach().cpu().float().numpy() for k, v in self.generator.state_dict().items()}
+
+    def replace(self, generator: Generator) -> None:
+        """Adopt another version of the weights (a reader moving to a newer commit)."""
+        self.generator = generator
+        self.seen = self.saved = self.stamp()

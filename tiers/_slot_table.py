@@ -1,0 +1,132 @@
+"""The device cache's id -> slot map: an open-addressing hash table run as batched tensor ops.
+
+Why this shape: a batch of 10^4-10^5 ids must be looked up in a few tensor ops on the cache's
+device, with no Python loop per id and no work proportional to the capacity (the sorted key
+column this replaces was rebuilt at O(capacity) on every batch with a miss).
+
+Layout: ``buckets`` (``2^b >= 4 x capacity`` entries) holds slot numbers, ``-1`` for a bucket
+never used; an id's probe sequence is ``h1, h1 + h2, h1 + 2 h2, ...`` (double hashing; ``h2``
+odd, so the sequence visits every bucket of the power-of-two table). Nothing in the table is
+trusted on its own: a bucket answers for id ``x`` only if the slot it names holds ``x`` now
+(``slot_ids``, owned by the cache). So evicting a row costs nothing here: its bucket simply
+stops confirming, and acts as a tombstone that lookups probe past and inserts may reclaim.
+A bucket is *live* while ``home[slot] == bucket`` and the slot is occupied (the row it points
+to was inserted there and is still cached); any other non-empty bucket is reclaimable.
+
+Buckets never return to empty, so probe chains only grow; when more than half of the buckets
+have ever been used, the table is rebuilt from the occupied slots. That costs O(capacity) but
+happens at most once per ~capacity insertions, so inserts stay O(1) amortized, and the load
+(<= 1/2 used, <= 1/4 live) keeps the expected probes per lookup near 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Odd multipliers as signed int64 (the golden ratio and XXH64's second prime); the top bits of
+# the wrapped product are the hash.
+_MUL1 = -7046029254386353131
+_MUL2 = -4417276706812531889
+
+
+class SlotTable:
+    """Maps cached ids to their slots; see the module docstring for the scheme.
+
+    ``slot_ids`` is the cache's own tensor (``slot -> id``, ``-1`` when empty): the table reads
+    it to confirm every answer and never writes it.
+    """
+
+    def __init__(self, capacity: int, slot_ids: torch.Tensor) -> None:
+        self.capacity = capacity
+        self.device = slot_ids.device
+        self._slot_ids = slot_ids
+        self.bits = max(4, (4 * capacity - 1).bit_length())
+        self.mask = (1 << self.bits) - 1
+        dtype = torch.int32 if capacity < 2**31 else torch.int64
+        self.buckets = torch.full((1 << self.bits,), -1, dtype=dtype, device=self.device)
+        self.home = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self._claims = torch.empty(1 << self.bits, dtype=torch.int64, device=self.device)
+        self.used = 0  # buckets that are not empty (live or reclaimable)
+        self.rebuilds = 0
+
+    def _probe_start(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = 64 - self.bits
+        h1 = (ids * _MUL1) >> shift
+        h1 &= self.mask  # the arithmetic shift sign-extends: keep the low bits only
+        h2 = (ids * _MUL2) >> shift
+        h2 &= self.mask
+        h2 |= 1
+        return h1, h2
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of ``ids`` (int64, any order, repeats allowed) and a hit mask; a slot is
+        meaningless where the mask is False."""
+        n = len(ids)
+        if n == 0 or self.used == 0:
+            return torch.zeros_like(ids), torch.zeros(n, dtype=torch.bool, device=self.device)
+        bucket, step = self._probe_start(ids)
+        slot = torch.index_select(self.buckets, 0, bucket).long()
+        held = torch.index_select(self._slot_ids, 0, slot.clamp(min=0))
+        hit = held == ids
+        if bool(hit.all()):  # the common case for a warm cache: one probe each
+            return slot, hit
+        slots = torch.where(hit, slot, 0)
+        # Probe on for ids whose bucket was used by another row; stop at a never-used one.
+        more = torch.nonzero(~hit & (slot >= 0)).flatten()
+        bucket, step, sub = bucket[more], step[more], ids[more]
+        while len(more):
+            bucket = (bucket + step) & self.mask
+            slot = torch.index_select(self.buckets, 0, bucket).long()
+            found = torch.index_select(self._slot_ids, 0, slot.clamp(min=0)) == sub
+            slots[more[found]] = slot[found]
+            hit[more[found]] = True
+            go_on = ~found & (slot >= 0)
+            more, bucket, step, sub = more[go_on], bucket[go_on], step[go_on], sub[go_on]
+        return slots, hit
+
+    def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record that unique ``ids`` (absent from the table) now live in ``slots``; the cache
+        has already written ``slot_ids[slots] = ids``."""
+        if len(ids) == 0:
+            return
+        if 2 * (self.used + len(ids)) > len(self.buckets):
+            self.rebuild(exclude=slots)
+        self._insert(ids, slots)
+
+    def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        bucket, step = self._probe_start(ids)
+        pending = torch.arange(len(ids), device=self.device)
+        while len(pending):
+            current = torch.index_select(self.buckets, 0, bucket).long()
+            held = current.clamp(min=0)
+            free = (current < 0) | (self.home[held] != bucket) | (self._slot_ids[held] < 0)
+            # Several ids may want one free bucket in the same round: one wins, the rest go on.
+            want = torch.nonzero(free).flatten()
+            self._claims[bucket[want]] = want
+            won = want[self._claims[bucket[want]] == want]
+            b, s = bucket[won], slots[pending[won]]
+            self.used += int((current[won] < 0).sum())
+            self.buckets[b] = s.to(self.buckets.dtype)
+            self.home[s] = b
+            left = torch.ones(len(pending), dtype=torch.bool, device=self.device)
+            left[won] = False
+            pending, bucket, step = pending[left], bucket[left], step[left]
+            bucket = (bucket + step) & self.mask
+
+    def rebuild(self, exclude: torch.Tensor | None = None) -> None:
+        """Empty the table and re-insert every occupied slot (but ``exclude``, about to be
+        inserted by the caller)."""
+        self.buckets.fill_(-1)
+        self.home.fill_(-1)
+        self.used = 0
+        self.rebuilds += 1
+        occupied = self._slot_ids >= 0
+        if exclude is not None and len(exclude):
+            occupied[exclude] = False
+        slots = torch.nonzero(occupied).flatten()
+        self._insert(self._slot_ids[slots], slots)
+
+    def clear(self) -> None:
+        self.buckets.fill_(-1)
+        self.home.fill_(-1)
+        self.used = 0

@@ -1,0 +1,751 @@
+"""The tier stack: the whole path between a row id and its value, and back.
+
+Tiers, fastest first: the device cache (``_cache.py``), the host staging area of uncommitted
+rows (``_staging.py``), the persisted store (``_persisted.py``), the procedural generator
+(``_procedural.py``). A row's delta lives in the first of the first three that has it, else the
+row is procedural. Everything runs under one lock, a batch is looked up once, and a base row is
+generated at most once while its row stays cached.
+
+Two ways in:
+
+- reads (``read``, ``delta``, ``write``, ``drop``): what ``Pool`` exposes to users;
+- the executor contract (``page_in`` -> :class:`RowBatch` -> ``apply_grads`` -> ``release``):
+  how an executor (``PoolLayer``, ``PoolEmbedding``, a user's own) computes with rows and trains
+  them. See ``docs/row-path.md`` for the walk of one id from a forward pass to a commit.
+
+A batch with more distinct rows than the cache can make room for is still served: it is paged in
+*spilled* (a private tensor of its rows, assembled from the cache where rows are resident and
+from the lower tiers where not), and its updates go wherever each row lives at that moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dpsn._dtypes import from_storage, to_storage
+from dpsn.errors import CacheCapacityError, InvalidDeltaError
+
+from ._cache import DeviceCache
+from ._columns import RowLayout
+from ._persisted import Commit, PersistedStore
+from ._procedural import ProceduralTier
+from ._rowindex import RowIndex
+from ._staging import Staging
+
+SECOND_BACKWARD = (
+    "these rows were already updated by this graph's backward: a second backward through the "
+    "same graph would apply the row step twice, so it is refused (sum the losses before one "
+    "backward, run a new forward, or use accumulate() for micro-batches)"
+)
+_READ = ("read", 0)  # the pin holder of the rows of the last plain read
+_REMATERIALIZE_BATCH = 1 << 16
+_COUNTERS = (
+    "rows_from_disk",
+    "bytes_from_disk",
+    "spilled_batches",
+    "spilled_rows",
+    "row_steps",
+    "rows_updated",
+    "skipped_row_steps",
+)
+
+
+class RowOptimizer(Protocol):
+    """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one)."""
+
+    def state_width(self, dim: int) -> int: ...
+
+    def step(
+        self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RowBatch:
+    """The rows of one executor step: paged in once, pinned until released.
+
+    - ``ids`` ``[n]``: the distinct row ids, sorted (on the pool's device);
+    - ``counts`` ``[n]``: how often each was asked for; ``inverse`` ``[*shape]``: for each
+      requested position, its row in ``ids``; ``order`` ``[m]``: the requested positions
+      grouped by row (a CSR column order: row ``i``'s uses are
+      ``order[offsets[i]:offsets[i + 1]]``);
+    - ``table`` and ``index``: row ``ids[i]``'s value is ``table[index[i]]`` (``[dim]`` in the
+      pool dtype), and ``use_index`` is ``index[inverse]``, one entry per requested position,
+      ready for ``index_select``/``embedding_bag``. ``table`` is the cache's row column (or a
+      private tensor for a spilled batch): read it, never write it.
+
+    ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
+    ``release()`` unpins them. A batch that is garbage-collected releases itself.
+    """
+
+    def __init__(
+        self,
+        stack: RowStack,
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        inverse: torch.Tensor,
+        order: torch.Tensor,
+        table: torch.Tensor,
+        index: torch.Tensor,
+        key: tuple[str, int] | None,
+    ) -> None:
+        self.ids, self.counts, self.inverse, self.order = ids, counts, inverse, order
+        self.table, self.index = table, index
+        self.spilled = key is None
+        self.applied = False
+        self._stack = stack
+        self._use_index: torch.Tensor | None = None
+        self._release = (
+            weakref.finalize(self, _unpin, weakref.ref(stack), key) if key is not None else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[n + 1]`` CSR row pointers into ``order``."""
+        out = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=self.ids.device)
+        torch.cumsum(self.counts, 0, out=out[1:])
+        return out
+
+    @property
+    def use_index(self) -> torch.Tensor:
+        if self._use_index is None:
+            self._use_index = self.index[self.inverse]
+        return self._use_index
+
+    def rows(self) -> torch.Tensor:
+        """``[n, dim]``: the distinct rows (a gather; executors usually gather per use)."""
+        return torch.index_select(self.table, 0, self.index)
+
+    def deltas(self) -> torch.Tensor:
+        """``[n, dim]`` float32: the rows' current deltas (zeros for procedural rows)."""
+        return self._stack.deltas_of(self)
+
+    def apply_grads(self, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
+        """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
+        each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
+        already updated: a graph's row step applies once."""
+        if self.applied:
+            raise RuntimeError(SECOND_BACKWARD)
+        self._stack.apply_grads(self, grads, optimizer)
+        self.applied = True
+
+    def release(self) -> None:
+        """Let the rows be evicted again (idempotent)."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> RowBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
+    stack = stack_ref()
+    if stack is not None and stack.cache is not None:
+        stack.cache.unpin(key)
+
+
+class RowStack:
+    """Device cache <- host staging <- persisted store <- procedural generator, behind one lock.
+
+    ``Pool`` is a thin facade over this. All ids handed in are validated int64 tensors (1-D,
+    in range); deltas are validated ``[n, dim]`` tensors in the pool dtype.
+    """
+
+    def __init__(
+        self,
+        store: PersistedStore,
+        *,
+        commit: int,
+        index: RowIndex,
+        procedural: ProceduralTier,
+        dtype_name: str,
+        device: torch.device,
+        cache_rows: int,
+        policy: str,
+    ) -> None:
+        self.store = store
+        self.head = commit
+        self.index = index
+        self.procedural = procedural
+        self.dtype_name = dtype_name
+        self.dtype: torch.dtype = getattr(torch, dtype_name)
+        self.device = device
+        self.layout = RowLayout(store.manifest.dim, self.dtype, 0)
+        self.staging = Staging(self.layout)
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.cache: DeviceCache | None = None
+        self.trained: torch.Tensor | None = None  # per slot: has a delta/base/state
+        if cache_rows:
+            self.cache = DeviceCache(
+                cache_rows, self.layout.columns(), device=device, policy=policy
+            )
+            self.trained = torch.zeros(cache_rows, dtype=torch.bool, device=device)
+        self.lock = self.cache.mutex if self.cache is not None else threading.RLock()
+        self._keys = itertools.count(1)
+        self._prefetcher: ThreadPoolExecutor | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    # -- the lower tiers -----------------------------------------------------------------------
+
+    def _host_rows(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Deltas and state of ``ids`` (any order, repeats allowed) from staging or disk: the
+        positions in ``ids`` that have one, their deltas (pool dtype) and states (CPU). Rows
+        without a delta cost nothing, so a read of procedural rows allocates no zeros."""
+        layout = self.layout
+        staged, staged_cols, dropped = self.staging.lookup(ids)
+        disk_pos = np.flatnonzero(~(staged | dropped))
+        found, values, state = self.store.read_deltas(
+            self.index, ids[disk_pos], state_width=layout.state_width
+        )
+        disk_pos = disk_pos[found]
+        self.counters["rows_from_disk"] += len(disk_pos)
+        self.counters["bytes_from_disk"] += values.nbytes + state.nbytes
+        delta, row_state = from_storage(values, self.dtype_name), torch.from_numpy(state)
+        if not staged.any():
+            return disk_pos, delta, row_state
+        return (
+            np.concatenate([disk_pos, np.flatnonzero(staged)]),
+            torch.cat([delta, staged_cols[layout.delta.name]]),
+            torch.cat([row_state, staged_cols[layout.state.name]]),
+        )
+
+    def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deltas (float32) and states of ``ids`` from the host tiers, zeros where none."""
+        pos, delta, state = self._host_rows(ids)
+        out = torch.zeros((len(ids), self.dim), dtype=torch.float32)
+        out_state = self.layout.state.zeros(len(ids))
+        at = torch.from_numpy(pos)
+        out[at] = delta.float()
+        out_state[at] = state
+        return out, out_state
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            # Pinned staging makes the copy truly asynchronous, so a prefetch on a side stream
+            # overlaps the step computing on the main one.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _uncached_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``base + delta`` from the lower tiers only, float32 on the device."""
+        rows = self.procedural(ids.to(self.device))
+        pos, delta, _ = self._host_rows(ids.cpu().numpy())
+        if len(pos):
+            at = self._to_device(torch.from_numpy(pos))
+            rows.index_add_(0, at, self._to_device(delta).to(rows.dtype))
+        return rows
+
+    # -- the cache's callbacks -----------------------------------------------------------------
+
+    def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write the columns of missing ``ids`` (sorted, CPU) into ``slots``: the row always;
+        delta, base and state only for rows that have a delta (``RowLayout``)."""
+        cache, layout, trained = self.cache, self.layout, self.trained
+        assert cache is not None and trained is not None
+        pos, delta, state = self._host_rows(ids.numpy())
+        base = self.procedural(ids.to(self.device))
+        rows = cache.column(layout.row)
+        if len(pos) == 0:
+            rows.index_copy_(0, slots, base.to(self.dtype))
+            trained.index_fill_(0, slots, False)
+            moved = len(ids) * layout.dim * self.dtype.itemsize
+        else:
+            at = self._to_device(torch.from_numpy(pos))
+            tslots = slots[at]
+            delta = self._to_device(delta)
+            cache.column(layout.delta).index_copy_(0, tslots, delta)
+            cache.column(layout.state).index_copy_(0, tslots, self._to_device(state))
+            tbase = base[at]
+            cache.column(layout.base).index_copy_(0, tslots, tbase)
+            base.index_copy_(0, at, tbase + delta.float())
+            rows.index_copy_(0, slots, base.to(self.dtype))
+            flags = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
+            flags[at] = True
+            trained.index_copy_(0, slots, flags)
+            moved = len(ids) * layout.dim * self.dtype.itemsize + len(pos) * (
+                layout.row_bytes() - layout.dim * self.dtype.itemsize
+            )
+        cache.stats.add(bytes_to_device=moved)
+
+    def _evict(self, slots: torch.Tensor) -> None:
+        """Dirty rows leave the cache: their persisted columns are staged, never lost."""
+        cache = self.cache
+        assert cache is not None
+        ids = cache.slot_ids[slots]
+        ids, order = torch.sort(ids)
+        slots = slots[order]
+        values = {
+            c.name: cache.column(c)[slots].cpu() for c in (self.layout.delta, self.layout.state)
+        }
+        self.staging.put(ids.cpu().numpy(), values)
+        cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
+
+    def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        cache = self.cache
+        assert cache is not None
+        return cache.lookup(ids, self._fill, self._evict, counts=counts)
+
+    # -- staleness of cached bases -------------------------------------------------------------
+
+    def _refresh_bases_if_stale(self) -> None:
+        """After an in-place change of the (frozen) generator's weights, re-materialize every
+        cached row once from the new bases and its cached delta."""
+        stamp = self.procedural.stamp()
+        if stamp == self.procedural.seen:
+            return
+        self.procedural.seen = stamp
+        cache, layout, trained = self.cache, self.layout, self.trained
+        if cache is None or trained is None or self.procedural.trainable():
+            return
+        _, slots = cache.occupied_ids()
+        for a in range(0, len(slots), _REMATERIALIZE_BATCH):
+            s = slots[a : a + _REMATERIALIZE_BATCH]
+            base = self.procedural(cache.slot_ids[s])
+            t = trained[s]
+            cache.column(layout.base)[s[t]] = base[t]
+            base[t] += cache.column(layout.delta)[s[t]].float()
+            cache.column(layout.row)[s] = base.to(self.dtype)
+
+    def _cached_delta(self, slots: torch.Tensor) -> torch.Tensor:
+        """Float32 deltas of cached ``slots`` (zeros for untrained rows)."""
+        assert self.cache is not None and self.trained is not None
+        delta = torch.index_select(self.cache.column(self.layout.delta), 0, slots).float()
+        return delta.mul_(self.trained[slots, None])
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def read(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``base + delta`` of 1-D ``ids`` (repeats allowed), pool dtype, on the device.
+
+        Cached rows stay pinned until the next ``read`` (the step in flight)."""
+        with self.lock:
+            cache = self.cache
+            if cache is None:
+                return self._uncached_rows(ids).to(self.dtype)
+            self._refresh_bases_if_stale()
+            cache.unpin(_READ)
+            try:
+                slots = self._lookup(ids.to(self.device))
+            except CacheCapacityError:
+                return self._spilled_rows(ids)
+            cache.pin(_READ, slots)
+            if self.procedural.trainable():
+                base = self.procedural(ids.to(self.device))
+                return (base + self._cached_delta(slots)).to(self.dtype)
+            # index_select, not advanced indexing: about twice as fast for a gather of rows
+            return torch.index_select(cache.column(self.layout.row), 0, slots)
+
+    def _spilled_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a batch too big for the cache: from the lower tiers, with the cached copy
+        (possibly newer, if dirty) wherever a row is resident."""
+        cache = self.cache
+        assert cache is not None
+        self.counters["spilled_batches"] += 1
+        self.counters["spilled_rows"] += len(ids)
+        dev = ids.to(self.device)
+        rows = self._uncached_rows(ids).to(self.dtype)
+        slots, hit = cache.find(dev)
+        if bool(hit.any()):
+            if self.procedural.trainable():
+                fresh = self.procedural(dev[hit]) + self._cached_delta(slots[hit])
+                rows[hit] = fresh.to(self.dtype)
+            else:
+                rows[hit] = cache.column(self.layout.row)[slots[hit]]
+        return rows
+
+    @torch.no_grad()
+    def delta(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 deltas of 1-D ``ids`` wherever they currently live (zeros: procedural)."""
+        with self.lock:
+            out = self._host_dense(ids.numpy())[0].to(self.device)
+            if self.cache is not None:
+                slots, hit = self.cache.find(ids.to(self.device))
+                out[hit] = self._cached_delta(slots[hit])
+        return out
+
+    @torch.no_grad()
+    def base(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.procedural(ids.to(self.device))
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def _current(
+        self, ids: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where sorted unique ``ids`` (device) live and their current deltas (float32) and
+        states: ``(slots, hit, delta, state)`` on the device. ``slots``: known cache slots of
+        every id (a pinned batch), skipping the lookup."""
+        n, cache = len(ids), self.cache
+        if cache is None:
+            slots = torch.zeros_like(ids)
+            hit = torch.zeros(n, dtype=torch.bool, device=self.device)
+        elif slots is None:
+            slots, hit = cache.find(ids)
+        else:
+            hit = torch.ones(n, dtype=torch.bool, device=self.device)
+        if bool(hit.all()):
+            delta = self._cached_delta(slots)
+            state = torch.index_select(cache.column(self.layout.state), 0, slots)  # type: ignore[union-attr]
+            state = state * self.trained[slots, None]  # type: ignore[index]
+            return slots, hit, delta, state
+        delta = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
+        state = self.layout.state.zeros(n, self.device)
+        miss = ~hit
+        host_delta, host_state = self._host_dense(ids[miss].cpu().numpy())
+        delta[miss] = host_delta.to(self.device)
+        state[miss] = host_state.to(self.device)
+        if bool(hit.any()):
+            s = slots[hit]
+            delta[hit] = self._cached_delta(s)
+            state[hit] = cache.column(self.layout.state)[s] * self.trained[s, None]  # type: ignore[union-attr, index]
+        return slots, hit, delta, state
+
+    def _store(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        hit: torch.Tensor,
+        delta: torch.Tensor,
+        state: torch.Tensor | None,
+    ) -> None:
+        """Write new deltas (pool dtype) and states (None: keep) of sorted unique ``ids``:
+        into the cache where resident (rows re-materialized, slots dirty), else into staging."""
+        cache, layout = self.cache, self.layout
+        if cache is not None and bool(hit.any()):
+            assert self.trained is not None
+            all_hit = bool(hit.all())
+            s = slots if all_hit else slots[hit]
+            d = delta if all_hit else delta[hit]
+            fresh = ~self.trained[s]
+            if bool(fresh.any()):  # first update of a row read procedural: keep its base
+                fs = s[fresh]
+                if self.dtype == torch.float32 and not self.procedural.trainable():
+                    base = cache.column(layout.row)[fs]  # row == base, exactly, for these
+                else:
+                    base = self.procedural(cache.slot_ids[fs])
+                cache.column(layout.base)[fs] = base
+                cache.column(layout.state)[fs] = 0.0
+                self.trained[fs] = True
+            cache.column(layout.delta)[s] = d
+            if state is not None:
+                cache.column(layout.state)[s] = state if all_hit else state[hit]
+            row = torch.index_select(cache.column(layout.base), 0, s).add_(d.float())
+            cache.column(layout.row)[s] = row.to(self.dtype)
+            cache.mark_dirty(s)
+        if not bool(hit.all()):
+            miss = ~hit
+            values = {layout.delta.name: delta[miss].cpu()}
+            if state is not None:
+                values[layout.state.name] = state[miss].cpu()
+            else:
+                values[layout.state.name] = self._host_dense(ids[miss].cpu().numpy())[1]
+            self.staging.put(ids[miss].cpu().numpy(), values)
+
+    @torch.no_grad()
+    def write(self, ids: torch.Tensor, values: torch.Tensor, *, add: bool) -> None:
+        """Stage ``values`` (pool dtype, ``[len(ids), dim]``) as deltas of 1-D ``ids``: replace
+        (repeats: the last wins) or add (repeats: all summed). Nothing changes if the result
+        would not be finite."""
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        with self.lock:
+            dev = uniq.to(self.device)
+            inv = inverse.to(self.device)
+            slots, hit, current, _ = self._current(dev)
+            if add:
+                summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32, device=self.device)
+                summed.index_add_(0, inv, values.to(self.device, torch.float32))
+                new = (current + summed).to(self.dtype)
+                if not bool(torch.isfinite(new).all()):
+                    raise InvalidDeltaError(f"adding these deltas overflows {self.dtype}")
+            else:
+                last = torch.full((len(uniq),), -1, dtype=torch.int64, device=self.device)
+                positions = torch.arange(len(inv), device=self.device)
+                last.scatter_reduce_(0, inv, positions, reduce="amax")
+                new = values.to(self.device)[last]
+            self._store(dev, slots, hit, new, None)
+
+    def drop(self, ids: torch.Tensor) -> None:
+        """Return sorted unique ``ids`` to procedural at the next commit."""
+        with self.lock:
+            self.staging.drop(ids.numpy())
+            if self.cache is not None:
+                self.cache.invalidate(ids.to(self.device))
+
+    def discard(self) -> None:
+        """Forget every change since the last commit."""
+        with self.lock:
+            self.staging.clear()
+            if self.cache is not None:
+                self.cache.unpin_all()
+                self.cache.clear()
+
+    # -- the executor contract -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def page_in(self, ids: torch.Tensor) -> RowBatch:
+        """Page ``ids`` (int64, any shape, validated) in for one executor step; see
+        :class:`RowBatch`. One sort finds the distinct rows, their use counts and the grouping
+        the backward pass needs; one cache lookup pages them in."""
+        flat = ids.reshape(-1).to(self.device)
+        ordered, order = torch.sort(flat, stable=True)
+        uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
+        inverse = torch.empty_like(flat)
+        inverse[order] = torch.repeat_interleave(
+            torch.arange(len(uniq), device=flat.device), counts
+        )
+        inverse = inverse.reshape(ids.shape)
+        with self.lock:
+            cache = self.cache
+            if cache is not None:
+                self._refresh_bases_if_stale()
+                try:
+                    slots = self._lookup(uniq, counts)
+                except CacheCapacityError:
+                    pass
+                else:
+                    key = ("batch", next(self._keys))
+                    cache.pin(key, slots)
+                    table = cache.column(self.layout.row)
+                    return RowBatch(self, uniq, counts, inverse, order, table, slots, key)
+            table = self._spilled_rows(uniq) if cache is not None else self.read(uniq)
+            index = torch.arange(len(uniq), device=self.device)
+            return RowBatch(self, uniq, counts, inverse, order, table, index, None)
+
+    @torch.no_grad()
+    def apply_grads(self, batch: RowBatch, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
+        """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`)."""
+        width = optimizer.state_width(self.dim)
+        if width != self.layout.state_width:
+            raise ValueError(
+                f"this row optimizer keeps {width} values of state per row but the pool was "
+                f"set up for {self.layout.state_width}: call set_state_width({width}) first"
+            )
+        if len(batch) == 0:
+            return
+        with self.lock:
+            slots, hit, delta, state = self._current(batch.ids, self._resident_slots(batch))
+            new_delta, new_state = optimizer.step(delta, grads.to(self.device).float(), state)
+            self._store(batch.ids, slots, hit, new_delta.to(self.dtype), new_state)
+            self.counters["row_steps"] += 1
+            self.counters["rows_updated"] += len(batch)
+
+    @torch.no_grad()
+    def deltas_of(self, batch: RowBatch) -> torch.Tensor:
+        """Float32 ``[n, dim]`` current deltas of ``batch.ids`` (for an executor that computes
+        ``base + delta`` itself, e.g. while the generator trains)."""
+        with self.lock:
+            return self._current(batch.ids, self._resident_slots(batch))[2]
+
+    def _resident_slots(self, batch: RowBatch) -> torch.Tensor | None:
+        """``batch``'s slots if all its rows are still where it paged them in (they are pinned,
+        so they should be: checked with one gather), else None (look them up)."""
+        cache = self.cache
+        if batch.spilled or cache is None:
+            return None
+        return batch.index if bool((cache.slot_ids[batch.index] == batch.ids).all()) else None
+
+    def count_skipped_step(self) -> None:
+        """An executor skipped a row step (non-finite gradients): counted in ``stats()``."""
+        self.counters["skipped_row_steps"] += 1
+
+    def set_state_width(self, width: int) -> None:
+        """Keep ``width`` float32 values of per-row state beside each delta (a row optimizer's):
+        cached, staged, evicted and committed with it, and read back from the store when a
+        segment holds state of that width (else zeros). Changing the width resets the state of
+        uncommitted rows; their deltas are kept."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ValueError(f"state width must be a non-negative int, got {width!r}")
+        with self.lock:
+            if width == self.layout.state_width:
+                return
+            self.flush()
+            self.layout = self.layout.with_state(width)
+            self.staging.set_layout(self.layout)
+            if self.cache is not None:
+                self.cache.unpin_all()
+                self.cache.clear()  # rows are re-read with the state of the new width
+                self.cache.set_column(self.layout.state)
+
+    # -- prefetch ------------------------------------------------------------------------------
+
+    def prefetch(self, ids: torch.Tensor) -> Prefetch:
+        """Page ``ids`` in on a helper thread; see :class:`Prefetch`."""
+        if self.cache is None:
+            return Prefetch(self, None)
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dpsn-prefetch")
+        key = ("prefetch", next(self._keys))
+        return Prefetch(self, self._prefetcher.submit(self._prefetch_job, ids, key), key)
+
+    def _prefetch_job(self, ids: torch.Tensor, key: tuple[str, int]) -> tuple[torch.Tensor, Any]:
+        cache = self.cache
+        assert cache is not None
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with self.lock, torch.no_grad():
+            self._refresh_bases_if_stale()
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        slots = self._lookup(ids.to(self.device))
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                else:
+                    slots, event = self._lookup(ids.to(self.device)), None
+            except CacheCapacityError:
+                # Prefetching is advice: rows that cannot all be made resident now are paged
+                # in (spilled) by the step that reads them.
+                return torch.empty(0, dtype=torch.int64, device=self.device), None
+            cache.pin(key, slots)
+        return slots, event
+
+    # -- commit --------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Move every dirty cached row into staging (the cache keeps a clean copy)."""
+        with self.lock:
+            cache = self.cache
+            if cache is None:
+                return
+            dirty = cache.dirty_slots()
+            if len(dirty):
+                self._evict(dirty)
+            cache.clean()
+
+    def staged_rows(self) -> int:
+        dirty = int(self.cache.dirty.sum()) if self.cache is not None else 0
+        return len(self.staging) + dirty
+
+    def commit(
+        self,
+        message: str,
+        *,
+        stats: dict[str, Any] | None,
+        routers: Callable[[int], dict[str, str]] | None = None,
+    ) -> Commit:
+        """Make every change since the last commit durable in one atomic step: dirty rows,
+        staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
+        writes the changed ones and returns their digests). On failure the store keeps its
+        previous commit and the changes stay staged."""
+        with self.lock:
+            self.flush()
+            st, layout = self.staging, self.layout
+            generator_state = None
+            if self.procedural.changed_since_commit():
+                generator_state = self.procedural.state_arrays()
+            written = routers(self.head + 1) if routers is not None else None
+            record, index = self.store.commit(
+                self.index,
+                self.head,
+                st.ids,
+                to_storage(st.values[layout.delta.name]),
+                st.drops,
+                state=st.values[layout.state.name].numpy() if layout.state_width else None,
+                message=message,
+                stats=stats,
+                generator_state=generator_state,
+                routers=written,
+            )
+            self.index, self.head = index, record.id
+            self.procedural.saved = self.procedural.stamp()
+            st.clear()
+        return record
+
+    def move_to(self, commit: int, index: RowIndex) -> None:
+        """A reader adopts another commit: its rows replace everything cached."""
+        with self.lock:
+            self.head, self.index = commit, index
+            if self.cache is not None:
+                self.cache.unpin_all()
+                self.cache.clear()
+
+    # -- figures and lifecycle -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["rows_generated"] = self.procedural.rows_generated
+        cache = self.cache
+        if cache is None:
+            out.update(hits=0, misses=0, evictions=0, hit_rate=None, capacity=0, cached_rows=0)
+            return out
+        out.update(cache.stats.total)
+        out.update(
+            hit_rate=cache.stats.hit_rate,
+            capacity=cache.capacity,
+            cached_rows=len(cache),
+            dirty_rows=int(cache.dirty.sum()),
+            locked_rows=int(cache.pinned().sum()),
+            policy=cache.policy.name,
+            device=str(self.device),
+            last_step=dict(cache.stats.last),
+        )
+        return out
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
+        self.staging.clear()
+
+
+class Prefetch:
+    """A handle on rows being paged in ahead of use; see ``Pool.prefetch``."""
+
+    def __init__(
+        self,
+        stack: RowStack,
+        future: Future[tuple[torch.Tensor, Any]] | None,
+        key: tuple[str, int] | None = None,
+    ) -> None:
+        self._stack = stack
+        self._future = future
+        self._key = key
+        self._released = future is None
+
+    def wait(self) -> None:
+        """Block until the rows are in the cache (and, on CUDA, make the current stream wait)."""
+        if self._future is None:
+            return
+        _, event = self._future.result()
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def release(self) -> None:
+        """Unpin the prefetched rows (they become evictable again)."""
+        if self._released:
+            return
+        self._released = True
+        assert self._future is not None
+        self._future.result()  # the job pins when it ends: let it end first
+        if self._stack.cache is not None:
+            self._stack.cache.unpin(self._key)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
