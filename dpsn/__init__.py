@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Commit": "dpsn.pool",
     "Pool": "dpsn.pool",
+    "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
     "Prefetch": "dpsn.pool",
     "VerifyReport": "dpsn.pool",
@@ -29,7 +30,16 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from dpsn.pool import Commit, Pool, PoolLayer, Prefetch, VerifyReport, create, open
+    from dpsn.pool import (
+        Commit,
+        Pool,
+        PoolEmbedding,
+        PoolLayer,
+        Prefetch,
+        VerifyReport,
+        create,
+        open,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -49,6 +59,7 @@ __all__ = [
     "Commit",
     "DpsnError",
     "Pool",
+    "PoolEmbedding",
     "PoolLayer",
     "Prefetch",
     "VerifyReport",

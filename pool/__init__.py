@@ -4,6 +4,7 @@ layer of a model."""
 from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 
 from ._api import create, open
+from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
@@ -12,6 +13,7 @@ __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
     "Pool",
+    "PoolEmbedding",
     "PoolLayer",
     "Prefetch",
     "RowAdagrad",

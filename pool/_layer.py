@@ -214,7 +214,6 @@ class PoolLayer(nn.Module):
         if train_generator:
             self.generator = pool.generator  # registered: its weights join parameters()
             self.generator.requires_grad_(True)
-        self._anchor = torch.zeros((), requires_grad=True)
         # The gathered rows of the last step, reused as the next gather's output while no
         # autograd graph still holds them: a fresh [T*K, D] tensor costs its page faults every
         # step (16 ms vs 3.4 ms for a 32 MiB gather on one thread, past glibc's mmap threshold).
@@ -252,9 +251,9 @@ class PoolLayer(nn.Module):
         if not self.train_generator:
             # autocast off: the executor's matmuls and its backward work in float32
             with torch.autocast(x.device.type, enabled=False):
-                y = _PeerRows.apply(self._anchor, xf, gates.float(), batch, self)
+                y = _PeerRows.apply(batch.anchor, xf, gates.float(), batch, self)
         else:
-            delta = _FusedDeltas.apply(self._anchor, batch, self)
+            delta = _FusedDeltas.apply(batch.anchor, batch, self)
             base = self.pool.generator(batch.ids)[batch.inverse]  # (T, K, D), trains the weights
             u, v = (base + delta).split([self.d_in, self.d_out], dim=-1)  # (T, K, I), (T, K, O)
             act = _ACTIVATIONS[self.activation](torch.einsum("ti,tki->tk", xf, u))

@@ -15,6 +15,7 @@ from ._policies import EvictionPolicy, check_policy, make_policy, policies, regi
 from ._procedural import ProceduralTier, load_generator
 from ._rowindex import RowIndex
 from ._segments import COMPRESSORS
+from ._slot_table import SlotTable
 from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "RowLayout",
     "RowOptimizer",
     "RowStack",
+    "SlotTable",
     "VerifyReport",
     "check_policy",
     "check_router_name",

@@ -48,6 +48,10 @@ SECOND_BACKWARD = (
 )
 _READ = ("read", 0)  # the pin holder of the rows of the last plain read
 _REMATERIALIZE_BATCH = 1 << 16
+_SPILL_CHUNK = 1 << 16  # rows generated at once on the spilled path: bounded device memory
+# Why a batch cannot be made resident: more distinct rows than the cache can free, or the
+# device ran out of memory while filling (the spilled path then works in bounded chunks).
+_CANNOT_CACHE = (CacheCapacityError, torch.OutOfMemoryError)
 _COUNTERS = (
     "rows_from_disk",
     "bytes_from_disk",
@@ -83,7 +87,9 @@ class RowBatch:
       private tensor for a spilled batch): read it, never write it.
 
     ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
-    ``release()`` unpins them. A batch that is garbage-collected releases itself.
+    ``release()`` unpins them. A batch that is garbage-collected releases itself. ``anchor`` is a
+    scalar that requires grad: pass it into the executor's autograd function, so that its
+    backward (where the rows train) runs even when no other input requires grad.
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class RowBatch:
         self.table, self.index = table, index
         self.spilled = key is None
         self.applied = False
+        self.anchor = torch.zeros((), requires_grad=True)
         self._stack = stack
         self._use_index: torch.Tensor | None = None
         self._release = (
@@ -245,7 +252,13 @@ class RowStack:
 
     def _uncached_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``base + delta`` from the lower tiers only, float32 on the device."""
-        rows = self.procedural(ids.to(self.device))
+        dev = ids.to(self.device)
+        if len(ids) <= _SPILL_CHUNK:
+            rows = self.procedural(dev)
+        else:
+            rows = torch.empty((len(ids), self.dim), dtype=torch.float32, device=self.device)
+            for a in range(0, len(ids), _SPILL_CHUNK):
+                rows[a : a + _SPILL_CHUNK] = self.procedural(dev[a : a + _SPILL_CHUNK])
         pos, delta, _ = self._host_rows(ids.cpu().numpy())
         if len(pos):
             at = self._to_device(torch.from_numpy(pos))
@@ -344,7 +357,7 @@ class RowStack:
             cache.unpin(_READ)
             try:
                 slots = self._lookup(ids.to(self.device))
-            except CacheCapacityError:
+            except _CANNOT_CACHE:
                 return self._spilled_rows(ids)
             cache.pin(_READ, slots)
             if self.procedural.trainable():
@@ -358,6 +371,8 @@ class RowStack:
         (possibly newer, if dirty) wherever a row is resident."""
         cache = self.cache
         assert cache is not None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # after an out-of-memory fill, give the spill a chance
         self.counters["spilled_batches"] += 1
         self.counters["spilled_rows"] += len(ids)
         dev = ids.to(self.device)
@@ -518,7 +533,7 @@ class RowStack:
                 self._refresh_bases_if_stale()
                 try:
                     slots = self._lookup(uniq, counts)
-                except CacheCapacityError:
+                except _CANNOT_CACHE:
                     pass
                 else:
                     key = ("batch", next(self._keys))
@@ -609,7 +624,7 @@ class RowStack:
                     event.record(stream)
                 else:
                     slots, event = self._lookup(ids.to(self.device)), None
-            except CacheCapacityError:
+            except _CANNOT_CACHE:
                 # Prefetching is advice: rows that cannot all be made resident now are paged
                 # in (spilled) by the step that reads them.
                 return torch.empty(0, dtype=torch.int64, device=self.device), None
