@@ -54,6 +54,13 @@ class Generator(nn.Module, ABC):
     def config(self) -> dict[str, Any]:
         """JSON-serialisable kwargs, excluding ``dim`` and ``seed``, that rebuild this generator."""
 
+    def generate_into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the rows of 1-D ``ids`` into ``out`` (``[len(ids), dim]``, float32, on this
+        module's device), without autograd. The cache calls this to fill rows straight into its
+        own memory; a generator that can write there without an intermediate overrides it."""
+        with torch.no_grad():
+            out.copy_(self(ids))
+
     @property
     def device(self) -> torch.device:
         """The device the parameters live on (and rows are produced on)."""

@@ -139,12 +139,28 @@ class HashedSlices(Generator):
             "signed": self.signed,
         }
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = self._prepare_ids(ids)
+    def _slices(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Offsets ``[n * k]`` into ``memory`` and signs ``[n * k, 1]`` (None: unsigned)."""
         bits = stream_bits(ids.reshape(-1), self._offset_seed, self._k)  # (n, k)
         bits = bits.view(-1)  # (n * k)
         sign = torch.where(bits < 0, -1.0, 1.0).unsqueeze_(-1) if self.signed else None
-        offsets = bits.bitwise_and_(_INT64_MAX).remainder_(self._span)  # (n * k)
+        return bits.bitwise_and_(_INT64_MAX).remainder_(self._span), sign
+
+    def generate_into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        if self._k * self._s != self.dim or not out.is_contiguous():
+            super().generate_into(ids, out)  # rows are cut from a longer slice run
+            return
+        offsets, sign = self._slices(self._prepare_ids(ids))
+        memory = self.memory.detach()
+        windows = memory.as_strided((memory.numel() - self._s + 1, self._s), (1, 1))
+        flat = out.view(-1, self._s)  # (n * k, S): the same bytes as out
+        torch.index_select(windows, 0, offsets, out=flat)
+        if sign is not None:
+            flat.mul_(sign)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = self._prepare_ids(ids)
+        offsets, sign = self._slices(ids)  # (n * k), (n * k, 1)
         rows = _GatherSlices.apply(self.memory, offsets, self._s)  # (n * k, S)
         if sign is not None:
             rows = rows.mul_(sign)

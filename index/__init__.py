@@ -13,6 +13,7 @@ State persists to a Zarr v3 group with :func:`save_router` / :func:`load_router`
 from ._backend import faiss_gpu_available
 from ._base import PAD_ID, PAD_SCORE, Router, RouteResult
 from ._budget import Budget
+from ._config import LSHConfig, ProductKeyConfig, RegionConfig, RouterConfig, VQConfig
 from ._errors import RouterConfigError, RouterInputError, RouterNotFittedError, UnknownRouterError
 from ._lsh import LSHRouter
 from ._persist import ROUTER_KINDS, load_router, router_digest, save_router
@@ -26,15 +27,20 @@ __all__ = [
     "PAD_SCORE",
     "ROUTER_KINDS",
     "Budget",
+    "LSHConfig",
     "LSHRouter",
+    "ProductKeyConfig",
     "ProductKeyRouter",
+    "RegionConfig",
     "RegionRouter",
     "RouteResult",
     "Router",
+    "RouterConfig",
     "RouterConfigError",
     "RouterInputError",
     "RouterNotFittedError",
     "UnknownRouterError",
+    "VQConfig",
     "VQRouter",
     "faiss_gpu_available",
     "load_router",

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ._budget import SIGNALS, Budget, BudgetSignal
+from ._budget import SIGNALS, Budget
+from ._config import RouterConfig
 from ._errors import RouterConfigError, RouterInputError
 from ._topk import merge_topk
 from ._usage import UsageCounter
@@ -88,28 +89,21 @@ class Router(nn.Module, ABC):
     """
 
     kind: ClassVar[str]
+    Config: ClassVar[type[RouterConfig]] = RouterConfig  # the config dataclass of this kind
     default_signal: ClassVar[str] = "entropy"
     provides_novelty: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        *,
-        d_in: int,
-        num_rows: int,
-        k: int,
-        k_min: int | None = None,
-        budget: BudgetSignal | Literal["auto"] = "auto",
-        temperature: float = 1.0,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, config: RouterConfig) -> None:
         super().__init__()
+        d_in, num_rows, k = config.d_in, config.num_rows, config.k
         if not isinstance(d_in, int) or d_in < 1:
             raise RouterConfigError(f"d_in must be a positive int, got {d_in!r}")
         if not isinstance(num_rows, int) or not 1 <= num_rows <= MAX_ROWS:
             raise RouterConfigError(f"num_rows must be an int in [1, 2**62], got {num_rows!r}")
         if not isinstance(k, int) or not 1 <= k <= num_rows:
             raise RouterConfigError(f"k must be an int in [1, num_rows={num_rows}], got {k!r}")
-        k_min = k if k_min is None else k_min
+        k_min = k if config.k_min is None else config.k_min
+        budget = config.budget
         if budget == "auto":
             budget = "fixed" if k_min == k else self.default_signal
         if budget not in SIGNALS:
@@ -119,6 +113,7 @@ class Router(nn.Module, ABC):
                 f"budget 'novelty' needs region distances; {type(self).__name__} has none: "
                 "use 'entropy' or 'learned'"
             )
+        self.cfg = config.with_(k_min=k_min, budget=budget)
         self.d_in = d_in
         self.num_rows = num_rows
         self.k_max = k
@@ -128,19 +123,11 @@ class Router(nn.Module, ABC):
             k_max=k,
             signal=budget,  # type: ignore[arg-type]
             d_in=d_in,
-            temperature=temperature,
-            seed=seed,
+            temperature=config.temperature,
+            seed=config.seed,
         )
         self.usage_counter = UsageCounter(num_rows)
         self.track_usage = True
-        self._config: dict[str, Any] = {
-            "d_in": d_in,
-            "num_rows": num_rows,
-            "k": k,
-            "k_min": k_min,
-            "budget": budget,
-            "temperature": temperature,
-        }
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -284,9 +271,10 @@ class Router(nn.Module, ABC):
         self.usage_counter.reset()
         self.budget.reset_counters()
 
-    def config(self) -> dict[str, Any]:
-        """JSON-able constructor arguments; ``type(self)(**config())`` rebuilds the shape."""
-        return dict(self._config)
+    def config(self) -> RouterConfig:
+        """The resolved, frozen configuration: ``type(self)(config())`` rebuilds the shape, and
+        it is what ``save_router`` persists."""
+        return self.cfg
 
     def extra_arrays(self) -> dict[str, Any]:
         """Arrays beyond ``state_dict`` to persist (FAISS index blobs), name -> uint8 ndarray."""

@@ -25,7 +25,7 @@ random and never trained, so it never drifts; the product sub-keys are searched 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from dpsn.errors import CorruptStoreError
 
-from ._backend import Backend, _use_torch, index_to_bytes
-from ._budget import BudgetSignal
+from ._backend import _use_torch, index_to_bytes
+from ._config import LSHConfig, build_config
 from ._errors import RouterConfigError
 from ._regions import RegionRouter
 
@@ -60,50 +60,17 @@ class LSHRouter(RegionRouter):
 
     kind = "lsh"
 
-    def __init__(
-        self,
-        *,
-        d_in: int,
-        num_rows: int,
-        k: int,
-        nbits: int | None = None,
-        beam: int = 16,
-        heads: int = 1,
-        d_key: int | None = None,
-        region_weight: float = 4.0,
-        k_min: int | None = None,
-        budget: BudgetSignal | Literal["auto"] = "auto",
-        temperature: float = 1.0,
-        query_batchnorm: bool = False,
-        seed: int = 0,
-        threshold_rate: float = 0.05,
-        refresh_every: int = 1000,
-        drift_tol: float = 0.1,
-        max_elems: int = 1 << 22,
-        backend: Backend = "auto",
-    ) -> None:
-        nbits = default_nbits(num_rows, k) if nbits is None else int(nbits)
+    Config = LSHConfig
+
+    def __init__(self, config: LSHConfig | None = None, /, **kwargs: Any) -> None:
+        """``LSHRouter(LSHConfig(...))`` or the same fields as keywords."""
+        config = build_config(LSHConfig, config, kwargs)
+        nbits = config.nbits
+        nbits = default_nbits(config.num_rows, config.k) if nbits is None else int(nbits)
         if not 1 <= nbits <= 62:
             raise RouterConfigError(f"nbits must be in [1, 62], got {nbits}")
-        super().__init__(
-            d_in=d_in,
-            num_rows=num_rows,
-            k=k,
-            num_regions=1 << nbits,
-            beam=beam,
-            heads=heads,
-            d_key=d_key,
-            region_weight=region_weight,
-            k_min=k_min,
-            budget=budget,
-            temperature=temperature,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
-            backend=backend,
-            refresh_every=refresh_every,
-            drift_tol=drift_tol,
-        )
+        super().__init__(config.with_(nbits=nbits), num_regions=1 << nbits)
+        threshold_rate, d_in = config.threshold_rate, config.d_in
         self.nbits = nbits
         self.threshold_rate = threshold_rate
         self.register_buffer("proj", torch.zeros(nbits, d_in))  # A, copied from faiss
@@ -114,7 +81,6 @@ class LSHRouter(RegionRouter):
         self._index: faiss.IndexLSH | None = None
         # buffers replaced wholesale (load_state_dict): rebuild the FAISS index from them
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_index", None))
-        self._config.update(nbits=nbits, threshold_rate=threshold_rate)
 
     # -- training -----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from zarr.codecs import ZstdCodec
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
 from ._base import Router
+from ._config import config_json
 from ._errors import RouterConfigError, UnknownRouterError
 from ._lsh import LSHRouter
 from ._product_keys import ProductKeyRouter
@@ -135,7 +136,8 @@ def router_digest(router: Router) -> str:
     """blake2b hex of the router's kind, config and state: what ``save_router`` returns."""
     kind = _kind_of(router)
     arrays, _ = _collect(router)
-    return _manifest_digest(kind, router.config(), {n: _array_digest(a) for n, a in arrays.items()})
+    config = config_json(router.config())
+    return _manifest_digest(kind, config, {n: _array_digest(a) for n, a in arrays.items()})
 
 
 def save_router(router: Router, group: zarr.Group) -> str:
@@ -145,7 +147,7 @@ def save_router(router: Router, group: zarr.Group) -> str:
     group visible through its commit), as for every other Zarr write in dpsn.
     """
     kind = _kind_of(router)
-    config = router.config()
+    config = config_json(router.config())
     arrays, dtypes = _collect(router)
     entries: dict[str, dict[str, Any]] = {}
     for name, arr in arrays.items():
@@ -264,7 +266,7 @@ def load_router(group: zarr.Group) -> Router:
     if _manifest_digest(kind, config, digests) != manifest.get("digest"):  # type: ignore[arg-type]
         raise CorruptStoreError(f"router manifest in {group.path!r} fails its digest")
     try:
-        router = cls(**config)
+        router = cls(cls.Config.from_json(config))
     except (TypeError, ValueError) as exc:
         raise CorruptStoreError(f"stored router config cannot build a {kind!r}: {exc}") from exc
     # the config fixes every state shape and kind of dtype: compare before reading a byte

@@ -17,13 +17,13 @@ Axes: T inputs, H heads, k results, e = d_key / 2 (half width), n1 / n2 sub-keys
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._base import Router
-from ._budget import BudgetSignal
+from ._config import ProductKeyConfig, build_config
 from ._errors import RouterConfigError
 from ._topk import merge_heads, merge_topk, sorted_pair_candidates, topk_ip
 
@@ -83,16 +83,6 @@ class ProductKeys(nn.Module):
         std = 1.0 / math.sqrt(self.half)
         self.keys1 = nn.Parameter(torch.randn(heads, self.n1, self.half, generator=g) * std)
         self.keys2 = nn.Parameter(torch.randn(heads, self.n2, self.half, generator=g) * std)
-
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments a router records for rebuilding these keys."""
-        return {
-            "heads": self.heads,
-            "d_key": self.d_key,
-            "query_batchnorm": self.query_bn is not None,
-            "seed": self.seed,
-            "max_elems": self.max_elems,
-        }
 
     def queries(self, x: Tensor) -> Tensor:
         """``[T, H, d_key]`` queries of ``x [T, d_in]``."""
@@ -190,42 +180,22 @@ class ProductKeyRouter(Router):
     """
 
     kind = "product_keys"
+    Config = ProductKeyConfig
 
-    def __init__(
-        self,
-        *,
-        d_in: int,
-        num_rows: int,
-        k: int,
-        heads: int = 1,
-        d_key: int | None = None,
-        k_min: int | None = None,
-        budget: BudgetSignal | Literal["auto"] = "auto",
-        temperature: float = 1.0,
-        query_batchnorm: bool = False,
-        seed: int = 0,
-        max_elems: int = 1 << 22,
-    ) -> None:
-        super().__init__(
-            d_in=d_in,
-            num_rows=num_rows,
-            k=k,
-            k_min=k_min,
-            budget=budget,
-            temperature=temperature,
-            seed=seed,
-        )
-        d_key = default_d_key(d_in) if d_key is None else d_key
+    def __init__(self, config: ProductKeyConfig | None = None, /, **kwargs: Any) -> None:
+        """``ProductKeyRouter(ProductKeyConfig(...))`` or the same fields as keywords."""
+        config = build_config(ProductKeyConfig, config, kwargs)
+        d_key = default_d_key(config.d_in) if config.d_key is None else config.d_key
+        super().__init__(config.with_(d_key=d_key))
         self.pk = ProductKeys(
-            d_in=d_in,
-            grid_rows=num_rows,
-            heads=heads,
+            d_in=config.d_in,
+            grid_rows=config.num_rows,
+            heads=config.heads,
             d_key=d_key,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
+            query_batchnorm=config.query_batchnorm,
+            seed=config.seed,
+            max_elems=config.max_elems,
         )
-        self._config.update(self.pk.config())
 
     def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Any, Any]:
         ids, scores = self.pk.select(self.pk.queries(x), self.k_max, self.num_rows)

@@ -28,14 +28,14 @@ Axes: T inputs, B beam regions, k results, H heads, d = d_in.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._backend import BACKENDS, Backend
 from ._base import Router
-from ._budget import BudgetSignal
+from ._config import RegionConfig
 from ._errors import RouterConfigError, RouterNotFittedError
 from ._product_keys import ProductKeys, default_d_key
 
@@ -45,36 +45,10 @@ __all__ = ["RegionRouter"]
 class RegionRouter(Router):
     """Base of :class:`VQRouter` and :class:`LSHRouter` (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        d_in: int,
-        num_rows: int,
-        k: int,
-        num_regions: int,
-        beam: int,
-        heads: int,
-        d_key: int | None,
-        region_weight: float,
-        k_min: int | None,
-        budget: BudgetSignal | Literal["auto"],
-        temperature: float,
-        query_batchnorm: bool,
-        seed: int,
-        max_elems: int,
-        backend: Backend,
-        refresh_every: int,
-        drift_tol: float,
-    ) -> None:
-        super().__init__(
-            d_in=d_in,
-            num_rows=num_rows,
-            k=k,
-            k_min=k_min,
-            budget=budget,
-            temperature=temperature,
-            seed=seed,
-        )
+    def __init__(self, config: RegionConfig, *, num_regions: int) -> None:
+        d_key = default_d_key(config.d_in) if config.d_key is None else config.d_key
+        super().__init__(config.with_(d_key=d_key))
+        num_rows, k, beam = config.num_rows, config.k, config.beam
         if num_regions < 1 or num_rows // num_regions < k:
             raise RouterConfigError(
                 f"{num_regions} regions over {num_rows} rows leave fewer than k={k} rows in a "
@@ -82,45 +56,37 @@ class RegionRouter(Router):
             )
         if beam < 1:
             raise RouterConfigError(f"beam must be >= 1, got {beam}")
-        if backend not in BACKENDS:
-            raise RouterConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not region_weight > 0:
-            raise RouterConfigError(f"region_weight must be > 0, got {region_weight}")
-        if refresh_every < 0 or not drift_tol >= 0:
+        if config.backend not in BACKENDS:
+            raise RouterConfigError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+        if not config.region_weight > 0:
+            raise RouterConfigError(f"region_weight must be > 0, got {config.region_weight}")
+        if config.refresh_every < 0 or not config.drift_tol >= 0:
             raise RouterConfigError(
                 f"need refresh_every >= 0 (0: never on a count) and drift_tol >= 0 (inf: never "
-                f"on drift), got refresh_every={refresh_every}, drift_tol={drift_tol}"
+                f"on drift), got refresh_every={config.refresh_every}, "
+                f"drift_tol={config.drift_tol}"
             )
         self.num_regions = num_regions
         self.beam = min(beam, num_regions)
         self.block, self.rem = divmod(num_rows, num_regions)
-        self.region_weight = float(region_weight)
-        self.backend = backend
-        self.seed = seed
-        self.refresh_every = refresh_every
-        self.drift_tol = drift_tol
-        d_key = default_d_key(d_in) if d_key is None else d_key
+        self.region_weight = float(config.region_weight)
+        self.backend: Backend = config.backend
+        self.seed = config.seed
+        self.refresh_every = config.refresh_every
+        self.drift_tol = config.drift_tol
         self.local = ProductKeys(
-            d_in=d_in,
+            d_in=config.d_in,
             grid_rows=self.block + (1 if self.rem else 0),
-            heads=heads,
+            heads=config.heads,
             d_key=d_key,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
+            query_batchnorm=config.query_batchnorm,
+            seed=config.seed,
+            max_elems=config.max_elems,
         )
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("updates_since_refresh", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("refreshes", torch.tensor(0, dtype=torch.int64))
-        self._config.update(
-            self.local.config(),
-            beam=beam,
-            region_weight=region_weight,
-            backend=backend,
-            refresh_every=refresh_every,
-            drift_tol=drift_tol,
-        )
 
     # -- region <-> id arithmetic -------------------------------------------------------------
 

@@ -25,8 +25,7 @@ exactly (no approximate index over them), so they never go stale.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
@@ -35,8 +34,8 @@ from torch import Tensor
 
 from dpsn.errors import CorruptStoreError
 
-from ._backend import Backend, FlatL2Index
-from ._budget import BudgetSignal
+from ._backend import FlatL2Index
+from ._config import VQConfig, build_config
 from ._errors import RouterConfigError
 from ._regions import RegionRouter
 
@@ -68,53 +67,19 @@ class VQRouter(RegionRouter):
     default_signal = "novelty"
     provides_novelty = True
 
-    def __init__(
-        self,
-        *,
-        d_in: int,
-        num_rows: int,
-        k: int,
-        levels: Sequence[int] | None = None,
-        beam: int = 16,
-        heads: int = 1,
-        d_key: int | None = None,
-        region_weight: float = 16.0,
-        k_min: int | None = None,
-        budget: BudgetSignal | Literal["auto"] = "auto",
-        temperature: float = 1.0,
-        query_batchnorm: bool = False,
-        seed: int = 0,
-        niter: int = 20,
-        ema_decay: float = 0.99,
-        refresh_every: int = 1000,
-        drift_tol: float = 0.1,
-        max_elems: int = 1 << 22,
-        backend: Backend = "auto",
-    ) -> None:
-        levels = tuple(int(c) for c in (levels or default_levels(num_rows, k)))
+    Config = VQConfig
+
+    def __init__(self, config: VQConfig | None = None, /, **kwargs: Any) -> None:
+        """``VQRouter(VQConfig(...))`` or the same fields as keywords."""
+        config = build_config(VQConfig, config, kwargs)
+        levels = config.levels or default_levels(config.num_rows, config.k)
+        levels = tuple(int(c) for c in levels)
         if not levels or any(c < 1 for c in levels) or len(levels) > 4:
             raise RouterConfigError(f"levels must be 1-4 codebook sizes >= 1, got {levels}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise RouterConfigError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        super().__init__(
-            d_in=d_in,
-            num_rows=num_rows,
-            k=k,
-            num_regions=math.prod(levels),
-            beam=beam,
-            heads=heads,
-            d_key=d_key,
-            region_weight=region_weight,
-            k_min=k_min,
-            budget=budget,
-            temperature=temperature,
-            query_batchnorm=query_batchnorm,
-            seed=seed,
-            max_elems=max_elems,
-            backend=backend,
-            refresh_every=refresh_every,
-            drift_tol=drift_tol,
-        )
+        if not 0.0 <= config.ema_decay < 1.0:
+            raise RouterConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+        super().__init__(config.with_(levels=levels), num_regions=math.prod(levels))
+        niter, ema_decay, d_in = config.niter, config.ema_decay, config.d_in
         self.levels = levels
         self.niter = niter
         self.ema_decay = ema_decay
@@ -126,7 +91,6 @@ class VQRouter(RegionRouter):
         self._indexes: list[FlatL2Index] = []
         # codebooks replaced wholesale (load_state_dict): rebuild the FAISS indexes from them
         self.register_load_state_dict_post_hook(lambda module, _: module._rebuild_if_fitted())
-        self._config.update(levels=list(levels), niter=niter, ema_decay=ema_decay)
 
     def _codebook(self, lvl: int) -> Tensor:
         return getattr(self, f"codebook{lvl}")

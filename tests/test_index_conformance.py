@@ -3,7 +3,7 @@
 A subclass supplies ``make_router(**overrides)`` (fitted, ready to route) and ``min_recall``, the
 recall against brute force over the router's own dense scores it must reach on the test data.
 Tests get their routers from ``routed(**overrides)``: each configuration is built (and fitted)
-once per class and handed out as a fresh copy (``type(r)(**r.config())`` + ``load_state_dict``),
+once per class and handed out as a fresh copy (``type(r)(r.config())`` + ``load_state_dict``),
 which keeps the suite fast and exercises that rebuild path on every test.
 """
 
@@ -86,7 +86,7 @@ class RouterConformance:
         if key not in self._built:
             self._built[key] = self.make_router(**overrides)
         proto = self._built[key]
-        copy = type(proto)(**proto.config())
+        copy = type(proto)(proto.config())
         copy.load_state_dict(proto.state_dict())
         return copy.train(proto.training)
 
@@ -471,3 +471,47 @@ class TestLSHRouter(RouterConformance):
         kw: dict = {"d_in": D_IN, "num_rows": N_ROWS, "k": K, "nbits": 5, "beam": 8}
         kw.update(overrides)
         return LSHRouter(**kw).fit(mixture(4000, seed=1))
+
+
+# -- configuration objects ------------------------------------------------------------------
+
+
+def test_routers_take_a_frozen_config_and_save_exactly_it(tmp_path):
+    import dataclasses
+
+    import zarr
+
+    from dpsn.index import (
+        LSHConfig,
+        LSHRouter,
+        ProductKeyConfig,
+        ProductKeyRouter,
+        RouterConfigError,
+        VQConfig,
+        VQRouter,
+        load_router,
+        save_router,
+    )
+
+    cfg = ProductKeyConfig(d_in=8, num_rows=1000, k=4, heads=2)
+    a, b = ProductKeyRouter(cfg), ProductKeyRouter(d_in=8, num_rows=1000, k=4, heads=2)
+    assert a.config() == b.config()  # keywords build the same config
+    resolved = a.config()
+    assert isinstance(resolved, ProductKeyConfig) and resolved.k_min == 4
+    assert resolved.budget == "fixed" and resolved.d_key == 8  # "auto" and None resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.k = 5  # type: ignore[misc]
+    with pytest.raises(RouterConfigError, match="not both"):
+        ProductKeyRouter(cfg, k=3)
+    with pytest.raises(RouterConfigError, match="expected a ProductKeyConfig"):
+        ProductKeyRouter(VQConfig(d_in=8, num_rows=1000, k=4))
+    with pytest.raises(RouterConfigError, match="bad router arguments"):
+        ProductKeyRouter(d_in=8, num_rows=1000, k=4, levels=(2,))
+    assert VQRouter(d_in=8, num_rows=1000, k=4).config().levels is not None
+    assert LSHRouter(LSHConfig(d_in=8, num_rows=1000, k=4)).config().nbits is not None
+
+    group = zarr.open_group(str(tmp_path / "r"), mode="w", zarr_format=3)
+    save_router(a, group)
+    assert load_router(group).config() == a.config()
+    with pytest.raises(RouterConfigError, match="unknown ProductKeyConfig fields"):
+        ProductKeyConfig.from_json({"d_in": 8, "num_rows": 10, "k": 2, "nope": 1})

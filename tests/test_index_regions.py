@@ -39,7 +39,7 @@ def _fitted(cls: type[RegionRouter], **args: Any) -> Any:
     if key not in _FITTED:
         _FITTED[key] = cls(**args).fit(SAMPLE)  # type: ignore[attr-defined]
     proto = _FITTED[key]
-    copy = cls(**proto.config())
+    copy = cls(proto.config())
     copy.load_state_dict(proto.state_dict())
     return copy.eval()
 

@@ -180,11 +180,19 @@ class _FlakyGenerator(HashedSlices):
     kind = "test_flaky"
     fail_next = False
 
-    def forward(self, ids):
+    @staticmethod
+    def _maybe_fail():
         if _FlakyGenerator.fail_next:
             _FlakyGenerator.fail_next = False
             raise torch.OutOfMemoryError("injected: out of memory while filling")
+
+    def forward(self, ids):
+        self._maybe_fail()
         return super().forward(ids)
+
+    def generate_into(self, ids, out):
+        self._maybe_fail()
+        super().generate_into(ids, out)
 
 
 def test_an_out_of_memory_fill_falls_back_to_the_spilled_path(tmp_path, monkeypatch):

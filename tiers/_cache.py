@@ -150,11 +150,16 @@ class DeviceCache:
             n_miss = 0
             all_hit = bool(hit.all())
             if not all_hit:
-                missing = ids[~hit]  # unique when counts are given; sorted either way
-                missing = torch.unique(missing) if counts is None else torch.sort(missing).values
+                miss = torch.nonzero(~hit).flatten()
+                if counts is None:  # ids may repeat: each distinct missing id once
+                    missing, where = torch.unique(ids[miss], return_inverse=True)
+                else:  # unique already: sort, and remember where each one goes
+                    missing, order = torch.sort(ids[miss])
+                    miss = miss[order]
+                    where = None
                 n_miss = len(missing)
-                self._admit(slots[hit], counts is not None, missing, fill, evict)
-                slots, hit = self.find(ids)
+                victims = self._admit(slots[hit], counts is not None, missing, fill, evict)
+                slots[miss] = victims if where is None else victims[where]
             uses = len(ids) if counts is None else int(counts.sum())
             self.policy.access(ids, slots, self.step, counts)
             self.stats.add(lookups=1, hits=uses - n_miss, misses=n_miss)
@@ -167,7 +172,8 @@ class DeviceCache:
         missing: torch.Tensor,
         fill: FillFn,
         evict: EvictFn,
-    ) -> None:
+    ) -> torch.Tensor:
+        """Make room for sorted unique ``missing`` ids, fill them; their slots, in order."""
         n = len(missing)
         in_use = len(hit_slots) if hits_unique else int(torch.unique(hit_slots).numel())
         if n + in_use > self.capacity:
@@ -197,6 +203,7 @@ class DeviceCache:
             self._occupied -= n
             raise
         self.policy.insert(victims, self.step)
+        return victims
 
     def _evict(self, victims: torch.Tensor, evict: EvictFn) -> None:
         gone = victims[self.slot_ids[victims] >= 0]

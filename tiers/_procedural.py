@@ -55,6 +55,12 @@ class ProceduralTier:
         self.rows_generated += len(ids)
         return self.generator(ids)
 
+    def generate_into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Base rows of 1-D ``ids`` written into ``out`` (float32, contiguous) without an
+        intermediate tensor where the generator can (a cache fill straight into its memory)."""
+        self.rows_generated += len(ids)
+        self.generator.generate_into(ids, out)
+
     def stamp(self) -> tuple[int, ...]:
         return tuple(v for p in self.generator.parameters() for v in (id(p), p._version))
 

@@ -95,23 +95,29 @@ class SlotTable:
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         bucket, step = self._probe_start(ids)
-        pending = torch.arange(len(ids), device=self.device)
-        while len(pending):
+        while len(slots):
             current = torch.index_select(self.buckets, 0, bucket).long()
-            held = current.clamp(min=0)
-            free = (current < 0) | (self.home[held] != bucket) | (self._slot_ids[held] < 0)
-            # Several ids may want one free bucket in the same round: one wins, the rest go on.
-            want = torch.nonzero(free).flatten()
-            self._claims[bucket[want]] = want
-            won = want[self._claims[bucket[want]] == want]
-            b, s = bucket[won], slots[pending[won]]
-            self.used += int((current[won] < 0).sum())
-            self.buckets[b] = s.to(self.buckets.dtype)
-            self.home[s] = b
-            left = torch.ones(len(pending), dtype=torch.bool, device=self.device)
-            left[won] = False
-            pending, bucket, step = pending[left], bucket[left], step[left]
-            bucket = (bucket + step) & self.mask
+            empty = current < 0
+            free = empty
+            if self.used:  # else every bucket is empty, hence free
+                held = current.clamp_(min=0)
+                free = empty | (torch.index_select(self.home, 0, held) != bucket)
+                free |= torch.index_select(self._slot_ids, 0, held) < 0
+            # Several ids may probe one free bucket in the same round: one wins, the rest go
+            # on. (A bucket is free or not for everyone probing it, so all may write a claim.)
+            rank = torch.arange(len(slots), device=self.device)
+            self._claims.index_copy_(0, bucket, rank)
+            won = free & (torch.index_select(self._claims, 0, bucket) == rank)
+            take = torch.nonzero(won).flatten()
+            b, s = bucket[take], slots[take]
+            self.used += int(empty[take].sum())
+            self.buckets.index_copy_(0, b, s.to(self.buckets.dtype))
+            self.home.index_copy_(0, s, b)
+            if len(take) == len(slots):
+                return
+            rest = torch.nonzero(~won).flatten()
+            slots, step = slots[rest], step[rest]
+            bucket = (bucket[rest] + step) & self.mask
 
     def rebuild(self, exclude: torch.Tensor | None = None) -> None:
         """Empty the table and re-insert every occupied slot (but ``exclude``, about to be

@@ -48,7 +48,8 @@ SECOND_BACKWARD = (
 )
 _READ = ("read", 0)  # the pin holder of the rows of the last plain read
 _REMATERIALIZE_BATCH = 1 << 16
-_SPILL_CHUNK = 1 << 16  # rows generated at once on the spilled path: bounded device memory
+_SPILL_CHUNK = 1 << 16
+_SCRATCH_BYTES = 64 << 20  # rows generated at once on the spilled path: bounded device memory
 # Why a batch cannot be made resident: more distinct rows than the cache can free, or the
 # device ran out of memory while filling (the spilled path then works in bounded chunks).
 _CANNOT_CACHE = (CacheCapacityError, torch.OutOfMemoryError)
@@ -203,6 +204,7 @@ class RowStack:
             self.trained = torch.zeros(cache_rows, dtype=torch.bool, device=device)
         self.lock = self.cache.mutex if self.cache is not None else threading.RLock()
         self._keys = itertools.count(1)
+        self._fill_buffer: torch.Tensor | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
 
     @property
@@ -269,33 +271,57 @@ class RowStack:
 
     def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Write the columns of missing ``ids`` (sorted, CPU) into ``slots``: the row always;
-        delta, base and state only for rows that have a delta (``RowLayout``)."""
+        delta, base and state only for rows that have a delta (``RowLayout``).
+
+        While the cache warms up its victims are a run of fresh slots: a float32 pool's
+        generator then writes the rows straight into the row column, with no intermediate."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
         pos, delta, state = self._host_rows(ids.numpy())
-        base = self.procedural(ids.to(self.device))
+        dev_ids = ids.to(self.device)
         rows = cache.column(layout.row)
+        start = int(slots[0]) if len(slots) else 0
+        in_place = (
+            self.dtype == torch.float32
+            and len(slots) > 0
+            and int(slots[-1]) - start == len(slots) - 1
+            and bool((torch.diff(slots) == 1).all())
+        )
+        # scattered victims: generate into a reused buffer, then scatter into the cache
+        base = rows[start : start + len(slots)] if in_place else self._scratch(len(ids))
+        self.procedural.generate_into(dev_ids, base)
+        moved = len(ids) * layout.dim * self.dtype.itemsize
         if len(pos) == 0:
-            rows.index_copy_(0, slots, base.to(self.dtype))
+            if not in_place:
+                rows.index_copy_(0, slots, base.to(self.dtype))
             trained.index_fill_(0, slots, False)
-            moved = len(ids) * layout.dim * self.dtype.itemsize
         else:
             at = self._to_device(torch.from_numpy(pos))
             tslots = slots[at]
             delta = self._to_device(delta)
             cache.column(layout.delta).index_copy_(0, tslots, delta)
             cache.column(layout.state).index_copy_(0, tslots, self._to_device(state))
-            tbase = base[at]
+            tbase = base[at]  # a copy: base may be the row column itself
             cache.column(layout.base).index_copy_(0, tslots, tbase)
-            base.index_copy_(0, at, tbase + delta.float())
-            rows.index_copy_(0, slots, base.to(self.dtype))
+            if in_place:
+                rows.index_copy_(0, tslots, tbase + delta.float())
+            else:
+                base.index_copy_(0, at, tbase + delta.float())
+                rows.index_copy_(0, slots, base.to(self.dtype))
             flags = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
             flags[at] = True
             trained.index_copy_(0, slots, flags)
-            moved = len(ids) * layout.dim * self.dtype.itemsize + len(pos) * (
-                layout.row_bytes() - layout.dim * self.dtype.itemsize
-            )
+            moved += len(pos) * (layout.row_bytes() - layout.dim * self.dtype.itemsize)
         cache.stats.add(bytes_to_device=moved)
+
+    def _scratch(self, n: int) -> torch.Tensor:
+        """A float32 ``[n, dim]`` buffer for one fill, reused across fills (up to 64 MiB) so that
+        a fill does not pay for fresh pages every time."""
+        if n * self.dim * 4 > _SCRATCH_BYTES:
+            return torch.empty((n, self.dim), dtype=torch.float32, device=self.device)
+        if self._fill_buffer is None or len(self._fill_buffer) < n:
+            self._fill_buffer = torch.empty((n, self.dim), dtype=torch.float32, device=self.device)
+        return self._fill_buffer[:n]
 
     def _evict(self, slots: torch.Tensor) -> None:
         """Dirty rows leave the cache: their persisted columns are staged, never lost."""
