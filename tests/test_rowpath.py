@@ -23,14 +23,17 @@ SMALL = {"kind": "hashed_slices", "memory_size": 512}
 @given(
     capacity=st.integers(1, 12),
     ops=st.lists(
-        st.tuples(st.sampled_from(["insert", "evict", "clear"]), st.integers(0, 2**62)),
+        st.tuples(
+            st.sampled_from(["insert", "insert", "evict", "clear", "rebuild"]),
+            st.integers(0, 2**62),
+        ),
         max_size=80,
     ),
 )
 def test_slot_table_answers_like_a_dict(capacity, ops):
-    """Inserts into free slots, evictions (the table is not told: the slot just stops
-    confirming), clears; with tiny tables, rebuilds and long probe chains are common."""
-    slot_ids = torch.full((capacity,), -1, dtype=torch.int64)
+    """Inserts into free slots, evictions, clears; with tiny tables, collisions in both places
+    and cuckoo evictions are common."""
+    slot_ids = torch.full((capacity + 1,), -1, dtype=torch.int64)  # + the sentinel
     table = SlotTable(capacity, slot_ids)
     model: dict[int, int] = {}
     rng = np.random.default_rng(len(ops))
@@ -45,11 +48,15 @@ def test_slot_table_answers_like_a_dict(capacity, ops):
             model[key] = slot
         elif op == "evict" and model:
             victim = sorted(model)[key % len(model)]
-            slot_ids[model.pop(victim)] = -1
+            slot = model.pop(victim)
+            slot_ids[slot] = -1
+            table.release(torch.tensor([slot]))
         elif op == "clear":
             slot_ids.fill_(-1)
             table.clear()
             model.clear()
+        elif op == "rebuild":  # what a failed cuckoo insert does: other hash functions
+            table.rebuild()
         probe = torch.tensor([*model, key, key + 1])
         slots, hit = table.find(probe)
         want = torch.tensor([k in model for k in probe.tolist()])
@@ -59,15 +66,19 @@ def test_slot_table_answers_like_a_dict(capacity, ops):
                 assert model[k] == s
 
 
-def test_slot_table_rebuilds_instead_of_filling_up():
-    slot_ids = torch.full((8,), -1, dtype=torch.int64)
+def test_slot_table_reuses_entries_of_evicted_rows():
+    """320 insertions into 8 slots: entries of released slots are free for the next insert,
+    and every row is found in one of its two places."""
+    slot_ids = torch.full((9,), -1, dtype=torch.int64)
     table = SlotTable(8, slot_ids)
-    for round_ in range(40):  # 320 insertions into 8 slots, the table never told of evictions
-        ids = torch.arange(8) + 8 * round_
-        slot_ids[:] = ids
+    for round_ in range(40):
+        ids = torch.arange(8) * 7919 + 8 * round_
+        table.release(torch.arange(8))
+        slot_ids[:8] = ids
         table.insert(ids, torch.arange(8))
-        assert bool(table.find(ids)[1].all())
-    assert table.rebuilds > 0 and 2 * table.used <= len(table.buckets)
+        slots, hit = table.find(ids)
+        assert bool(hit.all()) and torch.equal(slots, torch.arange(8))
+        assert not bool(table.find(ids + 1)[1].any())
 
 
 # -- an executor of our own, from the public contract only ------------------------------------

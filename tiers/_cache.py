@@ -92,9 +92,12 @@ class DeviceCache:
         self._data: dict[str, torch.Tensor] = {}
         for col in columns:
             self.set_column(col)
-        self.slot_ids = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        # slot -> id (-1: empty), and past the end a sentinel slot the id table points empty
+        # entries at, which never holds an id
+        ids = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
+        self.slot_ids = ids[:capacity]
         self.dirty = torch.zeros(capacity, dtype=torch.bool, device=self.device)
-        self.table = SlotTable(capacity, self.slot_ids)
+        self.table = SlotTable(capacity, ids)
         self._pins: dict[Hashable, torch.Tensor] = {}  # holder -> slots it keeps from eviction
         self._occupied = 0
         self._fresh = 0  # slots [_fresh, capacity) were never used: taken in order, no search
@@ -200,6 +203,7 @@ class DeviceCache:
             # The slots hold nothing valid: forget them (their table entries stop confirming).
             # Dirty rows they held were handed to ``evict`` first, so nothing is lost.
             self.slot_ids[victims] = -1
+            self.table.release(victims)
             self._occupied -= n
             raise
         self.policy.insert(victims, self.step)
@@ -214,6 +218,7 @@ class DeviceCache:
             evict(dirty)
             self.stats.add(writebacks=len(dirty))
         self.slot_ids[gone] = -1
+        self.table.release(gone)
         self._occupied -= len(gone)
         self.stats.add(evictions=len(gone))
 
@@ -235,6 +240,7 @@ class DeviceCache:
             if bool(hit.any()):
                 gone = torch.unique(slots[hit])
                 self.slot_ids[gone] = -1
+                self.table.release(gone)
                 self.dirty[gone] = False
                 self._occupied -= len(gone)
 

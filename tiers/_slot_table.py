@@ -1,138 +1,156 @@
-"""The device cache's id -> slot map: an open-addressing hash table run as batched tensor ops.
+"""The device cache's id -> slot map: a cuckoo hash table run as batched tensor ops.
 
-Why this shape: a batch of 10^4-10^5 ids must be looked up in a few tensor ops on the cache's
+Why this shape: a batch of 10^3-10^5 ids must be looked up in a few tensor ops on the cache's
 device, with no Python loop per id and no work proportional to the capacity (the sorted key
-column this replaces was rebuilt at O(capacity) on every batch with a miss).
+column this replaces was rebuilt at O(capacity) on every batch with a miss). On the CPU each
+tensor op costs a few microseconds whatever its size, so the number of ops per lookup matters
+as much as the work they do.
 
-Layout: ``buckets`` (``2^b >= 4 x capacity`` entries) holds slot numbers, ``-1`` for a bucket
-never used; an id's probe sequence is ``h1, h1 + h2, h1 + 2 h2, ...`` (double hashing; ``h2``
-odd, so the sequence visits every bucket of the power-of-two table). Nothing in the table is
-trusted on its own: a bucket answers for id ``x`` only if the slot it names holds ``x`` now
-(``slot_ids``, owned by the cache). So evicting a row costs nothing here: its bucket simply
-stops confirming, and acts as a tombstone that lookups probe past and inserts may reclaim.
-A bucket is *live* while ``home[slot] == bucket`` and the slot is occupied (the row it points
-to was inserted there and is still cached); any other non-empty bucket is reclaimable.
+Cuckoo hashing (Pagh and Rodler, 2001) gives every id exactly two places, one in each half of
+the table: a lookup is one probe of every id's first place and one of the second place for the
+few it did not answer, whatever the table holds; there are no probe chains. Each half has
+``2^b >= 8 x capacity`` entries (4 bytes each), so on a full cache ~94% of ids are found in
+their first place (inserts prefer it) and the rest in their second.
 
-Buckets never return to empty, so probe chains only grow; when more than half of the buckets
-have ever been used, the table is rebuilt from the occupied slots. That costs O(capacity) but
-happens at most once per ~capacity insertions, so inserts stay O(1) amortized, and the load
-(<= 1/2 used, <= 1/4 live) keeps the expected probes per lookup near 1.
+Nothing in the table is trusted on its own: an entry answers for id ``x`` only if the slot it
+names holds ``x`` now (``slot_ids``, owned by the cache). So evicting a row costs nothing here:
+its entries simply stop confirming, and are free for the next insert. An entry is *live* while
+``home[slot]`` points back at it; the cache releases a slot's home when it empties the slot. An insert takes a free one of an id's
+two places, or evicts the live row in its first place, which moves to its own other place, and
+so on (vectorized: every pending id moves in the same round). At this load that ends within a
+few rounds; should it not, the table is rebuilt with other hash functions.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Odd multipliers as signed int64 (the golden ratio and XXH64's second prime); the top bits of
-# the wrapped product are the hash.
-_MUL1 = -7046029254386353131
-_MUL2 = -4417276706812531889
+# Odd multipliers as signed int64 (the top bits of the wrapped product are the hash): the golden
+# ratio and XXH64's primes; a rebuild after a failed insert moves on to the next pair.
+_MULTIPLIERS = (
+    -7046029254386353131,
+    -4417276706812531889,
+    -7046029288634856825,
+    1609587929392839161,
+    2870177450012600261,
+    -2048144777,
+)
+_MAX_ROUNDS = 64
 
 
 class SlotTable:
     """Maps cached ids to their slots; see the module docstring for the scheme.
 
-    ``slot_ids`` is the cache's own tensor (``slot -> id``, ``-1`` when empty): the table reads
-    it to confirm every answer and never writes it.
+    ``slot_ids`` is the cache's own tensor (``slot -> id``, ``-1`` when empty) with one extra
+    entry past the capacity that is always ``-1``: empty table entries name that sentinel slot,
+    so a probe needs no masking. The table reads it to confirm every answer, never writes it.
     """
 
     def __init__(self, capacity: int, slot_ids: torch.Tensor) -> None:
+        if len(slot_ids) != capacity + 1:
+            raise ValueError("slot_ids needs capacity + 1 entries (the last one a sentinel)")
         self.capacity = capacity
         self.device = slot_ids.device
         self._slot_ids = slot_ids
-        self.bits = max(4, (4 * capacity - 1).bit_length())
-        self.mask = (1 << self.bits) - 1
-        dtype = torch.int32 if capacity < 2**31 else torch.int64
-        self.buckets = torch.full((1 << self.bits,), -1, dtype=dtype, device=self.device)
-        self.home = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
-        self._claims = torch.empty(1 << self.bits, dtype=torch.int64, device=self.device)
-        self.used = 0  # buckets that are not empty (live or reclaimable)
+        self.bits = max(2, (8 * capacity - 1).bit_length())  # each half: 2^bits entries
+        self.half = 1 << self.bits
+        self.mask = self.half - 1
+        dtype = torch.int32 if capacity < 2**31 - 1 else torch.int64
+        self.entries = torch.full((2 * self.half,), capacity, dtype=dtype, device=self.device)
+        self.home = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
+        self._claims = torch.empty(2 * self.half, dtype=torch.int64, device=self.device)
+        self._seed = 0
         self.rebuilds = 0
 
-    def _probe_start(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift = 64 - self.bits
-        h1 = (ids * _MUL1) >> shift
-        h1 &= self.mask  # the arithmetic shift sign-extends: keep the low bits only
-        h2 = (ids * _MUL2) >> shift
-        h2 &= self.mask
-        h2 |= 1
-        return h1, h2
+    def _place(self, ids: torch.Tensor, which: int) -> torch.Tensor:
+        """Entry index of ``ids``' first (0) or second (1) place."""
+        h = ids * _MULTIPLIERS[(2 * self._seed + which) % len(_MULTIPLIERS)]
+        h >>= 64 - self.bits
+        h.bitwise_and_(self.mask)  # the arithmetic shift sign-extends: keep the low bits
+        return h.add_(self.half) if which else h
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots of ``ids`` (int64, any order, repeats allowed) and a hit mask; a slot is
-        meaningless where the mask is False."""
-        n = len(ids)
-        if n == 0 or self.used == 0:
-            return torch.zeros_like(ids), torch.zeros(n, dtype=torch.bool, device=self.device)
-        bucket, step = self._probe_start(ids)
-        slot = torch.index_select(self.buckets, 0, bucket).long()
-        held = torch.index_select(self._slot_ids, 0, slot.clamp(min=0))
-        hit = held == ids
-        if bool(hit.all()):  # the common case for a warm cache: one probe each
-            return slot, hit
-        slots = torch.where(hit, slot, 0)
-        # Probe on for ids whose bucket was used by another row; stop at a never-used one.
-        more = torch.nonzero(~hit & (slot >= 0)).flatten()
-        bucket, step, sub = bucket[more], step[more], ids[more]
-        while len(more):
-            bucket = (bucket + step) & self.mask
-            slot = torch.index_select(self.buckets, 0, bucket).long()
-            found = torch.index_select(self._slot_ids, 0, slot.clamp(min=0)) == sub
-            slots[more[found]] = slot[found]
-            hit[more[found]] = True
-            go_on = ~found & (slot >= 0)
-            more, bucket, step, sub = more[go_on], bucket[go_on], step[go_on], sub[go_on]
-        return slots, hit
+        meaningless (but in range) where the mask is False."""
+        slot = torch.index_select(self.entries, 0, self._place(ids, 0))
+        hit = torch.index_select(self._slot_ids, 0, slot) == ids
+        if not bool(hit.all()):
+            rest = torch.nonzero(~hit).flatten()
+            sub = torch.index_select(ids, 0, rest)
+            second = torch.index_select(self.entries, 0, self._place(sub, 1))
+            slot.index_copy_(0, rest, second)
+            hit.index_copy_(0, rest, torch.index_select(self._slot_ids, 0, second) == sub)
+        return slot.long().clamp_(max=self.capacity - 1), hit
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Record that unique ``ids`` (absent from the table) now live in ``slots``; the cache
         has already written ``slot_ids[slots] = ids``."""
-        if len(ids) == 0:
-            return
-        if 2 * (self.used + len(ids)) > len(self.buckets):
-            self.rebuild(exclude=slots)
-        self._insert(ids, slots)
+        while not self._insert(ids, slots):
+            self.rebuild(exclude=slots)  # other hash functions, then try again
 
-    def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        bucket, step = self._probe_start(ids)
-        while len(slots):
-            current = torch.index_select(self.buckets, 0, bucket).long()
-            empty = current < 0
-            free = empty
-            if self.used:  # else every bucket is empty, hence free
-                held = current.clamp_(min=0)
-                free = empty | (torch.index_select(self.home, 0, held) != bucket)
-                free |= torch.index_select(self._slot_ids, 0, held) < 0
-            # Several ids may probe one free bucket in the same round: one wins, the rest go
-            # on. (A bucket is free or not for everyone probing it, so all may write a claim.)
-            rank = torch.arange(len(slots), device=self.device)
-            self._claims.index_copy_(0, bucket, rank)
-            won = free & (torch.index_select(self._claims, 0, bucket) == rank)
+    def release(self, slots: torch.Tensor) -> None:
+        """``slots`` were emptied (evicted, invalidated): their entries are free from now on."""
+        self.home.index_fill_(0, slots, -1)
+
+    def _free(self, at: torch.Tensor) -> torch.Tensor:
+        """Which entries ``at`` hold no live row (a live row's slot points back at its entry;
+        an emptied slot's was released)."""
+        held = torch.index_select(self.entries, 0, at).long()
+        return torch.index_select(self.home, 0, held) != at
+
+    def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
+        """One vectorized cuckoo insertion; False if it did not settle (nothing is lost: the
+        caller rebuilds, which re-inserts every occupied slot)."""
+        at = self._target(ids)
+        for _ in range(_MAX_ROUNDS):
+            if len(ids) == 0:
+                return True
+            # Several rows may want one entry in the same round: one wins, the others choose
+            # again next round.
+            rank = torch.arange(len(ids), device=self.device)
+            self._claims.index_copy_(0, at, rank)
+            won = torch.index_select(self._claims, 0, at) == rank
             take = torch.nonzero(won).flatten()
-            b, s = bucket[take], slots[take]
-            self.used += int(empty[take].sum())
-            self.buckets.index_copy_(0, b, s.to(self.buckets.dtype))
-            self.home.index_copy_(0, s, b)
-            if len(take) == len(slots):
-                return
-            rest = torch.nonzero(~won).flatten()
-            slots, step = slots[rest], step[rest]
-            bucket = (bucket[rest] + step) & self.mask
+            t, s = at[take], slots[take]
+            # a live row where a winner goes is evicted: it moves to its other place
+            held = torch.index_select(self.entries, 0, t).long()
+            evicted = torch.index_select(self.home, 0, held) == t
+            kicked, was_at = held[evicted], t[evicted]
+            self.entries.index_copy_(0, t, s.to(self.entries.dtype))
+            self.home.index_copy_(0, s, t)
+            lost = torch.nonzero(~won).flatten()
+            kicked_ids = self._slot_ids[kicked]
+            other = torch.where(
+                was_at >= self.half, self._place(kicked_ids, 0), self._place(kicked_ids, 1)
+            )
+            ids = torch.cat([ids[lost], kicked_ids])
+            slots = torch.cat([slots[lost], kicked])
+            at = torch.cat([self._target(ids[: len(lost)]), other])
+        return len(ids) == 0
+
+    def _target(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where a new row goes: a free first place, else a free second place, else its first
+        place (evicting the row there)."""
+        at = self._place(ids, 0)
+        taken = torch.nonzero(~self._free(at)).flatten()
+        if len(taken):
+            second = self._place(ids[taken], 1)
+            at.index_copy_(0, taken, torch.where(self._free(second), second, at[taken]))
+        return at
 
     def rebuild(self, exclude: torch.Tensor | None = None) -> None:
-        """Empty the table and re-insert every occupied slot (but ``exclude``, about to be
-        inserted by the caller)."""
-        self.buckets.fill_(-1)
-        self.home.fill_(-1)
-        self.used = 0
+        """Re-insert every occupied slot (but ``exclude``, which the caller inserts next) with
+        the next pair of hash functions."""
+        self._seed += 1
         self.rebuilds += 1
-        occupied = self._slot_ids >= 0
+        self.clear()
+        occupied = self._slot_ids[: self.capacity] >= 0
         if exclude is not None and len(exclude):
             occupied[exclude] = False
         slots = torch.nonzero(occupied).flatten()
-        self._insert(self._slot_ids[slots], slots)
+        if not self._insert(self._slot_ids[slots], slots):
+            self.rebuild(exclude)
 
     def clear(self) -> None:
-        self.buckets.fill_(-1)
+        self.entries.fill_(self.capacity)
         self.home.fill_(-1)
-        self.used = 0
