@@ -13,12 +13,13 @@ few it did not answer, whatever the table holds; there are no probe chains. Each
 their first place (inserts prefer it) and the rest in their second.
 
 Nothing in the table is trusted on its own: an entry answers for id ``x`` only if the slot it
-names holds ``x`` now (``slot_ids``, owned by the cache). So evicting a row costs nothing here:
-its entries simply stop confirming, and are free for the next insert. An entry is *live* while
-``home[slot]`` points back at it; the cache releases a slot's home when it empties the slot. An insert takes a free one of an id's
-two places, or evicts the live row in its first place, which moves to its own other place, and
-so on (vectorized: every pending id moves in the same round). At this load that ends within a
-few rounds; should it not, the table is rebuilt with other hash functions.
+names holds ``x`` now (``slot_ids``, owned by the cache). An entry is *live* while
+``home[slot]`` points back at it; the cache releases a slot's home when it empties the slot, so
+evicting a row costs one write here and its entries are free for the next insert. An insert
+takes a free one of an id's two places, or evicts the live row in its first place, which moves
+to its own other place, and so on (vectorized: every pending id moves in the same round). At
+this load that ends within a few rounds; should it not, the table is rebuilt with other hash
+functions.
 """
 
 from __future__ import annotations
