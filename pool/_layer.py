@@ -6,7 +6,9 @@ and the layer computes, as PEER does (He, "Mixture of A Million Experts", 2024):
 
     y = sum_j g_j * act(x . u_j) * v_j        g = softmax(router scores over the chosen rows)
 
-Axes: T tokens, K rows per token (k_max; padding masked), I = d_in, O = d_out, D = I + O.
+Axes: T tokens, K rows per token at most (k_max), M uses in all (the sum of the tokens' budgets:
+uses are *packed*, token by token, so a budget below k_max leaves nothing to page, gather or
+multiply), I = d_in, O = d_out, D = I + O.
 
 Training: gradients reach the router's query and keys through the gates (ordinary autograd;
 optimise ``layer.parameters()`` with any torch optimizer) and the rows through a fused update:
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpsn.tiers import RowBatch
+from dpsn.tiers import SECOND_BACKWARD, RowBatch, kernels
 
 from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
@@ -40,29 +42,53 @@ from ._training import RowTrainer, sum_by_row
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
-def _gather(layer: PoolLayer, batch: RowBatch, shape: torch.Size, owner: object) -> torch.Tensor:
-    """Rows ``[*shape, D]`` of every use, float32, gathered into the layer's reusable buffer when
-    no pending backward still needs it (``owner`` then holds it until its backward runs)."""
-    index, table = batch.use_index.reshape(-1), batch.table
+class Uses:
+    """The packed uses of one step: token ``t``'s rows are uses ``offsets[t]:offsets[t + 1]``
+    (``token[u]`` is the token of use ``u``), with gates ``gates [M]``."""
+
+    def __init__(self, route: Any) -> None:
+        t, k = route.ids.shape
+        device = route.ids.device
+        gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
+        mask = route.mask
+        self.k = k if bool(mask.all()) else None  # uses per token, if every token has k_max
+        if self.k is not None:  # a fixed budget: no padding, a regular layout
+            self.ids = route.ids.reshape(-1)
+            self.gates = gates.reshape(-1)
+            self.offsets = torch.arange(0, t * k + 1, k, device=device)
+            self.token = torch.arange(t, device=device).repeat_interleave(k)
+        else:
+            flat = mask.reshape(-1)
+            self.ids = route.ids.reshape(-1)[flat]
+            self.gates = gates.reshape(-1)[flat]
+            self.offsets = torch.zeros(t + 1, dtype=torch.int64, device=device)
+            torch.cumsum(route.k, 0, out=self.offsets[1:])
+            self.token = torch.arange(t, device=device).repeat_interleave(route.k)
+
+
+def _gather(layer: PoolLayer, batch: RowBatch, owner: object) -> torch.Tensor:
+    """Rows ``[M, D]`` of every use, float32, gathered into the layer's reusable buffer when no
+    pending backward still needs it (``owner`` then holds it until its backward runs)."""
+    index, table = batch.use_index, batch.table
     out = layer._row_buffer(len(index), table, owner)
     if out is not None:
-        rows = torch.index_select(table, 0, index, out=out)
-    else:
-        rows = torch.index_select(table, 0, index).float()
-    return rows.reshape(*shape, table.shape[1])
+        return torch.index_select(table, 0, index, out=out)
+    return torch.index_select(table, 0, index).float()
 
 
 class _PeerRows(torch.autograd.Function):
     """The whole PEER executor over a paged-in batch of rows, with a hand-written backward.
 
-    ``y[t] = sum_k w[t, k] v[t, k]`` with ``w = gates * act(u[t, k] . x[t])``. Autograd through
-    these matmuls would materialise each use's row gradient (``[T, K, I]`` and ``[T, K, O]``,
-    outer products) and then sum them per row; but the gradient of use (t, k) is a scalar
-    times ``x[t]`` (for u) or times ``dy[t]`` (for v), so the backward sums them per row with
-    two sparse-dense matmuls (:func:`sum_by_row`) and hands the sums to the row trainer.
-    Returns the gradients of ``x`` and ``gates`` (which reach the router). The frozen-generator
-    path; ``train_generator=True`` goes through autograd (:class:`_FusedDeltas`). ``anchor``
-    requires grad, so the rows train even when neither ``x`` nor the router does.
+    ``y[t] = sum_{u of t} w[u] v[u]`` with ``w = gates * act(u[u] . x[t])``. Autograd would
+    materialise each use's row gradient (``[M, I]`` and ``[M, O]`` outer products) and then sum
+    them per row; but the gradient of use ``u`` is a scalar times ``x[t]`` (for u) or times
+    ``dy[t]`` (for v), so the backward sums them per row directly and hands the sums to the row
+    trainer. On the CPU with ``dpsn._native`` built, forward and backward are each one loop
+    over the uses that reads every row where it is (``tiers.kernels``): nothing is gathered.
+    Returns the gradients of ``x`` and of the gates (which reach the router). The
+    frozen-generator path; ``train_generator=True`` goes through autograd
+    (:class:`_FusedDeltas`). ``anchor`` requires grad, so the rows train even when neither ``x``
+    nor the router does.
     """
 
     @staticmethod
@@ -72,52 +98,99 @@ class _PeerRows(torch.autograd.Function):
         x: torch.Tensor,
         gates: torch.Tensor,
         batch: RowBatch,
+        uses: Uses,
         layer: PoolLayer,
     ) -> torch.Tensor:
-        rows = _gather(layer, batch, gates.shape, owner=ctx)
-        u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
-        h = torch.einsum("ti,tki->tk", x, u)  # (T, K); 1.5x the speed of matmul on strided u
-        w = gates * _ACTIVATIONS[layer.activation](h)
+        ctx.layer, ctx.batch, ctx.uses = layer, batch, uses
+        if kernels.usable(x, batch.table) and batch.table.dtype == torch.float32:
+            # one pass over the rows by index: nothing gathered, nothing kept (the batch keeps
+            # its rows' values until its backward has read them)
+            y, h = kernels.peer_forward(
+                batch.table,
+                batch.use_index,
+                uses.offsets,
+                x.contiguous(),
+                gates.contiguous(),
+                layer.activation,
+                layer.d_in,
+            )
+            ctx.save_for_backward(x, gates, h)
+            ctx.rows = None
+            return y
+        rows = _gather(layer, batch, owner=ctx)
+        u, v = rows[:, : layer.d_in], rows[:, layer.d_in :]
+        if uses.k is not None:  # regular: batched matmuls over [T, K, .] views
+            t, k = x.shape[0], uses.k
+            h = torch.einsum("ti,tki->tk", x, u.view(t, k, -1)).reshape(-1)  # (M,)
+            w = gates * _ACTIVATIONS[layer.activation](h)
+            y = torch.matmul(w.view(t, 1, k), v.view(t, k, -1))[:, 0]  # (T, O)
+        else:  # ragged budgets: per-use products summed per token
+            h = (u * x[uses.token]).sum(dim=1)  # (M,)
+            w = gates * _ACTIVATIONS[layer.activation](h)
+            y = torch.zeros((x.shape[0], layer.d_out), dtype=torch.float32, device=x.device)
+            y.index_add_(0, uses.token, w[:, None] * v)  # (T, O)
         ctx.save_for_backward(x, gates, h)
-        ctx.layer, ctx.batch, ctx.rows, ctx.version = layer, batch, rows, rows._version
-        return torch.matmul(w[:, None, :], v)[:, 0]  # (T, O)
+        ctx.rows, ctx.version = rows, rows._version
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, gates, h = ctx.saved_tensors
-        layer, rows, batch = ctx.layer, ctx.rows, ctx.batch
-        if rows._version != ctx.version:
-            raise RuntimeError(
-                "a PoolLayer's gathered rows were reused by a later forward before this "
-                "backward ran: a graph kept with retain_graph=True can be run backward again "
-                "only until the layer's next forward"
+        layer, rows, batch, uses = ctx.layer, ctx.rows, ctx.batch, ctx.uses
+        dy = dy.float().contiguous()
+        if batch.applied:
+            raise RuntimeError(SECOND_BACKWARD)
+        if rows is None:  # the native forward: the same loop backward
+            dx, dgates, grads = kernels.peer_backward(
+                batch.table,
+                batch.use_index,
+                batch.inverse,
+                uses.offsets,
+                x.contiguous(),
+                gates.contiguous(),
+                h,
+                dy,
+                layer.activation,
+                layer.d_in,
+                len(batch),
             )
-        u, v = rows[..., : layer.d_in], rows[..., layer.d_in :]
-        dy = dy.float()
-        with torch.enable_grad():
-            hh = h.detach().requires_grad_()
-            act = _ACTIVATIONS[layer.activation](hh)
-        dw = torch.matmul(v, dy[:, :, None])[..., 0]  # (T, K): dL/dw
-        dgates = dw * act.detach()
-        (dh,) = torch.autograd.grad(act, hh, dw * gates)
-        dx = torch.matmul(dh[:, None, :], u)[:, 0]  # (T, I)
-        layer._release_rows(ctx)  # u and v are read: the buffer may be reused
-        if len(batch) and layer.pool.writable:  # a read-only pool's rows never change
-            token = torch.arange(x.shape[0], device=x.device)[:, None].expand(gates.shape)
-            grads = torch.cat(
-                [
-                    sum_by_row(batch, dh, x, token),
-                    sum_by_row(batch, gates * act.detach(), dy, token),
-                ],
-                dim=1,
-            )
-            layer.trainer.step(batch, grads)
+        else:
+            if rows._version != ctx.version:
+                raise RuntimeError(
+                    "a PoolLayer's gathered rows were reused by a later forward before this "
+                    "backward ran: a graph kept with retain_graph=True can be run backward "
+                    "again only until the layer's next forward"
+                )
+            u, v = rows[:, : layer.d_in], rows[:, layer.d_in :]
+            with torch.enable_grad():
+                hh = h.detach().requires_grad_()
+                act = _ACTIVATIONS[layer.activation](hh)
+            if uses.k is not None:
+                t, k = x.shape[0], uses.k
+                dw = torch.matmul(v.view(t, k, -1), dy[:, :, None]).reshape(-1)  # (M,): dL/dw
+            else:
+                dw = (v * dy[uses.token]).sum(dim=1)  # (M,): dL/dw
+            dgates = dw * act.detach()
+            (dh,) = torch.autograd.grad(act, hh, dw * gates)
+            if uses.k is not None:
+                dx = torch.matmul(dh.view(t, 1, k), u.view(t, k, -1))[:, 0]  # (T, I)
+            else:
+                dx = torch.zeros_like(x)
+                dx.index_add_(0, uses.token, dh[:, None] * u)  # (T, I)
+            layer._release_rows(ctx)  # u and v are read: the buffer may be reused
+            grads = None
+            if len(batch):
+                du = sum_by_row(batch, dh, x, uses.token)  # (n, I)
+                dv = sum_by_row(batch, gates * act.detach(), dy, uses.token)  # (n, O)
+                grads = torch.cat([du, dv], dim=1)
+        if grads is not None and len(batch) and layer.pool.writable:
+            layer.trainer.step(batch, grads)  # a read-only pool's rows never change
         batch.release()
-        return None, dx, dgates, None, None
+        return None, dx, dgates, None, None, None
 
 
 class _FusedDeltas(torch.autograd.Function):
-    """The deltas of every use, ``[T, K, D]``, as a function whose backward sums each row's
+    """The deltas of every use, ``[M, D]``, as a function whose backward sums each row's
     gradient and applies the row step: the ``train_generator=True`` path, where autograd must
     also reach the generator through the base rows (``row = base(ids) + delta``).
 
@@ -128,18 +201,14 @@ class _FusedDeltas(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, batch: RowBatch, layer: PoolLayer) -> torch.Tensor:
         ctx.batch, ctx.layer = batch, layer
-        deltas = batch.deltas()  # [n, D], float32
-        return torch.index_select(deltas, 0, batch.inverse.reshape(-1)).reshape(
-            *batch.inverse.shape, deltas.shape[1]
-        )
+        return torch.index_select(batch.deltas(), 0, batch.inverse)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
         batch = ctx.batch
         if ctx.layer.pool.writable:  # a read-only pool's rows never change
             summed = torch.zeros((len(batch), grad.shape[-1]), device=grad.device)
-            flat = grad.reshape(-1, grad.shape[-1]).float()
-            summed.index_add_(0, batch.inverse.reshape(-1), flat)
+            summed.index_add_(0, batch.inverse, grad.float())
             ctx.layer.trainer.step(batch, summed)
         batch.release()
         return None, None, None
@@ -242,22 +311,21 @@ class PoolLayer(nn.Module):
         x2 = x.reshape(-1, self.d_in)  # (T, I)
         route = self.router(x2)
         self.last_route = route
-        mask = route.mask  # (T, K)
-        ids = torch.where(mask, route.ids, route.ids[:, :1])  # padding -> a row already paged
-        batch = self.pool.page_in(ids)
+        uses = Uses(route)
+        batch = self.pool.page_in(uses.ids)
         self._building_graph = torch.is_grad_enabled()  # (a Function's forward runs without)
-        gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
         xf = x2.float()
         if not self.train_generator:
             # autocast off: the executor's matmuls and its backward work in float32
             with torch.autocast(x.device.type, enabled=False):
-                y = _PeerRows.apply(batch.anchor, xf, gates.float(), batch, self)
+                y = _PeerRows.apply(batch.anchor, xf, uses.gates.float(), batch, uses, self)
         else:
-            delta = _FusedDeltas.apply(batch.anchor, batch, self)
-            base = self.pool.generator(batch.ids)[batch.inverse]  # (T, K, D), trains the weights
-            u, v = (base + delta).split([self.d_in, self.d_out], dim=-1)  # (T, K, I), (T, K, O)
-            act = _ACTIVATIONS[self.activation](torch.einsum("ti,tki->tk", xf, u))
-            y = torch.einsum("tk,tko->to", gates * act, v)
+            delta = _FusedDeltas.apply(batch.anchor, batch, self)  # (M, D)
+            base = self.pool.generator(batch.ids)[batch.inverse]  # (M, D), trains the weights
+            u, v = (base + delta).split([self.d_in, self.d_out], dim=-1)
+            act = _ACTIVATIONS[self.activation]((u * xf[uses.token]).sum(dim=1))
+            y = torch.zeros((xf.shape[0], self.d_out), device=xf.device, dtype=u.dtype)
+            y = y.index_add(0, uses.token, (uses.gates * act)[:, None] * v)
         if not y.requires_grad:
             batch.release()  # no backward will come for these rows (no_grad, inference_mode)
         return y.to(x.dtype).reshape(*lead, self.d_out)

@@ -15,11 +15,25 @@ from typing import Any, ClassVar
 
 import torch
 
+from dpsn.tiers import kernels
+
 
 class RowOptimizer(ABC):
-    """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``."""
+    """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``.
+
+    The built-in optimizers also name a fused native loop (``native``, see
+    ``dpsn.tiers.kernels``) that the tier stack runs on the cache's columns in one pass; their
+    :meth:`step` runs the same loop on CPU float32 tensors, so a row gets the same bits on
+    every path. A subclass of your own needs only :meth:`state_width` and :meth:`step`.
+    """
 
     name: ClassVar[str]
+    native: ClassVar[int | None] = None  # the loop's optimizer kind, if it has one
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__ and "native" not in cls.__dict__:
+            cls.native = None  # a new step: the inherited loop no longer computes it
 
     def __init__(self, *, lr: float) -> None:
         if not lr > 0:
@@ -38,9 +52,26 @@ class RowOptimizer(ABC):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "lr": self.lr}
 
+    def native_hyper(self) -> tuple[float, float, float, float]:
+        """(lr, eps, beta1, beta2) for the native loop."""
+        return (self.lr, 0.0, 0.0, 0.0)
+
+    def _native_step(
+        self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The native loop on copies of the inputs, when it can run on them."""
+        if self.native is None or not kernels.usable(delta, grad, state):
+            return None
+        if not all(t.dtype == torch.float32 for t in (delta, grad, state)):
+            return None
+        new, new_state = delta.contiguous().clone(), state.contiguous().clone()
+        kernels.step_rows(self.native, self.native_hyper(), new, new_state, grad.contiguous())
+        return new, new_state
+
 
 class RowSGD(RowOptimizer):
     name = "sgd"
+    native = kernels.OPT_SGD
 
     def __init__(self, *, lr: float = 0.1) -> None:
         super().__init__(lr=lr)
@@ -49,6 +80,9 @@ class RowSGD(RowOptimizer):
         return 0
 
     def step(self, delta, grad, state):
+        fused = self._native_step(delta, grad, state)
+        if fused is not None:
+            return fused
         return delta - self.lr * grad, state
 
 
@@ -56,6 +90,7 @@ class RowAdagrad(RowOptimizer):
     """Row-wise AdaGrad: ``G += mean(g^2)``, ``delta -= lr * g / (sqrt(G) + eps)``."""
 
     name = "adagrad"
+    native = kernels.OPT_ADAGRAD
 
     def __init__(self, *, lr: float = 0.05, eps: float = 1e-8) -> None:
         super().__init__(lr=lr)
@@ -64,7 +99,13 @@ class RowAdagrad(RowOptimizer):
     def state_width(self, dim: int) -> int:
         return 1
 
+    def native_hyper(self) -> tuple[float, float, float, float]:
+        return (self.lr, self.eps, 0.0, 0.0)
+
     def step(self, delta, grad, state):
+        fused = self._native_step(delta, grad, state)
+        if fused is not None:
+            return fused
         g2 = state[:, :1] + grad.pow(2).mean(dim=1, keepdim=True)
         return delta - self.lr * grad / (g2.sqrt() + self.eps), g2
 
@@ -78,6 +119,7 @@ class RowAdam(RowOptimizer):
     updated at different times. State per row: ``[m (dim) | v | t]``."""
 
     name = "adam"
+    native = kernels.OPT_ADAM
 
     def __init__(
         self, *, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
@@ -89,7 +131,13 @@ class RowAdam(RowOptimizer):
     def state_width(self, dim: int) -> int:
         return dim + 2
 
+    def native_hyper(self) -> tuple[float, float, float, float]:
+        return (self.lr, self.eps, *self.betas)
+
     def step(self, delta, grad, state):
+        fused = self._native_step(delta, grad, state)
+        if fused is not None:
+            return fused
         dim = grad.shape[1]
         b1, b2 = self.betas
         m = b1 * state[:, :dim] + (1 - b1) * grad

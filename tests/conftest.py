@@ -38,3 +38,18 @@ def pool(store_path):
     )
     yield p
     p.close()
+
+
+@pytest.fixture(params=["native", "torch"])
+def row_kernels(request, monkeypatch):
+    """Run a test on both paths of the row path's hot loops: the fused C loops of
+    ``dpsn._native`` (when built) and the PyTorch ops they replace."""
+    from dpsn.tiers import kernels
+
+    if request.param == "native":
+        if kernels._lib is None:
+            pytest.skip("dpsn._native was not built (no C compiler at install)")
+        monkeypatch.setattr(kernels, "ENABLED", True)
+    else:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    return request.param

@@ -169,7 +169,7 @@ def _train_layer(pool, steps=6):
 
 
 @pytest.mark.parametrize("cache_rows", [16, 0])
-def test_a_layer_trains_the_same_through_a_tiny_cache_or_none(tmp_path, cache_rows):
+def test_a_layer_trains_the_same_through_a_tiny_cache_or_none(tmp_path, cache_rows, row_kernels):
     """32 tokens x 8 rows need up to 256 distinct rows a step: through a 16-row cache every
     step spills, through no cache every step is uncached; both train bit for bit like a cache
     that holds everything."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 # Odd multipliers as signed int64 (the top bits of the wrapped product are the hash): the golden
 # ratio and XXH64's primes; a rebuild after a failed insert moves on to the next pair.
 _MULTIPLIERS = (
@@ -63,9 +65,13 @@ class SlotTable:
         self._seed = 0
         self.rebuilds = 0
 
+    def _multipliers(self) -> tuple[int, int]:
+        n = len(_MULTIPLIERS)
+        return _MULTIPLIERS[(2 * self._seed) % n], _MULTIPLIERS[(2 * self._seed + 1) % n]
+
     def _place(self, ids: torch.Tensor, which: int) -> torch.Tensor:
         """Entry index of ``ids``' first (0) or second (1) place."""
-        h = ids * _MULTIPLIERS[(2 * self._seed + which) % len(_MULTIPLIERS)]
+        h = ids * self._multipliers()[which]
         h >>= 64 - self.bits
         h.bitwise_and_(self.mask)  # the arithmetic shift sign-extends: keep the low bits
         return h.add_(self.half) if which else h
@@ -73,6 +79,18 @@ class SlotTable:
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots of ``ids`` (int64, any order, repeats allowed) and a hit mask; a slot is
         meaningless (but in range) where the mask is False."""
+        if kernels.usable(ids, self.entries):  # the same probes, in one C loop
+            first, second = self._multipliers()
+            return kernels.cuckoo_find(
+                self.entries,
+                self.half,
+                self.bits,
+                first,
+                second,
+                self._slot_ids,
+                self.capacity,
+                ids,
+            )
         slot = torch.index_select(self.entries, 0, self._place(ids, 0))
         hit = torch.index_select(self._slot_ids, 0, slot) == ids
         if not bool(hit.all()):

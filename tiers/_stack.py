@@ -34,6 +34,7 @@ import torch
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidDeltaError
 
+from . import kernels
 from ._cache import DeviceCache
 from ._columns import RowLayout
 from ._persisted import Commit, PersistedStore
@@ -65,7 +66,14 @@ _COUNTERS = (
 
 
 class RowOptimizer(Protocol):
-    """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one)."""
+    """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one).
+
+    ``native`` names a fused loop of ``kernels`` (None: none) and ``native_hyper()`` its
+    hyperparameters; with one, resident rows are updated in a single pass over the cache."""
+
+    native: int | None
+
+    def native_hyper(self) -> tuple[float, float, float, float]: ...
 
     def state_width(self, dim: int) -> int: ...
 
@@ -85,7 +93,10 @@ class RowBatch:
     - ``table`` and ``index``: row ``ids[i]``'s value is ``table[index[i]]`` (``[dim]`` in the
       pool dtype), and ``use_index`` is ``index[inverse]``, one entry per requested position,
       ready for ``index_select``/``embedding_bag``. ``table`` is the cache's row column (or a
-      private tensor for a spilled batch): read it, never write it.
+      private tensor for a spilled batch): read it, never write it. The values stay those of
+      the page-in until ``apply_grads``: should the stack change these rows first (another
+      step's update of shared rows, a cache reset), the batch is given a private copy of its
+      rows beforehand (``table`` and ``index`` then point there), as autograd would need.
 
     ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
     ``release()`` unpins them. A batch that is garbage-collected releases itself. ``anchor`` is a
@@ -106,11 +117,14 @@ class RowBatch:
     ) -> None:
         self.ids, self.counts, self.inverse, self.order = ids, counts, inverse, order
         self.table, self.index = table, index
+        # the cache slots the rows were paged into (pinned): None for a spilled batch
+        self.slots: torch.Tensor | None = index if key is not None else None
         self.spilled = key is None
         self.applied = False
         self.anchor = torch.zeros((), requires_grad=True)
         self._stack = stack
         self._use_index: torch.Tensor | None = None
+        self._private = table.data_ptr() if key is None else 0  # rows already its own
         self._release = (
             weakref.finalize(self, _unpin, weakref.ref(stack), key) if key is not None else None
         )
@@ -150,8 +164,17 @@ class RowBatch:
 
     def release(self) -> None:
         """Let the rows be evicted again (idempotent)."""
+        self._stack.forget(self)
         if self._release is not None:
             self._release()
+
+    def keep_rows(self) -> None:
+        """Copy the batch's rows out of the cache before the stack changes them there."""
+        if self.table.data_ptr() != self._private:
+            self.table = torch.index_select(self.table, 0, self.index)
+            self.index = torch.arange(len(self.ids), device=self.ids.device)
+            self._use_index = None
+            self._private = self.table.data_ptr()
 
     def __enter__(self) -> RowBatch:
         return self
@@ -205,6 +228,8 @@ class RowStack:
         self.lock = self.cache.mutex if self.cache is not None else threading.RLock()
         self._keys = itertools.count(1)
         self._fill_buffer: torch.Tensor | None = None
+        # resident batches whose step is in flight: their rows must keep their values
+        self._pending: weakref.WeakSet[RowBatch] = weakref.WeakSet()
         self._prefetcher: ThreadPoolExecutor | None = None
 
     @property
@@ -353,6 +378,7 @@ class RowStack:
         cache, layout, trained = self.cache, self.layout, self.trained
         if cache is None or trained is None or self.procedural.trainable():
             return
+        self._rows_change()
         _, slots = cache.occupied_ids()
         for a in range(0, len(slots), _REMATERIALIZE_BATCH):
             s = slots[a : a + _REMATERIALIZE_BATCH]
@@ -466,11 +492,14 @@ class RowStack:
         hit: torch.Tensor,
         delta: torch.Tensor,
         state: torch.Tensor | None,
+        batch: RowBatch | None = None,
     ) -> None:
         """Write new deltas (pool dtype) and states (None: keep) of sorted unique ``ids``:
-        into the cache where resident (rows re-materialized, slots dirty), else into staging."""
+        into the cache where resident (rows re-materialized, slots dirty), else into staging.
+        ``batch``: the step whose update this is (it needs its rows no longer)."""
         cache, layout = self.cache, self.layout
         if cache is not None and bool(hit.any()):
+            self._rows_change(exclude=batch)
             assert self.trained is not None
             all_hit = bool(hit.all())
             s = slots if all_hit else slots[hit]
@@ -528,6 +557,7 @@ class RowStack:
         with self.lock:
             self.staging.drop(ids.numpy())
             if self.cache is not None:
+                self._rows_change()
                 self.cache.invalidate(ids.to(self.device))
 
     def discard(self) -> None:
@@ -535,6 +565,7 @@ class RowStack:
         with self.lock:
             self.staging.clear()
             if self.cache is not None:
+                self._rows_change()
                 self.cache.unpin_all()
                 self.cache.clear()
 
@@ -565,7 +596,9 @@ class RowStack:
                     key = ("batch", next(self._keys))
                     cache.pin(key, slots)
                     table = cache.column(self.layout.row)
-                    return RowBatch(self, uniq, counts, inverse, order, table, slots, key)
+                    batch = RowBatch(self, uniq, counts, inverse, order, table, slots, key)
+                    self._pending.add(batch)
+                    return batch
             table = self._spilled_rows(uniq) if cache is not None else self.read(uniq)
             index = torch.arange(len(uniq), device=self.device)
             return RowBatch(self, uniq, counts, inverse, order, table, index, None)
@@ -582,11 +615,48 @@ class RowStack:
         if len(batch) == 0:
             return
         with self.lock:
-            slots, hit, delta, state = self._current(batch.ids, self._resident_slots(batch))
-            new_delta, new_state = optimizer.step(delta, grads.to(self.device).float(), state)
-            self._store(batch.ids, slots, hit, new_delta.to(self.dtype), new_state)
+            resident = self._resident_slots(batch)
+            grads = grads.to(self.device, torch.float32)
+            if resident is not None and self._fused(optimizer, grads):
+                self._rows_change(exclude=batch)
+                self._apply_fused(resident, grads, optimizer)
+            else:
+                slots, hit, delta, state = self._current(batch.ids, resident)
+                new_delta, new_state = optimizer.step(delta, grads, state)
+                self._store(batch.ids, slots, hit, new_delta.to(self.dtype), new_state, batch)
             self.counters["row_steps"] += 1
             self.counters["rows_updated"] += len(batch)
+
+    def _fused(self, optimizer: RowOptimizer, grads: torch.Tensor) -> bool:
+        """Whether the optimizer's native loop can update resident rows in place: float32
+        columns on the CPU, bases kept (a frozen generator)."""
+        return (
+            getattr(optimizer, "native", None) is not None
+            and self.dtype == torch.float32
+            and kernels.usable(grads)
+            and not self.procedural.trainable()
+        )
+
+    def _apply_fused(
+        self, slots: torch.Tensor, grads: torch.Tensor, optimizer: RowOptimizer
+    ) -> None:
+        """One pass over the rows at ``slots``: start untrained rows at zero (their base is
+        their row), step delta and state, re-materialize ``row = base + delta``."""
+        cache, layout, trained = self.cache, self.layout, self.trained
+        assert cache is not None and trained is not None and optimizer.native is not None
+        kernels.apply_rows(
+            optimizer.native,
+            optimizer.native_hyper(),
+            cache.column(layout.delta),
+            cache.column(layout.state),
+            cache.column(layout.base),
+            cache.column(layout.row),
+            slots,
+            ~trained[slots],
+            grads.contiguous(),
+        )
+        trained[slots] = True
+        cache.mark_dirty(slots)
 
     @torch.no_grad()
     def deltas_of(self, batch: RowBatch) -> torch.Tensor:
@@ -598,10 +668,21 @@ class RowStack:
     def _resident_slots(self, batch: RowBatch) -> torch.Tensor | None:
         """``batch``'s slots if all its rows are still where it paged them in (they are pinned,
         so they should be: checked with one gather), else None (look them up)."""
-        cache = self.cache
-        if batch.spilled or cache is None:
+        cache, slots = self.cache, batch.slots
+        if slots is None or cache is None:
             return None
-        return batch.index if bool((cache.slot_ids[batch.index] == batch.ids).all()) else None
+        return slots if bool((cache.slot_ids[slots] == batch.ids).all()) else None
+
+    def forget(self, batch: RowBatch) -> None:
+        """``batch`` no longer needs its rows to keep their values (released)."""
+        self._pending.discard(batch)
+
+    def _rows_change(self, exclude: RowBatch | None = None) -> None:
+        """Cached rows are about to change: every other step in flight keeps its own copy."""
+        for batch in list(self._pending):
+            if batch is not exclude:
+                batch.keep_rows()
+                self._pending.discard(batch)
 
     def count_skipped_step(self) -> None:
         """An executor skipped a row step (non-finite gradients): counted in ``stats()``."""
@@ -621,6 +702,7 @@ class RowStack:
             self.layout = self.layout.with_state(width)
             self.staging.set_layout(self.layout)
             if self.cache is not None:
+                self._rows_change()
                 self.cache.unpin_all()
                 self.cache.clear()  # rows are re-read with the state of the new width
                 self.cache.set_column(self.layout.state)
@@ -714,6 +796,7 @@ class RowStack:
         with self.lock:
             self.head, self.index = commit, index
             if self.cache is not None:
+                self._rows_change()
                 self.cache.unpin_all()
                 self.cache.clear()
 
