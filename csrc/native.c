@@ -5,7 +5,7 @@
  * and the row path's work comes in many small ops (a hash probe is ~10 of them) or in many
  * passes over the same rows (gather, compute, scatter, optimizer, re-materialize). Each
  * function here does one such job in one pass, with the GIL released. Nothing here allocates
- * or owns memory: the Python wrappers (tiers/_native.py) check every tensor (CPU, contiguous,
+ * or owns memory: the Python wrappers (dpsn/kernels.py) check every tensor (CPU, contiguous,
  * dtype, shape) and pass raw pointers; the loops still check every index they follow, since a
  * bad index would corrupt memory rather than raise.
  *
@@ -18,6 +18,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Hot loops are compiled twice, for x86-64-v3 (AVX2, FMA) and for the baseline, and the loader picks
+ * what the CPU has (GCC function multi-versioning). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HOT
+#endif
 
 #define ACT_GELU 0
 #define ACT_RELU 1
@@ -103,10 +111,19 @@ static inline float act_grad(int kind, float h) {
     }
 }
 
+/* Eight running sums, so the compiler may keep them in one vector register (a single sum
+ * is a chain of dependent adds it must not reorder); the order is fixed, so the result is
+ * the same bits on every call. */
 static inline float dot(const float *a, const float *b, long long n) {
-    float acc = 0.0f;
-    for (long long j = 0; j < n; j++) acc += a[j] * b[j];
-    return acc;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    long long j = 0;
+    for (; j + 8 <= n; j += 8) {
+        for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
+    }
+    float tail = 0.0f;
+    for (; j < n; j++) tail += a[j] * b[j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) +
+           tail;
 }
 
 static inline void axpy(float *y, float a, const float *x, long long n) {
@@ -114,88 +131,108 @@ static inline void axpy(float *y, float a, const float *x, long long n) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* PEER executor (pool/_layer.py), over a packed layout: token t's uses are
- * [off[t], off[t+1]) (a budget below k_max leaves no padding to compute); use u reads row
- * s = idx[u] = (u | v) of the table with gate g[u]:
- *   y[t] = sum_u g[u] act(x[t] . u_s) v_s                                                  */
+/* PEER executor (pool/_layer.py). Use u (of M) reads row index[i] of the table (u | v) for
+ * token token[u] with gate gates[u]:  y[t] = sum_{u of t} gates[u] act(x[t] . u) v.
+ * The loops walk the uses row by row (CSR: row i's uses are order[offsets[i]:offsets[i+1]]),
+ * so each distinct row is read from the big table once, and only the small per-token arrays
+ * (x, y, dy, dx: a few hundred KiB, cache-resident) are touched per use. */
 
-static PyObject *peer_forward(PyObject *self, PyObject *args) {
-    unsigned long long table_p, idx_p, off_p, x_p, gates_p, y_p, h_p;
-    long long rows, dim, d_in, T, M;
+static inline void prefetch_row(const float *row, long long dim) {
+    for (long long j = 0; j < dim; j += 16) __builtin_prefetch(row + j);
+}
+
+static inline int csr_ok(const int64_t *offsets, long long n, long long M) {
+    return offsets[0] == 0 && offsets[n] == M;
+}
+
+HOT static PyObject *peer_forward(PyObject *self, PyObject *args) {
+    unsigned long long table_p, index_p, off_p, order_p, token_p, x_p, gates_p, y_p, h_p;
+    long long rows, dim, d_in, T, M, n;
     int kind;
-    if (!PyArg_ParseTuple(args, "KLLLKKKKLLiKK", &table_p, &rows, &dim, &d_in, &idx_p, &off_p,
-                          &x_p, &gates_p, &T, &M, &kind, &y_p, &h_p)) {
+    if (!PyArg_ParseTuple(args, "KLLLKKKKKKLLLiKK", &table_p, &rows, &dim, &d_in, &index_p,
+                          &off_p, &order_p, &token_p, &x_p, &gates_p, &T, &M, &n, &kind, &y_p,
+                          &h_p)) {
         return NULL;
     }
     const float *table = (const float *)table_p;
-    const int64_t *idx = (const int64_t *)idx_p, *off = (const int64_t *)off_p;
+    const int64_t *index = (const int64_t *)index_p, *off = (const int64_t *)off_p;
+    const int64_t *order = (const int64_t *)order_p, *token = (const int64_t *)token_p;
     const float *x = (const float *)x_p, *gates = (const float *)gates_p;
     float *y = (float *)y_p, *h = (float *)h_p;
     const long long d_out = dim - d_in;
-    long long bad = 0;
+    long long bad = !csr_ok(off, n, M);
     Py_BEGIN_ALLOW_THREADS
-    for (long long t = 0; t < T && !bad; t++) {
-        const float *xt = x + t * d_in;
-        float *yt = y + t * d_out;
-        memset(yt, 0, sizeof(float) * d_out);
-        const int64_t lo = off[t], hi = off[t + 1];
-        if (lo < 0 || hi < lo || hi > M) { bad = 1; break; }
-        for (int64_t u = lo; u < hi; u++) {
-            const int64_t s = idx[u];
-            if (s < 0 || s >= rows) { bad = 1; break; }
-            const float *row = table + s * dim;
-            const float hu = dot(xt, row, d_in);
+    memset(y, 0, sizeof(float) * T * d_out);
+    for (long long i = 0; i < n && !bad; i++) {
+        const int64_t s = index[i];
+        if (s < 0 || s >= rows || off[i + 1] < off[i] || off[i + 1] > M) { bad = 1; break; }
+        if (i + 1 < n && index[i + 1] >= 0 && index[i + 1] < rows) {
+            prefetch_row(table + index[i + 1] * dim, dim);
+        }
+        const float *row = table + s * dim, *v = row + d_in;
+        for (int64_t p = off[i]; p < off[i + 1]; p++) {
+            const int64_t u = order[p];
+            if (u < 0 || u >= M) { bad = 1; break; }
+            const int64_t t = token[u];
+            if (t < 0 || t >= T) { bad = 1; break; }
+            const float hu = dot(x + t * d_in, row, d_in);
             h[u] = hu;
             const float w = gates[u] * act_value(kind, hu);
-            if (w != 0.0f) axpy(yt, w, row + d_in, d_out);
+            if (w != 0.0f) axpy(y + t * d_out, w, v, d_out);
         }
     }
     Py_END_ALLOW_THREADS
     if (bad) {
-        PyErr_SetString(PyExc_IndexError, "peer_forward: a row or use index is out of range");
+        PyErr_SetString(PyExc_IndexError, "peer_forward: an index is out of range");
         return NULL;
     }
     Py_RETURN_NONE;
 }
 
-/* Backward: dx, dgates, and each distinct row's summed gradient (row r = inv[u]), in the
- * order of the uses, so the sums are the same bits on every path that calls this. */
-static PyObject *peer_backward(PyObject *self, PyObject *args) {
-    unsigned long long table_p, idx_p, inv_p, off_p, x_p, gates_p, h_p, dy_p, dx_p, dg_p, rg_p;
-    long long rows, dim, d_in, T, M, n_rows;
+/* Backward: dx [T, d_in], dgates [M], and each distinct row's summed gradient [n, dim] (its
+ * uses summed in CSR order, so every path that calls this gets the same bits). */
+HOT static PyObject *peer_backward(PyObject *self, PyObject *args) {
+    unsigned long long table_p, index_p, off_p, order_p, token_p, x_p, gates_p, h_p, dy_p;
+    unsigned long long dx_p, dg_p, rg_p;
+    long long rows, dim, d_in, T, M, n;
     int kind;
-    if (!PyArg_ParseTuple(args, "KLLLKKKKKKKLLiKKKL", &table_p, &rows, &dim, &d_in, &idx_p,
-                          &inv_p, &off_p, &x_p, &gates_p, &h_p, &dy_p, &T, &M, &kind, &dx_p,
-                          &dg_p, &rg_p, &n_rows)) {
+    if (!PyArg_ParseTuple(args, "KLLLKKKKKKKKLLLiKKK", &table_p, &rows, &dim, &d_in, &index_p,
+                          &off_p, &order_p, &token_p, &x_p, &gates_p, &h_p, &dy_p, &T, &M, &n,
+                          &kind, &dx_p, &dg_p, &rg_p)) {
         return NULL;
     }
     const float *table = (const float *)table_p;
-    const int64_t *idx = (const int64_t *)idx_p, *inv = (const int64_t *)inv_p;
-    const int64_t *off = (const int64_t *)off_p;
+    const int64_t *index = (const int64_t *)index_p, *off = (const int64_t *)off_p;
+    const int64_t *order = (const int64_t *)order_p, *token = (const int64_t *)token_p;
     const float *x = (const float *)x_p, *gates = (const float *)gates_p;
     const float *h = (const float *)h_p, *dy = (const float *)dy_p;
     float *dx = (float *)dx_p, *dgates = (float *)dg_p, *rowgrad = (float *)rg_p;
     const long long d_out = dim - d_in;
-    long long bad = 0;
+    long long bad = !csr_ok(off, n, M);
     Py_BEGIN_ALLOW_THREADS
-    for (long long t = 0; t < T && !bad; t++) {
-        const float *xt = x + t * d_in, *dyt = dy + t * d_out;
-        float *dxt = dx + t * d_in;
-        memset(dxt, 0, sizeof(float) * d_in);
-        const int64_t lo = off[t], hi = off[t + 1];
-        if (lo < 0 || hi < lo || hi > M) { bad = 1; break; }
-        for (int64_t u = lo; u < hi; u++) {
-            const int64_t s = idx[u], r = inv[u];
-            if (s < 0 || s >= rows || r < 0 || r >= n_rows) { bad = 1; break; }
-            const float *row = table + s * dim, *v = row + d_in;
+    memset(dx, 0, sizeof(float) * T * d_in);
+    for (long long i = 0; i < n && !bad; i++) {
+        const int64_t s = index[i];
+        if (s < 0 || s >= rows || off[i + 1] < off[i] || off[i + 1] > M) { bad = 1; break; }
+        if (i + 1 < n && index[i + 1] >= 0 && index[i + 1] < rows) {
+            prefetch_row(table + index[i + 1] * dim, dim);
+        }
+        const float *row = table + s * dim, *v = row + d_in;
+        float *gr = rowgrad + i * dim;
+        memset(gr, 0, sizeof(float) * dim);
+        for (int64_t p = off[i]; p < off[i + 1]; p++) {
+            const int64_t u = order[p];
+            if (u < 0 || u >= M) { bad = 1; break; }
+            const int64_t t = token[u];
+            if (t < 0 || t >= T) { bad = 1; break; }
+            const float *xt = x + t * d_in, *dyt = dy + t * d_out;
             const float g = gates[u], hu = h[u];
             const float a = act_value(kind, hu);
             const float dw = dot(v, dyt, d_out);
             dgates[u] = dw * a;
             const float dh = dw * g * act_grad(kind, hu);
-            float *gr = rowgrad + r * dim;
             if (dh != 0.0f) {
-                axpy(dxt, dh, row, d_in);
+                axpy(dx + t * d_in, dh, row, d_in);
                 axpy(gr, dh, xt, d_in);
             }
             const float ga = g * a;
@@ -220,33 +257,45 @@ static PyObject *peer_backward(PyObject *self, PyObject *args) {
 #define OPT_ADAGRAD 1
 #define OPT_ADAM 2
 
+/* One step on one row; with `base` and `row` also re-materializes row = base + delta in the
+ * same pass (NULL: compact arrays without them). */
 static inline void opt_step(int opt, float *delta, float *state, const float *g, long long dim,
-                            float lr, float eps, float b1, float b2) {
-    if (opt == OPT_SGD) {
-        for (long long j = 0; j < dim; j++) delta[j] -= lr * g[j];
-    } else if (opt == OPT_ADAGRAD) {
-        float sq = 0.0f;
-        for (long long j = 0; j < dim; j++) sq += g[j] * g[j];
-        const float g2 = state[0] + sq / (float)dim;
-        state[0] = g2;
-        const float denom = sqrtf(g2) + eps;
-        for (long long j = 0; j < dim; j++) delta[j] -= lr * g[j] / denom;
-    } else { /* partial row-wise Adam: state = [m (dim) | v | t] */
-        float *m = state, *v = state + dim, *t = state + dim + 1;
-        float sq = 0.0f;
-        for (long long j = 0; j < dim; j++) sq += g[j] * g[j];
-        *v = b2 * *v + (1.0f - b2) * (sq / (float)dim);
-        *t = *t + 1.0f;
-        const float c1 = 1.0f - powf(b1, *t), c2 = 1.0f - powf(b2, *t);
-        const float denom = sqrtf(*v / c2) + eps;
-        for (long long j = 0; j < dim; j++) {
-            m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-            delta[j] -= lr * (m[j] / c1) / denom;
+                            float lr, float eps, float b1, float b2, const float *base,
+                            float *row) {
+    if (opt == OPT_SGD || opt == OPT_ADAGRAD) {
+        float scale = lr;
+        if (opt == OPT_ADAGRAD) {
+            const float g2 = state[0] + dot(g, g, dim) / (float)dim;
+            state[0] = g2;
+            scale = lr / (sqrtf(g2) + eps);
         }
+        if (row) {
+            for (long long j = 0; j < dim; j++) {
+                const float d = delta[j] - scale * g[j];
+                delta[j] = d;
+                row[j] = base[j] + d;
+            }
+        } else {
+            for (long long j = 0; j < dim; j++) delta[j] -= scale * g[j];
+        }
+        return;
+    }
+    /* partial row-wise Adam: state = [m (dim) | v | t] */
+    float *m = state, *v = state + dim, *t = state + dim + 1;
+    const float sq = dot(g, g, dim);
+    *v = b2 * *v + (1.0f - b2) * (sq / (float)dim);
+    *t = *t + 1.0f;
+    const float c1 = 1.0f - powf(b1, *t), c2 = 1.0f - powf(b2, *t);
+    const float scale = lr / c1 / (sqrtf(*v / c2) + eps);
+    for (long long j = 0; j < dim; j++) {
+        m[j] = b1 * m[j] + (1.0f - b1) * g[j];
+        const float d = delta[j] - scale * m[j];
+        delta[j] = d;
+        if (row) row[j] = base[j] + d;
     }
 }
 
-static PyObject *apply_rows(PyObject *self, PyObject *args) {
+HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, base_p, row_p, slots_p, fresh_p, grads_p;
     long long capacity, dim, width, n;
     int opt;
@@ -266,6 +315,11 @@ static PyObject *apply_rows(PyObject *self, PyObject *args) {
     for (long long i = 0; i < n; i++) {
         const int64_t s = slots[i];
         if (s < 0 || s >= capacity) { bad = 1; break; }
+        if (i + 1 < n && slots[i + 1] >= 0 && slots[i + 1] < capacity) {
+            const int64_t s1 = slots[i + 1];
+            prefetch_row(delta + s1 * dim, dim);
+            prefetch_row(base + s1 * dim, dim);
+        }
         float *d = delta + s * dim, *b = base + s * dim, *r = row + s * dim;
         float *st = state + s * width;
         if (fresh[i]) {
@@ -273,8 +327,8 @@ static PyObject *apply_rows(PyObject *self, PyObject *args) {
             memset(d, 0, sizeof(float) * dim);
             if (width) memset(st, 0, sizeof(float) * width);
         }
-        opt_step(opt, d, st, grads + i * dim, dim, (float)lr, (float)eps, (float)b1, (float)b2);
-        for (long long j = 0; j < dim; j++) r[j] = b[j] + d[j];
+        opt_step(opt, d, st, grads + i * dim, dim, (float)lr, (float)eps, (float)b1, (float)b2,
+                 b, r);
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -286,7 +340,7 @@ static PyObject *apply_rows(PyObject *self, PyObject *args) {
 
 /* The same optimizer math on compact host arrays (rows not in the cache): delta [n, dim] and
  * state [n, width] updated in place. Shares opt_step, so both paths give the same bits. */
-static PyObject *step_rows(PyObject *self, PyObject *args) {
+HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, grads_p;
     long long dim, width, n;
     int opt;
@@ -300,13 +354,144 @@ static PyObject *step_rows(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
         opt_step(opt, delta + i * dim, state + i * width, grads + i * dim, dim, (float)lr,
-                 (float)eps, (float)b1, (float)b2);
+                 (float)eps, (float)b1, (float)b2, NULL, NULL);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
+/* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
+
+/* Insert (v, id) into the descending list (vals, ids) of length *len <= k (stable: an equal
+ * value goes after the ones already there). */
+static inline void topk_push(float *vals, int64_t *ids, long long *len, long long k, float v,
+                             int64_t id) {
+    long long n = *len;
+    if (n == k) {
+        if (!(v > vals[k - 1])) return;
+        n = k - 1;
+    }
+    long long p = n;
+    while (p > 0 && vals[p - 1] < v) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
+    }
+    vals[p] = v;
+    ids[p] = id;
+    *len = n + 1;
+}
+
+HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
+    unsigned long long q_p, k1_p, k2_p, ids_p, vals_p;
+    long long T, H, e, n1, n2, k, f, r;
+    if (!PyArg_ParseTuple(args, "KKKLLLLLLLLKK", &q_p, &k1_p, &k2_p, &T, &H, &e, &n1, &n2, &k,
+                          &f, &r, &ids_p, &vals_p)) {
+        return NULL;
+    }
+    const float *q = (const float *)q_p, *keys1 = (const float *)k1_p;
+    const float *keys2 = (const float *)k2_p;
+    int64_t *out_ids = (int64_t *)ids_p;
+    float *out_vals = (float *)vals_p;
+    if (k < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
+        PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
+        return NULL;
+    }
+    /* scratch: three descending lists of k and the pair candidates */
+    const long long cap = 4 * k + 8;
+    float *buf = (float *)PyMem_RawMalloc(sizeof(float) * 4 * cap);
+    int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * 4 * cap);
+    if (!buf || !ibuf) {
+        PyMem_RawFree(buf);
+        PyMem_RawFree(ibuf);
+        return PyErr_NoMemory();
+    }
+    float *av = buf, *bv = buf + cap, *cv = buf + 2 * cap, *ov = buf + 3 * cap;
+    int64_t *ai = ibuf, *bi = ibuf + cap, *ci = ibuf + 2 * cap, *oi = ibuf + 3 * cap;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long t = 0; t < T; t++) {
+        for (long long h = 0; h < H; h++) {
+            const float *qa = q + (t * H + h) * 2 * e, *qb = qa + e;
+            const float *ka = keys1 + h * n1 * e, *kb = keys2 + h * n2 * e;
+            long long na = 0, nb = 0, nc = 0, no = 0;
+            for (long long i = 0; i < f; i++) topk_push(av, ai, &na, k, dot(qa, ka + i * e, e), i);
+            for (long long j = 0; j < n2; j++) {
+                const float sj = dot(qb, kb + j * e, e);
+                topk_push(bv, bi, &nb, k, sj, j);
+                if (j < r) topk_push(cv, ci, &nc, k, sj, j);
+            }
+            /* pairs that can reach the top-k of a sum of two sorted lists: (i+1)(j+1) <= k */
+            for (long long i = 0; i < na; i++) {
+                for (long long j = 0; j < nb && (i + 1) * (j + 1) <= k; j++) {
+                    topk_push(ov, oi, &no, k, av[i] + bv[j], ai[i] * n2 + bi[j]);
+                }
+            }
+            if (r) { /* the partial last grid row f, with the first r sub-keys of half b */
+                const float sf = dot(qa, ka + f * e, e);
+                for (long long j = 0; j < nc; j++) topk_push(ov, oi, &no, k, sf + cv[j], f * n2 + ci[j]);
+            }
+            int64_t *dst_i = out_ids + (t * H + h) * k;
+            float *dst_v = out_vals + (t * H + h) * k;
+            for (long long j = 0; j < k; j++) {
+                dst_i[j] = j < no ? oi[j] : -1;
+                dst_v[j] = j < no ? ov[j] : -INFINITY;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buf);
+    PyMem_RawFree(ibuf);
+    Py_RETURN_NONE;
+}
+
+/* The gradient of the selected scores s[t,h,j] = q_a . keys1[h, i1] + q_b . keys2[h, i2]
+ * (grid id = i1 * n2 + i2): into dq [T, H, 2e] (written) and dkeys1, dkeys2 (accumulated). */
+HOT static PyObject *pk_scores_backward(PyObject *self, PyObject *args) {
+    unsigned long long q_p, k1_p, k2_p, ids_p, g_p, dq_p, dk1_p, dk2_p;
+    long long T, H, e, n1, n2, k;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLKKK", &q_p, &k1_p, &k2_p, &ids_p, &g_p, &T, &H, &e,
+                          &n1, &n2, &k, &dq_p, &dk1_p, &dk2_p)) {
+        return NULL;
+    }
+    const float *q = (const float *)q_p, *keys1 = (const float *)k1_p;
+    const float *keys2 = (const float *)k2_p, *grad = (const float *)g_p;
+    const int64_t *ids = (const int64_t *)ids_p;
+    float *dq = (float *)dq_p, *dk1 = (float *)dk1_p, *dk2 = (float *)dk2_p;
+    long long bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long t = 0; t < T && !bad; t++) {
+        for (long long h = 0; h < H; h++) {
+            const long long base = (t * H + h);
+            const float *qa = q + base * 2 * e, *qb = qa + e;
+            float *dqa = dq + base * 2 * e, *dqb = dqa + e;
+            memset(dqa, 0, sizeof(float) * 2 * e);
+            for (long long j = 0; j < k; j++) {
+                const int64_t id = ids[base * k + j];
+                const float g = grad[base * k + j];
+                if (id < 0 || g == 0.0f) continue;
+                const int64_t i1 = id / n2, i2 = id % n2;
+                if (i1 >= n1) { bad = 1; break; }
+                const float *ka = keys1 + (h * n1 + i1) * e, *kb = keys2 + (h * n2 + i2) * e;
+                axpy(dqa, g, ka, e);
+                axpy(dqb, g, kb, e);
+                axpy(dk1 + (h * n1 + i1) * e, g, qa, e);
+                axpy(dk2 + (h * n2 + i2) * e, g, qb, e);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "pk_scores_backward: an id is outside the grid");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"pk_scores_backward", pk_scores_backward, METH_VARARGS, "Product-key score gradients."},
+    {"pk_search", pk_search, METH_VARARGS, "Exact product-key top-k per query and head."},
     {"cuckoo_find", cuckoo_find, METH_VARARGS, "Cuckoo lookup of ids: slots, hit flags."},
     {"peer_forward", peer_forward, METH_VARARGS, "PEER forward over rows by index."},
     {"peer_backward", peer_backward, METH_VARARGS, "PEER backward: dx, dgates, row grads."},

@@ -158,11 +158,15 @@ class Router(nn.Module, ABC):
         ids, scores, novelty, regions = self._candidates(x)
         complexity = self.budget.complexity(x, scores.detach(), novelty)
         k = self.budget.k_for(complexity)
-        mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
-        ids = ids.masked_fill(~mask, PAD_ID)
-        scores = scores.masked_fill(~mask, PAD_SCORE)
+        if self.budget.signal == "fixed":  # every input gets k_max: no padding to mark
+            valid = ids
+        else:
+            mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
+            ids = ids.masked_fill(~mask, PAD_ID)
+            scores = scores.masked_fill(~mask, PAD_SCORE)
+            valid = ids[mask]
         if self.track_usage:
-            self.usage_counter.observe(ids[mask])
+            self.usage_counter.observe(valid)
             self.budget.observe(k)
         return RouteResult(ids=ids, scores=scores, k=k, complexity=complexity, regions=regions)
 
@@ -185,7 +189,8 @@ class Router(nn.Module, ABC):
             raise RouterInputError(
                 f"x is on {x.device} but the router is on {ref.device}; move one with .to()"
             )
-        if not bool(torch.isfinite(x).all()):
+        # one pass: inf and NaN reach the sum (only if it overflows, look element by element)
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise RouterInputError(f"{name} got NaN or Inf in x; fix the upstream activations")
         return x.to(ref.dtype)
 

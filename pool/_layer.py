@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpsn.tiers import SECOND_BACKWARD, RowBatch, kernels
+from dpsn import kernels
+from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
@@ -84,7 +85,7 @@ class _PeerRows(torch.autograd.Function):
     them per row; but the gradient of use ``u`` is a scalar times ``x[t]`` (for u) or times
     ``dy[t]`` (for v), so the backward sums them per row directly and hands the sums to the row
     trainer. On the CPU with ``dpsn._native`` built, forward and backward are each one loop
-    over the uses that reads every row where it is (``tiers.kernels``): nothing is gathered.
+    over the uses that reads every row where it is (``dpsn.kernels``): nothing is gathered.
     Returns the gradients of ``x`` and of the gates (which reach the router). The
     frozen-generator path; ``train_generator=True`` goes through autograd
     (:class:`_FusedDeltas`). ``anchor`` requires grad, so the rows train even when neither ``x``
@@ -107,8 +108,10 @@ class _PeerRows(torch.autograd.Function):
             # its rows' values until its backward has read them)
             y, h = kernels.peer_forward(
                 batch.table,
-                batch.use_index,
-                uses.offsets,
+                batch.index,
+                batch.offsets,
+                batch.order,
+                uses.token,
                 x.contiguous(),
                 gates.contiguous(),
                 layer.activation,
@@ -143,16 +146,16 @@ class _PeerRows(torch.autograd.Function):
         if rows is None:  # the native forward: the same loop backward
             dx, dgates, grads = kernels.peer_backward(
                 batch.table,
-                batch.use_index,
-                batch.inverse,
-                uses.offsets,
+                batch.index,
+                batch.offsets,
+                batch.order,
+                uses.token,
                 x.contiguous(),
                 gates.contiguous(),
                 h,
                 dy,
                 layer.activation,
                 layer.d_in,
-                len(batch),
             )
         else:
             if rows._version != ctx.version:

@@ -15,14 +15,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpsn.tiers import kernels
+from dpsn import kernels
 
 
 class RowOptimizer(ABC):
     """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``.
 
     The built-in optimizers also name a fused native loop (``native``, see
-    ``dpsn.tiers.kernels``) that the tier stack runs on the cache's columns in one pass; their
+    ``dpsn.kernels``) that the tier stack runs on the cache's columns in one pass; their
     :meth:`step` runs the same loop on CPU float32 tensors, so a row gets the same bits on
     every path. A subclass of your own needs only :meth:`state_width` and :meth:`step`.
     """

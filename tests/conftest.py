@@ -44,7 +44,7 @@ def pool(store_path):
 def row_kernels(request, monkeypatch):
     """Run a test on both paths of the row path's hot loops: the fused C loops of
     ``dpsn._native`` (when built) and the PyTorch ops they replace."""
-    from dpsn.tiers import kernels
+    from dpsn import kernels
 
     if request.param == "native":
         if kernels._lib is None:

@@ -287,8 +287,8 @@ def test_row_optimizers_follow_their_formulas(row_kernels):
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
 def test_native_row_steps_match_the_pytorch_formulas(name, monkeypatch):
     """The fused loops (dpsn._native) and the PyTorch formulas agree over many steps."""
+    from dpsn import kernels
     from dpsn.pool._optim import make_row_optimizer
-    from dpsn.tiers import kernels
 
     if kernels._lib is None:
         pytest.skip("dpsn._native was not built")

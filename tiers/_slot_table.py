@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from dpsn import kernels
 
 # Odd multipliers as signed int64 (the top bits of the wrapped product are the hash): the golden
 # ratio and XXH64's primes; a rebuild after a failed insert moves on to the next pair.

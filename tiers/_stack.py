@@ -31,10 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dpsn import kernels
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidDeltaError
 
-from . import kernels
 from ._cache import DeviceCache
 from ._columns import RowLayout
 from ._persisted import Commit, PersistedStore

@@ -149,17 +149,20 @@ def peer_forward(
     table: torch.Tensor,
     index: torch.Tensor,
     offsets: torch.Tensor,
+    order: torch.Tensor,
+    token: torch.Tensor,
     x: torch.Tensor,
     gates: torch.Tensor,
     act: str,
     d_in: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEER's forward over a packed layout (token ``t``'s uses are
-    ``offsets[t]:offsets[t + 1]``; use ``u`` reads row ``table[index[u]]`` = ``u | v`` with gate
-    ``gates[u]``), without gathering the rows: ``y [T, d_out]`` and pre-activations ``h [M]``."""
+    """PEER's forward without gathering rows: use ``u`` reads row ``table[index[i]]`` (``u |
+    v``) for token ``token[u]`` with gate ``gates[u]``, and row ``i``'s uses are
+    ``order[offsets[i]:offsets[i + 1]]`` (a ``RowBatch``'s grouping). Returns ``y [T, d_out]``
+    and the pre-activations ``h [M]``; ``T = len(x)``."""
     assert _lib is not None
     rows, dim = table.shape
-    t, m = len(offsets) - 1, len(index)
+    t, m, n = len(x), len(token), len(index)
     y = torch.empty((t, dim - d_in), dtype=torch.float32)
     h = torch.empty(m, dtype=torch.float32)
     _lib.peer_forward(
@@ -167,12 +170,15 @@ def peer_forward(
         rows,
         dim,
         d_in,
-        _check(index, torch.int64, (m,)),
-        _check(offsets, torch.int64, (t + 1,)),
+        _check(index, torch.int64, (n,)),
+        _check(offsets, torch.int64, (n + 1,)),
+        _check(order, torch.int64, (m,)),
+        _check(token, torch.int64, (m,)),
         _check(x, torch.float32, (t, d_in)),
         _check(gates, torch.float32, (m,)),
         t,
         m,
+        n,
         ACTIVATIONS[act],
         y.data_ptr(),
         h.data_ptr(),
@@ -183,43 +189,113 @@ def peer_forward(
 def peer_backward(
     table: torch.Tensor,
     index: torch.Tensor,
-    inverse: torch.Tensor,
     offsets: torch.Tensor,
+    order: torch.Tensor,
+    token: torch.Tensor,
     x: torch.Tensor,
     gates: torch.Tensor,
     h: torch.Tensor,
     dy: torch.Tensor,
     act: str,
     d_in: int,
-    n_rows: int,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PEER's backward: ``dx [T, d_in]``, ``dgates [M]`` and each distinct row's summed
-    gradient ``[n_rows, dim]`` (use ``u`` belongs to row ``inverse[u]``), summed in the order
-    of the uses."""
+    """PEER's backward (arguments as :func:`peer_forward`, plus ``h`` and ``dy [T, d_out]``):
+    ``dx [T, d_in]``, ``dgates [M]`` and each distinct row's summed gradient ``[n, dim]``
+    (written into ``out`` if given)."""
     assert _lib is not None
     rows, dim = table.shape
-    t, m = len(offsets) - 1, len(index)
+    t, m, n = len(x), len(token), len(index)
     dx = torch.empty((t, d_in), dtype=torch.float32)
     dgates = torch.empty(m, dtype=torch.float32)
-    rowgrad = torch.zeros((n_rows, dim), dtype=torch.float32)
+    rowgrad = torch.empty((n, dim), dtype=torch.float32) if out is None else out
     _lib.peer_backward(
         _check(table, torch.float32),
         rows,
         dim,
         d_in,
-        _check(index, torch.int64, (m,)),
-        _check(inverse, torch.int64, (m,)),
-        _check(offsets, torch.int64, (t + 1,)),
+        _check(index, torch.int64, (n,)),
+        _check(offsets, torch.int64, (n + 1,)),
+        _check(order, torch.int64, (m,)),
+        _check(token, torch.int64, (m,)),
         _check(x, torch.float32, (t, d_in)),
         _check(gates, torch.float32, (m,)),
         _check(h, torch.float32, (m,)),
         _check(dy, torch.float32, (t, dim - d_in)),
         t,
         m,
+        n,
         ACTIVATIONS[act],
         dx.data_ptr(),
         dgates.data_ptr(),
-        rowgrad.data_ptr(),
-        n_rows,
+        _check(rowgrad, torch.float32, (n, dim)),
     )
     return dx, dgates, rowgrad
+
+
+def pk_search(
+    q: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, n_valid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact product-key top-k (``index/_product_keys.py``): for queries ``q [T, H, 2e]`` and
+    sub-keys ``keys1 [H, n1, e]``, ``keys2 [H, n2, e]``, the best ``k`` grid ids below
+    ``n_valid`` of ``q_a . keys1[i] + q_b . keys2[j]`` (id ``i * n2 + j``) per query and head,
+    best first: ``(ids, vals)``, each ``[T, H, k]``."""
+    assert _lib is not None
+    t, heads, _ = q.shape
+    _, n1, e = keys1.shape
+    n2 = keys2.shape[1]
+    f, r = divmod(n_valid, n2)
+    kk = min(k, n_valid)
+    ids = torch.empty((t, heads, kk), dtype=torch.int64)
+    vals = torch.empty((t, heads, kk), dtype=torch.float32)
+    _lib.pk_search(
+        _check(q, torch.float32, (t, heads, 2 * e)),
+        _check(keys1, torch.float32, (heads, n1, e)),
+        _check(keys2, torch.float32, (heads, n2, e)),
+        t,
+        heads,
+        e,
+        n1,
+        n2,
+        kk,
+        f,
+        r,
+        ids.data_ptr(),
+        vals.data_ptr(),
+    )
+    return ids, vals
+
+
+def pk_scores_backward(
+    q: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    ids: torch.Tensor,
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the scores :func:`pk_search` returned, for ``grad [T, H, k]``: ``(dq,
+    dkeys1, dkeys2)``."""
+    assert _lib is not None
+    t, heads, _ = q.shape
+    _, n1, e = keys1.shape
+    n2 = keys2.shape[1]
+    k = ids.shape[2]
+    dq = torch.empty_like(q)
+    dk1, dk2 = torch.zeros_like(keys1), torch.zeros_like(keys2)
+    _lib.pk_scores_backward(
+        _check(q, torch.float32, (t, heads, 2 * e)),
+        _check(keys1, torch.float32, (heads, n1, e)),
+        _check(keys2, torch.float32, (heads, n2, e)),
+        _check(ids, torch.int64, (t, heads, k)),
+        _check(grad, torch.float32, (t, heads, k)),
+        t,
+        heads,
+        e,
+        n1,
+        n2,
+        k,
+        dq.data_ptr(),
+        dk1.data_ptr(),
+        dk2.data_ptr(),
+    )
+    return dq, dk1, dk2
