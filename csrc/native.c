@@ -80,6 +80,52 @@ static PyObject *cuckoo_find(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(hits);
 }
 
+/* A hot read: find every id's slot and, if all are cached, copy their rows (`width` bytes
+ * each) into `out`. Returns the number of ids not found (then `out` is not written). */
+static PyObject *find_gather(PyObject *self, PyObject *args) {
+    unsigned long long entries_p, slot_ids_p, ids_p, out_slots_p, table_p, out_p;
+    long long n, half, capacity, mult0, mult1, width;
+    int bits, wide;
+    if (!PyArg_ParseTuple(args, "KiLiLLLKKLKKLK", &entries_p, &wide, &half, &bits, &mult0,
+                          &mult1, &capacity, &slot_ids_p, &ids_p, &n, &out_slots_p, &table_p,
+                          &width, &out_p)) {
+        return NULL;
+    }
+    const int32_t *e32 = (const int32_t *)entries_p;
+    const int64_t *e64 = (const int64_t *)entries_p;
+    const int64_t *slot_ids = (const int64_t *)slot_ids_p;
+    const int64_t *ids = (const int64_t *)ids_p;
+    int64_t *out_slots = (int64_t *)out_slots_p;
+    const char *table = (const char *)table_p;
+    char *out = (char *)out_p;
+    long long misses = 0, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        const int64_t id = ids[i];
+        int64_t at = place(id, mult0, bits);
+        int64_t s = wide ? e64[at] : (int64_t)e32[at];
+        if (s < 0 || s > capacity) { bad = 1; break; }
+        if (slot_ids[s] != id) {
+            at = place(id, mult1, bits) + half;
+            s = wide ? e64[at] : (int64_t)e32[at];
+            if (s < 0 || s > capacity) { bad = 1; break; }
+            if (slot_ids[s] != id) { misses++; s = 0; }
+        }
+        out_slots[i] = s;
+    }
+    if (!bad && misses == 0) {
+        for (long long i = 0; i < n; i++) {
+            memcpy(out + i * width, table + out_slots[i] * width, (size_t)width);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_RuntimeError, "find_gather: a table entry names no slot");
+        return NULL;
+    }
+    return PyLong_FromLongLong(misses);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* activations: value and derivative, as torch computes them in float32                      */
 
@@ -493,6 +539,7 @@ static PyMethodDef methods[] = {
     {"pk_scores_backward", pk_scores_backward, METH_VARARGS, "Product-key score gradients."},
     {"pk_search", pk_search, METH_VARARGS, "Exact product-key top-k per query and head."},
     {"cuckoo_find", cuckoo_find, METH_VARARGS, "Cuckoo lookup of ids: slots, hit flags."},
+    {"find_gather", find_gather, METH_VARARGS, "Hot read: find slots, gather rows if all hit."},
     {"peer_forward", peer_forward, METH_VARARGS, "PEER forward over rows by index."},
     {"peer_backward", peer_backward, METH_VARARGS, "PEER backward: dx, dgates, row grads."},
     {"apply_rows", apply_rows, METH_VARARGS, "Row optimizer step on cache columns."},

@@ -72,6 +72,44 @@ def cuckoo_find(
     return slots, hit
 
 
+def find_gather(
+    entries: torch.Tensor,
+    half: int,
+    bits: int,
+    mult0: int,
+    mult1: int,
+    slot_ids: torch.Tensor,
+    capacity: int,
+    ids: torch.Tensor,
+    table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A hot read in one pass: the slots of ``ids`` and their rows of ``table`` (``[capacity,
+    dim]``, any dtype), or None if some id is not cached (nothing gathered then)."""
+    assert _lib is not None
+    n = len(ids)
+    slots = torch.empty(n, dtype=torch.int64)
+    out = torch.empty((n, table.shape[1]), dtype=table.dtype)
+    _check(slot_ids, torch.int64, (capacity + 1,))
+    _check(table, table.dtype, (capacity, table.shape[1]))
+    misses = _lib.find_gather(
+        _check(entries, entries.dtype, (2 * half,)),
+        int(entries.dtype == torch.int64),
+        half,
+        bits,
+        mult0,
+        mult1,
+        capacity,
+        slot_ids.data_ptr(),
+        _check(ids, torch.int64, (n,)),
+        n,
+        slots.data_ptr(),
+        table.data_ptr(),
+        table.shape[1] * table.element_size(),
+        out.data_ptr(),
+    )
+    return None if misses else (slots, out)
+
+
 def apply_rows(
     opt: int,
     hyper: tuple[float, float, float, float],

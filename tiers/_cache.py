@@ -130,6 +130,23 @@ class DeviceCache:
         it is False); no fill, no stats."""
         return self.table.find(ids)
 
+    def read_hits(
+        self, ids: torch.Tensor, col: Column
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fast path of a read whose ids are all cached: ``(slots, rows of col)`` found and
+        gathered in one pass and counted as a lookup of hits, or None (nothing counted, nothing
+        changed: do a :meth:`lookup`)."""
+        with self.mutex:
+            found = self.table.find_gather(ids, self._data[col.name])
+            if found is None:
+                return None
+            slots, rows = found
+            self.step += 1
+            self.stats.new_step()
+            self.policy.access(ids, slots, self.step)
+            self.stats.add(lookups=1, hits=len(ids))
+            return slots, rows
+
     def lookup(
         self,
         ids: torch.Tensor,

@@ -101,6 +101,26 @@ class SlotTable:
             hit.index_copy_(0, rest, torch.index_select(self._slot_ids, 0, second) == sub)
         return slot.long().clamp_(max=self.capacity - 1), hit
 
+    def find_gather(
+        self, ids: torch.Tensor, table: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a hot read: the slots of ``ids`` and their rows of ``table`` (``[capacity, w]``)
+        in one C pass, or None when some id is not cached or the loop cannot run here."""
+        if not kernels.usable(ids, self.entries, table) or not table.is_contiguous():
+            return None
+        first, second = self._multipliers()
+        return kernels.find_gather(
+            self.entries,
+            self.half,
+            self.bits,
+            first,
+            second,
+            self._slot_ids,
+            self.capacity,
+            ids.contiguous(),
+            table,
+        )
+
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Record that unique ``ids`` (absent from the table) now live in ``slots``; the cache
         has already written ``slot_ids[slots] = ids``."""

@@ -407,12 +407,18 @@ class RowStack:
                 return self._uncached_rows(ids).to(self.dtype)
             self._refresh_bases_if_stale()
             cache.unpin(_READ)
+            trainable = self.procedural.trainable()
+            if not trainable:  # all cached (the usual hot read): find and gather in one pass
+                hot = cache.read_hits(ids, self.layout.row)
+                if hot is not None:
+                    cache.pin(_READ, hot[0])
+                    return hot[1]
             try:
                 slots = self._lookup(ids.to(self.device))
             except _CANNOT_CACHE:
                 return self._spilled_rows(ids)
             cache.pin(_READ, slots)
-            if self.procedural.trainable():
+            if trainable:
                 base = self.procedural(ids.to(self.device))
                 return (base + self._cached_delta(slots)).to(self.dtype)
             # index_select, not advanced indexing: about twice as fast for a gather of rows
