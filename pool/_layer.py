@@ -38,6 +38,7 @@ from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
+from ._profile import EXECUTOR_BACKWARD, EXECUTOR_FORWARD, PAGE_IN, ROUTE, scope
 from ._training import RowTrainer, sum_by_row
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -138,11 +139,22 @@ class _PeerRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, gates, h = ctx.saved_tensors
-        layer, rows, batch, uses = ctx.layer, ctx.rows, ctx.batch, ctx.uses
+        layer, batch = ctx.layer, ctx.batch
         dy = dy.float().contiguous()
         if batch.applied:
             raise RuntimeError(SECOND_BACKWARD)
+        with scope(EXECUTOR_BACKWARD):
+            dx, dgates, grads = _PeerRows._grads(ctx, dy)
+        if grads is not None and len(batch) and layer.pool.writable:
+            layer.trainer.step(batch, grads)  # a read-only pool's rows never change
+        batch.release()
+        return None, dx, dgates, None, None, None
+
+    @staticmethod
+    def _grads(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """dx, dgates and the rows' summed gradients (None: no rows, the PyTorch path)."""
+        x, gates, h = ctx.saved_tensors
+        layer, rows, batch, uses = ctx.layer, ctx.rows, ctx.batch, ctx.uses
         if rows is None:  # the native forward: the same loop backward
             dx, dgates, grads = kernels.peer_backward(
                 batch.table,
@@ -186,10 +198,7 @@ class _PeerRows(torch.autograd.Function):
                 du = sum_by_row(batch, dh, x, uses.token)  # (n, I)
                 dv = sum_by_row(batch, gates * act.detach(), dy, uses.token)  # (n, O)
                 grads = torch.cat([du, dv], dim=1)
-        if grads is not None and len(batch) and layer.pool.writable:
-            layer.trainer.step(batch, grads)  # a read-only pool's rows never change
-        batch.release()
-        return None, dx, dgates, None, None, None
+        return dx, dgates, grads
 
 
 class _FusedDeltas(torch.autograd.Function):
@@ -312,15 +321,17 @@ class PoolLayer(nn.Module):
             raise ValueError(f"expected inputs [..., {self.d_in}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_in)  # (T, I)
-        route = self.router(x2)
+        with scope(ROUTE):
+            route = self.router(x2)
+            uses = Uses(route)
         self.last_route = route
-        uses = Uses(route)
-        batch = self.pool.page_in(uses.ids)
+        with scope(PAGE_IN):
+            batch = self.pool.page_in(uses.ids)
         self._building_graph = torch.is_grad_enabled()  # (a Function's forward runs without)
         xf = x2.float()
         if not self.train_generator:
             # autocast off: the executor's matmuls and its backward work in float32
-            with torch.autocast(x.device.type, enabled=False):
+            with torch.autocast(x.device.type, enabled=False), scope(EXECUTOR_FORWARD):
                 y = _PeerRows.apply(batch.anchor, xf, uses.gates.float(), batch, uses, self)
         else:
             delta = _FusedDeltas.apply(batch.anchor, batch, self)  # (M, D)

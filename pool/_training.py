@@ -30,6 +30,7 @@ import torch
 from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer
+from ._profile import ROW_STEP, scope
 
 
 def sum_by_row(
@@ -85,6 +86,10 @@ class RowTrainer:
         ``batch.ids``): apply one row step, or stash it inside ``accumulate()``."""
         if batch.applied:
             raise RuntimeError(SECOND_BACKWARD)
+        with scope(ROW_STEP):
+            self._step(batch, grads)
+
+    def _step(self, batch: RowBatch, grads: torch.Tensor) -> None:
         grads = self._unscale(grads.float())
         if self._depth:
             batch.applied = True  # its gradient is taken; a second backward still raises

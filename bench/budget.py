@@ -1,0 +1,148 @@
+"""Budget benchmark: does a PoolLayer step cost less when the router hands out fewer rows?
+
+    python bench/budget.py            # ~1-2 min on 2 cores
+    python bench/budget.py --quick    # smoke run
+
+A per-input budget (``k_min <= k <= k_max``, ``dpsn.index.Budget``) only saves compute if the
+rows past each token's budget are neither paged in, gathered nor multiplied. PoolLayer packs the
+uses token by token (``pool/_layer.py``: ``Uses``), so a step's work should follow the mean
+budget. Measured here, in one run, side by side:
+
+- one PoolLayer training step (router, page-in, executor forward and backward, row optimizer)
+  of T = 1024 tokens, d_model 128, k_max 32, 32,000 rows (bench/quality.py's layer), with a
+  fixed budget (every token k_max) and with budgets of mean k 24, 16 and 8;
+- the same on the PyTorch path (``DPSN_NATIVE=0``'s, what CUDA and builds without a C compiler
+  run) beside the native one.
+
+The budget here is the router's ``"learned"`` signal, ``k = k_min + round(sigmoid(w . x + b) *
+(k_max - k_min))``, with its head set so that budgets spread around the wanted mean (small
+random weights for the spread, the bias found by bisection on a sample for the mean): the point
+is the cost of a given mean, not how a budget is learned. Step time is the median of the timed
+steps, one thread.
+
+Aim (issue 13): mean k = k_max / 4 costs <= 0.6x of a fixed k_max step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table, write_json
+
+import dpsn
+from dpsn import kernels
+from dpsn.index import ProductKeyRouter
+from dpsn.index.testing import mixture
+
+D, ROWS, K_MAX, TOKENS = 128, 32_000, 32, 1024
+
+
+def make_layer(path: Path, mean_k: int | None) -> dpsn.PoolLayer:
+    pool = dpsn.create(
+        path,
+        rows=ROWS,
+        dim=2 * D,
+        generator={"kind": "hashed_slices", "memory_size": 1 << 20},
+        cache_rows=ROWS,
+    )
+    if mean_k is None:
+        router = ProductKeyRouter(d_in=D, num_rows=ROWS, k=K_MAX, d_key=32, query_batchnorm=True)
+    else:
+        router = ProductKeyRouter(
+            d_in=D,
+            num_rows=ROWS,
+            k=K_MAX,
+            k_min=1,
+            budget="learned",
+            d_key=32,
+            query_batchnorm=True,
+        )
+        head = router.budget.head
+        assert head is not None
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(mean_k))
+            # the bias that gives mean_k on these inputs (bisection on the logit)
+            sample = mixture(4 * TOKENS, d=D, seed=99)
+            lo, hi = -12.0, 12.0
+            for _ in range(30):
+                head.bias.fill_((lo + hi) / 2)
+                c = torch.sigmoid(head(sample).squeeze(-1))
+                got = float(router.budget.k_for(c).float().mean())
+                lo, hi = ((lo + hi) / 2, hi) if got < mean_k else (lo, (lo + hi) / 2)
+    return dpsn.PoolLayer(pool, D, D, router=router, k=K_MAX, row_optimizer="adagrad")
+
+
+def time_steps(layer: dpsn.PoolLayer, steps: int, warmup: int) -> dict[str, Any]:
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x_all = mixture(TOKENS * (steps + warmup), d=D, seed=0)
+    times, ks = [], []
+    for i in range(steps + warmup):
+        x = x_all[i * TOKENS : (i + 1) * TOKENS]
+        t = time.perf_counter()
+        loss = layer(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            ks.append(layer.last_route.mean_k)
+    return {"step_ms": 1e3 * statistics.median(times), "mean_k": statistics.fmean(ks)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    steps, warmup = (4, 2) if args.quick else (15, 5)
+    means: list[int | None] = [None, 24, 16, 8]
+    paths = ["native", "torch"] if kernels._lib is not None else ["torch"]
+    tmp = Path(tempfile.mkdtemp(prefix="dpsn-budget-"))
+    results: list[dict[str, Any]] = []
+    try:
+        for path in paths:
+            kernels.ENABLED = path == "native"
+            for mean_k in means:
+                layer = make_layer(tmp / f"{path}-{mean_k}", mean_k)
+                r = time_steps(layer, steps, warmup)
+                layer.pool.close()
+                r.update(path=path, budget="fixed" if mean_k is None else f"mean {mean_k}")
+                results.append(r)
+                print(f"  {path} {r['budget']}: {r['step_ms']:.1f} ms, k {r['mean_k']:.1f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for path in paths:
+        fixed = next(r for r in results if r["path"] == path and r["budget"] == "fixed")
+        for r in (r for r in results if r["path"] == path):
+            r["x_fixed"] = r["step_ms"] / fixed["step_ms"]
+            rows.append((path, r["budget"], r["mean_k"], r["step_ms"], r["x_fixed"]))
+    print_table(
+        f"PoolLayer training step: {TOKENS} tokens, d {D}, k_max {K_MAX}, {ROWS:,} rows, "
+        f"{args.threads} thread(s), median of {steps} steps",
+        ["path", "budget", "mean k", "step ms", "x fixed"],
+        rows,
+    )
+    quarter = next(
+        r for r in results if r["path"] == paths[0] and r["budget"] == f"mean {K_MAX // 4}"
+    )
+    print(
+        f"\nmean k {quarter['mean_k']:.1f} of {K_MAX}: {quarter['x_fixed']:.2f}x the fixed step "
+        f"({paths[0]} path; aim <= 0.6x)"
+    )
+    write_json("budget", {"results": results, "steps": steps, "threads": args.threads})
+
+
+if __name__ == "__main__":
+    main()
