@@ -158,15 +158,12 @@ class Router(nn.Module, ABC):
         ids, scores, novelty, regions = self._candidates(x)
         complexity = self.budget.complexity(x, scores.detach(), novelty)
         k = self.budget.k_for(complexity)
-        if self.budget.signal == "fixed":  # every input gets k_max: no padding to mark
-            valid = ids
-        else:
+        if self.budget.signal != "fixed":  # a fixed budget leaves no padding to mark
             mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
             ids = ids.masked_fill(~mask, PAD_ID)
             scores = scores.masked_fill(~mask, PAD_SCORE)
-            valid = ids[mask]
         if self.track_usage:
-            self.usage_counter.observe(valid)
+            self.usage_counter.observe(ids)  # padding (PAD_ID) is not counted
             self.budget.observe(k)
         return RouteResult(ids=ids, scores=scores, k=k, complexity=complexity, regions=regions)
 

@@ -40,14 +40,14 @@ class UsageCounter:
 
     @torch.no_grad()
     def observe(self, ids: Tensor) -> None:
-        """Count the (valid, non-padding) ids of one batch; any shape, int64."""
+        """Count the ids of one batch (any shape, int64); negative ids (padding) are not."""
         flat = ids.reshape(-1)
         if flat.numel() == 0:
             return
-        if self.num_rows <= _DENSE_ROWS:  # one bincount-style add, no sort
+        if self.num_rows <= _DENSE_ROWS:  # one bincount-style add, no sort, no compaction
             if self._dense is None:
                 self._dense = torch.zeros(self.num_rows, dtype=torch.int64, device=flat.device)
-            self._dense.index_add_(0, flat, torch.ones_like(flat))
+            self._dense.index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
             return
         self._pending.append(flat.detach())
         self._pending_n += flat.numel()
@@ -60,6 +60,9 @@ class UsageCounter:
             return
         device = self._pending[0].device
         u, c = torch.unique(torch.cat(self._pending), return_counts=True)
+        if len(u) and int(u[0]) < 0:  # padding, sorted first
+            keep = u >= 0
+            u, c = u[keep], c[keep]
         if self._ids is not None:
             u, inv = torch.unique(torch.cat([self._ids.to(device), u]), return_inverse=True)
             counts = torch.cat([self._counts.to(device), c])  # type: ignore[union-attr]

@@ -60,9 +60,9 @@ class Uses:
             self.offsets = torch.arange(0, t * k + 1, k, device=device)
             self.token = torch.arange(t, device=device).repeat_interleave(k)
         else:
-            flat = mask.reshape(-1)
-            self.ids = route.ids.reshape(-1)[flat]
-            self.gates = gates.reshape(-1)[flat]
+            keep = torch.nonzero(mask.reshape(-1)).flatten()
+            self.ids = torch.index_select(route.ids.reshape(-1), 0, keep)
+            self.gates = torch.index_select(gates.reshape(-1), 0, keep)
             self.offsets = torch.zeros(t + 1, dtype=torch.int64, device=device)
             torch.cumsum(route.k, 0, out=self.offsets[1:])
             self.token = torch.arange(t, device=device).repeat_interleave(route.k)
