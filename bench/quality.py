@@ -158,6 +158,38 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def lm_pair(
+    dense_cfg: lm.LMConfig,
+    pool_cfg: lm.LMConfig,
+    steps: int,
+    tmp: Path,
+    text: str,
+    common: dict[str, Any],
+    profile_steps: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """(a) dense and (b) pool for ``steps`` steps, then (b) again for (a)'s training time."""
+    tag = "" if text == "pydoc" else f" [{text}]"
+    dense = lm.train(dense_cfg, steps=steps, desc=f"(a) dense{tag}", text=text, **common)
+    pool = lm.train(
+        pool_cfg,
+        steps=steps,
+        store=tmp / f"b-{text}",
+        desc=f"(b) pool{tag}",
+        text=text,
+        profile_steps=profile_steps,
+        **common,
+    )
+    pool_t = lm.train(
+        pool_cfg,
+        seconds=dense["train_seconds"],
+        store=tmp / f"bt-{text}",
+        desc=f"(b) pool, time budget{tag}",
+        text=text,
+        **common,
+    )
+    return {"dense": dense, "pool": pool, "pool_time_budget": pool_t}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min)")
@@ -165,13 +197,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--skip-second-text", action="store_true")
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help="validation figures only (the split settings may be chosen on): (a) and (b) at "
+        "equal steps on pydoc; use with --set to try a setting",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON/PNG)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (15 if args.quick else 800)
     eval_every = max(5, steps // 16)
     eval_windows = 8 if args.quick else 64
-    final_windows = 16 if args.quick else None  # None: the whole held-out text (~10 s a model)
+    final_windows = 16 if args.quick else None  # None: the whole split (~10 s a model)
     pool_cfg = replace(DEFAULT, ffn="pool", **parse_set(args.set))
     dense_cfg = replace(pool_cfg, ffn="dense", d_ff=pool_cfg.d_ff + pool_cfg.k)
     h = dense_cfg.d_ff
@@ -206,89 +245,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "progress": sys.stderr.isatty(),
     }
     try:
-        dense = lm.train(dense_cfg, steps=steps, desc="(a) dense", **common)
-        pool = lm.train(pool_cfg, steps=steps, store=tmp / "b", desc="(b) pool", **common)
-        budget = dense["train_seconds"]
-        pool_t = lm.train(
-            pool_cfg, seconds=budget, store=tmp / "bt", desc="(b) pool, time budget", **common
-        )
-        digit_runs: dict[str, dict[str, Any]] = {}
-        if not args.skip_digits:
-            seeds = [0] if args.quick else [0, 1, 2]  # 450 test images: one seed is noisy
-            for kind in ("dense", "pool"):
-                runs = []
-                for seed in seeds:
-                    dcfg = digits.DigitsConfig(steps=60 if args.quick else 300, seed=seed)
-                    store = tmp / f"digits-{seed}" if kind == "pool" else None
-                    runs.append(digits.train_and_test(dcfg, kind, store))
-                accs = [r["test_accuracy"] for r in runs]
-                digit_runs[kind] = {
-                    "test_accuracy": sum(accs) / len(accs),
-                    "per_seed": accs,
-                    "seeds": seeds,
-                    "train_seconds": sum(r["train_seconds"] for r in runs),
-                    "config": {k: v for k, v in asdict(dcfg).items() if k != "seed"},
-                }
+        if args.tune:
+            return tune(dense_cfg, pool_cfg, steps, tmp, common)
+        runs = {
+            "pydoc": lm_pair(
+                dense_cfg, pool_cfg, steps, tmp, "pydoc", common, 3 if args.quick else 10
+            )
+        }
+        if not args.skip_second_text:
+            runs["code"] = lm_pair(dense_cfg, pool_cfg, steps, tmp, "code", common)
+        digit_runs = {} if args.skip_digits else run_digits(args.quick, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - started
-
-    va, vb, vbt = dense["val_bpb"], pool["val_bpb"], pool_t["val_bpb"]
-    speed = pool["tokens_per_s"] / dense["tokens_per_s"]
-    rows = [
-        [
-            "(a) dense",
-            f"FFN {h}",
-            f"{dense_ffn_params(dense_cfg, h):,}",
-            f"{macs_a['total']:,}",
-            dense["steps"],
-            dense["train_seconds"],
-            dense["tokens_per_s"],
-            f"{va:.4f}",
-            f"{va:.4f}",
-            f"{digit_runs['dense']['test_accuracy']:.4f}" if digit_runs else "-",
-        ],
-        [
-            "(b) pool",
-            f"k={pool_cfg.k}" + (f"+FFN {pool_cfg.d_ff}" if pool_cfg.d_ff else ""),
-            f"{pool_cfg.rows * 2 * pool_cfg.d_model:,} ({ratio:,.0f}x)",
-            f"{macs_b['total']:,}",
-            f"{pool['steps']} / {pool_t['steps']}",
-            pool["train_seconds"],
-            pool["tokens_per_s"],
-            f"{vb:.4f}",
-            f"{vbt:.4f}",
-            f"{digit_runs['pool']['test_accuracy']:.4f}" if digit_runs else "-",
-        ],
-    ]
-    where = "a held-out subset" if args.quick else "the whole held-out text"
-    print_table(
-        f"quality (val bits/byte on {where}, {dense['val_bytes']:,} bytes; "
-        f"equal time = {budget:.1f} s of training)",
-        [
-            "model",
-            "FFN",
-            "FFN params/layer",
-            "MACs/token",
-            "steps (eq. steps / eq. time)",
-            "train s",
-            "tokens/s",
-            "val bpb eq. steps",
-            "val bpb eq. time",
-            f"digits acc ({len(digit_runs['dense']['seeds'])} seeds)" if digit_runs else "digits",
-        ],
-        rows,
-    )
-    summary = [
-        ["val bpb, equal steps: (b) vs (a)", f"{vb / va - 1:+.1%}", "<= -5%"],
-        ["val bpb, equal time: (b) vs (a)", f"{vbt / va - 1:+.1%}", "<= -5%"],
-        ["training tokens/s: (b) / (a)", f"{speed:.2f}x", ">= 0.5x"],
-    ]
-    if digit_runs:
-        gain = digit_runs["pool"]["test_accuracy"] - digit_runs["dense"]["test_accuracy"]
-        summary.append(["digits test accuracy: (b) - (a)", f"{gain:+.4f}", "-"])
-    print_table("against the aims", ["figure", "measured", "aim"], summary)
+    report(runs, digit_runs, dense_cfg, pool_cfg, macs_a, macs_b, ratio, args.quick)
     print(f"\ntotal {total:.0f} s")
+    main_runs = runs["pydoc"]
+    dense, pool = main_runs["dense"], main_runs["pool"]
 
     def strip(run: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in run.items() if k != "store"}
@@ -299,27 +272,178 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "matching": matching,
         "configs": {"dense": asdict(dense_cfg), "pool": asdict(pool_cfg)},
-        "lm": {"dense": strip(dense), "pool": strip(pool), "pool_time_budget": strip(pool_t)},
-        "equal_time_seconds": budget,
-        "summary": {
-            "val_bpb_dense": va,
-            "val_bpb_pool_equal_steps": vb,
-            "val_bpb_pool_equal_time": vbt,
-            "val_change_equal_steps": vb / va - 1,
-            "val_change_equal_time": vbt / va - 1,
-            "tokens_per_s_ratio": speed,
-            "digits_accuracy": {k: v["test_accuracy"] for k, v in digit_runs.items()},
-        },
+        "lm": {text: {k: strip(v) for k, v in r.items()} for text, r in runs.items()},
+        "summary": {text: summary_figures(r) for text, r in runs.items()},
+        "profile_ms_per_step": pool.get("profile"),
         "digits": digit_runs,
         "total_seconds": total,
     }
     if not args.no_write:
         write_json("quality", payload)
         plot(
-            {"dense": dense, "pool": pool, "pool (time budget)": pool_t},
+            {"dense": dense, "pool": pool, "pool (time budget)": main_runs["pool_time_budget"]},
             RESULTS / "quality.png",
         )
     return payload
+
+
+def summary_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    dense, pool, pool_t = runs["dense"], runs["pool"], runs["pool_time_budget"]
+    return {
+        "test_bpb_dense": dense["test_bpb"],
+        "test_bpb_pool_equal_steps": pool["test_bpb"],
+        "test_bpb_pool_equal_time": pool_t["test_bpb"],
+        "test_change_equal_steps": pool["test_bpb"] / dense["test_bpb"] - 1,
+        "test_change_equal_time": pool_t["test_bpb"] / dense["test_bpb"] - 1,
+        "val_bpb_dense": dense["val_bpb"],
+        "val_bpb_pool_equal_steps": pool["val_bpb"],
+        "tokens_per_s_ratio": pool["tokens_per_s"] / dense["tokens_per_s"],
+    }
+
+
+def run_digits(quick: bool, tmp: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    seeds = [0] if quick else [0, 1, 2]  # 450 test images: one seed is noisy
+    for kind in ("dense", "pool"):
+        runs = []
+        for seed in seeds:
+            dcfg = digits.DigitsConfig(steps=60 if quick else 300, seed=seed)
+            store = tmp / f"digits-{seed}" if kind == "pool" else None
+            runs.append(digits.train_and_test(dcfg, kind, store))
+        accs = [r["test_accuracy"] for r in runs]
+        out[kind] = {
+            "test_accuracy": sum(accs) / len(accs),
+            "per_seed": accs,
+            "seeds": seeds,
+            "train_seconds": sum(r["train_seconds"] for r in runs),
+            "config": {k: v for k, v in asdict(dcfg).items() if k != "seed"},
+        }
+    return out
+
+
+def tune(
+    dense_cfg: lm.LMConfig,
+    pool_cfg: lm.LMConfig,
+    steps: int,
+    tmp: Path,
+    common: dict[str, Any],
+) -> dict[str, Any]:
+    """Validation figures only: what settings are chosen on (the test split is not read)."""
+    out = {}
+    for name, cfg in (("dense", dense_cfg), ("pool", pool_cfg)):
+        run = lm.train(cfg, steps=steps, store=tmp / name, desc=name, **common)
+        out[name] = {"val_bpb": run["val_bpb"], "tokens_per_s": run["tokens_per_s"]}
+    change = out["pool"]["val_bpb"] / out["dense"]["val_bpb"] - 1
+    print(
+        f"tune ({steps} steps, validation split): dense {out['dense']['val_bpb']:.4f}, "
+        f"pool {out['pool']['val_bpb']:.4f} ({change:+.1%}); tokens/s ratio "
+        f"{out['pool']['tokens_per_s'] / out['dense']['tokens_per_s']:.2f}; pool config "
+        f"{asdict(pool_cfg)}"
+    )
+    return out
+
+
+def report(
+    runs: dict[str, dict[str, dict[str, Any]]],
+    digit_runs: dict[str, dict[str, Any]],
+    dense_cfg: lm.LMConfig,
+    pool_cfg: lm.LMConfig,
+    macs_a: dict[str, int],
+    macs_b: dict[str, int],
+    ratio: float,
+    quick: bool,
+) -> None:
+    h = dense_cfg.d_ff
+    for text, r in runs.items():
+        dense, pool, pool_t = r["dense"], r["pool"], r["pool_time_budget"]
+        rows = [
+            [
+                "(a) dense",
+                f"FFN {h}",
+                f"{dense_ffn_params(dense_cfg, h):,}",
+                f"{macs_a['total']:,}",
+                dense["steps"],
+                dense["tokens_per_s"],
+                f"{dense['val_bpb']:.4f}",
+                f"{dense['test_bpb']:.4f}",
+                f"{dense['test_bpb']:.4f}",
+            ],
+            [
+                "(b) pool",
+                f"k={pool_cfg.k}" + (f"+FFN {pool_cfg.d_ff}" if pool_cfg.d_ff else ""),
+                f"{pool_cfg.rows * 2 * pool_cfg.d_model:,} ({ratio:,.0f}x)",
+                f"{macs_b['total']:,}",
+                f"{pool['steps']} / {pool_t['steps']}",
+                pool["tokens_per_s"],
+                f"{pool['val_bpb']:.4f}",
+                f"{pool['test_bpb']:.4f}",
+                f"{pool_t['test_bpb']:.4f}",
+            ],
+        ]
+        part = "held-out subsets" if quick else "whole splits"
+        print_table(
+            f"{text}: bits/byte on {part} (test: {dense['test_bytes']:,} bytes); equal time = "
+            f"{dense['train_seconds']:.1f} s of training"
+            + (
+                " (settings tuned on pydoc's validation split)"
+                if text == "pydoc"
+                else " (no setting tuned on this text)"
+            ),
+            [
+                "model",
+                "FFN",
+                "FFN params/layer",
+                "MACs/token",
+                "steps (eq. steps / eq. time)",
+                "tokens/s",
+                "val bpb",
+                "test bpb eq. steps",
+                "test bpb eq. time",
+            ],
+            rows,
+        )
+    pool = runs["pydoc"]["pool"]
+    if pool.get("profile"):
+        prof = pool["profile"]
+        names = {
+            "dpsn.route": "router (query, product-key search, scores)",
+            "dpsn.page_in": "page-in (distinct rows, cache lookup, fills)",
+            "dpsn.executor.forward": "executor forward",
+            "dpsn.executor.backward": "executor backward (row gradients)",
+            "dpsn.row_step": "row optimizer step (fused into the cache)",
+            "other": "the rest: attention, dense layers, head, dense optimizer, autograd",
+        }
+        print_table(
+            "(b) one training step, ms (torch.profiler, both PoolLayers together; write-back "
+            "happens at commit, outside the step)",
+            ["part", "ms/step", "share"],
+            [
+                (names.get(k, k), v, f"{v / prof['total']:.0%}")
+                for k, v in prof.items()
+                if k != "total"
+            ]
+            + [("total", prof["total"], "100%")],
+        )
+    summary = []
+    for text, r in runs.items():
+        f = summary_figures(r)
+        summary += [
+            [
+                f"{text}: test bpb, equal steps, (b) vs (a)",
+                f"{f['test_change_equal_steps']:+.1%}",
+                "<= -5%",
+            ],
+            [
+                f"{text}: test bpb, equal time, (b) vs (a)",
+                f"{f['test_change_equal_time']:+.1%}",
+                "<= 0%",
+            ],
+            [f"{text}: training tokens/s, (b) / (a)", f"{f['tokens_per_s_ratio']:.2f}x", ">= 0.5x"],
+        ]
+    if digit_runs:
+        gain = digit_runs["pool"]["test_accuracy"] - digit_runs["dense"]["test_accuracy"]
+        summary.append(["digits test accuracy: (b) - (a)", f"{gain:+.4f}", "-"])
+    print_table("against the aims", ["figure", "measured", "aim"], summary)
 
 
 if __name__ == "__main__":

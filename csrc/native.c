@@ -410,24 +410,48 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 /* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
 /* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
 
-/* Insert (v, id) into the descending list (vals, ids) of length *len <= k (stable: an equal
- * value goes after the ones already there). */
-static inline void topk_push(float *vals, int64_t *ids, long long *len, long long k, float v,
-                             int64_t id) {
-    long long n = *len;
-    if (n == k) {
-        if (!(v > vals[k - 1])) return;
-        n = k - 1;
+static inline void swap_entry(float *v, int64_t *ids, long long a, long long b) {
+    const float tv = v[a];
+    v[a] = v[b];
+    v[b] = tv;
+    const int64_t ti = ids[a];
+    ids[a] = ids[b];
+    ids[b] = ti;
+}
+
+/* Rearrange (v, ids) of length n so that its first min(k, n) entries are the largest values,
+ * sorted descending: quickselect (expected O(n)), then an insertion sort of the k kept. */
+static void top_k(float *v, int64_t *ids, long long n, long long k) {
+    if (k > n) k = n;
+    long long lo = 0, hi = n - 1;
+    while (hi > lo && k < n) {
+        /* median of three as the pivot, moved to hi */
+        const long long mid = lo + (hi - lo) / 2;
+        if (v[mid] > v[lo]) swap_entry(v, ids, mid, lo);
+        if (v[hi] > v[lo]) swap_entry(v, ids, hi, lo);
+        if (v[mid] > v[hi]) swap_entry(v, ids, mid, hi);
+        const float pivot = v[hi];
+        long long store = lo;
+        for (long long i = lo; i < hi; i++) {
+            if (v[i] > pivot) swap_entry(v, ids, i, store++);
+        }
+        swap_entry(v, ids, store, hi);
+        if (store == k || store == k - 1) break;
+        if (store < k) lo = store + 1;
+        else hi = store - 1;
     }
-    long long p = n;
-    while (p > 0 && vals[p - 1] < v) {
-        vals[p] = vals[p - 1];
-        ids[p] = ids[p - 1];
-        p--;
+    for (long long i = 1; i < k; i++) { /* stable insertion sort, descending */
+        const float tv = v[i];
+        const int64_t ti = ids[i];
+        long long j = i;
+        while (j > 0 && v[j - 1] < tv) {
+            v[j] = v[j - 1];
+            ids[j] = ids[j - 1];
+            j--;
+        }
+        v[j] = tv;
+        ids[j] = ti;
     }
-    vals[p] = v;
-    ids[p] = id;
-    *len = n + 1;
 }
 
 HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
@@ -445,39 +469,54 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
         return NULL;
     }
-    /* scratch: three descending lists of k and the pair candidates */
-    const long long cap = 4 * k + 8;
-    float *buf = (float *)PyMem_RawMalloc(sizeof(float) * 4 * cap);
-    int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * 4 * cap);
+    /* scratch: both halves' scores, the first r of half b, and the pair candidates */
+    long long pairs = 0;
+    for (long long i = 0; i < k; i++) pairs += k / (i + 1);
+    const long long cap = n1 + 2 * n2 + pairs + k + 8;
+    float *buf = (float *)PyMem_RawMalloc(sizeof(float) * cap);
+    int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * cap);
     if (!buf || !ibuf) {
         PyMem_RawFree(buf);
         PyMem_RawFree(ibuf);
         return PyErr_NoMemory();
     }
-    float *av = buf, *bv = buf + cap, *cv = buf + 2 * cap, *ov = buf + 3 * cap;
-    int64_t *ai = ibuf, *bi = ibuf + cap, *ci = ibuf + 2 * cap, *oi = ibuf + 3 * cap;
+    float *av = buf, *bv = buf + n1, *cv = bv + n2, *ov = cv + n2;
+    int64_t *ai = ibuf, *bi = ibuf + n1, *ci = bi + n2, *oi = ci + n2;
     Py_BEGIN_ALLOW_THREADS
     for (long long t = 0; t < T; t++) {
         for (long long h = 0; h < H; h++) {
             const float *qa = q + (t * H + h) * 2 * e, *qb = qa + e;
             const float *ka = keys1 + h * n1 * e, *kb = keys2 + h * n2 * e;
-            long long na = 0, nb = 0, nc = 0, no = 0;
-            for (long long i = 0; i < f; i++) topk_push(av, ai, &na, k, dot(qa, ka + i * e, e), i);
-            for (long long j = 0; j < n2; j++) {
-                const float sj = dot(qb, kb + j * e, e);
-                topk_push(bv, bi, &nb, k, sj, j);
-                if (j < r) topk_push(cv, ci, &nc, k, sj, j);
+            for (long long i = 0; i < f; i++) {
+                av[i] = dot(qa, ka + i * e, e);
+                ai[i] = i;
             }
+            for (long long j = 0; j < n2; j++) {
+                bv[j] = dot(qb, kb + j * e, e);
+                bi[j] = j;
+            }
+            for (long long j = 0; j < r; j++) {
+                cv[j] = bv[j];
+                ci[j] = j;
+            }
+            const float sf = r ? dot(qa, ka + f * e, e) : 0.0f;
+            const long long na = f < k ? f : k, nb = n2 < k ? n2 : k, nc = r < k ? r : k;
+            top_k(av, ai, f, k);
+            top_k(bv, bi, n2, k);
+            if (r) top_k(cv, ci, r, k);
             /* pairs that can reach the top-k of a sum of two sorted lists: (i+1)(j+1) <= k */
+            long long no = 0;
             for (long long i = 0; i < na; i++) {
                 for (long long j = 0; j < nb && (i + 1) * (j + 1) <= k; j++) {
-                    topk_push(ov, oi, &no, k, av[i] + bv[j], ai[i] * n2 + bi[j]);
+                    ov[no] = av[i] + bv[j];
+                    oi[no++] = ai[i] * n2 + bi[j];
                 }
             }
-            if (r) { /* the partial last grid row f, with the first r sub-keys of half b */
-                const float sf = dot(qa, ka + f * e, e);
-                for (long long j = 0; j < nc; j++) topk_push(ov, oi, &no, k, sf + cv[j], f * n2 + ci[j]);
+            for (long long j = 0; j < nc; j++) { /* the partial last grid row f */
+                ov[no] = sf + cv[j];
+                oi[no++] = f * n2 + ci[j];
             }
+            top_k(ov, oi, no, k);
             int64_t *dst_i = out_ids + (t * H + h) * k;
             float *dst_v = out_vals + (t * H + h) * k;
             for (long long j = 0; j < k; j++) {

@@ -5,9 +5,12 @@
     python examples/lm.py --steps 1000 --store runs/lm --checkpoint-every 100
     python examples/lm.py --store runs/lm --resume --steps 1500   # go on from the checkpoint
 
-Data: CPython's own ``pydoc_data/topics.py`` (the text of ``help()``, ~750 KB, on every
-machine with Python); the first 90% of its bytes train, the last 10% are held out. The script
-prints validation bits per byte (mean cross-entropy in bits over held-out bytes).
+Data (``--text``): ``pydoc``, CPython's own ``pydoc_data/topics.py`` (the text of ``help()``,
+~750 KB of English prose with code examples), or ``code``, the source of a few pure-Python
+stdlib modules (Python code, another kind of text); both are on every machine with Python.
+Each is cut into train (first 80% of its bytes), validation (next 10%: what any setting may be
+tuned on) and test (last 10%: reported, never looked at while tuning). The script prints
+validation and test bits per byte (mean cross-entropy in bits per held-out byte).
 
 Model: pre-LayerNorm GPT (causal self-attention, learned positions, tied byte embeddings).
 Each feed-forward block is a ``PoolLayer`` over its own pool (``--rows`` rows, ``--k`` active
@@ -77,15 +80,44 @@ class LMConfig:
 # -- data ---------------------------------------------------------------------------------------
 
 
-def load_text() -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes of CPython's ``pydoc_data/topics.py``: (train = first 90%, val = last 10%)."""
-    import pydoc_data.topics
+# The second text: pure-Python stdlib modules (code, not prose), in a fixed order.
+CODE_MODULES = ("_pydecimal", "argparse", "typing", "inspect", "dataclasses")
+TEXTS = ("pydoc", "code")
 
-    data = torch.frombuffer(
-        bytearray(Path(pydoc_data.topics.__file__).read_bytes()), dtype=torch.uint8
-    )
-    split = int(len(data) * 0.9)
-    return data[:split].long(), data[split:].long()
+
+@dataclass(frozen=True)
+class Splits:
+    """A text's bytes cut in three: ``train`` (80%), ``val`` (10%: for tuning) and ``test``
+    (10%: for reporting only)."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def load_splits(text: str = "pydoc") -> Splits:
+    """The bytes of ``text`` (see the module docstring) as :class:`Splits`."""
+    import importlib
+
+    if text == "pydoc":
+        import pydoc_data.topics
+
+        raw = Path(pydoc_data.topics.__file__).read_bytes()
+    elif text == "code":
+        files = [importlib.import_module(m).__file__ for m in CODE_MODULES]
+        raw = b"".join(Path(f).read_bytes() for f in files if f)
+    else:
+        raise ValueError(f"unknown text {text!r}; choose one of {TEXTS}")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    a, b = int(len(data) * 0.8), int(len(data) * 0.9)
+    return Splits(text, data[:a], data[a:b], data[b:])
+
+
+def load_text() -> tuple[torch.Tensor, torch.Tensor]:
+    """``pydoc``'s (train, validation) bytes."""
+    s = load_splits("pydoc")
+    return s.train, s.val
 
 
 def get_batch(
@@ -337,19 +369,24 @@ def train(
     final_windows: int | None = None,
     progress: bool = True,
     desc: str = "",
+    text: str = "pydoc",
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps or ``seconds`` of training time (whichever comes first; the
     learning rate decays over that budget).
 
-    Validation bits/byte is measured on a fixed subset of ``eval_windows`` held-out windows
+    Validation bits/byte is measured on a fixed subset of ``eval_windows`` validation windows
     every ``eval_every`` steps (evaluation time is not counted as training time), and at the
-    end on ``final_windows`` evenly spaced windows (default: all, the whole held-out text).
+    end on ``final_windows`` evenly spaced windows (default: all) of the validation and of the
+    test split. ``profile_steps`` more steps after training are run under ``torch.profiler``
+    (not counted either) and their parts are returned as ``"profile"``.
     """
     from tqdm import tqdm
 
     if steps is None and seconds is None:
         raise ValueError("give steps, seconds or both")
-    train_data, val_data = load_text()
+    splits = load_splits(text)
+    train_data, val_data = splits.train, splits.val
     model = build_model(cfg, store, resume=resume)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -415,10 +452,16 @@ def train(
         "curves": asdict(curves),
         "val_bpb_subset": curves.val_bpb[-1],
     }
+    if profile_steps:
+        result["profile"] = profile(model, opt, cfg, train_data, g, step, profile_steps)
     t0 = time.perf_counter()
     final = val_windows(val_data, cfg.context, final_windows)
     result["val_bpb"] = evaluate(model, final, eval_batch)
     result["val_bytes"] = final[:, 1:].numel()
+    test = val_windows(splits.test, cfg.context, final_windows)
+    result["test_bpb"] = evaluate(model, test, eval_batch)
+    result["test_bytes"] = test[:, 1:].numel()
+    result["text"] = text
     result["eval_seconds"] = time.perf_counter() - t0
     layers = model.pool_layers()
     if layers:
@@ -432,6 +475,41 @@ def train(
             result.setdefault("rows_trained", []).append(layer.pool.info()["persisted_rows"])
         layer.pool.close()
     return result
+
+
+def profile(
+    model: ByteLM,
+    opt: torch.optim.Optimizer,
+    cfg: LMConfig,
+    data: torch.Tensor,
+    g: torch.Generator,
+    step: int,
+    steps: int,
+) -> dict[str, float]:
+    """Milliseconds per training step spent in each part dpsn names (``dpsn.pool._profile``:
+    routing, paging rows in, the executor forward and backward, the row optimizer), and the
+    rest (attention, the dense layers, the dense optimizer, autograd), over ``steps`` steps
+    timed by wall clock (see ``dpsn.pool._profile.timing``)."""
+    from dpsn.pool._profile import SCOPES, timing
+
+    def one(i: int) -> None:
+        g.manual_seed(cfg.seed * 1_000_003 + step + i)
+        x, y = get_batch(data, cfg.batch, cfg.context, g)
+        loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    one(0)  # warm
+    with timing() as seconds:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            one(i + 1)
+        total = time.perf_counter() - t0
+    parts = {k: seconds.get(k, 0.0) * 1e3 / steps for k in SCOPES}
+    parts["other"] = max(total * 1e3 / steps - sum(parts.values()), 0.0)
+    parts["total"] = total * 1e3 / steps
+    return parts
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -469,6 +547,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--row-lr", type=float, default=c.row_lr)
     ap.add_argument("--lr", type=float, default=c.lr)
     ap.add_argument("--seed", type=int, default=c.seed)
+    ap.add_argument("--text", default="pydoc", choices=TEXTS, help="training text")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -512,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             eval_windows=args.eval_windows,
             final_windows=args.val_windows,
             progress=not args.no_progress,
+            text=args.text,
         )
     finally:
         if tmp is not None:
@@ -519,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     macs = result["macs_per_token"]
     print(
         f"{ffn} FFN: {result['steps']} steps, {result['tokens_per_s']:,.0f} tokens/s, "
-        f"validation {result['val_bpb']:.4f} bits/byte; {macs['total']:,} multiply-adds/token"
+        f"validation {result['val_bpb']:.4f} / test {result['test_bpb']:.4f} bits/byte; "
+        f"{macs['total']:,} multiply-adds/token"
     )
     if args.store is not None:
         print(f"checkpoint: {args.store} (pools in {args.store}/layer*, dense part in dense.pt)")

@@ -1,12 +1,17 @@
-"""Named scopes of a training step, for ``torch.profiler`` (bench/quality.py prints them).
+"""Named parts of a training step, timed for bench/quality.py and visible to ``torch.profiler``.
 
-``record_function`` costs tens of microseconds even with no profiler running, so a scope is
-only opened while one is: outside a profile it costs a flag check.
+``record_function`` costs tens of microseconds even with no profiler running, so a scope only
+opens one while a profiler runs; and ``torch.profiler``'s own per-op overhead swells the parts
+made of many small ops (the router), so :func:`timing` measures the parts by wall clock instead.
+Outside both, a scope costs a flag check.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch.profiler import record_function
@@ -20,10 +25,39 @@ ROW_STEP = "dpsn.row_step"
 SCOPES = (ROUTE, PAGE_IN, EXECUTOR_FORWARD, EXECUTOR_BACKWARD, ROW_STEP)
 
 _NONE = nullcontext()
+_timings: dict[str, float] | None = None  # seconds per scope while timing() runs
+
+
+class _Timer:
+    __slots__ = ("name", "start")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if _timings is not None:
+            _timings[self.name] += time.perf_counter() - self.start
 
 
 def scope(name: str) -> AbstractContextManager[object]:
-    """``with scope(ROUTE): ...`` names that part of the step in a running profile."""
+    """``with scope(ROUTE): ...`` names that part of the step for a profile or a timing."""
+    if _timings is not None:
+        return _Timer(name)
     if torch.autograd._profiler_enabled():
         return record_function(name)
     return _NONE
+
+
+@contextmanager
+def timing() -> Iterator[dict[str, float]]:
+    """Sum the wall-clock seconds spent in each scope inside the block (CPU: the time is the
+    work; on CUDA it is only the launch time, as nothing waits for the device here)."""
+    global _timings
+    _timings = defaultdict(float)
+    try:
+        yield _timings
+    finally:
+        _timings = None

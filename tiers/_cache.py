@@ -130,9 +130,7 @@ class DeviceCache:
         it is False); no fill, no stats."""
         return self.table.find(ids)
 
-    def read_hits(
-        self, ids: torch.Tensor, col: Column
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def read_hits(self, ids: torch.Tensor, col: Column) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The fast path of a read whose ids are all cached: ``(slots, rows of col)`` found and
         gathered in one pass and counted as a lookup of hits, or None (nothing counted, nothing
         changed: do a :meth:`lookup`)."""
