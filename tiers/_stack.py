@@ -49,8 +49,8 @@ SECOND_BACKWARD = (
 )
 _READ = ("read", 0)  # the pin holder of the rows of the last plain read
 _REMATERIALIZE_BATCH = 1 << 16
-_SPILL_CHUNK = 1 << 16
-_SCRATCH_BYTES = 64 << 20  # rows generated at once on the spilled path: bounded device memory
+_SPILL_CHUNK = 1 << 16  # rows generated at once on the spilled path: bounded device memory
+_SCRATCH_BYTES = 64 << 20  # the reused buffer a fill generates scattered rows into
 # Why a batch cannot be made resident: more distinct rows than the cache can free, or the
 # device ran out of memory while filling (the spilled path then works in bounded chunks).
 _CANNOT_CACHE = (CacheCapacityError, torch.OutOfMemoryError)
@@ -124,6 +124,7 @@ class RowBatch:
         self.anchor = torch.zeros((), requires_grad=True)
         self._stack = stack
         self._use_index: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
         self._private = table.data_ptr() if key is None else 0  # rows already its own
         self._release = (
             weakref.finalize(self, _unpin, weakref.ref(stack), key) if key is not None else None
@@ -135,9 +136,11 @@ class RowBatch:
     @property
     def offsets(self) -> torch.Tensor:
         """``[n + 1]`` CSR row pointers into ``order``."""
-        out = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=self.ids.device)
-        torch.cumsum(self.counts, 0, out=out[1:])
-        return out
+        if self._offsets is None:
+            out = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=self.ids.device)
+            torch.cumsum(self.counts, 0, out=out[1:])
+            self._offsets = out
+        return self._offsets
 
     @property
     def use_index(self) -> torch.Tensor:
