@@ -92,9 +92,17 @@ def test_quality_bench_quick_runs_without_writing():
     tiny = ["d_model=32", "n_heads=2", "context=16", "batch=2", "k=4", "rows=4096"]
     args = ["--quick", "--steps", "3", "--skip-digits", "--no-write"]
     payload = quality.main(args + [a for t in tiny for a in ("--set", t)])
-    summary = payload["summary"]
-    for key in ("val_bpb_dense", "val_bpb_pool_equal_steps", "val_bpb_pool_equal_time"):
-        assert math.isfinite(summary[key])
-    assert summary["tokens_per_s_ratio"] > 0
+    assert set(payload["summary"]) == {"pydoc", "code"}  # the tuned text and a second one
+    for summary in payload["summary"].values():
+        for key in (
+            "val_bpb_dense",
+            "test_bpb_dense",
+            "test_bpb_pool_equal_steps",
+            "test_bpb_pool_equal_time",
+        ):
+            assert math.isfinite(summary[key])
+        assert summary["tokens_per_s_ratio"] > 0
+    profile = payload["profile_ms_per_step"]
+    assert profile["total"] > 0 and profile["dpsn.executor.forward"] > 0
     active = payload["matching"]["active_ffn_params_per_token"]
     assert active[0] == active[1]  # the dense FFN is as wide as the active rows
