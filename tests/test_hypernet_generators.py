@@ -218,7 +218,7 @@ def test_rf_mlp_initial_scale() -> None:
 
 
 def test_unknown_kind_lists_known_kinds() -> None:
-    with pytest.raises(ValueError, match=r"known kinds: \['hashed_slices', 'rf_mlp'\]"):
+    with pytest.raises(ValueError, match=r"known kinds: \['hashed_slices', 'rf_mlp', 'zeros'\]"):
         make_generator("hashnet", dim=8, seed=0)
 
 
