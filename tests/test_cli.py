@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -423,3 +424,30 @@ def test_bench_dispatch(capsys):
     assert "scaling" in out and "cli" in out
     assert main(["bench", "nope"]) == 2
     assert "no benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_verify_checks_saved_routers(tmp_path, capsys):
+    path = tmp_path / "f32"
+    shutil.copytree(Path(__file__).parent / "data" / "format1" / "f32", path)
+    code, out, _ = run(capsys, "verify", path)
+    assert code == 0 and " ok:" in out
+    keys = next(p for p in (path / "data.zarr" / "routers").rglob("state.pk.keys1/c/0/0/0"))
+    data = bytearray(keys.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    keys.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "verify", path)
+    assert code == 1 and "router 'router'" in out
+
+
+def test_gc_dry_run_says_what_gc_frees(store, capsys):
+    with dpsn.open(store, mode="r+") as p:  # supersede every row of v1's segment, unpin nothing
+        p.write([5, 6], torch.zeros(2, 8))
+        p.commit()
+    (store / "data.zarr" / "segments" / "00000000000000ff" / "x").mkdir(parents=True)
+    (store / "data.zarr" / "segments" / "00000000000000ff" / "x" / "junk").write_bytes(b"1" * 999)
+    code, out, _ = run(capsys, "gc", store, "--dry-run", "--json")
+    dry = json.loads(out)
+    assert code == 0 and dry["dry_run"] and dry["orphan_segments"] == [0xFF]
+    code, out, _ = run(capsys, "gc", store, "--json")
+    real = json.loads(out)
+    assert real["freed_bytes"] == dry["freed_bytes"] >= 999

@@ -254,26 +254,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_routers(path: str, report: Any) -> None:
-    """Routers saved at HEAD, checked against their commit's digest.
+def _check_routers(store: Any, report: Any) -> None:
+    """Routers saved at HEAD, each loaded and checked against its commit's digest.
 
     Until ``PersistedStore.verify`` checks routers itself (torch-free, by digest: the store
-    hardening of issue 14), this loads each one through ``dpsn.index``, which imports torch;
-    stores without routers never get here."""
-    from dpsn.tiers import StoreFacts
-
-    with StoreFacts(path) as facts:
-        routers = facts.commit(facts.head()).get("routers") or {}
+    hardening of issue 14), this goes through ``dpsn.index``, which imports torch (but never
+    builds the generator or a Pool); stores without routers never import it."""
+    routers = store.commit_record(store.head()).routers or {}
     if not routers or getattr(report, "checked_routers", None) is not None:
         return
-    import dpsn
+    from dpsn.errors import DpsnError
+    from dpsn.index import load_router, router_digest
 
-    with dpsn.open(path, cache_rows=0) as pool:
-        for name in sorted(routers):
-            try:
-                pool.load_router(name)
-            except (dpsn.DpsnError, ValueError) as e:
-                report.problems.append(f"router {name!r}: {e}")
+    for name, rec in sorted(routers.items()):
+        try:
+            router = load_router(store.router_group(name, rec["version"], write=False))
+            if router_digest(router) != rec["digest"]:
+                raise ValueError("it does not match the digest its commit recorded")
+        except (DpsnError, ValueError, KeyError, TypeError) as e:
+            report.problems.append(f"router {name!r}: {e}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -286,9 +285,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         total = len(store.segment_records())
         with _progress(total, "verify") as bar:
             report = store.verify(progress=bar.update)
+        _check_routers(store, report)
     finally:
         store.close()
-    _check_routers(args.path, report)
     # The tier's messages suggest `dpsn verify` to readers that hit damage; here it is running.
     report.problems = [
         re.sub(r"\s*Run `dpsn verify` for the full list;?", "", p) for p in report.problems
@@ -330,6 +329,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
             result = store.gc(dry_run=args.dry_run, progress=progress)
+        if args.dry_run:  # what removing them would free (the tier counts it only when it does)
+            from dpsn.tiers._info import tree_bytes
+
+            seg_dir = store.root / "data.zarr" / "segments"
+            doomed = result["removed_segments"] + result["orphan_segments"]
+            result["freed_bytes"] = sum(tree_bytes(seg_dir / f"{s:016x}") for s in doomed) + sum(
+                tree_bytes(store.root / p) for p in result.get("stale_versions", [])
+            )
     finally:
         store.close()
     if args.json:
@@ -340,8 +347,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{verb} {len(result['removed_segments'])} unreferenced segment(s), "
             f"{len(result['orphan_segments'])} leftover(s) of interrupted commits, "
             f"{result['partial_files']} partial file(s), "
-            f"{len(result.get('stale_versions', []))} old generator/router version(s)"
-            + ("" if args.dry_run else f"; {freed} {human_bytes(result['freed_bytes'])}")
+            f"{len(result.get('stale_versions', []))} old generator/router version(s); "
+            f"{freed} {human_bytes(result['freed_bytes'])}"
         )
     return EXIT_OK
 
