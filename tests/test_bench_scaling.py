@@ -57,6 +57,7 @@ def test_scaling_json_schema_and_10_to_the_12(tmp_path):
     assert not dense[10**9]["ran"] and "dense-max-params" in dense[10**9]["reason"]
     kinds = {m["kind"]: m for m in payload["model"]}
     assert kinds["pool"]["val_bpb"] > 0 and kinds["pool"]["steps"] == 2
-    assert kinds["dense_active"]["active_ffn_params_per_token"] == kinds["pool"][
-        "active_ffn_params_per_token"
-    ]
+    assert (
+        kinds["dense_active"]["active_ffn_params_per_token"]
+        == kinds["pool"]["active_ffn_params_per_token"]
+    )
