@@ -451,3 +451,41 @@ def test_gc_dry_run_says_what_gc_frees(store, capsys):
     code, out, _ = run(capsys, "gc", store, "--json")
     real = json.loads(out)
     assert real["freed_bytes"] == dry["freed_bytes"] >= 999
+
+
+@pytest.mark.parametrize(
+    ("error", "command", "want"),
+    [
+        (
+            "s is not a dpsn store: it has no dpsn.json. "
+            "Create one with dpsn.create(path, rows, dim) or `dpsn create`.",
+            "info",
+            "`dpsn create s --rows N --dim D`",
+        ),
+        (
+            "commit 3 can no longer be reconstructed: gone. Only HEAD and pinned snapshots "
+            "survive gc; use pool.snapshot(name) to keep a commit.",
+            "info",
+            "`dpsn snapshot s NAME`",
+        ),
+        (
+            "segment 01: deltas chunks 0..0 fails its checksum; rows affected: [5] (1 rows). "
+            "Run `dpsn verify` for the full list; `pool.drop(rows)` returns them to procedural.",
+            "export",
+            "Run `dpsn verify s` for the full list; `dpsn drop s ROW...`",
+        ),
+        (
+            's is open read-only (mode="r" or a snapshot view); '
+            'open it with dpsn.open(path, mode="r+") to change it',
+            "drop",
+            "use a command that writes",
+        ),
+    ],
+)
+def test_library_messages_are_said_in_cli_terms(error, command, want):
+    from dpsn.tools._messages import cli_message
+
+    text = cli_message(dpsn.DpsnError(error), command=command, path="s")
+    assert want in text
+    for python in ('mode="', "dpsn.open(", "dpsn.create(", "pool."):
+        assert python not in text
