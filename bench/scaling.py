@@ -854,10 +854,6 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
             color=colors["dense"],
             label="dense, same total",
         )
-    from matplotlib.ticker import ScalarFormatter
-
-    axes[2].yaxis.set_major_formatter(ScalarFormatter())
-    axes[2].yaxis.set_minor_formatter(ScalarFormatter())
     steps = payload["settings"]["model_steps"]
     axes[2].set(
         xscale="log",
@@ -866,6 +862,10 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         ylabel="validation bits/byte",
         title=f"LM quality at fixed active compute ({steps} steps)",
     )
+    from matplotlib.ticker import FormatStrFormatter
+
+    axes[2].yaxis.set_major_formatter(FormatStrFormatter("%.2f"))  # after set(yscale=...)
+    axes[2].yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
