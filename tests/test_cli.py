@@ -363,9 +363,14 @@ def test_create_help_lists_the_generator_kinds(capsys):
 
 
 def test_cli_policy_names_match_the_registry():
-    from dpsn.tiers import policies
-
-    assert list(_commands.POLICIES) == policies()
+    # A fresh interpreter: other tests register policies of their own in this one.
+    out = subprocess.run(
+        [sys.executable, "-c", "from dpsn.tiers import policies; print(*policies())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert list(_commands.POLICIES) == out.stdout.split()
 
 
 def test_inspect_no_base_matches_inspect(store, capsys):
@@ -407,15 +412,18 @@ def test_snapshot_and_gc_dry_run(store, capsys):
     assert code == 0 and out.startswith("would remove 0 unreferenced segment(s)")
 
 
-def test_stats_replay_from_stdin_and_file(store, tmp_path):
-    r = cli("stats", store, "--replay", "-", "--json", input="5 6\n7,8\n")
-    assert r.returncode == 0, r.stderr
-    replay = json.loads(r.stdout)["replay"]
+def test_stats_replay_from_stdin_and_file(store, tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("5 6\n7,8\n"))
+    code, out, err = run(capsys, "stats", store, "--replay", "-", "--json")
+    assert code == 0, err
+    replay = json.loads(out)["replay"]
     assert replay["batches"] == 2 and replay["misses"] == 4
     trace = tmp_path / "trace.txt"
     trace.write_text("5 6 x\n")
-    r = cli("stats", store, "--replay", trace)
-    assert r.returncode == 2 and "line 1" in r.stderr and "'x'" in r.stderr
+    code, _, err = run(capsys, "stats", store, "--replay", trace)
+    assert code == 2 and "line 1" in err and "'x'" in err
 
 
 def test_bench_dispatch(capsys):
