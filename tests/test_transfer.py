@@ -52,6 +52,10 @@ def test_safetensors_embedding_imports_bit_for_bit(tmp_path, capsys, dtype):
     with dpsn.open(tmp_path / "s", cache_rows=256) as pool:  # the cached path too
         ids = torch.tensor([0, 1, 2, 2999, 0])
         assert torch.equal(bits(pool.read(ids)), bits(emb.weight.detach()[ids]))
+    code, _, err = run(capsys, "export", tmp_path / "s", tmp_path / "back.safetensors")
+    assert code == 0, err
+    back = load_file(tmp_path / "back.safetensors")["weight"]
+    assert back.dtype == dtype and torch.equal(bits(back), bits(emb.weight.detach()))
 
 
 def test_export_import_export_round_trip(tmp_path, capsys):
