@@ -227,6 +227,8 @@ def export_rows(
         raise StoreExistsError(f"{out_path} exists; pass --force to replace it, or pick another")
     if out_path.is_dir():
         raise TransferError(f"{out_path} is a directory; give a file name such as rows.safetensors")
+    if not out_path.resolve().parent.is_dir():
+        raise FileNotFoundError(f"{out_path.parent}: no such directory (create it first)")
     spec = rows_spec or ("persisted" if deltas_only else "all")
     with dpsn.open(store, at=at, cache_rows=0) as pool:
         commit = pool.head
