@@ -497,3 +497,35 @@ def test_library_messages_are_said_in_cli_terms(error, command, want):
     assert want in text
     for python in ('mode="', "dpsn.open(", "dpsn.create(", "pool."):
         assert python not in text
+
+
+def test_info_reads_segment_sizes_fast_and_right(store):
+    """The regex fast path over segment records agrees with parsing them, falls back to JSON
+    on anything unexpected, and on-disk bytes (segments as recorded) match a full walk."""
+    from dpsn.tiers import StoreFacts
+    from dpsn.tiers._info import _segment_sizes, tree_bytes
+
+    with dpsn.open(store, mode="r+") as p:
+        p.set_state_width(3)
+        p.write([11], torch.ones(1, 8))
+        p.commit("with row state")
+    with StoreFacts(store) as facts:
+        raws = facts._read(lambda txn, dbs: [v for _, v in txn.cursor(db=dbs[b"segments"])])
+        info = facts.info()
+    assert info["bytes_on_disk"] == tree_bytes(store)
+    assert len(raws) == 2
+    for raw in raws:
+        rec = json.loads(raw)
+        want = {k: rec.get(k, 0) for k in ("id", "commit", "rows", "drops", "raw_bytes")}
+        want |= {"stored_bytes": rec["stored_bytes"], "state_width": rec.get("state_width", 0)}
+        assert _segment_sizes(raw) == want
+        shuffled = json.dumps(dict(reversed(list(rec.items())))).encode()
+        assert _segment_sizes(shuffled) == want
+        spaced = json.dumps(rec, indent=1).encode()  # another layout: parsed as JSON
+        assert _segment_sizes(spaced) == want
+    assert {_segment_sizes(r)["state_width"] for r in raws} == {0, 3}
+    assert not info["live_bytes_exact"]  # rows of both widths: live is an estimate, and says so
+    from dpsn.errors import CorruptStoreError
+
+    with pytest.raises(CorruptStoreError):
+        _segment_sizes(b'{"id": 1, "id": 2, "rows": -1}')

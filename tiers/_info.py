@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,21 +89,57 @@ def _int(record: dict[str, Any], key: str, what: str) -> int:
     return value
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of every regular file below ``path`` (symlinks are not followed)."""
+def tree_bytes(path: Path, shallow: Path | None = None) -> int:
+    """Bytes of every regular file below ``path`` (symlinks are not followed); below the
+    directory ``shallow``, only the files directly in it."""
     total = 0
     stack = [str(path)]
+    flat = str(shallow) if shallow is not None else None
     while stack:
+        here = stack.pop()
         try:
-            entries = list(os.scandir(stack.pop()))
+            entries = list(os.scandir(here))
         except (FileNotFoundError, NotADirectoryError):
             continue
         for e in entries:
             if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
+                if here != flat:
+                    stack.append(e.path)
             elif e.is_file(follow_symlinks=False):
                 total += e.stat(follow_symlinks=False).st_size
     return total
+
+
+_SIZE_KEYS = ("id", "commit", "rows", "drops", "raw_bytes", "stored_bytes", "state_width")
+_SIZE_FIELD = re.compile(
+    rb'"(id|commit|rows|drops|raw_bytes|stored_bytes|state_width)"\s*:\s*(\d{1,20})\s*[,}]'
+)
+
+
+def _segment_sizes(raw: bytes) -> dict[str, int]:
+    """The size fields of a segment record.
+
+    Most of a record is its per-chunk checksums, which ``info`` does not need; a regex over the
+    top-level integer fields skips parsing them (5-10x faster, which is what keeps ``dpsn info``
+    quick on stores of thousands of commits). Anything unexpected (a field missing or given
+    twice, another layout) falls back to parsing the whole record as JSON, with validation."""
+    found = _SIZE_FIELD.findall(raw)
+    keys = [k.decode() for k, _ in found]
+    # Every field found once, and state_width (optional) found wherever the record names it.
+    if (
+        len(keys) == len(set(keys))
+        and set(_SIZE_KEYS) - {"state_width"} <= set(keys)
+        and ("state_width" in keys) == (b'"state_width"' in raw)
+    ):
+        sizes = {k: int(v) for k, v in zip(keys, (v for _, v in found), strict=True)}
+        sizes.setdefault("state_width", 0)
+        return sizes
+    rec = _json(raw, "a segment")
+    sid = _int(rec, "id", "a segment")
+    what = f"segment {sid:016x}"
+    sizes = {k: _int(rec, k, what) for k in _SIZE_KEYS if k != "state_width"}
+    sizes["state_width"] = _int(rec, "state_width", what) if "state_width" in rec else 0
+    return sizes
 
 
 class StoreFacts:
@@ -202,16 +239,8 @@ class StoreFacts:
         values = self._read(lambda txn, dbs: [v for _, v in txn.cursor(db=dbs[DB_SEGMENTS])])
         out = {}
         for v in values:
-            rec = _json(v, "a segment")
-            sid = _int(rec, "id", "a segment")
-            out[sid] = {
-                "rows": _int(rec, "rows", f"segment {sid:016x}"),
-                "drops": _int(rec, "drops", f"segment {sid:016x}"),
-                "raw_bytes": _int(rec, "raw_bytes", f"segment {sid:016x}"),
-                "stored_bytes": _int(rec, "stored_bytes", f"segment {sid:016x}"),
-                "state_width": int(rec.get("state_width", 0) or 0),
-                "commit": _int(rec, "commit", f"segment {sid:016x}"),
-            }
+            sizes = _segment_sizes(v)
+            out[sizes["id"]] = sizes
         return out
 
     def generator_parameters(self, version: int) -> int:
@@ -317,6 +346,7 @@ class StoreFacts:
         live = record["persisted_rows"] * per_row
         live_head = head_record["persisted_rows"] * per_row
         leftover_dirs = self._leftover_segment_dirs(segments)
+        leftover_bytes = sum(tree_bytes(d) for d in leftover_dirs)
         return {
             "path": str(self.root),
             "format_version": m.format_version,
@@ -346,8 +376,13 @@ class StoreFacts:
             "live_bytes_exact": len(widths) <= 1,
             "garbage_bytes": max(0, raw - live_head),
             "leftover_segments": len(leftover_dirs),
-            "leftover_bytes": sum(tree_bytes(d) for d in leftover_dirs),
-            "bytes_on_disk": tree_bytes(self.root),
+            "leftover_bytes": leftover_bytes,
+            # Segments as their records say (their size when written, which verify checks);
+            # everything else measured. Walking every chunk file of every segment would make
+            # info grow with the store.
+            "bytes_on_disk": tree_bytes(self.root, shallow=self.root / ZARR_DIR / SEGMENTS_GROUP)
+            + stored
+            + leftover_bytes,
         }
 
     def _leftover_segment_dirs(self, segments: dict[int, Any]) -> list[Path]:
