@@ -12,12 +12,14 @@ from ._hash import derive_seed, xxh64_ids
 from ._registry import GENERATORS, make_generator
 from ._rf_mlp import RandomFeatureMLP
 from ._slices import HashedSlices
+from ._zeros import Zeros
 
 __all__ = [
     "GENERATORS",
     "Generator",
     "HashedSlices",
     "RandomFeatureMLP",
+    "Zeros",
     "derive_seed",
     "hashed_normal",
     "hashed_offsets",

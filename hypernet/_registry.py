@@ -11,12 +11,14 @@ from typing import Any
 from ._generator import Generator
 from ._rf_mlp import RandomFeatureMLP
 from ._slices import HashedSlices
+from ._zeros import Zeros
 
 __all__ = ["GENERATORS", "make_generator"]
 
 GENERATORS: dict[str, type[Generator]] = {
     HashedSlices.kind: HashedSlices,
     RandomFeatureMLP.kind: RandomFeatureMLP,
+    Zeros.kind: Zeros,
 }
 
 

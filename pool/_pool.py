@@ -332,39 +332,16 @@ class Pool:
         return self._stack.stats()
 
     def info(self) -> dict[str, Any]:
-        """A summary: spec, virtual size, what is persisted and what it costs on disk."""
+        """A summary: spec, virtual size, what is persisted and what it costs on disk. The same
+        figures as ``dpsn info`` (``dpsn.tiers.StoreFacts``, which documents the size names),
+        for this pool's commit, plus ``staged_rows``."""
         self._check_open()
-        m = self._store.manifest
-        index = self._stack.index
-        records = self._store.segment_records()
-        live = [records[s] for s in index.segments().tolist() if s in records]
-        raw = sum(r.raw_bytes for r in live)
-        stored = sum(r.stored_bytes for r in live)
-        return {
-            "path": str(self.path),
-            "format_version": m.format_version,
-            "rows": m.rows,
-            "dim": m.dim,
-            "dtype": m.dtype,
-            "seed": m.seed,
-            "generator": {
-                "kind": m.generator["kind"],
-                "config": m.generator["config"],
-                "parameters": sum(p.numel() for p in self.generator.parameters()),
-            },
-            "virtual_parameters": m.rows * m.dim,
-            "commit": self.head,
-            "commits": len(self._store.log()),
-            "snapshots": len(self._store.snapshots()),
-            "persisted_rows": len(index),
-            "staged_rows": self.staged_rows,
-            "delta_bytes_raw": len(index) * m.dim * self.dtype.itemsize,
-            "segment_bytes_raw": raw,
-            "segment_bytes_stored": stored,
-            "compression_ratio": (raw / stored) if stored else None,
-            "bytes_on_disk": self._store.disk_bytes(),
-            "segments": len(records),
-        }
+        from dpsn.tiers import StoreFacts
+
+        with StoreFacts(self.path) as facts:
+            out = facts.info(at=self.head)
+        out["staged_rows"] = self.staged_rows
+        return out
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-read every segment, generator weight and index entry and check them. Problems are

@@ -218,7 +218,7 @@ def test_rf_mlp_initial_scale() -> None:
 
 
 def test_unknown_kind_lists_known_kinds() -> None:
-    with pytest.raises(ValueError, match=r"known kinds: \['hashed_slices', 'rf_mlp'\]"):
+    with pytest.raises(ValueError, match=r"known kinds: \['hashed_slices', 'rf_mlp', 'zeros'\]"):
         make_generator("hashnet", dim=8, seed=0)
 
 
@@ -247,3 +247,30 @@ def test_bad_config_rejected(kind: str, kwargs: dict[str, Any], match: str) -> N
     args = {"dim": 8, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
         make_generator(kind, **args)
+
+
+# -- zeros ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (2, 3)])
+def test_zeros_rows_are_negative_zero(shape: tuple[int, ...]) -> None:
+    g = make_generator("zeros", dim=5, seed=3)
+    assert isinstance(g, GENERATORS["zeros"]) and g.config() == {}
+    assert len(g.state_dict()) == 0 and not list(g.parameters())
+    out = g(torch.arange(int(np.prod(shape))).reshape(shape))
+    assert out.shape == (*shape, 5) and out.dtype == torch.float32
+    assert bool((out.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).all())
+    with pytest.raises(InvalidIdsError):
+        g(torch.zeros(3))
+
+
+def test_zeros_is_the_additive_identity_bit_for_bit() -> None:
+    """What makes imported tables exact: base + delta == delta for every float, +-0 included."""
+    g = make_generator("zeros", dim=1, seed=0)
+    special = [0.0, -0.0, 1e-45, -1e-45, 1.17e-38, 3.4e38, -3.4e38, float("inf"), 1.0]
+    values = torch.tensor(special + torch.randn(1000).tolist()).unsqueeze(1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        deltas = values.to(dtype)
+        rows = (g(torch.arange(len(values))) + deltas.float()).to(dtype)  # the pool's formula
+        width = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(rows.view(width), deltas.view(width)), dtype

@@ -3,20 +3,76 @@
 ``RowStack`` is the whole read/write-back path (device cache <- host staging <- persisted store
 <- procedural generator) and ``RowBatch`` the handle executors compute with. ``PersistedStore``
 is the disk tier (LMDB index + Zarr segments); it knows rows, segments and commits, nothing of
-models.
+models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints).
+
+The names below load on first use: ``import dpsn.tiers`` (or one of its torch-free modules, such
+as ``dpsn.tiers._format`` or ``dpsn.tiers._info``) must not import torch or zarr, so that the
+``dpsn`` commands that only read a store's records answer in a fraction of a second. The cache,
+the stack and the policies need torch; the persisted store needs zarr.
 """
 
-from ._cache import CacheStats, DeviceCache
-from ._columns import Column, RowLayout
-from ._format import FORMAT_VERSION, Manifest
-from ._names import check_router_name
-from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
-from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
-from ._procedural import ProceduralTier, load_generator
-from ._rowindex import RowIndex
-from ._segments import COMPRESSORS
-from ._slot_table import SlotTable
-from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "COMPRESSORS": "._segments",
+    "FORMAT_VERSION": "._format",
+    "SECOND_BACKWARD": "._stack",
+    "CacheStats": "._cache",
+    "Column": "._columns",
+    "Commit": "._persisted",
+    "DeviceCache": "._cache",
+    "EvictionPolicy": "._policies",
+    "Manifest": "._format",
+    "PersistedStore": "._persisted",
+    "Prefetch": "._stack",
+    "ProceduralTier": "._procedural",
+    "RowBatch": "._stack",
+    "RowIndex": "._rowindex",
+    "RowLayout": "._columns",
+    "RowOptimizer": "._stack",
+    "RowStack": "._stack",
+    "SlotTable": "._slot_table",
+    "StoreFacts": "._info",
+    "VerifyReport": "._persisted",
+    "check_policy": "._policies",
+    "check_router_name": "._names",
+    "load_generator": "._procedural",
+    "make_policy": "._policies",
+    "policies": "._policies",
+    "register_policy": "._policies",
+    "storage_dtype": "._persisted",
+}
+
+if TYPE_CHECKING:
+    from ._cache import CacheStats, DeviceCache
+    from ._columns import Column, RowLayout
+    from ._format import FORMAT_VERSION, Manifest
+    from ._info import StoreFacts
+    from ._names import check_router_name
+    from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
+    from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
+    from ._procedural import ProceduralTier, load_generator
+    from ._rowindex import RowIndex
+    from ._segments import COMPRESSORS
+    from ._slot_table import SlotTable
+    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpsn.tiers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "COMPRESSORS",
@@ -37,6 +93,7 @@ __all__ = [
     "RowOptimizer",
     "RowStack",
     "SlotTable",
+    "StoreFacts",
     "VerifyReport",
     "check_policy",
     "check_router_name",

@@ -301,6 +301,9 @@ class PersistedStore:
             )
             arr[...] = value
             arrays[name] = {"shape": list(value.shape), "xxh64": xxhash.xxh64_intdigest(value.data)}
+        # A generator without weights (kind "zeros") still gets its version's group: readers
+        # take a missing one for a version removed by gc.
+        root.require_group(f"{GENERATOR_GROUP}/{generator_name(version)}")
         fsync_tree(self.root / ZARR_DIR / GENERATOR_GROUP)
         return {"version": version, "arrays": arrays}
 

@@ -25,6 +25,8 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
     from ._format import fields, human_bytes, human_count, table
 
     out = sys.stderr if as_json else sys.stdout
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
 
     def say(text: str) -> None:
         print(text, file=out)
@@ -80,8 +82,8 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
                 ("virtual parameters", human_count(info["virtual_parameters"])),
                 ("persisted rows", info["persisted_rows"]),
                 ("commits", info["commits"]),
-                ("bytes on disk", human_bytes(info["bytes_on_disk"])),
-                ("compression ratio", info["compression_ratio"]),
+                ("on disk", human_bytes(info["bytes_on_disk"])),
+                ("ratio (raw / stored)", info["compression_ratio"]),
                 ("verify", "ok" if report.ok else "; ".join(report.problems)),
             ]
         )
@@ -95,7 +97,7 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
             ],
         )
     )
-    say(f"try: dpsn info {path} | dpsn log {path} | dpsn inspect {path} {sample[0]}")
+    say(f"try: dpsn info {path}; dpsn log {path}; dpsn inspect {path} {sample[0]}")
     if as_json:
         json.dump(
             {
@@ -110,4 +112,16 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
             default=str,
         )
         print()
-    return 0 if report.ok and after < before else 1
+    if not report.ok:
+        print(
+            f"dpsn demo: error: verify found damage: {'; '.join(report.problems)}", file=sys.stderr
+        )
+        return 1
+    if not after < before:
+        print(
+            f"dpsn demo: error: {steps} training step(s) did not lower the error "
+            f"({before:.4f} -> {after:.4f}); try more --steps",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

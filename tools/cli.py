@@ -1,414 +1,357 @@
 """The ``dpsn`` command line.
 
 Exit codes scripts can trust: 0 ok, 1 a problem was found (a failed verify, a missing or damaged
-store, a refused write), 2 a usage error (bad arguments). Read commands take ``--json`` and then
-print exactly one JSON document on stdout. Progress bars go to stderr and only on a terminal.
+store, a refused write, any other failure), 2 a usage error (bad arguments), 130 interrupted.
+Read commands take ``--json`` and then print exactly one JSON document on stdout. Progress bars
+go to stderr and only on a terminal. A failure prints one line on stderr saying why, never a
+traceback (``--debug`` or ``DPSN_DEBUG=1`` shows it). A closed pipe (``dpsn log S | head``)
+ends quietly.
+
+Commands that only read records (``info``, ``log``, ``stats`` without ``--replay``,
+``inspect --no-base``, ``verify``, ``gc``, ``snapshot``) never import torch or build the
+generator: they answer from the manifest and the LMDB records (``dpsn.tiers._info``), and read
+Zarr segments only where they must look at deltas.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+from . import _commands as c
+from ._counts import parse_count, positive_count
 
+__all__ = ["build_parser", "main", "parse_count", "positive_count"]
 
-def parse_count(text: str) -> int:
-    """An integer count as people write it: 1000000, 1_000_000, 1e12 or 10**12."""
-    t = text.strip().replace("_", "")
-    m = re.fullmatch(r"(\d+)\*\*(\d+)", t)
-    if m:
-        return int(m.group(1)) ** int(m.group(2))
-    m = re.fullmatch(r"(\d+)(?:[eE](\d+))?", t)
-    if m:
-        return int(m.group(1)) * 10 ** int(m.group(2) or 0)
-    raise argparse.ArgumentTypeError(f"not a count: {text!r} (try 1000000, 1e12 or 10**12)")
-
-
-def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
-
-
-def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="seg", file=sys.stderr, disable=None, leave=False)
-
-
-# -- commands ------------------------------------------------------------------------------------
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+BENCHMARKS = {
+    "scaling": "memory and speed from 10^6 to 10^12 parameters vs a dense table; LM quality "
+    "as the pool grows",
+    "cli": "how fast the read-only commands answer, against the old Pool-based path",
+}
+SIZE_HELP = """\
+sizes (info, stats):
+  raw        bytes of every segment's arrays uncompressed (deltas, row state, ids, drop lists)
+  stored     the same arrays as they lie on disk, compressed
+  ratio      raw / stored
+  live       raw bytes of the row versions the shown commit reads
+             (its persisted rows x (8 B id + dim x dtype bytes + row state))
+  garbage    raw bytes HEAD no longer reads: superseded or dropped row versions, drop lists.
+             gc frees whole segments only; `dpsn gc --dry-run` says what it would free now
+  leftovers  segment directories no record names (interrupted commits); gc removes them
+  on disk    every file of the store directory (index, generator, routers, segments)
+"""
 
 
-def cmd_create(args: argparse.Namespace) -> int:
-    import dpsn
-
-    with dpsn.create(
-        args.path,
-        rows=args.rows,
-        dim=args.dim,
-        seed=args.seed,
-        generator=args.generator,
-        dtype=args.dtype,
-        compressor=args.compressor,
-    ) as pool:
-        info = pool.info()
-    if args.json:
-        _print_json(info)
-    else:
+def run_bench(argv: Sequence[str]) -> int:
+    """``dpsn bench NAME [ARGS...]``: run a benchmark of ``bench/`` with its own arguments."""
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {name:<10} {text}" for name, text in BENCHMARKS.items()]
         print(
-            f"created {args.path}: {args.rows} rows x {args.dim} ({args.dtype}), "
-            f"generator {args.generator}, seed {args.seed}"
+            "usage: dpsn bench NAME [ARGS...]   (dpsn bench NAME --help for its options)\n\n"
+            "benchmarks:\n" + "\n".join(lines)
         )
-    return EXIT_OK
-
-
-def _info_lines(info: dict[str, Any]) -> str:
-    from ._format import fields, human_bytes, human_count
-
-    gen = info["generator"]
-    return fields(
-        [
-            ("path", info["path"]),
-            ("format", f"dpsn-store v{info['format_version']}"),
-            ("rows", f"{info['rows']} ({human_count(info['rows'])})"),
-            ("dim", info["dim"]),
-            ("dtype", info["dtype"]),
-            ("seed", info["seed"]),
-            (
-                "generator",
-                f"{gen['kind']} {json.dumps(gen['config'], sort_keys=True)} "
-                f"({human_count(gen['parameters'])} parameters)",
-            ),
-            ("virtual parameters", human_count(info["virtual_parameters"])),
-            ("commit", f"{info['commit']} of {info['commits']}"),
-            ("snapshots", info["snapshots"]),
-            ("persisted rows", info["persisted_rows"]),
-            ("delta bytes (raw)", human_bytes(info["delta_bytes_raw"])),
-            ("segments", info["segments"]),
-            ("segment bytes stored", human_bytes(info["segment_bytes_stored"])),
-            ("compression ratio", info["compression_ratio"]),
-            ("bytes on disk", human_bytes(info["bytes_on_disk"])),
-        ]
-    )
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    import dpsn
-
-    with dpsn.open(args.path, at=args.at) as pool:
-        info = pool.info()
-    if args.json:
-        _print_json(info)
-    else:
-        print(_info_lines(info))
-    return EXIT_OK
-
-
-def cmd_log(args: argparse.Namespace) -> int:
-    import datetime
-
-    import dpsn
-
-    from ._format import table
-
-    with dpsn.open(args.path) as pool:
-        commits = pool.log()
-        snaps = pool.snapshots()
-    by_commit: dict[int, list[str]] = {}
-    for name, c in snaps.items():
-        by_commit.setdefault(c, []).append(name)
-    if args.json:
-        _print_json([c.to_json() | {"snapshots": by_commit.get(c.id, [])} for c in commits])
-        return EXIT_OK
-    rows = [
-        (
-            c.id,
-            datetime.datetime.fromtimestamp(c.time).isoformat(sep=" ", timespec="seconds"),
-            c.rows_written,
-            c.rows_dropped,
-            c.persisted_rows,
-            c.provenance[:12],
-            ",".join(by_commit.get(c.id, [])),
-            c.message,
-        )
-        for c in reversed(commits)
-    ]
-    print(
-        table(
-            [
-                "commit",
-                "time",
-                "written",
-                "dropped",
-                "persisted",
-                "provenance",
-                "snapshots",
-                "message",
-            ],
-            rows,
-        )
-    )
-    return EXIT_OK
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    import dpsn
-
-    from ._format import table
-
-    with dpsn.open(args.path, at=args.at) as pool:
-        ids = torch.tensor(args.rows, dtype=torch.int64)
-        base = pool.base(ids).float()
-        delta = pool.delta(ids).float()
-        commits = pool.row_commits(ids)
-    out = [
-        {
-            "row": int(r),
-            "base_norm": float(b.norm()),
-            "delta_norm": float(d.norm()),
-            "row_norm": float((b + d).norm()),
-            "persisted": bool(c),
-            "last_commit": int(c) if c else None,
-        }
-        for r, b, d, c in zip(args.rows, base, delta, commits.tolist(), strict=True)
-    ]
-    if args.json:
-        _print_json(out)
-    else:
+        return EXIT_OK if argv else EXIT_USAGE
+    name, rest = argv[0], list(argv[1:])
+    if name not in BENCHMARKS:
         print(
-            table(
-                ["row", "base_norm", "delta_norm", "row_norm", "last_commit"],
-                [
-                    (
-                        o["row"],
-                        o["base_norm"],
-                        o["delta_norm"],
-                        o["row_norm"],
-                        o["last_commit"] or "procedural",
-                    )
-                    for o in out
-                ],
-            )
+            f"dpsn bench: error: no benchmark {name!r}; known: {', '.join(BENCHMARKS)}",
+            file=sys.stderr,
         )
-    return EXIT_OK
+        return EXIT_USAGE
+    import importlib
 
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    import dpsn
-
-    with dpsn.open(args.path) as pool:
-        bar = _progress(pool.segments_total(), "verify")
-        with bar:
-            report = pool.verify(progress=bar.update)
-    if args.json:
-        _print_json(report.to_json())
-    else:
-        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
-        print(
-            f"{args.path}: {status}: {report.checked_segments} segments, "
-            f"{report.checked_chunks} chunks, {report.checked_rows} rows checked"
-        )
-        for p in report.problems:
-            print(f"  - {p}")
-    return EXIT_OK if report.ok else EXIT_PROBLEM
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    import dpsn
-
-    from ._format import human_bytes
-
-    with dpsn.open(args.path, mode="r+") as pool:
-        bar = _progress(0, "gc")
-        with bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            result = pool.gc(dry_run=args.dry_run, progress=progress)
-    if args.json:
-        _print_json(result)
-    else:
-        verb = "would remove" if args.dry_run else "removed"
-        print(
-            f"{verb} {len(result['removed_segments'])} unreferenced segment(s), "
-            f"{len(result['orphan_segments'])} leftover(s) of interrupted commits, "
-            f"{result['partial_files']} partial file(s); freed {human_bytes(result['freed_bytes'])}"
-        )
-    return EXIT_OK
-
-
-def _parse_trace(spec: str) -> list[list[int]]:
-    """Batches of ids: a file with one batch per line, or one inline batch "1,2,3"."""
-    from pathlib import Path
-
-    path = Path(spec)
-    lines = path.read_text().splitlines() if path.is_file() else [spec]
-    batches = []
-    for n, line in enumerate(lines, 1):
-        parts = line.replace(",", " ").split()
-        if not parts:
-            continue
-        try:
-            batches.append([parse_count(p) for p in parts])
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(f"--replay {spec}: line {n}: {e}") from None
-    return batches
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    import dpsn
-    from dpsn.tiers import check_policy
-
-    from ._format import fields, human_bytes
-
-    check_policy(args.policy)  # even without --replay: a typo is an error
-    with dpsn.open(args.path) as pool:
-        info = pool.info()
-        writer = next((c.stats for c in reversed(pool.log()) if c.stats), None)
-    out: dict[str, Any] = {
-        "store": {
-            k: info[k] for k in ("persisted_rows", "segments", "bytes_on_disk", "compression_ratio")
-        },
-        "writer": writer,
-    }
-    if args.replay:
-        batches = _parse_trace(args.replay)
-        with dpsn.open(args.path, cache_rows=args.cache_rows, policy=args.policy) as pool:
-            for batch in batches:
-                pool.read(batch)
-            out["replay"] = pool.stats() | {"batches": len(batches)}
-    if args.json:
-        _print_json(out)
-        return EXIT_OK
-    pairs: list[tuple[str, Any]] = [
-        ("persisted rows", info["persisted_rows"]),
-        ("segments", info["segments"]),
-        ("bytes on disk", human_bytes(info["bytes_on_disk"])),
-        ("compression ratio", info["compression_ratio"]),
-    ]
-    for title, s in (("writer (last commit)", writer), ("replay", out.get("replay"))):
-        if not s:
-            continue
-        pairs += [
-            (f"{title}: hit rate", s.get("hit_rate")),
-            (f"{title}: hits / misses", f"{s.get('hits', 0)} / {s.get('misses', 0)}"),
-            (f"{title}: evictions", s.get("evictions", 0)),
-            (f"{title}: write-backs", s.get("writebacks", 0)),
-            (f"{title}: rows from disk", s.get("rows_from_disk", 0)),
-            (f"{title}: bytes from disk", human_bytes(s.get("bytes_from_disk", 0))),
-            (f"{title}: bytes to device", human_bytes(s.get("bytes_to_device", 0))),
-            (f"{title}: rows generated", s.get("rows_generated", 0)),
-        ]
-    print(fields(pairs))
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-
-    return run_demo(args.dir, steps=args.steps, force=args.force, as_json=args.json)
+    try:
+        module = importlib.import_module(f"dpsn.bench.{name}")
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(
+            f"the benchmarks are not installed with this dpsn ({e}); install from a source "
+            "checkout: pip install -e '.[bench]'"
+        ) from None
+    result = module.main(rest)
+    return result if isinstance(result, int) else EXIT_OK
 
 
 # -- parser --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _generator_kinds() -> list[tuple[str, str]]:
+    """Kinds from hypernet's registry with the first line of each class's docstring. Imports
+    torch, so it is only called when ``create`` or ``import`` is being parsed."""
+    from dpsn.hypernet import GENERATORS
+
+    out = []
+    for kind, cls in sorted(GENERATORS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out.append((kind, doc[0].rstrip(".").replace("``", "") if doc else ""))
+    return out
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the first word of argv) says whether the generator kinds must
+    be listed (create, import), which costs importing torch."""
     from dpsn import __version__
 
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of a failure (also DPSN_DEBUG=1)",
+    )
     p = argparse.ArgumentParser(
         prog="dpsn",
         description="Inspect and maintain dpsn parameter stores.",
-        epilog="Exit codes: 0 ok, 1 problem found, 2 usage error.",
+        epilog="Exit codes: 0 ok, 1 problem found, 2 usage error. `dpsn bench --help` lists the "
+        "benchmarks.",
+        parents=[debug],
     )
     p.add_argument("--version", action="version", version=f"dpsn {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str, fn: Any, *, json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def add(
+        name: str,
+        help_: str,
+        fn: Callable[[argparse.Namespace], int],
+        *,
+        json_flag: bool = True,
+        epilog: str | None = None,
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            parents=[debug],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.set_defaults(fn=fn)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
         return sp
 
-    sp = add("create", "create an empty store", cmd_create)
+    needs_kinds = command in ("create", "import")
+    kinds = _generator_kinds() if needs_kinds else []
+    kinds_epilog = (
+        "generator kinds:\n" + "\n".join(f"  {k:<14} {d}" for k, d in kinds) if kinds else None
+    )
+    kind_names = [k for k, _ in kinds] or None
+
+    sp = add("create", "create an empty store", c.cmd_create, epilog=kinds_epilog)
     sp.add_argument("path")
-    sp.add_argument("--rows", type=parse_count, required=True, help="virtual rows, e.g. 1e12")
-    sp.add_argument("--dim", type=parse_count, required=True)
-    sp.add_argument("--seed", type=parse_count, default=0)
-    sp.add_argument("--generator", default="hashed_slices", help="generator kind")
+    sp.add_argument("--rows", type=positive_count, required=True, help="virtual rows, e.g. 1e12")
+    sp.add_argument("--dim", type=positive_count, required=True, help="row width")
+    sp.add_argument("--seed", type=parse_count, default=0, help="pool seed (default 0)")
+    sp.add_argument(
+        "--generator",
+        default="hashed_slices",
+        choices=kind_names,
+        metavar="KIND",
+        help="how base rows are made (default hashed_slices; kinds below)",
+    )
     sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     sp.add_argument("--compressor", default="lz4", choices=["lz4", "zstd", "none"])
 
-    sp = add("info", "spec, size and compression of a store", cmd_info)
+    sp = add("info", "spec, size and compression of a store", c.cmd_info, epilog=SIZE_HELP)
     sp.add_argument("path")
-    sp.add_argument("--at", help="a snapshot name or commit id (default: newest)")
+    sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD, the newest)")
 
-    sp = add("log", "the commit log, newest first", cmd_log)
+    sp = add("log", "the commit log, newest first", c.cmd_log)
     sp.add_argument("path")
 
     sp = add(
-        "inspect", "base and delta norms of rows, and the commit that last wrote each", cmd_inspect
+        "inspect",
+        "base and delta norms of rows, and the commit that last wrote each",
+        c.cmd_inspect,
     )
     sp.add_argument("path")
     sp.add_argument("rows", nargs="+", type=parse_count, metavar="ROW")
-    sp.add_argument("--at", help="a snapshot name or commit id (default: newest)")
+    sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD)")
+    sp.add_argument(
+        "--no-base",
+        action="store_true",
+        help="only the committed deltas: skips the generator (and torch), answers at once",
+    )
 
     sp = add(
-        "verify", "re-read every segment and check its checksums (exit 1 on damage)", cmd_verify
+        "verify", "re-read every segment and check its checksums (exit 1 on damage)", c.cmd_verify
     )
     sp.add_argument("path")
 
-    sp = add("gc", "remove segments no commit at HEAD or snapshot references", cmd_gc)
+    sp = add(
+        "gc",
+        "remove segments no commit at HEAD or snapshot references, and crash leftovers",
+        c.cmd_gc,
+    )
     sp.add_argument("path")
     sp.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+
+    sp = add("snapshot", "pin HEAD under a name, so that gc keeps it", c.cmd_snapshot)
+    sp.add_argument("path")
+    sp.add_argument("name")
+
+    sp = add("drop", "return rows to procedural (delete their deltas) in a new commit", c.cmd_drop)
+    sp.add_argument("path")
+    sp.add_argument("rows", nargs="+", type=parse_count, metavar="ROW")
+    sp.add_argument("-m", "--message", default=None, help="commit message")
 
     sp = add(
         "stats",
         "cache and I/O figures: the writer's at its last commit, or a replayed trace",
-        cmd_stats,
+        c.cmd_stats,
+        epilog=SIZE_HELP,
     )
     sp.add_argument("path")
     sp.add_argument(
         "--replay",
         metavar="TRACE",
-        help='ids to read through a fresh cache: a file (one batch per line) or "1,2,3"',
+        help="ids to read through a fresh cache: a file (one batch per line), - for stdin, "
+        'or "1,2,3"',
     )
     sp.add_argument("--cache-rows", type=parse_count, default=None)
-    sp.add_argument("--policy", default="lru", help="lru, lfu, tinylfu (default lru)")
+    sp.add_argument("--policy", default="lru", help=f"{', '.join(c.POLICIES)} (default lru)")
 
-    sp = add("demo", "create a store, train a little, commit, reopen and inspect it", cmd_demo)
+    sp = add(
+        "export",
+        "write rows (base + delta, or deltas only) to a safetensors file, in chunks",
+        c.cmd_export,
+        epilog="The file holds 'ids' (int64 [n]) and 'weight' ([n, dim], the store's dtype).\n"
+        "ROWS: all | persisted | ids and ranges A:B (half-open), comma-separated.\n"
+        "Default: all rows (persisted ones with --deltas-only).",
+    )
+    sp.add_argument("path")
+    sp.add_argument("out", metavar="OUT.safetensors")
+    sp.add_argument("--rows", metavar="ROWS", help="which rows (see below)")
+    sp.add_argument("--deltas-only", action="store_true", help="the learned deltas, not rows")
+    sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD)")
+    sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    sp = add(
+        "import",
+        "build a store from a dense table (.safetensors or .npy), in chunks",
+        c.cmd_import,
+        epilog="Rows read back bit for bit with the default generator 'zeros' (base rows of\n"
+        "-0.0, so the delta is the row). A safetensors table with an int64 'ids' tensor\n"
+        "(what dpsn export writes) puts each row at its id.\n\n" + (kinds_epilog or ""),
+    )
+    sp.add_argument("table", metavar="TABLE")
+    sp.add_argument("store", metavar="OUT_STORE")
+    sp.add_argument("--tensor", help="the table's name in a safetensors file (default: weight)")
+    sp.add_argument("--ids", help="a 1-D int64 tensor of row ids (default: 'ids' if present)")
+    sp.add_argument(
+        "--rows", type=positive_count, help="virtual rows of the store (default: the table's)"
+    )
+    sp.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="store dtype (default: the table's; needed to convert float64)",
+    )
+    sp.add_argument(
+        "--generator",
+        default="zeros",
+        choices=kind_names,
+        metavar="KIND",
+        help="base rows (default zeros: exact)",
+    )
+    sp.add_argument("--seed", type=parse_count, default=0)
+    sp.add_argument("--compressor", default="lz4", choices=["lz4", "zstd", "none"])
+    sp.add_argument(
+        "--commit-rows", type=positive_count, default=None, help="rows per commit (~256 MiB)"
+    )
+
+    sp = add(
+        "demo",
+        "create a store, train a little, commit, reopen and inspect it",
+        c.cmd_demo,
+    )
     sp.add_argument("dir", nargs="?", default="dpsn-demo", help="where (default ./dpsn-demo)")
-    sp.add_argument("--steps", type=parse_count, default=200)
+    sp.add_argument("--steps", type=positive_count, default=200, help="training steps (>= 1)")
     sp.add_argument("--force", action="store_true", help="replace an existing store at DIR")
+
+    sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _store_path(args: argparse.Namespace) -> str | None:
+    for key in ("path", "store", "dir"):
+        value = getattr(args, key, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DPSN_DEBUG", "") not in ("", "0")
+    command = _command_of(argv)
+    args = None
+    try:
+        if command == "bench":
+            at = argv.index("bench")
+            debug = debug or "--debug" in argv[:at]
+            return _finish(run_bench(argv[at + 1 :]))
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        debug = debug or getattr(args, "debug", False)
+        return _finish(int(args.fn(args)))
+    except BrokenPipeError:
+        return _closed_pipe()
+    except KeyboardInterrupt:
+        print("dpsn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if debug:
+            raise
+        return _report(e, command or "dpsn", _store_path(args) if args else None)
+
+
+def _finish(code: int) -> int:
+    """Flush stdout inside the try: a reader that went away shows up here, not at exit."""
+    sys.stdout.flush()
+    return code
+
+
+def _closed_pipe() -> int:
+    # The reader went away (`dpsn log S | head`): stop quietly, like a C tool ended by SIGPIPE.
+    # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_PIPE
+
+
+def _report(e: BaseException, command: str, path: str | None) -> int:
     from dpsn.errors import DpsnError, InvalidIdsError
 
-    try:
-        return int(args.fn(args))
-    except InvalidIdsError as e:
-        print(f"dpsn {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DpsnError, OSError) as e:
-        print(f"dpsn {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_PROBLEM
-    except (ValueError, TypeError) as e:
-        print(f"dpsn {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    from ._messages import cli_message
+
+    text = cli_message(e, command=command, path=path)
+    if isinstance(e, InvalidIdsError):
+        code = EXIT_USAGE
+    elif isinstance(e, (DpsnError, OSError)):
+        code = EXIT_PROBLEM
+    elif isinstance(e, (ValueError, TypeError)):
+        code = EXIT_USAGE
+    elif isinstance(e, MemoryError):
+        text, code = "out of memory", EXIT_PROBLEM
+    else:  # a bug or something unforeseen: say what, and how to see more
+        text = f"{type(e).__name__}: {text} (run with --debug or DPSN_DEBUG=1 for the traceback)"
+        code = EXIT_PROBLEM
+    with contextlib.suppress(BrokenPipeError):
+        print(f"dpsn {command}: error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,402 @@
+"""Store facts from the manifest and the LMDB records alone: no torch, no zarr, no generator.
+
+Why a module of its own: ``dpsn info``, ``log`` and ``stats`` are asked often and should answer
+at once. Building a ``Pool`` to print a few numbers cost seconds (importing torch, rebuilding
+the generator, loading the whole row index); everything those commands print is already in the
+manifest and in the commit, segment, snapshot and generator records. So this module reads only
+those, and its cost grows with the number of commits and segments, never with the number of
+persisted rows (it does not scan the ``rows`` database: the commit record holds the count).
+
+Size figures (the same names in ``dpsn info``, its ``--json`` and ``Pool.info()``):
+
+- ``raw``: bytes of every recorded segment's arrays uncompressed (deltas, per-row state,
+  ids, drop lists): ``segment_bytes_raw``;
+- ``stored``: the same arrays as they lie on disk, compressed: ``segment_bytes_stored``;
+- ``ratio``: raw / stored (``compression_ratio``), over the same segments;
+- ``live``: the raw bytes of the row versions the commit reads (its persisted rows' deltas,
+  state and ids): ``live_bytes``;
+- ``garbage``: raw bytes HEAD no longer reads (superseded or dropped row versions, drop
+  lists): ``raw - live at HEAD`` (``garbage_bytes``). Snapshots may still need part of it, and
+  ``gc`` frees whole segments only: ``dpsn gc --dry-run`` says what it would free now;
+- ``leftovers``: segment directories no record references (interrupted commits), which ``gc``
+  removes;
+- ``on disk``: every file of the store directory (``bytes_on_disk``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from dpsn.errors import (
+    CorruptStoreError,
+    SnapshotNotFoundError,
+    StoreNotFoundError,
+    StoreVersionError,
+)
+
+from ._format import (
+    DB_COMMITS,
+    DB_META,
+    DB_ROWS,
+    DB_SEGMENTS,
+    DB_SNAPSHOTS,
+    FORMAT_VERSION,
+    LMDB_DIR,
+    META_FORMAT,
+    META_HEAD,
+    ROW_VALUE,
+    SEGMENTS_GROUP,
+    ZARR_DIR,
+    Manifest,
+    read_manifest,
+    u64_key,
+)
+from ._lmdb import Env, acquire_env, release_env
+
+__all__ = ["DTYPE_BYTES", "StoreFacts"]
+
+# Bytes per element of each pool dtype as stored (bfloat16 goes to disk as uint16).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ID_BYTES = 8  # a segment's ids column: int64 per row
+_STATE_BYTES = 4  # per-row state: float32
+_GENERATOR_PREFIX = b"generator/"
+
+
+def _json(raw: bytes | None, what: str) -> Any:
+    if raw is None:
+        raise CorruptStoreError(f"the LMDB index lacks {what}")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStoreError(f"the LMDB record of {what} is not valid JSON: {e}") from e
+
+
+def _u64(raw: bytes | None, what: str) -> int:
+    if raw is None or len(raw) != 8:
+        raise CorruptStoreError(f"the LMDB index lacks a valid {what}")
+    return int.from_bytes(raw, "big")
+
+
+def _int(record: dict[str, Any], key: str, what: str) -> int:
+    value = record.get(key) if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CorruptStoreError(f"the record of {what} has no valid {key!r}")
+    return value
+
+
+def tree_bytes(path: Path, shallow: Path | None = None) -> int:
+    """Bytes of every regular file below ``path`` (symlinks are not followed); below the
+    directory ``shallow``, only the files directly in it."""
+    total = 0
+    stack = [str(path)]
+    flat = str(shallow) if shallow is not None else None
+    while stack:
+        here = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if here != flat:
+                    stack.append(e.path)
+            elif e.is_file(follow_symlinks=False):
+                total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+_SIZE_KEYS = ("id", "commit", "rows", "drops", "raw_bytes", "stored_bytes", "state_width")
+_SIZE_FIELD = re.compile(
+    rb'"(id|commit|rows|drops|raw_bytes|stored_bytes|state_width)"\s*:\s*(\d{1,20})\s*[,}]'
+)
+
+
+def _segment_sizes(raw: bytes) -> dict[str, int]:
+    """The size fields of a segment record.
+
+    Most of a record is its per-chunk checksums, which ``info`` does not need; a regex over the
+    top-level integer fields skips parsing them (5-10x faster, which is what keeps ``dpsn info``
+    quick on stores of thousands of commits). Anything unexpected (a field missing or given
+    twice, another layout) falls back to parsing the whole record as JSON, with validation."""
+    found = _SIZE_FIELD.findall(raw)
+    keys = [k.decode() for k, _ in found]
+    # Every field found once, and state_width (optional) found wherever the record names it.
+    if (
+        len(keys) == len(set(keys))
+        and set(_SIZE_KEYS) - {"state_width"} <= set(keys)
+        and ("state_width" in keys) == (b'"state_width"' in raw)
+    ):
+        sizes = {k: int(v) for k, v in zip(keys, (v for _, v in found), strict=True)}
+        sizes.setdefault("state_width", 0)
+        return sizes
+    rec = _json(raw, "a segment")
+    sid = _int(rec, "id", "a segment")
+    what = f"segment {sid:016x}"
+    sizes = {k: _int(rec, k, what) for k in _SIZE_KEYS if k != "state_width"}
+    sizes["state_width"] = _int(rec, "state_width", what) if "state_width" in rec else 0
+    return sizes
+
+
+class StoreFacts:
+    """A read-only view of a store's records. Open, ask, close (or use ``with``).
+
+    Validates what it reads the way the persisted tier does (a store is untrusted input):
+    malformed records raise :class:`~dpsn.errors.CorruptStoreError`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.manifest: Manifest = read_manifest(self.root)
+        if self.manifest.dtype not in DTYPE_BYTES:
+            raise CorruptStoreError(
+                f"{self.root}: dtype {self.manifest.dtype!r} is not one dpsn stores; "
+                f"known: {', '.join(DTYPE_BYTES)}"
+            )
+        if not (self.root / ZARR_DIR).is_dir():
+            raise StoreNotFoundError(
+                f"{self.root} is damaged: its Zarr group {ZARR_DIR} is missing"
+            )
+        self._env: Env | None = acquire_env(self.root / LMDB_DIR)
+        try:
+            version = self._read(
+                lambda txn, dbs: _u64(txn.get(META_FORMAT, db=dbs[DB_META]), "format version")
+            )
+            if version > FORMAT_VERSION:
+                raise StoreVersionError(
+                    f"{self.root}: the index has format version {version}; this dpsn reads up "
+                    f"to {FORMAT_VERSION}. Upgrade dpsn."
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._env is not None:
+            release_env(self._env)
+            self._env = None
+
+    def __enter__(self) -> StoreFacts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, fn: Any) -> Any:
+        env = self._env
+        if env is None:
+            raise ValueError(f"{self.root}: these store facts are closed")
+        return env.read(lambda txn: fn(txn, env.dbs))
+
+    # -- records -------------------------------------------------------------------------------
+
+    def head(self) -> int:
+        return self._read(lambda txn, dbs: _u64(txn.get(META_HEAD, db=dbs[DB_META]), "head"))
+
+    def commit(self, commit: int) -> dict[str, Any]:
+        """The commit record (the keys of ``dpsn.tiers.Commit``), validated."""
+        raw = self._read(lambda txn, dbs: txn.get(u64_key(commit), db=dbs[DB_COMMITS]))
+        if raw is None:
+            raise SnapshotNotFoundError(f"no commit {commit} in {self.root}")
+        return self._check_commit(_json(raw, f"commit {commit}"))
+
+    def _check_commit(self, rec: Any) -> dict[str, Any]:
+        what = "a commit"
+        for key in ("id", "rows_written", "rows_dropped", "persisted_rows", "generator"):
+            _int(rec, key, what)
+        if not isinstance(rec.get("message", ""), str) or not isinstance(
+            rec.get("time"), (int, float)
+        ):
+            raise CorruptStoreError(f"{self.root}: commit {rec['id']} has a malformed record")
+        return rec
+
+    def log(self) -> list[dict[str, Any]]:
+        """Every commit record, oldest first."""
+        values = self._read(lambda txn, dbs: [v for _, v in txn.cursor(db=dbs[DB_COMMITS])])
+        return [self._check_commit(_json(v, "a commit")) for v in values]
+
+    def commit_count(self) -> int:
+        return int(self._read(lambda txn, dbs: txn.stat(dbs[DB_COMMITS])["entries"]))
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        """Snapshot name -> record (``commit``, ``time``, ``rows``, ...)."""
+        items = self._read(lambda txn, dbs: list(txn.cursor(db=dbs[DB_SNAPSHOTS])))
+        out = {}
+        for k, v in items:
+            rec = _json(v, "a snapshot")
+            _int(rec, "commit", f"snapshot {k!r}")
+            out[k.decode("utf-8", "replace")] = rec
+        return out
+
+    def segments(self) -> dict[int, dict[str, Any]]:
+        """Segment id -> the sizes of its record (rows, drops, raw and stored bytes, state)."""
+        values = self._read(lambda txn, dbs: [v for _, v in txn.cursor(db=dbs[DB_SEGMENTS])])
+        out = {}
+        for v in values:
+            sizes = _segment_sizes(v)
+            out[sizes["id"]] = sizes
+        return out
+
+    def generator_parameters(self, version: int) -> int:
+        """Parameters of a generator version, from the shapes its record lists."""
+        raw = self._read(
+            lambda txn, dbs: txn.get(_GENERATOR_PREFIX + u64_key(version), db=dbs[DB_META])
+        )
+        rec = _json(raw, f"generator version {version}")
+        arrays = rec.get("arrays") if isinstance(rec, dict) else None
+        if not isinstance(arrays, dict):
+            raise CorruptStoreError(f"{self.root}: generator version {version} lists no arrays")
+        total = 0
+        for name, meta in arrays.items():
+            shape = meta.get("shape") if isinstance(meta, dict) else None
+            if not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+            ):
+                raise CorruptStoreError(
+                    f"{self.root}: generator version {version}: array {name!r} has no valid shape"
+                )
+            total += math.prod(shape)
+        return total
+
+    def resolve(self, at: str | int | None) -> int:
+        """A commit id from a snapshot name, a commit id (int or digits) or None (HEAD)."""
+        if at is None:
+            return self.head()
+        snaps = self.snapshots()
+        if isinstance(at, str):
+            if at in snaps:
+                return int(snaps[at]["commit"])
+            if not at.isdigit():
+                known = ", ".join(sorted(snaps)) or "none"
+                raise SnapshotNotFoundError(
+                    f"no snapshot named {at!r} in {self.root} (snapshots: {known}); "
+                    "give a snapshot name or a commit id"
+                )
+            at = int(at)
+        if isinstance(at, bool) or not isinstance(at, int):
+            raise TypeError(f"a snapshot name or a commit id, not {type(at).__name__}")
+        head = self.head()
+        if not 1 <= at <= head:
+            raise SnapshotNotFoundError(f"no commit {at} in {self.root} (commits 1..{head})")
+        self.commit(at)  # raises if the record is missing
+        return at
+
+    def row_locations(self, ids: list[int]) -> tuple[int, dict[int, tuple[int, int, int]]]:
+        """HEAD and, for each of ``ids`` that has a delta there, (segment, offset, commit), read
+        in one transaction. One LMDB get per id: meant for a handful of ids (``dpsn inspect``),
+        not for a batch of a training step."""
+
+        def get(txn: Any, dbs: Any) -> tuple[int, dict[int, tuple[int, int, int]]]:
+            head = _u64(txn.get(META_HEAD, db=dbs[DB_META]), "head")
+            out = {}
+            for i in set(ids):
+                raw = txn.get(u64_key(i), db=dbs[DB_ROWS])
+                if raw is None:
+                    continue
+                if len(raw) != ROW_VALUE.size:
+                    raise CorruptStoreError(f"{self.root}: the index entry of row {i} is malformed")
+                out[i] = ROW_VALUE.unpack(raw)
+            return head, out
+
+        return self._read(get)
+
+    def last_writer_stats(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest commit that recorded its writer's cache/I-O figures, and those figures."""
+
+        def scan(txn: Any, dbs: Any) -> tuple[int, dict[str, Any]] | None:
+            cur = txn.cursor(db=dbs[DB_COMMITS])
+            if not cur.last():
+                return None
+            while True:
+                rec = _json(cur.value(), "a commit")
+                if isinstance(rec, dict) and isinstance(rec.get("stats"), dict):
+                    return int(rec["id"]), rec["stats"]
+                if not cur.prev():
+                    return None
+
+        return self._read(scan)
+
+    # -- the summary ---------------------------------------------------------------------------
+
+    def info(self, at: str | int | None = None) -> dict[str, Any]:
+        """What ``dpsn info`` prints; see the module docstring for the size figures."""
+        m = self.manifest
+        head = self.head()
+        commit = self.resolve(at)
+        record = self.commit(commit)
+        head_record = record if commit == head else self.commit(head)
+        segments = self.segments()
+        raw = sum(s["raw_bytes"] for s in segments.values())
+        stored = sum(s["stored_bytes"] for s in segments.values())
+        widths = {s["state_width"] for s in segments.values() if s["rows"]}
+        # Per persisted row: its id, delta and state. Exact when every segment holding rows has
+        # the same state width (always, unless row state was switched on or off mid-life); else
+        # the newest segment's width is taken and the figure is marked approximate.
+        width = 0
+        if widths:
+            newest = max((sid for sid, s in segments.items() if s["rows"]), default=None)
+            width = segments[newest]["state_width"] if newest is not None else 0
+        per_row = _ID_BYTES + m.dim * DTYPE_BYTES[m.dtype] + _STATE_BYTES * width
+        live = record["persisted_rows"] * per_row
+        live_head = head_record["persisted_rows"] * per_row
+        leftover_dirs = self._leftover_segment_dirs(segments)
+        leftover_bytes = sum(tree_bytes(d) for d in leftover_dirs)
+        return {
+            "path": str(self.root),
+            "format_version": m.format_version,
+            "rows": m.rows,
+            "dim": m.dim,
+            "dtype": m.dtype,
+            "seed": m.seed,
+            "generator": {
+                "kind": m.generator.get("kind"),
+                "config": m.generator.get("config"),
+                "version": record["generator"],
+                "parameters": self.generator_parameters(record["generator"]),
+            },
+            "virtual_parameters": m.rows * m.dim,
+            "commit": commit,
+            "head": head,
+            "commits": self.commit_count(),
+            "snapshots": len(self.snapshots()),
+            "persisted_rows": record["persisted_rows"],
+            "delta_bytes_raw": record["persisted_rows"] * m.dim * DTYPE_BYTES[m.dtype],
+            "segments": len(segments),
+            "row_versions": sum(s["rows"] for s in segments.values()),
+            "segment_bytes_raw": raw,
+            "segment_bytes_stored": stored,
+            "compression_ratio": (raw / stored) if stored else None,
+            "live_bytes": live,
+            "live_bytes_exact": len(widths) <= 1,
+            "garbage_bytes": max(0, raw - live_head),
+            "leftover_segments": len(leftover_dirs),
+            "leftover_bytes": leftover_bytes,
+            # Segments as their records say (their size when written, which verify checks);
+            # everything else measured. Walking every chunk file of every segment would make
+            # info grow with the store.
+            "bytes_on_disk": tree_bytes(self.root, shallow=self.root / ZARR_DIR / SEGMENTS_GROUP)
+            + stored
+            + leftover_bytes,
+        }
+
+    def _leftover_segment_dirs(self, segments: dict[int, Any]) -> list[Path]:
+        seg_dir = self.root / ZARR_DIR / SEGMENTS_GROUP
+        try:
+            entries = list(os.scandir(seg_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            try:
+                sid = int(e.name, 16)
+            except ValueError:
+                continue
+            if e.is_dir(follow_symlinks=False) and sid not in segments:
+                out.append(Path(e.path))
+        return out

@@ -1,0 +1,43 @@
+"""Counts as people type them on a command line: 1000000, 1_000_000, 1e12, 10**12."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+MAX_COUNT = (1 << 64) - 1
+
+
+def parse_count(text: str) -> int:
+    """An integer count as people write it: 1000000, 1_000_000, 1e12 or 10**12 (0..2**64-1).
+
+    The size is bounded before anything is computed, so ``10**20000000`` fails at once."""
+    t = text.strip().replace("_", "")
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    too_big = argparse.ArgumentTypeError(f"{shown!r} is too large (the most is 2**64-1)")
+    m = re.fullmatch(r"(\d{1,25})\*\*(\d{1,25})", t)
+    if m:
+        base, exp = int(m.group(1)), int(m.group(2))
+        if base > 1 and exp * (base.bit_length() - 1) > 64:
+            raise too_big
+        value = base**exp
+    else:
+        m = re.fullmatch(r"(\d+)(?:[eE](\d+))?", t)
+        if not m:
+            raise argparse.ArgumentTypeError(
+                f"not a count: {shown!r} (try 1000000, 1e12 or 10**12)"
+            )
+        digits, exp = m.group(1).lstrip("0") or "0", int(m.group(2) or 0)
+        if digits != "0" and len(digits) + exp > 20:
+            raise too_big
+        value = int(digits) * 10**exp
+    if value > MAX_COUNT:
+        raise too_big
+    return value
+
+
+def positive_count(text: str) -> int:
+    value = parse_count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
