@@ -410,69 +410,74 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 /* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
 /* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
 
-static inline void swap_entry(float *v, int64_t *ids, long long a, long long b) {
-    const float tv = v[a];
-    v[a] = v[b];
-    v[b] = tv;
-    const int64_t ti = ids[a];
-    ids[a] = ids[b];
-    ids[b] = ti;
+/* Min-heap of (value, id) on [0, len): the root is the smallest kept value. */
+static inline void sift_down(float *v, int64_t *ids, long long len, long long i) {
+    const float tv = v[i];
+    const int64_t ti = ids[i];
+    for (;;) {
+        long long c = 2 * i + 1;
+        if (c >= len) break;
+        if (c + 1 < len && v[c + 1] < v[c]) c++;
+        if (!(v[c] < tv)) break;
+        v[i] = v[c];
+        ids[i] = ids[c];
+        i = c;
+    }
+    v[i] = tv;
+    ids[i] = ti;
 }
 
-/* Rearrange (v, ids) of length n so that its first min(k, n) entries are the largest values,
- * sorted descending: quickselect (expected O(n)), then an insertion sort of the k kept. */
-static void top_k(float *v, int64_t *ids, long long n, long long k) {
-    if (k > n) k = n;
-    long long lo = 0, hi = n - 1;
-    while (hi > lo && k < n) {
-        /* median of three as the pivot, moved to hi */
-        const long long mid = lo + (hi - lo) / 2;
-        if (v[mid] > v[lo]) swap_entry(v, ids, mid, lo);
-        if (v[hi] > v[lo]) swap_entry(v, ids, hi, lo);
-        if (v[mid] > v[hi]) swap_entry(v, ids, mid, hi);
-        const float pivot = v[hi];
-        long long store = lo;
-        for (long long i = lo; i < hi; i++) {
-            if (v[i] > pivot) swap_entry(v, ids, i, store++);
-        }
-        swap_entry(v, ids, store, hi);
-        if (store == k || store == k - 1) break;
-        if (store < k) lo = store + 1;
-        else hi = store - 1;
+/* The largest min(k, n) of (src_v[j], src_id(j)) for j < n into (v, ids), sorted descending:
+ * a min-heap of k (on random data only ~k ln(n/k) values ever enter it), then heap sort.
+ * `stride` steps through src_v; ids are j, or j * mul + add. */
+static long long top_k(const float *src_v, long long n, long long stride, int64_t mul,
+                       int64_t add, const int64_t *src_ids, long long k, float *v,
+                       int64_t *ids) {
+    const long long len = n < k ? n : k;
+    for (long long j = 0; j < len; j++) {
+        v[j] = src_v[j * stride];
+        ids[j] = src_ids ? src_ids[j] : j * mul + add;
     }
-    for (long long i = 1; i < k; i++) { /* stable insertion sort, descending */
-        const float tv = v[i];
-        const int64_t ti = ids[i];
-        long long j = i;
-        while (j > 0 && v[j - 1] < tv) {
-            v[j] = v[j - 1];
-            ids[j] = ids[j - 1];
-            j--;
+    for (long long i = len / 2 - 1; i >= 0; i--) sift_down(v, ids, len, i);
+    for (long long j = len; j < n; j++) {
+        const float x = src_v[j * stride];
+        if (x > v[0]) {
+            v[0] = x;
+            ids[0] = src_ids ? src_ids[j] : j * mul + add;
+            sift_down(v, ids, len, 0);
         }
-        v[j] = tv;
-        ids[j] = ti;
     }
+    for (long long end = len - 1; end > 0; end--) { /* heap sort: smallest to the back */
+        const float tv = v[0];
+        const int64_t ti = ids[0];
+        v[0] = v[end];
+        ids[0] = ids[end];
+        v[end] = tv;
+        ids[end] = ti;
+        sift_down(v, ids, end, 0);
+    }
+    return len;
 }
 
+/* Selection over precomputed sub-key scores s1 [H, T, n1], s2 [H, T, n2] (row f of s1 is the
+ * partial grid row when r > 0): ids and vals [T, H, k]. */
 HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
-    unsigned long long q_p, k1_p, k2_p, ids_p, vals_p;
-    long long T, H, e, n1, n2, k, f, r;
-    if (!PyArg_ParseTuple(args, "KKKLLLLLLLLKK", &q_p, &k1_p, &k2_p, &T, &H, &e, &n1, &n2, &k,
-                          &f, &r, &ids_p, &vals_p)) {
+    unsigned long long s1_p, s2_p, ids_p, vals_p;
+    long long T, H, n1, n2, k, f, r;
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k, &f, &r,
+                          &ids_p, &vals_p)) {
         return NULL;
     }
-    const float *q = (const float *)q_p, *keys1 = (const float *)k1_p;
-    const float *keys2 = (const float *)k2_p;
+    const float *s1 = (const float *)s1_p, *s2 = (const float *)s2_p;
     int64_t *out_ids = (int64_t *)ids_p;
     float *out_vals = (float *)vals_p;
     if (k < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
         PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
         return NULL;
     }
-    /* scratch: both halves' scores, the first r of half b, and the pair candidates */
     long long pairs = 0;
     for (long long i = 0; i < k; i++) pairs += k / (i + 1);
-    const long long cap = n1 + 2 * n2 + pairs + k + 8;
+    const long long cap = 3 * k + pairs + k + 8;
     float *buf = (float *)PyMem_RawMalloc(sizeof(float) * cap);
     int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * cap);
     if (!buf || !ibuf) {
@@ -480,48 +485,33 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
         PyMem_RawFree(ibuf);
         return PyErr_NoMemory();
     }
-    float *av = buf, *bv = buf + n1, *cv = bv + n2, *ov = cv + n2;
-    int64_t *ai = ibuf, *bi = ibuf + n1, *ci = bi + n2, *oi = ci + n2;
+    float *av = buf, *bv = buf + k, *cv = bv + k, *pv = cv + k;
+    int64_t *ai = ibuf, *bi = ibuf + k, *ci = bi + k, *pi = ci + k;
     Py_BEGIN_ALLOW_THREADS
-    for (long long t = 0; t < T; t++) {
-        for (long long h = 0; h < H; h++) {
-            const float *qa = q + (t * H + h) * 2 * e, *qb = qa + e;
-            const float *ka = keys1 + h * n1 * e, *kb = keys2 + h * n2 * e;
-            for (long long i = 0; i < f; i++) {
-                av[i] = dot(qa, ka + i * e, e);
-                ai[i] = i;
-            }
-            for (long long j = 0; j < n2; j++) {
-                bv[j] = dot(qb, kb + j * e, e);
-                bi[j] = j;
-            }
-            for (long long j = 0; j < r; j++) {
-                cv[j] = bv[j];
-                ci[j] = j;
-            }
-            const float sf = r ? dot(qa, ka + f * e, e) : 0.0f;
-            const long long na = f < k ? f : k, nb = n2 < k ? n2 : k, nc = r < k ? r : k;
-            top_k(av, ai, f, k);
-            top_k(bv, bi, n2, k);
-            if (r) top_k(cv, ci, r, k);
+    for (long long h = 0; h < H; h++) {
+        for (long long t = 0; t < T; t++) {
+            const float *sa = s1 + (h * T + t) * n1, *sb = s2 + (h * T + t) * n2;
+            const long long na = top_k(sa, f, 1, 1, 0, NULL, k, av, ai);
+            const long long nb = top_k(sb, n2, 1, 1, 0, NULL, k, bv, bi);
+            const long long nc = r ? top_k(sb, r, 1, 1, 0, NULL, k, cv, ci) : 0;
             /* pairs that can reach the top-k of a sum of two sorted lists: (i+1)(j+1) <= k */
-            long long no = 0;
+            long long np = 0;
             for (long long i = 0; i < na; i++) {
                 for (long long j = 0; j < nb && (i + 1) * (j + 1) <= k; j++) {
-                    ov[no] = av[i] + bv[j];
-                    oi[no++] = ai[i] * n2 + bi[j];
+                    pv[np] = av[i] + bv[j];
+                    pi[np++] = ai[i] * n2 + bi[j];
                 }
             }
             for (long long j = 0; j < nc; j++) { /* the partial last grid row f */
-                ov[no] = sf + cv[j];
-                oi[no++] = f * n2 + ci[j];
+                pv[np] = sa[f] + cv[j];
+                pi[np++] = f * n2 + ci[j];
             }
-            top_k(ov, oi, no, k);
             int64_t *dst_i = out_ids + (t * H + h) * k;
             float *dst_v = out_vals + (t * H + h) * k;
-            for (long long j = 0; j < k; j++) {
-                dst_i[j] = j < no ? oi[j] : -1;
-                dst_v[j] = j < no ? ov[j] : -INFINITY;
+            const long long no = top_k(pv, np, 1, 0, 0, pi, k, dst_v, dst_i);
+            for (long long j = no; j < k; j++) {
+                dst_i[j] = -1;
+                dst_v[j] = -INFINITY;
             }
         }
     }

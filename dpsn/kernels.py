@@ -277,22 +277,25 @@ def pk_search(
     """Exact product-key top-k (``index/_product_keys.py``): for queries ``q [T, H, 2e]`` and
     sub-keys ``keys1 [H, n1, e]``, ``keys2 [H, n2, e]``, the best ``k`` grid ids below
     ``n_valid`` of ``q_a . keys1[i] + q_b . keys2[j]`` (id ``i * n2 + j``) per query and head,
-    best first: ``(ids, vals)``, each ``[T, H, k]``."""
+    best first: ``(ids, vals)``, each ``[T, H, k]``. The sub-key scores are two batched
+    matmuls (BLAS); the loop does the selection: each half's top-k, then the pairs that can
+    make the top-k of the sums."""
     assert _lib is not None
     t, heads, _ = q.shape
     _, n1, e = keys1.shape
     n2 = keys2.shape[1]
     f, r = divmod(n_valid, n2)
     kk = min(k, n_valid)
+    qh = q.transpose(0, 1)  # [H, T, 2e]
+    s1 = torch.matmul(qh[..., :e], keys1.transpose(1, 2)).contiguous()  # [H, T, n1]
+    s2 = torch.matmul(qh[..., e:], keys2.transpose(1, 2)).contiguous()  # [H, T, n2]
     ids = torch.empty((t, heads, kk), dtype=torch.int64)
     vals = torch.empty((t, heads, kk), dtype=torch.float32)
     _lib.pk_search(
-        _check(q, torch.float32, (t, heads, 2 * e)),
-        _check(keys1, torch.float32, (heads, n1, e)),
-        _check(keys2, torch.float32, (heads, n2, e)),
+        _check(s1, torch.float32, (heads, t, n1)),
+        _check(s2, torch.float32, (heads, t, n2)),
         t,
         heads,
-        e,
         n1,
         n2,
         kk,
