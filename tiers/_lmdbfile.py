@@ -220,7 +220,8 @@ class _Walker:
             return
         if pages.min() < 2 or pages.max() > self.last:
             raise self.fail(f"{what} points at a page outside 2..{self.last}")
-        if self.seen[pages].any() or len(np.unique(pages)) != len(pages):
+        ordered = np.sort(pages)
+        if self.seen[pages].any() or bool((ordered[1:] == ordered[:-1]).any()):
             raise self.fail(f"{what}: a page is referenced twice")
         self.seen[pages] = True
 
@@ -231,6 +232,8 @@ class _Walker:
             return
         if not 1 <= depth <= MAX_DEPTH:
             raise self.fail(f"database {name!r} has depth {depth}")
+        if not 2 <= root <= self.last:
+            raise self.fail(f"database {name!r} has its root at page {root}, outside the file")
         self.claim(np.array([root], dtype=np.int64), f"the root of database {name!r}")
         # A level: its pages in key order, and each page's key range [lo, hi) (None: open).
         pgnos = np.array([root], dtype=np.int64)
@@ -463,20 +466,29 @@ class _LevelState:
         self.last: Any = None
 
 
-def check_trees(data_file: Path, meta: LmdbMeta) -> None:
+def check_trees(data_file: Path, meta: LmdbMeta) -> np.ndarray:
     """Walk every page reachable from ``meta`` (see the module doc); ``CorruptStoreError`` on
-    the first problem. The caller holds a read transaction of ``meta.txnid``."""
+    the first problem. The caller holds a read transaction of ``meta.txnid``. Returns the
+    numbers of the pages in use (meta pages included)."""
     fd = os.open(data_file, os.O_RDONLY)
     try:
-        walker = _Walker(fd, data_file, meta)
-        flags, depth, root = meta.free_db
-        if flags != _FREE_DB_FLAGS:
-            raise walker.fail(f"the free-page database has flags {flags:#x}")
-        walker.tree("\0free", flags, depth, root)
-        flags, depth, root = meta.main_db
-        if flags != _DB_FLAGS_ALLOWED:
-            raise walker.fail(f"the main database has flags {flags:#x}")
-        walker.tree("", flags, depth, root)
-        walker.check_free()
+        return _walk(fd, data_file, meta)
+    except (ValueError, IndexError, OverflowError, struct.error, UnicodeError) as e:
+        # a malformed page this walk did not foresee: damage all the same, never a crash
+        raise _damaged(data_file, f"its pages do not parse ({type(e).__name__}: {e})") from e
     finally:
         os.close(fd)
+
+
+def _walk(fd: int, data_file: Path, meta: LmdbMeta) -> np.ndarray:
+    walker = _Walker(fd, data_file, meta)
+    flags, depth, root = meta.free_db
+    if flags != _FREE_DB_FLAGS:
+        raise walker.fail(f"the free-page database has flags {flags:#x}")
+    walker.tree("\0free", flags, depth, root)
+    flags, depth, root = meta.main_db
+    if flags != _DB_FLAGS_ALLOWED:
+        raise walker.fail(f"the main database has flags {flags:#x}")
+    walker.tree("", flags, depth, root)
+    walker.check_free()
+    return np.flatnonzero(walker.seen)

@@ -60,7 +60,7 @@ from dpsn.errors import (
     StoreVersionError,
 )
 
-from ._digest import rows_hash, rows_hash_raw
+from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
 from ._format import (
     COMPRESSOR_NAMES,
     DB_COMMITS,
@@ -72,6 +72,7 @@ from ._format import (
     GENERATOR_GROUP,
     LMDB_DIR,
     LOCK_FILE,
+    MANIFEST,
     MAX_COMMIT_ID,
     META_DIGESTS,
     META_FORMAT,
@@ -385,10 +386,23 @@ class PersistedStore:
                     f"{root}: the index has format version {version}; this dpsn reads up to "
                     f"{FORMAT_VERSION}. Upgrade dpsn."
                 )
+            store.check_manifest()
         except BaseException:
             store.close()
             raise
         return store
+
+    def check_manifest(self) -> None:
+        """The manifest must be the one the store was created with: commit 1's provenance is a
+        digest of it (and of the first generator weights), so an edited or damaged manifest (a
+        changed seed or dim, which would silently change every row) is a ``CorruptStoreError``."""
+        first = self.commit_record(1)
+        gen = {k: v for k, v in self.generator_record(1).items() if k != RECORD_CHECK}
+        if _digest(_digest(self.manifest.to_json()), gen) != first.provenance:
+            raise CorruptStoreError(
+                f"{self.root}: {MANIFEST} is not the manifest this store was created with (commit "
+                "1 holds a digest of it); it was edited or is damaged: restore it from a copy"
+            )
 
     def close(self) -> None:
         if self._env is not None:
@@ -402,6 +416,12 @@ class PersistedStore:
     @property
     def closed(self) -> bool:
         return self._env is None
+
+    def __enter__(self) -> PersistedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _require_writer(self) -> None:
         if not self.writable:

@@ -397,6 +397,15 @@ class _Verifier:
                 continue
             self.index_against_segments(pinned, f"snapshot {name!r}")
 
+    def manifest(self) -> None:
+        if 1 not in self.commits or 1 not in self.generators:
+            self.problem("manifest", "commit 1 or its generator record is missing")
+            return
+        try:
+            self.store.check_manifest()
+        except DpsnError as e:
+            self.problem("manifest", str(e))
+
     def kept_commits(self) -> list[Commit]:
         keep = {self.head, *(r["commit"] for r in self.snapshots.values())}
         return [self.commits[c] for c in sorted(k for k in keep if k in self.commits)]
@@ -463,6 +472,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("the index digests", v.digests, ("read_lmdb",)),
         ("meta", v.meta, ("read_lmdb",)),
         ("the commit log", v.commit_log, ("read_lmdb",)),
+        ("the manifest", v.manifest, ("read_lmdb",)),
         ("the row index", v.rows, ("read_lmdb",)),
         ("segment records", v.segment_records, ("read_lmdb",)),
         ("segment data", v.segment_data, ("read_lmdb",)),
