@@ -263,46 +263,71 @@ def apply(root: Path, case: dict[str, Any]) -> None:
 
 
 def run_cases(store: Path, want: dict[str, Any], cases: list[dict[str, Any]]) -> list[dict]:
-    """Probe every case in a forked child; the working copy is restored after each."""
+    """Probe every case in forked children, restoring the working copy after each.
+
+    A child takes cases one after another (a fork per case would cost more than most probes)
+    and reports each through a pipe before it starts the next; if it dies (a signal, a hang
+    past the alarm), the case it was on is reported as a crash, the file is restored and a new
+    child goes on with the next case."""
     work = store.parent / (store.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(store, work)
-    results = []
-    for case in cases:
-        target = work / case["file"]
-        original = target.read_bytes()
-        apply(work, case)
+    originals = {c["file"]: (work / c["file"]).read_bytes() for c in cases}
+    results: list[dict] = []
+    while len(results) < len(cases):
+        start = len(results)
         rfd, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: probe, report through the pipe, never return
+        if pid == 0:
             os.close(rfd)
-            code = 0
-            try:
-                signal.alarm(CHILD_TIMEOUT_S)
-                level = case.get("level", "pool")
-                outcome, detail = probe(work, want[level], level=level)
-                os.write(wfd, json.dumps([outcome, detail]).encode())
-            except BaseException:
-                code = 3
-            finally:
-                os._exit(code)
+            _child(work, want, cases, start, originals, wfd)  # never returns
         os.close(wfd)
-        chunks = []
-        while piece := os.read(rfd, 1 << 16):
-            chunks.append(piece)
-        os.close(rfd)
+        with os.fdopen(rfd, "rb") as pipe:
+            for line in pipe:
+                results.append({**cases[len(results)], **json.loads(line)})
         _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            outcome, detail = f"crash:{signal.Signals(os.WTERMSIG(status)).name}", ""
-        elif not chunks:
-            outcome, detail = "crash:exit", str(os.WEXITSTATUS(status))
-        else:
-            outcome, detail = json.loads(b"".join(chunks))
-        results.append({**case, "outcome": outcome, "detail": detail})
-        target.write_bytes(original)
+        if len(results) < len(cases) and os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            results.append({**cases[len(results)], "outcome": f"crash:{name}", "detail": ""})
+        elif len(results) < len(cases) and os.WEXITSTATUS(status) != _FRESH_CHILD:
+            results.append({**cases[len(results)], "outcome": "crash:exit", "detail": ""})
+        case = cases[len(results) - 1] if len(results) > start else cases[start]
+        (work / case["file"]).write_bytes(originals[case["file"]])
         (work / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+_FRESH_CHILD = 7  # a child's exit status asking for a fresh child (it left an env open)
+
+
+def _child(
+    work: Path,
+    want: dict[str, Any],
+    cases: list[dict[str, Any]],
+    start: int,
+    originals: dict[str, bytes],
+    wfd: int,
+) -> None:
+    from dpsn.tiers import _lmdb
+
+    code = 0
+    try:
+        for case in cases[start:]:
+            signal.alarm(CHILD_TIMEOUT_S)
+            apply(work, case)
+            level = case.get("level", "pool")
+            outcome, detail = probe(work, want[level], level=level)
+            (work / case["file"]).write_bytes(originals[case["file"]])
+            (work / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
+            os.write(wfd, json.dumps({"outcome": outcome, "detail": detail}).encode() + b"\n")
+            if _lmdb._registry:  # a probe left an environment open: start clean
+                code = _FRESH_CHILD
+                break
+    except BaseException:
+        code = 3
+    finally:
+        os._exit(code)
 
 
 FAILURES = ("untyped", "silent", "wrong")

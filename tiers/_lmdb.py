@@ -66,12 +66,6 @@ class Env:
             read_meta(data)  # before anything maps it
         self.writable = writable and os.access(path if path.exists() else path.parent, os.W_OK)
         self.env, self.dbs = self._open(create=create)
-        if not create:
-            try:
-                self._check_file()
-            except BaseException:
-                self.env.close()
-                raise
 
     def _open(self, *, create: bool) -> tuple[lmdb.Environment, dict[bytes, lmdb._Database]]:
         path = self.path
@@ -92,6 +86,13 @@ class Env:
                 raise StoreFullError(f"{path}: the disk is full or failing ({e})") from e
             raise CorruptStoreError(f"cannot open the LMDB index at {path}: {e}") from e
         try:
+            if not create:
+                # before LMDB reads a page: opening the databases walks the main tree
+                self._check_file(env)
+        except BaseException:
+            env.close()
+            raise
+        try:
             if create:
                 with env.begin(write=True) as txn:
                     dbs = {name: env.open_db(name, txn=txn) for name in _DBS}
@@ -106,12 +107,13 @@ class Env:
             raise CorruptStoreError(f"{path}: the LMDB index lacks dpsn's databases: {e}") from e
         return env, dbs
 
-    def _check_file(self) -> None:
+    def _check_file(self, env: lmdb.Environment | None = None) -> None:
         """Walk the pages of the transaction a read now sees (``_lmdbfile.check_trees``),
         holding that transaction so no writer in another process recycles them meanwhile."""
         data = self.path / DATA_FILE
+        env = env if env is not None else self.env
         for _ in range(10):
-            with self.env.begin(buffers=False) as txn:
+            with env.begin(buffers=False) as txn:
                 meta = read_meta(data, txnid=txn.id())
                 if meta is not None:
                     check_trees(data, meta)
