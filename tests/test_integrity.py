@@ -191,10 +191,10 @@ def test_the_lmdb_walk_accepts_real_stores_and_sees_their_pages(tmp_path):
         cache_rows=0,
         generator={"kind": "hashed_slices", "memory_size": 64},
     ) as p:
-        for k in range(8):
-            ids = torch.from_numpy(rng.choice(10**6, 3000, replace=False))
-            p.write(ids, torch.randn(3000, 4))
-            p.drop(torch.from_numpy(rng.choice(10**6, 500, replace=False)))
+        for k in range(5):
+            ids = torch.from_numpy(rng.choice(10**6, 2000, replace=False))
+            p.write(ids, torch.randn(2000, 4))
+            p.drop(torch.from_numpy(rng.choice(10**6, 300, replace=False)))
             p.commit(f"c{k}")
             if k % 3 == 0:
                 p.snapshot(f"s{k}")
