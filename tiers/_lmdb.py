@@ -28,7 +28,7 @@ import lmdb
 from dpsn.errors import CorruptStoreError, StoreFullError, StoreNotFoundError
 
 from ._format import DB_COMMITS, DB_META, DB_ROWS, DB_SEGMENTS, DB_SNAPSHOTS
-from ._lmdbfile import check_trees, read_meta
+from ._lmdbfile import FREE, check_trees, read_meta
 
 T = TypeVar("T")
 
@@ -56,6 +56,7 @@ class Env:
         self._active = 0  # transactions in flight (an upgrade waits for none)
         self._swapping = False
         self._map_size = map_size
+        self._walked_txn = -1  # the transaction a full page walk last covered
         if not create:
             data = path / DATA_FILE
             if not data.is_file():
@@ -107,19 +108,60 @@ class Env:
             raise CorruptStoreError(f"{path}: the LMDB index lacks dpsn's databases: {e}") from e
         return env, dbs
 
-    def _check_file(self, env: lmdb.Environment | None = None) -> None:
+    def _check_file(self, env: lmdb.Environment | None = None, *, full: bool | None = None) -> None:
         """Walk the pages of the transaction a read now sees (``_lmdbfile.check_trees``),
-        holding that transaction so no writer in another process recycles them meanwhile."""
+        holding that transaction so no writer in another process recycles them meanwhile.
+
+        A writer (or ``full``) walks everything. A reader skips the row index and the free-page
+        tree: it reads no free pages, and it reads the row index only through
+        :meth:`read_walked`, which walks it first; so opening a store for a few records costs
+        O(commits + segments), not O(rows)."""
+        full = self.writable if full is None else full
+        skip = frozenset() if full else frozenset({"rows", FREE})
+        self._walk(env or self.env, lambda txn: None, skip=skip, full=full)
+
+    def _walk(
+        self,
+        env: lmdb.Environment,
+        fn: Callable[[lmdb.Transaction], T],
+        *,
+        only: frozenset[str] | None = None,
+        skip: frozenset[str] = frozenset(),
+        full: bool = False,
+    ) -> T:
         data = self.path / DATA_FILE
-        env = env if env is not None else self.env
         for _ in range(10):
             with env.begin(buffers=False) as txn:
-                meta = read_meta(data, txnid=txn.id())
-                if meta is not None:
-                    check_trees(data, meta)
-                    return
-            # a writer committed twice since the read began: both meta pages moved on
+                tid = txn.id()
+                if tid != self._walked_txn:
+                    meta = read_meta(data, txnid=tid)
+                    if meta is None:
+                        continue  # a writer committed twice since the read began: again
+                    check_trees(data, meta, only=only, skip=skip)
+                    if full:
+                        self._walked_txn = tid
+                return fn(txn)
         raise CorruptStoreError(f"{self.path}: the LMDB index changed too fast to be checked")
+
+    def read_walked(self, fn: Callable[[lmdb.Transaction], T], dbs: frozenset[str]) -> T:
+        """Like :meth:`read`, but first walk the pages of databases ``dbs`` in the same read
+        transaction (unless a full walk already covered that transaction): for reads of a
+        whole database a reader's open did not check (the row index)."""
+        self._enter()
+        try:
+            for _ in range(3):
+                try:
+                    return self._walk(self.env, fn, only=dbs)
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+                except lmdb.Error as e:
+                    raise CorruptStoreError(
+                        f"{self.path}: the LMDB index cannot be read ({e}); the store is "
+                        "damaged: run `dpsn verify`, restore it from a copy"
+                    ) from e
+        finally:
+            self._leave()
+        raise CorruptStoreError(f"{self.path}: the LMDB map kept changing size under a reader")
 
     def upgrade(self) -> None:
         """Reopen a read-only environment writable, in place (a writer joined a reader)."""
@@ -227,10 +269,10 @@ _registry_lock = threading.Lock()
 
 
 def acquire_env(
-    path: Path, *, create: bool = False, map_size: int = DEFAULT_MAP_SIZE, writable: bool = True
+    path: Path, *, create: bool = False, map_size: int = DEFAULT_MAP_SIZE, writable: bool = False
 ) -> Env:
-    """The process's environment of ``path``, opened (and checked) on first use. ``writable``
-    False opens it read-only; a later writable acquire upgrades it in place."""
+    """The process's environment of ``path``, opened (and checked) on first use: read-only
+    unless ``writable`` (or ``create``); a later writable acquire upgrades it in place."""
     key = os.path.realpath(path)
     with _registry_lock:
         env = _registry.get(key)
@@ -238,7 +280,7 @@ def acquire_env(
             _registry.pop(key)  # inherited across fork: never touch it
             env = None
         if env is None:
-            env = Env(path, create=create, map_size=map_size, writable=writable)
+            env = Env(path, create=create, map_size=map_size, writable=writable or create)
             _registry[key] = env
         elif writable and not env.writable:
             env.upgrade()

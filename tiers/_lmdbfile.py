@@ -48,7 +48,7 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError
 
-__all__ = ["LmdbMeta", "check_trees", "read_meta"]
+__all__ = ["FREE", "LmdbMeta", "check_trees", "read_meta"]
 
 PAGE_HEADER = 16
 META_MAGIC = 0xBEEFC0DE
@@ -175,6 +175,7 @@ def read_meta(data_file: Path, txnid: int | None = None) -> LmdbMeta | None:
     )
 
 
+FREE = "\0free"  # how the walk names LMDB's free-page database
 _BATCH = 2048  # pages read and checked per numpy pass (8 MiB at 4 KiB pages)
 _TYPE_MASK = P_BRANCH | P_LEAF | P_OVERFLOW | P_META | P_LEAF2
 
@@ -191,6 +192,7 @@ class _Walker:
     def __init__(self, fd: int, path: Path, meta: LmdbMeta) -> None:
         self.fd = fd
         self.path = path
+        self.meta = meta
         self.psize = meta.page_size
         self.last = meta.last_page
         self.seen = np.zeros(meta.last_page + 1, dtype=bool)
@@ -199,6 +201,12 @@ class _Walker:
 
     def fail(self, what: str) -> CorruptStoreError:
         return _damaged(self.path, what)
+
+    only: frozenset[str] | None = None  # the named databases to walk (None: all)
+    skip: frozenset[str] = frozenset()
+
+    def wanted(self, name: str) -> bool:
+        return name not in self.skip and (self.only is None or name in self.only)
 
     def page(self, pgno: int) -> bytes:
         data = _pread(self.fd, self.psize, pgno * self.psize)
@@ -407,7 +415,7 @@ class _Walker:
             r, e = int(row[i]), int(key_end[i])
             first = int(arr[r, e : e + 8].copy().view("<u8")[0])
             values[i] = self.overflow(name, first, int(dsize[i]))
-        if name not in ("", "\0free"):
+        if name not in ("", FREE):
             return
         for i in range(len(row)):
             value = values.get(i)
@@ -421,7 +429,9 @@ class _Walker:
                 _pad, flags, depth, *_counts, root = _DB.unpack(value)
                 if flags != _DB_FLAGS_ALLOWED:
                     raise self.fail(f"database {db!r} has flags {flags:#x}, which dpsn never sets")
-                self.tree(db.decode("utf-8", "replace"), flags, depth, root)
+                name_of = db.decode("utf-8", "replace")
+                if self.wanted(name_of):
+                    self.tree(name_of, flags, depth, root)
             else:
                 if len(value) % 8 or len(value) < 8:
                     raise self.fail(f"a free-page list has {len(value)} bytes")
@@ -442,7 +452,7 @@ class _Walker:
         self.claim(
             np.arange(first, first + pages, dtype=np.int64), f"an overflow value of {name!r}"
         )
-        if name not in ("", "\0free"):
+        if name not in ("", FREE):
             return b""  # only free lists and database records are needed here
         rest = _pread(self.fd, max(0, dsize - (self.psize - PAGE_HEADER)), (first + 1) * self.psize)
         return (head[PAGE_HEADER:] + rest)[:dsize]
@@ -466,13 +476,26 @@ class _LevelState:
         self.last: Any = None
 
 
-def check_trees(data_file: Path, meta: LmdbMeta) -> np.ndarray:
+def check_trees(
+    data_file: Path,
+    meta: LmdbMeta,
+    *,
+    only: set[str] | frozenset[str] | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> np.ndarray:
     """Walk every page reachable from ``meta`` (see the module doc); ``CorruptStoreError`` on
     the first problem. The caller holds a read transaction of ``meta.txnid``. Returns the
-    numbers of the pages in use (meta pages included)."""
+    numbers of the pages walked (meta pages included).
+
+    ``only`` / ``skip`` limit the walk to some named databases (the main tree, which holds
+    their records, is always walked; ``FREE`` names the free-page tree). Free pages are checked
+    against the pages in use only by a full walk."""
     fd = os.open(data_file, os.O_RDONLY)
     try:
-        return _walk(fd, data_file, meta)
+        walker = _Walker(fd, data_file, meta)
+        walker.only = None if only is None else frozenset(only)
+        walker.skip = frozenset(skip)
+        return _walk(walker)
     except (ValueError, IndexError, OverflowError, struct.error, UnicodeError) as e:
         # a malformed page this walk did not foresee: damage all the same, never a crash
         raise _damaged(data_file, f"its pages do not parse ({type(e).__name__}: {e})") from e
@@ -480,15 +503,17 @@ def check_trees(data_file: Path, meta: LmdbMeta) -> np.ndarray:
         os.close(fd)
 
 
-def _walk(fd: int, data_file: Path, meta: LmdbMeta) -> np.ndarray:
-    walker = _Walker(fd, data_file, meta)
-    flags, depth, root = meta.free_db
+def _walk(walker: _Walker) -> np.ndarray:
+    meta_free, meta_main = walker.meta.free_db, walker.meta.main_db
+    flags, depth, root = meta_free
     if flags != _FREE_DB_FLAGS:
         raise walker.fail(f"the free-page database has flags {flags:#x}")
-    walker.tree("\0free", flags, depth, root)
-    flags, depth, root = meta.main_db
+    if walker.wanted(FREE):
+        walker.tree(FREE, flags, depth, root)
+    flags, depth, root = meta_main
     if flags != _DB_FLAGS_ALLOWED:
         raise walker.fail(f"the main database has flags {flags:#x}")
     walker.tree("", flags, depth, root)
-    walker.check_free()
+    if walker.only is None and not walker.skip:
+        walker.check_free()
     return np.flatnonzero(walker.seen)

@@ -566,7 +566,9 @@ class PersistedStore:
             digests = txn.get(META_DIGESTS, db=self._db(DB_META))
             return head, keys, values, newest, record, digests, txn.id()
 
-        head, keys, values, newest, raw_record, raw_digests, txn_id = self._read(scan)
+        head, keys, values, newest, raw_record, raw_digests, txn_id = self._env.read_walked(
+            scan, frozenset({"rows"})
+        )
         where = f"{self.root}: the LMDB row index"
         n = len(keys) // 8
         if len(keys) != 8 * n or len(values) != ROW_VALUE.size * n:

@@ -101,7 +101,7 @@ class _Verifier:
 
     def lmdb_file(self) -> None:
         try:
-            self.store._env._check_file()
+            self.store._env._check_file(full=True)
         except DpsnError as e:
             self.problem("lmdb", str(e))
 
