@@ -164,8 +164,16 @@ def observe_store(path: Path, *, verify: bool = False) -> dict[str, Any]:
             "segments": {k: v.to_json() for k, v in store.segment_records().items()},
         }
 
+    def facts() -> Any:  # what `dpsn inspect` reads: a few rows' entries, looked up one by one
+        from dpsn.tiers import StoreFacts
+
+        with StoreFacts(path) as f:
+            head, found = f.row_locations(list(range(0, 1000, 7)))
+            return [head, sorted(found.items())]
+
     try:
         take("head", head)
+        take("facts", facts)
         take("snapshot", at("s1"))
         take("past", at(3))
         take("records", records)

@@ -128,6 +128,7 @@ class Env:
         only: frozenset[str] | None = None,
         skip: frozenset[str] = frozenset(),
         full: bool = False,
+        keys: dict[str, list[bytes]] | None = None,
     ) -> T:
         data = self.path / DATA_FILE
         for _ in range(10):
@@ -137,21 +138,29 @@ class Env:
                     meta = read_meta(data, txnid=tid)
                     if meta is None:
                         continue  # a writer committed twice since the read began: again
-                    check_trees(data, meta, only=only, skip=skip)
+                    check_trees(data, meta, only=only, skip=skip, keys=keys)
                     if full:
                         self._walked_txn = tid
                 return fn(txn)
         raise CorruptStoreError(f"{self.path}: the LMDB index changed too fast to be checked")
 
-    def read_walked(self, fn: Callable[[lmdb.Transaction], T], dbs: frozenset[str]) -> T:
+    def read_walked(
+        self,
+        fn: Callable[[lmdb.Transaction], T],
+        dbs: frozenset[str] = frozenset(),
+        *,
+        keys: dict[str, list[bytes]] | None = None,
+    ) -> T:
         """Like :meth:`read`, but first walk the pages of databases ``dbs`` in the same read
         transaction (unless a full walk already covered that transaction): for reads of a
-        whole database a reader's open did not check (the row index)."""
+        whole database a reader's open did not check (the row index). With ``keys``
+        (``{"rows": [key, ...]}``) only the pages on the way to those keys are walked: for a
+        few lookups."""
         self._enter()
         try:
             for _ in range(3):
                 try:
-                    return self._walk(self.env, fn, only=dbs)
+                    return self._walk(self.env, fn, only=dbs, keys=keys)
                 except lmdb.MapResizedError:
                     self.env.set_mapsize(0)
                 except lmdb.Error as e:

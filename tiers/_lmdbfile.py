@@ -204,6 +204,36 @@ class _Walker:
 
     only: frozenset[str] | None = None  # the named databases to walk (None: all)
     skip: frozenset[str] = frozenset()
+    keys: dict[str, list[bytes]] | None = None  # walk only the paths to these keys
+
+    def paths(self, name: str, flags: int, depth: int, root: int, keys: list[bytes]) -> None:
+        """Check the pages LMDB visits to look ``keys`` up (root to leaf, each page fully),
+        so a few lookups need not walk a whole database first."""
+        if root == INVALID_PAGE or not keys:
+            return
+        if not 1 <= depth <= MAX_DEPTH or not 2 <= root <= self.last:
+            raise self.fail(f"database {name!r} has depth {depth} and root page {root}")
+        for key in sorted(set(keys)):
+            pgno, lo, hi = root, None, None
+            for d in range(depth):
+                leaf = d == depth - 1
+                child, c_lo, c_hi = self.level(
+                    name,
+                    flags,
+                    np.array([pgno], dtype=np.int64),
+                    [lo],
+                    [hi],
+                    leaf,
+                    _LevelState(),
+                )
+                if leaf:
+                    break
+                # as LMDB's search: the last child whose separator is <= key (else the first)
+                pick = 0
+                for i in range(1, len(child)):
+                    if c_lo[i] is not None and key >= c_lo[i]:
+                        pick = i
+                pgno, lo, hi = int(child[pick]), c_lo[pick], c_hi[pick]
 
     def wanted(self, name: str) -> bool:
         return name not in self.skip and (self.only is None or name in self.only)
@@ -229,7 +259,9 @@ class _Walker:
         if pages.min() < 2 or pages.max() > self.last:
             raise self.fail(f"{what} points at a page outside 2..{self.last}")
         ordered = np.sort(pages)
-        if self.seen[pages].any() or bool((ordered[1:] == ordered[:-1]).any()):
+        if bool((ordered[1:] == ordered[:-1]).any()) or (
+            self.keys is None and self.seen[pages].any()
+        ):
             raise self.fail(f"{what}: a page is referenced twice")
         self.seen[pages] = True
 
@@ -430,7 +462,10 @@ class _Walker:
                 if flags != _DB_FLAGS_ALLOWED:
                     raise self.fail(f"database {db!r} has flags {flags:#x}, which dpsn never sets")
                 name_of = db.decode("utf-8", "replace")
-                if self.wanted(name_of):
+                if self.keys is not None:
+                    if name_of in self.keys:
+                        self.paths(name_of, flags, depth, root, self.keys[name_of])
+                elif self.wanted(name_of):
                     self.tree(name_of, flags, depth, root)
             else:
                 if len(value) % 8 or len(value) < 8:
@@ -482,6 +517,7 @@ def check_trees(
     *,
     only: set[str] | frozenset[str] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
+    keys: dict[str, list[bytes]] | None = None,
 ) -> np.ndarray:
     """Walk every page reachable from ``meta`` (see the module doc); ``CorruptStoreError`` on
     the first problem. The caller holds a read transaction of ``meta.txnid``. Returns the
@@ -489,12 +525,16 @@ def check_trees(
 
     ``only`` / ``skip`` limit the walk to some named databases (the main tree, which holds
     their records, is always walked; ``FREE`` names the free-page tree). Free pages are checked
-    against the pages in use only by a full walk."""
+    against the pages in use only by a full walk. ``keys`` (``{database: [key, ...]}``) walks
+    only the pages on the way to those keys in those databases."""
     fd = os.open(data_file, os.O_RDONLY)
     try:
         walker = _Walker(fd, data_file, meta)
         walker.only = None if only is None else frozenset(only)
         walker.skip = frozenset(skip)
+        walker.keys = keys
+        if keys is not None:
+            walker.skip = walker.skip | {FREE}
         return _walk(walker)
     except (ValueError, IndexError, OverflowError, struct.error, UnicodeError) as e:
         # a malformed page this walk did not foresee: damage all the same, never a crash
@@ -514,6 +554,6 @@ def _walk(walker: _Walker) -> np.ndarray:
     if flags != _DB_FLAGS_ALLOWED:
         raise walker.fail(f"the main database has flags {flags:#x}")
     walker.tree("", flags, depth, root)
-    if walker.only is None and not walker.skip:
+    if walker.only is None and not walker.skip and walker.keys is None:
         walker.check_free()
     return np.flatnonzero(walker.seen)

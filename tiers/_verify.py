@@ -66,6 +66,10 @@ __all__ = ["verify_store"]
 MAX_LISTED = 50  # problems of one kind listed one by one; past that, counted
 
 
+class _UnreadableError(Exception):
+    """A step found damage that makes the steps needing it unsafe to run (already reported)."""
+
+
 class _Verifier:
     def __init__(self, store: Any, report: VerifyReport, progress: Callable[[int], None] | None):
         self.store = store
@@ -104,6 +108,7 @@ class _Verifier:
             self.store._env._check_file(full=True)
         except DpsnError as e:
             self.problem("lmdb", str(e))
+            raise _UnreadableError from e  # nothing may read LMDB pages past a failed walk
 
     def read_lmdb(self) -> None:
         """Every database in one read transaction: what the other steps check."""
@@ -468,7 +473,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
     v = _Verifier(store, report, progress)
     steps = [
         ("the LMDB file", v.lmdb_file, ()),
-        ("the LMDB index", v.read_lmdb, ()),
+        ("the LMDB index", v.read_lmdb, ("lmdb_file",)),
         ("the index digests", v.digests, ("read_lmdb",)),
         ("meta", v.meta, ("read_lmdb",)),
         ("the commit log", v.commit_log, ("read_lmdb",)),
@@ -485,9 +490,12 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
     failed: set[str] = set()
     for what, step, needs in steps:
         if failed & set(needs):
+            failed.add(step.__name__)  # what needs a skipped step is skipped too
             continue
         try:
             step()
+        except _UnreadableError:
+            failed.add(step.__name__)
         except Exception as e:  # verify reports; whatever a damaged store does, never raise
             failed.add(step.__name__)
             report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
