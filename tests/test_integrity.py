@@ -242,6 +242,7 @@ def test_a_damaged_next_segment_never_overwrites_a_live_segment(tmp_path):
         ("rf_mlp", {}),
         ("rf_mlp", {"features": 5, "hidden": 9, "layers": 0}),
         ("rf_mlp", {"features": 3, "hidden": 4, "layers": 3}),
+        ("zeros", {}),
     ],
 )
 def test_generator_shapes_mirror_hypernet(kind, config):

@@ -41,6 +41,8 @@ def generator_shapes(kind: str, dim: int, config: Any) -> dict[str, list[int]] |
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             shapes[f"weights.{i}"] = [fan_out, fan_in]
             shapes[f"biases.{i}"] = [fan_out]
+    elif kind == "zeros":
+        shapes = {}  # no weights: every base row is zero
     else:
         return None
     floats = 0
