@@ -490,24 +490,28 @@ static long long top_k(const float *src_v, long long n, int64_t mul, int64_t add
 }
 
 /* Selection over precomputed sub-key scores s1 [H, T, n1], s2 [H, T, n2] (row f of s1 is the
- * partial grid row when r > 0): ids and vals [T, H, k]. */
+ * partial grid row when r > 0): ids and vals [T, H, k]. With per-query budgets kq [T] (a null
+ * pointer: none), query t's search stops at its best min(kq[t], k) rows (the first ones of
+ * the full search's list) and the rest of its entries are padding (-1, -inf): a small budget
+ * costs a small search. */
 HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
-    unsigned long long s1_p, s2_p, ids_p, vals_p;
-    long long T, H, n1, n2, k, f, r;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k, &f, &r,
-                          &ids_p, &vals_p)) {
+    unsigned long long s1_p, s2_p, ids_p, vals_p, kq_p;
+    long long T, H, n1, n2, k_all, f, r;
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLKKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k_all, &f, &r,
+                          &ids_p, &vals_p, &kq_p)) {
         return NULL;
     }
+    const int64_t *kq = (const int64_t *)kq_p;
     const float *s1 = (const float *)s1_p, *s2 = (const float *)s2_p;
     int64_t *out_ids = (int64_t *)ids_p;
     float *out_vals = (float *)vals_p;
-    if (k < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
+    if (k_all < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
         PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
         return NULL;
     }
     long long pairs = 0;
-    for (long long i = 0; i < k; i++) pairs += k / (i + 1);
-    const long long cap = 3 * k + pairs + k + 8;
+    for (long long i = 0; i < k_all; i++) pairs += k_all / (i + 1);
+    const long long cap = 3 * k_all + pairs + k_all + 8;
     float *buf = (float *)PyMem_RawMalloc(sizeof(float) * cap);
     int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * cap);
     if (!buf || !ibuf) {
@@ -515,12 +519,15 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
         PyMem_RawFree(ibuf);
         return PyErr_NoMemory();
     }
-    float *av = buf, *bv = buf + k, *cv = bv + k, *pv = cv + k;
-    int64_t *ai = ibuf, *bi = ibuf + k, *ci = bi + k, *pi = ci + k;
+    float *av = buf, *bv = buf + k_all, *cv = bv + k_all, *pv = cv + k_all;
+    int64_t *ai = ibuf, *bi = ibuf + k_all, *ci = bi + k_all, *pi = ci + k_all;
     Py_BEGIN_ALLOW_THREADS
     for (long long h = 0; h < H; h++) {
         for (long long t = 0; t < T; t++) {
             const float *sa = s1 + (h * T + t) * n1, *sb = s2 + (h * T + t) * n2;
+            int64_t *dst_i = out_ids + (t * H + h) * k_all;
+            float *dst_v = out_vals + (t * H + h) * k_all;
+            const long long k = kq ? (kq[t] < 1 ? 1 : kq[t] > k_all ? k_all : kq[t]) : k_all;
             const long long na = top_k(sa, f, 1, 0, NULL, k, av, ai);
             long long nb, nc = 0;
             if (r >= k) { /* one pass over half b: its first r, then the rest from there */
@@ -545,10 +552,8 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
                 pv[np] = sa[f] + cv[j];
                 pi[np++] = f * n2 + ci[j];
             }
-            int64_t *dst_i = out_ids + (t * H + h) * k;
-            float *dst_v = out_vals + (t * H + h) * k;
             const long long no = top_k(pv, np, 0, 0, pi, k, dst_v, dst_i);
-            for (long long j = no; j < k; j++) {
+            for (long long j = no; j < k_all; j++) {
                 dst_i[j] = -1;
                 dst_v[j] = -INFINITY;
             }
