@@ -11,6 +11,9 @@ budget. Measured here, in one run, side by side:
 - one PoolLayer training step (router, page-in, executor forward and backward, row optimizer)
   of T = 1024 tokens, d_model 128, k_max 32, 32,000 rows (bench/quality.py's layer), with a
   fixed budget (every token k_max) and with budgets of mean k 24, 16 and 8;
+- the fixed budget through a cache of 4,096 rows, fewer than one step's ~16,000 distinct rows:
+  every step is then served *spilled* (the batch's rows assembled from the cache and the lower
+  tiers, the procedural ones regenerated each step), which is how much a too-small cache costs;
 - the same on the PyTorch path (``DPSN_NATIVE=0``'s, what CUDA and builds without a C compiler
   run) beside the native one.
 
@@ -52,15 +55,16 @@ from dpsn.index import ProductKeyRouter
 from dpsn.index.testing import mixture
 
 D, ROWS, K_MAX, TOKENS = 128, 32_000, 32, 1024
+SPILLED, SPILL_CACHE = "fixed, spilled", 4096  # a step touches ~16,000 distinct rows
 
 
-def make_layer(path: Path, mean_k: int | None) -> dpsn.PoolLayer:
+def make_layer(path: Path, mean_k: int | None, cache_rows: int = ROWS) -> dpsn.PoolLayer:
     pool = dpsn.create(
         path,
         rows=ROWS,
         dim=2 * D,
         generator={"kind": "hashed_slices", "memory_size": 1 << 20},
-        cache_rows=ROWS,
+        cache_rows=cache_rows,
     )
     if mean_k is None:
         router = ProductKeyRouter(d_in=D, num_rows=ROWS, k=K_MAX, d_key=32, query_batchnorm=True)
@@ -143,6 +147,8 @@ def main() -> None:
                 layers[name] = make_layer(tmp / f"{path}-{mean_k}", mean_k)
                 with torch.no_grad():  # every row paged in once, then kept (cache = pool)
                     layers[name].pool.read(torch.arange(ROWS))
+            # a cache smaller than one step's distinct rows: every step is served spilled
+            layers[SPILLED] = make_layer(tmp / f"{path}-spilled", None, cache_rows=SPILL_CACHE)
             for name, r in time_interleaved(layers, steps, warmup).items():
                 layers[name].pool.close()
                 r.update(path=path, budget=name)
