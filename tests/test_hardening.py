@@ -536,6 +536,43 @@ def test_a_second_create_while_the_first_is_paused_fails_and_harms_nothing(tmp_p
         dpsn.create(path, rows=100, dim=4)
 
 
+FAILING_CREATOR = """
+    import sys, dpsn
+    from dpsn.tiers import PersistedStore
+    def fail(self, *a, **k):
+        print("PAUSED", flush=True)
+        sys.stdin.readline()
+        raise OSError(5, "injected I/O error")
+    PersistedStore._write_generator = fail
+    try:
+        dpsn.create(sys.argv[1], rows=100, dim=4, generator={"kind": "zeros"})
+    except OSError as e:
+        print("FAILED", e, flush=True)
+"""
+
+
+def test_a_failed_create_leaves_a_sibling_store_under_its_new_parent_intact(tmp_path):
+    """Review of issue 14: a failed create removed the directories it had made with rmtree,
+    including a new parent in which another process had since created its own store."""
+    parent = tmp_path / "new"
+    first = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(FAILING_CREATOR), str(parent / "a")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdout.readline().strip() == "PAUSED"  # it made new/ and new/a
+    with dpsn.create(parent / "b", rows=100, dim=4, generator=SMALL) as p:
+        p.write([7], torch.full((1, 4), 7.0))
+        p.commit("mine")
+    out, _ = first.communicate("go\n", timeout=120)
+    assert "FAILED" in out and "injected" in out
+    assert not (parent / "a").exists()
+    with dpsn.open(parent / "b") as p:
+        assert p.head == 2 and torch.equal(p.delta([7]), torch.full((1, 4), 7.0))
+        assert p.verify().ok
+
+
 @pytest.mark.slow
 def test_concurrent_creators_exactly_one_wins(tmp_path):
     path = tmp_path / "s"

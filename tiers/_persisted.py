@@ -26,6 +26,7 @@ it into place and only then records it in one LMDB transaction.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -244,23 +245,29 @@ def _claim_new_dir(root: Path) -> _Made:
 
 
 def _remove_dirs(dirs: list[Path]) -> None:
+    """Remove the directories this process made, innermost first, each only if it is empty.
+
+    Never recursively: once made, a directory is visible to every process, and another creator
+    may have claimed it (its lock file) or put its own store beside ours in a new parent."""
     for d in reversed(dirs):
-        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty (or gone): not ours to remove
+            os.rmdir(d)
 
 
 def _undo_create(root: Path, made: _Made) -> None:
-    """Remove what a failed ``create`` wrote; the caller still holds the lock."""
-    if root in made.dirs:
-        _remove_dirs(made.dirs)
-    else:  # the directory was there (empty, or with a lock file of its own)
-        for child in list(root.iterdir()) if root.is_dir() else []:
-            if child.name == LOCK_FILE and not made.lock_file:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-        _remove_dirs(made.dirs)
+    """Remove what a failed ``create`` wrote; the caller still holds the lock, so what is in
+    ``root`` is this create's own (its lock file too, when it made it). The directories it made
+    go only if that leaves them empty."""
+    for child in list(root.iterdir()) if root.is_dir() else []:
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if made.lock_file:
+        (root / LOCK_FILE).unlink(missing_ok=True)
+    _remove_dirs(made.dirs)
     made.lock.release()
 
 
