@@ -653,6 +653,66 @@ def test_create_on_a_full_disk_leaves_nothing_behind(tmp_path):
             pass
 
 
+# -- generator weights over 1 GiB (review of issue 14) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", [(393_216, 1024), (2**29,), (3, 2**27), (2, 3, 2**26), (5, 7), (1,), (0, 4)]
+)
+def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
+    """Review of issue 14: generator weights over 1 GiB were written as one chunk, which the
+    reader refuses (at most 1 GiB a chunk), so the store could never be opened again."""
+    from dpsn.tiers._persisted import GENERATOR_CHUNK_BYTES, generator_chunks
+    from dpsn.tiers._zarrsafe import MAX_CHUNK_BYTES
+
+    chunks = generator_chunks(shape)
+    assert len(chunks) == len(shape)
+    assert all(1 <= c <= max(1, s) for c, s in zip(chunks, shape, strict=True))
+    assert 4 * np.prod(chunks) <= GENERATOR_CHUNK_BYTES < MAX_CHUNK_BYTES
+    if 4 * np.prod(shape) <= GENERATOR_CHUNK_BYTES:
+        assert chunks == tuple(max(1, s) for s in shape)  # small weights: one chunk, as before
+
+
+def test_a_generator_written_in_many_chunks_reopens(tmp_path, monkeypatch):
+    import dpsn.tiers._persisted as persisted
+
+    monkeypatch.setattr(persisted, "GENERATOR_CHUNK_BYTES", 1024)  # weights of ~10 KiB
+    path = tmp_path / "s"
+    gen = {"kind": "rf_mlp", "hidden": 512}
+    with dpsn.create(path, rows=1000, dim=4, generator=gen) as p:
+        p.write([3], torch.ones(1, 4))
+        p.commit("one")
+        want = p.read(torch.arange(100))
+    monkeypatch.undo()
+    gen_dir = path / "data.zarr" / "generator"
+    assert max(len(list(a.rglob("c/*"))) for a in gen_dir.glob("*/*")) > 1
+    with dpsn.open(path) as p:
+        assert torch.equal(p.read(torch.arange(100)), want)
+        assert p.verify().ok
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {f"w{i}": np.zeros(1, np.float32) for i in range(4097)},
+        {"w": np.zeros((1,) * 9, np.float32)},
+        {"w": np.broadcast_to(np.float32(0), (2**20, 2**20))},
+        {"../w": np.zeros(1, np.float32)},
+    ],
+    ids=["arrays", "ndim", "elements", "name"],
+)
+def test_create_refuses_generator_weights_a_reader_would_refuse(tmp_path, state):
+    from dpsn.tiers._format import Manifest
+
+    manifest = Manifest(
+        rows=10, dim=4, dtype="float32", seed=0, generator={"kind": "zeros", "config": {}},
+        chunk_rows=16, compressor="zstd", created=0.0, uuid="x",
+    )  # fmt: skip
+    with pytest.raises(errors.InvalidArgumentError):
+        PersistedStore.create(tmp_path / "s", manifest, state)
+    assert not (tmp_path / "s").exists()
+
+
 # -- 6. typed errors for bad input ---------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -50,6 +51,7 @@ from zarr.storage import LocalStore
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
+    InvalidArgumentError,
     InvalidSnapshotNameError,
     ReadOnlyError,
     SnapshotNotFoundError,
@@ -118,6 +120,53 @@ __all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "s
 
 _ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
+# Generator arrays are written in chunks of at most this many bytes: readers refuse a chunk
+# over 1 GiB (_zarrsafe.MAX_CHUNK_BYTES), and a smaller chunk keeps a read's buffers small.
+GENERATOR_CHUNK_BYTES = 256 << 20
+# What a reader accepts of a generator record (_records.generator_record): create refuses more.
+_MAX_GENERATOR_ARRAYS, _MAX_GENERATOR_NDIM, _MAX_GENERATOR_ELEMENTS = 4096, 8, 1 << 40
+
+
+def check_generator_state(state: dict[str, Any]) -> None:
+    """Refuse generator weights a reader of the store would refuse (``InvalidArgumentError``),
+    before anything is written."""
+    if len(state) > _MAX_GENERATOR_ARRAYS:
+        raise InvalidArgumentError(
+            f"the generator has {len(state)} weight arrays; a store holds at most "
+            f"{_MAX_GENERATOR_ARRAYS}"
+        )
+    for name, value in state.items():
+        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
+            raise InvalidArgumentError(
+                f"generator weight name {name!r} cannot be stored: use 1-128 of A-Z a-z 0-9 _ ."
+            )
+        shape = tuple(np.shape(value))
+        if len(shape) > _MAX_GENERATOR_NDIM or math.prod(shape) >= _MAX_GENERATOR_ELEMENTS:
+            raise InvalidArgumentError(
+                f"generator weight {name!r} has shape {list(shape)}; a store holds weights of "
+                f"at most {_MAX_GENERATOR_NDIM} dimensions and fewer than 2**40 elements"
+            )
+
+
+def generator_chunks(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...]:
+    """The chunk shape of a generator array: whole trailing axes while they fit in
+    ``GENERATOR_CHUNK_BYTES``, then as much of the next axis as fits, 1 along the rest."""
+    if not shape:
+        return (1,)
+    budget = max(1, GENERATOR_CHUNK_BYTES // itemsize)
+    chunks = [1] * len(shape)
+    inner = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        n = max(1, shape[axis])
+        if inner * n <= budget:
+            chunks[axis] = n
+            inner *= n
+        else:
+            chunks[axis] = max(1, budget // inner)
+            break
+    return tuple(chunks)
+
+
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
 _TMP = ".tmp-"  # marks a directory being written under a temporary name
@@ -308,6 +357,7 @@ class PersistedStore:
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
             raise ValueError(f"compressor must be one of {COMPRESSOR_NAMES}")
+        check_generator_state(generator_state)
         made = _claim_new_dir(root)
         env = None
         try:
@@ -445,6 +495,7 @@ class PersistedStore:
     # -- generator weights ---------------------------------------------------------------------
 
     def _write_generator(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        check_generator_state(state)
         # A directory of this version can only be a crashed commit's leftover: not referenced.
         shutil.rmtree(
             self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version), ignore_errors=True
@@ -452,14 +503,12 @@ class PersistedStore:
         root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
         arrays = {}
         for name, value in sorted(state.items()):
-            if not _ARRAY_NAME.fullmatch(name):
-                raise ValueError(f"generator weight name {name!r} cannot be stored")
             value = np.ascontiguousarray(value, dtype="<f4")
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
             arr = root.create_array(
                 path,
                 shape=value.shape,
-                chunks=value.shape or (1,),
+                chunks=generator_chunks(value.shape),
                 dtype=value.dtype,
                 fill_value=0,
                 compressors=None,
@@ -853,6 +902,8 @@ class PersistedStore:
         commit replaces or deletes (taken from ``index``) are subtracted and those of the new
         entries added (``_digest.py``)."""
         self._require_writer()
+        if generator_state is not None:
+            check_generator_state(generator_state)
         env = self._env
         current = self.head()
         if current != head:
