@@ -15,6 +15,7 @@ __all__ = [
     "CorruptStoreError",
     "DpsnError",
     "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "InvalidDeltaError",
     "InvalidDeviceError",
     "InvalidIdsError",
@@ -37,6 +38,10 @@ class DpsnError(Exception):
 
 class InvalidArgumentError(DpsnError, ValueError):
     """An argument is out of range or malformed (checked before anything is written)."""
+
+
+class InvalidArgumentTypeError(DpsnError, TypeError):
+    """An argument has the wrong type (checked before anything is written)."""
 
 
 class InvalidDeviceError(InvalidArgumentError):

@@ -725,6 +725,56 @@ def test_bad_commit_ids_are_snapshot_not_found(tmp_path, at):
     assert isinstance(e.value, LookupError)
 
 
+@pytest.mark.parametrize(
+    "bad, builtin",
+    [
+        ({"rows": "x"}, TypeError),
+        ({"rows": 0}, ValueError),
+        ({"dim": 0}, ValueError),
+        ({"dim": 4.0}, TypeError),
+        ({"seed": -1}, ValueError),
+        ({"compressor": "foo"}, ValueError),
+        ({"chunk_rows": 0}, ValueError),
+        ({"chunk_rows": "x"}, ValueError),
+        ({"generator": {"kind": "nope"}}, ValueError),
+        ({"generator": "nope"}, ValueError),
+        ({"generator": {"memory_size": 64}}, ValueError),
+        ({"generator": {"kind": "hashed_slices", "memory_size": -5}}, ValueError),
+        ({"generator": {"kind": "hashed_slices", "bogus": 1}}, ValueError),
+        ({"generator": 5}, TypeError),
+        ({"dtype": "int7"}, TypeError),
+        ({"dtype": torch.int32}, TypeError),
+        ({"policy": "nope"}, ValueError),
+        ({"policy": ["lru"]}, ValueError),
+    ],
+)
+def test_bad_create_arguments_are_dpsn_errors(tmp_path, bad, builtin):
+    """Review of issue 14: these raised plain TypeError or ValueError."""
+    with pytest.raises(errors.DpsnError) as e:
+        dpsn.create(tmp_path / "s", **({"rows": 100, "dim": 4} | bad))
+    assert isinstance(e.value, builtin)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, builtin",
+    [
+        ({"at": True}, TypeError),
+        ({"at": 1.5}, TypeError),
+        ({"at": b"1"}, TypeError),
+        ({"mode": "w"}, ValueError),
+        ({"mode": "r+", "at": 1}, ValueError),
+        ({"policy": "nope"}, ValueError),
+    ],
+)
+def test_bad_open_arguments_are_dpsn_errors(tmp_path, bad, builtin):
+    path = tmp_path / "s"
+    make(path, rows=10)
+    with pytest.raises(errors.DpsnError) as e:
+        dpsn.open(path, **bad)
+    assert isinstance(e.value, builtin)
+
+
 def test_tensors_on_the_meta_device_are_typed_errors(tmp_path):
     path = tmp_path / "s"
     make(path, rows=10)

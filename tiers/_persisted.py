@@ -52,6 +52,7 @@ from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     InvalidSnapshotNameError,
     ReadOnlyError,
     SnapshotNotFoundError,
@@ -214,11 +215,11 @@ def check_snapshot_name(name: Any) -> str:
 def _commit_key(commit: Any) -> int:
     """A commit id given by a caller, as an int in 1..2**63-1 (``SnapshotNotFoundError``)."""
     if isinstance(commit, bool):
-        raise TypeError("a commit id is an int, not a bool")
+        raise InvalidArgumentTypeError("a commit id is an int, not a bool")
     try:
         value = operator.index(commit)
     except TypeError:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"a commit is named by a snapshot name or an int id, not {type(commit).__name__}"
         ) from None
     if not 1 <= value <= MAX_COMMIT_ID:
@@ -356,7 +357,7 @@ class PersistedStore:
         root = Path(root)
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
-            raise ValueError(f"compressor must be one of {COMPRESSOR_NAMES}")
+            raise InvalidArgumentError(f"compressor must be one of {COMPRESSOR_NAMES}")
         check_generator_state(generator_state)
         made = _claim_new_dir(root)
         env = None
