@@ -29,6 +29,7 @@ __all__ = [
     "StoreLockedError",
     "StoreNotFoundError",
     "StoreVersionError",
+    "StoreWriteError",
 ]
 
 
@@ -108,6 +109,11 @@ class ReadOnlyError(DpsnError, PermissionError):
 
 class StoreFullError(DpsnError, OSError):
     """The disk (or a file-size limit) ran out during a commit; the store was left as it was."""
+
+
+class StoreWriteError(DpsnError, OSError):
+    """Writing to the store failed for a reason other than a full disk; ``errno`` and the
+    message are the operating system's. The store was left as it was."""
 
 
 class SnapshotNotFoundError(DpsnError, LookupError):

@@ -487,6 +487,33 @@ def test_snapshot_on_a_full_disk_and_its_retry(tmp_path):
         assert old.verify().ok
 
 
+@pytest.mark.parametrize("what", ["snapshot", "commit"])
+def test_a_write_that_fails_for_another_reason_is_not_a_full_disk(tmp_path, what):
+    """Review of issue 14: every OSError while writing a snapshot index (or a commit's segment)
+    became StoreFullError ("free space"), whatever the cause."""
+    import errno
+
+    path = tmp_path / "s"
+    with dpsn.create(path, rows=100, dim=4, generator=SMALL) as p:
+        p.write([1], torch.ones(1, 4))
+        p.commit("a")
+    # a file where the write needs a directory: ENOTDIR, not a full disk
+    blocker = (
+        path / "data.zarr" / ("snapshots" if what == "snapshot" else "segments/" + "0" * 15 + "2")
+    )
+    blocker.write_bytes(b"")
+    with dpsn.open(path, "r+") as p:
+        p.write([2], torch.ones(1, 4))
+        with pytest.raises(errors.StoreWriteError) as e:
+            p.snapshot("x") if what == "snapshot" else p.commit("b")
+        assert not isinstance(e.value, errors.StoreFullError) and isinstance(e.value, OSError)
+        assert e.value.errno == errno.ENOTDIR and "Not a directory" in str(e.value)
+        assert p.snapshots() == {} and p.head == 2
+        blocker.unlink()
+        p.snapshot("x") if what == "snapshot" else p.commit("b")
+    assert not verify(path)
+
+
 def test_gc_removes_unpinned_snapshot_indexes(tmp_path):
     path = tmp_path / "s"
     make(path)

@@ -62,6 +62,7 @@ from dpsn.errors import (
     StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
+    StoreWriteError,
 )
 
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
@@ -186,6 +187,16 @@ def _full(e: OSError, what: str) -> StoreFullError:
         f"{what}: {e}. The store is unchanged; free space (or raise the file-size limit) "
         "and try again."
     )
+
+
+def _write_failed(e: OSError, what: str) -> StoreFullError | StoreWriteError:
+    """The typed error of a failed write: ``StoreFullError`` for a full disk (or file-size
+    limit or quota), else ``StoreWriteError`` with the OS error's ``errno``."""
+    if e.errno in _DISK_FULL:
+        return _full(e, what)
+    err = StoreWriteError(f"{what}: {e}. The store is unchanged; fix the cause and try again.")
+    err.errno = e.errno
+    return err
 
 
 def check_snapshot_name(name: Any) -> str:
@@ -818,7 +829,9 @@ class PersistedStore:
             fsync_dir(parent)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _full(e, f"could not write the snapshot index {final.name}") from e
+            if isinstance(e, StoreFullError | StoreWriteError):
+                raise
+            raise _write_failed(e, f"could not write the snapshot index {final.name}") from e
 
     def _snapshot_arrays_ok(self, path: Path, rows: int, sums: dict[str, int]) -> bool:
         try:
@@ -942,9 +955,9 @@ class PersistedStore:
                 self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
                 ignore_errors=True,
             )
-            if isinstance(e, StoreFullError):
+            if isinstance(e, StoreFullError | StoreWriteError):
                 raise
-            raise _full(e, f"could not write commit {commit_id}") from e
+            raise _write_failed(e, f"could not write commit {commit_id}") from e
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}

@@ -13,6 +13,7 @@ fill value; the checksum catches all three, at every read and in ``verify``.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError
+from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError, StoreWriteError
 
 from ._format import (
     COMPRESSOR_NAMES,
@@ -214,6 +215,13 @@ class SegmentStore:
             fsync_dir(self.root)
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                err = StoreWriteError(
+                    f"could not write segment {name}: {e}. The store is unchanged; fix the "
+                    "cause and commit again (staged rows are kept)."
+                )
+                err.errno = e.errno
+                raise err from e
             raise StoreFullError(
                 f"could not write segment {name}: {e}. The store is unchanged; free space and "
                 "commit again (staged rows are kept)."
