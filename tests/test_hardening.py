@@ -117,6 +117,24 @@ def test_truncated_lmdb_file_is_an_error_never_a_signal(tmp_path):
         assert f"{n} size after {n}" in out.stdout  # not re-initialised, not grown
 
 
+def test_a_meta_page_naming_more_pages_than_any_index_is_damage(tmp_path):
+    """Review of issue 14: the walk sized a page map from the meta page's last page, which a
+    sparse file backs whatever it says: a MemoryError (or a huge allocation), not damage."""
+    from dpsn.tiers._lmdbfile import MAX_FILE_BYTES, read_meta
+
+    path = tmp_path / "s"
+    make(path, rows=10)
+    data = path / "index.lmdb" / "data.mdb"
+    meta = read_meta(data)
+    huge = MAX_FILE_BYTES // meta.page_size
+    with open(data, "r+b") as f:  # last_page of the newer meta page (after its header)
+        f.seek((meta.txnid & 1) * meta.page_size + 16 + 4 + 4 + 8 + 8 + 48 + 48)
+        f.write(struct.pack("<Q", huge))
+    for attempt in (lambda: dpsn.open(path), lambda: PersistedStore.open(path, writable=False)):
+        with pytest.raises(errors.CorruptStoreError, match="dpsn lets an index grow to"):
+            attempt()
+
+
 def _find_live(data: Path, needle: bytes) -> int:
     """Where ``needle`` is in a page the newest transaction uses (freed pages keep old
     copies of entries)."""
