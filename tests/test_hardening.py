@@ -66,8 +66,8 @@ def edit_lmdb(path: Path, fn) -> None:
 
 
 def as_legacy(txn, dbs) -> None:
-    """Drop the digests: the store then looks written by a dpsn that did not keep them, so
-    what is tested is the cross-check itself, not the digest that would catch it first."""
+    """Drop the digests, so what is tested is the cross-check itself, not the digest that would
+    catch it first (verify also reports the lost digests: the commits carry index_digest)."""
     txn.delete(b"digests", db=dbs[b"meta"])
 
 
@@ -173,6 +173,16 @@ def test_flipped_byte_in_the_row_index_is_caught_on_open_and_by_verify(tmp_path,
     with pytest.raises(errors.CorruptStoreError, match=r"digest|order"):
         dpsn.open(path)
     assert verify(path)
+
+
+def test_lost_digests_of_a_store_that_keeps_them_are_a_problem(tmp_path):
+    """Review of issue 14: deleting meta/digests from a store whose commits carry index_digest
+    made verify note "written by a dpsn that did not keep them" and pass."""
+    path = tmp_path / "s"
+    make(path, rows=10)
+    edit_lmdb(path, as_legacy)
+    problems = verify(path)
+    assert any("no meta/digests" in p for p in problems), problems
 
 
 def test_verify_compares_the_index_with_the_commit_record(tmp_path):
