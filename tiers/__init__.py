@@ -4,6 +4,8 @@
 <- procedural generator) and ``RowBatch`` the handle executors compute with. ``PersistedStore``
 is the disk tier (LMDB index + Zarr segments); it knows rows, segments and commits, nothing of
 models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints).
+``router_format`` is the module of the router format's torch-free checks (``dpsn.index`` saves
+and loads routers with it, ``verify`` checks them with it alone).
 
 The names below load on first use: ``import dpsn.tiers`` (or one of its torch-free modules, such
 as ``dpsn.tiers._format`` or ``dpsn.tiers._info``) must not import torch or zarr, so that the
@@ -42,15 +44,20 @@ _LAZY = {
     "load_generator": "._procedural",
     "make_policy": "._policies",
     "policies": "._policies",
+    "read_manifest": "._format",
     "register_policy": "._policies",
     "storage_dtype": "._persisted",
+    "tree_bytes": "._info",
 }
+# Names that are modules of this package, loaded on first use like the names above.
+_LAZY_MODULES = {"router_format": "._router_check"}
 
 if TYPE_CHECKING:
+    from . import _router_check as router_format
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
-    from ._format import FORMAT_VERSION, Manifest
-    from ._info import StoreFacts
+    from ._format import FORMAT_VERSION, Manifest, read_manifest
+    from ._info import StoreFacts, tree_bytes
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
@@ -62,6 +69,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        value = importlib.import_module(_LAZY_MODULES[name], __name__)
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dpsn.tiers' has no attribute {name!r}")
@@ -71,7 +82,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *_LAZY, *_LAZY_MODULES])
 
 
 __all__ = [
@@ -100,6 +111,9 @@ __all__ = [
     "load_generator",
     "make_policy",
     "policies",
+    "read_manifest",
     "register_policy",
+    "router_format",
     "storage_dtype",
+    "tree_bytes",
 ]

@@ -61,7 +61,7 @@ from ._format import (
 from ._lmdb import Env, acquire_env, release_env
 from ._records import Commit, generator_record, parse_record, read_u64, snapshot_record
 
-__all__ = ["DTYPE_BYTES", "StoreFacts"]
+__all__ = ["DTYPE_BYTES", "StoreFacts", "tree_bytes"]
 
 # Bytes per element of each pool dtype as stored (bfloat16 goes to disk as uint16).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -312,7 +312,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
             result = store.gc(dry_run=args.dry_run, progress=progress)
         if args.dry_run:  # what removing them would free (the tier counts it only when it does)
-            from dpsn.tiers._info import tree_bytes
+            from dpsn.tiers import tree_bytes
 
             seg_dir = store.root / "data.zarr" / "segments"
             doomed = result["removed_segments"] + result["orphan_segments"]
