@@ -410,6 +410,63 @@ print("AGAIN", peak() - base, flush=True)
 """
 
 
+def test_verify_checks_a_hostile_segments_chunks_one_at_a_time(tmp_path):
+    """Review of issue 14: a segment read decoded its whole span before comparing checksums,
+    so a record and zarr.json claiming 3 GiB of ids (chunks missing: they read as zeros) made
+    verify allocate all of it before the first checksum failed."""
+    path = tmp_path / "s"
+    make(path)
+    rows, chunk = 24 << 24, 1 << 24  # 24 chunks of 128 MiB of int64 ids
+
+    def grow(txn, dbs):
+        as_legacy(txn, dbs)
+        key = struct.pack(">Q", 1)
+        rec = json.loads(txn.get(key, db=dbs[b"segments"]))
+        rec |= {"rows": rows, "chunk_rows": chunk}
+        rec["checksums"] |= {"ids": [0] * (rows // chunk), "deltas": [0] * (rows // chunk)}
+        txn.put(key, seal_record(rec), db=dbs[b"segments"])
+
+    edit_lmdb(path, grow)
+    ids = path / "data.zarr" / "segments" / f"{1:016x}" / "ids"
+    meta = json.loads((ids / "zarr.json").read_text())
+    meta["shape"] = [rows]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [chunk]
+    (ids / "zarr.json").write_text(json.dumps(meta))
+    import shutil
+
+    shutil.rmtree(ids / "c")
+    out = run_py(
+        """
+        import resource, sys
+        from pathlib import Path
+        from dpsn.tiers import PersistedStore
+        store = PersistedStore.open(Path(sys.argv[1]), writable=False)
+        problems = store.verify().problems
+        print("CHUNK", any("ids chunks 0..0" in p for p in problems), flush=True)
+        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, flush=True)
+        """,
+        str(path),
+    )
+    assert "CHUNK True" in out.stdout, out.stdout + out.stderr[-2000:]
+    peak = int(out.stdout.split("PEAK")[1])
+    assert peak < 1024, f"verify peaked at {peak} MiB"  # 3 GiB if the span were read whole
+
+
+def test_a_snapshot_record_with_the_wrong_rows_is_refused_before_reading(tmp_path):
+    path = tmp_path / "s"
+    make(path)
+
+    def inflate(txn, dbs):
+        as_legacy(txn, dbs)
+        rec = json.loads(txn.get(b"s1", db=dbs[b"snapshots"]))
+        txn.put(b"s1", seal_record(rec | {"rows": 1 << 40}), db=dbs[b"snapshots"])
+
+    edit_lmdb(path, inflate)
+    with pytest.raises(errors.CorruptStoreError, match="recorded"):
+        dpsn.open(path, at="s1")
+    assert any("recorded" in p for p in verify(path))
+
+
 def _bomb_chunk(path: Path) -> tuple[Path, str]:
     seg = path / "data.zarr" / "segments" / "0000000000000001" / "deltas"
     return seg / "c" / "1" / "0", "0000000000000001"

@@ -869,6 +869,12 @@ class PersistedStore:
         """A snapshot's pinned index, checked: columns against the snapshot's checksums, the
         whole against the digest its commit recorded."""
         commit = record["commit"]
+        commit_record = self.commit_record(commit)
+        if record["rows"] != commit_record.persisted_rows:  # before rows are allocated
+            raise CorruptStoreError(
+                f"{self.root}: snapshot {name!r} holds {record['rows']} rows but commit "
+                f"{commit} recorded {commit_record.persisted_rows}; the index is damaged"
+            )
         path = self._snapshot_dir(commit)
         cols = {}
         for col in _SNAPSHOT_COLUMNS:
@@ -886,7 +892,7 @@ class PersistedStore:
         index = RowIndex(**cols)
         where = f"{self.root}: snapshot {name!r}"
         _check_index(index, self.manifest.rows, commit, where)
-        _check_digest(index, self.commit_record(commit), where)
+        _check_digest(index, commit_record, where)
         return index
 
     # -- commit --------------------------------------------------------------------------------

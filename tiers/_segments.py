@@ -299,21 +299,31 @@ class SegmentStore:
         return meta
 
     def _read_span(self, rec: SegmentRecord, key: str, chunk_lo: int, chunk_hi: int) -> np.ndarray:
-        """Read chunks [chunk_lo, chunk_hi) of one array and check each chunk's checksum."""
+        """Read chunks [chunk_lo, chunk_hi) of one array, checking each chunk's checksum as it
+        is read: a damaged or hostile chunk (or a missing one, which reads as zeros) fails before
+        the next is decoded, so what is held in memory past a check is one chunk. The output is
+        allocated up front but only written with checked chunks (its pages are touched as
+        they are filled)."""
         meta = self._array(rec, key)
         step = meta.chunks[0]
         expected = rec.checksums[key]
         if not 0 <= chunk_lo <= chunk_hi <= len(expected):
             raise self._damage(rec, key, chunk_lo, chunk_hi, "lie outside the segment")
-        try:
-            data = read_chunks(meta, chunk_lo, chunk_hi)
-        except CorruptStoreError as e:
-            raise self._damage(rec, key, chunk_lo, chunk_hi, f"cannot be decoded ({e})") from e
+        n = meta.shape[0]
+        lo_row, hi_row = chunk_lo * step, min(chunk_hi * step, n)
+        out = np.empty(
+            (max(0, hi_row - lo_row), *meta.shape[1:]), dtype=meta.dtype.newbyteorder("=")
+        )
         for c in range(chunk_lo, chunk_hi):
-            piece = data[(c - chunk_lo) * step : (c - chunk_lo + 1) * step]
+            try:
+                piece = read_chunks(meta, c, c + 1)
+            except CorruptStoreError as e:
+                raise self._damage(rec, key, c, c + 1, f"cannot be decoded ({e})") from e
             if xxhash.xxh64_intdigest(piece.data) != expected[c]:
                 raise self._damage(rec, key, c, c + 1, "fails its checksum")
-        return data
+            a = c * step - lo_row
+            out[a : a + len(piece)] = piece
+        return out
 
     def _damage(
         self, rec: SegmentRecord, key: str, chunk_lo: int, chunk_hi: int, what: str
