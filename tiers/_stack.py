@@ -586,12 +586,15 @@ class RowStack:
         :class:`RowBatch`. One sort finds the distinct rows, their use counts and the grouping
         the backward pass needs; one cache lookup pages them in."""
         flat = ids.reshape(-1).to(self.device)
-        ordered, order = torch.sort(flat, stable=True)
-        uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
-        inverse = torch.empty_like(flat)
-        inverse[order] = torch.repeat_interleave(
-            torch.arange(len(uniq), device=flat.device), counts
-        )
+        if kernels.usable(flat):  # one radix sort for all four
+            uniq, counts, inverse, order = kernels.group_ids(flat)
+        else:
+            ordered, order = torch.sort(flat, stable=True)
+            uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
+            inverse = torch.empty_like(flat)
+            inverse[order] = torch.repeat_interleave(
+                torch.arange(len(uniq), device=flat.device), counts
+            )
         inverse = inverse.reshape(ids.shape)
         with self.lock:
             cache = self.cache
