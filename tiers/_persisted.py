@@ -46,6 +46,7 @@ import xxhash
 import zarr
 from zarr.storage import LocalStore
 
+from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
@@ -99,6 +100,7 @@ from ._format import (
 from ._generator_shapes import generator_shapes
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
+from ._names import check_router_name
 from ._records import (
     Commit,
     VerifyReport,
@@ -115,7 +117,6 @@ from ._zarrsafe import read_array, read_array_meta
 
 __all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
 
-_ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
@@ -665,8 +666,7 @@ class PersistedStore:
     # -- routers -------------------------------------------------------------------------------
 
     def router_dir(self, name: str, version: int) -> Path:
-        if not _ROUTER_NAME.fullmatch(name) or name in (".", ".."):
-            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
+        check_router_name(name)
         return self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{_commit_key(version):016x}"
 
     def router_group(self, name: str, version: int, *, write: bool) -> zarr.Group:
@@ -1111,11 +1111,13 @@ class PersistedStore:
 
 
 def storage_dtype(name: str) -> np.dtype:
-    """The numpy dtype a pool dtype is stored as (zarr has no bfloat16: it goes as uint16)."""
-    table = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
-    if name not in table:
-        raise CorruptStoreError(f"dtype {name!r} is not one dpsn stores; known: {', '.join(table)}")
-    return np.dtype(table[name])
+    """The numpy dtype a pool dtype is stored as (``dpsn/_dtypes.py``'s table); a manifest
+    naming any other is damage."""
+    if name not in POOL_DTYPES:
+        raise CorruptStoreError(
+            f"dtype {name!r} is not one dpsn stores; known: {', '.join(POOL_DTYPES)}"
+        )
+    return STORAGE[name]
 
 
 def _keys(ids: np.ndarray) -> list[bytes]:
