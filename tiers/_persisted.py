@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ from ._format import (
     DB_ROWS,
     DB_SEGMENTS,
     DB_SNAPSHOTS,
+    FORMAT_LIFECYCLE,
+    FORMAT_PLAIN,
     FORMAT_VERSION,
     GENERATOR_GROUP,
     LMDB_DIR,
@@ -60,6 +62,7 @@ from ._format import (
     SEGMENT_DROPS,
     SEGMENT_IDS,
     SEGMENT_STATE,
+    SEGMENT_USAGE,
     ZARR_DIR,
     Manifest,
     fsync_tree,
@@ -98,6 +101,9 @@ class Commit:
     stats: dict[str, Any] | None = None
     # Routers saved with the store: name -> {"version": commit that wrote it, "digest": hex}.
     routers: dict[str, dict[str, Any]] | None = None
+    # The row lifecycle as of this commit: its policy, clocks, thresholds and health figures
+    # (JSON; dpsn.pool validates it when it reads it back). None: the store has no lifecycle.
+    lifecycle: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +189,7 @@ class PersistedStore:
         generator_state: dict[str, np.ndarray],
         *,
         map_size: int = DEFAULT_MAP_SIZE,
+        lifecycle: dict[str, Any] | None = None,
     ) -> PersistedStore:
         root = Path(root)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -209,10 +216,12 @@ class PersistedStore:
             segment=None,
             generator=1,
             provenance=_digest(spec_digest, gen_record),
+            lifecycle=lifecycle,
         )
+        version = FORMAT_PLAIN if lifecycle is None else FORMAT_LIFECYCLE
 
         def init(txn: lmdb.Transaction) -> None:
-            txn.put(META_FORMAT, u64_key(FORMAT_VERSION), db=env.dbs[DB_META])
+            txn.put(META_FORMAT, u64_key(version), db=env.dbs[DB_META])
             txn.put(META_HEAD, u64_key(1), db=env.dbs[DB_META])
             txn.put(META_NEXT_SEGMENT, u64_key(1), db=env.dbs[DB_META])
             txn.put(
@@ -343,6 +352,13 @@ class PersistedStore:
         return out
 
     # -- index and history ---------------------------------------------------------------------
+
+    def format_version(self) -> int:
+        """The format version the LMDB index records (``FORMAT_LIFECYCLE`` once a commit
+        recorded a lifecycle)."""
+        return self._env.read(
+            lambda txn: _u64(txn.get(META_FORMAT, db=self._env.dbs[DB_META]), "format version")
+        )
 
     def head(self) -> int:
         return self._env.read(
@@ -560,13 +576,18 @@ class PersistedStore:
         generator_state: dict[str, np.ndarray] | None = None,
         routers: dict[str, str] | None = None,
         state: np.ndarray | None = None,
+        usage: np.ndarray | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> tuple[Commit, RowIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
 
         ``generator_state`` (new generator weights) is written as a new generator version;
         ``routers`` maps names to digests of routers the caller has already written with
-        :meth:`router_group` for this commit. Both join the provenance hash."""
+        :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
+        ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
+        the commit record, and the first commit that has one raises the store's format
+        version to ``FORMAT_LIFECYCLE``."""
         self._require_writer()
         env = self._env
         current = self.head()
@@ -593,6 +614,7 @@ class PersistedStore:
                 # A small commit gets one tight chunk instead of a mostly-padding one.
                 chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
                 state=state,
+                usage=usage,
             )
         gen_version, gen_record = parent.generator, None
         if generator_state is not None:
@@ -619,6 +641,7 @@ class PersistedStore:
             ),
             stats=stats,
             routers=router_records or None,
+            lifecycle=lifecycle,
         )
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
         values["segment"] = segment_id
@@ -651,6 +674,10 @@ class PersistedStore:
                 u64_key(commit_id), json.dumps(record.to_json()).encode(), db=env.dbs[DB_COMMITS]
             )
             txn.put(META_HEAD, u64_key(commit_id), db=env.dbs[DB_META])
+            if lifecycle is not None:
+                meta = env.dbs[DB_META]
+                if _u64(txn.get(META_FORMAT, db=meta), "format version") < FORMAT_LIFECYCLE:
+                    txn.put(META_FORMAT, u64_key(FORMAT_LIFECYCLE), db=meta)
 
         try:
             env.write(flip)
@@ -663,17 +690,49 @@ class PersistedStore:
     # -- reading deltas ------------------------------------------------------------------------
 
     def read_deltas(
-        self, index: RowIndex, ids: np.ndarray, *, state_width: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, index: RowIndex, ids: np.ndarray, *, state_width: int = 0, usage_width: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Committed deltas of ``ids`` (any order, repeats allowed) under ``index``: a mask of
-        which ids have one, their rows (storage dtype) in the order of ``ids[mask]``, and their
-        per-row state ``[n, state_width]`` (zeros where a segment holds none of that width)."""
-        pos, found = index.find(ids)
-        pos = pos[found]
+        which ids have one, their rows (storage dtype) in the order of ``ids[mask]``, their
+        per-row state ``[n, state_width]`` (zeros where a segment holds none of that width) and
+        their usage statistics ``[n, usage_width]`` float64 (NaN rows where a segment holds none
+        of that width: written before the store had a lifecycle)."""
+        found, pos = self._found(index, ids)
         out = np.empty((len(pos), self.manifest.dim), dtype=self.storage_dtype)
         state = np.zeros((len(pos), state_width), dtype="<f4")
+        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
+        for rec, at, offsets in self._by_segment(index, pos):
+            out[at] = self.segments.gather(rec, offsets)
+            if state_width and rec.state_width == state_width:
+                state[at] = self.segments.gather(rec, offsets, SEGMENT_STATE)
+            if usage_width and rec.usage_width == usage_width:
+                usage[at] = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+        return found, out, state, usage
+
+    def read_usage(
+        self, index: RowIndex, ids: np.ndarray, usage_width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`read_deltas`, but only the usage statistics (NaN rows where a segment
+        has none): what a consolidation needs of rows that are neither cached nor staged."""
+        found, pos = self._found(index, ids)
+        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
+        for rec, at, offsets in self._by_segment(index, pos):
+            if usage_width and rec.usage_width == usage_width:
+                usage[at] = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+        return found, usage
+
+    @staticmethod
+    def _found(index: RowIndex, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos, found = index.find(ids)
+        return found, pos[found]
+
+    def _by_segment(
+        self, index: RowIndex, pos: np.ndarray
+    ) -> Iterator[tuple[SegmentRecord, np.ndarray, np.ndarray]]:
+        """For index positions ``pos``: per segment, its record, where its rows go in the
+        output and their offsets in the segment (ascending)."""
         if len(pos) == 0:
-            return found, out, state
+            return
         seg = index.segment[pos]
         off = index.offset[pos]
         order = np.lexsort((off, seg))  # group by segment, offsets ascending within each
@@ -683,10 +742,7 @@ class PersistedStore:
         ends = np.concatenate([bounds, [len(order)]])
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             rec = self.segment_record(int(seg_sorted[a]))
-            out[order[a:b]] = self.segments.gather(rec, off_sorted[a:b])
-            if state_width and rec.state_width == state_width:
-                state[order[a:b]] = self.segments.gather(rec, off_sorted[a:b], SEGMENT_STATE)
-        return found, out, state
+            yield rec, order[a:b], off_sorted[a:b]
 
     # -- maintenance ---------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Delta segments: immutable, compressed, checksummed column groups in Zarr.
 
 A commit writes one segment: the sorted ids it wrote, their deltas (and any further per-row
-columns, such as optimizer state), and the ids it dropped. A segment is written once under a
-fresh name, fsynced, and only then made visible by the LMDB commit, so a crash leaves at worst an
-unreferenced directory that ``gc`` removes. Zarr writes several chunks non-atomically and never
-fsyncs (STORAGE-NOTES.md), which is why segments are never rewritten in place.
+columns: a row optimizer's state, the lifecycle's usage statistics), and the ids it dropped. A
+segment is written once under a fresh name, fsynced, and only then made visible by the LMDB
+commit, so a crash leaves at worst an unreferenced directory that ``gc`` removes. Zarr writes
+several chunks non-atomically and never fsyncs (STORAGE-NOTES.md), which is why segments are
+never rewritten in place.
 
 Every chunk carries an XXH64 of its decoded bytes in the segment's LMDB record. Decoding a
 damaged chunk may fail loudly or silently produce garbage, and a missing chunk file reads as the
@@ -32,6 +33,7 @@ from ._format import (
     SEGMENT_DROPS,
     SEGMENT_IDS,
     SEGMENT_STATE,
+    SEGMENT_USAGE,
     SEGMENTS_GROUP,
     fsync_dir,
     fsync_tree,
@@ -72,6 +74,7 @@ class SegmentRecord:
     raw_bytes: int
     stored_bytes: int
     state_width: int = 0
+    usage_width: int = 0
 
     @property
     def name(self) -> str:
@@ -89,6 +92,7 @@ class SegmentRecord:
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.stored_bytes,
             "state_width": self.state_width,
+            "usage_width": self.usage_width,
         }
 
     @classmethod
@@ -104,6 +108,7 @@ class SegmentRecord:
             raw_bytes=int(raw["raw_bytes"]),
             stored_bytes=int(raw["stored_bytes"]),
             state_width=int(raw.get("state_width", 0)),
+            usage_width=int(raw.get("usage_width", 0)),
         )
 
 
@@ -134,6 +139,7 @@ class SegmentStore:
         *,
         chunk_rows: int,
         state: np.ndarray | None = None,
+        usage: np.ndarray | None = None,
     ) -> SegmentRecord:
         """Write a segment durably. The caller holds the writer lock and has not yet published
         ``segment_id`` in LMDB, so any directory of that name is a crashed commit's leftover."""
@@ -153,6 +159,11 @@ class SegmentStore:
                 arrays[SEGMENT_STATE] = (
                     state.astype("<f4", copy=False),
                     (chunk_rows, state.shape[1]),
+                )
+            if usage is not None and usage.shape[1] > 0:
+                arrays[SEGMENT_USAGE] = (
+                    usage.astype("<f8", copy=False),
+                    (chunk_rows, usage.shape[1]),
                 )
             checksums: dict[str, list[int]] = {}
             for key, (data, chunks) in arrays.items():
@@ -188,6 +199,7 @@ class SegmentStore:
             raw_bytes=raw,
             stored_bytes=dir_bytes(path),
             state_width=0 if state is None else int(state.shape[1]),
+            usage_width=0 if usage is None else int(usage.shape[1]),
         )
 
     def remove(self, segment_id: int) -> int:
@@ -241,6 +253,7 @@ class SegmentStore:
         want_dtype, want_tail = {
             SEGMENT_DELTAS: (self.storage_dtype, (rec.dim,)),
             SEGMENT_STATE: (np.dtype("<f4"), (rec.state_width,)),
+            SEGMENT_USAGE: (np.dtype("<f8"), (rec.usage_width,)),
         }.get(key, (np.dtype("<i8"), ()))
         if data.dtype != want_dtype or data.shape[1:] != want_tail:
             raise self._damage(rec, key, chunk_lo, chunk_hi, "has the wrong dtype or shape")
@@ -278,12 +291,14 @@ class SegmentStore:
     def gather(
         self, rec: SegmentRecord, offsets: np.ndarray, key: str = SEGMENT_DELTAS
     ) -> np.ndarray:
-        """Rows at sorted ``offsets`` of a segment's deltas (or state): whole chunks are read in
-        contiguous runs (one zarr call per run, never per row) and sliced in numpy."""
+        """Rows at sorted ``offsets`` of a segment's deltas (or state, or usage): whole chunks are
+        read in contiguous runs (one zarr call per run, never per row) and sliced in numpy."""
         cr = rec.chunk_rows
         chunks = np.unique(offsets // cr)
         if key == SEGMENT_STATE:
             out = np.empty((len(offsets), rec.state_width), dtype="<f4")
+        elif key == SEGMENT_USAGE:
+            out = np.empty((len(offsets), rec.usage_width), dtype="<f8")
         else:
             out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
         for lo, hi in _runs(chunks):
