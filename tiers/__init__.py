@@ -54,9 +54,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._format import FORMAT_VERSION, Manifest
+    from ._health import lifecycle_health
     from ._info import StoreFacts
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
     from ._rowindex import RowIndex
     from ._segments import COMPRESSORS
     from ._slot_table import SlotTable
-    from . import _usage as usage
-    from ._health import lifecycle_health
     from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
     from ._usage import UsageClock, UsageIndex, UsageRules
 

@@ -353,13 +353,6 @@ class PersistedStore:
 
     # -- index and history ---------------------------------------------------------------------
 
-    def format_version(self) -> int:
-        """The format version the LMDB index records (``FORMAT_LIFECYCLE`` once a commit
-        recorded a lifecycle)."""
-        return self._env.read(
-            lambda txn: _u64(txn.get(META_FORMAT, db=self._env.dbs[DB_META]), "format version")
-        )
-
     def head(self) -> int:
         return self._env.read(
             lambda txn: _u64(txn.get(META_HEAD, db=self._env.dbs[DB_META]), "head")
