@@ -619,3 +619,31 @@ def test_region_usage(tmp_path):
         assert bool((r["freq"][[0, 1]] > 0).all()) and float(r["freq"][2]) == 0.0
         want = np.floor(50 * np.log1p(r["freq"].numpy()) + 2 * r["novelty"].numpy())
         assert r["budget"].tolist() == want.astype(int).tolist()
+
+
+def test_dpsn_inspect_without_torch_shows_decayed_deltas(tmp_path, capsys):
+    """``inspect --no-base`` reads the store without torch: it applies the lazy decay as the
+    format says, and agrees with the pool."""
+    from dpsn.tools.cli import main
+
+    with make(tmp_path / "s", dpsn.Lifecycle(decay=0.5)) as pool:
+        pool.write([3, 4], torch.full((2, DIM), 2.0))
+        for _ in range(3):
+            pool.commit()
+        want = pool.delta([3, 4, 5]).norm(dim=1)
+    assert float(want[0]) == pytest.approx(2.0 * math.sqrt(DIM) * 0.25)
+    assert main(["inspect", "--no-base", "--json", str(tmp_path / "s"), "3", "4", "5"]) == 0
+    got = [r["delta_norm"] for r in json.loads(capsys.readouterr().out)]
+    assert got == pytest.approx(want.tolist())
+
+
+def test_store_facts_count_the_usage_column(tmp_path):
+    from dpsn.tiers import StoreFacts
+
+    with make(tmp_path / "s") as pool:
+        pool.write([1, 2, 3], torch.ones(3, DIM))
+        pool.commit()
+    with StoreFacts(tmp_path / "s") as facts:
+        info = facts.info()
+    assert info["format_version"] == 2
+    assert info["live_bytes"] == 3 * (8 + DIM * 4 + 10 * 8) and info["live_bytes_exact"]

@@ -46,6 +46,7 @@ _LAZY = {
     "check_policy": "._policies",
     "check_router_name": "._names",
     "lifecycle_health": "._health",
+    "pending_decay": "._health",
     "load_generator": "._procedural",
     "make_policy": "._policies",
     "policies": "._policies",
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._format import FORMAT_VERSION, Manifest
-    from ._health import lifecycle_health
+    from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
@@ -120,6 +121,7 @@ __all__ = [
     "lifecycle_health",
     "load_generator",
     "make_policy",
+    "pending_decay",
     "policies",
     "register_policy",
     "storage_dtype",

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from dpsn.errors import CorruptStoreError
+
+from ._usage_fields import EPOCH, FREE, PHASE
+
 _COUNTS = ("screened_rows", "free_rows", "held_rows", "screened_bytes", "free_bytes")
 _TOTALS = {
     "consolidations": "consolidations",
@@ -69,3 +75,33 @@ def lifecycle_health(record: Any) -> dict[str, Any] | None:
     out["flags"] = flags
     out["ok"] = not flags
     return out
+
+
+def pending_decay(usage: np.ndarray, record: Any) -> np.ndarray:
+    """``[n]`` float64: what multiplies stored deltas to give their values at a commit whose
+    ``lifecycle`` record is ``record`` (docs/format.md: a FREE row's value is
+    ``stored * (1 - decay) ** max(0, epoch - EPOCH)``), for rows whose ``usage`` rows are given
+    (``[n, 10]``; NaN rows: written before the lifecycle, FREE with EPOCH 0). All 1 without a
+    lifecycle. ``dpsn.pool`` computes the same values with torch; this is for readers without
+    it (``dpsn inspect --no-base``)."""
+    if record is None:
+        return np.ones(len(usage))
+    policy = record.get("policy") if isinstance(record, dict) else None
+    decay = policy.get("decay") if isinstance(policy, dict) else None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if (
+        isinstance(decay, bool)
+        or not isinstance(decay, int | float)
+        or not 0 <= decay < 1
+        or isinstance(epoch, bool)
+        or not isinstance(epoch, int)
+        or not 0 <= epoch < 2**53
+    ):
+        raise CorruptStoreError("the commit's lifecycle record has no valid decay and epoch")
+    if len(usage) == 0:
+        return np.ones(0)
+    legacy = np.isnan(usage[:, PHASE])
+    start = np.where(legacy, 0.0, usage[:, EPOCH])
+    free = legacy | (usage[:, PHASE] == FREE)
+    k = np.maximum(epoch - start, 0.0)
+    return np.where(free, np.power(1.0 - float(decay), k), 1.0)

@@ -20,8 +20,7 @@ row is loaded (:func:`materialize`), and a consolidation sends cached FREE rows 
 rather than decaying them in place. So the same history gives the same bits whether or not,
 and for how long, a row was cached.
 
-Fields of the ``usage`` column (float64; counts and steps are exact integers below 2**53).
-Persisted in every segment written with a lifecycle: never renumber.
+The fields of the ``usage`` column are in ``_usage_fields.py`` (torch-free), re-exported here.
 """
 
 from __future__ import annotations
@@ -32,23 +31,24 @@ import numpy as np
 import torch
 
 from ._sorted import sorted_find
-
-PHASE = 0  # FREE (0) or SCREENED (1)
-USES = 1  # uses since the row got its delta (a page-in counts each use, a write one)
-LAST = 2  # the step of its last use: RECENT and HISTORY are as of that step
-RECENT = 3  # exponential moving average of "used in this step" (0..1), as of LAST
-HISTORY = 4  # bit i set: used at step LAST - i (HISTORY_BITS bits; the rolling history)
-UPDATE = 5  # moving average of its row gradients' norms (the size of its recent updates)
-NORM = 6  # norm of the stored delta (set when the delta leaves the cache): pruning needs no read
-EPOCH = 7  # the first consolidation that may decay the stored delta (FREE rows)
-SINCE = 8  # the consolidation of its last use, write or phase change: the idle clock
-BORN = 9  # the consolidation at which it got its delta (novelty of its region)
-WIDTH = 10
-FIELDS = ("phase", "uses", "last", "recent", "history", "update", "norm", "epoch", "since", "born")
-
-FREE, SCREENED = 0, 1
-HISTORY_BITS = 32
-HISTORY_MASK = (1 << HISTORY_BITS) - 1
+from ._usage_fields import (  # noqa: F401 (re-exported: the fields are part of this module's API)
+    BORN,
+    EPOCH,
+    FIELDS,
+    FREE,
+    HISTORY,
+    HISTORY_BITS,
+    HISTORY_MASK,
+    LAST,
+    NORM,
+    PHASE,
+    RECENT,
+    SCREENED,
+    SINCE,
+    UPDATE,
+    USES,
+    WIDTH,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,12 +176,13 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
     without torch: LMDB gets at HEAD, the persisted tier's index for a past commit."""
     import numpy as np
 
-    from dpsn.tiers import PersistedStore, RowIndex, StoreFacts
+    from dpsn.tiers import PersistedStore, RowIndex, StoreFacts, pending_decay
 
     with StoreFacts(path) as facts:
         _rows_arg(ids, facts.manifest.rows)
         commit = facts.resolve(at)
         head, where = facts.row_locations(ids)
+        lifecycle = facts.commit(commit).get("lifecycle")
     store = PersistedStore.open(Path(path), writable=False)
     try:
         if commit == head:
@@ -195,7 +196,8 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
         else:
             index = store.load_index(commit)
         query = np.array(ids, dtype=np.int64)
-        mask, values, _ = store.read_deltas(index, query)
+        width = 10 if lifecycle is not None else 0  # the usage column (docs/format.md)
+        mask, values, _, usage = store.read_deltas(index, query, usage_width=width)
         pos, present = index.find(query)
     finally:
         store.close()
@@ -203,6 +205,7 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
         values = (values.astype(np.uint32) << 16).view(np.float32)
     norms = np.zeros(len(ids))
     norms[mask] = np.linalg.norm(values.astype(np.float64), axis=1)
+    norms[mask] *= pending_decay(usage, lifecycle)  # a FREE row's delta decays lazily
     commits = np.where(present, index.commit[pos] if len(index) else 0, 0)
     return commit, norms.tolist(), [int(c) for c in commits]
 
