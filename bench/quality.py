@@ -333,10 +333,16 @@ def tune(
     for name, cfg in (("dense", dense_cfg), ("pool", pool_cfg)):
         run = lm.train(cfg, steps=steps, store=tmp / name, desc=name, **common)
         out[name] = {"val_bpb": run["val_bpb"], "tokens_per_s": run["tokens_per_s"]}
-    change = out["pool"]["val_bpb"] / out["dense"]["val_bpb"] - 1
+        if name == "dense":
+            seconds = run["train_seconds"]
+    run = lm.train(pool_cfg, seconds=seconds, store=tmp / "pt", desc="pool, time", **common)
+    out["pool_time_budget"] = {"val_bpb": run["val_bpb"], "steps": run["steps"]}
+    dense_bpb = out["dense"]["val_bpb"]
     print(
-        f"tune ({steps} steps, validation split): dense {out['dense']['val_bpb']:.4f}, "
-        f"pool {out['pool']['val_bpb']:.4f} ({change:+.1%}); tokens/s ratio "
+        f"tune ({steps} steps, validation split): dense {dense_bpb:.4f}, pool "
+        f"{out['pool']['val_bpb']:.4f} ({out['pool']['val_bpb'] / dense_bpb - 1:+.1%}), pool "
+        f"at equal time {run['val_bpb']:.4f} ({run['val_bpb'] / dense_bpb - 1:+.1%}, "
+        f"{run['steps']} steps); tokens/s ratio "
         f"{out['pool']['tokens_per_s'] / out['dense']['tokens_per_s']:.2f}; pool config "
         f"{asdict(pool_cfg)}"
     )

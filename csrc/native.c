@@ -81,14 +81,18 @@ static PyObject *cuckoo_find(PyObject *self, PyObject *args) {
 }
 
 /* A hot read: find every id's slot and, if all are cached, copy their rows (`width` bytes
- * each) into `out`. Returns the number of ids not found (then `out` is not written). */
+ * each) into `out` and, given `last` (an LRU policy's float64 column), stamp each slot with
+ * `step`. Returns the number of ids not found (then nothing is written but the slots). The
+ * table entry of an id a few ahead is prefetched: the probes are independent cache misses, so
+ * they can overlap. */
 static PyObject *find_gather(PyObject *self, PyObject *args) {
-    unsigned long long entries_p, slot_ids_p, ids_p, out_slots_p, table_p, out_p;
+    unsigned long long entries_p, slot_ids_p, ids_p, out_slots_p, table_p, out_p, last_p;
     long long n, half, capacity, mult0, mult1, width;
+    double step;
     int bits, wide;
-    if (!PyArg_ParseTuple(args, "KiLiLLLKKLKKLK", &entries_p, &wide, &half, &bits, &mult0,
+    if (!PyArg_ParseTuple(args, "KiLiLLLKKLKKLKKd", &entries_p, &wide, &half, &bits, &mult0,
                           &mult1, &capacity, &slot_ids_p, &ids_p, &n, &out_slots_p, &table_p,
-                          &width, &out_p)) {
+                          &width, &out_p, &last_p, &step)) {
         return NULL;
     }
     const int32_t *e32 = (const int32_t *)entries_p;
@@ -98,9 +102,15 @@ static PyObject *find_gather(PyObject *self, PyObject *args) {
     int64_t *out_slots = (int64_t *)out_slots_p;
     const char *table = (const char *)table_p;
     char *out = (char *)out_p;
+    double *last = (double *)last_p;
     long long misses = 0, bad = 0;
+    const long long ahead = 8;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
+        if (i + ahead < n) {
+            const int64_t at = place(ids[i + ahead], mult0, bits);
+            __builtin_prefetch(wide ? (const void *)(e64 + at) : (const void *)(e32 + at));
+        }
         const int64_t id = ids[i];
         int64_t at = place(id, mult0, bits);
         int64_t s = wide ? e64[at] : (int64_t)e32[at];
@@ -115,7 +125,9 @@ static PyObject *find_gather(PyObject *self, PyObject *args) {
     }
     if (!bad && misses == 0) {
         for (long long i = 0; i < n; i++) {
+            if (i + 4 < n) __builtin_prefetch(table + out_slots[i + 4] * width);
             memcpy(out + i * width, table + out_slots[i] * width, (size_t)width);
+            if (last) last[out_slots[i]] = step;
         }
     }
     Py_END_ALLOW_THREADS

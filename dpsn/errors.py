@@ -10,11 +10,15 @@ from __future__ import annotations
 
 __all__ = [
     "CacheCapacityError",
+    "CacheTooLargeError",
     "CorruptSegmentError",
     "CorruptStoreError",
     "DpsnError",
+    "InvalidArgumentError",
     "InvalidDeltaError",
+    "InvalidDeviceError",
     "InvalidIdsError",
+    "InvalidSnapshotNameError",
     "LifecycleError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
@@ -30,6 +34,23 @@ __all__ = [
 
 class DpsnError(Exception):
     """Base class of every error dpsn raises deliberately."""
+
+
+class InvalidArgumentError(DpsnError, ValueError):
+    """An argument is out of range or malformed (checked before anything is written)."""
+
+
+class InvalidDeviceError(InvalidArgumentError):
+    """``device=`` names no device torch knows, or one this machine does not have."""
+
+
+class CacheTooLargeError(InvalidArgumentError, MemoryError):
+    """``cache_rows`` asks for a cache larger than the device's memory."""
+
+
+class InvalidSnapshotNameError(InvalidArgumentError):
+    """A snapshot name that cannot be stored (empty, too long, not UTF-8, '/', control
+    characters, or all digits, which would read as a commit id)."""
 
 
 class InvalidIdsError(DpsnError, ValueError):

@@ -82,9 +82,12 @@ def find_gather(
     capacity: int,
     ids: torch.Tensor,
     table: torch.Tensor,
+    last: torch.Tensor | None = None,
+    step: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A hot read in one pass: the slots of ``ids`` and their rows of ``table`` (``[capacity,
-    dim]``, any dtype), or None if some id is not cached (nothing gathered then)."""
+    dim]``, any dtype), or None if some id is not cached (nothing gathered then). ``last``: an
+    LRU policy's float64 ``[capacity]`` column, stamped with ``step`` for every slot read."""
     assert _lib is not None
     n = len(ids)
     slots = torch.empty(n, dtype=torch.int64)
@@ -106,6 +109,8 @@ def find_gather(
         table.data_ptr(),
         table.shape[1] * table.element_size(),
         out.data_ptr(),
+        0 if last is None else _check(last, torch.float64, (capacity,)),
+        step,
     )
     return None if misses else (slots, out)
 

@@ -16,9 +16,13 @@ Layout of the group the caller passes (e.g. ``routers/main`` of the store's Zarr
 
 Nothing is pickled and nothing is ``torch.load``-ed: a router read from a stranger's store can
 only fill tensors. Before an array is read, its name, dtype (plain numbers only), shape (the one
-the config implies, so a crafted store cannot make the load allocate what it likes) and codecs
-(a short allow-list, so no codec registered by some other installed package decodes it) are
-checked; after, its blake2b. The FAISS blobs are never deserialised at all: each router rebuilds
+its array file has, and the one the config implies, so a crafted store cannot make the load
+allocate what it likes) and codecs (a short allow-list, so no codec registered by some other
+installed package decodes it) are checked; after, its blake2b. The torch-free part of these
+checks lives in ``_router_check.py`` (``verify`` uses it alone). Building the module from a
+config is itself bounded: its allocations may not exceed a few times the state its manifest
+lists, so an edited config that asks for gigantic weights is refused before they exist. The
+FAISS blobs are never deserialised at all: each router rebuilds
 its index from its buffers and compares the bytes. Arrays are written before the manifest, so a
 save killed half way leaves a manifest whose digests do not match and the load refuses it
 (rather than routing with a mix of old and new state).
@@ -26,17 +30,35 @@ save killed half way leaves a manifest whose digests do not match and the load r
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from torch.utils._python_dispatch import TorchDispatchMode
 from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
 
-from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
+from dpsn.errors import CorruptStoreError
+from dpsn.tiers._router_check import (
+    ATTR,
+    CODECS,
+    DTYPES,
+    FLOATS,
+    FORMAT_VERSION,
+    KIND_NAMES,
+    RouterCheck,
+    UnknownRouterKindError,
+    array_digest,
+    array_meta,
+    check_header,
+    check_manifest_structure,
+    manifest_digest,
+    read_checked,
+    read_manifest,
+)
 
 from ._base import Router
 from ._config import config_json
@@ -47,50 +69,18 @@ from ._vq import VQRouter
 
 __all__ = ["FORMAT_VERSION", "ROUTER_KINDS", "load_router", "router_digest", "save_router"]
 
-FORMAT_VERSION = 1  # never renumber
-ATTR = "dpsn_router"
 # Persisted kind names -> classes. Never rename a key; add new kinds only.
 ROUTER_KINDS: dict[str, type[Router]] = {
     "product_keys": ProductKeyRouter,
     "vq": VQRouter,
     "lsh": LSHRouter,
 }
-_DIGEST_SIZE = 32
-# Persisted dtype names (the manifest's "dtype") -> the numpy dtype the zarr array holds.
-_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(np_name)
-    for name, np_name in {
-        "bool": "bool",
-        "uint8": "uint8",
-        "int8": "int8",
-        "int16": "int16",
-        "int32": "int32",
-        "int64": "int64",
-        "float16": "float16",
-        "bfloat16": "int16",  # zarr has no bfloat16: the bits are stored
-        "float32": "float32",
-        "float64": "float64",
-    }.items()
-}
-_FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
-_CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose"})
-_ARRAY_NAME = re.compile(r"(state|extra)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-def _array_digest(arr: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
-    h.update(f"{arr.dtype.str}|{list(arr.shape)}|".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def _manifest_digest(kind: str, config: dict[str, Any], digests: dict[str, str]) -> str:
-    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
-    head = {"format_version": FORMAT_VERSION, "kind": kind, "config": config}
-    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(digests):
-        h.update(b"\0" + name.encode() + b"\0" + digests[name].encode())
-    return h.hexdigest()
+assert tuple(ROUTER_KINDS) == KIND_NAMES
+_DTYPES = DTYPES
+_FLOATS = FLOATS
+_array_digest = array_digest
+_manifest_digest = manifest_digest
+_BUILD_SLACK = 64 << 20  # bytes a router's constructor may allocate beyond 4x its state
 
 
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -171,46 +161,18 @@ def save_router(router: Router, group: zarr.Group) -> str:
     return digest
 
 
-def _read_manifest(group: zarr.Group) -> dict[str, Any]:
-    manifest = group.attrs.get(ATTR)
-    if manifest is None:
-        raise StoreNotFoundError(
-            f"zarr group {group.path!r} holds no dpsn router (no {ATTR!r} attribute); "
-            "save one there with save_router"
-        )
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
-        raise CorruptStoreError(f"router manifest in {group.path!r} is malformed")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreVersionError(
-            f"router in {group.path!r} has format_version {version!r}; this dpsn reads "
-            f"{FORMAT_VERSION}: upgrade dpsn"
-        )
-    return manifest
-
-
-def _check_entries(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
-    """The manifest's array entries, validated as data from a stranger would be."""
-    entries: dict[str, dict[str, Any]] = {}
-    for name, entry in raw.items():
-        ok = (
-            isinstance(name, str)
-            and _ARRAY_NAME.fullmatch(name) is not None
-            and isinstance(entry, dict)
-            and isinstance(entry.get("blake2b"), str)
-            and entry.get("dtype") in _DTYPES
-            and (not name.startswith("extra.") or entry.get("dtype") == "uint8")
-            and isinstance(entry.get("shape"), list)
-            and all(type(n) is int and n >= 0 for n in entry["shape"])
-        )
-        if not ok:
-            raise CorruptStoreError(f"router manifest in {where!r} has a malformed entry {name!r}")
-        entries[name] = entry
-    return entries
+def _local_dir(group: zarr.Group) -> Path | None:
+    """The directory of a group in a local store (every dpsn store), else None: such groups
+    are read with bounded memory (``dpsn.tiers._zarrsafe``), others through zarr."""
+    store = group.store
+    if isinstance(store, LocalStore):
+        return Path(store.root).joinpath(*[p for p in group.path.split("/") if p])
+    return None
 
 
 def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarray:
-    """Read one array after checking what it claims to be; check its blake2b after."""
+    """For groups outside a local store: read one array through zarr after checking what it
+    claims to be (dtype, shape, codecs); check its blake2b after."""
     where = group.path
     try:
         arr = group.get(name)
@@ -221,9 +183,9 @@ def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarr
         raise CorruptStoreError(f"router array {name!r} is missing from {where!r}")
     codecs = {c.get("name") if isinstance(c, dict) else None for c in meta.get("codecs", ())}
     if (
-        arr.dtype != _DTYPES[entry["dtype"]]
+        arr.dtype != DTYPES[entry["dtype"]]
         or list(arr.shape) != entry["shape"]
-        or not codecs <= _CODECS
+        or not codecs <= CODECS
     ):
         raise CorruptStoreError(
             f"router array {name!r} in {where!r} is not what its manifest says (dtype "
@@ -234,7 +196,7 @@ def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarr
         data = np.asarray(arr[...])
     except Exception as exc:
         raise CorruptStoreError(f"router array {name!r} cannot be read: {exc}") from exc
-    if _array_digest(data) != entry["blake2b"]:
+    if array_digest(data) != entry["blake2b"]:
         raise CorruptStoreError(
             f"router array {name!r} in {where!r} fails its blake2b check; the store "
             "is damaged: restore it from a snapshot or re-save the router"
@@ -242,49 +204,106 @@ def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarr
     return data
 
 
-def load_router(group: zarr.Group) -> Router:
+def _factory_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Bytes an aten op is about to allocate for a new tensor, from its arguments: ``size``
+    of factories (empty, zeros, rand, ...), the input of ``*_like``, the range of ``arange``.
+    Other ops make outputs the size of their inputs, which were counted when made."""
+    schema = func._schema
+    values = dict(zip((a.name for a in schema.arguments), args, strict=False)) | kwargs
+    dtype = values.get("dtype") or torch.get_default_dtype()
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 8
+    size = values.get("size")
+    if isinstance(size, list | tuple) and all(isinstance(s, int) for s in size):
+        return math.prod(size) * itemsize
+    if schema.name.endswith("_like") and isinstance(values.get("self"), torch.Tensor):
+        return values["self"].numel() * itemsize
+    if schema.name == "aten::arange":
+        start, end, step = values.get("start", 0), values.get("end", 0), values.get("step", 1)
+        if all(isinstance(v, int | float) for v in (start, end, step)) and step:
+            return max(0, math.ceil((end - start) / step)) * itemsize
+    return 0
+
+
+class _AllocationBudget(TorchDispatchMode):
+    """Refuses, before it happens, any allocation past ``budget`` bytes in total."""
+
+    def __init__(self, budget: int, where: str) -> None:
+        super().__init__()
+        self.budget = budget
+        self.used = 0
+        self.where = where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self.used += _factory_bytes(func, args, kwargs)
+        if self.used > self.budget:
+            raise CorruptStoreError(
+                f"stored router config in {self.where!r} asks for more memory than its saved "
+                f"state ({self.used} bytes so far, at most {self.budget} allowed); the store is "
+                "damaged or crafted"
+            )
+        return func(*args, **kwargs)
+
+
+def _build(cls: type[Router], check: RouterCheck, where: str) -> Router:
+    budget = 4 * check.nbytes + _BUILD_SLACK
+    try:
+        with _AllocationBudget(budget, where):
+            return cls(cls.Config.from_json(check.config))
+    except CorruptStoreError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        raise CorruptStoreError(
+            f"stored router config cannot build a {check.kind!r}: {exc}"
+        ) from exc
+
+
+def load_router(group: zarr.Group, *, expected_digest: str | None = None) -> Router:
     """Rebuild the router saved in ``group``; every array is checked before use.
 
-    Raises ``UnknownRouterError`` for a kind this dpsn does not know, ``CorruptStoreError``
-    when the manifest or an array is malformed, missing, unreadable or fails its blake2b,
-    ``StoreNotFoundError`` when the group holds no router. The router comes back in training
-    mode, like any new module, with the dtypes it was saved with.
+    ``expected_digest`` (the digest a store's commit recorded) is compared with the manifest's
+    before anything is built. Raises ``UnknownRouterError`` for a kind this dpsn does not know,
+    ``CorruptStoreError`` when the manifest or an array is malformed, missing, unreadable,
+    fails its blake2b, or asks for more memory than its state, ``StoreNotFoundError`` when the
+    group holds no router. The router comes back in training mode, like any new module, with
+    the dtypes it was saved with.
     """
-    manifest = _read_manifest(group)
-    kind = manifest.get("kind")
-    cls = ROUTER_KINDS.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise UnknownRouterError(
-            f"stored router kind {kind!r} is unknown; known kinds: {sorted(ROUTER_KINDS)}. "
-            "It was written by a newer or foreign dpsn"
-        )
-    entries = _check_entries(manifest["arrays"], group.path)
-    config = manifest.get("config")
-    if not isinstance(config, dict):
-        raise CorruptStoreError(f"router manifest in {group.path!r} has no config")
-    digests = {n: e["blake2b"] for n, e in entries.items()}
-    if _manifest_digest(kind, config, digests) != manifest.get("digest"):  # type: ignore[arg-type]
-        raise CorruptStoreError(f"router manifest in {group.path!r} fails its digest")
+    local = _local_dir(group)
+    where = group.path
+    manifest = (
+        read_manifest(local)
+        if local is not None
+        else check_manifest_structure(group.attrs.get(ATTR), where)
+    )
     try:
-        router = cls(cls.Config.from_json(config))
-    except (TypeError, ValueError) as exc:
-        raise CorruptStoreError(f"stored router config cannot build a {kind!r}: {exc}") from exc
+        check = check_header(manifest, where, expected_digest)
+    except UnknownRouterKindError as e:
+        raise UnknownRouterError(str(e)) from None
+    metas = {}
+    if local is not None:
+        metas = {name: array_meta(local, name, e) for name, e in check.entries.items()}
+    cls = ROUTER_KINDS[check.kind]
+    entries = check.entries
+    router = _build(cls, check, where)
     # the config fixes every state shape and kind of dtype: compare before reading a byte
     # (a float tensor may come back in another float dtype, anything else in its own)
     expected = {
         f"state.{n}": (list(t.shape), _dtype_class(t)) for n, t in router.state_dict().items()
     }
     stored = {
-        n: (e["shape"], e["dtype"] if e["dtype"] not in _FLOATS else "float")
+        n: (e["shape"], e["dtype"] if e["dtype"] not in FLOATS else "float")
         for n, e in entries.items()
         if n.startswith("state.")
     }
     if stored != expected:
         raise CorruptStoreError(
-            f"stored router state in {group.path!r} does not fit its config (arrays or shapes "
+            f"stored router state in {where!r} does not fit its config (arrays or shapes "
             "differ); the store is damaged"
         )
-    arrays = {name: _read_array(group, name, entry) for name, entry in entries.items()}
+    if local is not None:
+        arrays = {n: read_checked(local, n, e, metas[n]) for n, e in entries.items()}
+    else:
+        arrays = {n: _read_array(group, n, e) for n, e in entries.items()}
     state = {
         n.removeprefix("state."): _from_numpy(a, entries[n]["dtype"])
         for n, a in arrays.items()

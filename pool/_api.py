@@ -11,6 +11,12 @@ from typing import Any, Literal
 import torch
 
 from dpsn._dtypes import parse_pool_dtype, storage_dtype
+from dpsn.errors import (
+    CacheTooLargeError,
+    InvalidArgumentError,
+    InvalidDeviceError,
+    LifecycleError,
+)
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
 
@@ -19,6 +25,97 @@ from ._pool import Pool
 from ._validate import MAX_ROWS
 
 CHUNK_BYTES = 256 << 10  # ~256 KiB chunks: big enough to stream, small enough for random reads
+MAX_CHUNK_BYTES = 256 << 20  # one chunk of a segment, decoded (readers refuse more than 1 GiB)
+MIN_MAP_SIZE = 64 << 10
+MAX_MAP_SIZE = 1 << 44
+# What a cache slot costs beyond its rows (two columns of dim values): slot id and dirty flag
+# (9 B), the sorted keys and slots (16 B), two slot-guess tables of >= 8 entries of 4 B (64 B).
+# A lower bound: the policy adds its own (up to 256 B a row for TinyLFU).
+CACHE_SLOT_OVERHEAD = 89
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device a pool's cache lives on: ``cpu``, or ``cuda[:N]`` where torch has CUDA and
+    that GPU (``mps`` where torch has it). ``InvalidDeviceError`` (a ``ValueError``) else."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InvalidDeviceError(
+            f"device={device!r} is not a device torch knows ({e}); use 'cpu' or 'cuda[:N]'"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidDeviceError(
+                f"device={device!r}, but this torch has no usable CUDA (a CPU-only build, or no "
+                "GPU or driver); use device='cpu'"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < count:
+            raise InvalidDeviceError(
+                f"device={device!r}, but this machine has {count} CUDA device(s): "
+                f"cuda:0..cuda:{count - 1}"
+            )
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise InvalidDeviceError(
+        f"device={device!r}: dpsn keeps its cache on 'cpu' or 'cuda' (or 'mps' where available)"
+    )
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes: the bound no cache can pass."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 50
+
+
+def check_cache_args(
+    device: str | torch.device | None,
+    cache_rows: int | None,
+    dim: int,
+    dtype: str | torch.dtype,
+) -> tuple[torch.device, int | None]:
+    """Check a pool's ``device=`` and ``cache_rows=`` before any store is written or opened:
+    the device must exist here, ``cache_rows`` be None (the default size) or an int >= 0 whose
+    cache fits the device's memory. Returns them normalised; raises ``InvalidDeviceError``,
+    ``InvalidArgumentError`` (both ``ValueError``) or ``CacheTooLargeError`` (also a
+    ``MemoryError``), which names the size."""
+    dev = check_device(device)
+    if cache_rows is None:
+        return dev, None
+    if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
+        raise InvalidArgumentError(
+            f"cache_rows must be None (about 64 MiB), 0 (no cache) or a positive int; "
+            f"got {cache_rows!r}"
+        )
+    name = parse_pool_dtype(dtype)
+    itemsize = storage_dtype(name).itemsize
+    per_row = 2 * dim * itemsize + CACHE_SLOT_OVERHEAD
+    need = cache_rows * per_row
+    have = device_memory(dev)
+    if need > have:
+        raise CacheTooLargeError(
+            f"cache_rows={cache_rows} needs at least {_size(need)} on {dev} ({per_row} bytes a "
+            f"row at dim {dim}, {name}), but it has {_size(have)}; use at most "
+            f"cache_rows={have // per_row}, or cache_rows=None for about 64 MiB"
+        )
+    return dev, cache_rows
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
 
 
 def _default_chunk_rows(dim: int, itemsize: int) -> int:
@@ -72,6 +169,11 @@ def create(
     generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
     :func:`open`. ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle,
     saved with every commit from the first on.
+
+    Every argument is checked before anything is written. ``path`` must be new or an empty
+    directory; two processes creating one path cannot both succeed (the loser gets a
+    ``StoreExistsError``), and a create that fails (a full disk is a ``StoreFullError``) leaves
+    the path as it found it.
     """
     for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -88,12 +190,27 @@ def create(
     if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
         raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
     if lifecycle is not None and lifecycle.regions > rows:
-        raise ValueError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
+        raise LifecycleError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
     dtype_name = parse_pool_dtype(dtype)
+    itemsize = storage_dtype(dtype_name).itemsize
     if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(dim, storage_dtype(dtype_name).itemsize)
+        chunk_rows = _default_chunk_rows(dim, itemsize)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if chunk_rows * dim * itemsize > MAX_CHUNK_BYTES:
+        raise InvalidArgumentError(
+            f"chunk_rows={chunk_rows} makes chunks of {chunk_rows * dim * itemsize} bytes; "
+            f"keep chunk_rows * dim * itemsize at most {MAX_CHUNK_BYTES}"
+        )
+    if map_size is not None and (
+        isinstance(map_size, bool)
+        or not isinstance(map_size, int)
+        or not MIN_MAP_SIZE <= map_size <= MAX_MAP_SIZE
+    ):
+        raise InvalidArgumentError(
+            f"map_size must be an int in {MIN_MAP_SIZE}..2**44 bytes, got {map_size!r}"
+        )
+    device, cache_rows = check_cache_args(device, cache_rows, dim, dtype_name)
     gen = _build_generator(generator, dim=dim, seed=seed)
     manifest = Manifest(
         rows=rows,
@@ -110,6 +227,7 @@ def create(
     kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
     if lifecycle is not None:
         kwargs["lifecycle"] = initial_record(lifecycle)
+    # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
         return Pool(
@@ -121,7 +239,7 @@ def create(
             policy=policy,
         )
     except BaseException:
-        store.close()
+        store.discard()
         raise
 
 
@@ -149,8 +267,12 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         raise ValueError(f'mode must be "r" or "r+", got {mode!r}')
     if at is not None and mode != "r":
         raise ValueError('a past commit (at=...) can only be opened read-only: use mode="r"')
+    check_policy(policy)
+    check_cache_args(device, cache_rows, 1, torch.float16)  # before the store is opened
     store = PersistedStore.open(Path(path), writable=mode == "r+")
     try:
+        m = store.manifest
+        device, cache_rows = check_cache_args(device, cache_rows, m.dim, m.dtype)
         if at is None:
             commit, index = store.load_head()
         else:

@@ -16,6 +16,10 @@ def as_ids(ids: Any, rows: int) -> torch.Tensor:
     """``ids`` as an int64 CPU tensor of any shape, every id in ``[0, rows)``."""
     if isinstance(ids, int) and not isinstance(ids, bool):
         ids = [ids]
+    if isinstance(ids, torch.Tensor) and ids.device.type == "meta":
+        raise InvalidIdsError(
+            "row ids are on the meta device, which holds shapes but no values; pass real ids"
+        )
     if isinstance(ids, np.ndarray):
         if not np.issubdtype(ids.dtype, np.integer):
             raise InvalidIdsError(f"row ids must be integers, got a numpy array of {ids.dtype}")
@@ -51,6 +55,10 @@ def as_deltas(deltas: Any, ids_shape: torch.Size, dim: int, dtype: torch.dtype) 
     if not isinstance(deltas, torch.Tensor):
         raise InvalidDeltaError(
             f"deltas must be a tensor or numpy array, got {type(deltas).__name__}"
+        )
+    if deltas.device.type == "meta":
+        raise InvalidDeltaError(
+            "deltas are on the meta device, which holds shapes but no values; pass real ones"
         )
     if not deltas.is_floating_point():
         raise InvalidDeltaError(

@@ -20,6 +20,7 @@ import dpsn
 from dpsn.errors import CorruptStoreError, LifecycleError, ReadOnlyError
 from dpsn.pool import RowSGD
 from dpsn.pool._lifecycle import next_phase, region_of
+from dpsn.tiers._digest import seal_record
 
 SMALL = {"kind": "hashed_slices", "memory_size": 4096}
 DIM = 8
@@ -508,21 +509,60 @@ def test_lifecycle_operations_need_a_lifecycle_and_a_writer(tmp_path):
         dpsn.open(tmp_path / "s", "r+", lifecycle=dpsn.Lifecycle(regions=ROWS + 1))
 
 
-def test_a_damaged_lifecycle_record_is_refused(tmp_path):
+def _rewrite_head_record(path, change, *, seal):
+    """Edit the lifecycle object of HEAD's commit record in place, resealing it (a valid
+    ``record_xxh64``, as a crafted store would have) or not (plain damage)."""
+    env = lmdb.open(str(path / "index.lmdb"), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            db = env.open_db(b"commits", txn=txn, create=False)
+            key = txn.get(b"head", db=meta)
+            rec = json.loads(txn.get(key, db=db))
+            change(rec["lifecycle"])
+            if seal:
+                del rec["record_xxh64"]
+                txn.put(key, seal_record(rec), db=db)
+            else:  # the old record_xxh64 stays: it no longer matches
+                txn.put(key, json.dumps(rec).encode(), db=db)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda lc: lc.update(epoch=-3), "lifecycle record has an invalid epoch"),
+        (lambda lc: lc.update(format=9), "lifecycle record is not an object of format 1"),
+        (lambda lc: lc["policy"].update(decay=1.5), "lifecycle record has an invalid policy"),
+        (lambda lc: lc.update(totals={"pruned": -1}), "lifecycle record has an invalid totals"),
+        # Well-formed JSON, but a setting dpsn.Lifecycle refuses: the pool's own check.
+        (lambda lc: lc.update(enter=0.9), "lifecycle threshold enter"),
+        (lambda lc: lc["policy"].update(warmup=-1), "stored lifecycle policy is invalid"),
+    ],
+)
+def test_a_damaged_lifecycle_record_is_refused(tmp_path, change, message):
+    from dpsn.tiers import PersistedStore
+
     path = tmp_path / "s"
     with make(path) as pool:
         pool.commit()
-        head = pool.head
-    env = lmdb.open(str(path / "index.lmdb"), max_dbs=8)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"commits", txn=txn, create=False)
-        key = struct.pack(">Q", head)
-        rec = json.loads(txn.get(key, db=db))
-        rec["lifecycle"]["epoch"] = -3
-        txn.put(key, json.dumps(rec).encode(), db=db)
-    env.close()
-    with pytest.raises(CorruptStoreError, match="lifecycle epoch"):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    _rewrite_head_record(damaged, change, seal=False)
+    with pytest.raises(CorruptStoreError, match="fails its checksum"):
+        dpsn.open(damaged)
+    _rewrite_head_record(path, change, seal=True)
+    with pytest.raises(CorruptStoreError, match=message):
         dpsn.open(path)
+    store = PersistedStore.open(path, writable=False)
+    try:
+        report = store.verify()
+    finally:
+        store.close()
+    assert not report.ok  # the digest of the commits database no longer matches, at least
+    if message.startswith("lifecycle record"):  # what a reader without torch checks too
+        assert any(message in p for p in report.problems), report.problems
 
 
 def test_health_figures(tmp_path):

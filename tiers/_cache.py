@@ -135,13 +135,15 @@ class DeviceCache:
         gathered in one pass and counted as a lookup of hits, or None (nothing counted, nothing
         changed: do a :meth:`lookup`)."""
         with self.mutex:
-            found = self.table.find_gather(ids, self._data[col.name])
+            last = self.policy.recency_column()
+            found = self.table.find_gather(ids, self._data[col.name], last, self.step + 1)
             if found is None:
                 return None
             slots, rows = found
             self.step += 1
             self.stats.new_step()
-            self.policy.access(ids, slots, self.step)
+            if last is None:  # else the loop stamped the recency already (LRU)
+                self.policy.access(ids, slots, self.step)
             self.stats.add(lookups=1, hits=len(ids))
             return slots, rows
 

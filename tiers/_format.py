@@ -26,6 +26,7 @@ FORMAT_PLAIN = 1
 FORMAT_LIFECYCLE = 2
 
 MANIFEST = "dpsn.json"
+MAX_MANIFEST_BYTES = 1 << 20
 LMDB_DIR = "index.lmdb"
 ZARR_DIR = "data.zarr"
 LOCK_FILE = "writer.lock"
@@ -41,6 +42,10 @@ DB_SNAPSHOTS = b"snapshots"
 META_FORMAT = b"format_version"
 META_HEAD = b"head"
 META_NEXT_SEGMENT = b"next_segment"
+META_GENERATOR_PREFIX = b"generator/"  # + u64 BE version: a generator record
+# JSON {"txn", "dbs": {db: [entries, sum of entry hashes mod 2**64]}, "record_xxh64"}: the
+# digests of every database (this key excluded) as of LMDB transaction "txn" (_digest.py).
+META_DIGESTS = b"digests"
 
 # DB_ROWS value: segment id (u64), row offset inside the segment (u64), commit id (u64).
 # Little-endian so that numpy reads a whole column of values with one frombuffer.
@@ -59,6 +64,13 @@ SEGMENT_DELTAS = "deltas"  # [n, dim] in the store dtype (bf16 stored as uint16)
 SEGMENT_DROPS = "drops"  # int64 [m], sorted: rows the commit returned to procedural
 SEGMENT_STATE = "state"  # float32 [n, w], optional: per-row state (e.g. a row optimizer's)
 SEGMENT_USAGE = "usage"  # float64 [n, w], optional: per-row usage statistics (the lifecycle's)
+SNAPSHOTS_GROUP = "snapshots"
+SNAPSHOT_COLUMNS = ("ids", "segment", "offset", "commit")  # int64 [r] each
+ROUTERS_GROUP = "routers"
+
+COMPRESSOR_NAMES = ("lz4", "zstd", "none")  # the manifest's "compressor" (never rename)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the manifest's "dtype" (never rename)
+MAX_COMMIT_ID = (1 << 63) - 1  # commit and segment ids are u64 keys; dpsn keeps them below 2**63
 
 
 def u64_key(value: int) -> bytes:
@@ -141,9 +153,15 @@ def read_manifest(root: Path) -> Manifest:
             "Create one with dpsn.create(path, rows, dim) or `dpsn create`."
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise CorruptStoreError(f"{path} is over {MAX_MANIFEST_BYTES} bytes: not a manifest")
+        raw = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptStoreError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CorruptStoreError(f"{path} cannot be read: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise StoreNotFoundError(
             f"{root} is not a dpsn store: {MANIFEST} does not say format={FORMAT_NAME!r}"
@@ -159,8 +177,18 @@ def read_manifest(root: Path) -> Manifest:
     for name, kind in _MANIFEST_FIELDS.items():
         if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
             raise CorruptStoreError(f"{path}: field {name!r} is missing or has the wrong type")
-    if raw["rows"] < 1 or raw["dim"] < 1 or raw["chunk_rows"] < 1:
-        raise CorruptStoreError(f"{path}: rows, dim and chunk_rows must be positive")
+    if not 1 <= raw["rows"] <= MAX_COMMIT_ID or not 1 <= raw["dim"] <= 1 << 20:
+        raise CorruptStoreError(f"{path}: rows must be in 1..2**63-1 and dim in 1..2**20")
+    if not 1 <= raw["chunk_rows"] < 1 << 40 or not 0 <= raw["seed"] < 1 << 64:
+        raise CorruptStoreError(f"{path}: chunk_rows or seed is out of range")
+    if raw["compressor"] not in COMPRESSOR_NAMES or raw["dtype"] not in DTYPE_NAMES:
+        raise CorruptStoreError(
+            f"{path}: compressor {raw['compressor']!r} or dtype {raw['dtype']!r} is not one dpsn "
+            "writes"
+        )
+    gen = raw["generator"]
+    if not isinstance(gen.get("kind"), str) or not isinstance(gen.get("config"), dict):
+        raise CorruptStoreError(f"{path}: generator must be {{'kind': str, 'config': {{...}}}}")
     return Manifest(
         rows=raw["rows"],
         dim=raw["dim"],

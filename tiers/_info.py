@@ -318,7 +318,12 @@ class StoreFacts:
                 out[i] = ROW_VALUE.unpack(raw)
             return head, out
 
-        return self._read(get)
+        env = self._env
+        if env is None:
+            raise ValueError(f"{self.root}: these store facts are closed")
+        # the pages on the way to these rows are checked first: a damaged one is an error
+        keys = {"rows": [u64_key(i) for i in set(ids)]}
+        return env.read_walked(lambda txn: get(txn, env.dbs), keys=keys)
 
     def last_writer_stats(self) -> tuple[int, dict[str, Any]] | None:
         """The newest commit that recorded its writer's cache/I-O figures, and those figures."""

@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from dpsn.errors import StoreLockedError
+from dpsn.errors import ReadOnlyError, StoreLockedError
 
 
 class WriterLock:
@@ -20,8 +20,20 @@ class WriterLock:
         self._path = path
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self) -> bool:
+        """Take the lock; True if this call created the lock file."""
+        created = True
+        try:
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                created = False
+                fd = os.open(self._path, os.O_RDWR)
+        except PermissionError as e:
+            raise ReadOnlyError(
+                f"cannot take the writer lock {self._path}: {e}. Open the store read-only "
+                '(mode="r") or fix its permissions.'
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -31,6 +43,19 @@ class WriterLock:
                 'close that writer first, or open this one with mode="r".'
             ) from None
         self._fd = fd
+        return created
+
+    def still_linked(self) -> bool:
+        """Whether the locked file is still the one at the path: a creator that failed removes
+        its folder, lock file included, and a lock on that removed file protects nothing."""
+        if self._fd is None:
+            return False
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:

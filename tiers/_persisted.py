@@ -4,24 +4,39 @@ Commit protocol (the only way data becomes visible):
 
 1. write the new segment under a fresh name and fsync it (``_segments.py``);
 2. in ONE LMDB write transaction: upsert the written rows, delete the dropped ones, add the
-   segment and commit records, advance ``head``. LMDB commits are atomic and durable.
+   segment and commit records, advance ``head``, update the index digests. LMDB commits are
+   atomic and durable.
 
 A crash before step 2 leaves an unreferenced segment that ``gc`` (or the next commit, which
 reuses the name) removes; after it the commit is durable. Readers never hold LMDB transactions
 for long: they load the row index of one commit into memory and read immutable segments, so a
 reader keeps its snapshot while a writer goes on. Only ``gc`` deletes segments, and only those
 that neither HEAD nor any snapshot references.
+
+A store is untrusted input. Every LMDB record is checked where it is read (``_records.py``),
+the row index against the digest its commit recorded (``_digest.py``) when it is loaded, the
+LMDB file's structure before LMDB maps it (``_lmdbfile.py``), and every Zarr array's metadata
+and decoded chunk sizes before any data is decoded (``_zarrsafe.py``). ``verify`` checks all
+of it and reports, never raises (``_verify.py``).
+
+``create`` takes the writer lock before it looks at the target directory, and removes what it
+made if it fails; ``pin`` writes a snapshot's index under a temporary name, fsyncs it, renames
+it into place and only then records it in one LMDB transaction.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import operator
+import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +49,20 @@ from zarr.storage import LocalStore
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
+    InvalidSnapshotNameError,
     ReadOnlyError,
     SnapshotNotFoundError,
     SnapshotUnavailableError,
     StoreExistsError,
+    StoreFullError,
+    StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
 )
 
+from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
 from ._format import (
+    COMPRESSOR_NAMES,
     DB_COMMITS,
     DB_META,
     DB_ROWS,
@@ -54,106 +74,58 @@ from ._format import (
     GENERATOR_GROUP,
     LMDB_DIR,
     LOCK_FILE,
+    MANIFEST,
+    MAX_COMMIT_ID,
+    META_DIGESTS,
     META_FORMAT,
+    META_GENERATOR_PREFIX,
     META_HEAD,
     META_NEXT_SEGMENT,
+    ROUTERS_GROUP,
     ROW_VALUE,
     ROW_VALUE_DTYPE,
     SEGMENT_DROPS,
     SEGMENT_IDS,
     SEGMENT_STATE,
     SEGMENT_USAGE,
+    SNAPSHOT_COLUMNS,
+    SNAPSHOTS_GROUP,
     ZARR_DIR,
     Manifest,
+    fsync_dir,
     fsync_tree,
     generator_name,
     read_manifest,
     u64_key,
     write_manifest,
 )
+from ._generator_shapes import generator_shapes
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
+from ._records import (
+    Commit,
+    VerifyReport,
+    Writer,
+    generator_record,
+    lifecycle_record,
+    parse_record,
+    read_u64,
+    snapshot_record,
+    stored_digests,
+)
 from ._rowindex import RowIndex
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
+from ._usage_fields import usage_problem
+from ._zarrsafe import read_array, read_array_meta
 
-SNAPSHOTS_GROUP = "snapshots"
-ROUTERS_GROUP = "routers"
+__all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
+
 _ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SNAPSHOT_COLUMNS = ("ids", "segment", "offset", "commit")
-_META_GENERATOR_PREFIX = b"generator/"
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """One entry of the commit log (persisted as JSON in LMDB; never rename keys)."""
-
-    id: int
-    parent: int | None
-    time: float
-    message: str
-    rows_written: int
-    rows_dropped: int
-    persisted_rows: int
-    segment: int | None
-    generator: int
-    provenance: str
-    # Runtime figures of the writer at commit time (cache hits, I/O); informational only.
-    stats: dict[str, Any] | None = None
-    # Routers saved with the store: name -> {"version": commit that wrote it, "digest": hex}.
-    routers: dict[str, dict[str, Any]] | None = None
-    # The row lifecycle as of this commit: its policy, clocks, thresholds and health figures
-    # (JSON; dpsn.pool validates it when it reads it back). None: the store has no lifecycle.
-    lifecycle: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Commit:
-        try:
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except TypeError as e:
-            raise CorruptStoreError(f"a commit record is missing fields: {e}") from e
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    """What ``verify`` found. ``ok`` is False as soon as one problem is listed."""
-
-    checked_segments: int = 0
-    checked_chunks: int = 0
-    checked_rows: int = 0
-    problems: list[str] = field(default_factory=list)
-    damaged_rows: list[int] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "checked_segments": self.checked_segments,
-            "checked_chunks": self.checked_chunks,
-            "checked_rows": self.checked_rows,
-            "problems": self.problems,
-            "damaged_rows": self.damaged_rows,
-        }
-
-
-def _json_value(raw: bytes | None, what: str) -> Any:
-    if raw is None:
-        raise CorruptStoreError(f"the LMDB index lacks {what}")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptStoreError(f"the LMDB record of {what} is not valid JSON: {e}") from e
-
-
-def _u64(raw: bytes | None, what: str) -> int:
-    if raw is None or len(raw) != 8:
-        raise CorruptStoreError(f"the LMDB index lacks a valid {what}")
-    return int.from_bytes(raw, "big")
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
+_SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
+_META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
+_TMP = ".tmp-"  # marks a directory being written under a temporary name
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _digest(*parts: Any) -> str:
@@ -161,6 +133,140 @@ def _digest(*parts: Any) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
+
+
+def _full(e: OSError, what: str) -> StoreFullError:
+    return StoreFullError(
+        f"{what}: {e}. The store is unchanged; free space (or raise the file-size limit) "
+        "and try again."
+    )
+
+
+def check_snapshot_name(name: Any) -> str:
+    """A snapshot name that can be stored and read back (``InvalidSnapshotNameError``)."""
+    if not isinstance(name, str):
+        raise InvalidSnapshotNameError(f"a snapshot name is a str, not {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidSnapshotNameError(
+            f"snapshot name {name!r} cannot be stored: it is not valid Unicode ({e.reason})"
+        ) from None
+    if (
+        not raw
+        or len(raw) > 200
+        or "/" in name
+        or name.isdigit()
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise InvalidSnapshotNameError(
+            f"snapshot name {name!r} is invalid: use 1-200 bytes of UTF-8, no '/', no control "
+            "characters, not all digits (a number names a commit)"
+        )
+    return name
+
+
+def _commit_key(commit: Any) -> int:
+    """A commit id given by a caller, as an int in 1..2**63-1 (``SnapshotNotFoundError``)."""
+    if isinstance(commit, bool):
+        raise TypeError("a commit id is an int, not a bool")
+    try:
+        value = operator.index(commit)
+    except TypeError:
+        raise TypeError(
+            f"a commit is named by a snapshot name or an int id, not {type(commit).__name__}"
+        ) from None
+    if not 1 <= value <= MAX_COMMIT_ID:
+        raise SnapshotNotFoundError(f"no commit {value}: commit ids are positive, below 2**63")
+    return value
+
+
+@dataclass
+class _Made:
+    """What ``create`` made, so that a failed create can remove exactly that."""
+
+    lock: WriterLock
+    dirs: list[Path]  # directories create made, outermost first (the store's root last)
+    lock_file: bool  # create made writer.lock (the root existed and was empty)
+
+
+def _claim_new_dir(root: Path) -> _Made:
+    """Make ``root`` if needed and take its writer lock, then check it holds nothing else.
+
+    The lock comes first: two creators of one path cannot both pass the emptiness check, and a
+    writer opening a store never sees one half made (there is no manifest until the end)."""
+    for _ in range(10):
+        made: list[Path] = []
+        missing = []
+        p = root
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        try:
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                    made.append(d)
+                except FileExistsError:
+                    pass
+        except OSError as e:
+            _remove_dirs(made)
+            if e.errno in _DISK_FULL:
+                raise _full(e, f"cannot create {root}") from e
+            raise
+        if not root.is_dir():
+            _remove_dirs(made)
+            raise StoreExistsError(f"{root} already exists and is not a directory")
+        lock = WriterLock(root / LOCK_FILE)
+        try:
+            lock_file = lock.acquire()
+        except StoreLockedError:
+            _remove_dirs(made)
+            raise StoreExistsError(
+                f"{root} is being created or written by another process; pick a new path"
+            ) from None
+        except FileNotFoundError:
+            continue  # another creator that failed removed the directory: start again
+        except OSError as e:
+            _remove_dirs(made)
+            if e.errno in _DISK_FULL:
+                raise _full(e, f"cannot create {root}") from e
+            raise
+        if not lock.still_linked():  # locked a file a failed creator has just removed
+            lock.release()
+            continue
+        if any(p.name != LOCK_FILE for p in root.iterdir()):
+            if lock_file:
+                (root / LOCK_FILE).unlink(missing_ok=True)
+            lock.release()
+            _remove_dirs(made)
+            raise StoreExistsError(
+                f"{root} already exists and is not an empty directory; "
+                "pick a new path or remove it first."
+            )
+        return _Made(lock=lock, dirs=made, lock_file=lock_file)
+    raise StoreExistsError(f"{root} kept changing while create tried to claim it")
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _undo_create(root: Path, made: _Made) -> None:
+    """Remove what a failed ``create`` wrote; the caller still holds the lock."""
+    if root in made.dirs:
+        _remove_dirs(made.dirs)
+    else:  # the directory was there (empty, or with a lock file of its own)
+        for child in list(root.iterdir()) if root.is_dir() else []:
+            if child.name == LOCK_FILE and not made.lock_file:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        _remove_dirs(made.dirs)
+    made.lock.release()
 
 
 class PersistedStore:
@@ -178,6 +284,7 @@ class PersistedStore:
         )
         self._zarr = LocalStore(str(root / ZARR_DIR))
         self._lock: WriterLock | None = None
+        self._made: _Made | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -191,51 +298,75 @@ class PersistedStore:
         map_size: int = DEFAULT_MAP_SIZE,
         lifecycle: dict[str, Any] | None = None,
     ) -> PersistedStore:
+        """Make a new store at ``root`` (a new or empty directory) holding commit 1.
+
+        Every argument is checked before the disk is touched; if anything fails after, what
+        was made is removed (a full disk is a ``StoreFullError``), so a retry finds the path
+        as it was."""
         root = Path(root)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise StoreExistsError(
-                f"{root} already exists and is not an empty directory; "
-                "pick a new path or remove it first."
+        storage_dtype(manifest.dtype)
+        if manifest.compressor not in COMPRESSOR_NAMES:
+            raise ValueError(f"compressor must be one of {COMPRESSOR_NAMES}")
+        if lifecycle is not None:
+            lifecycle_record(lifecycle)  # what a reader will check, checked before writing
+        made = _claim_new_dir(root)
+        env = None
+        try:
+            zarr.open_group(LocalStore(str(root / ZARR_DIR)), mode="w", zarr_format=3)
+            env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size)
+            store = cls(root, manifest, env, writable=True)
+            gen_record = store._write_generator(1, generator_state)
+            spec_digest = _digest(manifest.to_json())
+            first = Commit(
+                id=1,
+                parent=None,
+                time=time.time(),
+                message="create",
+                rows_written=0,
+                rows_dropped=0,
+                persisted_rows=0,
+                segment=None,
+                generator=1,
+                provenance=_digest(spec_digest, gen_record),
+                index_digest=0,
+                lifecycle=lifecycle,
             )
-        root.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(LocalStore(str(root / ZARR_DIR)), mode="w", zarr_format=3)
-        env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size)
-        store = cls(root, manifest, env, writable=True)
-        store._lock = WriterLock(root / LOCK_FILE)
-        store._lock.acquire()
-        gen_record = store._write_generator(1, generator_state)
-        spec_digest = _digest(manifest.to_json())
-        first = Commit(
-            id=1,
-            parent=None,
-            time=time.time(),
-            message="create",
-            rows_written=0,
-            rows_dropped=0,
-            persisted_rows=0,
-            segment=None,
-            generator=1,
-            provenance=_digest(spec_digest, gen_record),
-            lifecycle=lifecycle,
-        )
-        version = FORMAT_PLAIN if lifecycle is None else FORMAT_LIFECYCLE
+            version = FORMAT_PLAIN if lifecycle is None else FORMAT_LIFECYCLE
 
-        def init(txn: lmdb.Transaction) -> None:
-            txn.put(META_FORMAT, u64_key(version), db=env.dbs[DB_META])
-            txn.put(META_HEAD, u64_key(1), db=env.dbs[DB_META])
-            txn.put(META_NEXT_SEGMENT, u64_key(1), db=env.dbs[DB_META])
-            txn.put(
-                _META_GENERATOR_PREFIX + u64_key(1),
-                json.dumps(gen_record).encode(),
-                db=env.dbs[DB_META],
-            )
-            txn.put(u64_key(1), json.dumps(first.to_json()).encode(), db=env.dbs[DB_COMMITS])
+            def init(txn: lmdb.Transaction) -> None:
+                w = Writer(txn, env.dbs)
+                w.put(DB_META, META_FORMAT, u64_key(version))
+                w.put(DB_META, META_HEAD, u64_key(1))
+                w.put(DB_META, META_NEXT_SEGMENT, u64_key(1))
+                w.put_record(DB_META, _META_GENERATOR_PREFIX + u64_key(1), gen_record)
+                w.put_record(DB_COMMITS, u64_key(1), first.to_json())
+                w.finish()
 
-        env.write(init)
-        # The manifest goes last: a directory without one is not a store, so a crash during
-        # create never leaves something that opens as a half-made store.
-        write_manifest(root, manifest)
+            env.write(init)
+            # The manifest goes last: a directory without one is not a store, so a crash during
+            # create never leaves something that opens as a half-made store.
+            write_manifest(root, manifest)
+        except BaseException as e:
+            if env is not None:
+                release_env(env)
+            _undo_create(root, made)
+            full = isinstance(e, OSError) and e.errno in _DISK_FULL
+            if full and not isinstance(e, StoreFullError):
+                raise _full(e, f"cannot create {root}") from e
+            raise
+        store._lock = made.lock
+        store._made = made
         return store
+
+    def discard(self) -> None:
+        """Remove a store this process has just made with :meth:`create` (nothing committed
+        since): for a caller whose own set-up failed after ``create`` returned."""
+        if self._made is None or self.head() != 1:
+            raise CorruptStoreError(f"{self.root}: only a store just created can be discarded")
+        made, self._made, self._lock = self._made, None, None
+        release_env(self._env)
+        self._env = None  # type: ignore[assignment]
+        _undo_create(self.root, made)
 
     @classmethod
     def open(cls, root: Path, *, writable: bool) -> PersistedStore:
@@ -249,8 +380,8 @@ class PersistedStore:
             lock = WriterLock(root / LOCK_FILE)
             lock.acquire()
         try:
-            env = acquire_env(root / LMDB_DIR)
-        except Exception:
+            env = acquire_env(root / LMDB_DIR, writable=writable)
+        except BaseException:
             if lock:
                 lock.release()
             raise
@@ -258,17 +389,30 @@ class PersistedStore:
         store._lock = lock
         try:
             version = env.read(
-                lambda txn: _u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
+                lambda txn: read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
             )
             if version > FORMAT_VERSION:
                 raise StoreVersionError(
                     f"{root}: the index has format version {version}; this dpsn reads up to "
                     f"{FORMAT_VERSION}. Upgrade dpsn."
                 )
-        except Exception:
+            store.check_manifest()
+        except BaseException:
             store.close()
             raise
         return store
+
+    def check_manifest(self) -> None:
+        """The manifest must be the one the store was created with: commit 1's provenance is a
+        digest of it (and of the first generator weights), so an edited or damaged manifest (a
+        changed seed or dim, which would silently change every row) is a ``CorruptStoreError``."""
+        first = self.commit_record(1)
+        gen = {k: v for k, v in self.generator_record(1).items() if k != RECORD_CHECK}
+        if _digest(_digest(self.manifest.to_json()), gen) != first.provenance:
+            raise CorruptStoreError(
+                f"{self.root}: {MANIFEST} is not the manifest this store was created with (commit "
+                "1 holds a digest of it); it was edited or is damaged: restore it from a copy"
+            )
 
     def close(self) -> None:
         if self._env is not None:
@@ -277,16 +421,29 @@ class PersistedStore:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        self._made = None
 
     @property
     def closed(self) -> bool:
         return self._env is None
+
+    def __enter__(self) -> PersistedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _require_writer(self) -> None:
         if not self.writable:
             raise ReadOnlyError(
                 f'{self.root} is open read-only; open it with mode="r+" to change it.'
             )
+
+    def _read(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        return self._env.read(fn)
+
+    def _db(self, name: bytes) -> Any:
+        return self._env.dbs[name]
 
     # -- generator weights ---------------------------------------------------------------------
 
@@ -298,6 +455,8 @@ class PersistedStore:
         root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
         arrays = {}
         for name, value in sorted(state.items()):
+            if not _ARRAY_NAME.fullmatch(name):
+                raise ValueError(f"generator weight name {name!r} cannot be stored")
             value = np.ascontiguousarray(value, dtype="<f4")
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
             arr = root.create_array(
@@ -317,36 +476,53 @@ class PersistedStore:
         return {"version": version, "arrays": arrays}
 
     def generator_record(self, version: int) -> dict[str, Any]:
+        version = _commit_key(version)
         key = _META_GENERATOR_PREFIX + u64_key(version)
-        return self._env.read(
-            lambda txn: _json_value(
-                txn.get(key, db=self._env.dbs[DB_META]), f"generator version {version}"
-            )
-        )
+        raw = self._read(lambda txn: txn.get(key, db=self._db(DB_META)))
+        record = parse_record(raw, f"generator version {version}")
+        generator_record(record, version)
+        return record
+
+    def generator_shapes(self) -> dict[str, list[int]] | None:
+        """The weight shapes the manifest's generator config implies (None: an unknown kind)."""
+        m = self.manifest
+        try:
+            return generator_shapes(m.generator["kind"], m.dim, m.generator["config"])
+        except ValueError as e:
+            raise CorruptStoreError(f"{self.root}: the manifest's generator config: {e}") from e
 
     def read_generator(self, version: int) -> dict[str, np.ndarray]:
-        """Generator weights, each checked against its recorded shape and checksum."""
+        """Generator weights, each checked against the manifest's config, its recorded shape
+        (both before a byte is read) and its checksum."""
         record = self.generator_record(version)
-        if not (self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version)).is_dir():
+        arrays = generator_record(record, version)
+        expected = self.generator_shapes()
+        if expected is not None and {n: a["shape"] for n, a in arrays.items()} != expected:
+            raise CorruptStoreError(
+                f"generator version {version} does not fit the manifest's generator config "
+                f"({self.manifest.generator['kind']}); the store is damaged"
+            )
+        gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version)
+        if not gen_dir.is_dir():
             raise SnapshotUnavailableError(
                 f"generator version {version} was removed by gc; only HEAD and pinned snapshots "
                 "keep theirs"
             )
         out = {}
-        for name, meta in record["arrays"].items():
+        for name, meta in arrays.items():
+            if not _ARRAY_NAME.fullmatch(name):
+                raise CorruptStoreError(f"generator version {version} names a weight {name!r}")
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
             try:
-                value = np.ascontiguousarray(zarr.open_array(self._zarr, path=path, mode="r")[...])
-            except Exception as e:
+                info = read_array_meta(
+                    gen_dir / name, dtypes={"float32"}, shape=tuple(meta["shape"])
+                )
+                value = read_array(info).astype("<f4", copy=False)
+            except CorruptStoreError as e:
                 raise CorruptStoreError(f"generator weight {path} cannot be read: {e}") from e
-            if (
-                value.dtype != np.dtype("<f4")
-                or list(value.shape) != meta["shape"]
-                or xxhash.xxh64_intdigest(value.data) != meta["xxh64"]
-            ):
+            if xxhash.xxh64_intdigest(np.ascontiguousarray(value).data) != meta["xxh64"]:
                 raise CorruptStoreError(
-                    f"generator weight {path} fails its checksum or shape check; "
-                    "the store is damaged"
+                    f"generator weight {path} fails its checksum; the store is damaged"
                 )
             out[name] = value
         return out
@@ -354,66 +530,103 @@ class PersistedStore:
     # -- index and history ---------------------------------------------------------------------
 
     def head(self) -> int:
-        return self._env.read(
-            lambda txn: _u64(txn.get(META_HEAD, db=self._env.dbs[DB_META]), "head")
-        )
+        return self._read(lambda txn: read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head"))
 
     def commit_record(self, commit: int) -> Commit:
-        raw = self._env.read(lambda txn: txn.get(u64_key(commit), db=self._env.dbs[DB_COMMITS]))
+        commit = _commit_key(commit)
+        raw = self._read(lambda txn: txn.get(u64_key(commit), db=self._db(DB_COMMITS)))
         if raw is None:
             raise SnapshotNotFoundError(f"no commit {commit} in {self.root}")
-        return Commit.from_json(_json_value(raw, f"commit {commit}"))
+        return _commit(raw, commit)
 
     def log(self) -> list[Commit]:
-        def scan(txn: lmdb.Transaction) -> list[bytes]:
-            return [v for _, v in txn.cursor(db=self._env.dbs[DB_COMMITS])]
+        def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
+            return list(txn.cursor(db=self._db(DB_COMMITS)))
 
-        return [Commit.from_json(_json_value(v, "a commit")) for v in self._env.read(scan)]
+        return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
 
     def segment_record(self, segment: int) -> SegmentRecord:
-        raw = self._env.read(lambda txn: txn.get(u64_key(segment), db=self._env.dbs[DB_SEGMENTS]))
+        raw = self._read(lambda txn: txn.get(u64_key(segment), db=self._db(DB_SEGMENTS)))
         if raw is None:
             raise SnapshotUnavailableError(
                 f"segment {segment:016x} is not in {self.root} (removed by gc?)"
             )
-        try:
-            return SegmentRecord.from_json(_json_value(raw, f"segment {segment}"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptStoreError(f"the record of segment {segment:016x} is malformed") from e
+        return _segment(raw, segment)
 
     def segment_records(self) -> dict[int, SegmentRecord]:
-        def scan(txn: lmdb.Transaction) -> list[bytes]:
-            return [v for _, v in txn.cursor(db=self._env.dbs[DB_SEGMENTS])]
+        def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
+            return list(txn.cursor(db=self._db(DB_SEGMENTS)))
 
-        recs = [SegmentRecord.from_json(_json_value(v, "a segment")) for v in self._env.read(scan)]
+        recs = [_segment(v, _key_id(k, "segment")) for k, v in self._read(scan)]
         return {r.id: r for r in recs}
 
     def load_head(self) -> tuple[int, RowIndex]:
-        """HEAD and its row index, read in one LMDB transaction (so they agree)."""
+        """HEAD and its row index, read in one LMDB transaction (so they agree), checked: ids
+        sorted and in range, HEAD the newest commit, the row count its ``persisted_rows`` and
+        the index's digest the one its commit (and the store's digests) recorded."""
 
-        def scan(txn: lmdb.Transaction) -> tuple[int, bytes, bytes]:
-            head = _u64(txn.get(META_HEAD, db=self._env.dbs[DB_META]), "head")
-            db = self._env.dbs[DB_ROWS]
+        def scan(txn: lmdb.Transaction) -> tuple[Any, ...]:
+            head = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
+            db = self._db(DB_ROWS)
             keys = b"".join(txn.cursor(db=db).iternext(keys=True, values=False))
             values = b"".join(txn.cursor(db=db).iternext(keys=False, values=True))
-            return head, keys, values
+            cur = txn.cursor(db=self._db(DB_COMMITS))
+            newest = cur.key() if cur.last() else None
+            record = txn.get(u64_key(head), db=self._db(DB_COMMITS))
+            digests = txn.get(META_DIGESTS, db=self._db(DB_META))
+            return head, keys, values, newest, record, digests, txn.id()
 
-        head, keys, values = self._env.read(scan)
+        head, keys, values, newest, raw_record, raw_digests, txn_id = self._env.read_walked(
+            scan, frozenset({"rows"})
+        )
+        where = f"{self.root}: the LMDB row index"
         n = len(keys) // 8
         if len(keys) != 8 * n or len(values) != ROW_VALUE.size * n:
-            raise CorruptStoreError(f"{self.root}: the LMDB row index has malformed entries")
+            raise CorruptStoreError(f"{where} has malformed entries")
+        if newest != u64_key(head):
+            raise CorruptStoreError(
+                f"{self.root}: HEAD is commit {head} but the newest commit in the log is "
+                f"{read_u64(newest, 'commit') if newest else None}; the index is damaged"
+            )
+        if raw_record is None:
+            raise CorruptStoreError(f"{self.root}: HEAD commit {head} has no record")
+        record = _commit(raw_record, head)
+        ids = np.frombuffer(keys, dtype=">u8").astype(np.int64)
         cols = np.frombuffer(values, dtype=ROW_VALUE_DTYPE)
         index = RowIndex(
-            ids=np.frombuffer(keys, dtype=">u8").astype(np.int64),
+            ids=ids,
             segment=cols["segment"].astype(np.int64),
             offset=cols["offset"].astype(np.int64),
             commit=cols["commit"].astype(np.int64),
         )
+        _check_index(index, self.manifest.rows, head, where)
+        if len(index) != record.persisted_rows:
+            raise CorruptStoreError(
+                f"{where} holds {len(index)} rows but commit {head} recorded "
+                f"{record.persisted_rows}; the index is damaged: restore the store from a copy"
+            )
+        stored = stored_digests(raw_digests)
+        current = stored is not None and stored[0] == txn_id
+        if record.index_digest is not None or current:
+            total = int(rows_hash_raw(keys, values).sum(dtype=np.uint64))
+            if record.index_digest is not None and total != record.index_digest:
+                raise CorruptStoreError(
+                    f"{where} does not match the digest commit {head} recorded; the index is "
+                    "damaged: restore the store from a copy"
+                )
+            if current and stored is not None:
+                want = stored[1][DB_ROWS]
+                if (want.count, want.total) != (n, total):
+                    raise CorruptStoreError(
+                        f"{where} does not match the store's digests; the index is damaged: "
+                        "restore the store from a copy"
+                    )
         return head, index
 
     def load_index(self, commit: int) -> RowIndex:
         """The row index as of ``commit``: HEAD's from LMDB, a snapshot's from its pinned copy,
         any other commit by replaying the segments of commits up to it."""
+        commit = _commit_key(commit)
         head, index = self.load_head()
         if commit == head:
             return index
@@ -423,7 +636,7 @@ class PersistedStore:
         return self._replay(commit)
 
     def _replay(self, commit: int) -> RowIndex:
-        self.commit_record(commit)  # raises if unknown
+        target = self.commit_record(commit)  # raises if unknown
         parts = [RowIndex.empty()]
         for rec in self.log():
             if rec.id > commit:
@@ -440,7 +653,9 @@ class PersistedStore:
                     "snapshots survive gc; use pool.snapshot(name) to keep a commit."
                 ) from e
             parts[0] = parts[0].apply(ids, seg.id, rec.id, drops)
-        return parts[0]
+        index = parts[0]
+        _check_digest(index, target, f"{self.root}: the replayed index of commit {commit}")
+        return index
 
     def resolve(self, at: str | int) -> int:
         """A commit id from a snapshot name or a commit id."""
@@ -448,26 +663,27 @@ class PersistedStore:
             snaps = self.snapshots()
             if at in snaps:
                 return snaps[at]["commit"]
-            if at.isdigit():
+            if at.isascii() and at.isdigit() and len(at) <= 19:
                 at = int(at)
             else:
+                shown = at if len(at) <= 80 else at[:80] + "..."
                 raise SnapshotNotFoundError(
-                    f"no snapshot named {at!r} in {self.root}; known: {sorted(snaps) or 'none'}"
+                    f"no snapshot named {shown!r} in {self.root}; known: {sorted(snaps) or 'none'}"
                 )
-        if isinstance(at, bool) or not isinstance(at, int):
-            raise TypeError(f"at= takes a snapshot name or a commit id, not {type(at).__name__}")
-        self.commit_record(at)
-        return at
+        return self.commit_record(_commit_key(at)).id
 
     # -- routers -------------------------------------------------------------------------------
+
+    def router_dir(self, name: str, version: int) -> Path:
+        if not _ROUTER_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
+        return self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{_commit_key(version):016x}"
 
     def router_group(self, name: str, version: int, *, write: bool) -> zarr.Group:
         """The Zarr group of router ``name`` as saved by commit ``version``. For writing it is
         created empty (a leftover of a crashed commit with that id is removed first); the caller
         fills it and calls :meth:`sync_router` before committing."""
-        if not _ROUTER_NAME.fullmatch(name):
-            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
-        path = f"{ROUTERS_GROUP}/{name}/{version:016x}"
+        path = str(self.router_dir(name, version).relative_to(self.root / ZARR_DIR))
         if write:
             self._require_writer()
             shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
@@ -479,35 +695,64 @@ class PersistedStore:
             raise CorruptStoreError(f"router {name!r} ({path}) cannot be opened: {e}") from e
 
     def sync_router(self, name: str, version: int) -> None:
-        fsync_tree(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{version:016x}")
+        fsync_tree(self.router_dir(name, version))
 
     # -- snapshots -----------------------------------------------------------------------------
 
     def snapshots(self) -> dict[str, dict[str, Any]]:
         def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            return list(txn.cursor(db=self._env.dbs[DB_SNAPSHOTS]))
+            return list(txn.cursor(db=self._db(DB_SNAPSHOTS)))
 
-        return {k.decode(): _json_value(v, "a snapshot") for k, v in self._env.read(scan)}
+        out = {}
+        for k, v in self._read(scan):
+            try:
+                name = k.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorruptStoreError(f"{self.root}: a snapshot name is not UTF-8") from e
+            out[name] = snapshot_record(parse_record(v, f"snapshot {name!r}"), name)
+        return out
+
+    def _snapshot_dir(self, commit: int) -> Path:
+        return self.root / ZARR_DIR / SNAPSHOTS_GROUP / f"{commit:016x}"
 
     def pin(self, name: str, commit: int) -> None:
         """Pin ``commit`` under ``name``: its row index is written out so gc and history
-        rewriting can never take it away."""
+        rewriting can never take it away.
+
+        Atomic: the index is written under a temporary name, fsynced and renamed into place,
+        then the name is recorded in one LMDB transaction. A failure (a full disk is a
+        ``StoreFullError``) records nothing, and a retry writes the index again."""
         self._require_writer()
-        if not name or "/" in name or name.isdigit() or len(name.encode()) > 200:
-            raise ValueError(
-                f"snapshot name {name!r} is invalid: use 1-200 bytes, no '/', not all digits"
-            )
+        check_snapshot_name(name)
+        commit = self.commit_record(commit).id
         if name in self.snapshots():
-            raise ValueError(f"snapshot {name!r} exists already; choose another name")
+            raise InvalidSnapshotNameError(f"snapshot {name!r} exists already; choose another")
         index = self.load_index(commit)
-        group = f"{SNAPSHOTS_GROUP}/{commit:016x}"
-        root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
-        sums = {}
-        if not (self.root / ZARR_DIR / group).exists():
-            for col in _SNAPSHOT_COLUMNS:
-                data = np.ascontiguousarray(getattr(index, col), dtype="<i8")
+        columns = {
+            col: np.ascontiguousarray(getattr(index, col), dtype="<i8") for col in _SNAPSHOT_COLUMNS
+        }
+        sums = {col: xxhash.xxh64_intdigest(data.data) for col, data in columns.items()}
+        final = self._snapshot_dir(commit)
+        if not (final.is_dir() and self._snapshot_arrays_ok(final, len(index), sums)):
+            self._write_snapshot_arrays(final, columns)
+        record = {"commit": commit, "time": time.time(), "rows": len(index), "xxh64": sums}
+
+        def flip(txn: lmdb.Transaction) -> None:
+            w = Writer(txn, self._env.dbs)
+            w.put_record(DB_SNAPSHOTS, name.encode(), record)
+            w.finish()
+
+        self._env.write(flip)
+
+    def _write_snapshot_arrays(self, final: Path, columns: dict[str, np.ndarray]) -> None:
+        parent = final.parent
+        tmp_name = f"{final.name}{_TMP}{uuid.uuid4().hex[:12]}"
+        tmp = parent / tmp_name
+        try:
+            root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
+            for col, data in columns.items():
                 arr = root.create_array(
-                    f"{group}/{col}",
+                    f"{SNAPSHOTS_GROUP}/{tmp_name}/{col}",
                     shape=data.shape,
                     chunks=(max(1, min(len(data), 1 << 20)),),
                     dtype=data.dtype,
@@ -515,44 +760,74 @@ class PersistedStore:
                 )
                 if len(data):
                     arr[...] = data
-            fsync_tree(self.root / ZARR_DIR / SNAPSHOTS_GROUP)
-        for col in _SNAPSHOT_COLUMNS:
-            data = np.ascontiguousarray(getattr(index, col), dtype="<i8")
-            sums[col] = xxhash.xxh64_intdigest(data.data)
-        record = {"commit": commit, "time": time.time(), "rows": len(index), "xxh64": sums}
-        self._env.write(
-            lambda txn: txn.put(
-                name.encode(), json.dumps(record).encode(), db=self._env.dbs[DB_SNAPSHOTS]
+            fsync_tree(tmp)
+            if final.exists():  # a damaged or partial copy: replace it whole
+                trash = parent / f"{final.name}{_TMP}old-{uuid.uuid4().hex[:12]}"
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            fsync_dir(parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _full(e, f"could not write the snapshot index {final.name}") from e
+
+    def _snapshot_arrays_ok(self, path: Path, rows: int, sums: dict[str, int]) -> bool:
+        try:
+            return all(
+                xxhash.xxh64_intdigest(self._snapshot_column(path, col, rows).data) == sums[col]
+                for col in _SNAPSHOT_COLUMNS
             )
-        )
+        except CorruptStoreError:
+            return False
+
+    def _snapshot_column(self, path: Path, col: str, rows: int) -> np.ndarray:
+        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,))
+        return np.ascontiguousarray(read_array(meta), dtype="<i8")
 
     def unpin(self, name: str) -> None:
         self._require_writer()
         if name not in self.snapshots():
             raise SnapshotNotFoundError(f"no snapshot named {name!r}")
-        self._env.write(lambda txn: txn.delete(name.encode(), db=self._env.dbs[DB_SNAPSHOTS]))
+
+        def flip(txn: lmdb.Transaction) -> None:
+            w = Writer(txn, self._env.dbs)
+            w.delete(DB_SNAPSHOTS, name.encode())
+            w.finish()
+
+        self._env.write(flip)
 
     def _pinned_index(self, commit: int) -> RowIndex | None:
-        for record in self.snapshots().values():
+        for name, record in self.snapshots().items():
             if record["commit"] != commit:
                 continue
-            cols = {}
-            for col in _SNAPSHOT_COLUMNS:
-                path = f"{SNAPSHOTS_GROUP}/{commit:016x}/{col}"
-                try:
-                    data = np.ascontiguousarray(
-                        zarr.open_array(self._zarr, path=path, mode="r")[...]
-                    )
-                except Exception as e:
-                    raise CorruptStoreError(f"snapshot index {path} cannot be read: {e}") from e
-                if (
-                    data.dtype != np.dtype("<i8")
-                    or xxhash.xxh64_intdigest(data.data) != record["xxh64"][col]
-                ):
-                    raise CorruptStoreError(f"snapshot index {path} fails its checksum")
-                cols[col] = data.astype(np.int64)
-            return RowIndex(**cols)
+            return self._read_pinned(name, record)
         return None
+
+    def _read_pinned(self, name: str, record: dict[str, Any]) -> RowIndex:
+        """A snapshot's pinned index, checked: columns against the snapshot's checksums, the
+        whole against the digest its commit recorded."""
+        commit = record["commit"]
+        path = self._snapshot_dir(commit)
+        cols = {}
+        for col in _SNAPSHOT_COLUMNS:
+            try:
+                data = self._snapshot_column(path, col, record["rows"])
+            except CorruptStoreError as e:
+                raise CorruptStoreError(
+                    f"snapshot {name!r}: index column {col} cannot be read: {e}"
+                ) from e
+            if xxhash.xxh64_intdigest(data.data) != record["xxh64"][col]:
+                raise CorruptStoreError(
+                    f"snapshot {name!r}: index column {col} ({path}) fails its checksum"
+                )
+            cols[col] = data.astype(np.int64)
+        index = RowIndex(**cols)
+        where = f"{self.root}: snapshot {name!r}"
+        _check_index(index, self.manifest.rows, commit, where)
+        _check_digest(index, self.commit_record(commit), where)
+        return index
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -580,7 +855,11 @@ class PersistedStore:
         :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
         ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
         the commit record, and the first commit that has one raises the store's format
-        version to ``FORMAT_LIFECYCLE``."""
+        version to ``FORMAT_LIFECYCLE``.
+
+        The row index's digest is updated in O(rows written): the hashes of the entries this
+        commit replaces or deletes (taken from ``index``) are subtracted and those of the new
+        entries added (``_digest.py``)."""
         self._require_writer()
         env = self._env
         current = self.head()
@@ -591,27 +870,38 @@ class PersistedStore:
         parent = self.commit_record(head)
         commit_id = head + 1
         # Dropping a row that has no delta changes nothing; keep the record honest.
-        _, present = index.find(drops)
+        pos_d, present = index.find(drops)
         drops = drops[present]
-        segment_id = env.read(
-            lambda txn: _u64(txn.get(META_NEXT_SEGMENT, db=env.dbs[DB_META]), "next segment id")
-        )
+        pos_d = pos_d[present]
+        segment_id = self._next_segment()
         seg = None
-        if len(ids) or len(drops):
-            seg = self.segments.write(
-                segment_id,
-                commit_id,
-                ids,
-                deltas,
-                drops,
-                # A small commit gets one tight chunk instead of a mostly-padding one.
-                chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
-                state=state,
-                usage=usage,
-            )
         gen_version, gen_record = parent.generator, None
-        if generator_state is not None:
-            gen_version, gen_record = commit_id, self._write_generator(commit_id, generator_state)
+        try:
+            if len(ids) or len(drops):
+                seg = self.segments.write(
+                    segment_id,
+                    commit_id,
+                    ids,
+                    deltas,
+                    drops,
+                    # A small commit gets one tight chunk instead of a mostly-padding one.
+                    chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
+                    state=state,
+                    usage=usage,
+                )
+            if generator_state is not None:
+                gen_version = commit_id
+                gen_record = self._write_generator(commit_id, generator_state)
+        except OSError as e:
+            if seg is not None:
+                self.segments.remove(segment_id)
+            shutil.rmtree(
+                self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
+                ignore_errors=True,
+            )
+            if isinstance(e, StoreFullError):
+                raise
+            raise _full(e, f"could not write commit {commit_id}") from e
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}
@@ -636,6 +926,22 @@ class PersistedStore:
             routers=router_records or None,
             lifecycle=lifecycle,
         )
+        # The digest change of the row index, from the entries replaced, dropped and written.
+        pos_w, replaced = index.find(ids)
+        gone = np.concatenate([pos_w[replaced], pos_d])
+        removed = int(
+            rows_hash(
+                index.ids[gone], index.segment[gone], index.offset[gone], index.commit[gone]
+            ).sum(dtype=np.uint64)
+        )
+        added = int(
+            rows_hash(
+                ids,
+                np.full(len(ids), segment_id),
+                np.arange(len(ids)),
+                np.full(len(ids), commit_id),
+            ).sum(dtype=np.uint64)
+        )
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
         values["segment"] = segment_id
         values["offset"] = np.arange(len(ids))
@@ -644,41 +950,63 @@ class PersistedStore:
         items = list(zip(_keys(ids), values.view(f"V{ROW_VALUE.size}").tolist(), strict=True))
         drop_keys = _keys(drops)
 
-        def flip(txn: lmdb.Transaction) -> None:
-            rows = env.dbs[DB_ROWS]
+        def flip(txn: lmdb.Transaction) -> Commit:
+            w = Writer(txn, env.dbs)
+            rows = w.digests[DB_ROWS]
+            if rows.count != len(index):
+                raise CorruptStoreError(
+                    f"{self.root}: the LMDB row index holds {rows.count} rows but the writer's "
+                    f"copy {len(index)}; the index changed or is damaged: nothing was committed"
+                )
+            rows.remove(removed, int(replaced.sum()) + len(drops))
+            rows.add(added, len(ids))
+            db = env.dbs[DB_ROWS]
             if items:
-                txn.cursor(db=rows).putmulti(items, dupdata=False, overwrite=True)
-            cur = txn.cursor(db=rows)
+                txn.cursor(db=db).putmulti(items, dupdata=False, overwrite=True)
+            cur = txn.cursor(db=db)
             for k in drop_keys:  # drops are rare and small; py-lmdb has no batch delete
                 if cur.set_key(k):
                     cur.delete()
             if seg is not None:
-                txn.put(
-                    u64_key(segment_id), json.dumps(seg.to_json()).encode(), db=env.dbs[DB_SEGMENTS]
-                )
-                txn.put(META_NEXT_SEGMENT, u64_key(segment_id + 1), db=env.dbs[DB_META])
+                w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
+                w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
             if gen_record is not None:
-                txn.put(
-                    _META_GENERATOR_PREFIX + u64_key(commit_id),
-                    json.dumps(gen_record).encode(),
-                    db=env.dbs[DB_META],
-                )
-            txn.put(
-                u64_key(commit_id), json.dumps(record.to_json()).encode(), db=env.dbs[DB_COMMITS]
-            )
-            txn.put(META_HEAD, u64_key(commit_id), db=env.dbs[DB_META])
+                w.put_record(DB_META, _META_GENERATOR_PREFIX + u64_key(commit_id), gen_record)
+            final = replace(record, index_digest=rows.total)
+            w.put_record(DB_COMMITS, u64_key(commit_id), final.to_json())
+            w.put(DB_META, META_HEAD, u64_key(commit_id))
             if lifecycle is not None:
-                meta = env.dbs[DB_META]
-                if _u64(txn.get(META_FORMAT, db=meta), "format version") < FORMAT_LIFECYCLE:
-                    txn.put(META_FORMAT, u64_key(FORMAT_LIFECYCLE), db=meta)
+                version = read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
+                if version < FORMAT_LIFECYCLE:
+                    w.put(DB_META, META_FORMAT, u64_key(FORMAT_LIFECYCLE))
+            w.finish()
+            return final
 
         try:
-            env.write(flip)
+            record = env.write(flip)
         except BaseException:
             if seg is not None:
                 self.segments.remove(segment_id)
             raise
         return record, new_index
+
+    def _next_segment(self) -> int:
+        """The id the next segment takes, checked: above every recorded segment (a damaged
+        ``next_segment`` must never make a commit overwrite a live segment)."""
+
+        def scan(txn: lmdb.Transaction) -> tuple[int, bytes | None]:
+            nxt = read_u64(txn.get(META_NEXT_SEGMENT, db=self._db(DB_META)), "next segment id")
+            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            return nxt, cur.key() if cur.last() else None
+
+        nxt, last = self._read(scan)
+        newest = read_u64(last, "segment id") if last is not None else 0
+        if not newest < nxt <= MAX_COMMIT_ID:
+            raise CorruptStoreError(
+                f"{self.root}: the next segment id {nxt} is not above the newest segment "
+                f"{newest}; the index is damaged: restore the store from a copy"
+            )
+        return nxt
 
     # -- reading deltas ------------------------------------------------------------------------
 
@@ -699,7 +1027,7 @@ class PersistedStore:
             if state_width and rec.state_width == state_width:
                 state[at] = self.segments.gather(rec, offsets, SEGMENT_STATE)
             if usage_width and rec.usage_width == usage_width:
-                usage[at] = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+                usage[at] = self._gather_usage(rec, offsets)
         return found, out, state, usage
 
     def read_usage(
@@ -711,8 +1039,21 @@ class PersistedStore:
         usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
         for rec, at, offsets in self._by_segment(index, pos):
             if usage_width and rec.usage_width == usage_width:
-                usage[at] = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+                usage[at] = self._gather_usage(rec, offsets)
         return found, usage
+
+    def _gather_usage(self, rec: SegmentRecord, offsets: np.ndarray) -> np.ndarray:
+        """Usage rows of a segment, their values checked too: the checksums say the chunks are
+        the ones written, not that what was written (by whoever) is usable statistics."""
+        usage = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+        problem = usage_problem(usage)
+        if problem is not None:
+            raise CorruptSegmentError(
+                f"{self.root}: segment {rec.name}: its usage statistics {problem}; the store is "
+                "damaged or was not written by dpsn: run `dpsn verify`",
+                segment=rec.name,
+            )
+        return usage
 
     @staticmethod
     def _found(index: RowIndex, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -735,6 +1076,12 @@ class PersistedStore:
         ends = np.concatenate([bounds, [len(order)]])
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             rec = self.segment_record(int(seg_sorted[a]))
+            if rec.dim != self.manifest.dim or int(off_sorted[b - 1]) >= rec.rows:
+                raise CorruptStoreError(
+                    f"{self.root}: segment {rec.name} ({rec.rows} rows of width {rec.dim}) does "
+                    f"not hold the rows the index points at (width {self.manifest.dim}); the "
+                    "store is damaged: run `dpsn verify`"
+                )
             yield rec, order[a:b], off_sorted[a:b]
 
     # -- maintenance ---------------------------------------------------------------------------
@@ -743,8 +1090,8 @@ class PersistedStore:
         self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
     ) -> dict[str, Any]:
         """Remove segments that neither HEAD nor a snapshot references, leftovers of crashed
-        commits, and zarr ``.partial`` files. Needs the writer lock. ``progress(done, total)``
-        is called as segments are removed."""
+        commits and snapshots, unpinned snapshot indexes, and zarr ``.partial`` files. Needs
+        the writer lock. ``progress(done, total)`` is called as segments are removed."""
         self._require_writer()
         _, head_index = self.load_head()
         live = set(head_index.segments().tolist())
@@ -765,8 +1112,10 @@ class PersistedStore:
             if dead_records:
 
                 def forget(txn: lmdb.Transaction) -> None:
+                    w = Writer(txn, self._env.dbs)
                     for s in dead_records:
-                        txn.delete(u64_key(s), db=self._env.dbs[DB_SEGMENTS])
+                        w.delete(DB_SEGMENTS, u64_key(s))
+                    w.finish()
 
                 self._env.write(forget)
             doomed = dead_records + orphans
@@ -788,8 +1137,9 @@ class PersistedStore:
 
     def _unreferenced_versions(self) -> list[Path]:
         """Generator and router versions that neither HEAD nor a snapshot uses (older ones, and
-        leftovers of crashed commits)."""
-        keep_commits = {self.head(), *(r["commit"] for r in self.snapshots().values())}
+        leftovers of crashed commits), snapshot indexes no snapshot names, and temporaries."""
+        snaps = self.snapshots().values()
+        keep_commits = {self.head(), *(r["commit"] for r in snaps)}
         records = [self.commit_record(c) for c in keep_commits]
         keep = {
             self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(r.generator) for r in records
@@ -797,6 +1147,7 @@ class PersistedStore:
         for r in records:
             for name, meta in (r.routers or {}).items():
                 keep.add(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{meta['version']:016x}")
+        keep |= {self._snapshot_dir(r["commit"]) for r in snaps}
         found = []
         gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP
         if gen_dir.is_dir():
@@ -806,42 +1157,17 @@ class PersistedStore:
             found += [
                 v for n in router_dir.iterdir() if n.is_dir() for v in n.iterdir() if v.is_dir()
             ]
+        snap_dir = self.root / ZARR_DIR / SNAPSHOTS_GROUP
+        if snap_dir.is_dir():
+            found += [p for p in snap_dir.iterdir() if p.is_dir()]
         return sorted(p for p in found if p not in keep)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Re-read every referenced chunk and check it; report problems, never raise for them."""
-        report = VerifyReport()
-        try:
-            head, index = self.load_head()
-            records = self.segment_records()
-            gen_version = self.commit_record(head).generator
-            self.read_generator(gen_version)
-        except (CorruptStoreError, SnapshotUnavailableError, SnapshotNotFoundError) as e:
-            report.problems.append(str(e))
-            return report
-        missing = sorted(set(index.segments().tolist()) - set(records))
-        for s in missing:
-            report.problems.append(f"rows point at segment {s:016x}, which has no record")
-        for rec in records.values():
-            report.checked_segments += 1
-            try:
-                ids = self.segments.read_column(rec, SEGMENT_IDS)
-                mine = index.segment == rec.id
-                if np.any(index.offset[mine] >= rec.rows) or not np.array_equal(
-                    ids[index.offset[mine]], index.ids[mine]
-                ):
-                    report.problems.append(
-                        f"segment {rec.name}: its ids disagree with the LMDB row index"
-                    )
-                for _key, _chunk in self.segments.iter_chunks(rec):
-                    report.checked_chunks += 1
-                report.checked_rows += rec.rows
-            except CorruptSegmentError as e:
-                report.problems.append(str(e))
-                report.damaged_rows.extend(e.rows)
-            if progress is not None:
-                progress(1)
-        return report
+        """Check everything the store holds; report problems, never raise for them. Needs
+        neither torch nor a generator or router module (``_verify.py``)."""
+        from ._verify import verify_store
+
+        return verify_store(self, progress)
 
     def disk_bytes(self) -> int:
         return dir_bytes(self.root)
@@ -858,3 +1184,51 @@ def storage_dtype(name: str) -> np.dtype:
 def _keys(ids: np.ndarray) -> list[bytes]:
     """LMDB keys (u64 big-endian) of many ids at once."""
     return np.ascontiguousarray(ids, dtype=">u8").view("V8").tolist()
+
+
+def _key_id(key: bytes, what: str) -> int:
+    return read_u64(key, f"{what} key")
+
+
+def _commit(raw: bytes, commit: int) -> Commit:
+    record = Commit.from_json(parse_record(raw, f"commit {commit}"))
+    if record.id != commit:
+        raise CorruptStoreError(f"the record stored as commit {commit} says it is {record.id}")
+    return record
+
+
+def _segment(raw: bytes, segment: int) -> SegmentRecord:
+    record = SegmentRecord.from_json(parse_record(raw, f"segment {segment:016x}"))
+    if record.id != segment:
+        raise CorruptStoreError(f"the record stored as segment {segment:016x} says {record.id}")
+    return record
+
+
+def _check_index(index: RowIndex, rows: int, head: int, where: str) -> None:
+    """What must hold of any row index: ids strictly increasing and below ``rows``, segments
+    and offsets in range, every commit at or before ``head``."""
+    ids = index.ids
+    bad = len(ids) and (
+        ids[0] < 0
+        or ids[-1] >= rows
+        or bool(np.any(ids[1:] <= ids[:-1]))
+        or int(index.segment.min()) < 1
+        or int(index.offset.min()) < 0
+        or int(index.commit.min()) < 2
+        or int(index.commit.max()) > head
+    )
+    if bad:
+        raise CorruptStoreError(
+            f"{where} holds ids out of order or out of range, or entries that point nowhere; "
+            "the index is damaged: restore the store from a copy"
+        )
+
+
+def _check_digest(index: RowIndex, record: Commit, where: str) -> None:
+    if record.index_digest is None:
+        return
+    got = int(rows_hash(index.ids, index.segment, index.offset, index.commit).sum(dtype=np.uint64))
+    if got != record.index_digest:
+        raise CorruptStoreError(
+            f"{where} does not match the digest commit {record.id} recorded; the store is damaged"
+        )

@@ -37,6 +37,11 @@ class EvictionPolicy(ABC):
         frequency sketch) overrides it."""
         self.touch(slots, step)
 
+    def recency_column(self) -> torch.Tensor | None:
+        """The float64 ``[capacity]`` column a hot read may stamp with the step in place of
+        :meth:`access` (what LRU's access is); None: call :meth:`access`."""
+        return None
+
     @abstractmethod
     def touch(self, slots: torch.Tensor, step: int) -> None:
         """Record one access to each of ``slots`` (may repeat) at ``step``."""
@@ -83,6 +88,9 @@ class LRU(EvictionPolicy):
 
     def score(self) -> torch.Tensor:
         return self.last
+
+    def recency_column(self) -> torch.Tensor | None:
+        return self.last if type(self).access is EvictionPolicy.access else None
 
 
 class LFU(EvictionPolicy):

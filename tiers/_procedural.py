@@ -46,6 +46,7 @@ class ProceduralTier:
 
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
+        self._params = list(generator.parameters())
         self.rows_generated = 0
         self.seen = self.stamp()  # the weights cached rows were made from
         self.saved = self.seen  # the weights as last committed
@@ -62,12 +63,19 @@ class ProceduralTier:
         self.generator.generate_into(ids, out)
 
     def stamp(self) -> tuple[int, ...]:
-        return tuple(v for p in self.generator.parameters() for v in (id(p), p._version))
+        """Identity and version of every weight: it changes with any in-place update (an
+        optimizer step, ``load_state_dict``). The weights are listed once (walking the module
+        on every read cost ~20 us); replacing a weight object by assignment is seen only if it
+        is a direct parameter of the generator module."""
+        direct = self.generator._parameters.values()
+        if any(p is not q for p, q in zip(direct, self._params, strict=False)):
+            self._params = list(self.generator.parameters())
+        return tuple(v for p in self._params for v in (id(p), p._version))
 
     def trainable(self) -> bool:
         """True while some weight requires grad: bases must then be regenerated on every read
         (through autograd) rather than taken from the cache."""
-        return any(p.requires_grad for p in self.generator.parameters())
+        return any(p.requires_grad for p in self._params)
 
     def changed_since_commit(self) -> bool:
         return self.stamp() != self.saved
@@ -79,4 +87,5 @@ class ProceduralTier:
     def replace(self, generator: Generator) -> None:
         """Adopt another version of the weights (a reader moving to a newer commit)."""
         self.generator = generator
+        self._params = list(generator.parameters())
         self.seen = self.saved = self.stamp()

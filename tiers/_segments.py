@@ -26,9 +26,10 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from dpsn.errors import CorruptSegmentError, StoreFullError
+from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError
 
 from ._format import (
+    COMPRESSOR_NAMES,
     SEGMENT_DELTAS,
     SEGMENT_DROPS,
     SEGMENT_IDS,
@@ -39,9 +40,15 @@ from ._format import (
     fsync_tree,
     segment_name,
 )
+from ._usage_fields import WIDTH as USAGE_WIDTH
+from ._zarrsafe import ArrayMeta, read_array_meta, read_chunks
 
-COMPRESSORS = ("lz4", "zstd", "none")
+COMPRESSORS = COMPRESSOR_NAMES
 DROPS_CHUNK = 1 << 16
+# What each manifest compressor writes, as the codec after ``bytes`` (the read allow-list).
+_CODEC_OF = {"lz4": "blosc", "zstd": "zstd", "none": None}
+_U64 = 1 << 64
+_MAX_DIM = 1 << 20
 
 
 def _codecs(compressor: str, itemsize: int) -> Any:
@@ -81,7 +88,7 @@ class SegmentRecord:
         return segment_name(self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "commit": self.commit,
             "rows": self.rows,
@@ -92,23 +99,68 @@ class SegmentRecord:
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.stored_bytes,
             "state_width": self.state_width,
-            "usage_width": self.usage_width,
         }
+        if self.usage_width:  # a store without a lifecycle keeps format 1's records exactly
+            out["usage_width"] = self.usage_width
+        return out
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> SegmentRecord:
+    def from_json(cls, raw: Any) -> SegmentRecord:
+        """Parse a record read from a store: every field is checked (type, range, and the
+        number of checksums against the rows they cover), ``CorruptStoreError`` otherwise."""
+        if not isinstance(raw, dict):
+            raise CorruptStoreError("a segment record is not a JSON object")
+
+        def number(name: str, lo: int, hi: int, default: int | None = None) -> int:
+            v = raw.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+                raise CorruptStoreError(f"a segment record has {name}={v!r}")
+            return v
+
+        rows = number("rows", 0, 1 << 62)
+        drops = number("drops", 0, 1 << 62)
+        chunk_rows = number("chunk_rows", 1, 1 << 40)
+        state_width = number("state_width", 0, _MAX_DIM + 1, 0)
+        # Usage statistics have a fixed set of fields (_usage_fields.WIDTH); a record naming
+        # another width was not written by a dpsn that reads it.
+        usage_width = number("usage_width", 0, USAGE_WIDTH + 1, 0)
+        if usage_width not in (0, USAGE_WIDTH):
+            raise CorruptStoreError(f"a segment record has usage_width={usage_width!r}")
+        sums = raw.get("checksums")
+        want = {
+            SEGMENT_IDS: -(-rows // chunk_rows),
+            SEGMENT_DELTAS: -(-rows // chunk_rows),
+            SEGMENT_DROPS: -(-drops // DROPS_CHUNK),
+        }
+        if state_width:
+            want[SEGMENT_STATE] = -(-rows // chunk_rows)
+        if usage_width:
+            want[SEGMENT_USAGE] = -(-rows // chunk_rows)
+        if (
+            not isinstance(sums, dict)
+            or set(sums) != set(want)
+            or not all(
+                isinstance(v, list)
+                and len(v) == want[k]
+                and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _U64 for c in v)
+                for k, v in sums.items()
+            )
+        ):
+            raise CorruptStoreError(
+                "a segment record's checksums do not cover its columns (one per chunk)"
+            )
         return cls(
-            id=int(raw["id"]),
-            commit=int(raw["commit"]),
-            rows=int(raw["rows"]),
-            drops=int(raw["drops"]),
-            dim=int(raw["dim"]),
-            chunk_rows=int(raw["chunk_rows"]),
-            checksums={k: [int(c) for c in v] for k, v in raw["checksums"].items()},
-            raw_bytes=int(raw["raw_bytes"]),
-            stored_bytes=int(raw["stored_bytes"]),
-            state_width=int(raw.get("state_width", 0)),
-            usage_width=int(raw.get("usage_width", 0)),
+            id=number("id", 1, 1 << 63),
+            commit=number("commit", 1, 1 << 63),
+            rows=rows,
+            drops=drops,
+            dim=number("dim", 1, _MAX_DIM + 1),
+            chunk_rows=chunk_rows,
+            checksums={k: list(v) for k, v in sums.items()},
+            raw_bytes=number("raw_bytes", 0, _U64),
+            stored_bytes=number("stored_bytes", 0, _U64),
+            state_width=state_width,
+            usage_width=usage_width,
         )
 
 
@@ -125,7 +177,7 @@ class SegmentStore:
         self.storage_dtype = np.dtype(storage_dtype)
         self.compressor = compressor
         self._store = LocalStore(str(zarr_root))
-        self._open: dict[int, dict[str, zarr.Array]] = {}
+        self._open: dict[int, dict[str, ArrayMeta]] = {}
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -223,43 +275,63 @@ class SegmentStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _array(self, rec: SegmentRecord, key: str) -> zarr.Array:
+    def _array(self, rec: SegmentRecord, key: str) -> ArrayMeta:
+        """The checked metadata of one column: dtype, shape and chunks as the record says,
+        codecs as the manifest says (nothing else decodes a segment)."""
         cached = self._open.setdefault(rec.id, {})
-        arr = cached.get(key)
-        if arr is None:
+        meta = cached.get(key)
+        if meta is None:
+            n = rec.drops if key == SEGMENT_DROPS else rec.rows
+            tail = {
+                SEGMENT_DELTAS: (rec.dim,),
+                SEGMENT_STATE: (rec.state_width,),
+                SEGMENT_USAGE: (rec.usage_width,),
+            }.get(key, ())
+            step = DROPS_CHUNK if key == SEGMENT_DROPS else rec.chunk_rows
+            dtype = {
+                SEGMENT_DELTAS: self.storage_dtype,
+                SEGMENT_STATE: np.dtype("<f4"),
+                SEGMENT_USAGE: np.dtype("<f8"),
+            }.get(key, np.dtype("<i8"))
+            codec = _CODEC_OF.get(self.compressor)
             try:
-                arr = zarr.open_array(
-                    self._store, path=f"{SEGMENTS_GROUP}/{rec.name}/{key}", mode="r"
+                meta = read_array_meta(
+                    self.dir / rec.name / key,
+                    shape=(n, *tail),
+                    codecs=frozenset({"bytes"} | ({codec} if codec else set())),
                 )
-            except Exception as e:  # zarr raises several kinds for a missing or garbled node
+                if (
+                    meta.chunks != (max(1, step), *tail)
+                    or meta.compressor != codec
+                    or meta.dtype != dtype
+                ):
+                    raise CorruptStoreError(
+                        f"its chunks {list(meta.chunks)}, dtype {meta.dtype} or compressor "
+                        f"{meta.compressor} differ from the record and the manifest"
+                    )
+            except CorruptStoreError as e:
                 raise CorruptSegmentError(
                     f"segment {rec.name}: array {key!r} cannot be opened ({e}); "
                     "the segment is missing or damaged",
                     segment=rec.name,
                 ) from e
-            cached[key] = arr
-        return arr
+            cached[key] = meta
+        return meta
 
     def _read_span(self, rec: SegmentRecord, key: str, chunk_lo: int, chunk_hi: int) -> np.ndarray:
         """Read chunks [chunk_lo, chunk_hi) of one array and check each chunk's checksum."""
-        arr = self._array(rec, key)
-        step = rec.chunk_rows if key != SEGMENT_DROPS else DROPS_CHUNK
-        lo, hi = chunk_lo * step, min(chunk_hi * step, arr.shape[0])
+        meta = self._array(rec, key)
+        step = meta.chunks[0]
         expected = rec.checksums[key]
+        if not 0 <= chunk_lo <= chunk_hi <= len(expected):
+            raise self._damage(rec, key, chunk_lo, chunk_hi, "lie outside the segment")
         try:
-            data = np.ascontiguousarray(arr[lo:hi])
-        except Exception as e:
+            data = read_chunks(meta, chunk_lo, chunk_hi)
+        except CorruptStoreError as e:
             raise self._damage(rec, key, chunk_lo, chunk_hi, f"cannot be decoded ({e})") from e
-        want_dtype, want_tail = {
-            SEGMENT_DELTAS: (self.storage_dtype, (rec.dim,)),
-            SEGMENT_STATE: (np.dtype("<f4"), (rec.state_width,)),
-            SEGMENT_USAGE: (np.dtype("<f8"), (rec.usage_width,)),
-        }.get(key, (np.dtype("<i8"), ()))
-        if data.dtype != want_dtype or data.shape[1:] != want_tail:
-            raise self._damage(rec, key, chunk_lo, chunk_hi, "has the wrong dtype or shape")
         for c in range(chunk_lo, chunk_hi):
             piece = data[(c - chunk_lo) * step : (c - chunk_lo + 1) * step]
-            if c >= len(expected) or xxhash.xxh64_intdigest(piece.data) != expected[c]:
+            if xxhash.xxh64_intdigest(piece.data) != expected[c]:
                 raise self._damage(rec, key, c, c + 1, "fails its checksum")
         return data
 

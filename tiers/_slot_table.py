@@ -102,10 +102,15 @@ class SlotTable:
         return slot.long().clamp_(max=self.capacity - 1), hit
 
     def find_gather(
-        self, ids: torch.Tensor, table: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        table: torch.Tensor,
+        last: torch.Tensor | None = None,
+        step: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a hot read: the slots of ``ids`` and their rows of ``table`` (``[capacity, w]``)
-        in one C pass, or None when some id is not cached or the loop cannot run here."""
+        in one C pass (and ``last[slot] = step`` for an LRU policy's column), or None when some
+        id is not cached or the loop cannot run here."""
         if not kernels.usable(ids, self.entries, table) or not table.is_contiguous():
             return None
         first, second = self._multipliers()
@@ -119,6 +124,8 @@ class SlotTable:
             self.capacity,
             ids.contiguous(),
             table,
+            last,
+            step,
         )
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
