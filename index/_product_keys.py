@@ -232,6 +232,7 @@ class ProductKeyRouter(Router):
 
     kind = "product_keys"
     Config = ProductKeyConfig
+    stops_at_budget = True
 
     def __init__(self, config: ProductKeyConfig | None = None, /, **kwargs: Any) -> None:
         """``ProductKeyRouter(ProductKeyConfig(...))`` or the same fields as keywords."""

@@ -17,10 +17,12 @@ from dpsn.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     InvalidDeviceError,
+    LifecycleError,
 )
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
 
+from ._lifecycle import Lifecycle, initial_record
 from ._pool import Pool
 from ._validate import MAX_ROWS
 
@@ -163,6 +165,7 @@ def create(
     cache_rows: int | None = None,
     policy: str = "lru",
     map_size: int | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -171,7 +174,8 @@ def create(
     kind name (``"hashed_slices"``, ``"rf_mlp"``), a dict ``{"kind": ..., **config}`` or a
     Generator module. The store's first commit (id 1, message "create") records the spec and the
     generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
-    :func:`open`.
+    :func:`open`. ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle,
+    saved with every commit from the first on.
 
     Every argument is checked before anything is written. ``path`` must be new or an empty
     directory; two processes creating one path cannot both succeed (the loser gets a
@@ -190,6 +194,12 @@ def create(
     if compressor not in COMPRESSORS:
         raise InvalidArgumentError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
     check_policy(policy)  # before anything is written
+    if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+        raise InvalidArgumentTypeError(
+            f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
+        )
+    if lifecycle is not None and lifecycle.regions > rows:
+        raise LifecycleError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
     dtype_name = parse_pool_dtype(dtype)
     itemsize = storage_dtype(dtype_name).itemsize
     if chunk_rows is None:
@@ -223,7 +233,9 @@ def create(
         uuid=uuid.uuid4().hex,
     )
     state = {k: v.detach().cpu().float().numpy() for k, v in gen.state_dict().items()}
-    kwargs = {} if map_size is None else {"map_size": map_size}
+    kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
+    if lifecycle is not None:
+        kwargs["lifecycle"] = initial_record(lifecycle)
     # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
@@ -248,6 +260,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     device: str | torch.device | None = None,
     cache_rows: int | None = None,
     policy: str = "lru",
+    lifecycle: Lifecycle | None = None,
 ) -> Pool:
     """Open a store.
 
@@ -255,7 +268,9 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     seeing it until ``refresh()``; ``mode="r+"`` also takes the store's single writer lock.
     Rows are served through a cache of ``cache_rows`` rows on ``device`` (CUDA when asked for,
     else CPU) with eviction ``policy`` (``"lru"``, ``"lfu"``); ``cache_rows=None`` sizes it to
-    about 64 MiB, ``cache_rows=0`` reads without a cache.
+    about 64 MiB, ``cache_rows=0`` reads without a cache. ``lifecycle`` (a
+    :class:`dpsn.Lifecycle`) replaces the row lifecycle saved in the store (saved at the next
+    commit), or gives one to a store without; None keeps the saved one.
     """
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
@@ -281,7 +296,13 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
             commit = store.resolve(at)
             index = store.load_index(commit)
         return Pool(
-            store, commit=commit, index=index, device=device, cache_rows=cache_rows, policy=policy
+            store,
+            commit=commit,
+            index=index,
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+            lifecycle=lifecycle,
         )
     except BaseException:
         store.close()

@@ -3,9 +3,12 @@
 ``RowStack`` is the whole read/write-back path (device cache <- host staging <- persisted store
 <- procedural generator) and ``RowBatch`` the handle executors compute with. ``PersistedStore``
 is the disk tier (LMDB index + Zarr segments); it knows rows, segments and commits, nothing of
-models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints).
-``router_format`` is the module of the router format's torch-free checks (``dpsn.index`` saves
-and loads routers with it, ``verify`` checks them with it alone).
+models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints), and
+``lifecycle_health`` the row lifecycle's figures from a commit record. ``usage`` (a module)
+holds the fields of the per-row usage statistics and how uses, updates and consolidations
+change them; the policy that reads them is ``dpsn.pool``'s. ``router_format`` (a module) holds
+the router format's torch-free checks (``dpsn.index`` saves and loads routers with it,
+``verify`` checks them with it alone).
 
 The names below load on first use: ``import dpsn.tiers`` (or one of its torch-free modules, such
 as ``dpsn.tiers._format`` or ``dpsn.tiers._info``) must not import torch or zarr, so that the
@@ -38,9 +41,14 @@ _LAZY = {
     "RowStack": "._stack",
     "SlotTable": "._slot_table",
     "StoreFacts": "._info",
+    "UsageClock": "._usage",
+    "UsageIndex": "._usage",
+    "UsageRules": "._usage",
     "VerifyReport": "._persisted",
     "check_policy": "._policies",
     "check_router_name": "._names",
+    "lifecycle_health": "._health",
+    "pending_decay": "._health",
     "load_generator": "._procedural",
     "make_policy": "._policies",
     "policies": "._policies",
@@ -49,14 +57,14 @@ _LAZY = {
     "storage_dtype": "._persisted",
     "tree_bytes": "._info",
 }
-# Names that are modules of this package, loaded on first use like the names above.
-_LAZY_MODULES = {"router_format": "._router_check"}
 
 if TYPE_CHECKING:
     from . import _router_check as router_format
+    from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._format import FORMAT_VERSION, Manifest, read_manifest
+    from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
@@ -66,11 +74,15 @@ if TYPE_CHECKING:
     from ._segments import COMPRESSORS
     from ._slot_table import SlotTable
     from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
+    from ._usage import UsageClock, UsageIndex, UsageRules
+
+
+_MODULES = {"router_format": "._router_check", "usage": "._usage"}  # public modules, also lazy
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY_MODULES:
-        value = importlib.import_module(_LAZY_MODULES[name], __name__)
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
         globals()[name] = value
         return value
     module = _LAZY.get(name)
@@ -82,7 +94,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY, *_LAZY_MODULES])
+    return sorted([*globals(), *_LAZY, *_MODULES])
 
 
 __all__ = [
@@ -105,15 +117,21 @@ __all__ = [
     "RowStack",
     "SlotTable",
     "StoreFacts",
+    "UsageClock",
+    "UsageIndex",
+    "UsageRules",
     "VerifyReport",
     "check_policy",
     "check_router_name",
+    "lifecycle_health",
     "load_generator",
     "make_policy",
+    "pending_decay",
     "policies",
     "read_manifest",
     "register_policy",
     "router_format",
     "storage_dtype",
     "tree_bytes",
+    "usage",
 ]
