@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dpsn.errors import InvalidArgumentTypeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -66,7 +68,9 @@ def parse_pool_dtype(dtype: Any) -> str:
     except TypeError:
         name = None
     if name not in POOL_DTYPES:
-        raise TypeError(f"dtype {dtype!r} is not supported; use one of {', '.join(POOL_DTYPES)}")
+        raise InvalidArgumentTypeError(
+            f"dtype {dtype!r} is not supported; use one of {', '.join(POOL_DTYPES)}"
+        )
     return name
 
 

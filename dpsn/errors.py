@@ -15,6 +15,7 @@ __all__ = [
     "CorruptStoreError",
     "DpsnError",
     "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "InvalidDeltaError",
     "InvalidDeviceError",
     "InvalidIdsError",
@@ -29,6 +30,7 @@ __all__ = [
     "StoreLockedError",
     "StoreNotFoundError",
     "StoreVersionError",
+    "StoreWriteError",
 ]
 
 
@@ -38,6 +40,10 @@ class DpsnError(Exception):
 
 class InvalidArgumentError(DpsnError, ValueError):
     """An argument is out of range or malformed (checked before anything is written)."""
+
+
+class InvalidArgumentTypeError(DpsnError, TypeError):
+    """An argument has the wrong type (checked before anything is written)."""
 
 
 class InvalidDeviceError(InvalidArgumentError):
@@ -109,6 +115,11 @@ class ReadOnlyError(DpsnError, PermissionError):
 
 class StoreFullError(DpsnError, OSError):
     """The disk (or a file-size limit) ran out during a commit; the store was left as it was."""
+
+
+class StoreWriteError(DpsnError, OSError):
+    """Writing to the store failed for a reason other than a full disk; ``errno`` and the
+    message are the operating system's. The store was left as it was."""
 
 
 class SnapshotNotFoundError(DpsnError, LookupError):

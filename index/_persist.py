@@ -19,7 +19,7 @@ only fill tensors. Before an array is read, its name, dtype (plain numbers only)
 its array file has, and the one the config implies, so a crafted store cannot make the load
 allocate what it likes) and codecs (a short allow-list, so no codec registered by some other
 installed package decodes it) are checked; after, its blake2b. The torch-free part of these
-checks lives in ``_router_check.py`` (``verify`` uses it alone). Building the module from a
+checks lives in ``dpsn.tiers.router_format`` (``verify`` uses it alone). Building the module from a
 config is itself bounded: its allocations may not exceed a few times the state its manifest
 lists, so an edited config that asks for gigantic weights is refused before they exist. The
 FAISS blobs are never deserialised at all: each router rebuilds
@@ -42,23 +42,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from dpsn.errors import CorruptStoreError
-from dpsn.tiers._router_check import (
-    ATTR,
-    CODECS,
-    DTYPES,
-    FLOATS,
-    FORMAT_VERSION,
-    KIND_NAMES,
-    RouterCheck,
-    UnknownRouterKindError,
-    array_digest,
-    array_meta,
-    check_header,
-    check_manifest_structure,
-    manifest_digest,
-    read_checked,
-    read_manifest,
-)
+from dpsn.tiers import router_format as rf
 
 from ._base import Router
 from ._config import config_json
@@ -75,11 +59,12 @@ ROUTER_KINDS: dict[str, type[Router]] = {
     "vq": VQRouter,
     "lsh": LSHRouter,
 }
-assert tuple(ROUTER_KINDS) == KIND_NAMES
-_DTYPES = DTYPES
-_FLOATS = FLOATS
-_array_digest = array_digest
-_manifest_digest = manifest_digest
+assert tuple(ROUTER_KINDS) == rf.KIND_NAMES
+FORMAT_VERSION = rf.FORMAT_VERSION
+_DTYPES = rf.DTYPES
+_FLOATS = rf.FLOATS
+_array_digest = rf.array_digest
+_manifest_digest = rf.manifest_digest
 _BUILD_SLACK = 64 << 20  # bytes a router's constructor may allocate beyond 4x its state
 
 
@@ -148,13 +133,13 @@ def save_router(router: Router, group: zarr.Group) -> str:
         entries[name] = {"blake2b": dig, "dtype": dtypes[name], "shape": list(arr.shape)}
     digest = _manifest_digest(kind, config, {n: e["blake2b"] for n, e in entries.items()})
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": rf.FORMAT_VERSION,
         "kind": kind,
         "config": config,
         "arrays": entries,
         "digest": digest,
     }
-    group.attrs[ATTR] = manifest
+    group.attrs[rf.ATTR] = manifest
     for name in list(group.array_keys()):  # arrays of an older save that are no longer used
         if name.startswith(("state.", "extra.")) and name not in entries:
             del group[name]
@@ -183,9 +168,9 @@ def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarr
         raise CorruptStoreError(f"router array {name!r} is missing from {where!r}")
     codecs = {c.get("name") if isinstance(c, dict) else None for c in meta.get("codecs", ())}
     if (
-        arr.dtype != DTYPES[entry["dtype"]]
+        arr.dtype != rf.DTYPES[entry["dtype"]]
         or list(arr.shape) != entry["shape"]
-        or not codecs <= CODECS
+        or not codecs <= rf.CODECS
     ):
         raise CorruptStoreError(
             f"router array {name!r} in {where!r} is not what its manifest says (dtype "
@@ -196,7 +181,7 @@ def _read_array(group: zarr.Group, name: str, entry: dict[str, Any]) -> np.ndarr
         data = np.asarray(arr[...])
     except Exception as exc:
         raise CorruptStoreError(f"router array {name!r} cannot be read: {exc}") from exc
-    if array_digest(data) != entry["blake2b"]:
+    if rf.array_digest(data) != entry["blake2b"]:
         raise CorruptStoreError(
             f"router array {name!r} in {where!r} fails its blake2b check; the store "
             "is damaged: restore it from a snapshot or re-save the router"
@@ -245,7 +230,7 @@ class _AllocationBudget(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _build(cls: type[Router], check: RouterCheck, where: str) -> Router:
+def _build(cls: type[Router], check: rf.RouterCheck, where: str) -> Router:
     budget = 4 * check.nbytes + _BUILD_SLACK
     try:
         with _AllocationBudget(budget, where):
@@ -271,17 +256,17 @@ def load_router(group: zarr.Group, *, expected_digest: str | None = None) -> Rou
     local = _local_dir(group)
     where = group.path
     manifest = (
-        read_manifest(local)
+        rf.read_manifest(local)
         if local is not None
-        else check_manifest_structure(group.attrs.get(ATTR), where)
+        else rf.check_manifest_structure(group.attrs.get(rf.ATTR), where)
     )
     try:
-        check = check_header(manifest, where, expected_digest)
-    except UnknownRouterKindError as e:
+        check = rf.check_header(manifest, where, expected_digest)
+    except rf.UnknownRouterKindError as e:
         raise UnknownRouterError(str(e)) from None
     metas = {}
     if local is not None:
-        metas = {name: array_meta(local, name, e) for name, e in check.entries.items()}
+        metas = {name: rf.array_meta(local, name, e) for name, e in check.entries.items()}
     cls = ROUTER_KINDS[check.kind]
     entries = check.entries
     router = _build(cls, check, where)
@@ -291,7 +276,7 @@ def load_router(group: zarr.Group, *, expected_digest: str | None = None) -> Rou
         f"state.{n}": (list(t.shape), _dtype_class(t)) for n, t in router.state_dict().items()
     }
     stored = {
-        n: (e["shape"], e["dtype"] if e["dtype"] not in FLOATS else "float")
+        n: (e["shape"], e["dtype"] if e["dtype"] not in rf.FLOATS else "float")
         for n, e in entries.items()
         if n.startswith("state.")
     }
@@ -301,7 +286,7 @@ def load_router(group: zarr.Group, *, expected_digest: str | None = None) -> Rou
             "differ); the store is damaged"
         )
     if local is not None:
-        arrays = {n: read_checked(local, n, e, metas[n]) for n, e in entries.items()}
+        arrays = {n: rf.read_checked(local, n, e, metas[n]) for n, e in entries.items()}
     else:
         arrays = {n: _read_array(group, n, e) for n, e in entries.items()}
     state = {

@@ -13,7 +13,9 @@ import torch
 from dpsn._dtypes import parse_pool_dtype, storage_dtype
 from dpsn.errors import (
     CacheTooLargeError,
+    DpsnError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     InvalidDeviceError,
     LifecycleError,
 )
@@ -126,20 +128,25 @@ def _default_chunk_rows(dim: int, itemsize: int) -> int:
 def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
     if isinstance(generator, Generator):
         if generator.dim != dim or generator.seed != seed:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"generator was built for dim={generator.dim}, seed={generator.seed}; "
                 f"the pool has dim={dim}, seed={seed}"
             )
         return generator
-    if isinstance(generator, str):
-        return make_generator(generator, dim=dim, seed=seed)
-    if isinstance(generator, dict):
-        config = dict(generator)
+    if isinstance(generator, str | dict):
+        config = {"kind": generator} if isinstance(generator, str) else dict(generator)
         kind = config.pop("kind", None)
         if not isinstance(kind, str):
-            raise ValueError(f"a generator spec needs a 'kind' (one of {sorted(GENERATORS)})")
-        return make_generator(kind, dim=dim, seed=seed, **config)
-    raise TypeError(
+            raise InvalidArgumentError(
+                f"a generator spec needs a 'kind' (one of {sorted(GENERATORS)})"
+            )
+        try:
+            return make_generator(kind, dim=dim, seed=seed, **config)
+        except DpsnError:
+            raise
+        except (TypeError, ValueError) as e:  # an unknown kind, or options it refuses
+            raise InvalidArgumentError(f"generator={generator!r}: {e}") from e
+    raise InvalidArgumentTypeError(
         f"generator= takes a kind name, a dict with 'kind', or a Generator; got {generator!r}"
     )
 
@@ -177,18 +184,20 @@ def create(
     """
     for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            raise InvalidArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
     if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"rows must be in 1..2**63-1, got {rows}")
+        raise InvalidArgumentError(f"rows must be in 1..2**63-1, got {rows}")
     if not 1 <= dim <= 1 << 20:
-        raise ValueError(f"dim must be in 1..2**20, got {dim}")
+        raise InvalidArgumentError(f"dim must be in 1..2**20, got {dim}")
     if not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be in 0..2**64-1, got {seed}")
+        raise InvalidArgumentError(f"seed must be in 0..2**64-1, got {seed}")
     if compressor not in COMPRESSORS:
-        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+        raise InvalidArgumentError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
     check_policy(policy)  # before anything is written
     if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
-        raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
+        raise InvalidArgumentTypeError(
+            f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
+        )
     if lifecycle is not None and lifecycle.regions > rows:
         raise LifecycleError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
     dtype_name = parse_pool_dtype(dtype)
@@ -196,7 +205,7 @@ def create(
     if chunk_rows is None:
         chunk_rows = _default_chunk_rows(dim, itemsize)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        raise InvalidArgumentError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if chunk_rows * dim * itemsize > MAX_CHUNK_BYTES:
         raise InvalidArgumentError(
             f"chunk_rows={chunk_rows} makes chunks of {chunk_rows * dim * itemsize} bytes; "
@@ -264,9 +273,17 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     commit), or gives one to a store without; None keeps the saved one.
     """
     if mode not in ("r", "r+"):
-        raise ValueError(f'mode must be "r" or "r+", got {mode!r}')
+        raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
+    if at is not None and (
+        isinstance(at, bool) or not (isinstance(at, str) or hasattr(type(at), "__index__"))
+    ):
+        raise InvalidArgumentTypeError(
+            f"at= takes a snapshot name (str) or a commit id (int), not {type(at).__name__}"
+        )
     if at is not None and mode != "r":
-        raise ValueError('a past commit (at=...) can only be opened read-only: use mode="r"')
+        raise InvalidArgumentError(
+            'a past commit (at=...) can only be opened read-only: use mode="r"'
+        )
     check_policy(policy)
     check_cache_args(device, cache_rows, 1, torch.float16)  # before the store is opened
     store = PersistedStore.open(Path(path), writable=mode == "r+")

@@ -530,3 +530,77 @@ def test_info_reads_segment_sizes_fast_and_right(store):
 
     with pytest.raises(CorruptStoreError):
         _segment_sizes(b'{"id": 1, "id": 2, "rows": -1}')
+
+
+def _flip_record(store: Path, db: bytes, key: int) -> None:
+    """Flip one byte inside a JSON record of the closed store's LMDB index (its checksum then
+    fails)."""
+    import lmdb
+
+    env = lmdb.open(str(store / "index.lmdb"), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            handle = env.open_db(db, txn=txn, create=False)
+            k = key.to_bytes(8, "big")
+            raw = bytearray(txn.get(k, db=handle))
+            at = raw.index(b'"message"' if db == b"commits" else b'"rows"') + 2
+            raw[at] ^= 0x01
+            txn.put(k, bytes(raw), db=handle)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("db", [b"segments", b"commits"])
+def test_verify_reports_a_damaged_record_instead_of_failing(store, capsys, db):
+    """Review of issue 14: a flipped byte in a segment record or in HEAD's commit record made
+    `dpsn verify` print one error line and no report (nothing at all with --json)."""
+    _flip_record(store, db, 1 if db == b"segments" else 2)
+    code, out, err = run(capsys, "verify", store, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and report["problems"], (out, err)
+    code, out, _ = run(capsys, "verify", store)
+    assert code == 1 and "problem(s)" in out
+
+
+def _edit_record(store: Path, db: bytes, key: bytes, edit) -> None:
+    import lmdb
+
+    env = lmdb.open(str(store / "index.lmdb"), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            handle = env.open_db(db, txn=txn, create=False)
+            txn.put(key, edit(txn.get(key, db=handle)), db=handle)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    "db, key, edit, command",
+    [
+        (b"commits", (2).to_bytes(8, "big"), lambda r: r.replace(b'"train"', b'"trbin"'), "log"),
+        (b"commits", (2).to_bytes(8, "big"), lambda r: r.replace(b'"train"', b'"trbin"'), "info"),
+        (b"commits", (2).to_bytes(8, "big"), lambda r: b"[" * 100_000 + b"]" * 100_000, "log"),
+        (
+            b"segments",
+            (1).to_bytes(8, "big"),
+            lambda r: r.replace(b'"rows":2', b'"rows":3'),
+            "info",
+        ),
+        (b"snapshots", b"v1", lambda r: r.replace(b'"rows":2', b'"rows":3'), "log"),
+        (
+            b"meta",
+            b"generator/" + (1).to_bytes(8, "big"),
+            lambda r: r.replace(b"[", b"[1,", 1),
+            "info",
+        ),
+    ],
+)
+def test_read_commands_check_record_checksums(store, capsys, db, key, edit, command):
+    """Review of issue 14: `dpsn log` and `info` parsed records without their checksum (an
+    edited commit message showed as valid) and let a deeply nested one raise RecursionError."""
+    code, _, _ = run(capsys, command, store)
+    assert code == 0
+    _edit_record(store, db, key, edit)
+    code, out, err = run(capsys, command, store)
+    assert code == 1 and not out and ("checksum" in err or "not valid JSON" in err), err
+    assert "Traceback" not in err

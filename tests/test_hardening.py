@@ -66,8 +66,8 @@ def edit_lmdb(path: Path, fn) -> None:
 
 
 def as_legacy(txn, dbs) -> None:
-    """Drop the digests: the store then looks written by a dpsn that did not keep them, so
-    what is tested is the cross-check itself, not the digest that would catch it first."""
+    """Drop the digests, so what is tested is the cross-check itself, not the digest that would
+    catch it first (verify also reports the lost digests: the commits carry index_digest)."""
     txn.delete(b"digests", db=dbs[b"meta"])
 
 
@@ -117,6 +117,24 @@ def test_truncated_lmdb_file_is_an_error_never_a_signal(tmp_path):
         assert f"{n} size after {n}" in out.stdout  # not re-initialised, not grown
 
 
+def test_a_meta_page_naming_more_pages_than_any_index_is_damage(tmp_path):
+    """Review of issue 14: the walk sized a page map from the meta page's last page, which a
+    sparse file backs whatever it says: a MemoryError (or a huge allocation), not damage."""
+    from dpsn.tiers._lmdbfile import MAX_FILE_BYTES, read_meta
+
+    path = tmp_path / "s"
+    make(path, rows=10)
+    data = path / "index.lmdb" / "data.mdb"
+    meta = read_meta(data)
+    huge = MAX_FILE_BYTES // meta.page_size
+    with open(data, "r+b") as f:  # last_page of the newer meta page (after its header)
+        f.seek((meta.txnid & 1) * meta.page_size + 16 + 4 + 4 + 8 + 8 + 48 + 48)
+        f.write(struct.pack("<Q", huge))
+    for attempt in (lambda: dpsn.open(path), lambda: PersistedStore.open(path, writable=False)):
+        with pytest.raises(errors.CorruptStoreError, match="dpsn lets an index grow to"):
+            attempt()
+
+
 def _find_live(data: Path, needle: bytes) -> int:
     """Where ``needle`` is in a page the newest transaction uses (freed pages keep old
     copies of entries)."""
@@ -155,6 +173,16 @@ def test_flipped_byte_in_the_row_index_is_caught_on_open_and_by_verify(tmp_path,
     with pytest.raises(errors.CorruptStoreError, match=r"digest|order"):
         dpsn.open(path)
     assert verify(path)
+
+
+def test_lost_digests_of_a_store_that_keeps_them_are_a_problem(tmp_path):
+    """Review of issue 14: deleting meta/digests from a store whose commits carry index_digest
+    made verify note "written by a dpsn that did not keep them" and pass."""
+    path = tmp_path / "s"
+    make(path, rows=10)
+    edit_lmdb(path, as_legacy)
+    problems = verify(path)
+    assert any("no meta/digests" in p for p in problems), problems
 
 
 def test_verify_compares_the_index_with_the_commit_record(tmp_path):
@@ -382,6 +410,63 @@ print("AGAIN", peak() - base, flush=True)
 """
 
 
+def test_verify_checks_a_hostile_segments_chunks_one_at_a_time(tmp_path):
+    """Review of issue 14: a segment read decoded its whole span before comparing checksums,
+    so a record and zarr.json claiming 3 GiB of ids (chunks missing: they read as zeros) made
+    verify allocate all of it before the first checksum failed."""
+    path = tmp_path / "s"
+    make(path)
+    rows, chunk = 24 << 24, 1 << 24  # 24 chunks of 128 MiB of int64 ids
+
+    def grow(txn, dbs):
+        as_legacy(txn, dbs)
+        key = struct.pack(">Q", 1)
+        rec = json.loads(txn.get(key, db=dbs[b"segments"]))
+        rec |= {"rows": rows, "chunk_rows": chunk}
+        rec["checksums"] |= {"ids": [0] * (rows // chunk), "deltas": [0] * (rows // chunk)}
+        txn.put(key, seal_record(rec), db=dbs[b"segments"])
+
+    edit_lmdb(path, grow)
+    ids = path / "data.zarr" / "segments" / f"{1:016x}" / "ids"
+    meta = json.loads((ids / "zarr.json").read_text())
+    meta["shape"] = [rows]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [chunk]
+    (ids / "zarr.json").write_text(json.dumps(meta))
+    import shutil
+
+    shutil.rmtree(ids / "c")
+    out = run_py(
+        """
+        import resource, sys
+        from pathlib import Path
+        from dpsn.tiers import PersistedStore
+        store = PersistedStore.open(Path(sys.argv[1]), writable=False)
+        problems = store.verify().problems
+        print("CHUNK", any("ids chunks 0..0" in p for p in problems), flush=True)
+        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, flush=True)
+        """,
+        str(path),
+    )
+    assert "CHUNK True" in out.stdout, out.stdout + out.stderr[-2000:]
+    peak = int(out.stdout.split("PEAK")[1])
+    assert peak < 1024, f"verify peaked at {peak} MiB"  # 3 GiB if the span were read whole
+
+
+def test_a_snapshot_record_with_the_wrong_rows_is_refused_before_reading(tmp_path):
+    path = tmp_path / "s"
+    make(path)
+
+    def inflate(txn, dbs):
+        as_legacy(txn, dbs)
+        rec = json.loads(txn.get(b"s1", db=dbs[b"snapshots"]))
+        txn.put(b"s1", seal_record(rec | {"rows": 1 << 40}), db=dbs[b"snapshots"])
+
+    edit_lmdb(path, inflate)
+    with pytest.raises(errors.CorruptStoreError, match="recorded"):
+        dpsn.open(path, at="s1")
+    assert any("recorded" in p for p in verify(path))
+
+
 def _bomb_chunk(path: Path) -> tuple[Path, str]:
     seg = path / "data.zarr" / "segments" / "0000000000000001" / "deltas"
     return seg / "c" / "1" / "0", "0000000000000001"
@@ -487,6 +572,33 @@ def test_snapshot_on_a_full_disk_and_its_retry(tmp_path):
         assert old.verify().ok
 
 
+@pytest.mark.parametrize("what", ["snapshot", "commit"])
+def test_a_write_that_fails_for_another_reason_is_not_a_full_disk(tmp_path, what):
+    """Review of issue 14: every OSError while writing a snapshot index (or a commit's segment)
+    became StoreFullError ("free space"), whatever the cause."""
+    import errno
+
+    path = tmp_path / "s"
+    with dpsn.create(path, rows=100, dim=4, generator=SMALL) as p:
+        p.write([1], torch.ones(1, 4))
+        p.commit("a")
+    # a file where the write needs a directory: ENOTDIR, not a full disk
+    blocker = (
+        path / "data.zarr" / ("snapshots" if what == "snapshot" else "segments/" + "0" * 15 + "2")
+    )
+    blocker.write_bytes(b"")
+    with dpsn.open(path, "r+") as p:
+        p.write([2], torch.ones(1, 4))
+        with pytest.raises(errors.StoreWriteError) as e:
+            p.snapshot("x") if what == "snapshot" else p.commit("b")
+        assert not isinstance(e.value, errors.StoreFullError) and isinstance(e.value, OSError)
+        assert e.value.errno == errno.ENOTDIR and "Not a directory" in str(e.value)
+        assert p.snapshots() == {} and p.head == 2
+        blocker.unlink()
+        p.snapshot("x") if what == "snapshot" else p.commit("b")
+    assert not verify(path)
+
+
 def test_gc_removes_unpinned_snapshot_indexes(tmp_path):
     path = tmp_path / "s"
     make(path)
@@ -534,6 +646,43 @@ def test_a_second_create_while_the_first_is_paused_fails_and_harms_nothing(tmp_p
         assert p.verify().ok
     with pytest.raises(errors.StoreExistsError, match="not an empty directory"):
         dpsn.create(path, rows=100, dim=4)
+
+
+FAILING_CREATOR = """
+    import sys, dpsn
+    from dpsn.tiers import PersistedStore
+    def fail(self, *a, **k):
+        print("PAUSED", flush=True)
+        sys.stdin.readline()
+        raise OSError(5, "injected I/O error")
+    PersistedStore._write_generator = fail
+    try:
+        dpsn.create(sys.argv[1], rows=100, dim=4, generator={"kind": "zeros"})
+    except OSError as e:
+        print("FAILED", e, flush=True)
+"""
+
+
+def test_a_failed_create_leaves_a_sibling_store_under_its_new_parent_intact(tmp_path):
+    """Review of issue 14: a failed create removed the directories it had made with rmtree,
+    including a new parent in which another process had since created its own store."""
+    parent = tmp_path / "new"
+    first = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(FAILING_CREATOR), str(parent / "a")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdout.readline().strip() == "PAUSED"  # it made new/ and new/a
+    with dpsn.create(parent / "b", rows=100, dim=4, generator=SMALL) as p:
+        p.write([7], torch.full((1, 4), 7.0))
+        p.commit("mine")
+    out, _ = first.communicate("go\n", timeout=120)
+    assert "FAILED" in out and "injected" in out
+    assert not (parent / "a").exists()
+    with dpsn.open(parent / "b") as p:
+        assert p.head == 2 and torch.equal(p.delta([7]), torch.full((1, 4), 7.0))
+        assert p.verify().ok
 
 
 @pytest.mark.slow
@@ -616,6 +765,66 @@ def test_create_on_a_full_disk_leaves_nothing_behind(tmp_path):
             pass
 
 
+# -- generator weights over 1 GiB (review of issue 14) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", [(393_216, 1024), (2**29,), (3, 2**27), (2, 3, 2**26), (5, 7), (1,), (0, 4)]
+)
+def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
+    """Review of issue 14: generator weights over 1 GiB were written as one chunk, which the
+    reader refuses (at most 1 GiB a chunk), so the store could never be opened again."""
+    from dpsn.tiers._persisted import GENERATOR_CHUNK_BYTES, generator_chunks
+    from dpsn.tiers._zarrsafe import MAX_CHUNK_BYTES
+
+    chunks = generator_chunks(shape)
+    assert len(chunks) == len(shape)
+    assert all(1 <= c <= max(1, s) for c, s in zip(chunks, shape, strict=True))
+    assert 4 * np.prod(chunks) <= GENERATOR_CHUNK_BYTES < MAX_CHUNK_BYTES
+    if 4 * np.prod(shape) <= GENERATOR_CHUNK_BYTES:
+        assert chunks == tuple(max(1, s) for s in shape)  # small weights: one chunk, as before
+
+
+def test_a_generator_written_in_many_chunks_reopens(tmp_path, monkeypatch):
+    import dpsn.tiers._persisted as persisted
+
+    monkeypatch.setattr(persisted, "GENERATOR_CHUNK_BYTES", 1024)  # weights of ~10 KiB
+    path = tmp_path / "s"
+    gen = {"kind": "rf_mlp", "hidden": 512}
+    with dpsn.create(path, rows=1000, dim=4, generator=gen) as p:
+        p.write([3], torch.ones(1, 4))
+        p.commit("one")
+        want = p.read(torch.arange(100))
+    monkeypatch.undo()
+    gen_dir = path / "data.zarr" / "generator"
+    assert max(len(list(a.rglob("c/*"))) for a in gen_dir.glob("*/*")) > 1
+    with dpsn.open(path) as p:
+        assert torch.equal(p.read(torch.arange(100)), want)
+        assert p.verify().ok
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {f"w{i}": np.zeros(1, np.float32) for i in range(4097)},
+        {"w": np.zeros((1,) * 9, np.float32)},
+        {"w": np.broadcast_to(np.float32(0), (2**20, 2**20))},
+        {"../w": np.zeros(1, np.float32)},
+    ],
+    ids=["arrays", "ndim", "elements", "name"],
+)
+def test_create_refuses_generator_weights_a_reader_would_refuse(tmp_path, state):
+    from dpsn.tiers._format import Manifest
+
+    manifest = Manifest(
+        rows=10, dim=4, dtype="float32", seed=0, generator={"kind": "zeros", "config": {}},
+        chunk_rows=16, compressor="zstd", created=0.0, uuid="x",
+    )  # fmt: skip
+    with pytest.raises(errors.InvalidArgumentError):
+        PersistedStore.create(tmp_path / "s", manifest, state)
+    assert not (tmp_path / "s").exists()
+
+
 # -- 6. typed errors for bad input ---------------------------------------------------------------
 
 
@@ -626,6 +835,56 @@ def test_bad_commit_ids_are_snapshot_not_found(tmp_path, at):
     with pytest.raises(errors.SnapshotNotFoundError) as e:
         dpsn.open(path, at=at)
     assert isinstance(e.value, LookupError)
+
+
+@pytest.mark.parametrize(
+    "bad, builtin",
+    [
+        ({"rows": "x"}, TypeError),
+        ({"rows": 0}, ValueError),
+        ({"dim": 0}, ValueError),
+        ({"dim": 4.0}, TypeError),
+        ({"seed": -1}, ValueError),
+        ({"compressor": "foo"}, ValueError),
+        ({"chunk_rows": 0}, ValueError),
+        ({"chunk_rows": "x"}, ValueError),
+        ({"generator": {"kind": "nope"}}, ValueError),
+        ({"generator": "nope"}, ValueError),
+        ({"generator": {"memory_size": 64}}, ValueError),
+        ({"generator": {"kind": "hashed_slices", "memory_size": -5}}, ValueError),
+        ({"generator": {"kind": "hashed_slices", "bogus": 1}}, ValueError),
+        ({"generator": 5}, TypeError),
+        ({"dtype": "int7"}, TypeError),
+        ({"dtype": torch.int32}, TypeError),
+        ({"policy": "nope"}, ValueError),
+        ({"policy": ["lru"]}, ValueError),
+    ],
+)
+def test_bad_create_arguments_are_dpsn_errors(tmp_path, bad, builtin):
+    """Review of issue 14: these raised plain TypeError or ValueError."""
+    with pytest.raises(errors.DpsnError) as e:
+        dpsn.create(tmp_path / "s", **({"rows": 100, "dim": 4} | bad))
+    assert isinstance(e.value, builtin)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, builtin",
+    [
+        ({"at": True}, TypeError),
+        ({"at": 1.5}, TypeError),
+        ({"at": b"1"}, TypeError),
+        ({"mode": "w"}, ValueError),
+        ({"mode": "r+", "at": 1}, ValueError),
+        ({"policy": "nope"}, ValueError),
+    ],
+)
+def test_bad_open_arguments_are_dpsn_errors(tmp_path, bad, builtin):
+    path = tmp_path / "s"
+    make(path, rows=10)
+    with pytest.raises(errors.DpsnError) as e:
+        dpsn.open(path, **bad)
+    assert isinstance(e.value, builtin)
 
 
 def test_tensors_on_the_meta_device_are_typed_errors(tmp_path):

@@ -6,7 +6,9 @@ is the disk tier (LMDB index + Zarr segments); it knows rows, segments and commi
 models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints), and
 ``lifecycle_health`` the row lifecycle's figures from a commit record. ``usage`` (a module)
 holds the fields of the per-row usage statistics and how uses, updates and consolidations
-change them; the policy that reads them is ``dpsn.pool``'s.
+change them; the policy that reads them is ``dpsn.pool``'s. ``router_format`` (a module) holds
+the router format's torch-free checks (``dpsn.index`` saves and loads routers with it,
+``verify`` checks them with it alone).
 
 The names below load on first use: ``import dpsn.tiers`` (or one of its torch-free modules, such
 as ``dpsn.tiers._format`` or ``dpsn.tiers._info``) must not import torch or zarr, so that the
@@ -50,17 +52,20 @@ _LAZY = {
     "load_generator": "._procedural",
     "make_policy": "._policies",
     "policies": "._policies",
+    "read_manifest": "._format",
     "register_policy": "._policies",
     "storage_dtype": "._persisted",
+    "tree_bytes": "._info",
 }
 
 if TYPE_CHECKING:
+    from . import _router_check as router_format
     from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
-    from ._format import FORMAT_VERSION, Manifest
+    from ._format import FORMAT_VERSION, Manifest, read_manifest
     from ._health import lifecycle_health, pending_decay
-    from ._info import StoreFacts
+    from ._info import StoreFacts, tree_bytes
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
@@ -72,7 +77,7 @@ if TYPE_CHECKING:
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 
-_MODULES = {"usage": "._usage"}  # public modules, also loaded on first use
+_MODULES = {"router_format": "._router_check", "usage": "._usage"}  # public modules, also lazy
 
 
 def __getattr__(name: str) -> Any:
@@ -123,7 +128,10 @@ __all__ = [
     "make_policy",
     "pending_decay",
     "policies",
+    "read_manifest",
     "register_policy",
+    "router_format",
     "storage_dtype",
+    "tree_bytes",
     "usage",
 ]

@@ -25,12 +25,13 @@ Size figures (the same names in ``dpsn info``, its ``--json`` and ``Pool.info()`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from dpsn.errors import (
     CorruptStoreError,
@@ -39,6 +40,7 @@ from dpsn.errors import (
     StoreVersionError,
 )
 
+from ._digest import RECORD_CHECK
 from ._format import (
     DB_COMMITS,
     DB_META,
@@ -57,8 +59,9 @@ from ._format import (
     u64_key,
 )
 from ._lmdb import Env, acquire_env, release_env
+from ._records import Commit, generator_record, parse_record, read_u64, snapshot_record
 
-__all__ = ["DTYPE_BYTES", "StoreFacts"]
+__all__ = ["DTYPE_BYTES", "StoreFacts", "tree_bytes"]
 
 # Bytes per element of each pool dtype as stored (bfloat16 goes to disk as uint16).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -68,23 +71,8 @@ _USAGE_BYTES = 8  # per-row usage statistics (a row lifecycle's): float64
 _GENERATOR_PREFIX = b"generator/"
 
 
-def _json(raw: bytes | None, what: str) -> Any:
-    if raw is None:
-        raise CorruptStoreError(f"the LMDB index lacks {what}")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptStoreError(f"the LMDB record of {what} is not valid JSON: {e}") from e
-
-
-def _u64(raw: bytes | None, what: str) -> int:
-    if raw is None or len(raw) != 8:
-        raise CorruptStoreError(f"the LMDB index lacks a valid {what}")
-    return int.from_bytes(raw, "big")
-
-
-def _int(record: dict[str, Any], key: str, what: str) -> int:
-    value = record.get(key) if isinstance(record, dict) else None
+def _size(record: dict[str, Any], key: str, what: str) -> int:
+    value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CorruptStoreError(f"the record of {what} has no valid {key!r}")
     return value
@@ -126,6 +114,24 @@ _SIZE_FIELD = re.compile(
     rb'"(id|commit|rows|drops|raw_bytes|stored_bytes|state_width|usage_width)"'
     rb"\s*:\s*(\d{1,20})\s*[,}]"
 )
+_SEAL = re.compile(rb'"' + RECORD_CHECK.encode() + rb'":(\d{1,20})(,?)')
+
+
+def _sealed_intact(raw: bytes) -> bool:
+    """Whether ``raw`` is a sealed record whose checksum matches, checked on its bytes.
+
+    A sealed record is canonical JSON, so its body as the writer hashed it is ``raw`` without
+    the ``record_xxh64`` entry: hashing that needs no parse. False means "not shown intact this
+    way" (no seal, another layout, or damage): the caller then parses the record in full."""
+    seals = _SEAL.findall(raw)
+    if len(seals) != 1:
+        return False
+    m = _SEAL.search(raw)
+    assert m is not None
+    start, end = m.span()
+    if not m.group(2) and raw[start - 1 : start] == b",":
+        start -= 1  # the last key: the comma before it goes
+    return xxhash.xxh64_intdigest(raw[:start] + raw[end:]) == int(m.group(1))
 
 
 def _segment_sizes(raw: bytes) -> dict[str, int]:
@@ -139,7 +145,8 @@ def _segment_sizes(raw: bytes) -> dict[str, int]:
     keys = [k.decode() for k, _ in found]
     # Every field found once, and the optional ones found wherever the record names them.
     if (
-        len(keys) == len(set(keys))
+        _sealed_intact(raw)
+        and len(keys) == len(set(keys))
         and set(_SIZE_KEYS) - set(_OPTIONAL) <= set(keys)
         and all((k in keys) == (f'"{k}"'.encode() in raw) for k in _OPTIONAL)
     ):
@@ -147,12 +154,12 @@ def _segment_sizes(raw: bytes) -> dict[str, int]:
         for k in _OPTIONAL:
             sizes.setdefault(k, 0)
         return sizes
-    rec = _json(raw, "a segment")
-    sid = _int(rec, "id", "a segment")
+    rec = parse_record(raw, "a segment")
+    sid = _size(rec, "id", "a segment")
     what = f"segment {sid:016x}"
-    sizes = {k: _int(rec, k, what) for k in _SIZE_KEYS if k not in _OPTIONAL}
+    sizes = {k: _size(rec, k, what) for k in _SIZE_KEYS if k not in _OPTIONAL}
     for k in _OPTIONAL:
-        sizes[k] = _int(rec, k, what) if k in rec else 0
+        sizes[k] = _size(rec, k, what) if k in rec else 0
     return sizes
 
 
@@ -178,7 +185,7 @@ class StoreFacts:
         self._env: Env | None = acquire_env(self.root / LMDB_DIR)
         try:
             self.format_version = version = self._read(
-                lambda txn, dbs: _u64(txn.get(META_FORMAT, db=dbs[DB_META]), "format version")
+                lambda txn, dbs: read_u64(txn.get(META_FORMAT, db=dbs[DB_META]), "format version")
             )
             if version > FORMAT_VERSION:
                 raise StoreVersionError(
@@ -211,29 +218,31 @@ class StoreFacts:
     # -- records -------------------------------------------------------------------------------
 
     def head(self) -> int:
-        return self._read(lambda txn, dbs: _u64(txn.get(META_HEAD, db=dbs[DB_META]), "head"))
+        return self._read(lambda txn, dbs: read_u64(txn.get(META_HEAD, db=dbs[DB_META]), "head"))
 
     def commit(self, commit: int) -> dict[str, Any]:
         """The commit record (the keys of ``dpsn.tiers.Commit``), validated."""
         raw = self._read(lambda txn, dbs: txn.get(u64_key(commit), db=dbs[DB_COMMITS]))
         if raw is None:
             raise SnapshotNotFoundError(f"no commit {commit} in {self.root}")
-        return self._check_commit(_json(raw, f"commit {commit}"))
+        return self._check_commit(u64_key(commit), raw)
 
-    def _check_commit(self, rec: Any) -> dict[str, Any]:
-        what = "a commit"
-        for key in ("id", "rows_written", "rows_dropped", "persisted_rows", "generator"):
-            _int(rec, key, what)
-        if not isinstance(rec.get("message", ""), str) or not isinstance(
-            rec.get("time"), (int, float)
-        ):
-            raise CorruptStoreError(f"{self.root}: commit {rec['id']} has a malformed record")
+    def _check_commit(self, key: bytes, raw: bytes) -> dict[str, Any]:
+        """The record as stored, checked as the persisted tier checks it (its checksum, every
+        field, and its id against its key)."""
+        cid = int.from_bytes(key, "big") if len(key) == 8 else -1
+        try:
+            rec = parse_record(raw, f"commit {cid}")
+            if Commit.from_json(rec).id != cid:
+                raise CorruptStoreError(f"the record stored as commit {cid} says it is {rec['id']}")
+        except CorruptStoreError as e:
+            raise CorruptStoreError(f"{self.root}: {e}") from e
         return rec
 
     def log(self) -> list[dict[str, Any]]:
         """Every commit record, oldest first."""
-        values = self._read(lambda txn, dbs: [v for _, v in txn.cursor(db=dbs[DB_COMMITS])])
-        return [self._check_commit(_json(v, "a commit")) for v in values]
+        items = self._read(lambda txn, dbs: list(txn.cursor(db=dbs[DB_COMMITS])))
+        return [self._check_commit(k, v) for k, v in items]
 
     def commit_count(self) -> int:
         return int(self._read(lambda txn, dbs: txn.stat(dbs[DB_COMMITS])["entries"]))
@@ -243,9 +252,11 @@ class StoreFacts:
         items = self._read(lambda txn, dbs: list(txn.cursor(db=dbs[DB_SNAPSHOTS])))
         out = {}
         for k, v in items:
-            rec = _json(v, "a snapshot")
-            _int(rec, "commit", f"snapshot {k!r}")
-            out[k.decode("utf-8", "replace")] = rec
+            name = k.decode("utf-8", "replace")
+            try:
+                out[name] = snapshot_record(parse_record(v, f"snapshot {name!r}"), name)
+            except CorruptStoreError as e:
+                raise CorruptStoreError(f"{self.root}: {e}") from e
         return out
 
     def segments(self) -> dict[int, dict[str, Any]]:
@@ -262,19 +273,14 @@ class StoreFacts:
         raw = self._read(
             lambda txn, dbs: txn.get(_GENERATOR_PREFIX + u64_key(version), db=dbs[DB_META])
         )
-        rec = _json(raw, f"generator version {version}")
-        arrays = rec.get("arrays") if isinstance(rec, dict) else None
-        if not isinstance(arrays, dict):
-            raise CorruptStoreError(f"{self.root}: generator version {version} lists no arrays")
+        what = f"generator version {version}"
+        try:
+            arrays = generator_record(parse_record(raw, what), version)
+        except CorruptStoreError as e:
+            raise CorruptStoreError(f"{self.root}: {e}") from e
         total = 0
-        for name, meta in arrays.items():
-            shape = meta.get("shape") if isinstance(meta, dict) else None
-            if not isinstance(shape, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-            ):
-                raise CorruptStoreError(
-                    f"{self.root}: generator version {version}: array {name!r} has no valid shape"
-                )
+        for meta in arrays.values():
+            shape = meta["shape"]
             total += math.prod(shape)
         return total
 
@@ -307,7 +313,7 @@ class StoreFacts:
         not for a batch of a training step."""
 
         def get(txn: Any, dbs: Any) -> tuple[int, dict[int, tuple[int, int, int]]]:
-            head = _u64(txn.get(META_HEAD, db=dbs[DB_META]), "head")
+            head = read_u64(txn.get(META_HEAD, db=dbs[DB_META]), "head")
             out = {}
             for i in set(ids):
                 raw = txn.get(u64_key(i), db=dbs[DB_ROWS])
@@ -333,8 +339,8 @@ class StoreFacts:
             if not cur.last():
                 return None
             while True:
-                rec = _json(cur.value(), "a commit")
-                if isinstance(rec, dict) and isinstance(rec.get("stats"), dict):
+                rec = self._check_commit(cur.key(), cur.value())
+                if isinstance(rec.get("stats"), dict):
                     return int(rec["id"]), rec["stats"]
                 if not cur.prev():
                     return None

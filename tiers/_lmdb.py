@@ -28,12 +28,12 @@ import lmdb
 from dpsn.errors import CorruptStoreError, StoreFullError, StoreNotFoundError
 
 from ._format import DB_COMMITS, DB_META, DB_ROWS, DB_SEGMENTS, DB_SNAPSHOTS
-from ._lmdbfile import FREE, check_trees, read_meta
+from ._lmdbfile import FREE, MAX_FILE_BYTES, check_trees, read_meta
 
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; LMDB maps sparse files, so this costs no disk
-MAX_MAP_SIZE = 1 << 44
+MAX_MAP_SIZE = MAX_FILE_BYTES  # the largest map; a meta page naming more is damage
 MAX_READERS = 512
 DATA_FILE = "data.mdb"
 _DBS = (DB_META, DB_ROWS, DB_COMMITS, DB_SEGMENTS, DB_SNAPSHOTS)

@@ -56,6 +56,10 @@ META_VERSION = 1
 P_BRANCH, P_LEAF, P_OVERFLOW, P_META, P_LEAF2 = 0x01, 0x02, 0x04, 0x08, 0x20
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
 INVALID_PAGE = (1 << 64) - 1
+# The largest map dpsn lets LMDB grow to (_lmdb.MAX_MAP_SIZE): a meta page naming a last page
+# past it is damage, whatever the file's (possibly sparse) size, and bounds what the walk's
+# page map costs.
+MAX_FILE_BYTES = 1 << 44
 MAX_DEPTH = 32  # a B+tree of 2**64 entries with >= 2 keys per page is shallower than this
 _DB = struct.Struct("<IHHQQQQQ")  # MDB_db
 _META = struct.Struct("<IIQQ48s48sQQ")  # MDB_meta from the magic on
@@ -154,8 +158,12 @@ def read_meta(data_file: Path, txnid: int | None = None) -> LmdbMeta | None:
     else:
         return None
     last_page = m[6]
-    if last_page < 1 or last_page >= (1 << 63) // page_size:
-        raise _damaged(data_file, f"its meta page gives last page {last_page}")
+    if last_page < 1 or last_page >= MAX_FILE_BYTES // page_size:
+        raise _damaged(
+            data_file,
+            f"its meta page gives last page {last_page}: more than the {MAX_FILE_BYTES} bytes "
+            "dpsn lets an index grow to",
+        )
     need = (last_page + 1) * page_size
     if size < need:
         raise _damaged(
@@ -195,7 +203,12 @@ class _Walker:
         self.meta = meta
         self.psize = meta.page_size
         self.last = meta.last_page
-        self.seen = np.zeros(meta.last_page + 1, dtype=bool)
+        try:
+            self.seen = np.zeros(meta.last_page + 1, dtype=bool)
+        except MemoryError as e:  # a sparse file can say it has more pages than memory holds
+            raise self.fail(
+                f"its {meta.last_page + 1} pages are more than this machine can check"
+            ) from e
         self.seen[:2] = True  # the meta pages
         self.free: list[np.ndarray] = []
 

@@ -26,9 +26,11 @@ it into place and only then records it in one LMDB transaction.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -50,6 +52,8 @@ from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     InvalidSnapshotNameError,
     ReadOnlyError,
     SnapshotNotFoundError,
@@ -59,6 +63,7 @@ from dpsn.errors import (
     StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
+    StoreWriteError,
 )
 
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
@@ -123,6 +128,53 @@ from ._zarrsafe import read_array, read_array_meta
 __all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
 
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
+# Generator arrays are written in chunks of at most this many bytes: readers refuse a chunk
+# over 1 GiB (_zarrsafe.MAX_CHUNK_BYTES), and a smaller chunk keeps a read's buffers small.
+GENERATOR_CHUNK_BYTES = 256 << 20
+# What a reader accepts of a generator record (_records.generator_record): create refuses more.
+_MAX_GENERATOR_ARRAYS, _MAX_GENERATOR_NDIM, _MAX_GENERATOR_ELEMENTS = 4096, 8, 1 << 40
+
+
+def check_generator_state(state: dict[str, Any]) -> None:
+    """Refuse generator weights a reader of the store would refuse (``InvalidArgumentError``),
+    before anything is written."""
+    if len(state) > _MAX_GENERATOR_ARRAYS:
+        raise InvalidArgumentError(
+            f"the generator has {len(state)} weight arrays; a store holds at most "
+            f"{_MAX_GENERATOR_ARRAYS}"
+        )
+    for name, value in state.items():
+        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
+            raise InvalidArgumentError(
+                f"generator weight name {name!r} cannot be stored: use 1-128 of A-Z a-z 0-9 _ ."
+            )
+        shape = tuple(np.shape(value))
+        if len(shape) > _MAX_GENERATOR_NDIM or math.prod(shape) >= _MAX_GENERATOR_ELEMENTS:
+            raise InvalidArgumentError(
+                f"generator weight {name!r} has shape {list(shape)}; a store holds weights of "
+                f"at most {_MAX_GENERATOR_NDIM} dimensions and fewer than 2**40 elements"
+            )
+
+
+def generator_chunks(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...]:
+    """The chunk shape of a generator array: whole trailing axes while they fit in
+    ``GENERATOR_CHUNK_BYTES``, then as much of the next axis as fits, 1 along the rest."""
+    if not shape:
+        return (1,)
+    budget = max(1, GENERATOR_CHUNK_BYTES // itemsize)
+    chunks = [1] * len(shape)
+    inner = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        n = max(1, shape[axis])
+        if inner * n <= budget:
+            chunks[axis] = n
+            inner *= n
+        else:
+            chunks[axis] = max(1, budget // inner)
+            break
+    return tuple(chunks)
+
+
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
 _TMP = ".tmp-"  # marks a directory being written under a temporary name
@@ -141,6 +193,16 @@ def _full(e: OSError, what: str) -> StoreFullError:
         f"{what}: {e}. The store is unchanged; free space (or raise the file-size limit) "
         "and try again."
     )
+
+
+def _write_failed(e: OSError, what: str) -> StoreFullError | StoreWriteError:
+    """The typed error of a failed write: ``StoreFullError`` for a full disk (or file-size
+    limit or quota), else ``StoreWriteError`` with the OS error's ``errno``."""
+    if e.errno in _DISK_FULL:
+        return _full(e, what)
+    err = StoreWriteError(f"{what}: {e}. The store is unchanged; fix the cause and try again.")
+    err.errno = e.errno
+    return err
 
 
 def check_snapshot_name(name: Any) -> str:
@@ -170,11 +232,11 @@ def check_snapshot_name(name: Any) -> str:
 def _commit_key(commit: Any) -> int:
     """A commit id given by a caller, as an int in 1..2**63-1 (``SnapshotNotFoundError``)."""
     if isinstance(commit, bool):
-        raise TypeError("a commit id is an int, not a bool")
+        raise InvalidArgumentTypeError("a commit id is an int, not a bool")
     try:
         value = operator.index(commit)
     except TypeError:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"a commit is named by a snapshot name or an int id, not {type(commit).__name__}"
         ) from None
     if not 1 <= value <= MAX_COMMIT_ID:
@@ -250,23 +312,29 @@ def _claim_new_dir(root: Path) -> _Made:
 
 
 def _remove_dirs(dirs: list[Path]) -> None:
+    """Remove the directories this process made, innermost first, each only if it is empty.
+
+    Never recursively: once made, a directory is visible to every process, and another creator
+    may have claimed it (its lock file) or put its own store beside ours in a new parent."""
     for d in reversed(dirs):
-        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty (or gone): not ours to remove
+            os.rmdir(d)
 
 
 def _undo_create(root: Path, made: _Made) -> None:
-    """Remove what a failed ``create`` wrote; the caller still holds the lock."""
-    if root in made.dirs:
-        _remove_dirs(made.dirs)
-    else:  # the directory was there (empty, or with a lock file of its own)
-        for child in list(root.iterdir()) if root.is_dir() else []:
-            if child.name == LOCK_FILE and not made.lock_file:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-        _remove_dirs(made.dirs)
+    """Remove what a failed ``create`` wrote; the caller still holds the lock, so what is in
+    ``root`` is this create's own (its lock file too, when it made it). The directories it made
+    go only if that leaves them empty."""
+    for child in list(root.iterdir()) if root.is_dir() else []:
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if made.lock_file:
+        (root / LOCK_FILE).unlink(missing_ok=True)
+    _remove_dirs(made.dirs)
     made.lock.release()
 
 
@@ -307,7 +375,8 @@ class PersistedStore:
         root = Path(root)
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
-            raise ValueError(f"compressor must be one of {COMPRESSOR_NAMES}")
+            raise InvalidArgumentError(f"compressor must be one of {COMPRESSOR_NAMES}")
+        check_generator_state(generator_state)
         if lifecycle is not None:
             lifecycle_record(lifecycle)  # what a reader will check, checked before writing
         made = _claim_new_dir(root)
@@ -449,6 +518,7 @@ class PersistedStore:
     # -- generator weights ---------------------------------------------------------------------
 
     def _write_generator(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        check_generator_state(state)
         # A directory of this version can only be a crashed commit's leftover: not referenced.
         shutil.rmtree(
             self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version), ignore_errors=True
@@ -456,14 +526,12 @@ class PersistedStore:
         root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
         arrays = {}
         for name, value in sorted(state.items()):
-            if not _ARRAY_NAME.fullmatch(name):
-                raise ValueError(f"generator weight name {name!r} cannot be stored")
             value = np.ascontiguousarray(value, dtype="<f4")
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
             arr = root.create_array(
                 path,
                 shape=value.shape,
-                chunks=value.shape or (1,),
+                chunks=generator_chunks(value.shape),
                 dtype=value.dtype,
                 fill_value=0,
                 compressors=None,
@@ -771,7 +839,9 @@ class PersistedStore:
             fsync_dir(parent)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _full(e, f"could not write the snapshot index {final.name}") from e
+            if isinstance(e, StoreFullError | StoreWriteError):
+                raise
+            raise _write_failed(e, f"could not write the snapshot index {final.name}") from e
 
     def _snapshot_arrays_ok(self, path: Path, rows: int, sums: dict[str, int]) -> bool:
         try:
@@ -809,6 +879,12 @@ class PersistedStore:
         """A snapshot's pinned index, checked: columns against the snapshot's checksums, the
         whole against the digest its commit recorded."""
         commit = record["commit"]
+        commit_record = self.commit_record(commit)
+        if record["rows"] != commit_record.persisted_rows:  # before rows are allocated
+            raise CorruptStoreError(
+                f"{self.root}: snapshot {name!r} holds {record['rows']} rows but commit "
+                f"{commit} recorded {commit_record.persisted_rows}; the index is damaged"
+            )
         path = self._snapshot_dir(commit)
         cols = {}
         for col in _SNAPSHOT_COLUMNS:
@@ -826,7 +902,7 @@ class PersistedStore:
         index = RowIndex(**cols)
         where = f"{self.root}: snapshot {name!r}"
         _check_index(index, self.manifest.rows, commit, where)
-        _check_digest(index, self.commit_record(commit), where)
+        _check_digest(index, commit_record, where)
         return index
 
     # -- commit --------------------------------------------------------------------------------
@@ -861,6 +937,8 @@ class PersistedStore:
         commit replaces or deletes (taken from ``index``) are subtracted and those of the new
         entries added (``_digest.py``)."""
         self._require_writer()
+        if generator_state is not None:
+            check_generator_state(generator_state)
         env = self._env
         current = self.head()
         if current != head:
@@ -899,9 +977,9 @@ class PersistedStore:
                 self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
                 ignore_errors=True,
             )
-            if isinstance(e, StoreFullError):
+            if isinstance(e, StoreFullError | StoreWriteError):
                 raise
-            raise _full(e, f"could not write commit {commit_id}") from e
+            raise _write_failed(e, f"could not write commit {commit_id}") from e
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}

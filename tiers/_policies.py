@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from dpsn.errors import CacheCapacityError
+from dpsn.errors import CacheCapacityError, InvalidArgumentError
 
 
 class EvictionPolicy(ABC):
@@ -228,9 +228,12 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
 
 
 def check_policy(name: str) -> None:
-    """Raise ``ValueError`` naming the known policies unless ``name`` is one."""
-    if name not in _POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(policies())}")
+    """Raise ``InvalidArgumentError`` (a ``ValueError``) naming the known policies unless
+    ``name`` is one."""
+    if not isinstance(name, str) or name not in _POLICIES:
+        raise InvalidArgumentError(
+            f"unknown eviction policy {name!r}; known: {', '.join(policies())}"
+        )
 
 
 def make_policy(name: str, capacity: int, device: torch.device) -> EvictionPolicy:

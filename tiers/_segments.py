@@ -14,6 +14,7 @@ fill value; the checksum catches all three, at every read and in ``verify``.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError
+from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError, StoreWriteError
 
 from ._format import (
     COMPRESSOR_NAMES,
@@ -235,6 +236,13 @@ class SegmentStore:
             fsync_dir(self.root)
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                err = StoreWriteError(
+                    f"could not write segment {name}: {e}. The store is unchanged; fix the "
+                    "cause and commit again (staged rows are kept)."
+                )
+                err.errno = e.errno
+                raise err from e
             raise StoreFullError(
                 f"could not write segment {name}: {e}. The store is unchanged; free space and "
                 "commit again (staged rows are kept)."
@@ -319,21 +327,31 @@ class SegmentStore:
         return meta
 
     def _read_span(self, rec: SegmentRecord, key: str, chunk_lo: int, chunk_hi: int) -> np.ndarray:
-        """Read chunks [chunk_lo, chunk_hi) of one array and check each chunk's checksum."""
+        """Read chunks [chunk_lo, chunk_hi) of one array, checking each chunk's checksum as it
+        is read: a damaged or hostile chunk (or a missing one, which reads as zeros) fails before
+        the next is decoded, so what is held in memory past a check is one chunk. The output is
+        allocated up front but only written with checked chunks (its pages are touched as
+        they are filled)."""
         meta = self._array(rec, key)
         step = meta.chunks[0]
         expected = rec.checksums[key]
         if not 0 <= chunk_lo <= chunk_hi <= len(expected):
             raise self._damage(rec, key, chunk_lo, chunk_hi, "lie outside the segment")
-        try:
-            data = read_chunks(meta, chunk_lo, chunk_hi)
-        except CorruptStoreError as e:
-            raise self._damage(rec, key, chunk_lo, chunk_hi, f"cannot be decoded ({e})") from e
+        n = meta.shape[0]
+        lo_row, hi_row = chunk_lo * step, min(chunk_hi * step, n)
+        out = np.empty(
+            (max(0, hi_row - lo_row), *meta.shape[1:]), dtype=meta.dtype.newbyteorder("=")
+        )
         for c in range(chunk_lo, chunk_hi):
-            piece = data[(c - chunk_lo) * step : (c - chunk_lo + 1) * step]
+            try:
+                piece = read_chunks(meta, c, c + 1)
+            except CorruptStoreError as e:
+                raise self._damage(rec, key, c, c + 1, f"cannot be decoded ({e})") from e
             if xxhash.xxh64_intdigest(piece.data) != expected[c]:
                 raise self._damage(rec, key, c, c + 1, "fails its checksum")
-        return data
+            a = c * step - lo_row
+            out[a : a + len(piece)] = piece
+        return out
 
     def _damage(
         self, rec: SegmentRecord, key: str, chunk_lo: int, chunk_hi: int, what: str

@@ -138,6 +138,15 @@ class _Verifier:
             self.problem("digests", f"the index digests cannot be checked: {e}")
             return
         if stored is None:
+            keeping = sorted(c.id for c in self.commits.values() if c.index_digest is not None)
+            if keeping:  # a dpsn that keeps digests wrote those commits: the entry was lost
+                self.problem(
+                    "digests",
+                    f"the LMDB index has no meta/digests entry, but commit {keeping[-1]} was "
+                    "written by a dpsn that keeps it: the index is damaged; restore the store "
+                    "from a copy",
+                )
+                return
             self.note(
                 "the LMDB index holds no digests (the store was written by a dpsn that did not "
                 "keep them): the row index and records were checked one by one, not as a "
@@ -500,9 +509,9 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
     steps = [
         ("the LMDB file", v.lmdb_file, ()),
         ("the LMDB index", v.read_lmdb, ("lmdb_file",)),
-        ("the index digests", v.digests, ("read_lmdb",)),
         ("meta", v.meta, ("read_lmdb",)),
         ("the commit log", v.commit_log, ("read_lmdb",)),
+        ("the index digests", v.digests, ("read_lmdb",)),  # after the log: digests it names
         ("the manifest", v.manifest, ("read_lmdb",)),
         ("the row index", v.rows, ("read_lmdb",)),
         ("segment records", v.segment_records, ("read_lmdb",)),

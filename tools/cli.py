@@ -334,12 +334,17 @@ def _closed_pipe() -> int:
 
 
 def _report(e: BaseException, command: str, path: str | None) -> int:
-    from dpsn.errors import DpsnError, InvalidArgumentError, InvalidIdsError
+    from dpsn.errors import (
+        DpsnError,
+        InvalidArgumentError,
+        InvalidArgumentTypeError,
+        InvalidIdsError,
+    )
 
     from ._messages import cli_message
 
     text = cli_message(e, command=command, path=path)
-    if isinstance(e, (InvalidIdsError, InvalidArgumentError)):
+    if isinstance(e, (InvalidIdsError, InvalidArgumentError, InvalidArgumentTypeError)):
         code = EXIT_USAGE
     elif isinstance(e, (DpsnError, OSError)):
         code = EXIT_PROBLEM
