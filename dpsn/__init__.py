@@ -25,7 +25,9 @@ _LAZY = {
     "PoolLayer": "dpsn.pool",
     "Prefetch": "dpsn.pool",
     "VerifyReport": "dpsn.pool",
+    "compact": "dpsn.pool",
     "create": "dpsn.pool",
+    "gc": "dpsn.pool",
     "open": "dpsn.pool",
 }
 
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
         PoolLayer,
         Prefetch,
         VerifyReport,
+        compact,
         create,
+        gc,
         open,
     )
 
@@ -64,7 +68,9 @@ __all__ = [
     "Prefetch",
     "VerifyReport",
     "__version__",
+    "compact",
     "create",
     "errors",
+    "gc",
     "open",
 ]

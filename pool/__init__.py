@@ -3,7 +3,7 @@ layer of a model."""
 
 from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 
-from ._api import create, open
+from ._api import compact, create, gc, open
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
@@ -22,6 +22,8 @@ __all__ = [
     "RowOptimizer",
     "RowSGD",
     "VerifyReport",
+    "compact",
     "create",
+    "gc",
     "open",
 ]

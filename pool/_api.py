@@ -14,6 +14,8 @@ from dpsn._dtypes import parse_pool_dtype, storage_dtype
 from dpsn.errors import CacheTooLargeError, InvalidArgumentError, InvalidDeviceError
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
+from dpsn.tiers._policy import MaintenancePolicy
+from dpsn.tiers._retention import write_policy
 
 from ._pool import Pool
 from ._validate import MAX_ROWS
@@ -152,6 +154,9 @@ def create(
     cache_rows: int | None = None,
     policy: str = "lru",
     map_size: int | None = None,
+    keep_last: int | None = None,
+    keep_within: float | str | None = None,
+    compact_above: float | None = 1.5,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -161,6 +166,12 @@ def create(
     Generator module. The store's first commit (id 1, message "create") records the spec and the
     generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
     :func:`open`.
+
+    History and compaction (changeable later with ``Pool.set_policy``): ``gc`` and compaction
+    keep HEAD, every snapshot, the ``keep_last`` newest commits and/or those younger than
+    ``keep_within`` (seconds or ``"7d"``); neither set keeps HEAD and snapshots only. After a
+    commit the store compacts itself when its segments hold more than ``compact_above`` times
+    the live bytes (None: only ``Pool.compact()``).
 
     Every argument is checked before anything is written. ``path`` must be new or an empty
     directory; two processes creating one path cannot both succeed (the loser gets a
@@ -179,6 +190,9 @@ def create(
     if compressor not in COMPRESSORS:
         raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
     check_policy(policy)  # before anything is written
+    maintenance = MaintenancePolicy().with_(
+        keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+    )
     dtype_name = parse_pool_dtype(dtype)
     itemsize = storage_dtype(dtype_name).itemsize
     if chunk_rows is None:
@@ -216,6 +230,7 @@ def create(
     # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
+        write_policy(store, maintenance)
         return Pool(
             store,
             commit=1,
@@ -261,9 +276,37 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         else:
             commit = store.resolve(at)
             index = store.load_index(commit)
+        store.hold(commit, index)  # a reader's lease: gc elsewhere keeps this commit
         return Pool(
             store, commit=commit, index=index, device=device, cache_rows=cache_rows, policy=policy
         )
     except BaseException:
         store.close()
         raise
+
+
+def compact(
+    path: str | os.PathLike[str], *, progress: Any = None, target: float = 1.1
+) -> dict[str, Any]:
+    """Compact the store at ``path`` (takes the writer lock): see ``Pool.compact``. Needs no
+    generator or cache, so it costs what it rewrites."""
+    store = PersistedStore.open(Path(path), writable=True)
+    try:
+        return store.compact(progress=progress, target=target).to_json()
+    finally:
+        store.close()
+
+
+def gc(
+    path: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    progress: Any = None,
+    **retention: Any,
+) -> dict[str, Any]:
+    """``gc`` of the store at ``path`` (takes the writer lock): see ``Pool.gc``."""
+    store = PersistedStore.open(Path(path), writable=True)
+    try:
+        return store.gc(dry_run=dry_run, progress=progress, **retention)
+    finally:
+        store.close()
