@@ -51,13 +51,18 @@ class Lease:
         # Made and locked under a name the scan skips, then renamed (the lock stays with the
         # file): a scan can never find the lease unlocked and take it for a dead reader's.
         tmp, path = folder / f"{name}.tmp", folder / f"{name}{_SUFFIX}"
-        try:
-            folder.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as e:
-            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
-                return  # a read-only copy (or a full disk): read without a lease
-            raise
+        for attempt in range(5):
+            try:
+                folder.mkdir(exist_ok=True)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileNotFoundError:  # the last reader removed the folder meanwhile
+                if attempt == 4:
+                    raise
+            except OSError as e:
+                if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+                    return  # a read-only copy (or a full disk): read without a lease
+                raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._fd = fd
@@ -90,6 +95,8 @@ class Lease:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+            with contextlib.suppress(OSError):  # the last one out leaves the store as it was
+                path.parent.rmdir()
         os.close(fd)
 
     def __del__(self) -> None:
