@@ -306,3 +306,30 @@ def test_a_reader_in_another_process_survives_gc_and_compaction(tmp_path):
         assert out["reader_commits"] == [] and out["kept_from"] == pool.head
         assert not list((path / "readers").glob("*.lease"))
         assert pool.verify().ok
+
+
+def test_gc_leaves_files_while_a_reader_is_choosing(tmp_path):
+    from dpsn.tiers._leases import Lease
+
+    path = tmp_path / "s"
+    with _store(path) as pool:
+        for k in range(6):
+            _commit(pool, k, n=300)
+        lease = Lease(path)  # a reader that has not named its commit yet
+        try:
+            assert lease.active and live_readers(path).choosing == 1
+            out = pool.compact()
+            gone = out["source_segments"]
+            assert out["gc"]["deferred"] and out["gc"]["removed_segments"] == gone
+            seg_dir = path / "data.zarr" / "segments"
+            assert all((seg_dir / f"{s:016x}").is_dir() for s in gone)  # records forgotten
+            lease.hold(pool.head)
+            again = pool.gc()  # a reader is open: record-less segments wait
+            assert again["orphan_segments"] == [] and not again["deferred"]
+            assert all((seg_dir / f"{s:016x}").is_dir() for s in gone)
+        finally:
+            lease.release()
+        last = pool.gc()
+        assert last["orphan_segments"] == gone
+        assert not any((seg_dir / f"{s:016x}").exists() for s in gone)
+        assert pool.verify().ok

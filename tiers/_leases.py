@@ -24,7 +24,6 @@ can change such a copy either).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -59,10 +58,10 @@ class Lease:
             except FileNotFoundError:  # the last reader removed the folder meanwhile
                 if attempt == 4:
                     raise
-            except OSError as e:
-                if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
-                    return  # a read-only copy (or a full disk): read without a lease
-                raise
+            except OSError:
+                # A read-only copy, a full disk, or a damaged store (``readers`` is a file):
+                # read without a lease rather than not at all.
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._fd = fd

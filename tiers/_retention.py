@@ -245,6 +245,11 @@ def collect(
         # (unreferenced now: the next gc removes them once no reader is choosing).
         result["deferred"] = True
         return result
+    if after.names:
+        # A record-less segment may be one a live reader still reads (its record forgotten by
+        # a gc that deferred): leftovers wait until no reader is open.
+        orphans = []
+        result["orphan_segments"] = []
     freed = 0
     for d in stale:
         freed += _tree_bytes(d)
