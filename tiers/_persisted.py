@@ -414,7 +414,10 @@ class PersistedStore:
         then checks that every segment ``index`` needs is still recorded: a ``gc`` that began
         before the lease was seen may have removed them (``_leases.py``)."""
         if self._lease is not None:
-            self._lease.hold(commit)
+            # The lease names the newest commit whose segments the index reads: a past commit
+            # read through a compaction after it (``load_index``) reads that one's segment.
+            newest = int(index.commit.max()) if index is not None and len(index) else 0
+            self._lease.hold(None if commit is None else max(commit, newest))
         if index is None or not len(index):
             return
         missing = set(index.segments().tolist()) - set(self.segment_records())
