@@ -150,8 +150,7 @@ def scale(root: Path, n: int) -> dict[str, Any]:
         rows=max(10 * n, 10**6),
         dim=8,
         generator={"kind": "hashed_slices", "memory_size": 1024},
-        cache_rows=0,
-        compact_above=None,
+        cache_rows=0,  # the default policy: commits check whether to compact, as users' do
     ) as pool:
         rng = np.random.default_rng(n)
         ids = np.sort(rng.choice(max(10 * n, 10**6), n, replace=False))

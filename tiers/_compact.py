@@ -428,6 +428,14 @@ def maybe_compact(store: Any, index: RowIndex, head: int, policy: Any) -> Compac
     if above is None:
         return None
     records = store.segment_records()
+    total = sum(r.stored_bytes for r in records.values())
+    if total < policy.compact_min_bytes or not len(index):
+        return None
+    # A cheap bound first (no pass over the index): every segment's bytes against the live
+    # rows at the newest segment's row size. Most commits stop here.
+    newest = max((r for r in records.values() if r.rows), key=lambda r: r.id, default=None)
+    if newest is None or total <= above * len(index) * _row_raw_bytes(newest) * 0.9:
+        return None
     live = _live_rows(index)
     stored_live = sum(records[s].stored_bytes for s in live if s in records)
     if stored_live < policy.compact_min_bytes:
