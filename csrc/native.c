@@ -422,74 +422,96 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 /* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
 /* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
 
-/* Min-heap of (value, id) on [0, len): the root is the smallest kept value. */
-static inline void sift_down(float *v, int64_t *ids, long long len, long long i) {
-    const float tv = v[i];
-    const int64_t ti = ids[i];
-    for (;;) {
-        long long c = 2 * i + 1;
-        if (c >= len) break;
-        if (c + 1 < len && v[c + 1] < v[c]) c++;
-        if (!(v[c] < tv)) break;
-        v[i] = v[c];
-        ids[i] = ids[c];
-        i = c;
+/* Insert (x, id) into v[0:len], sorted descending and full, dropping its last entry; x must
+ * beat v[len - 1]. Equal values keep their order (the earlier first). */
+static inline void insert_sorted(float *v, int64_t *ids, long long len, float x, int64_t id) {
+    long long p = len - 1;
+    while (p > 0 && v[p - 1] < x) {
+        v[p] = v[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
     }
-    v[i] = tv;
-    ids[i] = ti;
+    v[p] = x;
+    ids[p] = id;
 }
 
-/* The largest min(k, n) of (src_v[j], src_id(j)) for j < n into (v, ids), sorted descending:
- * a min-heap of k (on random data only ~k ln(n/k) values ever enter it), then heap sort.
- * `stride` steps through src_v; ids are j, or j * mul + add. */
-static long long top_k(const float *src_v, long long n, long long stride, int64_t mul,
-                       int64_t add, const int64_t *src_ids, long long k, float *v,
+/* Continue a top-k: v[0:len] holds the best len values seen (sorted descending, full); scan
+ * src_v[j] for start <= j < n (ids src_ids[j], or j * mul + add) into it.
+ *
+ * Why not a heap: for the small k routing asks for (8-64), a sorted array that a value enters
+ * by a short shift is faster (a heap's sift mispredicts a branch per level), and after the
+ * first few blocks almost no value beats the k-th best: blocks of 8 are compared with it at
+ * once (vectorized) and skipped whole. */
+static void top_k_scan(const float *src_v, long long start, long long n, int64_t mul,
+                       int64_t add, const int64_t *src_ids, long long len, float *v,
                        int64_t *ids) {
-    const long long len = n < k ? n : k;
-    for (long long j = 0; j < len; j++) {
-        v[j] = src_v[j * stride];
-        ids[j] = src_ids ? src_ids[j] : j * mul + add;
-    }
-    for (long long i = len / 2 - 1; i >= 0; i--) sift_down(v, ids, len, i);
-    for (long long j = len; j < n; j++) {
-        const float x = src_v[j * stride];
-        if (x > v[0]) {
-            v[0] = x;
-            ids[0] = src_ids ? src_ids[j] : j * mul + add;
-            sift_down(v, ids, len, 0);
+    float thr = v[len - 1];
+    long long j = start;
+    for (; j + 8 <= n; j += 8) {
+        int any = 0;
+        for (int u = 0; u < 8; u++) any |= src_v[j + u] > thr;
+        if (!any) continue;
+        for (long long u = j; u < j + 8; u++) {
+            const float x = src_v[u];
+            if (x > thr) {
+                insert_sorted(v, ids, len, x, src_ids ? src_ids[u] : u * mul + add);
+                thr = v[len - 1];
+            }
         }
     }
-    for (long long end = len - 1; end > 0; end--) { /* heap sort: smallest to the back */
-        const float tv = v[0];
-        const int64_t ti = ids[0];
-        v[0] = v[end];
-        ids[0] = ids[end];
-        v[end] = tv;
-        ids[end] = ti;
-        sift_down(v, ids, end, 0);
+    for (; j < n; j++) {
+        const float x = src_v[j];
+        if (x > thr) {
+            insert_sorted(v, ids, len, x, src_ids ? src_ids[j] : j * mul + add);
+            thr = v[len - 1];
+        }
     }
+}
+
+/* The largest min(k, n) of (src_v[j], id(j)) for j < n into (v, ids), sorted descending; ids
+ * are src_ids[j], or j * mul + add without src_ids. */
+static long long top_k(const float *src_v, long long n, int64_t mul, int64_t add,
+                       const int64_t *src_ids, long long k, float *v, int64_t *ids) {
+    const long long len = n < k ? n : k;
+    for (long long j = 0; j < len; j++) { /* insertion sort of the first len */
+        const float x = src_v[j];
+        const int64_t id = src_ids ? src_ids[j] : j * mul + add;
+        long long p = j;
+        while (p > 0 && v[p - 1] < x) {
+            v[p] = v[p - 1];
+            ids[p] = ids[p - 1];
+            p--;
+        }
+        v[p] = x;
+        ids[p] = id;
+    }
+    if (len > 0) top_k_scan(src_v, len, n, mul, add, src_ids, len, v, ids);
     return len;
 }
 
 /* Selection over precomputed sub-key scores s1 [H, T, n1], s2 [H, T, n2] (row f of s1 is the
- * partial grid row when r > 0): ids and vals [T, H, k]. */
+ * partial grid row when r > 0): ids and vals [T, H, k]. With per-query budgets kq [T] (a null
+ * pointer: none), query t's search stops at its best min(kq[t], k) rows (the first ones of
+ * the full search's list) and the rest of its entries are padding (-1, -inf): a small budget
+ * costs a small search. */
 HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
-    unsigned long long s1_p, s2_p, ids_p, vals_p;
-    long long T, H, n1, n2, k, f, r;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k, &f, &r,
-                          &ids_p, &vals_p)) {
+    unsigned long long s1_p, s2_p, ids_p, vals_p, kq_p;
+    long long T, H, n1, n2, k_all, f, r;
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLKKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k_all, &f, &r,
+                          &ids_p, &vals_p, &kq_p)) {
         return NULL;
     }
+    const int64_t *kq = (const int64_t *)kq_p;
     const float *s1 = (const float *)s1_p, *s2 = (const float *)s2_p;
     int64_t *out_ids = (int64_t *)ids_p;
     float *out_vals = (float *)vals_p;
-    if (k < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
+    if (k_all < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
         PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
         return NULL;
     }
     long long pairs = 0;
-    for (long long i = 0; i < k; i++) pairs += k / (i + 1);
-    const long long cap = 3 * k + pairs + k + 8;
+    for (long long i = 0; i < k_all; i++) pairs += k_all / (i + 1);
+    const long long cap = 3 * k_all + pairs + k_all + 8;
     float *buf = (float *)PyMem_RawMalloc(sizeof(float) * cap);
     int64_t *ibuf = (int64_t *)PyMem_RawMalloc(sizeof(int64_t) * cap);
     if (!buf || !ibuf) {
@@ -497,15 +519,27 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
         PyMem_RawFree(ibuf);
         return PyErr_NoMemory();
     }
-    float *av = buf, *bv = buf + k, *cv = bv + k, *pv = cv + k;
-    int64_t *ai = ibuf, *bi = ibuf + k, *ci = bi + k, *pi = ci + k;
+    float *av = buf, *bv = buf + k_all, *cv = bv + k_all, *pv = cv + k_all;
+    int64_t *ai = ibuf, *bi = ibuf + k_all, *ci = bi + k_all, *pi = ci + k_all;
     Py_BEGIN_ALLOW_THREADS
     for (long long h = 0; h < H; h++) {
         for (long long t = 0; t < T; t++) {
             const float *sa = s1 + (h * T + t) * n1, *sb = s2 + (h * T + t) * n2;
-            const long long na = top_k(sa, f, 1, 1, 0, NULL, k, av, ai);
-            const long long nb = top_k(sb, n2, 1, 1, 0, NULL, k, bv, bi);
-            const long long nc = r ? top_k(sb, r, 1, 1, 0, NULL, k, cv, ci) : 0;
+            int64_t *dst_i = out_ids + (t * H + h) * k_all;
+            float *dst_v = out_vals + (t * H + h) * k_all;
+            const long long k = kq ? (kq[t] < 1 ? 1 : kq[t] > k_all ? k_all : kq[t]) : k_all;
+            const long long na = top_k(sa, f, 1, 0, NULL, k, av, ai);
+            long long nb, nc = 0;
+            if (r >= k) { /* one pass over half b: its first r, then the rest from there */
+                nc = top_k(sb, r, 1, 0, NULL, k, cv, ci);
+                memcpy(bv, cv, sizeof(float) * k);
+                memcpy(bi, ci, sizeof(int64_t) * k);
+                top_k_scan(sb, r, n2, 1, 0, NULL, k, bv, bi);
+                nb = k;
+            } else {
+                nb = top_k(sb, n2, 1, 0, NULL, k, bv, bi);
+                if (r) nc = top_k(sb, r, 1, 0, NULL, k, cv, ci);
+            }
             /* pairs that can reach the top-k of a sum of two sorted lists: (i+1)(j+1) <= k */
             long long np = 0;
             for (long long i = 0; i < na; i++) {
@@ -518,10 +552,8 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
                 pv[np] = sa[f] + cv[j];
                 pi[np++] = f * n2 + ci[j];
             }
-            int64_t *dst_i = out_ids + (t * H + h) * k;
-            float *dst_v = out_vals + (t * H + h) * k;
-            const long long no = top_k(pv, np, 1, 0, 0, pi, k, dst_v, dst_i);
-            for (long long j = no; j < k; j++) {
+            const long long no = top_k(pv, np, 0, 0, pi, k, dst_v, dst_i);
+            for (long long j = no; j < k_all; j++) {
                 dst_i[j] = -1;
                 dst_v[j] = -INFINITY;
             }

@@ -277,14 +277,21 @@ def peer_backward(
 
 
 def pk_search(
-    q: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, n_valid: int
+    q: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    k: int,
+    n_valid: int,
+    budgets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key top-k (``index/_product_keys.py``): for queries ``q [T, H, 2e]`` and
     sub-keys ``keys1 [H, n1, e]``, ``keys2 [H, n2, e]``, the best ``k`` grid ids below
     ``n_valid`` of ``q_a . keys1[i] + q_b . keys2[j]`` (id ``i * n2 + j``) per query and head,
     best first: ``(ids, vals)``, each ``[T, H, k]``. The sub-key scores are two batched
     matmuls (BLAS); the loop does the selection: each half's top-k, then the pairs that can
-    make the top-k of the sums."""
+    make the top-k of the sums. ``budgets`` (int64 ``[T]``, optional): query ``t`` stops at its
+    best ``budgets[t]`` rows (clamped to ``[1, k]``) and the rest of its entries are padding
+    (id -1, value -inf); the selection's cost falls with the budget."""
     assert _lib is not None
     t, heads, _ = q.shape
     _, n1, e = keys1.shape
@@ -296,6 +303,8 @@ def pk_search(
     s2 = torch.matmul(qh[..., e:], keys2.transpose(1, 2)).contiguous()  # [H, T, n2]
     ids = torch.empty((t, heads, kk), dtype=torch.int64)
     vals = torch.empty((t, heads, kk), dtype=torch.float32)
+    if budgets is not None:
+        budgets = budgets.contiguous()  # kept alive through the call
     _lib.pk_search(
         _check(s1, torch.float32, (heads, t, n1)),
         _check(s2, torch.float32, (heads, t, n2)),
@@ -308,6 +317,7 @@ def pk_search(
         r,
         ids.data_ptr(),
         vals.data_ptr(),
+        0 if budgets is None else _check(budgets, torch.int64, (t,)),
     )
     return ids, vals
 

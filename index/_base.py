@@ -92,6 +92,8 @@ class Router(nn.Module, ABC):
     Config: ClassVar[type[RouterConfig]] = RouterConfig  # the config dataclass of this kind
     default_signal: ClassVar[str] = "entropy"
     provides_novelty: ClassVar[bool] = False
+    # whether ``_candidates`` takes ``budgets`` and may stop its search there
+    stops_at_budget: ClassVar[bool] = False
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
@@ -132,10 +134,15 @@ class Router(nn.Module, ABC):
     # -- what subclasses provide -------------------------------------------------------------
 
     @abstractmethod
-    def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _candidates(
+        self, x: Tensor, budgets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(ids [T, K], scores [T, K], novelty [T] | None, regions [T, B] | None)``.
 
         ``ids`` are K distinct valid rows, ranked best first; ``scores`` carry gradients.
+        ``budgets`` (int64 ``[T]``, passed when the budget is known before the search and the
+        class sets ``stops_at_budget``): input ``t`` keeps only its first ``budgets[t]``
+        entries, so the search may stop there and pad the rest (``PAD_ID``, ``PAD_SCORE``).
         """
 
     @abstractmethod
@@ -155,9 +162,17 @@ class Router(nn.Module, ABC):
     def forward(self, x: Tensor) -> RouteResult:
         """Route ``x [T, d_in]``; see :class:`RouteResult` for what comes back."""
         x = self.check_input(x)
-        ids, scores, novelty, regions = self._candidates(x)
-        complexity = self.budget.complexity(x, scores.detach(), novelty)
-        k = self.budget.k_for(complexity)
+        if self.budget.signal == "learned":  # x alone sets the budget: search only that far
+            complexity = self.budget.complexity(x, None, None)
+            k = self.budget.k_for(complexity)
+            if self.stops_at_budget:
+                ids, scores, novelty, regions = self._candidates(x, k)
+            else:  # a subclass written before budgets reached the search
+                ids, scores, novelty, regions = self._candidates(x)
+        else:  # the signal reads the candidates' scores (or is fixed)
+            ids, scores, novelty, regions = self._candidates(x)
+            complexity = self.budget.complexity(x, scores.detach(), novelty)
+            k = self.budget.k_for(complexity)
         if self.budget.signal != "fixed":  # a fixed budget leaves no padding to mark
             mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
             ids = ids.masked_fill(~mask, PAD_ID)

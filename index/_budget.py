@@ -94,8 +94,9 @@ class Budget(nn.Module):
         self._inputs: Tensor | None = None
         self._rows: Tensor | None = None
 
-    def complexity(self, x: Tensor, scores: Tensor, novelty: Tensor | None) -> Tensor:
-        """``[T]`` in [0, 1]; ``x [T, d_in]``, ``scores [T, K]`` (all finite), ``novelty [T]``."""
+    def complexity(self, x: Tensor, scores: Tensor | None, novelty: Tensor | None) -> Tensor:
+        """``[T]`` in [0, 1]; ``x [T, d_in]``, ``scores [T, K]`` (all finite; the ``"learned"``
+        and ``"fixed"`` signals read x alone), ``novelty [T]``."""
         raw = self.raw(x, scores, novelty)
         if self.signal in ("entropy", "novelty") and bool(self.calibrated):
             return self._cdf(raw)
@@ -125,12 +126,14 @@ class Budget(nn.Module):
         frac = torch.where(gap > 0, (raw - lo_v) / gap.clamp_min(1e-30), 0.5).clamp(0.0, 1.0)
         return ((hi - 1).to(raw.dtype) + frac) / (n - 1)
 
-    def raw(self, x: Tensor, scores: Tensor, novelty: Tensor | None) -> Tensor:
+    def raw(self, x: Tensor, scores: Tensor | None, novelty: Tensor | None) -> Tensor:
         """The uncalibrated signal, ``[T]`` in [0, 1]."""
         t = x.shape[0]
         if self.signal == "fixed":
             return x.new_ones(t)
         if self.signal == "entropy":
+            if scores is None:
+                raise RouterConfigError("budget signal 'entropy' needs the candidates' scores")
             kk = scores.shape[-1]
             if kk < 2:
                 return x.new_ones(t)

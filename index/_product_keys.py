@@ -127,13 +127,19 @@ class ProductKeys(nn.Module):
         )
 
     @torch.no_grad()
-    def search(self, q: Tensor, k: int, n_valid: int) -> tuple[Tensor, Tensor]:
-        """Exact per-head top-k over grid ids ``[0, n_valid)``: ``(ids, vals)``, ``[T, H, k]``."""
+    def search(
+        self, q: Tensor, k: int, n_valid: int, budgets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Exact per-head top-k over grid ids ``[0, n_valid)``: ``(ids, vals)``, ``[T, H, k]``.
+
+        ``budgets [T]``: query ``t`` needs only its best ``budgets[t]``; the native search then
+        stops there and pads the rest (id -1, value -inf), the PyTorch one finds all ``k``.
+        """
         if not 1 <= n_valid <= self.n1 * self.n2:
             raise RouterConfigError(f"n_valid={n_valid} outside the {self.n1}x{self.n2} grid")
         if self._native(q):  # one C loop per query: score both halves, keep each top-k, merge
             return kernels.pk_search(
-                q.contiguous(), self.keys1.detach(), self.keys2.detach(), k, n_valid
+                q.contiguous(), self.keys1.detach(), self.keys2.detach(), k, n_valid, budgets
             )
         e, n2 = self.half, self.n2
         q1 = q[..., :e].transpose(0, 1).contiguous()  # [H, T, e]
@@ -177,13 +183,16 @@ class ProductKeys(nn.Module):
         # matrix-vector products is the slowest shape for bmm on the CPU (3-4x here)
         return (k1 * q[..., None, :e]).sum(-1) + (k2 * q[..., None, e:]).sum(-1)
 
-    def select(self, q: Tensor, k: int, n_valid: int) -> tuple[Tensor, Tensor]:
+    def select(
+        self, q: Tensor, k: int, n_valid: int, budgets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Top-k rows of ``max_h score_h`` over ``[0, n_valid)``: ``(ids, scores)``, ``[T, k]``.
 
         Heads are merged into one ranked list (a row two heads both chose appears once, with
-        its better score): the consumer sees one list of rows per input.
+        its better score): the consumer sees one list of rows per input. With ``budgets``,
+        only each input's first ``budgets[t]`` entries are exact (see :meth:`search`).
         """
-        ids, vals = self.search(q, k, n_valid)  # [T, H, k]
+        ids, vals = self.search(q, k, n_valid, budgets)  # [T, H, k]
         if self._native(q):  # the search's own scores, with a fused backward
             scores = _NativeScores.apply(q, self.keys1, self.keys2, ids, vals)
         else:
@@ -223,6 +232,7 @@ class ProductKeyRouter(Router):
 
     kind = "product_keys"
     Config = ProductKeyConfig
+    stops_at_budget = True
 
     def __init__(self, config: ProductKeyConfig | None = None, /, **kwargs: Any) -> None:
         """``ProductKeyRouter(ProductKeyConfig(...))`` or the same fields as keywords."""
@@ -239,8 +249,11 @@ class ProductKeyRouter(Router):
             max_elems=config.max_elems,
         )
 
-    def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Any, Any]:
-        ids, scores = self.pk.select(self.pk.queries(x), self.k_max, self.num_rows)
+    def _candidates(
+        self, x: Tensor, budgets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Any, Any]:
+        q = self.pk.queries(x)
+        ids, scores = self.pk.select(q, self.k_max, self.num_rows, budgets)
         return ids, scores, None, None
 
     def dense_queries(self, x: Tensor) -> Tensor:

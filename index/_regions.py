@@ -149,7 +149,9 @@ class RegionRouter(Router):
         order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :k]
         return lid[:, :k], lsc[:, :k], lid.gather(1, order), lsc.gather(1, order)
 
-    def _candidates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    def _candidates(
+        self, x: Tensor, budgets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         self._check_fitted()
         t, k = x.shape[0], self.k_max
         regions, rs, novelty = self._region_beam(x)  # [T, B]

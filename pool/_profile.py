@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
@@ -26,6 +26,7 @@ SCOPES = (ROUTE, PAGE_IN, EXECUTOR_FORWARD, EXECUTOR_BACKWARD, ROW_STEP)
 
 _NONE = nullcontext()
 _timings: dict[str, float] | None = None  # seconds per scope while timing() runs
+_clock: Callable[[], float] = time.perf_counter
 
 
 class _Timer:
@@ -35,11 +36,11 @@ class _Timer:
         self.name = name
 
     def __enter__(self) -> None:
-        self.start = time.perf_counter()
+        self.start = _clock()
 
     def __exit__(self, *exc: object) -> None:
         if _timings is not None:
-            _timings[self.name] += time.perf_counter() - self.start
+            _timings[self.name] += _clock() - self.start
 
 
 def scope(name: str) -> AbstractContextManager[object]:
@@ -52,12 +53,13 @@ def scope(name: str) -> AbstractContextManager[object]:
 
 
 @contextmanager
-def timing() -> Iterator[dict[str, float]]:
-    """Sum the wall-clock seconds spent in each scope inside the block (CPU: the time is the
-    work; on CUDA it is only the launch time, as nothing waits for the device here)."""
-    global _timings
-    _timings = defaultdict(float)
+def timing(clock: Callable[[], float] = time.perf_counter) -> Iterator[dict[str, float]]:
+    """Sum the seconds spent in each scope inside the block, by ``clock`` (wall clock, or
+    ``time.process_time`` for CPU time on a shared machine). On the CPU the time is the work;
+    on CUDA it is only the launch time, as nothing waits for the device here."""
+    global _timings, _clock
+    _timings, _clock = defaultdict(float), clock
     try:
         yield _timings
     finally:
-        _timings = None
+        _timings, _clock = None, time.perf_counter

@@ -49,6 +49,33 @@ def test_exact_top_k_against_all_combined_keys(num_rows: int, heads: int) -> Non
     assert int(res.ids.max()) < num_rows
 
 
+@pytest.mark.parametrize("num_rows", [1000, 4099, 10_000])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_learned_budget_search_stops_at_each_budget(
+    num_rows: int, heads: int, row_kernels: str
+) -> None:
+    """A learned budget is known before the search, which then stops at each input's k (the
+    native search's cost falls with it); the kept rows and scores are the full search's."""
+    router = ProductKeyRouter(
+        d_in=D_IN, num_rows=num_rows, k=16, k_min=1, budget="learned", heads=heads, seed=5
+    ).eval()
+    assert router.budget.head is not None
+    with torch.no_grad():
+        router.budget.head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    x = mixture(64, seed=6)
+    res = router(x)
+    assert len(res.k.unique()) > 3  # budgets really differ
+    full_ids, full_scores = router.pk.select(router.pk.queries(x), 16, num_rows)
+    mask = res.mask
+    assert torch.equal(res.ids[mask], full_ids[mask])
+    torch.testing.assert_close(res.scores.detach()[mask], full_scores.detach()[mask])
+    assert bool((res.ids[~mask] == -1).all())
+    assert bool(torch.isneginf(res.scores.detach()[~mask]).all())
+    res.scores[mask].sum().backward()  # gradients reach the query through the kept scores
+    assert router.pk.query.weight.grad is not None
+    assert bool(router.pk.query.weight.grad.abs().sum() > 0)
+
+
 def test_k_equal_to_pool_returns_every_row() -> None:
     router = ProductKeyRouter(d_in=D_IN, num_rows=10, k=10).eval()
     res = router(mixture(5))
