@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Commit": "dpsn.pool",
+    "Lifecycle": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
@@ -34,6 +35,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from dpsn.pool import (
         Commit,
+        Lifecycle,
         Pool,
         PoolEmbedding,
         PoolLayer,
@@ -62,6 +64,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Commit",
     "DpsnError",
+    "Lifecycle",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",

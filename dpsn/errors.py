@@ -19,6 +19,7 @@ __all__ = [
     "InvalidDeviceError",
     "InvalidIdsError",
     "InvalidSnapshotNameError",
+    "LifecycleError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
     "SnapshotNotFoundError",
@@ -62,6 +63,11 @@ class RowIdOutOfRangeError(InvalidIdsError, IndexError):
 
 class InvalidDeltaError(DpsnError, ValueError):
     """Deltas with the wrong shape, dtype or non-finite values (NaN/Inf)."""
+
+
+class LifecycleError(DpsnError, ValueError):
+    """A row lifecycle policy with invalid settings, or a lifecycle operation (``consolidate``)
+    on a pool that has no lifecycle."""
 
 
 class StoreNotFoundError(DpsnError, FileNotFoundError):

@@ -72,6 +72,31 @@ def cuckoo_find(
     return slots, hit
 
 
+def group_ids(
+    ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(uniq, counts, inverse, order)`` of 1-D int64 ``ids`` (each >= 0), as
+    ``torch.sort(ids, stable=True)`` + ``unique_consecutive`` give them: ``uniq`` ascending,
+    ``counts`` its multiplicities, ``uniq[inverse] == ids``, ``ids[order]`` sorted (stably)."""
+    assert _lib is not None
+    ids = ids.contiguous()
+    n = len(ids)
+    order, uniq, counts, inverse = (torch.empty(n, dtype=torch.int64) for _ in range(4))
+    scratch = torch.empty((3, n), dtype=torch.int64)
+    m = _lib.group_ids(
+        _check(ids, torch.int64),
+        n,
+        order.data_ptr(),
+        uniq.data_ptr(),
+        counts.data_ptr(),
+        inverse.data_ptr(),
+        scratch[0].data_ptr(),
+        scratch[1].data_ptr(),
+        scratch[2].data_ptr(),
+    )
+    return uniq[:m], counts[:m], inverse, order
+
+
 def find_gather(
     entries: torch.Tensor,
     half: int,

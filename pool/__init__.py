@@ -6,12 +6,14 @@ from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 from ._api import compact, create, gc, open
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
+from ._lifecycle import Lifecycle
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
 
 __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
+    "Lifecycle",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",

@@ -11,12 +11,18 @@ from typing import Any, Literal
 import torch
 
 from dpsn._dtypes import parse_pool_dtype, storage_dtype
-from dpsn.errors import CacheTooLargeError, InvalidArgumentError, InvalidDeviceError
+from dpsn.errors import (
+    CacheTooLargeError,
+    InvalidArgumentError,
+    InvalidDeviceError,
+    LifecycleError,
+)
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
 from dpsn.tiers._policy import MaintenancePolicy
 from dpsn.tiers._retention import write_policy
 
+from ._lifecycle import Lifecycle, initial_record
 from ._pool import Pool
 from ._validate import MAX_ROWS
 
@@ -157,6 +163,7 @@ def create(
     keep_last: int | None = None,
     keep_within: float | str | None = None,
     compact_above: float | None = 1.5,
+    lifecycle: Lifecycle | None = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -165,7 +172,8 @@ def create(
     kind name (``"hashed_slices"``, ``"rf_mlp"``), a dict ``{"kind": ..., **config}`` or a
     Generator module. The store's first commit (id 1, message "create") records the spec and the
     generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
-    :func:`open`.
+    :func:`open`. ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle,
+    saved with every commit from the first on.
 
     History and compaction (changeable later with ``Pool.set_policy``): ``gc`` and compaction
     keep HEAD, every snapshot, the ``keep_last`` newest commits and/or those younger than
@@ -193,6 +201,10 @@ def create(
     maintenance = MaintenancePolicy().with_(
         keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
     )
+    if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+        raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
+    if lifecycle is not None and lifecycle.regions > rows:
+        raise LifecycleError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
     dtype_name = parse_pool_dtype(dtype)
     itemsize = storage_dtype(dtype_name).itemsize
     if chunk_rows is None:
@@ -226,7 +238,9 @@ def create(
         uuid=uuid.uuid4().hex,
     )
     state = {k: v.detach().cpu().float().numpy() for k, v in gen.state_dict().items()}
-    kwargs = {} if map_size is None else {"map_size": map_size}
+    kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
+    if lifecycle is not None:
+        kwargs["lifecycle"] = initial_record(lifecycle)
     # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
@@ -252,6 +266,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     device: str | torch.device | None = None,
     cache_rows: int | None = None,
     policy: str = "lru",
+    lifecycle: Lifecycle | None = None,
 ) -> Pool:
     """Open a store.
 
@@ -259,7 +274,9 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     seeing it until ``refresh()``; ``mode="r+"`` also takes the store's single writer lock.
     Rows are served through a cache of ``cache_rows`` rows on ``device`` (CUDA when asked for,
     else CPU) with eviction ``policy`` (``"lru"``, ``"lfu"``); ``cache_rows=None`` sizes it to
-    about 64 MiB, ``cache_rows=0`` reads without a cache.
+    about 64 MiB, ``cache_rows=0`` reads without a cache. ``lifecycle`` (a
+    :class:`dpsn.Lifecycle`) replaces the row lifecycle saved in the store (saved at the next
+    commit), or gives one to a store without; None keeps the saved one.
     """
     if mode not in ("r", "r+"):
         raise ValueError(f'mode must be "r" or "r+", got {mode!r}')
@@ -278,7 +295,13 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
             index = store.load_index(commit)
         store.hold(commit, index)  # a reader's lease: gc elsewhere keeps this commit
         return Pool(
-            store, commit=commit, index=index, device=device, cache_rows=cache_rows, policy=policy
+            store,
+            commit=commit,
+            index=index,
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+            lifecycle=lifecycle,
         )
     except BaseException:
         store.close()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import DpsnError, ReadOnlyError
+from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
 from dpsn.hypernet import Generator
 from dpsn.tiers import (
     Commit,
@@ -39,6 +39,7 @@ from dpsn.tiers import (
     load_generator,
 )
 
+from ._lifecycle import Lifecycle, LifecycleRunner
 from ._routers import RouterShelf
 from ._validate import as_deltas, as_ids
 
@@ -69,6 +70,7 @@ class Pool:
         device: str | torch.device | None = None,
         cache_rows: int | None = None,
         policy: str = "lru",
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self._store = store
         m = store.manifest
@@ -78,7 +80,10 @@ class Pool:
             cache_rows = default_cache_rows(m.dim, getattr(torch, m.dtype))
         if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
             raise ValueError(f"cache_rows must be a non-negative int, got {cache_rows!r}")
-        generator = load_generator(store, store.commit_record(commit).generator, device)
+        if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+            raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
+        record = store.commit_record(commit)
+        generator = load_generator(store, record.generator, device)
         self._stack = RowStack(
             store,
             commit=commit,
@@ -90,6 +95,16 @@ class Pool:
             policy=policy,
         )
         self._routers = RouterShelf(store)
+        self._lifecycle: LifecycleRunner | None = None
+        self._lifecycle_given = lifecycle is not None  # else the store's policy is followed
+        if lifecycle is not None or record.lifecycle is not None:
+            self._lifecycle = LifecycleRunner(
+                self._stack,
+                rows=m.rows,
+                policy=lifecycle,
+                saved=record.lifecycle,
+                writable=store.writable,
+            )
 
     # -- spec ----------------------------------------------------------------------------------
 
@@ -256,8 +271,12 @@ class Pool:
         self._stack.drop(torch.unique(as_ids(ids, self.rows).reshape(-1)))
 
     def discard(self) -> None:
-        """Forget every change since the last commit (staged, dropped, dirty in the cache)."""
+        """Forget every change since the last commit (staged, dropped, dirty in the cache), and
+        the lifecycle's consolidations since then."""
         self._stack.discard()
+        if self._lifecycle is not None:
+            saved = self._store.commit_record(self.head).lifecycle
+            self._lifecycle.load(saved, self._lifecycle.policy)
 
     def commit(self, message: str = "") -> Commit:
         """Make every change since the last commit durable in one atomic step.
@@ -269,13 +288,70 @@ class Pool:
         if not isinstance(message, str):
             raise TypeError("commit message must be a str")
         head = self.head
+        lc = self._lifecycle
+        if lc is not None and lc.due(head + 1):
+            lc.consolidate()
         record = self._stack.commit(
             message,
             stats=self.stats(),
             routers=lambda version: self._routers.write_changed(head, version),
+            lifecycle=lc.to_json() if lc is not None else None,
         )
         self._auto_compact()
         return record
+
+    # -- the row lifecycle ---------------------------------------------------------------------
+
+    @property
+    def lifecycle(self) -> Lifecycle | None:
+        """The row lifecycle policy in force (saved with every commit), or None."""
+        return self._lifecycle.policy if self._lifecycle is not None else None
+
+    def _require_lifecycle(self) -> LifecycleRunner:
+        self._check_open()
+        if self._lifecycle is None:
+            raise LifecycleError(
+                f"{self.path} has no row lifecycle; open it with "
+                "dpsn.open(path, mode='r+', lifecycle=dpsn.Lifecycle()) to give it one"
+            )
+        return self._lifecycle
+
+    def consolidate(self) -> dict[str, Any]:
+        """Run one consolidation of the row lifecycle now (commits run one every
+        ``Lifecycle.consolidate_every`` commits): usage decay, phase update, FREE delta decay,
+        pruning, budgets, homeostasis. Its changes are staged like any other and become durable
+        at the next commit. Returns what it did: rows per phase, entered/exited, decayed,
+        pruned (by floor, idleness, budget), the thresholds and the seconds it took."""
+        self._require_writable()
+        return self._require_lifecycle().consolidate()
+
+    @torch.no_grad()
+    def phase(self, ids: Any) -> torch.Tensor:
+        """The lifecycle phase of rows, a ``torch.uint8`` tensor shaped like ``ids``: 0 FREE,
+        1 SCREENED (rows without a delta, and pools without a lifecycle: 0)."""
+        full = self._ids(ids)
+        flat = full.reshape(-1)
+        if self._lifecycle is None:
+            return torch.zeros(full.shape, dtype=torch.uint8)
+        return self._lifecycle.row_usage(flat)["phase"].reshape(full.shape)
+
+    def region_usage(self) -> dict[str, torch.Tensor | None]:
+        """Usage per region (``Lifecycle.regions`` id ranges), as of this session's last
+        consolidation, before its budget pruning: ``rows`` with a delta, ``screened`` rows,
+        raw ``bytes`` (delta, optimizer state, statistics), ``freq`` (the summed recent-use
+        averages: rows of the region used per step), ``novelty`` (rows born in the last
+        ``novelty_window`` consolidations) and ``budget`` (None without budgets); one entry per
+        region."""
+        return self._require_lifecycle().region_usage()
+
+    @torch.no_grad()
+    def usage(self, ids: Any) -> dict[str, torch.Tensor]:
+        """Usage statistics of 1-D-able ``ids`` as of now, one CPU tensor per figure (flattened
+        ``ids`` order): ``phase``, ``uses``, ``last`` (step), ``recent`` (use average),
+        ``history`` (bit i: used i steps ago), ``update`` (recent update size), ``norm`` (of the
+        delta), ``epoch``, ``since``, ``born`` (consolidations), ``score`` and ``has_delta``."""
+        flat = self._ids(ids).reshape(-1)
+        return self._require_lifecycle().row_usage(flat)
 
     # -- routers -------------------------------------------------------------------------------
 
@@ -327,14 +403,29 @@ class Pool:
             if version != self._store.commit_record(self.head).generator:
                 stack.procedural.replace(load_generator(self._store, version, self.device))
             stack.move_to(commit, index)
+            saved = self._store.commit_record(commit).lifecycle
+            if saved is not None:
+                given = self._lifecycle_given and self._lifecycle is not None
+                policy = self._lifecycle.policy if given else None  # type: ignore[union-attr]
+                if self._lifecycle is None:
+                    self._lifecycle = LifecycleRunner(
+                        stack, rows=self.rows, policy=None, saved=saved, writable=False
+                    )
+                else:
+                    self._lifecycle.load(saved, policy)
         return commit
 
     # -- health --------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Cache and tier counters (in total, and for the last read in ``"last_step"``), and the
-        row-training counters (``row_steps``, ``rows_updated``, ``skipped_row_steps``)."""
-        return self._stack.stats()
+        """Cache and tier counters (in total, and for the last read in ``"last_step"``), the
+        row-training counters (``row_steps``, ``rows_updated``, ``skipped_row_steps``), and with
+        a lifecycle its health under ``"lifecycle"``: rows and bytes per phase, the screening
+        rate against its target band, decays, prunes, regions, flags (see README)."""
+        out = self._stack.stats()
+        if self._lifecycle is not None:
+            out["lifecycle"] = self._lifecycle.stats()
+        return out
 
     def info(self) -> dict[str, Any]:
         """A summary: spec, virtual size, what is persisted and what it costs on disk. The same

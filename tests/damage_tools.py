@@ -47,7 +47,11 @@ CHILD_TIMEOUT_S = int(os.environ.get("DPSN_FUZZ_CHILD_TIMEOUT", "60"))
 def make_store(path: Path, *, tiny: bool = False) -> None:
     """Three commits (writes, overwrites, drops), a snapshot and a router: small files, every
     kind of record and array a store holds. ``tiny`` writes a few rows per commit: an LMDB
-    file of about 3,600 used bytes, for sweeps of every one of them."""
+    file of about 3,600 used bytes, for sweeps of every one of them. Otherwise the third commit
+    is made with a row lifecycle: the store turns format 2, HEAD's commit record holds a
+    ``lifecycle`` object, its segment a ``usage`` array, and reads at HEAD decay the older
+    rows (FREE, written before the lifecycle) lazily, while the snapshot and the past commit
+    read them as written."""
     g = torch.Generator().manual_seed(0)
     n = 6 if tiny else 200
     with dpsn.create(
@@ -66,6 +70,8 @@ def make_store(path: Path, *, tiny: bool = False) -> None:
         p.write(torch.arange(1, 3 * (n // 2), 3), torch.randn(n // 2, DIM, generator=g))
         p.drop([0, 2, 4, 6])
         p.commit("second")
+    lifecycle = None if tiny else dpsn.Lifecycle(decay=0.25, regions=4)
+    with dpsn.open(path, "r+", cache_rows=0, lifecycle=lifecycle) as p:
         p.write(torch.arange(500, 500 + n // 10 + 1), torch.randn(n // 10 + 1, DIM, generator=g))
         p.commit("third")
 
@@ -139,8 +145,11 @@ def observe_store(path: Path, *, verify: bool = False) -> dict[str, Any]:
             out[name] = {"error": type(e).__name__, "message": str(e)[:300]}
 
     def deltas(index: Any) -> list[int]:
-        found, values, _ = store.read_deltas(index, IDS)
-        return [*np.flatnonzero(found).tolist(), *values.view(np.int32).ravel().tolist()]
+        # The raw stored deltas and, where a segment holds them, the usage statistics.
+        found, values, _, usage = store.read_deltas(index, IDS, usage_width=10)
+        kept = usage[~np.isnan(usage).all(axis=1)]
+        bits = [values.view(np.int32).ravel(), kept.view(np.int32).ravel()]
+        return [*np.flatnonzero(found).tolist(), *np.concatenate(bits).tolist()]
 
     def head() -> dict[str, Any]:
         commit, index = store.load_head()

@@ -518,6 +518,7 @@ def test_info_reads_segment_sizes_fast_and_right(store):
         rec = json.loads(raw)
         want = {k: rec.get(k, 0) for k in ("id", "commit", "rows", "drops", "raw_bytes")}
         want |= {"stored_bytes": rec["stored_bytes"], "state_width": rec.get("state_width", 0)}
+        want |= {"usage_width": rec.get("usage_width", 0)}
         assert _segment_sizes(raw) == want
         shuffled = json.dumps(dict(reversed(list(rec.items())))).encode()
         assert _segment_sizes(shuffled) == want

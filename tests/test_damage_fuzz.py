@@ -158,6 +158,7 @@ def _files(path: Path) -> dict[str, Path]:
         return sorted(d for d in p.iterdir() if d.is_dir())[0]
 
     seg = first_dir(z / "segments")
+    newest = sorted(d for d in (z / "segments").iterdir() if d.is_dir())[-1]  # with usage
     gen = first_dir(z / "generator")
     snap = first_dir(z / "snapshots")
     router = first_dir(z / "routers" / "r")
@@ -170,6 +171,8 @@ def _files(path: Path) -> dict[str, Path]:
             p for p in (seg / "deltas").rglob("*") if p.is_file() and p.name != "zarr.json"
         ),
         "segment ids chunk": seg / "ids" / "c" / "0",
+        "segment usage zarr.json": newest / "usage" / "zarr.json",
+        "segment usage chunk": newest / "usage" / "c" / "0" / "0",
         "segment drops zarr.json": seg / "drops" / "zarr.json",
         "generator zarr.json": gen / "memory" / "zarr.json",
         "generator chunk": gen / "memory" / "c" / "0",

@@ -86,10 +86,10 @@ def test_compaction_carries_per_row_state(tmp_path):
             _commit(pool, k)
     with PersistedStore.open(path, writable=True) as store:
         head, index = store.load_head()
-        found, deltas, state = store.read_deltas(index, index.ids, state_width=3)
+        found, deltas, state = store.read_deltas(index, index.ids, state_width=3)[:3]
         result = store.compact(index, head)
         assert result.rows_moved == len(index)
-        found2, deltas2, state2 = store.read_deltas(result.index, index.ids, state_width=3)
+        found2, deltas2, state2 = store.read_deltas(result.index, index.ids, state_width=3)[:3]
         assert found.all() and found2.all()
         assert np.array_equal(deltas.view(np.uint32), deltas2.view(np.uint32))
         assert np.array_equal(state.view(np.uint32), state2.view(np.uint32))
@@ -333,3 +333,48 @@ def test_gc_leaves_files_while_a_reader_is_choosing(tmp_path):
         assert last["orphan_segments"] == gone
         assert not any((seg_dir / f"{s:016x}").exists() for s in gone)
         assert pool.verify().ok
+
+
+def test_compaction_carries_the_lifecycle_usage_column(tmp_path):
+    path = tmp_path / "s"
+    pool = dpsn.create(
+        path,
+        rows=ROWS,
+        dim=DIM,
+        chunk_rows=16,
+        generator=SMALL,
+        compact_above=None,
+        lifecycle=dpsn.Lifecycle(),
+    )
+    with pool:
+        for k in range(6):
+            _commit(pool, k)
+        before = _all(pool)
+        lifecycle = pool.log()[-1].lifecycle
+    with PersistedStore.open(path, writable=True) as store:
+        head, index = store.load_head()
+        widths = {store.segment_record(s).usage_width for s in index.segments().tolist()}
+        assert widths and 0 not in widths  # every segment holds usage rows
+        usage_before = _gather(store, index, "usage")
+        result = store.compact(index, head)
+        assert result.rows_moved == len(index)
+        assert np.array_equal(_gather(store, result.index, "usage"), usage_before)
+        assert store.commit_record(result.head).lifecycle == lifecycle
+        assert store.verify().ok
+    with dpsn.open(path) as r:
+        assert torch.equal(_all(r), before)
+
+
+def _gather(store, index, column):
+    out = {}
+    for s in index.segments().tolist():
+        rec = store.segment_record(s)
+        mine = np.flatnonzero(index.segment == s)
+        out.update(
+            zip(
+                index.ids[mine].tolist(),
+                store.segments.gather(rec, index.offset[mine], column),
+                strict=True,
+            )
+        )
+    return np.stack([out[i] for i in index.ids.tolist()]).view(np.uint64)

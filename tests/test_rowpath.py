@@ -16,6 +16,32 @@ from dpsn.tiers import SlotTable
 SMALL = {"kind": "hashed_slices", "memory_size": 512}
 
 
+# -- grouping a batch's ids ------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 2**62), max_size=300),
+    repeat=st.integers(1, 3),
+    narrow=st.booleans(),
+)
+def test_native_grouping_matches_a_stable_sort(ids, repeat, narrow):
+    """page_in's native grouping (a radix sort) gives what torch.sort(stable=True) and
+    unique_consecutive give: distinct ids, counts, the inverse and the uses ordered by id."""
+    from dpsn import kernels
+
+    if kernels._lib is None:
+        pytest.skip("dpsn._native was not built (no C compiler at install)")
+    t = torch.tensor(ids * repeat, dtype=torch.int64)
+    if narrow:  # small ids: fewer radix passes, many repeats
+        t = t % 37
+    uniq, counts, inverse, order = kernels.group_ids(t)
+    ordered, want_order = torch.sort(t, stable=True)
+    want_uniq, want_counts = torch.unique_consecutive(ordered, return_counts=True)
+    assert torch.equal(uniq, want_uniq) and torch.equal(counts, want_counts)
+    assert torch.equal(order, want_order) and torch.equal(uniq[inverse], t)
+
+
 # -- the slot table against a dict ----------------------------------------------------------
 
 

@@ -3,7 +3,10 @@
 ``RowStack`` is the whole read/write-back path (device cache <- host staging <- persisted store
 <- procedural generator) and ``RowBatch`` the handle executors compute with. ``PersistedStore``
 is the disk tier (LMDB index + Zarr segments); it knows rows, segments and commits, nothing of
-models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints).
+models. ``StoreFacts`` reads a store's records alone (what ``dpsn info`` prints), and
+``lifecycle_health`` the row lifecycle's figures from a commit record. ``usage`` (a module)
+holds the fields of the per-row usage statistics and how uses, updates and consolidations
+change them; the policy that reads them is ``dpsn.pool``'s.
 
 The names below load on first use: ``import dpsn.tiers`` (or one of its torch-free modules, such
 as ``dpsn.tiers._format`` or ``dpsn.tiers._info``) must not import torch or zarr, so that the
@@ -36,9 +39,14 @@ _LAZY = {
     "RowStack": "._stack",
     "SlotTable": "._slot_table",
     "StoreFacts": "._info",
+    "UsageClock": "._usage",
+    "UsageIndex": "._usage",
+    "UsageRules": "._usage",
     "VerifyReport": "._persisted",
     "check_policy": "._policies",
     "check_router_name": "._names",
+    "lifecycle_health": "._health",
+    "pending_decay": "._health",
     "load_generator": "._procedural",
     "make_policy": "._policies",
     "policies": "._policies",
@@ -47,9 +55,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._format import FORMAT_VERSION, Manifest
+    from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
@@ -59,9 +69,17 @@ if TYPE_CHECKING:
     from ._segments import COMPRESSORS
     from ._slot_table import SlotTable
     from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
+    from ._usage import UsageClock, UsageIndex, UsageRules
+
+
+_MODULES = {"usage": "._usage"}  # public modules, also loaded on first use
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dpsn.tiers' has no attribute {name!r}")
@@ -71,7 +89,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *_LAZY, *_MODULES])
 
 
 __all__ = [
@@ -94,12 +112,18 @@ __all__ = [
     "RowStack",
     "SlotTable",
     "StoreFacts",
+    "UsageClock",
+    "UsageIndex",
+    "UsageRules",
     "VerifyReport",
     "check_policy",
     "check_router_name",
+    "lifecycle_health",
     "load_generator",
     "make_policy",
+    "pending_decay",
     "policies",
     "register_policy",
     "storage_dtype",
+    "usage",
 ]

@@ -17,7 +17,13 @@ from typing import Any
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
 FORMAT_NAME = "dpsn-store"
-FORMAT_VERSION = 1  # never renumber
+FORMAT_VERSION = 2  # the newest format this dpsn reads; never renumber
+# What a store's LMDB ``format_version`` says. A store without lifecycle data stays at 1 (its
+# bytes are format 1's). The first commit that records a lifecycle raises it to 2: from then on
+# FREE rows' deltas decay lazily (``deltas`` times a factor their ``usage`` row and the commit's
+# lifecycle epoch determine), which a format-1 reader would misread as undecayed.
+FORMAT_PLAIN = 1
+FORMAT_LIFECYCLE = 2
 
 MANIFEST = "dpsn.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -57,6 +63,7 @@ SEGMENT_IDS = "ids"  # int64 [n], sorted, unique: the rows written by the commit
 SEGMENT_DELTAS = "deltas"  # [n, dim] in the store dtype (bf16 stored as uint16)
 SEGMENT_DROPS = "drops"  # int64 [m], sorted: rows the commit returned to procedural
 SEGMENT_STATE = "state"  # float32 [n, w], optional: per-row state (e.g. a row optimizer's)
+SEGMENT_USAGE = "usage"  # float64 [n, w], optional: per-row usage statistics (the lifecycle's)
 SNAPSHOTS_GROUP = "snapshots"
 SNAPSHOT_COLUMNS = ("ids", "segment", "offset", "commit")  # int64 [r] each
 ROUTERS_GROUP = "routers"
@@ -92,7 +99,7 @@ class Manifest:
     compressor: str
     created: float
     uuid: str
-    format_version: int = FORMAT_VERSION
+    format_version: int = FORMAT_PLAIN
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -68,6 +68,7 @@ __all__ = ["DTYPE_BYTES", "StoreFacts"]
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ID_BYTES = 8  # a segment's ids column: int64 per row
 _STATE_BYTES = 4  # per-row state: float32
+_USAGE_BYTES = 8  # per-row usage statistics (a row lifecycle's): float64
 _GENERATOR_PREFIX = b"generator/"
 
 
@@ -114,9 +115,20 @@ def tree_bytes(path: Path, shallow: Path | None = None) -> int:
     return total
 
 
-_SIZE_KEYS = ("id", "commit", "rows", "drops", "raw_bytes", "stored_bytes", "state_width")
+_SIZE_KEYS = (
+    "id",
+    "commit",
+    "rows",
+    "drops",
+    "raw_bytes",
+    "stored_bytes",
+    "state_width",
+    "usage_width",
+)
+_OPTIONAL = ("state_width", "usage_width")  # absent from records written before they existed
 _SIZE_FIELD = re.compile(
-    rb'"(id|commit|rows|drops|raw_bytes|stored_bytes|state_width)"\s*:\s*(\d{1,20})\s*[,}]'
+    rb'"(id|commit|rows|drops|raw_bytes|stored_bytes|state_width|usage_width)"'
+    rb"\s*:\s*(\d{1,20})\s*[,}]"
 )
 
 
@@ -129,20 +141,22 @@ def _segment_sizes(raw: bytes) -> dict[str, int]:
     twice, another layout) falls back to parsing the whole record as JSON, with validation."""
     found = _SIZE_FIELD.findall(raw)
     keys = [k.decode() for k, _ in found]
-    # Every field found once, and state_width (optional) found wherever the record names it.
+    # Every field found once, and the optional ones found wherever the record names them.
     if (
         len(keys) == len(set(keys))
-        and set(_SIZE_KEYS) - {"state_width"} <= set(keys)
-        and ("state_width" in keys) == (b'"state_width"' in raw)
+        and set(_SIZE_KEYS) - set(_OPTIONAL) <= set(keys)
+        and all((k in keys) == (f'"{k}"'.encode() in raw) for k in _OPTIONAL)
     ):
         sizes = {k: int(v) for k, v in zip(keys, (v for _, v in found), strict=True)}
-        sizes.setdefault("state_width", 0)
+        for k in _OPTIONAL:
+            sizes.setdefault(k, 0)
         return sizes
     rec = _json(raw, "a segment")
     sid = _int(rec, "id", "a segment")
     what = f"segment {sid:016x}"
-    sizes = {k: _int(rec, k, what) for k in _SIZE_KEYS if k != "state_width"}
-    sizes["state_width"] = _int(rec, "state_width", what) if "state_width" in rec else 0
+    sizes = {k: _int(rec, k, what) for k in _SIZE_KEYS if k not in _OPTIONAL}
+    for k in _OPTIONAL:
+        sizes[k] = _int(rec, k, what) if k in rec else 0
     return sizes
 
 
@@ -167,7 +181,7 @@ class StoreFacts:
             )
         self._env: Env | None = acquire_env(self.root / LMDB_DIR)
         try:
-            version = self._read(
+            self.format_version = version = self._read(
                 lambda txn, dbs: _u64(txn.get(META_FORMAT, db=dbs[DB_META]), "format version")
             )
             if version > FORMAT_VERSION:
@@ -344,15 +358,19 @@ class StoreFacts:
         segments = self.segments()
         raw = sum(s["raw_bytes"] for s in segments.values())
         stored = sum(s["stored_bytes"] for s in segments.values())
-        widths = {s["state_width"] for s in segments.values() if s["rows"]}
-        # Per persisted row: its id, delta and state. Exact when every segment holding rows has
-        # the same state width (always, unless row state was switched on or off mid-life); else
-        # the newest segment's width is taken and the figure is marked approximate.
-        width = 0
+        widths = {(s["state_width"], s["usage_width"]) for s in segments.values() if s["rows"]}
+        # Per persisted row: its id, delta, state and usage statistics. Exact when every segment
+        # holding rows has the same state and usage widths (always, unless row state or a
+        # lifecycle was switched on mid-life); else the newest segment's widths are taken and
+        # the figure is marked approximate.
+        width = usage = 0
         if widths:
             newest = max((sid for sid, s in segments.items() if s["rows"]), default=None)
-            width = segments[newest]["state_width"] if newest is not None else 0
-        per_row = _ID_BYTES + m.dim * DTYPE_BYTES[m.dtype] + _STATE_BYTES * width
+            if newest is not None:
+                width, usage = segments[newest]["state_width"], segments[newest]["usage_width"]
+        per_row = (
+            _ID_BYTES + m.dim * DTYPE_BYTES[m.dtype] + _STATE_BYTES * width + _USAGE_BYTES * usage
+        )
         live = record["persisted_rows"] * per_row
         live_head = head_record["persisted_rows"] * per_row
         leftover_dirs = self._leftover_segment_dirs(segments)
@@ -362,7 +380,7 @@ class StoreFacts:
         written = counters["commit_bytes"]
         return {
             "path": str(self.root),
-            "format_version": m.format_version,
+            "format_version": max(m.format_version, self.format_version),
             "rows": m.rows,
             "dim": m.dim,
             "dtype": m.dtype,

@@ -482,6 +482,11 @@ class _Walker:
         own, _pad, pflags, pages = struct.unpack_from("<QHHI", head)
         if own != first or pflags & _TYPE_MASK != P_OVERFLOW or pages < 1:
             raise self.fail(f"overflow page {first} of database {name!r} has a bad header")
+        if first + pages - 1 > self.last:  # before anything is sized by ``pages`` (a u32)
+            raise self.fail(
+                f"overflow page {first} of database {name!r} says it runs for {pages} pages, "
+                "past the end of the file"
+            )
         if dsize > pages * self.psize - PAGE_HEADER:
             raise self.fail(f"overflow page {first} of database {name!r} is too short")
         self.claim(

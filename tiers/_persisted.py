@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ import xxhash
 import zarr
 from zarr.storage import LocalStore
 
+from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
@@ -69,6 +70,8 @@ from ._format import (
     DB_ROWS,
     DB_SEGMENTS,
     DB_SNAPSHOTS,
+    FORMAT_LIFECYCLE,
+    FORMAT_PLAIN,
     FORMAT_VERSION,
     GENERATOR_GROUP,
     LMDB_DIR,
@@ -86,6 +89,7 @@ from ._format import (
     SEGMENT_DROPS,
     SEGMENT_IDS,
     SEGMENT_STATE,
+    SEGMENT_USAGE,
     SNAPSHOT_COLUMNS,
     SNAPSHOTS_GROUP,
     ZARR_DIR,
@@ -101,11 +105,13 @@ from ._generator_shapes import generator_shapes
 from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
+from ._names import check_router_name
 from ._records import (
     Commit,
     VerifyReport,
     Writer,
     generator_record,
+    lifecycle_record,
     parse_record,
     read_u64,
     snapshot_record,
@@ -113,11 +119,11 @@ from ._records import (
 )
 from ._rowindex import RowIndex
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
+from ._usage_fields import usage_problem
 from ._zarrsafe import read_array, read_array_meta
 
 __all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
 
-_ROUTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
@@ -294,6 +300,7 @@ class PersistedStore:
         generator_state: dict[str, np.ndarray],
         *,
         map_size: int = DEFAULT_MAP_SIZE,
+        lifecycle: dict[str, Any] | None = None,
     ) -> PersistedStore:
         """Make a new store at ``root`` (a new or empty directory) holding commit 1.
 
@@ -304,6 +311,8 @@ class PersistedStore:
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
             raise ValueError(f"compressor must be one of {COMPRESSOR_NAMES}")
+        if lifecycle is not None:
+            lifecycle_record(lifecycle)  # what a reader will check, checked before writing
         made = _claim_new_dir(root)
         env = None
         try:
@@ -324,11 +333,13 @@ class PersistedStore:
                 generator=1,
                 provenance=_digest(spec_digest, gen_record),
                 index_digest=0,
+                lifecycle=lifecycle,
             )
+            version = FORMAT_PLAIN if lifecycle is None else FORMAT_LIFECYCLE
 
             def init(txn: lmdb.Transaction) -> None:
                 w = Writer(txn, env.dbs)
-                w.put(DB_META, META_FORMAT, u64_key(FORMAT_VERSION))
+                w.put(DB_META, META_FORMAT, u64_key(version))
                 w.put(DB_META, META_HEAD, u64_key(1))
                 w.put(DB_META, META_NEXT_SEGMENT, u64_key(1))
                 w.put_record(DB_META, _META_GENERATOR_PREFIX + u64_key(1), gen_record)
@@ -706,8 +717,7 @@ class PersistedStore:
     # -- routers -------------------------------------------------------------------------------
 
     def router_dir(self, name: str, version: int) -> Path:
-        if not _ROUTER_NAME.fullmatch(name) or name in (".", ".."):
-            raise ValueError(f"router name {name!r} is invalid: use 1-64 of [A-Za-z0-9_.-]")
+        check_router_name(name)
         return self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{_commit_key(version):016x}"
 
     def router_group(self, name: str, version: int, *, write: bool) -> zarr.Group:
@@ -875,13 +885,18 @@ class PersistedStore:
         generator_state: dict[str, np.ndarray] | None = None,
         routers: dict[str, str] | None = None,
         state: np.ndarray | None = None,
+        usage: np.ndarray | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> tuple[Commit, RowIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
 
         ``generator_state`` (new generator weights) is written as a new generator version;
         ``routers`` maps names to digests of routers the caller has already written with
-        :meth:`router_group` for this commit. Both join the provenance hash.
+        :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
+        ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
+        the commit record, and the first commit that has one raises the store's format
+        version to ``FORMAT_LIFECYCLE``.
 
         The row index's digest is updated in O(rows written): the hashes of the entries this
         commit replaces or deletes (taken from ``index``) are subtracted and those of the new
@@ -913,6 +928,7 @@ class PersistedStore:
                     # A small commit gets one tight chunk instead of a mostly-padding one.
                     chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
                     state=state,
+                    usage=usage,
                 )
             if generator_state is not None:
                 gen_version = commit_id
@@ -949,6 +965,7 @@ class PersistedStore:
             ),
             stats=stats,
             routers=router_records or None,
+            lifecycle=lifecycle,
         )
         # The digest change of the row index, from the entries replaced, dropped and written.
         pos_w, replaced = index.find(ids)
@@ -1000,6 +1017,10 @@ class PersistedStore:
             final = replace(record, index_digest=rows.total)
             w.put_record(DB_COMMITS, u64_key(commit_id), final.to_json())
             w.put(DB_META, META_HEAD, u64_key(commit_id))
+            if lifecycle is not None:
+                version = read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
+                if version < FORMAT_LIFECYCLE:
+                    w.put(DB_META, META_FORMAT, u64_key(FORMAT_LIFECYCLE))
             w.finish()
             return final
 
@@ -1032,17 +1053,62 @@ class PersistedStore:
     # -- reading deltas ------------------------------------------------------------------------
 
     def read_deltas(
-        self, index: RowIndex, ids: np.ndarray, *, state_width: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, index: RowIndex, ids: np.ndarray, *, state_width: int = 0, usage_width: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Committed deltas of ``ids`` (any order, repeats allowed) under ``index``: a mask of
-        which ids have one, their rows (storage dtype) in the order of ``ids[mask]``, and their
-        per-row state ``[n, state_width]`` (zeros where a segment holds none of that width)."""
-        pos, found = index.find(ids)
-        pos = pos[found]
+        which ids have one, their rows (storage dtype) in the order of ``ids[mask]``, their
+        per-row state ``[n, state_width]`` (zeros where a segment holds none of that width) and
+        their usage statistics ``[n, usage_width]`` float64 (NaN rows where a segment holds none
+        of that width: written before the store had a lifecycle)."""
+        found, pos = self._found(index, ids)
         out = np.empty((len(pos), self.manifest.dim), dtype=self.storage_dtype)
         state = np.zeros((len(pos), state_width), dtype="<f4")
+        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
+        for rec, at, offsets in self._by_segment(index, pos):
+            out[at] = self.segments.gather(rec, offsets)
+            if state_width and rec.state_width == state_width:
+                state[at] = self.segments.gather(rec, offsets, SEGMENT_STATE)
+            if usage_width and rec.usage_width == usage_width:
+                usage[at] = self._gather_usage(rec, offsets)
+        return found, out, state, usage
+
+    def read_usage(
+        self, index: RowIndex, ids: np.ndarray, usage_width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`read_deltas`, but only the usage statistics (NaN rows where a segment
+        has none): what a consolidation needs of rows that are neither cached nor staged."""
+        found, pos = self._found(index, ids)
+        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
+        for rec, at, offsets in self._by_segment(index, pos):
+            if usage_width and rec.usage_width == usage_width:
+                usage[at] = self._gather_usage(rec, offsets)
+        return found, usage
+
+    def _gather_usage(self, rec: SegmentRecord, offsets: np.ndarray) -> np.ndarray:
+        """Usage rows of a segment, their values checked too: the checksums say the chunks are
+        the ones written, not that what was written (by whoever) is usable statistics."""
+        usage = self.segments.gather(rec, offsets, SEGMENT_USAGE)
+        problem = usage_problem(usage)
+        if problem is not None:
+            raise CorruptSegmentError(
+                f"{self.root}: segment {rec.name}: its usage statistics {problem}; the store is "
+                "damaged or was not written by dpsn: run `dpsn verify`",
+                segment=rec.name,
+            )
+        return usage
+
+    @staticmethod
+    def _found(index: RowIndex, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos, found = index.find(ids)
+        return found, pos[found]
+
+    def _by_segment(
+        self, index: RowIndex, pos: np.ndarray
+    ) -> Iterator[tuple[SegmentRecord, np.ndarray, np.ndarray]]:
+        """For index positions ``pos``: per segment, its record, where its rows go in the
+        output and their offsets in the segment (ascending)."""
         if len(pos) == 0:
-            return found, out, state
+            return
         seg = index.segment[pos]
         off = index.offset[pos]
         order = np.lexsort((off, seg))  # group by segment, offsets ascending within each
@@ -1058,10 +1124,7 @@ class PersistedStore:
                     f"not hold the rows the index points at (width {self.manifest.dim}); the "
                     "store is damaged: run `dpsn verify`"
                 )
-            out[order[a:b]] = self.segments.gather(rec, off_sorted[a:b])
-            if state_width and rec.state_width == state_width:
-                state[order[a:b]] = self.segments.gather(rec, off_sorted[a:b], SEGMENT_STATE)
-        return found, out, state
+            yield rec, order[a:b], off_sorted[a:b]
 
     # -- maintenance ---------------------------------------------------------------------------
 
@@ -1142,11 +1205,13 @@ class PersistedStore:
 
 
 def storage_dtype(name: str) -> np.dtype:
-    """The numpy dtype a pool dtype is stored as (zarr has no bfloat16: it goes as uint16)."""
-    table = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
-    if name not in table:
-        raise CorruptStoreError(f"dtype {name!r} is not one dpsn stores; known: {', '.join(table)}")
-    return np.dtype(table[name])
+    """The numpy dtype a pool dtype is stored as (``dpsn/_dtypes.py``'s table); a manifest
+    naming any other is damage."""
+    if name not in POOL_DTYPES:
+        raise CorruptStoreError(
+            f"dtype {name!r} is not one dpsn stores; known: {', '.join(POOL_DTYPES)}"
+        )
+    return STORAGE[name]
 
 
 def _keys(ids: np.ndarray) -> list[bytes]:

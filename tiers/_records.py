@@ -42,6 +42,7 @@ __all__ = [
     "VerifyReport",
     "Writer",
     "compute_digests",
+    "lifecycle_record",
     "parse_record",
     "read_u64",
     "snapshot_record",
@@ -95,11 +96,16 @@ class Commit:
     # Sum mod 2**64 of the entry hashes of the row index at this commit (_digest.py); None in
     # commits written by a dpsn that did not keep it.
     index_digest: int | None = None
+    # The row lifecycle as of this commit: its policy, clocks, thresholds and health figures
+    # (checked by :func:`lifecycle_record`; dpsn.pool checks the policy's settings in full).
+    # None: the store has no lifecycle (and the key is left out, as in format 1).
+    lifecycle: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if out["index_digest"] is None:
-            del out["index_digest"]
+        for key in ("index_digest", "lifecycle"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -123,6 +129,11 @@ class Commit:
             and (raw.get("stats") is None or isinstance(raw["stats"], dict))
             and (raw.get("index_digest") is None or _is_int(raw["index_digest"]))
         )
+        if ok and raw.get("lifecycle") is not None:
+            try:
+                lifecycle_record(raw["lifecycle"])
+            except CorruptStoreError as e:
+                raise CorruptStoreError(f"commit record {raw['id']}: {e}") from e
         routers = raw.get("routers")
         if routers is not None:
             ok = ok and isinstance(routers, dict)
@@ -141,7 +152,67 @@ class Commit:
         return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})
 
 
-_OPTIONAL = {"stats", "routers", "index_digest"}
+_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle"}
+LIFECYCLE_FORMAT = 1  # of a commit's "lifecycle" object; never renumber
+_LIFECYCLE_TOTALS = ("consolidations", "decayed", "pruned", "entered", "exited")
+_MAX_CLOCK = 1 << 53  # clocks are exact integers in the float64 usage column
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_setting(v: Any) -> bool:
+    """A lifecycle policy setting as JSON: a bool, a number, null or a pair of numbers."""
+    if v is None or isinstance(v, bool) or _is_number(v):
+        return True
+    return isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v)
+
+
+def lifecycle_record(raw: Any) -> dict[str, Any]:
+    """Check the ``lifecycle`` object of a commit record (docs/format.md, "Row lifecycle"):
+    its format, the clocks the ``usage`` columns refer to, the thresholds, the totals, and the
+    shape of the policy and health figures. The policy's settings are checked one by one by
+    ``dpsn.Lifecycle.from_json`` when a pool adopts them (that needs the policy's rules, which
+    live with torch); here only that each is a plain JSON value, and that ``decay``, which a
+    reader without torch needs for the value of a row, is in range."""
+    ok = isinstance(raw, dict) and raw.get("format") == LIFECYCLE_FORMAT
+    if not ok:
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+        raise CorruptStoreError(
+            f"its lifecycle record is not an object of format {LIFECYCLE_FORMAT} "
+            f"(format {fmt!r}): written by a newer dpsn, or damaged"
+        )
+    policy, totals, health = raw.get("policy"), raw.get("totals", {}), raw.get("health", {})
+    problems = []
+    if not (
+        isinstance(policy, dict)
+        and len(policy) <= 256
+        and all(isinstance(k, str) and _is_setting(v) for k, v in policy.items())
+        and _is_number(policy.get("decay"))
+        and 0 <= policy["decay"] < 1
+    ):
+        problems.append("policy")
+    for name in ("step", "epoch"):
+        if not _is_int(raw.get(name), 0, _MAX_CLOCK):
+            problems.append(name)
+    for name in ("enter", "exit"):
+        v = raw.get(name)
+        if not (_is_number(v) and 0 <= v <= 1):
+            problems.append(f"threshold {name}")
+    if not (
+        isinstance(totals, dict)
+        and all(_is_int(totals.get(k, 0), 0, 1 << 63) for k in _LIFECYCLE_TOTALS)
+    ):
+        problems.append("totals")
+    if not isinstance(health, dict):
+        problems.append("health")
+    if problems:
+        raise CorruptStoreError(
+            f"its lifecycle record has an invalid {', '.join(problems)}: the store is damaged "
+            "or was not written by dpsn"
+        )
+    return raw
 
 
 def snapshot_record(raw: Any, name: str) -> dict[str, Any]:

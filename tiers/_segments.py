@@ -1,10 +1,11 @@
 """Delta segments: immutable, compressed, checksummed column groups in Zarr.
 
 A commit writes one segment: the sorted ids it wrote, their deltas (and any further per-row
-columns, such as optimizer state), and the ids it dropped. A segment is written once under a
-fresh name, fsynced, and only then made visible by the LMDB commit, so a crash leaves at worst an
-unreferenced directory that ``gc`` removes. Zarr writes several chunks non-atomically and never
-fsyncs (STORAGE-NOTES.md), which is why segments are never rewritten in place.
+columns: a row optimizer's state, the lifecycle's usage statistics), and the ids it dropped. A
+segment is written once under a fresh name, fsynced, and only then made visible by the LMDB
+commit, so a crash leaves at worst an unreferenced directory that ``gc`` removes. Zarr writes
+several chunks non-atomically and never fsyncs (STORAGE-NOTES.md), which is why segments are
+never rewritten in place.
 
 Every chunk carries an XXH64 of its decoded bytes in the segment's LMDB record. Decoding a
 damaged chunk may fail loudly or silently produce garbage, and a missing chunk file reads as the
@@ -33,11 +34,13 @@ from ._format import (
     SEGMENT_DROPS,
     SEGMENT_IDS,
     SEGMENT_STATE,
+    SEGMENT_USAGE,
     SEGMENTS_GROUP,
     fsync_dir,
     fsync_tree,
     segment_name,
 )
+from ._usage_fields import WIDTH as USAGE_WIDTH
 from ._zarrsafe import ArrayMeta, read_array_meta, read_chunks
 
 COMPRESSORS = COMPRESSOR_NAMES
@@ -78,13 +81,14 @@ class SegmentRecord:
     raw_bytes: int
     stored_bytes: int
     state_width: int = 0
+    usage_width: int = 0
 
     @property
     def name(self) -> str:
         return segment_name(self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "commit": self.commit,
             "rows": self.rows,
@@ -96,6 +100,9 @@ class SegmentRecord:
             "stored_bytes": self.stored_bytes,
             "state_width": self.state_width,
         }
+        if self.usage_width:  # a store without a lifecycle keeps format 1's records exactly
+            out["usage_width"] = self.usage_width
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> SegmentRecord:
@@ -114,6 +121,11 @@ class SegmentRecord:
         drops = number("drops", 0, 1 << 62)
         chunk_rows = number("chunk_rows", 1, 1 << 40)
         state_width = number("state_width", 0, _MAX_DIM + 1, 0)
+        # Usage statistics have a fixed set of fields (_usage_fields.WIDTH); a record naming
+        # another width was not written by a dpsn that reads it.
+        usage_width = number("usage_width", 0, USAGE_WIDTH + 1, 0)
+        if usage_width not in (0, USAGE_WIDTH):
+            raise CorruptStoreError(f"a segment record has usage_width={usage_width!r}")
         sums = raw.get("checksums")
         want = {
             SEGMENT_IDS: -(-rows // chunk_rows),
@@ -122,6 +134,8 @@ class SegmentRecord:
         }
         if state_width:
             want[SEGMENT_STATE] = -(-rows // chunk_rows)
+        if usage_width:
+            want[SEGMENT_USAGE] = -(-rows // chunk_rows)
         if (
             not isinstance(sums, dict)
             or set(sums) != set(want)
@@ -146,6 +160,7 @@ class SegmentRecord:
             raw_bytes=number("raw_bytes", 0, _U64),
             stored_bytes=number("stored_bytes", 0, _U64),
             state_width=state_width,
+            usage_width=usage_width,
         )
 
 
@@ -176,6 +191,7 @@ class SegmentStore:
         *,
         chunk_rows: int,
         state: np.ndarray | None = None,
+        usage: np.ndarray | None = None,
     ) -> SegmentRecord:
         """Write a segment durably. The caller holds the writer lock and has not yet published
         ``segment_id`` in LMDB, so any directory of that name is a crashed commit's leftover."""
@@ -195,6 +211,11 @@ class SegmentStore:
                 arrays[SEGMENT_STATE] = (
                     state.astype("<f4", copy=False),
                     (chunk_rows, state.shape[1]),
+                )
+            if usage is not None and usage.shape[1] > 0:
+                arrays[SEGMENT_USAGE] = (
+                    usage.astype("<f8", copy=False),
+                    (chunk_rows, usage.shape[1]),
                 )
             checksums: dict[str, list[int]] = {}
             for key, (data, chunks) in arrays.items():
@@ -230,6 +251,7 @@ class SegmentStore:
             raw_bytes=raw,
             stored_bytes=dir_bytes(path),
             state_width=0 if state is None else int(state.shape[1]),
+            usage_width=0 if usage is None else int(usage.shape[1]),
         )
 
     def remove(self, segment_id: int) -> int:
@@ -260,11 +282,17 @@ class SegmentStore:
         meta = cached.get(key)
         if meta is None:
             n = rec.drops if key == SEGMENT_DROPS else rec.rows
-            tail = {SEGMENT_DELTAS: (rec.dim,), SEGMENT_STATE: (rec.state_width,)}.get(key, ())
+            tail = {
+                SEGMENT_DELTAS: (rec.dim,),
+                SEGMENT_STATE: (rec.state_width,),
+                SEGMENT_USAGE: (rec.usage_width,),
+            }.get(key, ())
             step = DROPS_CHUNK if key == SEGMENT_DROPS else rec.chunk_rows
-            dtype = {SEGMENT_DELTAS: self.storage_dtype, SEGMENT_STATE: np.dtype("<f4")}.get(
-                key, np.dtype("<i8")
-            )
+            dtype = {
+                SEGMENT_DELTAS: self.storage_dtype,
+                SEGMENT_STATE: np.dtype("<f4"),
+                SEGMENT_USAGE: np.dtype("<f8"),
+            }.get(key, np.dtype("<i8"))
             codec = _CODEC_OF.get(self.compressor)
             try:
                 meta = read_array_meta(
@@ -335,12 +363,14 @@ class SegmentStore:
     def gather(
         self, rec: SegmentRecord, offsets: np.ndarray, key: str = SEGMENT_DELTAS
     ) -> np.ndarray:
-        """Rows at sorted ``offsets`` of a segment's deltas (or state): whole chunks are read in
-        contiguous runs (one zarr call per run, never per row) and sliced in numpy."""
+        """Rows at sorted ``offsets`` of a segment's deltas (or state, or usage): whole chunks are
+        read in contiguous runs (one zarr call per run, never per row) and sliced in numpy."""
         cr = rec.chunk_rows
         chunks = np.unique(offsets // cr)
         if key == SEGMENT_STATE:
             out = np.empty((len(offsets), rec.state_width), dtype="<f4")
+        elif key == SEGMENT_USAGE:
+            out = np.empty((len(offsets), rec.usage_width), dtype="<f8")
         else:
             out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
         for lo, hi in _runs(chunks):

@@ -35,11 +35,13 @@ from dpsn import kernels
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidDeltaError
 
+from . import _usage
 from ._cache import DeviceCache
 from ._columns import RowLayout
 from ._persisted import Commit, PersistedStore
 from ._procedural import ProceduralTier
 from ._rowindex import RowIndex
+from ._stack_usage import UsageStatistics
 from ._staging import Staging
 
 SECOND_BACKWARD = (
@@ -121,6 +123,7 @@ class RowBatch:
         self.slots: torch.Tensor | None = index if key is not None else None
         self.spilled = key is None
         self.applied = False
+        self.touched = False  # its uses were counted in the rows' statistics at page-in
         self.anchor = torch.zeros((), requires_grad=True)
         self._stack = stack
         self._use_index: torch.Tensor | None = None
@@ -192,7 +195,7 @@ def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
         stack.cache.unpin(key)
 
 
-class RowStack:
+class RowStack(UsageStatistics):
     """Device cache <- host staging <- persisted store <- procedural generator, behind one lock.
 
     ``Pool`` is a thin facade over this. All ids handed in are validated int64 tensors (1-D,
@@ -234,6 +237,7 @@ class RowStack:
         # resident batches whose step is in flight: their rows must keep their values
         self._pending: weakref.WeakSet[RowBatch] = weakref.WeakSet()
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
 
     @property
     def dim(self) -> int:
@@ -241,37 +245,49 @@ class RowStack:
 
     # -- the lower tiers -----------------------------------------------------------------------
 
-    def _host_rows(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """Deltas and state of ``ids`` (any order, repeats allowed) from staging or disk: the
-        positions in ``ids`` that have one, their deltas (pool dtype) and states (CPU). Rows
-        without a delta cost nothing, so a read of procedural rows allocates no zeros."""
+    def _host_rows(
+        self, ids: np.ndarray
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deltas, state and usage statistics of ``ids`` (any order, repeats allowed) from
+        staging or disk: the positions in ``ids`` that have one, their deltas (pool dtype),
+        states and usage (CPU; usage ``[n, 0]`` without a lifecycle). With a lifecycle, FREE
+        deltas come decayed to the current epoch (``_usage.materialize``). Rows without a delta
+        cost nothing, so a read of procedural rows allocates no zeros."""
         layout = self.layout
         staged, staged_cols, dropped = self.staging.lookup(ids)
         disk_pos = np.flatnonzero(~(staged | dropped))
-        found, values, state = self.store.read_deltas(
-            self.index, ids[disk_pos], state_width=layout.state_width
+        found, values, state, usage = self.store.read_deltas(
+            self.index,
+            ids[disk_pos],
+            state_width=layout.state_width,
+            usage_width=layout.usage_width,
         )
         disk_pos = disk_pos[found]
         self.counters["rows_from_disk"] += len(disk_pos)
-        self.counters["bytes_from_disk"] += values.nbytes + state.nbytes
+        self.counters["bytes_from_disk"] += values.nbytes + state.nbytes + usage.nbytes
         delta, row_state = from_storage(values, self.dtype_name), torch.from_numpy(state)
-        if not staged.any():
-            return disk_pos, delta, row_state
-        return (
-            np.concatenate([disk_pos, np.flatnonzero(staged)]),
-            torch.cat([delta, staged_cols[layout.delta.name]]),
-            torch.cat([row_state, staged_cols[layout.state.name]]),
-        )
+        row_usage = torch.from_numpy(usage)
+        if staged.any():
+            disk_pos = np.concatenate([disk_pos, np.flatnonzero(staged)])
+            delta = torch.cat([delta, staged_cols[layout.delta.name]])
+            row_state = torch.cat([row_state, staged_cols[layout.state.name]])
+            row_usage = torch.cat([row_usage, staged_cols[layout.usage.name]])
+        if self.usage_rules is not None and len(disk_pos):
+            delta, row_usage = self._current_epoch(delta, row_usage)
+        return disk_pos, delta, row_state, row_usage
 
-    def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deltas (float32) and states of ``ids`` from the host tiers, zeros where none."""
-        pos, delta, state = self._host_rows(ids)
+    def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deltas (float32), states and usage of ``ids`` from the host tiers: zeros where no
+        delta (usage: NaN, "no statistics")."""
+        pos, delta, state, usage = self._host_rows(ids)
         out = torch.zeros((len(ids), self.dim), dtype=torch.float32)
         out_state = self.layout.state.zeros(len(ids))
+        out_usage = self.layout.usage.empty(len(ids)).fill_(float("nan"))
         at = torch.from_numpy(pos)
         out[at] = delta.float()
         out_state[at] = state
-        return out, out_state
+        out_usage[at] = usage
+        return out, out_state, out_usage
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and t.device.type == "cpu":
@@ -289,7 +305,7 @@ class RowStack:
             rows = torch.empty((len(ids), self.dim), dtype=torch.float32, device=self.device)
             for a in range(0, len(ids), _SPILL_CHUNK):
                 rows[a : a + _SPILL_CHUNK] = self.procedural(dev[a : a + _SPILL_CHUNK])
-        pos, delta, _ = self._host_rows(ids.cpu().numpy())
+        pos, delta, _, _ = self._host_rows(ids.cpu().numpy())
         if len(pos):
             at = self._to_device(torch.from_numpy(pos))
             rows.index_add_(0, at, self._to_device(delta).to(rows.dtype))
@@ -305,7 +321,7 @@ class RowStack:
         generator then writes the rows straight into the row column, with no intermediate."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
-        pos, delta, state = self._host_rows(ids.numpy())
+        pos, delta, state, usage = self._host_rows(ids.numpy())
         dev_ids = ids.to(self.device)
         rows = cache.column(layout.row)
         start = int(slots[0]) if len(slots) else 0
@@ -329,6 +345,8 @@ class RowStack:
             delta = self._to_device(delta)
             cache.column(layout.delta).index_copy_(0, tslots, delta)
             cache.column(layout.state).index_copy_(0, tslots, self._to_device(state))
+            if layout.usage_width:
+                cache.column(layout.usage).index_copy_(0, tslots, self._to_device(usage))
             tbase = base[at]  # a copy: base may be the row column itself
             cache.column(layout.base).index_copy_(0, tslots, tbase)
             if in_place:
@@ -358,9 +376,10 @@ class RowStack:
         ids = cache.slot_ids[slots]
         ids, order = torch.sort(ids)
         slots = slots[order]
-        values = {
-            c.name: cache.column(c)[slots].cpu() for c in (self.layout.delta, self.layout.state)
-        }
+        layout = self.layout
+        values = {c.name: cache.column(c)[slots].cpu() for c in layout.persisted_columns()}
+        if layout.usage_width:
+            _usage.set_norm(values[layout.usage.name], values[layout.delta.name])
         self.staging.put(ids.cpu().numpy(), values)
         cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
 
@@ -465,10 +484,11 @@ class RowStack:
 
     def _current(
         self, ids: torch.Tensor, slots: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Where sorted unique ``ids`` (device) live and their current deltas (float32) and
-        states: ``(slots, hit, delta, state)`` on the device. ``slots``: known cache slots of
-        every id (a pinned batch), skipping the lookup."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where sorted unique ``ids`` (device) live and their current deltas (float32),
+        states and usage statistics: ``(slots, hit, delta, state, usage)`` on the device
+        (usage NaN where a row has no delta; ``[n, 0]`` without a lifecycle). ``slots``: known
+        cache slots of every id (a pinned batch), skipping the lookup."""
         n, cache = len(ids), self.cache
         if cache is None:
             slots = torch.zeros_like(ids)
@@ -481,18 +501,21 @@ class RowStack:
             delta = self._cached_delta(slots)
             state = torch.index_select(cache.column(self.layout.state), 0, slots)  # type: ignore[union-attr]
             state = state * self.trained[slots, None]  # type: ignore[index]
-            return slots, hit, delta, state
+            return slots, hit, delta, state, self._cached_usage(slots)
         delta = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
         state = self.layout.state.zeros(n, self.device)
+        usage = self.layout.usage.empty(n, self.device)
         miss = ~hit
-        host_delta, host_state = self._host_dense(ids[miss].cpu().numpy())
+        host_delta, host_state, host_usage = self._host_dense(ids[miss].cpu().numpy())
         delta[miss] = host_delta.to(self.device)
         state[miss] = host_state.to(self.device)
+        usage[miss] = host_usage.to(self.device)
         if bool(hit.any()):
             s = slots[hit]
             delta[hit] = self._cached_delta(s)
             state[hit] = cache.column(self.layout.state)[s] * self.trained[s, None]  # type: ignore[union-attr, index]
-        return slots, hit, delta, state
+            usage[hit] = self._cached_usage(s)
+        return slots, hit, delta, state, usage
 
     def _store(
         self,
@@ -502,10 +525,12 @@ class RowStack:
         delta: torch.Tensor,
         state: torch.Tensor | None,
         batch: RowBatch | None = None,
+        usage: torch.Tensor | None = None,
     ) -> None:
-        """Write new deltas (pool dtype) and states (None: keep) of sorted unique ``ids``:
-        into the cache where resident (rows re-materialized, slots dirty), else into staging.
-        ``batch``: the step whose update this is (it needs its rows no longer)."""
+        """Write new deltas (pool dtype), states (None: keep) and usage statistics (None: the
+        pool has none) of sorted unique ``ids``: into the cache where resident (rows
+        re-materialized, slots dirty), else into staging. ``batch``: the step whose update this
+        is (it needs its rows no longer)."""
         cache, layout = self.cache, self.layout
         if cache is not None and bool(hit.any()):
             self._rows_change(exclude=batch)
@@ -526,6 +551,8 @@ class RowStack:
             cache.column(layout.delta)[s] = d
             if state is not None:
                 cache.column(layout.state)[s] = state if all_hit else state[hit]
+            if usage is not None:
+                cache.column(layout.usage)[s] = usage if all_hit else usage[hit]
             row = torch.index_select(cache.column(layout.base), 0, s).add_(d.float())
             cache.column(layout.row)[s] = row.to(self.dtype)
             cache.mark_dirty(s)
@@ -536,6 +563,9 @@ class RowStack:
                 values[layout.state.name] = state[miss].cpu()
             else:
                 values[layout.state.name] = self._host_dense(ids[miss].cpu().numpy())[1]
+            if usage is not None:
+                values[layout.usage.name] = usage[miss].cpu()
+                _usage.set_norm(values[layout.usage.name], values[layout.delta.name])
             self.staging.put(ids[miss].cpu().numpy(), values)
 
     @torch.no_grad()
@@ -547,7 +577,7 @@ class RowStack:
         with self.lock:
             dev = uniq.to(self.device)
             inv = inverse.to(self.device)
-            slots, hit, current, _ = self._current(dev)
+            slots, hit, current, _, usage = self._current(dev)
             if add:
                 summed = torch.zeros((len(uniq), self.dim), dtype=torch.float32, device=self.device)
                 summed.index_add_(0, inv, values.to(self.device, torch.float32))
@@ -559,7 +589,15 @@ class RowStack:
                 positions = torch.arange(len(inv), device=self.device)
                 last.scatter_reduce_(0, inv, positions, reduce="amax")
                 new = values.to(self.device)[last]
-            self._store(dev, slots, hit, new, None)
+            if self.usage_rules is None:
+                self._store(dev, slots, hit, new, None)
+                return
+            ones = torch.ones(len(uniq), dtype=torch.int64, device=self.device)
+            self._usage_touch(usage, ones)
+            usage = self._usage_after(usage, ones, None)
+            # an explicit write is deliberate: it counts as warmed up (see UsageRules.warmup)
+            usage[:, _usage.USES].clamp_(min=float(self.usage_rules.warmup))
+            self._store(dev, slots, hit, new, None, usage=usage)
 
     def drop(self, ids: torch.Tensor) -> None:
         """Return sorted unique ``ids`` to procedural at the next commit."""
@@ -586,15 +624,21 @@ class RowStack:
         :class:`RowBatch`. One sort finds the distinct rows, their use counts and the grouping
         the backward pass needs; one cache lookup pages them in."""
         flat = ids.reshape(-1).to(self.device)
-        ordered, order = torch.sort(flat, stable=True)
-        uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
-        inverse = torch.empty_like(flat)
-        inverse[order] = torch.repeat_interleave(
-            torch.arange(len(uniq), device=flat.device), counts
-        )
+        if kernels.usable(flat):  # one radix sort for all four
+            uniq, counts, inverse, order = kernels.group_ids(flat)
+        else:
+            ordered, order = torch.sort(flat, stable=True)
+            uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
+            inverse = torch.empty_like(flat)
+            inverse[order] = torch.repeat_interleave(
+                torch.arange(len(uniq), device=flat.device), counts
+            )
         inverse = inverse.reshape(ids.shape)
         with self.lock:
             cache = self.cache
+            tracking = self.usage_rules is not None and self.usage_rules.track
+            if tracking:
+                self.clock.step += 1
             if cache is not None:
                 self._refresh_bases_if_stale()
                 try:
@@ -607,6 +651,9 @@ class RowStack:
                     table = cache.column(self.layout.row)
                     batch = RowBatch(self, uniq, counts, inverse, order, table, slots, key)
                     self._pending.add(batch)
+                    if tracking:
+                        self._touch(slots, counts)
+                        batch.touched = True
                     return batch
             table = self._spilled_rows(uniq) if cache is not None else self.read(uniq)
             index = torch.arange(len(uniq), device=self.device)
@@ -626,13 +673,25 @@ class RowStack:
         with self.lock:
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
+            rules = self.usage_rules
             if resident is not None and self._fused(optimizer, grads):
                 self._rows_change(exclude=batch)
-                self._apply_fused(resident, grads, optimizer)
+                if rules is None:
+                    self._apply_fused(resident, grads, optimizer)
+                else:
+                    self._apply_fused_tracked(batch, resident, grads, optimizer)
             else:
-                slots, hit, delta, state = self._current(batch.ids, resident)
+                slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 new_delta, new_state = optimizer.step(delta, grads, state)
-                self._store(batch.ids, slots, hit, new_delta.to(self.dtype), new_state, batch)
+                stats = None
+                if rules is not None:
+                    if not batch.touched:  # (a spilled batch) its uses count now
+                        self._usage_touch(usage, batch.counts)
+                    new_delta = self._damped(usage, delta, new_delta)
+                    norms = torch.linalg.vector_norm(grads, dim=1)
+                    stats = self._usage_after(usage, batch.counts, norms)
+                new_delta = new_delta.to(self.dtype)
+                self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
             self.counters["row_steps"] += 1
             self.counters["rows_updated"] += len(batch)
 
@@ -771,25 +830,38 @@ class RowStack:
         *,
         stats: dict[str, Any] | None,
         routers: Callable[[int], dict[str, str]] | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> Commit:
         """Make every change since the last commit durable in one atomic step: dirty rows,
         staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
         writes the changed ones and returns their digests). On failure the store keeps its
-        previous commit and the changes stay staged."""
+        previous commit and the changes stay staged.
+
+        With usage statistics, rows still in their warm-up (FREE, fewer uses than
+        ``UsageRules.warmup``, never committed) stay staged instead of being written, and
+        ``lifecycle`` (JSON) goes into the commit record."""
         with self.lock:
             self.flush()
             st, layout = self.staging, self.layout
             generator_state = None
             if self.procedural.changed_since_commit():
                 generator_state = self.procedural.state_arrays()
+            held = self._warming_up()
+            ids, values = st.ids, st.values
+            if held.any():
+                at = torch.from_numpy(~held)
+                ids, values = ids[~held], {name: v[at] for name, v in values.items()}
+            usage = values[layout.usage.name].numpy() if layout.usage_width else None
             written = routers(self.head + 1) if routers is not None else None
             record, index = self.store.commit(
                 self.index,
                 self.head,
-                st.ids,
-                to_storage(st.values[layout.delta.name]),
+                ids,
+                to_storage(values[layout.delta.name]),
                 st.drops,
-                state=st.values[layout.state.name].numpy() if layout.state_width else None,
+                state=values[layout.state.name].numpy() if layout.state_width else None,
+                usage=usage,
+                lifecycle=lifecycle,
                 message=message,
                 stats=stats,
                 generator_state=generator_state,
@@ -797,13 +869,19 @@ class RowStack:
             )
             self.index, self.head = index, record.id
             self.procedural.saved = self.procedural.stamp()
-            st.clear()
+            if self.usage_index is not None and usage is not None:
+                self.usage_index = self.usage_index.apply(ids, usage, st.drops)
+            if held.any():
+                st.keep(held)
+            else:
+                st.clear()
         return record
 
     def move_to(self, commit: int, index: RowIndex) -> None:
         """A reader adopts another commit: its rows replace everything cached."""
         with self.lock:
             self.head, self.index = commit, index
+            self.usage_index = None
             if self.cache is not None:
                 self._rows_change()
                 self.cache.unpin_all()

@@ -2,8 +2,9 @@
 of ids is looked up with one ``searchsorted`` (no dict, no loop per id).
 
 A staged row holds its *whole* delta (not an increment) and every other persisted column of its
-layout (a row optimizer's state; zero when unused): reading it needs nothing from disk, and
-committing it is a plain overwrite. Dropped rows are kept apart as a sorted id set.
+layout (a row optimizer's state, usage statistics; zero when unused): reading it needs nothing
+from disk, and committing it is a plain overwrite. Dropped rows are kept apart as a sorted id
+set.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Staging:
     @property
     def columns(self) -> tuple[Column, ...]:
         """The persisted columns a staged row carries."""
-        return (self.layout.delta, self.layout.state)
+        return self.layout.persisted_columns()
 
     def clear(self) -> None:
         self.ids = _NO_IDS
@@ -33,9 +34,20 @@ class Staging:
         self.drops = _NO_IDS
 
     def set_layout(self, layout: RowLayout) -> None:
-        """Adopt a new layout (a new state width): staged deltas stay, their state resets."""
+        """Adopt a new layout (a new state or usage width): staged deltas stay, a column whose
+        width changed resets to zeros."""
         self.layout = layout
-        self.values[layout.state.name] = layout.state.zeros(len(self.ids))
+        for col in self.columns:
+            if self.values[col.name].shape[1] != col.width:
+                self.values[col.name] = col.zeros(len(self.ids))
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the staged rows where ``mask`` (aligned with ``ids``) is True, and no
+        drops: what stays staged after a commit that wrote the others."""
+        at = torch.from_numpy(mask)
+        self.ids = self.ids[mask]
+        self.values = {name: v[at] for name, v in self.values.items()}
+        self.drops = _NO_IDS
 
     def __len__(self) -> int:
         return len(self.ids) + len(self.drops)

@@ -33,6 +33,7 @@ from ._format import (
     DB_ROWS,
     DB_SEGMENTS,
     DB_SNAPSHOTS,
+    FORMAT_LIFECYCLE,
     FORMAT_VERSION,
     GENERATOR_GROUP,
     MAX_COMMIT_ID,
@@ -45,6 +46,7 @@ from ._format import (
     ROW_VALUE_DTYPE,
     SEGMENT_DROPS,
     SEGMENT_IDS,
+    SEGMENT_USAGE,
     SEGMENTS_GROUP,
     SNAPSHOTS_GROUP,
     ZARR_DIR,
@@ -63,6 +65,7 @@ from ._records import (
 from ._retention import META_CHECKPOINT
 from ._rowindex import RowIndex
 from ._segments import SegmentRecord
+from ._usage_fields import usage_problem
 
 __all__ = ["verify_store"]
 
@@ -92,6 +95,7 @@ class _Verifier:
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.generators: set[int] = set()
         self.checkpoint: dict[str, Any] | None = None
+        self.format_version: int | None = None
         self._counts: dict[str, int] = {}
 
     def problem(self, kind: str, text: str) -> None:
@@ -182,6 +186,8 @@ class _Verifier:
             if key == META_FORMAT:
                 if len(value) != 8 or not 1 <= int.from_bytes(value, "big") <= FORMAT_VERSION:
                     self.problem("meta", f"meta/format_version is {value!r}")
+                else:
+                    self.format_version = int.from_bytes(value, "big")
             elif key == META_HEAD:
                 if len(value) != 8:
                     self.problem("meta", "meta/head is not a u64")
@@ -354,6 +360,11 @@ class _Verifier:
                     self.problem("segment", f"segment {rec.name}: its drops are not sorted ids")
                 for _key, _chunk in segs.iter_chunks(rec):
                     self.report.checked_chunks += 1
+                if rec.usage_width and rec.rows:
+                    problem = usage_problem(segs.read_column(rec, SEGMENT_USAGE))
+                    if problem is not None:
+                        self.problem("chunk", f"segment {rec.name}: its usage statistics {problem}")
+                        self.report.damaged_rows.extend(ids.tolist())
                 self.report.checked_rows += rec.rows
             except CorruptSegmentError as e:
                 self.problem("chunk", str(e))
@@ -384,6 +395,21 @@ class _Verifier:
             ids = self.segment_ids.get(sid)
             if ids is not None and not np.array_equal(ids[off], index.ids[mine]):
                 self.problem("rows", f"segment {rec.name}: its ids disagree with {where}")
+
+    def lifecycle(self) -> None:
+        """Lifecycle data (format 2) only in a store that says it is format 2: a reader of
+        format 1 would take FREE rows' stored deltas for their values, without their decay."""
+        if self.format_version is None or self.format_version >= FORMAT_LIFECYCLE:
+            return
+        commits = [c.id for c in self.commits.values() if c.lifecycle is not None]
+        usage = [r.name for r in self.segments.values() if r.usage_width]
+        if commits or usage:
+            self.problem(
+                "meta",
+                f"meta/format_version is {self.format_version} but the store holds lifecycle "
+                f"data (format {FORMAT_LIFECYCLE}): {len(commits)} commits with a lifecycle "
+                f"record, {len(usage)} segments with usage statistics; the index is damaged",
+            )
 
     def snapshot_records(self) -> None:
         assert self.raw is not None
@@ -550,6 +576,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("the row index", v.rows, ("read_lmdb",)),
         ("segment records", v.segment_records, ("read_lmdb",)),
         ("segment data", v.segment_data, ("read_lmdb",)),
+        ("the lifecycle", v.lifecycle, ("read_lmdb",)),
         ("snapshots", v.snapshot_records, ("read_lmdb",)),
         ("compactions and the history checkpoint", v.history, ("read_lmdb",)),
         ("generator weights", v.generator_data, ("read_lmdb",)),

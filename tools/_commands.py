@@ -186,12 +186,13 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
     without torch: LMDB gets at HEAD, the persisted tier's index for a past commit."""
     import numpy as np
 
-    from dpsn.tiers import PersistedStore, RowIndex, StoreFacts
+    from dpsn.tiers import PersistedStore, RowIndex, StoreFacts, pending_decay
 
     with StoreFacts(path) as facts:
         _rows_arg(ids, facts.manifest.rows)
         commit = facts.resolve(at)
         head, where = facts.row_locations(ids)
+        lifecycle = facts.commit(commit).get("lifecycle")
     store = PersistedStore.open(Path(path), writable=False)
     try:
         if commit == head:
@@ -205,7 +206,8 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
         else:
             index = store.load_index(commit)
         query = np.array(ids, dtype=np.int64)
-        mask, values, _ = store.read_deltas(index, query)
+        width = 10 if lifecycle is not None else 0  # the usage column (docs/format.md)
+        mask, values, _, usage = store.read_deltas(index, query, usage_width=width)
         pos, present = index.find(query)
     finally:
         store.close()
@@ -213,6 +215,7 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
         values = (values.astype(np.uint32) << 16).view(np.float32)
     norms = np.zeros(len(ids))
     norms[mask] = np.linalg.norm(values.astype(np.float64), axis=1)
+    norms[mask] *= pending_decay(usage, lifecycle)  # a FREE row's delta decays lazily
     commits = np.where(present, index.commit[pos] if len(index) else 0, 0)
     return commit, norms.tolist(), [int(c) for c in commits]
 
@@ -496,8 +499,43 @@ def _parse_trace(spec: str) -> list[list[int]]:
     return batches
 
 
+def _lifecycle_fields(lc: dict[str, Any], human_bytes: Any) -> list[tuple[str, Any]]:
+    """The row lifecycle's health for ``dpsn stats`` (see ``dpsn.tiers.lifecycle_health``)."""
+    regions = lc.get("regions") or {}
+    band = lc.get("target_band") or ["-", "-"]
+    rate = lc.get("screening_rate")
+    enter, exit_ = lc.get("enter"), lc.get("exit")
+    return [
+        (
+            "lifecycle: screened / free / held rows",
+            f"{lc['screened_rows']} / {lc['free_rows']} / {lc['held_rows']}",
+        ),
+        (
+            "lifecycle: screened / free bytes",
+            f"{human_bytes(lc['screened_bytes'])} / {human_bytes(lc['free_bytes'])}",
+        ),
+        (
+            "lifecycle: screening rate",
+            f"{'-' if rate is None else f'{rate:.3f}'} (target {band[0]}..{band[1]})",
+        ),
+        (
+            "lifecycle: enter / exit",
+            "-" if enter is None or exit_ is None else f"{enter:.4g} / {exit_:.4g}",
+        ),
+        ("lifecycle: consolidations", lc["consolidations"]),
+        ("lifecycle: decays / prunes", f"{lc['decayed_rows']} / {lc['pruned_rows']}"),
+        (
+            "lifecycle: regions with rows",
+            f"{regions.get('with_rows', 0)} of {regions.get('count', '-')}, "
+            f"at most {regions.get('rows_max', 0)} rows, "
+            f"{regions.get('over_budget', 0)} over budget",
+        ),
+        ("lifecycle: health", "ok" if lc["ok"] else "; ".join(lc["flags"])),
+    ]
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    from dpsn.tiers import StoreFacts
+    from dpsn.tiers import StoreFacts, lifecycle_health
 
     from ._format import fields, human_bytes
 
@@ -507,6 +545,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with StoreFacts(args.path) as facts:
         info = facts.info()
         last = facts.last_writer_stats()
+        lifecycle = lifecycle_health(facts.commit(facts.head()).get("lifecycle"))
     writer = last[1] if last else None
     keys = (
         "persisted_rows",
@@ -522,6 +561,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "store": {k: info[k] for k in keys},
         "writer": writer,
         "writer_commit": last[0] if last else None,
+        "lifecycle": lifecycle,  # as of HEAD's commit record; None without a lifecycle
     }
     if batches is not None:
         import dpsn
@@ -543,6 +583,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("space amplification", _amp(info["space_amplification"], "stored / live")),
         ("write amplification", _amp(info["write_amplification"], "compaction included")),
     ]
+    if lifecycle:
+        pairs += _lifecycle_fields(lifecycle, human_bytes)
     title_writer = f"writer (commit {last[0]})" if last else "writer"
     for title, s in ((title_writer, writer), ("replay", out.get("replay"))):
         if not s:

@@ -282,7 +282,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = add(
         "stats",
-        "cache and I/O figures: the writer's at its last commit, or a replayed trace",
+        "cache and I/O figures (the writer's at its last commit, or a replayed trace) and the "
+        "row lifecycle's health",
         c.cmd_stats,
         epilog=SIZE_HELP,
     )

@@ -1,0 +1,452 @@
+"""Continual learning on scikit-learn's digits: how much each model forgets, and what it stores.
+
+    python bench/continual.py            # full run (~25 min on 2 shared cores)
+    python bench/continual.py --quick    # smoke run (~5 min)
+
+Models, trained side by side in one run on the same batches:
+
+- (a) ``dense``: an MLP ``64 -> k -> 10`` (GELU), the same active width as the pools' k rows,
+  fine-tuned naively task after task (Adam).
+- (b) ``pool``: one ``PoolLayer`` straight from pixels to logits (each row a neuron
+  ``u (64), v (10)``; k rows per input from a product-key router over ``rows`` rows), rows and
+  router fine-tuned naively, no lifecycle: every row ever touched is kept for ever.
+- (c) ``pool+lifecycle+frozen router+protect``: the same model on a pool with a
+  ``dpsn.Lifecycle`` (consolidating at every commit: FREE rows decay and are pruned, SCREENED
+  rows keep their deltas, with inertia), plus what the design offers against forgetting when a
+  new task starts: the router is frozen after the first task (its regions of the input space
+  stay where the old tasks' rows are), and the rows SCREENED at that moment are protected (their
+  row gradients are dropped: sparse memory finetuning, Lin et al. 2025, with the lifecycle's
+  screening as the "used a lot before" signal).
+- (c') the same without the protection, (c'') the lifecycle alone (router trained throughout):
+  what each part does.
+
+Protocols:
+
+- class-incremental: task 1 = digits 0-4, task 2 = digits 5-9; one 10-way head, evaluated on
+  all ten classes (a task's accuracy: on its own test images, choosing among all ten digits);
+- domain-incremental: 5 tasks, each all ten digits under a fixed pixel permutation (task 1 the
+  identity).
+
+Reported: the accuracy on every task after each task, average forgetting (over the earlier
+tasks: best accuracy they had minus the final one), the persisted rows and bytes after each
+task (rows with a delta in the committed store; raw bytes of delta, optimizer state and
+statistics, and bytes on disk of the live segments after gc), and the storage curve: one task
+(all ten digits) trained 10x longer than it needs, persisted bytes at every commit.
+
+Evaluation never counts as use: every accuracy is measured on a read-only view of the last
+commit (``dpsn.open(path)``), whose page-ins do not touch usage statistics. Held rows (touched
+fewer than ``warmup`` times, kept in memory only) are therefore not part of the evaluated model.
+
+Aims (issue 11): domain-incremental, (c) keeps >= 90% of its task-1 accuracy after task 5;
+class-incremental, (c) forgets at most half as much as (a); persisted bytes stay within 1.2x
+once a task is learned while training goes on 10x longer. The table says which are met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json
+
+import dpsn
+from dpsn.index import ProductKeyRouter
+from dpsn.pool._training import RowTrainer
+
+SMALL = {"kind": "hashed_slices", "memory_size": 1 << 14}
+
+
+@dataclass(frozen=True)
+class Config:
+    rows: int = 1 << 16  # pool rows
+    k: int = 32  # active rows per input = the dense MLP's hidden width
+    batch: int = 64
+    steps: int = 300  # per task
+    lr: float = 3e-3  # Adam, dense parameters (the MLP; the pools' routers)
+    row_lr: float = 0.1  # row-wise AdaGrad
+    commit_every: int = 25  # steps; (c) consolidates at every commit
+    seed: int = 0
+
+
+LIFECYCLE = dpsn.Lifecycle(
+    enter=0.05,
+    exit=0.005,
+    min_uses=8,
+    half_life=100.0,
+    decay=0.1,
+    prune_rms=1e-3,
+    max_idle=40,
+    warmup=2,
+    inertia=0.25,
+    target=(0.02, 0.5),
+)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32) / 16.0  # noqa: E731
+    return f(xtr), torch.as_tensor(ytr), f(xte), torch.as_tensor(yte)
+
+
+Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def class_incremental(seed: int) -> list[Task]:
+    xtr, ytr, xte, yte = load_digits_split(seed)
+    tasks = []
+    for classes in (range(0, 5), range(5, 10)):
+        c = torch.tensor(list(classes))
+        tr, te = torch.isin(ytr, c), torch.isin(yte, c)
+        tasks.append((xtr[tr], ytr[tr], xte[te], yte[te]))
+    return tasks
+
+
+def domain_incremental(seed: int, n: int = 5) -> list[Task]:
+    xtr, ytr, xte, yte = load_digits_split(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    perms = [torch.arange(64)] + [torch.randperm(64, generator=g) for _ in range(n - 1)]
+    return [(xtr[:, p], ytr, xte[:, p], yte) for p in perms]
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+class Protecting(RowTrainer):
+    """A row trainer that drops the gradients of protected rows (sparse memory finetuning)."""
+
+    def __init__(self, base: RowTrainer) -> None:
+        super().__init__(base.pool, base.optimizer)
+        self.protected = torch.empty(0, dtype=torch.int64)
+
+    def step(self, batch: Any, grads: torch.Tensor) -> None:
+        if len(self.protected):
+            grads = grads.clone()
+            grads[torch.isin(batch.ids, self.protected)] = 0.0
+        super().step(batch, grads)
+
+
+class Model:
+    """One of the compared models: ``logits(x)``, ``train_step``, ``evaluate``, storage."""
+
+    def __init__(
+        self, name: str, cfg: Config, store: Path, variant: tuple[bool, bool, bool] | None
+    ) -> None:
+        self.name, self.cfg, self.store = name, cfg, store
+        torch.manual_seed(cfg.seed)
+        self.layer: dpsn.PoolLayer | None = None
+        self.freeze, self.protect = (variant or (False, False, False))[1:]
+        if variant is None:
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(64, cfg.k), nn.GELU(), nn.Linear(cfg.k, 10)
+            )
+        else:
+            lifecycle = LIFECYCLE if variant[0] else None
+            pool = dpsn.create(
+                store,
+                rows=cfg.rows,
+                dim=64 + 10,
+                seed=cfg.seed,
+                generator=SMALL,
+                cache_rows=1 << 14,
+                lifecycle=lifecycle,
+            )
+            router = ProductKeyRouter(
+                d_in=64, num_rows=cfg.rows, k=cfg.k, query_batchnorm=True, seed=cfg.seed
+            )
+            self.layer = dpsn.PoolLayer(
+                pool, 64, 10, router=router, k=cfg.k, row_optimizer="adagrad", row_lr=cfg.row_lr
+            )
+            if self.protect:
+                self.layer.trainer = Protecting(self.layer.trainer)
+            self.net = self.layer
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.steps = 0
+        self.frozen_router = False
+
+    @property
+    def pool(self) -> Any:
+        assert self.layer is not None
+        return self.layer.pool
+
+    def start_task(self, index: int) -> None:
+        """What (c) does at a task boundary: protect the rows SCREENED now, freeze the router."""
+        if index == 0 or self.layer is None:
+            return
+        if self.protect:
+            phase = self.pool.phase(torch.arange(self.cfg.rows))
+            self.layer.trainer.protected = torch.nonzero(phase).flatten()
+        if self.freeze:
+            self.layer.router.requires_grad_(False)
+            self.frozen_router = True  # batch-norm statistics stay those of the earlier tasks
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.net.train(True)
+        if self.layer is not None and self.frozen_router:
+            self.layer.router.eval()
+        loss = F.cross_entropy(self.net(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.steps += 1
+        if self.layer is not None and self.steps % self.cfg.commit_every == 0:
+            self.pool.commit()
+
+    @torch.no_grad()
+    def accuracy(self, sets: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Test accuracy on each ``(x, y)``: for a pool, of its last commit, read-only."""
+        if self.layer is None:
+            self.net.eval()
+            return [float((self.net(x).argmax(-1) == y).float().mean()) for x, y in sets]
+        self.pool.commit()
+        reader = dpsn.open(self.store)  # read-only: its page-ins count no use
+        training = self.layer.router.training
+        try:
+            view = dpsn.PoolLayer(
+                reader, 64, 10, router=self.layer.router, k=self.cfg.k, row_optimizer="adagrad"
+            )
+            view.eval()
+            return [float((view(x).argmax(-1) == y).float().mean()) for x, y in sets]
+        finally:
+            self.layer.router.train(training)
+            reader.close()
+
+    def storage(self) -> dict[str, Any]:
+        if self.layer is None:
+            return {}
+        pool = self.pool
+        pool.commit()
+        info = pool.info()
+        row_bytes = pool.dim * 4 + pool.state_width * 4
+        if pool.lifecycle is not None:
+            row_bytes += 10 * 8  # the usage statistics
+        return {
+            "persisted_rows": info["persisted_rows"],
+            "persisted_bytes": info["persisted_rows"] * row_bytes,
+            "segment_bytes_stored": info["segment_bytes_stored"],
+        }
+
+    def close(self) -> None:
+        if self.layer is not None:
+            self.pool.close()
+
+
+# -- protocols ------------------------------------------------------------------------------------
+
+
+# label -> (lifecycle?, freeze the router after task 1?, protect rows SCREENED at a task start?)
+VARIANTS: dict[str, tuple[bool, bool, bool] | None] = {
+    "(a) dense": None,
+    "(b) pool": (False, False, False),
+    "(c) pool+lifecycle+frozen router+protect": (True, True, True),
+    "(c') pool+lifecycle+frozen router": (True, True, False),
+    "(c'') pool+lifecycle": (True, False, False),
+}
+MAIN = "(c) pool+lifecycle+frozen router+protect"
+CURVE = ("(b) pool", "(c'') pool+lifecycle")  # one task: nothing to freeze or protect
+
+
+def run_protocol(name: str, tasks: list[Task], cfg: Config, tmp: Path) -> dict[str, Any]:
+    models = {
+        label: Model(label, cfg, tmp / f"{name}-{n}", variant)
+        for n, (label, variant) in enumerate(VARIANTS.items())
+    }
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    acc: dict[str, list[list[float]]] = {label: [] for label in models}
+    storage: dict[str, list[dict[str, Any]]] = {label: [] for label in models}
+    t0 = time.perf_counter()
+    try:
+        for t, (xtr, ytr, _, _) in enumerate(tasks):
+            for m in models.values():
+                m.start_task(t)
+            for _ in range(cfg.steps):
+                idx = torch.randint(0, len(xtr), (cfg.batch,), generator=g)
+                for m in models.values():  # the same batches for every model
+                    m.train_step(xtr[idx], ytr[idx])
+            for label, m in models.items():
+                acc[label].append(m.accuracy([(te_x, te_y) for _, _, te_x, te_y in tasks]))
+                storage[label].append(m.storage())
+    finally:
+        for m in models.values():
+            m.close()
+    out: dict[str, Any] = {"seconds": time.perf_counter() - t0, "models": {}}
+    n = len(tasks)
+    for label in models:
+        a = acc[label]  # a[after task i][on task j]
+        forgetting = [max(a[i][j] for i in range(j, n - 1)) - a[n - 1][j] for j in range(n - 1)]
+        out["models"][label] = {
+            "accuracy": a,
+            "average_forgetting": sum(forgetting) / len(forgetting),
+            "forgetting": forgetting,
+            "task1_kept": a[n - 1][0] / a[0][0] if a[0][0] else 0.0,
+            "final_average_accuracy": sum(a[n - 1]) / n,
+            "storage": storage[label],
+        }
+    return out
+
+
+def storage_curve(cfg: Config, tmp: Path, factor: int = 10) -> dict[str, Any]:
+    """One task (all ten digits) trained ``factor`` times longer than ``cfg.steps``."""
+    xtr, ytr, xte, yte = load_digits_split(cfg.seed)
+    models = {
+        label: Model(label, cfg, tmp / f"curve-{n}", VARIANTS[label])
+        for n, label in enumerate(CURVE)
+    }
+    g = torch.Generator().manual_seed(cfg.seed + 11)
+    curve: dict[str, list[dict[str, Any]]] = {label: [] for label in models}
+    acc: dict[str, dict[str, float]] = {label: {} for label in models}
+    try:
+        for step in range(1, factor * cfg.steps + 1):
+            idx = torch.randint(0, len(xtr), (cfg.batch,), generator=g)
+            for m in models.values():
+                m.train_step(xtr[idx], ytr[idx])
+            if step % cfg.commit_every == 0:
+                for label, m in models.items():
+                    curve[label].append({"step": step, **m.storage()})
+            if step in (cfg.steps, factor * cfg.steps):
+                for label, m in models.items():
+                    acc[label][str(step)] = m.accuracy([(xte, yte)])[0]
+    finally:
+        for m in models.values():
+            m.close()
+    out: dict[str, Any] = {"learned_at": cfg.steps, "trained_to": factor * cfg.steps}
+    for label in models:
+        c = curve[label]
+        at_learned = next(p for p in c if p["step"] == cfg.steps)
+        final = c[-1]
+        out[label] = {
+            "curve": c,
+            "accuracy": acc[label],
+            "bytes_ratio": final["persisted_bytes"] / max(1, at_learned["persisted_bytes"]),
+            "max_bytes_ratio": max(p["persisted_bytes"] for p in c if p["step"] >= cfg.steps)
+            / max(1, at_learned["persisted_bytes"]),
+        }
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def report(name: str, res: dict[str, Any]) -> None:
+    models = res["models"]
+    n = len(next(iter(models.values()))["accuracy"])
+    headers = ["model", "after task"] + [f"task {j + 1}" for j in range(n)] + ["rows", "KiB"]
+    rows = []
+    for label, r in models.items():
+        for i in range(n):
+            s = r["storage"][i]
+            rows.append(
+                [label if i == 0 else "", i + 1]
+                + [f"{v:.3f}" for v in r["accuracy"][i]]
+                + [s.get("persisted_rows", "-"), _kib(s.get("persisted_bytes"))]
+            )
+    print_table(f"{name}: test accuracy on every task after each task", headers, rows)
+    print_table(
+        f"{name}: summary",
+        ["model", "avg forgetting", "task 1 kept", "final avg accuracy"],
+        [
+            [
+                label,
+                f"{r['average_forgetting']:.3f}",
+                f"{r['task1_kept']:.1%}",
+                f"{r['final_average_accuracy']:.3f}",
+            ]
+            for label, r in models.items()
+        ],
+    )
+
+
+def _at(curve: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    return next(p for p in curve if p["step"] == step)
+
+
+def _kib(b: Any) -> str:
+    return "-" if b is None else f"{b / 1024:,.0f}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run")
+    ap.add_argument("--steps", type=int, default=None, help="steps per task (default 300)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="print only (no JSON)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = Config(seed=args.seed)
+    if args.quick:
+        cfg = replace(cfg, steps=60, rows=1 << 12, commit_every=10)
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps)
+    tmp = Path(tempfile.mkdtemp(prefix="dpsn-continual-"))
+    started = time.perf_counter()
+    try:
+        class_inc = run_protocol("class", class_incremental(cfg.seed), cfg, tmp)
+        domain_inc = run_protocol("domain", domain_incremental(cfg.seed), cfg, tmp)
+        curve = storage_curve(cfg, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report("class-incremental (0-4, then 5-9)", class_inc)
+    report("domain-incremental (5 pixel permutations)", domain_inc)
+    print_table(
+        f"storage curve: one task, learned at step {curve['learned_at']}, trained to "
+        f"{curve['trained_to']}",
+        ["model", "KiB at learned", "KiB at end", "end / learned", "max / learned", "acc"],
+        [
+            [
+                label,
+                _kib(_at(r["curve"], curve["learned_at"])["persisted_bytes"]),
+                _kib(r["curve"][-1]["persisted_bytes"]),
+                f"{r['bytes_ratio']:.2f}",
+                f"{r['max_bytes_ratio']:.2f}",
+                " -> ".join(f"{v:.3f}" for v in r["accuracy"].values()),
+            ]
+            for label, r in curve.items()
+            if isinstance(r, dict) and "curve" in r
+        ],
+    )
+    a = class_inc["models"]["(a) dense"]["average_forgetting"]
+    c = class_inc["models"][MAIN]["average_forgetting"]
+    kept = domain_inc["models"][MAIN]["task1_kept"]
+    ratio = curve[CURVE[1]]["max_bytes_ratio"]
+    aims = [
+        ["domain: (c) keeps >= 90% of task-1 accuracy", f"{kept:.1%}", kept >= 0.9],
+        ["class: (c) forgets <= half of (a)", f"{c:.3f} vs {a:.3f}", c <= a / 2],
+        ["storage: bytes stay within 1.2x over 10x training", f"{ratio:.2f}x", ratio <= 1.2],
+    ]
+    print_table("aims", ["aim", "measured", "met"], aims)
+    result = {
+        "config": asdict(cfg),
+        "lifecycle": LIFECYCLE.to_json(),
+        "class_incremental": class_inc,
+        "domain_incremental": domain_inc,
+        "storage_curve": curve,
+        "aims": [{"aim": x, "measured": y, "met": z} for x, y, z in aims],
+        "seconds": time.perf_counter() - started,
+        "quick": args.quick,
+    }
+    if not args.no_write:
+        write_json("continual", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
