@@ -431,7 +431,12 @@ class PersistedStore:
             self._lease.hold(None if commit is None else max(commit, newest))
         if index is None or not len(index):
             return
-        missing = set(index.segments().tolist()) - set(self.segment_records())
+
+        def keys(txn: lmdb.Transaction) -> set[int]:  # presence only: reads check records
+            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
+
+        missing = set(index.segments().tolist()) - self._read(keys)
         if missing:
             raise SnapshotUnavailableError(
                 f"commit {commit} was removed by gc while it was being opened (segments "
