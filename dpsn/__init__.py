@@ -26,7 +26,9 @@ _LAZY = {
     "PoolLayer": "dpsn.pool",
     "Prefetch": "dpsn.pool",
     "VerifyReport": "dpsn.pool",
+    "compact": "dpsn.pool",
     "create": "dpsn.pool",
+    "gc": "dpsn.pool",
     "open": "dpsn.pool",
 }
 
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
         PoolLayer,
         Prefetch,
         VerifyReport,
+        compact,
         create,
+        gc,
         open,
     )
 
@@ -67,7 +71,9 @@ __all__ = [
     "Prefetch",
     "VerifyReport",
     "__version__",
+    "compact",
     "create",
     "errors",
+    "gc",
     "open",
 ]

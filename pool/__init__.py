@@ -3,7 +3,7 @@ layer of a model."""
 
 from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 
-from ._api import create, open
+from ._api import compact, create, gc, open
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
@@ -24,6 +24,8 @@ __all__ = [
     "RowOptimizer",
     "RowSGD",
     "VerifyReport",
+    "compact",
     "create",
+    "gc",
     "open",
 ]

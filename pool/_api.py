@@ -21,6 +21,8 @@ from dpsn.errors import (
 )
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
+from dpsn.tiers._policy import MaintenancePolicy
+from dpsn.tiers._retention import write_policy
 
 from ._lifecycle import Lifecycle, initial_record
 from ._pool import Pool
@@ -165,6 +167,9 @@ def create(
     cache_rows: int | None = None,
     policy: str = "lru",
     map_size: int | None = None,
+    keep_last: int | None = None,
+    keep_within: float | str | None = None,
+    compact_above: float | None = 1.5,
     lifecycle: Lifecycle | None = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
@@ -176,6 +181,12 @@ def create(
     generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
     :func:`open`. ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle,
     saved with every commit from the first on.
+
+    History and compaction (changeable later with ``Pool.set_policy``): ``gc`` and compaction
+    keep HEAD, every snapshot, the ``keep_last`` newest commits and/or those younger than
+    ``keep_within`` (seconds or ``"7d"``); neither set keeps HEAD and snapshots only. After a
+    commit the store compacts itself when its segments hold more than ``compact_above`` times
+    the live bytes (None: only ``Pool.compact()``).
 
     Every argument is checked before anything is written. ``path`` must be new or an empty
     directory; two processes creating one path cannot both succeed (the loser gets a
@@ -194,6 +205,9 @@ def create(
     if compressor not in COMPRESSORS:
         raise InvalidArgumentError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
     check_policy(policy)  # before anything is written
+    maintenance = MaintenancePolicy().with_(
+        keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+    )
     if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
         raise InvalidArgumentTypeError(
             f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
@@ -239,6 +253,7 @@ def create(
     # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
+        write_policy(store, maintenance)
         return Pool(
             store,
             commit=1,
@@ -295,6 +310,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         else:
             commit = store.resolve(at)
             index = store.load_index(commit)
+        store.hold(commit, index)  # a reader's lease: gc elsewhere keeps this commit
         return Pool(
             store,
             commit=commit,
@@ -307,3 +323,30 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     except BaseException:
         store.close()
         raise
+
+
+def compact(
+    path: str | os.PathLike[str], *, progress: Any = None, target: float = 1.1
+) -> dict[str, Any]:
+    """Compact the store at ``path`` (takes the writer lock): see ``Pool.compact``. Needs no
+    generator or cache, so it costs what it rewrites."""
+    store = PersistedStore.open(Path(path), writable=True)
+    try:
+        return store.compact(progress=progress, target=target).to_json()
+    finally:
+        store.close()
+
+
+def gc(
+    path: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    progress: Any = None,
+    **retention: Any,
+) -> dict[str, Any]:
+    """``gc`` of the store at ``path`` (takes the writer lock): see ``Pool.gc``."""
+    store = PersistedStore.open(Path(path), writable=True)
+    try:
+        return store.gc(dry_run=dry_run, progress=progress, **retention)
+    finally:
+        store.close()

@@ -44,6 +44,7 @@ from ._routers import RouterShelf
 from ._validate import as_deltas, as_ids
 
 CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
+_UNSET: Any = object()
 
 
 def default_cache_rows(dim: int, dtype: torch.dtype) -> int:
@@ -290,12 +291,14 @@ class Pool:
         lc = self._lifecycle
         if lc is not None and lc.due(head + 1):
             lc.consolidate()
-        return self._stack.commit(
+        record = self._stack.commit(
             message,
             stats=self.stats(),
             routers=lambda version: self._routers.write_changed(head, version),
             lifecycle=lc.to_json() if lc is not None else None,
         )
+        self._auto_compact()
+        return record
 
     # -- the row lifecycle ---------------------------------------------------------------------
 
@@ -393,7 +396,9 @@ class Pool:
             return self.head
         stack = self._stack
         with stack.lock:
+            self._store.hold(None)  # choosing: a gc meanwhile removes nothing
             commit, index = self._store.load_head()
+            self._store.hold(commit, index)
             version = self._store.commit_record(commit).generator
             if version != self._store.commit_record(self.head).generator:
                 stack.procedural.replace(load_generator(self._store, version, self.device))
@@ -447,11 +452,74 @@ class Pool:
         return report
 
     def gc(
-        self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
+        self,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        keep_last: int | None = _UNSET,
+        keep_within: float | str | None = _UNSET,
     ) -> dict[str, Any]:
-        """Delete what no commit at HEAD and no snapshot needs. Needs ``mode="r+"``."""
+        """Delete what no kept commit needs. Kept: HEAD, every snapshot, the commits the
+        store's retention policy keeps (``keep_last`` newest commits and/or those younger than
+        ``keep_within``, e.g. ``"7d"``; either given here overrides the policy for this call),
+        and every commit a live reader in any process holds. Needs ``mode="r+"``."""
         self._require_writable()
-        return self._store.gc(dry_run=dry_run, progress=progress)
+        retention = {
+            k: v
+            for k, v in (("keep_last", keep_last), ("keep_within", keep_within))
+            if v is not _UNSET
+        }
+        with self._stack.lock:
+            return self._store.gc(dry_run=dry_run, progress=progress, **retention)
+
+    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Rewrite the live rows of sparsely live segments into dense new ones (one or more
+        commits with message ``"compact"``; no row's value changes), then gc by the retention
+        policy. Returns what it did and the space/write amplification before and after.
+        Commits run this on their own when the policy's ``compact_above`` is exceeded."""
+        self._require_writable()
+        stack = self._stack
+        with stack.lock:
+            result = self._store.compact(stack.index, stack.head, progress=progress)
+            stack.index, stack.head = result.index, result.head
+        return result.to_json()
+
+    def policy(self) -> dict[str, Any]:
+        """The store's retention and compaction policy (see :meth:`set_policy`)."""
+        self._check_open()
+        from dpsn.tiers._retention import read_policy
+
+        return read_policy(self._store).to_json()
+
+    def set_policy(self, **settings: Any) -> dict[str, Any]:
+        """Change the store's policy: ``keep_last`` (int or None), ``keep_within`` (seconds,
+        ``"7d"``, or None), ``compact_above`` (stored/live bytes that trigger compaction after
+        a commit, None: never), ``compact_min_bytes``. Returns the new policy."""
+        self._require_writable()
+        from dpsn.tiers._retention import read_policy, write_policy
+
+        policy = read_policy(self._store).with_(**settings)
+        write_policy(self._store, policy)
+        return policy.to_json()
+
+    def _auto_compact(self) -> None:
+        """After a commit: compact if the policy's threshold is passed. The commit is durable
+        already, so a failure here is a warning, never an error of the commit."""
+        from dpsn.tiers._compact import maybe_compact
+        from dpsn.tiers._retention import read_policy
+
+        stack = self._stack
+        try:
+            with stack.lock:
+                result = maybe_compact(
+                    self._store, stack.index, stack.head, read_policy(self._store)
+                )
+                if result is not None and result.commits:
+                    stack.index, stack.head = result.index, result.head
+        except (DpsnError, OSError) as e:
+            import warnings
+
+            warnings.warn(f"automatic compaction after the commit failed: {e}", stacklevel=3)
 
     def segments_total(self) -> int:
         return len(self._store.segment_records())

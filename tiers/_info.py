@@ -20,7 +20,9 @@ Size figures (the same names in ``dpsn info``, its ``--json`` and ``Pool.info()`
   ``gc`` frees whole segments only: ``dpsn gc --dry-run`` says what it would free now;
 - ``leftovers``: segment directories no record references (interrupted commits), which ``gc``
   removes;
-- ``on disk``: every file of the store directory (``bytes_on_disk``).
+- ``on disk``: every file of the store directory (``bytes_on_disk``);
+- ``space amplification``: ``stored`` / live bytes at HEAD; ``write amplification``: bytes
+  commits and compactions wrote / bytes commits wrote (``_compact.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dpsn.errors import (
     StoreVersionError,
 )
 
+from ._compact import META_GROWTH, growth_counters
 from ._digest import RECORD_CHECK
 from ._format import (
     DB_COMMITS,
@@ -58,6 +61,7 @@ from ._format import (
     read_manifest,
     u64_key,
 )
+from ._leases import READERS_DIR
 from ._lmdb import Env, acquire_env, release_env
 from ._records import Commit, generator_record, parse_record, read_u64, snapshot_record
 
@@ -340,7 +344,8 @@ class StoreFacts:
                 return None
             while True:
                 rec = self._check_commit(cur.key(), cur.value())
-                if isinstance(rec.get("stats"), dict):
+                stats = rec.get("stats")
+                if isinstance(stats, dict) and "compaction" not in stats:
                     return int(rec["id"]), rec["stats"]
                 if not cur.prev():
                     return None
@@ -376,6 +381,9 @@ class StoreFacts:
         live_head = head_record["persisted_rows"] * per_row
         leftover_dirs = self._leftover_segment_dirs(segments)
         leftover_bytes = sum(tree_bytes(d) for d in leftover_dirs)
+        growth = self._read(lambda txn, dbs: txn.get(META_GROWTH, db=dbs[DB_META]))
+        counters = growth_counters(growth)
+        written = counters["commit_bytes"]
         return {
             "path": str(self.root),
             "format_version": max(m.format_version, self.format_version),
@@ -404,12 +412,22 @@ class StoreFacts:
             "live_bytes": live,
             "live_bytes_exact": len(widths) <= 1,
             "garbage_bytes": max(0, raw - live_head),
+            # Stored bytes of every segment over HEAD's live raw bytes (_compact.py).
+            "space_amplification": (stored / live_head) if live_head else None,
+            "commit_bytes_written": written,
+            "compaction_bytes_written": counters["compaction_bytes"],
+            "write_amplification": (written + counters["compaction_bytes"]) / written
+            if written
+            else None,
+            "compactions": counters["compactions"],
             "leftover_segments": len(leftover_dirs),
             "leftover_bytes": leftover_bytes,
             # Segments as their records say (their size when written, which verify checks);
             # everything else measured. Walking every chunk file of every segment would make
             # info grow with the store.
+            # (readers' lease files aside: they come and go with readers)
             "bytes_on_disk": tree_bytes(self.root, shallow=self.root / ZARR_DIR / SEGMENTS_GROUP)
+            - tree_bytes(self.root / READERS_DIR)
             + stored
             + leftover_bytes,
         }

@@ -66,6 +66,7 @@ from dpsn.errors import (
     StoreWriteError,
 )
 
+from ._compact import count_commit_bytes
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
 from ._format import (
     COMPRESSOR_NAMES,
@@ -106,6 +107,7 @@ from ._format import (
     write_manifest,
 )
 from ._generator_shapes import generator_shapes
+from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
 from ._names import check_router_name
@@ -354,6 +356,7 @@ class PersistedStore:
         self._zarr = LocalStore(str(root / ZARR_DIR))
         self._lock: WriterLock | None = None
         self._made: _Made | None = None
+        self._lease: Lease | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -458,6 +461,8 @@ class PersistedStore:
         store = cls(root, manifest, env, writable=writable)
         store._lock = lock
         try:
+            if not writable:  # so that gc in a writer's process keeps what this one reads
+                store._lease = Lease(root)
             version = env.read(
                 lambda txn: read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
             )
@@ -484,7 +489,33 @@ class PersistedStore:
                 "1 holds a digest of it); it was edited or is damaged: restore it from a copy"
             )
 
+    def hold(self, commit: int | None, index: RowIndex | None = None) -> None:
+        """A reader names the commit it reads (``None``: about to choose one) in its lease,
+        then checks that every segment ``index`` needs is still recorded: a ``gc`` that began
+        before the lease was seen may have removed them (``_leases.py``)."""
+        if self._lease is not None:
+            # The lease names the newest commit whose segments the index reads: a past commit
+            # read through a compaction after it (``load_index``) reads that one's segment.
+            newest = int(index.commit.max()) if index is not None and len(index) else 0
+            self._lease.hold(None if commit is None else max(commit, newest))
+        if index is None or not len(index):
+            return
+
+        def keys(txn: lmdb.Transaction) -> set[int]:  # presence only: reads check records
+            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
+
+        missing = set(index.segments().tolist()) - self._read(keys)
+        if missing:
+            raise SnapshotUnavailableError(
+                f"commit {commit} was removed by gc while it was being opened (segments "
+                f"{', '.join(f'{s:016x}' for s in sorted(missing)[:4])}); open it again"
+            )
+
     def close(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._env is not None:
             release_env(self._env)
             self._env = None  # type: ignore[assignment]
@@ -702,15 +733,29 @@ class PersistedStore:
         pinned = self._pinned_index(commit)
         if pinned is not None:
             return pinned
-        return self._replay(commit)
+        from ._retention import representative
+
+        # A commit followed only by compactions has their rows: read it through the last of
+        # them, whose segments gc keeps when it keeps the commit (``_retention.py``).
+        rep = representative(self.log(), commit)
+        if rep == head:
+            return index
+        if rep != commit:
+            pinned = self._pinned_index(rep)
+            if pinned is not None:
+                return pinned
+        return self._replay(rep)
 
     def _replay(self, commit: int) -> RowIndex:
+        from ._retention import base_index
+
         target = self.commit_record(commit)  # raises if unknown
-        parts = [RowIndex.empty()]
+        base, start = base_index(self, commit)  # the checkpoint or a snapshot, if one is older
+        parts = [start]
         for rec in self.log():
             if rec.id > commit:
                 break
-            if rec.segment is None:
+            if rec.segment is None or rec.id <= base:
                 continue
             try:
                 seg = self.segment_record(rec.segment)
@@ -719,7 +764,8 @@ class PersistedStore:
             except (SnapshotUnavailableError, CorruptSegmentError) as e:
                 raise SnapshotUnavailableError(
                     f"commit {commit} can no longer be reconstructed: {e}. Only HEAD and pinned "
-                    "snapshots survive gc; use pool.snapshot(name) to keep a commit."
+                    "snapshots and the commits the retention policy keeps survive gc; use "
+                    "pool.snapshot(name) to keep a commit."
                 ) from e
             parts[0] = parts[0].apply(ids, seg.id, rec.id, drops)
         index = parts[0]
@@ -1046,6 +1092,7 @@ class PersistedStore:
                 if cur.set_key(k):
                     cur.delete()
             if seg is not None:
+                count_commit_bytes(w, seg.stored_bytes)
                 w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
                 w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
             if gen_record is not None:
@@ -1165,59 +1212,46 @@ class PersistedStore:
     # -- maintenance ---------------------------------------------------------------------------
 
     def gc(
-        self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
+        self,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        **retention: Any,
     ) -> dict[str, Any]:
-        """Remove segments that neither HEAD nor a snapshot references, leftovers of crashed
-        commits and snapshots, unpinned snapshot indexes, and zarr ``.partial`` files. Needs
-        the writer lock. ``progress(done, total)`` is called as segments are removed."""
-        self._require_writer()
-        _, head_index = self.load_head()
-        live = set(head_index.segments().tolist())
-        for record in self.snapshots().values():
-            pinned = self._pinned_index(record["commit"])
-            if pinned is not None:
-                live |= set(pinned.segments().tolist())
-        records = self.segment_records()
-        dead_records = sorted(set(records) - live)
-        orphans = sorted(set(self.segments.on_disk()) - set(records))
-        partials = [p for p in (self.root / ZARR_DIR).rglob("*.partial")]
-        stale_dirs = self._unreferenced_versions()
-        freed = 0
-        if not dry_run:
-            for d in stale_dirs:
-                freed += dir_bytes(d)
-                shutil.rmtree(d, ignore_errors=True)
-            if dead_records:
+        """Remove what no kept commit needs: segments, leftovers of crashed commits and
+        snapshots, generator/router versions and indexes no kept commit uses, zarr
+        ``.partial`` files. What is kept: HEAD, snapshots, the retention policy's window
+        (``keep_last=``, ``keep_within=`` override it) and what live readers hold
+        (``_retention.py``). Needs the writer lock. ``progress(done, total)`` counts segments
+        removed."""
+        from ._retention import collect
 
-                def forget(txn: lmdb.Transaction) -> None:
-                    w = Writer(txn, self._env.dbs)
-                    for s in dead_records:
-                        w.delete(DB_SEGMENTS, u64_key(s))
-                    w.finish()
+        return collect(self, dry_run=dry_run, progress=progress, **retention)
 
-                self._env.write(forget)
-            doomed = dead_records + orphans
-            for done, s in enumerate(doomed, 1):
-                freed += self.segments.remove(s)
-                if progress is not None:
-                    progress(done, len(doomed))
-            for p in partials:
-                freed += p.stat().st_size
-                p.unlink(missing_ok=True)
-        return {
-            "removed_segments": dead_records,
-            "orphan_segments": orphans,
-            "partial_files": len(partials),
-            "stale_versions": [str(d.relative_to(self.root)) for d in stale_dirs],
-            "freed_bytes": freed,
-            "dry_run": dry_run,
-        }
+    def compact(
+        self,
+        index: RowIndex | None = None,
+        head: int | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        target: float = 1.1,
+    ) -> Any:
+        """Rewrite the live rows of sparse segments, then gc (``_compact.py``)."""
+        from ._compact import compact
 
-    def _unreferenced_versions(self) -> list[Path]:
-        """Generator and router versions that neither HEAD nor a snapshot uses (older ones, and
-        leftovers of crashed commits), snapshot indexes no snapshot names, and temporaries."""
+        if index is None or head is None:
+            head, index = self.load_head()
+        return compact(self, index, head, progress=progress, target=target)
+
+    def _unreferenced_versions(
+        self, keep_commits: set[int] | None = None, *, checkpoint: int | None = None
+    ) -> list[Path]:
+        """Generator and router versions that no kept commit (default: HEAD and snapshots)
+        uses (older ones, and leftovers of crashed commits), indexes that neither a snapshot
+        nor the history ``checkpoint`` names, and temporaries."""
         snaps = self.snapshots().values()
-        keep_commits = {self.head(), *(r["commit"] for r in snaps)}
+        if keep_commits is None:
+            keep_commits = {self.head(), *(r["commit"] for r in snaps)}
         records = [self.commit_record(c) for c in keep_commits]
         keep = {
             self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(r.generator) for r in records
@@ -1226,6 +1260,8 @@ class PersistedStore:
             for name, meta in (r.routers or {}).items():
                 keep.add(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{meta['version']:016x}")
         keep |= {self._snapshot_dir(r["commit"]) for r in snaps}
+        if checkpoint is not None:
+            keep.add(self._snapshot_dir(checkpoint))
         found = []
         gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP
         if gen_dir.is_dir():

@@ -25,6 +25,7 @@ import numpy as np
 
 from dpsn.errors import CorruptSegmentError, DpsnError
 
+from ._compact import META_GROWTH, growth_counters, is_compaction
 from ._digest import DbDigest, entry_hash
 from ._format import (
     DB_COMMITS,
@@ -50,6 +51,7 @@ from ._format import (
     SNAPSHOTS_GROUP,
     ZARR_DIR,
 )
+from ._policy import META_MAINTENANCE, MaintenancePolicy
 from ._records import (
     DIGESTED_DBS,
     Commit,
@@ -60,6 +62,7 @@ from ._records import (
     snapshot_record,
     stored_digests,
 )
+from ._retention import META_CHECKPOINT
 from ._rowindex import RowIndex
 from ._segments import SegmentRecord
 from ._usage_fields import usage_problem
@@ -91,6 +94,7 @@ class _Verifier:
         self.segment_ids: dict[int, np.ndarray] = {}
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.generators: set[int] = set()
+        self.checkpoint: dict[str, Any] | None = None
         self.format_version: int | None = None
         self._counts: dict[str, int] = {}
 
@@ -213,6 +217,18 @@ class _Verifier:
                     self.generators.add(version)
                 except (DpsnError, ValueError) as e:
                     self.problem("generator", str(e))
+            elif key in (META_GROWTH, META_MAINTENANCE, META_CHECKPOINT):
+                try:
+                    if key == META_GROWTH:
+                        growth_counters(value)
+                    elif key == META_MAINTENANCE:
+                        MaintenancePolicy.from_json(parse_record(value, "the maintenance policy"))
+                    else:
+                        self.checkpoint = snapshot_record(
+                            parse_record(value, "the history checkpoint"), "checkpoint"
+                        )
+                except DpsnError as e:
+                    self.problem("meta", f"meta/{key.decode()}: {e}")
             elif key != META_DIGESTS:
                 self.note(f"meta holds a key this dpsn does not know: {key[:64]!r}")
         if self.head is None:
@@ -446,8 +462,61 @@ class _Verifier:
         except DpsnError as e:
             self.problem("manifest", str(e))
 
+    def history(self) -> None:
+        """Compaction commits change no row and no setting of their parent; the history
+        checkpoint is the index of its commit; every commit from it up to HEAD can be
+        rebuilt (the segments replay needs are recorded)."""
+        for cid, rec in sorted(self.commits.items()):
+            if not is_compaction(rec):
+                continue
+            parent = self.commits.get(cid - 1)
+            if parent is None:
+                continue
+            same = (
+                rec.persisted_rows == parent.persisted_rows
+                and rec.rows_dropped == 0
+                and rec.provenance == parent.provenance
+                and rec.generator == parent.generator
+                and rec.routers == parent.routers
+            )
+            if not same:
+                self.problem(
+                    "compaction", f"compaction commit {cid} changes what commit {cid - 1} holds"
+                )
+            seg = self.segments.get(rec.segment) if rec.segment is not None else None
+            if seg is not None and (seg.drops or seg.rows != rec.rows_written or seg.commit != cid):
+                self.problem(
+                    "compaction", f"compaction commit {cid}: its segment {seg.name} does not fit it"
+                )
+        cp = self.checkpoint
+        if cp is None or self.head is None:
+            return
+        commit = self.commits.get(cp["commit"])
+        if commit is None or cp["rows"] != commit.persisted_rows:
+            self.problem(
+                "checkpoint",
+                f"the history checkpoint names commit {cp['commit']} but does not match it",
+            )
+            return
+        try:
+            index = self.store._read_pinned("checkpoint", cp)
+        except DpsnError as e:
+            self.problem("checkpoint", str(e))
+            return
+        self.index_against_segments(index, "the history checkpoint")
+        for cid in range(cp["commit"] + 1, self.head + 1):
+            rec = self.commits.get(cid)
+            if rec is not None and rec.segment is not None and rec.segment not in self.segments:
+                self.problem(
+                    "checkpoint",
+                    f"commit {cid} is kept (after the checkpoint) but its segment "
+                    f"{rec.segment:016x} is gone: it cannot be rebuilt",
+                )
+
     def kept_commits(self) -> list[Commit]:
         keep = {self.head, *(r["commit"] for r in self.snapshots.values())}
+        if self.checkpoint is not None and self.head is not None:
+            keep |= set(range(self.checkpoint["commit"], self.head + 1))
         return [self.commits[c] for c in sorted(k for k in keep if k in self.commits)]
 
     def generator_data(self) -> None:
@@ -518,6 +587,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("segment data", v.segment_data, ("read_lmdb",)),
         ("the lifecycle", v.lifecycle, ("read_lmdb",)),
         ("snapshots", v.snapshot_records, ("read_lmdb",)),
+        ("compactions and the history checkpoint", v.history, ("read_lmdb",)),
         ("generator weights", v.generator_data, ("read_lmdb",)),
         ("routers", v.routers, ("read_lmdb",)),
         ("zarr groups", v.zarr_groups, ()),

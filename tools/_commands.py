@@ -113,8 +113,18 @@ def _info_lines(info: dict[str, Any]) -> str:
                 "segment(s) of interrupted commits",
             ),
             ("on disk", human_bytes(info["bytes_on_disk"])),
+            ("space amplification", _amp(info["space_amplification"], "stored / live")),
+            (
+                "write amplification",
+                _amp(info["write_amplification"], "written / written by commits")
+                + f", {info['compactions']} compaction(s)",
+            ),
         ]
     )
+
+
+def _amp(value: float | None, what: str) -> str:
+    return "-" if value is None else f"{value:.2f}x ({what})"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -313,7 +323,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            result = store.gc(dry_run=args.dry_run, progress=progress)
+            retention = {
+                k: getattr(args, k)
+                for k in ("keep_last", "keep_within")
+                if getattr(args, k, None) is not None
+            }
+            result = store.gc(dry_run=args.dry_run, progress=progress, **retention)
         if args.dry_run:  # what removing them would free (the tier counts it only when it does)
             from dpsn.tiers import tree_bytes
 
@@ -333,8 +348,70 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{len(result['orphan_segments'])} leftover(s) of interrupted commits, "
             f"{result['partial_files']} partial file(s), "
             f"{len(result.get('stale_versions', []))} old generator/router version(s); "
-            f"{freed} {human_bytes(result['freed_bytes'])}"
+            f"{freed} {human_bytes(result['freed_bytes'])}; commits from {result['kept_from']} "
+            "on stay rebuildable"
         )
+        if result.get("deferred"):
+            print("files left for the next gc: a reader opened the store meanwhile")
+    return EXIT_OK
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from dpsn.tiers import PersistedStore
+
+    from ._format import human_bytes
+
+    store = PersistedStore.open(Path(args.path), writable=True)
+    try:
+        with _progress(0, "compact", unit="row") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = store.compact(progress=progress).to_json()
+    finally:
+        store.close()
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    b, a = result["before"], result["after"]
+    if not result["commits"]:
+        print(f"nothing to compact: space amplification {_amp(b['space_amplification'], '')}")
+        return EXIT_OK
+    freed = (result["gc"] or {}).get("freed_bytes", 0)
+    print(
+        f"moved {result['rows_moved']} live rows of {len(result['source_segments'])} segment(s) "
+        f"into {len(result['new_segments'])} (commit(s) {', '.join(map(str, result['commits']))}); "
+        f"wrote {human_bytes(result['bytes_written'])}, gc freed {human_bytes(freed)}\n"
+        f"space amplification {_amp(b['space_amplification'], 'before')} -> "
+        f"{_amp(a['space_amplification'], 'after')}; write amplification "
+        f"{_amp(a['write_amplification'], 'so far')}"
+    )
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from dpsn.tiers import PersistedStore
+    from dpsn.tiers._retention import read_policy, write_policy
+
+    names = ("keep_last", "keep_within", "compact_above", "compact_min_bytes")
+    changes = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    store = PersistedStore.open(Path(args.path), writable=bool(changes))
+    try:
+        policy = read_policy(store)
+        if changes:
+            policy = policy.with_(**changes)
+            write_policy(store, policy)
+    finally:
+        store.close()
+    out = policy.to_json()
+    if args.json:
+        _print_json(out)
+    else:
+        from ._format import fields
+
+        print(fields([(k.replace("_", " "), "-" if v is None else v) for k, v in out.items()]))
     return EXIT_OK
 
 
@@ -452,7 +529,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
         last = facts.last_writer_stats()
         lifecycle = lifecycle_health(facts.commit(facts.head()).get("lifecycle"))
     writer = last[1] if last else None
-    keys = ("persisted_rows", "segments", "bytes_on_disk", "compression_ratio", "garbage_bytes")
+    keys = (
+        "persisted_rows",
+        "segments",
+        "bytes_on_disk",
+        "compression_ratio",
+        "garbage_bytes",
+        "space_amplification",
+        "write_amplification",
+        "compactions",
+    )
     out: dict[str, Any] = {
         "store": {k: info[k] for k in keys},
         "writer": writer,
@@ -476,6 +562,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("on disk", human_bytes(info["bytes_on_disk"])),
         ("ratio", "-" if ratio is None else f"{ratio:.3f} (raw / stored)"),
         ("garbage", human_bytes(info["garbage_bytes"])),
+        ("space amplification", _amp(info["space_amplification"], "stored / live")),
+        ("write amplification", _amp(info["write_amplification"], "compaction included")),
     ]
     if lifecycle:
         pairs += _lifecycle_fields(lifecycle, human_bytes)

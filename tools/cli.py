@@ -47,6 +47,43 @@ sizes (info, stats):
 """
 
 
+def _none_or(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def f(text: str) -> object:
+        if text.lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except (ValueError, ArithmeticError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return f
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"{text!r} is not a positive count")
+    return n
+
+
+def _seconds(text: str) -> float:
+    from dpsn.tiers._policy import parse_duration
+
+    return parse_duration(text)
+
+
+def _above_one(text: str) -> float:
+    x = float(text)
+    if not 1.0 < x < 1e9:
+        raise ValueError(f"{text!r}: give a ratio above 1")
+    return x
+
+
+_keep_last = _none_or(_positive)
+_duration = _none_or(_seconds)
+_ratio = _none_or(_above_one)
+
+
 def run_bench(argv: Sequence[str]) -> int:
     """``dpsn bench NAME [ARGS...]``: run a benchmark of ``bench/`` with its own arguments."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -184,11 +221,55 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = add(
         "gc",
-        "remove segments no commit at HEAD or snapshot references, and crash leftovers",
+        "remove what no kept commit needs (HEAD, snapshots, the retention window, what live "
+        "readers hold), and crash leftovers",
         c.cmd_gc,
     )
     sp.add_argument("path")
     sp.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    sp.add_argument(
+        "--keep-last",
+        type=_keep_last,
+        metavar="N",
+        help="keep the newest N commits rebuildable (this run only; `dpsn policy` sets it)",
+    )
+    sp.add_argument(
+        "--keep-within",
+        type=_duration,
+        metavar="AGE",
+        help="keep commits younger than AGE, e.g. 7d, 12h, 30m (this run only)",
+    )
+
+    sp = add(
+        "compact",
+        "rewrite the live rows of sparsely live segments into dense ones (a commit that "
+        "changes no row), then gc",
+        c.cmd_compact,
+    )
+    sp.add_argument("path")
+
+    sp = add(
+        "policy",
+        "show or change the store's retention and compaction policy",
+        c.cmd_policy,
+    )
+    sp.add_argument("path")
+    sp.add_argument("--keep-last", type=_keep_last, metavar="N|none", default=argparse.SUPPRESS)
+    sp.add_argument("--keep-within", type=_duration, metavar="AGE|none", default=argparse.SUPPRESS)
+    sp.add_argument(
+        "--compact-above",
+        type=_ratio,
+        metavar="X|none",
+        default=argparse.SUPPRESS,
+        help="compact after a commit when stored bytes exceed X times the live bytes",
+    )
+    sp.add_argument(
+        "--compact-min-bytes",
+        type=parse_count,
+        metavar="B",
+        default=argparse.SUPPRESS,
+        help="never compact automatically below this many stored bytes",
+    )
 
     sp = add("snapshot", "pin HEAD under a name, so that gc keeps it", c.cmd_snapshot)
     sp.add_argument("path")
