@@ -498,8 +498,8 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 /* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
 /* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
 
-/* Insert (x, id) into v[0:len], sorted descending and full, dropping its last entry; x must
- * beat v[len - 1]. Equal values keep their order (the earlier first). */
+/* Insert (x, id) into v[0:len], sorted descending, dropping its last entry (x must beat it,
+ * or it is a free place). Equal values keep their order (the earlier first). */
 static inline void insert_sorted(float *v, int64_t *ids, long long len, float x, int64_t id) {
     long long p = len - 1;
     while (p > 0 && v[p - 1] < x) {
@@ -550,16 +550,7 @@ static long long top_k(const float *src_v, long long n, int64_t mul, int64_t add
                        const int64_t *src_ids, long long k, float *v, int64_t *ids) {
     const long long len = n < k ? n : k;
     for (long long j = 0; j < len; j++) { /* insertion sort of the first len */
-        const float x = src_v[j];
-        const int64_t id = src_ids ? src_ids[j] : j * mul + add;
-        long long p = j;
-        while (p > 0 && v[p - 1] < x) {
-            v[p] = v[p - 1];
-            ids[p] = ids[p - 1];
-            p--;
-        }
-        v[p] = x;
-        ids[p] = id;
+        insert_sorted(v, ids, j + 1, src_v[j], src_ids ? src_ids[j] : j * mul + add);
     }
     if (len > 0) top_k_scan(src_v, len, n, mul, add, src_ids, len, v, ids);
     return len;

@@ -20,9 +20,15 @@ from dpsn.errors import (
     LifecycleError,
 )
 from dpsn.hypernet import GENERATORS, Generator, make_generator
-from dpsn.tiers import COMPRESSORS, Manifest, PersistedStore, RowIndex, check_policy
-from dpsn.tiers._policy import MaintenancePolicy
-from dpsn.tiers._retention import write_policy
+from dpsn.tiers import (
+    COMPRESSORS,
+    MaintenancePolicy,
+    Manifest,
+    PersistedStore,
+    RowIndex,
+    check_policy,
+    write_policy,
+)
 
 from ._lifecycle import Lifecycle, initial_record
 from ._pool import Pool

@@ -487,7 +487,7 @@ class Pool:
     def policy(self) -> dict[str, Any]:
         """The store's retention and compaction policy (see :meth:`set_policy`)."""
         self._check_open()
-        from dpsn.tiers._retention import read_policy
+        from dpsn.tiers import read_policy
 
         return read_policy(self._store).to_json()
 
@@ -496,7 +496,7 @@ class Pool:
         ``"7d"``, or None), ``compact_above`` (stored/live bytes that trigger compaction after
         a commit, None: never), ``compact_min_bytes``. Returns the new policy."""
         self._require_writable()
-        from dpsn.tiers._retention import read_policy, write_policy
+        from dpsn.tiers import read_policy, write_policy
 
         policy = read_policy(self._store).with_(**settings)
         write_policy(self._store, policy)
@@ -505,8 +505,7 @@ class Pool:
     def _auto_compact(self) -> None:
         """After a commit: compact if the policy's threshold is passed. The commit is durable
         already, so a failure here is a warning, never an error of the commit."""
-        from dpsn.tiers._compact import maybe_compact
-        from dpsn.tiers._retention import read_policy
+        from dpsn.tiers import maybe_compact, read_policy
 
         stack = self._stack
         try:

@@ -30,6 +30,7 @@ _LAZY = {
     "Commit": "._persisted",
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
+    "MaintenancePolicy": "._policy",
     "Manifest": "._format",
     "PersistedStore": "._persisted",
     "Prefetch": "._stack",
@@ -51,11 +52,15 @@ _LAZY = {
     "pending_decay": "._health",
     "load_generator": "._procedural",
     "make_policy": "._policies",
+    "maybe_compact": "._compact",
+    "parse_duration": "._policy",
     "policies": "._policies",
     "read_manifest": "._format",
+    "read_policy": "._retention",
     "register_policy": "._policies",
     "storage_dtype": "._persisted",
     "tree_bytes": "._info",
+    "write_policy": "._retention",
 }
 
 if TYPE_CHECKING:
@@ -63,13 +68,16 @@ if TYPE_CHECKING:
     from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
+    from ._compact import maybe_compact
     from ._format import FORMAT_VERSION, Manifest, read_manifest
     from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
+    from ._policy import MaintenancePolicy, parse_duration
     from ._procedural import ProceduralTier, load_generator
+    from ._retention import read_policy, write_policy
     from ._rowindex import RowIndex
     from ._segments import COMPRESSORS
     from ._slot_table import SlotTable
@@ -106,6 +114,7 @@ __all__ = [
     "Commit",
     "DeviceCache",
     "EvictionPolicy",
+    "MaintenancePolicy",
     "Manifest",
     "PersistedStore",
     "Prefetch",
@@ -126,12 +135,16 @@ __all__ = [
     "lifecycle_health",
     "load_generator",
     "make_policy",
+    "maybe_compact",
+    "parse_duration",
     "pending_decay",
     "policies",
     "read_manifest",
+    "read_policy",
     "register_policy",
     "router_format",
     "storage_dtype",
     "tree_bytes",
     "usage",
+    "write_policy",
 ]

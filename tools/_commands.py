@@ -392,8 +392,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from dpsn.tiers import PersistedStore
-    from dpsn.tiers._retention import read_policy, write_policy
+    from dpsn.tiers import PersistedStore, read_policy, write_policy
 
     names = ("keep_last", "keep_within", "compact_above", "compact_min_bytes")
     changes = {k: getattr(args, k) for k in names if hasattr(args, k)}

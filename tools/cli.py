@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    from dpsn.tiers._policy import parse_duration
+    from dpsn.tiers import parse_duration
 
     return parse_duration(text)
 
