@@ -89,7 +89,7 @@ class Env:
         try:
             if not create:
                 # before LMDB reads a page: opening the databases walks the main tree
-                self._check_file(env)
+                self.check_file(env)
         except BaseException:
             env.close()
             raise
@@ -108,7 +108,7 @@ class Env:
             raise CorruptStoreError(f"{path}: the LMDB index lacks dpsn's databases: {e}") from e
         return env, dbs
 
-    def _check_file(self, env: lmdb.Environment | None = None, *, full: bool | None = None) -> None:
+    def check_file(self, env: lmdb.Environment | None = None, *, full: bool | None = None) -> None:
         """Walk the pages of the transaction a read now sees (``_lmdbfile.check_trees``),
         holding that transaction so no writer in another process recycles them meanwhile.
 

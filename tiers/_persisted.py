@@ -512,6 +512,12 @@ class PersistedStore:
                 f"{', '.join(f'{s:016x}' for s in sorted(missing)[:4])}); open it again"
             )
 
+    @property
+    def env(self) -> Env:
+        """The store's LMDB environment, for the tier modules that keep records beside the
+        commit protocol (retention, verify): one writer lock and one map for all of them."""
+        return self._env
+
     def close(self) -> None:
         if self._lease is not None:
             self._lease.release()
@@ -918,10 +924,10 @@ class PersistedStore:
         for name, record in self.snapshots().items():
             if record["commit"] != commit:
                 continue
-            return self._read_pinned(name, record)
+            return self.read_pinned(name, record)
         return None
 
-    def _read_pinned(self, name: str, record: dict[str, Any]) -> RowIndex:
+    def read_pinned(self, name: str, record: dict[str, Any]) -> RowIndex:
         """A snapshot's pinned index, checked: columns against the snapshot's checksums, the
         whole against the digest its commit recorded."""
         commit = record["commit"]

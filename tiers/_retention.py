@@ -69,11 +69,11 @@ def write_policy(store: Any, policy: MaintenancePolicy) -> None:
     store._require_writer()
 
     def put(txn: lmdb.Transaction) -> None:
-        w = Writer(txn, store._env.dbs)
+        w = Writer(txn, store.env.dbs)
         w.put_record(DB_META, META_MAINTENANCE, policy.to_json())
         w.finish()
 
-    store._env.write(put)
+    store.env.write(put)
 
 
 # -- the window --------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def base_index(store: Any, commit: int) -> tuple[int, RowIndex]:
             best = (rec["commit"], name, rec)
     if best is None:
         return 1, RowIndex.empty()
-    return best[0], store._read_pinned(best[1], best[2])
+    return best[0], store.read_pinned(best[1], best[2])
 
 
 # -- gc ----------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def collect(
         # since: keep every segment written up to the newest commit a reader holds.
         keep |= {s for s, r in records.items() if r.commit <= held[-1]}
     for name, rec in snaps.items():
-        keep |= set(store._read_pinned(name, rec).segments().tolist())
+        keep |= set(store.read_pinned(name, rec).segments().tolist())
     cp = checkpoint_record(store)
     new_cp: dict[str, Any] | None = None
     base: RowIndex | None = None
@@ -228,7 +228,7 @@ def collect(
     drop_cp = cp is not None and cp_commit is None
 
     def forget(txn: lmdb.Transaction) -> None:
-        w = Writer(txn, store._env.dbs)
+        w = Writer(txn, store.env.dbs)
         for s in dead:
             w.delete(DB_SEGMENTS, u64_key(s))
         if new_cp is not None:
@@ -238,7 +238,7 @@ def collect(
         w.finish()
 
     if dead or new_cp is not None or drop_cp:
-        store._env.write(forget)
+        store.env.write(forget)
     after = live_readers(store.root)
     if after.choosing or not after.names <= readers.names:
         # A reader arrived while gc decided: it may hold what gc just forgot. Leave the files

@@ -113,14 +113,14 @@ class _Verifier:
 
     def lmdb_file(self) -> None:
         try:
-            self.store._env._check_file(full=True)
+            self.store.env.check_file(full=True)
         except DpsnError as e:
             self.problem("lmdb", str(e))
             raise _UnreadableError from e  # nothing may read LMDB pages past a failed walk
 
     def read_lmdb(self) -> None:
         """Every database in one read transaction: what the other steps check."""
-        env = self.store._env
+        env = self.store.env
 
         def scan(txn: lmdb.Transaction) -> tuple[Any, ...]:
             out = {}
@@ -447,7 +447,7 @@ class _Verifier:
                 )
                 continue
             try:
-                pinned = self.store._read_pinned(name, record)
+                pinned = self.store.read_pinned(name, record)
             except DpsnError as e:
                 self.problem("snapshot", str(e))
                 continue
@@ -499,7 +499,7 @@ class _Verifier:
             )
             return
         try:
-            index = self.store._read_pinned("checkpoint", cp)
+            index = self.store.read_pinned("checkpoint", cp)
         except DpsnError as e:
             self.problem("checkpoint", str(e))
             return
