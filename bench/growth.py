@@ -14,10 +14,13 @@
    live bytes (and, stricter, the whole directory / live bytes), write amplification = bytes
    commits and compactions wrote / bytes commits wrote. Aims: space amplification <= 1.5x
    after compaction, write amplification <= 5x.
-2. Scale: stores of 10^4.. persisted rows (dim 8): time to open one (``dpsn.open``, which
-   loads HEAD's row index), the resident memory that open adds, and the latency of a 1-row
-   commit, each measured in a fresh interpreter. Aims (issue 10, not met by this design: the
-   index is still loaded whole): 1-row commit at 10^7 within 3x of 10^4, open within 5x.
+2. Scale: stores of 10^4.. persisted rows (dim 8): time to open one (``dpsn.open``: the row
+   index's run files are mapped, not read, and the commits since them replayed), the resident
+   memory that open adds, a read of 4096 random ids and the RSS after it, and the latency of a
+   1-row commit (median and max of 9: a commit that writes a run or merges runs costs more),
+   each in a fresh interpreter; beside them, in the same store, the design before: HEAD's
+   whole index read from LMDB. Aims (issue 10): 1-row commit at 10^7 within 3x of 10^4, open
+   within 5x, index memory at 10^7 <= 200 MB resident.
 
 Writes bench/results/growth.json and, with matplotlib, docs/growth.png.
 """
@@ -114,30 +117,53 @@ def trace(root: Path, commits: int, per_commit: int, *, compaction: bool) -> dic
 
 
 CHILD = r"""
-import json, os, sys, time
-def rss():
+import json, sys, time
+from pathlib import Path
+def rss(kind="VmRSS"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) * 1024
-import torch, dpsn
-path = sys.argv[1]
+import numpy as np, torch, dpsn
+from dpsn.tiers import PersistedStore
+path, mode = sys.argv[1], sys.argv[2]
 dpsn.open(path, cache_rows=0).close()  # imports, generator and lazy set-up, once
-base = rss()
-t = time.perf_counter()
-pool = dpsn.open(path, cache_rows=0)
-open_s = time.perf_counter() - t
-added = rss() - base
-pool.close()
-w = dpsn.open(path, mode="r+", cache_rows=0)
-lat = []
-for i in range(7):
-    w.write(torch.tensor([i]), torch.ones(1, w.dim))
+out = {}
+if mode == "flat":
+    # The design before the run files, in the same store: HEAD's whole index read from LMDB.
+    store = PersistedStore.open(Path(path), writable=False)
+    base = rss()
     t = time.perf_counter()
-    w.commit("one row")
-    lat.append(time.perf_counter() - t)
-w.close()
-print(json.dumps({"open_s": open_s, "open_rss_bytes": added, "commit_1row_s": sorted(lat)[3]}))
+    head, index = store.load_flat_head()
+    out["open_s"] = time.perf_counter() - t
+    out["open_rss_bytes"] = rss() - base
+    store.close()
+else:
+    base, base_file = rss(), rss("RssFile")
+    t = time.perf_counter()
+    pool = dpsn.open(path, cache_rows=0)
+    out["open_s"] = time.perf_counter() - t
+    out["open_rss_bytes"] = rss() - base
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, pool.rows, 4096))
+    t = time.perf_counter()
+    pool.delta(ids)
+    out["read_4096_s"] = time.perf_counter() - t
+    out["read_rss_bytes"] = rss() - base
+    # File-backed pages mapped in by the read: the run files' (and LMDB's) pages it touched,
+    # which the OS may drop again; the rest of the RSS growth is the read's own buffers.
+    out["read_rss_file_bytes"] = rss("RssFile") - base_file
+    pool.close()
+    w = dpsn.open(path, mode="r+", cache_rows=0)
+    lat = []
+    for i in range(9):
+        w.write(torch.tensor([i]), torch.ones(1, w.dim))
+        t = time.perf_counter()
+        w.commit("one row")
+        lat.append(time.perf_counter() - t)
+    w.close()
+    out["commit_1row_s"] = sorted(lat)[4]
+    out["commit_1row_max_s"] = max(lat)
+print(json.dumps(out))
 """
 
 
@@ -159,12 +185,18 @@ def scale(root: Path, n: int) -> dict[str, Any]:
             pool.write(part, torch.randn(len(part), 8))
             pool.commit("fill")
     build = time.perf_counter() - t
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True
-    )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res: dict[str, Any] = {"persisted_rows": n, "build_s": build}
+    for mode in ("flat", "runs"):
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        res.update({f"{mode}_{k}": v for k, v in got.items()})
     shutil.rmtree(path, ignore_errors=True)
-    return {"persisted_rows": n, "build_s": build, **res}
+    return res
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -201,6 +233,7 @@ def main() -> None:
     ap.add_argument("--rows-per-commit", type=int, default=2000)
     ap.add_argument("--sizes", default=None, help="persisted rows to scale over, e.g. 1e4,1e5,1e6")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--only", choices=("trace", "scale"), help="run one part")
     args = ap.parse_args()
     commits = args.commits or (40 if args.quick else 300)
     sizes_text = args.sizes or ("1e4,1e5" if args.quick else "1e4,1e5,1e6")
@@ -217,12 +250,12 @@ def main() -> None:
                 "rows_per_commit": args.rows_per_commit,
             },
         }
-        for compaction in (False, True):
+        for compaction in (False, True) if args.only != "scale" else ():
             key = "compacted" if compaction else "plain"
             results[key] = trace(root, commits, args.rows_per_commit, compaction=compaction)
         mib = 1 << 20
         rows = []
-        for key in ("plain", "compacted"):
+        for key in ("plain", "compacted") if args.only != "scale" else ():
             r = results[key]
             rows.append(
                 [
@@ -240,44 +273,66 @@ def main() -> None:
                     r["seconds_in_commits"],
                 ]
             )
-        print_table(
-            f"trace: {commits} commits of {args.rows_per_commit} Zipf rows (dim {DIM} float32)",
-            [
-                "store",
-                "commits",
-                "rows",
-                "live MiB",
-                "segments MiB",
-                "disk MiB",
-                "space amp",
-                "max amp (2nd half)",
-                "disk/live",
-                "write amp",
-                "compactions",
-                "commit s",
-            ],
-            rows,
-        )
-        results["scale"] = [scale(root, n) for n in sizes]
-        base = results["scale"][0]
-        print_table(
-            "scale: fresh interpreter, dim 8 (open: a second dpsn.open, read-only; "
-            "commit: 1 row, median of 7)",
-            ["persisted rows", "open ms", "x 1st", "open RSS MiB", "1-row commit ms", "x 1st"],
-            [
+        if rows:
+            print_table(
+                f"trace: {commits} commits of {args.rows_per_commit} Zipf rows (dim {DIM} float32)",
                 [
-                    s["persisted_rows"],
-                    s["open_s"] * 1e3,
-                    s["open_s"] / base["open_s"],
-                    s["open_rss_bytes"] / mib,
-                    s["commit_1row_s"] * 1e3,
-                    s["commit_1row_s"] / base["commit_1row_s"],
-                ]
-                for s in results["scale"]
-            ],
-        )
-        write_json("growth", results)
-        if not args.no_plot:
+                    "store",
+                    "commits",
+                    "rows",
+                    "live MiB",
+                    "segments MiB",
+                    "disk MiB",
+                    "space amp",
+                    "max amp (2nd half)",
+                    "disk/live",
+                    "write amp",
+                    "compactions",
+                    "commit s",
+                ],
+                rows,
+            )
+        results["scale"] = [scale(root, n) for n in sizes] if args.only != "trace" else []
+        if results["scale"]:
+            base = results["scale"][0]
+            print_table(
+                "scale: fresh interpreters, dim 8. open: dpsn.open read-only (run files "
+                "mapped, commits since replayed) beside the whole index read from LMDB (the "
+                "design before); read: 4096 random ids; commit: 1 row, median and max of 9",
+                [
+                    "persisted rows",
+                    "open ms",
+                    "x 1st",
+                    "open RSS MiB",
+                    "whole-index open ms",
+                    "its RSS MiB",
+                    "read ms",
+                    "RSS after read MiB",
+                    "of it file-backed",
+                    "1-row commit ms",
+                    "x 1st",
+                    "max ms",
+                ],
+                [
+                    [
+                        s["persisted_rows"],
+                        s["runs_open_s"] * 1e3,
+                        s["runs_open_s"] / base["runs_open_s"],
+                        s["runs_open_rss_bytes"] / mib,
+                        s["flat_open_s"] * 1e3,
+                        s["flat_open_rss_bytes"] / mib,
+                        s["runs_read_4096_s"] * 1e3,
+                        s["runs_read_rss_bytes"] / mib,
+                        s["runs_read_rss_file_bytes"] / mib,
+                        s["runs_commit_1row_s"] * 1e3,
+                        s["runs_commit_1row_s"] / base["runs_commit_1row_s"],
+                        s["runs_commit_1row_max_s"] * 1e3,
+                    ]
+                    for s in results["scale"]
+                ],
+            )
+        write_json(f"growth_{args.only}" if args.only else "growth", results)
+        if not args.no_plot and args.only != "scale":
             plot(results, Path(__file__).parent.parent / "docs" / "growth.png")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -22,10 +22,10 @@ from dpsn.errors import (
 from dpsn.hypernet import GENERATORS, Generator, make_generator
 from dpsn.tiers import (
     COMPRESSORS,
+    LayeredIndex,
     MaintenancePolicy,
     Manifest,
     PersistedStore,
-    RowIndex,
     check_policy,
     write_policy,
 )
@@ -263,7 +263,7 @@ def create(
         return Pool(
             store,
             commit=1,
-            index=RowIndex.empty(),
+            index=LayeredIndex.empty(),
             device=device,
             cache_rows=cache_rows,
             policy=policy,

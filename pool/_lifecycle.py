@@ -465,7 +465,7 @@ class LifecycleRunner:
 
     def _held(self, ids: np.ndarray, free: np.ndarray, uses: np.ndarray) -> np.ndarray:
         """Rows in their warm-up: kept in memory, not committed."""
-        _, committed = self.stack.index.find(ids)
+        committed = self.stack.index.contains(ids)
         return free & (uses < self.policy.warmup) & ~committed
 
     # -- health --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from dpsn.tiers import (
     Prefetch,
     ProceduralTier,
     RowBatch,
-    RowIndex,
+    RowLookup,
     RowStack,
     VerifyReport,
     check_policy,
@@ -66,7 +66,7 @@ class Pool:
         store: PersistedStore,
         *,
         commit: int,
-        index: RowIndex,
+        index: RowLookup,
         device: str | torch.device | None = None,
         cache_rows: int | None = None,
         policy: str = "lru",
@@ -526,9 +526,8 @@ class Pool:
     def row_commits(self, ids: Any) -> np.ndarray:
         """For each id, the commit that last wrote its persisted delta, or 0 if it has none."""
         flat = self._ids(ids).reshape(-1).numpy()
-        index = self._stack.index
-        pos, found = index.find(flat)
-        return np.where(found, index.commit[pos] if len(index) else 0, 0)
+        found, _, _, commit = self._stack.index.lookup(flat)
+        return np.where(found, commit, 0)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -536,6 +535,9 @@ class Pool:
         """Release the store (and the writer lock). Uncommitted changes are discarded."""
         stack = getattr(self, "_stack", None)
         if stack is not None:
+            if self.writable and not self._store.closed:
+                # The next open then maps the runs and replays nothing.
+                self._store.settle_runs(stack.index, stack.head)
             stack.close()
         if not self._store.closed:
             self._store.close()

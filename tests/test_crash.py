@@ -23,6 +23,12 @@ pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("DPSN_CRASH_KILLS", "50"))
 DIM = 8
 
+# Writers keep the row index in run files from a few hundred rows on (``_runs.py``; the default
+# is 65536), so that kills land in run writes and merges too and every check opens through them.
+SMALL_RUNS = (
+    "import dpsn.tiers._runs as r\nr.RUN_MIN_ROWS, r.FLUSH_ROWS, r.FLUSH_COMMITS = 256, 400, 3\n"
+)
+
 WRITER = r"""
 import sys, torch, dpsn
 path = sys.argv[1]
@@ -64,6 +70,7 @@ def _writer_source() -> str:
     return (
         inspect.getsource(expected_change).replace("def expected_change", "def EXPECTED")
         + f"\nDIM = {DIM}\n"
+        + SMALL_RUNS
         + WRITER
     )
 
@@ -148,6 +155,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
         "import torch\n"
         + inspect.getsource(expected_change).replace("def expected_change", "def EXPECTED")
         + f"\nDIM = {DIM}\n"
+        + SMALL_RUNS
         + MAINTAINER
     )
     rng = random.Random(4321)

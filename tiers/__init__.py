@@ -31,6 +31,7 @@ _LAZY = {
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
     "MaintenancePolicy": "._policy",
+    "LayeredIndex": "._layered",
     "Manifest": "._format",
     "PersistedStore": "._persisted",
     "Prefetch": "._stack",
@@ -38,6 +39,7 @@ _LAZY = {
     "RowBatch": "._stack",
     "RowIndex": "._rowindex",
     "RowLayout": "._columns",
+    "RowLookup": "._layered",
     "RowOptimizer": "._stack",
     "RowStack": "._stack",
     "SlotTable": "._slot_table",
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from ._format import FORMAT_VERSION, Manifest, read_manifest
     from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
+    from ._layered import LayeredIndex, RowLookup
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
@@ -114,6 +117,7 @@ __all__ = [
     "Commit",
     "DeviceCache",
     "EvictionPolicy",
+    "LayeredIndex",
     "MaintenancePolicy",
     "Manifest",
     "PersistedStore",
@@ -122,6 +126,7 @@ __all__ = [
     "RowBatch",
     "RowIndex",
     "RowLayout",
+    "RowLookup",
     "RowOptimizer",
     "RowStack",
     "SlotTable",

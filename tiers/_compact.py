@@ -54,8 +54,8 @@ from ._format import (
     SEGMENT_IDS,
     u64_key,
 )
+from ._layered import LayeredIndex
 from ._records import Commit, Writer, parse_record, read_u64
-from ._rowindex import RowIndex
 
 if TYPE_CHECKING:
     from ._segments import SegmentRecord
@@ -146,11 +146,6 @@ def amplification(
     }
 
 
-def _live_rows(index: RowIndex) -> dict[int, int]:
-    segs, counts = np.unique(index.segment, return_counts=True)
-    return dict(zip(segs.tolist(), counts.tolist(), strict=True))
-
-
 def _columns(rec: SegmentRecord) -> tuple[tuple[str, int], ...]:
     """The per-row columns a segment declares, with their widths: every checksummed array
     but ``ids`` and ``drops``, so columns added later (usage statistics) are carried too."""
@@ -222,7 +217,7 @@ class CompactResult:
     after: dict[str, Any] = field(default_factory=dict)
     gc: dict[str, Any] | None = None
     head: int = 0
-    index: RowIndex = field(default_factory=RowIndex.empty, repr=False)
+    index: LayeredIndex = field(default_factory=LayeredIndex.empty, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -239,9 +234,9 @@ class CompactResult:
         }
 
 
-def figures(store: Any, index: RowIndex) -> dict[str, Any]:
+def figures(store: Any, index: LayeredIndex) -> dict[str, Any]:
     counters = store._read(lambda txn: growth_counters(txn.get(META_GROWTH, db=store._db(DB_META))))
-    return amplification(store.segment_records(), _live_rows(index), counters)
+    return amplification(store.segment_records(), index.live_rows(), counters)
 
 
 def _batches(
@@ -261,7 +256,7 @@ def _batches(
 
 def compact(
     store: Any,
-    index: RowIndex,
+    index: LayeredIndex,
     head: int,
     *,
     target: float = 1.1,
@@ -273,7 +268,7 @@ def compact(
     run ``gc`` by the store's retention policy. ``progress(done, total)`` counts rows moved."""
     store._require_writer()
     records = store.segment_records()
-    live = _live_rows(index)
+    live = index.live_rows()
     result = CompactResult(head=head, index=index)
     result.before = figures(store, index)
     groups = plan(records, live, target=target)
@@ -305,20 +300,27 @@ def compact(
 
 def _compact_one(
     store: Any,
-    index: RowIndex,
+    index: LayeredIndex,
     head: int,
     sources: list[int],
     records: dict[int, SegmentRecord],
-) -> tuple[Commit, RowIndex, SegmentRecord, int]:
+) -> tuple[Commit, LayeredIndex, SegmentRecord, int]:
     """One compaction commit: the live rows of ``sources`` (one layout) into a new segment."""
     env = store._env
     parent = store.commit_record(head)
     if store.head() != head:
         raise CorruptStoreError(f"{store.root}: HEAD moved from {head} under the writer lock")
-    mask = np.isin(index.segment, np.asarray(sources, dtype=np.int64))
-    where = np.flatnonzero(mask)
-    ids = index.ids[where]
-    old_seg, old_off, old_commit = index.segment[where], index.offset[where], index.commit[where]
+    # The live rows of the sources: those of each source's ids the index still points there
+    # (read per segment, so a compaction walks its sources, not the whole index).
+    found = []
+    for s in sources:
+        sids = store.segments.read_column(records[s], SEGMENT_IDS)
+        has, seg_of, off_of, com_of = index.lookup(sids)
+        here = has & (seg_of == s)
+        found.append((sids[here], seg_of[here], off_of[here], com_of[here]))
+    ids, old_seg, old_off, old_commit = (np.concatenate(c) for c in zip(*found, strict=True))
+    by_id = np.argsort(ids, kind="stable")
+    ids, old_seg, old_off, old_commit = (c[by_id] for c in (ids, old_seg, old_off, old_commit))
     n = len(ids)
     layout = _columns(records[sources[0]])
     cols: dict[str, np.ndarray] = {}
@@ -410,16 +412,11 @@ def _compact_one(
     except BaseException:
         store.segments.remove(segment_id)
         raise
-    seg_col = index.segment.copy()
-    off_col = index.offset.copy()
-    com_col = index.commit.copy()
-    seg_col[where] = segment_id
-    off_col[where] = new_off
-    com_col[where] = commit_id
-    return final, RowIndex(index.ids, seg_col, off_col, com_col), seg, read
+    after = index.apply(ids, segment_id, commit_id, _EMPTY)
+    return final, store.maintain_runs(after, final), seg, read
 
 
-def maybe_compact(store: Any, index: RowIndex, head: int, policy: Any) -> CompactResult | None:
+def maybe_compact(store: Any, index: LayeredIndex, head: int, policy: Any) -> CompactResult | None:
     """The automatic trigger after a commit: compact when the live segments hold more than
     ``policy.compact_above`` times the live bytes (and at least ``compact_min_bytes``), down to
     halfway between 1 and the threshold, so that the next trigger is some commits away (write
@@ -436,7 +433,7 @@ def maybe_compact(store: Any, index: RowIndex, head: int, policy: Any) -> Compac
     newest = max((r for r in records.values() if r.rows), key=lambda r: r.id, default=None)
     if newest is None or total <= above * len(index) * _row_raw_bytes(newest) * 0.9:
         return None
-    live = _live_rows(index)
+    live = index.live_rows()
     stored_live = sum(records[s].stored_bytes for s in live if s in records)
     if stored_live < policy.compact_min_bytes:
         return None

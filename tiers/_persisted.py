@@ -52,6 +52,7 @@ from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
     CorruptSegmentError,
     CorruptStoreError,
+    DpsnError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
     InvalidSnapshotNameError,
@@ -66,6 +67,7 @@ from dpsn.errors import (
     StoreWriteError,
 )
 
+from . import _runs
 from ._compact import count_commit_bytes
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
 from ._format import (
@@ -107,6 +109,7 @@ from ._format import (
     write_manifest,
 )
 from ._generator_shapes import generator_shapes
+from ._layered import LayeredIndex
 from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
@@ -123,6 +126,10 @@ from ._records import (
     stored_digests,
 )
 from ._rowindex import RowIndex
+from ._runs import RUNS_DIR, RunsUnusableError, open_layers, read_runset, run_checksum
+from ._runs import discard as discard_runs
+from ._runs import maintain as maintain_runs
+from ._runs import save as save_runs
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
 from ._usage_fields import usage_problem
 from ._zarrsafe import read_array, read_array_meta
@@ -496,7 +503,7 @@ class PersistedStore:
         if self._lease is not None:
             # The lease names the newest commit whose segments the index reads: a past commit
             # read through a compaction after it (``load_index``) reads that one's segment.
-            newest = int(index.commit.max()) if index is not None and len(index) else 0
+            newest = index.newest_commit() if index is not None else 0
             self._lease.hold(None if commit is None else max(commit, newest))
         if index is None or not len(index):
             return
@@ -666,7 +673,125 @@ class PersistedStore:
         recs = [_segment(v, _key_id(k, "segment")) for k, v in self._read(scan)]
         return {r.id: r for r in recs}
 
-    def load_head(self) -> tuple[int, RowIndex]:
+    def load_head(self) -> tuple[int, LayeredIndex]:
+        """HEAD and its row index: from the run files when they are usable (``_runs.py``: an
+        open then maps them and replays the few commits since, instead of reading every row),
+        else from LMDB (:meth:`load_flat_head`); a writer then writes the run set anew."""
+        reason = None
+        try:
+            got = self.load_from_runs()
+        except RunsUnusableError as e:
+            got, reason = None, str(e)
+        if got is not None:
+            return got
+        head, flat = self.load_flat_head()
+        index = LayeredIndex.of(flat, head)
+        if self.writable:
+            try:
+                if len(flat) >= _runs.RUN_MIN_ROWS:
+                    index = save_runs(
+                        self.root,
+                        self.manifest.uuid,
+                        index,
+                        head,
+                        self.commit_record(head).index_digest,
+                    )
+                elif reason is not None:
+                    discard_runs(self.root)
+            except OSError:
+                pass  # runs only speed up the next open; LMDB has the index
+        return head, index
+
+    def load_from_runs(self) -> tuple[int, LayeredIndex] | None:
+        """HEAD and its index from the run set and the commits since (``None``: no run set;
+        ``RunsUnusableError``: one that cannot be used, and why)."""
+        runset = read_runset(self.root, self.manifest.uuid)
+        if runset is None:
+            return None
+
+        def scan(txn: lmdb.Transaction) -> tuple[int, bytes | None, bytes | None]:
+            head = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
+            commits = self._db(DB_COMMITS)
+            return (
+                head,
+                txn.get(u64_key(head), db=commits),
+                txn.get(u64_key(runset.commit), db=commits),
+            )
+
+        head, raw_head, raw_base = self._read(scan)
+        if runset.commit > head or raw_head is None or raw_base is None:
+            raise RunsUnusableError(f"the run set is of commit {runset.commit}, HEAD is {head}")
+        base = _commit(raw_base, runset.commit)
+        if base.index_digest != runset.digest or base.persisted_rows != runset.count:
+            raise RunsUnusableError(f"the run set does not match commit {runset.commit}")
+        record = _commit(raw_head, head)
+        if self.writable:
+            # A writer computes each commit's digest change from what the index says: it reads
+            # the runs whole once (sequentially, ~GB/s) rather than trust bytes it did not write.
+            for name, _, want in runset.files:
+                try:
+                    ok = run_checksum(self.root / RUNS_DIR / name) == want
+                except OSError as e:
+                    raise RunsUnusableError(f"run file {name} cannot be read: {e}") from e
+                if not ok:
+                    raise RunsUnusableError(f"run file {name} does not match runs.json")
+        names = tuple(name for name, _, _ in runset.files)
+        index = LayeredIndex(
+            open_layers(self.root, runset),
+            names,
+            RowIndex.empty(),
+            base_commit=runset.commit,
+            since=0,
+            count=runset.count,
+            live=runset.live,
+            newest=runset.newest,
+        )
+        digest = runset.digest
+        try:
+            for rec in self.log_range(runset.commit + 1, head):
+                if rec.segment is None:
+                    continue
+                seg = self.segment_record(rec.segment)
+                ids = self.segments.read_column(seg, SEGMENT_IDS)
+                drops = self.segments.read_column(seg, SEGMENT_DROPS)
+                if digest is not None:
+                    digest = _digest_after(index, digest, ids, seg.id, rec.id, drops)
+                index = index.apply(ids, seg.id, rec.id, drops)
+        except (DpsnError, OSError, ValueError) as e:
+            raise RunsUnusableError(f"the commits after the run set cannot be replayed: {e}") from e
+        if len(index) != record.persisted_rows or (
+            record.index_digest is not None and digest != record.index_digest
+        ):
+            raise RunsUnusableError(
+                f"the run set replayed to HEAD {head} disagrees with its record"
+            )
+        return head, index
+
+    def runs_commit(self) -> int | None:
+        """The commit the row index's run set reflects (``None``: no usable set)."""
+        try:
+            runset = read_runset(self.root, self.manifest.uuid)
+        except RunsUnusableError:
+            return None
+        return runset.commit if runset is not None else None
+
+    def log_range(self, first: int, last: int) -> list[Commit]:
+        """Commits ``first..last`` (a cursor walk over just those records)."""
+
+        def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
+            cur = txn.cursor(db=self._db(DB_COMMITS))
+            out: list[tuple[bytes, bytes]] = []
+            if first > last or not cur.set_range(u64_key(first)):
+                return out
+            for k, v in cur:
+                if read_u64(k, "commit") > last:
+                    break
+                out.append((k, v))
+            return out
+
+        return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
+
+    def load_flat_head(self) -> tuple[int, RowIndex]:
         """HEAD and its row index, read in one LMDB transaction (so they agree), checked: ids
         sorted and in range, HEAD the newest commit, the row count its ``persisted_rows`` and
         the index's digest the one its commit (and the store's digests) recorded."""
@@ -729,13 +854,13 @@ class PersistedStore:
                     )
         return head, index
 
-    def load_index(self, commit: int) -> RowIndex:
+    def load_index(self, commit: int) -> RowIndex | LayeredIndex:
         """The row index as of ``commit``: HEAD's from LMDB, a snapshot's from its pinned copy,
         any other commit by replaying the segments of commits up to it."""
         commit = _commit_key(commit)
-        head, index = self.load_head()
+        head, layered = self.load_head()
         if commit == head:
-            return index
+            return layered
         pinned = self._pinned_index(commit)
         if pinned is not None:
             return pinned
@@ -745,7 +870,7 @@ class PersistedStore:
         # them, whose segments gc keeps when it keeps the commit (``_retention.py``).
         rep = representative(self.log(), commit)
         if rep == head:
-            return index
+            return layered
         if rep != commit:
             pinned = self._pinned_index(rep)
             if pinned is not None:
@@ -961,7 +1086,7 @@ class PersistedStore:
 
     def commit(
         self,
-        index: RowIndex,
+        index: LayeredIndex | RowIndex,
         head: int,
         ids: np.ndarray,
         deltas: np.ndarray,
@@ -974,7 +1099,7 @@ class PersistedStore:
         state: np.ndarray | None = None,
         usage: np.ndarray | None = None,
         lifecycle: dict[str, Any] | None = None,
-    ) -> tuple[Commit, RowIndex]:
+    ) -> tuple[Commit, LayeredIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
 
@@ -991,6 +1116,8 @@ class PersistedStore:
         self._require_writer()
         if generator_state is not None:
             check_generator_state(generator_state)
+        if isinstance(index, RowIndex):
+            index = LayeredIndex.of(index, head)
         env = self._env
         current = self.head()
         if current != head:
@@ -1000,9 +1127,8 @@ class PersistedStore:
         parent = self.commit_record(head)
         commit_id = head + 1
         # Dropping a row that has no delta changes nothing; keep the record honest.
-        pos_d, present = index.find(drops)
+        present = index.contains(drops)
         drops = drops[present]
-        pos_d = pos_d[present]
         segment_id = self._next_segment()
         seg = None
         gen_version, gen_record = parent.generator, None
@@ -1056,22 +1182,7 @@ class PersistedStore:
             routers=router_records or None,
             lifecycle=lifecycle,
         )
-        # The digest change of the row index, from the entries replaced, dropped and written.
-        pos_w, replaced = index.find(ids)
-        gone = np.concatenate([pos_w[replaced], pos_d])
-        removed = int(
-            rows_hash(
-                index.ids[gone], index.segment[gone], index.offset[gone], index.commit[gone]
-            ).sum(dtype=np.uint64)
-        )
-        added = int(
-            rows_hash(
-                ids,
-                np.full(len(ids), segment_id),
-                np.arange(len(ids)),
-                np.full(len(ids), commit_id),
-            ).sum(dtype=np.uint64)
-        )
+        removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
         values["segment"] = segment_id
         values["offset"] = np.arange(len(ids))
@@ -1088,7 +1199,7 @@ class PersistedStore:
                     f"{self.root}: the LMDB row index holds {rows.count} rows but the writer's "
                     f"copy {len(index)}; the index changed or is damaged: nothing was committed"
                 )
-            rows.remove(removed, int(replaced.sum()) + len(drops))
+            rows.remove(removed, replaced + len(drops))
             rows.add(added, len(ids))
             db = env.dbs[DB_ROWS]
             if items:
@@ -1119,7 +1230,35 @@ class PersistedStore:
             if seg is not None:
                 self.segments.remove(segment_id)
             raise
-        return record, new_index
+        return record, self.maintain_runs(new_index, record)
+
+    def maintain_runs(self, index: LayeredIndex, record: Commit) -> LayeredIndex:
+        """After a commit: fold or write the row index's runs (``_runs.py``). The commit is
+        durable already: a failure here keeps the rows in memory, and the next open replays
+        forward from the last run set."""
+        try:
+            return maintain_runs(
+                self.root, self.manifest.uuid, index, record.id, record.index_digest
+            )
+        except OSError:
+            return index
+
+    def settle_runs(self, index: RowIndex | LayeredIndex, head: int) -> None:
+        """At a writer's close: write the overlay of HEAD's index out as a run, so that the
+        next open replays no commit (best effort: a failure only makes that open replay)."""
+        if not isinstance(index, LayeredIndex) or not index.since:
+            return
+        if not any(r is not None for r in index.runs):
+            return
+        with contextlib.suppress(OSError, DpsnError):
+            if head == self.head():
+                save_runs(
+                    self.root,
+                    self.manifest.uuid,
+                    index,
+                    head,
+                    self.commit_record(head).index_digest,
+                )
 
     def _next_segment(self) -> int:
         """The id the next segment takes, checked: above every recorded segment (a damaged
@@ -1149,11 +1288,15 @@ class PersistedStore:
         per-row state ``[n, state_width]`` (zeros where a segment holds none of that width) and
         their usage statistics ``[n, usage_width]`` float64 (NaN rows where a segment holds none
         of that width: written before the store had a lifecycle)."""
-        found, pos = self._found(index, ids)
-        out = np.empty((len(pos), self.manifest.dim), dtype=self.storage_dtype)
-        state = np.zeros((len(pos), state_width), dtype="<f4")
-        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
-        for rec, at, offsets in self._by_segment(index, pos):
+        found, where = self._found(index, ids)
+        n = len(where[0])
+        out = np.empty((n, self.manifest.dim), dtype=self.storage_dtype)
+        state = np.zeros((n, state_width), dtype="<f4")
+        usage = np.full((n, usage_width), np.nan, dtype="<f8")
+        mapped = _mapped(index)
+        for rec, at, offsets in self._by_segment(index, where):
+            if mapped:
+                self._check_rows(rec, offsets, np.asarray(ids)[found][at])
             out[at] = self.segments.gather(rec, offsets)
             if state_width and rec.state_width == state_width:
                 state[at] = self.segments.gather(rec, offsets, SEGMENT_STATE)
@@ -1166,9 +1309,9 @@ class PersistedStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`read_deltas`, but only the usage statistics (NaN rows where a segment
         has none): what a consolidation needs of rows that are neither cached nor staged."""
-        found, pos = self._found(index, ids)
-        usage = np.full((len(pos), usage_width), np.nan, dtype="<f8")
-        for rec, at, offsets in self._by_segment(index, pos):
+        found, where = self._found(index, ids)
+        usage = np.full((len(where[0]), usage_width), np.nan, dtype="<f8")
+        for rec, at, offsets in self._by_segment(index, where):
             if usage_width and rec.usage_width == usage_width:
                 usage[at] = self._gather_usage(rec, offsets)
         return found, usage
@@ -1186,27 +1329,47 @@ class PersistedStore:
             )
         return usage
 
+    def _check_rows(self, rec: SegmentRecord, offsets: np.ndarray, ids: np.ndarray) -> None:
+        """That a segment holds ``ids`` at ``offsets``, as the index says: run files are
+        mapped, not checked at open (that would read them whole), so a damaged one is caught
+        here before a read returns another row's delta (``dpsn verify`` checks them whole)."""
+        if not np.array_equal(self.segments.gather(rec, offsets, SEGMENT_IDS), ids):
+            raise CorruptStoreError(
+                f"{self.root}: the row index points at rows segment {rec.name} does not hold; "
+                f"its run files ({RUNS_DIR}/) are damaged: run `dpsn verify`"
+            )
+
     @staticmethod
-    def _found(index: RowIndex, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos, found = index.find(ids)
-        return found, pos[found]
+    def _found(
+        index: RowIndex | LayeredIndex, ids: np.ndarray
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        found, seg, off, _ = index.lookup(ids)
+        return found, (seg[found], off[found])
 
     def _by_segment(
-        self, index: RowIndex, pos: np.ndarray
+        self, index: RowIndex | LayeredIndex, where: tuple[np.ndarray, np.ndarray]
     ) -> Iterator[tuple[SegmentRecord, np.ndarray, np.ndarray]]:
-        """For index positions ``pos``: per segment, its record, where its rows go in the
-        output and their offsets in the segment (ascending)."""
-        if len(pos) == 0:
+        """For rows at ``where`` (segments, offsets): per segment, its record, where its rows
+        go in the output and their offsets in the segment (ascending)."""
+        seg, off = where
+        if len(seg) == 0:
             return
-        seg = index.segment[pos]
-        off = index.offset[pos]
         order = np.lexsort((off, seg))  # group by segment, offsets ascending within each
         seg_sorted, off_sorted = seg[order], off[order]
         bounds = np.flatnonzero(np.diff(seg_sorted)) + 1
         starts = np.concatenate([[0], bounds])
         ends = np.concatenate([bounds, [len(order)]])
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            rec = self.segment_record(int(seg_sorted[a]))
+            try:
+                rec = self.segment_record(int(seg_sorted[a]))
+            except SnapshotUnavailableError as e:
+                if not _mapped(index):
+                    raise
+                # A reader's lease keeps what its index names: a run naming no segment lies.
+                raise CorruptStoreError(
+                    f"{self.root}: the row index points at a segment the store does not hold; "
+                    f"its run files ({RUNS_DIR}/) are damaged: run `dpsn verify`"
+                ) from e
             if rec.dim != self.manifest.dim or int(off_sorted[b - 1]) >= rec.rows:
                 raise CorruptStoreError(
                     f"{self.root}: segment {rec.name} ({rec.rows} rows of width {rec.dim}) does "
@@ -1354,3 +1517,40 @@ def _check_digest(index: RowIndex, record: Commit, where: str) -> None:
         raise CorruptStoreError(
             f"{where} does not match the digest commit {record.id} recorded; the store is damaged"
         )
+
+
+def _digest_change(
+    index: RowIndex | LayeredIndex, ids: np.ndarray, segment: int, commit: int, drops: np.ndarray
+) -> tuple[int, int, int]:
+    """What a commit that writes sorted ``ids`` to ``segment`` and drops ``drops`` (all
+    present) does to the row index's digest: the hash sum of the entries it replaces or
+    deletes, how many it replaces, and the hash sum of the entries it adds. O(rows changed)."""
+    had, seg, off, com = index.lookup(np.concatenate([ids, drops]))
+    removed = int(
+        rows_hash(np.concatenate([ids, drops])[had], seg[had], off[had], com[had]).sum(
+            dtype=np.uint64
+        )
+    )
+    n = len(ids)
+    added = int(
+        rows_hash(ids, np.full(n, segment), np.arange(n), np.full(n, commit)).sum(dtype=np.uint64)
+    )
+    return removed, int(had[:n].sum()), added
+
+
+def _digest_after(
+    index: RowIndex | LayeredIndex,
+    digest: int,
+    ids: np.ndarray,
+    segment: int,
+    commit: int,
+    drops: np.ndarray,
+) -> int:
+    drops = drops[index.contains(drops)]
+    removed, _, added = _digest_change(index, ids, segment, commit, drops)
+    return (digest - removed + added) & ((1 << 64) - 1)
+
+
+def _mapped(index: RowIndex | LayeredIndex) -> bool:
+    """Whether ``index`` reads run files (``_runs.py``)."""
+    return isinstance(index, LayeredIndex) and any(r is not None for r in index.runs)

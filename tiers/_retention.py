@@ -178,6 +178,10 @@ def collect(
         keep |= {s for s, r in records.items() if r.commit <= held[-1]}
     for name, rec in snaps.items():
         keep |= set(store.read_pinned(name, rec).segments().tolist())
+    runs_from = store.runs_commit()
+    if runs_from is not None:
+        # An opener replays the commits after the row index's run set from their segments.
+        keep |= {c.segment for c in log if runs_from < c.id <= head and c.segment is not None}
     cp = checkpoint_record(store)
     new_cp: dict[str, Any] | None = None
     base: RowIndex | None = None

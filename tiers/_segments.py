@@ -389,6 +389,8 @@ class SegmentStore:
             out = np.empty((len(offsets), rec.state_width), dtype="<f4")
         elif key == SEGMENT_USAGE:
             out = np.empty((len(offsets), rec.usage_width), dtype="<f8")
+        elif key == SEGMENT_IDS:
+            out = np.empty((len(offsets),), dtype="<i8")
         else:
             out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
         for lo, hi in _runs(chunks):

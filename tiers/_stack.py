@@ -38,9 +38,9 @@ from dpsn.errors import CacheCapacityError, InvalidDeltaError
 from . import _usage
 from ._cache import DeviceCache
 from ._columns import RowLayout
+from ._layered import RowLookup
 from ._persisted import Commit, PersistedStore
 from ._procedural import ProceduralTier
-from ._rowindex import RowIndex
 from ._stack_usage import UsageStatistics
 from ._staging import Staging
 
@@ -207,7 +207,7 @@ class RowStack(UsageStatistics):
         store: PersistedStore,
         *,
         commit: int,
-        index: RowIndex,
+        index: RowLookup,
         procedural: ProceduralTier,
         dtype_name: str,
         device: torch.device,
@@ -877,7 +877,7 @@ class RowStack(UsageStatistics):
                 st.clear()
         return record
 
-    def move_to(self, commit: int, index: RowIndex) -> None:
+    def move_to(self, commit: int, index: RowLookup) -> None:
         """A reader adopts another commit: its rows replace everything cached."""
         with self.lock:
             self.head, self.index = commit, index

@@ -30,8 +30,8 @@ from ._usage import UsageClock, UsageIndex, UsageRules
 if TYPE_CHECKING:
     from ._cache import DeviceCache
     from ._columns import RowLayout
+    from ._layered import RowLookup
     from ._persisted import PersistedStore
-    from ._rowindex import RowIndex
     from ._staging import Staging
 
 # Where a row with a delta lives, for a consolidation (the first tier that has it).
@@ -43,7 +43,7 @@ class UsageStatistics:
 
     # provided by RowStack
     store: PersistedStore
-    index: RowIndex
+    index: RowLookup
     layout: RowLayout
     staging: Staging
     cache: DeviceCache | None
@@ -199,7 +199,7 @@ class UsageStatistics:
             return np.zeros(len(st.ids), dtype=bool)
         u = st.values[self.layout.usage.name]
         young = (u[:, _usage.PHASE] == _usage.FREE) & (u[:, _usage.USES] < rules.warmup)
-        _, committed = self.index.find(st.ids)
+        committed = self.index.contains(st.ids)
         return young.numpy() & ~committed
 
     # -- consolidation -------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from ._records import (
 )
 from ._retention import META_CHECKPOINT
 from ._rowindex import RowIndex
+from ._runs import RUNS_DIR, RunsUnusableError, read_runset, run_checksum, runs_dir
 from ._segments import SegmentRecord
 from ._usage_fields import usage_problem
 
@@ -298,6 +299,33 @@ class _Verifier:
                     self.problem(
                         "rows", f"{where} does not match the digest commit {head.id} recorded"
                     )
+
+    def index_runs(self) -> None:
+        """The row index's run files (``_runs.py``): derived from LMDB, which openers fall back
+        to, but a run file that lies would make reads find the wrong rows, so every byte is
+        checked and the runs (with the commits since) must equal the LMDB index."""
+        root, fix = self.store.root, f"remove {RUNS_DIR}/ (the next writer rebuilds it)"
+        try:
+            runset = read_runset(root, self.m.uuid)
+            if runset is None or self.index is None:
+                return
+            for name, _, want in runset.files:
+                if run_checksum(runs_dir(root) / name) != want:
+                    self.problem("runs", f"run file {name} does not match runs.json; {fix}")
+                    return
+            got = self.store.load_from_runs()
+        except (RunsUnusableError, OSError) as e:
+            self.problem("runs", f"the row index's run files cannot be used: {e}; {fix}")
+            return
+        if got is None:
+            return
+        head, flat = got[0], got[1].flat()
+        same = head == self.head and all(
+            np.array_equal(getattr(flat, c), getattr(self.index, c))
+            for c in ("ids", "segment", "offset", "commit")
+        )
+        if not same:
+            self.problem("runs", f"the row index's run files disagree with LMDB's; {fix}")
 
     def index_problems(self, index: RowIndex, where: str, head: int) -> None:
         ids = index.ids
@@ -583,6 +611,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("the index digests", v.digests, ("read_lmdb",)),  # after the log: digests it names
         ("the manifest", v.manifest, ("read_lmdb",)),
         ("the row index", v.rows, ("read_lmdb",)),
+        ("the row index's run files", v.index_runs, ("rows",)),
         ("segment records", v.segment_records, ("read_lmdb",)),
         ("segment data", v.segment_data, ("read_lmdb",)),
         ("the lifecycle", v.lifecycle, ("read_lmdb",)),
