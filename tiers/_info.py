@@ -64,6 +64,7 @@ from ._format import (
 from ._leases import READERS_DIR
 from ._lmdb import Env, acquire_env, release_env
 from ._records import Commit, generator_record, parse_record, read_u64, snapshot_record
+from ._runs import RUNS_DIR, RunsUnusableError, read_runset
 
 __all__ = ["DTYPE_BYTES", "StoreFacts", "tree_bytes"]
 
@@ -420,6 +421,7 @@ class StoreFacts:
             if written
             else None,
             "compactions": counters["compactions"],
+            "index_runs": self._index_runs(),
             "leftover_segments": len(leftover_dirs),
             "leftover_bytes": leftover_bytes,
             # Segments as their records say (their size when written, which verify checks);
@@ -430,6 +432,22 @@ class StoreFacts:
             - tree_bytes(self.root / READERS_DIR)
             + stored
             + leftover_bytes,
+        }
+
+    def _index_runs(self) -> dict[str, Any] | None:
+        """The row index's run files (``_runs.py``) as ``runs.json`` names them; ``None``
+        when there are none (a small store: openers read LMDB) or they cannot be used."""
+        try:
+            runset = read_runset(self.root, self.manifest.uuid)
+        except RunsUnusableError:
+            return None
+        if runset is None:
+            return None
+        return {
+            "runs": len(runset.files),
+            "entries": sum(n for _, n, _ in runset.files),
+            "commit": runset.commit,
+            "bytes": tree_bytes(self.root / RUNS_DIR),
         }
 
     def _leftover_segment_dirs(self, segments: dict[int, Any]) -> list[Path]:

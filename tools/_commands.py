@@ -113,6 +113,7 @@ def _info_lines(info: dict[str, Any]) -> str:
                 "segment(s) of interrupted commits",
             ),
             ("on disk", human_bytes(info["bytes_on_disk"])),
+            ("row index", _runs_line(info.get("index_runs"))),
             ("space amplification", _amp(info["space_amplification"], "stored / live")),
             (
                 "write amplification",
@@ -120,6 +121,17 @@ def _info_lines(info: dict[str, Any]) -> str:
                 + f", {info['compactions']} compaction(s)",
             ),
         ]
+    )
+
+
+def _runs_line(runs: dict[str, Any] | None) -> str:
+    from ._format import human_bytes
+
+    if runs is None:
+        return "in LMDB (read whole at open)"
+    return (
+        f"{runs['runs']} run file(s), {runs['entries']} entries as of commit {runs['commit']}, "
+        f"{human_bytes(runs['bytes'])} (mapped at open)"
     )
 
 
