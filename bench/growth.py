@@ -304,7 +304,7 @@ def main() -> None:
                     "open ms",
                     "x 1st",
                     "open RSS MiB",
-                    "whole-index open ms",
+                    "whole index from LMDB ms",
                     "its RSS MiB",
                     "read ms",
                     "RSS after read MiB",
