@@ -48,12 +48,18 @@ import numpy as np
 import torch
 
 from dpsn.errors import CorruptStoreError, LifecycleError
-from dpsn.tiers import RowStack, UsageClock, UsageRules, lifecycle_health
+from dpsn.tiers import (
+    MAX_ENTER,
+    MIN_ENTER,
+    RowStack,
+    UsageClock,
+    UsageRules,
+    check_lifecycle_settings,
+    check_stored_policy,
+    lifecycle_health,
+)
 from dpsn.tiers import usage as U
 
-MAX_ENTER = 0.5  # a row used in more than half of its recent steps is always screened
-MIN_ENTER = 1e-4  # homeostasis never lowers the entry threshold below this
-MAX_REGIONS = 1 << 24
 COLD_WINDOWS = 32  # consolidations without use after which a row is cold (as 32 idle steps)
 _STATE_FORMAT = 1  # of the JSON in commit records; never renumber
 
@@ -93,7 +99,7 @@ class Lifecycle:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        _check(self)
+        check_lifecycle_settings(self)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,20 +110,9 @@ class Lifecycle:
 
     @classmethod
     def from_json(cls, raw: Any) -> Lifecycle:
-        """A policy read from a store (untrusted): every field is checked."""
-        if not isinstance(raw, dict):
-            raise CorruptStoreError("the stored lifecycle policy is not a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise CorruptStoreError(
-                f"the stored lifecycle policy has unknown settings {unknown}: written by a "
-                "newer dpsn? Upgrade dpsn to open it."
-            )
-        try:
-            return cls(**raw)
-        except (LifecycleError, TypeError) as e:
-            raise CorruptStoreError(f"the stored lifecycle policy is invalid: {e}") from e
+        """A policy read from a store (untrusted): every setting checked (torch-free, as
+        ``dpsn verify`` checks it: ``tiers/_lifecycle_policy.py``)."""
+        return cls(**check_stored_policy(raw))
 
     def rules(self, *, track: bool = True) -> UsageRules:
         return UsageRules(
@@ -128,50 +123,6 @@ class Lifecycle:
             warmup=self.warmup,
             track=track,
         )
-
-
-def _number(value: Any, name: str, lo: float, hi: float, *, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an int" if integer else "a number"
-        raise LifecycleError(f"Lifecycle.{name} must be {kind}, got {value!r}")
-    if not (lo <= value <= hi) or (not integer and not math.isfinite(value)):
-        raise LifecycleError(f"Lifecycle.{name} must be in [{lo}, {hi}], got {value!r}")
-
-
-def _check(p: Lifecycle) -> None:
-    _number(p.enter, "enter", MIN_ENTER, MAX_ENTER)
-    _number(p.exit, "exit", 0.0, MAX_ENTER)
-    if not p.exit < p.enter:
-        raise LifecycleError(
-            f"Lifecycle.exit ({p.exit}) must be below enter ({p.enter}): the gap between them "
-            "is the hysteresis that keeps a row's phase from flickering"
-        )
-    _number(p.min_uses, "min_uses", 0, 2**53, integer=True)
-    _number(p.recent_weight, "recent_weight", 0.0, 1.0)
-    _number(p.half_life, "half_life", 1e-3, 1e12)
-    _number(p.decay, "decay", 0.0, 0.999999)
-    _number(p.prune_rms, "prune_rms", 0.0, 1e30)
-    _number(p.max_idle, "max_idle", 1, 2**53, integer=True)
-    _number(p.warmup, "warmup", 0, 2**53, integer=True)
-    _number(p.inertia, "inertia", 0.0, 1e6)
-    _number(p.update_half_life, "update_half_life", 1e-3, 1e12)
-    _number(p.regions, "regions", 1, MAX_REGIONS, integer=True)
-    _number(p.novelty_window, "novelty_window", 1, 2**53, integer=True)
-    _number(p.consolidate_every, "consolidate_every", 0, 2**53, integer=True)
-    if not isinstance(p.homeostasis, bool):
-        raise LifecycleError(f"Lifecycle.homeostasis must be a bool, got {p.homeostasis!r}")
-    if p.budget is not None:
-        if not isinstance(p.budget, tuple) or len(p.budget) != 2:
-            raise LifecycleError(f"Lifecycle.budget must be None or (a, b), got {p.budget!r}")
-        _number(p.budget[0], "budget[0]", 0.0, 1e15)
-        _number(p.budget[1], "budget[1]", 0.0, 1e15)
-    if not isinstance(p.target, tuple) or len(p.target) != 2:
-        raise LifecycleError(f"Lifecycle.target must be (low, high), got {p.target!r}")
-    _number(p.target[0], "target[0]", 0.0, 1.0)
-    _number(p.target[1], "target[1]", 0.0, 1.0)
-    if not p.target[0] < p.target[1]:
-        raise LifecycleError(f"Lifecycle.target must have low < high, got {p.target!r}")
 
 
 def region_of(ids: np.ndarray, rows: int, regions: int) -> np.ndarray:

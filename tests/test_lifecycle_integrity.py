@@ -152,3 +152,33 @@ def _problems_or_open_error(path):
         return _problems(path)
     except CorruptStoreError as e:
         return [str(e)]
+
+
+def test_verify_checks_every_stored_policy_setting_without_torch(store):
+    """A hand-edited policy (exit above enter) is reported by the torch-free verify, naming the
+    setting, and refused by an open, not first discovered by the pool that adopts it."""
+    env = lmdb.open(str(store / "index.lmdb"), max_dbs=8, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(b"commits", txn=txn, create=False)
+            cur = txn.cursor(db=db)
+            cur.last()
+            key, raw = cur.key(), cur.value()
+    finally:
+        env.close()
+    rec = json.loads(raw)
+    rec["lifecycle"]["policy"]["exit"] = 0.3
+    del rec["record_xxh64"]
+    _put(store, b"commits", key, seal_record(rec))
+    problems = _problems(store)
+    assert any("Lifecycle.exit (0.3) must be below enter (0.2)" in p for p in problems), problems
+    with pytest.raises(CorruptStoreError, match="exit"):
+        dpsn.open(store)
+
+
+def test_the_torch_free_policy_check_knows_every_setting():
+    from dataclasses import fields
+
+    from dpsn.tiers import LIFECYCLE_DEFAULTS
+
+    assert {f.name: f.default for f in fields(dpsn.Lifecycle)} == LIFECYCLE_DEFAULTS

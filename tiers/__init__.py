@@ -31,6 +31,11 @@ _LAZY = {
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
     "MaintenancePolicy": "._policy",
+    "LIFECYCLE_DEFAULTS": "._lifecycle_policy",
+    "MAX_ENTER": "._lifecycle_policy",
+    "MIN_ENTER": "._lifecycle_policy",
+    "check_lifecycle_settings": "._lifecycle_policy",
+    "check_stored_policy": "._lifecycle_policy",
     "LayeredIndex": "._layered",
     "Manifest": "._format",
     "PersistedStore": "._persisted",
@@ -75,6 +80,13 @@ if TYPE_CHECKING:
     from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
     from ._layered import LayeredIndex, RowLookup
+    from ._lifecycle_policy import (
+        LIFECYCLE_DEFAULTS,
+        MAX_ENTER,
+        MIN_ENTER,
+        check_lifecycle_settings,
+        check_stored_policy,
+    )
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
@@ -111,6 +123,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "COMPRESSORS",
     "FORMAT_VERSION",
+    "LIFECYCLE_DEFAULTS",
+    "MAX_ENTER",
+    "MIN_ENTER",
     "SECOND_BACKWARD",
     "CacheStats",
     "Column",
@@ -135,8 +150,10 @@ __all__ = [
     "UsageIndex",
     "UsageRules",
     "VerifyReport",
+    "check_lifecycle_settings",
     "check_policy",
     "check_router_name",
+    "check_stored_policy",
     "lifecycle_health",
     "load_generator",
     "make_policy",

@@ -35,6 +35,7 @@ from ._format import (
     ROW_VALUE,
     SNAPSHOT_COLUMNS,
 )
+from ._lifecycle_policy import check_stored_policy
 
 __all__ = [
     "DIGESTED_DBS",
@@ -162,20 +163,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_setting(v: Any) -> bool:
-    """A lifecycle policy setting as JSON: a bool, a number, null or a pair of numbers."""
-    if v is None or isinstance(v, bool) or _is_number(v):
-        return True
-    return isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v)
-
-
 def lifecycle_record(raw: Any) -> dict[str, Any]:
     """Check the ``lifecycle`` object of a commit record (docs/format.md, "Row lifecycle"):
     its format, the clocks the ``usage`` columns refer to, the thresholds, the totals, and the
-    shape of the policy and health figures. The policy's settings are checked one by one by
-    ``dpsn.Lifecycle.from_json`` when a pool adopts them (that needs the policy's rules, which
-    live with torch); here only that each is a plain JSON value, and that ``decay``, which a
-    reader without torch needs for the value of a row, is in range."""
+    shape of the health figures, and every setting of the policy against its range (without
+    torch: ``_lifecycle_policy.py``, the check ``dpsn.Lifecycle`` runs too)."""
     ok = isinstance(raw, dict) and raw.get("format") == LIFECYCLE_FORMAT
     if not ok:
         fmt = raw.get("format") if isinstance(raw, dict) else None
@@ -185,14 +177,10 @@ def lifecycle_record(raw: Any) -> dict[str, Any]:
         )
     policy, totals, health = raw.get("policy"), raw.get("totals", {}), raw.get("health", {})
     problems = []
-    if not (
-        isinstance(policy, dict)
-        and len(policy) <= 256
-        and all(isinstance(k, str) and _is_setting(v) for k, v in policy.items())
-        and _is_number(policy.get("decay"))
-        and 0 <= policy["decay"] < 1
-    ):
-        problems.append("policy")
+    try:
+        check_stored_policy(policy)
+    except CorruptStoreError as e:
+        problems.append(f"policy ({e})")
     for name in ("step", "epoch"):
         if not _is_int(raw.get(name), 0, _MAX_CLOCK):
             problems.append(name)
