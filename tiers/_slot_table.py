@@ -39,6 +39,7 @@ _MULTIPLIERS = (
     -2048144777,
 )
 _MAX_ROUNDS = 64
+_MAX_KICKS = 500  # moves one insertion may cause in the C loop before a rebuild
 
 
 class SlotTable:
@@ -145,8 +146,28 @@ class SlotTable:
         return torch.index_select(self.home, 0, held) != at
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
-        """One vectorized cuckoo insertion; False if it did not settle (nothing is lost: the
-        caller rebuilds, which re-inserts every occupied slot)."""
+        """One cuckoo insertion; False if it did not settle (nothing is lost: the caller
+        rebuilds, which re-inserts every occupied slot)."""
+        if kernels.usable(ids, self.entries):  # one id after another, in one C loop
+            first, second = self._multipliers()
+            return kernels.cuckoo_insert(
+                self.entries,
+                self.half,
+                self.bits,
+                first,
+                second,
+                self._slot_ids,
+                self.capacity,
+                self.home,
+                ids,
+                slots,
+                _MAX_KICKS,
+            )
+        return self._insert_vectorized(ids, slots)
+
+    def _insert_vectorized(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
+        """The PyTorch insertion (CUDA, or no extension): every pending id moves in the same
+        round."""
         at = self._target(ids)
         for _ in range(_MAX_ROUNDS):
             if len(ids) == 0:
