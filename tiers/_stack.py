@@ -327,11 +327,13 @@ class RowStack(UsageStatistics):
     # -- the cache's callbacks -----------------------------------------------------------------
 
     def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Write the columns of missing ``ids`` (sorted, CPU) into ``slots``: the row always;
-        delta, base and state only for rows that have a delta (``RowLayout``).
+        """Write the columns of distinct missing ``ids`` (CPU; in batch order when none
+        repeats, see ``_cache.FillFn``) into ``slots``: the row always; delta, base and state
+        only for rows that have a delta (``RowLayout``).
 
         While the cache warms up its victims are a run of fresh slots: a float32 pool's
-        generator then writes the rows straight into the row column, with no intermediate."""
+        generator then writes the rows straight into the row column, with no intermediate, and
+        a read copies them out as one block (``_gather_rows``)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
         pos, delta, state, usage = self._host_rows(ids.numpy())
