@@ -261,6 +261,10 @@ def test_a_cold_batch_fills_in_batch_order_and_repeats_once_sorted(tmp_path):
     slots = cache.lookup(torch.tensor([11, 9, 10]), fill, evict)  # a hit among misses
     assert calls[-1] == ([11, 10], [6, 7])
     assert cache.column(col)[slots, 0].tolist() == [11, 9, 10]
+    # a negative id (the cache's own callers never have one): the radix grouping declines it
+    slots = cache.lookup(torch.tensor([-5, 12, -5]), fill, evict)
+    assert calls[-1] == ([-5, 12], [8, 9])
+    assert cache.column(col)[slots, 0].tolist() == [-5, 12, -5]
 
 
 # -- an executor of our own, from the public contract only ------------------------------------
