@@ -72,6 +72,44 @@ def cuckoo_find(
     return slots, hit
 
 
+def cuckoo_insert(
+    entries: torch.Tensor,
+    half: int,
+    bits: int,
+    mult0: int,
+    mult1: int,
+    slot_ids: torch.Tensor,
+    capacity: int,
+    home: torch.Tensor,
+    ids: torch.Tensor,
+    slots: torch.Tensor,
+    max_kicks: int,
+) -> bool:
+    """The slot table's insertion of new ``ids`` into ``slots``, one id after another (see
+    ``_slot_table.SlotTable.insert``); False if a chain of moves ran past ``max_kicks`` (the
+    table must then be rebuilt)."""
+    assert _lib is not None
+    n = len(ids)
+    ids, slots = ids.contiguous(), slots.contiguous()
+    _check(slot_ids, torch.int64, (capacity + 1,))
+    done = _lib.cuckoo_insert(
+        _check(entries, entries.dtype, (2 * half,)),
+        int(entries.dtype == torch.int64),
+        half,
+        bits,
+        mult0,
+        mult1,
+        capacity,
+        slot_ids.data_ptr(),
+        _check(home, torch.int64, (capacity + 1,)),
+        _check(ids, torch.int64, (n,)),
+        _check(slots, torch.int64, (n,)),
+        n,
+        max_kicks,
+    )
+    return done == n
+
+
 def group_ids(
     ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

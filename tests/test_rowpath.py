@@ -2,6 +2,8 @@
 apply_grads -> release) used by an executor written here from the public API alone, batches
 bigger than the cache, and failures while filling."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,164 @@ def test_slot_table_reuses_entries_of_evicted_rows():
         slots, hit = table.find(ids)
         assert bool(hit.all()) and torch.equal(slots, torch.arange(8))
         assert not bool(table.find(ids + 1)[1].any())
+
+
+@contextlib.contextmanager
+def _kernels(native):
+    """Run a block on the native loops (True) or on the PyTorch ops they replace (False)."""
+    from dpsn import kernels
+
+    if native and kernels._lib is None:
+        pytest.skip("dpsn._native was not built (no C compiler at install)")
+    before = kernels.ENABLED
+    kernels.ENABLED = native
+    try:
+        yield
+    finally:
+        kernels.ENABLED = before
+
+
+@pytest.mark.parametrize("native", [True, False])
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.integers(1, 40),
+    batches=st.lists(
+        st.tuples(st.lists(st.integers(0, 2**62), max_size=40), st.integers(0, 2**16)),
+        max_size=12,
+    ),
+    max_kicks=st.sampled_from([1, 500]),
+)
+def test_slot_table_batch_inserts_answer_like_a_dict(native, capacity, batches, max_kicks):
+    """Batches of new ids inserted at once, into free and just-evicted slots, on both insertion
+    paths (the C loop one id after another, the vectorized rounds), the C loop also with its
+    chains of moves capped at one."""
+    from dpsn.tiers import _slot_table
+
+    slot_ids = torch.full((capacity + 1,), -1, dtype=torch.int64)
+    table = SlotTable(capacity, slot_ids)
+    model: dict[int, int] = {}
+    rng = np.random.default_rng(len(batches))
+    with _kernels(native), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_slot_table, "_MAX_KICKS", max_kicks)
+        for keys, evict in batches:
+            gone = [k for k in sorted(model) if (k ^ evict) % 3 == 0]
+            if gone:
+                slots = torch.tensor([model.pop(k) for k in gone])
+                slot_ids[slots] = -1
+                table.release(slots)
+            new = list(dict.fromkeys(k for k in keys if k not in model))
+            free = [s for s in range(capacity) if s not in model.values()]
+            new = new[: len(free)]
+            if new:
+                slots = torch.from_numpy(rng.permutation(free)[: len(new)].astype(np.int64))
+                slot_ids[slots] = torch.tensor(new)
+                table.insert(torch.tensor(new), slots)
+                model.update(zip(new, slots.tolist(), strict=True))
+            probe = torch.tensor([*model, *keys, 2**62 + 1], dtype=torch.int64)
+            found, hit = table.find(probe)
+            assert hit.tolist() == [k in model for k in probe.tolist()]
+            assert found[hit].tolist() == [model[k] for k in probe[hit].tolist()]
+
+
+def test_a_native_insertion_that_does_not_settle_rebuilds_the_table(monkeypatch):
+    """With no moves allowed, 4000 new ids cannot all settle in their two places: the C loop
+    gives up, the table is rebuilt with other hash functions, and every id is still found."""
+    from dpsn.tiers import _slot_table
+
+    monkeypatch.setattr(_slot_table, "_MAX_KICKS", 0)
+    capacity = 4000
+    slot_ids = torch.full((capacity + 1,), -1, dtype=torch.int64)
+    table = SlotTable(capacity, slot_ids)
+    ids = torch.from_numpy(np.random.default_rng(0).choice(2**62, capacity, replace=False))
+    slots = torch.randperm(capacity, generator=torch.Generator().manual_seed(0))
+    slot_ids[slots] = ids
+    with _kernels(True):
+        table.insert(ids, slots)
+    assert table.rebuilds >= 1
+    for native in (True, False):
+        with _kernels(native):
+            found, hit = table.find(ids)
+        assert bool(hit.all()) and torch.equal(found, slots)
+
+
+# -- cold reads: filled in batch order, copied out as a block --------------------------------
+
+
+@pytest.mark.parametrize("generator", [SMALL, {"kind": "rf_mlp"}])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cold_reads_give_the_rows_the_sorted_fill_gave(tmp_path, generator, dtype, row_kernels):
+    """A cold read of distinct ids fills them in batch order (it used to fill them sorted) into
+    a run of fresh slots and copies them out as one block: every row is bit for bit what the
+    generator makes of the sorted batch plus the row's delta (committed or staged), and so are
+    the hot read after it and a partly cached read with repeats."""
+    pool = dpsn.create(
+        tmp_path / "s",
+        rows=10**9,
+        dim=16,
+        seed=3,
+        generator=generator,
+        dtype=dtype,
+        cache_rows=8192,
+    )
+    rng = np.random.default_rng(1)
+    ids = torch.from_numpy(rng.choice(10**9, 3000, replace=False))
+    trained = ids[::7]
+    deltas = torch.from_numpy(rng.standard_normal((len(trained), 16), dtype=np.float32))
+    pool.write(trained[:200], deltas[:200].to(pool.dtype))
+    pool.commit("some rows on disk")
+    pool.write(trained[200:], deltas[200:].to(pool.dtype))  # the rest staged
+    assert len(pool.cache) == 0
+
+    def expected(batch):
+        uniq, inverse = torch.unique(batch, return_inverse=True)
+        base = pool.generator(uniq)[inverse]  # the generator on the sorted batch
+        has = torch.isin(batch, trained)
+        base[has] += pool.delta(batch[has])
+        return base.to(pool.dtype)
+
+    want = expected(ids)
+    got = pool.read(ids)
+    assert got.dtype == pool.dtype and torch.equal(got, want)
+    slots, hit = pool.cache.find(ids)
+    assert bool(hit.all()) and torch.equal(slots, torch.arange(len(ids)))  # one run, in order
+    assert torch.equal(pool.read(ids), want)  # hot
+    more = torch.from_numpy(rng.choice(10**9, 500, replace=False))
+    mixed = torch.cat([ids[:300], more, more[:50], ids[:10]])[torch.randperm(860)]
+    # the misses are generated as one batch (sorted, as they repeat): compare with exactly that
+    known, rows = torch.sort(torch.cat([ids, more]))
+    table = torch.cat([want, expected(more)])[rows]
+    assert torch.equal(pool.read(mixed), table[torch.searchsorted(known, mixed)])
+    pool.close()
+
+
+def test_a_cold_batch_fills_in_batch_order_and_repeats_once_sorted(tmp_path):
+    """What the fill callback is handed: a batch's misses in its own order when none repeats,
+    else each once, sorted; the slots of an all-miss batch are its run of fresh slots."""
+    from dpsn.tiers import Column, DeviceCache
+
+    col = Column("v", 1, torch.float32, persisted=False)
+    cache = DeviceCache(16, [col])
+    calls = []
+
+    def fill(ids, slots):
+        calls.append((ids.tolist(), slots.tolist()))
+        cache.column(col)[slots] = ids[:, None].float()
+
+    def evict(slots):
+        raise AssertionError("nothing is dirty")
+
+    assert cache.lookup(torch.tensor([9, 3, 7]), fill, evict).tolist() == [0, 1, 2]
+    assert calls[-1] == ([9, 3, 7], [0, 1, 2])
+    slots = cache.lookup(torch.tensor([8, 3, 5, 8, 4]), fill, evict)
+    assert calls[-1] == ([4, 5, 8], [3, 4, 5])
+    assert cache.column(col)[slots, 0].tolist() == [8, 3, 5, 8, 4]
+    slots = cache.lookup(torch.tensor([11, 9, 10]), fill, evict)  # a hit among misses
+    assert calls[-1] == ([11, 10], [6, 7])
+    assert cache.column(col)[slots, 0].tolist() == [11, 9, 10]
+    # a negative id (the cache's own callers never have one): the radix grouping declines it
+    slots = cache.lookup(torch.tensor([-5, 12, -5]), fill, evict)
+    assert calls[-1] == ([-5, 12], [8, 9])
+    assert cache.column(col)[slots, 0].tolist() == [-5, 12, -5]
 
 
 # -- an executor of our own, from the public contract only ------------------------------------

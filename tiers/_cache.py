@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpsn import kernels
 from dpsn.errors import CacheCapacityError
 
 from ._columns import Column
@@ -32,7 +33,9 @@ from ._policies import make_policy
 from ._slot_table import SlotTable
 
 FillFn = Callable[[torch.Tensor, torch.Tensor], None]
-"""``fill(ids, slots)``: write every column of unique, sorted ``ids`` (CPU) into ``slots``."""
+"""``fill(ids, slots)``: write every column of distinct ``ids`` (CPU) into ``slots``. The ids
+come in the order the batch asked for them when it holds no repeated miss (so that a cold batch's
+rows fill a run of fresh slots in batch order, and its read is one block copy), else sorted."""
 EvictFn = Callable[[torch.Tensor], None]
 """``evict(slots)``: dirty ``slots`` are about to be reused; save what they hold."""
 
@@ -172,14 +175,15 @@ class DeviceCache:
             if not all_hit:
                 miss = torch.nonzero(~hit).flatten()
                 if counts is None:  # ids may repeat: each distinct missing id once
-                    missing, where = torch.unique(ids[miss], return_inverse=True)
-                else:  # unique already: sort, and remember where each one goes
-                    missing, order = torch.sort(ids[miss])
-                    miss = miss[order]
-                    where = None
+                    missing, where = _distinct(ids[miss])
+                else:  # distinct already
+                    missing, where = ids[miss], None
                 n_miss = len(missing)
                 victims = self._admit(slots[hit], counts is not None, missing, fill, evict)
-                slots[miss] = victims if where is None else victims[where]
+                if where is None and len(miss) == len(ids):  # all missed: slots in batch order
+                    slots = victims
+                else:
+                    slots[miss] = victims if where is None else victims[where]
             uses = len(ids) if counts is None else int(counts.sum())
             self.policy.access(ids, slots, self.step, counts)
             self.stats.add(lookups=1, hits=uses - n_miss, misses=n_miss)
@@ -193,7 +197,7 @@ class DeviceCache:
         fill: FillFn,
         evict: EvictFn,
     ) -> torch.Tensor:
-        """Make room for sorted unique ``missing`` ids, fill them; their slots, in order."""
+        """Make room for distinct ``missing`` ids, fill them; their slots, in order."""
         n = len(missing)
         in_use = len(hit_slots) if hits_unique else int(torch.unique(hit_slots).numel())
         if n + in_use > self.capacity:
@@ -296,3 +300,20 @@ class DeviceCache:
         slots = torch.nonzero(self.slot_ids >= 0).flatten()
         ids, order = torch.sort(self.slot_ids[slots])
         return ids, slots[order]
+
+
+def _distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distinct ids of a batch's misses and, if some repeat, where each miss went:
+    ``(ids, None)`` when none repeats (kept in batch order), else ``(sorted distinct ids,
+    inverse)``. The native radix grouping when it can run (non-negative ids on the CPU), else
+    ``torch.unique``."""
+    if kernels.usable(ids):
+        try:
+            uniq, _, inverse, _ = kernels.group_ids(ids)
+        except ValueError:  # a negative id (the radix sort takes none): the general path
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+    else:
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+    if len(uniq) == len(ids):
+        return ids, None
+    return uniq, inverse

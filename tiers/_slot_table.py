@@ -17,9 +17,12 @@ names holds ``x`` now (``slot_ids``, owned by the cache). An entry is *live* whi
 ``home[slot]`` points back at it; the cache releases a slot's home when it empties the slot, so
 evicting a row costs one write here and its entries are free for the next insert. An insert
 takes a free one of an id's two places, or evicts the live row in its first place, which moves
-to its own other place, and so on (vectorized: every pending id moves in the same round). At
-this load that ends within a few rounds; should it not, the table is rebuilt with other hash
-functions.
+to its own other place, and so on. On the CPU a C loop (``dpsn.kernels.cuckoo_insert``) inserts
+the ids one after another; elsewhere (CUDA, or no extension) the PyTorch path is vectorized,
+every pending id moving in the same round (a cold fill of 32k rows spent ~6 ms in those rounds,
+~1 ms in the loop). At this load a chain of moves ends within a few steps; should it not, the
+table is rebuilt with other hash functions. Both paths give a table that answers the same; its
+layout may differ.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _MULTIPLIERS = (
     -2048144777,
 )
 _MAX_ROUNDS = 64
+_MAX_KICKS = 500  # moves one insertion may cause in the C loop before a rebuild
 
 
 class SlotTable:
@@ -145,8 +149,28 @@ class SlotTable:
         return torch.index_select(self.home, 0, held) != at
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
-        """One vectorized cuckoo insertion; False if it did not settle (nothing is lost: the
-        caller rebuilds, which re-inserts every occupied slot)."""
+        """One cuckoo insertion; False if it did not settle (nothing is lost: the caller
+        rebuilds, which re-inserts every occupied slot)."""
+        if kernels.usable(ids, self.entries):  # one id after another, in one C loop
+            first, second = self._multipliers()
+            return kernels.cuckoo_insert(
+                self.entries,
+                self.half,
+                self.bits,
+                first,
+                second,
+                self._slot_ids,
+                self.capacity,
+                self.home,
+                ids,
+                slots,
+                _MAX_KICKS,
+            )
+        return self._insert_vectorized(ids, slots)
+
+    def _insert_vectorized(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
+        """The PyTorch insertion (CUDA, or no extension): every pending id moves in the same
+        round."""
         at = self._target(ids)
         for _ in range(_MAX_ROUNDS):
             if len(ids) == 0:

@@ -189,6 +189,19 @@ class RowBatch:
         self.release()
 
 
+def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``table[slots]`` as a new tensor. A cold batch of distinct ids fills a run of fresh slots
+    in batch order (``DeviceCache.lookup``): its rows are then one block copy, measurably faster
+    than a gather row by row; else ``index_select`` (not advanced indexing: about twice as fast
+    for a gather of rows)."""
+    n = len(slots)
+    if n > 1:
+        start = int(slots[0])
+        if int(slots[-1]) - start == n - 1 and bool((torch.diff(slots) == 1).all()):
+            return table[start : start + n].clone()
+    return torch.index_select(table, 0, slots)
+
+
 def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
     stack = stack_ref()
     if stack is not None and stack.cache is not None:
@@ -314,11 +327,13 @@ class RowStack(UsageStatistics):
     # -- the cache's callbacks -----------------------------------------------------------------
 
     def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Write the columns of missing ``ids`` (sorted, CPU) into ``slots``: the row always;
-        delta, base and state only for rows that have a delta (``RowLayout``).
+        """Write the columns of distinct missing ``ids`` (CPU; in batch order when none
+        repeats, see ``_cache.FillFn``) into ``slots``: the row always; delta, base and state
+        only for rows that have a delta (``RowLayout``).
 
         While the cache warms up its victims are a run of fresh slots: a float32 pool's
-        generator then writes the rows straight into the row column, with no intermediate."""
+        generator then writes the rows straight into the row column, with no intermediate, and
+        a read copies them out as one block (``_gather_rows``)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
         pos, delta, state, usage = self._host_rows(ids.numpy())
@@ -443,8 +458,7 @@ class RowStack(UsageStatistics):
             if trainable:
                 base = self.procedural(ids.to(self.device))
                 return (base + self._cached_delta(slots)).to(self.dtype)
-            # index_select, not advanced indexing: about twice as fast for a gather of rows
-            return torch.index_select(cache.column(self.layout.row), 0, slots)
+            return _gather_rows(cache.column(self.layout.row), slots)
 
     def _spilled_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a batch too big for the cache: from the lower tiers, with the cached copy
