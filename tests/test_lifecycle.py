@@ -115,7 +115,8 @@ def test_a_score_between_the_thresholds_never_flips_the_phase(enter, gap, scores
     exit_ = enter * gap
     phase = np.array([screened])
     for s in scores:
-        s = exit_ + (enter - exit_) * s  # anywhere in [exit, enter]
+        # anywhere in [exit, enter] (clamped: the sum can round one ulp past enter)
+        s = min(max(exit_ + (enter - exit_) * s, exit_), enter)
         phase, entered, left = next_phase(
             phase, np.array([s]), np.array([100]), enter=enter, exit=exit_, min_uses=1
         )
