@@ -170,7 +170,7 @@ class UsageStatistics:
             self.staging.set_layout(self.layout)
             if width and len(self.staging.ids):
                 staged = self.staging.values[self.layout.delta.name]
-                self.staging.values[self.layout.usage.name] = _usage.legacy(staged)
+                self.staging.set_column(self.layout.usage.name, _usage.legacy(staged))
             self.usage_index = None
             if self.cache is not None:
                 self._rows_change()
