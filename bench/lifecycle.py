@@ -14,6 +14,13 @@
      backward (the rows train inside it).
    - ``embedding``: a PoolEmbedding step: 2048 bags of 8 ids from a 10**7-row pool (dim 64),
      ids drawn Zipf-like (a few hot rows, a long tail), AdaGrad.
+   These two read and write the store (cache misses, evictions, commits), and the lifecycle
+   changes that traffic: its warm-up keeps rows used once or twice in memory instead of
+   committing them, so later misses read fewer of them back from disk. So two more pairs
+   isolate what the statistics cost a step itself:
+   - ``layer, all cached`` and ``embedding, all cached``: the same steps on pools small
+     enough to stay in the cache (2**15 and 10**5 rows, ``cache_rows`` = rows): no disk
+     traffic, only the row path and its statistics.
 2. Consolidation cost at 10**5 and 10**6 rows with a delta (dim 16): the first consolidation
    (which loads every committed row's statistics into memory), a later one, and the commit that
    follows; plus the memory the statistics take (``UsageIndex``).
@@ -48,9 +55,19 @@ from dpsn.index import ProductKeyRouter
 SMALL = {"kind": "hashed_slices", "memory_size": 1 << 16}
 
 
-def layer_model(path: Path, lifecycle: dpsn.Lifecycle | None) -> tuple[Any, Callable[[], None]]:
-    rows, d, k, tokens = 10**6, 64, 16, 512
-    pool = dpsn.create(path, rows=rows, dim=2 * d, seed=0, generator=SMALL, lifecycle=lifecycle)
+def layer_model(
+    path: Path, lifecycle: dpsn.Lifecycle | None, rows: int = 10**6, cached: bool = False
+) -> tuple[Any, Callable[[], None]]:
+    d, k, tokens = 64, 16, 512
+    pool = dpsn.create(
+        path,
+        rows=rows,
+        dim=2 * d,
+        seed=0,
+        generator=SMALL,
+        lifecycle=lifecycle,
+        cache_rows=rows if cached else None,
+    )
     torch.manual_seed(0)
     router = ProductKeyRouter(d_in=d, num_rows=rows, k=k, query_batchnorm=True, seed=0)
     layer = dpsn.PoolLayer(pool, d, d, router=router, k=k, row_optimizer="adagrad")
@@ -67,9 +84,19 @@ def layer_model(path: Path, lifecycle: dpsn.Lifecycle | None) -> tuple[Any, Call
     return pool, step
 
 
-def embedding_model(path: Path, lifecycle: dpsn.Lifecycle | None) -> tuple[Any, Callable[[], None]]:
-    rows, dim, bags, per_bag = 10**7, 64, 2048, 8
-    pool = dpsn.create(path, rows=rows, dim=dim, seed=0, generator=SMALL, lifecycle=lifecycle)
+def embedding_model(
+    path: Path, lifecycle: dpsn.Lifecycle | None, rows: int = 10**7, cached: bool = False
+) -> tuple[Any, Callable[[], None]]:
+    dim, bags, per_bag = 64, 2048, 8
+    pool = dpsn.create(
+        path,
+        rows=rows,
+        dim=dim,
+        seed=0,
+        generator=SMALL,
+        lifecycle=lifecycle,
+        cache_rows=rows if cached else None,
+    )
     emb = dpsn.PoolEmbedding(pool, mode="mean", row_optimizer="adagrad")
     gen = torch.Generator().manual_seed(1)
 
@@ -80,6 +107,16 @@ def embedding_model(path: Path, lifecycle: dpsn.Lifecycle | None) -> tuple[Any, 
         emb(ids).pow(2).mean().backward()
 
     return pool, step
+
+
+def cached_layer(path: Path, lifecycle: dpsn.Lifecycle | None) -> tuple[Any, Callable[[], None]]:
+    return layer_model(path, lifecycle, rows=1 << 15, cached=True)
+
+
+def cached_embedding(
+    path: Path, lifecycle: dpsn.Lifecycle | None
+) -> tuple[Any, Callable[[], None]]:
+    return embedding_model(path, lifecycle, rows=10**5, cached=True)
 
 
 def time_training(
@@ -200,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training = {
             "layer": time_training("layer", layer_model, steps, block, tmp),
             "embedding": time_training("embedding", embedding_model, steps, block, tmp),
+            "layer, all cached": time_training("layer-cached", cached_layer, steps, block, tmp),
+            "embedding, all cached": time_training(
+                "embedding-cached", cached_embedding, steps, block, tmp
+            ),
         }
         consolidation = [time_consolidation(n, tmp) for n in sizes]
     finally:

@@ -570,6 +570,196 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Usage statistics of a row lifecycle (tiers/_usage.py), in place in the cache's float64     */
+/* usage column: what a page-in (`touch`) and a row step (`start`, `updated`) record, for     */
+/* the rows of one step in one pass instead of ~30 PyTorch ops over gathered copies.          */
+/*                                                                                            */
+/* Same bits as the PyTorch path: the same double operations in the same order, each rounded */
+/* (no fused multiply-add: FP contraction is off here, unlike the optimizer loops), and the  */
+/* one transcendental, pow(use_decay, steps since last use), is computed by PyTorch and      */
+/* passed in, since PyTorch's vectorized pow may differ from libm's in the last bit.         */
+/* Field numbers: tiers/_usage_fields.py (never renumbered).                                 */
+
+#define U_PHASE 0
+#define U_USES 1
+#define U_LAST 2
+#define U_RECENT 3
+#define U_HISTORY 4
+#define U_UPDATE 5
+#define U_NORM 6
+#define U_EPOCH 7
+#define U_SINCE 8
+#define U_BORN 9
+#define U_WIDTH 10
+#define U_HISTORY_BITS 32
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_CONTRACT
+#endif
+#if defined(__clang__)
+#define NO_CONTRACT_HERE _Pragma("clang fp contract(off)")
+#else
+#define NO_CONTRACT_HERE
+#endif
+
+/* The trained rows among slots[i] (trained[slot] set), compacted in order: their slots,
+ * use counts and steps since their last use, max(0, step - LAST), into out_*; returns how
+ * many. (The caller raises use_decay to those powers with PyTorch, then calls usage_touch.) */
+static PyObject *usage_trained(PyObject *self, PyObject *args) {
+    unsigned long long col_p, slots_p, counts_p, trained_p, out_slots_p, out_counts_p, shift_p;
+    long long capacity, n, step;
+    if (!PyArg_ParseTuple(args, "KLKKKLLKKK", &col_p, &capacity, &slots_p, &counts_p,
+                          &trained_p, &n, &step, &out_slots_p, &out_counts_p, &shift_p)) {
+        return NULL;
+    }
+    const double *col = (const double *)col_p;
+    const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
+    const uint8_t *trained = (const uint8_t *)trained_p;
+    int64_t *out_slots = (int64_t *)out_slots_p, *out_counts = (int64_t *)out_counts_p;
+    double *shift = (double *)shift_p;
+    long long m = 0, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        const int64_t s = slots[i];
+        if (s < 0 || s >= capacity) { bad = 1; break; }
+        if (!trained[s]) continue;
+        double d = (double)step - col[s * U_WIDTH + U_LAST];
+        shift[m] = d < 0.0 ? 0.0 : d; /* NaN stays NaN, as clamp(min=0) leaves it */
+        out_slots[m] = s;
+        out_counts[m] = counts[i];
+        m++;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "usage_trained: a slot is out of the cache");
+        return NULL;
+    }
+    return PyLong_FromLongLong(m);
+}
+
+/* Before a row step on slots[i]: fresh[i] = the row has no delta yet (!trained), and the
+ * positions i of the SCREENED rows with a delta, in order, into screened; returns how many. */
+static PyObject *usage_phases(PyObject *self, PyObject *args) {
+    unsigned long long col_p, slots_p, trained_p, fresh_p, screened_p;
+    long long capacity, n;
+    if (!PyArg_ParseTuple(args, "KLKKLKK", &col_p, &capacity, &slots_p, &trained_p, &n,
+                          &fresh_p, &screened_p)) {
+        return NULL;
+    }
+    const double *col = (const double *)col_p;
+    const int64_t *slots = (const int64_t *)slots_p;
+    const uint8_t *trained = (const uint8_t *)trained_p;
+    uint8_t *fresh = (uint8_t *)fresh_p;
+    int64_t *screened = (int64_t *)screened_p;
+    long long k = 0, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        const int64_t s = slots[i];
+        if (s < 0 || s >= capacity) { bad = 1; break; }
+        fresh[i] = !trained[s];
+        if (trained[s] && col[s * U_WIDTH + U_PHASE] == 1.0) screened[k++] = i;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "usage_phases: a slot is out of the cache");
+        return NULL;
+    }
+    return PyLong_FromLongLong(k);
+}
+
+/* A use of the rows at slots[i] (counts[i] times) in step `step`: _usage.touch. factor[i] is
+ * pow(use_decay, max(0, step - LAST)) of the row. Rows without statistics (NaN phase) are
+ * left alone. Every slot is marked dirty. */
+NO_CONTRACT static PyObject *usage_touch(PyObject *self, PyObject *args) {
+    NO_CONTRACT_HERE
+    unsigned long long col_p, slots_p, counts_p, factor_p, dirty_p;
+    long long capacity, n, step, epoch;
+    double use_decay;
+    if (!PyArg_ParseTuple(args, "KLKKKLLLdK", &col_p, &capacity, &slots_p, &counts_p, &factor_p,
+                          &n, &step, &epoch, &use_decay, &dirty_p)) {
+        return NULL;
+    }
+    double *col = (double *)col_p;
+    const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
+    const double *factor = (const double *)factor_p;
+    uint8_t *dirty = (uint8_t *)dirty_p;
+    const double fresh_add = 1.0 - use_decay;
+    long long bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        const int64_t s = slots[i];
+        if (s < 0 || s >= capacity) { bad = 1; break; }
+        dirty[s] = 1;
+        double *u = col + s * U_WIDTH;
+        if (isnan(u[U_PHASE])) continue;
+        double shift = (double)step - u[U_LAST];
+        if (shift < 0.0) shift = 0.0;
+        const double recent = u[U_RECENT] * factor[i];
+        const int64_t sh = (int64_t)(shift > U_HISTORY_BITS ? U_HISTORY_BITS : shift);
+        const int64_t keep = ((int64_t)1 << (U_HISTORY_BITS - sh)) - 1;
+        const int64_t hist = ((int64_t)u[U_HISTORY] & keep) << sh;
+        const double fresh_step = (hist & 1) == 0 ? 1.0 : 0.0;
+        u[U_RECENT] = recent + fresh_add * fresh_step;
+        u[U_HISTORY] = (double)(hist | 1);
+        u[U_LAST] = (double)step;
+        u[U_USES] += (double)counts[i];
+        u[U_SINCE] = (double)epoch;
+        u[U_EPOCH] = (double)(epoch + 1);
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "usage_touch: a slot is out of the cache");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* After a row step on the rows at slots[i]: rows getting their first delta (fresh[i], or no
+ * statistics yet) start theirs (_usage.start, used counts[i] times), then every row's UPDATE
+ * average takes its gradient norm norms[i] and EPOCH moves on (_usage.updated). */
+NO_CONTRACT static PyObject *usage_updated(PyObject *self, PyObject *args) {
+    NO_CONTRACT_HERE
+    unsigned long long col_p, slots_p, fresh_p, counts_p, norms_p;
+    long long capacity, n, step, epoch;
+    double use_decay, update_decay;
+    if (!PyArg_ParseTuple(args, "KLKKKKLLLdd", &col_p, &capacity, &slots_p, &fresh_p, &counts_p,
+                          &norms_p, &n, &step, &epoch, &use_decay, &update_decay)) {
+        return NULL;
+    }
+    double *col = (double *)col_p;
+    const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
+    const uint8_t *fresh = (const uint8_t *)fresh_p;
+    const float *norms = (const float *)norms_p;
+    const double keep = update_decay, take = 1.0 - update_decay;
+    long long bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        const int64_t s = slots[i];
+        if (s < 0 || s >= capacity) { bad = 1; break; }
+        double *u = col + s * U_WIDTH;
+        if (fresh[i] || isnan(u[U_PHASE])) {
+            for (int f = 0; f < U_WIDTH; f++) u[f] = 0.0;
+            u[U_USES] = (double)counts[i];
+            u[U_LAST] = (double)step;
+            u[U_RECENT] = 1.0 - use_decay;
+            u[U_HISTORY] = 1.0;
+            u[U_SINCE] = (double)epoch;
+            u[U_BORN] = (double)epoch;
+        }
+        u[U_UPDATE] = keep * u[U_UPDATE] + take * (double)norms[i];
+        u[U_EPOCH] = (double)(epoch + 1);
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "usage_updated: a slot is out of the cache");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Product-key search (index/_product_keys.py): for each query and head, the exact top-k of  */
 /* s1[i] + s2[j] over rows i * n2 + j < n_valid, from the top-k of each half (PKM).          */
 
@@ -761,6 +951,10 @@ static PyMethodDef methods[] = {
     {"peer_backward", peer_backward, METH_VARARGS, "PEER backward: dx, dgates, row grads."},
     {"apply_rows", apply_rows, METH_VARARGS, "Row optimizer step on cache columns."},
     {"step_rows", step_rows, METH_VARARGS, "Row optimizer step on compact arrays."},
+    {"usage_trained", usage_trained, METH_VARARGS, "The trained rows of a page-in."},
+    {"usage_touch", usage_touch, METH_VARARGS, "A lifecycle's use of cached rows."},
+    {"usage_phases", usage_phases, METH_VARARGS, "Fresh and SCREENED rows of a row step."},
+    {"usage_updated", usage_updated, METH_VARARGS, "A lifecycle's record of a row step."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,6 +22,9 @@ ENABLED = _lib is not None and os.environ.get("DPSN_NATIVE", "1") != "0"
 
 # Optimizer kinds the loops know (csrc/native.c OPT_*): never renumber.
 OPT_SGD, OPT_ADAGRAD, OPT_ADAM = 0, 1, 2
+# The usage column's width and field order the usage loops know (csrc/native.c U_*), those of
+# tiers/_usage_fields.py (a test checks they agree).
+USAGE_WIDTH = 10
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -418,3 +421,129 @@ def pk_scores_backward(
         dk2.data_ptr(),
     )
     return dq, dk1, dk2
+
+
+def usage_trained(
+    usage: torch.Tensor,
+    slots: torch.Tensor,
+    counts: torch.Tensor,
+    trained: torch.Tensor,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trained rows among cached ``slots`` (``trained[slot]``), in order: ``(slots,
+    counts, shift)``, ``shift`` being ``max(0, step - LAST)`` (float64), as
+    ``slots[trained[slots]]`` and ``_usage.aligned`` give them."""
+    assert _lib is not None
+    capacity = usage.shape[0]
+    n = len(slots)
+    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
+    out_slots = torch.empty(n, dtype=torch.int64)
+    out_counts = torch.empty(n, dtype=torch.int64)
+    shift = torch.empty(n, dtype=torch.float64)
+    m = _lib.usage_trained(
+        usage.data_ptr(),
+        capacity,
+        _check(slots, torch.int64, (n,)),
+        _check(counts, torch.int64, (n,)),
+        _check(trained, torch.bool, (capacity,)),
+        n,
+        step,
+        out_slots.data_ptr(),
+        out_counts.data_ptr(),
+        shift.data_ptr(),
+    )
+    return out_slots[:m], out_counts[:m], shift[:m]
+
+
+def usage_phases(
+    usage: torch.Tensor, slots: torch.Tensor, trained: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before a row step on cached ``slots``: ``(fresh, screened)``, ``fresh`` the bool mask of
+    rows without a delta yet and ``screened`` the positions of the SCREENED rows with one."""
+    assert _lib is not None
+    capacity = usage.shape[0]
+    n = len(slots)
+    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
+    fresh = torch.empty(n, dtype=torch.bool)
+    screened = torch.empty(n, dtype=torch.int64)
+    k = _lib.usage_phases(
+        usage.data_ptr(),
+        capacity,
+        _check(slots, torch.int64, (n,)),
+        _check(trained, torch.bool, (capacity,)),
+        n,
+        fresh.data_ptr(),
+        screened.data_ptr(),
+    )
+    return fresh, screened[:k]
+
+
+def usage_touch(
+    usage: torch.Tensor,
+    slots: torch.Tensor,
+    counts: torch.Tensor,
+    factor: torch.Tensor,
+    step: int,
+    epoch: int,
+    use_decay: float,
+    dirty: torch.Tensor,
+) -> None:
+    """``_usage.touch`` on the cache's float64 usage column at ``slots`` (rows without
+    statistics left alone), in place, and ``dirty[slots] = True``. ``factor``: float64
+    ``pow(use_decay, max(0, step - LAST))`` of each row, computed by the caller with PyTorch
+    (whose pow the loop cannot reproduce bit for bit)."""
+    assert _lib is not None
+    capacity = usage.shape[0]
+    n = len(slots)
+    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
+    _lib.usage_touch(
+        usage.data_ptr(),
+        capacity,
+        _check(slots, torch.int64, (n,)),
+        _check(counts, torch.int64, (n,)),
+        _check(factor, torch.float64, (n,)),
+        n,
+        step,
+        epoch,
+        use_decay,
+        _check(dirty, torch.bool, (capacity,)),
+    )
+
+
+def usage_updated(
+    usage: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor,
+    counts: torch.Tensor,
+    norms: torch.Tensor,
+    step: int,
+    epoch: int,
+    use_decay: float,
+    update_decay: float,
+) -> None:
+    """``_usage.start`` for ``fresh`` rows (or rows without statistics), then
+    ``_usage.updated`` with the float32 gradient ``norms``, on the cache's usage column at
+    ``slots``, in place."""
+    assert _lib is not None
+    capacity = usage.shape[0]
+    n = len(slots)
+    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
+    _lib.usage_updated(
+        usage.data_ptr(),
+        capacity,
+        _check(slots, torch.int64, (n,)),
+        _check(fresh, torch.bool, (n,)),
+        _check(counts, torch.int64, (n,)),
+        _check(norms, torch.float32, (n,)),
+        n,
+        step,
+        epoch,
+        use_decay,
+        update_decay,
+    )
+
+
+def has_usage_loops() -> bool:
+    """Whether the built extension has the usage loops (an extension built from an older
+    checkout may not)."""
+    return _lib is not None and hasattr(_lib, "usage_touch")

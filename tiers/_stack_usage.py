@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dpsn import kernels
 from dpsn._dtypes import from_storage
 
 from . import _usage
@@ -86,6 +87,16 @@ class UsageStatistics:
         changed, so they are dirty (committed with their row)."""
         cache, trained, rules = self.cache, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
+        if self._native_usage(slots):
+            col, clock = cache.column(self.layout.usage), self.clock
+            s, c, shift = kernels.usage_trained(col, slots, counts, trained, clock.step)
+            if len(s):
+                # the one transcendental, as _usage.aligned computes it (same op, same rows)
+                factor = torch.pow(torch.as_tensor(rules.use_decay, dtype=col.dtype), shift)
+                kernels.usage_touch(
+                    col, s, c, factor, clock.step, clock.epoch, rules.use_decay, cache.dirty
+                )
+            return
         t = trained[slots]
         if not bool(t.any()):
             return
@@ -126,6 +137,9 @@ class UsageStatistics:
         bits) and the rows' statistics recorded."""
         cache, layout = self.cache, self.layout
         assert cache is not None
+        if batch.touched and self._native_usage(slots):
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer)
+            return
         usage = self._cached_usage(slots)
         if not batch.touched:
             self._usage_touch(usage, batch.counts)
@@ -141,6 +155,47 @@ class UsageStatistics:
             cache.column(layout.row)[s] = row.to(self.dtype)
         usage = self._usage_after(usage, batch.counts, torch.linalg.vector_norm(grads, dim=1))
         cache.column(layout.usage)[slots] = usage
+
+    def _native_usage(self, slots: torch.Tensor) -> bool:
+        """Whether the usage loops of ``dpsn._native`` may update the cached ``slots``."""
+        return kernels.usable(slots) and kernels.has_usage_loops()
+
+    def _apply_fused_tracked_native(
+        self, batch: Any, slots: torch.Tensor, grads: torch.Tensor, optimizer: Any
+    ) -> None:
+        """``_apply_fused_tracked`` for a batch whose uses were counted at its page-in, with
+        the statistics updated in place by one native loop (``kernels.usage_updated``) instead
+        of gathered, recomputed and scattered back. Same bits: SCREENED rows are damped by the
+        same code, on the same rows in the same order."""
+        cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
+        assert cache is not None and trained is not None and rules is not None
+        col = cache.column(layout.usage)
+        # fresh: no delta, so no statistics yet (their rows of the column are garbage)
+        fresh, screened = kernels.usage_phases(col, slots, trained)
+        s = slots[screened]
+        if len(s):
+            usage = torch.index_select(col, 0, s)
+            old = self._cached_delta(s)
+        self._apply_fused(slots, grads, optimizer, fresh)
+        if len(s):
+            new = torch.index_select(cache.column(layout.delta), 0, s).float()
+            d = self._damped(usage, old, new)
+            cache.column(layout.delta)[s] = d.to(self.dtype)
+            row = torch.index_select(cache.column(layout.base), 0, s).add_(d)
+            cache.column(layout.row)[s] = row.to(self.dtype)
+        norms = torch.linalg.vector_norm(grads, dim=1)
+        clock = self.clock
+        kernels.usage_updated(
+            col,
+            slots,
+            fresh,
+            batch.counts,
+            norms,
+            clock.step,
+            clock.epoch,
+            rules.use_decay,
+            rules.update_decay,
+        )
 
     def _usage_after(
         self, usage: torch.Tensor, counts: torch.Tensor, grad_norm: torch.Tensor | None
