@@ -85,7 +85,7 @@ def test_staging_matches_a_dict(sequence: list[tuple[str, list[int]]]) -> None:
             usage = torch.full((len(staging.ids), LAYOUT.usage_width), float(tag))
             staging.set_column(LAYOUT.usage.name, usage)
             for i in model:
-                model[i] = {**model[i], LAYOUT.usage.name: usage[0]}
+                model[i] = {**model[i], LAYOUT.usage.name: usage[0].clone()}
         _check(staging, model, drops)
 
 
