@@ -195,7 +195,7 @@ def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     than a gather row by row; else ``index_select`` (not advanced indexing: about twice as fast
     for a gather of rows)."""
     n = len(slots)
-    if n > 1:
+    if n > 1 and slots.device.type == "cpu":  # on CUDA the checks would sync with the device
         start = int(slots[0])
         if int(slots[-1]) - start == n - 1 and bool((torch.diff(slots) == 1).all()):
             return table[start : start + n].clone()
