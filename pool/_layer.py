@@ -248,7 +248,7 @@ class PoolLayer(nn.Module):
         train_generator: also train the generator's shared weights (see the module docstring).
 
     The rules of the fused row step (once per graph, scaler, ``accumulate()``, clipping,
-    nothing under ``no_grad``) are in ``dpsn.pool._training`` and the README.
+    nothing under ``no_grad``) are documented in the README ("Training rules").
     """
 
     def __init__(

@@ -126,7 +126,7 @@ from ._records import (
     stored_digests,
 )
 from ._rowindex import RowIndex
-from ._runs import RUNS_DIR, RunsUnusableError, open_layers, read_runset, run_checksum
+from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, open_layers, read_runset
 from ._runs import discard as discard_runs
 from ._runs import maintain as maintain_runs
 from ._runs import save as save_runs
@@ -689,13 +689,7 @@ class PersistedStore:
         if self.writable:
             try:
                 if len(flat) >= _runs.RUN_MIN_ROWS:
-                    index = save_runs(
-                        self.root,
-                        self.manifest.uuid,
-                        index,
-                        head,
-                        self.commit_record(head).index_digest,
-                    )
+                    index = self._save_runs(index, head)
                 elif reason is not None:
                     discard_runs(self.root)
             except OSError:
@@ -728,13 +722,7 @@ class PersistedStore:
         if self.writable:
             # A writer computes each commit's digest change from what the index says: it reads
             # the runs whole once (sequentially, ~GB/s) rather than trust bytes it did not write.
-            for name, _, want in runset.files:
-                try:
-                    ok = run_checksum(self.root / RUNS_DIR / name) == want
-                except OSError as e:
-                    raise RunsUnusableError(f"run file {name} cannot be read: {e}") from e
-                if not ok:
-                    raise RunsUnusableError(f"run file {name} does not match runs.json")
+            check_run_files(self.root, runset)
         names = tuple(name for name, _, _ in runset.files)
         index = LayeredIndex(
             open_layers(self.root, runset),
@@ -858,9 +846,9 @@ class PersistedStore:
         """The row index as of ``commit``: HEAD's from LMDB, a snapshot's from its pinned copy,
         any other commit by replaying the segments of commits up to it."""
         commit = _commit_key(commit)
-        head, layered = self.load_head()
+        head = self.head()
         if commit == head:
-            return layered
+            return self.load_head()[1]
         pinned = self._pinned_index(commit)
         if pinned is not None:
             return pinned
@@ -870,7 +858,7 @@ class PersistedStore:
         # them, whose segments gc keeps when it keeps the commit (``_retention.py``).
         rep = representative(self.log(), commit)
         if rep == head:
-            return layered
+            return self.load_head()[1]
         if rep != commit:
             pinned = self._pinned_index(rep)
             if pinned is not None:
@@ -1252,13 +1240,12 @@ class PersistedStore:
             return
         with contextlib.suppress(OSError, DpsnError):
             if head == self.head():
-                save_runs(
-                    self.root,
-                    self.manifest.uuid,
-                    index,
-                    head,
-                    self.commit_record(head).index_digest,
-                )
+                self._save_runs(index, head)
+
+    def _save_runs(self, index: LayeredIndex, head: int) -> LayeredIndex:
+        """Write ``index`` (HEAD's, at ``head``) as the run set (``_runs.save``)."""
+        digest = self.commit_record(head).index_digest
+        return save_runs(self.root, self.manifest.uuid, index, head, digest)
 
     def _next_segment(self) -> int:
         """The id the next segment takes, checked: above every recorded segment (a damaged

@@ -179,6 +179,18 @@ def run_checksum(path: Path) -> int:
     return h.intdigest()
 
 
+def check_run_files(root: Path, runset: RunSet) -> None:
+    """Every run file read whole against its checksum in ``runs.json`` (``RunsUnusableError``
+    naming the first that fails): what a writer's open and ``dpsn verify`` run."""
+    for name, _, want in runset.files:
+        try:
+            ok = run_checksum(runs_dir(root) / name) == want
+        except OSError as e:
+            raise RunsUnusableError(f"run file {name} cannot be read: {e}") from e
+        if not ok:
+            raise RunsUnusableError(f"run file {name} does not match runs.json")
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 

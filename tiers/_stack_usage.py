@@ -10,7 +10,7 @@ path calls when a lifecycle is on, and the mechanics of a consolidation.
   applies the phases and drops the pool's lifecycle decided, and advances the epoch.
 
 What the statistics mean and how they change is in ``_usage.py``; which rows to screen, decay,
-keep or drop is the pool's lifecycle policy (``dpsn.pool._lifecycle``).
+keep or drop is the pool's lifecycle policy (``dpsn.Lifecycle``, ``pool.consolidate()``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Usage statistics of trained rows: what the ``usage`` column holds, and how a use, an update,
 a load and a consolidation change it. Vectorized over a batch of rows; the policy that reads
 the statistics (screening scores, thresholds, pruning, budgets) is the pool's lifecycle
-(``dpsn.pool._lifecycle``), which hands the stack the few numbers it needs as
+(``dpsn.Lifecycle`` and ``pool.consolidate()``), which hands the stack the few numbers it needs as
 :class:`UsageRules`.
 
 Two clocks, kept by the stack in :class:`UsageClock` and saved with every commit:

@@ -64,7 +64,7 @@ from ._records import (
 )
 from ._retention import META_CHECKPOINT
 from ._rowindex import RowIndex
-from ._runs import RUNS_DIR, RunsUnusableError, read_runset, run_checksum, runs_dir
+from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, read_runset
 from ._segments import SegmentRecord
 from ._usage_fields import usage_problem
 
@@ -309,10 +309,7 @@ class _Verifier:
             runset = read_runset(root, self.m.uuid)
             if runset is None or self.index is None:
                 return
-            for name, _, want in runset.files:
-                if run_checksum(runs_dir(root) / name) != want:
-                    self.problem("runs", f"run file {name} does not match runs.json; {fix}")
-                    return
+            check_run_files(root, runset)
             got = self.store.load_from_runs()
         except (RunsUnusableError, OSError) as e:
             self.problem("runs", f"the row index's run files cannot be used: {e}; {fix}")
