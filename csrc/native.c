@@ -504,6 +504,19 @@ static inline void opt_step(int opt, float *delta, float *state, const float *g,
     }
 }
 
+/* One row of apply_rows: a fresh row's delta and state start at zero, its current row its
+ * base; then the step, re-materializing row = base + delta. */
+static inline void step_cached_row(int opt, float *d, float *st, float *b, float *r, int fresh,
+                                   const float *g, long long dim, long long width, double lr,
+                                   double eps, double b1, double b2) {
+    if (fresh) {
+        memcpy(b, r, sizeof(float) * dim);
+        memset(d, 0, sizeof(float) * dim);
+        if (width) memset(st, 0, sizeof(float) * width);
+    }
+    opt_step(opt, d, st, g, dim, (float)lr, (float)eps, (float)b1, (float)b2, b, r);
+}
+
 HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, base_p, row_p, slots_p, fresh_p, grads_p;
     long long capacity, dim, width, n;
@@ -529,15 +542,8 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
             prefetch_row(delta + s1 * dim, dim);
             prefetch_row(base + s1 * dim, dim);
         }
-        float *d = delta + s * dim, *b = base + s * dim, *r = row + s * dim;
-        float *st = state + s * width;
-        if (fresh[i]) {
-            memcpy(b, r, sizeof(float) * dim);
-            memset(d, 0, sizeof(float) * dim);
-            if (width) memset(st, 0, sizeof(float) * width);
-        }
-        opt_step(opt, d, st, grads + i * dim, dim, (float)lr, (float)eps, (float)b1, (float)b2,
-                 b, r);
+        step_cached_row(opt, delta + s * dim, state + s * width, base + s * dim, row + s * dim,
+                        fresh[i], grads + i * dim, dim, width, lr, eps, b1, b2);
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -604,109 +610,77 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 #define NO_CONTRACT_HERE
 #endif
 
-/* The trained rows among slots[i] (trained[slot] set), compacted in order: their slots,
- * use counts and steps since their last use, max(0, step - LAST), into out_*; returns how
- * many. (The caller raises use_decay to those powers with PyTorch, then calls usage_touch.) */
-static PyObject *usage_trained(PyObject *self, PyObject *args) {
-    unsigned long long col_p, slots_p, counts_p, trained_p, out_slots_p, out_counts_p, shift_p;
-    long long capacity, n, step;
-    if (!PyArg_ParseTuple(args, "KLKKKLLKKK", &col_p, &capacity, &slots_p, &counts_p,
-                          &trained_p, &n, &step, &out_slots_p, &out_counts_p, &shift_p)) {
-        return NULL;
+/* The usage rows of a batch's slots are random cache misses (80 bytes each in a column of
+ * megabytes); asking for the row a few slots ahead overlaps them instead of waiting on each. */
+#define U_AHEAD 8
+static inline void prefetch_usage(const double *col, const int64_t *slots, long long i,
+                                  long long n, long long capacity) {
+    if (i + U_AHEAD < n) {
+        const int64_t s = slots[i + U_AHEAD];
+        if (s >= 0 && s < capacity) {
+            __builtin_prefetch(col + s * U_WIDTH);
+            __builtin_prefetch(col + s * U_WIDTH + U_WIDTH - 1);
+        }
     }
-    const double *col = (const double *)col_p;
-    const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
-    const uint8_t *trained = (const uint8_t *)trained_p;
-    int64_t *out_slots = (int64_t *)out_slots_p, *out_counts = (int64_t *)out_counts_p;
-    double *shift = (double *)shift_p;
-    long long m = 0, bad = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (long long i = 0; i < n; i++) {
-        const int64_t s = slots[i];
-        if (s < 0 || s >= capacity) { bad = 1; break; }
-        if (!trained[s]) continue;
-        double d = (double)step - col[s * U_WIDTH + U_LAST];
-        shift[m] = d < 0.0 ? 0.0 : d; /* NaN stays NaN, as clamp(min=0) leaves it */
-        out_slots[m] = s;
-        out_counts[m] = counts[i];
-        m++;
-    }
-    Py_END_ALLOW_THREADS
-    if (bad) {
-        PyErr_SetString(PyExc_IndexError, "usage_trained: a slot is out of the cache");
-        return NULL;
-    }
-    return PyLong_FromLongLong(m);
 }
 
-/* Before a row step on slots[i]: fresh[i] = the row has no delta yet (!trained), and the
- * positions i of the SCREENED rows with a delta, in order, into screened; returns how many. */
-static PyObject *usage_phases(PyObject *self, PyObject *args) {
-    unsigned long long col_p, slots_p, trained_p, fresh_p, screened_p;
-    long long capacity, n;
-    if (!PyArg_ParseTuple(args, "KLKKLKK", &col_p, &capacity, &slots_p, &trained_p, &n,
-                          &fresh_p, &screened_p)) {
-        return NULL;
-    }
-    const double *col = (const double *)col_p;
-    const int64_t *slots = (const int64_t *)slots_p;
-    const uint8_t *trained = (const uint8_t *)trained_p;
-    uint8_t *fresh = (uint8_t *)fresh_p;
-    int64_t *screened = (int64_t *)screened_p;
-    long long k = 0, bad = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (long long i = 0; i < n; i++) {
-        const int64_t s = slots[i];
-        if (s < 0 || s >= capacity) { bad = 1; break; }
-        fresh[i] = !trained[s];
-        if (trained[s] && col[s * U_WIDTH + U_PHASE] == 1.0) screened[k++] = i;
-    }
-    Py_END_ALLOW_THREADS
-    if (bad) {
-        PyErr_SetString(PyExc_IndexError, "usage_phases: a slot is out of the cache");
-        return NULL;
-    }
-    return PyLong_FromLongLong(k);
+/* pow(use_decay, k) for the small step gaps k most uses have (a row used again soon), from a
+ * table filled once per call: libm's pow costs more than the rest of a row's statistics. */
+#define U_POWERS 64
+static void decay_powers(double *powers, double use_decay) {
+    for (int k = 0; k < U_POWERS; k++) powers[k] = pow(use_decay, (double)k);
 }
 
-/* A use of the rows at slots[i] (counts[i] times) in step `step`: _usage.touch. factor[i] is
- * pow(use_decay, max(0, step - LAST)) of the row. Rows without statistics (NaN phase) are
- * left alone. Every slot is marked dirty. */
-NO_CONTRACT static PyObject *usage_touch(PyObject *self, PyObject *args) {
-    NO_CONTRACT_HERE
-    unsigned long long col_p, slots_p, counts_p, factor_p, dirty_p;
+/* _usage.touch of one row with statistics: used `uses` times in step `step`. RECENT decays by
+ * pow(use_decay, steps since the last use) from libm, which may differ from PyTorch's
+ * vectorized pow in the last bit. */
+static inline __attribute__((always_inline)) void usage_used(double *u, int64_t uses,
+                                                             long long step, long long epoch,
+                                                             double use_decay,
+                                                             const double *powers) {
+    double shift = (double)step - u[U_LAST];
+    if (shift < 0.0) shift = 0.0;
+    const double decay = shift < U_POWERS ? powers[(int)shift] : pow(use_decay, shift);
+    const double recent = u[U_RECENT] * decay;
+    const int64_t sh = (int64_t)(shift > U_HISTORY_BITS ? U_HISTORY_BITS : shift);
+    const int64_t keep = ((int64_t)1 << (U_HISTORY_BITS - sh)) - 1;
+    const int64_t hist = ((int64_t)u[U_HISTORY] & keep) << sh;
+    const double fresh_step = (hist & 1) == 0 ? 1.0 : 0.0;
+    u[U_RECENT] = recent + (1.0 - use_decay) * fresh_step;
+    u[U_HISTORY] = (double)(hist | 1);
+    u[U_LAST] = (double)step;
+    u[U_USES] += (double)uses;
+    u[U_SINCE] = (double)epoch;
+    u[U_EPOCH] = (double)(epoch + 1);
+}
+
+/* A use of the trained rows among slots[i] (counts[i] times) in step `step`, in one pass
+ * (usage_used). Rows without a delta (!trained) are left alone; trained rows are marked dirty,
+ * and those with statistics (not NaN) record the use. */
+static PyObject *usage_touch(PyObject *self, PyObject *args) {
+    unsigned long long col_p, slots_p, counts_p, trained_p, dirty_p;
     long long capacity, n, step, epoch;
     double use_decay;
-    if (!PyArg_ParseTuple(args, "KLKKKLLLdK", &col_p, &capacity, &slots_p, &counts_p, &factor_p,
-                          &n, &step, &epoch, &use_decay, &dirty_p)) {
+    if (!PyArg_ParseTuple(args, "KLKKKKLLLd", &col_p, &capacity, &slots_p, &counts_p,
+                          &trained_p, &dirty_p, &n, &step, &epoch, &use_decay)) {
         return NULL;
     }
     double *col = (double *)col_p;
     const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
-    const double *factor = (const double *)factor_p;
+    const uint8_t *trained = (const uint8_t *)trained_p;
     uint8_t *dirty = (uint8_t *)dirty_p;
-    const double fresh_add = 1.0 - use_decay;
+    double powers[U_POWERS];
+    decay_powers(powers, use_decay);
     long long bad = 0;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
         const int64_t s = slots[i];
         if (s < 0 || s >= capacity) { bad = 1; break; }
+        prefetch_usage(col, slots, i, n, capacity);
+        if (!trained[s]) continue;
         dirty[s] = 1;
         double *u = col + s * U_WIDTH;
-        if (isnan(u[U_PHASE])) continue;
-        double shift = (double)step - u[U_LAST];
-        if (shift < 0.0) shift = 0.0;
-        const double recent = u[U_RECENT] * factor[i];
-        const int64_t sh = (int64_t)(shift > U_HISTORY_BITS ? U_HISTORY_BITS : shift);
-        const int64_t keep = ((int64_t)1 << (U_HISTORY_BITS - sh)) - 1;
-        const int64_t hist = ((int64_t)u[U_HISTORY] & keep) << sh;
-        const double fresh_step = (hist & 1) == 0 ? 1.0 : 0.0;
-        u[U_RECENT] = recent + fresh_add * fresh_step;
-        u[U_HISTORY] = (double)(hist | 1);
-        u[U_LAST] = (double)step;
-        u[U_USES] += (double)counts[i];
-        u[U_SINCE] = (double)epoch;
-        u[U_EPOCH] = (double)(epoch + 1);
+        if (!isnan(u[U_PHASE])) usage_used(u, counts[i], step, epoch, use_decay, powers);
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -716,46 +690,153 @@ NO_CONTRACT static PyObject *usage_touch(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* After a row step on the rows at slots[i]: rows getting their first delta (fresh[i], or no
- * statistics yet) start theirs (_usage.start, used counts[i] times), then every row's UPDATE
- * average takes its gradient norm norms[i] and EPOCH moves on (_usage.updated). */
-NO_CONTRACT static PyObject *usage_updated(PyObject *self, PyObject *args) {
-    NO_CONTRACT_HERE
-    unsigned long long col_p, slots_p, fresh_p, counts_p, norms_p;
-    long long capacity, n, step, epoch;
-    double use_decay, update_decay;
-    if (!PyArg_ParseTuple(args, "KLKKKKLLLdd", &col_p, &capacity, &slots_p, &fresh_p, &counts_p,
-                          &norms_p, &n, &step, &epoch, &use_decay, &update_decay)) {
+/* What a row step records in a row's statistics (_usage.start for a row getting its first
+ * delta, or one without statistics; then _usage.updated with the gradient's norm). */
+static inline __attribute__((always_inline)) void usage_stepped(
+    double *u, int start, int64_t uses, double norm, long long step, long long epoch,
+    double use_decay, double update_decay) {
+    if (start || isnan(u[U_PHASE])) {
+        for (int f = 0; f < U_WIDTH; f++) u[f] = 0.0;
+        u[U_USES] = (double)uses;
+        u[U_LAST] = (double)step;
+        u[U_RECENT] = 1.0 - use_decay;
+        u[U_HISTORY] = 1.0;
+        u[U_SINCE] = (double)epoch;
+        u[U_BORN] = (double)epoch;
+    }
+    u[U_UPDATE] = update_decay * u[U_UPDATE] + (1.0 - update_decay) * norm;
+    u[U_EPOCH] = (double)(epoch + 1);
+}
+
+/* A lifecycle's rates and clock, as the tracked row steps take them. */
+typedef struct {
+    long long step, epoch;
+    double use_decay, update_decay, inertia;
+    int touch;
+    double powers[U_POWERS];
+} usage_rates;
+
+/* One row step with a lifecycle's statistics u (a row of the usage column): with `touch`, a
+ * row with statistics first records this step's use (usage_used, as usage_touch would have at
+ * the page-in); then the optimizer step (base/row: NULL on compact arrays); a SCREENED row's
+ * change is damped by 1 / (1 + inertia * log1p(uses)) (_usage.damping); last the statistics
+ * record the step (usage_stepped, with the float32 norm of the gradient). `fresh`: the row
+ * had no delta (its delta and state start at zero, its current row is its base). `old`:
+ * scratch of dim floats. The one definition both tracked loops use, so a row gets the same
+ * bits whether it was stepped in the cache or spilled. */
+static inline __attribute__((always_inline)) void tracked_row(
+    int opt, float *d, float *st, float *b, float *r, int fresh, const float *g, long long dim,
+    long long width, double lr, double eps, double b1, double b2, double *u, int64_t uses,
+    const usage_rates *rt, float *old) {
+    if (rt->touch && !fresh && !isnan(u[U_PHASE]))
+        usage_used(u, uses, rt->step, rt->epoch, rt->use_decay, rt->powers);
+    const int screened = !fresh && u[U_PHASE] == 1.0;
+    if (screened) memcpy(old, d, sizeof(float) * dim);
+    if (b) {
+        step_cached_row(opt, d, st, b, r, fresh, g, dim, width, lr, eps, b1, b2);
+    } else {
+        opt_step(opt, d, st, g, dim, (float)lr, (float)eps, (float)b1, (float)b2, NULL, NULL);
+    }
+    if (screened) {
+        const float damp = (float)(1.0 / (1.0 + rt->inertia * log1p(u[U_USES])));
+        for (long long j = 0; j < dim; j++) {
+            const float v = old[j] + (d[j] - old[j]) * damp;
+            d[j] = v;
+            if (b) r[j] = b[j] + v;
+        }
+    }
+    const double norm = (double)sqrtf(dot(g, g, dim));
+    usage_stepped(u, fresh, uses, norm, rt->step, rt->epoch, rt->use_decay, rt->update_decay);
+}
+
+static int parse_rates(PyObject *args, usage_rates *rt) {
+    if (!PyArg_ParseTuple(args, "LLdddp", &rt->step, &rt->epoch, &rt->use_decay,
+                          &rt->update_decay, &rt->inertia, &rt->touch)) {
+        return 0;
+    }
+    decay_powers(rt->powers, rt->use_decay);
+    return 1;
+}
+
+/* apply_rows with a lifecycle's statistics (tracked_row), in the same pass: a row is fresh
+ * when it has no delta yet (!trained[s]). One visit per row instead of a phase scan before the
+ * step and a statistics pass after it, which each missed the cache on every row. */
+HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
+    unsigned long long delta_p, state_p, base_p, row_p, slots_p, grads_p, col_p, trained_p,
+        counts_p;
+    long long capacity, dim, width, n;
+    int opt;
+    double lr, eps, b1, b2;
+    PyObject *rates_args;
+    usage_rates rt;
+    if (!PyArg_ParseTuple(args, "iKKKKLLLKKLddddKKKO!", &opt, &delta_p, &state_p, &base_p,
+                          &row_p, &capacity, &dim, &width, &slots_p, &grads_p, &n, &lr, &eps,
+                          &b1, &b2, &col_p, &trained_p, &counts_p, &PyTuple_Type,
+                          &rates_args) ||
+        !parse_rates(rates_args, &rt)) {
         return NULL;
     }
-    double *col = (double *)col_p;
+    float *delta = (float *)delta_p, *state = (float *)state_p, *base = (float *)base_p;
+    float *row = (float *)row_p;
     const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
-    const uint8_t *fresh = (const uint8_t *)fresh_p;
-    const float *norms = (const float *)norms_p;
-    const double keep = update_decay, take = 1.0 - update_decay;
+    const float *grads = (const float *)grads_p;
+    double *col = (double *)col_p;
+    const uint8_t *trained = (const uint8_t *)trained_p;
+    float *old = (float *)malloc(sizeof(float) * (dim > 0 ? dim : 1));
+    if (!old) return PyErr_NoMemory();
     long long bad = 0;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
         const int64_t s = slots[i];
         if (s < 0 || s >= capacity) { bad = 1; break; }
-        double *u = col + s * U_WIDTH;
-        if (fresh[i] || isnan(u[U_PHASE])) {
-            for (int f = 0; f < U_WIDTH; f++) u[f] = 0.0;
-            u[U_USES] = (double)counts[i];
-            u[U_LAST] = (double)step;
-            u[U_RECENT] = 1.0 - use_decay;
-            u[U_HISTORY] = 1.0;
-            u[U_SINCE] = (double)epoch;
-            u[U_BORN] = (double)epoch;
+        if (i + 1 < n && slots[i + 1] >= 0 && slots[i + 1] < capacity) {
+            const int64_t s1 = slots[i + 1];
+            prefetch_row(delta + s1 * dim, dim);
+            prefetch_row(base + s1 * dim, dim);
         }
-        u[U_UPDATE] = keep * u[U_UPDATE] + take * (double)norms[i];
-        u[U_EPOCH] = (double)(epoch + 1);
+        prefetch_usage(col, slots, i, n, capacity);
+        tracked_row(opt, delta + s * dim, state + s * width, base + s * dim, row + s * dim,
+                    !trained[s], grads + i * dim, dim, width, lr, eps, b1, b2,
+                    col + s * U_WIDTH, counts[i], &rt, old);
     }
     Py_END_ALLOW_THREADS
+    free(old);
     if (bad) {
-        PyErr_SetString(PyExc_IndexError, "usage_updated: a slot is out of the cache");
+        PyErr_SetString(PyExc_IndexError, "apply_rows_tracked: a slot is out of the cache");
         return NULL;
     }
+    Py_RETURN_NONE;
+}
+
+/* The same tracked step on compact host arrays (a spilled batch, rows not in the cache):
+ * delta [n, dim], state [n, width] and usage [n, U_WIDTH] updated in place; a row without
+ * statistics (NaN) starts them. */
+HOT static PyObject *step_rows_tracked(PyObject *self, PyObject *args) {
+    unsigned long long delta_p, state_p, grads_p, usage_p, counts_p;
+    long long dim, width, n;
+    int opt;
+    double lr, eps, b1, b2;
+    PyObject *rates_args;
+    usage_rates rt;
+    if (!PyArg_ParseTuple(args, "iKKKLLLddddKKO!", &opt, &delta_p, &state_p, &grads_p, &dim,
+                          &width, &n, &lr, &eps, &b1, &b2, &usage_p, &counts_p, &PyTuple_Type,
+                          &rates_args) ||
+        !parse_rates(rates_args, &rt)) {
+        return NULL;
+    }
+    float *delta = (float *)delta_p, *state = (float *)state_p;
+    const float *grads = (const float *)grads_p;
+    double *usage = (double *)usage_p;
+    const int64_t *counts = (const int64_t *)counts_p;
+    float *old = (float *)malloc(sizeof(float) * (dim > 0 ? dim : 1));
+    if (!old) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        tracked_row(opt, delta + i * dim, state + i * width, NULL, NULL, 0, grads + i * dim,
+                    dim, width, lr, eps, b1, b2, usage + i * U_WIDTH, counts[i], &rt, old);
+    }
+    Py_END_ALLOW_THREADS
+    free(old);
     Py_RETURN_NONE;
 }
 
@@ -951,10 +1032,11 @@ static PyMethodDef methods[] = {
     {"peer_backward", peer_backward, METH_VARARGS, "PEER backward: dx, dgates, row grads."},
     {"apply_rows", apply_rows, METH_VARARGS, "Row optimizer step on cache columns."},
     {"step_rows", step_rows, METH_VARARGS, "Row optimizer step on compact arrays."},
-    {"usage_trained", usage_trained, METH_VARARGS, "The trained rows of a page-in."},
     {"usage_touch", usage_touch, METH_VARARGS, "A lifecycle's use of cached rows."},
-    {"usage_phases", usage_phases, METH_VARARGS, "Fresh and SCREENED rows of a row step."},
-    {"usage_updated", usage_updated, METH_VARARGS, "A lifecycle's record of a row step."},
+    {"apply_rows_tracked", apply_rows_tracked, METH_VARARGS,
+     "apply_rows recording a lifecycle's statistics."},
+    {"step_rows_tracked", step_rows_tracked, METH_VARARGS,
+     "step_rows recording a lifecycle's statistics."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,6 +10,7 @@ shape, and the loops check every index they follow.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -423,75 +424,20 @@ def pk_scores_backward(
     return dq, dk1, dk2
 
 
-def usage_trained(
-    usage: torch.Tensor,
-    slots: torch.Tensor,
-    counts: torch.Tensor,
-    trained: torch.Tensor,
-    step: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The trained rows among cached ``slots`` (``trained[slot]``), in order: ``(slots,
-    counts, shift)``, ``shift`` being ``max(0, step - LAST)`` (float64), as
-    ``slots[trained[slots]]`` and ``_usage.aligned`` give them."""
-    assert _lib is not None
-    capacity = usage.shape[0]
-    n = len(slots)
-    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
-    out_slots = torch.empty(n, dtype=torch.int64)
-    out_counts = torch.empty(n, dtype=torch.int64)
-    shift = torch.empty(n, dtype=torch.float64)
-    m = _lib.usage_trained(
-        usage.data_ptr(),
-        capacity,
-        _check(slots, torch.int64, (n,)),
-        _check(counts, torch.int64, (n,)),
-        _check(trained, torch.bool, (capacity,)),
-        n,
-        step,
-        out_slots.data_ptr(),
-        out_counts.data_ptr(),
-        shift.data_ptr(),
-    )
-    return out_slots[:m], out_counts[:m], shift[:m]
-
-
-def usage_phases(
-    usage: torch.Tensor, slots: torch.Tensor, trained: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Before a row step on cached ``slots``: ``(fresh, screened)``, ``fresh`` the bool mask of
-    rows without a delta yet and ``screened`` the positions of the SCREENED rows with one."""
-    assert _lib is not None
-    capacity = usage.shape[0]
-    n = len(slots)
-    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
-    fresh = torch.empty(n, dtype=torch.bool)
-    screened = torch.empty(n, dtype=torch.int64)
-    k = _lib.usage_phases(
-        usage.data_ptr(),
-        capacity,
-        _check(slots, torch.int64, (n,)),
-        _check(trained, torch.bool, (capacity,)),
-        n,
-        fresh.data_ptr(),
-        screened.data_ptr(),
-    )
-    return fresh, screened[:k]
-
-
 def usage_touch(
     usage: torch.Tensor,
     slots: torch.Tensor,
     counts: torch.Tensor,
-    factor: torch.Tensor,
+    trained: torch.Tensor,
+    dirty: torch.Tensor,
     step: int,
     epoch: int,
     use_decay: float,
-    dirty: torch.Tensor,
 ) -> None:
-    """``_usage.touch`` on the cache's float64 usage column at ``slots`` (rows without
-    statistics left alone), in place, and ``dirty[slots] = True``. ``factor``: float64
-    ``pow(use_decay, max(0, step - LAST))`` of each row, computed by the caller with PyTorch
-    (whose pow the loop cannot reproduce bit for bit)."""
+    """``_usage.touch`` of the trained rows among cached ``slots`` (used ``counts`` times), on
+    the cache's float64 usage column, in place and in one pass: ``dirty[slot] = True`` for them;
+    rows without statistics are left alone. RECENT's decay comes from libm's ``pow``, which may
+    differ from PyTorch's in the last bit."""
     assert _lib is not None
     capacity = usage.shape[0]
     n = len(slots)
@@ -501,49 +447,127 @@ def usage_touch(
         capacity,
         _check(slots, torch.int64, (n,)),
         _check(counts, torch.int64, (n,)),
-        _check(factor, torch.float64, (n,)),
+        _check(trained, torch.bool, (capacity,)),
+        _check(dirty, torch.bool, (capacity,)),
         n,
         step,
         epoch,
         use_decay,
-        _check(dirty, torch.bool, (capacity,)),
     )
 
 
-def usage_updated(
-    usage: torch.Tensor,
+@dataclass(frozen=True, slots=True)
+class UsageStep:
+    """What a tracked row step records besides the step: the clock and the lifecycle's rates,
+    and whether the rows' use in this step is still to be counted (``touch``: what
+    :func:`usage_touch` does, first)."""
+
+    step: int
+    epoch: int
+    use_decay: float
+    update_decay: float
+    inertia: float
+    touch: bool = False
+
+    def args(self) -> tuple[int, int, float, float, float, bool]:
+        return (
+            int(self.step),
+            int(self.epoch),
+            float(self.use_decay),
+            float(self.update_decay),
+            float(self.inertia),
+            bool(self.touch),
+        )
+
+
+def apply_rows_tracked(
+    opt: int,
+    hyper: tuple[float, float, float, float],
+    delta: torch.Tensor,
+    state: torch.Tensor,
+    base: torch.Tensor,
+    row: torch.Tensor,
     slots: torch.Tensor,
-    fresh: torch.Tensor,
+    grads: torch.Tensor,
+    usage: torch.Tensor,
+    trained: torch.Tensor,
     counts: torch.Tensor,
-    norms: torch.Tensor,
-    step: int,
-    epoch: int,
-    use_decay: float,
-    update_decay: float,
+    rates: UsageStep,
 ) -> None:
-    """``_usage.start`` for ``fresh`` rows (or rows without statistics), then
-    ``_usage.updated`` with the float32 gradient ``norms``, on the cache's usage column at
-    ``slots``, in place."""
+    """:func:`apply_rows` with a lifecycle, in the same pass over the rows (each used
+    ``counts`` times in the step): rows without a delta (``~trained``) start fresh; a SCREENED
+    row's change is damped by its inertia (``_usage.damping``); every row's statistics in the
+    cache's ``usage`` column record the step (``_usage.start`` for new ones,
+    ``_usage.updated`` with its gradient's float32 norm). The caller marks the rows trained and
+    dirty."""
     assert _lib is not None
-    capacity = usage.shape[0]
+    capacity, dim = delta.shape
     n = len(slots)
-    _check(usage, torch.float64, (capacity, USAGE_WIDTH))
-    _lib.usage_updated(
-        usage.data_ptr(),
+    width = state.shape[1]
+    for col in (base, row):
+        _check(col, torch.float32, (capacity, dim))
+    _check(state, torch.float32, (capacity, width))
+    lr, eps, b1, b2 = hyper
+    _lib.apply_rows_tracked(
+        opt,
+        _check(delta, torch.float32),
+        state.data_ptr(),
+        base.data_ptr(),
+        row.data_ptr(),
         capacity,
+        dim,
+        width,
         _check(slots, torch.int64, (n,)),
-        _check(fresh, torch.bool, (n,)),
-        _check(counts, torch.int64, (n,)),
-        _check(norms, torch.float32, (n,)),
+        _check(grads, torch.float32, (n, dim)),
         n,
-        step,
-        epoch,
-        use_decay,
-        update_decay,
+        lr,
+        eps,
+        b1,
+        b2,
+        _check(usage, torch.float64, (capacity, USAGE_WIDTH)),
+        _check(trained, torch.bool, (capacity,)),
+        _check(counts, torch.int64, (n,)),
+        rates.args(),
+    )
+
+
+def step_rows_tracked(
+    opt: int,
+    hyper: tuple[float, float, float, float],
+    delta: torch.Tensor,
+    state: torch.Tensor,
+    grads: torch.Tensor,
+    usage: torch.Tensor,
+    counts: torch.Tensor,
+    rates: UsageStep,
+) -> None:
+    """The same tracked step on compact float32 arrays (rows not in the cache), in place:
+    ``delta [n, dim]``, ``state``, ``usage [n, USAGE_WIDTH]`` (a row without statistics, NaN,
+    starts them). The same code per row as :func:`apply_rows_tracked`, so a row gets the same
+    bits cached or spilled."""
+    assert _lib is not None
+    n, dim = delta.shape
+    width = state.shape[1]
+    lr, eps, b1, b2 = hyper
+    _lib.step_rows_tracked(
+        opt,
+        _check(delta, torch.float32),
+        _check(state, torch.float32, (n, width)),
+        _check(grads, torch.float32, (n, dim)),
+        dim,
+        width,
+        n,
+        lr,
+        eps,
+        b1,
+        b2,
+        _check(usage, torch.float64, (n, USAGE_WIDTH)),
+        _check(counts, torch.int64, (n,)),
+        rates.args(),
     )
 
 
 def has_usage_loops() -> bool:
     """Whether the built extension has the usage loops (an extension built from an older
     checkout may not)."""
-    return _lib is not None and hasattr(_lib, "usage_touch")
+    return _lib is not None and hasattr(_lib, "step_rows_tracked")

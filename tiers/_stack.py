@@ -696,14 +696,22 @@ class RowStack(UsageStatistics):
                     self._apply_fused_tracked(batch, resident, grads, optimizer)
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
-                new_delta, new_state = optimizer.step(delta, grads, state)
                 stats = None
-                if rules is not None:
-                    if not batch.touched:  # (a spilled batch) its uses count now
-                        self._usage_touch(usage, batch.counts)
-                    new_delta = self._damped(usage, delta, new_delta)
-                    norms = torch.linalg.vector_norm(grads, dim=1)
-                    stats = self._usage_after(usage, batch.counts, norms)
+                stepped = None
+                if rules is not None:  # the cached rows' native loop, where it can run
+                    stepped = self._step_spilled_tracked(
+                        batch, delta, state, usage, grads, optimizer
+                    )
+                if stepped is not None:
+                    new_delta, new_state, stats = stepped
+                else:
+                    new_delta, new_state = optimizer.step(delta, grads, state)
+                    if rules is not None:
+                        if not batch.touched:  # (a spilled batch) its uses count now
+                            self._usage_touch(usage, batch.counts)
+                        new_delta = self._damped(usage, delta, new_delta)
+                        norms = torch.linalg.vector_norm(grads, dim=1)
+                        stats = self._usage_after(usage, batch.counts, norms)
                 new_delta = new_delta.to(self.dtype)
                 self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
             self.counters["row_steps"] += 1

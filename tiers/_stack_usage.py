@@ -88,14 +88,16 @@ class UsageStatistics:
         cache, trained, rules = self.cache, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
         if self._native_usage(slots):
-            col, clock = cache.column(self.layout.usage), self.clock
-            s, c, shift = kernels.usage_trained(col, slots, counts, trained, clock.step)
-            if len(s):
-                # the one transcendental, as _usage.aligned computes it (same op, same rows)
-                factor = torch.pow(torch.as_tensor(rules.use_decay, dtype=col.dtype), shift)
-                kernels.usage_touch(
-                    col, s, c, factor, clock.step, clock.epoch, rules.use_decay, cache.dirty
-                )
+            kernels.usage_touch(
+                cache.column(self.layout.usage),
+                slots,
+                counts,
+                trained,
+                cache.dirty,
+                self.clock.step,
+                self.clock.epoch,
+                rules.use_decay,
+            )
             return
         t = trained[slots]
         if not bool(t.any()):
@@ -163,39 +165,75 @@ class UsageStatistics:
     def _apply_fused_tracked_native(
         self, batch: Any, slots: torch.Tensor, grads: torch.Tensor, optimizer: Any
     ) -> None:
-        """``_apply_fused_tracked`` for a batch whose uses were counted at its page-in, with
-        the statistics updated in place by one native loop (``kernels.usage_updated``) instead
-        of gathered, recomputed and scattered back. Same bits: SCREENED rows are damped by the
-        same code, on the same rows in the same order."""
+        """``_apply_fused_tracked`` for a batch whose uses were counted at its page-in, as one
+        native pass over the rows (``kernels.apply_rows_tracked``): the step, SCREENED rows'
+        damping and the statistics, instead of a phase scan, the step, a damping pass and a
+        statistics pass that each visited every row. The same math; the bits may differ from the
+        PyTorch path's in the last place (the gradient norm's summation order, a fused
+        multiply-add in the damping)."""
         cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
-        col = cache.column(layout.usage)
-        # fresh: no delta, so no statistics yet (their rows of the column are garbage)
-        fresh, screened = kernels.usage_phases(col, slots, trained)
-        s = slots[screened]
-        if len(s):
-            usage = torch.index_select(col, 0, s)
-            old = self._cached_delta(s)
-        self._apply_fused(slots, grads, optimizer, fresh)
-        if len(s):
-            new = torch.index_select(cache.column(layout.delta), 0, s).float()
-            d = self._damped(usage, old, new)
-            cache.column(layout.delta)[s] = d.to(self.dtype)
-            row = torch.index_select(cache.column(layout.base), 0, s).add_(d)
-            cache.column(layout.row)[s] = row.to(self.dtype)
-        norms = torch.linalg.vector_norm(grads, dim=1)
-        clock = self.clock
-        kernels.usage_updated(
-            col,
+        assert optimizer.native is not None
+        kernels.apply_rows_tracked(
+            optimizer.native,
+            optimizer.native_hyper(),
+            cache.column(layout.delta),
+            cache.column(layout.state),
+            cache.column(layout.base),
+            cache.column(layout.row),
             slots,
-            fresh,
+            grads.contiguous(),
+            cache.column(layout.usage),
+            trained,
             batch.counts,
-            norms,
-            clock.step,
-            clock.epoch,
-            rules.use_decay,
-            rules.update_decay,
+            self._usage_step(touch=False),
         )
+        trained[slots] = True
+        cache.mark_dirty(slots)
+
+    def _usage_step(self, touch: bool) -> kernels.UsageStep:
+        """The clock and rates a native tracked row step records with."""
+        rules = self.usage_rules
+        assert rules is not None
+        clock = self.clock
+        return kernels.UsageStep(
+            clock.step, clock.epoch, rules.use_decay, rules.update_decay, rules.inertia, touch
+        )
+
+    def _step_spilled_tracked(
+        self,
+        batch: Any,
+        delta: torch.Tensor,
+        state: torch.Tensor,
+        usage: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The row step of rows not stepped in the cache (a spilled batch; compact float32
+        copies) by the native loop the cache's rows take (``kernels.step_rows_tracked``): new
+        ``(delta, state, usage)``, the same bits as if the rows had been cached. None where that
+        loop cannot run (no native loop for this optimizer, CUDA, ``DPSN_NATIVE=0``): the
+        PyTorch path then computes the same math."""
+        if (
+            getattr(optimizer, "native", None) is None
+            or not kernels.usable(delta, grads)
+            or not kernels.has_usage_loops()
+            or delta.dtype != torch.float32
+        ):
+            return None
+        delta, state = delta.contiguous().clone(), state.contiguous().clone()
+        usage = usage.contiguous().clone()
+        kernels.step_rows_tracked(
+            optimizer.native,
+            optimizer.native_hyper(),
+            delta,
+            state,
+            grads.contiguous(),
+            usage,
+            batch.counts,
+            self._usage_step(touch=not batch.touched),
+        )
+        return delta, state, usage
 
     def _usage_after(
         self, usage: torch.Tensor, counts: torch.Tensor, grad_norm: torch.Tensor | None
