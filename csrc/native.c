@@ -18,6 +18,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATHS 1
+#endif
 
 /* Hot loops are compiled twice, for x86-64-v3 (AVX2, FMA) and for the baseline, and the loader picks
  * what the CPU has (GCC function multi-versioning). */
@@ -902,6 +906,132 @@ static long long top_k(const float *src_v, long long n, int64_t mul, int64_t add
     return len;
 }
 
+#ifdef HAVE_AVX2_PATHS
+/* The same top-k for k <= 16 with AVX2: the best values in 16 lanes (two registers' worth,
+ * sorted descending; lanes past k hold values no better than the k-th, or -inf) and their
+ * positions as int32. A value enters at q = how many lanes hold a value >= it (the earlier of
+ * equal values stays first, as insert_sorted keeps it), and the lanes after q move one place in
+ * a blend: no loop and no data-dependent branch per shifted entry, which is what the scalar
+ * insertion spends its time on. */
+typedef struct {
+    float v[16] __attribute__((aligned(32)));
+    int32_t pos[16] __attribute__((aligned(32)));
+} top16;
+
+__attribute__((target("avx2"))) static inline void top16_insert(top16 *t, float x, int32_t at,
+                                                                 int q_max) {
+    const __m256 lo = _mm256_load_ps(t->v), hi = _mm256_load_ps(t->v + 8);
+    const __m256 xv = _mm256_set1_ps(x);
+    int q = __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(lo, xv, _CMP_GE_OQ))) +
+            __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(hi, xv, _CMP_GE_OQ)));
+    if (q > q_max || x != x) q = q_max; /* -inf padding while filling; NaN goes last */
+    const __m256i lane_lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i qv = _mm256_set1_epi32(q);
+    const __m256i prev = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+    const __m256i plo = _mm256_load_si256((const __m256i *)t->pos);
+    const __m256i phi = _mm256_load_si256((const __m256i *)(t->pos + 8));
+    /* each lane's left neighbour: [lo0, lo0..lo6] and [lo7, hi0..hi6] */
+    __m256 slo = _mm256_permutevar8x32_ps(lo, prev);
+    __m256 shi = _mm256_blend_ps(_mm256_permutevar8x32_ps(hi, prev),
+                                 _mm256_permutevar8x32_ps(lo, _mm256_set1_epi32(7)), 1);
+    __m256i splo = _mm256_permutevar8x32_epi32(plo, prev);
+    __m256i sphi = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(phi, prev),
+                                      _mm256_permutevar8x32_epi32(plo, _mm256_set1_epi32(7)), 1);
+    const __m256i keep_lo = _mm256_cmpgt_epi32(qv, lane_lo), keep_hi = _mm256_cmpgt_epi32(qv, lane_hi);
+    const __m256i here_lo = _mm256_cmpeq_epi32(qv, lane_lo), here_hi = _mm256_cmpeq_epi32(qv, lane_hi);
+    const __m256i atv = _mm256_set1_epi32(at);
+    slo = _mm256_blendv_ps(slo, xv, _mm256_castsi256_ps(here_lo));
+    shi = _mm256_blendv_ps(shi, xv, _mm256_castsi256_ps(here_hi));
+    splo = _mm256_blendv_epi8(splo, atv, here_lo);
+    sphi = _mm256_blendv_epi8(sphi, atv, here_hi);
+    _mm256_store_ps(t->v, _mm256_blendv_ps(slo, lo, _mm256_castsi256_ps(keep_lo)));
+    _mm256_store_ps(t->v + 8, _mm256_blendv_ps(shi, hi, _mm256_castsi256_ps(keep_hi)));
+    _mm256_store_si256((__m256i *)t->pos, _mm256_blendv_epi8(splo, plo, keep_lo));
+    _mm256_store_si256((__m256i *)(t->pos + 8), _mm256_blendv_epi8(sphi, phi, keep_hi));
+}
+
+/* Scan src[j] for start <= j < n into a full top-len (len <= 16); blocks of 8 that nothing
+ * in beats the len-th best are skipped with one compare. */
+__attribute__((target("avx2"))) static void top16_scan(top16 *t, const float *src,
+                                                      long long start, long long n, int len) {
+    float thr = t->v[len - 1];
+    long long j = start;
+    for (; j + 8 <= n; j += 8) {
+        unsigned m = (unsigned)_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(src + j), _mm256_set1_ps(thr), _CMP_GT_OQ));
+        while (m) {
+            const int u = __builtin_ctz(m);
+            m &= m - 1;
+            const float x = src[j + u];
+            if (x > thr) {
+                top16_insert(t, x, (int32_t)(j + u), len - 1);
+                thr = t->v[len - 1];
+            }
+        }
+    }
+    for (; j < n; j++) {
+        const float x = src[j];
+        if (x > thr) {
+            top16_insert(t, x, (int32_t)j, len - 1);
+            thr = t->v[len - 1];
+        }
+    }
+}
+
+/* The best min(k, n) of src[0:n] (k <= 16) into t, sorted descending; returns how many. */
+__attribute__((target("avx2"))) static int top16_of(top16 *t, const float *src, long long n,
+                                                    int k) {
+    const int len = n < k ? (int)n : k;
+    for (int i = 0; i < 16; i++) {
+        t->v[i] = -INFINITY;
+        t->pos[i] = -1;
+    }
+    for (int j = 0; j < len; j++) top16_insert(t, src[j], j, j);
+    if (len > 0) top16_scan(t, src, len, n, len);
+    return len;
+}
+
+static int have_avx2 = 0;
+
+/* pk_search's selection for one query and head when k <= 16 (see pk_search). */
+__attribute__((target("avx2"))) static int pk_select16(const float *sa, const float *sb,
+                                                       long long n2, long long k, long long f,
+                                                       long long r, float *pv, int64_t *pi,
+                                                       int64_t *dst_i, float *dst_v) {
+    top16 a, b, c, o;
+    const int ik = (int)k;
+    const int na = top16_of(&a, sa, f, ik);
+    int nb, nc = 0;
+    if (r >= k) { /* one pass over half b: its first r, then the rest from there */
+        nc = top16_of(&c, sb, r, ik);
+        b = c;
+        top16_scan(&b, sb, r, n2, ik);
+        nb = ik;
+    } else {
+        nb = top16_of(&b, sb, n2, ik);
+        if (r) nc = top16_of(&c, sb, r, ik);
+    }
+    long long np = 0;
+    for (int i = 0; i < na; i++) {
+        for (int j = 0; j < nb && (i + 1) * (j + 1) <= ik; j++) {
+            pv[np] = a.v[i] + b.v[j];
+            pi[np++] = (int64_t)a.pos[i] * n2 + b.pos[j];
+        }
+    }
+    for (int j = 0; j < nc; j++) { /* the partial last grid row f */
+        pv[np] = sa[f] + c.v[j];
+        pi[np++] = f * n2 + c.pos[j];
+    }
+    const int no = top16_of(&o, pv, np, ik);
+    for (int j = 0; j < no; j++) {
+        dst_v[j] = o.v[j];
+        dst_i[j] = pi[o.pos[j]];
+    }
+    return no;
+}
+#endif
+
 /* Selection over precomputed sub-key scores s1 [H, T, n1], s2 [H, T, n2] (row f of s1 is the
  * partial grid row when r > 0): ids and vals [T, H, k]. With per-query budgets kq [T] (a null
  * pointer: none), query t's search stops at its best min(kq[t], k) rows (the first ones of
@@ -941,6 +1071,16 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
             int64_t *dst_i = out_ids + (t * H + h) * k_all;
             float *dst_v = out_vals + (t * H + h) * k_all;
             const long long k = kq ? (kq[t] < 1 ? 1 : kq[t] > k_all ? k_all : kq[t]) : k_all;
+#ifdef HAVE_AVX2_PATHS
+            if (k_all <= 16 && have_avx2) {
+                const int no = pk_select16(sa, sb, n2, k, f, r, pv, pi, dst_i, dst_v);
+                for (long long j = no; j < k_all; j++) {
+                    dst_i[j] = -1;
+                    dst_v[j] = -INFINITY;
+                }
+                continue;
+            }
+#endif
             const long long na = top_k(sa, f, 1, 0, NULL, k, av, ai);
             long long nb, nc = 0;
             if (r >= k) { /* one pass over half b: its first r, then the rest from there */
@@ -1042,4 +1182,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+#ifdef HAVE_AVX2_PATHS
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2");
+#endif
+    return PyModule_Create(&module);
+}

@@ -358,7 +358,10 @@ def pk_search(
     matmuls (BLAS); the loop does the selection: each half's top-k, then the pairs that can
     make the top-k of the sums. ``budgets`` (int64 ``[T]``, optional): query ``t`` stops at its
     best ``budgets[t]`` rows (clamped to ``[1, k]``) and the rest of its entries are padding
-    (id -1, value -inf); the selection's cost falls with the budget."""
+    (id -1, value -inf); the selection's cost falls with the budget. On a CPU with AVX2 and
+    ``k <= 16`` (routing's usual k) the selection keeps each top-k in vector registers
+    (``csrc/native.c`` ``top16_*``): about 2x faster than the scalar insertion it falls back
+    to, with the same results (ties keep the earlier candidate first)."""
     assert _lib is not None
     t, heads, _ = q.shape
     _, n1, e = keys1.shape

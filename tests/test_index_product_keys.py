@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpsn import kernels
 from dpsn.index import ProductKeyRouter, RouterConfigError
 from dpsn.index._product_keys import grid_shape
 from dpsn.index._topk import _chunk_topk, merge_heads, sorted_pair_candidates, topk_ip
@@ -178,6 +179,55 @@ def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
     want_v, want_i = torch.bmm(q, keys.transpose(1, 2)).topk(k)
     torch.testing.assert_close(got_v, want_v)
     assert torch.equal(got_i, want_i)
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="dpsn._native was not built")
+@settings(max_examples=120, deadline=None)
+@given(
+    st.integers(1, 2000),  # rows (the grid's last row partial or not)
+    st.integers(1, 24),  # k: <= 16 takes the vectorized selection, more the scalar one
+    st.integers(1, 2),  # heads
+    st.integers(1, 9),  # queries
+    st.sampled_from(["distinct", "ties", "budgets"]),
+    st.integers(0, 99),
+)
+def test_native_search_is_the_exact_top_k_of_the_sums(
+    rows: int, k: int, heads: int, t: int, mode: str, seed: int
+) -> None:
+    """kernels.pk_search against every combined key's score, computed from the same sub-key
+    scores: the values exactly (ties included), every id pointing at its value, ids distinct
+    and in range; with distinct scores the ids themselves; with budgets each query's first
+    budget entries, then padding."""
+    k = min(k, rows)
+    n1, n2 = grid_shape(rows)
+    e = 4
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, heads, 2 * e, generator=gen)
+    keys1 = torch.randn(heads, n1, e, generator=gen)
+    keys2 = torch.randn(heads, n2, e, generator=gen)
+    if mode == "ties":  # few distinct sub-key scores: many equal sums
+        q, keys1, keys2 = q.round(), keys1.round(), keys2.round()
+    budgets = torch.randint(1, k + 1, (t,), generator=gen) if mode == "budgets" else None
+    ids, vals = kernels.pk_search(q, keys1, keys2, k, rows, budgets)
+    qh = q.transpose(0, 1)  # what pk_search scores the halves with
+    s1 = torch.matmul(qh[..., :e], keys1.transpose(1, 2))  # [H, T, n1]
+    s2 = torch.matmul(qh[..., e:], keys2.transpose(1, 2))
+    full = (s1[..., :, None] + s2[..., None, :]).flatten(2)[..., :rows]  # [H, T, rows]
+    want_v, want_i = full.topk(k, dim=-1)
+    want_v, want_i = want_v.transpose(0, 1), want_i.transpose(0, 1)  # [T, H, k]
+    keep = torch.ones(t, heads, k, dtype=torch.bool)
+    if budgets is not None:
+        keep = (torch.arange(k)[None, None, :] < budgets[:, None, None]).expand(t, heads, k)
+        assert bool((ids[~keep] == -1).all()) and bool(torch.isneginf(vals[~keep]).all())
+    assert torch.equal(vals[keep], want_v[keep])
+    got = ids.clamp(min=0)
+    at = full.transpose(0, 1).gather(-1, got)
+    assert torch.equal(at[keep], vals[keep])  # each id's own score
+    assert int(ids.max()) < rows
+    srt = ids.sort(-1).values
+    assert bool(((srt[..., 1:] != srt[..., :-1]) | (srt[..., 1:] == -1)).all())  # distinct
+    if mode != "ties":
+        assert torch.equal(ids[keep], want_i[keep])
 
 
 def test_merge_heads_keeps_best_copy() -> None:
