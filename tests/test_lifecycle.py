@@ -2,6 +2,7 @@
 lazy decay and pruning back to procedural, warm-up, region budgets, homeostasis, health, and
 persistence of all of it (issue 11)."""
 
+import gc
 import json
 import math
 import re
@@ -486,6 +487,43 @@ def test_cached_and_uncached_pools_train_to_the_same_bits(tmp_path, dtype, row_k
         assert torch.equal(bits(big[0]), bits(other[0]))
         assert torch.equal(big[1], other[1]) and big[2] == other[2]
     assert int(big[1].sum()) > 0
+
+
+def test_a_step_counts_its_uses_once_whenever_they_are_counted(tmp_path, row_kernels):
+    """A cached batch's uses are counted once: by its row step (the native loops count them
+    there, in the same pass), or when it is released without one, or when something reads the
+    statistics or commits while it is in flight; never twice."""
+    from dpsn.pool import RowSGD
+
+    pool = make(tmp_path / "p", dpsn.Lifecycle(half_life=10))
+    ids = torch.tensor([3, 5, 5, 9])
+    rows = [3, 5, 9]
+    step = RowSGD(lr=0.1)
+
+    def uses() -> list[float]:
+        return pool.usage(rows)["uses"].tolist()
+
+    with pool.page_in(ids) as batch:
+        batch.apply_grads(torch.ones(len(batch), DIM), step)
+    assert uses() == [1.0, 2.0, 1.0]
+    with pool.page_in(ids):  # released without a row step
+        pass
+    assert uses() == [2.0, 4.0, 2.0]
+    with pool.page_in(ids) as batch:  # read while in flight, then stepped
+        assert uses() == [3.0, 6.0, 3.0]
+        batch.apply_grads(torch.ones(len(batch), DIM), step)
+    assert uses() == [3.0, 6.0, 3.0]
+    with pool.page_in(ids) as batch:  # a commit while in flight, then stepped
+        pool.commit()
+        batch.apply_grads(torch.ones(len(batch), DIM), step)
+    assert uses() == [4.0, 8.0, 4.0]
+    batch = pool.page_in(ids)  # dropped without release: counted when collected
+    del batch
+    gc.collect()
+    assert uses() == [5.0, 10.0, 5.0]
+    last = pool.usage(rows)["last"].tolist()
+    assert last[0] == last[1] == last[2] == float(pool._stack.clock.step)
+    pool.close()
 
 
 # -- errors and health ----------------------------------------------------------------------------

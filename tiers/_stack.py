@@ -123,7 +123,10 @@ class RowBatch:
         self.slots: torch.Tensor | None = index if key is not None else None
         self.spilled = key is None
         self.applied = False
-        self.touched = False  # its uses were counted in the rows' statistics at page-in
+        # its uses are counted in the rows' statistics (at page-in; else by its row step, or
+        # when it is released: RowStack._uncounted)
+        self.touched = False
+        self.key = key
         self.anchor = torch.zeros((), requires_grad=True)
         self._stack = stack
         self._use_index: torch.Tensor | None = None
@@ -205,6 +208,7 @@ def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
     stack = stack_ref()
     if stack is not None and stack.cache is not None:
+        stack.count_uses(key)  # a batch released without a row step
         stack.cache.unpin(key)
 
 
@@ -249,6 +253,9 @@ class RowStack(UsageStatistics):
         self._fill_buffer: torch.Tensor | None = None
         # resident batches whose step is in flight: their rows must keep their values
         self._pending: weakref.WeakSet[RowBatch] = weakref.WeakSet()
+        # pin key -> (slots, counts) of cached batches whose uses are not counted yet: their
+        # row step counts them in the same pass as the update (one visit per row, not two)
+        self._uncounted: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefetcher: ThreadPoolExecutor | None = None
         self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
 
@@ -666,8 +673,11 @@ class RowStack(UsageStatistics):
                     batch = RowBatch(self, uniq, counts, inverse, order, table, slots, key)
                     self._pending.add(batch)
                     if tracking:
-                        self._touch(slots, counts)
-                        batch.touched = True
+                        if self._native_usage(slots):
+                            self._uncounted[key] = (slots, counts)
+                        else:
+                            self._touch(slots, counts)
+                            batch.touched = True
                     return batch
             table = self._spilled_rows(uniq) if cache is not None else self.read(uniq)
             index = torch.arange(len(uniq), device=self.device)
@@ -688,12 +698,16 @@ class RowStack(UsageStatistics):
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
             rules = self.usage_rules
+            # a cached batch's uses not counted yet are counted by this step (the clock of now)
+            uncounted = self._uncounted.pop(batch.key, None) is not None
+            if batch.key is not None and not uncounted:
+                batch.touched = True  # counted at its page-in, or since (count_uses)
             if resident is not None and self._fused(optimizer, grads):
                 self._rows_change(exclude=batch)
                 if rules is None:
                     self._apply_fused(resident, grads, optimizer)
                 else:
-                    self._apply_fused_tracked(batch, resident, grads, optimizer)
+                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted)
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 stats = None
@@ -772,8 +786,22 @@ class RowStack(UsageStatistics):
         """``batch`` no longer needs its rows to keep their values (released)."""
         self._pending.discard(batch)
 
+    def count_uses(self, key: tuple[str, int] | None = None) -> None:
+        """Count the uses of the cached batch pinned under ``key`` (None: of every batch in
+        flight) that no row step has counted: a batch released without one, or before the
+        statistics are read or the cache is emptied."""
+        with self.lock:
+            keys = list(self._uncounted) if key is None else [key]
+            for k in keys:
+                uses = self._uncounted.pop(k, None)
+                if uses is not None and self.usage_rules is not None and self.cache is not None:
+                    self._touch(*uses)
+
     def _rows_change(self, exclude: RowBatch | None = None) -> None:
-        """Cached rows are about to change: every other step in flight keeps its own copy."""
+        """Cached rows are about to change: every other step in flight keeps its own copy.
+        Without ``exclude`` they may leave the cache, so in-flight uses are counted first."""
+        if exclude is None:
+            self.count_uses()
         for batch in list(self._pending):
             if batch is not exclude:
                 batch.keep_rows()
@@ -837,8 +865,10 @@ class RowStack(UsageStatistics):
     # -- commit --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Move every dirty cached row into staging (the cache keeps a clean copy)."""
+        """Move every dirty cached row into staging (the cache keeps a clean copy), with the
+        uses of steps in flight counted."""
         with self.lock:
+            self.count_uses()
             cache = self.cache
             if cache is None:
                 return

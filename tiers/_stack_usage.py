@@ -1,9 +1,11 @@
 """The usage-statistics half of the tier stack (``RowStack`` inherits it): the hooks the row
 path calls when a lifecycle is on, and the mechanics of a consolidation.
 
-- hooks: a page-in counts the uses of cached trained rows (``_touch``); a row step or write
-  records the update (``_usage_touch``, ``_usage_after``; ``apply_grads`` also damps SCREENED
-  rows' updates); rows read from staging or disk come decayed to the current epoch
+- hooks: a batch's uses of cached trained rows are counted once (``_touch``): at its page-in
+  on the PyTorch path; with the native loops by its row step, in the same pass as the update,
+  or when it is released without one (``RowStack.count_uses``); a row step or write records
+  the update (``_usage_touch``, ``_usage_after``; ``apply_grads`` also damps SCREENED rows'
+  updates); rows read from staging or disk come decayed to the current epoch
   (``_current_epoch``); a commit leaves rows in their warm-up staged (``_warming_up``);
 - consolidation: ``usage_view`` lists every row with a delta and its statistics (from the cache,
   staging, and ``UsageIndex``, the committed rows' statistics in memory); ``consolidate_rows``
@@ -29,6 +31,8 @@ from ._sorted import sorted_find
 from ._usage import UsageClock, UsageIndex, UsageRules
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._cache import DeviceCache
     from ._columns import RowLayout
     from ._layered import RowLookup
@@ -43,6 +47,7 @@ class UsageStatistics:
     """Mixin of :class:`RowStack`; see the module docstring. Off until ``set_usage_rules``."""
 
     # provided by RowStack
+    count_uses: Callable[..., None]
     store: PersistedStore
     index: RowLookup
     layout: RowLayout
@@ -132,15 +137,20 @@ class UsageStatistics:
         return new
 
     def _apply_fused_tracked(
-        self, batch: Any, slots: torch.Tensor, grads: torch.Tensor, optimizer: Any
+        self,
+        batch: Any,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: Any,
+        uncounted: bool = False,
     ) -> None:
         """The native fused step on resident ``slots``, then what a lifecycle adds: SCREENED
-        rows' change damped (the same float32 math as the unfused path, so both give the same
-        bits) and the rows' statistics recorded."""
+        rows' change damped and the rows' statistics recorded (``uncounted``: the batch's uses
+        are counted here too, first)."""
         cache, layout = self.cache, self.layout
         assert cache is not None
-        if batch.touched and self._native_usage(slots):
-            self._apply_fused_tracked_native(batch, slots, grads, optimizer)
+        if (batch.touched or uncounted) and self._native_usage(slots):
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted)
             return
         usage = self._cached_usage(slots)
         if not batch.touched:
@@ -163,12 +173,18 @@ class UsageStatistics:
         return kernels.usable(slots) and kernels.has_usage_loops()
 
     def _apply_fused_tracked_native(
-        self, batch: Any, slots: torch.Tensor, grads: torch.Tensor, optimizer: Any
+        self,
+        batch: Any,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: Any,
+        uncounted: bool,
     ) -> None:
-        """``_apply_fused_tracked`` for a batch whose uses were counted at its page-in, as one
-        native pass over the rows (``kernels.apply_rows_tracked``): the step, SCREENED rows'
-        damping and the statistics, instead of a phase scan, the step, a damping pass and a
-        statistics pass that each visited every row. The same math; the bits may differ from the
+        """``_apply_fused_tracked`` as one native pass over the rows
+        (``kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
+        page-in), the step, SCREENED rows' damping and the statistics, instead of a count at
+        page-in, a phase scan, the step, a damping pass and a statistics pass that each visited
+        every row. The same math; the bits may differ from the
         PyTorch path's in the last place (the gradient norm's summation order, a fused
         multiply-add in the damping)."""
         cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
@@ -186,7 +202,7 @@ class UsageStatistics:
             cache.column(layout.usage),
             trained,
             batch.counts,
-            self._usage_step(touch=False),
+            self._usage_step(touch=uncounted),
         )
         trained[slots] = True
         cache.mark_dirty(slots)
@@ -276,6 +292,7 @@ class UsageStatistics:
         """``[n, WIDTH]`` float64 statistics of 1-D ``ids`` as of now, wherever they live (NaN
         rows: no delta)."""
         with self.lock:
+            self.count_uses()  # steps in flight have used their rows
             out = self._host_dense(ids.numpy())[2].to(self.device)
             if self.cache is not None:
                 slots, hit = self.cache.find(ids.to(self.device))
@@ -303,6 +320,7 @@ class UsageStatistics:
         each lives (``WHERE_CACHE``, ``WHERE_STAGED``, ``WHERE_STORE``: the first tier that has
         it). Loads the committed rows' statistics once (``UsageIndex``)."""
         with self.lock:
+            self.count_uses()
             parts: list[tuple[np.ndarray, torch.Tensor, int]] = []
             if self.cache is not None and self.trained is not None:
                 cids, cslots = self.cache.occupied_ids()
