@@ -426,3 +426,22 @@ class CachedVsPlain(RuleBasedStateMachine):
 
 TestCachedVsPlain = CachedVsPlain.TestCase
 TestCachedVsPlain.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_large_columns_ask_for_huge_pages_and_hold_what_torch_full_would():
+    """The cache's big arrays are advised onto transparent huge pages before their first write
+    (best effort: the kernel may say no); their values are torch.full's either way."""
+    from dpsn.tiers import _hugepages
+
+    small = _hugepages.full((10, 3), 7, torch.int32, torch.device("cpu"))
+    assert torch.equal(small, torch.full((10, 3), 7, dtype=torch.int32))
+    assert not _hugepages.advise(small)  # below MIN_BYTES: not worth a huge page
+    big = _hugepages.full((3 << 20,), 0.5, torch.float32, torch.device("cpu"))  # 12 MiB
+    assert bool((big == 0.5).all())
+    took = _hugepages.advise(big)
+    assert isinstance(took, bool)
+    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if _hugepages._madvise is not None and enabled.exists():
+        mode = enabled.read_text()
+        if "[never]" not in mode:  # madvise or always: the advice is taken
+            assert took

@@ -28,6 +28,7 @@ import torch
 from dpsn import kernels
 from dpsn.errors import CacheCapacityError
 
+from . import _hugepages
 from ._columns import Column
 from ._policies import make_policy
 from ._slot_table import SlotTable
@@ -119,7 +120,7 @@ class DeviceCache:
 
     def set_column(self, col: Column) -> torch.Tensor:
         """Allocate ``col`` (zeroed), replacing a column of the same name (e.g. a new width)."""
-        t = torch.zeros((self.capacity, col.width), dtype=col.dtype, device=self.device)
+        t = _hugepages.full((self.capacity, col.width), 0, col.dtype, self.device)
         self._data[col.name] = t
         return t
 

@@ -31,6 +31,8 @@ import torch
 
 from dpsn import kernels
 
+from . import _hugepages
+
 # Odd multipliers as signed int64 (the top bits of the wrapped product are the hash): the golden
 # ratio and XXH64's primes; a rebuild after a failed insert moves on to the next pair.
 _MULTIPLIERS = (
@@ -63,7 +65,7 @@ class SlotTable:
         self.half = 1 << self.bits
         self.mask = self.half - 1
         dtype = torch.int32 if capacity < 2**31 - 1 else torch.int64
-        self.entries = torch.full((2 * self.half,), capacity, dtype=dtype, device=self.device)
+        self.entries = _hugepages.full((2 * self.half,), capacity, dtype, self.device)
         self.home = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
         self._claims = torch.empty(2 * self.half, dtype=torch.int64, device=self.device)
         self._seed = 0
