@@ -174,8 +174,8 @@ class RowBatch:
     def release(self) -> None:
         """Let the rows be evicted again (idempotent)."""
         self._stack.forget(self)
-        if self._release is not None:
-            self._release()
+        if self._release is not None and self._release.detach() is not None:
+            self._stack.unpin(self.key)
 
     def keep_rows(self) -> None:
         """Copy the batch's rows out of the cache before the stack changes them there."""
@@ -206,10 +206,12 @@ def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
+    """A batch was collected without ``release()``: its rows are let go at the stack's next
+    operation. A finalizer can run anywhere, even inside one of the stack's own operations (a
+    garbage collection), so it only queues (a list append is atomic)."""
     stack = stack_ref()
-    if stack is not None and stack.cache is not None:
-        stack.count_uses(key)  # a batch released without a row step
-        stack.cache.unpin(key)
+    if stack is not None:
+        stack.collected.append(key)
 
 
 class RowStack(UsageStatistics):
@@ -256,6 +258,7 @@ class RowStack(UsageStatistics):
         # pin key -> (slots, counts) of cached batches whose uses are not counted yet: their
         # row step counts them in the same pass as the update (one visit per row, not two)
         self._uncounted: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.collected: list[tuple[str, int]] = []  # pin keys of batches collected unreleased
         self._prefetcher: ThreadPoolExecutor | None = None
         self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
 
@@ -656,6 +659,7 @@ class RowStack(UsageStatistics):
             )
         inverse = inverse.reshape(ids.shape)
         with self.lock:
+            self._unpin_collected()
             cache = self.cache
             tracking = self.usage_rules is not None and self.usage_rules.track
             if tracking:
@@ -786,11 +790,26 @@ class RowStack(UsageStatistics):
         """``batch`` no longer needs its rows to keep their values (released)."""
         self._pending.discard(batch)
 
+    def unpin(self, key: tuple[str, int]) -> None:
+        """Let the rows of the batch pinned under ``key`` go, its uses counted first if no row
+        step counted them."""
+        with self.lock:
+            self.count_uses(key)
+            if self.cache is not None:
+                self.cache.unpin(key)
+
+    def _unpin_collected(self) -> None:
+        """Let go of the rows of batches collected without ``release()`` (see ``_unpin``)."""
+        while self.collected:
+            self.unpin(self.collected.pop())
+
     def count_uses(self, key: tuple[str, int] | None = None) -> None:
         """Count the uses of the cached batch pinned under ``key`` (None: of every batch in
         flight) that no row step has counted: a batch released without one, or before the
         statistics are read or the cache is emptied."""
         with self.lock:
+            if key is None:
+                self._unpin_collected()
             keys = list(self._uncounted) if key is None else [key]
             for k in keys:
                 uses = self._uncounted.pop(k, None)
@@ -947,6 +966,8 @@ class RowStack(UsageStatistics):
     # -- figures and lifecycle -----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        with self.lock:
+            self._unpin_collected()
         out: dict[str, Any] = dict(self.counters)
         out["rows_generated"] = self.procedural.rows_generated
         cache = self.cache

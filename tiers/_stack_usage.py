@@ -184,9 +184,8 @@ class UsageStatistics:
         (``kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
         page-in), the step, SCREENED rows' damping and the statistics, instead of a count at
         page-in, a phase scan, the step, a damping pass and a statistics pass that each visited
-        every row. The same math; the bits may differ from the
-        PyTorch path's in the last place (the gradient norm's summation order, a fused
-        multiply-add in the damping)."""
+        every row. The same math; the bits may differ from the PyTorch path's in the last
+        place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
         cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
         assert optimizer.native is not None
