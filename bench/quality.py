@@ -52,6 +52,10 @@ steps, on bytes 80-90% (validation), wall clock on a busy machine:
     k=16, row_lr 0.05    2.372 (width 16)    2.090 (-11.9%)    2.387 (+0.6%)    0.60
 
 k = 16, row_lr 0.025 is the default: the best at equal time, which is what a user pays for.
+After the AVX2 product-key selection (a faster step, so more steps at equal time), the default
+rechecked with ``--tune --clock cpu`` on the whole validation split (bytes 80-100%), idle
+machine: dense 2.218, pool 1.923 (-13.3%) at equal steps, 2.059 (-7.2%, 541 steps) at equal
+time, tokens/s ratio 0.64; no other setting was tried since.
 
 Curves (train and validation bits/byte vs step and vs seconds) go to
 ``bench/results/quality.json`` and ``bench/results/quality.png``. Threads: one per process by
