@@ -3,6 +3,7 @@ apply_grads -> release) used by an executor written here from the public API alo
 bigger than the cache, and failures while filling."""
 
 import contextlib
+import gc
 
 import numpy as np
 import pytest
@@ -318,6 +319,18 @@ def test_a_users_own_executor_trains_rows_through_the_contract(tmp_path):
         expected[a] -= 0.5 * qt
         expected[b] -= 0.5 * qt
     assert torch.allclose(pool.read(torch.arange(10)), expected)
+    pool.close()
+
+
+def test_a_batch_collected_without_release_lets_its_rows_go(tmp_path):
+    """Its finalizer only queues (it may run inside the stack's own operations); the next
+    read, prefetch or page-in lets the rows go before looking anything up."""
+    pool = dpsn.create(tmp_path / "s", rows=1000, dim=3, generator=SMALL, cache_rows=64)
+    batch = pool.page_in(torch.arange(60))
+    del batch
+    gc.collect()
+    pool.read(torch.arange(100, 160))  # needs the slots the collected batch held
+    assert pool.stats()["spilled_batches"] == 0  # they were free: read through the cache
     pool.close()
 
 

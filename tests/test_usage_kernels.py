@@ -265,3 +265,69 @@ def test_training_computes_the_same_with_and_without_the_loops(tmp_path, monkeyp
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
     torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-6)
     assert torch.equal(fast[2], slow[2])
+
+
+def _two_in_flight(pool, step) -> None:
+    a = pool.page_in(torch.tensor([3, 5]))
+    b = pool.page_in(torch.tensor([3, 7]))  # counts a's uses at a's own step
+    b.apply_grads(torch.ones(len(b), 8), step)
+    a.apply_grads(torch.ones(len(a), 8), step)
+    a.release()
+    b.release()
+
+
+def _steps_between(pool, step) -> None:
+    a = pool.page_in(torch.tensor([3, 5]))
+    for _ in range(5):
+        pool.page_in(torch.tensor([100])).release()
+    a.apply_grads(torch.ones(len(a), 8), step)
+    a.release()
+
+
+def _write_in_flight(pool, step) -> None:
+    a = pool.page_in(torch.tensor([3, 3, 3, 5]))
+    pool.write([3], torch.full((1, 8), 0.5))
+    a.apply_grads(torch.ones(len(a), 8), step)
+    a.release()
+
+
+def _failed_step(pool, step) -> None:
+    a = pool.page_in(torch.tensor([3, 5, 5]))
+    with pytest.raises((ValueError, RuntimeError)):
+        a.apply_grads(torch.ones(len(a), 3), step)  # wrong width: refused, nothing changed
+    a.release()
+
+
+@pytest.mark.parametrize(
+    "scenario", [_two_in_flight, _steps_between, _write_in_flight, _failed_step]
+)
+def test_uses_counted_late_match_uses_counted_at_page_in(tmp_path, monkeypatch, scenario) -> None:
+    """The native path counts a batch's uses in its row step (or at the next page-in, a write,
+    a release); the PyTorch path counts them at the page-in. Batches in flight together, steps
+    between, a write, a refused step: the same statistics either way."""
+    from dpsn.pool import RowSGD
+
+    def run(native: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(kernels, "ENABLED", native)
+        pool = dpsn.create(
+            tmp_path / f"p{native}",
+            rows=10_000,
+            dim=8,
+            seed=3,
+            chunk_rows=16,
+            generator={"kind": "hashed_slices", "memory_size": 4096},
+            cache_rows=256,
+            lifecycle=dpsn.Lifecycle(half_life=10),
+        )
+        step = RowSGD(lr=0.1)
+        with pool.page_in(torch.tensor([3, 5, 7])) as batch:  # deltas and statistics
+            batch.apply_grads(torch.ones(len(batch), 8), step)
+        scenario(pool, step)
+        out = pool.usage([3, 5, 7])
+        pool.close()
+        return out
+
+    fast, slow = run(True), run(False)
+    for name in COUNTS:
+        _same(fast[name].double(), slow[name].double())
+    torch.testing.assert_close(fast["recent"], slow["recent"], rtol=1e-12, atol=0)

@@ -101,9 +101,10 @@ class RowBatch:
       rows beforehand (``table`` and ``index`` then point there), as autograd would need.
 
     ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
-    ``release()`` unpins them. A batch that is garbage-collected releases itself. ``anchor`` is a
-    scalar that requires grad: pass it into the executor's autograd function, so that its
-    backward (where the rows train) runs even when no other input requires grad.
+    ``release()`` unpins them; the rows of a batch garbage-collected without ``release()`` are
+    let go at the stack's next operation. ``anchor`` is a scalar that requires grad: pass it into
+    the executor's autograd function, so that its backward (where the rows train) runs even when
+    no other input requires grad.
     """
 
     def __init__(
@@ -411,6 +412,7 @@ class RowStack(UsageStatistics):
     def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
         cache = self.cache
         assert cache is not None
+        self._unpin_collected()  # (every lookup: pins of collected batches must not hold rows)
         return cache.lookup(ids, self._fill, self._evict, counts=counts)
 
     # -- staleness of cached bases -------------------------------------------------------------
@@ -599,6 +601,7 @@ class RowStack(UsageStatistics):
         would not be finite."""
         uniq, inverse = torch.unique(ids, return_inverse=True)
         with self.lock:
+            self.count_uses()  # before the rows' statistics are read and written back
             dev = uniq.to(self.device)
             inv = inverse.to(self.device)
             slots, hit, current, _, usage = self._current(dev)
@@ -659,7 +662,10 @@ class RowStack(UsageStatistics):
             )
         inverse = inverse.reshape(ids.shape)
         with self.lock:
-            self._unpin_collected()
+            # uses still uncounted are counted at their own step, before the clock moves: in
+            # the usual loop (page-in, row step, release) there are none, and the row step
+            # counts its batch's uses in its own pass
+            self.count_uses()
             cache = self.cache
             tracking = self.usage_rules is not None and self.usage_rules.track
             if tracking:
@@ -702,8 +708,9 @@ class RowStack(UsageStatistics):
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
             rules = self.usage_rules
-            # a cached batch's uses not counted yet are counted by this step (the clock of now)
-            uncounted = self._uncounted.pop(batch.key, None) is not None
+            # a cached batch's uses not counted yet are counted by this step (no page-in came
+            # since, so the clock is its page-in's); the entry goes once the step ran
+            uncounted = batch.key in self._uncounted
             if batch.key is not None and not uncounted:
                 batch.touched = True  # counted at its page-in, or since (count_uses)
             if resident is not None and self._fused(optimizer, grads):
@@ -732,6 +739,8 @@ class RowStack(UsageStatistics):
                         stats = self._usage_after(usage, batch.counts, norms)
                 new_delta = new_delta.to(self.dtype)
                 self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
+            if uncounted:
+                del self._uncounted[batch.key]
             self.counters["row_steps"] += 1
             self.counters["rows_updated"] += len(batch)
 
