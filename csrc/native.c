@@ -909,10 +909,11 @@ static long long top_k(const float *src_v, long long n, int64_t mul, int64_t add
 #ifdef HAVE_AVX2_PATHS
 /* The same top-k for k <= 16 with AVX2: the best values in 16 lanes (two registers' worth,
  * sorted descending; lanes past k hold values no better than the k-th, or -inf) and their
- * positions as int32. A value enters at q = how many lanes hold a value >= it (the earlier of
- * equal values stays first, as insert_sorted keeps it), and the lanes after q move one place in
- * a blend: no loop and no data-dependent branch per shifted entry, which is what the scalar
- * insertion spends its time on. */
+ * positions as int32. A value enters where insert_sorted would put it: after the last of the
+ * first q_max lanes that it does not beat (!(v < x): equal values keep the earlier first, and a
+ * NaN on either side stops it, as it stops insert_sorted's loop); the lanes after move one
+ * place in a blend: no loop and no data-dependent branch per shifted entry, which is what the
+ * scalar insertion spends its time on. */
 typedef struct {
     float v[16] __attribute__((aligned(32)));
     int32_t pos[16] __attribute__((aligned(32)));
@@ -922,9 +923,11 @@ __attribute__((target("avx2"))) static inline void top16_insert(top16 *t, float 
                                                                  int q_max) {
     const __m256 lo = _mm256_load_ps(t->v), hi = _mm256_load_ps(t->v + 8);
     const __m256 xv = _mm256_set1_ps(x);
-    int q = __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(lo, xv, _CMP_GE_OQ))) +
-            __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(hi, xv, _CMP_GE_OQ)));
-    if (q > q_max || x != x) q = q_max; /* -inf padding while filling; NaN goes last */
+    const unsigned stop =
+        ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(lo, xv, _CMP_NLT_UQ)) |
+         ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(hi, xv, _CMP_NLT_UQ)) << 8)) &
+        ((1u << q_max) - 1u);
+    const int q = stop ? 32 - __builtin_clz(stop) : 0;
     const __m256i lane_lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i lane_hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
     const __m256i qv = _mm256_set1_epi32(q);
@@ -1033,15 +1036,17 @@ __attribute__((target("avx2"))) static int pk_select16(const float *sa, const fl
 #endif
 
 /* Selection over precomputed sub-key scores s1 [H, T, n1], s2 [H, T, n2] (row f of s1 is the
- * partial grid row when r > 0): ids and vals [T, H, k]. With per-query budgets kq [T] (a null
+ * partial grid row when r > 0): ids and vals [T, H, k]. `simd`: the AVX2 selection may run
+ * (k <= 16, a CPU that has it); 0 keeps the scalar one (tests compare the two). With per-query budgets kq [T] (a null
  * pointer: none), query t's search stops at its best min(kq[t], k) rows (the first ones of
  * the full search's list) and the rest of its entries are padding (-1, -inf): a small budget
  * costs a small search. */
 HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
     unsigned long long s1_p, s2_p, ids_p, vals_p, kq_p;
     long long T, H, n1, n2, k_all, f, r;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLKKK", &s1_p, &s2_p, &T, &H, &n1, &n2, &k_all, &f, &r,
-                          &ids_p, &vals_p, &kq_p)) {
+    int simd;
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLKKKp", &s1_p, &s2_p, &T, &H, &n1, &n2, &k_all, &f,
+                          &r, &ids_p, &vals_p, &kq_p, &simd)) {
         return NULL;
     }
     const int64_t *kq = (const int64_t *)kq_p;
@@ -1072,7 +1077,7 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
             float *dst_v = out_vals + (t * H + h) * k_all;
             const long long k = kq ? (kq[t] < 1 ? 1 : kq[t] > k_all ? k_all : kq[t]) : k_all;
 #ifdef HAVE_AVX2_PATHS
-            if (k_all <= 16 && have_avx2) {
+            if (simd && k_all <= 16 && have_avx2) {
                 const int no = pk_select16(sa, sb, n2, k, f, r, pv, pi, dst_i, dst_v);
                 for (long long j = no; j < k_all; j++) {
                     dst_i[j] = -1;

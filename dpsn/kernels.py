@@ -350,6 +350,8 @@ def pk_search(
     k: int,
     n_valid: int,
     budgets: torch.Tensor | None = None,
+    *,
+    simd: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key top-k (``index/_product_keys.py``): for queries ``q [T, H, 2e]`` and
     sub-keys ``keys1 [H, n1, e]``, ``keys2 [H, n2, e]``, the best ``k`` grid ids below
@@ -361,7 +363,8 @@ def pk_search(
     (id -1, value -inf); the selection's cost falls with the budget. On a CPU with AVX2 and
     ``k <= 16`` (routing's usual k) the selection keeps each top-k in vector registers
     (``csrc/native.c`` ``top16_*``): about 2x faster than the scalar insertion it falls back
-    to, with the same results (ties keep the earlier candidate first)."""
+    to, with the same results (ties keep the earlier candidate first; NaN scores stop the same
+    way). ``simd=False`` forces the scalar selection."""
     assert _lib is not None
     t, heads, _ = q.shape
     _, n1, e = keys1.shape
@@ -388,6 +391,7 @@ def pk_search(
         ids.data_ptr(),
         vals.data_ptr(),
         0 if budgets is None else _check(budgets, torch.int64, (t,)),
+        simd,
     )
     return ids, vals
 

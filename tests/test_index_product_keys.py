@@ -188,7 +188,7 @@ def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
     st.integers(1, 24),  # k: <= 16 takes the vectorized selection, more the scalar one
     st.integers(1, 2),  # heads
     st.integers(1, 9),  # queries
-    st.sampled_from(["distinct", "ties", "budgets"]),
+    st.sampled_from(["distinct", "ties", "budgets", "nan"]),
     st.integers(0, 99),
 )
 def test_native_search_is_the_exact_top_k_of_the_sums(
@@ -197,7 +197,8 @@ def test_native_search_is_the_exact_top_k_of_the_sums(
     """kernels.pk_search against every combined key's score, computed from the same sub-key
     scores: the values exactly (ties included), every id pointing at its value, ids distinct
     and in range; with distinct scores the ids themselves; with budgets each query's first
-    budget entries, then padding."""
+    budget entries, then padding. The vectorized selection (k <= 16) and the scalar one give
+    the same bits, NaN scores included."""
     k = min(k, rows)
     n1, n2 = grid_shape(rows)
     e = 4
@@ -207,8 +208,16 @@ def test_native_search_is_the_exact_top_k_of_the_sums(
     keys2 = torch.randn(heads, n2, e, generator=gen)
     if mode == "ties":  # few distinct sub-key scores: many equal sums
         q, keys1, keys2 = q.round(), keys1.round(), keys2.round()
+    if mode == "nan":  # a diverged model: some sub-keys NaN
+        keys1[torch.rand(heads, n1, generator=gen) < 0.2] = float("nan")
+        keys2[torch.rand(heads, n2, generator=gen) < 0.2] = float("nan")
     budgets = torch.randint(1, k + 1, (t,), generator=gen) if mode == "budgets" else None
     ids, vals = kernels.pk_search(q, keys1, keys2, k, rows, budgets)
+    scalar_ids, scalar_vals = kernels.pk_search(q, keys1, keys2, k, rows, budgets, simd=False)
+    assert torch.equal(ids, scalar_ids)
+    assert torch.equal(vals.view(torch.int32), scalar_vals.view(torch.int32))
+    if mode == "nan":
+        return
     qh = q.transpose(0, 1)  # what pk_search scores the halves with
     s1 = torch.matmul(qh[..., :e], keys1.transpose(1, 2))  # [H, T, n1]
     s2 = torch.matmul(qh[..., e:], keys2.transpose(1, 2))
