@@ -429,19 +429,29 @@ TestCachedVsPlain.settings = settings(max_examples=40, stateful_step_count=30, d
 
 
 def test_large_columns_ask_for_huge_pages_and_hold_what_torch_full_would():
-    """The cache's big arrays are advised onto transparent huge pages before their first write
+    """The cache's big arrays live in their own mappings advised onto transparent huge pages
     (best effort: the kernel may say no); their values are torch.full's either way."""
     from dpsn.tiers import _hugepages
 
-    small = _hugepages.full((10, 3), 7, torch.int32, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    small = _hugepages.full((10, 3), 7, torch.int32, cpu)
     assert torch.equal(small, torch.full((10, 3), 7, dtype=torch.int32))
-    assert not _hugepages.advise(small)  # below MIN_BYTES: not worth a huge page
-    big = _hugepages.full((3 << 20,), 0.5, torch.float32, torch.device("cpu"))  # 12 MiB
-    assert bool((big == 0.5).all())
-    took = _hugepages.advise(big)
-    assert isinstance(took, bool)
-    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if _hugepages._madvise is not None and enabled.exists():
-        mode = enabled.read_text()
-        if "[never]" not in mode:  # madvise or always: the advice is taken
-            assert took
+    zeros = _hugepages.full((1 << 20, 3), 0, torch.float32, cpu)  # 12 MiB
+    ones = _hugepages.full((3 << 20,), 1, torch.int32, cpu)
+    assert not bool(zeros.any()) and bool((ones == 1).all())
+    zeros[12345, 1] = 2.5  # an ordinary writable tensor
+    assert float(zeros.sum()) == 2.5
+    if not (_hugepages.ENABLED and Path("/sys/kernel/mm/transparent_hugepage").exists()):
+        return
+    start = zeros.data_ptr()
+    flags = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:  # a mapping's header line: "lo-hi perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= start < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    assert flags is not None and "hg" in flags  # MADV_HUGEPAGE was given
