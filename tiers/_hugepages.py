@@ -12,8 +12,9 @@ nothing.
 How: each such array is its own anonymous memory mapping, advised ``MADV_HUGEPAGE`` before its
 first write (a page already faulted in stays small) and wrapped as a tensor that keeps the
 mapping alive; it is unmapped with the tensor, so the advice never outlives it or spreads to
-memory the process reuses for something else. The mapping starts zeroed and its pages are
-faulted in as slots are first used. Costs to know: where the kernel's THP ``defrag`` setting
+memory the process reuses for something else. It is filled at once, as ``torch.full`` would,
+so its pages are faulted in when the cache is built, not in the middle of training steps.
+Costs to know: where the kernel's THP ``defrag`` setting
 is ``madvise`` (a common default), a fault in such a mapping may compact memory to find a huge
 page, a pause on a fragmented host; ``DPSN_HUGEPAGES=0`` turns all of this off. Any failure
 falls back to an ordinary tensor: it is an optimization, never a requirement.
@@ -60,6 +61,4 @@ def full(
     if mm is None:
         return torch.full(shape, value, dtype=dtype, device=device)
     t = torch.frombuffer(mm, dtype=dtype, count=numel).view(shape)
-    if value != 0:  # a fresh mapping is zeroed; filling it would fault every page in now
-        t.fill_(value)
-    return t
+    return t.fill_(value)
