@@ -755,15 +755,10 @@ class RowStack(UsageStatistics):
         )
 
     def _apply_fused(
-        self,
-        slots: torch.Tensor,
-        grads: torch.Tensor,
-        optimizer: RowOptimizer,
-        fresh: torch.Tensor | None = None,
+        self, slots: torch.Tensor, grads: torch.Tensor, optimizer: RowOptimizer
     ) -> None:
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
-        their row), step delta and state, re-materialize ``row = base + delta``. ``fresh``:
-        ``~trained[slots]`` if the caller has it."""
+        their row), step delta and state, re-materialize ``row = base + delta``."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None and optimizer.native is not None
         kernels.apply_rows(
@@ -774,7 +769,7 @@ class RowStack(UsageStatistics):
             cache.column(layout.base),
             cache.column(layout.row),
             slots,
-            ~trained[slots] if fresh is None else fresh,
+            ~trained[slots],
             grads.contiguous(),
         )
         trained[slots] = True
