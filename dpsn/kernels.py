@@ -182,6 +182,20 @@ def find_gather(
     return None if misses else (slots, out)
 
 
+def _cache_columns(
+    delta: torch.Tensor, state: torch.Tensor, base: torch.Tensor, row: torch.Tensor
+) -> tuple[int, int, int, int, int, int, int]:
+    """The checked float32 step columns of a cache (``delta``, ``state``, ``base``, ``row``):
+    their pointers, then capacity, dim and state width, in the order the loops take them."""
+    capacity, dim = delta.shape
+    width = state.shape[1]
+    for col in (base, row):
+        _check(col, torch.float32, (capacity, dim))
+    _check(state, torch.float32, (capacity, width))
+    ptrs = (_check(delta, torch.float32), state.data_ptr(), base.data_ptr(), row.data_ptr())
+    return (*ptrs, capacity, dim, width)
+
+
 def apply_rows(
     opt: int,
     hyper: tuple[float, float, float, float],
@@ -197,22 +211,13 @@ def apply_rows(
     delta`` for them, in one pass; ``fresh`` rows start from a zero delta and state, with
     their current row as base."""
     assert _lib is not None
-    capacity, dim = delta.shape
+    columns = _cache_columns(delta, state, base, row)
+    dim = columns[-2]
     n = len(slots)
-    width = state.shape[1]
-    for col in (base, row):
-        _check(col, torch.float32, (capacity, dim))
-    _check(state, torch.float32, (capacity, width))
     lr, eps, b1, b2 = hyper
     _lib.apply_rows(
         opt,
-        _check(delta, torch.float32),
-        state.data_ptr(),
-        base.data_ptr(),
-        row.data_ptr(),
-        capacity,
-        dim,
-        width,
+        *columns,
         _check(slots, torch.int64, (n,)),
         _check(fresh, torch.bool, (n,)),
         _check(grads, torch.float32, (n, dim)),
@@ -221,6 +226,23 @@ def apply_rows(
         eps,
         b1,
         b2,
+    )
+
+
+def _compact_arrays(
+    delta: torch.Tensor, state: torch.Tensor, grads: torch.Tensor
+) -> tuple[int, int, int, int, int, int]:
+    """The checked compact float32 arrays of a step on rows outside the cache (``delta``,
+    ``state``, ``grads``): their pointers, then dim, state width and rows."""
+    n, dim = delta.shape
+    width = state.shape[1]
+    return (
+        _check(delta, torch.float32),
+        _check(state, torch.float32, (n, width)),
+        _check(grads, torch.float32, (n, dim)),
+        dim,
+        width,
+        n,
     )
 
 
@@ -233,17 +255,10 @@ def step_rows(
 ) -> None:
     """The same step on compact float32 arrays, in place (rows not in the cache)."""
     assert _lib is not None
-    n, dim = delta.shape
-    width = state.shape[1]
     lr, eps, b1, b2 = hyper
     _lib.step_rows(
         opt,
-        _check(delta, torch.float32),
-        _check(state, torch.float32, (n, width)),
-        _check(grads, torch.float32, (n, dim)),
-        dim,
-        width,
-        n,
+        *_compact_arrays(delta, state, grads),
         lr,
         eps,
         b1,
@@ -508,22 +523,13 @@ def apply_rows_tracked(
     ``_usage.updated`` with its gradient's float32 norm). The caller marks the rows trained and
     dirty."""
     assert _lib is not None
-    capacity, dim = delta.shape
+    columns = _cache_columns(delta, state, base, row)
+    capacity, dim = columns[-3], columns[-2]
     n = len(slots)
-    width = state.shape[1]
-    for col in (base, row):
-        _check(col, torch.float32, (capacity, dim))
-    _check(state, torch.float32, (capacity, width))
     lr, eps, b1, b2 = hyper
     _lib.apply_rows_tracked(
         opt,
-        _check(delta, torch.float32),
-        state.data_ptr(),
-        base.data_ptr(),
-        row.data_ptr(),
-        capacity,
-        dim,
-        width,
+        *columns,
         _check(slots, torch.int64, (n,)),
         _check(grads, torch.float32, (n, dim)),
         n,
@@ -553,17 +559,11 @@ def step_rows_tracked(
     starts them). The same code per row as :func:`apply_rows_tracked`, so a row gets the same
     bits cached or spilled."""
     assert _lib is not None
-    n, dim = delta.shape
-    width = state.shape[1]
+    n = len(delta)
     lr, eps, b1, b2 = hyper
     _lib.step_rows_tracked(
         opt,
-        _check(delta, torch.float32),
-        _check(state, torch.float32, (n, width)),
-        _check(grads, torch.float32, (n, dim)),
-        dim,
-        width,
-        n,
+        *_compact_arrays(delta, state, grads),
         lr,
         eps,
         b1,

@@ -759,21 +759,24 @@ class RowStack(UsageStatistics):
     ) -> None:
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
         their row), step delta and state, re-materialize ``row = base + delta``."""
-        cache, layout, trained = self.cache, self.layout, self.trained
+        cache, trained = self.cache, self.trained
         assert cache is not None and trained is not None and optimizer.native is not None
         kernels.apply_rows(
             optimizer.native,
             optimizer.native_hyper(),
-            cache.column(layout.delta),
-            cache.column(layout.state),
-            cache.column(layout.base),
-            cache.column(layout.row),
+            *self._step_columns(),
             slots,
             ~trained[slots],
             grads.contiguous(),
         )
         trained[slots] = True
         cache.mark_dirty(slots)
+
+    def _step_columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cache's delta, state, base and row columns, as the fused row steps take them."""
+        cache, layout = self.cache, self.layout
+        assert cache is not None
+        return tuple(cache.column(c) for c in (layout.delta, layout.state, layout.base, layout.row))  # type: ignore[return-value]
 
     @torch.no_grad()
     def deltas_of(self, batch: RowBatch) -> torch.Tensor:

@@ -48,6 +48,7 @@ class UsageStatistics:
 
     # provided by RowStack
     count_uses: Callable[..., None]
+    _step_columns: Callable[[], tuple[torch.Tensor, ...]]
     store: PersistedStore
     index: RowLookup
     layout: RowLayout
@@ -192,10 +193,7 @@ class UsageStatistics:
         kernels.apply_rows_tracked(
             optimizer.native,
             optimizer.native_hyper(),
-            cache.column(layout.delta),
-            cache.column(layout.state),
-            cache.column(layout.base),
-            cache.column(layout.row),
+            *self._step_columns(),
             slots,
             grads.contiguous(),
             cache.column(layout.usage),
