@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
-    from dpsn.tiers import StoreFacts
+    from dpsn.store import StoreFacts
     from dpsn.tools._format import human_bytes
 
     results: list[dict[str, Any]] = []

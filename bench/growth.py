@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json
 
 import dpsn
-from dpsn.tiers import StoreFacts
+from dpsn.store import StoreFacts
 
 POOL_ROWS = 10**6
 ACTIVE_ROWS = 10**5  # rows the trace ever touches (Zipf rank r -> row 10 r)
@@ -125,7 +125,7 @@ def rss(kind="VmRSS"):
             if line.startswith(kind + ":"):
                 return int(line.split()[1]) * 1024
 import numpy as np, torch, dpsn
-from dpsn.tiers import PersistedStore
+from dpsn.store import PersistedStore
 path, mode = sys.argv[1], sys.argv[2]
 dpsn.open(path, cache_rows=0).close()  # imports, generator and lazy set-up, once
 out = {}

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import best_of, print_table, write_json
 
 import dpsn
-from dpsn.tiers._format import ROW_VALUE_DTYPE, segment_name, u64_key
+from dpsn.store import ROW_VALUE_DTYPE, segment_name, u64_key
 
 
 def raw_read(path: Path, ids: np.ndarray, dim: int, chunk_rows: int) -> np.ndarray:

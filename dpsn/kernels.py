@@ -24,7 +24,7 @@ ENABLED = _lib is not None and os.environ.get("DPSN_NATIVE", "1") != "0"
 # Optimizer kinds the loops know (csrc/native.c OPT_*): never renumber.
 OPT_SGD, OPT_ADAGRAD, OPT_ADAM = 0, 1, 2
 # The usage column's width and field order the usage loops know (csrc/native.c U_*), those of
-# tiers/_usage_fields.py (a test checks they agree).
+# store/usage_fields.py (a test checks they agree).
 USAGE_WIDTH = 10
 
 

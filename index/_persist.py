@@ -42,7 +42,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from dpsn.errors import CorruptStoreError
-from dpsn.tiers import router_format as rf
+from dpsn.store import router_format as rf
 
 from ._base import Router
 from ._config import config_json
@@ -148,7 +148,7 @@ def save_router(router: Router, group: zarr.Group) -> str:
 
 def _local_dir(group: zarr.Group) -> Path | None:
     """The directory of a group in a local store (every dpsn store), else None: such groups
-    are read with bounded memory (``dpsn.tiers._zarrsafe``), others through zarr."""
+    are read with bounded memory (``dpsn.store._zarrsafe``), others through zarr."""
     store = group.store
     if isinstance(store, LocalStore):
         return Path(store.root).joinpath(*[p for p in group.path.split("/") if p])

@@ -1,9 +1,11 @@
 """The pool: create and open stores, read rows, stage and commit deltas, and train rows as a
 layer of a model."""
 
-from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
+from dpsn.store import Commit, MaintenancePolicy, VerifyReport
+from dpsn.tiers import Prefetch, RowBatch
 
 from ._api import compact, create, gc, open
+from ._config import OpenOptions, StoreSpec
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
@@ -14,6 +16,8 @@ __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
     "Lifecycle",
+    "MaintenancePolicy",
+    "OpenOptions",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",
@@ -23,6 +27,7 @@ __all__ = [
     "RowBatch",
     "RowOptimizer",
     "RowSGD",
+    "StoreSpec",
     "VerifyReport",
     "compact",
     "create",

@@ -20,24 +20,20 @@ from dpsn.errors import (
     LifecycleError,
 )
 from dpsn.hypernet import GENERATORS, Generator, make_generator
-from dpsn.tiers import (
-    COMPRESSORS,
+from dpsn.store import (
     LayeredIndex,
     MaintenancePolicy,
     Manifest,
     PersistedStore,
-    check_policy,
     write_policy,
 )
 
+from ._config import OpenOptions, StoreSpec, merge_object
 from ._lifecycle import Lifecycle, initial_record
 from ._pool import Pool
-from ._validate import MAX_ROWS
 
 CHUNK_BYTES = 256 << 10  # ~256 KiB chunks: big enough to stream, small enough for random reads
 MAX_CHUNK_BYTES = 256 << 20  # one chunk of a segment, decoded (readers refuse more than 1 GiB)
-MIN_MAP_SIZE = 64 << 10
-MAX_MAP_SIZE = 1 << 44
 # What a cache slot costs beyond its rows (two columns of dim values): slot id and dirty flag
 # (9 B), the sorted keys and slots (16 B), two slot-guess tables of >= 8 entries of 4 B (64 B).
 # A lower bound: the policy adds its own (up to 256 B a row for TinyLFU).
@@ -161,9 +157,12 @@ def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
 
 def create(
     path: str | os.PathLike[str],
-    rows: int,
-    dim: int,
+    rows: int | None = None,
+    dim: int | None = None,
     *,
+    spec: StoreSpec | None = None,
+    options: OpenOptions | None = None,
+    maintenance: MaintenancePolicy | None = None,
     seed: int = 0,
     generator: str | dict[str, Any] | Generator = "hashed_slices",
     dtype: str | torch.dtype = torch.float32,
@@ -194,53 +193,84 @@ def create(
     commit the store compacts itself when its segments hold more than ``compact_above`` times
     the live bytes (None: only ``Pool.compact()``).
 
+    The same settings come whole as objects (see ``dpsn.StoreSpec``): ``spec=`` (what the store
+    is: rows, dim, seed, generator, dtype, chunk_rows, compressor, map_size), ``options=`` (how
+    this process serves it: device, cache_rows, policy) and ``maintenance=`` (a
+    ``dpsn.MaintenancePolicy``); a setting given both ways is refused.
+
     Every argument is checked before anything is written. ``path`` must be new or an empty
     directory; two processes creating one path cannot both succeed (the loser gets a
     ``StoreExistsError``), and a create that fails (a full disk is a ``StoreFullError``) leaves
     the path as it found it.
     """
-    for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= rows <= MAX_ROWS:
-        raise InvalidArgumentError(f"rows must be in 1..2**63-1, got {rows}")
-    if not 1 <= dim <= 1 << 20:
-        raise InvalidArgumentError(f"dim must be in 1..2**20, got {dim}")
-    if not 0 <= seed < 1 << 64:
-        raise InvalidArgumentError(f"seed must be in 0..2**64-1, got {seed}")
-    if compressor not in COMPRESSORS:
-        raise InvalidArgumentError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
-    check_policy(policy)  # before anything is written
-    maintenance = MaintenancePolicy().with_(
-        keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+    if spec is None and (rows is None or dim is None):
+        raise InvalidArgumentTypeError(
+            "dpsn.create needs rows and dim, or spec=dpsn.StoreSpec(...)"
+        )
+    spec = merge_object(
+        StoreSpec,
+        spec,
+        {
+            "rows": rows,
+            "dim": dim,
+            "seed": seed,
+            "generator": generator,
+            "dtype": dtype,
+            "chunk_rows": chunk_rows,
+            "compressor": compressor,
+            "map_size": map_size,
+        },
+        {
+            "rows": None,
+            "dim": None,
+            "seed": 0,
+            "generator": "hashed_slices",
+            "dtype": torch.float32,
+            "chunk_rows": None,
+            "compressor": "lz4",
+            "map_size": None,
+        },
+        "spec",
     )
+    options = merge_object(
+        OpenOptions,
+        options,
+        {"device": device, "cache_rows": cache_rows, "policy": policy},
+        {"device": None, "cache_rows": None, "policy": "lru"},
+        "options",
+    )
+    if maintenance is None:
+        maintenance = MaintenancePolicy().with_(
+            keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+        )
+    else:
+        merge_object(
+            MaintenancePolicy,
+            maintenance,
+            {"keep_last": keep_last, "keep_within": keep_within, "compact_above": compact_above},
+            {"keep_last": None, "keep_within": None, "compact_above": 1.5},
+            "maintenance",
+        )
+    rows, dim, seed, map_size = spec.rows, spec.dim, spec.seed, spec.map_size
+    device, cache_rows, policy = options.device, options.cache_rows, options.policy
     if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
         raise InvalidArgumentTypeError(
             f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
         )
     if lifecycle is not None and lifecycle.regions > rows:
         raise LifecycleError(f"Lifecycle.regions={lifecycle.regions} exceeds rows={rows}")
-    dtype_name = parse_pool_dtype(dtype)
+    dtype_name = parse_pool_dtype(spec.dtype)
     itemsize = storage_dtype(dtype_name).itemsize
+    chunk_rows = spec.chunk_rows
     if chunk_rows is None:
         chunk_rows = _default_chunk_rows(dim, itemsize)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise InvalidArgumentError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if chunk_rows * dim * itemsize > MAX_CHUNK_BYTES:
         raise InvalidArgumentError(
             f"chunk_rows={chunk_rows} makes chunks of {chunk_rows * dim * itemsize} bytes; "
             f"keep chunk_rows * dim * itemsize at most {MAX_CHUNK_BYTES}"
         )
-    if map_size is not None and (
-        isinstance(map_size, bool)
-        or not isinstance(map_size, int)
-        or not MIN_MAP_SIZE <= map_size <= MAX_MAP_SIZE
-    ):
-        raise InvalidArgumentError(
-            f"map_size must be an int in {MIN_MAP_SIZE}..2**44 bytes, got {map_size!r}"
-        )
     device, cache_rows = check_cache_args(device, cache_rows, dim, dtype_name)
-    gen = _build_generator(generator, dim=dim, seed=seed)
+    gen = _build_generator(spec.generator, dim=dim, seed=seed)
     manifest = Manifest(
         rows=rows,
         dim=dim,
@@ -248,7 +278,7 @@ def create(
         seed=seed,
         generator={"kind": gen.kind, "config": gen.config()},
         chunk_rows=chunk_rows,
-        compressor=compressor,
+        compressor=spec.compressor,
         created=time.time(),
         uuid=uuid.uuid4().hex,
     )
@@ -278,6 +308,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     mode: Literal["r", "r+"] = "r",
     *,
     at: str | int | None = None,
+    options: OpenOptions | None = None,
     device: str | torch.device | None = None,
     cache_rows: int | None = None,
     policy: str = "lru",
@@ -291,7 +322,8 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     else CPU) with eviction ``policy`` (``"lru"``, ``"lfu"``); ``cache_rows=None`` sizes it to
     about 64 MiB, ``cache_rows=0`` reads without a cache. ``lifecycle`` (a
     :class:`dpsn.Lifecycle`) replaces the row lifecycle saved in the store (saved at the next
-    commit), or gives one to a store without; None keeps the saved one.
+    commit), or gives one to a store without; None keeps the saved one. ``options=`` (a
+    ``dpsn.OpenOptions``) gives device, cache_rows and policy as one object instead.
     """
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
@@ -305,7 +337,14 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         raise InvalidArgumentError(
             'a past commit (at=...) can only be opened read-only: use mode="r"'
         )
-    check_policy(policy)
+    options = merge_object(
+        OpenOptions,
+        options,
+        {"device": device, "cache_rows": cache_rows, "policy": policy},
+        {"device": None, "cache_rows": None, "policy": "lru"},
+        "options",
+    )
+    device, cache_rows, policy = options.device, options.cache_rows, options.policy
     check_cache_args(device, cache_rows, 1, torch.float16)  # before the store is opened
     store = PersistedStore.open(Path(path), writable=mode == "r+")
     try:

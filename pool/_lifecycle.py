@@ -48,16 +48,14 @@ import numpy as np
 import torch
 
 from dpsn.errors import CorruptStoreError, LifecycleError
-from dpsn.tiers import (
+from dpsn.store import (
     MAX_ENTER,
     MIN_ENTER,
-    RowStack,
-    UsageClock,
-    UsageRules,
     check_lifecycle_settings,
     check_stored_policy,
     lifecycle_health,
 )
+from dpsn.tiers import RowStack, UsageClock, UsageRules
 from dpsn.tiers import usage as U
 
 COLD_WINDOWS = 32  # consolidations without use after which a row is cold (as 32 idle steps)
@@ -111,7 +109,7 @@ class Lifecycle:
     @classmethod
     def from_json(cls, raw: Any) -> Lifecycle:
         """A policy read from a store (untrusted): every setting checked (torch-free, as
-        ``dpsn verify`` checks it: ``tiers/_lifecycle_policy.py``)."""
+        ``dpsn verify`` checks it: ``store/_lifecycle_policy.py``)."""
         return cls(**check_stored_policy(raw))
 
     def rules(self, *, track: bool = True) -> UsageRules:

@@ -25,16 +25,13 @@ import torch
 
 from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
 from dpsn.hypernet import Generator
+from dpsn.store import Commit, PersistedStore, RowLookup, VerifyReport
 from dpsn.tiers import (
-    Commit,
     DeviceCache,
-    PersistedStore,
     Prefetch,
     ProceduralTier,
     RowBatch,
-    RowLookup,
     RowStack,
-    VerifyReport,
     check_policy,
     load_generator,
 )
@@ -432,7 +429,7 @@ class Pool:
         figures as ``dpsn info`` (``dpsn.tiers.StoreFacts``, which documents the size names),
         for this pool's commit, plus ``staged_rows``."""
         self._check_open()
-        from dpsn.tiers import StoreFacts
+        from dpsn.store import StoreFacts
 
         with StoreFacts(self.path) as facts:
             out = facts.info(at=self.head)
@@ -487,7 +484,7 @@ class Pool:
     def policy(self) -> dict[str, Any]:
         """The store's retention and compaction policy (see :meth:`set_policy`)."""
         self._check_open()
-        from dpsn.tiers import read_policy
+        from dpsn.store import read_policy
 
         return read_policy(self._store).to_json()
 
@@ -496,7 +493,7 @@ class Pool:
         ``"7d"``, or None), ``compact_above`` (stored/live bytes that trigger compaction after
         a commit, None: never), ``compact_min_bytes``. Returns the new policy."""
         self._require_writable()
-        from dpsn.tiers import read_policy, write_policy
+        from dpsn.store import read_policy, write_policy
 
         policy = read_policy(self._store).with_(**settings)
         write_policy(self._store, policy)
@@ -505,7 +502,7 @@ class Pool:
     def _auto_compact(self) -> None:
         """After a commit: compact if the policy's threshold is passed. The commit is durable
         already, so a failure here is a warning, never an error of the commit."""
-        from dpsn.tiers import maybe_compact, read_policy
+        from dpsn.store import maybe_compact, read_policy
 
         stack = self._stack
         try:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from dpsn.errors import CorruptStoreError, SnapshotNotFoundError
-from dpsn.tiers import PersistedStore, check_router_name
+from dpsn.store import PersistedStore, check_router_name
 
 
 class RouterShelf:

@@ -36,7 +36,7 @@ import torch
 import dpsn
 from dpsn.errors import DpsnError
 from dpsn.index import ProductKeyRouter
-from dpsn.tiers import PersistedStore
+from dpsn.store import PersistedStore
 
 IDS = np.arange(0, 1000, dtype=np.int64)
 ROWS = 1000
@@ -174,7 +174,7 @@ def observe_store(path: Path, *, verify: bool = False) -> dict[str, Any]:
         }
 
     def facts() -> Any:  # what `dpsn inspect` reads: a few rows' entries, looked up one by one
-        from dpsn.tiers import StoreFacts
+        from dpsn.store import StoreFacts
 
         with StoreFacts(path) as f:
             head, found = f.row_locations(list(range(0, 1000, 7)))
@@ -337,7 +337,7 @@ def _child(
     originals: dict[str, bytes],
     wfd: int,
 ) -> None:
-    from dpsn.tiers import _lmdb
+    from dpsn.store import _lmdb
 
     code = 0
     try:

@@ -196,7 +196,7 @@ def test_info_sizes_are_consistent(store, capsys):
         p.commit("more")
     code, out, _ = run(capsys, "info", store, "--json")
     info = json.loads(out)
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     ps = PersistedStore.open(store, writable=False)
     try:
@@ -501,8 +501,8 @@ def test_library_messages_are_said_in_cli_terms(error, command, want):
 def test_info_reads_segment_sizes_fast_and_right(store):
     """The regex fast path over segment records agrees with parsing them, falls back to JSON
     on anything unexpected, and on-disk bytes (segments as recorded) match a full walk."""
-    from dpsn.tiers import StoreFacts
-    from dpsn.tiers._info import _segment_sizes, tree_bytes
+    from dpsn.store import StoreFacts
+    from dpsn.store._info import _segment_sizes, tree_bytes
 
     with dpsn.open(store, mode="r+") as p:
         p.set_state_width(3)

@@ -26,7 +26,7 @@ DIM = 8
 # Writers keep the row index in run files from a few hundred rows on (``_runs.py``; the default
 # is 65536), so that kills land in run writes and merges too and every check opens through them.
 SMALL_RUNS = (
-    "import dpsn.tiers._runs as r\nr.RUN_MIN_ROWS, r.FLUSH_ROWS, r.FLUSH_COMMITS = 256, 400, 3\n"
+    "import dpsn.store._runs as r\nr.RUN_MIN_ROWS, r.FLUSH_ROWS, r.FLUSH_COMMITS = 256, 400, 3\n"
 )
 
 WRITER = r"""

@@ -29,7 +29,7 @@ from pathlib import Path
 import damage_tools as D
 import pytest
 
-from dpsn.tiers._lmdbfile import check_trees, read_meta
+from dpsn.store._lmdbfile import check_trees, read_meta
 
 HERE = Path(__file__).parent
 WORKERS = 2

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import dpsn
 from dpsn.errors import InvalidArgumentError, SnapshotUnavailableError
-from dpsn.tiers import PersistedStore, StoreFacts
-from dpsn.tiers._leases import live_readers
-from dpsn.tiers._policy import parse_duration
+from dpsn.store import PersistedStore, StoreFacts
+from dpsn.store._leases import live_readers
+from dpsn.store._policy import parse_duration
 
 DIM = 8
 ROWS = 2000
@@ -177,7 +177,7 @@ def test_keep_within_keeps_young_commits(tmp_path):
         with PersistedStore.open(path, writable=False) as store:
             assert store.load_index(first.id) is not None
         # a week later (the clock given explicitly), only HEAD is within the window
-        from dpsn.tiers._retention import collect
+        from dpsn.store._retention import collect
 
         late = collect(pool._store, now=first.time + 8 * 86400)
         assert late["kept_from"] == pool.head
@@ -309,7 +309,7 @@ def test_a_reader_in_another_process_survives_gc_and_compaction(tmp_path):
 
 
 def test_gc_leaves_files_while_a_reader_is_choosing(tmp_path):
-    from dpsn.tiers._leases import Lease
+    from dpsn.store._leases import Lease
 
     path = tmp_path / "s"
     with _store(path) as pool:

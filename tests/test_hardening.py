@@ -19,8 +19,8 @@ import torch
 import dpsn
 import dpsn.index
 from dpsn import errors
-from dpsn.tiers import PersistedStore
-from dpsn.tiers._digest import seal_record
+from dpsn.store import PersistedStore
+from dpsn.store._digest import seal_record
 
 SMALL = {"kind": "hashed_slices", "memory_size": 256, "slice_size": 4}
 DIM = 8
@@ -93,7 +93,7 @@ def test_truncated_lmdb_file_is_an_error_never_a_signal(tmp_path):
     code = """
         import shutil, sys, dpsn
         from pathlib import Path
-        from dpsn.tiers import PersistedStore
+        from dpsn.store import PersistedStore
         src, work = Path(sys.argv[1]), Path(sys.argv[2])
         original = (src / "index.lmdb" / "data.mdb").read_bytes()
         for n in map(int, sys.argv[3:]):
@@ -120,7 +120,7 @@ def test_truncated_lmdb_file_is_an_error_never_a_signal(tmp_path):
 def test_a_meta_page_naming_more_pages_than_any_index_is_damage(tmp_path):
     """Review of issue 14: the walk sized a page map from the meta page's last page, which a
     sparse file backs whatever it says: a MemoryError (or a huge allocation), not damage."""
-    from dpsn.tiers._lmdbfile import MAX_FILE_BYTES, read_meta
+    from dpsn.store._lmdbfile import MAX_FILE_BYTES, read_meta
 
     path = tmp_path / "s"
     make(path, rows=10)
@@ -138,7 +138,7 @@ def test_a_meta_page_naming_more_pages_than_any_index_is_damage(tmp_path):
 def _find_live(data: Path, needle: bytes) -> int:
     """Where ``needle`` is in a page the newest transaction uses (freed pages keep old
     copies of entries)."""
-    from dpsn.tiers._lmdbfile import check_trees, read_meta
+    from dpsn.store._lmdbfile import check_trees, read_meta
 
     meta = read_meta(data)
     used = set(check_trees(data, meta).tolist())
@@ -342,7 +342,7 @@ def test_a_reader_then_a_writer_in_one_process(tmp_path):
 PEAK = """
     import resource, sys, dpsn
     from pathlib import Path
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # MiB
     path = Path(sys.argv[1])
@@ -439,7 +439,7 @@ def test_verify_checks_a_hostile_segments_chunks_one_at_a_time(tmp_path):
         """
         import resource, sys
         from pathlib import Path
-        from dpsn.tiers import PersistedStore
+        from dpsn.store import PersistedStore
         store = PersistedStore.open(Path(sys.argv[1]), writable=False)
         problems = store.verify().problems
         print("CHUNK", any("ids chunks 0..0" in p for p in problems), flush=True)
@@ -612,7 +612,7 @@ def test_gc_removes_unpinned_snapshot_indexes(tmp_path):
 
 PAUSED_CREATOR = """
     import sys, time, torch, dpsn
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
     real = PersistedStore._write_generator
     def slow(self, *a, **k):
         print("PAUSED", flush=True)
@@ -650,7 +650,7 @@ def test_a_second_create_while_the_first_is_paused_fails_and_harms_nothing(tmp_p
 
 FAILING_CREATOR = """
     import sys, dpsn
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
     def fail(self, *a, **k):
         print("PAUSED", flush=True)
         sys.stdin.readline()
@@ -774,8 +774,8 @@ def test_create_on_a_full_disk_leaves_nothing_behind(tmp_path):
 def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
     """Review of issue 14: generator weights over 1 GiB were written as one chunk, which the
     reader refuses (at most 1 GiB a chunk), so the store could never be opened again."""
-    from dpsn.tiers._persisted import GENERATOR_CHUNK_BYTES, generator_chunks
-    from dpsn.tiers._zarrsafe import MAX_CHUNK_BYTES
+    from dpsn.store._persisted import GENERATOR_CHUNK_BYTES, generator_chunks
+    from dpsn.store._zarrsafe import MAX_CHUNK_BYTES
 
     chunks = generator_chunks(shape)
     assert len(chunks) == len(shape)
@@ -786,7 +786,7 @@ def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
 
 
 def test_a_generator_written_in_many_chunks_reopens(tmp_path, monkeypatch):
-    import dpsn.tiers._persisted as persisted
+    import dpsn.store._persisted as persisted
 
     monkeypatch.setattr(persisted, "GENERATOR_CHUNK_BYTES", 1024)  # weights of ~10 KiB
     path = tmp_path / "s"
@@ -814,7 +814,7 @@ def test_a_generator_written_in_many_chunks_reopens(tmp_path, monkeypatch):
     ids=["arrays", "ndim", "elements", "name"],
 )
 def test_create_refuses_generator_weights_a_reader_would_refuse(tmp_path, state):
-    from dpsn.tiers._format import Manifest
+    from dpsn.store._format import Manifest
 
     manifest = Manifest(
         rows=10, dim=4, dtype="float32", seed=0, generator={"kind": "zeros", "config": {}},

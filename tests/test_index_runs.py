@@ -1,4 +1,4 @@
-"""The row index in layers and run files (``tiers/_layered.py``, ``tiers/_runs.py``).
+"""The row index in layers and run files (``store/_layered.py``, ``store/_runs.py``).
 
 What must hold: a layered index answers every lookup as the one sorted index it stands for;
 a store whose index lives in run files opens, reads, commits, compacts and gcs to exactly the
@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import dpsn
 from dpsn.errors import CorruptStoreError
-from dpsn.tiers import LayeredIndex, PersistedStore, RowIndex
-from dpsn.tiers import _runs as runs
-from dpsn.tiers._rowindex import FENCE_STEP
+from dpsn.store import LayeredIndex, PersistedStore, RowIndex
+from dpsn.store import _runs as runs
+from dpsn.store._rowindex import FENCE_STEP
 
 SMALL = {"kind": "hashed_slices", "memory_size": 1024}
 ROWS = 64

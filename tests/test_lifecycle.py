@@ -21,7 +21,7 @@ import dpsn
 from dpsn.errors import CorruptStoreError, LifecycleError, ReadOnlyError
 from dpsn.pool import RowSGD
 from dpsn.pool._lifecycle import next_phase, region_of
-from dpsn.tiers._digest import seal_record
+from dpsn.store._digest import seal_record
 
 SMALL = {"kind": "hashed_slices", "memory_size": 4096}
 DIM = 8
@@ -581,7 +581,7 @@ def _rewrite_head_record(path, change, *, seal):
     ],
 )
 def test_a_damaged_lifecycle_record_is_refused(tmp_path, change, message):
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     path = tmp_path / "s"
     with make(path) as pool:
@@ -628,7 +628,7 @@ def test_health_figures(tmp_path):
 
 
 def test_health_reader_takes_any_record_without_raising():
-    from dpsn.tiers import lifecycle_health
+    from dpsn.store import lifecycle_health
 
     assert lifecycle_health(None) is None and lifecycle_health([1]) is None
     h = lifecycle_health({"health": {"screened_rows": "x", "flags": [1, "ok?"]}, "step": -4})
@@ -717,7 +717,7 @@ def test_dpsn_inspect_without_torch_shows_decayed_deltas(tmp_path, capsys):
 
 
 def test_store_facts_count_the_usage_column(tmp_path):
-    from dpsn.tiers import StoreFacts
+    from dpsn.store import StoreFacts
 
     with make(tmp_path / "s") as pool:
         pool.write([1, 2, 3], torch.ones(3, DIM))

@@ -11,10 +11,10 @@ import zarr
 
 import dpsn
 from dpsn.errors import CorruptSegmentError, CorruptStoreError
-from dpsn.tiers import PersistedStore
-from dpsn.tiers._digest import seal_record
-from dpsn.tiers._lmdbfile import P_OVERFLOW, check_trees, read_meta
-from dpsn.tiers._segments import _checksums
+from dpsn.store import PersistedStore
+from dpsn.store._digest import seal_record
+from dpsn.store._lmdbfile import P_OVERFLOW, check_trees, read_meta
+from dpsn.store._segments import _checksums
 
 DIM = 8
 
@@ -179,6 +179,6 @@ def test_verify_checks_every_stored_policy_setting_without_torch(store):
 def test_the_torch_free_policy_check_knows_every_setting():
     from dataclasses import fields
 
-    from dpsn.tiers import LIFECYCLE_DEFAULTS
+    from dpsn.store import LIFECYCLE_DEFAULTS
 
     assert {f.name: f.default for f in fields(dpsn.Lifecycle)} == LIFECYCLE_DEFAULTS

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pool", "hypernet", "index", "tiers", "tools")
+PACKAGES = ("pool", "hypernet", "index", "tiers", "store", "tools")
 
 
 def _imported(tree: ast.AST) -> list[str]:

@@ -14,8 +14,7 @@ import torch
 
 from dpsn.errors import CorruptStoreError
 from dpsn.hypernet import Generator, make_generator
-
-from ._persisted import PersistedStore
+from dpsn.store import PersistedStore
 
 
 def load_generator(store: PersistedStore, version: int, device: torch.device) -> Generator:

@@ -34,12 +34,11 @@ import torch
 from dpsn import kernels
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidDeltaError
+from dpsn.store import Commit, PersistedStore, RowLookup
 
 from . import _usage
 from ._cache import DeviceCache
 from ._columns import RowLayout
-from ._layered import RowLookup
-from ._persisted import Commit, PersistedStore
 from ._procedural import ProceduralTier
 from ._stack_usage import UsageStatistics
 from ._staging import Staging

@@ -33,10 +33,10 @@ from ._usage import UsageClock, UsageIndex, UsageRules
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from dpsn.store import PersistedStore, RowLookup
+
     from ._cache import DeviceCache
     from ._columns import RowLayout
-    from ._layered import RowLookup
-    from ._persisted import PersistedStore
     from ._staging import Staging
 
 # Where a row with a delta lives, for a consolidation (the first tier that has it).

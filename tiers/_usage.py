@@ -20,7 +20,7 @@ row is loaded (:func:`materialize`), and a consolidation sends cached FREE rows 
 rather than decaying them in place. So the same history gives the same bits whether or not,
 and for how long, a row was cached.
 
-The fields of the ``usage`` column are in ``_usage_fields.py`` (torch-free), re-exported here.
+The fields of the ``usage`` column are in ``usage_fields.py`` (torch-free), re-exported here.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._sorted import sorted_find
-from ._usage_fields import (  # noqa: F401 (re-exported: the fields are part of this module's API)
+from dpsn.store.usage_fields import (  # noqa: F401 (re-exported: the fields are part of this module's API)
     BORN,
     EPOCH,
     FIELDS,
@@ -49,6 +48,8 @@ from ._usage_fields import (  # noqa: F401 (re-exported: the fields are part of 
     USES,
     WIDTH,
 )
+
+from ._sorted import sorted_find
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         cache_rows=0,
     ):
         pass
-    from dpsn.tiers import StoreFacts
+    from dpsn.store import StoreFacts
 
     with StoreFacts(args.path) as facts:
         info = facts.info()
@@ -140,7 +140,7 @@ def _amp(value: float | None, what: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dpsn.tiers import StoreFacts
+    from dpsn.store import StoreFacts
 
     with StoreFacts(args.path) as facts:
         info = facts.info(at=args.at)
@@ -152,7 +152,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from dpsn.tiers import StoreFacts
+    from dpsn.store import StoreFacts
 
     from ._format import table
 
@@ -198,7 +198,7 @@ def _delta_norms(path: str, ids: list[int], at: str | None) -> tuple[int, list[f
     without torch: LMDB gets at HEAD, the persisted tier's index for a past commit."""
     import numpy as np
 
-    from dpsn.tiers import PersistedStore, RowIndex, StoreFacts, pending_decay
+    from dpsn.store import PersistedStore, RowIndex, StoreFacts, pending_decay
 
     with StoreFacts(path) as facts:
         _rows_arg(ids, facts.manifest.rows)
@@ -281,7 +281,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from dpsn.errors import DpsnError
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     from ._messages import cli_message
 
@@ -323,7 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     from ._format import human_bytes
 
@@ -342,7 +342,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             }
             result = store.gc(dry_run=args.dry_run, progress=progress, **retention)
         if args.dry_run:  # what removing them would free (the tier counts it only when it does)
-            from dpsn.tiers import tree_bytes
+            from dpsn.store import tree_bytes
 
             seg_dir = store.root / "data.zarr" / "segments"
             doomed = result["removed_segments"] + result["orphan_segments"]
@@ -369,7 +369,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     from ._format import human_bytes
 
@@ -404,7 +404,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from dpsn.tiers import PersistedStore, read_policy, write_policy
+    from dpsn.store import PersistedStore, read_policy, write_policy
 
     names = ("keep_last", "keep_within", "compact_above", "compact_min_bytes")
     changes = {k: getattr(args, k) for k in names if hasattr(args, k)}
@@ -427,7 +427,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from dpsn.tiers import PersistedStore
+    from dpsn.store import PersistedStore
 
     store = PersistedStore.open(Path(args.path), writable=True)
     try:
@@ -528,7 +528,7 @@ def _lifecycle_fields(lc: dict[str, Any], human_bytes: Any) -> list[tuple[str, A
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from dpsn.tiers import StoreFacts, lifecycle_health
+    from dpsn.store import StoreFacts, lifecycle_health
 
     from ._format import fields, human_bytes
 

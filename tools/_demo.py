@@ -20,7 +20,7 @@ ROWS, DIM, CONCEPTS, BATCH, LR = 10**9, 64, 2048, 256, 0.3
 def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
     import dpsn
     from dpsn.errors import StoreExistsError
-    from dpsn.tiers import read_manifest
+    from dpsn.store import read_manifest
 
     from ._format import fields, human_bytes, human_count, table
 

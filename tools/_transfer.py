@@ -219,7 +219,7 @@ def export_rows(
     import torch
 
     import dpsn
-    from dpsn.tiers import PersistedStore, read_manifest
+    from dpsn.store import PersistedStore, read_manifest
 
     out_path = Path(out)
     if out_path.exists() and not force:

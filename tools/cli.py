@@ -9,7 +9,7 @@ ends quietly.
 
 Commands that only read records (``info``, ``log``, ``stats`` without ``--replay``,
 ``inspect --no-base``, ``verify``, ``gc``, ``snapshot``) never import torch or build the
-generator: they answer from the manifest and the LMDB records (``dpsn.tiers._info``), and read
+generator: they answer from the manifest and the LMDB records (``dpsn.store._info``), and read
 Zarr segments only where they must look at deltas.
 """
 
@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    from dpsn.tiers import parse_duration
+    from dpsn.store import parse_duration
 
     return parse_duration(text)
 

@@ -38,7 +38,7 @@ from dpsn.errors import CorruptStoreError, SnapshotUnavailableError
 from ._format import DB_META, DB_SEGMENTS, SNAPSHOT_COLUMNS, ZARR_DIR, u64_key
 from ._leases import live_readers
 from ._policy import META_MAINTENANCE, MaintenancePolicy
-from ._records import Commit, Writer, parse_record, snapshot_record
+from ._records import Commit, Writer, is_compaction, parse_record, snapshot_record
 from ._rowindex import RowIndex
 
 __all__ = [
@@ -83,7 +83,6 @@ def representative(log: list[Commit], commit: int) -> int:
     """The newest commit that holds exactly ``commit``'s rows: ``commit`` itself, or the last
     of the compaction commits that follow it directly (they change no row). Keeping that one
     keeps ``commit``'s view, without the segments compaction rewrote."""
-    from ._compact import is_compaction
 
     by_id = {c.id: c for c in log}
     rep = commit
@@ -95,7 +94,6 @@ def representative(log: list[Commit], commit: int) -> int:
 def retained_from(log: list[Commit], policy: MaintenancePolicy, now: float) -> int:
     """The oldest commit the policy keeps (HEAD's id when it keeps only HEAD); a commit
     followed by compactions is kept through the last of them (:func:`representative`)."""
-    from ._compact import is_compaction
 
     head = log[-1].id
     oldest = head

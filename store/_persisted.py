@@ -113,7 +113,7 @@ from ._layered import LayeredIndex
 from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
-from ._names import check_router_name
+from ._names import check_router_name, check_snapshot_name
 from ._records import (
     Commit,
     VerifyReport,
@@ -131,8 +131,8 @@ from ._runs import discard as discard_runs
 from ._runs import maintain as maintain_runs
 from ._runs import save as save_runs
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
-from ._usage_fields import usage_problem
 from ._zarrsafe import read_array, read_array_meta
+from .usage_fields import usage_problem
 
 __all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
 
@@ -212,30 +212,6 @@ def _write_failed(e: OSError, what: str) -> StoreFullError | StoreWriteError:
     err = StoreWriteError(f"{what}: {e}. The store is unchanged; fix the cause and try again.")
     err.errno = e.errno
     return err
-
-
-def check_snapshot_name(name: Any) -> str:
-    """A snapshot name that can be stored and read back (``InvalidSnapshotNameError``)."""
-    if not isinstance(name, str):
-        raise InvalidSnapshotNameError(f"a snapshot name is a str, not {type(name).__name__}")
-    try:
-        raw = name.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidSnapshotNameError(
-            f"snapshot name {name!r} cannot be stored: it is not valid Unicode ({e.reason})"
-        ) from None
-    if (
-        not raw
-        or len(raw) > 200
-        or "/" in name
-        or name.isdigit()
-        or any(ord(c) < 32 or ord(c) == 127 for c in name)
-    ):
-        raise InvalidSnapshotNameError(
-            f"snapshot name {name!r} is invalid: use 1-200 bytes of UTF-8, no '/', no control "
-            "characters, not all digits (a number names a commit)"
-        )
-    return name
 
 
 def _commit_key(commit: Any) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError
 
-from ._usage_fields import EPOCH, FREE, PHASE
+from .usage_fields import EPOCH, FREE, PHASE
 
 _COUNTS = ("screened_rows", "free_rows", "held_rows", "screened_bytes", "free_bytes")
 _TOTALS = {

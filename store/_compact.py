@@ -55,7 +55,7 @@ from ._format import (
     u64_key,
 )
 from ._layered import LayeredIndex
-from ._records import Commit, Writer, parse_record, read_u64
+from ._records import Commit, Writer, is_compaction, parse_record, read_u64
 
 if TYPE_CHECKING:
     from ._segments import SegmentRecord
@@ -76,10 +76,6 @@ META_GROWTH = b"growth"
 # to a further compaction commit, so memory stays bounded whatever the store's size.
 MAX_BATCH_BYTES = 256 << 20
 _EMPTY = np.empty((0,), dtype=np.int64)
-
-
-def is_compaction(record: Commit) -> bool:
-    return isinstance(record.stats, dict) and isinstance(record.stats.get("compaction"), dict)
 
 
 # -- figures -----------------------------------------------------------------------------------

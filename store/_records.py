@@ -365,3 +365,8 @@ class Writer:
             "dbs": {n.decode(): self.digests[n].to_json() for n in DIGESTED_DBS},
         }
         self.txn.put(META_DIGESTS, seal_record(record), db=self.dbs[DB_META])
+
+
+def is_compaction(record: Commit) -> bool:
+    """Whether a commit is a compaction (rewrites segments, changes no row)."""
+    return isinstance(record.stats, dict) and isinstance(record.stats.get("compaction"), dict)

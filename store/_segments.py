@@ -41,8 +41,8 @@ from ._format import (
     fsync_tree,
     segment_name,
 )
-from ._usage_fields import WIDTH as USAGE_WIDTH
 from ._zarrsafe import ArrayMeta, read_array_meta, read_chunks
+from .usage_fields import WIDTH as USAGE_WIDTH
 
 COMPRESSORS = COMPRESSOR_NAMES
 DROPS_CHUNK = 1 << 16
@@ -122,7 +122,7 @@ class SegmentRecord:
         drops = number("drops", 0, 1 << 62)
         chunk_rows = number("chunk_rows", 1, 1 << 40)
         state_width = number("state_width", 0, _MAX_DIM + 1, 0)
-        # Usage statistics have a fixed set of fields (_usage_fields.WIDTH); a record naming
+        # Usage statistics have a fixed set of fields (usage_fields.WIDTH); a record naming
         # another width was not written by a dpsn that reads it.
         usage_width = number("usage_width", 0, USAGE_WIDTH + 1, 0)
         if usage_width not in (0, USAGE_WIDTH):

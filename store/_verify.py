@@ -25,7 +25,7 @@ import numpy as np
 
 from dpsn.errors import CorruptSegmentError, DpsnError
 
-from ._compact import META_GROWTH, growth_counters, is_compaction
+from ._compact import META_GROWTH, growth_counters
 from ._digest import DbDigest, entry_hash
 from ._format import (
     DB_COMMITS,
@@ -51,12 +51,14 @@ from ._format import (
     SNAPSHOTS_GROUP,
     ZARR_DIR,
 )
+from ._names import check_snapshot_name
 from ._policy import META_MAINTENANCE, MaintenancePolicy
 from ._records import (
     DIGESTED_DBS,
     Commit,
     VerifyReport,
     generator_record,
+    is_compaction,
     parse_record,
     rows_digest_of,
     snapshot_record,
@@ -66,7 +68,7 @@ from ._retention import META_CHECKPOINT
 from ._rowindex import RowIndex
 from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, read_runset
 from ._segments import SegmentRecord
-from ._usage_fields import usage_problem
+from .usage_fields import usage_problem
 
 __all__ = ["verify_store"]
 
@@ -447,7 +449,6 @@ class _Verifier:
 
     def snapshot_records(self) -> None:
         assert self.raw is not None
-        from ._persisted import check_snapshot_name
 
         for key, value in self.raw[DB_SNAPSHOTS]:
             try:
