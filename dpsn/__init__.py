@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Commit": "dpsn.pool",
     "Lifecycle": "dpsn.pool",
+    "NgramMemory": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from dpsn.pool import (
         Commit,
         Lifecycle,
+        NgramMemory,
         Pool,
         PoolEmbedding,
         PoolLayer,
@@ -65,6 +67,7 @@ __all__ = [
     "Commit",
     "DpsnError",
     "Lifecycle",
+    "NgramMemory",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",

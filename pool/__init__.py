@@ -7,6 +7,7 @@ from ._api import compact, create, gc, open
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
+from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
 
@@ -14,6 +15,7 @@ __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
     "Lifecycle",
+    "NgramMemory",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",
@@ -28,4 +30,5 @@ __all__ = [
     "create",
     "gc",
     "open",
+    "prefetching",
 ]

@@ -27,6 +27,7 @@ _LAZY = {
     "SECOND_BACKWARD": "._stack",
     "CacheStats": "._cache",
     "Column": "._columns",
+    "CoUse": "._couse",
     "Commit": "._persisted",
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._compact import maybe_compact
+    from ._couse import CoUse
     from ._format import FORMAT_VERSION, Manifest, read_manifest
     from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
@@ -128,6 +130,7 @@ __all__ = [
     "MIN_ENTER",
     "SECOND_BACKWARD",
     "CacheStats",
+    "CoUse",
     "Column",
     "Commit",
     "DeviceCache",
