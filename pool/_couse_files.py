@@ -13,7 +13,9 @@ Written before the commit's LMDB flip (temp file, fsync, rename, fsync of the di
 commit that succeeds has its statistics; a leftover of a commit that failed is named for a
 commit id that the next commit (which removes it first) reuses. A pool opened at commit ``c``
 reads the newest file at or before ``c`` (compactions make commits that carry no statistics).
-Files of commits that gc removed are deleted when the next statistics are saved.
+Only the newest two commits' statistics are kept (statistics are advice, not data: a pool
+opened at an older commit starts without them); older files are deleted when new ones are
+saved.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def discard(root: Path, commit: int) -> None:
 
 def save(root: Path, commit: int, sketch: CoUse, keep: set[int]) -> None:
     """Write ``sketch`` as the statistics of ``commit`` (about to be made); delete the files of
-    commits not in ``keep`` (those gc removed) except the newest before ``commit``."""
+    other commits except those in ``keep`` and the newest before ``commit``."""
     folder = root / DIR
     folder.mkdir(exist_ok=True)
     arrays = sketch.to_arrays()

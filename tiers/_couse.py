@@ -84,6 +84,8 @@ class CoUse:
         self.groups_seen += n
         if h < 2 or n == 0:
             return
+        g = torch.sort(g, dim=1).values  # a row repeated in one group counts once
+        g[:, 1:][g[:, 1:] == g[:, :-1]] = _EMPTY
         i, j = torch.triu_indices(h, h, offset=1)
         x, y = g[:, i].reshape(-1), g[:, j].reshape(-1)  # (G * H(H-1)/2,)
         a, b = torch.minimum(x, y), torch.maximum(x, y)
