@@ -9,6 +9,7 @@ from ._config import OpenOptions, StoreSpec
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
+from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
 
@@ -17,6 +18,7 @@ __all__ = [
     "Commit",
     "Lifecycle",
     "MaintenancePolicy",
+    "NgramMemory",
     "OpenOptions",
     "Pool",
     "PoolEmbedding",
@@ -33,4 +35,5 @@ __all__ = [
     "create",
     "gc",
     "open",
+    "prefetching",
 ]

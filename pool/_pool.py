@@ -27,6 +27,7 @@ from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
 from dpsn.hypernet import Generator
 from dpsn.store import Commit, PersistedStore, RowLookup, VerifyReport
 from dpsn.tiers import (
+    CoUse,
     DeviceCache,
     Prefetch,
     ProceduralTier,
@@ -36,6 +37,7 @@ from dpsn.tiers import (
     load_generator,
 )
 
+from . import _couse_files
 from ._lifecycle import Lifecycle, LifecycleRunner
 from ._routers import RouterShelf
 from ._validate import as_deltas, as_ids
@@ -92,6 +94,8 @@ class Pool:
             policy=policy,
         )
         self._routers = RouterShelf(store)
+        # co-activation statistics: on once saved with a commit, or turned on by track_couse()
+        self._couse: CoUse | None = _couse_files.load(store.root, commit)
         self._lifecycle: LifecycleRunner | None = None
         self._lifecycle_given = lifecycle is not None  # else the store's policy is followed
         if lifecycle is not None or record.lifecycle is not None:
@@ -217,11 +221,16 @@ class Pool:
         out = self._stack.read(full.reshape(-1))
         return out.reshape(*full.shape, self.dim)
 
-    def prefetch(self, ids: Any) -> Prefetch:
+    def prefetch(self, ids: Any, *, partners: int = 0) -> Prefetch:
         """Page rows in ahead of the ``read`` that needs them, on a helper thread, while the
         current step computes. The rows stay pinned against eviction until the handle is
-        released (``release()``, or leave its ``with`` block)."""
-        return self._stack.prefetch(self._ids(ids).reshape(-1))
+        released (``release()``, or leave its ``with`` block). ``partners=k`` also pages in each
+        row's ``k`` most frequent co-used rows (see :meth:`track_couse`)."""
+        flat = self._ids(ids).reshape(-1)
+        if partners and self._couse is not None:
+            _, extra, _ = self._couse.partners(flat, partners)
+            flat = torch.cat([flat, extra])
+        return self._stack.prefetch(flat)
 
     # -- the executor contract -----------------------------------------------------------------
 
@@ -246,6 +255,51 @@ class Pool:
     def count_skipped_row_step(self) -> None:
         """Record that an executor skipped a row step (non-finite gradients); see ``stats()``."""
         self._stack.count_skipped_step()
+
+    # -- co-activation statistics ---------------------------------------------------------------
+
+    def track_couse(self, slots: int = 1 << 18) -> CoUse:
+        """Keep co-activation statistics: which rows the same token or bag uses together (a
+        bounded sketch of ``slots`` pairs, ``dpsn.tiers.CoUse``), fed by executors through
+        :meth:`record_couse` and saved with every commit from now on (in ``STORE/couse/``).
+        Already on: returns the sketch in use."""
+        self._check_open()
+        if self._couse is None:
+            self._couse = CoUse(slots)
+        return self._couse
+
+    @property
+    def couse(self) -> CoUse | None:
+        """The co-activation statistics, or None when they are not kept."""
+        return self._couse
+
+    def record_couse(self, groups: torch.Tensor) -> None:
+        """Count the rows used together: ``groups`` ``[G, H]`` row ids, one row of ids per token
+        or bag (``-1``: none). Nothing happens when the statistics are off."""
+        if self._couse is not None:
+            with self._stack.lock:
+                self._couse.record(groups)
+
+    def partners(self, ids: Any, k: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's up to ``k`` most frequent co-used rows: ``(row, partner, count)``."""
+        flat = self._ids(ids).reshape(-1)
+        if self._couse is None:
+            empty = torch.empty(0, dtype=torch.int64)
+            return empty, empty, torch.empty(0)
+        return self._couse.partners(flat, k)
+
+    def circuits(self, min_support: float = 2.0) -> list[tuple[torch.Tensor, float]]:
+        """Groups of rows that fire together: ``[(rows, support), ...]``, each group the rows
+        joined by pairs used together at least ``min_support`` times, ``support`` the mean
+        count of its pairs; largest groups first. Empty when no statistics are kept."""
+        self._check_open()
+        if isinstance(min_support, bool) or not isinstance(min_support, int | float):
+            raise TypeError(f"min_support must be a number, got {type(min_support).__name__}")
+        if not min_support > 0:
+            raise ValueError(f"min_support must be positive, got {min_support}")
+        if self._couse is None:
+            return []
+        return self._couse.circuits(float(min_support))
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -288,6 +342,9 @@ class Pool:
         lc = self._lifecycle
         if lc is not None and lc.due(head + 1):
             lc.consolidate()
+        _couse_files.discard(self.path, head + 1)  # a leftover of a commit that failed
+        if self._couse is not None:
+            _couse_files.save(self.path, head + 1, self._couse, keep={head})
         record = self._stack.commit(
             message,
             stats=self.stats(),

@@ -18,6 +18,7 @@ _LAZY = {
     "SECOND_BACKWARD": "._stack",
     "CacheStats": "._cache",
     "Column": "._columns",
+    "CoUse": "._couse",
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
     "Prefetch": "._stack",
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
+    from ._couse import CoUse
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
     from ._slot_table import SlotTable
@@ -71,6 +73,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "SECOND_BACKWARD",
     "CacheStats",
+    "CoUse",
     "Column",
     "DeviceCache",
     "EvictionPolicy",
