@@ -9,6 +9,7 @@ from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
+from ._selection import RowSelection, SparseFinetune
 
 __all__ = [
     "ROW_OPTIMIZERS",
@@ -23,6 +24,8 @@ __all__ = [
     "RowBatch",
     "RowOptimizer",
     "RowSGD",
+    "RowSelection",
+    "SparseFinetune",
     "VerifyReport",
     "compact",
     "create",

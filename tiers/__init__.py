@@ -64,6 +64,7 @@ _LAZY = {
     "policies": "._policies",
     "read_manifest": "._format",
     "read_policy": "._retention",
+    "read_protected": "._protected",
     "register_policy": "._policies",
     "storage_dtype": "._persisted",
     "tree_bytes": "._info",
@@ -92,6 +93,7 @@ if TYPE_CHECKING:
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._policy import MaintenancePolicy, parse_duration
     from ._procedural import ProceduralTier, load_generator
+    from ._protected import read_protected
     from ._retention import read_policy, write_policy
     from ._rowindex import RowIndex
     from ._segments import COMPRESSORS
@@ -163,6 +165,7 @@ __all__ = [
     "policies",
     "read_manifest",
     "read_policy",
+    "read_protected",
     "register_policy",
     "router_format",
     "storage_dtype",
