@@ -12,6 +12,7 @@ from ._lifecycle import Lifecycle
 from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
+from ._selection import RowSelection, SparseFinetune
 
 __all__ = [
     "ROW_OPTIMIZERS",
@@ -29,6 +30,8 @@ __all__ = [
     "RowBatch",
     "RowOptimizer",
     "RowSGD",
+    "RowSelection",
+    "SparseFinetune",
     "StoreSpec",
     "VerifyReport",
     "compact",

@@ -88,8 +88,8 @@ class PoolEmbedding(nn.Module):
 
     Returns ``[B, pool.dim]`` in the pool's dtype. Rows are trained by ``row_optimizer``
     (default row-wise AdaGrad, the usual choice for embedding tables) inside backward; the
-    pool must be writable for that. See :class:`PoolLayer` for ``grad_scaler`` and ``row_clip``,
-    and :meth:`accumulate` for gradient accumulation.
+    pool must be writable for that. See :class:`PoolLayer` for ``grad_scaler``, ``row_clip``
+    and ``row_selection``, and :meth:`accumulate` for gradient accumulation.
     """
 
     def __init__(
@@ -101,6 +101,7 @@ class PoolEmbedding(nn.Module):
         row_lr: float | None = None,
         grad_scaler: Any = None,
         row_clip: float | None = None,
+        row_selection: Any = None,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -110,7 +111,11 @@ class PoolEmbedding(nn.Module):
         kwargs = {} if row_lr is None else {"lr": row_lr}
         self.row_optimizer = make_row_optimizer(row_optimizer, **kwargs)
         self.trainer = RowTrainer(
-            pool, self.row_optimizer, grad_scaler=grad_scaler, row_clip=row_clip
+            pool,
+            self.row_optimizer,
+            grad_scaler=grad_scaler,
+            row_clip=row_clip,
+            row_selection=row_selection,
         )
         pool.set_state_width(self.row_optimizer.state_width(pool.dim))
 

@@ -246,6 +246,10 @@ class PoolLayer(nn.Module):
             are unscaled by it, and a step whose row gradients are not finite is skipped.
         row_clip: clip each row's gradient to this norm (``clip_grad_norm_`` cannot see rows).
         train_generator: also train the generator's shared weights (see the module docstring).
+        row_selection: which rows each row step updates: a ``dpsn.RowSelection`` such as
+            ``dpsn.SparseFinetune(top=...)``, or a callable ``(pool, batch, grads) -> mask``;
+            None (default) updates every used row. Protected rows (``pool.protect``) never
+            train, whatever it selects.
 
     The rules of the fused row step (once per graph, scaler, ``accumulate()``, clipping,
     nothing under ``no_grad``) are documented in the README ("Training rules").
@@ -266,6 +270,7 @@ class PoolLayer(nn.Module):
         grad_scaler: Any = None,
         row_clip: float | None = None,
         train_generator: bool = False,
+        row_selection: Any = None,
     ) -> None:
         super().__init__()
         if pool.dim != d_in + d_out:
@@ -288,9 +293,14 @@ class PoolLayer(nn.Module):
         kwargs = {} if row_lr is None else {"lr": row_lr}
         self.row_optimizer = make_row_optimizer(row_optimizer, **kwargs)
         self.trainer = RowTrainer(
-            pool, self.row_optimizer, grad_scaler=grad_scaler, row_clip=row_clip
+            pool,
+            self.row_optimizer,
+            grad_scaler=grad_scaler,
+            row_clip=row_clip,
+            row_selection=row_selection,
         )
         pool.set_state_width(self.row_optimizer.state_width(pool.dim))
+        self.routing_frozen = False
         self.train_generator = train_generator
         if train_generator:
             self.generator = pool.generator  # registered: its weights join parameters()
@@ -309,6 +319,23 @@ class PoolLayer(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, k={self.k}, rows={self.pool.rows}, "
             f"row_optimizer={self.row_optimizer.name}, train_generator={self.train_generator}"
         )
+
+    def freeze_routing(self, frozen: bool = True) -> PoolLayer:
+        """Freeze the router (``frozen=False`` thaws it): its parameters stop requiring grad
+        (a torch optimizer then leaves them alone) and it stays in eval mode, also across
+        ``layer.train()``, so batch-norm statistics stop moving too. Which rows an input
+        reaches then stays what it was: with ``pool.protect`` this keeps earlier tasks' rows
+        both unchanged and reached (no forgetting). Returns the layer."""
+        self.routing_frozen = bool(frozen)
+        self.router.requires_grad_(not self.routing_frozen)
+        self.router.train(self.training and not self.routing_frozen)
+        return self
+
+    def train(self, mode: bool = True) -> PoolLayer:
+        super().train(mode)
+        if self.routing_frozen:
+            self.router.eval()  # frozen routing: batch-norm statistics stay as they were
+        return self
 
     def accumulate(self) -> AbstractContextManager[None]:
         """``with layer.accumulate():`` sums the rows' gradients over the backward passes in the

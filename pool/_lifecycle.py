@@ -16,6 +16,7 @@ the delta: ``dpsn.tiers._usage``). A *consolidation* (``pool.consolidate()``, or
 3. **Decay.** Every FREE delta loses ``decay`` of itself per consolidation, toward 0 (its
    procedural base). SCREENED deltas do not decay, and their updates are damped by an inertia
    that grows with use (``1 / (1 + inertia * log1p(uses))``, in the stack's apply path).
+   Protected rows (``pool.protect``) are held SCREENED: they neither decay nor are pruned.
 4. **Pruning.** A FREE row is dropped (back to exactly its procedural bits, its storage
    released at the next commit) when its delta's RMS falls below ``prune_rms`` and it is cold
    (not used in the last 32 steps, or in the last 32 consolidations), or when it was not used,
@@ -298,6 +299,13 @@ class LifecycleRunner:
                 exit=self.exit,
                 min_uses=pol.min_uses,
             )
+            # Protected rows (Pool.protect) are held SCREENED: they neither decay nor are pruned.
+            held = stack.protected_mask(torch.from_numpy(ids))
+            held_np = held.numpy() if held is not None else None
+            if held_np is not None:
+                enter = enter | (held_np & ~screened)
+                screened = screened | held_np
+                leave = leave & ~held_np
             free = ~screened
             # FREE rows decay from their EPOCH on (a row used or written in this window, or
             # leaving SCREENED, decays from the next consolidation); norms after this one
@@ -316,6 +324,8 @@ class LifecycleRunner:
             regions = region_of(ids, self.rows, pol.regions)
             born = u[:, U.BORN].numpy()
             by_budget, over = self._budget(regions, ~drop, screened, score_np, recent, born, new)
+            if held_np is not None:
+                by_budget = by_budget & ~held_np
             drop |= by_budget
             left_cache = stack.consolidate_rows(ids, where, screened.astype(np.uint8), drop)
             alive = ~drop
@@ -513,6 +523,13 @@ class LifecycleRunner:
             "totals": asdict(self.totals),
             "health": self.health_saved,
         }
+
+    def rows_in_phase(self, phase: int) -> torch.Tensor:
+        """Sorted int64 ids of every row with a delta now in ``phase`` (``U.FREE``,
+        ``U.SCREENED``), as the statistics say at this moment (no consolidation runs)."""
+        with self.stack.lock:
+            ids, u, _ = self.stack.usage_view()
+            return torch.from_numpy(ids[(u[:, U.PHASE] == phase).numpy()].astype(np.int64))
 
     # -- per-row views -------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class Pool:
         self._routers = RouterShelf(store)
         # co-activation statistics: on once saved with a commit, or turned on by track_couse()
         self._couse: CoUse | None = _couse_files.load(store.root, commit)
+        self._load_protected(record)
         self._lifecycle: LifecycleRunner | None = None
         self._lifecycle_given = lifecycle is not None  # else the store's policy is followed
         if lifecycle is not None or record.lifecycle is not None:
@@ -325,6 +326,7 @@ class Pool:
         """Forget every change since the last commit (staged, dropped, dirty in the cache), and
         the lifecycle's consolidations since then."""
         self._stack.discard()
+        self._load_protected(self._store.commit_record(self.head))
         if self._lifecycle is not None:
             saved = self._store.commit_record(self.head).lifecycle
             self._lifecycle.load(saved, self._lifecycle.policy)
@@ -407,6 +409,69 @@ class Pool:
         flat = self._ids(ids).reshape(-1)
         return self._require_lifecycle().row_usage(flat)
 
+    # -- protection (no forgetting) --------------------------------------------------------------
+
+    @property
+    def protected(self) -> torch.Tensor:
+        """Sorted int64 ids of the protected rows (a copy; see :meth:`protect`)."""
+        self._check_open()
+        return self._stack.protected.clone()
+
+    def protect(self, ids: Any = None, *, phase: str | None = None) -> int:
+        """Protect rows: from now on no executor's row step changes their delta or optimizer
+        state (``PoolLayer``, ``PoolEmbedding``, and any executor on ``page_in`` /
+        ``RowBatch.apply_grads``); their uses are still counted. Give ``ids`` (any shape), or
+        ``phase="screened"`` for every row SCREENED by the lifecycle now (``"free"``: every
+        FREE row with a delta), or both. The lifecycle holds protected rows SCREENED: they
+        neither decay nor are pruned. ``write``/``drop`` still change them: protection guards
+        against training, not against explicit edits.
+
+        The set is persisted with the next commit (a checksummed array in the store, its
+        record in the commit's), so reopening or a snapshot view brings it back; ``discard()``
+        returns to the committed set. Returns how many rows are protected now."""
+        self._require_writable()
+        chosen = self._choose(ids, phase, "protect")
+        self._stack.set_protected(torch.unique(torch.cat([self._stack.protected, chosen])))
+        return len(self._stack.protected)
+
+    def unprotect(self, ids: Any = None, *, phase: str | None = None) -> int:
+        """Let rows train again: ``ids``, the rows in ``phase``, or (neither given) every
+        protected row. Persisted with the next commit; returns how many stay protected."""
+        self._require_writable()
+        current = self._stack.protected
+        if ids is None and phase is None:
+            kept = current[:0]
+        else:
+            chosen = self._choose(ids, phase, "unprotect")
+            kept = current[~torch.isin(current, chosen)]
+        self._stack.set_protected(kept)
+        return len(kept)
+
+    def _choose(self, ids: Any, phase: str | None, what: str) -> torch.Tensor:
+        if ids is None and phase is None:
+            raise ValueError(f"{what}() needs ids, phase='screened' (or 'free'), or both")
+        parts = [torch.empty(0, dtype=torch.int64)]
+        if ids is not None:
+            parts.append(as_ids(ids, self.rows).reshape(-1).cpu())
+        if phase is not None:
+            from dpsn.tiers import usage as U
+
+            phases = {"screened": U.SCREENED, "free": U.FREE}
+            if phase not in phases:
+                raise ValueError(f"phase must be one of {sorted(phases)}, got {phase!r}")
+            parts.append(self._require_lifecycle().rows_in_phase(phases[phase]))
+        return torch.unique(torch.cat(parts))
+
+    def _load_protected(self, record: Commit) -> None:
+        """Adopt the protected set ``record`` names (checked in full: ``CorruptStoreError``)."""
+        ids = torch.empty(0, dtype=torch.int64)
+        if record.protected is not None:
+            from dpsn.store import read_protected
+
+            ids = torch.from_numpy(read_protected(self.path, record.protected, self.rows))
+        self._stack.set_protected(ids)
+        self._stack.protected_changed = False
+
     # -- routers -------------------------------------------------------------------------------
 
     def save_router(self, name: str, router: torch.nn.Module) -> None:
@@ -457,6 +522,7 @@ class Pool:
             if version != self._store.commit_record(self.head).generator:
                 stack.procedural.replace(load_generator(self._store, version, self.device))
             stack.move_to(commit, index)
+            self._load_protected(self._store.commit_record(commit))
             saved = self._store.commit_record(commit).lifecycle
             if saved is not None:
                 given = self._lifecycle_given and self._lifecycle is not None

@@ -14,7 +14,10 @@ for a row, the habits that act on ``.grad`` elsewhere are rules here (each teste
 - ``row_clip=``: each row's gradient is clipped to that norm (``clip_grad_norm_`` cannot see
   rows, which have no ``.grad``);
 - no row update without a backward: a forward under ``torch.no_grad()`` or
-  ``torch.inference_mode()`` builds no graph and releases its rows at once.
+  ``torch.inference_mode()`` builds no graph and releases its rows at once;
+- ``row_selection=``: a :class:`RowSelection` (``_selection.py``) picks the rows a step
+  updates (e.g. :class:`SparseFinetune`), after unscaling and clipping; protected rows
+  (``Pool.protect``) are left out of every step whatever it picks.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer
 from ._profile import ROW_STEP, scope
+from ._selection import check_row_selection
 
 
 def sum_by_row(
@@ -67,7 +71,10 @@ class RowTrainer:
         *,
         grad_scaler: Any = None,
         row_clip: float | None = None,
+        row_selection: Any = None,
     ) -> None:
+        self._select = check_row_selection(row_selection)
+        self.row_selection = row_selection
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError("grad_scaler must be a torch.amp.GradScaler (or have get_scale())")
         if row_clip is not None and not (isinstance(row_clip, int | float) and row_clip > 0):
@@ -96,9 +103,13 @@ class RowTrainer:
             self._stash.append((batch.ids, grads))
             return
         if self._ready(grads):
-            batch.apply_grads(grads, self.optimizer)
+            batch.apply_grads(grads, self.optimizer, rows=self._rows(batch, grads))
         else:
             batch.applied = True
+
+    def _rows(self, batch: RowBatch, grads: torch.Tensor) -> torch.Tensor | None:
+        """The selection's mask of rows to update (None: all)."""
+        return None if self._select is None else self._select(self.pool, batch, grads)
 
     def _unscale(self, grads: torch.Tensor) -> torch.Tensor:
         scaler = self.grad_scaler
@@ -145,4 +156,4 @@ class RowTrainer:
             summed = torch.zeros((len(batch), grads.shape[1]), device=grads.device)
             summed.index_add_(0, batch.inverse.reshape(-1), grads)
             if self._ready(summed):
-                batch.apply_grads(summed, self.optimizer)
+                batch.apply_grads(summed, self.optimizer, rows=self._rows(batch, summed))

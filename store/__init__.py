@@ -46,6 +46,7 @@ _LAZY = {
     "segment_name": "._format",
     "u64_key": "._format",
     "read_policy": "._retention",
+    "read_protected": "._protected",
     "storage_dtype": "._persisted",
     "tree_bytes": "._info",
     "write_policy": "._retention",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from ._names import check_router_name
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policy import MaintenancePolicy, parse_duration
+    from ._protected import read_protected
     from ._retention import read_policy, write_policy
     from ._rowindex import RowIndex
     from ._segments import COMPRESSORS
@@ -124,6 +126,7 @@ __all__ = [
     "pending_decay",
     "read_manifest",
     "read_policy",
+    "read_protected",
     "router_format",
     "segment_name",
     "storage_dtype",

@@ -114,6 +114,7 @@ from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
 from ._names import check_router_name, check_snapshot_name
+from ._protected import protected_dir, protected_dirs, write_protected
 from ._records import (
     Commit,
     VerifyReport,
@@ -1063,6 +1064,7 @@ class PersistedStore:
         state: np.ndarray | None = None,
         usage: np.ndarray | None = None,
         lifecycle: dict[str, Any] | None = None,
+        protected: np.ndarray | None = None,
     ) -> tuple[Commit, LayeredIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
@@ -1072,7 +1074,8 @@ class PersistedStore:
         :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
         ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
         the commit record, and the first commit that has one raises the store's format
-        version to ``FORMAT_LIFECYCLE``.
+        version to ``FORMAT_LIFECYCLE``. ``protected`` (sorted unique ids) replaces the set of
+        protected rows (``_protected.py``; empty: none); None carries the parent's forward.
 
         The row index's digest is updated in O(rows written): the hashes of the entries this
         commit replaces or deletes (taken from ``index``) are subtracted and those of the new
@@ -1112,7 +1115,13 @@ class PersistedStore:
             if generator_state is not None:
                 gen_version = commit_id
                 gen_record = self._write_generator(commit_id, generator_state)
+            protected_record = parent.protected
+            if protected is not None:
+                protected_record = (
+                    write_protected(self.root, commit_id, protected) if len(protected) else None
+                )
         except OSError as e:
+            shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
             if seg is not None:
                 self.segments.remove(segment_id)
             shutil.rmtree(
@@ -1141,10 +1150,12 @@ class PersistedStore:
                 seg.checksums if seg else None,
                 gen_record or gen_version,
                 router_records,
+                *([protected_record] if protected_record is not None else []),
             ),
             stats=stats,
             routers=router_records or None,
             lifecycle=lifecycle,
+            protected=protected_record,
         )
         removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
@@ -1193,6 +1204,8 @@ class PersistedStore:
         except BaseException:
             if seg is not None:
                 self.segments.remove(segment_id)
+            if protected is not None and len(protected):
+                shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
             raise
         return record, self.maintain_runs(new_index, record)
 
@@ -1391,10 +1404,12 @@ class PersistedStore:
         for r in records:
             for name, meta in (r.routers or {}).items():
                 keep.add(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{meta['version']:016x}")
+        keep_protected, found_protected = protected_dirs(self.root, records)
+        keep |= keep_protected
         keep |= {self._snapshot_dir(r["commit"]) for r in snaps}
         if checkpoint is not None:
             keep.add(self._snapshot_dir(checkpoint))
-        found = []
+        found = list(found_protected)
         gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP
         if gen_dir.is_dir():
             found += [p for p in gen_dir.iterdir() if p.is_dir()]

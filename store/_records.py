@@ -101,10 +101,13 @@ class Commit:
     # (checked by :func:`lifecycle_record`; dpsn.pool checks the policy's settings in full).
     # None: the store has no lifecycle (and the key is left out, as in format 1).
     lifecycle: dict[str, Any] | None = None
+    # The rows no executor may update as of this commit (``_protected.py``): {"version": the
+    # commit that wrote the set, "rows", "xxh64"}. None: none protected (the key is left out).
+    protected: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("index_digest", "lifecycle"):
+        for key in ("index_digest", "lifecycle", "protected"):
             if out[key] is None:
                 del out[key]
         return out
@@ -135,6 +138,13 @@ class Commit:
                 lifecycle_record(raw["lifecycle"])
             except CorruptStoreError as e:
                 raise CorruptStoreError(f"commit record {raw['id']}: {e}") from e
+        if ok and raw.get("protected") is not None:
+            from ._protected import check_protected_record
+
+            try:
+                check_protected_record(raw["protected"], _U64 - 1)
+            except CorruptStoreError as e:
+                raise CorruptStoreError(f"commit record {raw['id']}: {e}") from e
         routers = raw.get("routers")
         if routers is not None:
             ok = ok and isinstance(routers, dict)
@@ -153,7 +163,7 @@ class Commit:
         return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})
 
 
-_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle"}
+_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle", "protected"}
 LIFECYCLE_FORMAT = 1  # of a commit's "lifecycle" object; never renumber
 _LIFECYCLE_TOTALS = ("consolidations", "decayed", "pruned", "entered", "exited")
 _MAX_CLOCK = 1 << 53  # clocks are exact integers in the float64 usage column

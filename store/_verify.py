@@ -569,6 +569,13 @@ class _Verifier:
                 except (DpsnError, ValueError) as e:
                     self.problem("router", f"router {name!r} of commit {c.id}: {e}")
 
+    def protected(self) -> None:
+        from ._protected import verify_protected
+
+        rows = self.store.manifest.rows
+        for problem in verify_protected(self.store.root, self.kept_commits(), rows):
+            self.problem("protected", problem)
+
     def zarr_groups(self) -> None:
         """The group metadata a writer opens (a damaged one would fail the next commit)."""
         root = self.store.root / ZARR_DIR
@@ -617,6 +624,7 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("compactions and the history checkpoint", v.history, ("read_lmdb",)),
         ("generator weights", v.generator_data, ("read_lmdb",)),
         ("routers", v.routers, ("read_lmdb",)),
+        ("protected rows", v.protected, ("read_lmdb",)),
         ("zarr groups", v.zarr_groups, ()),
         ("leftovers", v.leftovers, ()),
     ]

@@ -63,6 +63,7 @@ _COUNTERS = (
     "row_steps",
     "rows_updated",
     "skipped_row_steps",
+    "rows_held",  # rows a row step left out (protected, or not selected)
 )
 
 
@@ -162,14 +163,45 @@ class RowBatch:
         """``[n, dim]`` float32: the rows' current deltas (zeros for procedural rows)."""
         return self._stack.deltas_of(self)
 
-    def apply_grads(self, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
+    def apply_grads(
+        self, grads: torch.Tensor, optimizer: RowOptimizer, *, rows: torch.Tensor | None = None
+    ) -> None:
         """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
         each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
-        already updated: a graph's row step applies once."""
+        already updated: a graph's row step applies once.
+
+        ``rows`` (bool ``[n]``, aligned with ``ids``) restricts the step to the rows it marks:
+        the others keep delta and optimizer state untouched (their uses are still counted).
+        Protected rows (``Pool.protect``) are left out whatever ``rows`` says."""
         if self.applied:
             raise RuntimeError(SECOND_BACKWARD)
-        self._stack.apply_grads(self, grads, optimizer)
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=self.ids.device)
+            if rows.dtype != torch.bool or rows.shape != self.ids.shape:
+                raise ValueError(
+                    f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
+                    f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
+                )
+        self._stack.apply_grads(self, grads, optimizer, rows)
         self.applied = True
+
+    def _subset(self, keep: torch.Tensor) -> RowBatch:
+        """The rows ``keep`` (bool ``[n]``) of this batch as a batch that only takes a row step:
+        it shares this batch's pin (no release of its own), and its uses count as counted."""
+        sub = RowBatch.__new__(RowBatch)
+        ids = self.ids[keep]
+        sub.ids, sub.counts = ids, self.counts[keep]
+        sub.inverse = sub.order = torch.arange(len(ids), device=ids.device)
+        sub.table, sub.index = self.table, self.index[keep]
+        sub.slots = self.slots[keep] if self.slots is not None else None
+        sub.spilled, sub.applied, sub.touched = self.spilled, False, self.touched
+        sub.key = None
+        sub.anchor = self.anchor
+        sub._stack = self._stack
+        sub._use_index = sub._offsets = None
+        sub._private = self._private
+        sub._release = None
+        return sub
 
     def release(self) -> None:
         """Let the rows be evicted again (idempotent)."""
@@ -261,6 +293,10 @@ class RowStack(UsageStatistics):
         self.collected: list[tuple[str, int]] = []  # pin keys of batches collected unreleased
         self._prefetcher: ThreadPoolExecutor | None = None
         self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
+        # sorted ids no row step may change (Pool.protect), and its copy on the device
+        self.protected = torch.empty(0, dtype=torch.int64)
+        self._protected_device: torch.Tensor | None = None
+        self.protected_changed = False  # since the last commit
 
     @property
     def dim(self) -> int:
@@ -693,8 +729,35 @@ class RowStack(UsageStatistics):
             return RowBatch(self, uniq, counts, inverse, order, table, index, None)
 
     @torch.no_grad()
-    def apply_grads(self, batch: RowBatch, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
-        """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`)."""
+    def set_protected(self, ids: torch.Tensor) -> None:
+        """Rows no row step may change from now on: sorted unique int64 ``ids`` (validated by
+        the caller), replacing the set. Persisted with the next commit."""
+        with self.lock:
+            self.protected = ids.to("cpu", torch.int64).contiguous()
+            self._protected_device = None
+            self.protected_changed = True
+
+    def protected_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Bool ``[n]``: which of sorted ``ids`` are protected; None when none is (one binary
+        search per id, on the ids' device)."""
+        if not len(self.protected) or not len(ids):
+            return None
+        p = self._protected_device
+        if p is None or p.device != ids.device:
+            p = self._protected_device = self.protected.to(ids.device)
+        at = torch.searchsorted(p, ids).clamp_(max=len(p) - 1)
+        hit = p[at] == ids
+        return hit if bool(hit.any()) else None
+
+    def apply_grads(
+        self,
+        batch: RowBatch,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`): those
+        ``rows`` marks (all when None), less the protected ones."""
         width = optimizer.state_width(self.dim)
         if width != self.layout.state_width:
             raise ValueError(
@@ -703,6 +766,20 @@ class RowStack(UsageStatistics):
             )
         if len(batch) == 0:
             return
+        held = self.protected_mask(batch.ids)
+        keep = rows
+        if held is not None:
+            keep = ~held if keep is None else keep & ~held
+        if keep is not None and not bool(keep.all()):
+            self.counters["rows_held"] += int((~keep).sum())
+            with self.lock:
+                if batch.key is not None:  # every use counts, held rows' included
+                    if batch.key in self._uncounted:
+                        self.count_uses(batch.key)
+                    batch.touched = True
+            if not bool(keep.any()):
+                return
+            batch, grads = batch._subset(keep), grads[keep]
         with self.lock:
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
@@ -948,8 +1025,10 @@ class RowStack(UsageStatistics):
                 stats=stats,
                 generator_state=generator_state,
                 routers=written,
+                protected=self.protected.numpy() if self.protected_changed else None,
             )
             self.index, self.head = index, record.id
+            self.protected_changed = False
             self.procedural.saved = self.procedural.stamp()
             if self.usage_index is not None and usage is not None:
                 self.usage_index = self.usage_index.apply(ids, usage, st.drops)
