@@ -67,6 +67,15 @@ class LMConfig:
     row_optimizer: str = "adagrad"
     row_lr: float = 0.025
     generator_memory: int = 1 << 20  # floats in the hashed-slices array behind the base rows
+    # The base rows' generator: "hashed_slices" (frozen) or "region_mlp" (its region embeddings
+    # and MLP trained with the model: train_generator), see docs/generators.md.
+    generator: str = "hashed_slices"
+    train_generator: bool = False
+    # The per-token budget: "fixed" k, or "learned" in [k_min, k] with budget_cost nats of loss
+    # per row per token (the learned head's compute penalty; index/_budget.py).
+    budget: str = "auto"
+    k_min: int | None = None
+    budget_cost: float = 0.0
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.0
@@ -240,7 +249,11 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
                 rows=cfg.rows,
                 dim=2 * d,
                 seed=cfg.seed * 1000 + i,
-                generator={"kind": "hashed_slices", "memory_size": cfg.generator_memory},
+                generator=(
+                    {"kind": "hashed_slices", "memory_size": cfg.generator_memory}
+                    if cfg.generator == "hashed_slices"
+                    else cfg.generator
+                ),
                 cache_rows=cache_rows,
             )
             router = ProductKeyRouter(
@@ -251,6 +264,9 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
                 d_key=cfg.d_key,
                 query_batchnorm=cfg.query_batchnorm,
                 seed=cfg.seed * 1000 + i,
+                k_min=cfg.k_min,
+                budget=cfg.budget,
+                budget_cost=cfg.budget_cost,
             )
         layer = dpsn.PoolLayer(
             pool,
@@ -260,6 +276,7 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
             k=cfg.k,
             row_optimizer=cfg.row_optimizer,
             row_lr=cfg.row_lr,
+            train_generator=cfg.train_generator,
         )
         ffns.append(PoolFFN(layer, DenseFFN(d, cfg.d_ff) if cfg.d_ff else None))
     return ByteLM(cfg, ffns)

@@ -31,7 +31,9 @@ class RouterConfig:
     - ``k``: rows per input at most (``k_max``); ``k_min``: at least (``None``: ``k``);
     - ``budget``: the complexity signal spreading inputs over ``[k_min, k]`` (``"auto"``:
       ``"fixed"`` when ``k_min == k``, else the router's default; see ``_budget``);
-    - ``temperature``: of the entropy signal; ``seed``: every random initialisation.
+    - ``temperature``: of the entropy signal; ``seed``: every random initialisation;
+    - ``budget_cost``: price per row (loss units per row and input) that trains a learned
+      budget against its compute (0: none; see ``_budget``).
     """
 
     d_in: int
@@ -41,6 +43,7 @@ class RouterConfig:
     budget: str = "auto"
     temperature: float = 1.0
     seed: int = 0
+    budget_cost: float = 0.0
 
     def with_(self, **changes: Any) -> Self:
         """A copy with ``changes`` (how routers record resolved values)."""
