@@ -111,10 +111,21 @@ class LSHConfig(RegionConfig):
     threshold_rate: float = 0.05
 
 
+# Fields added after routers were first persisted, with the value a router saved before them
+# means: omitted from the persisted form at that value, so an older router's config (and the
+# digest its commit recorded) stays byte-identical.
+_LATER_FIELDS: dict[str, Any] = {"budget_cost": 0.0}
+
+
 def config_json(config: RouterConfig) -> dict[str, Any]:
-    """The persisted form: plain JSON values (tuples become lists)."""
+    """The persisted form: plain JSON values (tuples become lists); fields added later are left
+    out while they hold their old meaning (``_LATER_FIELDS``)."""
     out = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in out.items()
+        if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+    }
 
 
 def build_config(cls: type[RouterConfig], config: RouterConfig | None, kwargs: dict[str, Any]):
