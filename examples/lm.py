@@ -70,6 +70,7 @@ class LMConfig:
     # The base rows' generator: "hashed_slices" (frozen) or "region_mlp" (its region embeddings
     # and MLP trained with the model: train_generator), see docs/generators.md.
     generator: str = "hashed_slices"
+    generator_options: dict = field(default_factory=dict)  # e.g. {"hidden": 64} for region_mlp
     train_generator: bool = False
     # The per-token budget: "fixed" k, or "learned" in [k_min, k] with budget_cost nats of loss
     # per row per token (the learned head's compute penalty; index/_budget.py).
@@ -252,7 +253,7 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
                 generator=(
                     {"kind": "hashed_slices", "memory_size": cfg.generator_memory}
                     if cfg.generator == "hashed_slices"
-                    else cfg.generator
+                    else {"kind": cfg.generator, **cfg.generator_options}
                 ),
                 cache_rows=cache_rows,
             )
