@@ -33,7 +33,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,6 +394,7 @@ def train(
     text: str = "pydoc",
     profile_steps: int = 0,
     clock: str = "wall",
+    inspect: Callable[[ByteLM, Splits], Any] | None = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps or ``seconds`` of training time (whichever comes first; the
     learning rate decays over that budget).
@@ -408,6 +409,8 @@ def train(
     end on ``final_windows`` evenly spaced windows (default: all) of the validation and of the
     test split. ``profile_steps`` more steps after training are run under ``torch.profiler``
     (not counted either) and their parts are returned as ``"profile"``.
+    ``inspect(model, splits)``, if given, runs on the trained model before its pools close;
+    what it returns is ``"inspect"``.
     """
     from tqdm import tqdm
 
@@ -501,6 +504,8 @@ def train(
     result["test_bytes"] = test[:, 1:].numel()
     result["text"] = text
     result["eval_seconds"] = time.perf_counter() - t0
+    if inspect is not None:
+        result["inspect"] = inspect(model, splits)
     layers = model.pool_layers()
     if layers:
         result["pool_params"] = sum(layer.pool.rows * layer.pool.dim for layer in layers)
