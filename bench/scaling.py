@@ -292,7 +292,7 @@ def child_model(spec: dict[str, Any]) -> None:
     for run in spec["runs"]:
         generator = run.get("generator", "hashed_slices")
         if run["kind"] == "pool":
-            cfg = replace(DEFAULT, ffn="pool", d_ff=0, rows=run["rows"], k=LM_K)
+            cfg = replace(DEFAULT, ffn="pool", d_ff=0, rows=run["rows"], k=run.get("k", LM_K))
             if generator != "hashed_slices":  # a trained generator (region_mlp)
                 cfg = replace(
                     cfg,
@@ -301,7 +301,7 @@ def child_model(spec: dict[str, Any]) -> None:
                     train_generator=True,
                 )
         else:
-            cfg = replace(DEFAULT, ffn="dense", d_ff=run["width"], k=LM_K)
+            cfg = replace(DEFAULT, ffn="dense", d_ff=run["width"], k=run["width"])
         steps = run.get("steps", spec["steps"])
         name = f"lm-{run['kind']}-{generator}-{steps}-{run.get('rows', run.get('width'))}"
         store = Path(spec["tmp"]) / name
@@ -450,6 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="validation and test windows of the final evaluation (default: all; --quick 16)",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and speed)")
+    ap.add_argument("--model-k", type=int, default=LM_K, help=f"rows per token ({LM_K})")
     ap.add_argument(
         "--model-rows",
         default=None,
@@ -492,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model_steps = max(step_budgets)
     generators = args.model_generators.split(",")
+    model_k = args.model_k
     if args.no_memory:
         sizes = []
     spec_base = {
@@ -509,11 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap = 0 if quick or len(step_budgets) > 1 else 10**4  # --quick: no time for them
         for steps in step_budgets:
             runs += [
-                {"kind": "pool", "rows": r, "generator": g, "steps": steps}
-                for g in generators
+                {"kind": "pool", "rows": r, "generator": g, "steps": steps, "k": model_k}
                 for r in model_rows
+                for g in generators
             ]
-            runs.append({"kind": "dense_active", "width": LM_K, "steps": steps})
+            runs.append({"kind": "dense_active", "width": model_k, "steps": steps})
             runs += [
                 {"kind": "dense_total", "width": r, "matches": r, "steps": steps}
                 for r in model_rows
@@ -576,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def got(rec: dict[str, Any]) -> None:
                 model.append(rec)
                 bar.update(1)
+                print("LM run:", json.dumps(rec), file=sys.stderr, flush=True)  # partial results
 
             spec = {
                 "runs": runs,
@@ -622,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model_generators": generators,
             "model_windows": args.model_windows,
             "model_rows": model_rows,
+            "model_k": model_k,
         },
         "records": records,
         "model": model,
