@@ -4,6 +4,7 @@
     python bench/quality.py --quick         # smoke run (< 1 min)
     python bench/quality.py --clock cpu     # time by CPU time (a machine shared with other work)
     python bench/quality.py --tune --set k=24 --set row_lr=3e-2   # try a setting (validation only)
+    python bench/quality.py --budget-prices 0.001,0.003,0.01     # learned budgets vs fixed k
 
 Two models side by side, identical except for their feed-forward blocks (the byte-level
 transformer of ``examples/lm.py``):
@@ -220,6 +221,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "time other processes held the cores); both are reported",
     )
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON/PNG)")
+    ap.add_argument(
+        "--budget-prices",
+        default=None,
+        metavar="P1,P2,...",
+        help="instead of (a) vs (b): the pool model with a fixed k beside learned budgets in "
+        "[--budget-k-min, k] trained at these prices (nats of loss per row per token): quality, "
+        "mean k and the bytes with the smallest budgets (bench/_budget_prices.py)",
+    )
+    ap.add_argument("--budget-k-min", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (15 if args.quick else 800)
@@ -263,6 +273,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         if args.tune:
             return tune(dense_cfg, pool_cfg, steps, tmp, common)
+        if args.budget_prices:
+            import _budget_prices
+
+            prices = [float(p) for p in args.budget_prices.split(",")]
+            out = _budget_prices.run(pool_cfg, prices, args.budget_k_min, steps, tmp, common)
+            out["total_seconds"] = time.perf_counter() - started
+            out["clock"] = args.clock
+            if not args.no_write:
+                write_json("quality_budget", out)
+            return out
         runs = {
             "pydoc": lm_pair(
                 dense_cfg, pool_cfg, steps, tmp, "pydoc", common, 3 if args.quick else 10

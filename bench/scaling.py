@@ -48,6 +48,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,11 @@ RESULTS = HERE / "results"
 DIM = 8
 CACHE_ROWS = 1 << 16
 LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
+# Trained generators of the LM runs (--model-generators), at a size whose step fits a short
+# run on 2 shared cores (docs/generators.md): one hidden layer of 64, 32 hashed features.
+GENERATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "region_mlp": {"hidden": 64, "layers": 1, "features": 32},
+}
 STREAM_BATCH = 4096
 HOT_FRACTION = 0.9
 ZIPF_A = 1.0
@@ -284,15 +290,25 @@ def child_model(spec: dict[str, Any]) -> None:
     from dataclasses import replace
 
     for run in spec["runs"]:
+        generator = run.get("generator", "hashed_slices")
         if run["kind"] == "pool":
-            cfg = replace(DEFAULT, ffn="pool", d_ff=0, rows=run["rows"], k=LM_K)
+            cfg = replace(DEFAULT, ffn="pool", d_ff=0, rows=run["rows"], k=run.get("k", LM_K))
+            if generator != "hashed_slices":  # a trained generator (region_mlp)
+                cfg = replace(
+                    cfg,
+                    generator=generator,
+                    generator_options=dict(GENERATOR_OPTIONS.get(generator, {})),
+                    train_generator=True,
+                )
         else:
-            cfg = replace(DEFAULT, ffn="dense", d_ff=run["width"], k=LM_K)
-        store = Path(spec["tmp"]) / f"lm-{run['kind']}-{run.get('rows', run.get('width'))}"
+            cfg = replace(DEFAULT, ffn="dense", d_ff=run["width"], k=run["width"])
+        steps = run.get("steps", spec["steps"])
+        name = f"lm-{run['kind']}-{generator}-{steps}-{run.get('rows', run.get('width'))}"
+        store = Path(spec["tmp"]) / name
         t0 = time.perf_counter()
         res = lm.train(
             cfg,
-            steps=spec["steps"],
+            steps=steps,
             store=store if cfg.ffn == "pool" else None,
             eval_every=10**9,
             eval_windows=8,
@@ -308,6 +324,7 @@ def child_model(spec: dict[str, Any]) -> None:
         out = {
             "system": "dpsn" if cfg.ffn == "pool" else "dense",
             "kind": run["kind"],
+            "generator": generator if cfg.ffn == "pool" else None,
             "pool_rows": run.get("rows"),
             "matches_pool_rows": run.get("matches"),
             "ffn_width": None if cfg.ffn == "pool" else cfg.d_ff,
@@ -318,12 +335,16 @@ def child_model(spec: dict[str, Any]) -> None:
             "steps": res["steps"],
             "val_bpb": res["val_bpb"],
             "val_bytes": res["val_bytes"],
+            "test_bpb": res["test_bpb"],
+            "test_bytes": res["test_bytes"],
             "tokens_per_s": res["tokens_per_s"],
             "seconds": time.perf_counter() - t0,
             "rows_trained": res.get("rows_trained"),
             "fits": True,
         }
         print(json.dumps(out), flush=True)
+        if cfg.ffn == "pool":
+            shutil.rmtree(store, ignore_errors=True)  # a 10^7-row store is not small
 
 
 def child_main(kind: str, spec: dict[str, Any]) -> None:
@@ -411,7 +432,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="run the dense baseline only up to this size (larger ones: recorded, not run)",
     )
-    ap.add_argument("--model-steps", type=parse_count, default=None, help="LM steps (400)")
+    ap.add_argument(
+        "--model-steps",
+        default=None,
+        help="LM steps, comma-separated for several token budgets (400)",
+    )
+    ap.add_argument(
+        "--model-generators",
+        default="hashed_slices",
+        help="generators of the pool runs, comma-separated: hashed_slices (frozen), region_mlp "
+        "(trained with the model)",
+    )
+    ap.add_argument(
+        "--model-windows",
+        type=parse_count,
+        default=None,
+        help="validation and test windows of the final evaluation (default: all; --quick 16)",
+    )
+    ap.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and speed)")
+    ap.add_argument("--model-k", type=int, default=LM_K, help=f"rows per token ({LM_K})")
     ap.add_argument(
         "--model-rows",
         default=None,
@@ -447,7 +486,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model_rows
         else ([10**3, 10**5] if quick else [10**3, 10**4, 10**5, 10**6, 10**7])
     )
-    model_steps = args.model_steps or (8 if quick else 400)
+    step_budgets = (
+        [parse_count(x) for x in args.model_steps.split(",")]
+        if args.model_steps
+        else [8 if quick else 400]
+    )
+    model_steps = max(step_budgets)
+    generators = args.model_generators.split(",")
+    model_k = args.model_k
+    if args.no_memory:
+        sizes = []
     spec_base = {
         "dim": DIM,
         "seed": 0,
@@ -460,10 +508,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs: list[dict[str, Any]] = []
     if not args.no_model:
-        runs = [{"kind": "pool", "rows": r} for r in model_rows]
-        runs.append({"kind": "dense_active", "width": LM_K})
-        cap = 0 if quick else 10**4  # --quick: no time for them
-        runs += [{"kind": "dense_total", "width": r, "matches": r} for r in model_rows if r <= cap]
+        cap = 0 if quick or len(step_budgets) > 1 else 10**4  # --quick: no time for them
+        for steps in step_budgets:
+            runs += [
+                {"kind": "pool", "rows": r, "generator": g, "steps": steps, "k": model_k}
+                for r in model_rows
+                for g in generators
+            ]
+            runs.append({"kind": "dense_active", "width": model_k, "steps": steps})
+            runs += [
+                {"kind": "dense_total", "width": r, "matches": r, "steps": steps}
+                for r in model_rows
+                if r <= cap
+            ]
         skipped_total = [r for r in model_rows if r > cap]
     else:
         skipped_total = []
@@ -521,11 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             def got(rec: dict[str, Any]) -> None:
                 model.append(rec)
                 bar.update(1)
+                print("LM run:", json.dumps(rec), file=sys.stderr, flush=True)  # partial results
 
             spec = {
                 "runs": runs,
                 "steps": model_steps,
-                "final_windows": 16 if quick else None,
+                "final_windows": args.model_windows or (16 if quick else None),
                 "tmp": tmp,
             }
             err = run_child("model", spec, got, timeout=7200)
@@ -563,7 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hot_fraction": HOT_FRACTION,
             "zipf_a": ZIPF_A,
             "model_steps": model_steps,
+            "model_step_budgets": step_budgets,
+            "model_generators": generators,
+            "model_windows": args.model_windows,
             "model_rows": model_rows,
+            "model_k": model_k,
         },
         "records": records,
         "model": model,
@@ -625,15 +687,44 @@ def aims(records: list[dict[str, Any]], model: list[dict[str, Any]], ws: int) ->
         out["rss_spread_over_sizes"] = max(rss) / min(rss)
         out["throughput_largest_over_smallest"] = big["rows_per_s"] / small["rows_per_s"]
         out["throughput_within_2x"] = big["rows_per_s"] * 2 >= small["rows_per_s"]
-    pools = sorted(
-        (m for m in model if m.get("kind") == "pool" and m.get("val_bpb") is not None),
-        key=lambda m: m["pool_rows"],
-    )
-    if len(pools) >= 2:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for m in model:
+        if m.get("kind") == "pool" and m.get("val_bpb") is not None:
+            key = (m.get("generator") or "hashed_slices", m["steps"])
+            groups.setdefault(key, []).append(m)
+    for pools in groups.values():
+        pools.sort(key=lambda m: m["pool_rows"])
+    plain = [k for k in groups if k[0] == "hashed_slices"]
+    headline = max(plain or groups, key=lambda k: k[1]) if groups else None
+    if headline is not None and len(groups[headline]) >= 2:  # the plain curve, longest run
+        pools = groups[headline]
         bpb = [m["val_bpb"] for m in pools]
         out["bpb_by_pool_rows"] = {str(m["pool_rows"]): m["val_bpb"] for m in pools}
         out["bpb_falls_with_pool"] = all(b <= a for a, b in itertools.pairwise(bpb))
         out["bpb_largest_vs_smallest"] = bpb[-1] / bpb[0] - 1
+    curves = []
+    for (gen, steps), pools in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        test = {m["pool_rows"]: m.get("test_bpb") for m in pools}
+        curve: dict[str, Any] = {
+            "generator": gen,
+            "steps": steps,
+            "val_by_pool_rows": {str(m["pool_rows"]): m["val_bpb"] for m in pools},
+            "test_by_pool_rows": {str(r): t for r, t in test.items()},
+        }
+        span = [test[r] for r in sorted(test) if 10**4 <= r <= 10**6 and test[r] is not None]
+        if len(span) >= 2 and 10**4 in test and 10**6 in test:
+            curve["test_falls_1e4_to_1e6"] = all(b < a for a, b in itertools.pairwise(span))
+        best = min((t, r) for r, t in test.items() if t is not None)
+        curve["best_pool_rows"] = best[1]  # where the curve stops improving
+        base = groups.get(("hashed_slices", steps))
+        if gen != "hashed_slices" and base:
+            at = {m["pool_rows"]: m.get("test_bpb") for m in base}
+            curve["test_vs_hashed_slices"] = {
+                str(r): test[r] / at[r] - 1 for r in test if at.get(r) and test[r] is not None
+            }
+        curves.append(curve)
+    if curves:
+        out["lm_curves"] = curves
     return out
 
 
@@ -705,10 +796,10 @@ def print_report(payload: dict[str, Any]) -> None:
         mrows = []
         for m in payload["model"]:
             if "error" in m:
-                mrows.append(["-", "error", "-", "-", "-", "-", "-", m["error"][:60]])
+                mrows.append(["-", "error", "-", "-", "-", "-", "-", "-", m["error"][:60]])
                 continue
             what = (
-                f"pool {m['pool_rows']:.0e} rows, k={m['k']}"
+                f"pool {m['pool_rows']:.0e} rows, k={m['k']}, {m.get('generator') or ''}"
                 if m["kind"] == "pool"
                 else f"dense FFN width {m['ffn_width']:,}"
                 + (" (= active)" if m["kind"] == "dense_active" else " (= total)")
@@ -721,12 +812,13 @@ def print_report(payload: dict[str, Any]) -> None:
                     _fmt(m.get("active_ffn_params_per_token"), ","),
                     _fmt(m.get("steps"), ","),
                     _fmt(m.get("val_bpb"), ".4f"),
+                    _fmt(m.get("test_bpb"), ".4f"),
                     _fmt(m.get("tokens_per_s")),
                     m.get("reason", ""),
                 ]
             )
         _table(
-            f"LM bits/byte at fixed active compute ({s['model_steps']} steps each)",
+            f"LM bits/byte at fixed active compute (steps: {s['model_step_budgets']})",
             [
                 "model",
                 "kind",
@@ -734,6 +826,7 @@ def print_report(payload: dict[str, Any]) -> None:
                 "active/token",
                 "steps",
                 "val bpb",
+                "test bpb",
                 "tokens/s",
                 "note",
             ],
@@ -779,6 +872,30 @@ def print_report(payload: dict[str, Any]) -> None:
                     "met" if a["bpb_falls_with_pool"] else "missed",
                 ]
             )
+        for c in a.get("lm_curves", []):
+            if "test_falls_1e4_to_1e6" in c:
+                arows.append(
+                    [
+                        f"test bpb 10^4 -> 10^6 rows, {c['generator']}, {c['steps']} steps",
+                        " -> ".join(
+                            f"{c['test_by_pool_rows'][str(r)]:.3f}"
+                            for r in (10**4, 10**5, 10**6)
+                            if str(r) in c["test_by_pool_rows"]
+                        ),
+                        "keeps falling",
+                        "met" if c["test_falls_1e4_to_1e6"] else "missed",
+                    ]
+                )
+            vs = c.get("test_vs_hashed_slices", {})
+            if str(10**6) in vs:
+                arows.append(
+                    [
+                        f"test bpb at 10^6 rows, {c['generator']} vs plain, {c['steps']} steps",
+                        f"{vs[str(10**6)]:+.1%}",
+                        "<= -3%",
+                        "met" if vs[str(10**6)] <= -0.03 else "missed",
+                    ]
+                )
         _table("against the aims", ["figure", "measured", "aim", ""], arows)
 
 
@@ -830,18 +947,26 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         (m for m in payload["model"] if m.get("kind") == "pool" and m.get("val_bpb")),
         key=lambda m: m["pool_rows"],
     )
-    if pools:
+    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for m in pools:
+        curves.setdefault((m.get("generator") or "hashed_slices", m["steps"]), []).append(m)
+    styles = {"hashed_slices": "o-", "region_mlp": "s-"}
+    for (gen, steps), ms in sorted(curves.items()):
         axes[2].plot(
-            [m["pool_rows"] for m in pools],
-            [m["val_bpb"] for m in pools],
-            "o-",
+            [m["pool_rows"] for m in ms],
+            [m["val_bpb"] for m in ms],
+            styles.get(gen, "^-"),
             color=colors["dpsn"],
-            label=f"PoolLayer, k={pools[0]['k']}",
+            alpha=0.5 + 0.5 * steps / max(k[1] for k in curves),
+            label=f"PoolLayer k={ms[0]['k']}, {gen}, {steps} steps",
         )
     for m in payload["model"]:
         if m.get("kind") == "dense_active" and m.get("val_bpb"):
             axes[2].axhline(
-                m["val_bpb"], color=colors["dense"], ls="--", label="dense, same active"
+                m["val_bpb"],
+                color=colors["dense"],
+                ls="--",
+                label=f"dense, same active, {m['steps']} steps",
             )
     tot = sorted(
         (m for m in payload["model"] if m.get("kind") == "dense_total" and m.get("val_bpb")),
@@ -855,7 +980,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
             color=colors["dense"],
             label="dense, same total",
         )
-    steps = payload["settings"]["model_steps"]
+    steps = payload["settings"].get("model_step_budgets", payload["settings"]["model_steps"])
     axes[2].set(
         xscale="log",
         yscale="log",

@@ -33,7 +33,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,16 @@ class LMConfig:
     row_optimizer: str = "adagrad"
     row_lr: float = 0.025
     generator_memory: int = 1 << 20  # floats in the hashed-slices array behind the base rows
+    # The base rows' generator: "hashed_slices" (frozen) or "region_mlp" (its region embeddings
+    # and MLP trained with the model: train_generator), see docs/generators.md.
+    generator: str = "hashed_slices"
+    generator_options: dict = field(default_factory=dict)  # e.g. {"hidden": 64} for region_mlp
+    train_generator: bool = False
+    # The per-token budget: "fixed" k, or "learned" in [k_min, k] with budget_cost nats of loss
+    # per row per token (the learned head's compute penalty; index/_budget.py).
+    budget: str = "auto"
+    k_min: int | None = None
+    budget_cost: float = 0.0
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.0
@@ -240,7 +250,11 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
                 rows=cfg.rows,
                 dim=2 * d,
                 seed=cfg.seed * 1000 + i,
-                generator={"kind": "hashed_slices", "memory_size": cfg.generator_memory},
+                generator=(
+                    {"kind": "hashed_slices", "memory_size": cfg.generator_memory}
+                    if cfg.generator == "hashed_slices"
+                    else {"kind": cfg.generator, **cfg.generator_options}
+                ),
                 cache_rows=cache_rows,
             )
             router = ProductKeyRouter(
@@ -251,6 +265,9 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
                 d_key=cfg.d_key,
                 query_batchnorm=cfg.query_batchnorm,
                 seed=cfg.seed * 1000 + i,
+                k_min=cfg.k_min,
+                budget=cfg.budget,
+                budget_cost=cfg.budget_cost,
             )
         layer = dpsn.PoolLayer(
             pool,
@@ -260,6 +277,7 @@ def build_model(cfg: LMConfig, store: Path | None, *, resume: bool = False) -> B
             k=cfg.k,
             row_optimizer=cfg.row_optimizer,
             row_lr=cfg.row_lr,
+            train_generator=cfg.train_generator,
         )
         ffns.append(PoolFFN(layer, DenseFFN(d, cfg.d_ff) if cfg.d_ff else None))
     return ByteLM(cfg, ffns)
@@ -376,6 +394,7 @@ def train(
     text: str = "pydoc",
     profile_steps: int = 0,
     clock: str = "wall",
+    inspect: Callable[[ByteLM, Splits], Any] | None = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps or ``seconds`` of training time (whichever comes first; the
     learning rate decays over that budget).
@@ -390,6 +409,8 @@ def train(
     end on ``final_windows`` evenly spaced windows (default: all) of the validation and of the
     test split. ``profile_steps`` more steps after training are run under ``torch.profiler``
     (not counted either) and their parts are returned as ``"profile"``.
+    ``inspect(model, splits)``, if given, runs on the trained model before its pools close;
+    what it returns is ``"inspect"``.
     """
     from tqdm import tqdm
 
@@ -483,6 +504,8 @@ def train(
     result["test_bytes"] = test[:, 1:].numel()
     result["text"] = text
     result["eval_seconds"] = time.perf_counter() - t0
+    if inspect is not None:
+        result["inspect"] = inspect(model, splits)
     layers = model.pool_layers()
     if layers:
         result["pool_params"] = sum(layer.pool.rows * layer.pool.dim for layer in layers)

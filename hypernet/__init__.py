@@ -9,6 +9,7 @@ row in alone, on any device, and get the same values. This package never imports
 from ._features import hashed_normal, hashed_offsets, hashed_uniform
 from ._generator import Generator
 from ._hash import derive_seed, xxh64_ids
+from ._region_mlp import RegionMLP, novelty_from_counts
 from ._registry import GENERATORS, make_generator
 from ._rf_mlp import RandomFeatureMLP
 from ._slices import HashedSlices
@@ -19,11 +20,13 @@ __all__ = [
     "Generator",
     "HashedSlices",
     "RandomFeatureMLP",
+    "RegionMLP",
     "Zeros",
     "derive_seed",
     "hashed_normal",
     "hashed_offsets",
     "hashed_uniform",
     "make_generator",
+    "novelty_from_counts",
     "xxh64_ids",
 ]

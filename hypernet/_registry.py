@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._generator import Generator
+from ._region_mlp import RegionMLP
 from ._rf_mlp import RandomFeatureMLP
 from ._slices import HashedSlices
 from ._zeros import Zeros
@@ -18,6 +19,7 @@ __all__ = ["GENERATORS", "make_generator"]
 GENERATORS: dict[str, type[Generator]] = {
     HashedSlices.kind: HashedSlices,
     RandomFeatureMLP.kind: RandomFeatureMLP,
+    RegionMLP.kind: RegionMLP,
     Zeros.kind: Zeros,
 }
 

@@ -47,6 +47,9 @@ class RouteResult:
     - ``k``: ``[T]`` int64 budget actually used per input.
     - ``complexity``: ``[T]`` in [0, 1], the budget signal (differentiable for a learned head).
     - ``regions``: ``[T, B]`` int64 regions searched (VQ/LSH, best first), else ``None``.
+    - ``cost``: the compute penalty ``budget_cost * mean(expected k)`` of a learned budget
+      with a price (already added to the loss through the scores' backward; for logging),
+      else ``None``.
     """
 
     ids: Tensor
@@ -54,6 +57,7 @@ class RouteResult:
     k: Tensor
     complexity: Tensor
     regions: Tensor | None = None
+    cost: Tensor | None = None
 
     @property
     def k_max(self) -> int:
@@ -127,6 +131,7 @@ class Router(nn.Module, ABC):
             d_in=d_in,
             temperature=config.temperature,
             seed=config.seed,
+            cost=config.budget_cost,
         )
         self.usage_counter = UsageCounter(num_rows)
         self.track_usage = True
@@ -173,14 +178,19 @@ class Router(nn.Module, ABC):
             ids, scores, novelty, regions = self._candidates(x)
             complexity = self.budget.complexity(x, scores.detach(), novelty)
             k = self.budget.k_for(complexity)
+        cost = None
         if self.budget.signal != "fixed":  # a fixed budget leaves no padding to mark
             mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
             ids = ids.masked_fill(~mask, PAD_ID)
             scores = scores.masked_fill(~mask, PAD_SCORE)
+            if self.budget.signal == "learned" and complexity.requires_grad:  # graph being built
+                scores, cost = self.budget.train_signal(scores, complexity, mask)
         if self.track_usage:
             self.usage_counter.observe(ids)  # padding (PAD_ID) is not counted
             self.budget.observe(k)
-        return RouteResult(ids=ids, scores=scores, k=k, complexity=complexity, regions=regions)
+        return RouteResult(
+            ids=ids, scores=scores, k=k, complexity=complexity, regions=regions, cost=cost
+        )
 
     def check_input(self, x: Tensor) -> Tensor:
         """Validate ``x`` and cast it to the router's float dtype; raise RouterInputError."""

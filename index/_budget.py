@@ -10,9 +10,26 @@ signals:
   score profile means no few rows stand out, so the input gets more of them.
 - ``"novelty"``: distance to the nearest VQ region, ``d / (1 + d)`` with d in units of the mean
   distance seen at ``fit``; inputs far from every centroid are unfamiliar and get more rows.
-- ``"learned"``: ``sigmoid(w . x + b)``, a one-layer head. k itself is an integer and carries no
-  gradient; ``RouteResult.complexity`` does, so a caller trains the head with its own loss (for
-  example a compute penalty plus a task loss through gates scaled by the complexity).
+- ``"learned"``: ``sigmoid(w . x + b)``, a one-layer head, trained against its cost (below).
+
+Learning a budget against its cost (``budget_cost``, a price in loss units per row and input;
+dynamic-k MoE routers add such a compute term to the loss). k is an integer and carries no
+gradient, so two differentiable paths stand in for it while training:
+
+- the task side: every kept candidate ``j`` (0-based rank) gets ``s_j - stop_grad(s_j)`` added
+  to its score, ``s_j = sigmoid(k_soft - j - 1/2)`` with ``k_soft = k_min + c * (k_max - k_min)``.
+  The value is exactly zero (routing and outputs are unchanged); the gradient tells the head how
+  much the loss would gain from weighting the rows at the budget's edge up (a larger budget)
+  or down (a smaller one), as a straight-through estimator does;
+- the cost side: ``budget_cost * mean_t(k_soft)`` (the expected rows per input times the price)
+  is added to whatever loss the scores reach, by an identity on the scores whose backward also
+  feeds the penalty a gradient of one (DeepSeek-MoE's ``AddAuxiliaryLoss``). The caller's
+  training loop is unchanged; ``RouteResult.cost`` holds the penalty for logging (do not add it
+  to the loss again). The loss is taken to be a mean, unscaled (a ``GradScaler``'s scale does
+  not reach the penalty: with one, scale ``budget_cost`` by hand).
+
+Easy inputs (where the edge rows barely change the loss) then drift to ``k_min`` and hard ones
+keep more rows; ``bench/quality.py --budget-prices`` measures quality and mean k at a few prices.
 
 Calibration. Raw entropy and novelty are not spread evenly over [0, 1] (entropy of a few
 similar scores sits near 1, so every input would get ``k_max``). ``calibrate(raw)`` stores the
@@ -28,7 +45,7 @@ routing is deterministic for a given state. The counters (``inputs``, ``rows``) 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,10 +74,26 @@ def _seeded_linear(d_in: int, d_out: int, seed: int) -> nn.Linear:
     return lin
 
 
+class _AddPenalty(torch.autograd.Function):
+    """``x`` unchanged; its backward passes ``x``'s gradient through and gives ``penalty`` a
+    gradient of one, which adds ``penalty`` to any (mean) loss that ``x`` reaches."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, penalty: Tensor) -> Tensor:
+        ctx.penalty_meta = (penalty.shape, penalty.dtype, penalty.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        shape, dtype, device = ctx.penalty_meta
+        return grad, torch.ones(shape, dtype=dtype, device=device)
+
+
 class Budget(nn.Module):
     """Maps a per-input complexity signal to a row budget ``k`` in ``[k_min, k_max]``.
 
-    Axes: T inputs, K = k_max candidates. ``seed`` draws the learned head's initial weights.
+    Axes: T inputs, K = k_max candidates. ``seed`` draws the learned head's initial weights;
+    ``cost`` is the price per row of a learned budget (see the module docstring).
     """
 
     def __init__(
@@ -72,6 +105,7 @@ class Budget(nn.Module):
         d_in: int,
         temperature: float = 1.0,
         seed: int = 0,
+        cost: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= k_min <= k_max:
@@ -80,6 +114,14 @@ class Budget(nn.Module):
             raise RouterConfigError(f"budget signal must be one of {SIGNALS}, got {signal!r}")
         if not temperature > 0:
             raise RouterConfigError(f"budget temperature must be > 0, got {temperature}")
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < math.inf:
+            raise RouterConfigError(f"budget_cost must be a finite price >= 0, got {cost!r}")
+        if cost and signal != "learned":
+            raise RouterConfigError(
+                f"budget_cost trains a learned budget head; budget {signal!r} has none: "
+                "use budget='learned' (with k_min < k)"
+            )
+        self.cost = float(cost)
         self.k_min = int(k_min)
         self.k_max = int(k_max)
         self.signal = signal
@@ -156,6 +198,25 @@ class Budget(nn.Module):
         span = self.k_max - self.k_min
         k = self.k_min + torch.round(complexity.detach().float() * span).to(torch.int64)
         return k.clamp_(self.k_min, self.k_max)
+
+    def expected_k(self, complexity: Tensor) -> Tensor:
+        """``[T]`` the budget before rounding, ``k_min + c * (k_max - k_min)`` (differentiable)."""
+        return self.k_min + complexity * (self.k_max - self.k_min)
+
+    def train_signal(
+        self, scores: Tensor, complexity: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Scores ``[T, K]`` through which the loss trains a learned head, and the cost penalty
+        (None without a price); the scores' values are unchanged (module docstring)."""
+        k_soft = self.expected_k(complexity)  # [T]
+        ranks = torch.arange(scores.shape[-1], device=scores.device, dtype=k_soft.dtype)
+        edge = torch.sigmoid(k_soft[:, None] - ranks - 0.5)  # [T, K]
+        nudge = torch.where(mask, edge - edge.detach(), torch.zeros_like(edge))
+        scores = scores + nudge.to(scores.dtype)
+        if not self.cost:
+            return scores, None
+        penalty = self.cost * k_soft.mean()
+        return _AddPenalty.apply(scores, penalty), penalty
 
     @torch.no_grad()
     def observe(self, k: Tensor) -> None:

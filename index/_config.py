@@ -31,7 +31,9 @@ class RouterConfig:
     - ``k``: rows per input at most (``k_max``); ``k_min``: at least (``None``: ``k``);
     - ``budget``: the complexity signal spreading inputs over ``[k_min, k]`` (``"auto"``:
       ``"fixed"`` when ``k_min == k``, else the router's default; see ``_budget``);
-    - ``temperature``: of the entropy signal; ``seed``: every random initialisation.
+    - ``temperature``: of the entropy signal; ``seed``: every random initialisation;
+    - ``budget_cost``: price per row (loss units per row and input) that trains a learned
+      budget against its compute (0: none; see ``_budget``).
     """
 
     d_in: int
@@ -41,6 +43,7 @@ class RouterConfig:
     budget: str = "auto"
     temperature: float = 1.0
     seed: int = 0
+    budget_cost: float = 0.0
 
     def with_(self, **changes: Any) -> Self:
         """A copy with ``changes`` (how routers record resolved values)."""
@@ -108,10 +111,21 @@ class LSHConfig(RegionConfig):
     threshold_rate: float = 0.05
 
 
+# Fields added after routers were first persisted, with the value a router saved before them
+# means: omitted from the persisted form at that value, so an older router's config (and the
+# digest its commit recorded) stays byte-identical.
+_LATER_FIELDS: dict[str, Any] = {"budget_cost": 0.0}
+
+
 def config_json(config: RouterConfig) -> dict[str, Any]:
-    """The persisted form: plain JSON values (tuples become lists)."""
+    """The persisted form: plain JSON values (tuples become lists); fields added later are left
+    out while they hold their old meaning (``_LATER_FIELDS``)."""
     out = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in out.items()
+        if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+    }
 
 
 def build_config(cls: type[RouterConfig], config: RouterConfig | None, kwargs: dict[str, Any]):

@@ -129,12 +129,16 @@ def _default_chunk_rows(dim: int, itemsize: int) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
+def _build_generator(generator: Any, *, dim: int, seed: int, rows: int) -> Generator:
     if isinstance(generator, Generator):
         if generator.dim != dim or generator.seed != seed:
             raise InvalidArgumentError(
                 f"generator was built for dim={generator.dim}, seed={generator.seed}; "
                 f"the pool has dim={dim}, seed={seed}"
+            )
+        if getattr(generator, "takes_rows", False) and generator.rows != rows:
+            raise InvalidArgumentError(
+                f"generator was built for rows={generator.rows}; the pool has rows={rows}"
             )
         return generator
     if isinstance(generator, str | dict):
@@ -144,6 +148,8 @@ def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
             raise InvalidArgumentError(
                 f"a generator spec needs a 'kind' (one of {sorted(GENERATORS)})"
             )
+        if getattr(GENERATORS.get(kind), "takes_rows", False):  # regions of ids: the pool's
+            config.setdefault("rows", rows)
         try:
             return make_generator(kind, dim=dim, seed=seed, **config)
         except DpsnError:
@@ -181,11 +187,12 @@ def create(
 
     ``rows`` may be up to 2**63-1; rows are virtual until written, so a 10**12-row pool costs
     the generator's weights and nothing else. ``seed`` fixes every base row. ``generator`` is a
-    kind name (``"hashed_slices"``, ``"rf_mlp"``), a dict ``{"kind": ..., **config}`` or a
-    Generator module. The store's first commit (id 1, message "create") records the spec and the
-    generator weights. ``device``, ``cache_rows`` and ``policy`` configure the device cache as in
-    :func:`open`. ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle,
-    saved with every commit from the first on.
+    kind name (``"hashed_slices"``, ``"rf_mlp"``, ``"region_mlp"``: its ``rows`` is filled
+    in), a dict ``{"kind": ..., **config}`` or a Generator module. The store's first commit
+    (id 1, message "create") records the spec and the generator weights. ``device``,
+    ``cache_rows`` and ``policy`` configure the device cache as in :func:`open`.
+    ``lifecycle`` (a :class:`dpsn.Lifecycle`) gives the store a row lifecycle, saved with
+    every commit from the first on.
 
     History and compaction (changeable later with ``Pool.set_policy``): ``gc`` and compaction
     keep HEAD, every snapshot, the ``keep_last`` newest commits and/or those younger than
@@ -270,7 +277,7 @@ def create(
             f"keep chunk_rows * dim * itemsize at most {MAX_CHUNK_BYTES}"
         )
     device, cache_rows = check_cache_args(device, cache_rows, dim, dtype_name)
-    gen = _build_generator(spec.generator, dim=dim, seed=seed)
+    gen = _build_generator(spec.generator, dim=dim, seed=seed, rows=rows)
     manifest = Manifest(
         rows=rows,
         dim=dim,

@@ -9,6 +9,7 @@ a kind missing here is reported as unchecked, never as damage.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 __all__ = ["generator_shapes"]
@@ -21,6 +22,36 @@ def _int(config: dict[str, Any], name: str, default: int, lo: int, hi: int = 1 <
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
         raise ValueError(f"generator option {name}={v!r} is not an int in [{lo}, {hi})")
     return v
+
+
+def _region_mlp_shapes(dim: int, config: dict[str, Any]) -> dict[str, list[int]]:
+    """``region_mlp``: region tables (``dpsn.hypernet.region_tables``'s sizes), then the MLP."""
+    rows = _int(config, "rows", 1, 1, 1 << 63)
+    region_map = config.get("region_map", "product_keys")
+    if region_map == "product_keys":
+        r = math.isqrt(rows)
+        n2 = r if r * r == rows else r + 1
+        sizes = [-(-rows // n2), n2]
+    elif region_map == "block":
+        sizes = [_int(config, "num_regions", 0, 1, rows + 1)]
+    else:
+        raise ValueError(f"generator option region_map={region_map!r} is unknown")
+    if max(sizes) > 1 << 26:
+        raise ValueError(f"a region table of {max(sizes)} entries is past sane size")
+    e = _int(config, "region_dim", 16, 1)
+    widths = [
+        _int(config, "features", 64, 1) + e + 1,
+        *[_int(config, "hidden", 128, 1)] * _int(config, "layers", 2, 0, 1 << 12),
+        dim,
+    ]
+    shapes: dict[str, list[int]] = {}
+    for t, size in enumerate(sizes):
+        shapes[f"embeddings.{t}"] = [size, e]
+        shapes[f"novelty.{t}"] = [size]
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        shapes[f"weights.{i}"] = [fan_out, fan_in]
+        shapes[f"biases.{i}"] = [fan_out]
+    return shapes
 
 
 def generator_shapes(kind: str, dim: int, config: Any) -> dict[str, list[int]] | None:
@@ -41,6 +72,8 @@ def generator_shapes(kind: str, dim: int, config: Any) -> dict[str, list[int]] |
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             shapes[f"weights.{i}"] = [fan_out, fan_in]
             shapes[f"biases.{i}"] = [fan_out]
+    elif kind == "region_mlp":
+        shapes = _region_mlp_shapes(dim, config)
     elif kind == "zeros":
         shapes = {}  # no weights: every base row is zero
     else:

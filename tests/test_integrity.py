@@ -243,6 +243,9 @@ def test_a_damaged_next_segment_never_overwrites_a_live_segment(tmp_path):
         ("rf_mlp", {"features": 5, "hidden": 9, "layers": 0}),
         ("rf_mlp", {"features": 3, "hidden": 4, "layers": 3}),
         ("zeros", {}),
+        ("region_mlp", {"rows": 1000}),
+        ("region_mlp", {"rows": 1001, "region_dim": 3, "layers": 0}),
+        ("region_mlp", {"rows": 50, "region_map": "block", "num_regions": 7, "hidden": 5}),
     ],
 )
 def test_generator_shapes_mirror_hypernet(kind, config):
@@ -256,6 +259,10 @@ def test_generator_config_past_sane_size_is_refused():
         generator_shapes("hashed_slices", 8, {"memory_size": 2**39, "slice_size": 4})
     with pytest.raises(ValueError):
         generator_shapes("rf_mlp", 8, {"layers": 10**6})
+    with pytest.raises(ValueError):
+        generator_shapes("region_mlp", 8, {"rows": 2**62})
+    with pytest.raises(ValueError):
+        generator_shapes("region_mlp", 8, {"rows": 9, "region_map": "block", "num_regions": 10})
     assert generator_shapes("some_future_kind", 8, {}) is None
 
 

@@ -1,0 +1,267 @@
+"""Region-conditioned MLP: a row's base from its hashed features and a learned region style.
+
+Why: with a plain generator a row nobody trained reads random values, so in a big pool most of
+what a token selects is noise until training reaches it (400 steps give a 10**7-row pool 1.3 uses
+a row). DESIGN's answer is a hypernetwork conditioned on the row's region: rows of one region
+(a routing cluster) share a learned embedding, so a step that trains one row of a region also
+moves the base of every row there, and an untrained row already carries its region's style.
+DHE (Kang et al., KDD 2021) shows the hash -> MLP half of this; the region embedding is the
+"hypernetwork per cluster" of the seeds, in its cheapest form (a per-region input to one MLP
+shared by all rows).
+
+Regions are a pure function of the id (no router call), so a row can still be regenerated alone:
+
+- ``region_map="product_keys"``: the product-key grid of ``dpsn.index.ProductKeyRouter`` over
+  ``rows`` (``n2 = ceil(sqrt(rows))``, row ``i = i1 * n2 + i2``). Two tables, one per sub-key
+  set: the row's region embedding is ``emb_a[i1] + emb_b[i2]``. Rows that share a first-half
+  sub-key are the ones that half of a query selects together, so the tables follow the router's
+  own clusters; storage is ``2 * sqrt(rows)`` embeddings.
+- ``region_map="block"``: ``num_regions`` contiguous blocks of ids, sizes differing by at most one
+  (region r owns ``[r * q + min(r, rem), ...)``, ``rows = q * R + rem``): exactly the regions of
+  ``dpsn.index.VQRouter`` / ``LSHRouter`` with ``num_regions`` regions over ``rows`` (a test
+  holds the two together). One table of ``num_regions`` embeddings.
+
+Novelty: every region also has a novelty value (``novelty.<t>``, one float per region, 0 at
+creation), fed to the MLP as one more input. It is a signal, not a trained weight: it stays
+frozen under ``requires_grad_(True)`` and is set by :meth:`RegionMLP.set_novelty` (for example
+from a router's usage counts with :func:`novelty_from_counts`), and persisted with the weights.
+Setting it is a change of the generator's weights like any other (cached bases are refreshed,
+and the next commit writes a new generator version).
+
+Row formula (part of a store's meaning: never change it, add a new kind instead)::
+
+    f       = hashed_uniform(id, derive_seed(seed, 0), features)                    (F)
+    r_t     = region index of id in table t (above)
+    e       = sum_t emb_t[r_t]                                                      (E)
+    nu      = mean_t novelty_t[r_t]                                                 (1)
+    h_0     = concat(f, e, nu)
+    h_{l+1} = act(h_l @ W_l.T + b_l)           l = 0 .. layers-1
+    row     = h_L @ W_L.T + b_L
+
+Initial weights as :class:`RandomFeatureMLP`'s (uniform, variance ``gain**2 / fan_in`` over
+inputs of second moment 1/3); embeddings are hashed normals of standard deviation ``1/sqrt(3)``
+(the features' second moment), so rows start at a standard deviation close to ``std``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._features import hashed_uniform
+from ._generator import Generator
+from ._hash import derive_seed
+from ._init import hashed_normal_init, hashed_uniform_init
+from ._rf_mlp import _ACTIVATIONS, _choice, _positive_int
+
+__all__ = ["MAX_REGIONS", "REGION_MAPS", "RegionMLP", "novelty_from_counts", "region_tables"]
+
+# Hash streams of this kind (derive_seed(seed, stream)): persisted in effect, never renumber.
+_STREAM_FEATURES = 0
+_STREAM_INIT = 1  # weight l uses derive_seed(derive_seed(seed, 1), l)
+_STREAM_EMBED = 2  # table t uses derive_seed(derive_seed(seed, 2), t)
+
+REGION_MAPS = ("product_keys", "block")
+MAX_REGIONS = 1 << 26  # entries of one region table: 2**26 x 16 floats is 4 GiB
+
+
+def _grid_n2(rows: int) -> int:
+    """``ceil(sqrt(rows))``: ``dpsn.index.grid_shape``'s second axis (a test holds them)."""
+    r = math.isqrt(rows)
+    return r if r * r == rows else r + 1
+
+
+def region_tables(rows: int, region_map: str, num_regions: int | None) -> list[int]:
+    """Entries of each region table for a pool of ``rows`` (``ValueError`` if out of range)."""
+    if region_map == "product_keys":
+        n2 = _grid_n2(rows)
+        sizes = [-(-rows // n2), n2]
+    elif region_map == "block":
+        if num_regions is None:
+            raise ValueError("region_map='block' needs num_regions (the router's regions)")
+        sizes = [_positive_int("num_regions", num_regions)]
+        if sizes[0] > rows:
+            raise ValueError(f"num_regions={num_regions} exceeds rows={rows}")
+    else:
+        raise ValueError(f"region_map must be one of {list(REGION_MAPS)}, got {region_map!r}")
+    if max(sizes) > MAX_REGIONS:
+        raise ValueError(
+            f"a region table of {max(sizes)} entries (rows={rows}, {region_map}) exceeds "
+            f"{MAX_REGIONS}; use region_map='block' with fewer regions"
+        )
+    return sizes
+
+
+def novelty_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Novelty in (0, 1] from per-region use counts: ``1 / (1 + log1p(count))``: 1 for a region
+    never used, falling slowly with use (a region seen 10**4 times reads ~0.1)."""
+    return 1.0 / (1.0 + torch.log1p(counts.detach().float().clamp_min(0)))
+
+
+class RegionMLP(Generator):
+    """Rows from an MLP over hashed features plus a learned embedding of the row's region and
+    the region's novelty (see the module docstring for the regions and the formula).
+
+    Axes: ``n`` ids, ``F`` features, ``E`` = ``region_dim``, ``H`` hidden, ``D`` = ``dim``.
+
+    Args:
+        dim: row width.
+        seed: fixes the features and the initial weights and embeddings.
+        rows: the pool's rows (``dpsn.create`` fills it in); fixes the region of every id.
+        region_map: ``"product_keys"`` (default; a ``ProductKeyRouter``'s sub-key grid) or
+            ``"block"`` (a ``VQRouter``/``LSHRouter``'s ``num_regions`` contiguous regions).
+        num_regions: regions of the ``"block"`` map (ignored by ``"product_keys"``).
+        region_dim: width of a region embedding.
+        features, hidden, layers, activation, std: as :class:`RandomFeatureMLP`.
+    """
+
+    kind = "region_mlp"  # persisted in stores: never rename
+    takes_rows = True  # dpsn.create passes the pool's rows
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        seed: int,
+        rows: int,
+        region_map: str = "product_keys",
+        num_regions: int | None = None,
+        region_dim: int = 16,
+        features: int = 64,
+        hidden: int = 128,
+        layers: int = 2,
+        activation: str = "mish",
+        std: float | None = None,
+    ) -> None:
+        super().__init__(dim=dim, seed=seed)
+        self.rows = _positive_int("rows", rows)
+        self.region_map = _choice("region_map", region_map, dict.fromkeys(REGION_MAPS))
+        self.num_regions = None if region_map == "product_keys" else num_regions
+        sizes = region_tables(self.rows, region_map, self.num_regions)
+        self.region_dim = _positive_int("region_dim", region_dim)
+        self.features = _positive_int("features", features)
+        self.hidden = _positive_int("hidden", hidden)
+        self.layers = _positive_int("layers", layers, minimum=0)
+        self.activation = _choice("activation", activation, _ACTIVATIONS)
+        if std is None:
+            std = 1.0 / math.sqrt(dim)
+        if isinstance(std, bool) or not isinstance(std, int | float) or not 0 < std < math.inf:
+            raise ValueError(f"std must be a positive finite float, got {std!r}")
+        self.std = float(std)
+        self._feature_seed = derive_seed(seed, _STREAM_FEATURES)
+        self._act = _ACTIVATIONS[activation]
+        self._n2 = _grid_n2(self.rows)
+        if self.num_regions is not None:
+            self._block, self._rem = divmod(self.rows, self.num_regions)
+
+        embed_seed = derive_seed(seed, _STREAM_EMBED)
+        self.embeddings = nn.ParameterList()
+        self.novelty = nn.ParameterList()
+        for t, size in enumerate(sizes):
+            e = hashed_normal_init((size, region_dim), derive_seed(embed_seed, t), 3.0**-0.5)
+            self.embeddings.append(nn.Parameter(e))
+            self.novelty.append(nn.Parameter(torch.zeros(size), requires_grad=False))
+
+        widths = [features + region_dim + 1] + [hidden] * layers + [dim]
+        hidden_gain2 = 1.0 if activation == "tanh" else 2.0
+        init_seed = derive_seed(seed, _STREAM_INIT)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+            variance = (self.std**2 if layer == layers else hidden_gain2) / fan_in
+            if layer == 0:
+                variance *= 3.0  # inputs of second moment 1/3 (features and embeddings)
+            bound = math.sqrt(3.0 * variance)
+            w = hashed_uniform_init((fan_out, fan_in), derive_seed(init_seed, layer), bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(fan_out, dtype=torch.float32)))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "region_map": self.region_map,
+            "num_regions": self.num_regions,
+            "region_dim": self.region_dim,
+            "features": self.features,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "activation": self.activation,
+            "std": self.std,
+        }
+
+    def requires_grad_(self, requires_grad: bool = True) -> RegionMLP:
+        """As ``nn.Module.requires_grad_``, but novelty stays frozen: it is a signal set by
+        :meth:`set_novelty`, not a weight the optimizer steps."""
+        super().requires_grad_(requires_grad)
+        for p in self.novelty:
+            p.requires_grad_(False)
+        return self
+
+    # -- regions -------------------------------------------------------------------------------
+
+    def regions(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Region index of every id in each table (int64, ``ids``' shape), without a router.
+
+        ``"product_keys"``: ``[i // n2, i % n2]`` (the two sub-keys); ``"block"``: ``[r]``, as
+        ``RegionRouter.region_of``. Ids outside ``[0, rows)`` are the caller's error (the pool
+        checks ranges); here they are clamped into the tables.
+        """
+        ids = self._prepare_ids(ids)
+        if self.num_regions is None:
+            return [
+                torch.div(ids, self._n2, rounding_mode="floor").clamp_(
+                    0, self.embeddings[0].shape[0] - 1
+                ),
+                ids.remainder(self._n2),
+            ]
+        edge = self._rem * (self._block + 1)
+        big = torch.div(ids, self._block + 1, rounding_mode="floor")
+        small = self._rem + torch.div(ids - edge, self._block, rounding_mode="floor")
+        return [torch.where(ids < edge, big, small).clamp_(0, self.num_regions - 1)]
+
+    @torch.no_grad()
+    def set_novelty(self, table: int, values: torch.Tensor) -> None:
+        """Set the novelty of every region of ``table`` (``values [len(table)]``, finite).
+
+        A router supplies it from its usage: with ``region_map="block"``, per-region use counts
+        of a ``VQRouter``/``LSHRouter``; with ``"product_keys"``, counts of each sub-key
+        (table 0: ``id // n2``, table 1: ``id % n2``), e.g. through :func:`novelty_from_counts`.
+        """
+        if isinstance(table, bool) or not isinstance(table, int):
+            raise TypeError(f"table must be an int, got {type(table).__name__}")
+        if not 0 <= table < len(self.novelty):
+            raise ValueError(f"table must be in [0, {len(self.novelty)}), got {table}")
+        target = self.novelty[table]
+        values = torch.as_tensor(values, dtype=torch.float32)
+        if values.shape != target.shape:
+            raise ValueError(f"novelty of table {table} takes {tuple(target.shape)} values")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("novelty values must be finite")
+        target.copy_(values.to(target.device))
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = self._prepare_ids(ids)
+        flat = ids.reshape(-1)
+        f = hashed_uniform(flat, self._feature_seed, self.features)  # (n, F)
+        regions = self.regions(flat)
+        e = F.embedding(regions[0], self.embeddings[0])  # (n, E)
+        nu = self.novelty[0].index_select(0, regions[0])  # (n,)
+        for t in range(1, len(regions)):
+            e = e + F.embedding(regions[t], self.embeddings[t])
+            nu = nu + self.novelty[t].index_select(0, regions[t])
+        if len(regions) > 1:
+            nu = nu / len(regions)
+        h = torch.cat([f.to(e.dtype), e, nu[:, None].to(e.dtype)], dim=1)  # (n, F + E + 1)
+        last = len(self.weights) - 1
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = F.linear(h, w, b)  # (n, H) or (n, D) at the last layer
+            if layer != last:
+                h = self._act(h)
+        return h.view(*ids.shape, self.dim)
