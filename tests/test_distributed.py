@@ -72,7 +72,7 @@ def _train_layer(pool, part: slice) -> None:
         (layer(x[part]) * t[part]).sum().backward()
 
 
-def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, job: str, backend: str) -> None:
     """One rank: join the gloo group, run ``job``, write "ok" or the traceback to ``out``."""
     torch.set_num_threads(1)
     status = Path(out) / f"rank{rank}.txt"
@@ -80,7 +80,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         import datetime
 
         torch.distributed.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -98,6 +98,10 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
             with dd.create(root / "layer", ROWS, D_IN + D_OUT, seed=SEED, generator=GEN) as p:
                 _train_layer(p, part)
                 p.commit("layer")
+        elif job == "gpu":  # NCCL: the same code on CUDA tensors
+            with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device="cuda") as p:
+                _train_embedding(p, part)
+                p.commit("emb")
         elif job == "resume":  # the crash test's third run: train on from the global commit
             with dpsn.open(root / "emb", "r+") as pool:
                 _train_embedding(pool, part, steps=range(STEPS, STEPS + 2))
@@ -121,10 +125,13 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         raise
 
 
-def _run(world: int, out: Path, job: str, timeout: float = 120) -> list[int | None]:
+def _run(
+    world: int, out: Path, job: str, timeout: float = 120, backend: str = "gloo"
+) -> list[int | None]:
     ctx = multiprocessing.get_context("fork")  # torch is imported already: no re-import
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), job)) for r in range(world)]
+    args = [(r, world, port, str(out), job, backend) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=a) for a in args]
     for p in procs:
         p.start()
     for p in procs:
@@ -145,6 +152,7 @@ def _reference_embedding(path: Path, steps=range(STEPS)) -> torch.Tensor:
         return pool.read(torch.arange(ID_SPACE))
 
 
+# Each forked gloo run costs ~10-20 s on 2 shared cores: everything that needs one is slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -155,6 +163,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_embedding_matches_one_process(trained, tmp_path):
     ids = torch.arange(ID_SPACE)
     sharded = dd.read_rows(trained / "emb", ids)
@@ -173,6 +182,7 @@ def test_sharded_embedding_matches_one_process(trained, tmp_path):
         assert bool((dd.owner_of(persisted, 2) == i).all())
 
 
+@pytest.mark.slow
 def test_sharded_layer_matches_one_process(trained, tmp_path):
     with dpsn.create(tmp_path / "single", ROWS, D_IN + D_OUT, seed=SEED, generator=GEN) as pool:
         _train_layer(pool, slice(None))
@@ -186,6 +196,7 @@ def test_sharded_layer_matches_one_process(trained, tmp_path):
     assert not torch.equal(sharded, dd.read_rows(trained / "layer", probe, at=1))
 
 
+@pytest.mark.slow
 def test_reshard_keeps_every_row(trained, tmp_path):
     root = tmp_path / "emb"
     shutil.copytree(trained / "emb", root)
@@ -202,6 +213,7 @@ def test_reshard_keeps_every_row(trained, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_cli_reads_a_sharded_root(trained, capsys):
     root = str(trained / "emb")
     assert cli(["info", root, "--json"]) == 0
@@ -243,6 +255,15 @@ def test_sigkill_between_the_phases_keeps_the_global_commit(trained, tmp_path):
     assert _run(2, out, "resume") == [0, 0]
     single = _reference_embedding(tmp_path / "single", steps=range(STEPS + 2))
     torch.testing.assert_close(dd.read_rows(out / "emb", ids), single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_nccl_one_rank_matches_one_process(tmp_path):
+    """The NCCL path (CUDA tensors in every all-to-all); one rank, as one GPU allows."""
+    assert _run(1, tmp_path, "gpu", backend="nccl") == [0]
+    ids = torch.arange(ID_SPACE)
+    single = _reference_embedding(tmp_path / "single")
+    torch.testing.assert_close(dd.read_rows(tmp_path / "emb", ids), single, rtol=1e-5, atol=1e-5)
 
 
 def test_rollback_restores_rows_state_and_drops(tmp_path):
