@@ -27,6 +27,7 @@ Axes: n distinct ids this rank needs, r ids this rank owns and was asked for, D 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ class ShardedRowBatch:
             (len(grads), 1), 1.0 if contributes else 0.0, dtype=grads.dtype, device=grads.device
         )
         send = torch.cat([grads, flag], dim=1)[self._perm]  # grouped by owner, as the ids went
+        pool._count(send, self._send)
         got = _exchange(send, self._send, self._recv, pool.group)  # (r, D + 1)
         try:
             if len(local) and pool.writable:
@@ -207,6 +209,13 @@ class ShardedPool:
         self.world = dist.get_world_size(group)
         self._record = record
         self._optimizer: Any = None
+        # bytes this rank sent to other ranks (ids, rows, gradients) and collectives run
+        self.traffic = {"bytes_sent": 0, "exchanges": 0}
+
+    def _count(self, x: torch.Tensor, send: list[int]) -> None:
+        per_row = x.element_size() * math.prod(x.shape[1:])
+        self.traffic["bytes_sent"] += (sum(send) - send[self.rank]) * per_row
+        self.traffic["exchanges"] += 1
 
     # -- what executors read -------------------------------------------------------------------
 
@@ -300,10 +309,12 @@ class ShardedPool:
         if bad:
             raise DistributedError(f"rank(s) {bad} were given invalid ids in this page_in")
         send, recv = send_counts.tolist(), recv_counts.tolist()
+        self._count(uniq, send)
         asked = _exchange(uniq[perm], send, recv, self.group)  # (r,) ids this rank owns
         local = self.local.page_in(asked)
         try:
             values = torch.index_select(local.table, 0, local.use_index.reshape(-1))  # (r, D)
+            self._count(values, recv)
             got = _exchange(values, recv, send, self.group)  # (n, D) grouped by owner
         except BaseException:
             local.release()
