@@ -13,6 +13,7 @@ __all__ = [
     "CacheTooLargeError",
     "CorruptSegmentError",
     "CorruptStoreError",
+    "DistributedError",
     "DpsnError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
@@ -132,3 +133,8 @@ class SnapshotUnavailableError(DpsnError, LookupError):
 
 class CacheCapacityError(DpsnError, ValueError):
     """A batch needs more distinct rows than the device cache can hold at once."""
+
+
+class DistributedError(DpsnError, RuntimeError):
+    """A collective step of a sharded pool failed, or another rank reported an error in it
+    (the other ranks raise this instead of waiting forever)."""

@@ -182,6 +182,8 @@ def create(
     keep_within: float | str | None = None,
     compact_above: float | None = 1.5,
     lifecycle: Lifecycle | None = None,
+    shards: int | None = None,
+    process_group: Any = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -209,7 +211,29 @@ def create(
     directory; two processes creating one path cannot both succeed (the loser gets a
     ``StoreExistsError``), and a create that fails (a full disk is a ``StoreFullError``) leaves
     the path as it found it.
+
+    ``shards=N`` or ``process_group=`` create a sharded root instead (one store per rank under
+    ``path``): see :func:`dpsn.distributed.create`.
     """
+    if shards is not None or process_group is not None:
+        if spec is not None:
+            rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
+            dtype, chunk_rows, compressor = spec.dtype, spec.chunk_rows, spec.compressor
+            map_size = spec.map_size
+        if options is not None:
+            device, cache_rows, policy = options.device, options.cache_rows, options.policy
+        if maintenance is not None:
+            keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
+            compact_above = maintenance.compact_above
+        from ._sharded_api import create as create_sharded
+
+        return create_sharded(  # type: ignore[return-value]
+            path, rows, dim, shards=shards, process_group=process_group, seed=seed,
+            generator=generator, dtype=dtype, chunk_rows=chunk_rows, compressor=compressor,
+            device=device, cache_rows=cache_rows, policy=policy, map_size=map_size,
+            keep_last=keep_last, keep_within=keep_within, compact_above=compact_above,
+            lifecycle=lifecycle,
+        )  # fmt: skip
     if spec is None and (rows is None or dim is None):
         raise InvalidArgumentTypeError(
             "dpsn.create needs rows and dim, or spec=dpsn.StoreSpec(...)"
@@ -320,6 +344,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     cache_rows: int | None = None,
     policy: str = "lru",
     lifecycle: Lifecycle | None = None,
+    process_group: Any = None,
 ) -> Pool:
     """Open a store.
 
@@ -331,7 +356,21 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     :class:`dpsn.Lifecycle`) replaces the row lifecycle saved in the store (saved at the next
     commit), or gives one to a store without; None keeps the saved one. ``options=`` (a
     ``dpsn.OpenOptions``) gives device, cache_rows and policy as one object instead.
+
+    A sharded root (or ``process_group=``) opens this rank's shard as a
+    :class:`dpsn.distributed.ShardedPool`: see :func:`dpsn.distributed.open`.
     """
+    from dpsn.store.shards import is_sharded
+
+    if process_group is not None or is_sharded(path):
+        from ._sharded_api import open as open_sharded
+
+        if options is not None:
+            device, cache_rows, policy = options.device, options.cache_rows, options.policy
+        return open_sharded(  # type: ignore[return-value]
+            path, mode, process_group=process_group, at=at, device=device,
+            cache_rows=cache_rows, policy=policy, lifecycle=lifecycle,
+        )  # fmt: skip
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
     if at is not None and (

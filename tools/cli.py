@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import _commands as c
+from . import _sharded
 from ._counts import parse_count, positive_count
 
 __all__ = ["build_parser", "main", "parse_count", "positive_count"]
@@ -354,6 +355,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive_count, default=200, help="training steps (>= 1)")
     sp.add_argument("--force", action="store_true", help="replace an existing store at DIR")
 
+    _sharded.add_commands(add)  # reshard (tools/_sharded.py)
     sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
@@ -383,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(command)
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
-        return _finish(int(args.fn(args)))
+        return _finish(int(_sharded.route(args)(args)))  # a sharded root's info/log/verify
     except BrokenPipeError:
         return _closed_pipe()
     except KeyboardInterrupt:

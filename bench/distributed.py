@@ -1,0 +1,198 @@
+"""Sharded PoolEmbedding over gloo on one machine: rows/s, step time and bytes moved per step
+for 1, 2 and 4 ranks, weak scaling (batch and id space grow with the ranks) and strong scaling
+(one global batch split over the ranks), and a model on paper for many hosts from the measured
+per-rank costs.
+
+    python bench/distributed.py            # 1, 2, 4 ranks, 30 timed steps each
+    python bench/distributed.py --quick    # 1, 2 ranks, 8 steps
+
+Every rank is a forked process on this machine and talks over loopback: on a machine with
+fewer cores than ranks the ranks share cores, so the scaling figures measure that machine's
+limit as much as dpsn's; the table prints the core count beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import print_table, write_json
+
+DIM = 64
+GEN = {"kind": "hashed_slices", "memory_size": 1 << 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, out: str, cfg: dict[str, Any]) -> None:
+    import dpsn
+    import dpsn.distributed as dd
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    bags, per_bag, space = cfg["bags"], cfg["per_bag"], cfg["id_space"]
+    pool = dd.create(Path(out) / "root", 10**12, DIM, generator=GEN, cache_rows=cfg["cache_rows"])
+    emb = dpsn.PoolEmbedding(pool, mode="sum", row_optimizer="adagrad")
+    g = torch.Generator().manual_seed(rank)
+    target = torch.randn(bags, DIM, generator=g)
+    times = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        ids = torch.randint(0, space, (bags, per_bag), generator=g)
+        torch.distributed.barrier()
+        if step == cfg["warmup"]:
+            pool.traffic.update(bytes_sent=0, exchanges=0)
+        t = time.perf_counter()
+        (emb(ids) * target).sum().backward()
+        times.append(time.perf_counter() - t)
+    timed = times[cfg["warmup"] :]
+    t = time.perf_counter()
+    pool.commit("bench")
+    commit_s = time.perf_counter() - t
+    result = {
+        "step_s": sorted(timed)[len(timed) // 2],
+        "ids_per_step": bags * per_bag,
+        "bytes_sent_per_step": pool.traffic["bytes_sent"] / cfg["steps"],
+        "commit_s": commit_s,
+    }
+    pool.close()
+    torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run(world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as out:
+        port = _free_port()
+        procs = [ctx.Process(target=_rank, args=(r, world, port, out, cfg)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    step = max(r["step_s"] for r in ranks)  # a step ends when its slowest rank does
+    ids = sum(r["ids_per_step"] for r in ranks)
+    return {
+        "ranks": world,
+        "step_ms": step * 1e3,
+        "rows_per_s": ids / step,
+        "ids_per_step": ids,
+        "bytes_sent_per_rank_step": sum(r["bytes_sent_per_step"] for r in ranks) / world,
+        "commit_ms": max(r["commit_s"] for r in ranks) * 1e3,
+    }
+
+
+def paper_model(
+    one: dict[str, Any],
+    two: dict[str, Any],
+    *,
+    hosts: int,
+    gbps: float,
+    latency_s: float,
+    batch_ids: int,
+    rows: float,
+    learned: float,
+) -> dict[str, Any]:
+    """Step time and memory per host at ``hosts`` hosts from measured per-rank costs.
+
+    compute: one rank's measured step time per id (1-rank run: no exchange), times the ids a
+    host looks up; network: the bytes per id the 2-rank run moved to the other rank, scaled by
+    (H-1)/H (a hashed id leaves its host with that chance), over ``gbps``, plus three
+    all-to-alls' latency; memory: the learned rows (``learned`` of ``rows``) spread over the
+    hosts, delta + optimizer state + index entry each."""
+    per_id_compute = one["step_ms"] / 1e3 / one["ids_per_step"]
+    # the 2-rank run sends half its distinct ids away; bytes per id that leaves its host:
+    per_id_bytes = two["bytes_sent_per_rank_step"] / (two["ids_per_step"] / 2) / 0.5
+    leave = (hosts - 1) / hosts
+    compute = per_id_compute * batch_ids
+    network = batch_ids * leave * per_id_bytes / (gbps * 1e9 / 8) + 3 * latency_s * hosts
+    learned_rows = rows * learned / hosts
+    row_bytes = DIM * 4 + 4 + 24  # f32 delta, adagrad state, LMDB entry (id, segment, offset)
+    return {
+        "hosts": hosts,
+        "rows": rows,
+        "batch_ids_per_host": batch_ids,
+        "compute_ms": compute * 1e3,
+        "network_ms": network * 1e3,
+        "step_ms": (compute + network) * 1e3,
+        "learned_rows_per_host": learned_rows,
+        "disk_gb_per_host": learned_rows * row_bytes / 1e9,
+        "bytes_per_remote_id": per_id_bytes,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 2 ranks, few steps")
+    ap.add_argument("--bags", type=int, default=256, help="bags per rank (weak scaling)")
+    ap.add_argument("--gbps", type=float, default=100.0, help="network bandwidth of the model")
+    args = ap.parse_args(argv)
+    worlds = [1, 2] if args.quick else [1, 2, 4]
+    steps, warmup = (8, 2) if args.quick else (30, 3)
+    base = {"per_bag": 16, "steps": steps, "warmup": warmup, "cache_rows": 1 << 16}
+    weak, strong = [], []
+    for w in worlds:
+        weak.append(run(w, base | {"bags": args.bags, "id_space": 100_000 * w}))
+        strong.append(run(w, base | {"bags": args.bags * max(worlds) // w, "id_space": 100_000}))
+    cores = os.cpu_count()
+    headers = ["ranks", "step ms", "rows/s", "ids/step", "bytes sent/rank/step", "commit ms"]
+    keys = [
+        "ranks",
+        "step_ms",
+        "rows_per_s",
+        "ids_per_step",
+        "bytes_sent_per_rank_step",
+        "commit_ms",
+    ]
+    for name, res in (("weak", weak), ("strong", strong)):
+        base_rate = res[0]["rows_per_s"]
+        rows = [[r[k] for k in keys] for r in res]
+        print_table(
+            f"{name} scaling, PoolEmbedding dim {DIM}, gloo loopback, {cores} cores", headers, rows
+        )
+        for r in res[1:]:
+            eff = r["rows_per_s"] / (r["ranks"] * base_rate)
+            print(f"  {r['ranks']} ranks: {eff:.2f}x of {r['ranks']} x one rank's rows/s")
+    model = paper_model(
+        weak[0],
+        weak[1],
+        hosts=64,
+        gbps=args.gbps,
+        latency_s=20e-6,
+        batch_ids=65_536,
+        rows=1e12,
+        learned=1e-3,
+    )
+    print_table(
+        f"paper model: 64 hosts, 10^12 rows (0.1% learned), {args.gbps:g} Gb/s, 20 us latency",
+        list(model),
+        [list(model.values())],
+    )
+    write_json(
+        "distributed",
+        {"cores": cores, "weak": weak, "strong": strong, "model": model, "args": vars(args)},
+    )
+
+
+if __name__ == "__main__":
+    main()

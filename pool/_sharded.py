@@ -1,0 +1,399 @@
+"""A pool sharded row-wise over ``torch.distributed`` ranks (TorchRec's row-wise sharding).
+
+Each rank owns the rows whose id hashes to it (``owner_of``) and keeps them in its own shard
+store (an ordinary :class:`Pool`) under one root (``tiers._shards`` has the layout). Executors
+(``PoolLayer``, ``PoolEmbedding``, a user's own) need no change: :class:`ShardedPool` keeps the
+executor contract (``page_in`` -> a batch -> ``apply_grads`` -> ``release``), and the batch it
+returns moves rows between ranks with three all-to-alls a step:
+
+1. forward, ids: every rank sends the distinct ids it needs to their owners;
+2. forward, rows: each owner pages its requested rows in from its own tier stack (pinned until
+   the backward) and sends their values back; the requester computes on a private copy;
+3. backward, row gradients: each requester sends its summed gradient of each row to the row's
+   owner, which adds the contributions of all ranks and applies one row step.
+
+Sharding changes placement, not the math: the owner steps a row with the sum of its gradients
+over every rank's uses, as the single-process pool steps it with the sum over the global batch
+(only the order of that float32 sum differs). Dense parameters (routers, the rest of the model)
+stay with the user's DDP. Every rank must call ``page_in``, the backward and ``commit`` in the
+same order (SPMD), as with any collective.
+
+What differs from one process (documented, not hidden): ``row_clip`` clips each rank's partial
+sum; a step whose gradients are not finite on some rank is skipped by every owner that receives
+a gradient from that rank; usage statistics count one use per requesting rank and step.
+
+Axes: n distinct ids this rank needs, r ids this rank owns and was asked for, D = dim, W ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dpsn.errors import DistributedError, DpsnError, ReadOnlyError
+from dpsn.hypernet import xxh64_ids
+from dpsn.store.shards import PLACEMENT_SEED, GlobalCommit, RootManifest, write_global
+from dpsn.tiers import RowBatch
+
+from ._pool import Pool
+
+_TOP_BIT_CLEAR = (1 << 63) - 1
+
+
+def owner_of(ids: torch.Tensor, shards: int) -> torch.Tensor:
+    """The rank (shard) that owns each id: ``xxh64(id, PLACEMENT_SEED) mod shards`` on the
+    hash with its top bit cleared. Hashing spreads consecutive or clustered ids evenly."""
+    h = xxh64_ids(ids, PLACEMENT_SEED)
+    return torch.remainder(h.bitwise_and_(_TOP_BIT_CLEAR), shards)
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+    """All-to-all of the rows of ``x``: ``send[j]`` rows go to rank j, ``recv[j]`` come from it."""
+    out = torch.empty((sum(recv), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+class ShardedRowBatch:
+    """The rows of one executor step on a sharded pool: :class:`dpsn.tiers.RowBatch`'s contract
+    (``ids``, ``counts``, ``inverse``, ``order``, ``offsets``, ``table``, ``index``,
+    ``use_index``, ``anchor``, ``apply_grads``, ``release``) over rows fetched from their owners.
+
+    ``table`` is a private ``[n, D]`` copy of the rows (``index`` is ``arange(n)``). The
+    exchange of gradients is a collective: it runs in ``apply_grads``, or in ``release`` for a
+    rank that has no gradient to give (no rows, or a skipped step), so that every rank takes
+    part once per batch whenever a backward is expected (the batch was paged in under grad
+    mode on a writable pool).
+    """
+
+    def __init__(
+        self,
+        pool: ShardedPool,
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        inverse: torch.Tensor,
+        table: torch.Tensor,
+        perm: torch.Tensor,
+        send: list[int],
+        recv: list[int],
+        local: RowBatch,
+        expects_backward: bool,
+    ) -> None:
+        self.ids, self.counts, self.inverse, self.table = ids, counts, inverse, table
+        self.index = torch.arange(len(ids), device=ids.device)
+        self.order = torch.argsort(inverse.reshape(-1), stable=True)
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.applied = False
+        self.spilled = True
+        self.slots = None
+        self._pool, self._perm, self._send, self._recv = pool, perm, send, recv
+        self._local: RowBatch | None = local
+        self._expects_backward = expects_backward
+        self._offsets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            out = torch.zeros(len(self.ids) + 1, dtype=torch.int64, device=self.ids.device)
+            torch.cumsum(self.counts, 0, out=out[1:])
+            self._offsets = out
+        return self._offsets
+
+    @property
+    def use_index(self) -> torch.Tensor:
+        return self.inverse
+
+    def rows(self) -> torch.Tensor:
+        return self.table
+
+    def keep_rows(self) -> None:
+        """The table is already this batch's own copy."""
+
+    def deltas(self) -> torch.Tensor:
+        raise DpsnError(
+            "a sharded pool keeps deltas on their owner rank: train_generator=True is not "
+            "supported on a sharded pool (train the generator on one process)"
+        )
+
+    def apply_grads(self, grads: torch.Tensor, optimizer: Any) -> None:
+        """Send each row's gradient (``[n, D]``, aligned with ``ids``) to its owner, which sums
+        all ranks' contributions and applies one ``optimizer`` step (a collective)."""
+        from dpsn.tiers import SECOND_BACKWARD
+
+        if self.applied or self._local is None:
+            raise RuntimeError(SECOND_BACKWARD)
+        self._pool._optimizer = optimizer
+        self._exchange_grads(grads.float(), contributes=True)
+        self.applied = True
+
+    def release(self) -> None:
+        """Take part in the gradient exchange if a backward was expected and none was given
+        (idempotent), then let the owner's rows be evicted again."""
+        if self._local is None:
+            return
+        if self._expects_backward:
+            zeros = torch.zeros(
+                (len(self.ids), self._pool.dim), dtype=torch.float32, device=self.ids.device
+            )
+            self.applied = True
+            self._exchange_grads(zeros, contributes=False)
+        else:
+            self._local.release()
+            self._local = None
+
+    def _exchange_grads(self, grads: torch.Tensor, *, contributes: bool) -> None:
+        local, self._local = self._local, None
+        assert local is not None
+        pool = self._pool
+        flag = torch.full(
+            (len(grads), 1), 1.0 if contributes else 0.0, dtype=grads.dtype, device=grads.device
+        )
+        send = torch.cat([grads, flag], dim=1)[self._perm]  # grouped by owner, as the ids went
+        pool._count(send, self._send)
+        got = _exchange(send, self._send, self._recv, pool.group)  # (r, D + 1)
+        try:
+            if len(local) and pool.writable:
+                d = pool.dim
+                summed = torch.zeros((len(local), d + 1), dtype=torch.float32, device=got.device)
+                summed.index_add_(0, local.inverse.reshape(-1), got)
+                asked = torch.bincount(local.inverse.reshape(-1), minlength=len(local))
+                # every requester of a row gave its gradient: step; else skip the batch, as one
+                # process skips a step whose gradients are not finite
+                if bool((summed[:, d] == asked.to(summed.dtype)).all()):
+                    if pool._optimizer is None:
+                        raise DistributedError(
+                            "this rank received row gradients before it applied any row step "
+                            "itself, so it does not know the row optimizer: give every rank "
+                            "rows in its first step"
+                        )
+                    local.apply_grads(summed[:, :d].contiguous(), pool._optimizer)
+                else:
+                    pool.local.count_skipped_row_step()
+        finally:
+            local.release()
+
+    def __enter__(self) -> ShardedRowBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ShardedPool:
+    """This rank's view of a pool sharded over a process group: the executor contract over
+    all ranks' rows, and a two-phase ``commit``. Obtain one with :func:`dpsn.distributed.open`
+    (or ``dpsn.open(root, process_group=...)``); ``local`` is this rank's own shard (an
+    ordinary :class:`Pool`)."""
+
+    def __init__(
+        self,
+        local: Pool,
+        *,
+        root: Path,
+        manifest: RootManifest,
+        record: GlobalCommit,
+        group: Any,
+    ) -> None:
+        self.local = local
+        self.root = root
+        self.manifest = manifest
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self._record = record
+        self._optimizer: Any = None
+        # bytes this rank sent to other ranks (ids, rows, gradients) and collectives run
+        self.traffic = {"bytes_sent": 0, "exchanges": 0}
+
+    def _count(self, x: torch.Tensor, send: list[int]) -> None:
+        per_row = x.element_size() * math.prod(x.shape[1:])
+        self.traffic["bytes_sent"] += (sum(send) - send[self.rank]) * per_row
+        self.traffic["exchanges"] += 1
+
+    # -- what executors read -------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.root
+
+    @property
+    def rows(self) -> int:
+        return self.local.rows
+
+    @property
+    def dim(self) -> int:
+        return self.local.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def seed(self) -> int:
+        return self.local.seed
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def generator(self) -> Any:
+        return self.local.generator
+
+    @property
+    def writable(self) -> bool:
+        return self.local.writable
+
+    @property
+    def uuid(self) -> str:
+        return self.manifest.uuid
+
+    @property
+    def head(self) -> int:
+        """The global commit this rank's view is at."""
+        return self._record.id
+
+    @property
+    def global_commit(self) -> GlobalCommit:
+        return self._record
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedPool({str(self.root)!r}, rank={self.rank}/{self.world}, rows={self.rows}, "
+            f"dim={self.dim}, head={self.head})"
+        )
+
+    def set_state_width(self, width: int) -> None:
+        self.local.set_state_width(width)
+
+    def count_skipped_row_step(self) -> None:
+        self.local.count_skipped_row_step()
+
+    def save_router(self, name: str, router: torch.nn.Module) -> None:
+        """Routers are dense (replicated by DDP): each rank saves its copy in its shard."""
+        self.local.save_router(name, router)
+
+    # -- the row path --------------------------------------------------------------------------
+
+    def page_in(self, ids: Any) -> ShardedRowBatch:
+        """Fetch the rows of ``ids`` (any shape) from their owners: a collective every rank
+        must call. A rank whose ids are invalid raises their error; the others raise a
+        :class:`DistributedError` naming it, instead of waiting forever."""
+        dev = self.device
+        problem: BaseException | None = None
+        try:
+            ids_t = self.local._ids(ids)
+        except (DpsnError, TypeError, ValueError) as e:
+            problem, ids_t = e, torch.zeros(0, dtype=torch.int64, device=dev)
+        flat = ids_t.reshape(-1)
+        uniq, inverse, counts = torch.unique(
+            flat, sorted=True, return_inverse=True, return_counts=True
+        )
+        owner = owner_of(uniq, self.world)
+        perm = torch.argsort(owner, stable=True)
+        send_counts = torch.bincount(owner, minlength=self.world)
+        if problem is not None:
+            send_counts = torch.full_like(send_counts, -1)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        if problem is not None:
+            raise problem
+        bad = torch.nonzero(recv_counts < 0).flatten().tolist()
+        if bad:
+            raise DistributedError(f"rank(s) {bad} were given invalid ids in this page_in")
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        self._count(uniq, send)
+        asked = _exchange(uniq[perm], send, recv, self.group)  # (r,) ids this rank owns
+        local = self.local.page_in(asked)
+        try:
+            values = torch.index_select(local.table, 0, local.use_index.reshape(-1))  # (r, D)
+            self._count(values, recv)
+            got = _exchange(values, recv, send, self.group)  # (n, D) grouped by owner
+        except BaseException:
+            local.release()
+            raise
+        table = torch.empty_like(got)
+        table[perm] = got
+        expects = torch.is_grad_enabled() and self.writable
+        return ShardedRowBatch(
+            self,
+            uniq,
+            counts,
+            inverse.reshape(ids_t.shape),
+            table,
+            perm,
+            send,
+            recv,
+            local,
+            expects,
+        )
+
+    def read(self, ids: Any) -> torch.Tensor:
+        """Rows of ``ids`` (``[*shape, D]``) wherever they live: a collective."""
+        with torch.no_grad():
+            batch = self.page_in(ids)
+            try:
+                return batch.table[batch.inverse]
+            finally:
+                batch.release()
+
+    # -- history -------------------------------------------------------------------------------
+
+    def commit(self, message: str = "") -> GlobalCommit:
+        """Two-phase commit (a collective): every rank commits its shard, then rank 0 writes
+        the global record naming each shard's commit. A crash before the record leaves the
+        previous global commit whole; shards that got ahead of it are rolled back when the
+        root is next opened for writing."""
+        if not self.writable:
+            raise ReadOnlyError("this sharded pool is read-only: open it with mode='r+'")
+        problem = None
+        try:
+            rec = self.local.commit(message)
+            mine = rec.id
+        except BaseException as e:  # report to the others rather than leave them waiting
+            problem, mine = e, -1
+        ids = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(ids, torch.tensor([mine], device=self.device), group=self.group)
+        commits = [int(t) for t in ids]
+        if problem is not None:
+            raise problem
+        if min(commits) < 0:
+            raise DistributedError(
+                f"rank(s) {[i for i, c in enumerate(commits) if c < 0]} failed to commit their "
+                f"shard; global commit {self.head} stays the newest"
+            )
+        dirs = [d for d, _ in self._record.shards]
+        status = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if self.rank == 0:
+            try:
+                self._record = write_global(
+                    self.root, list(zip(dirs, commits, strict=True)), message
+                )
+                status[0] = self._record.id
+            except OSError:
+                status[0] = -1
+        dist.broadcast(status, src=0, group=self.group)
+        gid = int(status)
+        if gid < 0:
+            raise DistributedError(f"rank 0 could not write the global record under {self.root}")
+        if self.rank != 0:
+            from dpsn.store.shards import read_global
+
+            self._record = read_global(self.root, gid)
+        return self._record
+
+    def close(self) -> None:
+        self.local.close()
+
+    def __enter__(self) -> ShardedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,83 @@
+"""Roll a store's rows back to an earlier commit, by a new commit (history is append-only).
+
+Why: in a sharded root a shard can be one commit ahead of the newest global commit, when its
+rank died between its own commit (phase 1) and the global record (phase 2). The global commit
+is what the run resumes from, so before a writer trains on, the shard's rows must be what that
+global commit names. Store commits only go forward (the LMDB HEAD and the index digest move
+together), so the rollback is one more ordinary commit: every row written or dropped after the
+target is rewritten with its value at the target (delta, optimizer state, usage statistics) or
+dropped where it had none; the generator and routers the target used are restored. It costs
+what it rewrites: the rows changed since the target.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._format import fsync_tree
+
+if TYPE_CHECKING:
+    from ._persisted import Commit, PersistedStore
+
+
+def row_widths(store: PersistedStore, index: object, ids: np.ndarray) -> tuple[int, int]:
+    """The per-row state and usage widths the rows' segments hold (the most common ones)."""
+    found, seg, _off, _c = index.lookup(ids)  # type: ignore[attr-defined]
+    segs = np.unique(seg[found])
+    if not len(segs):
+        return 0, 0
+    recs = [store.segment_record(int(s)) for s in segs]
+    state = Counter(r.state_width for r in recs).most_common(1)[0][0]
+    usage = Counter(r.usage_width for r in recs).most_common(1)[0][0]
+    return state, usage
+
+
+def roll_back(store: PersistedStore, target: int, message: str | None = None) -> Commit | None:
+    """Make HEAD's rows, generator and routers those of ``target`` by one new commit (None when
+    HEAD is ``target`` already). ``store`` must be open for writing; nothing is read into the
+    caller's caches, so open pools on it afterwards."""
+    head, index_h = store.load_head()
+    if head == target:
+        return None
+    index_t = store.load_index(target)
+    ids_h, commits_h = index_h.ids, index_h.commit
+    changed = ids_h[commits_h > target]  # written (again) after the target
+    gone = index_t.ids[~index_h.contains(index_t.ids)]  # dropped after the target
+    rows = np.union1d(changed, gone).astype(np.int64)
+    state_w, usage_w = row_widths(store, index_t, rows)
+    found, deltas, state, usage = store.read_deltas(
+        index_t, rows, state_width=state_w, usage_width=usage_w
+    )
+    keep, drops = rows[found], rows[~found]
+    rec_t, rec_h = store.commit_record(target), store.commit_record(head)
+    generator_state = None
+    if rec_t.generator != rec_h.generator:
+        generator_state = store.read_generator(rec_t.generator)
+    routers = {}
+    for name, r in (rec_t.routers or {}).items():
+        if (rec_h.routers or {}).get(name) != r:  # copy the target's version under the new id
+            src = store.router_dir(name, int(r["version"]))
+            dst = store.router_dir(name, head + 1)
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+            fsync_tree(dst)
+            routers[name] = r["digest"]
+    has_usage = usage_w and len(keep) and not np.isnan(usage).all()
+    record, _ = store.commit(
+        index_h,
+        head,
+        keep,
+        deltas,
+        drops,
+        message=message or f"roll back to commit {target}",
+        generator_state=generator_state,
+        routers=routers or None,
+        state=state if state_w else None,
+        usage=usage if has_usage else None,
+        lifecycle=rec_t.lifecycle,
+    )
+    return record
