@@ -20,7 +20,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Commit": "dpsn.pool",
+    "Level": "dpsn.pool",
+    "LevelledPool": "dpsn.pool",
     "Lifecycle": "dpsn.pool",
+    "Migration": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
@@ -35,7 +38,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from dpsn.pool import (
         Commit,
+        Level,
+        LevelledPool,
         Lifecycle,
+        Migration,
         Pool,
         PoolEmbedding,
         PoolLayer,
@@ -64,7 +70,10 @@ def __dir__() -> list[str]:
 __all__ = [
     "Commit",
     "DpsnError",
+    "Level",
+    "LevelledPool",
     "Lifecycle",
+    "Migration",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",

@@ -177,6 +177,10 @@ def create(
     keep_within: float | str | None = None,
     compact_above: float | None = 1.5,
     lifecycle: Lifecycle | None = None,
+    levels: Any = None,
+    model_id: str | None = None,
+    config: dict[str, Any] | None = None,
+    migration: Any = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -198,7 +202,26 @@ def create(
     directory; two processes creating one path cannot both succeed (the loser gets a
     ``StoreExistsError``), and a create that fails (a full disk is a ``StoreFullError``) leaves
     the path as it found it.
+
+    ``levels`` (names or :class:`dpsn.Level`, slowest first) creates a levelled store instead
+    (see ``dpsn.pool._levels``), with ``model_id``, ``config`` and ``migration`` (a
+    :class:`dpsn.Migration`) in its provenance; ``levels=None`` keeps the single-level store.
     """
+    if levels is not None or model_id is not None or config is not None or migration is not None:
+        from ._levels import create_levelled  # levels: an additive layer over this function
+
+        if levels is None or lifecycle is not None:
+            raise InvalidArgumentError(
+                "model_id=, config= and migration= need levels=[...]; a levelled store takes "
+                "a lifecycle per level (dpsn.Level(name, lifecycle=...)), not lifecycle="
+            )
+        args = dict(seed=seed, generator=generator, dtype=dtype, chunk_rows=chunk_rows)
+        args.update(compressor=compressor, device=device, cache_rows=cache_rows, policy=policy)
+        args.update(map_size=map_size, keep_last=keep_last, keep_within=keep_within)
+        return create_levelled(  # type: ignore[return-value]
+            path, rows, dim, levels=levels, model_id=model_id, config=config,
+            migration=migration, create=create, compact_above=compact_above, **args,
+        )  # fmt: skip
     for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -295,6 +318,13 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     """
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
+    from ._levels import is_levelled, open_levelled  # levels: an additive layer over open
+
+    if lifecycle is None and is_levelled(path):
+        return open_levelled(  # type: ignore[return-value]
+            path, mode, at=at, open=open, create=create, device=device,
+            cache_rows=cache_rows, policy=policy,
+        )  # fmt: skip
     if at is not None and (
         isinstance(at, bool) or not (isinstance(at, str) or hasattr(type(at), "__index__"))
     ):
