@@ -181,6 +181,7 @@ def write_atomic(path: Path, obj: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # as the level stores' files (mkstemp makes 0600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -871,7 +872,8 @@ class LevelledPool:
             if len(plan.pressure)
             else None,
         }
-        self._pending_migrations.append(record)
+        if record["rows"] or record["completed"] or record["conflicts"] or record["backlog"]:
+            self._pending_migrations.append(record)  # the log keeps what did something
         return record
 
     def migrations(self) -> list[dict[str, Any]]:
