@@ -9,7 +9,9 @@ format is in docs/format.md ("Levelled stores").
 
 A row reads ``base + sum of its level deltas``. The base and the train level's delta come from
 the train level's pool (its cache serves executors); every other level contributes its delta
-(one gather per level, skipped for a level that holds nothing). A context level
+(one gather per level, skipped for a level that holds nothing). Only the fastest persisted
+level gets the device cache (``cache_rows``); the other levels read without one (a level made
+the train level later trains through the uncached path). A context level
 (``persist=False``) lives in memory: an uncommitted pool over a scratch store in a temporary
 directory (on ``/dev/shm`` where there is one), removed at close and never committed.
 
@@ -260,10 +262,12 @@ def create_levelled(
     pools: dict[str, Pool] = {}
     try:
         (root / LEVELS_DIR).mkdir()
+        fastest = [lv.name for lv in parsed if lv.persist][-1]
         for lv in parsed:
             if lv.persist:
+                kw = kwargs if lv.name == fastest else {**kwargs, "cache_rows": 0}
                 pools[lv.name] = create(
-                    root / LEVELS_DIR / lv.name, rows, dim, lifecycle=lv.lifecycle, **kwargs
+                    root / LEVELS_DIR / lv.name, rows, dim, lifecycle=lv.lifecycle, **kw
                 )
         first = pools[next(lv.name for lv in parsed if lv.persist)]
         spec = {
@@ -292,8 +296,9 @@ def create_levelled(
             "provenance": provenance("", _spec_of(spec), level_prov, []),
         }
         write_atomic(root / LOG_FILE, {"commits": [record], "snapshots": {}})
+        ctx_kwargs = {**kwargs, "cache_rows": 0}
         context = {
-            lv.name: _context_pool(rows, dim, create, kwargs) for lv in parsed if not lv.persist
+            lv.name: _context_pool(rows, dim, create, ctx_kwargs) for lv in parsed if not lv.persist
         }
         return LevelledPool(root, spec, parsed, {**pools, **context}, head=1, writable=True)
     except BaseException:
@@ -362,18 +367,22 @@ def open_levelled(
     if writable and at is not None:
         raise InvalidArgumentError('a past root commit can only be opened with mode="r"')
     pools: dict[str, Pool] = {}
+    fastest = [lv.name for lv in parsed if lv.persist][-1]
     try:
         for lv in parsed:
             if not lv.persist:
                 continue
             level_path = root / LEVELS_DIR / lv.name
             named = int(record["levels"][lv.name])
+            # The cache serves executors from the train level; the others are read by delta.
+            kw = kwargs if lv.name == fastest else {**kwargs, "cache_rows": 0}
             if writable:
                 _roll_back(level_path, named, open)
-                pools[lv.name] = open(level_path, "r+", **kwargs)
+                pools[lv.name] = open(level_path, "r+", **kw)
             else:
-                pools[lv.name] = open(level_path, "r", at=named, **kwargs)
-        ctx_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "cache_rows", "policy")}
+                pools[lv.name] = open(level_path, "r", at=named, **kw)
+        ctx_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "policy")}
+        ctx_kwargs["cache_rows"] = 0
         first = pools[next(lv.name for lv in parsed if lv.persist)]
         ctx_kwargs["seed"] = first.seed
         ctx_kwargs["generator"] = first.generator

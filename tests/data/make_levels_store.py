@@ -23,7 +23,8 @@ IDS = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 999]
 
 
 def bits(t: torch.Tensor) -> list[str]:
-    return [f"{v & 0xFFFFFFFF:08x}" for v in t.float().contiguous().view(torch.int32).reshape(-1).tolist()]
+    flat = t.float().contiguous().view(torch.int32).reshape(-1).tolist()
+    return [f"{v & 0xFFFFFFFF:08x}" for v in flat]
 
 
 def main() -> None:
