@@ -71,6 +71,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from . import _levelroot as levels_format
     from . import _router_check as router_format
     from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
@@ -100,7 +101,11 @@ if TYPE_CHECKING:
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 
-_MODULES = {"router_format": "._router_check", "usage": "._usage"}  # public modules, also lazy
+_MODULES = {
+    "levels_format": "._levelroot",
+    "router_format": "._router_check",
+    "usage": "._usage",
+}  # public modules, also lazy
 
 
 def __getattr__(name: str) -> Any:
@@ -154,6 +159,7 @@ __all__ = [
     "check_policy",
     "check_router_name",
     "check_stored_policy",
+    "levels_format",
     "lifecycle_health",
     "load_generator",
     "make_policy",
