@@ -67,6 +67,14 @@ spec_of = levels_format.spec_of
 verify_root = levels_format.verify_root
 write_atomic = levels_format.write_atomic
 
+HEALTH_KEYS = (
+    "screening_rate",
+    "entropy_ratio",
+    "migration_backlog",
+    "conflict_rate",
+    "effective_inertia",
+    "persisted_rows",
+)
 SNAPSHOT_PREFIX = "levels."  # level stores pin a root snapshot's commits under this prefix
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -854,6 +862,10 @@ class LevelledPool:
             rec = self._pools[name].commit(message)
             level_commits[name], level_prov[name] = rec.id, rec.provenance
         migrations, self._pending_migrations = self._pending_migrations, []
+        health = {
+            name: {k: v for k, v in figures.items() if k in HEALTH_KEYS}
+            for name, figures in self.stats()["levels"].items()
+        }
         record = {
             "id": parent["id"] + 1,
             "parent": parent["id"],
@@ -861,6 +873,7 @@ class LevelledPool:
             "message": message,
             "levels": level_commits,
             "migrations": migrations,
+            "health": health,  # as of this commit; informational (not in the provenance)
             "provenance": provenance(
                 parent["provenance"], spec_of(self._spec), level_prov, migrations
             ),

@@ -273,3 +273,37 @@ def test_checked_in_levelled_store_reads_bit_for_bit(tmp_path):
             assert [f"{v & 0xFFFFFFFF:08x}" for v in d.tolist()] == bits
         assert p.verify().ok
         assert p.migrations() == expected["migrations"]
+
+
+def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
+    """``dpsn log --migrations``, ``dpsn stats`` and ``dpsn verify`` read a levelled root
+    without importing torch."""
+    import subprocess
+    import sys
+
+    shutil.copytree(DATA / "store", tmp_path / "store")
+    path = str(tmp_path / "store")
+    code = (
+        "import json, sys, io, contextlib\n"
+        "from dpsn.tools.cli import main\n"
+        "out = {}\n"
+        "for cmd in (['log', '--migrations'], ['stats'], ['verify'], ['log']):\n"
+        "    buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf):\n"
+        "        rc = main([*cmd, '--json', sys.argv[1]])\n"
+        "    out[cmd[-1]] = [rc, json.loads(buf.getvalue())]\n"
+        "out['torch'] = 'torch' in sys.modules\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, path], capture_output=True, text=True, check=True
+    )
+    out = json.loads(res.stdout)
+    assert out["torch"] is False
+    expected = json.loads((DATA / "expected.json").read_text())
+    assert out["--migrations"] == [0, expected["migrations"]]
+    rc, stats = out["stats"]
+    assert rc == 0 and set(stats["levels"]) == {"slow", "fast", "context"}
+    assert stats["channels"]["fast->slow"]["rows"] == 2
+    assert out["verify"] == [0, {"ok": True, "problems": []}]
+    assert [c["id"] for c in out["log"][1]] == [1, 2, 3]
