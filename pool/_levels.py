@@ -473,6 +473,11 @@ class LevelledPool:
         self._inflight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pending_migrations: list[dict[str, Any]] = []
         self._proj = mig.projection(spec["dim"], self._migration.bits, spec["seed"])
+        self._memo_empty: bool | None = None  # see _others
+        self._memo_ids = torch.zeros(0, dtype=torch.int64)
+        self._memo_vals = torch.zeros((0, spec["dim"]))
+        cache = pools[self._train].cache
+        self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
 
     # -- spec ----------------------------------------------------------------------------------
 
@@ -531,6 +536,7 @@ class LevelledPool:
         self._check_open()
         self._train = self.levels[self._index(name)]
         self._pools[self._train].set_state_width(self._state_width)
+        self._changed()
 
     @property
     def _tp(self) -> Pool:
@@ -606,15 +612,49 @@ class LevelledPool:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _others(self, flat: torch.Tensor, skip: str) -> torch.Tensor | None:
+    def _sum_levels(self, ids: torch.Tensor, skip: str) -> torch.Tensor | None:
         """Sum of the deltas of every level but ``skip`` (None: all of them are empty)."""
         out = None
         for name in self.levels:
             if name == skip or not _has_deltas(self._pools[name]):
                 continue
-            d = self._pools[name].delta(flat).float()
+            d = self._pools[name].delta(ids).float()
             out = d if out is None else out + d
         return out
+
+    def _changed(self, level: str | None = None) -> None:
+        """A level other than the train level changed (None: any may have): the memo of the
+        other levels' sum is stale."""
+        if level != self._train:
+            self._memo_empty = None
+
+    def _others(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """``[len(flat), dim]``: the sum of every level's delta but the train level's (None:
+        they are all empty), on the pool's device. Served from a memo of the rows asked for
+        since the other levels last changed (they change only through this pool: writes,
+        migrations, commits), so that a hot read costs one more gather, not one per level."""
+        if self._memo_empty is None:
+            others = (n for n in self.levels if n != self._train)
+            self._memo_empty = not any(_has_deltas(self._pools[n]) for n in others)
+            self._memo_ids = torch.zeros(0, dtype=torch.int64)
+            self._memo_vals = torch.zeros((0, self.dim), device=self.device)
+        if self._memo_empty:
+            return None
+        ids = flat.cpu()
+        pos, hit = mig.lookup(self._memo_ids, ids)
+        if not bool(hit.all()):
+            miss = torch.unique(ids[~hit])
+            vals = self._sum_levels(miss, self._train)
+            assert vals is not None  # some other level holds deltas (_memo_empty is False)
+            keep_ids, keep_vals = self._memo_ids, self._memo_vals
+            if len(keep_ids) + len(miss) > self._memo_limit:
+                keep_ids, keep_vals = keep_ids[:0], keep_vals[:0]
+            merged = torch.cat([keep_ids, miss])
+            order = torch.argsort(merged)
+            self._memo_ids = merged[order]
+            self._memo_vals = torch.cat([keep_vals, vals.to(self.device)])[order.to(self.device)]
+            pos, hit = mig.lookup(self._memo_ids, ids)
+        return torch.index_select(self._memo_vals, 0, pos.to(self.device))
 
     @torch.no_grad()
     def base(self, ids: Any) -> torch.Tensor:
@@ -640,8 +680,10 @@ class LevelledPool:
         full = self._ids(ids)
         flat = full.reshape(-1)
         out = self._tp.read(flat)
-        others = self._others(flat, self._train)
-        if others is not None:
+        others = self._others(flat)
+        if others is not None and out.dtype == torch.float32:
+            out.add_(others)  # out is the read's own new tensor
+        elif others is not None:
             out = (out.float() + others).to(self.dtype)
         return out.reshape(*full.shape, self.dim)
 
@@ -651,7 +693,7 @@ class LevelledPool:
         """The executor contract (``Pool.page_in``) over levels: see :class:`LevelBatch`."""
         inner = self._tp.page_in(self._ids(ids))
         try:
-            others = self._others(inner.ids.cpu(), self._train)
+            others = self._others(inner.ids)
         except BaseException:
             inner.release()
             raise
@@ -672,24 +714,22 @@ class LevelledPool:
         self._tp.count_skipped_row_step()
 
     def _train_step(self, inner: RowBatch, grads: torch.Tensor, optimizer: Any) -> None:
-        """The row step of one batch on the train level: the optimizer's step, then the update
-        scaled by ``lr_scale * (1 - a_eff)`` of the row's region, recorded in the window."""
+        """The row step of one batch on the train level: the row gradients are scaled by
+        ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
+        for adaptive optimizers, the gradient's), then the optimizer steps. The window records
+        minus the scaled gradients as the rows' update direction: no extra read of the deltas
+        (a step's cost stays the optimizer's)."""
         name = self._train
         lv = self._levels[self._index(name)]
-        before = inner.deltas()
-        inner.apply_grads(grads, optimizer)
-        after = inner.deltas()
-        update = after - before
-        ids = inner.ids
         a_eff = self._trackers[name].inertia
-        scale = None
+        ids = inner.ids
         if lv.lr_scale != 1.0 or bool((a_eff > 0).any()):
             region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
-            scale = (lv.lr_scale * (1.0 - a_eff[region])).to(update.device)
-            update = update * scale[:, None]
-            self._tp.write(ids, before + update)
+            scale = (lv.lr_scale * (1.0 - a_eff[region])).to(grads.device, grads.dtype)
+            grads = grads * scale[:, None]
+        inner.apply_grads(grads, optimizer)
         window = self._windows[name]
-        window.add_update(ids, update)
+        window.add_update(ids, -grads)
         window.add_uses(ids, inner.counts)
 
     # -- writing -------------------------------------------------------------------------------
@@ -712,6 +752,7 @@ class LevelledPool:
         uniq, inv = torch.unique(flat, return_inverse=True)
         before = pool.delta(uniq).float()
         pool.write(flat, values, add=add)
+        self._changed(name)
         window = self._windows[name]
         window.add_update(uniq, pool.delta(uniq).float() - before)
         window.add_uses(uniq, torch.bincount(inv, minlength=len(uniq)))
@@ -720,6 +761,7 @@ class LevelledPool:
         """Return rows of one level (default: the train level) to zero delta at the commit."""
         name = self._level_for_write(level)
         self._pools[name].drop(ids)
+        self._changed(name)
 
     def clear_level(self, name: str) -> None:
         """Empty a level. A context level forgets everything at once; a persisted level forgets
@@ -728,6 +770,7 @@ class LevelledPool:
         name = self.levels[self._index(name)]
         pool = self._pools[name]
         self._windows[name].clear()
+        self._changed(name)
         pool.discard()
         if self.level_spec(name).persist:
             ids = pool.persisted_ids()
@@ -738,6 +781,7 @@ class LevelledPool:
         """Forget every uncommitted change on every level and the windows since the commit."""
         for pool in self._pools.values():
             pool.discard()
+        self._changed()
         for w in self._windows.values():
             w.clear()
         self._pending_migrations.clear()
@@ -750,6 +794,7 @@ class LevelledPool:
         staged; the next commit makes them durable and records the migrations. Returns what
         each channel did."""
         self._require_writable()
+        self._changed()  # hand-offs and conflict damping write the levels
         policy = self._migration
         reduced: dict[str, tuple[Any, Any, int]] = {}
         for lv in self._levels:
@@ -858,6 +903,7 @@ class LevelledPool:
         if parent["id"] != self._head:
             raise CorruptStoreError(f"{self._root}: the root log moved under the writer")
         level_commits, level_prov = {}, {}
+        self._changed()  # a level's own lifecycle may decay or prune at its commit
         for name in self._persisted:
             rec = self._pools[name].commit(message)
             level_commits[name], level_prov[name] = rec.id, rec.provenance

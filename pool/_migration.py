@@ -4,7 +4,9 @@ The pieces are pure functions of tensors, so that each rule can be tested on its
 levelled pool (``_levels.py``) feeds them and writes their results through the level pools.
 
 - **Window.** Between two consolidations a level accumulates, per row, the sum of its updates
-  (what training and ``write`` changed, after inertia) and its uses (:class:`Window`).
+  and its uses (:class:`Window`): for ``write``, the change of the delta; for training, minus
+  the (damped) row gradients, the direction of the row steps (exact for SGD up to the learning
+  rate), which costs no extra read of the deltas.
 - **Signature.** A window's update of a row is reduced to the signs of a fixed random
   projection (``bits`` of them, from the pool's seed: the same for every run); its
   autocorrelation with the previous window's signature is ``2 * agree - 1`` in [-1, 1]. A row is
