@@ -20,10 +20,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Commit": "dpsn.pool",
+    "Level": "dpsn.pool",
+    "LevelledPool": "dpsn.pool",
     "Lifecycle": "dpsn.pool",
     "MaintenancePolicy": "dpsn.pool",
     "OpenOptions": "dpsn.pool",
     "NgramMemory": "dpsn.pool",
+    "Migration": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
@@ -41,8 +44,11 @@ _LAZY = {
 if TYPE_CHECKING:
     from dpsn.pool import (
         Commit,
+        Level,
+        LevelledPool,
         Lifecycle,
         MaintenancePolicy,
+        Migration,
         NgramMemory,
         OpenOptions,
         Pool,
@@ -76,8 +82,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "Commit",
     "DpsnError",
+    "Level",
+    "LevelledPool",
     "Lifecycle",
     "MaintenancePolicy",
+    "Migration",
     "NgramMemory",
     "OpenOptions",
     "Pool",

@@ -8,7 +8,9 @@ from ._api import compact, create, gc, open
 from ._config import OpenOptions, StoreSpec
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
+from ._levels import Level, LevelledPool
 from ._lifecycle import Lifecycle
+from ._migration import Migration
 from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
@@ -17,8 +19,11 @@ from ._selection import RowSelection, SparseFinetune
 __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
+    "Level",
+    "LevelledPool",
     "Lifecycle",
     "MaintenancePolicy",
+    "Migration",
     "NgramMemory",
     "OpenOptions",
     "Pool",

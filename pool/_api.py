@@ -184,6 +184,10 @@ def create(
     lifecycle: Lifecycle | None = None,
     shards: int | None = None,
     process_group: Any = None,
+    levels: Any = None,
+    model_id: str | None = None,
+    config: dict[str, Any] | None = None,
+    migration: Any = None,
 ) -> Pool:
     """Create a store at ``path`` and return it open for writing (``mode="r+"``).
 
@@ -214,25 +218,47 @@ def create(
 
     ``shards=N`` or ``process_group=`` create a sharded root instead (one store per rank under
     ``path``): see :func:`dpsn.distributed.create`.
-    """
-    if shards is not None or process_group is not None:
-        if spec is not None:
-            rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
-            dtype, chunk_rows, compressor = spec.dtype, spec.chunk_rows, spec.compressor
-            map_size = spec.map_size
-        if options is not None:
-            device, cache_rows, policy = options.device, options.cache_rows, options.policy
-        if maintenance is not None:
-            keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
-            compact_above = maintenance.compact_above
-        from ._sharded_api import create as create_sharded
 
-        return create_sharded(  # type: ignore[return-value]
-            path, rows, dim, shards=shards, process_group=process_group, seed=seed,
-            generator=generator, dtype=dtype, chunk_rows=chunk_rows, compressor=compressor,
-            device=device, cache_rows=cache_rows, policy=policy, map_size=map_size,
-            keep_last=keep_last, keep_within=keep_within, compact_above=compact_above,
-            lifecycle=lifecycle,
+    ``levels`` (names or :class:`dpsn.Level`, slowest first) creates a levelled store instead
+    (see ``dpsn.pool._levels``), with ``model_id``, ``config`` and ``migration`` (a
+    :class:`dpsn.Migration`) in its provenance; ``levels=None`` keeps the single-level store.
+    """
+    dispatch = shards is not None or process_group is not None or levels is not None
+    dispatch = dispatch or model_id is not None or config is not None or migration is not None
+    if dispatch:
+        if spec is not None or options is not None or maintenance is not None:
+            if spec is not None:
+                rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
+                dtype, chunk_rows, compressor = spec.dtype, spec.chunk_rows, spec.compressor
+                map_size = spec.map_size
+            if options is not None:
+                device, cache_rows, policy = options.device, options.cache_rows, options.policy
+            if maintenance is not None:
+                keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
+                compact_above = maintenance.compact_above
+        if shards is not None or process_group is not None:
+            from ._sharded_api import create as create_sharded
+
+            return create_sharded(  # type: ignore[return-value]
+                path, rows, dim, shards=shards, process_group=process_group, seed=seed,
+                generator=generator, dtype=dtype, chunk_rows=chunk_rows, compressor=compressor,
+                device=device, cache_rows=cache_rows, policy=policy, map_size=map_size,
+                keep_last=keep_last, keep_within=keep_within, compact_above=compact_above,
+                lifecycle=lifecycle,
+            )  # fmt: skip
+        from ._levels import create_levelled  # levels: an additive layer over this function
+
+        if levels is None or lifecycle is not None:
+            raise InvalidArgumentError(
+                "model_id=, config= and migration= need levels=[...]; a levelled store takes "
+                "a lifecycle per level (dpsn.Level(name, lifecycle=...)), not lifecycle="
+            )
+        args = dict(seed=seed, generator=generator, dtype=dtype, chunk_rows=chunk_rows)
+        args.update(compressor=compressor, device=device, cache_rows=cache_rows, policy=policy)
+        args.update(map_size=map_size, keep_last=keep_last, keep_within=keep_within)
+        return create_levelled(  # type: ignore[return-value]
+            path, rows, dim, levels=levels, model_id=model_id, config=config,
+            migration=migration, create=create, compact_above=compact_above, **args,
         )  # fmt: skip
     if spec is None and (rows is None or dim is None):
         raise InvalidArgumentTypeError(
@@ -373,6 +399,13 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         )  # fmt: skip
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
+    from ._levels import is_levelled, open_levelled  # levels: an additive layer over open
+
+    if lifecycle is None and is_levelled(path):
+        return open_levelled(  # type: ignore[return-value]
+            path, mode, at=at, open=open, create=create, device=device,
+            cache_rows=cache_rows, policy=policy,
+        )  # fmt: skip
     if at is not None and (
         isinstance(at, bool) or not (isinstance(at, str) or hasattr(type(at), "__index__"))
     ):

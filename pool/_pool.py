@@ -643,6 +643,16 @@ class Pool:
     def segments_total(self) -> int:
         return len(self._store.segment_records())
 
+    @property
+    def persisted_rows(self) -> int:
+        """Rows with a persisted delta at this pool's commit."""
+        return len(self._stack.index)
+
+    def persisted_ids(self) -> np.ndarray:
+        """The sorted ids of the rows with a persisted delta at this pool's commit."""
+        self._check_open()
+        return np.asarray(self._stack.index.ids)
+
     def row_commits(self, ids: Any) -> np.ndarray:
         """For each id, the commit that last wrote its persisted delta, or 0 if it has none."""
         flat = self._ids(ids).reshape(-1).numpy()

@@ -22,8 +22,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import _commands as c
+from . import _levels as lv
 from . import _sharded
 from ._counts import parse_count, positive_count
+from ._levels import levelled
 
 __all__ = ["build_parser", "main", "parse_count", "positive_count"]
 
@@ -198,8 +200,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD, the newest)")
 
-    sp = add("log", "the commit log, newest first", c.cmd_log)
+    sp = add("log", "the commit log, newest first", levelled(c.cmd_log, lv.cmd_log))
     sp.add_argument("path")
+    sp.add_argument("--migrations", action="store_true", help="a levelled store's migrations")
 
     sp = add(
         "inspect",
@@ -216,7 +219,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
 
     sp = add(
-        "verify", "re-read every segment and check its checksums (exit 1 on damage)", c.cmd_verify
+        "verify",
+        "re-read every segment and check its checksums (exit 1 on damage)",
+        levelled(c.cmd_verify, lv.cmd_verify),
     )
     sp.add_argument("path")
 
@@ -284,8 +289,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add(
         "stats",
         "cache and I/O figures (the writer's at its last commit, or a replayed trace) and the "
-        "row lifecycle's health",
-        c.cmd_stats,
+        "row lifecycle's health (a levelled store: per level health and migrations)",
+        levelled(c.cmd_stats, lv.cmd_stats),
         epilog=SIZE_HELP,
     )
     sp.add_argument("path")

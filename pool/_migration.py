@@ -1,0 +1,384 @@
+"""Migration between levels: what stays stable in a fast level moves to the next slower one.
+
+The pieces are pure functions of tensors, so that each rule can be tested on its own; the
+levelled pool (``_levels.py``) feeds them and writes their results through the level pools.
+
+- **Window.** Between two consolidations a level accumulates, per row, the sum of its updates
+  and its uses (:class:`Window`): for ``write``, the change of the delta; for training, minus
+  the (damped) row gradients, the direction of the row steps (exact for SGD up to the learning
+  rate), which costs no extra read of the deltas.
+- **Signature.** A window's update of a row is reduced to the signs of a fixed random
+  projection (``bits`` of them, from the pool's seed: the same for every run); its
+  autocorrelation with the previous window's signature is ``2 * agree - 1`` in [-1, 1]. A row is
+  *stable* once that stays above ``tau_stable`` for ``stable_windows`` consecutive windows.
+- **Vertical alignment.** The cosine between a row's window updates at the fast level and at the
+  next slower one (0 where the slower one had none). High alignment (above ``fast_track``) lets a
+  row qualify one window earlier; negative alignment is a *conflict*: the move is blocked and the
+  fast level's window update of that row is damped by ``conflict_damp``.
+- **Pressure** = autocorrelation x use (uses per step in the window) x (1 + alignment) orders a
+  queue per channel (fast -> next slower persisted level).
+- **Caps.** A channel starts at most ``floor(cap * rows)`` migrations per consolidation (the
+  design's defaults 0.01, 0.005, 0.001 from the fastest channel to the slowest), plus at most
+  ``floor(bypass * cap * rows)`` more whose pressure is above ``criticality`` (the emergency
+  bypass, itself bounded). The rest wait (``migration_backlog``).
+- **Hand-off.** A started migration moves ``1/remaining`` of the row's fast-level delta to the
+  slower level at each of ``handoff`` consolidations (the last moves all that is left and drops
+  the row from the fast level). ``fast - part`` and ``slow + part`` are written together, so the
+  row's value ``base + sum of levels`` is unchanged within float32 rounding.
+- **Inertia.** ``a_eff = a_base + (1 - a_base) * tanh(density / k)`` per region (an id range,
+  as the lifecycle's), density = writers (the region's share of the rows written in the window)
+  x use (uses of its rows per step) x update size (mean norm of its rows' window updates); a
+  level's row updates are scaled by ``lr_scale * (1 - a_eff)`` until the next consolidation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from dpsn.errors import InvalidArgumentError
+
+_PROJECTION_SALT = 0x6C65_7665_6C73  # "levels": the projection differs from other seeded draws
+
+
+@dataclass(frozen=True)
+class Migration:
+    """How levels consolidate (one policy for the whole hierarchy, saved in the root file).
+
+    ``consolidate_every``: a consolidation runs at every N-th root commit (0: only
+    ``pool.consolidate()``). ``caps``: per channel, fastest channel first, the fraction of the
+    target level's rows that may start migrating per consolidation (the last value repeats for
+    deeper channels); ``caps=None`` turns the caps off (every stable row moves: for measuring
+    what the caps prevent). ``bypass``: the emergency bypass's bound, a fraction of a channel's
+    cap; ``criticality``: the pressure above which a row may use it.
+    """
+
+    bits: int = 64
+    tau_stable: float = 0.5
+    stable_windows: int = 3
+    fast_track: float = 0.9
+    conflict_damp: float = 0.5
+    caps: tuple[float, ...] | None = (0.01, 0.005, 0.001)
+    bypass: float = 0.5
+    criticality: float = 1.5
+    handoff: int = 4
+    consolidate_every: int = 1
+    regions: int = 64
+    entropy_target: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> InvalidArgumentError:
+            return InvalidArgumentError(f"dpsn.Migration: {msg}")
+
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 4096):
+            raise bad(f"bits must be an int in 1..4096, got {self.bits!r}")
+        if not -1.0 <= float(self.tau_stable) <= 1.0:
+            raise bad(f"tau_stable must be in [-1, 1], got {self.tau_stable!r}")
+        for name in ("stable_windows", "handoff", "regions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"{name} must be a positive int, got {value!r}")
+        every = self.consolidate_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise bad(f"consolidate_every must be an int >= 0, got {every!r}")
+        if self.caps is not None:
+            caps = tuple(float(c) for c in self.caps)
+            if not caps or any(not 0.0 <= c <= 1.0 for c in caps):
+                raise bad(f"caps must be fractions in [0, 1] (or None: off), got {self.caps!r}")
+            object.__setattr__(self, "caps", caps)
+        for name in ("bypass", "conflict_damp"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise bad(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("fast_track", "criticality", "entropy_target"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise bad(f"{name} must be finite")
+        if self.entropy_target <= 0:
+            raise bad("entropy_target must be > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["caps"] = None if self.caps is None else list(self.caps)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Migration:
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in raw.items() if k in known}
+        if args.get("caps") is not None:
+            args["caps"] = tuple(args["caps"])
+        return cls(**args)
+
+    def cap_rows(self, channel: int, rows: int) -> int | None:
+        """Migrations channel ``channel`` may start per consolidation (None: caps off)."""
+        if self.caps is None:
+            return None
+        cap = self.caps[min(channel, len(self.caps) - 1)]
+        return math.floor(cap * rows)
+
+    def bypass_rows(self, channel: int, rows: int) -> int | None:
+        """Extra migrations the emergency bypass may start per consolidation (None: caps off)."""
+        cap = self.cap_rows(channel, rows)
+        return None if cap is None else math.floor(self.bypass * cap)
+
+
+def projection(dim: int, bits: int, seed: int) -> torch.Tensor:
+    """The fixed random projection ``[dim, bits]`` whose signs make a row's signature."""
+    g = torch.Generator().manual_seed((seed ^ _PROJECTION_SALT) % (1 << 63))
+    return torch.randn((dim, bits), generator=g)
+
+
+def signatures(updates: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``[n, bits]`` bool: the signs of ``updates @ proj``."""
+    return (updates.float() @ proj.to(updates.device)) > 0
+
+
+def autocorrelation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``[n]`` in [-1, 1]: ``2 * (share of equal signature bits) - 1``."""
+    return 2.0 * (new == old).float().mean(dim=1) - 1.0
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of ``a`` and ``b`` ``[n, dim]``; 0 where either row is zero."""
+    na = torch.linalg.vector_norm(a, dim=1)
+    nb = torch.linalg.vector_norm(b, dim=1)
+    dot = (a * b).sum(dim=1)
+    ok = (na > 0) & (nb > 0)
+    return torch.where(ok, dot / (na * nb).clamp_min(1e-30), torch.zeros_like(dot))
+
+
+def effective_inertia(a_base: float, density: torch.Tensor, k: float) -> torch.Tensor:
+    """``a_base + (1 - a_base) * tanh(density / k)``."""
+    return a_base + (1.0 - a_base) * torch.tanh(density / k)
+
+
+def regions_of(ids: torch.Tensor, rows: int, regions: int) -> torch.Tensor:
+    """The region (an id range, as the lifecycle's) of each id."""
+    width = -(-rows // regions)
+    return torch.div(ids, width, rounding_mode="floor").clamp_(max=regions - 1)
+
+
+def select(
+    pressure: torch.Tensor, cap: int | None, bypass: int | None, criticality: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which candidates start migrating: ``(normal, bypassed)`` index tensors into ``pressure``.
+
+    The ``cap`` highest pressures move normally; of the rest, at most ``bypass`` whose pressure
+    is above ``criticality`` (highest first) use the bypass. ``cap=None``: all move, no bypass.
+    Never more than ``cap`` normal and ``bypass`` bypassed (tested exactly)."""
+    order = torch.argsort(pressure, descending=True, stable=True)
+    if cap is None:
+        return order, order[:0]
+    normal = order[:cap]
+    rest = order[cap:]
+    critical = rest[pressure[rest] > criticality]
+    return normal, critical[: max(bypass or 0, 0)]
+
+
+def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+    """The share of each row's fast-level delta ``[n, dim]`` to move now: ``1/remaining`` of it
+    (all of it at the last step, ``remaining == 1``)."""
+    return fast / remaining.to(fast.dtype).clamp_min(1)[:, None]
+
+
+class Window:
+    """One level's updates and uses since its last consolidation, kept as appended batches and
+    reduced (``torch.unique`` + ``index_add_``) when read or when too many are pending."""
+
+    _FOLD_AT = 64
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._ids: list[torch.Tensor] = []
+        self._upd: list[torch.Tensor] = []
+        self._use_ids: list[torch.Tensor] = []
+        self._uses: list[torch.Tensor] = []
+        self.steps = 0
+
+    def add_update(self, ids: torch.Tensor, update: torch.Tensor) -> None:
+        self._ids.append(ids.detach().cpu().reshape(-1))
+        self._upd.append(update.detach().float().cpu().reshape(-1, self.dim))
+        if len(self._ids) >= self._FOLD_AT:
+            ids, upd = self.updates()
+            self._ids, self._upd = [ids], [upd]
+
+    def add_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        self._use_ids.append(ids.detach().cpu().reshape(-1))
+        self._uses.append(counts.detach().cpu().reshape(-1).float())
+        self.steps += 1
+        if len(self._use_ids) >= self._FOLD_AT:
+            ids, uses = self.uses()
+            self._use_ids, self._uses = [ids], [uses]
+
+    def updates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct ids and their summed updates ``[n, dim]``."""
+        if not self._ids:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, self.dim))
+        ids = torch.cat(self._ids)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        out = torch.zeros((len(uniq), self.dim))
+        out.index_add_(0, inv, torch.cat(self._upd))
+        return uniq, out
+
+    def uses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct ids and their summed uses."""
+        if not self._use_ids:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        ids = torch.cat(self._use_ids)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        out = torch.zeros(len(uniq))
+        out.index_add_(0, inv, torch.cat(self._uses))
+        return uniq, out
+
+    def clear(self) -> None:
+        self._ids, self._upd, self._use_ids, self._uses = [], [], [], []
+        self.steps = 0
+
+
+def lookup(sorted_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``ids`` in ``sorted_ids`` and whether each is there."""
+    if len(sorted_ids) == 0:
+        return torch.zeros_like(ids), torch.zeros(len(ids), dtype=torch.bool)
+    pos = torch.searchsorted(sorted_ids, ids).clamp_(max=len(sorted_ids) - 1)
+    return pos, sorted_ids[pos] == ids
+
+
+class Tracker:
+    """Per level: the previous window's signatures, each row's stable streak and last
+    autocorrelation, the region inertia and the health figures of the last consolidation."""
+
+    def __init__(self, regions: int, a_base: float) -> None:
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.sig = torch.zeros((0, 0), dtype=torch.bool)
+        self.streak = torch.zeros(0, dtype=torch.int64)
+        self.autocorr = torch.zeros(0)
+        self.inertia = torch.full((regions,), float(a_base))
+        self.health: dict[str, Any] = {
+            "migration_backlog": 0,
+            "conflict_rate": 0.0,
+            "entropy_ratio": 0.0,
+        }
+
+    def advance(
+        self, ids: torch.Tensor, updates: torch.Tensor, proj: torch.Tensor, tau: float
+    ) -> None:
+        """Fold one window in: rows updated in it get a new signature, autocorrelation and
+        streak; rows not updated drop out (their streak is broken)."""
+        sig = signatures(updates, proj)
+        pos, hit = lookup(self.ids, ids)
+        ac = torch.zeros(len(ids))
+        streak = torch.zeros(len(ids), dtype=torch.int64)
+        if bool(hit.any()):
+            p = pos[hit]
+            ac[hit] = autocorrelation(sig[hit], self.sig[p])
+            streak[hit] = torch.where(ac[hit] > tau, self.streak[p] + 1, torch.zeros_like(p))
+        self.ids, self.sig, self.streak, self.autocorr = ids, sig, streak, ac
+
+
+def density(
+    ids: torch.Tensor,
+    updates: torch.Tensor,
+    use_ids: torch.Tensor,
+    uses: torch.Tensor,
+    steps: int,
+    rows: int,
+    regions: int,
+) -> torch.Tensor:
+    """``[regions]``: writers x use x update size of one window (see the module docstring)."""
+    written = torch.zeros(regions)
+    size = torch.zeros(regions)
+    used = torch.zeros(regions)
+    if len(ids):
+        r = regions_of(ids, rows, regions)
+        written.index_add_(0, r, torch.ones(len(ids)))
+        size.index_add_(0, r, torch.linalg.vector_norm(updates, dim=1))
+    if len(use_ids):
+        used.index_add_(0, regions_of(use_ids, rows, regions), uses)
+    share = written / max(1.0, float(written.sum()))
+    mean_size = size / written.clamp_min(1)
+    return share * (used / max(1, steps)) * mean_size
+
+
+def entropy_ratio(
+    ids: torch.Tensor, updates: torch.Tensor, rows: int, regions: int, target: float
+) -> float:
+    """The design's sum over regions of dispersion x variance of a window's updates, against
+    ``target``: dispersion = std / mean of the region's row update norms, variance = the
+    variance of its update values. 0 for a window without updates."""
+    if len(ids) < 2:
+        return 0.0
+    r = regions_of(ids, rows, regions)
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    n = torch.zeros(regions).index_add_(0, r, torch.ones(len(ids)))
+    s1 = torch.zeros(regions).index_add_(0, r, norms)
+    s2 = torch.zeros(regions).index_add_(0, r, norms * norms)
+    mean = s1 / n.clamp_min(1)
+    std = (s2 / n.clamp_min(1) - mean * mean).clamp_min(0).sqrt()
+    dispersion = torch.where(mean > 0, std / mean.clamp_min(1e-30), torch.zeros_like(mean))
+    v1 = torch.zeros(regions).index_add_(0, r, updates.sum(dim=1))
+    v2 = torch.zeros(regions).index_add_(0, r, (updates * updates).sum(dim=1))
+    cells = (n * updates.shape[1]).clamp_min(1)
+    variance = (v2 / cells - (v1 / cells) ** 2).clamp_min(0)
+    return float((dispersion * variance).sum()) / target
+
+
+@dataclass
+class Plan:
+    """One channel's decision at a consolidation."""
+
+    normal: torch.Tensor  # ids that start migrating within the cap
+    bypassed: torch.Tensor  # ids that start through the emergency bypass
+    pressure: torch.Tensor  # pressures of normal then bypassed
+    conflicts: torch.Tensor  # fast-level ids whose window update opposes the slower level's
+    conflict_updates: torch.Tensor  # their fast-level window updates [c, dim]
+    compared: int  # rows whose updates at both levels were compared
+    backlog: int  # stable candidates left waiting
+
+
+def plan_channel(
+    policy: Migration,
+    channel: int,
+    rows: int,
+    fast: Tracker,
+    fast_window: tuple[torch.Tensor, torch.Tensor],
+    fast_uses: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    slow_window: tuple[torch.Tensor, torch.Tensor],
+    busy: torch.Tensor,
+) -> Plan:
+    """Decide which rows of the fast level start moving to the slower one (``fast`` has already
+    folded this window in: ``fast.ids`` are ``fast_window``'s ids)."""
+    ids, upd = fast_window
+    pos, hit = lookup(slow_window[0], ids)
+    slow_upd = torch.zeros_like(upd)
+    if bool(hit.any()):
+        slow_upd[hit] = slow_window[1][pos[hit]]
+    align = cosine(upd, slow_upd)
+    conflict = hit & (align < 0)
+    upos, uhit = lookup(fast_uses[0], ids)
+    use = torch.where(uhit, fast_uses[1][upos] if len(fast_uses[0]) else 0.0, 0.0) / max(1, steps)
+    n = policy.stable_windows
+    stable = fast.streak >= n
+    if n > 1:
+        stable |= (fast.streak >= n - 1) & (align > policy.fast_track)
+    _, moving = lookup(busy, ids)
+    cand = stable & ~conflict & ~moving
+    pressure = (fast.autocorr * use * (1.0 + align))[cand]
+    cand_ids = ids[cand]
+    normal, bypassed = select(
+        pressure,
+        policy.cap_rows(channel, rows),
+        policy.bypass_rows(channel, rows),
+        policy.criticality,
+    )
+    return Plan(
+        normal=cand_ids[normal],
+        bypassed=cand_ids[bypassed],
+        pressure=torch.cat([pressure[normal], pressure[bypassed]]),
+        conflicts=ids[conflict],
+        conflict_updates=upd[conflict],
+        compared=int(hit.sum()),
+        backlog=int(cand.sum()) - len(normal) - len(bypassed),
+    )
