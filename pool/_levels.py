@@ -425,12 +425,16 @@ class LevelBatch:
         out = self._inner.deltas()
         return out if self._others is None else out + self._others
 
-    def apply_grads(self, grads: torch.Tensor, optimizer: Any) -> None:
+    def apply_grads(
+        self, grads: torch.Tensor, optimizer: Any, *, rows: torch.Tensor | None = None
+    ) -> None:
+        """The train level's row step (see :meth:`dpsn.tiers.RowBatch.apply_grads`; ``rows``
+        restricts it to the rows it marks)."""
         if self.applied:
             from dpsn.tiers import SECOND_BACKWARD
 
             raise RuntimeError(SECOND_BACKWARD)
-        self._owner._train_step(self._inner, grads, optimizer)
+        self._owner._train_step(self._inner, grads, optimizer, rows)
         self.applied = True
 
     def release(self) -> None:
@@ -715,7 +719,9 @@ class LevelledPool:
     def count_skipped_row_step(self) -> None:
         self._tp.count_skipped_row_step()
 
-    def _train_step(self, inner: RowBatch, grads: torch.Tensor, optimizer: Any) -> None:
+    def _train_step(
+        self, inner: RowBatch, grads: torch.Tensor, optimizer: Any, rows: Any = None
+    ) -> None:
         """The row step of one batch on the train level: the row gradients are scaled by
         ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
         for adaptive optimizers, the gradient's), then the optimizer steps. The window records
@@ -729,7 +735,9 @@ class LevelledPool:
             region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
             scale = (lv.lr_scale * (1.0 - a_eff[region])).to(grads.device, grads.dtype)
             grads = grads * scale[:, None]
-        inner.apply_grads(grads, optimizer)
+        inner.apply_grads(grads, optimizer, rows=rows)
+        if rows is not None:  # rows left out moved nothing: their window records no update
+            grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
         window = self._windows[name]
         window.add_update(ids, -grads)
         window.add_uses(ids, inner.counts)

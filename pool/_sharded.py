@@ -122,10 +122,20 @@ class ShardedRowBatch:
             "supported on a sharded pool (train the generator on one process)"
         )
 
-    def apply_grads(self, grads: torch.Tensor, optimizer: Any) -> None:
+    def apply_grads(
+        self, grads: torch.Tensor, optimizer: Any, *, rows: torch.Tensor | None = None
+    ) -> None:
         """Send each row's gradient (``[n, D]``, aligned with ``ids``) to its owner, which sums
-        all ranks' contributions and applies one ``optimizer`` step (a collective)."""
+        all ranks' contributions and applies one ``optimizer`` step (a collective). A row
+        selection (``rows=``) is not supported across shards yet and is refused; protected
+        rows are still left out by each owner."""
         from dpsn.tiers import SECOND_BACKWARD
+
+        if rows is not None:
+            raise NotImplementedError(
+                "row_selection= is not supported on a sharded pool yet: each owner would need "
+                "every rank's selection of its rows; train without it, or protect rows instead"
+            )
 
         if self.applied or self._local is None:
             raise RuntimeError(SECOND_BACKWARD)
