@@ -61,7 +61,7 @@ def create_root(
     for k in ("device", "cache_rows", "policy"):
         kwargs.pop(k, None)  # the cache of an offline create is never used
     gen = _api._build_generator(
-        kwargs.pop("generator", "hashed_slices"), dim=dim, seed=kwargs.get("seed", 0)
+        kwargs.pop("generator", "hashed_slices"), dim=dim, seed=kwargs.get("seed", 0), rows=rows
     )
     made = not root.exists()
     root.mkdir(parents=True, exist_ok=True)

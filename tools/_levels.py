@@ -25,7 +25,7 @@ def levelled(
 
     @functools.wraps(single)
     def run(args: argparse.Namespace) -> int:
-        from dpsn.store import levels_format
+        from dpsn.store import levels as levels_format
 
         path = getattr(args, "path", None)
         if isinstance(path, str) and levels_format.is_levelled(path):
@@ -44,7 +44,7 @@ def _print_json(obj: Any) -> None:
 
 def cmd_log(args: argparse.Namespace) -> int:
     """Root commits, newest first (``--migrations``: the migration records instead)."""
-    from dpsn.store import levels_format
+    from dpsn.store import levels as levels_format
 
     from ._format import table
 
@@ -95,7 +95,8 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _level_facts(root: Path, name: str) -> dict[str, Any]:
-    from dpsn.store import StoreFacts, levels_format
+    from dpsn.store import StoreFacts
+    from dpsn.store import levels as levels_format
 
     with StoreFacts(root / levels_format.LEVELS_DIR / name) as facts:
         return facts.info()
@@ -104,7 +105,7 @@ def _level_facts(root: Path, name: str) -> dict[str, Any]:
 def cmd_stats(args: argparse.Namespace) -> int:
     """Per level: rows and bytes on disk, and the health figures of the newest root commit;
     per channel: migrations and bypasses in all."""
-    from dpsn.store import levels_format
+    from dpsn.store import levels as levels_format
 
     from ._format import human_bytes, table
 
@@ -163,7 +164,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Every level store's checks and the root provenance chain, recomputed."""
-    from dpsn.store import PersistedStore, levels_format
+    from dpsn.store import PersistedStore
+    from dpsn.store import levels as levels_format
 
     root = Path(args.path)
     problems = list(levels_format.verify_root(root))
