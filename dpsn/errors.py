@@ -14,6 +14,7 @@ __all__ = [
     "CorruptSegmentError",
     "CorruptStoreError",
     "DpsnError",
+    "FreshRouterWarning",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "InvalidDeltaError",
@@ -21,6 +22,7 @@ __all__ = [
     "InvalidIdsError",
     "InvalidSnapshotNameError",
     "LifecycleError",
+    "ModuleNotSavedError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
     "SnapshotNotFoundError",
@@ -132,3 +134,14 @@ class SnapshotUnavailableError(DpsnError, LookupError):
 
 class CacheCapacityError(DpsnError, ValueError):
     """A batch needs more distinct rows than the device cache can hold at once."""
+
+
+class ModuleNotSavedError(DpsnError, LookupError):
+    """The store holds no saved configuration for the module asked for (commit the module
+    with its own ``commit()`` first), or one of another kind."""
+
+
+class FreshRouterWarning(UserWarning):
+    """A ``PoolLayer`` was built with a new, random router on a store that holds a trained one:
+    its outputs will not be the trained layer's. Use ``PoolLayer.from_store`` (or pass
+    ``router=pool.load_router("router")``)."""

@@ -16,6 +16,7 @@ Generator staleness (the cache keeps each trained row's base beside its delta):
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ class Pool:
             policy=policy,
         )
         self._routers = RouterShelf(store)
+        self._modules: dict[str, dict[str, Any]] = {}  # configurations to save at commit
         self._lifecycle: LifecycleRunner | None = None
         self._lifecycle_given = lifecycle is not None  # else the store's policy is followed
         if lifecycle is not None or record.lifecycle is not None:
@@ -296,6 +298,7 @@ class Pool:
             stats=self.stats(),
             routers=lambda version: self._routers.write_changed(head, version),
             lifecycle=lc.to_json() if lc is not None else None,
+            modules=self._changed_modules(head),
         )
         self._auto_compact()
         return record
@@ -370,6 +373,34 @@ class Pool:
         """The router ``name`` as saved with this pool's commit, checked against its digest."""
         self._check_open()
         return self._routers.load(name, self.head)
+
+    # -- module configurations -----------------------------------------------------------------
+
+    def save_module(self, name: str, config: dict[str, Any]) -> None:
+        """Keep a module's configuration (a JSON object) with the store: it is written with the
+        next commit (when it changed) and joins the provenance hash, so that
+        ``PoolLayer.from_store`` / ``PoolEmbedding.from_store`` rebuild the module that
+        trained these rows. Read it back with :meth:`modules`."""
+        self._require_writable()
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ValueError(f"a module name is a non-empty str of at most 128 chars: {name!r}")
+        try:
+            text = json.dumps(config, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"module config {name!r} must be plain JSON: {e}") from e
+        if not isinstance(config, dict) or len(text) > 1 << 16:
+            raise ValueError(f"module config {name!r} must be a JSON object under 64 KiB")
+        self._modules[name] = json.loads(text)
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Module configurations saved with this pool's commit: name -> config."""
+        self._check_open()
+        return dict(self._store.commit_record(self.head).modules or {})
+
+    def _changed_modules(self, head: int) -> dict[str, dict[str, Any]] | None:
+        saved = self._store.commit_record(head).modules or {}
+        changed = {k: v for k, v in self._modules.items() if saved.get(k) != v}
+        return changed or None
 
     # -- history -------------------------------------------------------------------------------
 

@@ -1087,6 +1087,7 @@ class PersistedStore:
         state: np.ndarray | None = None,
         usage: np.ndarray | None = None,
         lifecycle: dict[str, Any] | None = None,
+        modules: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[Commit, LayeredIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
@@ -1149,7 +1150,11 @@ class PersistedStore:
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}
+        module_records = {**(parent.modules or {}), **(modules or {})}
         new_index = index.apply(ids, segment_id, commit_id, drops)
+        # Module configurations join the provenance only where a store has some, so stores
+        # without them keep the provenance they always had.
+        extra = (module_records,) if module_records else ()
         record = Commit(
             id=commit_id,
             parent=head,
@@ -1165,10 +1170,12 @@ class PersistedStore:
                 seg.checksums if seg else None,
                 gen_record or gen_version,
                 router_records,
+                *extra,
             ),
             stats=stats,
             routers=router_records or None,
             lifecycle=lifecycle,
+            modules=module_records or None,
         )
         removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)

@@ -101,10 +101,14 @@ class Commit:
     # (checked by :func:`lifecycle_record`; dpsn.pool checks the policy's settings in full).
     # None: the store has no lifecycle (and the key is left out, as in format 1).
     lifecycle: dict[str, Any] | None = None
+    # Configurations of the modules built on this store (``PoolLayer``, ``PoolEmbedding``):
+    # name -> a small JSON object their ``from_store`` rebuilds them from. None: none saved
+    # (and the key is left out, so stores without modules keep their bytes).
+    modules: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("index_digest", "lifecycle"):
+        for key in ("index_digest", "lifecycle", "modules"):
             if out[key] is None:
                 del out[key]
         return out
@@ -146,6 +150,13 @@ class Commit:
                     and _is_int(r.get("version"), 1, MAX_COMMIT_ID + 1)
                     and isinstance(r.get("digest"), str)
                 )
+        modules = raw.get("modules")
+        if modules is not None:
+            ok = (
+                ok
+                and isinstance(modules, dict)
+                and all(isinstance(k, str) and isinstance(v, dict) for k, v in modules.items())
+            )
         if not ok:
             raise CorruptStoreError(
                 f"commit record {raw.get('id')!r} has a field of the wrong type or range"
@@ -153,7 +164,7 @@ class Commit:
         return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})
 
 
-_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle"}
+_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle", "modules"}
 LIFECYCLE_FORMAT = 1  # of a commit's "lifecycle" object; never renumber
 _LIFECYCLE_TOTALS = ("consolidations", "decayed", "pruned", "entered", "exited")
 _MAX_CLOCK = 1 << 53  # clocks are exact integers in the float64 usage column

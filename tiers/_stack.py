@@ -914,6 +914,7 @@ class RowStack(UsageStatistics):
         stats: dict[str, Any] | None,
         routers: Callable[[int], dict[str, str]] | None = None,
         lifecycle: dict[str, Any] | None = None,
+        modules: dict[str, dict[str, Any]] | None = None,
     ) -> Commit:
         """Make every change since the last commit durable in one atomic step: dirty rows,
         staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
@@ -945,6 +946,7 @@ class RowStack(UsageStatistics):
                 state=values[layout.state.name].numpy() if layout.state_width else None,
                 usage=usage,
                 lifecycle=lifecycle,
+                modules=modules,
                 message=message,
                 stats=stats,
                 generator_state=generator_state,
