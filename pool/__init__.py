@@ -4,6 +4,7 @@ layer of a model."""
 from dpsn.tiers import Commit, Prefetch, RowBatch, VerifyReport
 
 from ._api import compact, create, gc, open
+from ._collection import PoolEmbeddingCollection, TableRange
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
@@ -16,6 +17,7 @@ __all__ = [
     "Lifecycle",
     "Pool",
     "PoolEmbedding",
+    "PoolEmbeddingCollection",
     "PoolLayer",
     "Prefetch",
     "RowAdagrad",
@@ -23,6 +25,7 @@ __all__ = [
     "RowBatch",
     "RowOptimizer",
     "RowSGD",
+    "TableRange",
     "VerifyReport",
     "compact",
     "create",
