@@ -83,7 +83,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 import digits  # noqa: E402
 import lm  # noqa: E402
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from _common import add_out_argument, default_out, print_table, write_json  # noqa: E402
 
 # The default: the best at equal time of the settings tried on validation (module docstring).
 DEFAULT = lm.LMConfig(
@@ -220,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "time other processes held the cores); both are reported",
     )
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON/PNG)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (15 if args.quick else 800)
@@ -295,10 +296,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_seconds": total,
     }
     if not args.no_write:
-        write_json("quality", payload)
+        write_json("quality", payload, out=args.out)
         plot(
             {"dense": dense, "pool": pool, "pool (time budget)": main_runs["pool_time_budget"]},
-            RESULTS / "quality.png",
+            (args.out or default_out()) / "quality.png",
         )
     return payload
 

@@ -56,7 +56,7 @@ def test_padding_max_last_offset_match_embedding_bag(tmp_path, mode, last):
 
 
 def test_refused_options_and_checks(tmp_path):
-    pool, emb = make(tmp_path / "s")
+    pool, _ = make(tmp_path / "s")
     for kw in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"_weight": torch.zeros(1)}):
         with pytest.raises(TypeError, match="does not support"):
             PoolEmbedding(pool, **kw)

@@ -63,10 +63,12 @@ def test_fresh_router_on_trained_store_warns_and_differs(tmp_path):
 
 
 def test_no_warning_on_untrained_store(tmp_path):
-    with dpsn.create(tmp_path / "s", rows=1000, dim=16, generator=SMALL) as pool:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FreshRouterWarning)
-            dpsn.PoolLayer(pool, 8, 8, k=4)
+    with (
+        dpsn.create(tmp_path / "s", rows=1000, dim=16, generator=SMALL) as pool,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", FreshRouterWarning)
+        dpsn.PoolLayer(pool, 8, 8, k=4)
 
 
 def test_layer_reopens_writable_and_resumes(tmp_path):
@@ -109,7 +111,7 @@ def test_from_store_errors(tmp_path):
     with pytest.raises(ModuleNotSavedError, match="PoolLayer"):
         dpsn.PoolEmbedding.from_store(pool)
     pool.close()
-    with pytest.raises(TypeError, match="store path or a dpsn.Pool"):
+    with pytest.raises(TypeError, match=r"store path or a dpsn\.Pool"):
         dpsn.PoolLayer.from_store(42)
 
 
