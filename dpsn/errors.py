@@ -25,6 +25,7 @@ __all__ = [
     "ModuleNotSavedError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
+    "SnapshotExistsError",
     "SnapshotNotFoundError",
     "SnapshotUnavailableError",
     "StoreExistsError",
@@ -126,6 +127,11 @@ class StoreWriteError(DpsnError, OSError):
 
 class SnapshotNotFoundError(DpsnError, LookupError):
     """No snapshot of that name and no commit with that id."""
+
+
+class SnapshotExistsError(DpsnError, FileExistsError):
+    """A snapshot of that name exists already: a refused write, not a usage error (delete it
+    first, or choose another name)."""
 
 
 class SnapshotUnavailableError(DpsnError, LookupError):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
+from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError, SnapshotExistsError
 from dpsn.hypernet import Generator
 from dpsn.tiers import (
     Commit,
@@ -413,10 +413,22 @@ class Pool:
         """Pin this pool's current commit under ``name`` (uncommitted changes are not included:
         commit first). A pinned commit survives gc; open it with ``dpsn.open(path, at=name)``."""
         self._require_writable()
+        if isinstance(name, str) and name in self._store.snapshots():
+            raise SnapshotExistsError(
+                f"snapshot {name!r} exists already; choose another name, or delete it first "
+                "with pool.delete_snapshot(name)"
+            )
         self._store.pin(name, self.head)
         return self._store.commit_record(self.head)
 
+    def delete_snapshot(self, name: str) -> None:
+        """Delete the snapshot ``name`` (its commit stays in the log); the next ``gc`` frees
+        what only it kept (``SnapshotNotFoundError`` if there is none of that name)."""
+        self._require_writable()
+        self._store.unpin(name)
+
     def snapshots(self) -> dict[str, int]:
+        """Snapshot names and the commit each pins."""
         self._check_open()
         return {k: v["commit"] for k, v in self._store.snapshots().items()}
 
