@@ -155,7 +155,7 @@ def test_stats_keep_the_writers_figures_after_a_drop(tmp_path, capsys):
         p.write(torch.arange(10), torch.ones(10, 8))
         p.commit("train")
     assert run(capsys, "drop", store, "3")[0] == 0
-    code, out, _ = run(capsys, "stats", store, "--json")
+    _code, out, _ = run(capsys, "stats", store, "--json")
     stats = json.loads(out)
     assert stats["writer_commit"] == 2 and stats["writer"]["misses"] == 100
 
@@ -174,7 +174,7 @@ def test_demo_reruns(tmp_path, capsys, monkeypatch):
 def test_pt_state_dict_imports(tmp_path, capsys):
     emb = nn.Embedding(50, 6)
     torch.save(emb.state_dict(), tmp_path / "emb.pt")
-    code, out, err = run(capsys, "import", tmp_path / "emb.pt", tmp_path / "s")
+    code, _out, err = run(capsys, "import", tmp_path / "emb.pt", tmp_path / "s")
     assert code == 0, err
     with dpsn.open(tmp_path / "s") as p:
         assert torch.equal(p.read(torch.arange(50)), emb.weight.detach())
