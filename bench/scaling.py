@@ -62,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 DIM = 8
 CACHE_ROWS = 1 << 16
 LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
+LM_TOKENS_PER_STEP = 1024  # bench/quality.py's DEFAULT: batch 8 x context 128
 STREAM_BATCH = 4096
 HOT_FRACTION = 0.9
 ZIPF_A = 1.0
@@ -419,6 +420,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--model-steps", type=parse_count, default=None, help="LM steps (400)")
     ap.add_argument(
+        "--model-tokens",
+        type=parse_count,
+        default=None,
+        help=f"LM training tokens (instead of --model-steps: {LM_TOKENS_PER_STEP} a step)",
+    )
+    ap.add_argument(
+        "--model-pool-only",
+        action="store_true",
+        help="LM part: the pools and the dense FFN of equal active parameters only (no "
+        "dense FFNs as wide as the pools)",
+    )
+    ap.add_argument(
         "--model-rows",
         default=None,
         help="pool rows of the LM runs, comma-separated (1e3,1e4,1e5,1e6,1e7)",
@@ -454,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else ([10**3, 10**5] if quick else [10**3, 10**4, 10**5, 10**6, 10**7])
     )
     model_steps = args.model_steps or (8 if quick else 400)
+    if args.model_tokens:
+        model_steps = max(1, -(-args.model_tokens // LM_TOKENS_PER_STEP))
     spec_base = {
         "dim": DIM,
         "seed": 0,
@@ -468,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_model:
         runs = [{"kind": "pool", "rows": r} for r in model_rows]
         runs.append({"kind": "dense_active", "width": LM_K})
-        cap = 0 if quick else 10**4  # --quick: no time for them
+        cap = 0 if quick or args.model_pool_only else 10**4  # --quick: no time for them
         runs += [{"kind": "dense_total", "width": r, "matches": r} for r in model_rows if r <= cap]
         skipped_total = [r for r in model_rows if r > cap]
     else:
