@@ -222,10 +222,12 @@ class PoolEmbedding(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
+        """The width of a pooled embedding (the pool's ``dim``), as ``nn.EmbeddingBag``'s."""
         return self.pool.dim
 
     @property
     def num_embeddings(self) -> int:
+        """The table's rows (the pool's, virtual), as ``nn.EmbeddingBag``'s."""
         return self.pool.rows
 
     def extra_repr(self) -> str:

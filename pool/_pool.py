@@ -112,22 +112,27 @@ class Pool:
 
     @property
     def path(self) -> Path:
+        """The store's directory."""
         return self._store.root
 
     @property
     def rows(self) -> int:
+        """Virtual rows of the pool (ids run from 0 to ``rows - 1``)."""
         return self._store.manifest.rows
 
     @property
     def dim(self) -> int:
+        """Width of a row."""
         return self._store.manifest.dim
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype rows are stored and served in."""
         return self._stack.dtype
 
     @property
     def seed(self) -> int:
+        """The pool seed every base row is derived from."""
         return self._store.manifest.seed
 
     @property
@@ -137,6 +142,7 @@ class Pool:
 
     @property
     def device(self) -> torch.device:
+        """Where the cache lives and rows are served."""
         return self._stack.device
 
     @property
@@ -151,10 +157,12 @@ class Pool:
 
     @property
     def writable(self) -> bool:
+        """Whether this pool holds the writer lock (``mode="r+"``)."""
         return self._store.writable
 
     @property
     def cache(self) -> DeviceCache | None:
+        """The device cache (None with ``cache_rows=0``)."""
         return self._stack.cache
 
     @property
@@ -564,6 +572,7 @@ class Pool:
             warnings.warn(f"automatic compaction after the commit failed: {e}", stacklevel=3)
 
     def segments_total(self) -> int:
+        """How many delta segments the store records."""
         return len(self._store.segment_records())
 
     def row_commits(self, ids: Any) -> np.ndarray:

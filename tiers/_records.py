@@ -107,6 +107,7 @@ class Commit:
     modules: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The record as stored (optional fields left out when empty)."""
         out = asdict(self)
         for key in ("index_digest", "lifecycle", "modules"):
             if out[key] is None:
@@ -266,9 +267,11 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON (what ``dpsn verify --json`` prints)."""
         return {
             "ok": self.ok,
             "checked_segments": self.checked_segments,

@@ -59,6 +59,7 @@ _UNSET: Any = object()
 
 
 def read_policy(store: Any) -> MaintenancePolicy:
+    """The store's retention and compaction policy (the default one if none was set)."""
     raw = store._read(lambda txn: txn.get(META_MAINTENANCE, db=store._db(DB_META)))
     if raw is None:
         return MaintenancePolicy()
@@ -66,6 +67,7 @@ def read_policy(store: Any) -> MaintenancePolicy:
 
 
 def write_policy(store: Any, policy: MaintenancePolicy) -> None:
+    """Record ``policy`` as the store's, in one LMDB transaction (needs the writer lock)."""
     store._require_writer()
 
     def put(txn: lmdb.Transaction) -> None:

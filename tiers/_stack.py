@@ -77,7 +77,9 @@ class RowOptimizer(Protocol):
 
     def native_hyper(self) -> tuple[float, float, float, float]: ...
 
-    def state_width(self, dim: int) -> int: ...
+    def state_width(self, dim: int) -> int:
+        """Floats of optimizer state kept beside each row's delta, for rows ``dim`` wide."""
+        ...
 
     def step(
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
@@ -151,6 +153,7 @@ class RowBatch:
 
     @property
     def use_index(self) -> torch.Tensor:
+        """Each requested position's slot in ``table`` (``index[inverse]``)."""
         if self._use_index is None:
             self._use_index = self.index[self.inverse]
         return self._use_index
@@ -1026,6 +1029,7 @@ class Prefetch:
             torch.cuda.current_stream().wait_event(event)
 
     def done(self) -> bool:
+        """Whether the prefetch has finished paging its rows in."""
         return self._future is None or self._future.done()
 
     def release(self) -> None:
