@@ -61,10 +61,13 @@ class _Bags(torch.autograd.Function):
             )
             # the distinct row that won each (bag, column), -1 for empty bags: mapped now,
             # while ``batch.index`` still names the slots the forward read
-            order = torch.argsort(batch.index)
-            at = torch.searchsorted(batch.index[order], slots.clamp(min=0).reshape(-1))
-            won = order[at.clamp(max=max(len(order) - 1, 0))].reshape(slots.shape)
-            ctx.argmax = torch.where(sizes[:, None] > 0, won, -1)
+            if len(batch.index) == 0:  # no ids at all: every bag is empty
+                ctx.argmax = torch.full(slots.shape, -1, dtype=torch.int64, device=slots.device)
+            else:
+                order = torch.argsort(batch.index)
+                at = torch.searchsorted(batch.index[order], slots.clamp(min=0).reshape(-1))
+                won = order[at.clamp(max=len(order) - 1)].reshape(slots.shape)
+                ctx.argmax = torch.where(sizes[:, None] > 0, won, -1)
         else:
             out = F.embedding_bag(
                 batch.use_index.reshape(-1),

@@ -165,3 +165,40 @@ def test_collection_bad_input(tmp_path):
     with pytest.raises(ValueError, match="variable batch"):
         coll(FakeKJT(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([1, 1, 1])))
     pool.close()
+
+
+@pytest.mark.slow
+def test_property_forward_matches_embedding_bag(tmp_path):
+    """Any bags, any mode, with or without padding and a last offset: the same pooled rows as
+    nn.functional.embedding_bag over the pool's rows (no training: no_grad)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    pool = dpsn.create(tmp_path / "s", rows=40, dim=DIM, seed=5, generator=SMALL)
+    pool.write(torch.arange(0, 40, 3), torch.randn(14, DIM))
+    weight = pool.read(torch.arange(40))
+    modules = {
+        (mode, pad, last): PoolEmbedding(pool, mode, padding_idx=pad, include_last_offset=last)
+        for mode in ("sum", "mean", "max")
+        for pad in (None, 4)
+        for last in (False, True)
+    }
+
+    @given(
+        ids=st.lists(st.integers(0, 39), max_size=30),
+        cuts=st.lists(st.integers(0, 30), min_size=1, max_size=6),
+        mode=st.sampled_from(["sum", "mean", "max"]),
+        pad=st.sampled_from([None, 4]),
+        last=st.booleans(),
+    )
+    def check(ids, cuts, mode, pad, last):
+        values = torch.tensor(ids, dtype=torch.int64)
+        offsets = torch.tensor(sorted({0, *(min(c, len(ids)) for c in cuts)}))
+        want = nn.functional.embedding_bag(values, weight, offsets, mode=mode, padding_idx=pad)
+        offs = torch.cat([offsets, torch.tensor([len(ids)])]) if last else offsets
+        with torch.no_grad():
+            got = modules[(mode, pad, last)](values, offs)
+        assert torch.allclose(got, want, atol=1e-5), (got, want)
+
+    check()
+    pool.close()
