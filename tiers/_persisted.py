@@ -1398,13 +1398,18 @@ class PersistedStore:
         *,
         progress: Callable[[int, int], None] | None = None,
         target: float = 1.1,
+        segments: list[int] | None = None,
+        collect: bool = True,
     ) -> Any:
-        """Rewrite the live rows of sparse segments, then gc (``_compact.py``)."""
+        """Rewrite the live rows of sparse segments (or of exactly ``segments``), then gc
+        unless ``collect`` is False (``_compact.py``)."""
         from ._compact import compact
 
         if index is None or head is None:
             head, index = self.load_head()
-        return compact(self, index, head, progress=progress, target=target)
+        return compact(
+            self, index, head, progress=progress, target=target, segments=segments, collect=collect
+        )
 
     def _unreferenced_versions(
         self, keep_commits: set[int] | None = None, *, checkpoint: int | None = None

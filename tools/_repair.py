@@ -46,7 +46,6 @@ def repair(path: str | Path) -> dict[str, Any]:
     """Repair the store at ``path`` (module doc); what was done, and whether verify is clean."""
     import dpsn
     from dpsn.tiers import PersistedStore
-    from dpsn.tiers._compact import compact
 
     path = Path(path)
     store = PersistedStore.open(path, writable=True)
@@ -79,7 +78,7 @@ def repair(path: str | Path) -> dict[str, Any]:
     store = PersistedStore.open(path, writable=True)
     try:
         head, index = store.load_head()
-        moved = compact(store, index, head, segments=sorted(bad_segments), collect=False)
+        moved = store.compact(index, head, segments=sorted(bad_segments), collect=False)
         out["rows_moved"] = moved.rows_moved
         store.gc(keep_last=1, keep_within=None)
         pinned = []
