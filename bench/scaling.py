@@ -491,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_reason = (
         "not run in --quick"
         if quick
+        else "not run with --model-pool-only"
+        if args.model_pool_only
         else "a dense FFN this wide is beyond this benchmark's time budget (width > 10^4)"
     )
     from tqdm import tqdm
