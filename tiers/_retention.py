@@ -158,7 +158,7 @@ def collect(
     segments that HEAD does not read: each snapshot, the retention window and live readers
     (segments and stored bytes each holds; a segment two of them hold counts for both)."""
     own_lease = getattr(getattr(store, "_lease", None), "path", None)
-    if not dry_run or own_lease is None:
+    if not dry_run:
         store._require_writer()
     policy = read_policy(store)
     overrides = {}
