@@ -1,4 +1,9 @@
-"""Shared helpers for the benchmarks: timing, tables, JSON output."""
+"""Shared helpers for the benchmarks: timing, tables, JSON output.
+
+Results go under ``--out`` (default ``./bench-results`` in the working directory, never into the
+checkout), one file per run, named by the benchmark and the UTC time, so a run never
+overwrites the last; each records the dpsn and torch versions and the git commit it ran on.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,19 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from dpsn.bench._provenance import add_out_argument, default_out, stamped, versions
+
+__all__ = [
+    "RESULTS",
+    "add_out_argument",
+    "best_of",
+    "default_out",
+    "machine",
+    "print_table",
+    "write_json",
+]
+
+RESULTS = Path(__file__).parent / "results"  # where the figures the docs cite were written
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
@@ -29,6 +46,7 @@ def best_of(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
 def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
+        **versions(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -51,9 +69,10 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
         print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    """Write ``payload`` with the machine, versions and commit to ``out`` (default
+    :func:`default_out`) as ``NAME-YYYYmmddTHHMMSSZ.json``; returns the path."""
+    path = stamped(out, name)
     payload = {"machine": machine(), "time": time.time(), **payload}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     print(f"\nwrote {path}")

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, write_json
+from _common import add_out_argument, print_table, write_json
 
 import dpsn
 from dpsn import kernels
@@ -131,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    add_out_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps, warmup = (4, 2) if args.quick else (15, 3)
@@ -177,7 +178,9 @@ def main() -> None:
         f"\nmean k {quarter['mean_k']:.1f} of {K_MAX}: {quarter['x_fixed']:.2f}x the fixed step's "
         f"wall time, {quarter['cpu_x_fixed']:.2f}x its CPU time ({paths[0]} path; aim <= 0.6x)"
     )
-    write_json("budget", {"results": results, "steps": steps, "threads": args.threads})
+    write_json(
+        "budget", {"results": results, "steps": steps, "threads": args.threads}, out=args.out
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, write_json
+from _common import add_out_argument, print_table, write_json
 
 import dpsn
 from dpsn.index import ProductKeyRouter
@@ -493,6 +493,7 @@ def main() -> None:
         help="torch CPU threads (default 1: on a small shared machine, multi-threaded kernels "
         "wait on each other and timings swing by several x)",
     )
+    add_out_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -606,7 +607,8 @@ def main() -> None:
         )
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\ntotal {results['wall_s']:.0f}s")
-    write_json("cache" if parts == set(PARTS) else "cache-" + "-".join(sorted(parts)), results)
+    name = "cache" if parts == set(PARTS) else "cache-" + "-".join(sorted(parts))
+    write_json(name, results, out=args.out)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpsn.bench._provenance import stamped, versions
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 OLD = {
     "info": "import dpsn,sys; p=dpsn.open(sys.argv[1]); p.info(); p.close()",
@@ -112,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=None, help="runs per figure (best of; 3)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results directory (default ./bench-results)"
+    )
     args = ap.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
     from dpsn.store import StoreFacts
@@ -186,14 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "cli",
         "quick": args.quick,
         "repeat": repeat,
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            **versions(),
+            "platform": platform.platform(),
+        },
         "time": time.time(),
         "total_seconds": total,
         "results": results,
         "info_worst_s": worst,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "cli.json"
+    out = stamped(args.out, "cli")
     out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}\ntotal {total:.0f} s")
     return 0

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json
+from _common import add_out_argument, print_table, write_json
 
 import dpsn
 from dpsn.index import ProductKeyRouter
@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default="class,domain,curve",
         help="comma-separated subset of class,domain,curve (default: all)",
     )
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     chosen = {p.strip() for p in args.protocols.split(",") if p.strip()}
     if not chosen or chosen - {"class", "domain", "curve"}:
@@ -475,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
     }
     if not args.no_write:
-        write_json("continual", result)
+        write_json("continual", result, out=args.out)
     return result
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, write_json
+from _common import add_out_argument, print_table, write_json
 
 import dpsn
 from dpsn.store import StoreFacts
@@ -234,6 +234,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="persisted rows to scale over, e.g. 1e4,1e5,1e6")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--only", choices=("trace", "scale"), help="run one part")
+    add_out_argument(ap)
     args = ap.parse_args()
     commits = args.commits or (40 if args.quick else 300)
     sizes_text = args.sizes or ("1e4,1e5" if args.quick else "1e4,1e5,1e6")
@@ -331,7 +332,7 @@ def main() -> None:
                     for s in results["scale"]
                 ],
             )
-        write_json(f"growth_{args.only}" if args.only else "growth", results)
+        write_json(f"growth_{args.only}" if args.only else "growth", results, out=args.out)
         if not args.no_plot and args.only != "scale":
             plot(results, Path(__file__).parent.parent / "docs" / "growth.png")
     finally:

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, write_json
+from _common import add_out_argument, print_table, write_json
 
 import dpsn
 from dpsn.index import ProductKeyRouter
@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, block = (30, 5) if args.quick else (300, 10)
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     result = {"training": training, "consolidation": consolidation, "quick": args.quick}
     if not args.no_write:
-        write_json("lifecycle", result)
+        write_json("lifecycle", result, out=args.out)
     return result
 
 

@@ -84,7 +84,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 import digits  # noqa: E402
 import lm  # noqa: E402
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from _common import add_out_argument, default_out, print_table, write_json  # noqa: E402
 
 # The default: the best at equal time of the settings tried on validation (module docstring).
 DEFAULT = lm.LMConfig(
@@ -230,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mean k and the bytes with the smallest budgets (bench/_budget_prices.py)",
     )
     ap.add_argument("--budget-k-min", type=int, default=2)
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (15 if args.quick else 800)
@@ -315,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_seconds": total,
     }
     if not args.no_write:
-        write_json("quality", payload)
+        write_json("quality", payload, out=args.out)
         plot(
             {"dense": dense, "pool": pool, "pool (time budget)": main_runs["pool_time_budget"]},
-            RESULTS / "quality.png",
+            (args.out or default_out()) / "quality.png",
         )
     return payload
 

@@ -15,7 +15,6 @@ Usage: ``python bench/routing.py [--quick]``. Prints a table, writes bench/resul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from dpsn.index._topk import merge_topk, topk_ip
 from dpsn.index.testing import mixture, recall
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine
+from _common import write_json
 
 ROUTERS = {"product_keys": ProductKeyRouter, "vq": VQRouter, "lsh": LSHRouter}
 
@@ -101,7 +100,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes; the best is kept")
     ap.add_argument("--fit-samples", type=int, default=20_000)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/routing.json")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results directory (default ./bench-results)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.sizes = args.sizes or [10**4, 10**5]
@@ -182,16 +183,13 @@ def main() -> None:
             f"{kind:<13}{row['signal']:>9}{use['mean_k']:>8.1f}{use['compute_saved']:>8.2f}"
             f"{use['fraction_used']:>9.4f}{use['kl_uniform']:>7.2f}{use['gini']:>7.3f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": machine(),
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "recall_and_throughput": rows,
         "trillion_rows": extra,
         "budget": budget_rows,
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_json("routing", result, out=args.out)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpsn.bench._provenance import stamped, versions
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 DIM = 8
 CACHE_ROWS = 1 << 16
 LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
@@ -67,6 +68,8 @@ LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
 GENERATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "region_mlp": {"hidden": 64, "layers": 1, "features": 32},
 }
+
+LM_TOKENS_PER_STEP = 1024  # bench/quality.py's DEFAULT: batch 8 x context 128
 STREAM_BATCH = 4096
 HOT_FRACTION = 0.9
 ZIPF_A = 1.0
@@ -421,7 +424,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="< 60 s: sizes 10^6, 10^9, 10^12, a working set of 10^4 rows, 2 short LM runs",
     )
-    ap.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the JSON and PNG (default ./bench-results, or $DPSN_BENCH_OUT)",
+    )
     ap.add_argument("--working-set", type=parse_count, default=None, help="trained rows (10^5)")
     ap.add_argument("--stream-batches", type=parse_count, default=None)
     ap.add_argument("--no-model", action="store_true", help="skip the LM part")
@@ -451,6 +459,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and speed)")
     ap.add_argument("--model-k", type=int, default=LM_K, help=f"rows per token ({LM_K})")
+    ap.add_argument(
+        "--model-tokens",
+        type=parse_count,
+        default=None,
+        help=f"LM training tokens (instead of --model-steps: {LM_TOKENS_PER_STEP} a step)",
+    )
+    ap.add_argument(
+        "--model-pool-only",
+        action="store_true",
+        help="LM part: the pools and the dense FFN of equal active parameters only (no "
+        "dense FFNs as wide as the pools)",
+    )
     ap.add_argument(
         "--model-rows",
         default=None,
@@ -491,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model_steps
         else [8 if quick else 400]
     )
+    if args.model_tokens:
+        step_budgets = [max(1, -(-args.model_tokens // LM_TOKENS_PER_STEP))]
     model_steps = max(step_budgets)
     generators = args.model_generators.split(",")
     model_k = args.model_k
@@ -508,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs: list[dict[str, Any]] = []
     if not args.no_model:
-        cap = 0 if quick or len(step_budgets) > 1 else 10**4  # --quick: no time for them
+        cap = (
+            0 if quick or len(step_budgets) > 1 or args.model_pool_only else 10**4
+        )  # --quick: no time for them
         for steps in step_budgets:
             runs += [
                 {"kind": "pool", "rows": r, "generator": g, "steps": steps, "k": model_k}
@@ -527,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_reason = (
         "not run in --quick"
         if quick
+        else "not run with --model-pool-only"
+        if args.model_pool_only
         else "a dense FFN this wide is beyond this benchmark's time budget (width > 10^4)"
     )
     from tqdm import tqdm
@@ -608,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": quick,
         "machine": {
             "python": platform.python_version(),
+            **versions(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "mem_available_bytes": mem_available(),
@@ -632,13 +659,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "aims": aims(records, model, ws_n),
     }
     print_report(payload)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "scaling.json"
+    out = stamped(args.out, "scaling")
     out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     print(f"\nwrote {out}")
     if not args.no_plot:
         try:
-            png = plot(payload, args.out / "scaling.png")
+            png = plot(payload, out.with_suffix(".png"))
             print(f"wrote {png}")
         except ImportError:
             print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
@@ -847,8 +873,9 @@ def print_report(payload: dict[str, Any]) -> None:
                     "trained rows at the largest size",
                     _fmt(a["trained_rows_at_largest"], ","),
                     ">= 100,000",
-                    ("met" if a["trained_rows_at_least_1e5"] else "missed")
-                    + (" (--quick trains 10^4)" if payload["quick"] else ""),
+                    "not measured (--quick trains 10^4)"
+                    if payload["quick"]
+                    else ("met" if a["trained_rows_at_least_1e5"] else "missed"),
                 ],
                 [
                     "peak RSS, largest / smallest across sizes",
@@ -869,7 +896,9 @@ def print_report(payload: dict[str, Any]) -> None:
                     "val bpb, largest pool vs smallest",
                     f"{a['bpb_largest_vs_smallest']:+.1%}",
                     "falls with pool size",
-                    "met" if a["bpb_falls_with_pool"] else "missed",
+                    "not measured (--quick: 8 steps)"
+                    if payload["quick"]
+                    else ("met" if a["bpb_falls_with_pool"] else "missed"),
                 ]
             )
         for c in a.get("lm_curves", []):

@@ -31,7 +31,7 @@ import zarr
 from zarr.storage import LocalStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import best_of, print_table, write_json
+from _common import add_out_argument, best_of, print_table, write_json
 
 import dpsn
 from dpsn.store import ROW_VALUE_DTYPE, segment_name, u64_key
@@ -60,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dim", type=int, default=256)
+    add_out_argument(ap)
     args = ap.parse_args()
     dim = args.dim
     persisted = 20_000 if args.quick else 200_000
@@ -172,7 +173,7 @@ def main() -> None:
             ["rows", "seconds", "rows/s"],
             [(persisted, commit_s, results["commit_rows_per_s"])],
         )
-        write_json("store", results)
+        write_json("store", results, out=args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ __all__ = [
     "CorruptStoreError",
     "DistributedError",
     "DpsnError",
+    "FreshRouterWarning",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "InvalidDeltaError",
@@ -22,8 +23,10 @@ __all__ = [
     "InvalidIdsError",
     "InvalidSnapshotNameError",
     "LifecycleError",
+    "ModuleNotSavedError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
+    "SnapshotExistsError",
     "SnapshotNotFoundError",
     "SnapshotUnavailableError",
     "StoreExistsError",
@@ -127,6 +130,11 @@ class SnapshotNotFoundError(DpsnError, LookupError):
     """No snapshot of that name and no commit with that id."""
 
 
+class SnapshotExistsError(DpsnError, FileExistsError):
+    """A snapshot of that name exists already: a refused write, not a usage error (delete it
+    first, or choose another name)."""
+
+
 class SnapshotUnavailableError(DpsnError, LookupError):
     """The commit is in the log but ``gc`` removed data it needs; pin snapshots to keep one."""
 
@@ -138,3 +146,14 @@ class CacheCapacityError(DpsnError, ValueError):
 class DistributedError(DpsnError, RuntimeError):
     """A collective step of a sharded pool failed, or another rank reported an error in it
     (the other ranks raise this instead of waiting forever)."""
+
+
+class ModuleNotSavedError(DpsnError, LookupError):
+    """The store holds no saved configuration for the module asked for (commit the module
+    with its own ``commit()`` first), or one of another kind."""
+
+
+class FreshRouterWarning(UserWarning):
+    """A ``PoolLayer`` was built with a new, random router on a store that holds a trained one:
+    its outputs will not be the trained layer's. Use ``PoolLayer.from_store`` (or pass
+    ``router=pool.load_router("router")``)."""

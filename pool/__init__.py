@@ -5,6 +5,7 @@ from dpsn.store import Commit, MaintenancePolicy, VerifyReport
 from dpsn.tiers import Prefetch, RowBatch
 
 from ._api import compact, create, gc, open
+from ._collection import PoolEmbeddingCollection, TableRange
 from ._config import OpenOptions, StoreSpec
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
@@ -28,6 +29,7 @@ __all__ = [
     "OpenOptions",
     "Pool",
     "PoolEmbedding",
+    "PoolEmbeddingCollection",
     "PoolLayer",
     "Prefetch",
     "RowAdagrad",
@@ -38,6 +40,7 @@ __all__ = [
     "RowSelection",
     "SparseFinetune",
     "StoreSpec",
+    "TableRange",
     "VerifyReport",
     "compact",
     "create",

@@ -25,8 +25,10 @@ guarantee up: every row's base moves.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +36,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpsn import kernels
+from dpsn.errors import FreshRouterWarning
 from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
 from ._profile import EXECUTOR_BACKWARD, EXECUTOR_FORWARD, PAGE_IN, ROUTE, scope
+from ._reopen import (
+    CONFIG_FORMAT,
+    MODULE,
+    ROUTER,
+    field,
+    open_source,
+    optimizer_config,
+    optimizer_from,
+    saved_config,
+)
 from ._training import RowTrainer, sum_by_row
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -286,12 +299,22 @@ class PoolLayer(nn.Module):
         if router is None:
             from dpsn.index import ProductKeyRouter
 
+            if ROUTER in pool.routers():
+                warnings.warn(
+                    f"{pool.path} holds a trained router, but this PoolLayer builds a new, "
+                    "random one: its outputs will not be the trained layer's. Reopen it with "
+                    "dpsn.PoolLayer.from_store(pool), or pass router=pool.load_router('router')",
+                    FreshRouterWarning,
+                    stacklevel=2,
+                )
+
             router = ProductKeyRouter(
                 d_in=d_in, num_rows=pool.rows, k=k, heads=heads, query_batchnorm=True
             )
         self.router = router
         kwargs = {} if row_lr is None else {"lr": row_lr}
         self.row_optimizer = make_row_optimizer(row_optimizer, **kwargs)
+        self.row_clip = row_clip
         self.trainer = RowTrainer(
             pool,
             self.row_optimizer,
@@ -313,6 +336,54 @@ class PoolLayer(nn.Module):
         self._rows_owner: weakref.ref[object] | None = None
         self._building_graph = False  # grad mode of the forward in progress
         self.last_route: Any = None  # the most recent RouteResult (for budget/usage figures)
+
+    @classmethod
+    def from_store(
+        cls,
+        source: str | Path | Pool,
+        *,
+        mode: str = "r",
+        grad_scaler: Any = None,
+        **open_kwargs: Any,
+    ) -> PoolLayer:
+        """The ``PoolLayer`` that :meth:`commit` saved in a store, rebuilt: its widths, ``k``,
+        activation, row optimizer and the trained router (digest-checked). ``source`` is a
+        store path (opened in ``mode``, with ``open_kwargs`` such as ``cache_rows``) or an open
+        pool. On a read-only pool the layer is returned in ``eval()`` mode, where its outputs
+        are bit-equal to the trained layer's in ``eval()`` (in ``train()`` the router's query
+        batch norm uses each batch's own statistics and updates its running ones)."""
+        pool = open_source(source, mode, open_kwargs)
+        config = saved_config(pool, "PoolLayer")
+        clip = config.get("row_clip")
+        layer = cls(
+            pool,
+            field(config, "d_in", int),
+            field(config, "d_out", int),
+            router=pool.load_router(field(config, "router", str)),
+            k=field(config, "k", int),
+            activation=field(config, "activation", str),
+            row_optimizer=optimizer_from(config.get("row_optimizer")),
+            grad_scaler=grad_scaler,
+            row_clip=None if clip is None else float(field(config, "row_clip", (int, float))),
+            train_generator=field(config, "train_generator", bool),
+        )
+        return layer if pool.writable else layer.eval()
+
+    def config(self) -> dict[str, Any]:
+        """The JSON configuration :meth:`commit` saves and :meth:`from_store` reads (the
+        router's own kind, configuration and weights are saved beside it, as ``"router"``)."""
+        return {
+            "kind": "PoolLayer",
+            "format": CONFIG_FORMAT,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "k": self.k,
+            "activation": self.activation,
+            "row_optimizer": optimizer_config(self.row_optimizer),
+            "row_clip": self.row_clip,
+            "train_generator": self.train_generator,
+            "router": ROUTER,
+        }
 
     def extra_repr(self) -> str:
         return (
@@ -390,8 +461,10 @@ class PoolLayer(nn.Module):
 
     def commit(self, message: str = "") -> Any:
         """Write back dirty rows and their optimizer state, the router and (when trained) the
-        generator, in one atomic commit of the pool's store."""
-        self.pool.save_router("router", self.router)
+        generator, in one atomic commit of the pool's store, with the layer's configuration
+        (:meth:`from_store` rebuilds the layer from it)."""
+        self.pool.save_router(ROUTER, self.router)
+        self.pool.save_module(MODULE, self.config())
         return self.pool.commit(message)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class Lifecycle:
         check_lifecycle_settings(self)
 
     def to_json(self) -> dict[str, Any]:
+        """The policy as the JSON object saved in each commit record."""
         out = asdict(self)
         for name in ("budget", "target"):
             if out[name] is not None:
@@ -114,6 +115,7 @@ class Lifecycle:
         return cls(**check_stored_policy(raw))
 
     def rules(self, *, track: bool = True) -> UsageRules:
+        """The thresholds and clocks the row path applies at each step (``track``: count uses)."""
         return UsageRules(
             use_decay=0.5 ** (1.0 / self.half_life),
             update_decay=0.5 ** (1.0 / self.update_half_life),

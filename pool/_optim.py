@@ -41,7 +41,8 @@ class RowOptimizer(ABC):
         self.lr = float(lr)
 
     @abstractmethod
-    def state_width(self, dim: int) -> int: ...
+    def state_width(self, dim: int) -> int:
+        """Floats of optimizer state kept beside each row's delta, for rows ``dim`` wide."""
 
     @abstractmethod
     def step(
@@ -50,6 +51,7 @@ class RowOptimizer(ABC):
         """Return the new (delta, state). Inputs are float32 and must not be modified."""
 
     def config(self) -> dict[str, Any]:
+        """The optimizer's settings as JSON (what a saved module records)."""
         return {"name": self.name, "lr": self.lr}
 
     def native_hyper(self) -> tuple[float, float, float, float]:
@@ -70,6 +72,8 @@ class RowOptimizer(ABC):
 
 
 class RowSGD(RowOptimizer):
+    """Plain SGD on each used row's delta: ``delta -= lr * grad``. No state."""
+
     name = "sgd"
     native = kernels.OPT_SGD
 

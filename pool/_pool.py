@@ -16,6 +16,7 @@ Generator staleness (the cache keeps each trained row's base beside its delta):
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
+from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError, SnapshotExistsError
 from dpsn.hypernet import Generator
 from dpsn.store import Commit, PersistedStore, RowLookup, VerifyReport
 from dpsn.tiers import (
@@ -97,6 +98,7 @@ class Pool:
         # co-activation statistics: on once saved with a commit, or turned on by track_couse()
         self._couse: CoUse | None = _couse_files.load(store.root, commit)
         self._load_protected(record)
+        self._modules: dict[str, dict[str, Any]] = {}  # configurations to save at commit
         self._lifecycle: LifecycleRunner | None = None
         self._lifecycle_given = lifecycle is not None  # else the store's policy is followed
         if lifecycle is not None or record.lifecycle is not None:
@@ -112,22 +114,27 @@ class Pool:
 
     @property
     def path(self) -> Path:
+        """The store's directory."""
         return self._store.root
 
     @property
     def rows(self) -> int:
+        """Virtual rows of the pool (ids run from 0 to ``rows - 1``)."""
         return self._store.manifest.rows
 
     @property
     def dim(self) -> int:
+        """Width of a row."""
         return self._store.manifest.dim
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype rows are stored and served in."""
         return self._stack.dtype
 
     @property
     def seed(self) -> int:
+        """The pool seed every base row is derived from."""
         return self._store.manifest.seed
 
     @property
@@ -137,6 +144,7 @@ class Pool:
 
     @property
     def device(self) -> torch.device:
+        """Where the cache lives and rows are served."""
         return self._stack.device
 
     @property
@@ -151,10 +159,12 @@ class Pool:
 
     @property
     def writable(self) -> bool:
+        """Whether this pool holds the writer lock (``mode="r+"``)."""
         return self._store.writable
 
     @property
     def cache(self) -> DeviceCache | None:
+        """The device cache (None with ``cache_rows=0``)."""
         return self._stack.cache
 
     @property
@@ -352,6 +362,7 @@ class Pool:
             stats=self.stats(),
             routers=lambda version: self._routers.write_changed(head, version),
             lifecycle=lc.to_json() if lc is not None else None,
+            modules=self._changed_modules(head),
         )
         self._auto_compact()
         return record
@@ -490,6 +501,34 @@ class Pool:
         self._check_open()
         return self._routers.load(name, self.head)
 
+    # -- module configurations -----------------------------------------------------------------
+
+    def save_module(self, name: str, config: dict[str, Any]) -> None:
+        """Keep a module's configuration (a JSON object) with the store: it is written with the
+        next commit (when it changed) and joins the provenance hash, so that
+        ``PoolLayer.from_store`` / ``PoolEmbedding.from_store`` rebuild the module that
+        trained these rows. Read it back with :meth:`modules`."""
+        self._require_writable()
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ValueError(f"a module name is a non-empty str of at most 128 chars: {name!r}")
+        try:
+            text = json.dumps(config, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"module config {name!r} must be plain JSON: {e}") from e
+        if not isinstance(config, dict) or len(text) > 1 << 16:
+            raise ValueError(f"module config {name!r} must be a JSON object under 64 KiB")
+        self._modules[name] = json.loads(text)
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Module configurations saved with this pool's commit: name -> config."""
+        self._check_open()
+        return dict(self._store.commit_record(self.head).modules or {})
+
+    def _changed_modules(self, head: int) -> dict[str, dict[str, Any]] | None:
+        saved = self._store.commit_record(head).modules or {}
+        changed = {k: v for k, v in self._modules.items() if saved.get(k) != v}
+        return changed or None
+
     # -- history -------------------------------------------------------------------------------
 
     def log(self) -> list[Commit]:
@@ -501,10 +540,22 @@ class Pool:
         """Pin this pool's current commit under ``name`` (uncommitted changes are not included:
         commit first). A pinned commit survives gc; open it with ``dpsn.open(path, at=name)``."""
         self._require_writable()
+        if isinstance(name, str) and name in self._store.snapshots():
+            raise SnapshotExistsError(
+                f"snapshot {name!r} exists already; choose another name, or delete it first "
+                "with pool.delete_snapshot(name)"
+            )
         self._store.pin(name, self.head)
         return self._store.commit_record(self.head)
 
+    def delete_snapshot(self, name: str) -> None:
+        """Delete the snapshot ``name`` (its commit stays in the log); the next ``gc`` frees
+        what only it kept (``SnapshotNotFoundError`` if there is none of that name)."""
+        self._require_writable()
+        self._store.unpin(name)
+
     def snapshots(self) -> dict[str, int]:
+        """Snapshot names and the commit each pins."""
         self._check_open()
         return {k: v["commit"] for k, v in self._store.snapshots().items()}
 
@@ -641,6 +692,7 @@ class Pool:
             warnings.warn(f"automatic compaction after the commit failed: {e}", stacklevel=3)
 
     def segments_total(self) -> int:
+        """How many delta segments the store records."""
         return len(self._store.segment_records())
 
     @property

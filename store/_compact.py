@@ -258,16 +258,26 @@ def compact(
     target: float = 1.1,
     progress: Callable[[int, int], None] | None = None,
     collect: bool = True,
+    segments: list[int] | None = None,
 ) -> CompactResult:
     """Compact the store at HEAD ``head`` (whose row index is ``index``) until the live
     segments' stored bytes are at most ``target`` times their live bytes, then (``collect``)
-    run ``gc`` by the store's retention policy. ``progress(done, total)`` counts rows moved."""
+    run ``gc`` by the store's retention policy. ``progress(done, total)`` counts rows moved.
+    ``segments``: rewrite the live rows of exactly these segments instead (``dpsn repair``
+    moves the intact rows out of damaged segments so that gc can remove them)."""
     store._require_writer()
     records = store.segment_records()
     live = index.live_rows()
     result = CompactResult(head=head, index=index)
     result.before = figures(store, index)
-    groups = plan(records, live, target=target)
+    if segments is None:
+        groups = plan(records, live, target=target)
+    else:
+        chosen: dict[tuple[tuple[str, int], ...], list[int]] = {}
+        for s in sorted(set(segments)):
+            if live.get(s) and s in records:
+                chosen.setdefault(_columns(records[s]), []).append(s)
+        groups = list(chosen.values())
     batches = [b for g in groups for b in _batches(g, records, live)]
     total = sum(live[s] for b in batches for s in b)
     done = 0

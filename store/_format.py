@@ -147,6 +147,10 @@ def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
     if not root.exists():
         raise StoreNotFoundError(f"no such store: {root} does not exist")
+    if not root.is_dir():
+        raise StoreNotFoundError(
+            f"{root} is a file, not a dpsn store (a store is a directory made by dpsn.create)"
+        )
     if not path.is_file():
         raise StoreNotFoundError(
             f"{root} is not a dpsn store: it has no {MANIFEST}. "

@@ -337,7 +337,9 @@ class StoreFacts:
         return env.read_walked(lambda txn: get(txn, env.dbs), keys=keys)
 
     def last_writer_stats(self) -> tuple[int, dict[str, Any]] | None:
-        """The newest commit that recorded its writer's cache/I-O figures, and those figures."""
+        """The newest commit that recorded its writer's cache/I-O figures, and those figures.
+        Commits whose writer read no rows (maintenance: ``dpsn drop``, ``repair``, ``import``,
+        compaction) are passed over, so they do not hide the training writer's figures."""
 
         def scan(txn: Any, dbs: Any) -> tuple[int, dict[str, Any]] | None:
             cur = txn.cursor(db=dbs[DB_COMMITS])
@@ -346,7 +348,7 @@ class StoreFacts:
             while True:
                 rec = self._check_commit(cur.key(), cur.value())
                 stats = rec.get("stats")
-                if isinstance(stats, dict) and "compaction" not in stats:
+                if isinstance(stats, dict) and "compaction" not in stats and _did_work(stats):
                     return int(rec["id"]), rec["stats"]
                 if not cur.prev():
                     return None
@@ -465,3 +467,19 @@ class StoreFacts:
             if e.is_dir(follow_symlinks=False) and sid not in segments:
                 out.append(Path(e.path))
         return out
+
+
+_WORK = (
+    "lookups",
+    "hits",
+    "misses",
+    "rows_generated",
+    "rows_from_disk",
+    "rows_updated",
+    "writebacks",
+)
+
+
+def _did_work(stats: dict[str, Any]) -> bool:
+    """Whether a writer's figures show it read or wrote rows (not a maintenance commit)."""
+    return any(isinstance(stats.get(k), int | float) and stats.get(k) for k in _WORK)

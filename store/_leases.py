@@ -112,10 +112,11 @@ class LiveReaders:
     names: frozenset[str]
 
 
-def live_readers(root: Path, *, remove_dead: bool = False) -> LiveReaders:
+def live_readers(root: Path, *, remove_dead: bool = False, skip: str | None = None) -> LiveReaders:
     """Scan the leases of a store. A lease whose lock can be taken is a dead reader's (removed
     when ``remove_dead``: the caller holds the writer lock); one that cannot be parsed while
-    locked is being written, and counts as choosing."""
+    locked is being written, and counts as choosing. ``skip``: a lease file name to leave out
+    (the caller's own, when it reads the store to answer a dry run)."""
     folder = Path(root) / READERS_DIR
     commits: set[int] = set()
     names: set[str] = set()
@@ -126,7 +127,7 @@ def live_readers(root: Path, *, remove_dead: bool = False) -> LiveReaders:
         return LiveReaders(frozenset(), 0, frozenset())
     for path in entries:
         creating = path.name.endswith(".tmp")
-        if not (creating or path.name.endswith(_SUFFIX)):
+        if not (creating or path.name.endswith(_SUFFIX)) or path.name == skip:
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

@@ -1065,6 +1065,7 @@ class PersistedStore:
         usage: np.ndarray | None = None,
         lifecycle: dict[str, Any] | None = None,
         protected: np.ndarray | None = None,
+        modules: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[Commit, LayeredIndex]:
         """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
         ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
@@ -1134,7 +1135,11 @@ class PersistedStore:
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}
+        module_records = {**(parent.modules or {}), **(modules or {})}
         new_index = index.apply(ids, segment_id, commit_id, drops)
+        # Module configurations join the provenance only where a store has some, so stores
+        # without them keep the provenance they always had.
+        extra = (module_records,) if module_records else ()
         record = Commit(
             id=commit_id,
             parent=head,
@@ -1151,11 +1156,13 @@ class PersistedStore:
                 gen_record or gen_version,
                 router_records,
                 *([protected_record] if protected_record is not None else []),
+                *extra,
             ),
             stats=stats,
             routers=router_records or None,
             lifecycle=lifecycle,
             protected=protected_record,
+            modules=module_records or None,
         )
         removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
         values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
@@ -1380,13 +1387,18 @@ class PersistedStore:
         *,
         progress: Callable[[int, int], None] | None = None,
         target: float = 1.1,
+        segments: list[int] | None = None,
+        collect: bool = True,
     ) -> Any:
-        """Rewrite the live rows of sparse segments, then gc (``_compact.py``)."""
+        """Rewrite the live rows of sparse segments (or of exactly ``segments``), then gc
+        unless ``collect`` is False (``_compact.py``)."""
         from ._compact import compact
 
         if index is None or head is None:
             head, index = self.load_head()
-        return compact(self, index, head, progress=progress, target=target)
+        return compact(
+            self, index, head, progress=progress, target=target, segments=segments, collect=collect
+        )
 
     def _unreferenced_versions(
         self, keep_commits: set[int] | None = None, *, checkpoint: int | None = None

@@ -105,9 +105,15 @@ class Commit:
     # commit that wrote the set, "rows", "xxh64"}. None: none protected (the key is left out).
     protected: dict[str, Any] | None = None
 
+    # Configurations of the modules built on this store (``PoolLayer``, ``PoolEmbedding``):
+    # name -> a small JSON object their ``from_store`` rebuilds them from. None: none saved
+    # (and the key is left out, so stores without modules keep their bytes).
+    modules: dict[str, dict[str, Any]] | None = None
+
     def to_json(self) -> dict[str, Any]:
+        """The record as stored (optional fields left out when empty)."""
         out = asdict(self)
-        for key in ("index_digest", "lifecycle", "protected"):
+        for key in ("index_digest", "lifecycle", "protected", "modules"):
             if out[key] is None:
                 del out[key]
         return out
@@ -156,6 +162,13 @@ class Commit:
                     and _is_int(r.get("version"), 1, MAX_COMMIT_ID + 1)
                     and isinstance(r.get("digest"), str)
                 )
+        modules = raw.get("modules")
+        if modules is not None:
+            ok = (
+                ok
+                and isinstance(modules, dict)
+                and all(isinstance(k, str) and isinstance(v, dict) for k, v in modules.items())
+            )
         if not ok:
             raise CorruptStoreError(
                 f"commit record {raw.get('id')!r} has a field of the wrong type or range"
@@ -163,7 +176,7 @@ class Commit:
         return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})
 
 
-_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle", "protected"}
+_OPTIONAL = {"stats", "routers", "index_digest", "lifecycle", "protected", "modules"}
 LIFECYCLE_FORMAT = 1  # of a commit's "lifecycle" object; never renumber
 _LIFECYCLE_TOTALS = ("consolidations", "decayed", "pruned", "entered", "exited")
 _MAX_CLOCK = 1 << 53  # clocks are exact integers in the float64 usage column
@@ -265,9 +278,11 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON (what ``dpsn verify --json`` prints)."""
         return {
             "ok": self.ok,
             "checked_segments": self.checked_segments,

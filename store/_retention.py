@@ -59,6 +59,7 @@ _UNSET: Any = object()
 
 
 def read_policy(store: Any) -> MaintenancePolicy:
+    """The store's retention and compaction policy (the default one if none was set)."""
     raw = store._read(lambda txn: txn.get(META_MAINTENANCE, db=store._db(DB_META)))
     if raw is None:
         return MaintenancePolicy()
@@ -66,6 +67,7 @@ def read_policy(store: Any) -> MaintenancePolicy:
 
 
 def write_policy(store: Any, policy: MaintenancePolicy) -> None:
+    """Record ``policy`` as the store's, in one LMDB transaction (needs the writer lock)."""
     store._require_writer()
 
     def put(txn: lmdb.Transaction) -> None:
@@ -147,8 +149,15 @@ def collect(
     now: float | None = None,
 ) -> dict[str, Any]:
     """Remove what no kept commit needs (module doc). ``keep_last`` / ``keep_within`` override
-    the store's policy for this call; ``index``/``head``: HEAD's index if the caller has it."""
-    store._require_writer()
+    the store's policy for this call; ``index``/``head``: HEAD's index if the caller has it.
+
+    A dry run changes nothing, so it needs no writer lock: on a store opened read-only it
+    leaves its own reader lease out of the count. The result's ``"pinned"`` says what keeps
+    segments that HEAD does not read: each snapshot, the retention window and live readers
+    (segments and stored bytes each holds; a segment two of them hold counts for both)."""
+    own_lease = getattr(getattr(store, "_lease", None), "path", None)
+    if not dry_run:
+        store._require_writer()
     policy = read_policy(store)
     overrides = {}
     if keep_last is not _UNSET:
@@ -157,7 +166,11 @@ def collect(
         overrides["keep_within"] = keep_within
     policy = policy.with_(**overrides)
     now = time.time() if now is None else now
-    readers = live_readers(store.root, remove_dead=not dry_run)
+    readers = live_readers(
+        store.root,
+        remove_dead=not dry_run,
+        skip=own_lease.name if own_lease is not None else None,
+    )
     if index is None or head is None:
         head, index = store.load_head()
     log = store.log()
@@ -170,16 +183,25 @@ def collect(
     held = sorted(c for c in readers.commits if c in by_id and c not in pinned)
     records = store.segment_records()
     keep = set(index.segments().tolist())
+    head_segments = set(keep)
+    holders: dict[str, set[int]] = {}
     if held:
         # A reader holds the exact layout it loaded, which compaction may have rewritten
         # since: keep every segment written up to the newest commit a reader holds.
-        keep |= {s for s, r in records.items() if r.commit <= held[-1]}
+        holders[f"readers at commit(s) {', '.join(map(str, held))}"] = {
+            s for s, r in records.items() if r.commit <= held[-1]
+        }
+        keep |= holders[f"readers at commit(s) {', '.join(map(str, held))}"]
     for name, rec in snaps.items():
-        keep |= set(store.read_pinned(name, rec).segments().tolist())
+        segs = set(store.read_pinned(name, rec).segments().tolist())
+        holders[f"snapshot {name!r} (commit {rec['commit']})"] = segs
+        keep |= segs
     runs_from = store.runs_commit()
     if runs_from is not None:
         # An opener replays the commits after the row index's run set from their segments.
-        keep |= {c.segment for c in log if runs_from < c.id <= head and c.segment is not None}
+        replayed = {c.segment for c in log if runs_from < c.id <= head and c.segment is not None}
+        holders[f"commits {runs_from + 1}..{head}, replayed at open over the row index"] = replayed
+        keep |= replayed
     cp = checkpoint_record(store)
     new_cp: dict[str, Any] | None = None
     base: RowIndex | None = None
@@ -196,8 +218,10 @@ def collect(
             oldest = base_commit
         if oldest not in pinned and oldest != 1 and (cp is None or cp["commit"] != oldest):
             new_cp = {"commit": oldest, "rows": len(base)}
-        keep |= set(base.segments().tolist())
-        keep |= {c.segment for c in log if oldest < c.id <= head and c.segment is not None}
+        window = set(base.segments().tolist())
+        window |= {c.segment for c in log if oldest < c.id <= head and c.segment is not None}
+        holders[f"retention window (commits {oldest}..{head})"] = window
+        keep |= window
     kept_commits = {head, *pinned, *held, *(c.id for c in log if oldest <= c.id <= head)}
     dead = sorted(set(records) - keep)
     orphans = sorted(set(store.segments.on_disk()) - set(records))
@@ -215,6 +239,7 @@ def collect(
         "kept_commits": len(kept_commits),
         "reader_commits": sorted(readers.commits),
         "deferred": False,
+        "pinned": _pinned(holders, head_segments, records),
     }
     if dry_run:
         return result
@@ -269,6 +294,19 @@ def collect(
         p.unlink(missing_ok=True)
     result["freed_bytes"] = freed
     return result
+
+
+def _pinned(
+    holders: dict[str, set[int]], head_segments: set[int], records: dict[int, Any]
+) -> list[dict[str, Any]]:
+    """What each holder keeps beyond the segments HEAD reads: its segments and stored bytes."""
+    out = []
+    for what, segs in holders.items():
+        extra = sorted(s for s in segs - head_segments if s in records)
+        if extra:
+            stored = sum(records[s].stored_bytes for s in extra)
+            out.append({"by": what, "segments": len(extra), "stored_bytes": stored})
+    return out
 
 
 def _tree_bytes(path: Any) -> int:

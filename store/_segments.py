@@ -399,6 +399,19 @@ class SegmentStore:
             out[a:b] = block[offsets[a:b] - lo * cr]
         return out
 
+    def damaged_chunks(self, rec: SegmentRecord) -> list[CorruptSegmentError]:
+        """Every chunk of every column of ``rec`` that fails its checks, each as the error a
+        read of it raises (its ``rows`` name the rows it holds, when the ids are readable):
+        ``dpsn repair`` drops exactly those rows."""
+        found = []
+        for key, sums in rec.checksums.items():
+            for c in range(len(sums)):
+                try:
+                    self._read_span(rec, key, c, c + 1)
+                except CorruptSegmentError as e:
+                    found.append(e)
+        return found
+
     def iter_chunks(self, rec: SegmentRecord) -> Iterator[tuple[str, int]]:
         """Check every chunk of every column, yielding (column, chunk) as it goes (for verify)."""
         for key, sums in rec.checksums.items():

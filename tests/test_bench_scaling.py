@@ -37,7 +37,11 @@ def test_scaling_json_schema_and_10_to_the_12(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "memory and speed" in out.stdout and "against the aims" in out.stdout
-    payload = json.loads((tmp_path / "scaling.json").read_text())
+    assert "missed" not in out.stdout  # --quick's aims it cannot measure say so, not "missed"
+    (path,) = tmp_path.glob("scaling-*.json")  # one file per run, stamped: never overwritten
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["dpsn"] and payload["machine"]["torch"]
+    assert "git_commit" in payload["machine"]
     records = payload["records"]
     assert isinstance(records, list) and records
     for r in records:

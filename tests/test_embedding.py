@@ -118,7 +118,7 @@ def test_resume_after_commit_is_exact(tmp_path):
 def test_bad_input(tmp_path):
     pool, emb = make(tmp_path / "s")
     with pytest.raises(ValueError, match="mode must be one of"):
-        PoolEmbedding(pool, mode="max")
+        PoolEmbedding(pool, mode="min")
     with pytest.raises(ValueError, match="offsets must be None"):
         emb(torch.tensor([[1, 2]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="1-D offsets"):

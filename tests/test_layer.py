@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dpsn
+from dpsn.errors import FreshRouterWarning
 from dpsn.pool import PoolLayer, RowAdagrad, RowAdam
 from dpsn.pool._layer import _ACTIVATIONS
 
@@ -135,7 +136,8 @@ def test_resume_after_commit_matches_an_uninterrupted_run_bit_for_bit(
     pool2.close()
 
     pool3 = dpsn.open(tmp_path / "b", mode="r+", cache_rows=96)
-    layer3 = PoolLayer(pool3, D_IN, D_OUT, k=4, row_optimizer=row_optimizer)
+    with pytest.warns(FreshRouterWarning):  # a fresh router, then the saved state over it
+        layer3 = PoolLayer(pool3, D_IN, D_OUT, k=4, row_optimizer=row_optimizer)
     layer3.load_state_dict(dense)
     opt3 = torch.optim.Adam(layer3.parameters(), lr=1e-2)
     opt3.load_state_dict(opt_state)

@@ -16,6 +16,8 @@ from dpsn.errors import CacheCapacityError, InvalidArgumentError
 
 
 class EvictionPolicy(ABC):
+    """A device cache's eviction policy: picks the slots to evict (see ``register_policy``)."""
+
     name: ClassVar[str]
 
     def __init__(self, capacity: int, device: torch.device) -> None:
@@ -223,6 +225,7 @@ _POLICIES: dict[str, type[EvictionPolicy]] = {}
 
 
 def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Register an ``EvictionPolicy`` subclass under its ``name`` (usable as a decorator)."""
     _POLICIES[cls.name] = cls
     return cls
 
@@ -237,11 +240,13 @@ def check_policy(name: str) -> None:
 
 
 def make_policy(name: str, capacity: int, device: torch.device) -> EvictionPolicy:
+    """A new policy of a registered ``name`` for a cache of ``capacity`` slots."""
     check_policy(name)
     return _POLICIES[name](capacity, device)
 
 
 def policies() -> list[str]:
+    """The registered policy names."""
     return sorted(_POLICIES)
 
 

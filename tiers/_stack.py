@@ -77,7 +77,9 @@ class RowOptimizer(Protocol):
 
     def native_hyper(self) -> tuple[float, float, float, float]: ...
 
-    def state_width(self, dim: int) -> int: ...
+    def state_width(self, dim: int) -> int:
+        """Floats of optimizer state kept beside each row's delta, for rows ``dim`` wide."""
+        ...
 
     def step(
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
@@ -151,6 +153,7 @@ class RowBatch:
 
     @property
     def use_index(self) -> torch.Tensor:
+        """Each requested position's slot in ``table`` (``index[inverse]``)."""
         if self._use_index is None:
             self._use_index = self.index[self.inverse]
         return self._use_index
@@ -990,6 +993,7 @@ class RowStack(UsageStatistics):
         stats: dict[str, Any] | None,
         routers: Callable[[int], dict[str, str]] | None = None,
         lifecycle: dict[str, Any] | None = None,
+        modules: dict[str, dict[str, Any]] | None = None,
     ) -> Commit:
         """Make every change since the last commit durable in one atomic step: dirty rows,
         staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
@@ -1021,6 +1025,7 @@ class RowStack(UsageStatistics):
                 state=values[layout.state.name].numpy() if layout.state_width else None,
                 usage=usage,
                 lifecycle=lifecycle,
+                modules=modules,
                 message=message,
                 stats=stats,
                 generator_state=generator_state,
@@ -1102,6 +1107,7 @@ class Prefetch:
             torch.cuda.current_stream().wait_event(event)
 
     def done(self) -> bool:
+        """Whether the prefetch has finished paging its rows in."""
         return self._future is None or self._future.done()
 
     def release(self) -> None:

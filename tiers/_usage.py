@@ -76,6 +76,8 @@ class UsageRules:
 
 @dataclass(slots=True)
 class UsageClock:
+    """The step and consolidation counters usage statistics are kept against."""
+
     step: int = 0
     epoch: int = 0
 

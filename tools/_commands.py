@@ -316,8 +316,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             shown = " ".join(map(str, report.damaged_rows[:8]))
             more = " ..." if len(report.damaged_rows) > 8 else ""
             print(
-                f"damaged rows: {len(report.damaged_rows)}; `dpsn drop {args.path} {shown}{more}`"
-                " returns them to procedural"
+                f"damaged rows: {len(report.damaged_rows)} ({shown}{more}); `dpsn repair "
+                f"{args.path}` drops the ones HEAD reads, moves the intact rows out of the "
+                "damaged segments and removes them (verify is clean after it unless a snapshot "
+                "pins them)"
             )
     return EXIT_OK if report.ok else EXIT_PROBLEM
 
@@ -327,7 +329,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     from ._format import human_bytes
 
-    store = PersistedStore.open(Path(args.path), writable=True)
+    # A dry run changes nothing: it needs no writer lock, so it answers while a writer works.
+    store = PersistedStore.open(Path(args.path), writable=not args.dry_run)
     try:
         with _progress(0, "gc") as bar:
 
@@ -365,7 +368,28 @@ def cmd_gc(args: argparse.Namespace) -> int:
         )
         if result.get("deferred"):
             print("files left for the next gc: a reader opened the store meanwhile")
+        for line in _pinned_lines(result.get("pinned"), args.path):
+            print(line)
     return EXIT_OK
+
+
+def _pinned_lines(pinned: list[dict[str, Any]] | None, path: str) -> list[str]:
+    """What keeps segments HEAD does not read (gc's ``"pinned"``), and how to let them go."""
+    from ._format import human_bytes
+
+    lines = []
+    for p in pinned or ():
+        how = ""
+        if p["by"].startswith("snapshot "):
+            name = p["by"].split("'")[1] if "'" in p["by"] else "NAME"
+            how = f"; `dpsn snapshot {path} --delete {name}` releases them"
+        elif p["by"].startswith("retention window"):
+            how = f"; `dpsn gc {path} --keep-last 1` (or `dpsn policy`) narrows it"
+        lines.append(
+            f"kept by {p['by']}: {p['segments']} segment(s), "
+            f"{human_bytes(p['stored_bytes'])} stored{how}"
+        )
+    return lines
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -400,6 +424,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
         f"{_amp(a['space_amplification'], 'after')}; write amplification "
         f"{_amp(a['write_amplification'], 'so far')}"
     )
+    for line in _pinned_lines((result["gc"] or {}).get("pinned"), args.path):
+        print(line)
     return EXIT_OK
 
 
@@ -420,21 +446,46 @@ def cmd_policy(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
     else:
-        from ._format import fields
+        from ._format import fields, human_bytes, human_duration
 
-        print(fields([(k.replace("_", " "), "-" if v is None else v) for k, v in out.items()]))
+        shown = dict(out)
+        if shown.get("keep_within") is not None:
+            shown["keep_within"] = human_duration(shown["keep_within"])
+        if shown.get("compact_min_bytes") is not None:
+            shown["compact_min_bytes"] = human_bytes(shown["compact_min_bytes"])
+        print(fields([(k.replace("_", " "), "-" if v is None else v) for k, v in shown.items()]))
     return EXIT_OK
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from dpsn.errors import SnapshotExistsError
     from dpsn.store import PersistedStore
 
     store = PersistedStore.open(Path(args.path), writable=True)
     try:
-        head = store.head()
-        store.pin(args.name, head)
+        if args.delete:
+            commit = store.snapshots().get(args.name, {}).get("commit")
+            store.unpin(args.name)
+        else:
+            head = store.head()
+            if args.name in store.snapshots():
+                raise SnapshotExistsError(
+                    f"snapshot {args.name!r} exists already (commit "
+                    f"{store.snapshots()[args.name]['commit']}); choose another name, or "
+                    f"`dpsn snapshot {args.path} --delete {args.name}` first"
+                )
+            store.pin(args.name, head)
     finally:
         store.close()
+    if args.delete:
+        if args.json:
+            _print_json({"deleted": args.name, "commit": commit})
+        else:
+            print(
+                f"deleted snapshot {args.name!r} (commit {commit}) of {args.path}; "
+                f"`dpsn gc {args.path}` frees what only it kept"
+            )
+        return EXIT_OK
     if args.json:
         _print_json({"snapshot": args.name, "commit": head})
     else:
@@ -442,6 +493,34 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             f"pinned commit {head} of {args.path} as {args.name!r} (open it with --at {args.name})"
         )
     return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from ._repair import repair
+
+    result = repair(args.path)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK if result["verify_ok"] else EXIT_PROBLEM
+    if not result["damaged_segments"]:
+        print(f"{args.path}: no damaged segment; nothing to repair")
+        return EXIT_OK
+    print(
+        f"{args.path}: {result['damaged_segments']} damaged segment(s); dropped "
+        f"{result['rows_dropped']} row(s) HEAD read from damaged chunks (procedural again), "
+        f"moved {result['rows_moved']} intact row(s) out, kept only HEAD's history"
+    )
+    for name in result["pinned_by_snapshots"]:
+        print(
+            f"snapshot {name!r} still pins a damaged segment: `dpsn snapshot {args.path} "
+            f"--delete {name}`, then `dpsn gc {args.path}`"
+        )
+    if result["verify_ok"]:
+        print("verify: ok")
+        return EXIT_OK
+    for p in result.get("problems", []):
+        print(f"  - {p}")
+    return EXIT_PROBLEM
 
 
 def cmd_drop(args: argparse.Namespace) -> int:

@@ -41,3 +41,16 @@ def positive_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return value
+
+
+def row_id(text: str) -> int:
+    """A row id as people write it (3, 1e11, 10**11): a count, named as a row id in errors."""
+    try:
+        return parse_count(text)
+    except argparse.ArgumentTypeError as e:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        if "too large" in str(e):
+            raise
+        raise argparse.ArgumentTypeError(
+            f"not a row id: {shown!r} (a row id is a number: 42, 1e11 or 10**11)"
+        ) from None

@@ -15,6 +15,27 @@ from pathlib import Path
 import torch
 
 ROWS, DIM, CONCEPTS, BATCH, LR = 10**9, 64, 2048, 256, 0.3
+DEMO_SEED = 1234
+
+
+def _is_demo_store(path: Path) -> bool:
+    """Whether ``path`` holds a store this demo made (its shape, seed and commit messages), so
+    that running the demo again replaces its own output and nothing else."""
+    from dpsn.errors import DpsnError
+    from dpsn.store import StoreFacts
+
+    try:
+        with StoreFacts(path) as facts:
+            info = facts.info()
+            messages = {c["message"] for c in facts.log()}
+    except (DpsnError, OSError):
+        return False
+    ours = {"final"} | {m for m in messages if m.startswith("checkpoint at step ")}
+    return (
+        (info["rows"], info["dim"], info["seed"]) == (ROWS, DIM, DEMO_SEED)
+        and "final" in messages
+        and messages - {""} <= ours | {"create"}
+    )
 
 
 def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
@@ -32,10 +53,14 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
         print(text, file=out)
 
     path = Path(directory)
-    if path.exists() and any(path.iterdir()):
-        if not force:
-            raise StoreExistsError(f"{path} exists and is not empty; pass --force or another DIR")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not (force or _is_demo_store(path)):
+            raise StoreExistsError(
+                f"{path} exists and is not a store an earlier `dpsn demo` made; pass --force "
+                "to replace a dpsn store there, or give another DIR"
+            )
         read_manifest(path)  # only ever delete something that is a dpsn store
+        say(f"== replacing the store an earlier run left at {path}")
         shutil.rmtree(path)
 
     say(f"== creating {path}: {human_count(ROWS)} rows x {DIM}, hashed-slices generator")
@@ -47,7 +72,7 @@ def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
     losses = []
     from tqdm import tqdm
 
-    with dpsn.create(path, rows=ROWS, dim=DIM, seed=1234) as pool:
+    with dpsn.create(path, rows=ROWS, dim=DIM, seed=DEMO_SEED) as pool:
         before = float(((pool.read(concepts) - targets) ** 2).mean())
         bar = tqdm(range(steps), desc="train", file=sys.stderr, disable=None, leave=False)
         for step in bar:

@@ -45,3 +45,16 @@ def fields(pairs: Iterable[tuple[str, Any]]) -> str:
     pairs = [(k, cell(v)) for k, v in pairs]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+
+
+_UNITS = (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds as a duration the way it is written on the command line (``1d``, ``12h``,
+    ``90m``): the largest unit that divides it exactly, else seconds."""
+    if seconds and float(seconds).is_integer():
+        for unit, size in _UNITS:
+            if int(seconds) % size == 0:
+                return f"{int(seconds) // size}{unit}"
+    return f"{seconds:g}s"

@@ -90,7 +90,8 @@ def lock_holder(lock_file: Path) -> tuple[int, str] | None:
         pid = int(parts[4])
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-            cmdline = " ".join(raw.decode("utf-8", "replace").split("\0")).strip()
+            # one line whatever the holder's arguments hold (a `python -c` script has newlines)
+            cmdline = " ".join(raw.decode("utf-8", "replace").replace("\0", " ").split())
         except OSError:
             cmdline = ""
         if len(cmdline) > 80:

@@ -347,9 +347,13 @@ def open_table(path: Path, tensor: str | None, ids_name: str | None) -> Table:
         raise TransferError(f"{path} is an .npz archive; save the table itself with np.save")
     if _is_safetensors(path):
         return _open_safetensors(path, tensor, ids_name)
+    from ._torchfile import is_torch_file, open_torch_table
+
+    if is_torch_file(path, magic):
+        return open_torch_table(path, tensor, ids_name)
     raise TransferError(
-        f"{path} is neither a .safetensors file nor a .npy array; save the table with "
-        "safetensors (save_file({'weight': emb.weight})) or np.save"
+        f"{path} is neither a .safetensors file, a .npy array nor a torch.save file; save the "
+        "table with safetensors (save_file({'weight': emb.weight})), np.save or torch.save"
     )
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from . import _commands as c
 from . import _levels as lv
 from . import _sharded
-from ._counts import parse_count, positive_count
+from ._counts import parse_count, positive_count, row_id
 from ._levels import levelled
 
 __all__ = ["build_parser", "main", "parse_count", "positive_count"]
@@ -210,7 +211,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         c.cmd_inspect,
     )
     sp.add_argument("path")
-    sp.add_argument("rows", nargs="+", type=parse_count, metavar="ROW")
+    sp.add_argument("rows", nargs="+", type=row_id, metavar="ROW")
     sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD)")
     sp.add_argument(
         "--no-base",
@@ -277,13 +278,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="never compact automatically below this many stored bytes",
     )
 
-    sp = add("snapshot", "pin HEAD under a name, so that gc keeps it", c.cmd_snapshot)
+    sp = add(
+        "snapshot", "pin HEAD under a name, so that gc keeps it (or delete one)", c.cmd_snapshot
+    )
     sp.add_argument("path")
     sp.add_argument("name")
+    sp.add_argument(
+        "--delete", action="store_true", help="delete the snapshot NAME (gc then frees its bytes)"
+    )
+
+    sp = add(
+        "repair",
+        "drop the rows of damaged chunks that HEAD reads, move intact rows out of damaged "
+        "segments, gc them, and verify (what `dpsn verify` advises)",
+        c.cmd_repair,
+    )
+    sp.add_argument("path")
 
     sp = add("drop", "return rows to procedural (delete their deltas) in a new commit", c.cmd_drop)
     sp.add_argument("path")
-    sp.add_argument("rows", nargs="+", type=parse_count, metavar="ROW")
+    sp.add_argument("rows", nargs="+", type=row_id, metavar="ROW")
     sp.add_argument("-m", "--message", default=None, help="commit message")
 
     sp = add(
@@ -443,6 +457,7 @@ def _report(e: BaseException, command: str, path: str | None) -> int:
     else:  # a bug or something unforeseen: say what, and how to see more
         text = f"{type(e).__name__}: {text} (run with --debug or DPSN_DEBUG=1 for the traceback)"
         code = EXIT_PROBLEM
+    text = re.sub(r"\s*\n\s*", " ", text.strip())  # one line, whatever the error held
     with contextlib.suppress(BrokenPipeError):
         print(f"dpsn {command}: error: {text}", file=sys.stderr)
     return code
