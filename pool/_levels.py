@@ -1058,6 +1058,16 @@ class LevelledPool:
     def load_router(self, name: str) -> torch.nn.Module:
         return self._pools[self._persisted[0]].load_router(name)
 
+    def save_module(self, name: str, config: dict[str, Any]) -> None:
+        """Keep a module's configuration with the hierarchy (in the slowest level's commit,
+        beside the routers): see :meth:`dpsn.Pool.save_module`."""
+        self._require_writable()
+        self._pools[self._persisted[0]].save_module(name, config)
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Module configurations saved with the hierarchy's commit: name -> config."""
+        return self._pools[self._persisted[0]].modules()
+
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> None:

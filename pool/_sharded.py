@@ -290,6 +290,15 @@ class ShardedPool:
         """Routers are dense (replicated by DDP): each rank saves its copy in its shard."""
         self.local.save_router(name, router)
 
+    def save_module(self, name: str, config: dict[str, Any]) -> None:
+        """A module's configuration, like its router, is the same on every rank: each rank
+        saves it in its shard (see :meth:`dpsn.Pool.save_module`)."""
+        self.local.save_module(name, config)
+
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Module configurations saved with this rank's shard commit: name -> config."""
+        return self.local.modules()
+
     # -- the row path --------------------------------------------------------------------------
 
     def page_in(self, ids: Any) -> ShardedRowBatch:

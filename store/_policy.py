@@ -110,10 +110,12 @@ class MaintenancePolicy:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
+        """The policy as the store records it (plain JSON values)."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, raw: Any) -> MaintenancePolicy:
+        """The policy a store recorded; a damaged record is a ``CorruptStoreError``."""
         if not isinstance(raw, dict):
             raise CorruptStoreError("the maintenance policy record is not a JSON object")
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
