@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
 from ._optim import RowOptimizer, make_row_optimizer
@@ -86,7 +86,7 @@ class _PeerRows(torch.autograd.Function):
     them per row; but the gradient of use ``u`` is a scalar times ``x[t]`` (for u) or times
     ``dy[t]`` (for v), so the backward sums them per row directly and hands the sums to the row
     trainer. On the CPU with ``dpsn._native`` built, forward and backward are each one loop
-    over the uses that reads every row where it is (``dpsn.kernels``): nothing is gathered.
+    over the uses that reads every row where it is (``dpsn._kernels``): nothing is gathered.
     Returns the gradients of ``x`` and of the gates (which reach the router). The
     frozen-generator path; ``train_generator=True`` goes through autograd
     (:class:`_FusedDeltas`). ``anchor`` requires grad, so the rows train even when neither ``x``
@@ -104,10 +104,10 @@ class _PeerRows(torch.autograd.Function):
         layer: PoolLayer,
     ) -> torch.Tensor:
         ctx.layer, ctx.batch, ctx.uses = layer, batch, uses
-        if kernels.usable(x, batch.table) and batch.table.dtype == torch.float32:
+        if _kernels.usable(x, batch.table) and batch.table.dtype == torch.float32:
             # one pass over the rows by index: nothing gathered, nothing kept (the batch keeps
             # its rows' values until its backward has read them)
-            y, h = kernels.peer_forward(
+            y, h = _kernels.peer_forward(
                 batch.table,
                 batch.index,
                 batch.offsets,
@@ -156,7 +156,7 @@ class _PeerRows(torch.autograd.Function):
         x, gates, h = ctx.saved_tensors
         layer, rows, batch, uses = ctx.layer, ctx.rows, ctx.batch, ctx.uses
         if rows is None:  # the native forward: the same loop backward
-            dx, dgates, grads = kernels.peer_backward(
+            dx, dgates, grads = _kernels.peer_backward(
                 batch.table,
                 batch.index,
                 batch.offsets,

@@ -15,14 +15,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 
 
 class RowOptimizer(ABC):
     """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``.
 
     The built-in optimizers also name a fused native loop (``native``, see
-    ``dpsn.kernels``) that the tier stack runs on the cache's columns in one pass; their
+    ``dpsn._kernels``) that the tier stack runs on the cache's columns in one pass; their
     :meth:`step` runs the same loop on CPU float32 tensors, so a row gets the same bits on
     every path. A subclass of your own needs only :meth:`state_width` and :meth:`step`.
     """
@@ -60,18 +60,18 @@ class RowOptimizer(ABC):
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The native loop on copies of the inputs, when it can run on them."""
-        if self.native is None or not kernels.usable(delta, grad, state):
+        if self.native is None or not _kernels.usable(delta, grad, state):
             return None
         if not all(t.dtype == torch.float32 for t in (delta, grad, state)):
             return None
         new, new_state = delta.contiguous().clone(), state.contiguous().clone()
-        kernels.step_rows(self.native, self.native_hyper(), new, new_state, grad.contiguous())
+        _kernels.step_rows(self.native, self.native_hyper(), new, new_state, grad.contiguous())
         return new, new_state
 
 
 class RowSGD(RowOptimizer):
     name = "sgd"
-    native = kernels.OPT_SGD
+    native = _kernels.OPT_SGD
 
     def __init__(self, *, lr: float = 0.1) -> None:
         super().__init__(lr=lr)
@@ -90,7 +90,7 @@ class RowAdagrad(RowOptimizer):
     """Row-wise AdaGrad: ``G += mean(g^2)``, ``delta -= lr * g / (sqrt(G) + eps)``."""
 
     name = "adagrad"
-    native = kernels.OPT_ADAGRAD
+    native = _kernels.OPT_ADAGRAD
 
     def __init__(self, *, lr: float = 0.05, eps: float = 1e-8) -> None:
         super().__init__(lr=lr)
@@ -119,7 +119,7 @@ class RowAdam(RowOptimizer):
     updated at different times. State per row: ``[m (dim) | v | t]``."""
 
     name = "adam"
-    native = kernels.OPT_ADAM
+    native = _kernels.OPT_ADAM
 
     def __init__(
         self, *, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8

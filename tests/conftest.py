@@ -44,12 +44,12 @@ def pool(store_path):
 def row_kernels(request, monkeypatch):
     """Run a test on both paths of the row path's hot loops: the fused C loops of
     ``dpsn._native`` (when built) and the PyTorch ops they replace."""
-    from dpsn import kernels
+    from dpsn import _kernels
 
     if request.param == "native":
-        if kernels._lib is None:
+        if _kernels._lib is None:
             pytest.skip("dpsn._native was not built (no C compiler at install)")
-        monkeypatch.setattr(kernels, "ENABLED", True)
+        monkeypatch.setattr(_kernels, "ENABLED", True)
     else:
-        monkeypatch.setattr(kernels, "ENABLED", False)
+        monkeypatch.setattr(_kernels, "ENABLED", False)
     return request.param

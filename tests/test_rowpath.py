@@ -31,14 +31,14 @@ SMALL = {"kind": "hashed_slices", "memory_size": 512}
 def test_native_grouping_matches_a_stable_sort(ids, repeat, narrow):
     """page_in's native grouping (a radix sort) gives what torch.sort(stable=True) and
     unique_consecutive give: distinct ids, counts, the inverse and the uses ordered by id."""
-    from dpsn import kernels
+    from dpsn import _kernels
 
-    if kernels._lib is None:
+    if _kernels._lib is None:
         pytest.skip("dpsn._native was not built (no C compiler at install)")
     t = torch.tensor(ids * repeat, dtype=torch.int64)
     if narrow:  # small ids: fewer radix passes, many repeats
         t = t % 37
-    uniq, counts, inverse, order = kernels.group_ids(t)
+    uniq, counts, inverse, order = _kernels.group_ids(t)
     ordered, want_order = torch.sort(t, stable=True)
     want_uniq, want_counts = torch.unique_consecutive(ordered, return_counts=True)
     assert torch.equal(uniq, want_uniq) and torch.equal(counts, want_counts)
@@ -113,16 +113,16 @@ def test_slot_table_reuses_entries_of_evicted_rows():
 @contextlib.contextmanager
 def _kernels(native):
     """Run a block on the native loops (True) or on the PyTorch ops they replace (False)."""
-    from dpsn import kernels
+    from dpsn import _kernels
 
-    if native and kernels._lib is None:
+    if native and _kernels._lib is None:
         pytest.skip("dpsn._native was not built (no C compiler at install)")
-    before = kernels.ENABLED
-    kernels.ENABLED = native
+    before = _kernels.ENABLED
+    _kernels.ENABLED = native
     try:
         yield
     finally:
-        kernels.ENABLED = before
+        _kernels.ENABLED = before
 
 
 @pytest.mark.parametrize("native", [True, False])

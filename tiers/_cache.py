@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.errors import CacheCapacityError
 
 from . import _hugepages
@@ -308,9 +308,9 @@ def _distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     ``(ids, None)`` when none repeats (kept in batch order), else ``(sorted distinct ids,
     inverse)``. The native radix grouping when it can run (non-negative ids on the CPU), else
     ``torch.unique``."""
-    if kernels.usable(ids):
+    if _kernels.usable(ids):
         try:
-            uniq, _, inverse, _ = kernels.group_ids(ids)
+            uniq, _, inverse, _ = _kernels.group_ids(ids)
         except ValueError:  # a negative id (the radix sort takes none): the general path
             uniq, inverse = torch.unique(ids, return_inverse=True)
     else:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidDeltaError
 
@@ -70,7 +70,7 @@ _COUNTERS = (
 class RowOptimizer(Protocol):
     """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one).
 
-    ``native`` names a fused loop of ``kernels`` (None: none) and ``native_hyper()`` its
+    ``native`` names a fused loop of ``dpsn._kernels`` (None: none) and ``native_hyper()`` its
     hyperparameters; with one, resident rows are updated in a single pass over the cache."""
 
     native: int | None
@@ -651,8 +651,8 @@ class RowStack(UsageStatistics):
         :class:`RowBatch`. One sort finds the distinct rows, their use counts and the grouping
         the backward pass needs; one cache lookup pages them in."""
         flat = ids.reshape(-1).to(self.device)
-        if kernels.usable(flat):  # one radix sort for all four
-            uniq, counts, inverse, order = kernels.group_ids(flat)
+        if _kernels.usable(flat):  # one radix sort for all four
+            uniq, counts, inverse, order = _kernels.group_ids(flat)
         else:
             ordered, order = torch.sort(flat, stable=True)
             uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
@@ -750,7 +750,7 @@ class RowStack(UsageStatistics):
         return (
             getattr(optimizer, "native", None) is not None
             and self.dtype == torch.float32
-            and kernels.usable(grads)
+            and _kernels.usable(grads)
             and not self.procedural.trainable()
         )
 
@@ -761,7 +761,7 @@ class RowStack(UsageStatistics):
         their row), step delta and state, re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
         assert cache is not None and trained is not None and optimizer.native is not None
-        kernels.apply_rows(
+        _kernels.apply_rows(
             optimizer.native,
             optimizer.native_hyper(),
             *self._step_columns(),
