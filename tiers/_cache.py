@@ -179,6 +179,8 @@ class DeviceCache:
                     missing, where = _distinct(ids[miss])
                 else:  # distinct already
                     missing, where = ids[miss], None
+                if int(missing.min()) < 0:  # never cached (-1 is an empty slot's mark)
+                    raise IndexError("the cache holds no negative ids (index.PAD_ID is -1)")
                 n_miss = len(missing)
                 victims = self._admit(slots[hit], counts is not None, missing, fill, evict)
                 if where is None and len(miss) == len(ids):  # all missed: slots in batch order

@@ -105,6 +105,9 @@ class SlotTable:
             second = torch.index_select(self.entries, 0, self._place(sub, 1))
             slot.index_copy_(0, rest, second)
             hit.index_copy_(0, rest, torch.index_select(self._slot_ids, 0, second) == sub)
+        # an empty slot (and the sentinel) holds -1: a negative id (index.PAD_ID) is never
+        # cached, whatever it met (the C loop's probe says the same)
+        hit &= ids >= 0
         return slot.long().clamp_(max=self.capacity - 1), hit
 
     def find_gather(
@@ -116,7 +119,7 @@ class SlotTable:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a hot read: the slots of ``ids`` and their rows of ``table`` (``[capacity, w]``)
         in one C pass (and ``last[slot] = step`` for an LRU policy's column), or None when some
-        id is not cached or the loop cannot run here."""
+        id is not cached (a negative one never is) or the loop cannot run here."""
         if not _kernels.usable(ids, self.entries, table) or not table.is_contiguous():
             return None
         first, second = self._multipliers()
@@ -135,8 +138,15 @@ class SlotTable:
         )
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Record that unique ``ids`` (absent from the table) now live in ``slots``; the cache
-        has already written ``slot_ids[slots] = ids``."""
+        """Record that unique ``ids`` (absent from the table, each >= 0) now live in ``slots``
+        (each below the capacity); the cache has already written ``slot_ids[slots] = ids``.
+        IndexError, with the table unchanged, for an id or slot out of range."""
+        if len(ids) != len(slots):
+            raise ValueError(f"{len(ids)} ids for {len(slots)} slots")
+        if len(ids) and (
+            int(ids.min()) < 0 or int(slots.min()) < 0 or int(slots.max()) >= self.capacity
+        ):
+            raise IndexError("slot table: a negative id, or a slot outside the cache")
         while not self._insert(ids, slots):
             self.rebuild(exclude=slots)  # other hash functions, then try again
 

@@ -33,7 +33,7 @@ import torch
 
 from dpsn import _kernels
 from dpsn._dtypes import from_storage, to_storage
-from dpsn.errors import CacheCapacityError, InvalidDeltaError
+from dpsn.errors import CacheCapacityError, InvalidArgumentError, InvalidDeltaError
 
 from . import _usage
 from ._cache import DeviceCache
@@ -82,6 +82,30 @@ class RowOptimizer(Protocol):
     def step(
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _checked_step(
+    optimizer: RowOptimizer, delta: torch.Tensor, grads: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``optimizer.step`` on rows outside the native loops, refused with a typed error (nothing
+    stored) when its step does not fit the state width it declared: a torch shape error inside
+    the step, or a new delta or state of another shape than the inputs."""
+    name = type(optimizer).__name__
+    try:
+        new_delta, new_state = optimizer.step(delta, grads, state)
+    except RuntimeError as e:
+        raise InvalidArgumentError(
+            f"row optimizer {name} failed on delta {tuple(delta.shape)} and state "
+            f"{tuple(state.shape)} (its state_width): {e}"
+        ) from e
+    for what, got, want in (("delta", new_delta, delta), ("state", new_state, state)):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise InvalidArgumentError(
+                f"row optimizer {name} returned a {what} of shape {shape} for "
+                f"{tuple(want.shape)}: its step does not fit its state_width"
+            )
+    return new_delta, new_state
 
 
 class RowBatch:
@@ -730,7 +754,7 @@ class RowStack(UsageStatistics):
                 if stepped is not None:
                     new_delta, new_state, stats = stepped
                 else:
-                    new_delta, new_state = optimizer.step(delta, grads, state)
+                    new_delta, new_state = _checked_step(optimizer, delta, grads, state)
                     if rules is not None:
                         if not batch.touched:  # (a spilled batch) its uses count now
                             self._usage_touch(usage, batch.counts)
@@ -748,7 +772,7 @@ class RowStack(UsageStatistics):
         """Whether the optimizer's native loop can update resident rows in place: float32
         columns on the CPU, bases kept (a frozen generator)."""
         return (
-            getattr(optimizer, "native", None) is not None
+            _kernels.native_kind(optimizer, self.dim) is not None
             and self.dtype == torch.float32
             and _kernels.usable(grads)
             and not self.procedural.trainable()
@@ -760,9 +784,10 @@ class RowStack(UsageStatistics):
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
         their row), step delta and state, re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
-        assert cache is not None and trained is not None and optimizer.native is not None
+        kind = _kernels.native_kind(optimizer, self.dim)
+        assert cache is not None and trained is not None and kind is not None
         _kernels.apply_rows(
-            optimizer.native,
+            kind,
             optimizer.native_hyper(),
             *self._step_columns(),
             slots,

@@ -189,9 +189,10 @@ class UsageStatistics:
         place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
         cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
-        assert optimizer.native is not None
+        kind = _kernels.native_kind(optimizer, self.dim)
+        assert kind is not None  # _fused said so
         _kernels.apply_rows_tracked(
-            optimizer.native,
+            kind,
             optimizer.native_hyper(),
             *self._step_columns(),
             slots,
@@ -227,8 +228,9 @@ class UsageStatistics:
         ``(delta, state, usage)``, the same bits as if the rows had been cached. None where that
         loop cannot run (no native loop for this optimizer, CUDA, ``DPSN_NATIVE=0``): the
         PyTorch path then computes the same math."""
+        kind = _kernels.native_kind(optimizer, self.dim)
         if (
-            getattr(optimizer, "native", None) is None
+            kind is None
             or not _kernels.usable(delta, grads)
             or not _kernels.has_usage_loops()
             or delta.dtype != torch.float32
@@ -237,7 +239,7 @@ class UsageStatistics:
         delta, state = delta.contiguous().clone(), state.contiguous().clone()
         usage = usage.contiguous().clone()
         _kernels.step_rows_tracked(
-            optimizer.native,
+            kind,
             optimizer.native_hyper(),
             delta,
             state,
