@@ -135,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     steps, warmup = (4, 2) if args.quick else (15, 3)
     means: list[int | None] = [None, 24, 16, 8]
-    paths = ["native", "torch"] if _kernels._lib is not None else ["torch"]
+    paths = ["native", "torch"] if _kernels.BUILT else ["torch"]
     tmp = Path(tempfile.mkdtemp(prefix="dpsn-budget-"))
     results: list[dict[str, Any]] = []
     try:
