@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dpsn import _kernels
@@ -118,7 +118,6 @@ def test_grid_shape(n: int) -> None:
     assert n1 * n2 >= n and n1 * n2 - n < n2 and n1 <= n2
 
 
-@settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 3),
     st.integers(1, 9),
@@ -138,7 +137,6 @@ def test_topk_ip_is_exact(g: int, m: int, n: int, k: int, data: st.DataObject) -
     assert torch.equal(i, want_i + start)
 
 
-@settings(max_examples=80, deadline=None)
 @given(
     st.integers(1, 40), st.integers(1, 40), st.integers(1, 64), st.booleans(), st.integers(0, 99)
 )
@@ -182,7 +180,6 @@ def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
 
 
 @pytest.mark.skipif(not _kernels.ENABLED, reason="dpsn._native was not built")
-@settings(max_examples=120, deadline=None)
 @given(
     st.integers(1, 2000),  # rows (the grid's last row partial or not)
     st.integers(1, 24),  # k: <= 16 takes the vectorized selection, more the scalar one

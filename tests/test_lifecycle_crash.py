@@ -22,7 +22,7 @@ import dpsn
 
 pytestmark = pytest.mark.slow
 
-KILLS = int(os.environ.get("DPSN_LIFECYCLE_KILLS", "10"))
+KILLS = int(os.environ.get("DPSN_LIFECYCLE_KILLS", "5"))  # CI; raise it for a longer run
 ROWS, DIM = 2000, 8
 SMALL = {"kind": "hashed_slices", "memory_size": 4096}
 POLICY = dict(warmup=0, min_uses=2, half_life=4, decay=0.3, prune_rms=0.05, max_idle=6)

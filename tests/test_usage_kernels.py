@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dpsn
@@ -73,7 +73,6 @@ cases = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
 @given(cases)
 def test_usage_touch_matches_the_pytorch_touch(case: tuple[int, int, int, int, int]) -> None:
     seed, capacity, n, step, epoch = case
@@ -102,7 +101,6 @@ def test_usage_touch_matches_the_pytorch_touch(case: tuple[int, int, int, int, i
 OPTIMIZERS = {"sgd": RowSGD(lr=0.3), "adagrad": RowAdagrad(lr=0.2), "adam": RowAdam(lr=0.1)}
 
 
-@settings(max_examples=60, deadline=None)
 @given(cases, st.sampled_from(sorted(OPTIMIZERS)), st.booleans(), st.integers(1, 40))
 def test_apply_rows_tracked_matches_the_pytorch_path(
     case: tuple[int, int, int, int, int], opt_name: str, touch: bool, dim: int
