@@ -74,7 +74,7 @@ def _ids(t: Any) -> torch.Tensor:
 
 def _int(x: Any, name: str, low: int = _INT64[0], high: int = _INT64[1]) -> int:
     """``x`` as a Python int in ``[low, high]`` (what C's ``long long`` holds)."""
-    if isinstance(x, bool) or not isinstance(x, int):
+    if type(x) is not int and (isinstance(x, bool) or not isinstance(x, int)):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if not low <= x <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {x}")

@@ -125,9 +125,9 @@ class _PeerRows(torch.autograd.Function):
         u, v = rows[:, : layer.d_in], rows[:, layer.d_in :]
         if uses.k is not None:  # regular: batched matmuls over [T, K, .] views
             t, k = x.shape[0], uses.k
-            h = torch.einsum("ti,tki->tk", x, u.view(t, k, -1)).reshape(-1)  # (M,)
+            h = torch.einsum("ti,tki->tk", x, u.view(t, k, layer.d_in)).reshape(-1)  # (M,)
             w = gates * _ACTIVATIONS[layer.activation](h)
-            y = torch.matmul(w.view(t, 1, k), v.view(t, k, -1))[:, 0]  # (T, O)
+            y = torch.matmul(w.view(t, 1, k), v.view(t, k, layer.d_out))[:, 0]  # (T, O)
         else:  # ragged budgets: per-use products summed per token
             h = (u * x[uses.token]).sum(dim=1)  # (M,)
             w = gates * _ACTIVATIONS[layer.activation](h)
@@ -182,13 +182,13 @@ class _PeerRows(torch.autograd.Function):
                 act = _ACTIVATIONS[layer.activation](hh)
             if uses.k is not None:
                 t, k = x.shape[0], uses.k
-                dw = torch.matmul(v.view(t, k, -1), dy[:, :, None]).reshape(-1)  # (M,): dL/dw
+                dw = torch.matmul(v.view(t, k, layer.d_out), dy[:, :, None]).reshape(-1)  # (M,)
             else:
                 dw = (v * dy[uses.token]).sum(dim=1)  # (M,): dL/dw
             dgates = dw * act.detach()
             (dh,) = torch.autograd.grad(act, hh, dw * gates)
             if uses.k is not None:
-                dx = torch.matmul(dh.view(t, 1, k), u.view(t, k, -1))[:, 0]  # (T, I)
+                dx = torch.matmul(dh.view(t, 1, k), u.view(t, k, layer.d_in))[:, 0]  # (T, I)
             else:
                 dx = torch.zeros_like(x)
                 dx.index_add_(0, uses.token, dh[:, None] * u)  # (T, I)

@@ -482,6 +482,45 @@ def _groups(root: Path) -> dict[str, list[tuple[str, Callable[[], object]]]]:
     }.items():
         case("train", f"PoolLayer: {label}")(lambda x=x: train_layer("adam", x=x))
 
+    class Duck:  # no RowOptimizer: the protocol alone, claiming Adam's loop with SGD's state
+        native = 2
+
+        def native_hyper(self):
+            return (0.1, 1e-8, 0.9, 0.999)
+
+        def state_width(self, dim: int) -> int:
+            return 0
+
+        def step(self, delta, grad, state):
+            return delta - 0.1 * grad, state
+
+    def step_batch(grads, optimizer=None, cached: bool = True) -> None:
+        p = pool(f"batch{len(opened)}", **({"cache_rows": 64} if cached else {}))
+        optimizer = optimizer or RowAdam()
+        p.set_state_width(optimizer.state_width(8))
+        with p.page_in(torch.tensor([1, 5, 5, 9])) as batch:
+            g = grads(len(batch)) if callable(grads) else grads
+            batch.apply_grads(g, optimizer)
+
+    for cached in (True, False):
+        for label, grads in {
+            "wrong shape": torch.ones(2, 8),
+            "wrong width": lambda n: torch.ones(n, 3),
+            "a list": [[0.0] * 8] * 3,
+            "NaN": lambda n: torch.full((n, 8), float("nan")),
+            "float64": lambda n: torch.ones(n, 8, dtype=torch.float64),
+            "int": lambda n: torch.ones(n, 8, dtype=torch.int64),
+            "non-contiguous": lambda n: torch.ones(8, n).t(),
+        }.items():
+            case("train", f"RowBatch.apply_grads: {label} grads, cached={cached}")(
+                lambda g=grads, c=cached: step_batch(g, cached=c)
+            )
+        odd = {"a duck claiming Adam's loop": Duck(), "RowAdam width 1": NarrowAdam()}
+        for label, opt in odd.items():
+            case("train", f"RowBatch.apply_grads: {label}, cached={cached}")(
+                lambda o=opt, c=cached: step_batch(lambda n: torch.ones(n, 8), o, cached=c)
+            )
+
     def embed(ids, offsets=None, optimizer="adagrad") -> None:
         p = pool(f"emb{len(opened)}", cache_rows=64)
         emb = PoolEmbedding(p, row_optimizer=optimizer)

@@ -11,12 +11,11 @@ import inspect
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from _zygote import Zygote
 
 import dpsn
 
@@ -85,17 +84,15 @@ def test_sigkill_during_commits_never_loses_or_exposes_anything(tmp_path):
     script.write_text("import torch\n" + _writer_source())
     rng = random.Random(1234)
     last_returned = 2
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     for _ in range(KILLS):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        line = proc.stdout.readline()
+        proc = zygote.spawn(script, str(path))  # a fork: torch is imported already
+        line = proc.readline()
         assert line.startswith("READY"), line
         assert int(line.split()[1]) >= last_returned
         time.sleep(rng.uniform(0.0, 0.25))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.kill(signal.SIGKILL)
+        out = proc.wait()
         for ln in out.splitlines():
             if ln.startswith("COMMITTED"):
                 last_returned = int(ln.split()[1])
@@ -114,6 +111,7 @@ def test_sigkill_during_commits_never_loses_or_exposes_anything(tmp_path):
             report = r.verify()
             assert report.ok, report.problems
         last_returned = head
+    zygote.close()
     with dpsn.open(path, mode="r+") as w:  # leftovers of killed commits are garbage, not data
         w.gc()
         assert w.verify().ok
@@ -161,7 +159,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
         + MAINTAINER
     )
     rng = random.Random(4321)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     last_returned = 2
     compacted = 0
     ids = torch.arange(5000)
@@ -173,14 +171,12 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
         return want
 
     for _ in range(max(4, KILLS // 4)):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        line = proc.stdout.readline()
+        proc = zygote.spawn(script, str(path))
+        line = proc.readline()
         assert line.startswith("READY"), line
         time.sleep(rng.uniform(0.3, 3.0))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.kill(signal.SIGKILL)
+        out = proc.wait()
         for ln in out.splitlines():
             if ln.startswith("COMMITTED"):
                 last_returned = int(ln.split()[1])
@@ -197,6 +193,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
                 got = r.delta(ids)[:, 0]
                 assert torch.equal(got, content(expected_state(change))), (commit, change)
         last_returned = newest
+    zygote.close()
     with dpsn.open(path, mode="r+") as w:
         w.gc()
         assert w.verify().ok

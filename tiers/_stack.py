@@ -726,6 +726,12 @@ class RowStack(UsageStatistics):
                 f"this row optimizer keeps {width} values of state per row but the pool was "
                 f"set up for {self.layout.state_width}: call set_state_width({width}) first"
             )
+        if not isinstance(grads, torch.Tensor) or tuple(grads.shape) != (len(batch), self.dim):
+            got = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
+            raise InvalidArgumentError(
+                f"row gradients must be a [{len(batch)}, {self.dim}] tensor (one per row of the "
+                f"batch), got {got}"
+            )
         if len(batch) == 0:
             return
         with self.lock:
