@@ -26,7 +26,7 @@ of its timed steps, one thread, by wall clock and by the thread's CPU time (whic
 processes' load does not inflate; on an idle machine the two agree).
 
 A ``"learned"`` budget depends on the input alone, so the router knows each token's k before
-it searches, and the native product-key search stops there (``kernels.pk_search``'s
+it searches, and the native product-key search stops there (``_kernels.pk_search``'s
 ``budgets``): the search, not only the executor, costs less for a small budget. Budgets read
 from the candidates' scores (``"entropy"``) still search all ``k_max``.
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import add_out_argument, print_table, write_json
 
 import dpsn
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.index import ProductKeyRouter
 from dpsn.index.testing import mixture
 
@@ -136,12 +136,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     steps, warmup = (4, 2) if args.quick else (15, 3)
     means: list[int | None] = [None, 24, 16, 8]
-    paths = ["native", "torch"] if kernels._lib is not None else ["torch"]
+    paths = ["native", "torch"] if _kernels.BUILT else ["torch"]
     tmp = Path(tempfile.mkdtemp(prefix="dpsn-budget-"))
     results: list[dict[str, Any]] = []
     try:
         for path in paths:
-            kernels.ENABLED = path == "native"
+            _kernels.ENABLED = path == "native"
             layers = {}
             for mean_k in means:
                 name = "fixed" if mean_k is None else f"mean {mean_k}"

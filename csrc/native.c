@@ -38,6 +38,35 @@
 
 /* ---------------------------------------------------------------------------------------- */
 /* cuckoo lookup (tiers/_slot_table.py)                                                      */
+/*                                                                                            */
+/* The table's arguments come first in every cuckoo call, in this order: entries (int32 or   */
+/* int64 [2 * half]), wide (entries are int64), half (= 2^bits), bits, mult0, mult1,          */
+/* capacity, slot_ids (int64 [capacity + 1]; -1 where empty, and the last one, the sentinel   */
+/* slot that empty entries name, always -1). parse_table reads and checks them once.         */
+
+typedef struct {
+    const int32_t *e32;
+    const int64_t *e64;
+    int wide;
+    int bits;
+    long long half, mult0, mult1, capacity;
+    const int64_t *slot_ids;
+} cuckoo_table;
+
+/* "K i L i L L L K": the table's arguments as the format of PyArg_ParseTuple spells them */
+#define TABLE_FMT "KiLiLLLK"
+
+/* Checks what the loops rely on: 1 <= bits <= 62, half == 2^bits, capacity >= 1, and that an
+ * int32 table can name every slot. The pointers' extents are checked by the Python wrapper
+ * (dpsn/_kernels.py _table_args); every entry read is still checked against the capacity. */
+static int table_ok(const cuckoo_table *t, const char *who) {
+    if (t->bits < 1 || t->bits > 62 || t->half != (1LL << t->bits) || t->capacity < 1 ||
+        (!t->wide && t->capacity > INT32_MAX) || (t->wide != 0 && t->wide != 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: bad hash-table parameters", who);
+        return 0;
+    }
+    return 1;
+}
 
 static inline int64_t place(int64_t id, int64_t mult, int bits) {
     /* the top `bits` bits of the wrapped product, as the PyTorch path computes them */
@@ -45,17 +74,50 @@ static inline int64_t place(int64_t id, int64_t mult, int bits) {
     return (int64_t)(h >> (64 - bits));
 }
 
+/* Entry `at` of the table: the slot it names (capacity: none, the sentinel). */
+static inline int64_t entry_at(const cuckoo_table *t, int64_t at) {
+    return t->wide ? t->e64[at] : (int64_t)t->e32[at];
+}
+
+static inline void prefetch_entry(const cuckoo_table *t, int64_t id) {
+    const int64_t at = place(id, t->mult0, t->bits);
+    __builtin_prefetch(t->wide ? (const void *)(t->e64 + at) : (const void *)(t->e32 + at));
+}
+
+#define PROBE_BAD (-2) /* an entry names no slot (the table is corrupt) */
+#define PROBE_MISS (-1)
+
+/* The one lookup every cuckoo loop uses: the slot holding `id`, PROBE_MISS if no slot does,
+ * PROBE_BAD for an entry out of range. `*seen` gets the last slot probed, clamped into the
+ * cache (what find reports for a miss). A slot answers only if it is a real one (< capacity)
+ * and holds `id` now; a negative id (index.PAD_ID is -1) is never cached, so it never matches
+ * an empty slot's -1, nor the sentinel's. */
+static inline int64_t probe(const cuckoo_table *t, int64_t id, int64_t *seen) {
+    int64_t s = entry_at(t, place(id, t->mult0, t->bits));
+    if (s < 0 || s > t->capacity) return PROBE_BAD;
+    if (id >= 0 && s < t->capacity && t->slot_ids[s] == id) {
+        *seen = s;
+        return s;
+    }
+    s = entry_at(t, place(id, t->mult1, t->bits) + t->half);
+    if (s < 0 || s > t->capacity) return PROBE_BAD;
+    *seen = s < t->capacity ? s : t->capacity - 1;
+    return id >= 0 && s < t->capacity && t->slot_ids[s] == id ? s : PROBE_MISS;
+}
+
 static PyObject *cuckoo_find(PyObject *self, PyObject *args) {
     unsigned long long entries_p, slot_ids_p, ids_p, out_slots_p, out_hit_p;
-    long long n, half, capacity, mult0, mult1;
-    int bits, wide;
-    if (!PyArg_ParseTuple(args, "KiLiLLLKKLKK", &entries_p, &wide, &half, &bits, &mult0,
-                          &mult1, &capacity, &slot_ids_p, &ids_p, &n, &out_slots_p, &out_hit_p)) {
+    long long n;
+    cuckoo_table t;
+    if (!PyArg_ParseTuple(args, TABLE_FMT "KLKK", &entries_p, &t.wide, &t.half, &t.bits,
+                          &t.mult0, &t.mult1, &t.capacity, &slot_ids_p, &ids_p, &n,
+                          &out_slots_p, &out_hit_p) ||
+        !table_ok(&t, "cuckoo_find")) {
         return NULL;
     }
-    const int32_t *e32 = (const int32_t *)entries_p;
-    const int64_t *e64 = (const int64_t *)entries_p;
-    const int64_t *slot_ids = (const int64_t *)slot_ids_p;
+    t.e32 = (const int32_t *)entries_p;
+    t.e64 = (const int64_t *)entries_p;
+    t.slot_ids = (const int64_t *)slot_ids_p;
     const int64_t *ids = (const int64_t *)ids_p;
     int64_t *out_slots = (int64_t *)out_slots_p;
     uint8_t *out_hit = (uint8_t *)out_hit_p;
@@ -63,27 +125,17 @@ static PyObject *cuckoo_find(PyObject *self, PyObject *args) {
     const long long ahead = 8;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
-        if (i + ahead < n) { /* independent cache misses: let them overlap */
-            const int64_t at = place(ids[i + ahead], mult0, bits);
-            __builtin_prefetch(wide ? (const void *)(e64 + at) : (const void *)(e32 + at));
-        }
-        int64_t id = ids[i];
-        int64_t at = place(id, mult0, bits);
-        int64_t s = wide ? e64[at] : (int64_t)e32[at];
-        if (s < 0 || s > capacity) { bad = 1; break; }
-        if (slot_ids[s] != id) {
-            at = place(id, mult1, bits) + half;
-            s = wide ? e64[at] : (int64_t)e32[at];
-            if (s < 0 || s > capacity) { bad = 1; break; }
-        }
-        uint8_t hit = slot_ids[s] == id;
-        out_hit[i] = hit;
-        out_slots[i] = s < capacity ? s : capacity - 1;
-        hits += hit;
+        if (i + ahead < n) prefetch_entry(&t, ids[i + ahead]); /* overlap the cache misses */
+        int64_t seen = 0;
+        const int64_t s = probe(&t, ids[i], &seen);
+        if (s == PROBE_BAD) { bad = 1; break; }
+        out_hit[i] = s >= 0;
+        out_slots[i] = seen;
+        hits += s >= 0;
     }
     Py_END_ALLOW_THREADS
     if (bad) {
-        PyErr_SetString(PyExc_RuntimeError, "cuckoo_find: a table entry names no slot");
+        PyErr_SetString(PyExc_IndexError, "cuckoo_find: a table entry names no slot");
         return NULL;
     }
     return PyLong_FromLongLong(hits);
@@ -94,21 +146,27 @@ static PyObject *cuckoo_find(PyObject *self, PyObject *args) {
  * second place, else the first place, whose live row moves to its own other place, and so on.
  * An entry is live while `home[slot]` points back at it (see the module docstring there).
  * Returns how many ids were inserted; fewer than n when a chain of moves ran past `max_kicks`
- * (the table is then inconsistent and the caller rebuilds it), -1 for an index out of range.
+ * (the table is then inconsistent and the caller rebuilds it); raises for a negative id, or a
+ * slot or entry out of range.
  *
  * Why: the vectorized PyTorch insertion is ~20 tensor ops a round and cost ~6 ms for a cold
  * fill of 32k rows, about as much as generating them; here the work is one probe per id. */
 static PyObject *cuckoo_insert(PyObject *self, PyObject *args) {
     unsigned long long entries_p, slot_ids_p, home_p, ids_p, slots_p;
-    long long n, half, capacity, mult0, mult1, max_kicks;
-    int bits, wide;
-    if (!PyArg_ParseTuple(args, "KiLiLLLKKKKLL", &entries_p, &wide, &half, &bits, &mult0, &mult1,
-                          &capacity, &slot_ids_p, &home_p, &ids_p, &slots_p, &n, &max_kicks)) {
+    long long n, max_kicks;
+    cuckoo_table t;
+    if (!PyArg_ParseTuple(args, TABLE_FMT "KKKLL", &entries_p, &t.wide, &t.half, &t.bits,
+                          &t.mult0, &t.mult1, &t.capacity, &slot_ids_p, &home_p, &ids_p,
+                          &slots_p, &n, &max_kicks) ||
+        !table_ok(&t, "cuckoo_insert")) {
         return NULL;
     }
     int32_t *e32 = (int32_t *)entries_p;
     int64_t *e64 = (int64_t *)entries_p;
-    const int64_t *slot_ids = (const int64_t *)slot_ids_p;
+    t.e32 = e32;
+    t.e64 = e64;
+    t.slot_ids = (const int64_t *)slot_ids_p;
+    const long long capacity = t.capacity, half = t.half;
     int64_t *home = (int64_t *)home_p;
     const int64_t *ids = (const int64_t *)ids_p;
     const int64_t *slots = (const int64_t *)slots_p;
@@ -117,34 +175,31 @@ static PyObject *cuckoo_insert(PyObject *self, PyObject *args) {
     const long long ahead = 8;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n && !bad; i++) {
-        if (i + ahead < n) {
-            const int64_t at = place(ids[i + ahead], mult0, bits);
-            __builtin_prefetch(wide ? (const void *)(e64 + at) : (const void *)(e32 + at));
-        }
+        if (i + ahead < n) prefetch_entry(&t, ids[i + ahead]);
         int64_t cur = slots[i];
-        if (cur < 0 || cur >= capacity) { bad = 1; break; }
-        int64_t at = place(ids[i], mult0, bits);
-        int64_t held = wide ? e64[at] : (int64_t)e32[at];
+        if (cur < 0 || cur >= capacity || ids[i] < 0) { bad = 1; break; }
+        int64_t at = place(ids[i], t.mult0, t.bits);
+        int64_t held = entry_at(&t, at);
         if (held < 0 || held > capacity) { bad = 1; break; }
         if (home[held] == at) { /* first place taken: the second, if it is free */
-            const int64_t at2 = place(ids[i], mult1, bits) + half;
-            const int64_t held2 = wide ? e64[at2] : (int64_t)e32[at2];
+            const int64_t at2 = place(ids[i], t.mult1, t.bits) + half;
+            const int64_t held2 = entry_at(&t, at2);
             if (held2 < 0 || held2 > capacity) { bad = 1; break; }
             if (home[held2] != at2) { at = at2; held = held2; }
         }
         long long kicks = 0;
         for (;;) {
             const int live = home[held] == at;
-            if (wide) e64[at] = cur; else e32[at] = (int32_t)cur;
+            if (t.wide) e64[at] = cur; else e32[at] = (int32_t)cur;
             home[cur] = at;
             if (!live) break;
             if (held >= capacity) { bad = 1; break; } /* the sentinel slot is never live */
             if (++kicks > max_kicks) break;
             /* the row that lived here moves to its other place */
             cur = held;
-            const int64_t id = slot_ids[cur];
-            at = at >= half ? place(id, mult0, bits) : place(id, mult1, bits) + half;
-            held = wide ? e64[at] : (int64_t)e32[at];
+            const int64_t id = t.slot_ids[cur];
+            at = at >= half ? place(id, t.mult0, t.bits) : place(id, t.mult1, t.bits) + half;
+            held = entry_at(&t, at);
             if (held < 0 || held > capacity) { bad = 1; break; }
         }
         if (kicks > max_kicks) break;
@@ -152,7 +207,8 @@ static PyObject *cuckoo_insert(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     if (bad) {
-        PyErr_SetString(PyExc_RuntimeError, "cuckoo_insert: a table entry or slot out of range");
+        PyErr_SetString(PyExc_IndexError,
+                        "cuckoo_insert: a negative id, or a table entry or slot out of range");
         return NULL;
     }
     return PyLong_FromLongLong(done);
@@ -221,6 +277,10 @@ static PyObject *group_ids(PyObject *self, PyObject *args) {
                           &inverse_p, &s1_p, &s2_p, &s3_p)) {
         return NULL;
     }
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "group_ids: a negative size");
+        return NULL;
+    }
     long long m;
     Py_BEGIN_ALLOW_THREADS
     m = group_ids_impl((const int64_t *)ids_p, n, (int64_t *)order_p, (int64_t *)uniq_p,
@@ -234,25 +294,31 @@ static PyObject *group_ids(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(m);
 }
 
-/* A hot read: find every id's slot and, if all are cached, copy their rows (`width` bytes
- * each) into `out` and, given `last` (an LRU policy's float64 column), stamp each slot with
- * `step`. Returns 1 as soon as an id is not found (nothing is gathered then, and the slots are
- * partial: a read with a miss takes the lookup path, so a cold read pays one probe here, not a
- * pass over the batch), else 0. The table entry of an id a few ahead is prefetched: the probes are independent cache misses, so
- * they can overlap. */
+/* A hot read: find every id's slot (probe) and, if all are cached, copy their rows (`width`
+ * bytes each) into `out` and, given `last` (an LRU policy's float64 column), stamp each slot
+ * with `step`. Returns 1 as soon as an id is not found (nothing is gathered then, and the slots
+ * are partial: a read with a miss takes the lookup path, so a cold read pays one probe here,
+ * not a pass over the batch), else 0. The table entry of an id a few ahead is prefetched: the
+ * probes are independent cache misses, so they can overlap. Only slots below the capacity
+ * are ever gathered or stamped (probe answers no others). */
 static PyObject *find_gather(PyObject *self, PyObject *args) {
     unsigned long long entries_p, slot_ids_p, ids_p, out_slots_p, table_p, out_p, last_p;
-    long long n, half, capacity, mult0, mult1, width;
+    long long n, width;
     double step;
-    int bits, wide;
-    if (!PyArg_ParseTuple(args, "KiLiLLLKKLKKLKKd", &entries_p, &wide, &half, &bits, &mult0,
-                          &mult1, &capacity, &slot_ids_p, &ids_p, &n, &out_slots_p, &table_p,
-                          &width, &out_p, &last_p, &step)) {
+    cuckoo_table t;
+    if (!PyArg_ParseTuple(args, TABLE_FMT "KLKKLKKd", &entries_p, &t.wide, &t.half, &t.bits,
+                          &t.mult0, &t.mult1, &t.capacity, &slot_ids_p, &ids_p, &n,
+                          &out_slots_p, &table_p, &width, &out_p, &last_p, &step) ||
+        !table_ok(&t, "find_gather")) {
         return NULL;
     }
-    const int32_t *e32 = (const int32_t *)entries_p;
-    const int64_t *e64 = (const int64_t *)entries_p;
-    const int64_t *slot_ids = (const int64_t *)slot_ids_p;
+    if (width < 0) {
+        PyErr_SetString(PyExc_ValueError, "find_gather: a negative row width");
+        return NULL;
+    }
+    t.e32 = (const int32_t *)entries_p;
+    t.e64 = (const int64_t *)entries_p;
+    t.slot_ids = (const int64_t *)slot_ids_p;
     const int64_t *ids = (const int64_t *)ids_p;
     int64_t *out_slots = (int64_t *)out_slots_p;
     const char *table = (const char *)table_p;
@@ -262,20 +328,11 @@ static PyObject *find_gather(PyObject *self, PyObject *args) {
     const long long ahead = 8;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
-        if (i + ahead < n) {
-            const int64_t at = place(ids[i + ahead], mult0, bits);
-            __builtin_prefetch(wide ? (const void *)(e64 + at) : (const void *)(e32 + at));
-        }
-        const int64_t id = ids[i];
-        int64_t at = place(id, mult0, bits);
-        int64_t s = wide ? e64[at] : (int64_t)e32[at];
-        if (s < 0 || s > capacity) { bad = 1; break; }
-        if (slot_ids[s] != id) {
-            at = place(id, mult1, bits) + half;
-            s = wide ? e64[at] : (int64_t)e32[at];
-            if (s < 0 || s > capacity) { bad = 1; break; }
-            if (slot_ids[s] != id) { misses = 1; break; } /* a miss: the caller looks up */
-        }
+        if (i + ahead < n) prefetch_entry(&t, ids[i + ahead]);
+        int64_t seen = 0;
+        const int64_t s = probe(&t, ids[i], &seen);
+        if (s == PROBE_BAD) { bad = 1; break; }
+        if (s == PROBE_MISS) { misses = 1; break; } /* a miss: the caller looks up */
         out_slots[i] = s;
     }
     if (!bad && misses == 0) {
@@ -287,7 +344,7 @@ static PyObject *find_gather(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     if (bad) {
-        PyErr_SetString(PyExc_RuntimeError, "find_gather: a table entry names no slot");
+        PyErr_SetString(PyExc_IndexError, "find_gather: a table entry names no slot");
         return NULL;
     }
     return PyLong_FromLongLong(misses);
@@ -358,13 +415,25 @@ static inline int csr_ok(const int64_t *offsets, long long n, long long M) {
     return offsets[0] == 0 && offsets[n] == M;
 }
 
+/* The sizes and scalars the PEER loops rely on (the wrapper checks the arrays' extents). */
+static int peer_ok(const char *who, long long rows, long long dim, long long d_in, long long T,
+                   long long M, long long n, int kind) {
+    if (rows < 0 || dim < 1 || d_in < 0 || d_in > dim || T < 0 || M < 0 || n < 0 ||
+        kind < ACT_GELU || kind > ACT_TANH) {
+        PyErr_Format(PyExc_ValueError, "%s: bad sizes or activation kind", who);
+        return 0;
+    }
+    return 1;
+}
+
 HOT static PyObject *peer_forward(PyObject *self, PyObject *args) {
     unsigned long long table_p, index_p, off_p, order_p, token_p, x_p, gates_p, y_p, h_p;
     long long rows, dim, d_in, T, M, n;
     int kind;
     if (!PyArg_ParseTuple(args, "KLLLKKKKKKLLLiKK", &table_p, &rows, &dim, &d_in, &index_p,
                           &off_p, &order_p, &token_p, &x_p, &gates_p, &T, &M, &n, &kind, &y_p,
-                          &h_p)) {
+                          &h_p) ||
+        !peer_ok("peer_forward", rows, dim, d_in, T, M, n, kind)) {
         return NULL;
     }
     const float *table = (const float *)table_p;
@@ -411,7 +480,8 @@ HOT static PyObject *peer_backward(PyObject *self, PyObject *args) {
     int kind;
     if (!PyArg_ParseTuple(args, "KLLLKKKKKKKKLLLiKKK", &table_p, &rows, &dim, &d_in, &index_p,
                           &off_p, &order_p, &token_p, &x_p, &gates_p, &h_p, &dy_p, &T, &M, &n,
-                          &kind, &dx_p, &dg_p, &rg_p)) {
+                          &kind, &dx_p, &dg_p, &rg_p) ||
+        !peer_ok("peer_backward", rows, dim, d_in, T, M, n, kind)) {
         return NULL;
     }
     const float *table = (const float *)table_p;
@@ -469,6 +539,49 @@ HOT static PyObject *peer_backward(PyObject *self, PyObject *args) {
 #define OPT_SGD 0
 #define OPT_ADAGRAD 1
 #define OPT_ADAM 2
+
+/* The state width each optimizer kind's step reads and writes (floats per row): the kernel
+ * owns it, and every step checks the caller's state column against it, so an optimizer whose
+ * state does not fit (a subclass that changed its width) can never make a step write past a
+ * row's state. -1: no such kind. */
+static long long opt_width(int opt, long long dim) {
+    switch (opt) {
+    case OPT_SGD: return 0;
+    case OPT_ADAGRAD: return 1;
+    case OPT_ADAM: return dim + 2; /* [m (dim) | v | t] */
+    default: return -1;
+    }
+}
+
+/* What every optimizer step relies on: a known kind whose state width is `width`, dim >= 1,
+ * and non-negative sizes. Sets a ValueError and returns 0 otherwise. */
+static int step_ok(const char *who, int opt, long long dim, long long width, long long n,
+                   long long capacity) {
+    if (opt_width(opt, dim) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown optimizer kind %d", who, opt);
+        return 0;
+    }
+    if (dim < 1 || n < 0 || capacity < 0 || width != opt_width(opt, dim)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: optimizer kind %d needs state width %lld for dim %lld, got %lld "
+                     "(n %lld, capacity %lld)",
+                     who, opt, opt_width(opt, dim), dim, width, n, capacity);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *state_width(PyObject *self, PyObject *args) {
+    int opt;
+    long long dim;
+    if (!PyArg_ParseTuple(args, "iL", &opt, &dim)) return NULL;
+    if (dim < 1 || opt_width(opt, dim) < 0) {
+        PyErr_Format(PyExc_ValueError, "state_width: unknown optimizer kind %d or dim %lld", opt,
+                     dim);
+        return NULL;
+    }
+    return PyLong_FromLongLong(opt_width(opt, dim));
+}
 
 /* One step on one row; with `base` and `row` also re-materializes row = base + delta in the
  * same pass (NULL: compact arrays without them). */
@@ -528,7 +641,8 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
     double lr, eps, b1, b2;
     if (!PyArg_ParseTuple(args, "iKKKKLLLKKKLdddd", &opt, &delta_p, &state_p, &base_p, &row_p,
                           &capacity, &dim, &width, &slots_p, &fresh_p, &grads_p, &n, &lr, &eps,
-                          &b1, &b2)) {
+                          &b1, &b2) ||
+        !step_ok("apply_rows", opt, dim, width, n, capacity)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p, *base = (float *)base_p;
@@ -558,14 +672,17 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
 }
 
 /* The same optimizer math on compact host arrays (rows not in the cache): delta [n, dim] and
- * state [n, width] updated in place. Shares opt_step, so both paths give the same bits. */
+ * state [n, width] updated in place. Shares opt_step with apply_rows (the tests compare the
+ * tracked pair bit for bit); against the PyTorch expressions of pool/_optim.py the tests allow
+ * float32 rounding (relative 1e-5: FMA contraction and another summation order). */
 HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, grads_p;
     long long dim, width, n;
     int opt;
     double lr, eps, b1, b2;
     if (!PyArg_ParseTuple(args, "iKKKLLLdddd", &opt, &delta_p, &state_p, &grads_p, &dim,
-                          &width, &n, &lr, &eps, &b1, &b2)) {
+                          &width, &n, &lr, &eps, &b1, &b2) ||
+        !step_ok("step_rows", opt, dim, width, n, 0)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p;
@@ -584,10 +701,12 @@ HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
 /* usage column: what a page-in (`touch`) and a row step (`start`, `updated`) record, for     */
 /* the rows of one step in one pass instead of ~30 PyTorch ops over gathered copies.          */
 /*                                                                                            */
-/* Same bits as the PyTorch path: the same double operations in the same order, each rounded */
-/* (no fused multiply-add: FP contraction is off here, unlike the optimizer loops), and the  */
-/* one transcendental, pow(use_decay, steps since last use), is computed by PyTorch and      */
-/* passed in, since PyTorch's vectorized pow may differ from libm's in the last bit.         */
+/* The same double operations as the PyTorch path (tiers/_usage.py), in the same order,     */
+/* each rounded (no fused multiply-add: FP contraction is off here, unlike the optimizer     */
+/* loops). What the tests check (tests/test_usage_kernels.py): every field bit for bit but   */
+/* RECENT, whose decay pow(use_decay, steps since last use) comes from libm here (PyTorch's  */
+/* vectorized pow may differ in the last bit; relative 1e-12), and UPDATE, which takes the   */
+/* gradient's float32 norm summed in another order (relative 1e-6).                          */
 /* Field numbers: tiers/_usage_fields.py (never renumbered).                                 */
 
 #define U_PHASE 0
@@ -667,6 +786,10 @@ static PyObject *usage_touch(PyObject *self, PyObject *args) {
     double use_decay;
     if (!PyArg_ParseTuple(args, "KLKKKKLLLd", &col_p, &capacity, &slots_p, &counts_p,
                           &trained_p, &dirty_p, &n, &step, &epoch, &use_decay)) {
+        return NULL;
+    }
+    if (capacity < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "usage_touch: negative sizes");
         return NULL;
     }
     double *col = (double *)col_p;
@@ -777,7 +900,8 @@ HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
                           &row_p, &capacity, &dim, &width, &slots_p, &grads_p, &n, &lr, &eps,
                           &b1, &b2, &col_p, &trained_p, &counts_p, &PyTuple_Type,
                           &rates_args) ||
-        !parse_rates(rates_args, &rt)) {
+        !parse_rates(rates_args, &rt) ||
+        !step_ok("apply_rows_tracked", opt, dim, width, n, capacity)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p, *base = (float *)base_p;
@@ -825,7 +949,7 @@ HOT static PyObject *step_rows_tracked(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKKKLLLddddKKO!", &opt, &delta_p, &state_p, &grads_p, &dim,
                           &width, &n, &lr, &eps, &b1, &b2, &usage_p, &counts_p, &PyTuple_Type,
                           &rates_args) ||
-        !parse_rates(rates_args, &rt)) {
+        !parse_rates(rates_args, &rt) || !step_ok("step_rows_tracked", opt, dim, width, n, 0)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p;
@@ -1053,7 +1177,8 @@ HOT static PyObject *pk_search(PyObject *self, PyObject *args) {
     const float *s1 = (const float *)s1_p, *s2 = (const float *)s2_p;
     int64_t *out_ids = (int64_t *)ids_p;
     float *out_vals = (float *)vals_p;
-    if (k_all < 1 || f < 0 || f > n1 || r < 0 || r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
+    if (T < 0 || H < 0 || n1 < 1 || n2 < 1 || k_all < 1 || f < 0 || f > n1 || r < 0 ||
+        r >= n2 || (f == n1 && r) || (f == 0 && !r)) {
         PyErr_SetString(PyExc_ValueError, "pk_search: bad grid");
         return NULL;
     }
@@ -1132,6 +1257,10 @@ HOT static PyObject *pk_scores_backward(PyObject *self, PyObject *args) {
                           &n1, &n2, &k, &dq_p, &dk1_p, &dk2_p)) {
         return NULL;
     }
+    if (T < 0 || H < 0 || e < 0 || n1 < 1 || n2 < 1 || k < 0) { /* ids are split by n2 */
+        PyErr_SetString(PyExc_ValueError, "pk_scores_backward: bad sizes");
+        return NULL;
+    }
     const float *q = (const float *)q_p, *keys1 = (const float *)k1_p;
     const float *keys2 = (const float *)k2_p, *grad = (const float *)g_p;
     const int64_t *ids = (const int64_t *)ids_p;
@@ -1177,6 +1306,7 @@ static PyMethodDef methods[] = {
     {"peer_backward", peer_backward, METH_VARARGS, "PEER backward: dx, dgates, row grads."},
     {"apply_rows", apply_rows, METH_VARARGS, "Row optimizer step on cache columns."},
     {"step_rows", step_rows, METH_VARARGS, "Row optimizer step on compact arrays."},
+    {"state_width", state_width, METH_VARARGS, "State floats per row of an optimizer kind."},
     {"usage_touch", usage_touch, METH_VARARGS, "A lifecycle's use of cached rows."},
     {"apply_rows_tracked", apply_rows_tracked, METH_VARARGS,
      "apply_rows recording a lifecycle's statistics."},

@@ -1,35 +1,8 @@
-"""A pool sharded row-wise over ``torch.distributed`` ranks, with two-phase commits.
+"""A pool sharded row-wise over ``torch.distributed`` ranks: see :mod:`dpsn.pool.distributed`.
 
-Every rank runs (one shard per rank; executors need no change)::
-
-    torch.distributed.init_process_group("gloo")
-    pool = dpsn.distributed.create("root", rows=10**9, dim=64)
-    emb = dpsn.PoolEmbedding(pool)
-    ...
-    pool.commit("step 1000")   # every shard, then the global record
-
-``dpsn.create(root, ..., shards=N)`` and ``dpsn.open(root, ..., process_group=pg)`` do the same.
-See ``docs/distributed.md`` for the layout, the commit protocol and the measured costs.
+``import dpsn.distributed`` is the short name users reach for; everything lives in
+``dpsn.pool.distributed`` beside the pool it shards.
 """
 
-from dpsn.errors import DistributedError
-from dpsn.pool._reshard import reshard
-from dpsn.pool._sharded import ShardedPool, ShardedRowBatch, owner_of
-from dpsn.pool._sharded_api import create, create_root, open, read_rows
-from dpsn.store.shards import GlobalCommit, global_log, is_sharded, read_global
-
-__all__ = [
-    "DistributedError",
-    "GlobalCommit",
-    "ShardedPool",
-    "ShardedRowBatch",
-    "create",
-    "create_root",
-    "global_log",
-    "is_sharded",
-    "open",
-    "owner_of",
-    "read_global",
-    "read_rows",
-    "reshard",
-]
+from dpsn.pool.distributed import *  # noqa: F403 (this module is that one's short name)
+from dpsn.pool.distributed import __all__  # noqa: F401

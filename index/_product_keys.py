@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpsn import kernels
+from dpsn import _kernels
 
 from ._base import Router
 from ._config import ProductKeyConfig, build_config
 from ._errors import RouterConfigError
 from ._topk import merge_heads, merge_topk, sorted_pair_candidates, topk_ip
 
-# Grids up to this many rows use the native search (dpsn.kernels); it scans every sub-key of
+# Grids up to this many rows use the native search (dpsn._kernels); it scans every sub-key of
 # both halves per query, which is what the chunked PyTorch search does too, but beyond ~10**8
 # rows (10**4 sub-keys a half) the latter's batched matmuls win.
 _NATIVE_GRID = 1 << 27
@@ -59,7 +59,7 @@ class _NativeScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, keys1, keys2, ids = ctx.saved_tensors
-        dq, dk1, dk2 = kernels.pk_scores_backward(
+        dq, dk1, dk2 = _kernels.pk_scores_backward(
             q.contiguous(), keys1.contiguous(), keys2.contiguous(), ids, grad.float().contiguous()
         )
         return dq, dk1, dk2, None, None
@@ -121,7 +121,7 @@ class ProductKeys(nn.Module):
 
     def _native(self, q: Tensor) -> bool:
         return (
-            kernels.usable(q, self.keys1)
+            _kernels.usable(q, self.keys1)
             and q.dtype == self.keys1.dtype == torch.float32
             and self.n1 * self.n2 <= _NATIVE_GRID
         )
@@ -138,7 +138,7 @@ class ProductKeys(nn.Module):
         if not 1 <= n_valid <= self.n1 * self.n2:
             raise RouterConfigError(f"n_valid={n_valid} outside the {self.n1}x{self.n2} grid")
         if self._native(q):  # one C loop per query: score both halves, keep each top-k, merge
-            return kernels.pk_search(
+            return _kernels.pk_search(
                 q.contiguous(), self.keys1.detach(), self.keys2.detach(), k, n_valid, budgets
             )
         e, n2 = self.half, self.n2

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.errors import FreshRouterWarning
 from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
@@ -99,7 +99,7 @@ class _PeerRows(torch.autograd.Function):
     them per row; but the gradient of use ``u`` is a scalar times ``x[t]`` (for u) or times
     ``dy[t]`` (for v), so the backward sums them per row directly and hands the sums to the row
     trainer. On the CPU with ``dpsn._native`` built, forward and backward are each one loop
-    over the uses that reads every row where it is (``dpsn.kernels``): nothing is gathered.
+    over the uses that reads every row where it is (``dpsn._kernels``): nothing is gathered.
     Returns the gradients of ``x`` and of the gates (which reach the router). The
     frozen-generator path; ``train_generator=True`` goes through autograd
     (:class:`_FusedDeltas`). ``anchor`` requires grad, so the rows train even when neither ``x``
@@ -117,10 +117,10 @@ class _PeerRows(torch.autograd.Function):
         layer: PoolLayer,
     ) -> torch.Tensor:
         ctx.layer, ctx.batch, ctx.uses = layer, batch, uses
-        if kernels.usable(x, batch.table) and batch.table.dtype == torch.float32:
+        if _kernels.usable(x, batch.table) and batch.table.dtype == torch.float32:
             # one pass over the rows by index: nothing gathered, nothing kept (the batch keeps
             # its rows' values until its backward has read them)
-            y, h = kernels.peer_forward(
+            y, h = _kernels.peer_forward(
                 batch.table,
                 batch.index,
                 batch.offsets,
@@ -138,9 +138,9 @@ class _PeerRows(torch.autograd.Function):
         u, v = rows[:, : layer.d_in], rows[:, layer.d_in :]
         if uses.k is not None:  # regular: batched matmuls over [T, K, .] views
             t, k = x.shape[0], uses.k
-            h = torch.einsum("ti,tki->tk", x, u.view(t, k, -1)).reshape(-1)  # (M,)
+            h = torch.einsum("ti,tki->tk", x, u.view(t, k, layer.d_in)).reshape(-1)  # (M,)
             w = gates * _ACTIVATIONS[layer.activation](h)
-            y = torch.matmul(w.view(t, 1, k), v.view(t, k, -1))[:, 0]  # (T, O)
+            y = torch.matmul(w.view(t, 1, k), v.view(t, k, layer.d_out))[:, 0]  # (T, O)
         else:  # ragged budgets: per-use products summed per token
             h = (u * x[uses.token]).sum(dim=1)  # (M,)
             w = gates * _ACTIVATIONS[layer.activation](h)
@@ -169,7 +169,7 @@ class _PeerRows(torch.autograd.Function):
         x, gates, h = ctx.saved_tensors
         layer, rows, batch, uses = ctx.layer, ctx.rows, ctx.batch, ctx.uses
         if rows is None:  # the native forward: the same loop backward
-            dx, dgates, grads = kernels.peer_backward(
+            dx, dgates, grads = _kernels.peer_backward(
                 batch.table,
                 batch.index,
                 batch.offsets,
@@ -195,13 +195,13 @@ class _PeerRows(torch.autograd.Function):
                 act = _ACTIVATIONS[layer.activation](hh)
             if uses.k is not None:
                 t, k = x.shape[0], uses.k
-                dw = torch.matmul(v.view(t, k, -1), dy[:, :, None]).reshape(-1)  # (M,): dL/dw
+                dw = torch.matmul(v.view(t, k, layer.d_out), dy[:, :, None]).reshape(-1)  # (M,)
             else:
                 dw = (v * dy[uses.token]).sum(dim=1)  # (M,): dL/dw
             dgates = dw * act.detach()
             (dh,) = torch.autograd.grad(act, hh, dw * gates)
             if uses.k is not None:
-                dx = torch.matmul(dh.view(t, 1, k), u.view(t, k, -1))[:, 0]  # (T, I)
+                dx = torch.matmul(dh.view(t, 1, k), u.view(t, k, layer.d_in))[:, 0]  # (T, I)
             else:
                 dx = torch.zeros_like(x)
                 dx.index_add_(0, uses.token, dh[:, None] * u)  # (T, I)

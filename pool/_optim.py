@@ -15,16 +15,21 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 
 
 class RowOptimizer(ABC):
     """Updates ``delta [n, dim]`` from ``grad [n, dim]`` and ``state [n, state_width(dim)]``.
 
     The built-in optimizers also name a fused native loop (``native``, see
-    ``dpsn.kernels``) that the tier stack runs on the cache's columns in one pass; their
-    :meth:`step` runs the same loop on CPU float32 tensors, so a row gets the same bits on
-    every path. A subclass of your own needs only :meth:`state_width` and :meth:`step`.
+    ``dpsn._kernels``) that the tier stack runs on the cache's columns in one pass; their
+    :meth:`step` runs the same loop on CPU float32 tensors, so cached and spilled rows take the
+    same code (the tests compare them bit for bit); the PyTorch expressions below agree with
+    it to float32 rounding (the tests allow relative 1e-5). A subclass of your own needs only
+    :meth:`state_width` and :meth:`step`; a subclass of a built-in one that overrides its step,
+    state width or hyperparameters loses the native loop (``native = None``) unless it sets
+    ``native`` itself, and the loop runs only for the state width the kernel uses
+    (``dpsn._kernels.native_kind``).
     """
 
     name: ClassVar[str]
@@ -32,8 +37,9 @@ class RowOptimizer(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "step" in cls.__dict__ and "native" not in cls.__dict__:
-            cls.native = None  # a new step: the inherited loop no longer computes it
+        overrides = {"step", "state_width", "native_hyper"} & cls.__dict__.keys()
+        if overrides and "native" not in cls.__dict__:
+            cls.native = None  # a new step or state: the inherited loop no longer computes it
 
     def __init__(self, *, lr: float) -> None:
         if not lr > 0:
@@ -62,12 +68,13 @@ class RowOptimizer(ABC):
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The native loop on copies of the inputs, when it can run on them."""
-        if self.native is None or not kernels.usable(delta, grad, state):
+        if not _kernels.usable(delta, grad, state) or delta.dim() != 2:
             return None
-        if not all(t.dtype == torch.float32 for t in (delta, grad, state)):
+        kind = _kernels.native_kind(self, delta.shape[1])
+        if kind is None or not all(t.dtype == torch.float32 for t in (delta, grad, state)):
             return None
         new, new_state = delta.contiguous().clone(), state.contiguous().clone()
-        kernels.step_rows(self.native, self.native_hyper(), new, new_state, grad.contiguous())
+        _kernels.step_rows(kind, self.native_hyper(), new, new_state, grad.contiguous())
         return new, new_state
 
 
@@ -75,7 +82,7 @@ class RowSGD(RowOptimizer):
     """Plain SGD on each used row's delta: ``delta -= lr * grad``. No state."""
 
     name = "sgd"
-    native = kernels.OPT_SGD
+    native = _kernels.OPT_SGD
 
     def __init__(self, *, lr: float = 0.1) -> None:
         super().__init__(lr=lr)
@@ -94,7 +101,7 @@ class RowAdagrad(RowOptimizer):
     """Row-wise AdaGrad: ``G += mean(g^2)``, ``delta -= lr * g / (sqrt(G) + eps)``."""
 
     name = "adagrad"
-    native = kernels.OPT_ADAGRAD
+    native = _kernels.OPT_ADAGRAD
 
     def __init__(self, *, lr: float = 0.05, eps: float = 1e-8) -> None:
         super().__init__(lr=lr)
@@ -123,7 +130,7 @@ class RowAdam(RowOptimizer):
     updated at different times. State per row: ``[m (dim) | v | t]``."""
 
     name = "adam"
-    native = kernels.OPT_ADAM
+    native = _kernels.OPT_ADAM
 
     def __init__(
         self, *, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -168,7 +168,6 @@ def test_pins_are_per_holder_and_replaced_not_stacked():
     assert not bool(c.pinned().any())
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     batches=st.lists(
         st.lists(st.integers(0, 2**62), min_size=1, max_size=24), min_size=1, max_size=12
@@ -425,7 +424,6 @@ class CachedVsPlain(RuleBasedStateMachine):
 
 
 TestCachedVsPlain = CachedVsPlain.TestCase
-TestCachedVsPlain.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
 def test_large_columns_ask_for_huge_pages_and_hold_what_torch_full_would():

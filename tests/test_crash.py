@@ -1,26 +1,27 @@
 """Crash safety, for real: SIGKILL a writer at random moments during commits and check that the
 store always opens, verifies clean, and holds exactly a commit that was made.
 
-Runs at least 50 kills (DPSN_CRASH_KILLS raises it). Each commit k writes rows whose values are a
-function of k alone, so the expected content of every commit is known without trusting the store.
+Runs 12 kills by default, so CI stays within its 10 minutes, and as many as DPSN_CRASH_KILLS
+says for a longer run (the compaction loop runs a quarter of them, at least 4). Each commit k
+writes rows whose values are a function of k alone, so the expected content of every commit is
+known without trusting the store.
 """
 
 import inspect
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from _zygote import Zygote
 
 import dpsn
 
 pytestmark = pytest.mark.slow
 
-KILLS = int(os.environ.get("DPSN_CRASH_KILLS", "50"))
+KILLS = int(os.environ.get("DPSN_CRASH_KILLS", "12"))
 DIM = 8
 
 # Writers keep the row index in run files from a few hundred rows on (``_runs.py``; the default
@@ -83,17 +84,15 @@ def test_sigkill_during_commits_never_loses_or_exposes_anything(tmp_path):
     script.write_text("import torch\n" + _writer_source())
     rng = random.Random(1234)
     last_returned = 2
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     for _ in range(KILLS):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        line = proc.stdout.readline()
+        proc = zygote.spawn(script, str(path))  # a fork: torch is imported already
+        line = proc.readline()
         assert line.startswith("READY"), line
         assert int(line.split()[1]) >= last_returned
         time.sleep(rng.uniform(0.0, 0.25))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.kill(signal.SIGKILL)
+        out = proc.wait()
         for ln in out.splitlines():
             if ln.startswith("COMMITTED"):
                 last_returned = int(ln.split()[1])
@@ -112,6 +111,7 @@ def test_sigkill_during_commits_never_loses_or_exposes_anything(tmp_path):
             report = r.verify()
             assert report.ok, report.problems
         last_returned = head
+    zygote.close()
     with dpsn.open(path, mode="r+") as w:  # leftovers of killed commits are garbage, not data
         w.gc()
         assert w.verify().ok
@@ -159,7 +159,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
         + MAINTAINER
     )
     rng = random.Random(4321)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     last_returned = 2
     compacted = 0
     ids = torch.arange(5000)
@@ -170,15 +170,13 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
             want[torch.tensor(list(state))] = torch.tensor(list(state.values()))
         return want
 
-    for _ in range(max(10, KILLS // 4)):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        line = proc.stdout.readline()
+    for _ in range(max(4, KILLS // 4)):
+        proc = zygote.spawn(script, str(path))
+        line = proc.readline()
         assert line.startswith("READY"), line
         time.sleep(rng.uniform(0.3, 3.0))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.kill(signal.SIGKILL)
+        out = proc.wait()
         for ln in out.splitlines():
             if ln.startswith("COMMITTED"):
                 last_returned = int(ln.split()[1])
@@ -195,6 +193,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
                 got = r.delta(ids)[:, 0]
                 assert torch.equal(got, content(expected_state(change))), (commit, change)
         last_returned = newest
+    zygote.close()
     with dpsn.open(path, mode="r+") as w:
         w.gc()
         assert w.verify().ok

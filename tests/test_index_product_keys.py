@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.index import ProductKeyRouter, RouterConfigError
 from dpsn.index._product_keys import grid_shape
 from dpsn.index._topk import _chunk_topk, merge_heads, sorted_pair_candidates, topk_ip
@@ -118,7 +118,6 @@ def test_grid_shape(n: int) -> None:
     assert n1 * n2 >= n and n1 * n2 - n < n2 and n1 <= n2
 
 
-@settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 3),
     st.integers(1, 9),
@@ -138,7 +137,6 @@ def test_topk_ip_is_exact(g: int, m: int, n: int, k: int, data: st.DataObject) -
     assert torch.equal(i, want_i + start)
 
 
-@settings(max_examples=80, deadline=None)
 @given(
     st.integers(1, 40), st.integers(1, 40), st.integers(1, 64), st.booleans(), st.integers(0, 99)
 )
@@ -181,8 +179,7 @@ def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
     assert torch.equal(got_i, want_i)
 
 
-@pytest.mark.skipif(not kernels.ENABLED, reason="dpsn._native was not built")
-@settings(max_examples=120, deadline=None)
+@pytest.mark.skipif(not _kernels.ENABLED, reason="dpsn._native was not built")
 @given(
     st.integers(1, 2000),  # rows (the grid's last row partial or not)
     st.integers(1, 24),  # k: <= 16 takes the vectorized selection, more the scalar one
@@ -194,7 +191,7 @@ def test_block_max_kernel_is_exact(k: int, ties: bool) -> None:
 def test_native_search_is_the_exact_top_k_of_the_sums(
     rows: int, k: int, heads: int, t: int, mode: str, seed: int
 ) -> None:
-    """kernels.pk_search against every combined key's score, computed from the same sub-key
+    """_kernels.pk_search against every combined key's score, computed from the same sub-key
     scores: the values exactly (ties included), every id pointing at its value, ids distinct
     and in range; with distinct scores the ids themselves; with budgets each query's first
     budget entries, then padding. The vectorized selection (k <= 16) and the scalar one give
@@ -212,8 +209,8 @@ def test_native_search_is_the_exact_top_k_of_the_sums(
         keys1[torch.rand(heads, n1, generator=gen) < 0.2] = float("nan")
         keys2[torch.rand(heads, n2, generator=gen) < 0.2] = float("nan")
     budgets = torch.randint(1, k + 1, (t,), generator=gen) if mode == "budgets" else None
-    ids, vals = kernels.pk_search(q, keys1, keys2, k, rows, budgets)
-    scalar_ids, scalar_vals = kernels.pk_search(q, keys1, keys2, k, rows, budgets, simd=False)
+    ids, vals = _kernels.pk_search(q, keys1, keys2, k, rows, budgets)
+    scalar_ids, scalar_vals = _kernels.pk_search(q, keys1, keys2, k, rows, budgets, simd=False)
     assert torch.equal(ids, scalar_ids)
     assert torch.equal(vals.view(torch.int32), scalar_vals.view(torch.int32))
     if mode == "nan":

@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dpsn
@@ -64,7 +64,6 @@ commits = st.lists(
 
 
 @given(history=commits)
-@settings(max_examples=60, deadline=None)
 def test_layered_index_answers_as_the_sorted_index_it_stands_for(history):
     """Property: after any commits, with runs written and merged at any points, lookups,
     counts, rows per segment and the flat columns equal a plain model of the index."""
@@ -106,7 +105,6 @@ def test_layered_index_answers_as_the_sorted_index_it_stands_for(history):
     ids=st.sets(st.integers(0, 5000), max_size=700),
     probe=st.lists(st.integers(-5, 5005), max_size=300),
 )
-@settings(max_examples=80, deadline=None)
 def test_a_fenced_search_finds_what_a_binary_search_finds(ids, probe):
     """Property: a run's fence search (one page per id) gives ``searchsorted``'s answer."""
     col = np.array(sorted(ids), dtype=np.int64)
@@ -168,7 +166,6 @@ ops = st.lists(
 
 
 @given(history=ops)
-@settings(max_examples=20, deadline=None)
 def test_a_store_on_run_files_keeps_every_row(tmp_path_factory, history):
     """Property: commits, compactions, gc and reopens of a store whose index lives in run
     files leave the writer, a reader and the runs exactly at LMDB's rows; verify is clean."""

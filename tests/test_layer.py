@@ -289,17 +289,17 @@ def test_row_optimizers_follow_their_formulas(row_kernels):
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
 def test_native_row_steps_match_the_pytorch_formulas(name, monkeypatch):
     """The fused loops (dpsn._native) and the PyTorch formulas agree over many steps."""
-    from dpsn import kernels
+    from dpsn import _kernels
     from dpsn.pool._optim import make_row_optimizer
 
-    if kernels._lib is None:
+    if _kernels._lib is None:
         pytest.skip("dpsn._native was not built")
     opt = make_row_optimizer(name, lr=0.05)
     g = torch.Generator().manual_seed(0)
     dim = 24
     paths = {}
     for native in (True, False):
-        monkeypatch.setattr(kernels, "ENABLED", native)
+        monkeypatch.setattr(_kernels, "ENABLED", native)
         delta, state = torch.zeros(5, dim), torch.zeros(5, opt.state_width(dim))
         g.manual_seed(0)
         for _ in range(20):

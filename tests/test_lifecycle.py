@@ -14,7 +14,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dpsn
@@ -105,7 +105,6 @@ def test_regions_are_the_region_routers_regions():
     assert np.array_equal(region_of(ids.numpy(), rows, policy.regions), want)
 
 
-@settings(max_examples=200)
 @given(
     enter=st.floats(0.01, 0.5),
     gap=st.floats(0.01, 0.99),
@@ -242,7 +241,6 @@ def test_decay_is_lazy_exact_and_pruning_shrinks_the_store(tmp_path):
         assert pool.stats()["lifecycle"]["pruned_rows"] == len(ids)
 
 
-@settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 150), commit_every=st.integers(1, 7))
 def test_screened_rows_survive_any_number_of_consolidations(tmp_path_factory, n, commit_every):
     path = tmp_path_factory.mktemp("s") / "store"
@@ -653,7 +651,6 @@ def test_dpsn_stats_prints_lifecycle_health(tmp_path, capsys):
         assert key in lc
 
 
-@settings(max_examples=60)
 @given(
     start=st.sets(st.integers(0, 200), max_size=40),
     ops=st.lists(

@@ -11,12 +11,11 @@ as one that never stopped.
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from _zygote import Zygote
 
 import dpsn
 
@@ -98,18 +97,16 @@ def test_sigkill_with_a_lifecycle_never_loses_or_diverges(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(_writer_source())
     rng = random.Random(99)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     last = 2
     try:
         for _ in range(KILLS):
-            proc = subprocess.Popen(
-                [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-            )
-            line = proc.stdout.readline()
+            proc = zygote.spawn(script, str(path))  # a fork: torch is imported already
+            line = proc.readline()
             assert line.startswith("READY"), line
             time.sleep(rng.uniform(0.05, 0.6))
-            proc.send_signal(signal.SIGKILL)
-            out, _ = proc.communicate()
+            proc.kill(signal.SIGKILL)
+            out = proc.wait()
             for ln in out.splitlines():
                 if ln.startswith("COMMITTED"):
                     last = int(ln.split()[1])
@@ -129,3 +126,4 @@ def test_sigkill_with_a_lifecycle_never_loses_or_diverges(tmp_path):
         assert last > 5 and _snapshot(reference)[3][4] > 0  # it did commit, and prune
     finally:
         reference.close()
+        zygote.close()

@@ -8,7 +8,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dpsn
@@ -22,7 +22,6 @@ SMALL = {"kind": "hashed_slices", "memory_size": 512}
 # -- grouping a batch's ids ------------------------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None)
 @given(
     ids=st.lists(st.integers(0, 2**62), max_size=300),
     repeat=st.integers(1, 3),
@@ -31,14 +30,14 @@ SMALL = {"kind": "hashed_slices", "memory_size": 512}
 def test_native_grouping_matches_a_stable_sort(ids, repeat, narrow):
     """page_in's native grouping (a radix sort) gives what torch.sort(stable=True) and
     unique_consecutive give: distinct ids, counts, the inverse and the uses ordered by id."""
-    from dpsn import kernels
+    from dpsn import _kernels
 
-    if kernels._lib is None:
+    if _kernels._lib is None:
         pytest.skip("dpsn._native was not built (no C compiler at install)")
     t = torch.tensor(ids * repeat, dtype=torch.int64)
     if narrow:  # small ids: fewer radix passes, many repeats
         t = t % 37
-    uniq, counts, inverse, order = kernels.group_ids(t)
+    uniq, counts, inverse, order = _kernels.group_ids(t)
     ordered, want_order = torch.sort(t, stable=True)
     want_uniq, want_counts = torch.unique_consecutive(ordered, return_counts=True)
     assert torch.equal(uniq, want_uniq) and torch.equal(counts, want_counts)
@@ -48,7 +47,6 @@ def test_native_grouping_matches_a_stable_sort(ids, repeat, narrow):
 # -- the slot table against a dict ----------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     capacity=st.integers(1, 12),
     ops=st.lists(
@@ -113,20 +111,19 @@ def test_slot_table_reuses_entries_of_evicted_rows():
 @contextlib.contextmanager
 def _kernels(native):
     """Run a block on the native loops (True) or on the PyTorch ops they replace (False)."""
-    from dpsn import kernels
+    from dpsn import _kernels
 
-    if native and kernels._lib is None:
+    if native and _kernels._lib is None:
         pytest.skip("dpsn._native was not built (no C compiler at install)")
-    before = kernels.ENABLED
-    kernels.ENABLED = native
+    before = _kernels.ENABLED
+    _kernels.ENABLED = native
     try:
         yield
     finally:
-        kernels.ENABLED = before
+        _kernels.ENABLED = before
 
 
 @pytest.mark.parametrize("native", [True, False])
-@settings(max_examples=40, deadline=None)
 @given(
     capacity=st.integers(1, 40),
     batches=st.lists(
@@ -262,10 +259,14 @@ def test_a_cold_batch_fills_in_batch_order_and_repeats_once_sorted(tmp_path):
     slots = cache.lookup(torch.tensor([11, 9, 10]), fill, evict)  # a hit among misses
     assert calls[-1] == ([11, 10], [6, 7])
     assert cache.column(col)[slots, 0].tolist() == [11, 9, 10]
-    # a negative id (the cache's own callers never have one): the radix grouping declines it
-    slots = cache.lookup(torch.tensor([-5, 12, -5]), fill, evict)
-    assert calls[-1] == ([-5, 12], [8, 9])
-    assert cache.column(col)[slots, 0].tolist() == [-5, 12, -5]
+    # a negative id (the cache's own callers never have one; -1 marks an empty slot): refused
+    # before anything is filled or changed
+    before = cache.slot_ids.clone()
+    with pytest.raises(IndexError, match="negative"):
+        cache.lookup(torch.tensor([-5, 12, -5]), fill, evict)
+    assert calls[-1] == ([11, 10], [6, 7]) and torch.equal(cache.slot_ids, before)
+    slots, hit = cache.find(torch.tensor([-1, -5, 11]))
+    assert hit.tolist() == [False, False, True]
 
 
 # -- an executor of our own, from the public contract only ------------------------------------

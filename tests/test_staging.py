@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dpsn.tiers._columns import RowLayout
@@ -55,7 +55,6 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
 @given(ops)
 def test_staging_matches_a_dict(sequence: list[tuple[str, list[int]]]) -> None:
     staging = Staging(LAYOUT)

@@ -116,6 +116,3 @@ class StoreModel(RuleBasedStateMachine):
 
 
 TestStoreModel = StoreModel.TestCase
-TestStoreModel.settings = __import__("hypothesis").settings(
-    max_examples=30, stateful_step_count=25, deadline=None
-)

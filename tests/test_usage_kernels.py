@@ -1,4 +1,4 @@
-"""The native usage loops (``kernels.usage_touch``, ``kernels.apply_rows_tracked``) compute what
+"""The native usage loops (``_kernels.usage_touch``, ``_kernels.apply_rows_tracked``) compute what
 the PyTorch path they replace computes (``tiers/_usage.py``, the row optimizers' ``step``), loop
 by loop and through training: the same bits for every field but RECENT (libm's ``pow``), UPDATE
 (the gradient norm's summation order) and damped deltas (a fused multiply-add), which may differ
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dpsn
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.index import ProductKeyRouter
 from dpsn.pool import RowAdagrad, RowAdam, RowSGD
 from dpsn.tiers import RowStack, UsageClock, UsageRules
 from dpsn.tiers import usage as U
 
 pytestmark = pytest.mark.skipif(
-    not kernels.has_usage_loops(), reason="dpsn._native was not built (no C compiler)"
+    not _kernels.has_usage_loops(), reason="dpsn._native was not built (no C compiler)"
 )
 
 RULES = UsageRules(
@@ -73,7 +73,6 @@ cases = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
 @given(cases)
 def test_usage_touch_matches_the_pytorch_touch(case: tuple[int, int, int, int, int]) -> None:
     seed, capacity, n, step, epoch = case
@@ -94,7 +93,7 @@ def test_usage_touch_matches_the_pytorch_touch(case: tuple[int, int, int, int, i
 
     got = col.clone()
     dirty = torch.zeros(capacity, dtype=torch.bool)
-    kernels.usage_touch(got, slots, counts, trained, dirty, step, epoch, RULES.use_decay)
+    _kernels.usage_touch(got, slots, counts, trained, dirty, step, epoch, RULES.use_decay)
     _same_statistics(got, want)
     assert dirty.nonzero().flatten().tolist() == sorted(slots[t].tolist())
 
@@ -102,7 +101,6 @@ def test_usage_touch_matches_the_pytorch_touch(case: tuple[int, int, int, int, i
 OPTIMIZERS = {"sgd": RowSGD(lr=0.3), "adagrad": RowAdagrad(lr=0.2), "adam": RowAdam(lr=0.1)}
 
 
-@settings(max_examples=60, deadline=None)
 @given(cases, st.sampled_from(sorted(OPTIMIZERS)), st.booleans(), st.integers(1, 40))
 def test_apply_rows_tracked_matches_the_pytorch_path(
     case: tuple[int, int, int, int, int], opt_name: str, touch: bool, dim: int
@@ -146,7 +144,7 @@ def test_apply_rows_tracked_matches_the_pytorch_path(
     want = col.clone()
     want[slots] = u
 
-    rates = kernels.UsageStep(
+    rates = _kernels.UsageStep(
         step, epoch, RULES.use_decay, RULES.update_decay, RULES.inertia, touch
     )
     # the same rows as compact copies, through the spilled rows' loop: the same bits
@@ -154,10 +152,10 @@ def test_apply_rows_tracked_matches_the_pytorch_path(
     u_before[fresh] = float("nan")
     spilled[0][fresh] = 0.0
     spilled[1][fresh] = 0.0
-    kernels.step_rows_tracked(
+    _kernels.step_rows_tracked(
         opt.native, opt.native_hyper(), spilled[0], spilled[1], grads, spilled[2], counts, rates
     )
-    kernels.apply_rows_tracked(
+    _kernels.apply_rows_tracked(
         opt.native, opt.native_hyper(), delta, state, base, row, slots, grads, col,
         trained.clone(), counts, rates,
     )  # fmt: skip
@@ -176,31 +174,31 @@ def test_the_loops_check_what_they_are_given() -> None:
     one = torch.ones(1, dtype=torch.int64)
     flags = torch.zeros(4, dtype=torch.bool)
     with pytest.raises(IndexError, match="out of the cache"):
-        kernels.usage_touch(col, torch.tensor([4]), one, flags, flags.clone(), 1, 0, 0.9)
+        _kernels.usage_touch(col, torch.tensor([4]), one, flags, flags.clone(), 1, 0, 0.9)
     with pytest.raises(ValueError, match="float64"):
-        kernels.usage_touch(col.float(), one, one, flags, flags.clone(), 1, 0, 0.9)
+        _kernels.usage_touch(col.float(), one, one, flags, flags.clone(), 1, 0, 0.9)
     cache = torch.zeros(4, 2)
-    rates = kernels.UsageStep(1, 0, 0.9, 0.9, 0.5)
-    sgd = (kernels.OPT_SGD, (0.1, 0.0, 0.0, 0.0))
+    rates = _kernels.UsageStep(1, 0, 0.9, 0.9, 0.5)
+    sgd = (_kernels.OPT_SGD, (0.1, 0.0, 0.0, 0.0))
     with pytest.raises(IndexError, match="out of the cache"):
-        kernels.apply_rows_tracked(
+        _kernels.apply_rows_tracked(
             *sgd, cache, torch.zeros(4, 0), cache.clone(), cache.clone(), torch.tensor([-1]),
             torch.zeros(1, 2), col, flags, one, rates,
         )  # fmt: skip
     with pytest.raises(ValueError, match="float64"):
-        kernels.apply_rows_tracked(
+        _kernels.apply_rows_tracked(
             *sgd, cache, torch.zeros(4, 0), cache.clone(), cache.clone(), one,
             torch.zeros(1, 2), col.float(), flags, one, rates,
         )  # fmt: skip
     with pytest.raises(ValueError, match="shape"):
-        kernels.step_rows_tracked(
+        _kernels.step_rows_tracked(
             *sgd, torch.zeros(2, 2), torch.zeros(2, 0), torch.zeros(2, 2), col, one, rates
         )
-    assert kernels.USAGE_WIDTH == U.WIDTH
+    assert _kernels.USAGE_WIDTH == U.WIDTH
 
 
 def _train(path, native: bool, monkeypatch) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
-    monkeypatch.setattr(kernels, "has_usage_loops", lambda: native)
+    monkeypatch.setattr(_kernels, "has_usage_loops", lambda: native)
     calls = {"usage_touch": 0, "apply_rows_tracked": 0, "_damped": 0}
 
     def counted(owner, name):
@@ -212,8 +210,8 @@ def _train(path, native: bool, monkeypatch) -> tuple[dict, torch.Tensor, torch.T
 
         monkeypatch.setattr(owner, name, wrapper)
 
-    counted(kernels, "usage_touch")
-    counted(kernels, "apply_rows_tracked")
+    counted(_kernels, "usage_touch")
+    counted(_kernels, "apply_rows_tracked")
     counted(RowStack, "_damped")
     rows = 4096
     policy = dpsn.Lifecycle(half_life=5, min_uses=2, enter=0.05, exit=0.02, inertia=0.5)
@@ -308,7 +306,7 @@ def test_uses_counted_late_match_uses_counted_at_page_in(tmp_path, monkeypatch, 
     from dpsn.pool import RowSGD
 
     def run(native: bool) -> dict[str, torch.Tensor]:
-        monkeypatch.setattr(kernels, "ENABLED", native)
+        monkeypatch.setattr(_kernels, "ENABLED", native)
         pool = dpsn.create(
             tmp_path / f"p{native}",
             rows=10_000,

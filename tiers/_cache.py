@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn.errors import CacheCapacityError
 
 from . import _hugepages
@@ -179,6 +179,8 @@ class DeviceCache:
                     missing, where = _distinct(ids[miss])
                 else:  # distinct already
                     missing, where = ids[miss], None
+                if int(missing.min()) < 0:  # never cached (-1 is an empty slot's mark)
+                    raise IndexError("the cache holds no negative ids (index.PAD_ID is -1)")
                 n_miss = len(missing)
                 victims = self._admit(slots[hit], counts is not None, missing, fill, evict)
                 if where is None and len(miss) == len(ids):  # all missed: slots in batch order
@@ -308,9 +310,9 @@ def _distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     ``(ids, None)`` when none repeats (kept in batch order), else ``(sorted distinct ids,
     inverse)``. The native radix grouping when it can run (non-negative ids on the CPU), else
     ``torch.unique``."""
-    if kernels.usable(ids):
+    if _kernels.usable(ids):
         try:
-            uniq, _, inverse, _ = kernels.group_ids(ids)
+            uniq, _, inverse, _ = _kernels.group_ids(ids)
         except ValueError:  # a negative id (the radix sort takes none): the general path
             uniq, inverse = torch.unique(ids, return_inverse=True)
     else:

@@ -17,7 +17,7 @@ names holds ``x`` now (``slot_ids``, owned by the cache). An entry is *live* whi
 ``home[slot]`` points back at it; the cache releases a slot's home when it empties the slot, so
 evicting a row costs one write here and its entries are free for the next insert. An insert
 takes a free one of an id's two places, or evicts the live row in its first place, which moves
-to its own other place, and so on. On the CPU a C loop (``dpsn.kernels.cuckoo_insert``) inserts
+to its own other place, and so on. On the CPU a C loop (``dpsn._kernels.cuckoo_insert``) inserts
 the ids one after another; elsewhere (CUDA, or no extension) the PyTorch path is vectorized,
 every pending id moving in the same round (a cold fill of 32k rows spent ~6 ms in those rounds,
 ~1 ms in the loop). At this load a chain of moves ends within a few steps; should it not, the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 
 from . import _hugepages
 
@@ -85,9 +85,9 @@ class SlotTable:
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots of ``ids`` (int64, any order, repeats allowed) and a hit mask; a slot is
         meaningless (but in range) where the mask is False."""
-        if kernels.usable(ids, self.entries):  # the same probes, in one C loop
+        if _kernels.usable(ids, self.entries):  # the same probes, in one C loop
             first, second = self._multipliers()
-            return kernels.cuckoo_find(
+            return _kernels.cuckoo_find(
                 self.entries,
                 self.half,
                 self.bits,
@@ -105,6 +105,9 @@ class SlotTable:
             second = torch.index_select(self.entries, 0, self._place(sub, 1))
             slot.index_copy_(0, rest, second)
             hit.index_copy_(0, rest, torch.index_select(self._slot_ids, 0, second) == sub)
+        # an empty slot (and the sentinel) holds -1: a negative id (index.PAD_ID) is never
+        # cached, whatever it met (the C loop's probe says the same)
+        hit &= ids >= 0
         return slot.long().clamp_(max=self.capacity - 1), hit
 
     def find_gather(
@@ -116,11 +119,11 @@ class SlotTable:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a hot read: the slots of ``ids`` and their rows of ``table`` (``[capacity, w]``)
         in one C pass (and ``last[slot] = step`` for an LRU policy's column), or None when some
-        id is not cached or the loop cannot run here."""
-        if not kernels.usable(ids, self.entries, table) or not table.is_contiguous():
+        id is not cached (a negative one never is) or the loop cannot run here."""
+        if not _kernels.usable(ids, self.entries, table) or not table.is_contiguous():
             return None
         first, second = self._multipliers()
-        return kernels.find_gather(
+        return _kernels.find_gather(
             self.entries,
             self.half,
             self.bits,
@@ -135,8 +138,15 @@ class SlotTable:
         )
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Record that unique ``ids`` (absent from the table) now live in ``slots``; the cache
-        has already written ``slot_ids[slots] = ids``."""
+        """Record that unique ``ids`` (absent from the table, each >= 0) now live in ``slots``
+        (each below the capacity); the cache has already written ``slot_ids[slots] = ids``.
+        IndexError, with the table unchanged, for an id or slot out of range."""
+        if len(ids) != len(slots):
+            raise ValueError(f"{len(ids)} ids for {len(slots)} slots")
+        if len(ids) and (
+            int(ids.min()) < 0 or int(slots.min()) < 0 or int(slots.max()) >= self.capacity
+        ):
+            raise IndexError("slot table: a negative id, or a slot outside the cache")
         while not self._insert(ids, slots):
             self.rebuild(exclude=slots)  # other hash functions, then try again
 
@@ -153,9 +163,9 @@ class SlotTable:
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
         """One cuckoo insertion; False if it did not settle (nothing is lost: the caller
         rebuilds, which re-inserts every occupied slot)."""
-        if kernels.usable(ids, self.entries):  # one id after another, in one C loop
+        if _kernels.usable(ids, self.entries):  # one id after another, in one C loop
             first, second = self._multipliers()
-            return kernels.cuckoo_insert(
+            return _kernels.cuckoo_insert(
                 self.entries,
                 self.half,
                 self.bits,

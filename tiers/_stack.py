@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn._dtypes import from_storage, to_storage
-from dpsn.errors import CacheCapacityError, InvalidDeltaError
+from dpsn.errors import CacheCapacityError, InvalidArgumentError, InvalidDeltaError
 from dpsn.store import Commit, PersistedStore, RowLookup
 
 from . import _usage
@@ -70,7 +70,7 @@ _COUNTERS = (
 class RowOptimizer(Protocol):
     """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one).
 
-    ``native`` names a fused loop of ``kernels`` (None: none) and ``native_hyper()`` its
+    ``native`` names a fused loop of ``dpsn._kernels`` (None: none) and ``native_hyper()`` its
     hyperparameters; with one, resident rows are updated in a single pass over the cache."""
 
     native: int | None
@@ -84,6 +84,30 @@ class RowOptimizer(Protocol):
     def step(
         self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _checked_step(
+    optimizer: RowOptimizer, delta: torch.Tensor, grads: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``optimizer.step`` on rows outside the native loops, refused with a typed error (nothing
+    stored) when its step does not fit the state width it declared: a torch shape error inside
+    the step, or a new delta or state of another shape than the inputs."""
+    name = type(optimizer).__name__
+    try:
+        new_delta, new_state = optimizer.step(delta, grads, state)
+    except RuntimeError as e:
+        raise InvalidArgumentError(
+            f"row optimizer {name} failed on delta {tuple(delta.shape)} and state "
+            f"{tuple(state.shape)} (its state_width): {e}"
+        ) from e
+    for what, got, want in (("delta", new_delta, delta), ("state", new_state, state)):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise InvalidArgumentError(
+                f"row optimizer {name} returned a {what} of shape {shape} for "
+                f"{tuple(want.shape)}: its step does not fit its state_width"
+            )
+    return new_delta, new_state
 
 
 class RowBatch:
@@ -689,8 +713,8 @@ class RowStack(UsageStatistics):
         :class:`RowBatch`. One sort finds the distinct rows, their use counts and the grouping
         the backward pass needs; one cache lookup pages them in."""
         flat = ids.reshape(-1).to(self.device)
-        if kernels.usable(flat):  # one radix sort for all four
-            uniq, counts, inverse, order = kernels.group_ids(flat)
+        if _kernels.usable(flat):  # one radix sort for all four
+            uniq, counts, inverse, order = _kernels.group_ids(flat)
         else:
             ordered, order = torch.sort(flat, stable=True)
             uniq, counts = torch.unique_consecutive(ordered, return_counts=True)
@@ -767,6 +791,12 @@ class RowStack(UsageStatistics):
                 f"this row optimizer keeps {width} values of state per row but the pool was "
                 f"set up for {self.layout.state_width}: call set_state_width({width}) first"
             )
+        if not isinstance(grads, torch.Tensor) or tuple(grads.shape) != (len(batch), self.dim):
+            got = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
+            raise InvalidArgumentError(
+                f"row gradients must be a [{len(batch)}, {self.dim}] tensor (one per row of the "
+                f"batch), got {got}"
+            )
         if len(batch) == 0:
             return
         held = self.protected_mask(batch.ids)
@@ -809,7 +839,7 @@ class RowStack(UsageStatistics):
                 if stepped is not None:
                     new_delta, new_state, stats = stepped
                 else:
-                    new_delta, new_state = optimizer.step(delta, grads, state)
+                    new_delta, new_state = _checked_step(optimizer, delta, grads, state)
                     if rules is not None:
                         if not batch.touched:  # (a spilled batch) its uses count now
                             self._usage_touch(usage, batch.counts)
@@ -827,9 +857,9 @@ class RowStack(UsageStatistics):
         """Whether the optimizer's native loop can update resident rows in place: float32
         columns on the CPU, bases kept (a frozen generator)."""
         return (
-            getattr(optimizer, "native", None) is not None
+            _kernels.native_kind(optimizer, self.dim) is not None
             and self.dtype == torch.float32
-            and kernels.usable(grads)
+            and _kernels.usable(grads)
             and not self.procedural.trainable()
         )
 
@@ -839,9 +869,10 @@ class RowStack(UsageStatistics):
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
         their row), step delta and state, re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
-        assert cache is not None and trained is not None and optimizer.native is not None
-        kernels.apply_rows(
-            optimizer.native,
+        kind = _kernels.native_kind(optimizer, self.dim)
+        assert cache is not None and trained is not None and kind is not None
+        _kernels.apply_rows(
+            kind,
             optimizer.native_hyper(),
             *self._step_columns(),
             slots,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpsn import kernels
+from dpsn import _kernels
 from dpsn._dtypes import from_storage
 
 from . import _usage
@@ -94,7 +94,7 @@ class UsageStatistics:
         cache, trained, rules = self.cache, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
         if self._native_usage(slots):
-            kernels.usage_touch(
+            _kernels.usage_touch(
                 cache.column(self.layout.usage),
                 slots,
                 counts,
@@ -171,7 +171,7 @@ class UsageStatistics:
 
     def _native_usage(self, slots: torch.Tensor) -> bool:
         """Whether the usage loops of ``dpsn._native`` may update the cached ``slots``."""
-        return kernels.usable(slots) and kernels.has_usage_loops()
+        return _kernels.usable(slots) and _kernels.has_usage_loops()
 
     def _apply_fused_tracked_native(
         self,
@@ -182,16 +182,17 @@ class UsageStatistics:
         uncounted: bool,
     ) -> None:
         """``_apply_fused_tracked`` as one native pass over the rows
-        (``kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
+        (``_kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
         page-in), the step, SCREENED rows' damping and the statistics, instead of a count at
         page-in, a phase scan, the step, a damping pass and a statistics pass that each visited
         every row. The same math; the bits may differ from the PyTorch path's in the last
         place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
         cache, layout, trained, rules = self.cache, self.layout, self.trained, self.usage_rules
         assert cache is not None and trained is not None and rules is not None
-        assert optimizer.native is not None
-        kernels.apply_rows_tracked(
-            optimizer.native,
+        kind = _kernels.native_kind(optimizer, self.dim)
+        assert kind is not None  # _fused said so
+        _kernels.apply_rows_tracked(
+            kind,
             optimizer.native_hyper(),
             *self._step_columns(),
             slots,
@@ -204,12 +205,12 @@ class UsageStatistics:
         trained[slots] = True
         cache.mark_dirty(slots)
 
-    def _usage_step(self, touch: bool) -> kernels.UsageStep:
+    def _usage_step(self, touch: bool) -> _kernels.UsageStep:
         """The clock and rates a native tracked row step records with."""
         rules = self.usage_rules
         assert rules is not None
         clock = self.clock
-        return kernels.UsageStep(
+        return _kernels.UsageStep(
             clock.step, clock.epoch, rules.use_decay, rules.update_decay, rules.inertia, touch
         )
 
@@ -223,21 +224,22 @@ class UsageStatistics:
         optimizer: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The row step of rows not stepped in the cache (a spilled batch; compact float32
-        copies) by the native loop the cache's rows take (``kernels.step_rows_tracked``): new
+        copies) by the native loop the cache's rows take (``_kernels.step_rows_tracked``): new
         ``(delta, state, usage)``, the same bits as if the rows had been cached. None where that
         loop cannot run (no native loop for this optimizer, CUDA, ``DPSN_NATIVE=0``): the
         PyTorch path then computes the same math."""
+        kind = _kernels.native_kind(optimizer, self.dim)
         if (
-            getattr(optimizer, "native", None) is None
-            or not kernels.usable(delta, grads)
-            or not kernels.has_usage_loops()
+            kind is None
+            or not _kernels.usable(delta, grads)
+            or not _kernels.has_usage_loops()
             or delta.dtype != torch.float32
         ):
             return None
         delta, state = delta.contiguous().clone(), state.contiguous().clone()
         usage = usage.contiguous().clone()
-        kernels.step_rows_tracked(
-            optimizer.native,
+        _kernels.step_rows_tracked(
+            kind,
             optimizer.native_hyper(),
             delta,
             state,

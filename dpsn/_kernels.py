@@ -1,16 +1,29 @@
-"""The fused CPU loops of ``dpsn._native`` (csrc/native.c), behind checks they rely on.
+"""The fused CPU loops of ``dpsn._native`` (csrc/native.c), behind the checks they rely on.
+
+Private to dpsn: the row path (``tiers/``), the pool's optimizers and layer (``pool/``) and the
+product-key router (``index/``) call it; nothing here is API.
 
 Every caller keeps its PyTorch path: these run only when the extension was built, the tensors
 are on the CPU and the environment does not say ``DPSN_NATIVE=0``; the row path's tests run on
 both paths (the ``row_kernels`` fixture in tests/conftest.py), and CUDA always takes the
-PyTorch one. The loops take raw pointers, so each wrapper first checks dtype, contiguity and
-shape, and the loops check every index they follow.
+PyTorch one.
+
+The loops take raw pointers, so nothing that reaches them may be wrong. Each wrapper checks, in
+one place per call, what C cannot: every tensor's type, dtype, device, contiguity and shape
+(so every pointer covers what the loop reads or writes), and the scalars that size a loop
+(the hash table's ``bits``/``half``, a grid's ``n2``, an optimizer's kind against its state
+width). What only a pass over the data shows (an id or slot out of range, a negative id) the C
+loops check as they go, at no extra pass: they raise ``IndexError`` / ``ValueError`` before
+following a bad index, never after. ``tests/test_c_boundary_fuzz.py`` drives every public
+entry that reaches here with hostile inputs in forked children and asserts none dies by a
+signal.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,13 +32,16 @@ try:
 except ImportError:  # built without a C compiler: PyTorch paths only
     _lib = None
 
-ENABLED = _lib is not None and os.environ.get("DPSN_NATIVE", "1") != "0"
+BUILT = _lib is not None  # the extension was built (whatever DPSN_NATIVE says)
+ENABLED = BUILT and os.environ.get("DPSN_NATIVE", "1") != "0"
 
 # Optimizer kinds the loops know (csrc/native.c OPT_*): never renumber.
 OPT_SGD, OPT_ADAGRAD, OPT_ADAM = 0, 1, 2
+OPTIMIZER_KINDS = (OPT_SGD, OPT_ADAGRAD, OPT_ADAM)
 # The usage column's width and field order the usage loops know (csrc/native.c U_*), those of
 # store/usage_fields.py (a test checks they agree).
 USAGE_WIDTH = 10
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -33,12 +49,69 @@ def usable(*tensors: torch.Tensor) -> bool:
     return ENABLED and all(t.device.type == "cpu" for t in tensors)
 
 
-def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> int:
+def _check(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> int:
+    """The pointer of ``t`` once it is a contiguous CPU tensor of ``dtype`` (and ``shape``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"native loop needs a tensor, got {type(t).__name__}")
     if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError(f"native loop needs a contiguous CPU {dtype} tensor, got {t.dtype}")
+        raise ValueError(
+            f"native loop needs a contiguous CPU {dtype} tensor, got a"
+            f"{'' if t.is_contiguous() else ' non-contiguous'} {t.device.type} {t.dtype} one"
+        )
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"native loop needs shape {shape}, got {tuple(t.shape)}")
     return t.data_ptr()
+
+
+def _ids(t: Any) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of ids, made contiguous (a read-only input: a copy is fine)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"ids must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64 or t.dim() != 1:
+        raise ValueError(f"ids must be a 1-D int64 tensor, got {t.dim()}-D {t.dtype}")
+    return t.contiguous()
+
+
+def _int(x: Any, name: str, low: int = _INT64[0], high: int = _INT64[1]) -> int:
+    """``x`` as a Python int in ``[low, high]`` (what C's ``long long`` holds)."""
+    if type(x) is not int and (isinstance(x, bool) or not isinstance(x, int)):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if not low <= x <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {x}")
+    return x
+
+
+def _table_args(
+    entries: torch.Tensor,
+    half: int,
+    bits: int,
+    mult0: int,
+    mult1: int,
+    slot_ids: torch.Tensor,
+    capacity: int,
+) -> tuple[int, int, int, int, int, int, int, int]:
+    """The checked arguments of a cuckoo table, in the order the loops take them (csrc/native.c
+    ``TABLE_FMT``): ``entries`` int32 or int64 ``[2 * half]`` with ``half == 2**bits``,
+    ``slot_ids`` int64 ``[capacity + 1]`` (the last entry the empty sentinel slot)."""
+    bits = _int(bits, "bits", 1, 62)
+    if _int(half, "half") != 1 << bits:
+        raise ValueError(f"hash table half {half} is not 2**bits (bits {bits})")
+    capacity = _int(capacity, "capacity", 1)
+    if not isinstance(entries, torch.Tensor) or entries.dtype not in (torch.int32, torch.int64):
+        raise ValueError("hash table entries must be an int32 or int64 tensor")
+    wide = entries.dtype == torch.int64
+    if not wide and capacity > 2**31 - 1:
+        raise ValueError(f"an int32 hash table cannot name {capacity} slots")
+    return (
+        _check(entries, entries.dtype, (2 * half,)),
+        int(wide),
+        half,
+        bits,
+        _int(mult0, "mult0"),
+        _int(mult1, "mult1"),
+        capacity,
+        _check(slot_ids, torch.int64, (capacity + 1,)),
+    )
 
 
 def cuckoo_find(
@@ -51,28 +124,15 @@ def cuckoo_find(
     capacity: int,
     ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slot table's lookup in one pass (see ``_slot_table.SlotTable.find``)."""
+    """The slot table's lookup in one pass (see ``_slot_table.SlotTable.find``); a negative id
+    (``index.PAD_ID``) is never a hit."""
     assert _lib is not None
+    table = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    ids = _ids(ids)
     n = len(ids)
-    ids = ids.contiguous()
     slots = torch.empty(n, dtype=torch.int64)
     hit = torch.empty(n, dtype=torch.bool)
-    wide = entries.dtype == torch.int64
-    _check(slot_ids, torch.int64, (capacity + 1,))
-    _lib.cuckoo_find(
-        _check(entries, entries.dtype, (2 * half,)),
-        int(wide),
-        half,
-        bits,
-        mult0,
-        mult1,
-        capacity,
-        slot_ids.data_ptr(),
-        _check(ids, torch.int64),
-        n,
-        slots.data_ptr(),
-        hit.data_ptr(),
-    )
+    _lib.cuckoo_find(*table, ids.data_ptr(), n, slots.data_ptr(), hit.data_ptr())
     return slots, hit
 
 
@@ -89,27 +149,20 @@ def cuckoo_insert(
     slots: torch.Tensor,
     max_kicks: int,
 ) -> bool:
-    """The slot table's insertion of new ``ids`` into ``slots``, one id after another (see
-    ``_slot_table.SlotTable.insert``); False if a chain of moves ran past ``max_kicks`` (the
-    table must then be rebuilt)."""
+    """The slot table's insertion of new ``ids`` (each >= 0) into ``slots`` (each below the
+    capacity), one id after another (see ``_slot_table.SlotTable.insert``); False if a chain of
+    moves ran past ``max_kicks`` (the table must then be rebuilt)."""
     assert _lib is not None
+    table = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    ids, slots = _ids(ids), _ids(slots)
     n = len(ids)
-    ids, slots = ids.contiguous(), slots.contiguous()
-    _check(slot_ids, torch.int64, (capacity + 1,))
     done = _lib.cuckoo_insert(
-        _check(entries, entries.dtype, (2 * half,)),
-        int(entries.dtype == torch.int64),
-        half,
-        bits,
-        mult0,
-        mult1,
-        capacity,
-        slot_ids.data_ptr(),
+        *table,
         _check(home, torch.int64, (capacity + 1,)),
-        _check(ids, torch.int64, (n,)),
+        ids.data_ptr(),
         _check(slots, torch.int64, (n,)),
         n,
-        max_kicks,
+        _int(max_kicks, "max_kicks", 0),
     )
     return done == n
 
@@ -117,16 +170,16 @@ def cuckoo_insert(
 def group_ids(
     ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(uniq, counts, inverse, order)`` of 1-D int64 ``ids`` (each >= 0), as
+    """``(uniq, counts, inverse, order)`` of 1-D int64 ``ids`` (each >= 0, else ValueError), as
     ``torch.sort(ids, stable=True)`` + ``unique_consecutive`` give them: ``uniq`` ascending,
     ``counts`` its multiplicities, ``uniq[inverse] == ids``, ``ids[order]`` sorted (stably)."""
     assert _lib is not None
-    ids = ids.contiguous()
+    ids = _ids(ids)
     n = len(ids)
     order, uniq, counts, inverse = (torch.empty(n, dtype=torch.int64) for _ in range(4))
     scratch = torch.empty((3, n), dtype=torch.int64)
     m = _lib.group_ids(
-        _check(ids, torch.int64),
+        ids.data_ptr(),
         n,
         order.data_ptr(),
         uniq.data_ptr(),
@@ -153,47 +206,96 @@ def find_gather(
     step: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A hot read in one pass: the slots of ``ids`` and their rows of ``table`` (``[capacity,
-    dim]``, any dtype), or None if some id is not cached (nothing gathered then). ``last``: an
-    LRU policy's float64 ``[capacity]`` column, stamped with ``step`` for every slot read."""
+    dim]``, any dtype), or None if some id is not cached (nothing gathered then; a negative id
+    never is). ``last``: an LRU policy's float64 ``[capacity]`` column, stamped with ``step``
+    for every slot read."""
     assert _lib is not None
+    args = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    ids = _ids(ids)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError("find_gather needs a 2-D [capacity, width] table")
     n = len(ids)
     slots = torch.empty(n, dtype=torch.int64)
     out = torch.empty((n, table.shape[1]), dtype=table.dtype)
-    _check(slot_ids, torch.int64, (capacity + 1,))
-    _check(table, table.dtype, (capacity, table.shape[1]))
     misses = _lib.find_gather(
-        _check(entries, entries.dtype, (2 * half,)),
-        int(entries.dtype == torch.int64),
-        half,
-        bits,
-        mult0,
-        mult1,
-        capacity,
-        slot_ids.data_ptr(),
-        _check(ids, torch.int64, (n,)),
+        *args,
+        ids.data_ptr(),
         n,
         slots.data_ptr(),
-        table.data_ptr(),
+        _check(table, table.dtype, (capacity, table.shape[1])),
         table.shape[1] * table.element_size(),
         out.data_ptr(),
         0 if last is None else _check(last, torch.float64, (capacity,)),
-        step,
+        float(step),
     )
     return None if misses else (slots, out)
 
 
+def state_width(kind: int, dim: int) -> int:
+    """The state floats per row that optimizer ``kind``'s loop reads and writes for rows of
+    ``dim``: the kernel's own figure (csrc/native.c ``opt_width``), so no other code can
+    disagree with it. ValueError for an unknown kind or ``dim < 1``."""
+    assert _lib is not None
+    return int(_lib.state_width(_int(kind, "optimizer kind", -(2**31), 2**31 - 1), int(dim)))
+
+
+def native_kind(optimizer: Any, dim: int) -> int | None:
+    """The loop kind that computes ``optimizer``'s step on rows of ``dim``, or None (take the
+    PyTorch path): its ``native`` must be one of :data:`OPTIMIZER_KINDS` and its
+    ``state_width(dim)`` the one that loop uses. ``dpsn.pool``'s optimizers also drop
+    ``native`` in any subclass that overrides their step, state width or hyperparameters."""
+    kind = getattr(optimizer, "native", None)
+    if (
+        _lib is None
+        or isinstance(kind, bool)
+        or not isinstance(kind, int)
+        or kind not in OPTIMIZER_KINDS
+        or dim < 1
+    ):
+        return None
+    try:
+        width = optimizer.state_width(dim)
+    except Exception:  # an optimizer of the user's that cannot say: its own path decides
+        return None
+    return kind if width == state_width(kind, dim) else None
+
+
+def _step_kind(opt: int, dim: int, width: int) -> int:
+    """``opt`` once it is a known kind whose state width for ``dim`` is ``width``."""
+    if isinstance(opt, bool) or opt not in OPTIMIZER_KINDS:
+        raise ValueError(f"unknown native optimizer kind {opt!r}; known: {OPTIMIZER_KINDS}")
+    need = state_width(opt, dim)
+    if width != need:
+        raise ValueError(f"optimizer kind {opt} keeps {need} state floats a row, got {width}")
+    return opt
+
+
+def _hyper(hyper: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    lr, eps, b1, b2 = (float(h) for h in hyper)
+    return lr, eps, b1, b2
+
+
+def _matrix(t: Any, name: str) -> tuple[int, int]:
+    """The ``(rows, width)`` of a 2-D tensor ``t`` (checked further by :func:`_check`)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor")
+    return t.shape[0], t.shape[1]
+
+
 def _cache_columns(
-    delta: torch.Tensor, state: torch.Tensor, base: torch.Tensor, row: torch.Tensor
-) -> tuple[int, int, int, int, int, int, int]:
-    """The checked float32 step columns of a cache (``delta``, ``state``, ``base``, ``row``):
-    their pointers, then capacity, dim and state width, in the order the loops take them."""
-    capacity, dim = delta.shape
-    width = state.shape[1]
+    opt: int, delta: torch.Tensor, state: torch.Tensor, base: torch.Tensor, row: torch.Tensor
+) -> tuple[int, int, int, int, int, int, int, int]:
+    """The checked optimizer kind and float32 step columns of a cache (``delta``, ``state``,
+    ``base``, ``row``, each ``[capacity, ...]``): the kind, the columns' pointers, then
+    capacity, dim and state width, in the order the loops take them."""
+    capacity, dim = _matrix(delta, "delta")
+    width = _matrix(state, "state")[1]
+    opt = _step_kind(opt, dim, width)
     for col in (base, row):
         _check(col, torch.float32, (capacity, dim))
     _check(state, torch.float32, (capacity, width))
     ptrs = (_check(delta, torch.float32), state.data_ptr(), base.data_ptr(), row.data_ptr())
-    return (*ptrs, capacity, dim, width)
+    return (opt, *ptrs, capacity, dim, width)
 
 
 def apply_rows(
@@ -207,36 +309,35 @@ def apply_rows(
     fresh: torch.Tensor,
     grads: torch.Tensor,
 ) -> None:
-    """One optimizer step on the cache's float32 columns at ``slots``, and ``row = base +
-    delta`` for them, in one pass; ``fresh`` rows start from a zero delta and state, with
-    their current row as base."""
+    """One optimizer step on the cache's float32 columns at ``slots`` (each below the
+    capacity, else IndexError with nothing written), and ``row = base + delta`` for them, in
+    one pass; ``fresh`` rows start from a zero delta and state, with their current row as
+    base."""
     assert _lib is not None
-    columns = _cache_columns(delta, state, base, row)
+    columns = _cache_columns(opt, delta, state, base, row)
     dim = columns[-2]
+    slots = _ids(slots)
     n = len(slots)
-    lr, eps, b1, b2 = hyper
     _lib.apply_rows(
-        opt,
         *columns,
-        _check(slots, torch.int64, (n,)),
+        slots.data_ptr(),
         _check(fresh, torch.bool, (n,)),
         _check(grads, torch.float32, (n, dim)),
         n,
-        lr,
-        eps,
-        b1,
-        b2,
+        *_hyper(hyper),
     )
 
 
 def _compact_arrays(
-    delta: torch.Tensor, state: torch.Tensor, grads: torch.Tensor
-) -> tuple[int, int, int, int, int, int]:
-    """The checked compact float32 arrays of a step on rows outside the cache (``delta``,
-    ``state``, ``grads``): their pointers, then dim, state width and rows."""
-    n, dim = delta.shape
-    width = state.shape[1]
+    opt: int, delta: torch.Tensor, state: torch.Tensor, grads: torch.Tensor
+) -> tuple[int, int, int, int, int, int, int]:
+    """The checked kind and compact float32 arrays of a step on rows outside the cache
+    (``delta``, ``state``, ``grads``): the kind, their pointers, then dim, state width and
+    rows."""
+    n, dim = _matrix(delta, "delta")
+    width = _matrix(state, "state")[1]
     return (
+        _step_kind(opt, dim, width),
         _check(delta, torch.float32),
         _check(state, torch.float32, (n, width)),
         _check(grads, torch.float32, (n, dim)),
@@ -255,19 +356,23 @@ def step_rows(
 ) -> None:
     """The same step on compact float32 arrays, in place (rows not in the cache)."""
     assert _lib is not None
-    lr, eps, b1, b2 = hyper
-    _lib.step_rows(
-        opt,
-        *_compact_arrays(delta, state, grads),
-        lr,
-        eps,
-        b1,
-        b2,
-    )
+    _lib.step_rows(*_compact_arrays(opt, delta, state, grads), *_hyper(hyper))
 
 
 # Activation kinds of the PEER loops (csrc/native.c ACT_*): never renumber.
 ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3}
+
+
+def _peer_sizes(table: Any, d_in: int, act: str) -> tuple[int, int, int, int]:
+    """``(rows, dim, d_in, activation kind)`` of a PEER call once they make sense: a 2-D table
+    whose rows are ``u (d_in) | v``, a known activation."""
+    rows, dim = _matrix(table, "the PEER table")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
+    d_in = _int(d_in, "d_in", 0, dim)
+    if dim < 1:
+        raise ValueError("the PEER table has empty rows")
+    return rows, dim, d_in, ACTIVATIONS[act]
 
 
 def peer_forward(
@@ -286,7 +391,7 @@ def peer_forward(
     ``order[offsets[i]:offsets[i + 1]]`` (a ``RowBatch``'s grouping). Returns ``y [T, d_out]``
     and the pre-activations ``h [M]``; ``T = len(x)``."""
     assert _lib is not None
-    rows, dim = table.shape
+    rows, dim, d_in, kind = _peer_sizes(table, d_in, act)
     t, m, n = len(x), len(token), len(index)
     y = torch.empty((t, dim - d_in), dtype=torch.float32)
     h = torch.empty(m, dtype=torch.float32)
@@ -304,7 +409,7 @@ def peer_forward(
         t,
         m,
         n,
-        ACTIVATIONS[act],
+        kind,
         y.data_ptr(),
         h.data_ptr(),
     )
@@ -329,7 +434,7 @@ def peer_backward(
     ``dx [T, d_in]``, ``dgates [M]`` and each distinct row's summed gradient ``[n, dim]``
     (written into ``out`` if given)."""
     assert _lib is not None
-    rows, dim = table.shape
+    rows, dim, d_in, kind = _peer_sizes(table, d_in, act)
     t, m, n = len(x), len(token), len(index)
     dx = torch.empty((t, d_in), dtype=torch.float32)
     dgates = torch.empty(m, dtype=torch.float32)
@@ -350,12 +455,35 @@ def peer_backward(
         t,
         m,
         n,
-        ACTIVATIONS[act],
+        kind,
         dx.data_ptr(),
         dgates.data_ptr(),
         _check(rowgrad, torch.float32, (n, dim)),
     )
     return dx, dgates, rowgrad
+
+
+def _pk_sizes(q: Any, keys1: Any, keys2: Any) -> tuple[int, int, int, int, int]:
+    """``(T, H, n1, n2, e)`` of queries ``[T, H, 2e]`` and sub-keys ``[H, n1, e]``, ``[H, n2,
+    e]`` once they agree, with non-empty grids (ids are split by ``n2``)."""
+    for name, a in (("q", q), ("keys1", keys1), ("keys2", keys2)):
+        if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.dtype != torch.float32:
+            raise ValueError(f"product-key {name} must be a 3-D float32 tensor")
+    t, heads, width = q.shape
+    _, n1, e = keys1.shape
+    n2 = keys2.shape[1]
+    if (
+        tuple(keys1.shape) != (heads, n1, e)
+        or tuple(keys2.shape) != (heads, n2, e)
+        or width != 2 * e
+        or n1 < 1
+        or n2 < 1
+    ):
+        raise ValueError(
+            f"product-key shapes disagree: q {tuple(q.shape)}, keys1 {tuple(keys1.shape)}, "
+            f"keys2 {tuple(keys2.shape)}"
+        )
+    return t, heads, n1, n2, e
 
 
 def pk_search(
@@ -381,9 +509,8 @@ def pk_search(
     to, with the same results (ties keep the earlier candidate first; NaN scores stop the same
     way). ``simd=False`` forces the scalar selection."""
     assert _lib is not None
-    t, heads, _ = q.shape
-    _, n1, e = keys1.shape
-    n2 = keys2.shape[1]
+    t, heads, n1, n2, e = _pk_sizes(q, keys1, keys2)
+    k, n_valid = _int(k, "k", 1), _int(n_valid, "n_valid", 1, n1 * n2)
     f, r = divmod(n_valid, n2)
     kk = min(k, n_valid)
     qh = q.transpose(0, 1)  # [H, T, 2e]
@@ -392,7 +519,7 @@ def pk_search(
     ids = torch.empty((t, heads, kk), dtype=torch.int64)
     vals = torch.empty((t, heads, kk), dtype=torch.float32)
     if budgets is not None:
-        budgets = budgets.contiguous()  # kept alive through the call
+        budgets = _ids(budgets)  # kept alive through the call
     _lib.pk_search(
         _check(s1, torch.float32, (heads, t, n1)),
         _check(s2, torch.float32, (heads, t, n2)),
@@ -406,7 +533,7 @@ def pk_search(
         ids.data_ptr(),
         vals.data_ptr(),
         0 if budgets is None else _check(budgets, torch.int64, (t,)),
-        simd,
+        bool(simd),
     )
     return ids, vals
 
@@ -421,9 +548,9 @@ def pk_scores_backward(
     """Gradients of the scores :func:`pk_search` returned, for ``grad [T, H, k]``: ``(dq,
     dkeys1, dkeys2)``."""
     assert _lib is not None
-    t, heads, _ = q.shape
-    _, n1, e = keys1.shape
-    n2 = keys2.shape[1]
+    t, heads, n1, n2, e = _pk_sizes(q, keys1, keys2)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 3:
+        raise ValueError("product-key ids must be a 3-D [T, H, k] tensor")
     k = ids.shape[2]
     dq = torch.empty_like(q)
     dk1, dk2 = torch.zeros_like(keys1), torch.zeros_like(keys2)
@@ -461,20 +588,21 @@ def usage_touch(
     rows without statistics are left alone. RECENT's decay comes from libm's ``pow``, which may
     differ from PyTorch's in the last bit."""
     assert _lib is not None
-    capacity = usage.shape[0]
-    n = len(slots)
+    capacity = _matrix(usage, "usage")[0]
     _check(usage, torch.float64, (capacity, USAGE_WIDTH))
+    slots = _ids(slots)
+    n = len(slots)
     _lib.usage_touch(
         usage.data_ptr(),
         capacity,
-        _check(slots, torch.int64, (n,)),
+        slots.data_ptr(),
         _check(counts, torch.int64, (n,)),
         _check(trained, torch.bool, (capacity,)),
         _check(dirty, torch.bool, (capacity,)),
         n,
-        step,
-        epoch,
-        use_decay,
+        _int(step, "step"),
+        _int(epoch, "epoch"),
+        float(use_decay),
     )
 
 
@@ -493,8 +621,8 @@ class UsageStep:
 
     def args(self) -> tuple[int, int, float, float, float, bool]:
         return (
-            int(self.step),
-            int(self.epoch),
+            _int(int(self.step), "step"),
+            _int(int(self.epoch), "epoch"),
             float(self.use_decay),
             float(self.update_decay),
             float(self.inertia),
@@ -523,20 +651,16 @@ def apply_rows_tracked(
     ``_usage.updated`` with its gradient's float32 norm). The caller marks the rows trained and
     dirty."""
     assert _lib is not None
-    columns = _cache_columns(delta, state, base, row)
+    columns = _cache_columns(opt, delta, state, base, row)
     capacity, dim = columns[-3], columns[-2]
+    slots = _ids(slots)
     n = len(slots)
-    lr, eps, b1, b2 = hyper
     _lib.apply_rows_tracked(
-        opt,
         *columns,
-        _check(slots, torch.int64, (n,)),
+        slots.data_ptr(),
         _check(grads, torch.float32, (n, dim)),
         n,
-        lr,
-        eps,
-        b1,
-        b2,
+        *_hyper(hyper),
         _check(usage, torch.float64, (capacity, USAGE_WIDTH)),
         _check(trained, torch.bool, (capacity,)),
         _check(counts, torch.int64, (n,)),
@@ -559,15 +683,11 @@ def step_rows_tracked(
     starts them). The same code per row as :func:`apply_rows_tracked`, so a row gets the same
     bits cached or spilled."""
     assert _lib is not None
-    n = len(delta)
-    lr, eps, b1, b2 = hyper
+    arrays = _compact_arrays(opt, delta, state, grads)
+    n = arrays[-1]
     _lib.step_rows_tracked(
-        opt,
-        *_compact_arrays(delta, state, grads),
-        lr,
-        eps,
-        b1,
-        b2,
+        *arrays,
+        *_hyper(hyper),
         _check(usage, torch.float64, (n, USAGE_WIDTH)),
         _check(counts, torch.int64, (n,)),
         rates.args(),
