@@ -125,7 +125,7 @@ from ._records import (
     snapshot_record,
     stored_digests,
 )
-from ._rowindex import RowIndex
+from ._rowindex import RowBlockError, RowIndex
 from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, open_layers, read_runset
 from ._runs import discard as discard_runs
 from ._runs import maintain as maintain_runs
@@ -503,16 +503,15 @@ class PersistedStore:
         if self._lease is not None:
             # The lease names the newest commit whose segments the index reads: a past commit
             # read through a compaction after it (``load_index``) reads that one's segment.
+            # Never past HEAD: a commit gc does not know protects nothing.
             newest = index.newest_commit() if index is not None else 0
+            if commit is not None and newest > commit:
+                newest = min(newest, self.head())
             self._lease.hold(None if commit is None else max(commit, newest))
         if index is None or not len(index):
             return
 
-        def keys(txn: lmdb.Transaction) -> set[int]:  # presence only: reads check records
-            cur = txn.cursor(db=self._db(DB_SEGMENTS))
-            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
-
-        missing = set(index.segments().tolist()) - self._read(keys)
+        missing = set(index.segments().tolist()) - self._segment_ids()
         if missing:
             raise SnapshotUnavailableError(
                 f"commit {commit} was removed by gc while it was being opened (segments "
@@ -732,7 +731,8 @@ class PersistedStore:
             since=0,
             count=runset.count,
             live=runset.live,
-            newest=runset.newest,
+            newest=min(runset.newest, runset.commit),  # a lease never names a later commit
+            fallback=self._fallback_lookup(None if self.writable else head),
         )
         digest = runset.digest
         try:
@@ -753,7 +753,68 @@ class PersistedStore:
             raise RunsUnusableError(
                 f"the run set replayed to HEAD {head} disagrees with its record"
             )
+        # Rows per segment are what a lease and a compaction go by: they must add up to the
+        # rows and name only recorded segments (HEAD's segments are never gc'd), else LMDB.
+        if sum(index.live.values()) != len(index):
+            raise RunsUnusableError("runs.json's rows per segment do not add up to its rows")
+        missing = set(index.live) - self._segment_ids()
+        if missing:
+            raise RunsUnusableError(
+                f"runs.json names segments the store does not hold ({len(missing)})"
+            )
         return head, index
+
+    def _segment_ids(self) -> set[int]:
+        """The ids of every recorded segment (keys only: reads check the records)."""
+
+        def keys(txn: lmdb.Transaction) -> set[int]:
+            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
+
+        return self._read(keys)
+
+    def _fallback_lookup(self, head: int | None) -> Any:
+        """A lookup in LMDB's row index, for a ``LayeredIndex`` whose run file fails a block
+        checksum (``_runs.py``): right while LMDB's HEAD is ``head`` (``None``: the writer,
+        whose index is always HEAD's); otherwise ``RowBlockError``. One ``get`` per distinct
+        id: a damaged store's path, never the usual one."""
+
+        def lookup(ids: np.ndarray) -> tuple[np.ndarray, ...]:
+            uniq, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+
+            def scan(txn: lmdb.Transaction) -> tuple[int, list[bytes | None]]:
+                now = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
+                if head is not None and now != head:
+                    return now, []
+                db = self._db(DB_ROWS)
+                keys = [u64_key(int(i)) if i >= 0 else None for i in uniq.tolist()]
+                return now, [txn.get(k, db=db) if k is not None else None for k in keys]
+
+            now, raw = self._read(scan)
+            if head is not None and now != head:
+                raise RowBlockError(
+                    f"{self.root}: a run file of the row index fails its checksum and LMDB "
+                    f"has moved on from commit {head} to {now}: refresh or reopen the pool "
+                    "(run `dpsn verify`; a writer's open rebuilds the run files)"
+                )
+            found = np.array([v is not None for v in raw], dtype=bool)
+            cols = np.zeros((len(uniq), 3), dtype=np.int64)
+            if found.any():
+                if any(len(v) != ROW_VALUE.size for v in raw if v is not None):
+                    raise CorruptStoreError(f"{self.root}: the LMDB row index is damaged")
+                packed = b"".join(v for v in raw if v is not None)
+                vals = np.frombuffer(packed, dtype=ROW_VALUE_DTYPE)
+                cols[found, 0] = vals["segment"]
+                cols[found, 1] = vals["offset"]
+                cols[found, 2] = vals["commit"]
+            return (
+                found[inverse],
+                cols[inverse, 0],
+                cols[inverse, 1],
+                cols[inverse, 2],
+            )
+
+        return lookup
 
     def runs_commit(self) -> int | None:
         """The commit the row index's run set reflects (``None``: no usable set)."""

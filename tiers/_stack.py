@@ -163,13 +163,24 @@ class RowBatch:
         """``[n, dim]`` float32: the rows' current deltas (zeros for procedural rows)."""
         return self._stack.deltas_of(self)
 
-    def apply_grads(self, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
+    def apply_grads(
+        self, grads: torch.Tensor, optimizer: RowOptimizer, *, strict: bool = False
+    ) -> None:
         """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
         each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
-        already updated: a graph's row step applies once."""
+        already updated: a graph's row step applies once.
+
+        No non-finite value enters the rows: a step whose ``grads`` hold NaN or Inf, or whose
+        results would (a row optimizer of your own that overflows), is skipped for every row
+        of the batch and counted in ``stats()["skipped_row_steps"]``, as ``GradScaler`` skips
+        a dense step; with ``strict=True`` it raises ``InvalidDeltaError`` instead (nothing
+        changed either way)."""
         if self.applied:
             raise RuntimeError(SECOND_BACKWARD)
-        self._stack.apply_grads(self, grads, optimizer)
+        if not all_finite(grads):
+            self._stack.refuse_step("the row gradients are not finite (NaN or Inf)", strict)
+        else:
+            self._stack.apply_grads(self, grads, optimizer, strict=strict)
         self.applied = True
 
     def release(self) -> None:
@@ -191,6 +202,14 @@ class RowBatch:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def all_finite(t: torch.Tensor | None) -> bool:
+    """Whether every value of ``t`` is finite: one sum in the usual case (inf and NaN carry
+    through it), element by element only when the sum itself overflows."""
+    if t is None or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -694,8 +713,25 @@ class RowStack(UsageStatistics):
             return RowBatch(self, uniq, counts, inverse, order, table, index, None)
 
     @torch.no_grad()
-    def apply_grads(self, batch: RowBatch, grads: torch.Tensor, optimizer: RowOptimizer) -> None:
-        """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`)."""
+    def refuse_step(self, why: str, strict: bool) -> None:
+        """A row step that would put non-finite values in the rows: skipped and counted, or
+        (``strict``) ``InvalidDeltaError``."""
+        if strict:
+            raise InvalidDeltaError(f"{why}: the row step was not applied (no row changed)")
+        self.count_skipped_step()
+
+    def apply_grads(
+        self,
+        batch: RowBatch,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        *,
+        strict: bool = False,
+    ) -> None:
+        """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`; the
+        caller has checked ``grads`` finite). The native loop's results are finite whenever
+        the gradients are and the optimizer's settings passed its checks; any other step's
+        results are checked before they are stored."""
         width = optimizer.state_width(self.dim)
         if width != self.layout.state_width:
             raise ValueError(
@@ -738,6 +774,13 @@ class RowStack(UsageStatistics):
                         norms = torch.linalg.vector_norm(grads, dim=1)
                         stats = self._usage_after(usage, batch.counts, norms)
                 new_delta = new_delta.to(self.dtype)
+                if not (all_finite(new_delta) and all_finite(new_state)):
+                    self.refuse_step(
+                        f"the row step's results are not finite in {self.dtype} (the row "
+                        f"optimizer {type(optimizer).__name__} overflowed or divided by zero)",
+                        strict,
+                    )
+                    return
                 self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
             if uncounted:
                 del self._uncounted[batch.key]

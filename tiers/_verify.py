@@ -63,8 +63,8 @@ from ._records import (
     stored_digests,
 )
 from ._retention import META_CHECKPOINT
-from ._rowindex import RowIndex
-from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, read_runset
+from ._rowindex import TOMBSTONE, RowIndex
+from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, open_layers, read_runset
 from ._segments import SegmentRecord
 from ._usage_fields import usage_problem
 
@@ -323,6 +323,20 @@ class _Verifier:
         )
         if not same:
             self.problem("runs", f"the row index's run files disagree with LMDB's; {fix}")
+            return
+        # Every other field of runs.json, against what the runs and LMDB say.
+        if got[1].live != self.index.live_rows():
+            self.problem("runs", f"runs.json's rows per segment disagree with LMDB's; {fix}")
+        top = 0
+        for layer in open_layers(root, runset):
+            alive = np.asarray(layer.commit)[np.asarray(layer.segment) != TOMBSTONE]
+            top = max(top, int(alive.max()) if len(alive) else 0)
+        if not top <= runset.newest <= runset.commit:
+            self.problem(
+                "runs",
+                f"runs.json's newest commit {runset.newest} is not between the newest commit "
+                f"its runs hold ({top}) and its own commit ({runset.commit}); {fix}",
+            )
 
     def index_problems(self, index: RowIndex, where: str, head: int) -> None:
         ids = index.ids
