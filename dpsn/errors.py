@@ -20,6 +20,7 @@ __all__ = [
     "InvalidDeviceError",
     "InvalidIdsError",
     "InvalidSnapshotNameError",
+    "LeaseWarning",
     "LifecycleError",
     "ReadOnlyError",
     "RowIdOutOfRangeError",
@@ -132,3 +133,10 @@ class SnapshotUnavailableError(DpsnError, LookupError):
 
 class CacheCapacityError(DpsnError, ValueError):
     """A batch needs more distinct rows than the device cache can hold at once."""
+
+
+class LeaseWarning(UserWarning):
+    """A reader could not write its lease (``readers/`` not writable: a read-only mount, a
+    store only its writer may write to, a full disk) and reads without one: a gc in a writer
+    does not see it and may remove the commit it reads. ``pool.info()["reader_lease"]`` is
+    ``False`` for such a reader."""

@@ -430,13 +430,16 @@ class Pool:
     def info(self) -> dict[str, Any]:
         """A summary: spec, virtual size, what is persisted and what it costs on disk. The same
         figures as ``dpsn info`` (``dpsn.tiers.StoreFacts``, which documents the size names),
-        for this pool's commit, plus ``staged_rows``."""
+        for this pool's commit, plus ``staged_rows`` and ``reader_lease`` (a reader: whether
+        it holds a lease a writer's gc sees; ``None`` for a writer)."""
         self._check_open()
         from dpsn.tiers import StoreFacts
 
         with StoreFacts(self.path) as facts:
             out = facts.info(at=self.head)
         out["staged_rows"] = self.staged_rows
+        # A reader without a lease (it warned, LeaseWarning): a writer's gc cannot see it.
+        out["reader_lease"] = self._store.lease_held
         return out
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:

@@ -519,6 +519,14 @@ class PersistedStore:
             )
 
     @property
+    def lease_held(self) -> bool | None:
+        """Whether this reader holds a lease a writer's gc can see (``None``: a writer, which
+        needs none). ``False``: it could not write one and warned (``LeaseWarning``)."""
+        if self.writable:
+            return None
+        return self._lease is not None and self._lease.active
+
+    @property
     def env(self) -> Env:
         """The store's LMDB environment, for the tier modules that keep records beside the
         commit protocol (retention, verify): one writer lock and one map for all of them."""

@@ -1,0 +1,150 @@
+"""Issue 21, findings 5, 6, 8 and the small ones: readers without a lease say so; no file of a
+store (a FIFO, a device link, a directory where a file belongs) makes a process hang, read
+without end or die; a file cut under a mapped reader is a typed error, not SIGBUS."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import dpsn
+from dpsn.errors import CorruptStoreError, DpsnError
+from dpsn.tiers import _runs as runs
+
+ROWS = 64
+
+
+def _store(path, commits=2):
+    with dpsn.create(
+        path, rows=ROWS, dim=4, chunk_rows=4, generator={"kind": "zeros"}, cache_rows=0
+    ) as pool:
+        for k in range(commits):
+            pool.write(torch.arange(8 * k, 8 * k + 8), torch.full((8, 4), float(k + 1)))
+            pool.commit(f"c{k}")
+        return pool.delta(torch.arange(ROWS)).clone()
+
+
+# -- finding 5: lease-less readers --------------------------------------------------------------
+
+
+def test_a_reader_that_cannot_lease_warns_and_says_so_in_info(tmp_path):
+    path = tmp_path / "s"
+    want = _store(path)
+    (path / "readers").write_text("not a folder")  # no lease can be made
+    with pytest.warns(dpsn.LeaseWarning, match="lease"):
+        r = dpsn.open(path)
+    try:
+        assert r.info()["reader_lease"] is False
+        assert torch.equal(r.delta(torch.arange(ROWS)), want)
+    finally:
+        r.close()
+    (path / "readers").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dpsn.LeaseWarning)
+        with dpsn.open(path) as r:
+            assert r.info()["reader_lease"] is True
+
+
+# -- finding 6: special files never block or read without end ------------------------------------
+
+
+def _in_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with a deadline: a hang fails the test instead of
+    hanging the suite."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _replace_with_fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _lease_fifo(store):
+    (store / "readers").mkdir(exist_ok=True)
+    os.mkfifo(store / "readers" / "123-abcdef.lease")
+
+
+SPECIALS = {
+    "runs.json fifo": lambda s: _replace_with_fifo(s / runs.RUNS_DIR / runs.RUNS_MANIFEST),
+    "runs.json /dev/zero": lambda s: (
+        (s / runs.RUNS_DIR / runs.RUNS_MANIFEST).unlink(),
+        (s / runs.RUNS_DIR / runs.RUNS_MANIFEST).symlink_to("/dev/zero"),
+    ),
+    "run file fifo": lambda s: _replace_with_fifo(
+        s
+        / runs.RUNS_DIR
+        / json.loads((s / runs.RUNS_DIR / runs.RUNS_MANIFEST).read_text())["runs"][0]["file"]
+    ),
+    "run file /dev/zero": lambda s: (
+        (
+            p := s
+            / runs.RUNS_DIR
+            / json.loads((s / runs.RUNS_DIR / runs.RUNS_MANIFEST).read_text())["runs"][0]["file"]
+        ).unlink(),
+        p.symlink_to("/dev/zero"),
+    ),
+    "lease fifo": _lease_fifo,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", sorted(SPECIALS))
+def test_special_files_never_hang_readers_verify_or_gc(tmp_path, what):
+    path = tmp_path / "s"
+    code = f"""
+        from unittest import mock
+        import torch, dpsn
+        from dpsn.tiers import _runs as runs
+        with mock.patch.object(runs, "RUN_MIN_ROWS", 4), mock.patch.object(runs, "FLUSH_ROWS", 6):
+            with dpsn.create({str(path)!r}, rows={ROWS}, dim=4, chunk_rows=4,
+                             generator={{"kind": "zeros"}}, cache_rows=0) as p:
+                for k in range(4):
+                    p.write(torch.arange(8 * k, 8 * k + 8), torch.full((8, 4), float(k + 1)))
+                    p.commit(f"c{{k}}")
+    """
+    done = _in_child(code)
+    assert done.returncode == 0, done.stderr
+    SPECIALS[what](path)
+    check = f"""
+        import resource, torch, dpsn
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # reading /dev/zero whole fails
+        with dpsn.open({str(path)!r}) as r:
+            got = r.delta(torch.arange({ROWS}))
+            assert float(got[:32].sum()) > 0
+            r.verify()
+        with dpsn.open({str(path)!r}, mode="r+") as w:
+            w.gc()
+            assert torch.equal(w.delta(torch.arange({ROWS})), got)
+        print("ok")
+    """
+    done = _in_child(check)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_read_regular_refuses_fifos_devices_and_oversize(tmp_path):
+    from dpsn.tiers._files import NotRegularFileError, read_regular
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    with pytest.raises(NotRegularFileError, match="FIFO"):
+        read_regular(fifo, 100)
+    with pytest.raises(NotRegularFileError, match="character device"):
+        read_regular("/dev/zero", 100)
+    with pytest.raises(NotRegularFileError, match="directory"):
+        read_regular(tmp_path, 100)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 101)
+    with pytest.raises(CorruptStoreError, match="over the 100"):
+        read_regular(big, 100)
+    assert read_regular(big, 101) == b"x" * 101
+    assert issubclass(NotRegularFileError, DpsnError)
