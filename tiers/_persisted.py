@@ -70,6 +70,7 @@ from dpsn.errors import (
 from . import _runs
 from ._compact import count_commit_bytes
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
+from ._files import check_regular
 from ._format import (
     COMPRESSOR_NAMES,
     DB_COMMITS,
@@ -97,6 +98,7 @@ from ._format import (
     SEGMENT_IDS,
     SEGMENT_STATE,
     SEGMENT_USAGE,
+    SEGMENTS_GROUP,
     SNAPSHOT_COLUMNS,
     SNAPSHOTS_GROUP,
     ZARR_DIR,
@@ -455,6 +457,7 @@ class PersistedStore:
         storage_dtype(manifest.dtype)  # validates
         if not (root / ZARR_DIR).is_dir():
             raise StoreNotFoundError(f"{root} is damaged: its Zarr group {ZARR_DIR} is missing")
+        _check_group_files(root)
         lock = None
         if writable:
             lock = WriterLock(root / LOCK_FILE)
@@ -1605,6 +1608,16 @@ def _digest_after(
     drops = drops[index.contains(drops)]
     removed, _, added = _digest_change(index, ids, segment, commit, drops)
     return (digest - removed + added) & ((1 << 64) - 1)
+
+
+def _check_group_files(root: Path) -> None:
+    """The Zarr groups' metadata files zarr itself opens (a writer's commit): regular files,
+    or absent (``NotRegularFileError`` before zarr could block on a FIFO there)."""
+    top = root / ZARR_DIR
+    for group in ("", SEGMENTS_GROUP, GENERATOR_GROUP, SNAPSHOTS_GROUP, ROUTERS_GROUP):
+        path = top / group / "zarr.json" if group else top / "zarr.json"
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            check_regular(path, f"{root}: the Zarr group metadata {path.relative_to(root)}")
 
 
 def _mapped(index: RowIndex | LayeredIndex) -> bool:

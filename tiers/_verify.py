@@ -27,6 +27,7 @@ from dpsn.errors import CorruptSegmentError, DpsnError
 
 from ._compact import META_GROWTH, growth_counters, is_compaction
 from ._digest import DbDigest, entry_hash
+from ._files import read_regular
 from ._format import (
     DB_COMMITS,
     DB_META,
@@ -590,7 +591,7 @@ class _Verifier:
             if not path.exists() and group:
                 continue
             try:
-                raw = json.loads(path.read_bytes()[: 1 << 20])
+                raw = json.loads(read_regular(path, 1 << 20))
                 ok = isinstance(raw, dict) and raw.get("node_type") == "group"
             except (OSError, ValueError, RecursionError):
                 ok = False
