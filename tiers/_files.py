@@ -17,7 +17,14 @@ from pathlib import Path
 
 from dpsn.errors import CorruptStoreError
 
-__all__ = ["NotRegularFileError", "check_regular", "kind_of", "open_regular", "read_regular"]
+__all__ = [
+    "NotRegularFileError",
+    "check_regular",
+    "file_kind",
+    "kind_of",
+    "open_regular",
+    "read_regular",
+]
 
 
 class NotRegularFileError(CorruptStoreError):
@@ -38,6 +45,9 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+file_kind = kind_of  # the public name (``dpsn.tiers.file_kind``)
 
 
 def open_regular(path: Path | str, what: str = "") -> tuple[int, int]:
