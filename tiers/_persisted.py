@@ -1422,8 +1422,8 @@ class PersistedStore:
             try:
                 rec = self.segment_record(int(seg_sorted[a]))
             except SnapshotUnavailableError as e:
-                if not _mapped(index):
-                    raise
+                if not _mapped(index) or self.lease_held is False:
+                    raise  # (a reader without a lease: a gc elsewhere may have removed it)
                 # A reader's lease keeps what its index names: a run naming no segment lies.
                 raise CorruptStoreError(
                     f"{self.root}: the row index points at a segment the store does not hold; "
