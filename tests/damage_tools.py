@@ -112,7 +112,9 @@ def observe(path: Path, *, verify: bool = False) -> dict[str, Any]:
     def head() -> dict[str, Any]:
         with dpsn.open(path, cache_rows=0) as p:
             info = p.info()
-            for k in ("path", "bytes_on_disk", "reader_lease"):  # lease: see "readers" cases
+            # reader_lease: see the "readers" cases; index_runs describes the derived run
+            # files (damaged ones: None, and verify says why), not what reads return
+            for k in ("path", "bytes_on_disk", "reader_lease", "index_runs"):
                 info.pop(k)
             return {
                 "rows": _bits(p.read(IDS)),

@@ -108,11 +108,7 @@ def _first(store, group, kind):
     """The first chunk file (``kind="c"``) or array ``zarr.json`` under a Zarr group."""
     files = sorted((store / "data.zarr" / group).rglob("*"))
     if kind == "c":
-        return next(
-            f
-            for f in files
-            if f.is_file() and "/c/" in str(f)
-        )
+        return next(f for f in files if f.is_file() and "/c/" in str(f))
     return next(f for f in files if f.name == "zarr.json" and f.parent.parent.name != group)
 
 
@@ -177,3 +173,51 @@ def test_read_regular_refuses_fifos_devices_and_oversize(tmp_path):
         read_regular(big, 100)
     assert read_regular(big, 101) == b"x" * 101
     assert issubclass(NotRegularFileError, DpsnError)
+
+
+# -- finding 8: files cut under a mapped reader ---------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["data.mdb", "run file"])
+def test_a_file_cut_under_a_live_reader_is_a_typed_error_not_sigbus(tmp_path, what):
+    """A backup restored with cp over a live store truncates files in place: a reader that
+    mapped them gets a typed error or right rows on its next read, never SIGBUS."""
+    path = tmp_path / "s"
+    code = f"""
+        import os, signal, torch, dpsn, json
+        from pathlib import Path
+        from unittest import mock
+        from dpsn.errors import DpsnError
+        from dpsn.tiers import _runs as runs
+        path = Path({str(path)!r})
+        with mock.patch.object(runs, "RUN_MIN_ROWS", 4), mock.patch.object(runs, "FLUSH_ROWS", 6):
+            with dpsn.create(path, rows=4096, dim=4, chunk_rows=64,
+                             generator={{"kind": "zeros"}}, cache_rows=0) as p:
+                for k in range(4):
+                    p.write(torch.arange(900 * k, 900 * k + 1000), torch.full((1000, 4), k + 1.0))
+                    p.commit(f"c{{k}}")
+                want = p.delta(torch.arange(4096)).clone()
+        r = dpsn.open(path, cache_rows=0)
+        r.delta(torch.arange(0, 4096, 1000))  # a few pages touched, most not
+        if {what!r} == "data.mdb":
+            victim = path / "index.lmdb" / "data.mdb"
+            keep = 2 * 4096  # the meta pages survive, every other page is cut away
+        else:
+            doc = json.loads((path / "index.runs" / "runs.json").read_text())
+            big = max(doc["runs"], key=lambda x: x["rows"])
+            victim = path / "index.runs" / big["file"]
+            keep = 64 + 32 * 10
+        os.truncate(victim, keep)
+        try:
+            got = r.delta(torch.arange(4096))
+            assert torch.equal(got, want), "wrong rows"
+            print("ok: right rows")
+        except DpsnError as e:
+            print("ok: typed", type(e).__name__, str(e)[:200])
+    """
+    done = _in_child(code, timeout=120)
+    assert done.returncode == 0 and "ok:" in done.stdout, (
+        done.returncode,
+        done.stdout[-1000:],
+        done.stderr[-2000:],
+    )

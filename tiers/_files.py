@@ -19,6 +19,7 @@ from dpsn.errors import CorruptStoreError
 
 __all__ = [
     "NotRegularFileError",
+    "SizeGuard",
     "check_regular",
     "file_kind",
     "kind_of",
@@ -99,3 +100,29 @@ def read_regular(path: Path | str, limit: int, what: str = "") -> bytes:
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class SizeGuard:
+    """An open descriptor of a memory-mapped file and the size it must keep: ``intact()`` is
+    one ``fstat``, run before code touches the map. A page past the end of a file cut under
+    its map (a backup restored with ``cp`` over a live store) raises SIGBUS, which kills the
+    process; the check turns that into a typed error. The descriptor is closed with the
+    guard."""
+
+    __slots__ = ("_fd", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd: int | None = fd
+        self.size = size
+
+    def intact(self) -> bool:
+        try:
+            return self._fd is not None and os.fstat(self._fd).st_size >= self.size
+        except OSError:
+            return False
+
+    def __del__(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -8,6 +8,7 @@ Python cost about a microsecond each (STORAGE-NOTES.md) and a step looks up 10^5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,9 @@ class RowIndex:
     sums: np.ndarray | None = None
     checked: np.ndarray | None = None
     source: str | None = None
+    # The mapped file's size guard (``_files.SizeGuard``): a file cut under the map would make
+    # a touched page SIGBUS, so its size is checked before pages are touched.
+    guard: Any = None
 
     @classmethod
     def empty(cls) -> RowIndex:
@@ -69,6 +73,11 @@ class RowIndex:
         n = len(self.ids)
         if n == 0:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        if self.guard is not None and not self.guard.intact():
+            raise RowBlockError(
+                f"run file {self.source} was cut under this process (a copy over a live "
+                "store?); no entry of it is used"
+            )
         pos = np.searchsorted(self.ids, ids) if self.fences is None else self._fenced(ids)
         pos_clipped = np.minimum(pos, n - 1)
         if self.sums is not None:
@@ -105,6 +114,8 @@ class RowIndex:
     def check_all(self) -> None:
         """Check every block not checked yet (before a pass that reads the whole file)."""
         if self.checked is not None:
+            if self.guard is not None and not self.guard.intact():
+                raise RowBlockError(f"run file {self.source} was cut under this process")
             self.check_blocks(np.flatnonzero(~self.checked))
 
     def _fenced(self, ids: np.ndarray) -> np.ndarray:

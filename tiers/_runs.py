@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 
 from ._digest import RECORD_CHECK, seal_record
-from ._files import open_regular, read_regular
+from ._files import SizeGuard, open_regular, read_regular
 from ._format import fsync_dir
 from ._layered import LayeredIndex
 from ._rowindex import FENCE_STEP, RowBlockError, RowIndex, block_sums, merge_newest
@@ -177,12 +177,13 @@ def open_run(path: Path, entries: int) -> RowIndex:
     want = run_size(entries)
     try:
         fd, size = open_regular(path)
-        try:
-            header = os.pread(fd, _HEADER, 0)
-            tail_at = _HEADER + 8 * _COLUMNS * entries
-            tail = os.pread(fd, 16 * fences, tail_at) if size == want else b""
-        finally:
-            os.close(fd)
+    except OSError as e:
+        raise RunsUnusableError(f"{path} cannot be read: {e}") from e
+    guard = SizeGuard(fd, want)  # closes fd when the index goes
+    try:
+        header = os.pread(fd, _HEADER, 0)
+        tail_at = _HEADER + 8 * _COLUMNS * entries
+        tail = os.pread(fd, 16 * fences, tail_at) if size == want else b""
     except OSError as e:
         raise RunsUnusableError(f"{path} cannot be read: {e}") from e
     if (
@@ -194,7 +195,10 @@ def open_run(path: Path, entries: int) -> RowIndex:
         raise RunsUnusableError(f"{path} is not an intact run of {entries} entries")
     if not entries:
         return RowIndex.empty()
-    flat = np.memmap(path, dtype="<i8", mode="r", offset=_HEADER, shape=(_COLUMNS * entries,))
+    # Mapped through the descriptor checked above (not the path: a file renamed in between
+    # would be another file).
+    with open(fd, "rb", closefd=False) as f:
+        flat = np.memmap(f, dtype="<i8", mode="r", offset=_HEADER, shape=(_COLUMNS * entries,))
     mm = getattr(flat, "_mmap", None)
     if mm is not None and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
@@ -209,6 +213,7 @@ def open_run(path: Path, entries: int) -> RowIndex:
         sums=tail_words[fences:].view("<u8").copy(),
         checked=np.zeros(fences, dtype=bool),
         source=str(path),
+        guard=guard,
     )
 
 
