@@ -86,3 +86,45 @@ def test_an_optimizer_that_divides_by_zero_is_refused():
         RowAdagrad(eps=0.0)
     with pytest.raises(ValueError, match="eps"):
         dpsn.pool.RowAdam(eps=float("nan"))
+
+
+# -- finding 11: one table of lifecycle and record bounds --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["warmup", "min_uses", "max_idle", "novelty_window"])
+def test_lifecycle_settings_leave_room_below_what_readers_accept(name):
+    from dpsn.errors import LifecycleError
+    from dpsn.tiers import CLOCK_LIMIT, SETTING_LIMIT
+
+    assert SETTING_LIMIT * 2 <= CLOCK_LIMIT
+    dpsn.Lifecycle(**{name: SETTING_LIMIT})
+    with pytest.raises(LifecycleError, match=name):
+        dpsn.Lifecycle(**{name: 2**53})
+
+
+def test_a_clock_at_the_readers_bound_is_refused_before_it_is_committed(tmp_path):
+    from dpsn.errors import LifecycleError
+    from dpsn.tiers import CLOCK_LIMIT
+
+    path = tmp_path / "s"
+    pool = dpsn.create(
+        path,
+        rows=64,
+        dim=DIM,
+        generator={"kind": "zeros"},
+        cache_rows=32,
+        lifecycle=dpsn.Lifecycle(),
+    )
+    pool.write(torch.arange(4), torch.ones(4, DIM))
+    pool.commit("c")
+    head = pool.head
+    pool._stack.clock.step = CLOCK_LIMIT - 1
+    with pool.page_in(torch.arange(4)) as batch:  # the step that reaches the bound
+        batch.apply_grads(torch.ones(len(batch), DIM), RowSGD(lr=0.1))
+    pool.write(torch.arange(4, 8), torch.ones(4, DIM))
+    with pytest.raises(LifecycleError, match="2\\*\\*53"):
+        pool.commit("past the bound")
+    assert pool.head == head
+    pool.close()
+    with dpsn.open(path) as r:  # what was committed still reads
+        assert r.head == head and torch.equal(r.delta(torch.arange(4)), torch.ones(4, DIM))

@@ -31,6 +31,8 @@ _LAZY = {
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
     "MaintenancePolicy": "._policy",
+    "CLOCK_LIMIT": "._usage_fields",
+    "SETTING_LIMIT": "._usage_fields",
     "NotRegularFileError": "._files",
     "file_kind": "._files",
     "LIFECYCLE_DEFAULTS": "._lifecycle_policy",
@@ -123,12 +125,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CLOCK_LIMIT",
     "COMPRESSORS",
     "FORMAT_VERSION",
     "LIFECYCLE_DEFAULTS",
     "MAX_ENTER",
     "MIN_ENTER",
     "SECOND_BACKWARD",
+    "SETTING_LIMIT",
     "CacheStats",
     "Column",
     "Commit",
