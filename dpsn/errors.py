@@ -9,6 +9,7 @@ and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BatchTooLargeError",
     "CacheCapacityError",
     "CacheTooLargeError",
     "CorruptSegmentError",
@@ -129,6 +130,10 @@ class SnapshotNotFoundError(DpsnError, LookupError):
 
 class SnapshotUnavailableError(DpsnError, LookupError):
     """The commit is in the log but ``gc`` removed data it needs; pin snapshots to keep one."""
+
+
+class BatchTooLargeError(InvalidIdsError, MemoryError):
+    """A read asks for more rows at once than this machine's memory holds; split the ids."""
 
 
 class CacheCapacityError(DpsnError, ValueError):

@@ -16,6 +16,7 @@ Generator staleness (the cache keeps each trained row's base beside its delta):
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError
+from dpsn.errors import BatchTooLargeError, DpsnError, LifecycleError, ReadOnlyError
 from dpsn.hypernet import Generator
 from dpsn.tiers import (
     Commit,
@@ -217,7 +218,16 @@ class Pool:
         tiers (``stats()["spilled_batches"]`` counts them).
         """
         full = self._ids(ids)
-        out = self._stack.read(full.reshape(-1))
+        _check_batch_memory(full.numel(), self.dim, self.dtype)
+        try:
+            out = self._stack.read(full.reshape(-1))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            raise BatchTooLargeError(
+                f"reading {full.numel()} rows of width {self.dim} at once ran out of memory "
+                f"({str(e)[:200]}); read them in smaller batches"
+            ) from e
         return out.reshape(*full.shape, self.dim)
 
     def prefetch(self, ids: Any) -> Prefetch:
@@ -554,3 +564,19 @@ class Pool:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _check_batch_memory(n: int, dim: int, dtype: torch.dtype) -> None:
+    """Refuse at once a read whose result alone (``n`` rows of ``dim``, plus the float32 rows it
+    is computed in) is larger than this machine's physical memory, rather than fail deep in an
+    allocator (or swap for minutes)."""
+    need = n * dim * (torch.empty((), dtype=dtype).element_size() + 4)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > have:
+        raise BatchTooLargeError(
+            f"reading {n} rows of width {dim} at once needs about {need >> 20} MiB, more than "
+            f"this machine's memory ({have >> 20} MiB); read them in smaller batches"
+        )

@@ -221,3 +221,66 @@ def test_a_file_cut_under_a_live_reader_is_a_typed_error_not_sigbus(tmp_path, wh
         done.stdout[-1000:],
         done.stderr[-2000:],
     )
+
+
+# -- finding 12: the smaller ones ------------------------------------------------------------------
+
+
+def test_a_compacted_lmdb_copy_verifies_clean(tmp_path):
+    """``mdb_copy -c`` (py-lmdb's ``copy(compact=True)``), the usual LMDB backup, renumbers
+    pages and transaction ids: a store restored from it is healthy and verify says so."""
+    import shutil
+
+    import lmdb
+
+    path = tmp_path / "s"
+    want = _store(path, commits=3)
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    env = lmdb.open(str(path / "index.lmdb"), readonly=True, lock=False, max_dbs=16)
+    env.copy(str(backup), compact=True)
+    env.close()
+    shutil.copy(backup / "data.mdb", path / "index.lmdb" / "data.mdb")
+    (path / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
+    with dpsn.open(path) as r:
+        assert torch.equal(r.delta(torch.arange(ROWS)), want)
+        report = r.verify()
+    assert report.ok, report.problems
+    with dpsn.open(path, mode="r+") as w:  # and a writer carries on from it
+        w.write(torch.arange(2), torch.full((2, 4), 9.0))
+        w.commit("after restore")
+        assert w.verify().ok
+
+
+def test_readers_as_a_file_gives_no_bare_oserror_to_gc(tmp_path):
+    path = tmp_path / "s"
+    _store(path)
+    (path / "readers").write_text("planted")
+    with dpsn.open(path, mode="r+") as w:
+        w.gc()
+        w.gc(dry_run=True)
+
+
+def test_a_segment_id_out_of_range_is_typed(tmp_path):
+    from dpsn.tiers import PersistedStore
+
+    path = tmp_path / "s"
+    _store(path)
+    store = PersistedStore.open(path, writable=False)
+    try:
+        for bad in (-1, 2**64):
+            with pytest.raises(CorruptStoreError, match="segment"):
+                store.segment_record(bad)
+    finally:
+        store.close()
+
+
+def test_a_read_larger_than_memory_is_a_typed_error(tmp_path):
+    from dpsn.errors import InvalidIdsError
+
+    path = tmp_path / "s"
+    with dpsn.create(path, rows=10**12, dim=1024, generator={"kind": "zeros"}, cache_rows=0) as p:
+        ids = torch.zeros(5 * 10**7, dtype=torch.int64)  # 200 GB of float32 rows
+        with pytest.raises(InvalidIdsError, match="memory") as e:
+            p.read(ids)
+        assert isinstance(e.value, MemoryError)

@@ -141,7 +141,7 @@ def live_readers(root: Path, *, remove_dead: bool = False) -> LiveReaders:
     choosing = 0
     try:
         entries = sorted(folder.iterdir())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (not a folder: no reader could lease)
         return LiveReaders(frozenset(), 0, frozenset())
     for path in entries:
         creating = path.name.endswith(".tmp")

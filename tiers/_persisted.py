@@ -669,6 +669,11 @@ class PersistedStore:
         return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
 
     def segment_record(self, segment: int) -> SegmentRecord:
+        if not 0 <= segment < 2**64:  # (a damaged index's segment field)
+            raise CorruptStoreError(
+                f"{self.root}: the row index names segment {segment}, which no store can hold; "
+                "the index is damaged: run `dpsn verify`"
+            )
         raw = self._read(lambda txn: txn.get(u64_key(segment), db=self._db(DB_SEGMENTS)))
         if raw is None:
             raise SnapshotUnavailableError(
