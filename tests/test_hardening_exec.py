@@ -128,3 +128,26 @@ def test_a_clock_at_the_readers_bound_is_refused_before_it_is_committed(tmp_path
     pool.close()
     with dpsn.open(path) as r:  # what was committed still reads
         assert r.head == head and torch.equal(r.delta(torch.arange(4)), torch.ones(4, DIM))
+
+
+def test_verify_reports_non_finite_stored_values(tmp_path):
+    """Finding 4: values that got in anyway (an older dpsn, a store written by hand) are
+    reported by verify with the rows that hold them."""
+    from unittest import mock
+
+    from dpsn.tiers import _stack
+
+    path = tmp_path / "s"
+    pool = _pool(path)
+    ids = torch.arange(8)
+    # (the refusal patched away: as before the fix)
+    with mock.patch.object(_stack, "all_finite", lambda t: True), pool.page_in(ids) as batch:
+        grads = torch.ones(len(batch), DIM)
+        grads[3, 1] = float("nan")
+        batch.apply_grads(grads, RowSGD(lr=0.1))
+    pool.commit("poisoned")
+    report = pool.verify()
+    pool.close()
+    assert not report.ok
+    assert any("not finite" in p for p in report.problems), report.problems
+    assert 3 in report.damaged_rows

@@ -999,6 +999,10 @@ class PersistedStore:
             shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
             root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
             return root.require_group(path)
+        # zarr opens the group's zarr.json itself: checked first (a FIFO would hang it)
+        meta = self.root / ZARR_DIR / path / "zarr.json"
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            check_regular(meta, f"router {name!r} ({path})'s zarr.json")
         try:
             return zarr.open_group(self._zarr, path=path, mode="r", zarr_format=3)
         except Exception as e:

@@ -45,8 +45,10 @@ from ._format import (
     META_NEXT_SEGMENT,
     ROUTERS_GROUP,
     ROW_VALUE_DTYPE,
+    SEGMENT_DELTAS,
     SEGMENT_DROPS,
     SEGMENT_IDS,
+    SEGMENT_STATE,
     SEGMENT_USAGE,
     SEGMENTS_GROUP,
     SNAPSHOTS_GROUP,
@@ -417,8 +419,20 @@ class _Verifier:
                     or np.isin(drops, ids).any()
                 ):
                     self.problem("segment", f"segment {rec.name}: its drops are not sorted ids")
-                for _key, _chunk in segs.iter_chunks(rec):
+                bad_rows: set[int] = set()
+                for key, _chunk, first, values in segs.iter_chunks(rec):
                     self.report.checked_chunks += 1
+                    if key in (SEGMENT_DELTAS, SEGMENT_STATE):
+                        at = first + np.flatnonzero(_non_finite_rows(values))
+                        bad_rows.update(ids[at[at < len(ids)]].tolist())
+                if bad_rows:
+                    self.problem(
+                        "chunk",
+                        f"segment {rec.name}: {len(bad_rows)} rows hold values that are not "
+                        "finite (NaN or Inf) in their deltas or state; reads return them as "
+                        "they are: write those rows again (pool.write) or drop them",
+                    )
+                    self.report.damaged_rows.extend(sorted(bad_rows))
                 if rec.usage_width and rec.rows:
                     problem = usage_problem(segs.read_column(rec, SEGMENT_USAGE))
                     if problem is not None:
@@ -657,3 +671,12 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
             failed.add(step.__name__)
             report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
     return report
+
+
+def _non_finite_rows(values: np.ndarray) -> np.ndarray:
+    """Which rows of a chunk of deltas or state hold NaN or Inf (bfloat16 is stored as its
+    uint16 bits: widened to float32 first)."""
+    if values.dtype == np.uint16:
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    flat = values.reshape(len(values), -1)
+    return ~np.isfinite(flat).all(axis=1)
