@@ -126,3 +126,32 @@ def test_hostile_tables_get_true_typed_messages(store, tmp_path, capsys):
     for k in range(1, 7):
         assert not (tmp_path / f"o{k}").exists()
     json.dumps(err)  # printable
+
+
+# -- finding 7: import on a full disk -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [20_000, 60_000, 150_000, 400_000])
+def test_import_on_a_full_disk_leaves_nothing_and_says_import(tmp_path, limit):
+    """The disk fills (RLIMIT_FSIZE, in a child) at different points of an import: OUT is
+    gone afterwards (a retry can start afresh), the message is about importing (not "commit
+    again"), and no asyncio "Task was destroyed" noise is printed."""
+    import subprocess
+    import sys
+
+    table = tmp_path / "t.npy"
+    np.save(table, np.random.default_rng(0).standard_normal((20000, 16)).astype(np.float32))
+    out = tmp_path / "out"
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from dpsn.tools.cli import main
+sys.exit(main(["import", {str(table)!r}, {str(out)!r}, "--commit-rows", "5000"]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout
+    assert "commit again" not in done.stderr and "import" in done.stderr, done.stderr[-2000:]
+    assert "Task was destroyed" not in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not out.exists(), sorted(str(p) for p in out.rglob("*"))[:10]

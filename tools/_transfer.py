@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from dpsn.errors import DpsnError, InvalidDeltaError, StoreExistsError
+from dpsn.errors import (
+    DpsnError,
+    InvalidDeltaError,
+    StoreExistsError,
+    StoreFullError,
+    StoreWriteError,
+)
 from dpsn.tiers import file_kind
 
 EXPORT_FORMAT = "dpsn-export"
@@ -574,11 +580,17 @@ def import_table(
                         commits += 1
                         staged_since = 0
                     bar.update(b - a)
-    except BaseException:
-        if created:  # leave nothing half-made behind (an empty directory stays as it was)
-            shutil.rmtree(out_path, ignore_errors=True)
-            if existed:
-                out_path.mkdir(exist_ok=True)
+    except BaseException as e:
+        # Leave nothing half-made behind (an empty directory stays as it was), even what a
+        # create that failed part-way wrote, or what zarr's event loop finished writing after
+        # the error: a retry must find OUT as it was.
+        if created or not existed or not any(out_path.iterdir()):
+            _remove_all(out_path, keep_dir=existed)
+        if isinstance(e, StoreFullError | StoreWriteError):
+            raise type(e)(
+                f"the import into {out_path} failed: {e.args[0].split('. The store')[0]}. "
+                f"Nothing was kept ({out_path} was removed); free space and import again"
+            ) from e
         raise
     return {
         "table": str(table.path),
@@ -596,3 +608,38 @@ def import_table(
         "max_abs_error": max_err,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _remove_all(path: Path, *, keep_dir: bool) -> None:
+    """Remove what an interrupted import wrote at ``path``. zarr writes chunks from its own
+    event loop thread, which may still finish a write after the error reached us: remove, wait
+    for that loop to go idle, and remove again until nothing comes back."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        _settle_zarr()
+        if not path.exists():
+            break
+    if keep_dir:
+        path.mkdir(exist_ok=True)
+
+
+def _settle_zarr() -> None:
+    """Let zarr's background event loop run what it still holds (up to ~0.1 s)."""
+    try:
+        from zarr.core.sync import _get_loop
+
+        loop = _get_loop()
+    except Exception:  # another zarr layout: fall back to a short pause
+        time.sleep(0.05)
+        return
+    import asyncio
+
+    async def _drain() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=0.1)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_drain(), loop).result(timeout=1.0)
+    except Exception:
+        time.sleep(0.05)
