@@ -729,9 +729,12 @@ class RowStack(UsageStatistics):
         strict: bool = False,
     ) -> None:
         """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`; the
-        caller has checked ``grads`` finite). The native loop's results are finite whenever
-        the gradients are and the optimizer's settings passed its checks; any other step's
-        results are checked before they are stored."""
+        caller has checked ``grads`` finite). Every step's results are checked before they
+        are stored, but the native loop's on resident float32 rows, which it updates in place
+        (a second pass over the rows would cost about what the step does): with finite
+        gradients and settings that passed the optimizer's checks, only an overflow past
+        float32's range (``|lr * grad|`` near 3e38) could make those non-finite, and
+        ``verify`` reports such rows."""
         width = optimizer.state_width(self.dim)
         if width != self.layout.state_width:
             raise ValueError(
