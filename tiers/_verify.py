@@ -425,6 +425,7 @@ class _Verifier:
                     if key in (SEGMENT_DELTAS, SEGMENT_STATE):
                         at = first + np.flatnonzero(_non_finite_rows(values))
                         bad_rows.update(ids[at[at < len(ids)]].tolist())
+                    del values  # one chunk in memory at a time (a hostile one may be large)
                 if bad_rows:
                     self.problem(
                         "chunk",
