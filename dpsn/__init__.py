@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from dpsn import errors
-from dpsn.errors import DpsnError
+from dpsn.errors import DpsnError, LeaseWarning
 
 __version__ = "0.1.0"
 
@@ -86,6 +86,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Commit",
     "DpsnError",
+    "LeaseWarning",
     "Level",
     "LevelledPool",
     "Lifecycle",

@@ -9,6 +9,7 @@ and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BatchTooLargeError",
     "CacheCapacityError",
     "CacheTooLargeError",
     "CorruptSegmentError",
@@ -22,6 +23,7 @@ __all__ = [
     "InvalidDeviceError",
     "InvalidIdsError",
     "InvalidSnapshotNameError",
+    "LeaseWarning",
     "LifecycleError",
     "ModuleNotSavedError",
     "ReadOnlyError",
@@ -139,6 +141,10 @@ class SnapshotUnavailableError(DpsnError, LookupError):
     """The commit is in the log but ``gc`` removed data it needs; pin snapshots to keep one."""
 
 
+class BatchTooLargeError(InvalidIdsError, MemoryError):
+    """A read asks for more rows at once than this machine's memory holds; split the ids."""
+
+
 class CacheCapacityError(DpsnError, ValueError):
     """A batch needs more distinct rows than the device cache can hold at once."""
 
@@ -157,3 +163,10 @@ class FreshRouterWarning(UserWarning):
     """A ``PoolLayer`` was built with a new, random router on a store that holds a trained one:
     its outputs will not be the trained layer's. Use ``PoolLayer.from_store`` (or pass
     ``router=pool.load_router("router")``)."""
+
+
+class LeaseWarning(UserWarning):
+    """A reader could not write its lease (``readers/`` not writable: a read-only mount, a
+    store only its writer may write to, a full disk) and reads without one: a gc in a writer
+    does not see it and may remove the commit it reads. ``pool.info()["reader_lease"]`` is
+    ``False`` for such a reader."""

@@ -50,6 +50,7 @@ import torch
 
 from dpsn.errors import CorruptStoreError, LifecycleError
 from dpsn.store import (
+    CLOCK_LIMIT,
     MAX_ENTER,
     MIN_ENTER,
     check_lifecycle_settings,
@@ -513,8 +514,16 @@ class LifecycleRunner:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """The lifecycle part of the next commit record."""
+        """The lifecycle part of the next commit record. A clock that reached the readers'
+        bound (``CLOCK_LIMIT``, 2**53) is refused before anything is committed: a record
+        past it would make every reader refuse the commit."""
         clock = self.stack.clock
+        if not (0 <= clock.step < CLOCK_LIMIT and 0 <= clock.epoch < CLOCK_LIMIT):
+            raise LifecycleError(
+                f"the row lifecycle's clock (step {clock.step}, epoch {clock.epoch}) reached "
+                "2**53, past what a store can hold exactly; nothing was committed (the store "
+                "keeps its last commit, which every reader reads)"
+            )
         return {
             "format": _STATE_FORMAT,
             "policy": self.policy.to_json(),

@@ -10,12 +10,21 @@ of unique rows at a time, computed in float32.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 
 from dpsn import _kernels
+
+
+def _eps(eps: float) -> float:
+    """A denominator's ``eps``: positive and finite, so that a row with no gradient history
+    (a zero second moment) never divides zero by zero into its delta."""
+    if not (isinstance(eps, int | float) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return float(eps)
 
 
 class RowOptimizer(ABC):
@@ -42,8 +51,8 @@ class RowOptimizer(ABC):
             cls.native = None  # a new step or state: the inherited loop no longer computes it
 
     def __init__(self, *, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"row learning rate must be positive, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"row learning rate must be positive and finite, got {lr}")
         self.lr = float(lr)
 
     @abstractmethod
@@ -105,7 +114,7 @@ class RowAdagrad(RowOptimizer):
 
     def __init__(self, *, lr: float = 0.05, eps: float = 1e-8) -> None:
         super().__init__(lr=lr)
-        self.eps = eps
+        self.eps = _eps(eps)
 
     def state_width(self, dim: int) -> int:
         return 1
@@ -137,7 +146,7 @@ class RowAdam(RowOptimizer):
     ) -> None:
         super().__init__(lr=lr)
         self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = eps
+        self.eps = _eps(eps)
 
     def state_width(self, dim: int) -> int:
         return dim + 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import DpsnError, LifecycleError, ReadOnlyError, SnapshotExistsError
+from dpsn.errors import (
+    BatchTooLargeError,
+    DpsnError,
+    LifecycleError,
+    ReadOnlyError,
+    SnapshotExistsError,
+)
 from dpsn.hypernet import Generator
 from dpsn.store import Commit, PersistedStore, RowLookup, VerifyReport
 from dpsn.tiers import (
@@ -229,7 +236,16 @@ class Pool:
         tiers (``stats()["spilled_batches"]`` counts them).
         """
         full = self._ids(ids)
-        out = self._stack.read(full.reshape(-1))
+        _check_batch_memory(full.numel(), self.dim, self.dtype)
+        try:
+            out = self._stack.read(full.reshape(-1))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            raise BatchTooLargeError(
+                f"reading {full.numel()} rows of width {self.dim} at once ran out of memory "
+                f"({str(e)[:200]}); read them in smaller batches"
+            ) from e
         return out.reshape(*full.shape, self.dim)
 
     def prefetch(self, ids: Any, *, partners: int = 0) -> Prefetch:
@@ -601,13 +617,16 @@ class Pool:
     def info(self) -> dict[str, Any]:
         """A summary: spec, virtual size, what is persisted and what it costs on disk. The same
         figures as ``dpsn info`` (``dpsn.tiers.StoreFacts``, which documents the size names),
-        for this pool's commit, plus ``staged_rows``."""
+        for this pool's commit, plus ``staged_rows`` and ``reader_lease`` (a reader: whether
+        it holds a lease a writer's gc sees; ``None`` for a writer)."""
         self._check_open()
         from dpsn.store import StoreFacts
 
         with StoreFacts(self.path) as facts:
             out = facts.info(at=self.head)
         out["staged_rows"] = self.staged_rows
+        # A reader without a lease (it warned, LeaseWarning): a writer's gc cannot see it.
+        out["reader_lease"] = self._store.lease_held
         return out
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
@@ -733,3 +752,19 @@ class Pool:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _check_batch_memory(n: int, dim: int, dtype: torch.dtype) -> None:
+    """Refuse at once a read whose result alone (``n`` rows of ``dim``, plus the float32 rows it
+    is computed in) is larger than this machine's physical memory, rather than fail deep in an
+    allocator (or swap for minutes)."""
+    need = n * dim * (torch.empty((), dtype=dtype).element_size() + 4)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > have:
+        raise BatchTooLargeError(
+            f"reading {n} rows of width {dim} at once needs about {need >> 20} MiB, more than "
+            f"this machine's memory ({have >> 20} MiB); read them in smaller batches"
+        )

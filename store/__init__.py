@@ -20,6 +20,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
+    "CLOCK_LIMIT": ".usage_fields",
+    "SETTING_LIMIT": ".usage_fields",
+    "NotRegularFileError": "._files",
+    "file_kind": "._files",
     "COMPRESSORS": "._segments",
     "FORMAT_VERSION": "._format",
     "LIFECYCLE_DEFAULTS": "._lifecycle_policy",
@@ -58,6 +62,7 @@ _MODULES = {"router_format": "._router_check"}  # public modules, also lazy
 if TYPE_CHECKING:
     from . import _router_check as router_format
     from ._compact import maybe_compact
+    from ._files import NotRegularFileError, file_kind
     from ._format import (
         FORMAT_VERSION,
         ROW_VALUE_DTYPE,
@@ -83,6 +88,7 @@ if TYPE_CHECKING:
     from ._retention import read_policy, write_policy
     from ._rowindex import RowIndex
     from ._segments import COMPRESSORS
+    from .usage_fields import CLOCK_LIMIT, SETTING_LIMIT
 
 
 def __getattr__(name: str) -> Any:
@@ -103,16 +109,19 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CLOCK_LIMIT",
     "COMPRESSORS",
     "FORMAT_VERSION",
     "LIFECYCLE_DEFAULTS",
     "MAX_ENTER",
     "MIN_ENTER",
     "ROW_VALUE_DTYPE",
+    "SETTING_LIMIT",
     "Commit",
     "LayeredIndex",
     "MaintenancePolicy",
     "Manifest",
+    "NotRegularFileError",
     "PersistedStore",
     "RowIndex",
     "RowLookup",
@@ -121,6 +130,7 @@ __all__ = [
     "check_lifecycle_settings",
     "check_router_name",
     "check_stored_policy",
+    "file_kind",
     "fsync_tree",
     "lifecycle_health",
     "maybe_compact",

@@ -16,7 +16,7 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError
 
-from .usage_fields import EPOCH, FREE, PHASE
+from .usage_fields import CLOCK_LIMIT, EPOCH, FREE, PHASE
 
 _COUNTS = ("screened_rows", "free_rows", "held_rows", "screened_bytes", "free_bytes")
 _TOTALS = {
@@ -95,7 +95,7 @@ def pending_decay(usage: np.ndarray, record: Any) -> np.ndarray:
         or not 0 <= decay < 1
         or isinstance(epoch, bool)
         or not isinstance(epoch, int)
-        or not 0 <= epoch < 2**53
+        or not 0 <= epoch < CLOCK_LIMIT
     ):
         raise CorruptStoreError("the commit's lifecycle record has no valid decay and epoch")
     if len(usage) == 0:

@@ -16,12 +16,17 @@ none of them walks the index.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from ._rowindex import TOMBSTONE, RowIndex, merge_newest
+from ._rowindex import TOMBSTONE, RowBlockError, RowIndex, merge_newest
+
+# What answers a lookup when a run file's block fails its checksum: LMDB's row index, read by
+# the store (``PersistedStore.fallback_lookup``), or ``RowBlockError`` when it no longer
+# holds this index's commit.
+Fallback = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 class LayeredIndex:
@@ -35,6 +40,7 @@ class LayeredIndex:
         "_flat",
         "base_commit",
         "count",
+        "fallback",
         "layers",
         "live",
         "newest",
@@ -54,10 +60,12 @@ class LayeredIndex:
         count: int,
         live: dict[int, int],
         newest: int,
+        fallback: Fallback | None = None,
     ) -> None:
         self.layers, self.runs, self.overlay = layers, runs, overlay
         self.base_commit, self.since = base_commit, since
         self.count, self.live, self.newest = count, live, newest
+        self.fallback = fallback
         self._flat: RowIndex | None = None
 
     @classmethod
@@ -91,8 +99,17 @@ class LayeredIndex:
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For each of ``ids`` (any order, repeats allowed): present, and its segment, offset
         and commit (zero where absent). Each layer is asked only about the ids the layers above
-        it did not answer."""
+        it did not answer. A run file's block that fails its checksum is never used: the
+        whole lookup is answered by the fallback (LMDB), or raises ``RowBlockError``."""
         ids = np.asarray(ids, dtype=np.int64)
+        try:
+            return self._lookup(ids)
+        except RowBlockError:
+            if self.fallback is None:
+                raise
+            return self.fallback(ids)
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         n = len(ids)
         seg = np.zeros(n, dtype=np.int64)
         off = np.zeros(n, dtype=np.int64)
@@ -135,6 +152,8 @@ class LayeredIndex:
         """The whole index as one in-memory ``RowIndex`` (O(n) time and memory, kept): for the
         maintenance passes that walk every row anyway (compaction, verify, snapshots)."""
         if self._flat is None:
+            for layer in self.layers:
+                layer.check_all()  # a run file read whole: every block checked first
             parts = [*self.layers, self.overlay]
             self._flat = merge_newest([p for p in parts if len(p)] or [RowIndex.empty()])
         return self._flat
@@ -203,6 +222,7 @@ class LayeredIndex:
             count=count,
             live=live,
             newest=max(self.newest, commit) if n else self.newest,
+            fallback=self.fallback,
         )
 
     def with_layers(
@@ -218,6 +238,7 @@ class LayeredIndex:
             count=self.count,
             live=dict(self.live),
             newest=self.newest,
+            fallback=self.fallback,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -17,8 +17,11 @@ reader's whole life would pin LMDB pages and block map resizes), so each reader 
   (``SnapshotUnavailableError`` otherwise). Either the writer sees the lease, or the reader sees
   the records gone: no reader is left reading a deleted file.
 
-A reader on a read-only copy of a store cannot write a lease; it reads without one (no writer
-can change such a copy either).
+A reader that cannot write a lease (a read-only copy or mount, a store only its writer may write
+to, a full disk) reads without one: it warns (``LeaseWarning``) and ``pool.info()`` says
+``"reader_lease": False``. Nothing then stops a writer's gc from removing the commit it reads
+(its reads fail with ``SnapshotUnavailableError``, never return wrong rows): give readers
+write access to ``readers/``, or pin what they read with a snapshot.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["READERS_DIR", "Lease", "LiveReaders", "live_readers"]
+from dpsn.errors import LeaseWarning
+
+__all__ = ["READERS_DIR", "Lease", "LeaseWarning", "LiveReaders", "live_readers"]
+
 
 READERS_DIR = "readers"
 _SUFFIX = ".lease"
@@ -45,6 +53,7 @@ class Lease:
     def __init__(self, root: Path) -> None:
         self.path: Path | None = None
         self._fd: int | None = None
+        self.problem: str | None = None  # why no lease could be made
         folder = Path(root) / READERS_DIR
         name = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
         # Made and locked under a name the scan skips, then renamed (the lock stays with the
@@ -58,9 +67,19 @@ class Lease:
             except FileNotFoundError:  # the last reader removed the folder meanwhile
                 if attempt == 4:
                     raise
-            except OSError:
-                # A read-only copy, a full disk, or a damaged store (``readers`` is a file):
-                # read without a lease rather than not at all.
+            except OSError as e:
+                # A read-only copy or mount, a store only its writer may write to, a full
+                # disk, a damaged store (``readers`` is a file): read without a lease rather
+                # than not at all, and say so (a gc elsewhere cannot see this reader).
+                self.problem = f"{folder}: {e.strerror or e}"
+                warnings.warn(
+                    f"this reader holds no lease ({self.problem}): a gc in a writer cannot "
+                    "see it and may remove the commit it reads. Give readers write access to "
+                    f"{folder}/ or pin the commit with a snapshot (pool.info()['reader_lease'] "
+                    "is False)",
+                    LeaseWarning,
+                    stacklevel=4,
+                )
                 return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,17 +142,20 @@ def live_readers(root: Path, *, remove_dead: bool = False, skip: str | None = No
     choosing = 0
     try:
         entries = sorted(folder.iterdir())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (not a folder: no reader could lease)
         return LiveReaders(frozenset(), 0, frozenset())
     for path in entries:
         creating = path.name.endswith(".tmp")
         if not (creating or path.name.endswith(_SUFFIX)) or path.name == skip:
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # Non-blocking: a FIFO planted under a lease's name must not hang gc.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
-            continue  # removed meanwhile
+            continue  # removed meanwhile (or a link: never a lease)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue  # not a lease: no reader made it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

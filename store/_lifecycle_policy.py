@@ -15,6 +15,8 @@ from typing import Any
 
 from dpsn.errors import CorruptStoreError, LifecycleError
 
+from .usage_fields import SETTING_LIMIT
+
 MAX_ENTER = 0.5  # a row used in more than half of its recent steps is always screened
 MIN_ENTER = 1e-4  # homeostasis never lowers the entry threshold below this
 MAX_REGIONS = 1 << 24
@@ -60,18 +62,18 @@ def check_lifecycle_settings(p: Any) -> None:
             f"Lifecycle.exit ({p.exit}) must be below enter ({p.enter}): the gap between them "
             "is the hysteresis that keeps a row's phase from flickering"
         )
-    _number(p.min_uses, "min_uses", 0, 2**53, integer=True)
+    _number(p.min_uses, "min_uses", 0, SETTING_LIMIT, integer=True)
     _number(p.recent_weight, "recent_weight", 0.0, 1.0)
     _number(p.half_life, "half_life", 1e-3, 1e12)
     _number(p.decay, "decay", 0.0, 0.999999)
     _number(p.prune_rms, "prune_rms", 0.0, 1e30)
-    _number(p.max_idle, "max_idle", 1, 2**53, integer=True)
-    _number(p.warmup, "warmup", 0, 2**53, integer=True)
+    _number(p.max_idle, "max_idle", 1, SETTING_LIMIT, integer=True)
+    _number(p.warmup, "warmup", 0, SETTING_LIMIT, integer=True)
     _number(p.inertia, "inertia", 0.0, 1e6)
     _number(p.update_half_life, "update_half_life", 1e-3, 1e12)
     _number(p.regions, "regions", 1, MAX_REGIONS, integer=True)
-    _number(p.novelty_window, "novelty_window", 1, 2**53, integer=True)
-    _number(p.consolidate_every, "consolidate_every", 0, 2**53, integer=True)
+    _number(p.novelty_window, "novelty_window", 1, SETTING_LIMIT, integer=True)
+    _number(p.consolidate_every, "consolidate_every", 0, SETTING_LIMIT, integer=True)
     if not isinstance(p.homeostasis, bool):
         raise LifecycleError(f"Lifecycle.homeostasis must be a bool, got {p.homeostasis!r}")
     if p.budget is not None:

@@ -27,6 +27,7 @@ import lmdb
 
 from dpsn.errors import CorruptStoreError, StoreFullError, StoreNotFoundError
 
+from ._files import SizeGuard
 from ._format import DB_COMMITS, DB_META, DB_ROWS, DB_SEGMENTS, DB_SNAPSHOTS
 from ._lmdbfile import FREE, MAX_FILE_BYTES, check_trees, read_meta
 
@@ -67,6 +68,26 @@ class Env:
             read_meta(data)  # before anything maps it
         self.writable = writable and os.access(path if path.exists() else path.parent, os.W_OK)
         self.env, self.dbs = self._open(create=create)
+        self._guard = self._size_guard()
+
+    def _size_guard(self) -> SizeGuard | None:
+        """LMDB maps ``data.mdb`` and never shrinks it: a file cut under this process (a copy
+        over a live store) would make the next page read SIGBUS. Each transaction first checks
+        the file still has the size it had at open (one ``fstat``)."""
+        try:
+            fd = os.open(self.path / DATA_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        return SizeGuard(fd, os.fstat(fd).st_size)
+
+    def _check_size(self) -> None:
+        guard = getattr(self, "_guard", None)  # (None while the environment is being opened)
+        if guard is not None and not guard.intact():
+            raise CorruptStoreError(
+                f"{self.path / DATA_FILE} was cut under this process (under {guard.size} "
+                "bytes: a copy over a live store?); nothing more is read from it. Close the "
+                "pool, run `dpsn verify`, restore the store from a copy"
+            )
 
     def _open(self, *, create: bool) -> tuple[lmdb.Environment, dict[bytes, lmdb._Database]]:
         path = self.path
@@ -130,6 +151,7 @@ class Env:
         full: bool = False,
         keys: dict[str, list[bytes]] | None = None,
     ) -> T:
+        self._check_size()
         data = self.path / DATA_FILE
         for _ in range(10):
             with env.begin(buffers=False) as txn:
@@ -212,6 +234,7 @@ class Env:
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in a read transaction: one consistent snapshot of the index."""
+        self._check_size()
         self._enter()
         try:
             for _ in range(3):
@@ -238,6 +261,7 @@ class Env:
         """
         if not self.writable:
             raise CorruptStoreError(f"{self.path}: internal error: a write on a read-only index")
+        self._check_size()
         with self._lock:
             self._enter()
             try:

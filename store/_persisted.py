@@ -70,6 +70,7 @@ from dpsn.errors import (
 from . import _runs
 from ._compact import count_commit_bytes
 from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
+from ._files import check_regular
 from ._format import (
     COMPRESSOR_NAMES,
     DB_COMMITS,
@@ -97,6 +98,7 @@ from ._format import (
     SEGMENT_IDS,
     SEGMENT_STATE,
     SEGMENT_USAGE,
+    SEGMENTS_GROUP,
     SNAPSHOT_COLUMNS,
     SNAPSHOTS_GROUP,
     ZARR_DIR,
@@ -126,7 +128,7 @@ from ._records import (
     snapshot_record,
     stored_digests,
 )
-from ._rowindex import RowIndex
+from ._rowindex import RowBlockError, RowIndex
 from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, open_layers, read_runset
 from ._runs import discard as discard_runs
 from ._runs import maintain as maintain_runs
@@ -432,6 +434,7 @@ class PersistedStore:
         storage_dtype(manifest.dtype)  # validates
         if not (root / ZARR_DIR).is_dir():
             raise StoreNotFoundError(f"{root} is damaged: its Zarr group {ZARR_DIR} is missing")
+        _check_group_files(root)
         lock = None
         if writable:
             lock = WriterLock(root / LOCK_FILE)
@@ -480,21 +483,28 @@ class PersistedStore:
         if self._lease is not None:
             # The lease names the newest commit whose segments the index reads: a past commit
             # read through a compaction after it (``load_index``) reads that one's segment.
+            # Never past HEAD: a commit gc does not know protects nothing.
             newest = index.newest_commit() if index is not None else 0
+            if commit is not None and newest > commit:
+                newest = min(newest, self.head())
             self._lease.hold(None if commit is None else max(commit, newest))
         if index is None or not len(index):
             return
 
-        def keys(txn: lmdb.Transaction) -> set[int]:  # presence only: reads check records
-            cur = txn.cursor(db=self._db(DB_SEGMENTS))
-            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
-
-        missing = set(index.segments().tolist()) - self._read(keys)
+        missing = set(index.segments().tolist()) - self._segment_ids()
         if missing:
             raise SnapshotUnavailableError(
                 f"commit {commit} was removed by gc while it was being opened (segments "
                 f"{', '.join(f'{s:016x}' for s in sorted(missing)[:4])}); open it again"
             )
+
+    @property
+    def lease_held(self) -> bool | None:
+        """Whether this reader holds a lease a writer's gc can see (``None``: a writer, which
+        needs none). ``False``: it could not write one and warned (``LeaseWarning``)."""
+        if self.writable:
+            return None
+        return self._lease is not None and self._lease.active
 
     @property
     def env(self) -> Env:
@@ -636,6 +646,11 @@ class PersistedStore:
         return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
 
     def segment_record(self, segment: int) -> SegmentRecord:
+        if not 0 <= segment < 2**64:  # (a damaged index's segment field)
+            raise CorruptStoreError(
+                f"{self.root}: the row index names segment {segment}, which no store can hold; "
+                "the index is damaged: run `dpsn verify`"
+            )
         raw = self._read(lambda txn: txn.get(u64_key(segment), db=self._db(DB_SEGMENTS)))
         if raw is None:
             raise SnapshotUnavailableError(
@@ -709,7 +724,8 @@ class PersistedStore:
             since=0,
             count=runset.count,
             live=runset.live,
-            newest=runset.newest,
+            newest=min(runset.newest, runset.commit),  # a lease never names a later commit
+            fallback=self._fallback_lookup(None if self.writable else head),
         )
         digest = runset.digest
         try:
@@ -730,7 +746,68 @@ class PersistedStore:
             raise RunsUnusableError(
                 f"the run set replayed to HEAD {head} disagrees with its record"
             )
+        # Rows per segment are what a lease and a compaction go by: they must add up to the
+        # rows and name only recorded segments (HEAD's segments are never gc'd), else LMDB.
+        if sum(index.live.values()) != len(index):
+            raise RunsUnusableError("runs.json's rows per segment do not add up to its rows")
+        missing = set(index.live) - self._segment_ids()
+        if missing:
+            raise RunsUnusableError(
+                f"runs.json names segments the store does not hold ({len(missing)})"
+            )
         return head, index
+
+    def _segment_ids(self) -> set[int]:
+        """The ids of every recorded segment (keys only: reads check the records)."""
+
+        def keys(txn: lmdb.Transaction) -> set[int]:
+            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
+
+        return self._read(keys)
+
+    def _fallback_lookup(self, head: int | None) -> Any:
+        """A lookup in LMDB's row index, for a ``LayeredIndex`` whose run file fails a block
+        checksum (``_runs.py``): right while LMDB's HEAD is ``head`` (``None``: the writer,
+        whose index is always HEAD's); otherwise ``RowBlockError``. One ``get`` per distinct
+        id: a damaged store's path, never the usual one."""
+
+        def lookup(ids: np.ndarray) -> tuple[np.ndarray, ...]:
+            uniq, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+
+            def scan(txn: lmdb.Transaction) -> tuple[int, list[bytes | None]]:
+                now = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
+                if head is not None and now != head:
+                    return now, []
+                db = self._db(DB_ROWS)
+                keys = [u64_key(int(i)) if i >= 0 else None for i in uniq.tolist()]
+                return now, [txn.get(k, db=db) if k is not None else None for k in keys]
+
+            now, raw = self._read(scan)
+            if head is not None and now != head:
+                raise RowBlockError(
+                    f"{self.root}: a run file of the row index fails its checksum and LMDB "
+                    f"has moved on from commit {head} to {now}: refresh or reopen the pool "
+                    "(run `dpsn verify`; a writer's open rebuilds the run files)"
+                )
+            found = np.array([v is not None for v in raw], dtype=bool)
+            cols = np.zeros((len(uniq), 3), dtype=np.int64)
+            if found.any():
+                if any(len(v) != ROW_VALUE.size for v in raw if v is not None):
+                    raise CorruptStoreError(f"{self.root}: the LMDB row index is damaged")
+                packed = b"".join(v for v in raw if v is not None)
+                vals = np.frombuffer(packed, dtype=ROW_VALUE_DTYPE)
+                cols[found, 0] = vals["segment"]
+                cols[found, 1] = vals["offset"]
+                cols[found, 2] = vals["commit"]
+            return (
+                found[inverse],
+                cols[inverse, 0],
+                cols[inverse, 1],
+                cols[inverse, 2],
+            )
+
+        return lookup
 
     def runs_commit(self) -> int | None:
         """The commit the row index's run set reflects (``None``: no usable set)."""
@@ -899,6 +976,10 @@ class PersistedStore:
             shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
             root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
             return root.require_group(path)
+        # zarr opens the group's zarr.json itself: checked first (a FIFO would hang it)
+        meta = self.root / ZARR_DIR / path / "zarr.json"
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            check_regular(meta, f"router {name!r} ({path})'s zarr.json")
         try:
             return zarr.open_group(self._zarr, path=path, mode="r", zarr_format=3)
         except Exception as e:
@@ -1346,8 +1427,8 @@ class PersistedStore:
             try:
                 rec = self.segment_record(int(seg_sorted[a]))
             except SnapshotUnavailableError as e:
-                if not _mapped(index):
-                    raise
+                if not _mapped(index) or self.lease_held is False:
+                    raise  # (a reader without a lease: a gc elsewhere may have removed it)
                 # A reader's lease keeps what its index names: a run naming no segment lies.
                 raise CorruptStoreError(
                     f"{self.root}: the row index points at a segment the store does not hold; "
@@ -1539,6 +1620,16 @@ def _digest_after(
     drops = drops[index.contains(drops)]
     removed, _, added = _digest_change(index, ids, segment, commit, drops)
     return (digest - removed + added) & ((1 << 64) - 1)
+
+
+def _check_group_files(root: Path) -> None:
+    """The Zarr groups' metadata files zarr itself opens (a writer's commit): regular files,
+    or absent (``NotRegularFileError`` before zarr could block on a FIFO there)."""
+    top = root / ZARR_DIR
+    for group in ("", SEGMENTS_GROUP, GENERATOR_GROUP, SNAPSHOTS_GROUP, ROUTERS_GROUP):
+        path = top / group / "zarr.json" if group else top / "zarr.json"
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            check_regular(path, f"{root}: the Zarr group metadata {path.relative_to(root)}")
 
 
 def _mapped(index: RowIndex | LayeredIndex) -> bool:

@@ -36,6 +36,7 @@ from ._format import (
     SNAPSHOT_COLUMNS,
 )
 from ._lifecycle_policy import check_stored_policy
+from .usage_fields import CLOCK_LIMIT
 
 __all__ = [
     "DIGESTED_DBS",
@@ -179,7 +180,7 @@ class Commit:
 _OPTIONAL = {"stats", "routers", "index_digest", "lifecycle", "protected", "modules"}
 LIFECYCLE_FORMAT = 1  # of a commit's "lifecycle" object; never renumber
 _LIFECYCLE_TOTALS = ("consolidations", "decayed", "pruned", "entered", "exited")
-_MAX_CLOCK = 1 << 53  # clocks are exact integers in the float64 usage column
+_MAX_CLOCK = CLOCK_LIMIT  # clocks are exact integers in the float64 usage column
 
 
 def _is_number(v: Any) -> bool:

@@ -149,7 +149,8 @@ def collect(
     now: float | None = None,
 ) -> dict[str, Any]:
     """Remove what no kept commit needs (module doc). ``keep_last`` / ``keep_within`` override
-    the store's policy for this call; ``index``/``head``: HEAD's index if the caller has it.
+    the store's policy for this call; ``head``: HEAD as the caller knows it (checked against
+    LMDB); ``index`` is not used (what HEAD needs is read from LMDB), kept for callers.
 
     A dry run changes nothing, so it needs no writer lock: on a store opened read-only it
     leaves its own reader lease out of the count. The result's ``"pinned"`` says what keeps
@@ -171,8 +172,13 @@ def collect(
         remove_dead=not dry_run,
         skip=own_lease.name if own_lease is not None else None,
     )
-    if index is None or head is None:
-        head, index = store.load_head()
+    # What HEAD's rows are in is read from LMDB and checked against HEAD's digests, never
+    # taken from a derived file (the run set's rows per segment) or the caller's index: gc
+    # deletes what this says is not needed (issue 21).
+    lmdb_head, truth = store.load_flat_head()
+    if head is not None and head != lmdb_head:
+        raise CorruptStoreError(f"{store.root}: HEAD moved from {head} to {lmdb_head} under gc")
+    head = lmdb_head
     log = store.log()
     if not log or log[-1].id != head:
         raise CorruptStoreError(f"{store.root}: HEAD {head} is not the newest commit in the log")
@@ -181,8 +187,12 @@ def collect(
     by_id = {c.id: c for c in log}
     oldest = retained_from(log, policy, now)
     held = sorted(c for c in readers.commits if c in by_id and c not in pinned)
+    if any(c not in by_id for c in readers.commits):
+        # A lease naming no commit of the log (damage, or a reader of a newer HEAD than this
+        # gc saw): keep all that any commit up to HEAD wrote.
+        held.append(head)
     records = store.segment_records()
-    keep = set(index.segments().tolist())
+    keep = set(np.unique(truth.segment).tolist())
     head_segments = set(keep)
     holders: dict[str, set[int]] = {}
     if held:

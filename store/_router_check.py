@@ -33,6 +33,7 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
+from ._files import read_regular
 from ._zarrsafe import MAX_META_BYTES, ArrayMeta, array_dir, read_array, read_array_meta
 
 __all__ = [
@@ -125,10 +126,11 @@ def read_manifest(group_dir: Path) -> dict[str, Any]:
     where = str(group_dir)
     path = Path(group_dir) / "zarr.json"
     try:
-        with open(path, "rb") as f:
-            raw_bytes = f.read(MAX_META_BYTES + 1)
+        raw_bytes = read_regular(path, MAX_META_BYTES, f"router group {where}'s zarr.json")
     except FileNotFoundError as e:
         raise StoreNotFoundError(f"{where} holds no zarr group, so no dpsn router") from e
+    except CorruptStoreError:
+        raise
     except OSError as e:
         raise CorruptStoreError(f"router group {where} cannot be read: {e}") from e
     if len(raw_bytes) > MAX_META_BYTES:

@@ -8,12 +8,37 @@ Python cost about a microsecond each (STORAGE-NOTES.md) and a step looks up 10^5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from dpsn.errors import CorruptStoreError
+
+from ._digest import rows_hash
 
 _EMPTY = np.empty((0,), dtype=np.int64)
 TOMBSTONE = np.iinfo(np.int64).max  # segment id of a dropped row while replaying history
 FENCE_STEP = 128  # entries of a run file per fence: 128 entries of 32 bytes, one 4 KiB page
+_WEIGHTS = np.arange(1, 2 * FENCE_STEP, 2, dtype=np.uint64)  # odd: position counts, never renumber
+
+
+class RowBlockError(CorruptStoreError):
+    """A block of a run file failed its checksum when a lookup first touched it; none of its
+    entries was used. ``LayeredIndex.lookup`` falls back to LMDB where it can."""
+
+
+def block_sums(
+    ids: np.ndarray, segment: np.ndarray, offset: np.ndarray, commit: np.ndarray
+) -> np.ndarray:
+    """The checksum of each block of ``FENCE_STEP`` entries (the last may be short): the sum
+    modulo 2**64 of each entry's ``rows`` hash (``_digest.py``) times ``2 * position + 1``, so
+    a changed, lost or moved entry changes it. Vectorized: no loop per entry or block."""
+    n = len(ids)
+    blocks = -(-n // FENCE_STEP)
+    h = np.zeros(blocks * FENCE_STEP, dtype=np.uint64)
+    h[:n] = rows_hash(ids, segment, offset, commit)
+    with np.errstate(over="ignore"):
+        return (h.reshape(blocks, FENCE_STEP) * _WEIGHTS).sum(axis=1, dtype=np.uint64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +52,14 @@ class RowIndex:
     # Every FENCE_STEP-th id, when the columns are a mapped run file (``_runs.py``): a search
     # then touches one page of the file per id instead of the ~log2(n) of a binary search.
     fences: np.ndarray | None = None
+    # With fences, for a run file: each block's checksum, which blocks have been checked (set
+    # in place as lookups touch them) and the file, for messages.
+    sums: np.ndarray | None = None
+    checked: np.ndarray | None = None
+    source: str | None = None
+    # The mapped file's size guard (``_files.SizeGuard``): a file cut under the map would make
+    # a touched page SIGBUS, so its size is checked before pages are touched.
+    guard: Any = None
 
     @classmethod
     def empty(cls) -> RowIndex:
@@ -40,9 +73,50 @@ class RowIndex:
         n = len(self.ids)
         if n == 0:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        if self.guard is not None and not self.guard.intact():
+            raise RowBlockError(
+                f"run file {self.source} was cut under this process (a copy over a live "
+                "store?); no entry of it is used"
+            )
         pos = np.searchsorted(self.ids, ids) if self.fences is None else self._fenced(ids)
         pos_clipped = np.minimum(pos, n - 1)
+        if self.sums is not None:
+            self.check_blocks(pos_clipped // FENCE_STEP)
         return pos_clipped, self.ids[pos_clipped] == ids
+
+    def check_blocks(self, blocks: np.ndarray) -> None:
+        """Check the blocks ``blocks`` of a run file against their sums, those not checked yet
+        (``RowBlockError`` naming the first that fails; a block that passes is not read
+        again). Many blocks at once, vectorized."""
+        if self.sums is None or self.checked is None:
+            return
+        todo = np.unique(np.asarray(blocks, dtype=np.int64))
+        todo = todo[~self.checked[todo]]
+        if not len(todo):
+            return
+        n = len(self.ids)
+        at = (todo[:, None] * FENCE_STEP + np.arange(FENCE_STEP)[None, :]).ravel()
+        inside = at < n
+        at = np.where(inside, at, 0)
+        h = rows_hash(self.ids[at], self.segment[at], self.offset[at], self.commit[at])
+        h[~inside] = 0
+        with np.errstate(over="ignore"):
+            got = (h.reshape(len(todo), FENCE_STEP) * _WEIGHTS).sum(axis=1, dtype=np.uint64)
+        bad = todo[got != self.sums[todo]]
+        if len(bad):
+            raise RowBlockError(
+                f"run file {self.source}: block {int(bad[0])} (entries "
+                f"{int(bad[0]) * FENCE_STEP}..) fails its checksum; the row index's run files "
+                "are damaged: run `dpsn verify` (a writer's open rebuilds them from LMDB)"
+            )
+        self.checked[todo] = True
+
+    def check_all(self) -> None:
+        """Check every block not checked yet (before a pass that reads the whole file)."""
+        if self.checked is not None:
+            if self.guard is not None and not self.guard.intact():
+                raise RowBlockError(f"run file {self.source} was cut under this process")
+            self.check_blocks(np.flatnonzero(~self.checked))
 
     def _fenced(self, ids: np.ndarray) -> np.ndarray:
         """``searchsorted`` through the fences: the fence array picks each id's block of
@@ -51,7 +125,9 @@ class RowIndex:
         assert self.fences is not None
         n = len(self.ids)
         q = np.asarray(ids, dtype=np.int64)
-        lo = np.maximum(np.searchsorted(self.fences, q, side="right") - 1, 0) * FENCE_STEP
+        block = np.maximum(np.searchsorted(self.fences, q, side="right") - 1, 0)
+        self.check_blocks(block)  # before any entry of it steers the search
+        lo = block * FENCE_STEP
         hi = np.minimum(lo + FENCE_STEP, n)
         for _ in range(FENCE_STEP.bit_length()):  # the answer lies in [lo, hi]
             mid = (lo + hi) >> 1

@@ -2,20 +2,26 @@
 every opener (``_layered.py`` says why there are layers).
 
 Layout: ``<store>/index.runs/`` holds ``runs.json`` (the runs in order, oldest first, the commit
-they reflect, its index digest, the row count and rows per segment) and ``run-<n>.bin`` files:
-a 64-byte header (magic, entry count), the entries (id, segment, offset, commit: four
-little-endian int64 each, sorted by id) and the fences (every 128th id). ``np.memmap`` searches
-them in place: the fences pick an id's 4 KiB page, so a lookup touches one page of the file and
-the OS keeps in RAM only the pages lookups touch.
+they reflect, its index digest, the row count and rows per segment, and ``record_xxh64``, the
+XXH64 of the rest as canonical JSON, checked by every opener) and ``run-<n>.bin`` files:
+a 64-byte header (magic, entry count, XXH64 of the tail, XXH64 of these 24 bytes), the entries
+(id, segment, offset, commit: four little-endian int64 each, sorted by id), the fences (every
+128th id) and one checksum per block of 128 entries (the "block sums"). ``np.memmap`` searches
+them in place: the fences pick an id's 4 KiB block, so a lookup touches one block of the file
+and the OS keeps in RAM only the blocks lookups touch. An opener reads the header and the tail
+(fences and block sums, 1/256 of the file) and checks them; each block of entries is checked
+against its sum the first time a lookup touches it (``RowIndex.check_blocks``), so a damaged
+entry is never used: the lookup raises ``RowBlockError`` and the index falls back to LMDB.
 
 Runs are derived data; LMDB's row index stays the truth and every commit still writes it. An
 opener uses runs only when ``runs.json`` names this store, a commit at or before HEAD and that
 commit's index digest, and the replay of the commits since lands on HEAD's row count and digest;
-anything else (missing, stale, foreign, unreadable) and it reads LMDB as before, and a writer
-writes the set anew. ``dpsn verify`` checks each run's checksum and the runs against LMDB. Writes
-follow the commit protocol: files written and fsynced under temporary names and renamed, then
-``runs.json`` replaced, then files it no longer names removed (a reader that mapped one keeps
-it until it closes).
+anything else (missing, stale, foreign, unreadable, a checksum that fails) and it reads LMDB as
+before, and a writer writes the set anew. What ``gc`` deletes is never decided from these files
+(``_retention.py`` reads HEAD's segments from LMDB). ``dpsn verify`` checks each run's checksum
+and every field of the runs and ``runs.json`` against LMDB. Writes follow the commit protocol:
+files written and fsynced under temporary names and renamed, then ``runs.json`` replaced, then
+files it no longer names removed (a reader that mapped one keeps it until it closes).
 """
 
 from __future__ import annotations
@@ -31,16 +37,22 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ._digest import RECORD_CHECK, seal_record
+from ._files import SizeGuard, open_regular, read_regular
 from ._format import fsync_dir
 from ._layered import LayeredIndex
-from ._rowindex import FENCE_STEP, RowIndex, merge_newest
+from ._rowindex import FENCE_STEP, RowBlockError, RowIndex, block_sums, merge_newest
+
+__all__ = ["RowBlockError"]  # re-exported: what a damaged block raises
 
 RUNS_DIR = "index.runs"
 RUNS_MANIFEST = "runs.json"
-RUNS_FORMAT = 1
-_MAGIC = b"DPSNRUN1"
+RUNS_FORMAT = 2  # 2: runs.json sealed, block sums in run files (format-1 sets are not used)
+_MAGIC = b"DPSNRUN2"
 _HEADER = 64
 _COLUMNS = 4
+# runs.json: a few dozen bytes per run and per segment with live rows.
+MAX_MANIFEST_BYTES = 1 << 26
 _NAME = re.compile(r"run-[0-9a-f]{16}\.bin")
 
 # Below this many rows the whole index stays in memory and an open reads LMDB (a few ms).
@@ -82,15 +94,23 @@ def read_runset(root: Path, uuid: str) -> RunSet | None:
     """The run set of the store ``uuid`` at ``root``; ``None`` when there is none."""
     path = runs_dir(root) / RUNS_MANIFEST
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as e:
+    except OSError as e:  # a FIFO, a device, too big, unreadable
         raise RunsUnusableError(f"{path} cannot be read: {e}") from e
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise RunsUnusableError(f"{path} is not JSON") from e
+    if isinstance(doc, dict) and doc.get("format") == RUNS_FORMAT:
+        body = {k: v for k, v in doc.items() if k != RECORD_CHECK}
+        try:
+            sealed = seal_record(body) == raw
+        except (TypeError, ValueError, RecursionError):
+            sealed = False
+        if not sealed:
+            raise RunsUnusableError(f"{path} fails its checksum (record_xxh64): it is damaged")
     return _parse(doc, uuid, path)
 
 
@@ -138,31 +158,62 @@ def _fence_count(entries: int) -> int:
     return -(-entries // FENCE_STEP)
 
 
+def _header(entries: int, tail: bytes) -> bytes:
+    head = _MAGIC + entries.to_bytes(8, "little") + xxhash.xxh64_digest(tail)[::-1]
+    return (head + xxhash.xxh64_digest(head)[::-1]).ljust(_HEADER, b"\0")
+
+
+def run_size(entries: int) -> int:
+    """The size of a run file of ``entries`` entries (header, entries, fences, block sums)."""
+    return _HEADER + 8 * (_COLUMNS * entries + 2 * _fence_count(entries))
+
+
 def open_run(path: Path, entries: int) -> RowIndex:
-    """A run file as a ``RowIndex`` of memory-mapped columns (nothing read but the header;
-    the OS told to read pages as touched, without read-ahead: lookups land at random)."""
-    want = _HEADER + 8 * (_COLUMNS * entries + _fence_count(entries))
+    """A run file as a ``RowIndex`` of memory-mapped columns: the header and the tail (fences
+    and block sums) read and checked, the entries mapped and checked block by block as lookups
+    first touch them; the OS told to read pages as touched, without read-ahead (lookups land at
+    random). A file of any other size, type or content is ``RunsUnusableError``."""
+    fences = _fence_count(entries)
+    want = run_size(entries)
     try:
-        with open(path, "rb") as f:
-            header = f.read(_HEADER)
-            size = os.fstat(f.fileno()).st_size
+        fd, size = open_regular(path)
     except OSError as e:
         raise RunsUnusableError(f"{path} cannot be read: {e}") from e
-    if size != want or header[:8] != _MAGIC or int.from_bytes(header[8:16], "little") != entries:
-        raise RunsUnusableError(f"{path} is not a run of {entries} entries")
+    guard = SizeGuard(fd, want)  # closes fd when the index goes
+    try:
+        header = os.pread(fd, _HEADER, 0)
+        tail_at = _HEADER + 8 * _COLUMNS * entries
+        tail = os.pread(fd, 16 * fences, tail_at) if size == want else b""
+    except OSError as e:
+        raise RunsUnusableError(f"{path} cannot be read: {e}") from e
+    if (
+        size != want
+        or len(header) != _HEADER
+        or len(tail) != 16 * fences
+        or header != _header(entries, tail)
+    ):
+        raise RunsUnusableError(f"{path} is not an intact run of {entries} entries")
     if not entries:
         return RowIndex.empty()
-    flat = np.memmap(path, dtype="<i8", mode="r", offset=_HEADER)
+    # Mapped through the descriptor checked above (not the path: a file renamed in between
+    # would be another file).
+    with open(fd, "rb", closefd=False) as f:
+        flat = np.memmap(f, dtype="<i8", mode="r", offset=_HEADER, shape=(_COLUMNS * entries,))
     mm = getattr(flat, "_mmap", None)
     if mm is not None and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
-    rows = flat[: _COLUMNS * entries].reshape(entries, _COLUMNS)
+    rows = flat.reshape(entries, _COLUMNS)
+    tail_words = np.frombuffer(tail, dtype="<i8")
     return RowIndex(
         ids=rows[:, 0],
         segment=rows[:, 1],
         offset=rows[:, 2],
         commit=rows[:, 3],
-        fences=flat[_COLUMNS * entries :],
+        fences=tail_words[:fences].copy(),
+        sums=tail_words[fences:].view("<u8").copy(),
+        checked=np.zeros(fences, dtype=bool),
+        source=str(path),
+        guard=guard,
     )
 
 
@@ -171,20 +222,31 @@ def open_layers(root: Path, runset: RunSet) -> tuple[RowIndex, ...]:
 
 
 def run_checksum(path: Path) -> int:
-    """xxh64 of a run file, read in blocks (what ``dpsn verify`` compares with ``runs.json``)."""
+    """xxh64 of a run file past its header (which checks itself), read in blocks: what
+    ``dpsn verify`` and a writer's open compare with ``runs.json``."""
     h = xxhash.xxh64()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
+    fd, size = open_regular(path)
+    try:
+        done = _HEADER
+        while done < size:  # never past the size seen at open (a link to /dev/zero: size 0)
+            block = os.pread(fd, min(1 << 22, size - done), done)
+            if not block:
+                break
             h.update(block)
+            done += len(block)
+    finally:
+        os.close(fd)
     return h.intdigest()
 
 
 def check_run_files(root: Path, runset: RunSet) -> None:
     """Every run file read whole against its checksum in ``runs.json`` (``RunsUnusableError``
     naming the first that fails): what a writer's open and ``dpsn verify`` run."""
-    for name, _, want in runset.files:
+    for name, entries, want in runset.files:
         try:
-            ok = run_checksum(runs_dir(root) / name) == want
+            path = runs_dir(root) / name
+            open_run(path, entries)  # the header and the tail
+            ok = run_checksum(path) == want
         except OSError as e:
             raise RunsUnusableError(f"run file {name} cannot be read: {e}") from e
         if not ok:
@@ -196,28 +258,34 @@ def check_run_files(root: Path, runset: RunSet) -> None:
 
 def _write_run(folder: Path, name: str, layer: RowIndex) -> int:
     """Entries row by row (id, segment, offset, commit: 32 bytes, so a 4 KiB page holds
-    ``FENCE_STEP`` of them), then the fences (every ``FENCE_STEP``-th id)."""
+    ``FENCE_STEP`` of them), then the fences (every ``FENCE_STEP``-th id), then the block
+    sums; the header (which checks the tail) is written last, at the front."""
     n = len(layer)
-    header = bytearray(_HEADER)
-    header[:8] = _MAGIC
-    header[8:16] = n.to_bytes(8, "little")
-    h = xxhash.xxh64(bytes(header))
     tmp = folder / f".{name}.tmp"
+    sums = []
+    h = xxhash.xxh64()  # of all but the header (which checks itself): what runs.json keeps
     with open(tmp, "wb") as f:
-        f.write(header)
-        for lo in range(0, n, 1 << 20):  # bounded buffers at any size
-            hi = min(n, lo + (1 << 20))
+        f.write(bytes(_HEADER))
+        step = (1 << 20) // FENCE_STEP * FENCE_STEP  # whole blocks per buffer, bounded at any size
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
             rows = np.empty((hi - lo, _COLUMNS), dtype="<i8")
             for c, col in enumerate((layer.ids, layer.segment, layer.offset, layer.commit)):
                 rows[:, c] = col[lo:hi]
+            sums.append(block_sums(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]))
             data = rows.tobytes()
             h.update(data)
             f.write(data)
         fences = np.ascontiguousarray(layer.ids[::FENCE_STEP], dtype="<i8").tobytes()
-        h.update(fences)
-        f.write(fences)
+        all_sums = np.concatenate(sums) if sums else np.empty(0, dtype="<u8")
+        tail = fences + np.ascontiguousarray(all_sums, dtype="<u8").tobytes()
+        h.update(tail)
+        f.write(tail)
+        f.seek(0)
+        f.write(_header(n, tail))
         f.flush()
         os.fsync(f.fileno())
+
     os.replace(tmp, folder / name)
     return h.intdigest()
 
@@ -271,8 +339,8 @@ def save(
         ],
     }
     tmp = folder / f".{RUNS_MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
+    with open(tmp, "wb") as f:
+        f.write(seal_record(doc))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / RUNS_MANIFEST)

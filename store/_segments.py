@@ -412,12 +412,13 @@ class SegmentStore:
                     found.append(e)
         return found
 
-    def iter_chunks(self, rec: SegmentRecord) -> Iterator[tuple[str, int]]:
-        """Check every chunk of every column, yielding (column, chunk) as it goes (for verify)."""
+    def iter_chunks(self, rec: SegmentRecord) -> Iterator[tuple[str, int, int, np.ndarray]]:
+        """Check every chunk of every column, yielding (column, chunk, its first row, its
+        values) as it goes (for verify)."""
         for key, sums in rec.checksums.items():
+            step = self._array(rec, key).chunks[0]
             for c in range(len(sums)):
-                self._read_span(rec, key, c, c + 1)
-                yield key, c
+                yield key, c, c * step, self._read_span(rec, key, c, c + 1)
 
 
 def _runs(sorted_chunks: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -27,6 +27,7 @@ from dpsn.errors import CorruptSegmentError, DpsnError
 
 from ._compact import META_GROWTH, growth_counters
 from ._digest import DbDigest, entry_hash
+from ._files import read_regular
 from ._format import (
     DB_COMMITS,
     DB_META,
@@ -44,8 +45,10 @@ from ._format import (
     META_NEXT_SEGMENT,
     ROUTERS_GROUP,
     ROW_VALUE_DTYPE,
+    SEGMENT_DELTAS,
     SEGMENT_DROPS,
     SEGMENT_IDS,
+    SEGMENT_STATE,
     SEGMENT_USAGE,
     SEGMENTS_GROUP,
     SNAPSHOTS_GROUP,
@@ -65,8 +68,8 @@ from ._records import (
     stored_digests,
 )
 from ._retention import META_CHECKPOINT
-from ._rowindex import RowIndex
-from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, read_runset
+from ._rowindex import TOMBSTONE, RowIndex
+from ._runs import RUNS_DIR, RunsUnusableError, check_run_files, open_layers, read_runset
 from ._segments import SegmentRecord
 from .usage_fields import usage_problem
 
@@ -161,14 +164,6 @@ class _Verifier:
             )
             return
         txn, want = stored
-        if txn != self.txn_id:
-            self.problem(
-                "digests",
-                f"the index digests were recorded at LMDB transaction {txn} but the index is at "
-                f"{self.txn_id}: a dpsn that does not keep them wrote to the store since, or the "
-                "index is damaged. The next commit by this dpsn records them again.",
-            )
-            return
         got: dict[bytes, DbDigest] = {}
         try:
             got[DB_ROWS] = rows_digest_of(self.rows_keys, self.rows_values)
@@ -183,6 +178,24 @@ class _Verifier:
                     continue
                 d.add(entry_hash(k, v))
             got[name] = d
+        if txn != self.txn_id:
+            # A compacted copy (``mdb_copy -c``, the usual LMDB backup) renumbers transactions:
+            # digests that still match every database say nothing changed since.
+            if all(got.get(name) == want[name] for name in DIGESTED_DBS):
+                self.note(
+                    f"the index digests were recorded at LMDB transaction {txn} and the index "
+                    f"is at {self.txn_id} (a compacted copy, such as mdb_copy -c, renumbers "
+                    "them); they match every database"
+                )
+                return
+            self.problem(
+                "digests",
+                f"the index digests were recorded at LMDB transaction {txn} but the index is at "
+                f"{self.txn_id} and no longer matches them: a dpsn that does not keep them wrote "
+                "to the store since, or the index is damaged. The next commit by this dpsn "
+                "records them again.",
+            )
+            return
         for name in DIGESTED_DBS:
             if name in got and got[name] != want[name]:
                 self.problem(
@@ -325,6 +338,20 @@ class _Verifier:
         )
         if not same:
             self.problem("runs", f"the row index's run files disagree with LMDB's; {fix}")
+            return
+        # Every other field of runs.json, against what the runs and LMDB say.
+        if got[1].live != self.index.live_rows():
+            self.problem("runs", f"runs.json's rows per segment disagree with LMDB's; {fix}")
+        top = 0
+        for layer in open_layers(root, runset):
+            alive = np.asarray(layer.commit)[np.asarray(layer.segment) != TOMBSTONE]
+            top = max(top, int(alive.max()) if len(alive) else 0)
+        if not top <= runset.newest <= runset.commit:
+            self.problem(
+                "runs",
+                f"runs.json's newest commit {runset.newest} is not between the newest commit "
+                f"its runs hold ({top}) and its own commit ({runset.commit}); {fix}",
+            )
 
     def index_problems(self, index: RowIndex, where: str, head: int) -> None:
         ids = index.ids
@@ -394,8 +421,21 @@ class _Verifier:
                     or np.isin(drops, ids).any()
                 ):
                     self.problem("segment", f"segment {rec.name}: its drops are not sorted ids")
-                for _key, _chunk in segs.iter_chunks(rec):
+                bad_rows: set[int] = set()
+                for key, _chunk, first, values in segs.iter_chunks(rec):
                     self.report.checked_chunks += 1
+                    if key in (SEGMENT_DELTAS, SEGMENT_STATE):
+                        at = first + np.flatnonzero(_non_finite_rows(values))
+                        bad_rows.update(ids[at[at < len(ids)]].tolist())
+                    del values  # one chunk in memory at a time (a hostile one may be large)
+                if bad_rows:
+                    self.problem(
+                        "chunk",
+                        f"segment {rec.name}: {len(bad_rows)} rows hold values that are not "
+                        "finite (NaN or Inf) in their deltas or state; reads return them as "
+                        "they are: write those rows again (pool.write) or drop them",
+                    )
+                    self.report.damaged_rows.extend(sorted(bad_rows))
                 if rec.usage_width and rec.rows:
                     problem = usage_problem(segs.read_column(rec, SEGMENT_USAGE))
                     if problem is not None:
@@ -584,7 +624,7 @@ class _Verifier:
             if not path.exists() and group:
                 continue
             try:
-                raw = json.loads(path.read_bytes()[: 1 << 20])
+                raw = json.loads(read_regular(path, 1 << 20))
                 ok = isinstance(raw, dict) and raw.get("node_type") == "group"
             except (OSError, ValueError, RecursionError):
                 ok = False
@@ -641,3 +681,12 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
             failed.add(step.__name__)
             report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
     return report
+
+
+def _non_finite_rows(values: np.ndarray) -> np.ndarray:
+    """Which rows of a chunk of deltas or state hold NaN or Inf (bfloat16 is stored as its
+    uint16 bits: widened to float32 first)."""
+    if values.dtype == np.uint16:
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    flat = values.reshape(len(values), -1)
+    return ~np.isfinite(flat).all(axis=1)

@@ -33,6 +33,8 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError
 
+from ._files import NotRegularFileError, open_regular
+
 __all__ = ["ArrayMeta", "read_array", "read_array_meta", "read_chunks"]
 
 MAX_META_BYTES = 1 << 20
@@ -102,10 +104,19 @@ def read_array_meta(
     """Read and check ``path/zarr.json``; every expectation given must hold."""
     meta_file = Path(path) / "zarr.json"
     try:
-        with open(meta_file, "rb") as f:
-            raw_bytes = f.read(MAX_META_BYTES + 1)
+        fd, size = open_regular(meta_file)  # a FIFO or a device: refused, never read
+        try:
+            if size > MAX_META_BYTES:
+                raise _bad(path, f"has a zarr.json over {MAX_META_BYTES} bytes")
+            raw_bytes = os.pread(fd, MAX_META_BYTES + 1, 0)
+        finally:
+            os.close(fd)
     except FileNotFoundError as e:
         raise _bad(path, "is missing") from e
+    except NotRegularFileError as e:
+        raise _bad(path, f"has a zarr.json that is not a regular file ({e})") from e
+    except CorruptStoreError:
+        raise
     except OSError as e:
         raise _bad(path, f"cannot be read ({e})") from e
     if len(raw_bytes) > MAX_META_BYTES:
@@ -244,12 +255,21 @@ def _read_chunk(meta: ArrayMeta, index: tuple[int, ...]) -> np.ndarray:
     path = meta.path / key
     limit = 2 * meta.chunk_bytes + (64 << 10)
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        fd, size = open_regular(path, f"chunk {path}")  # a FIFO or a device: refused
+        try:
+            if size > limit:
+                raise CorruptStoreError(
+                    f"chunk {path} is larger than any chunk of its array can be"
+                )
+            data = os.pread(fd, limit + 1, 0)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return np.full(meta.chunks, meta.fill_value, dtype=meta.dtype)
-    except (IsADirectoryError, NotADirectoryError) as e:
+    except NotADirectoryError as e:
         raise CorruptStoreError(f"chunk {path} is not a file") from e
+    except CorruptStoreError:
+        raise
     except OSError as e:
         raise CorruptStoreError(f"chunk {path} cannot be read ({e})") from e
     if len(data) > limit:

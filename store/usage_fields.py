@@ -23,6 +23,14 @@ FIELDS = ("phase", "uses", "last", "recent", "history", "update", "norm", "epoch
 
 FREE, SCREENED = 0, 1
 HISTORY_BITS = 32
+
+# The one table of bounds a writer and its readers share (issue 21): every count and clock a
+# store holds (usage fields, a commit's lifecycle step and epoch) is an integer below
+# CLOCK_LIMIT, exact in float64; readers refuse anything at or above it, and a writer refuses to
+# commit a clock that reached it. Integer lifecycle settings (warmup, min_uses, max_idle, ...)
+# are at most SETTING_LIMIT, so a count that starts at a setting has 2**52 steps of room.
+CLOCK_LIMIT = 1 << 53
+SETTING_LIMIT = 1 << 52
 HISTORY_MASK = (1 << HISTORY_BITS) - 1
 
 
@@ -44,7 +52,7 @@ def usage_problem(usage: np.ndarray) -> str | None:
             np.isfinite(u).all(axis=1)
             & ((u[:, PHASE] == FREE) | (u[:, PHASE] == SCREENED))
             & (u >= 0).all(axis=1)
-            & (u[:, [USES, LAST, EPOCH, SINCE, BORN]] < 2.0**53).all(axis=1)
+            & (u[:, [USES, LAST, EPOCH, SINCE, BORN]] < float(CLOCK_LIMIT)).all(axis=1)
             & (u[:, HISTORY] <= HISTORY_MASK)
             & (u[:, RECENT] <= 1.0 + 1e-9)  # a moving average of 0s and 1s, give or take an ulp
         )

@@ -52,6 +52,25 @@ def make_store(path: Path, *, tiny: bool = False) -> None:
     ``lifecycle`` object, its segment a ``usage`` array, and reads at HEAD decay the older
     rows (FREE, written before the lifecycle) lazily, while the snapshot and the past commit
     read them as written."""
+    if tiny:
+        _make_store(path, tiny=True)
+        return
+    # Thresholds lowered while it is made: the row index lands in run files (``index.runs/``),
+    # which every later opener (the probes) maps, so their damage is fuzzed too.
+    from unittest import mock
+
+    from dpsn.store import _runs
+
+    with (
+        mock.patch.object(_runs, "RUN_MIN_ROWS", 4),
+        mock.patch.object(_runs, "FLUSH_ROWS", 6),
+        mock.patch.object(_runs, "FLUSH_COMMITS", 2),
+    ):
+        _make_store(path, tiny=False)
+    assert (path / _runs.RUNS_DIR / _runs.RUNS_MANIFEST).is_file()
+
+
+def _make_store(path: Path, *, tiny: bool) -> None:
     g = torch.Generator().manual_seed(0)
     n = 6 if tiny else 200
     with dpsn.create(
@@ -93,7 +112,9 @@ def observe(path: Path, *, verify: bool = False) -> dict[str, Any]:
     def head() -> dict[str, Any]:
         with dpsn.open(path, cache_rows=0) as p:
             info = p.info()
-            for k in ("path", "bytes_on_disk"):
+            # reader_lease: see the "readers" cases; index_runs describes the derived run
+            # files (damaged ones: None, and verify says why), not what reads return
+            for k in ("path", "bytes_on_disk", "reader_lease", "index_runs"):
                 info.pop(k)
             return {
                 "rows": _bits(p.read(IDS)),
@@ -286,8 +307,41 @@ def apply(root: Path, case: dict[str, Any]) -> None:
         path.unlink()
     elif op == "write":
         path.write_bytes(bytes.fromhex(case["hex"]))
+    elif op == "fifo":  # a FIFO in its place: an open that waits for a writer would hang
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+    elif op == "devzero":  # a link to /dev/zero: a read without a bound never ends
+        path.unlink(missing_ok=True)
+        path.symlink_to("/dev/zero")
+    elif op == "dir":  # a directory where a file belongs
+        path.unlink(missing_ok=True)
+        path.mkdir()
+    elif op == "plant":  # a regular file where the store expects none or a folder
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.write_bytes(b"planted")
     else:
         raise ValueError(op)
+
+
+def restore(work: Path, pristine: Path, case: dict[str, Any], original: bytes | None) -> None:
+    """Put the damaged path back (whatever it became: a FIFO, a link, a folder), and the run
+    files as they were (a writer's open may rewrite or discard them after damage)."""
+    path = work / case["file"]
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if original is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(original)
+    runs = pristine / "index.runs"
+    if runs.is_dir():
+        shutil.rmtree(work / "index.runs", ignore_errors=True)
+        shutil.copytree(runs, work / "index.runs")
+    (work / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
 
 
 def run_cases(store: Path, want: dict[str, Any], cases: list[dict[str, Any]]) -> list[dict]:
@@ -300,7 +354,10 @@ def run_cases(store: Path, want: dict[str, Any], cases: list[dict[str, Any]]) ->
     work = store.parent / (store.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(store, work)
-    originals = {c["file"]: (work / c["file"]).read_bytes() for c in cases}
+    originals = {
+        c["file"]: (work / c["file"]).read_bytes() if (work / c["file"]).is_file() else None
+        for c in cases
+    }
     results: list[dict] = []
     while len(results) < len(cases):
         start = len(results)
@@ -308,7 +365,7 @@ def run_cases(store: Path, want: dict[str, Any], cases: list[dict[str, Any]]) ->
         pid = os.fork()
         if pid == 0:
             os.close(rfd)
-            _child(work, want, cases, start, originals, wfd)  # never returns
+            _child(work, want, cases, start, originals, wfd, store)  # never returns
         os.close(wfd)
         with os.fdopen(rfd, "rb") as pipe:
             for line in pipe:
@@ -320,8 +377,7 @@ def run_cases(store: Path, want: dict[str, Any], cases: list[dict[str, Any]]) ->
         elif len(results) < len(cases) and os.WEXITSTATUS(status) != _FRESH_CHILD:
             results.append({**cases[len(results)], "outcome": "crash:exit", "detail": ""})
         case = cases[len(results) - 1] if len(results) > start else cases[start]
-        (work / case["file"]).write_bytes(originals[case["file"]])
-        (work / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
+        restore(work, store, case, originals[case["file"]])
     shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -334,8 +390,9 @@ def _child(
     want: dict[str, Any],
     cases: list[dict[str, Any]],
     start: int,
-    originals: dict[str, bytes],
+    originals: dict[str, bytes | None],
     wfd: int,
+    pristine: Path,
 ) -> None:
     from dpsn.store import _lmdb
 
@@ -346,8 +403,7 @@ def _child(
             apply(work, case)
             level = case.get("level", "pool")
             outcome, detail = probe(work, want[level], level=level)
-            (work / case["file"]).write_bytes(originals[case["file"]])
-            (work / "index.lmdb" / "lock.mdb").unlink(missing_ok=True)
+            restore(work, pristine, case, originals[case["file"]])
             os.write(wfd, json.dumps({"outcome": outcome, "detail": detail}).encode() + b"\n")
             if _lmdb._registry:  # a probe left an environment open: start clean
                 code = _FRESH_CHILD

@@ -213,3 +213,60 @@ def test_every_used_byte_of_the_lmdb_file(tiny: tuple[Path, Path]) -> None:
         positions = _live_bytes(path)
     cases = [{"file": DATA, "op": "flip", "pos": p, "level": "store"} for p in positions]
     check(run(tiny, cases, "sweep"))
+
+
+def _run_files(path: Path) -> list[Path]:
+    folder = path / "index.runs"
+    return sorted(folder.glob("run-*.bin"))
+
+
+def test_run_files_and_runs_json(store: tuple[Path, Path]) -> None:
+    """The row index's run files (issue 21): flips anywhere in ``runs.json`` and in every run
+    file (header, each block of entries, fences, block sums), cuts and deletions. Damage there
+    may only ever be ``ok`` (a checksum sent the reader to LMDB and every read is right) or
+    ``detected``; never a wrong read."""
+    path, _ = store
+    rng = random.Random(SEED + 2)
+    manifest = path / "index.runs" / "runs.json"
+    cases = []
+    rel = str(manifest.relative_to(path))
+    size = manifest.stat().st_size
+    for pos in rng.sample(range(size), min(12, size)):
+        cases.append({"file": rel, "op": "flip", "pos": pos, "mask": 1 << rng.randrange(8)})
+    cases.append({"file": rel, "op": "truncate", "len": rng.randrange(size)})
+    cases.append({"file": rel, "op": "delete"})
+    runs = _run_files(path)
+    assert runs, "the fuzz store has no run files"
+    for run_file in runs:
+        rel = str(run_file.relative_to(path))
+        size = run_file.stat().st_size
+        positions = set(rng.sample(range(64), 3))  # the header
+        positions |= set(rng.sample(range(64, size), min(20, size - 64)))  # entries and tail
+        for pos in sorted(positions):
+            cases.append({"file": rel, "op": "flip", "pos": pos, "mask": 1 << rng.randrange(8)})
+        cases.append({"file": rel, "op": "truncate", "len": rng.randrange(size)})
+        cases.append({"file": rel, "op": "delete"})
+    for c in cases:
+        c["what"] = "runs"
+    check(run(store, cases, "runs"))
+
+
+def test_special_files_everywhere_a_file_is_read(store: tuple[Path, Path]) -> None:
+    """A FIFO, a link to /dev/zero or a directory in place of each kind of file a store's
+    openers read (issue 21): every probe ends, typed; none hangs (the child's alarm would
+    report a crash) or reads without end. And a ``readers`` file (no lease can be made):
+    readers read as before, without a lease."""
+    path, _ = store
+    targets = {**_files(path)}
+    targets["runs.json"] = path / "index.runs" / "runs.json"
+    targets["run file"] = _run_files(path)[0]
+    cases = []
+    for what, f in targets.items():
+        rel = str(f.relative_to(path))
+        ops = ("fifo", "devzero", "dir") if what != "manifest" else ("fifo", "devzero")
+        cases += [{"file": rel, "op": op, "what": what} for op in ops]
+    cases.append({"file": "readers", "op": "plant", "what": "readers"})
+    results = run(store, cases, "special")
+    check(results)
+    lease_less = [r for r in results if r["what"] == "readers"]
+    assert [r["outcome"] for r in lease_less] == ["ok"], lease_less

@@ -191,7 +191,12 @@ class RowBatch:
         return self._stack.deltas_of(self)
 
     def apply_grads(
-        self, grads: torch.Tensor, optimizer: RowOptimizer, *, rows: torch.Tensor | None = None
+        self,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        *,
+        rows: torch.Tensor | None = None,
+        strict: bool = False,
     ) -> None:
         """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
         each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
@@ -199,7 +204,13 @@ class RowBatch:
 
         ``rows`` (bool ``[n]``, aligned with ``ids``) restricts the step to the rows it marks:
         the others keep delta and optimizer state untouched (their uses are still counted).
-        Protected rows (``Pool.protect``) are left out whatever ``rows`` says."""
+        Protected rows (``Pool.protect``) are left out whatever ``rows`` says.
+
+        No non-finite value enters the rows: a step whose ``grads`` hold NaN or Inf, or whose
+        results would (a row optimizer of your own that overflows), is skipped for every row
+        of the batch and counted in ``stats()["skipped_row_steps"]``, as ``GradScaler`` skips
+        a dense step; with ``strict=True`` it raises ``InvalidDeltaError`` instead (nothing
+        changed either way)."""
         if self.applied:
             raise RuntimeError(SECOND_BACKWARD)
         if rows is not None:
@@ -209,7 +220,10 @@ class RowBatch:
                     f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
-        self._stack.apply_grads(self, grads, optimizer, rows)
+        if not all_finite(grads):
+            self._stack.refuse_step("the row gradients are not finite (NaN or Inf)", strict)
+        else:
+            self._stack.apply_grads(self, grads, optimizer, rows, strict=strict)
         self.applied = True
 
     def _subset(self, keep: torch.Tensor) -> RowBatch:
@@ -249,6 +263,14 @@ class RowBatch:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def all_finite(t: torch.Tensor | None) -> bool:
+    """Whether every value of ``t`` is finite: one sum in the usual case (inf and NaN carry
+    through it), element by element only when the sum itself overflows."""
+    if t is None or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _gather_rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -776,15 +798,29 @@ class RowStack(UsageStatistics):
         hit = p[at] == ids
         return hit if bool(hit.any()) else None
 
+    def refuse_step(self, why: str, strict: bool) -> None:
+        """A row step that would put non-finite values in the rows: skipped and counted, or
+        (``strict``) ``InvalidDeltaError``."""
+        if strict:
+            raise InvalidDeltaError(f"{why}: the row step was not applied (no row changed)")
+        self.count_skipped_step()
+
     def apply_grads(
         self,
         batch: RowBatch,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
         rows: torch.Tensor | None = None,
+        *,
+        strict: bool = False,
     ) -> None:
         """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`): those
-        ``rows`` marks (all when None), less the protected ones."""
+        ``rows`` marks (all when None), less the protected ones; the caller has checked
+        ``grads`` finite. Every step's results are checked before they are stored, but the
+        native loop's on resident float32 rows, which it updates in place (a second pass over
+        the rows would cost about what the step does): with finite gradients and settings that
+        passed the optimizer's checks, only an overflow past float32's range (``|lr * grad|``
+        near 3e38) could make those non-finite, and ``verify`` reports such rows."""
         width = optimizer.state_width(self.dim)
         if width != self.layout.state_width:
             raise ValueError(
@@ -847,6 +883,13 @@ class RowStack(UsageStatistics):
                         norms = torch.linalg.vector_norm(grads, dim=1)
                         stats = self._usage_after(usage, batch.counts, norms)
                 new_delta = new_delta.to(self.dtype)
+                if not (all_finite(new_delta) and all_finite(new_state)):
+                    self.refuse_step(
+                        f"the row step's results are not finite in {self.dtype} (the row "
+                        f"optimizer {type(optimizer).__name__} overflowed or divided by zero)",
+                        strict,
+                    )
+                    return
                 self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
             if uncounted:
                 del self._uncounted[batch.key]

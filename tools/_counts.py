@@ -27,8 +27,11 @@ def parse_count(text: str) -> int:
             raise argparse.ArgumentTypeError(
                 f"not a count: {shown!r} (try 1000000, 1e12 or 10**12)"
             )
-        digits, exp = m.group(1).lstrip("0") or "0", int(m.group(2) or 0)
-        if digits != "0" and len(digits) + exp > 20:
+        digits, exponent = m.group(1).lstrip("0") or "0", m.group(2) or "0"
+        if digits == "0":  # zero times any power of ten: never computed (0e100000000)
+            return 0
+        exp = int(exponent.lstrip("0") or "0") if len(exponent.lstrip("0")) <= 3 else 10**3
+        if len(digits) + exp > 20:
             raise too_big
         value = int(digits) * 10**exp
     if value > MAX_COUNT:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from dpsn.errors import DpsnError, InvalidDeltaError, StoreExistsError
+from dpsn.errors import (
+    DpsnError,
+    InvalidDeltaError,
+    StoreExistsError,
+    StoreFullError,
+    StoreWriteError,
+)
+from dpsn.store import file_kind
 
 EXPORT_FORMAT = "dpsn-export"
 EXPORT_VERSION = "1"
@@ -222,7 +230,17 @@ def export_rows(
     from dpsn.store import PersistedStore, read_manifest
 
     out_path = Path(out)
-    if out_path.exists() and not force:
+    try:
+        mode = os.lstat(out_path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        # --force replaces a file, never a FIFO, a device node, a socket or a link
+        raise TransferError(
+            f"{out_path} is {file_kind(mode)}, not a regular file; export writes only to a "
+            "regular file or a new name"
+        )
+    if mode is not None and not stat.S_ISDIR(mode) and not force:
         raise StoreExistsError(f"{out_path} exists; pass --force to replace it, or pick another")
     if out_path.is_dir():
         raise TransferError(f"{out_path} is a directory; give a file name such as rows.safetensors")
@@ -330,15 +348,32 @@ class Table:
         return out
 
 
+# A table's safetensors header names one or two tensors and a little metadata: a few KiB.
+# Bounded before safetensors parses it (an 80 MB header cost 1.36 GB of memory to refuse).
+MAX_SAFETENSORS_HEADER = 1 << 24
+
+
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+    if not (len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1):
+        return False
+    size = int.from_bytes(head[:8], "little")
+    if size > MAX_SAFETENSORS_HEADER:
+        raise TransferError(
+            f"{path}: its safetensors header is {size} bytes, over the {MAX_SAFETENSORS_HEADER} "
+            "a table's can be (a table holds one or two tensors); it is damaged or not a table"
+        )
+    return True
 
 
 def open_table(path: Path, tensor: str | None, ids_name: str | None) -> Table:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise TransferError(f"{path} is {file_kind(mode)}, not a file holding a table")
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":
@@ -361,6 +396,11 @@ def _open_npy(path: Path) -> Table:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
+        if "max_header_size" in str(e):  # numpy's wording mentions allow_pickle: not one
+            raise TransferError(
+                f"{path}: its .npy header is longer than numpy reads safely (10000 bytes); "
+                "the file is damaged or not a plain array: save it again with np.save"
+            ) from None
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise TransferError(
                 f"{path} holds Python objects (a pickle); dpsn never loads pickles from files. "
@@ -470,6 +510,11 @@ def import_table(
     pool_dtype = dtype or table.dtype
     if rows is None:
         meta_rows = table.metadata.get("rows") if table.ids is not None else None
+        if meta_rows and meta_rows.isdigit() and len(meta_rows) > 20:
+            raise TransferError(
+                f"{table.path}: its metadata says rows={meta_rows[:20]}... ({len(meta_rows)} "
+                "digits), more than any store holds (2**64); give --rows"
+            )
         rows = int(meta_rows) if meta_rows and meta_rows.isdigit() else None
         if rows is None:
             rows = int(table.ids[-1]) + 1 if table.ids is not None else n
@@ -539,11 +584,17 @@ def import_table(
                         commits += 1
                         staged_since = 0
                     bar.update(b - a)
-    except BaseException:
-        if created:  # leave nothing half-made behind (an empty directory stays as it was)
-            shutil.rmtree(out_path, ignore_errors=True)
-            if existed:
-                out_path.mkdir(exist_ok=True)
+    except BaseException as e:
+        # Leave nothing half-made behind (an empty directory stays as it was), even what a
+        # create that failed part-way wrote, or what zarr's event loop finished writing after
+        # the error: a retry must find OUT as it was.
+        if created or not existed or not any(out_path.iterdir()):
+            _remove_all(out_path, keep_dir=existed)
+        if isinstance(e, StoreFullError | StoreWriteError):
+            raise type(e)(
+                f"the import into {out_path} failed: {e.args[0].split('. The store')[0]}. "
+                f"Nothing was kept ({out_path} was removed); free space and import again"
+            ) from e
         raise
     return {
         "table": str(table.path),
@@ -561,3 +612,38 @@ def import_table(
         "max_abs_error": max_err,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _remove_all(path: Path, *, keep_dir: bool) -> None:
+    """Remove what an interrupted import wrote at ``path``. zarr writes chunks from its own
+    event loop thread, which may still finish a write after the error reached us: remove, wait
+    for that loop to go idle, and remove again until nothing comes back."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        _settle_zarr()
+        if not path.exists():
+            break
+    if keep_dir:
+        path.mkdir(exist_ok=True)
+
+
+def _settle_zarr() -> None:
+    """Let zarr's background event loop run what it still holds (up to ~0.1 s)."""
+    try:
+        from zarr.core.sync import _get_loop
+
+        loop = _get_loop()
+    except Exception:  # another zarr layout: fall back to a short pause
+        time.sleep(0.05)
+        return
+    import asyncio
+
+    async def _drain() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=0.1)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_drain(), loop).result(timeout=1.0)
+    except Exception:
+        time.sleep(0.05)
