@@ -307,3 +307,23 @@ def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
     assert stats["channels"]["fast->slow"]["rows"] == 2
     assert out["verify"] == [0, {"ok": True, "problems": []}]
     assert [c["id"] for c in out["log"][1]] == [1, 2, 3]
+
+
+def test_gc_and_compact_keep_every_pinned_level(tmp_path):
+    path = tmp_path / "r"
+    ids = torch.arange(0, 40)
+    with make(path, keep_last=1) as p:
+        p.write(ids, torch.ones(40, 8), level="domain")
+        p.commit("a")
+        p.snapshot("a")
+        pinned = p.read(ids)
+        for i in range(3):
+            p.write(ids, torch.full((40, 8), float(i)), level="domain")
+            p.commit(f"b{i}")
+        head = p.read(ids)
+        p.gc()
+        p.compact()
+        assert torch.equal(p.read(ids), head)
+        assert p.verify().ok
+    with dpsn.open(path, at="a") as q:
+        assert torch.equal(q.read(ids), pinned)
