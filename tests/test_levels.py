@@ -327,3 +327,17 @@ def test_gc_and_compact_keep_every_pinned_level(tmp_path):
         assert p.verify().ok
     with dpsn.open(path, at="a") as q:
         assert torch.equal(q.read(ids), pinned)
+
+
+def test_rows_held_by_a_slow_level_resist_training(tmp_path):
+    """A row with a delta in a slower level takes the train level's updates damped by that
+    level's inertia (its gradients scaled by 1 - hold)."""
+    levels = [dpsn.Level("foundation", inertia=0.75), "agent"]
+    with make(tmp_path / "r", levels=levels) as p:
+        p.write([10], torch.ones(1, 8), level="foundation")
+        emb = dpsn.PoolEmbedding(p, "sum", row_optimizer="sgd", row_lr=1.0)
+        emb(torch.tensor([[10, 11]])).sum().backward()
+        held = p.delta([10], level="agent")
+        free = p.delta([11], level="agent")
+        assert free.abs().sum() > 0
+        torch.testing.assert_close(held, 0.25 * free)
