@@ -102,6 +102,8 @@ def test_commit_reopen_snapshot(tmp_path):
         dpsn.open(path, at="nope")
     with pytest.raises(InvalidArgumentError):
         dpsn.open(path, "r+", at=2)
+    with pytest.raises(InvalidArgumentError, match="levelled"):
+        dpsn.open(path, lifecycle=dpsn.Lifecycle())
     assert sorted(p.name for p in (path / "levels").iterdir()) == ["agent", "domain", "foundation"]
 
 
@@ -287,7 +289,7 @@ def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
         "import json, sys, io, contextlib\n"
         "from dpsn.tools.cli import main\n"
         "out = {}\n"
-        "for cmd in (['log', '--migrations'], ['stats'], ['verify'], ['log']):\n"
+        "for cmd in (['log', '--migrations'], ['stats'], ['verify'], ['log'], ['info']):\n"
         "    buf = io.StringIO()\n"
         "    with contextlib.redirect_stdout(buf):\n"
         "        rc = main([*cmd, '--json', sys.argv[1]])\n"
@@ -307,6 +309,9 @@ def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
     assert stats["channels"]["fast->slow"]["rows"] == 2
     assert out["verify"] == [0, {"ok": True, "problems": []}]
     assert [c["id"] for c in out["log"][1]] == [1, 2, 3]
+    rc, info = out["info"]
+    assert rc == 0 and info["commit"] == 3 and info["provenance"] == expected["provenance"]
+    assert [lv["name"] for lv in info["levels"]] == expected["levels"]
 
 
 def test_gc_and_compact_keep_every_pinned_level(tmp_path):
