@@ -8,9 +8,11 @@ scikit-learn's digits under 5 fixed pixel permutations, one PoolLayer from pixel
 
 - ``dense``, ``pool`` (single level, no lifecycle), ``pool+lifecycle``: bench/continual.py's
   models (a), (b) and (c'');
-- ``levels``: a levelled store ``foundation, domain, task`` whose fastest level ``task`` is
-  trained; a consolidation runs at every commit and migrates rows whose updates stay stable one
-  level down, within the design's caps (0.01, 0.005 of the rows per consolidation);
+- ``levels``: a levelled store ``foundation (inertia 0.9), domain (0.6), task`` whose fastest
+  level ``task`` is trained; a consolidation runs at every commit and migrates rows whose
+  updates stay stable one level down, within the design's caps (0.01, 0.005 of the rows per
+  consolidation); a row held by a slower level takes the task level's updates damped by that
+  level's inertia;
 - ``levels (caps off)``: the same with ``Migration(caps=None)``.
 
 Reported: accuracy on every task after each task, the newest task's accuracy, bytes per level
@@ -45,7 +47,13 @@ from _common import best_of, print_table, write_json
 import dpsn
 from dpsn.index import ProductKeyRouter
 
-LEVELS = ("foundation", "domain", "task")
+# slower levels resist change: a row consolidated into one takes the task level's updates
+# damped by that level's inertia
+LEVELS = (
+    dpsn.Level("foundation", inertia=0.9),
+    dpsn.Level("domain", inertia=0.6),
+    dpsn.Level("task"),
+)
 
 
 class LevelModel(cont.Model):

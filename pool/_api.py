@@ -401,7 +401,12 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')
     from ._levels import is_levelled, open_levelled  # levels: an additive layer over open
 
-    if lifecycle is None and is_levelled(path):
+    if is_levelled(path):
+        if lifecycle is not None:
+            raise InvalidArgumentError(
+                f"{path} is a levelled store: each level keeps the lifecycle it was created "
+                "with (dpsn.Level(name, lifecycle=...)); open it without lifecycle="
+            )
         return open_levelled(  # type: ignore[return-value]
             path, mode, at=at, open=open, create=create, device=device,
             cache_rows=cache_rows, policy=policy,

@@ -390,8 +390,14 @@ class LevelBatch:
     ``lr_scale``. Where no other level holds anything for these rows, ``table`` and ``index``
     are the train level's own (nothing is copied)."""
 
-    def __init__(self, owner: LevelledPool, inner: RowBatch, others: torch.Tensor | None) -> None:
-        self._owner, self._inner, self._others = owner, inner, others
+    def __init__(
+        self,
+        owner: LevelledPool,
+        inner: RowBatch,
+        others: torch.Tensor | None,
+        hold: torch.Tensor | None,
+    ) -> None:
+        self._owner, self._inner, self._others, self._hold = owner, inner, others, hold
         self.ids, self.counts, self.inverse = inner.ids, inner.counts, inner.inverse
         self.order, self.anchor, self.spilled = inner.order, inner.anchor, inner.spilled
         self.applied = False
@@ -434,7 +440,7 @@ class LevelBatch:
             from dpsn.tiers import SECOND_BACKWARD
 
             raise RuntimeError(SECOND_BACKWARD)
-        self._owner._train_step(self._inner, grads, optimizer, rows)
+        self._owner._train_step(self._inner, grads, optimizer, self._hold, rows)
         self.applied = True
 
     def release(self) -> None:
@@ -483,6 +489,7 @@ class LevelledPool:
         self._memo_ids = torch.zeros(0, dtype=torch.int64)
         self._memo_vals = torch.zeros((0, spec["dim"]))
         cache = pools[self._train].cache
+        self._memo_hold = torch.zeros(0)
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
 
     # -- spec ----------------------------------------------------------------------------------
@@ -620,13 +627,31 @@ class LevelledPool:
 
     def _sum_levels(self, ids: torch.Tensor, skip: str) -> torch.Tensor | None:
         """Sum of the deltas of every level but ``skip`` (None: all of them are empty)."""
+        return self._sum_and_hold(ids, skip)[0]
+
+    def _sum_and_hold(
+        self, ids: torch.Tensor, skip: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The sum of the deltas of every level but ``skip``, and each row's *hold*: the
+        largest effective inertia among the levels slower than the train level that hold a
+        delta for it (0: none). A row consolidated into a slow level resists the train level's
+        updates as that level resists change: its row gradients are scaled by ``1 - hold``."""
         out = None
-        for name in self.levels:
+        hold = torch.zeros(len(ids))
+        train = self._index(self._train)
+        regions = None
+        for i, name in enumerate(self.levels):
             if name == skip or not _has_deltas(self._pools[name]):
                 continue
             d = self._pools[name].delta(ids).float()
             out = d if out is None else out + d
-        return out
+            if i < train:
+                if regions is None:
+                    regions = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
+                has = (d != 0).any(dim=1).cpu()
+                a = self._trackers[name].inertia[regions]
+                hold = torch.maximum(hold, torch.where(has, a, torch.zeros_like(a)))
+        return out, hold
 
     def _changed(self, level: str | None = None) -> None:
         """A level other than the train level changed (None: any may have): the memo of the
@@ -634,33 +659,43 @@ class LevelledPool:
         if level != self._train:
             self._memo_empty = None
 
-    def _others(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """``[len(flat), dim]``: the sum of every level's delta but the train level's (None:
-        they are all empty), on the pool's device. Served from a memo of the rows asked for
-        since the other levels last changed (they change only through this pool: writes,
-        migrations, commits), so that a hot read costs one more gather, not one per level."""
+    def _memo_positions(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """Positions of ``flat``'s ids in the memo of the other levels' summed deltas and
+        holds (None: the other levels are all empty), filling it with the missing ids first.
+        The memo keeps the rows asked for since the other levels last changed (they change
+        only through this pool: writes, migrations, commits), so that a hot read costs one
+        more gather, not one read per level."""
         if self._memo_empty is None:
             others = (n for n in self.levels if n != self._train)
             self._memo_empty = not any(_has_deltas(self._pools[n]) for n in others)
             self._memo_ids = torch.zeros(0, dtype=torch.int64)
             self._memo_vals = torch.zeros((0, self.dim), device=self.device)
+            self._memo_hold = torch.zeros(0, device=self.device)
         if self._memo_empty:
             return None
         ids = flat.cpu()
         pos, hit = mig.lookup(self._memo_ids, ids)
         if not bool(hit.all()):
             miss = torch.unique(ids[~hit])
-            vals = self._sum_levels(miss, self._train)
+            vals, hold = self._sum_and_hold(miss, self._train)
             assert vals is not None  # some other level holds deltas (_memo_empty is False)
-            keep_ids, keep_vals = self._memo_ids, self._memo_vals
-            if len(keep_ids) + len(miss) > self._memo_limit:
-                keep_ids, keep_vals = keep_ids[:0], keep_vals[:0]
-            merged = torch.cat([keep_ids, miss])
+            keep = (self._memo_ids, self._memo_vals, self._memo_hold)
+            if len(keep[0]) + len(miss) > self._memo_limit:
+                keep = (keep[0][:0], keep[1][:0], keep[2][:0])
+            merged = torch.cat([keep[0], miss])
             order = torch.argsort(merged)
+            dev_order = order.to(self.device)
             self._memo_ids = merged[order]
-            self._memo_vals = torch.cat([keep_vals, vals.to(self.device)])[order.to(self.device)]
+            self._memo_vals = torch.cat([keep[1], vals.to(self.device)])[dev_order]
+            self._memo_hold = torch.cat([keep[2], hold.to(self.device)])[dev_order]
             pos, hit = mig.lookup(self._memo_ids, ids)
-        return torch.index_select(self._memo_vals, 0, pos.to(self.device))
+        return pos.to(self.device)
+
+    def _others(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """``[len(flat), dim]``: the sum of every level's delta but the train level's (None:
+        they are all empty), on the pool's device."""
+        pos = self._memo_positions(flat)
+        return None if pos is None else torch.index_select(self._memo_vals, 0, pos)
 
     @torch.no_grad()
     def base(self, ids: Any) -> torch.Tensor:
@@ -699,13 +734,15 @@ class LevelledPool:
         """The executor contract (``Pool.page_in``) over levels: see :class:`LevelBatch`."""
         inner = self._tp.page_in(self._ids(ids))
         try:
-            others = self._others(inner.ids)
+            pos = self._memo_positions(inner.ids)
         except BaseException:
             inner.release()
             raise
-        if others is not None:
-            others = others.to(inner.ids.device)
-        return LevelBatch(self, inner, others)
+        if pos is None:
+            return LevelBatch(self, inner, None, None)
+        others = torch.index_select(self._memo_vals, 0, pos)
+        hold = torch.index_select(self._memo_hold, 0, pos)
+        return LevelBatch(self, inner, others, hold if bool((hold > 0).any()) else None)
 
     def set_state_width(self, width: int) -> None:
         """Per-row optimizer state beside the train level's deltas (and any level trained
@@ -720,13 +757,19 @@ class LevelledPool:
         self._tp.count_skipped_row_step()
 
     def _train_step(
-        self, inner: RowBatch, grads: torch.Tensor, optimizer: Any, rows: Any = None
+        self,
+        inner: RowBatch,
+        grads: torch.Tensor,
+        optimizer: Any,
+        hold: torch.Tensor | None,
+        rows: Any = None,
     ) -> None:
         """The row step of one batch on the train level: the row gradients are scaled by
-        ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
-        for adaptive optimizers, the gradient's), then the optimizer steps. The window records
-        minus the scaled gradients as the rows' update direction: no extra read of the deltas
-        (a step's cost stays the optimizer's)."""
+        ``lr_scale * (1 - a_eff)`` of each row's region and by ``1 - hold`` (the inertia of the
+        slower levels that hold the row, see :meth:`_sum_and_hold`) (for SGD exactly the
+        update's damping; for adaptive optimizers, the gradient's), then the optimizer steps.
+        The window records minus the scaled gradients as the rows' update direction: no extra
+        read of the deltas (a step's cost stays the optimizer's)."""
         name = self._train
         lv = self._levels[self._index(name)]
         a_eff = self._trackers[name].inertia
@@ -735,6 +778,8 @@ class LevelledPool:
             region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
             scale = (lv.lr_scale * (1.0 - a_eff[region])).to(grads.device, grads.dtype)
             grads = grads * scale[:, None]
+        if hold is not None:  # rows consolidated into slower levels resist as those levels do
+            grads = grads * (1.0 - hold).to(grads.dtype)[:, None]
         inner.apply_grads(grads, optimizer, rows=rows)
         if rows is not None:  # rows left out moved nothing: their window records no update
             grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
@@ -855,6 +900,12 @@ class LevelledPool:
             if bool(done.any()):
                 fp.drop(ids[done])
             sp.write(ids, part, add=True)
+            # arrivals are the slower level's updates: a row that keeps arriving the same way
+            # becomes stable there too and moves on down, a little at a time
+            self._windows[slow].add_update(ids, part)
+            upos, uhit = mig.lookup(f_uses[0], ids)
+            used = torch.where(uhit, f_uses[1][upos] if len(f_uses[0]) else 0.0, 0.0)
+            self._windows[slow].add_uses(ids, used)
             moved_done = int(done.sum())
             self._inflight[ch] = (ids[keep], left[keep] - 1)
         tracker = self._trackers[fast]

@@ -180,7 +180,7 @@ def select(
 def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     """The share of each row's fast-level delta ``[n, dim]`` to move now: ``1/remaining`` of it
     (all of it at the last step, ``remaining == 1``)."""
-    return fast / remaining.to(fast.dtype).clamp_min(1)[:, None]
+    return fast / remaining.to(fast.device, fast.dtype).clamp_min(1)[:, None]
 
 
 class Window:

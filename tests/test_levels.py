@@ -102,6 +102,8 @@ def test_commit_reopen_snapshot(tmp_path):
         dpsn.open(path, at="nope")
     with pytest.raises(InvalidArgumentError):
         dpsn.open(path, "r+", at=2)
+    with pytest.raises(InvalidArgumentError, match="levelled"):
+        dpsn.open(path, lifecycle=dpsn.Lifecycle())
     assert sorted(p.name for p in (path / "levels").iterdir()) == ["agent", "domain", "foundation"]
 
 
@@ -287,7 +289,7 @@ def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
         "import json, sys, io, contextlib\n"
         "from dpsn.tools.cli import main\n"
         "out = {}\n"
-        "for cmd in (['log', '--migrations'], ['stats'], ['verify'], ['log']):\n"
+        "for cmd in (['log', '--migrations'], ['stats'], ['verify'], ['log'], ['info']):\n"
         "    buf = io.StringIO()\n"
         "    with contextlib.redirect_stdout(buf):\n"
         "        rc = main([*cmd, '--json', sys.argv[1]])\n"
@@ -307,3 +309,40 @@ def test_cli_log_migrations_stats_and_verify_on_a_levelled_root(tmp_path):
     assert stats["channels"]["fast->slow"]["rows"] == 2
     assert out["verify"] == [0, {"ok": True, "problems": []}]
     assert [c["id"] for c in out["log"][1]] == [1, 2, 3]
+    rc, info = out["info"]
+    assert rc == 0 and info["commit"] == 3 and info["provenance"] == expected["provenance"]
+    assert [lv["name"] for lv in info["levels"]] == expected["levels"]
+
+
+def test_gc_and_compact_keep_every_pinned_level(tmp_path):
+    path = tmp_path / "r"
+    ids = torch.arange(0, 40)
+    with make(path, keep_last=1) as p:
+        p.write(ids, torch.ones(40, 8), level="domain")
+        p.commit("a")
+        p.snapshot("a")
+        pinned = p.read(ids)
+        for i in range(3):
+            p.write(ids, torch.full((40, 8), float(i)), level="domain")
+            p.commit(f"b{i}")
+        head = p.read(ids)
+        p.gc()
+        p.compact()
+        assert torch.equal(p.read(ids), head)
+        assert p.verify().ok
+    with dpsn.open(path, at="a") as q:
+        assert torch.equal(q.read(ids), pinned)
+
+
+def test_rows_held_by_a_slow_level_resist_training(tmp_path):
+    """A row with a delta in a slower level takes the train level's updates damped by that
+    level's inertia (its gradients scaled by 1 - hold)."""
+    levels = [dpsn.Level("foundation", inertia=0.75), "agent"]
+    with make(tmp_path / "r", levels=levels) as p:
+        p.write([10], torch.ones(1, 8), level="foundation")
+        emb = dpsn.PoolEmbedding(p, "sum", row_optimizer="sgd", row_lr=1.0)
+        emb(torch.tensor([[10, 11]])).sum().backward()
+        held = p.delta([10], level="agent")
+        free = p.delta([11], level="agent")
+        assert free.abs().sum() > 0
+        torch.testing.assert_close(held, 0.25 * free)

@@ -162,6 +162,72 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """The root's spec, its newest (or ``--at``) root commit, and each level store's size."""
+    from dpsn.tiers import levels_format
+
+    from ._format import human_bytes, table
+
+    root = Path(args.path)
+    spec, log = levels_format.read_root(root)
+    at = getattr(args, "at", None)
+    if at is None:
+        rec = log["commits"][-1]
+    else:
+        commit = log["snapshots"].get(at) if not str(at).isdigit() else int(at)
+        if commit is None or not 1 <= int(commit) <= len(log["commits"]):
+            raise ValueError(f"{root} has no snapshot or root commit {at!r}")
+        rec = log["commits"][int(commit) - 1]
+    levels = []
+    for lv in spec["levels"]:
+        entry = dict(lv)
+        if lv["persist"]:
+            info = _level_facts(root, lv["name"])
+            entry.update(
+                commit=rec["levels"][lv["name"]],
+                persisted_rows=info["persisted_rows"],
+                bytes_on_disk=info["bytes_on_disk"],
+            )
+        levels.append(entry)
+    out = {
+        "path": str(root),
+        "format": spec["format"],
+        "version": spec["version"],
+        "rows": spec["rows"],
+        "dim": spec["dim"],
+        "dtype": spec["dtype"],
+        "seed": spec["seed"],
+        "model_id": spec["model_id"],
+        "config": spec["config"],
+        "commit": rec["id"],
+        "provenance": rec["provenance"],
+        "levels": levels,
+        "migration": spec["migration"],
+    }
+    if args.json:
+        _print_json(out)
+        return EXIT_OK
+    print(
+        f"levelled store {root}: {spec['rows']} rows x {spec['dim']} {spec['dtype']}, seed "
+        f"{spec['seed']}, model {spec['model_id']}, root commit {rec['id']} "
+        f"(provenance {rec['provenance'][:16]})"
+    )
+    rows = [
+        (
+            e["name"],
+            "yes" if e["persist"] else "context",
+            e.get("commit", "-"),
+            e.get("persisted_rows", "-"),
+            human_bytes(e["bytes_on_disk"]) if "bytes_on_disk" in e else "-",
+            e["inertia"],
+            e["lr_scale"],
+        )
+        for e in levels
+    ]
+    print(table(["level", "persisted", "commit", "rows", "on disk", "inertia", "lr_scale"], rows))
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Every level store's checks and the root provenance chain, recomputed."""
     from dpsn.store import PersistedStore

@@ -197,7 +197,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     sp.add_argument("--compressor", default="lz4", choices=["lz4", "zstd", "none"])
 
-    sp = add("info", "spec, size and compression of a store", c.cmd_info, epilog=SIZE_HELP)
+    sp = add(
+        "info",
+        "spec, size and compression of a store",
+        levelled(c.cmd_info, lv.cmd_info),
+        epilog=SIZE_HELP,
+    )
     sp.add_argument("path")
     sp.add_argument("--at", help="a snapshot name or commit id (default: HEAD, the newest)")
 
