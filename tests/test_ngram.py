@@ -230,7 +230,7 @@ def test_prefetching_helper(pool):
 
 def test_couse_recorded_by_memory(pool):
     pool.track_couse(1 << 12)
-    m = dpsn.NgramMemory(pool, 8, orders=(2, 3), heads=2)
+    m = dpsn.NgramMemory(pool, 8, orders=(2, 3), heads=2, couse_every=1)
     tokens = torch.tensor([[7, 8, 9, 7, 8, 9]])
     for _ in range(3):
         m(torch.randn(1, 6, 8), tokens).sum().backward()

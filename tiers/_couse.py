@@ -94,12 +94,12 @@ class CoUse:
         if len(a) == 0:
             return
         key = _pair_key(a, b)
-        # Distinct pairs of the step by (a, b): a sort of a, then a stable sort of b.
-        order = torch.argsort(a, stable=True)
-        order = order[torch.argsort(b[order], stable=True)]
-        a, b, key = a[order], b[order], key[order]
+        # Distinct pairs of the step: one sort by the pair's hash (pairs that share a hash but
+        # differ stay apart: a new run starts wherever key, a or b changes).
+        key, order = torch.sort(key)
+        a, b = a[order], b[order]
         new = torch.ones(len(a), dtype=torch.bool)
-        new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        new[1:] = (key[1:] != key[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         starts = torch.nonzero(new).squeeze(1)
         counts = torch.diff(starts, append=torch.tensor([len(a)])).to(torch.float32)
         a, b, key = a[starts], b[starts], key[starts]
@@ -113,20 +113,20 @@ class CoUse:
         if len(a) == 0:
             return
         # Several new pairs may want one slot: the most frequent of them contends for it (ties:
-        # the smallest pair), the others are dropped this step (they may win a later one).
-        best = torch.zeros(self.slots, dtype=torch.float32)
-        best.scatter_reduce_(0, slot, c, reduce="amax", include_self=False)
-        top = c == best[slot]
-        a, b, slot, c = a[top], b[top], slot[top], c[top]
-        rank = torch.argsort(a, stable=True)  # first (smallest a) per slot among the ties
-        rank = rank[torch.argsort(slot[rank], stable=True)]
+        # the first in hash order), the others are dropped this step (they may win a later one).
+        # One sort by (slot, -count): counts of one step are far below 2**31.
+        rank = (slot << 32) | ((1 << 31) - 1 - c.to(torch.int64))
+        rank, order = torch.sort(rank, stable=True)
         first = torch.ones(len(rank), dtype=torch.bool)
-        first[1:] = slot[rank][1:] != slot[rank][:-1]
-        win = rank[first]
+        first[1:] = (rank[1:] >> 32) != (rank[:-1] >> 32)
+        win = order[first]
         a, b, slot, c = a[win], b[win], slot[win], c[win]
         left = self.count[slot] - c
         take = (self.a[slot] < 0) | (left <= 0)
-        self.count[slot] = torch.where(take, torch.where(self.a[slot] < 0, c, -left), left)
+        # a taken slot counts what the newcomer has beyond the holder (at least 1, at most c)
+        self.count[slot] = torch.where(
+            take, torch.where(self.a[slot] < 0, c, (-left).clamp(min=1)), left
+        )
         self.a[slot] = torch.where(take, a, self.a[slot])
         self.b[slot] = torch.where(take, b, self.b[slot])
 
