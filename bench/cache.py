@@ -3,6 +3,7 @@
 
     python bench/cache.py            # full run (~2-4 min on 2 cores)
     python bench/cache.py --quick    # smoke run
+    python bench/cache.py --quick --part couse   # co-use prefetch and placement only
 
 What is measured, each against its baseline in the same run:
 
@@ -477,7 +478,7 @@ def miss_fills(tmp: Path, dim: int, batch: int, repeat: int) -> list[dict[str, A
 # -- main --------------------------------------------------------------------------------------
 
 
-PARTS = ("policies", "hot", "fills")
+PARTS = ("policies", "hot", "fills", "couse")
 
 
 def main() -> None:
@@ -522,6 +523,19 @@ def main() -> None:
             "heads": 1,
             "inputs": "dpsn.index.testing.mixture(d=64), 32 clusters",
         }
+
+    if "couse" in parts:
+        from _couse_bench import couse_compare
+
+        print("co-use statistics: prefetch of partners, placement", flush=True)
+        results["couse"] = [
+            couse_compare(name, trace, group=k, batch=batch, fraction=frac, chunk_rows=64)
+            for name, trace in (
+                ("router", router_trace(n, k, seed=0)),
+                ("zipf 1.0", zipf_trace(1.0, n, seed=0)),
+            )
+            for frac in (0.05, 0.2)
+        ]
 
     tmp = Path(tempfile.mkdtemp(prefix="dpsn-bench-cache-"))
     hot_cap = 65536
@@ -603,6 +617,38 @@ def main() -> None:
                     r["x_first_cpu"],
                 )
                 for r in results["miss_fill"]
+            ],
+        )
+    if "couse" in parts:
+        print_table(
+            f"co-use statistics (CoUse, 2**18 pairs) fed by the trace's first half in groups "
+            f"of {k} ids, measured on its second half, batches of {batch}: LRU hit rate without "
+            "and with prefetch of each missed row's 2 top partners; chunk reads per cold batch "
+            "with rows laid out by id or by CoUse.placement (64 rows a chunk)",
+            [
+                "trace",
+                "capacity",
+                "hit",
+                "hit +partners",
+                "rows prefetched/batch",
+                "chunks/batch by id",
+                "placed",
+                "change",
+                "record us/group",
+            ],
+            [
+                (
+                    r["trace"],
+                    f"{r['capacity']} ({r['fraction']:.0%})",
+                    r["hit_rate"],
+                    r["hit_rate_couse_prefetch"],
+                    r["prefetched_rows_per_batch"],
+                    r["chunk_reads_per_cold_batch"],
+                    r["chunk_reads_per_cold_batch_placed"],
+                    f"{100 * r['chunk_reads_change']:+.1f}%",
+                    r["record_us_per_group"],
+                )
+                for r in results["couse"]
             ],
         )
     results["wall_s"] = time.perf_counter() - t_start

@@ -113,7 +113,9 @@ class NgramMemory(nn.Module):
     - ``row_optimizer``/``row_lr``/``grad_scaler``/``row_clip``: the rows' training, as in
       :class:`PoolEmbedding` (default row-wise AdaGrad);
     - ``couse``: record which rows each token uses together in the pool's co-use statistics
-      (``pool.track_couse()`` turns them on; see ``Pool.circuits``).
+      (``pool.track_couse()`` turns them on; see ``Pool.circuits``); ``couse_every``: record
+      every that-many-th position only (statistics need a sample, and recording all of a
+      step's ``H(H-1)/2`` pairs per token costs ~10-20% of a small model's step).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class NgramMemory(nn.Module):
         grad_scaler: Any = None,
         row_clip: float | None = None,
         couse: bool = True,
+        couse_every: int = 4,
     ) -> None:
         super().__init__()
         if not isinstance(pool, Pool):
@@ -145,6 +148,7 @@ class NgramMemory(nn.Module):
             for n in self.orders
         ]
         self.couse = bool(couse)
+        self.couse_every = _check_positive("couse_every", couse_every)
         width = len(self.orders) * self.heads * pool.dim
         self.key = nn.Linear(width, d_model, bias=False)
         self.value = nn.Linear(width, d_model, bias=False)
@@ -154,8 +158,10 @@ class NgramMemory(nn.Module):
             pool, self.row_optimizer, grad_scaler=grad_scaler, row_clip=row_clip
         )
         pool.set_state_width(self.row_optimizer.state_width(pool.dim))
-        self._ahead: list[tuple[torch.Tensor, Prefetch]] = []
-        self._queued: list[torch.Tensor] = []
+        # prefetched batches (tokens, ids, handle) and queued ones (tokens, ids): the forward
+        # that meets the same tokens reuses their ids instead of hashing again
+        self._ahead: list[tuple[torch.Tensor, torch.Tensor, Prefetch]] = []
+        self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the cache counters of the last forward's page-in (hits, misses, ...)
         self.last_page_in: dict[str, int] = {}
 
@@ -222,16 +228,19 @@ class NgramMemory(nn.Module):
             raise InvalidArgumentError(
                 f"hidden must be [B, T, d_model={self.d_model}], got {tuple(hidden.shape)}"
             )
-        ids = self.ids(tokens)
+        tokens = self._tokens(tokens)
+        match = self._take_ahead(tokens)
+        ids = match[0] if match is not None else self.ids(tokens)
         if tuple(ids.shape[:2]) != tuple(hidden.shape[:2]):
             raise InvalidArgumentError(
                 f"tokens {tuple(ids.shape[:2])} and hidden {tuple(hidden.shape[:2])} must agree "
                 "on [B, T]"
             )
         b, t, h = ids.shape
-        batch = self._page_in(ids)
+        batch = self._page_in(ids, match[1] if match is not None else None)
         if self.couse and self.training and torch.is_grad_enabled():
-            self.pool.record_couse(batch.ids[batch.inverse.reshape(-1, h)])
+            groups = batch.inverse.reshape(-1, h)[:: self.couse_every]
+            self.pool.record_couse(batch.ids[groups])
         rows = _Rows.apply(batch.anchor, batch, self)  # (B * T * H, D)
         if not rows.requires_grad:
             batch.release()  # no backward will come (no_grad, inference_mode)
@@ -249,42 +258,49 @@ class NgramMemory(nn.Module):
         helper thread (and a CUDA stream on GPU), while the current step computes: call it after
         the current forward (during its backward, say). The rows stay pinned until the forward
         that uses these tokens has paged them in (or :meth:`cancel_prefetch`)."""
-        ids = self.ids(next_tokens)
+        tokens = self._tokens(next_tokens)
+        ids = self.ids(tokens)
         handle = self.pool.prefetch(ids)
-        self._ahead.append((ids, handle))
+        self._ahead.append((tokens, ids, handle))
         while len(self._ahead) > _MAX_AHEAD:  # prefetched, never used: let the oldest go
-            self._ahead.pop(0)[1].release()
+            self._ahead.pop(0)[2].release()
         return handle
 
     def prefetch_after_forward(self, next_tokens: torch.Tensor) -> None:
         """Start :meth:`prefetch` of ``next_tokens`` right after the next forward has paged its
         own rows in, so the two never queue for the pool's lock: the rows of batch ``i + 1``
         then come in while batch ``i`` computes its forward and backward."""
-        self._queued.append(self.ids(next_tokens))
+        tokens = self._tokens(next_tokens)
+        self._queued.append((tokens, self.ids(tokens)))
 
     def cancel_prefetch(self) -> None:
         """Unpin every prefetched batch not used yet and forget queued ones."""
         ahead, self._ahead, self._queued = self._ahead, [], []
-        for _, handle in ahead:
+        for _, _, handle in ahead:
             handle.release()
 
-    def _page_in(self, ids: torch.Tensor) -> RowBatch:
+    def _take_ahead(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Prefetch] | None:
+        """The (ids, prefetch) of a prefetched batch of exactly these tokens, taken off the
+        list, or None."""
+        for i, (want, _, _) in enumerate(self._ahead):
+            if want.shape == tokens.shape and torch.equal(want, tokens):
+                _, ids, handle = self._ahead.pop(i)
+                return ids, handle
+        return None
+
+    def _page_in(self, ids: torch.Tensor, prefetched: Prefetch | None) -> RowBatch:
         """Page ``ids`` in (after their prefetch, if any, has finished), note what it missed,
         drop the prefetch's pin and start the queued prefetches."""
-        match = None
-        for i, (want, _) in enumerate(self._ahead):
-            if want.shape == ids.shape and torch.equal(want, ids):
-                match = self._ahead.pop(i)[1]
-                match.wait()
-                break
+        if prefetched is not None:
+            prefetched.wait()
         batch = self.pool.page_in(ids)
         cache = self.pool.cache
         self.last_page_in = dict(cache.stats.last) if cache is not None else {}
-        if match is not None:
-            match.release()
+        if prefetched is not None:
+            prefetched.release()
         queued, self._queued = self._queued, []
-        for q in queued:
-            self._ahead.append((q, self.pool.prefetch(q)))
+        for tokens, q in queued:
+            self._ahead.append((tokens, q, self.pool.prefetch(q)))
         return batch
 
 

@@ -303,9 +303,10 @@ class Pool:
     def record_couse(self, groups: torch.Tensor) -> None:
         """Count the rows used together: ``groups`` ``[G, H]`` row ids, one row of ids per token
         or bag (``-1``: none). Nothing happens when the statistics are off."""
+        # No stack lock: only the thread driving the pool touches the sketch (a prefetch job
+        # never does), and taking the lock would wait for a prefetch's disk reads.
         if self._couse is not None:
-            with self._stack.lock:
-                self._couse.record(groups)
+            self._couse.record(groups)
 
     def partners(self, ids: Any, k: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's up to ``k`` most frequent co-used rows: ``(row, partner, count)``."""

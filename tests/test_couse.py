@@ -90,9 +90,14 @@ def test_circuits_and_partners():
     row, partner, count = s.partners(torch.tensor([11, 10]), k=1)
     assert row.tolist() == [10, 11] and count.tolist() == [5.0, 5.0]
     assert partner.tolist()[0] == 11 and partner.tolist()[1] in (10, 12)
-    perm = s.placement(np.array([99, 51, 12, 10, 50, 7, 11, 52]), min_support=3)
-    order = np.array([99, 51, 12, 10, 50, 7, 11, 52])[perm]
+    ids = np.array([99, 51, 12, 10, 50, 7, 11, 52])
+    order = ids[s.placement(ids, min_support=3)]
     assert order.tolist() == [7, 10, 11, 12, 50, 51, 52, 99]
+    # a group larger than max_group is split where its links are weakest
+    for _ in range(20):
+        s.record(torch.tensor([[10, 11, -1]]))
+    order = ids[s.placement(ids, max_group=2, min_support=3)]
+    assert order.tolist()[:3] == [7, 10, 11]  # 12 (5 uses with 11) split off from {10, 11}
 
 
 def test_bad_input():

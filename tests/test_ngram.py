@@ -230,7 +230,7 @@ def test_prefetching_helper(pool):
 
 def test_couse_recorded_by_memory(pool):
     pool.track_couse(1 << 12)
-    m = dpsn.NgramMemory(pool, 8, orders=(2, 3), heads=2)
+    m = dpsn.NgramMemory(pool, 8, orders=(2, 3), heads=2, couse_every=1)
     tokens = torch.tensor([[7, 8, 9, 7, 8, 9]])
     for _ in range(3):
         m(torch.randn(1, 6, 8), tokens).sum().backward()
@@ -240,3 +240,22 @@ def test_couse_recorded_by_memory(pool):
     _, partner, count = pool.partners(ids[:1], k=3)
     assert len(partner) == 3 and bool((count >= 3).all())
     assert bool(torch.isin(partner, m.ids(tokens)).all())
+
+
+@pytest.mark.gpu
+def test_on_cuda_matches_cpu(tmp_path):
+    """Same ids and the same output on CUDA as on CPU; prefetch through the side stream."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 12))
+    hidden = torch.randn(2, 12, 8)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        p = dpsn.create(tmp_path / dev, rows=1 << 20, dim=8, generator=SMALL, device=dev)
+        torch.manual_seed(1)
+        m = dpsn.NgramMemory(p, 8, orders=(2, 3), heads=2).to(dev)
+        assert torch.equal(m.ids(tokens.to(dev)).cpu(), m.ids(tokens))
+        m.prefetch(tokens.to(dev)).wait()
+        outs.append(m(hidden.to(dev), tokens.to(dev)).detach().cpu())
+        assert m.last_page_in["misses"] == 0
+        p.close()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)

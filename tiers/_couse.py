@@ -51,6 +51,29 @@ def _pair_key(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return xxh64_ids(xxh64_ids(b, COUSE_SEED) ^ a, COUSE_SEED)
 
 
+def _components(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Connected components of the graph with edges ``(a[i], b[i])``: ``(nodes, comp_of,
+    ea)`` with ``nodes`` the sorted distinct rows, ``comp_of`` each node's component (0..C-1)
+    and ``ea`` each edge's first node (an index into ``nodes``). Min-label propagation with
+    pointer jumping: a few vectorized rounds (about log of the diameter), no loop per row."""
+    nodes, inv = torch.unique(torch.cat([a, b]), return_inverse=True)
+    ea, eb = inv[: len(a)], inv[len(a) :]
+    label = torch.arange(len(nodes))
+    while True:
+        m = torch.minimum(label[ea], label[eb])
+        new = label.clone()
+        new.scatter_reduce_(0, ea, m, reduce="amin")
+        new.scatter_reduce_(0, eb, m, reduce="amin")
+        new = new[new]  # pointer jumping: follow labels toward their roots
+        if torch.equal(new, label):
+            break
+        label = new
+    comp_of = torch.unique(label, return_inverse=True)[1]
+    return nodes, comp_of, ea
+
+
 class CoUse:
     """A bounded sketch of co-used row pairs; see the module docstring.
 
@@ -94,12 +117,12 @@ class CoUse:
         if len(a) == 0:
             return
         key = _pair_key(a, b)
-        # Distinct pairs of the step by (a, b): a sort of a, then a stable sort of b.
-        order = torch.argsort(a, stable=True)
-        order = order[torch.argsort(b[order], stable=True)]
-        a, b, key = a[order], b[order], key[order]
+        # Distinct pairs of the step: one sort by the pair's hash (pairs that share a hash but
+        # differ stay apart: a new run starts wherever key, a or b changes).
+        key, order = torch.sort(key)
+        a, b = a[order], b[order]
         new = torch.ones(len(a), dtype=torch.bool)
-        new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        new[1:] = (key[1:] != key[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         starts = torch.nonzero(new).squeeze(1)
         counts = torch.diff(starts, append=torch.tensor([len(a)])).to(torch.float32)
         a, b, key = a[starts], b[starts], key[starts]
@@ -113,20 +136,20 @@ class CoUse:
         if len(a) == 0:
             return
         # Several new pairs may want one slot: the most frequent of them contends for it (ties:
-        # the smallest pair), the others are dropped this step (they may win a later one).
-        best = torch.zeros(self.slots, dtype=torch.float32)
-        best.scatter_reduce_(0, slot, c, reduce="amax", include_self=False)
-        top = c == best[slot]
-        a, b, slot, c = a[top], b[top], slot[top], c[top]
-        rank = torch.argsort(a, stable=True)  # first (smallest a) per slot among the ties
-        rank = rank[torch.argsort(slot[rank], stable=True)]
+        # the first in hash order), the others are dropped this step (they may win a later one).
+        # One sort by (slot, -count): counts of one step are far below 2**31.
+        rank = (slot << 32) | ((1 << 31) - 1 - c.to(torch.int64))
+        rank, order = torch.sort(rank, stable=True)
         first = torch.ones(len(rank), dtype=torch.bool)
-        first[1:] = slot[rank][1:] != slot[rank][:-1]
-        win = rank[first]
+        first[1:] = (rank[1:] >> 32) != (rank[:-1] >> 32)
+        win = order[first]
         a, b, slot, c = a[win], b[win], slot[win], c[win]
         left = self.count[slot] - c
         take = (self.a[slot] < 0) | (left <= 0)
-        self.count[slot] = torch.where(take, torch.where(self.a[slot] < 0, c, -left), left)
+        # a taken slot counts what the newcomer has beyond the holder (at least 1, at most c)
+        self.count[slot] = torch.where(
+            take, torch.where(self.a[slot] < 0, c, (-left).clamp(min=1)), left
+        )
         self.a[slot] = torch.where(take, a, self.a[slot])
         self.b[slot] = torch.where(take, b, self.b[slot])
 
@@ -178,42 +201,51 @@ class CoUse:
         a, b, c = self.pairs(min_support)
         if len(a) == 0:
             return []
-        nodes, inv = torch.unique(torch.cat([a, b]), return_inverse=True)
-        ea, eb = inv[: len(a)], inv[len(a) :]
-        label = torch.arange(len(nodes))
-        while True:  # min-label propagation: O(diameter) vectorized rounds
-            m = torch.minimum(label[ea], label[eb])
-            new = label.clone()
-            new.scatter_reduce_(0, ea, m, reduce="amin")
-            new.scatter_reduce_(0, eb, m, reduce="amin")
-            new = new[new]  # pointer jumping: follow labels to their roots
-            if torch.equal(new, label):
-                break
-            label = new
-        comp, comp_of = torch.unique(label, return_inverse=True)
+        nodes, comp_of, ea = _components(a, b)
+        ncomp = int(comp_of.max()) + 1
         order = torch.argsort(comp_of, stable=True)
-        sizes = torch.bincount(comp_of, minlength=len(comp))
+        sizes = torch.bincount(comp_of, minlength=ncomp)
         edge_comp = comp_of[ea]
-        sums = torch.zeros(len(comp)).index_add_(0, edge_comp, c)
-        edges = torch.bincount(edge_comp, minlength=len(comp)).clamp(min=1)
+        sums = torch.zeros(ncomp).index_add_(0, edge_comp, c)
+        edges = torch.bincount(edge_comp, minlength=ncomp).clamp(min=1)
         support = (sums / edges).tolist()
         groups = torch.split(nodes[order], sizes.tolist())
         out = [(rows, support[i]) for i, rows in enumerate(groups)]
         out.sort(key=lambda x: (-len(x[0]), -x[1], int(x[0][0])))
         return out
 
-    def placement(self, ids: np.ndarray, min_support: float = 1.0) -> np.ndarray:
-        """A permutation of ``ids`` (1-D) that puts each circuit's rows next to each other:
-        ordered by (the smallest id of the row's circuit, id); rows in no circuit keep their
-        own id as the key. Used where rows are written to segments, so co-used rows share
-        chunks."""
+    def placement(
+        self, ids: np.ndarray, *, max_group: int = 64, min_support: float = 1.0
+    ) -> np.ndarray:
+        """A permutation of ``ids`` (1-D) that puts co-used rows next to each other, so that
+        where rows are written in this order (``max_group`` = rows per chunk) a group shares
+        chunks: rows are grouped by the components of pairs seen ``min_support`` times or more;
+        a component larger than ``max_group`` is split by doubling the support its pairs need
+        (weak links go first), up to 12 times; rows are ordered by (their group's smallest id,
+        id), and rows in no group keep their own id as the key."""
         ids = np.asarray(ids, dtype=np.int64)
         key = ids.copy()
-        for rows, _ in self.circuits(min_support):
-            r = rows.numpy()
-            pos = np.searchsorted(r, ids)
-            hit = (pos < len(r)) & (r[np.minimum(pos, len(r) - 1)] == ids)
-            key[hit] = r[0]
+        a, b, c = self.pairs(min_support)
+        sel = torch.isin(a, torch.from_numpy(ids)) & torch.isin(b, torch.from_numpy(ids))
+        a, b, c = a[sel], b[sel], c[sel]
+        support = min_support
+        for _ in range(12):
+            if len(a) == 0:
+                break
+            nodes, comp_of, ea = _components(a, b)
+            sizes = torch.bincount(comp_of)
+            small = sizes[comp_of] <= max_group  # (nodes,)
+            root = torch.full((len(sizes),), 1 << 62, dtype=torch.int64)
+            root.scatter_reduce_(0, comp_of, nodes, reduce="amin")
+            done_nodes, done_key = nodes[small].numpy(), root[comp_of][small].numpy()
+            if len(done_nodes):
+                pos = np.minimum(np.searchsorted(done_nodes, ids), len(done_nodes) - 1)
+                hit = done_nodes[pos] == ids
+                key[hit] = done_key[pos[hit]]
+            # the pairs of components still too large, with a higher bar
+            support *= 2
+            big_edge = ~small[ea] & (c >= support)
+            a, b, c = a[big_edge], b[big_edge], c[big_edge]
         return np.lexsort((ids, key))
 
     # -- persistence ---------------------------------------------------------------------------
