@@ -21,10 +21,8 @@ from dpsn.pool import PoolLayer
 @given(rows=st.integers(1, 10**9), seed=st.integers(0, 2**31))
 def test_product_key_regions_are_the_routers_sub_keys(rows: int, seed: int) -> None:
     n1, n2 = grid_shape(rows)
-    g = RegionMLP.__new__(RegionMLP)  # regions() needs only the grid: skip the weights
-    torch.nn.Module.__init__(g)
-    g.rows, g.num_regions, g._n2 = rows, None, n2
-    g.embeddings = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n1, 1))])
+    g = RegionMLP(dim=1, seed=0, rows=rows, region_dim=1, features=1, hidden=1, layers=0)
+    assert [e.shape[0] for e in g.embeddings] == [n1, n2]
     ids = torch.randint(0, rows, (64,), generator=torch.Generator().manual_seed(seed))
     a, b = g.regions(ids)
     assert torch.equal(a * n2 + b, ids)
