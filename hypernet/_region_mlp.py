@@ -71,7 +71,14 @@ from ._hash import derive_seed
 from ._init import hashed_normal_init, hashed_uniform_init
 from ._rf_mlp import _ACTIVATIONS, _choice, _positive_int
 
-__all__ = ["MAX_REGIONS", "REGION_MAPS", "RegionMLP", "novelty_from_counts", "region_tables"]
+__all__ = [
+    "MAX_REGIONS",
+    "REGION_MAPS",
+    "RegionMLP",
+    "novelty_from_counts",
+    "region_mlp_spec",
+    "region_tables",
+]
 
 # Hash streams of this kind (derive_seed(seed, stream)): persisted in effect, never renumber.
 _STREAM_FEATURES = 0
@@ -113,6 +120,19 @@ def novelty_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """Novelty in (0, 1] from per-region use counts: ``1 / (1 + log1p(count))``: 1 for a region
     never used, falling slowly with use (a region seen 10**4 times reads ~0.1)."""
     return 1.0 / (1.0 + torch.log1p(counts.detach().float().clamp_min(0)))
+
+
+def region_mlp_spec(router: Any, **options: Any) -> dict[str, Any]:
+    """The ``generator=`` spec of a ``region_mlp`` whose regions are ``router``'s: the block map
+    of a region router (anything with ``num_regions``: ``VQRouter``, ``LSHRouter``), else the
+    product-key grid. Read from the router's attributes (this package does not import
+    ``dpsn.index``); ``options`` are the generator's other settings."""
+    spec: dict[str, Any] = {"kind": RegionMLP.kind, "rows": int(router.num_rows), **options}
+    if getattr(router, "num_regions", None) is not None:
+        spec.update(region_map="block", num_regions=int(router.num_regions))
+    else:
+        spec["region_map"] = "product_keys"
+    return spec
 
 
 class RegionMLP(Generator):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpsn
-from dpsn.hypernet import RegionMLP, make_generator, novelty_from_counts
+from dpsn.hypernet import RegionMLP, make_generator, novelty_from_counts, region_mlp_spec
 from dpsn.index import LSHRouter, ProductKeyRouter
 from dpsn.index._product_keys import grid_shape
 from dpsn.pool import PoolLayer
@@ -36,6 +36,16 @@ def test_block_regions_are_the_region_routers(rows: int) -> None:
     ids = torch.arange(rows)
     (mine,) = g.regions(ids)
     assert torch.equal(mine, router.region_of(ids))
+    spec = region_mlp_spec(router, region_dim=4)
+    assert spec == {
+        "kind": "region_mlp",
+        "rows": rows,
+        "region_map": "block",
+        "num_regions": router.num_regions,
+        "region_dim": 4,
+    }
+    pk = region_mlp_spec(ProductKeyRouter(d_in=8, num_rows=rows, k=2))
+    assert pk["region_map"] == "product_keys" and pk["rows"] == rows
 
 
 def test_config_errors() -> None:
