@@ -160,3 +160,18 @@ def test_trained_generator_rows_follow_it_and_trained_rows_keep_base_plus_delta(
     with dpsn.open(path) as p:  # the version persisted: the same values come back
         torch.testing.assert_close(p.read(trained), value_trained, rtol=0, atol=1e-6)
         torch.testing.assert_close(p.read(untrained), gen_now, rtol=0, atol=1e-6)
+
+
+def test_novelty_set_on_an_open_pool_is_committed_as_a_generator_version(tmp_path) -> None:
+    spec = {"kind": "region_mlp", "region_map": "block", "num_regions": 4, "hidden": 8}
+    ids = torch.tensor([0, 30, 99])
+    with dpsn.create(tmp_path / "s", rows=100, dim=4, generator=spec) as p:
+        before = p.read(ids)
+        p.generator.set_novelty(0, torch.tensor([1.0, 0.5, 0.25, 0.0]))
+        after = p.read(ids)  # cached bases are refreshed: the weights' versions moved
+        assert not torch.equal(before, after)
+        c = p.commit("novelty")
+        assert c.generator == c.id
+    with dpsn.open(tmp_path / "s") as p:
+        assert torch.equal(p.generator.novelty[0], torch.tensor([1.0, 0.5, 0.25, 0.0]))
+        assert torch.equal(p.read(ids), after)
