@@ -22,14 +22,17 @@ from _common import print_table
 
 
 @torch.no_grad()
-def budgets_by_byte(model: lm.ByteLM, splits: lm.Splits, batch: int) -> dict[str, Any]:
-    """Mean budget per input byte over the whole test split, each pool layer and together."""
+def budgets_by_byte(
+    model: lm.ByteLM, splits: lm.Splits, batch: int, limit: int | None = None
+) -> dict[str, Any]:
+    """Mean budget per input byte over the test split (``limit`` evenly spaced windows; None:
+    all of it), each pool layer and together."""
     was_training = model.training
     model.eval()
     layers = model.pool_layers()
     total = torch.zeros(len(layers), lm.VOCAB, dtype=torch.float64)
     count = torch.zeros(lm.VOCAB, dtype=torch.float64)
-    windows = lm.val_windows(splits.test, model.cfg.context)
+    windows = lm.val_windows(splits.test, model.cfg.context, limit)
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch, :-1]
         model(w)
@@ -87,7 +90,9 @@ def run(
             steps=steps,
             store=tmp / name.replace(" ", "_").replace(",", ""),
             desc=name,
-            inspect=lambda model, splits, cfg=cfg: budgets_by_byte(model, splits, cfg.batch),
+            inspect=lambda model, splits, cfg=cfg: budgets_by_byte(
+                model, splits, cfg.batch, common.get("final_windows")
+            ),
             **common,
         )
         res.pop("store", None)

@@ -551,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_reason = (
         "not run in --quick"
         if quick
+        else "not run with several --model-steps budgets"
+        if len(step_budgets) > 1
         else "not run with --model-pool-only"
         if args.model_pool_only
         else "a dense FFN this wide is beyond this benchmark's time budget (width > 10^4)"
@@ -769,6 +771,8 @@ def _fmt(v: Any, spec: str = ",.0f") -> str:
 
 
 def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    if not rows:  # a part that did not run (--no-memory, --no-model)
+        return
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     print(f"\n{title}")
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))

@@ -9,8 +9,9 @@ Rows measured, each against its baseline in the same run:
   Zarr (the same whole chunks, numpy gather), with no dpsn logic. Aim: >= 50% of raw.
 - procedural reads per generator vs a plain ``torch.index_select`` of as many rows from a dense
   tensor (allocating its output, as a read does; the ``out=`` variant is shown too). Aim
-  (hashed slices): within 2x of the gather; the ``region_mlp`` generator's time over the
-  ``rf_mlp`` one's (same ids, issue 27's aim: <= 1.5x) is printed and kept in the JSON.
+  (hashed slices): within 2x of the gather; the ``region_mlp`` generator's CPU time over the
+  ``rf_mlp`` one's (same ids, calls alternating; issue 27's aim: <= 1.5x) is printed and kept
+  in the JSON.
 - commit rows/s, and bytes per persisted row on disk vs raw float32, for dense random deltas and
   for sparse (87.5% zero) ones.
 """
@@ -18,6 +19,7 @@ Rows measured, each against its baseline in the same run:
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
@@ -120,13 +122,13 @@ def main() -> None:
             ("torch.index_select (dense 1M x dim)", batch / t_gather, 1.0),
             ("  same, into a preallocated out=", batch / t_gather_out, t_gather / t_gather_out),
         ]
-        gen_seconds = {}
+        gens = {}
         vids = torch.from_numpy(rng.integers(0, 10**12, batch))  # the same ids for every kind
         for kind in ("hashed_slices", "rf_mlp", "region_mlp"):
             p = dpsn.create(tmp / kind, rows=10**12, dim=dim, generator=kind, cache_rows=0)
+            gens[kind] = p.generator
             with torch.no_grad():
                 t_gen = best_of(lambda p=p: p.generator(vids), repeat=3)
-            gen_seconds[kind] = t_gen
             t_pool = best_of(lambda p=p: p.read(vids), repeat=3)
             proc_rows.append((f"{kind}: generator only", batch / t_gen, t_gather / t_gen))
             proc_rows.append((f"{kind}: pool.read", batch / t_pool, t_gather / t_pool))
@@ -139,10 +141,19 @@ def main() -> None:
         results["procedural_reads"] = [
             dict(zip(["path", "rows_per_s", "x_gather"], r, strict=True)) for r in proc_rows
         ]
-        # issue 27's aim: the region-conditioned generator within 1.5x of the random-feature MLP
-        ratio = gen_seconds["region_mlp"] / gen_seconds["rf_mlp"]
-        results["region_mlp_time_over_rf_mlp"] = ratio
-        print(f"region_mlp generator time / rf_mlp generator time: {ratio:.2f}x (aim <= 1.5x)")
+        # issue 27's aim: the region-conditioned generator within 1.5x of the random-feature MLP.
+        # Timed by CPU time, the two calls alternating, best of 7 each: on a shared machine a
+        # wall-clock best of 3 taken minutes apart swung this ratio from 1.3x to 3.5x.
+        cpu = {"rf_mlp": math.inf, "region_mlp": math.inf}
+        with torch.no_grad():
+            for _ in range(7):
+                for kind in cpu:
+                    c0 = time.process_time()
+                    gens[kind](vids)
+                    cpu[kind] = min(cpu[kind], time.process_time() - c0)
+        ratio = cpu["region_mlp"] / cpu["rf_mlp"]
+        results["region_mlp_cpu_time_over_rf_mlp"] = ratio
+        print(f"region_mlp / rf_mlp generator CPU time (interleaved): {ratio:.2f}x (aim <= 1.5x)")
 
         # storage per row: dense random vs sparse deltas
         with dpsn.create(tmp / "sparse", rows=10**9, dim=dim) as sp:

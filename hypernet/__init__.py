@@ -9,7 +9,7 @@ row in alone, on any device, and get the same values. This package never imports
 from ._features import hashed_normal, hashed_offsets, hashed_uniform
 from ._generator import Generator
 from ._hash import derive_seed, xxh64_ids
-from ._region_mlp import RegionMLP, novelty_from_counts
+from ._region_mlp import RegionMLP, novelty_from_counts, region_mlp_spec
 from ._registry import GENERATORS, make_generator
 from ._rf_mlp import RandomFeatureMLP
 from ._slices import HashedSlices
@@ -28,5 +28,6 @@ __all__ = [
     "hashed_uniform",
     "make_generator",
     "novelty_from_counts",
+    "region_mlp_spec",
     "xxh64_ids",
 ]

@@ -38,9 +38,21 @@ Row formula (part of a store's meaning: never change it, add a new kind instead)
     h_{l+1} = act(h_l @ W_l.T + b_l)           l = 0 .. layers-1
     row     = h_L @ W_L.T + b_L
 
-Initial weights as :class:`RandomFeatureMLP`'s (uniform, variance ``gain**2 / fan_in`` over
-inputs of second moment 1/3); embeddings are hashed normals of standard deviation ``1/sqrt(3)``
-(the features' second moment), so rows start at a standard deviation close to ``std``.
+Weights are stored at unit scale and multiplied by a fixed per-layer gain in the forward pass
+(the "equalized learning rate" of Karras et al., ICLR 2018): ``W_l = g_l * V_l`` with ``V_l``
+uniform of variance 1 and ``g_l**2`` the variance :class:`RandomFeatureMLP` gives its weights
+(``gain**2 / fan_in`` over inputs of second moment 1/3, ``std**2 / fan_in`` at the output), and
+the output bias is ``std * c_L``. Why: the generator trains with the dense model's optimizer,
+and Adam moves every parameter by about its learning rate whatever its scale; on weights of
+scale 0.01 a step of 3e-3 rewrites a fifth of every base row, on unit-scale ones it is a small
+relative step, the same for every layer and for the region embeddings (hashed normals of
+standard deviation ``1/sqrt(3)``, the features' second moment). Rows start at a standard
+deviation close to ``std``.
+
+Row formula, exactly (``V_l``, ``c_l`` the stored ``weights.<l>``, ``biases.<l>``)::
+
+    h_{l+1} = act(h_l @ (g_l * V_l).T + c_l)    l < L
+    row     = h_L @ (g_L * V_L).T + std * c_L
 """
 
 from __future__ import annotations
@@ -59,7 +71,14 @@ from ._hash import derive_seed
 from ._init import hashed_normal_init, hashed_uniform_init
 from ._rf_mlp import _ACTIVATIONS, _choice, _positive_int
 
-__all__ = ["MAX_REGIONS", "REGION_MAPS", "RegionMLP", "novelty_from_counts", "region_tables"]
+__all__ = [
+    "MAX_REGIONS",
+    "REGION_MAPS",
+    "RegionMLP",
+    "novelty_from_counts",
+    "region_mlp_spec",
+    "region_tables",
+]
 
 # Hash streams of this kind (derive_seed(seed, stream)): persisted in effect, never renumber.
 _STREAM_FEATURES = 0
@@ -101,6 +120,19 @@ def novelty_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """Novelty in (0, 1] from per-region use counts: ``1 / (1 + log1p(count))``: 1 for a region
     never used, falling slowly with use (a region seen 10**4 times reads ~0.1)."""
     return 1.0 / (1.0 + torch.log1p(counts.detach().float().clamp_min(0)))
+
+
+def region_mlp_spec(router: Any, **options: Any) -> dict[str, Any]:
+    """The ``generator=`` spec of a ``region_mlp`` whose regions are ``router``'s: the block map
+    of a region router (anything with ``num_regions``: ``VQRouter``, ``LSHRouter``), else the
+    product-key grid. Read from the router's attributes (this package does not import
+    ``dpsn.index``); ``options`` are the generator's other settings."""
+    spec: dict[str, Any] = {"kind": RegionMLP.kind, "rows": int(router.num_rows), **options}
+    if getattr(router, "num_regions", None) is not None:
+        spec.update(region_map="block", num_regions=int(router.num_regions))
+    else:
+        spec["region_map"] = "product_keys"
+    return spec
 
 
 class RegionMLP(Generator):
@@ -172,12 +204,14 @@ class RegionMLP(Generator):
         init_seed = derive_seed(seed, _STREAM_INIT)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
+        self._gains: list[float] = []  # g_l: weights are stored at unit variance
         for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             variance = (self.std**2 if layer == layers else hidden_gain2) / fan_in
             if layer == 0:
                 variance *= 3.0  # inputs of second moment 1/3 (features and embeddings)
-            bound = math.sqrt(3.0 * variance)
-            w = hashed_uniform_init((fan_out, fan_in), derive_seed(init_seed, layer), bound)
+            self._gains.append(math.sqrt(variance))
+            unit = math.sqrt(3.0)  # uniform on [-sqrt 3, sqrt 3) has variance 1
+            w = hashed_uniform_init((fan_out, fan_in), derive_seed(init_seed, layer), unit)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(fan_out, dtype=torch.float32)))
 
@@ -261,7 +295,8 @@ class RegionMLP(Generator):
         h = torch.cat([f.to(e.dtype), e, nu[:, None].to(e.dtype)], dim=1)  # (n, F + E + 1)
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = F.linear(h, w, b)  # (n, H) or (n, D) at the last layer
             if layer != last:
-                h = self._act(h)
+                h = self._act(F.linear(h, w * self._gains[layer], b))  # (n, H)
+            else:
+                h = F.linear(h, w * self._gains[layer], b * self.std)  # (n, D)
         return h.view(*ids.shape, self.dim)

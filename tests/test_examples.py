@@ -106,3 +106,28 @@ def test_quality_bench_quick_runs_without_writing():
     assert profile["total"] > 0 and profile["dpsn.executor.forward"] > 0
     active = payload["matching"]["active_ffn_params_per_token"]
     assert active[0] == active[1]  # the dense FFN is as wide as the active rows
+
+
+@pytest.mark.slow
+def test_quality_bench_budget_prices_reports_mean_k_and_bytes():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+
+    tiny = ["d_model=32", "n_heads=2", "context=16", "batch=2", "k=4", "rows=4096"]
+    args = [
+        "--quick",
+        "--steps",
+        "3",
+        "--no-write",
+        "--budget-prices",
+        "0.01",
+        "--budget-k-min",
+        "1",
+    ]
+    payload = quality.main(args + [a for t in tiny for a in ("--set", t)])
+    fixed, learned = payload["runs"]["fixed k"], payload["runs"]["learned, price 0.01"]
+    assert fixed["inspect"]["mean_k"] == 4.0  # every byte gets k_max
+    assert 1.0 <= learned["inspect"]["mean_k"] <= 4.0
+    assert learned["price"] == 0.01 and math.isfinite(learned["test_bpb"])
+    assert len(learned["inspect"]["most_frequent_bytes"]) == 10
+    assert set(payload["aims"]) == {"learned, price 0.01"}

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpsn
-from dpsn.hypernet import RegionMLP, make_generator, novelty_from_counts
+from dpsn.hypernet import RegionMLP, make_generator, novelty_from_counts, region_mlp_spec
 from dpsn.index import LSHRouter, ProductKeyRouter
 from dpsn.index._product_keys import grid_shape
 from dpsn.pool import PoolLayer
@@ -21,10 +21,8 @@ from dpsn.pool import PoolLayer
 @given(rows=st.integers(1, 10**9), seed=st.integers(0, 2**31))
 def test_product_key_regions_are_the_routers_sub_keys(rows: int, seed: int) -> None:
     n1, n2 = grid_shape(rows)
-    g = RegionMLP.__new__(RegionMLP)  # regions() needs only the grid: skip the weights
-    torch.nn.Module.__init__(g)
-    g.rows, g.num_regions, g._n2 = rows, None, n2
-    g.embeddings = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n1, 1))])
+    g = RegionMLP(dim=1, seed=0, rows=rows, region_dim=1, features=1, hidden=1, layers=0)
+    assert [e.shape[0] for e in g.embeddings] == [n1, n2]
     ids = torch.randint(0, rows, (64,), generator=torch.Generator().manual_seed(seed))
     a, b = g.regions(ids)
     assert torch.equal(a * n2 + b, ids)
@@ -38,6 +36,16 @@ def test_block_regions_are_the_region_routers(rows: int) -> None:
     ids = torch.arange(rows)
     (mine,) = g.regions(ids)
     assert torch.equal(mine, router.region_of(ids))
+    spec = region_mlp_spec(router, region_dim=4)
+    assert spec == {
+        "kind": "region_mlp",
+        "rows": rows,
+        "region_map": "block",
+        "num_regions": router.num_regions,
+        "region_dim": 4,
+    }
+    pk = region_mlp_spec(ProductKeyRouter(d_in=8, num_rows=rows, k=2))
+    assert pk["region_map"] == "product_keys" and pk["rows"] == rows
 
 
 def test_config_errors() -> None:
@@ -152,3 +160,18 @@ def test_trained_generator_rows_follow_it_and_trained_rows_keep_base_plus_delta(
     with dpsn.open(path) as p:  # the version persisted: the same values come back
         torch.testing.assert_close(p.read(trained), value_trained, rtol=0, atol=1e-6)
         torch.testing.assert_close(p.read(untrained), gen_now, rtol=0, atol=1e-6)
+
+
+def test_novelty_set_on_an_open_pool_is_committed_as_a_generator_version(tmp_path) -> None:
+    spec = {"kind": "region_mlp", "region_map": "block", "num_regions": 4, "hidden": 8}
+    ids = torch.tensor([0, 30, 99])
+    with dpsn.create(tmp_path / "s", rows=100, dim=4, generator=spec) as p:
+        before = p.read(ids)
+        p.generator.set_novelty(0, torch.tensor([1.0, 0.5, 0.25, 0.0]))
+        after = p.read(ids)  # cached bases are refreshed: the weights' versions moved
+        assert not torch.equal(before, after)
+        c = p.commit("novelty")
+        assert c.generator == c.id
+    with dpsn.open(tmp_path / "s") as p:
+        assert torch.equal(p.generator.novelty[0], torch.tensor([1.0, 0.5, 0.25, 0.0]))
+        assert torch.equal(p.read(ids), after)
