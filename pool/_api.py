@@ -298,6 +298,9 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     policy: str = "lru",
     lifecycle: Lifecycle | None = None,
     process_group: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
 ) -> Pool:
     """Open a store.
 
@@ -311,7 +314,31 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
 
     A sharded root (or ``process_group=``) opens this rank's shard as a
     :class:`dpsn.distributed.ShardedPool`: see :func:`dpsn.distributed.open`.
+
+    A URL (``s3://bucket/prefix``; credentials and endpoint in ``storage_options``, fsspec's,
+    or the environment) opens the commit a writer published there (``Pool.publish``,
+    ``dpsn push``) read-only, through a local disk cache (``cache_dir``, default
+    ``~/.cache/dpsn``; at most ``cache_bytes``, default 8 GiB): ``dpsn.tiers._remote``.
     """
+    from dpsn.tiers._remote import is_url
+
+    if is_url(path):
+        from dpsn.tiers._remote import DEFAULT_CACHE_BYTES, materialize
+
+        if mode != "r":
+            raise InvalidArgumentError(
+                'a published store opens read-only (mode="r"): write locally, then publish'
+            )
+        if at is not None and (isinstance(at, (str, bool))):
+            raise InvalidArgumentTypeError("at= of a published store takes a commit id (int)")
+        path = materialize(
+            str(path),
+            storage_options,
+            at=None if at is None else int(at),
+            cache_dir=cache_dir,
+            cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+        )
+        at = None
     from dpsn.tiers._shards import is_sharded
 
     if process_group is not None or is_sharded(path):

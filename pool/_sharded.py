@@ -28,6 +28,7 @@ Axes: n distinct ids this rank needs, r ids this rank owns and was asked for, D 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,7 @@ class ShardedRowBatch:
             (len(grads), 1), 1.0 if contributes else 0.0, dtype=grads.dtype, device=grads.device
         )
         send = torch.cat([grads, flag], dim=1)[self._perm]  # grouped by owner, as the ids went
-        pool._count(send, self._send)
-        got = _exchange(send, self._send, self._recv, pool.group)  # (r, D + 1)
+        got = pool._a2a(send, self._send, self._recv)  # (r, D + 1)
         try:
             if len(local) and pool.writable:
                 d = pool.dim
@@ -210,12 +210,18 @@ class ShardedPool:
         self._record = record
         self._optimizer: Any = None
         # bytes this rank sent to other ranks (ids, rows, gradients) and collectives run
-        self.traffic = {"bytes_sent": 0, "exchanges": 0}
+        # and the wall time spent inside them (waiting for the slowest rank included)
+        self.traffic = {"bytes_sent": 0, "exchanges": 0, "seconds": 0.0}
 
-    def _count(self, x: torch.Tensor, send: list[int]) -> None:
+    def _a2a(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """:func:`_exchange`, counted in :attr:`traffic`."""
         per_row = x.element_size() * math.prod(x.shape[1:])
+        t = time.perf_counter()
+        out = _exchange(x, send, recv, self.group)
+        self.traffic["seconds"] += time.perf_counter() - t
         self.traffic["bytes_sent"] += (sum(send) - send[self.rank]) * per_row
         self.traffic["exchanges"] += 1
+        return out
 
     # -- what executors read -------------------------------------------------------------------
 
@@ -289,7 +295,7 @@ class ShardedPool:
         dev = self.device
         problem: BaseException | None = None
         try:
-            ids_t = self.local._ids(ids)
+            ids_t = self.local._ids(ids).to(dev)
         except (DpsnError, TypeError, ValueError) as e:
             problem, ids_t = e, torch.zeros(0, dtype=torch.int64, device=dev)
         flat = ids_t.reshape(-1)
@@ -301,21 +307,19 @@ class ShardedPool:
         send_counts = torch.bincount(owner, minlength=self.world)
         if problem is not None:
             send_counts = torch.full_like(send_counts, -1)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        ones = [1] * self.world
+        recv_counts = self._a2a(send_counts, ones, ones)
         if problem is not None:
             raise problem
         bad = torch.nonzero(recv_counts < 0).flatten().tolist()
         if bad:
             raise DistributedError(f"rank(s) {bad} were given invalid ids in this page_in")
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        self._count(uniq, send)
-        asked = _exchange(uniq[perm], send, recv, self.group)  # (r,) ids this rank owns
+        asked = self._a2a(uniq[perm], send, recv)  # (r,) ids this rank owns
         local = self.local.page_in(asked)
         try:
             values = torch.index_select(local.table, 0, local.use_index.reshape(-1))  # (r, D)
-            self._count(values, recv)
-            got = _exchange(values, recv, send, self.group)  # (n, D) grouped by owner
+            got = self._a2a(values, recv, send)  # (n, D) grouped by owner
         except BaseException:
             local.release()
             raise

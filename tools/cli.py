@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import _commands as c
-from . import _sharded
+from . import _remote, _sharded
 from ._counts import parse_count, positive_count
 
 __all__ = ["build_parser", "main", "parse_count", "positive_count"]
@@ -356,6 +356,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing store at DIR")
 
     _sharded.add_commands(add)  # reshard (tools/_sharded.py)
+    _remote.add_commands(add)  # push (tools/_remote.py)
     sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
