@@ -87,7 +87,7 @@ def test_publish_then_open_from_the_bucket(bucket, tmp_path):
 
 
 def test_a_reader_never_sees_a_half_published_commit(bucket, tmp_path, monkeypatch):
-    url, opts, fs = bucket
+    url, opts, _fs = bucket
     with _trained(tmp_path / "s") as pool:
         pool.publish(url, opts)
         first, want = pool.head, pool.read(torch.arange(200))
@@ -175,9 +175,11 @@ def test_disk_cache_is_bounded_and_chunks_are_checked(bucket, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))  # writes through the hard link: the cached object itself
-    with pytest.raises(CorruptSegmentError):
-        with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
-            r.read(torch.arange(200))
+    with (
+        pytest.raises(CorruptSegmentError),
+        dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r,
+    ):
+        r.read(torch.arange(200))
 
 
 def test_bucket_is_read_only_and_push_cli(bucket, tmp_path, capsys, monkeypatch):
