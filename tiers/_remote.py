@@ -223,8 +223,7 @@ def materialize(
             f"{cache_bytes}; raise cache_bytes"
         )
     _evict(cache, cache_bytes - need, keep=set(wanted.values()))
-    for obj in sorted(set(wanted.values())):
-        _fetch(fs, f"{prefix}/{OBJECTS_DIR}/{obj}", objects / obj)
+    _fetch(fs, prefix, objects, sorted(set(wanted.values())))
     tmp = local.with_name(local.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for rel, obj in wanted.items():
@@ -242,21 +241,31 @@ def _default_cache() -> Path:
     return Path(base) / "dpsn"
 
 
-def _fetch(fs: Any, src: str, dst: Path) -> None:
-    """Download ``src`` to ``dst`` unless there, checking its size and xxh64 (its name)."""
-    if dst.is_file():
-        os.utime(dst)
+def _fetch(fs: Any, prefix: str, objects: Path, names: list[str]) -> None:
+    """Download the objects ``names`` not cached yet into ``objects`` (one batched, concurrent
+    ``get``), checking each one's size and xxh64 (its name) before it enters the cache."""
+    todo = []
+    for name in names:
+        if (objects / name).is_file():
+            os.utime(objects / name)
+        else:
+            todo.append(name)
+    if not todo:
         return
-    digest, size = dst.name.rsplit("-", 1)
-    part = dst.with_name(dst.name + ".part")
+    parts = [str(objects / (n + ".part")) for n in todo]
     try:
-        fs.get_file(src, str(part))
-    except FileNotFoundError:
-        raise CorruptStoreError(f"{src}: an object the published record names is missing") from None
-    if part.stat().st_size != int(size) or _hash_file(part) != digest:
-        part.unlink()
-        raise CorruptStoreError(f"{src}: the object does not match its checksum; re-publish")
-    part.rename(dst)
+        fs.get([f"{prefix}/{OBJECTS_DIR}/{n}" for n in todo], parts)
+    except FileNotFoundError as e:
+        raise CorruptStoreError(f"an object the published record names is missing: {e}") from None
+    for name, part in zip(todo, map(Path, parts), strict=True):
+        digest, size = name.rsplit("-", 1)
+        if not part.is_file() or part.stat().st_size != int(size) or _hash_file(part) != digest:
+            part.unlink(missing_ok=True)
+            raise CorruptStoreError(
+                f"{prefix}/{OBJECTS_DIR}/{name}: the object does not match its checksum; "
+                "publish the store again"
+            )
+        part.rename(objects / name)
 
 
 def _evict(cache: Path, budget: int, keep: set[str]) -> None:
