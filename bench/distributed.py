@@ -52,7 +52,15 @@ def _rank(rank: int, world: int, port: int, out: str, cfg: dict[str, Any]) -> No
         timeout=datetime.timedelta(seconds=300),
     )
     bags, per_bag, space = cfg["bags"], cfg["per_bag"], cfg["id_space"]
-    pool = dd.create(Path(out) / "root", 10**12, DIM, generator=GEN, cache_rows=cfg["cache_rows"])
+    if cfg.get("independent"):  # the machine's limit: W unsharded pools at once, no exchange
+        pool = dpsn.create(
+            Path(out) / f"solo{rank}", 10**12, DIM, generator=GEN, cache_rows=cfg["cache_rows"]
+        )
+        pool.traffic = {"bytes_sent": 0, "exchanges": 0, "seconds": 0.0}
+    else:
+        pool = dd.create(
+            Path(out) / "root", 10**12, DIM, generator=GEN, cache_rows=cfg["cache_rows"]
+        )
     emb = dpsn.PoolEmbedding(pool, mode="sum", row_optimizer="adagrad")
     g = torch.Generator().manual_seed(rank)
     target = torch.randn(bags, DIM, generator=g)
@@ -231,8 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     # the warm-up steps touch most ids once: the table compares warm steps, not the aggregate
     # cache growing with the ranks (which made 2 ranks look 2.6x faster than 1 in a first run).
     base = {"per_bag": 16, "steps": steps, "warmup": warmup, "cache_rows": 1 << 15}
-    weak, strong = [], []
+    weak, strong, limit = [], [], []
     for w in worlds:
+        # the same per-process work as weak scaling's, in W independent processes at once
+        limit.append(run(w, base | {"bags": args.bags, "id_space": ID_SPACE, "independent": 1}))
         weak.append(run(w, base | {"bags": args.bags, "id_space": ID_SPACE * w}))
         strong.append(run(w, base | {"bags": args.bags * max(worlds) // w, "id_space": ID_SPACE}))
     cores = os.cpu_count()
@@ -254,7 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         "bytes_sent_per_rank_step",
         "commit_ms",
     ]
-    for name, res in (("weak", weak), ("strong", strong)):
+    for name, res in (
+        ("machine limit (W unsharded pools at once, no exchange)", limit),
+        ("weak", weak),
+        ("strong", strong),
+    ):
         base_rate = res[0]["rows_per_s"]
         rows = [[r[k] for k in keys] for r in res]
         print_table(
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             "remote": remote,
             "cores": cores,
             "weak": weak,
+            "limit": limit,
             "strong": strong,
             "model": model,
             "args": vars(args),

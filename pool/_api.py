@@ -318,30 +318,27 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     A URL (``s3://bucket/prefix``; credentials and endpoint in ``storage_options``, fsspec's,
     or the environment) opens the commit a writer published there (``Pool.publish``,
     ``dpsn push``) read-only, through a local disk cache (``cache_dir``, default
-    ``~/.cache/dpsn``; at most ``cache_bytes``, default 8 GiB): ``dpsn.tiers._remote``.
+    ``~/.cache/dpsn``; at most ``cache_bytes``, default 8 GiB): ``dpsn.tiers.remote``.
     """
-    from dpsn.tiers._remote import is_url
+    from dpsn.tiers import remote
+    from dpsn.tiers import shards as layout
 
-    if is_url(path):
-        from dpsn.tiers._remote import DEFAULT_CACHE_BYTES, materialize
-
+    if remote.is_url(path):
         if mode != "r":
             raise InvalidArgumentError(
                 'a published store opens read-only (mode="r"): write locally, then publish'
             )
         if at is not None and (isinstance(at, (str, bool))):
             raise InvalidArgumentTypeError("at= of a published store takes a commit id (int)")
-        path = materialize(
+        path = remote.materialize(
             str(path),
             storage_options,
             at=None if at is None else int(at),
             cache_dir=cache_dir,
-            cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+            cache_bytes=remote.DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
         )
         at = None
-    from dpsn.tiers._shards import is_sharded
-
-    if process_group is not None or is_sharded(path):
+    if process_group is not None or layout.is_sharded(path):
         from ._sharded_api import open as open_sharded
 
         return open_sharded(  # type: ignore[return-value]

@@ -444,10 +444,10 @@ class Pool:
         that readers need only the bucket (``dpsn.open(url, storage_options=...)``). Staged
         changes are not published: commit first. Credentials come from ``storage_options`` or
         the environment and are never written into the bucket. See ``dpsn.tiers._remote``."""
-        from dpsn.tiers._remote import publish
+        from dpsn.tiers import remote
 
         self._check_open()
-        return publish(self._store, url, storage_options)
+        return remote.publish(self._store, url, storage_options)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-read every segment, generator weight and index entry and check them. Problems are

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from dpsn.errors import DistributedError, DpsnError, ReadOnlyError
 from dpsn.hypernet import xxh64_ids
 from dpsn.tiers import RowBatch
-from dpsn.tiers._shards import PLACEMENT_SEED, GlobalCommit, RootManifest, write_global
+from dpsn.tiers import shards as layout
 
 from ._pool import Pool
 
@@ -46,9 +46,9 @@ _TOP_BIT_CLEAR = (1 << 63) - 1
 
 
 def owner_of(ids: torch.Tensor, shards: int) -> torch.Tensor:
-    """The rank (shard) that owns each id: ``xxh64(id, PLACEMENT_SEED) mod shards`` on the
+    """The rank (shard) that owns each id: ``xxh64(id, layout.PLACEMENT_SEED) mod shards`` on the
     hash with its top bit cleared. Hashing spreads consecutive or clustered ids evenly."""
-    h = xxh64_ids(ids, PLACEMENT_SEED)
+    h = xxh64_ids(ids, layout.PLACEMENT_SEED)
     return torch.remainder(h.bitwise_and_(_TOP_BIT_CLEAR), shards)
 
 
@@ -197,8 +197,8 @@ class ShardedPool:
         local: Pool,
         *,
         root: Path,
-        manifest: RootManifest,
-        record: GlobalCommit,
+        manifest: layout.RootManifest,
+        record: layout.GlobalCommit,
         group: Any,
     ) -> None:
         self.local = local
@@ -267,7 +267,7 @@ class ShardedPool:
         return self._record.id
 
     @property
-    def global_commit(self) -> GlobalCommit:
+    def global_commit(self) -> layout.GlobalCommit:
         return self._record
 
     def __repr__(self) -> str:
@@ -350,7 +350,7 @@ class ShardedPool:
 
     # -- history -------------------------------------------------------------------------------
 
-    def commit(self, message: str = "") -> GlobalCommit:
+    def commit(self, message: str = "") -> layout.GlobalCommit:
         """Two-phase commit (a collective): every rank commits its shard, then rank 0 writes
         the global record naming each shard's commit. A crash before the record leaves the
         previous global commit whole; shards that got ahead of it are rolled back when the
@@ -359,8 +359,8 @@ class ShardedPool:
             raise ReadOnlyError("this sharded pool is read-only: open it with mode='r+'")
         problem = None
         try:
-            rec = self.local.commit(message)
-            mine = rec.id
+            self.local.commit(message)
+            mine = self.local.head  # after any compaction the commit triggered
         except BaseException as e:  # report to the others rather than leave them waiting
             problem, mine = e, -1
         ids = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
@@ -377,7 +377,7 @@ class ShardedPool:
         status = torch.zeros(1, dtype=torch.int64, device=self.device)
         if self.rank == 0:
             try:
-                self._record = write_global(
+                self._record = layout.write_global(
                     self.root, list(zip(dirs, commits, strict=True)), message
                 )
                 status[0] = self._record.id
@@ -388,9 +388,7 @@ class ShardedPool:
         if gid < 0:
             raise DistributedError(f"rank 0 could not write the global record under {self.root}")
         if self.rank != 0:
-            from dpsn.tiers._shards import read_global
-
-            self._record = read_global(self.root, gid)
+            self._record = layout.read_global(self.root, gid)
         return self._record
 
     def close(self) -> None:

@@ -100,7 +100,14 @@ if TYPE_CHECKING:
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 
-_MODULES = {"router_format": "._router_check", "usage": "._usage"}  # public modules, also lazy
+# public modules, also lazy (remote, rollback, shards: object storage and sharded roots)
+_MODULES = {
+    "remote": "._remote",
+    "rollback": "._rollback",
+    "router_format": "._router_check",
+    "shards": "._shards",
+    "usage": "._usage",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -164,7 +171,10 @@ __all__ = [
     "read_manifest",
     "read_policy",
     "register_policy",
+    "remote",
+    "rollback",
     "router_format",
+    "shards",
     "storage_dtype",
     "tree_bytes",
     "usage",

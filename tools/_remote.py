@@ -25,15 +25,14 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 def cmd_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dpsn.tiers import PersistedStore
-    from dpsn.tiers._remote import publish
+    from dpsn.tiers import PersistedStore, remote
 
     options: dict[str, Any] = {}
     if args.endpoint_url:
         options["endpoint_url"] = args.endpoint_url
     store = PersistedStore.open(Path(args.path), writable=True)  # no commit while it uploads
     try:
-        out = publish(store, args.url, options)
+        out = remote.publish(store, args.url, options)
     finally:
         store.close()
     if args.json:
