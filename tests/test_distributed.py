@@ -111,8 +111,9 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, backend: str) 
                 except (DistributedError, dpsn.errors.InvalidIdsError) as e:
                     (root / f"error{rank}.txt").write_text(type(e).__name__)
                 np.save(root / f"again{rank}.npy", r.read(torch.tensor([5, 7])).numpy())
-        elif job == "gpu":  # NCCL: the same code on CUDA tensors
-            with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device="cuda") as p:
+        elif job in ("gpu", "one"):  # NCCL on CUDA tensors; or one gloo rank (no exchange)
+            dev = "cuda" if job == "gpu" else "cpu"
+            with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device=dev) as p:
                 _train_embedding(p, part)
                 p.commit("emb")
         elif job == "resume":  # the crash test's third run: train on from the global commit
@@ -282,6 +283,15 @@ def test_sigkill_between_the_phases_keeps_the_global_commit(trained, tmp_path):
     assert _run(2, out, "resume") == [0, 0]
     single = _reference_embedding(tmp_path / "single", steps=range(STEPS + 2))
     torch.testing.assert_close(dd.read_rows(out / "emb", ids), single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_rank_matches_one_process(tmp_path):
+    """A group of one: the all-to-alls are skipped, the rows are those of one process."""
+    assert _run(1, tmp_path, "one") == [0]
+    ids = torch.arange(ID_SPACE)
+    single = _reference_embedding(tmp_path / "single")
+    torch.testing.assert_close(dd.read_rows(tmp_path / "emb", ids), single, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
