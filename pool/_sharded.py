@@ -209,6 +209,9 @@ class ShardedPool:
         self.world = dist.get_world_size(group)
         self._record = record
         self._optimizer: Any = None
+        # a group of one skips its all-to-alls; True runs them anyway (to test a backend's
+        # collectives on one device, as tests/test_distributed.py does with NCCL)
+        self.exchange_when_alone = False
         # bytes this rank sent to other ranks (ids, rows, gradients) and collectives run
         # and the wall time spent inside them (waiting for the slowest rank included)
         self.traffic = {"bytes_sent": 0, "exchanges": 0, "seconds": 0.0}
@@ -218,7 +221,8 @@ class ShardedPool:
         per_row = x.element_size() * math.prod(x.shape[1:])
         t = time.perf_counter()
         # one rank: nothing to move (gloo still paid ~1-7 ms a call for its loopback pair)
-        out = x if self.world == 1 else _exchange(x, send, recv, self.group)
+        alone = self.world == 1 and not self.exchange_when_alone
+        out = x if alone else _exchange(x, send, recv, self.group)
         self.traffic["seconds"] += time.perf_counter() - t
         self.traffic["bytes_sent"] += (sum(send) - send[self.rank]) * per_row
         self.traffic["exchanges"] += 1

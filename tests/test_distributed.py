@@ -114,6 +114,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, backend: str) 
         elif job in ("gpu", "one"):  # NCCL on CUDA tensors; or one gloo rank (no exchange)
             dev = "cuda" if job == "gpu" else "cpu"
             with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device=dev) as p:
+                p.exchange_when_alone = job == "gpu"  # NCCL's all-to-alls run on one GPU
                 _train_embedding(p, part)
                 p.commit("emb")
         elif job == "resume":  # the crash test's third run: train on from the global commit
