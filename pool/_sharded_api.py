@@ -41,13 +41,15 @@ def create_root(
 ) -> layout.GlobalCommit:
     """Create a sharded root offline (one process): ``shards`` stores that share the spec and
     the generator's weights, and global commit 1 naming their first commits. ``kwargs`` are
-    :func:`dpsn.create`'s. ``keep_last`` defaults to 2 for shards, so that a reader of the
-    previous global commit finds it while a shard is one commit ahead (phase 1 of a commit)."""
+    :func:`dpsn.create`'s. ``keep_last`` defaults to 3 for shards, so that a reader of the
+    previous global commit finds it while a shard is ahead of it (phase 1 of a commit: the
+    shard's commit and the compaction it may trigger), and a rollback finds it after a crash."""
     layout.check_shards(shards)
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreExistsError(f"{root} exists and is not an empty directory")
-    kwargs.setdefault("keep_last", 2)
+    if kwargs.get("keep_last") is None:  # dpsn.create passes None for "not given"
+        kwargs["keep_last"] = 3
     for k in ("device", "cache_rows", "policy"):
         kwargs.pop(k, None)  # the cache of an offline create is never used
     gen = _api._build_generator(
