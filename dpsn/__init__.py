@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "distributed":  # a public submodule (sharded pools), loaded on first use
+        return importlib.import_module("dpsn.distributed")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dpsn' has no attribute {name!r}")

@@ -371,6 +371,9 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
     policy: str = "lru",
     lifecycle: Lifecycle | None = None,
     process_group: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
 ) -> Pool:
     """Open a store.
 
@@ -385,10 +388,31 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
 
     A sharded root (or ``process_group=``) opens this rank's shard as a
     :class:`dpsn.distributed.ShardedPool`: see :func:`dpsn.distributed.open`.
-    """
-    from dpsn.store.shards import is_sharded
 
-    if process_group is not None or is_sharded(path):
+    A URL (``s3://bucket/prefix``; credentials and endpoint in ``storage_options``, fsspec's,
+    or the environment) opens the commit a writer published there (``Pool.publish``,
+    ``dpsn push``) read-only, through a local disk cache (``cache_dir``, default
+    ``~/.cache/dpsn``; at most ``cache_bytes``, default 8 GiB): ``dpsn.store.remote``.
+    """
+    from dpsn.store import remote
+    from dpsn.store import shards as layout
+
+    if remote.is_url(path):
+        if mode != "r":
+            raise InvalidArgumentError(
+                'a published store opens read-only (mode="r"): write locally, then publish'
+            )
+        if at is not None and (isinstance(at, (str, bool))):
+            raise InvalidArgumentTypeError("at= of a published store takes a commit id (int)")
+        path = remote.materialize(
+            str(path),
+            storage_options,
+            at=None if at is None else int(at),
+            cache_dir=cache_dir,
+            cache_bytes=remote.DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+        )
+        at = None
+    if process_group is not None or layout.is_sharded(path):
         from ._sharded_api import open as open_sharded
 
         if options is not None:

@@ -630,6 +630,16 @@ class Pool:
         out["reader_lease"] = self._store.lease_held
         return out
 
+    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish the store's newest commit to object storage (``s3://bucket/prefix``) so
+        that readers need only the bucket (``dpsn.open(url, storage_options=...)``). Staged
+        changes are not published: commit first. Credentials come from ``storage_options`` or
+        the environment and are never written into the bucket. See ``dpsn.tiers._remote``."""
+        from dpsn.store import remote
+
+        self._check_open()
+        return remote.publish(self._store, url, storage_options)
+
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-read every segment, generator weight and index entry and check them. Problems are
         reported in the returned report, never raised."""

@@ -24,14 +24,8 @@ import numpy as np
 import torch
 
 from dpsn.errors import InvalidArgumentError
-from dpsn.store import PersistedStore, fsync_tree, read_policy, write_policy
-from dpsn.store.shards import (
-    check_shards,
-    read_global,
-    read_root_manifest,
-    shard_dir_name,
-    write_global,
-)
+from dpsn.store import PersistedStore, read_policy, rollback, write_policy
+from dpsn.store import shards as layout
 
 from ._sharded import owner_of
 
@@ -46,10 +40,10 @@ def reshard(
 ) -> dict[str, Any]:
     """Rewrite the sharded root ``root`` for ``shards`` ranks; returns a summary (old and new
     counts, rows moved, the new global commit)."""
-    check_shards(shards)
+    layout.check_shards(shards)
     root = Path(root)
-    read_root_manifest(root)
-    record = read_global(root)
+    layout.read_root_manifest(root)
+    record = layout.read_global(root)
     generation = record.id + 1
     for leftover in root.glob(f"shard-*.{generation}"):  # a crashed reshard's half-made dirs
         shutil.rmtree(leftover)
@@ -68,7 +62,7 @@ def reshard(
         policy = read_policy(first)
         for j in range(shards):
             m = dataclasses.replace(first.manifest, uuid=uuid.uuid4().hex)
-            s = PersistedStore.create(root / shard_dir_name(j, generation), m, gen_state)
+            s = PersistedStore.create(root / layout.shard_dir_name(j, generation), m, gen_state)
             write_policy(s, policy)
             new.append(s)
         heads = [1] * shards
@@ -80,7 +74,7 @@ def reshard(
             ids_all = np.asarray(index.ids, dtype=np.int64)
             for a in range(0, len(ids_all), CHUNK_ROWS):
                 ids = ids_all[a : a + CHUNK_ROWS]
-                state_w, usage_w = _widths(s, index, ids)
+                state_w, usage_w = rollback.widths(s, index, ids)
                 found, deltas, state, usage = s.read_deltas(
                     index, ids, state_width=state_w, usage_width=usage_w
                 )
@@ -107,8 +101,7 @@ def reshard(
             routers = {}
             for name, r in (base.routers or {}).items():
                 dst = s.router_dir(name, heads[j] + 1)
-                shutil.copytree(first.router_dir(name, int(r["version"])), dst)
-                fsync_tree(dst)
+                layout.copy_durably(first.router_dir(name, int(r["version"])), dst)
                 routers[name] = r["digest"]
             if routers:
                 rec, indexes[j] = s.commit(
@@ -124,8 +117,8 @@ def reshard(
         for s in new:
             s.close()
         new = []
-        dirs = [shard_dir_name(j, generation) for j in range(shards)]
-        out = write_global(
+        dirs = [layout.shard_dir_name(j, generation) for j in range(shards)]
+        out = layout.write_global(
             root,
             list(zip(dirs, heads, strict=True)),
             f"reshard {record.count} -> {shards} shards",
@@ -148,9 +141,3 @@ def reshard(
         "global_commit": out.id,
         "dirs": dirs,
     }
-
-
-def _widths(store: PersistedStore, index: Any, ids: np.ndarray) -> tuple[int, int]:
-    from dpsn.store.rollback import row_widths as widths
-
-    return widths(store, index, ids)

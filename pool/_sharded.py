@@ -28,6 +28,7 @@ Axes: n distinct ids this rank needs, r ids this rank owns and was asked for, D 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from dpsn.errors import DistributedError, DpsnError, ReadOnlyError
 from dpsn.hypernet import xxh64_ids
-from dpsn.store.shards import PLACEMENT_SEED, GlobalCommit, RootManifest, write_global
+from dpsn.store import shards as layout
 from dpsn.tiers import RowBatch
 
 from ._pool import Pool
@@ -45,9 +46,9 @@ _TOP_BIT_CLEAR = (1 << 63) - 1
 
 
 def owner_of(ids: torch.Tensor, shards: int) -> torch.Tensor:
-    """The rank (shard) that owns each id: ``xxh64(id, PLACEMENT_SEED) mod shards`` on the
+    """The rank (shard) that owns each id: ``xxh64(id, layout.PLACEMENT_SEED) mod shards`` on the
     hash with its top bit cleared. Hashing spreads consecutive or clustered ids evenly."""
-    h = xxh64_ids(ids, PLACEMENT_SEED)
+    h = xxh64_ids(ids, layout.PLACEMENT_SEED)
     return torch.remainder(h.bitwise_and_(_TOP_BIT_CLEAR), shards)
 
 
@@ -166,8 +167,7 @@ class ShardedRowBatch:
             (len(grads), 1), 1.0 if contributes else 0.0, dtype=grads.dtype, device=grads.device
         )
         send = torch.cat([grads, flag], dim=1)[self._perm]  # grouped by owner, as the ids went
-        pool._count(send, self._send)
-        got = _exchange(send, self._send, self._recv, pool.group)  # (r, D + 1)
+        got = pool._a2a(send, self._send, self._recv)  # (r, D + 1)
         try:
             if len(local) and pool.writable:
                 d = pool.dim
@@ -207,8 +207,8 @@ class ShardedPool:
         local: Pool,
         *,
         root: Path,
-        manifest: RootManifest,
-        record: GlobalCommit,
+        manifest: layout.RootManifest,
+        record: layout.GlobalCommit,
         group: Any,
     ) -> None:
         self.local = local
@@ -219,13 +219,24 @@ class ShardedPool:
         self.world = dist.get_world_size(group)
         self._record = record
         self._optimizer: Any = None
+        # a group of one skips its all-to-alls; True runs them anyway (to test a backend's
+        # collectives on one device, as tests/test_distributed.py does with NCCL)
+        self.exchange_when_alone = False
         # bytes this rank sent to other ranks (ids, rows, gradients) and collectives run
-        self.traffic = {"bytes_sent": 0, "exchanges": 0}
+        # and the wall time spent inside them (waiting for the slowest rank included)
+        self.traffic = {"bytes_sent": 0, "exchanges": 0, "seconds": 0.0}
 
-    def _count(self, x: torch.Tensor, send: list[int]) -> None:
+    def _a2a(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """:func:`_exchange`, counted in :attr:`traffic`."""
         per_row = x.element_size() * math.prod(x.shape[1:])
+        t = time.perf_counter()
+        # one rank: nothing to move (gloo still paid ~1-7 ms a call for its loopback pair)
+        alone = self.world == 1 and not self.exchange_when_alone
+        out = x if alone else _exchange(x, send, recv, self.group)
+        self.traffic["seconds"] += time.perf_counter() - t
         self.traffic["bytes_sent"] += (sum(send) - send[self.rank]) * per_row
         self.traffic["exchanges"] += 1
+        return out
 
     # -- what executors read -------------------------------------------------------------------
 
@@ -271,7 +282,7 @@ class ShardedPool:
         return self._record.id
 
     @property
-    def global_commit(self) -> GlobalCommit:
+    def global_commit(self) -> layout.GlobalCommit:
         return self._record
 
     def __repr__(self) -> str:
@@ -308,7 +319,7 @@ class ShardedPool:
         dev = self.device
         problem: BaseException | None = None
         try:
-            ids_t = self.local._ids(ids)
+            ids_t = self.local._ids(ids).to(dev)
         except (DpsnError, TypeError, ValueError) as e:
             problem, ids_t = e, torch.zeros(0, dtype=torch.int64, device=dev)
         flat = ids_t.reshape(-1)
@@ -320,21 +331,19 @@ class ShardedPool:
         send_counts = torch.bincount(owner, minlength=self.world)
         if problem is not None:
             send_counts = torch.full_like(send_counts, -1)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        ones = [1] * self.world
+        recv_counts = self._a2a(send_counts, ones, ones)
         if problem is not None:
             raise problem
         bad = torch.nonzero(recv_counts < 0).flatten().tolist()
         if bad:
             raise DistributedError(f"rank(s) {bad} were given invalid ids in this page_in")
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        self._count(uniq, send)
-        asked = _exchange(uniq[perm], send, recv, self.group)  # (r,) ids this rank owns
+        asked = self._a2a(uniq[perm], send, recv)  # (r,) ids this rank owns
         local = self.local.page_in(asked)
         try:
             values = torch.index_select(local.table, 0, local.use_index.reshape(-1))  # (r, D)
-            self._count(values, recv)
-            got = _exchange(values, recv, send, self.group)  # (n, D) grouped by owner
+            got = self._a2a(values, recv, send)  # (n, D) grouped by owner
         except BaseException:
             local.release()
             raise
@@ -365,7 +374,7 @@ class ShardedPool:
 
     # -- history -------------------------------------------------------------------------------
 
-    def commit(self, message: str = "") -> GlobalCommit:
+    def commit(self, message: str = "") -> layout.GlobalCommit:
         """Two-phase commit (a collective): every rank commits its shard, then rank 0 writes
         the global record naming each shard's commit. A crash before the record leaves the
         previous global commit whole; shards that got ahead of it are rolled back when the
@@ -374,8 +383,8 @@ class ShardedPool:
             raise ReadOnlyError("this sharded pool is read-only: open it with mode='r+'")
         problem = None
         try:
-            rec = self.local.commit(message)
-            mine = rec.id
+            self.local.commit(message)
+            mine = self.local.head  # after any compaction the commit triggered
         except BaseException as e:  # report to the others rather than leave them waiting
             problem, mine = e, -1
         ids = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
@@ -392,7 +401,7 @@ class ShardedPool:
         status = torch.zeros(1, dtype=torch.int64, device=self.device)
         if self.rank == 0:
             try:
-                self._record = write_global(
+                self._record = layout.write_global(
                     self.root, list(zip(dirs, commits, strict=True)), message
                 )
                 status[0] = self._record.id
@@ -403,9 +412,7 @@ class ShardedPool:
         if gid < 0:
             raise DistributedError(f"rank 0 could not write the global record under {self.root}")
         if self.rank != 0:
-            from dpsn.store.shards import read_global
-
-            self._record = read_global(self.root, gid)
+            self._record = layout.read_global(self.root, gid)
         return self._record
 
     def close(self) -> None:

@@ -18,18 +18,8 @@ from dpsn.errors import (
     InvalidArgumentError,
     StoreExistsError,
 )
-from dpsn.store import PersistedStore
-from dpsn.store.rollback import roll_back
-from dpsn.store.shards import (
-    GlobalCommit,
-    RootManifest,
-    check_shards,
-    read_global,
-    read_root_manifest,
-    shard_dir_name,
-    write_global,
-    write_root_manifest,
-)
+from dpsn.store import PersistedStore, rollback
+from dpsn.store import shards as layout
 
 from . import _api
 from ._sharded import ShardedPool, owner_of
@@ -48,16 +38,18 @@ def _group(process_group: Any) -> Any:
 
 def create_root(
     root: str | os.PathLike[str], rows: int, dim: int, *, shards: int, **kwargs: Any
-) -> GlobalCommit:
+) -> layout.GlobalCommit:
     """Create a sharded root offline (one process): ``shards`` stores that share the spec and
     the generator's weights, and global commit 1 naming their first commits. ``kwargs`` are
-    :func:`dpsn.create`'s. ``keep_last`` defaults to 2 for shards, so that a reader of the
-    previous global commit finds it while a shard is one commit ahead (phase 1 of a commit)."""
-    check_shards(shards)
+    :func:`dpsn.create`'s. ``keep_last`` defaults to 3 for shards, so that a reader of the
+    previous global commit finds it while a shard is ahead of it (phase 1 of a commit: the
+    shard's commit and the compaction it may trigger), and a rollback finds it after a crash."""
+    layout.check_shards(shards)
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreExistsError(f"{root} exists and is not an empty directory")
-    kwargs.setdefault("keep_last", 2)
+    if kwargs.get("keep_last") is None:  # dpsn.create passes None for "not given"
+        kwargs["keep_last"] = 3
     for k in ("device", "cache_rows", "policy"):
         kwargs.pop(k, None)  # the cache of an offline create is never used
     gen = _api._build_generator(
@@ -68,12 +60,17 @@ def create_root(
     try:
         first = None
         for i in range(shards):
-            with _api.create(root / shard_dir_name(i), rows, dim, generator=gen, **kwargs) as p:
+            with _api.create(
+                root / layout.shard_dir_name(i), rows, dim, generator=gen, **kwargs
+            ) as p:
                 first = p.uuid if first is None else first
-        record = write_global(root, [(shard_dir_name(i), 1) for i in range(shards)], "create")
+        record = layout.write_global(
+            root, [(layout.shard_dir_name(i), 1) for i in range(shards)], "create"
+        )
         # the manifest last: a root is a sharded root only once it is whole
-        write_root_manifest(
-            root, RootManifest(uuid=uuid.uuid4().hex, rows=rows, dim=dim, created=time.time())
+        layout.write_root_manifest(
+            root,
+            layout.RootManifest(uuid=uuid.uuid4().hex, rows=rows, dim=dim, created=time.time()),
         )
         return record
     except BaseException:
@@ -81,7 +78,10 @@ def create_root(
             shutil.rmtree(root, ignore_errors=True)
         else:
             for child in root.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
         raise
 
 
@@ -96,12 +96,12 @@ def create(
     cache_rows: int | None = None,
     policy: str = "lru",
     **kwargs: Any,
-) -> ShardedPool | GlobalCommit:
+) -> ShardedPool | layout.GlobalCommit:
     """Create a sharded root. With a process group (given, or the default one when
     torch.distributed is initialized) this is a collective: rank 0 creates ``shards`` (default:
     the group's size) stores, then every rank opens its own for writing and gets a
     :class:`ShardedPool`. Without one, it creates the root offline and returns its first
-    :class:`GlobalCommit`. Other arguments are :func:`dpsn.create`'s."""
+    :class:`layout.GlobalCommit`. Other arguments are :func:`dpsn.create`'s."""
     distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
     if not distributed:
         if shards is None:
@@ -111,7 +111,7 @@ def create(
     world = dist.get_world_size(group)
     if shards is None:
         shards = world
-    check_shards(shards)
+    layout.check_shards(shards)
     if shards != world:
         raise InvalidArgumentError(
             f"shards={shards}, but the process group has {world} ranks: one shard per rank"
@@ -162,8 +162,8 @@ def open(  # mirrors dpsn.open
     consistent cut. Not a collective (no rank waits for another)."""
     root = Path(root)
     group = _group(process_group)
-    manifest = read_root_manifest(root)
-    record = read_global(root, at)
+    manifest = layout.read_root_manifest(root)
+    record = layout.read_global(root, at)
     if at is not None and mode != "r":
         raise InvalidArgumentError('a past global commit (at=...) opens read-only: mode="r"')
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -184,7 +184,7 @@ def open(  # mirrors dpsn.open
                     f"{path}: HEAD {store.head()} is behind global commit {record.id}, which "
                     f"names its commit {commit}; the root is damaged"
                 )
-            roll_back(store, commit, message=f"roll back to global commit {record.id}")
+            rollback.roll_back(store, commit, message=f"roll back to global commit {record.id}")
         finally:
             store.close()
         local = _api.open(
@@ -204,8 +204,8 @@ def read_rows(root: str | os.PathLike[str], ids: Any, *, at: int | None = None) 
     """Rows ``[*shape, dim]`` of a sharded root at its newest global commit (or ``at``), read
     in this one process from every shard (no process group): for checks, tools and export."""
     root = Path(root)
-    read_root_manifest(root)
-    record = read_global(root, at)
+    layout.read_root_manifest(root)
+    record = layout.read_global(root, at)
     ids_t = torch.as_tensor(ids, dtype=torch.int64)
     flat = ids_t.reshape(-1)
     owner = owner_of(flat, record.count)
@@ -220,5 +220,5 @@ def read_rows(root: str | os.PathLike[str], ids: Any, *, at: int | None = None) 
             out = torch.empty((len(flat), rows.shape[1]), dtype=rows.dtype)
         out[where] = rows
     if out is None:
-        out = torch.empty((0, read_root_manifest(root).dim))
+        out = torch.empty((0, layout.read_root_manifest(root).dim))
     return out.reshape(*ids_t.shape, -1)

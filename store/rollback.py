@@ -12,19 +12,18 @@ what it rewrites: the rows changed since the target.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._format import fsync_tree
+from .shards import copy_durably
 
 if TYPE_CHECKING:
     from ._persisted import Commit, PersistedStore
 
 
-def row_widths(store: PersistedStore, index: object, ids: np.ndarray) -> tuple[int, int]:
+def widths(store: PersistedStore, index: object, ids: np.ndarray) -> tuple[int, int]:
     """The per-row state and usage widths the rows' segments hold (the most common ones)."""
     found, seg, _off, _c = index.lookup(ids)  # type: ignore[attr-defined]
     segs = np.unique(seg[found])
@@ -48,7 +47,7 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
     changed = ids_h[commits_h > target]  # written (again) after the target
     gone = index_t.ids[~index_h.contains(index_t.ids)]  # dropped after the target
     rows = np.union1d(changed, gone).astype(np.int64)
-    state_w, usage_w = row_widths(store, index_t, rows)
+    state_w, usage_w = widths(store, index_t, rows)
     found, deltas, state, usage = store.read_deltas(
         index_t, rows, state_width=state_w, usage_width=usage_w
     )
@@ -62,9 +61,7 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
         if (rec_h.routers or {}).get(name) != r:  # copy the target's version under the new id
             src = store.router_dir(name, int(r["version"]))
             dst = store.router_dir(name, head + 1)
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
-            fsync_tree(dst)
+            copy_durably(src, dst)
             routers[name] = r["digest"]
     has_usage = usage_w and len(keep) and not np.isnan(usage).all()
     record, _ = store.commit(

@@ -35,7 +35,7 @@ from typing import Any
 
 from dpsn.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
 
-from ._format import fsync_dir
+from ._format import fsync_dir, fsync_tree
 
 ROOT_MANIFEST = "dpsn-sharded.json"
 ROOT_FORMAT_NAME = "dpsn-sharded-root"
@@ -250,6 +250,15 @@ def write_global(
     d.mkdir(exist_ok=True)
     _write_atomic(d / f"{rec.id:016d}.json", rec.to_json())
     return rec
+
+
+def copy_durably(src: Path, dst: Path) -> None:
+    """Copy the directory ``src`` to ``dst`` (replacing a leftover) and fsync it all."""
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    fsync_tree(dst)
 
 
 def check_shards(shards: object) -> int:

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dpsn
 import dpsn.distributed as dd
@@ -25,7 +28,7 @@ from dpsn.errors import CorruptStoreError, DistributedError, InvalidArgumentErro
 from dpsn.index import ProductKeyRouter
 from dpsn.store import PersistedStore
 from dpsn.store.rollback import roll_back
-from dpsn.store.shards import GLOBAL_DIR, read_global, write_global
+from dpsn.store.shards import GLOBAL_DIR, PLACEMENT_SEED, read_global, write_global
 from dpsn.tools.cli import main as cli
 
 GEN = {"kind": "hashed_slices", "memory_size": 4096}
@@ -98,8 +101,20 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, backend: str) 
             with dd.create(root / "layer", ROWS, D_IN + D_OUT, seed=SEED, generator=GEN) as p:
                 _train_layer(p, part)
                 p.commit("layer")
-        elif job == "gpu":  # NCCL: the same code on CUDA tensors
-            with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device="cuda") as p:
+            # a read-only view (a collective read), and bad ids on one rank only
+            with dpsn.open(root / "emb", process_group=torch.distributed.group.WORLD) as r:
+                assert not r.writable and r.head == 2
+                np.save(root / f"read{rank}.npy", r.read(torch.arange(ID_SPACE)).numpy())
+                try:
+                    r.read(torch.tensor([-1 if rank == 1 else 0]))
+                    raise AssertionError("a bad id was read")
+                except (DistributedError, dpsn.errors.InvalidIdsError) as e:
+                    (root / f"error{rank}.txt").write_text(type(e).__name__)
+                np.save(root / f"again{rank}.npy", r.read(torch.tensor([5, 7])).numpy())
+        elif job in ("gpu", "one"):  # NCCL on CUDA tensors; or one gloo rank (no exchange)
+            dev = "cuda" if job == "gpu" else "cpu"
+            with dd.create(root / "emb", ROWS, DIM, seed=SEED, generator=GEN, device=dev) as p:
+                p.exchange_when_alone = job == "gpu"  # NCCL's all-to-alls run on one GPU
                 _train_embedding(p, part)
                 p.commit("emb")
         elif job == "resume":  # the crash test's third run: train on from the global commit
@@ -183,6 +198,20 @@ def test_sharded_embedding_matches_one_process(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_read_only_view_and_bad_ids_on_one_rank(trained):
+    ids = torch.arange(ID_SPACE)
+    want = dd.read_rows(trained / "emb", ids).numpy()
+    for r in range(2):
+        np.testing.assert_array_equal(np.load(trained / f"read{r}.npy"), want)
+    # the rank with the bad id gets its error; the other is told, instead of waiting forever
+    assert (trained / "error1.txt").read_text() == "RowIdOutOfRangeError"
+    assert (trained / "error0.txt").read_text() == "DistributedError"
+    # and both go on in step afterwards
+    for r in range(2):
+        np.testing.assert_array_equal(np.load(trained / f"again{r}.npy"), want[[5, 7]])
+
+
+@pytest.mark.slow
 def test_sharded_layer_matches_one_process(trained, tmp_path):
     with dpsn.create(tmp_path / "single", ROWS, D_IN + D_OUT, seed=SEED, generator=GEN) as pool:
         _train_layer(pool, slice(None))
@@ -257,6 +286,15 @@ def test_sigkill_between_the_phases_keeps_the_global_commit(trained, tmp_path):
     torch.testing.assert_close(dd.read_rows(out / "emb", ids), single, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_one_rank_matches_one_process(tmp_path):
+    """A group of one: the all-to-alls are skipped, the rows are those of one process."""
+    assert _run(1, tmp_path, "one") == [0]
+    ids = torch.arange(ID_SPACE)
+    single = _reference_embedding(tmp_path / "single")
+    torch.testing.assert_close(dd.read_rows(tmp_path / "emb", ids), single, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_nccl_one_rank_matches_one_process(tmp_path):
     """The NCCL path (CUDA tensors in every all-to-all); one rank, as one GPU allows."""
@@ -326,6 +364,16 @@ def test_owner_of_spreads_ids_and_is_stable():
     assert torch.equal(again, dd.owner_of(ids, 4))
     # persisted placement: these values must never change (golden)
     assert dd.owner_of(torch.tensor([0, 1, 2, 3, 2**62]), 7).tolist() == GOLDEN_OWNERS
+
+
+@given(st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=50), st.integers(1, 300))
+def test_owner_of_is_xxh64_of_the_id_mod_shards(ids, shards):
+    want = [
+        (xxhash.xxh64_intdigest(i.to_bytes(8, "little", signed=True), PLACEMENT_SEED) & (2**63 - 1))
+        % shards
+        for i in ids
+    ]
+    assert dd.owner_of(torch.tensor(ids), shards).tolist() == want
 
 
 GOLDEN_OWNERS = [4, 2, 6, 6, 1]  # xxh64(id, PLACEMENT_SEED) with the top bit cleared, mod 7

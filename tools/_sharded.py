@@ -27,11 +27,11 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 def route(args: argparse.Namespace) -> Command:
     """The command to run: the sharded-root version of ``info``, ``log`` and ``verify`` when
     ``args.path`` is a sharded root, else the command as parsed."""
-    from dpsn.store.shards import is_sharded
+    from dpsn.store import shards as layout
 
     command = getattr(args, "command", None)
     path = getattr(args, "path", None)
-    if command in _READERS and path is not None and is_sharded(path):
+    if command in _READERS and path is not None and layout.is_sharded(path):
         return _READERS[command]
     return args.fn  # type: ignore[no-any-return]
 
@@ -58,14 +58,14 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dpsn.store import StoreFacts
-    from dpsn.store.shards import read_global, read_root_manifest
+    from dpsn.store import shards as layout
 
     from ._format import fields, human_bytes
 
     root = Path(args.path)
-    manifest = read_root_manifest(root)
+    manifest = layout.read_root_manifest(root)
     at = None if getattr(args, "at", None) is None else int(args.at)
-    record = read_global(root, at)
+    record = layout.read_global(root, at)
     shards = []
     for d, c in record.shards:
         with StoreFacts(root / d) as facts:
@@ -110,13 +110,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from dpsn.store.shards import global_log, read_root_manifest
+    from dpsn.store import shards as layout
 
     from ._commands import _when
     from ._format import table
 
-    read_root_manifest(args.path)
-    log = global_log(args.path)
+    layout.read_root_manifest(args.path)
+    log = layout.global_log(args.path)
     if args.json:
         _print_json([r.to_json() for r in log])
         return EXIT_OK
@@ -133,11 +133,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     record names (HEAD at or past it)."""
     from dpsn.errors import DpsnError
     from dpsn.store import PersistedStore
-    from dpsn.store.shards import read_global, read_root_manifest
+    from dpsn.store import shards as layout
 
     root = Path(args.path)
-    read_root_manifest(root)
-    record = read_global(root)
+    layout.read_root_manifest(root)
+    record = layout.read_global(root)
     problems: list[str] = []
     reports = []
     for d, c in record.shards:

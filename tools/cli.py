@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from . import _commands as c
 from . import _levels as lv
-from . import _sharded
+from . import _remote, _sharded
 from ._counts import parse_count, positive_count, row_id
 from ._levels import levelled
 
@@ -380,6 +380,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing store at DIR")
 
     _sharded.add_commands(add)  # reshard (tools/_sharded.py)
+    _remote.add_commands(add)  # push (tools/_remote.py)
     sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
