@@ -9,6 +9,8 @@ and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BaseCommitNotFoundError",
+    "BaseMismatchError",
     "CacheCapacityError",
     "CacheTooLargeError",
     "CorruptSegmentError",
@@ -132,3 +134,14 @@ class SnapshotUnavailableError(DpsnError, LookupError):
 
 class CacheCapacityError(DpsnError, ValueError):
     """A batch needs more distinct rows than the device cache can hold at once."""
+
+
+class BaseCommitNotFoundError(SnapshotNotFoundError):
+    """An overlay's base store no longer has (or never had) the commit the overlay reads; the
+    overlay's rows cannot be served. Restore the base, or recreate the overlay over a commit it
+    has."""
+
+
+class BaseMismatchError(DpsnError, ValueError):
+    """The store found at an overlay's base path is not the store the overlay was made over
+    (another uuid), or does not fit it (rows, dim, dtype, seed)."""

@@ -27,6 +27,7 @@ from dpsn.tiers import (
     Manifest,
     PersistedStore,
     check_policy,
+    read_manifest,
     write_policy,
 )
 
@@ -161,9 +162,11 @@ def _build_generator(generator: Any, *, dim: int, seed: int) -> Generator:
 
 def create(
     path: str | os.PathLike[str],
-    rows: int,
-    dim: int,
+    rows: int | None = None,
+    dim: int | None = None,
     *,
+    base: str | os.PathLike[str] | None = None,
+    base_at: str | int | None = None,
     seed: int = 0,
     generator: str | dict[str, Any] | Generator = "hashed_slices",
     dtype: str | torch.dtype = torch.float32,
@@ -198,7 +201,31 @@ def create(
     directory; two processes creating one path cannot both succeed (the loser gets a
     ``StoreExistsError``), and a create that fails (a full disk is a ``StoreFullError``) leaves
     the path as it found it.
+
+    Overlays: ``base=`` another store's path makes an overlay: its rows read the base's rows at
+    ``base_at`` (a snapshot name or commit id of the base; default its HEAD) plus the overlay's
+    own deltas, and the base is never written. ``rows``, ``dim``, ``seed``, ``generator``,
+    ``dtype``, ``chunk_rows`` and ``compressor`` then come from the base (leave them out, or
+    give the base's). See ``dpsn.pool._overlay`` for pinning and sharing.
     """
+    if base is not None:
+        return _create_overlay(
+            path,
+            base,
+            base_at,
+            rows=rows,
+            dim=dim,
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+            map_size=map_size,
+            maintenance=(keep_last, keep_within, compact_above),
+            lifecycle=lifecycle,
+        )
+    if base_at is not None:
+        raise InvalidArgumentError("base_at= needs base= (the store the overlay reads)")
+    if rows is None or dim is None:
+        raise InvalidArgumentTypeError("create() needs rows and dim (or base= for an overlay)")
     for name, value in (("rows", rows), ("dim", dim), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -260,6 +287,62 @@ def create(
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
         write_policy(store, maintenance)
+        return Pool(
+            store,
+            commit=1,
+            index=LayeredIndex.empty(),
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+        )
+    except BaseException:
+        store.discard()
+        raise
+
+
+def _create_overlay(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    base_at: str | int | None,
+    *,
+    rows: int | None,
+    dim: int | None,
+    device: Any,
+    cache_rows: int | None,
+    policy: str,
+    map_size: int | None,
+    maintenance: tuple[Any, Any, Any],
+    lifecycle: Lifecycle | None,
+) -> Pool:
+    from ._overlay import create_overlay_store
+
+    if base_at is not None and (isinstance(base_at, bool) or not isinstance(base_at, str | int)):
+        raise InvalidArgumentTypeError(
+            f"base_at= takes a snapshot name or a commit id, not {type(base_at).__name__}"
+        )
+    check_policy(policy)
+    if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+        raise InvalidArgumentTypeError(
+            f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
+        )
+    keep_last, keep_within, compact_above = maintenance
+    policy_obj = MaintenancePolicy().with_(
+        keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+    )
+    bm = read_manifest(Path(base))
+    for name, given in (("rows", rows), ("dim", dim)):
+        if given is not None and given != getattr(bm, name):
+            raise InvalidArgumentError(
+                f"{name}={given} differs from the base's {getattr(bm, name)}: an overlay has "
+                "its base's shape (leave it out)"
+            )
+    device, cache_rows = check_cache_args(device, cache_rows, bm.dim, bm.dtype)
+    kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
+    if lifecycle is not None:
+        kwargs["lifecycle"] = initial_record(lifecycle)
+    store = create_overlay_store(Path(path), base, base_at, **kwargs)
+    try:
+        write_policy(store, policy_obj)
         return Pool(
             store,
             commit=1,

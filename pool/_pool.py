@@ -84,11 +84,16 @@ class Pool:
             raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
         record = store.commit_record(commit)
         generator = load_generator(store, record.generator, device)
+        procedural = ProceduralTier(generator)
+        if m.base is not None:  # an overlay: base rows are its base store's rows
+            from ._overlay import overlay_tier
+
+            procedural = overlay_tier(m, generator, device)
         self._stack = RowStack(
             store,
             commit=commit,
             index=index,
-            procedural=ProceduralTier(generator),
+            procedural=procedural,
             dtype_name=m.dtype,
             device=device,
             cache_rows=cache_rows,
@@ -137,6 +142,18 @@ class Pool:
     @property
     def device(self) -> torch.device:
         return self._stack.device
+
+    @property
+    def base_store(self) -> dict[str, Any] | None:
+        """For an overlay, its base: ``{"path", "uuid", "commit", "snapshot"}``; else None."""
+        base = self._store.manifest.base
+        return dict(base) if base is not None else None
+
+    def delta_ids(self) -> torch.Tensor:
+        """Sorted int64 ids of every row with a persisted delta at this pool's commit
+        (uncommitted changes are not included)."""
+        self._check_open()
+        return torch.from_numpy(self._stack.index.ids.astype("int64", copy=True))
 
     @property
     def generator(self) -> Generator:
