@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Commit": "dpsn.pool",
     "Lifecycle": "dpsn.pool",
+    "MergeReport": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolLayer": "dpsn.pool",
@@ -31,6 +32,7 @@ _LAZY = {
     "compact": "dpsn.pool",
     "create": "dpsn.pool",
     "gc": "dpsn.pool",
+    "merge": "dpsn.pool",
     "open": "dpsn.pool",
 }
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from dpsn.pool import (
         Commit,
         Lifecycle,
+        MergeReport,
         Pool,
         PoolEmbedding,
         PoolLayer,
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
         compact,
         create,
         gc,
+        merge,
         open,
     )
 
@@ -69,6 +73,7 @@ __all__ = [
     "Commit",
     "DpsnError",
     "Lifecycle",
+    "MergeReport",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",
@@ -81,5 +86,6 @@ __all__ = [
     "create",
     "errors",
     "gc",
+    "merge",
     "open",
 ]

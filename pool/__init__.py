@@ -7,6 +7,7 @@ from ._api import compact, create, gc, open
 from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._lifecycle import Lifecycle
+from ._merge import MergeReport, merge
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
 from ._selection import RowSelection, SparseFinetune
@@ -15,6 +16,7 @@ __all__ = [
     "ROW_OPTIMIZERS",
     "Commit",
     "Lifecycle",
+    "MergeReport",
     "Pool",
     "PoolEmbedding",
     "PoolLayer",
@@ -30,5 +32,6 @@ __all__ = [
     "compact",
     "create",
     "gc",
+    "merge",
     "open",
 ]
