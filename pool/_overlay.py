@@ -3,8 +3,9 @@ plus its own deltas. The base is never written; many overlays (tasks, users, age
 read-only foundation, as many LoRA adapters share one base model (S-LoRA, LoRAX).
 
 Layout: an overlay is an ordinary store whose manifest (format 3, ``docs/format.md``) carries
-``"base": {"path", "uuid", "commit", "snapshot"}``. Its generator weights are a copy of the
-base's at that commit, so ``Pool.base(ids)`` and everything else behave as in any store.
+``"base": {"path", "uuid", "commit", "snapshot"}``. It has the base's generator spec, but
+stores zeros for the weights (no chunks): ``Pool.generator`` and ``Pool.base(ids)`` come from
+the base at the pinned commit.
 
 Pinning: the base's gc must keep the commit an overlay reads. ``base_at=`` a snapshot name of
 the base relies on that snapshot (the base may then be a read-only directory, or busy with a
@@ -28,6 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpsn.errors import (
@@ -42,10 +44,10 @@ from dpsn.errors import (
 from dpsn.tiers import Manifest, PersistedStore, read_manifest
 from dpsn.tiers._format import FORMAT_OVERLAY
 from dpsn.tiers._overlay import OverlayBase
+from dpsn.tiers._overlay_facts import PIN_PREFIX, base_chain
 
-__all__ = ["base_chain", "create_overlay_store", "overlay_tier"]
+__all__ = ["base_chain", "create_overlay_store", "overlay_tier"]  # base_chain: from tiers
 
-PIN_PREFIX = "overlay-"
 _SHARED: weakref.WeakValueDictionary[tuple[str, str, int], Any] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.RLock()  # re-entered: a base may be an overlay
 
@@ -80,14 +82,15 @@ def shared_base(base: dict[str, Any], device: torch.device) -> Any:
         return pool
 
 
-def overlay_tier(manifest: Manifest, generator: Any, device: torch.device) -> OverlayBase:
-    """The base tier of an overlay (see :class:`dpsn.tiers._overlay.OverlayBase`)."""
+def overlay_tier(manifest: Manifest, device: torch.device) -> OverlayBase:
+    """The base tier of an overlay (see :class:`dpsn.tiers._overlay.OverlayBase`), with the
+    base's generator (the overlay keeps none of its own)."""
     assert manifest.base is not None
     base = shared_base(manifest.base, device)
     for name in ("rows", "dim", "seed"):
         if getattr(base, name) != getattr(manifest, name):
             raise BaseMismatchError(f"the overlay's base has another {name} than the overlay")
-    tier = OverlayBase(generator, base.read)
+    tier = OverlayBase(base.generator, base.read)
     tier.base_pool = base  # type: ignore[attr-defined]  # keeps the shared base alive
     return tier
 
@@ -127,6 +130,9 @@ def create_overlay_store(
     pin = _resolve_pin(base_path, base_at, overlay_uuid)
     with PersistedStore.open(base_path, writable=False) as store:
         state = store.read_generator(store.commit_record(pin["commit"]).generator)
+    # The overlay reads its base's generator; its own weights are zeros, which Zarr stores as
+    # no chunks at all, so an overlay costs its deltas and a few KiB of metadata.
+    state = {k: np.zeros_like(v) for k, v in state.items()}
     manifest = Manifest(
         rows=bm.rows,
         dim=bm.dim,
@@ -141,19 +147,3 @@ def create_overlay_store(
         base={"path": str(base_path), **pin},
     )
     return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
-
-
-def base_chain(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The chain below a store, nearest base first: ``[{"path", "uuid", "commit",
-    "snapshot"}, ...]`` read from the manifests (empty for a store that is no overlay)."""
-    chain: list[dict[str, Any]] = []
-    seen = set()
-    m = read_manifest(Path(path))
-    while m.base is not None and m.base["path"] not in seen and len(chain) < 64:
-        chain.append(dict(m.base))
-        seen.add(m.base["path"])
-        try:
-            m = read_manifest(Path(m.base["path"]))
-        except (StoreNotFoundError, OSError):
-            break
-    return chain

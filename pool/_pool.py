@@ -83,12 +83,13 @@ class Pool:
         if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
             raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
         record = store.commit_record(commit)
-        generator = load_generator(store, record.generator, device)
-        procedural = ProceduralTier(generator)
-        if m.base is not None:  # an overlay: base rows are its base store's rows
+        procedural: ProceduralTier
+        if m.base is not None:  # an overlay: base rows (and generator) are its base store's
             from ._overlay import overlay_tier
 
-            procedural = overlay_tier(m, generator, device)
+            procedural = overlay_tier(m, device)
+        else:
+            procedural = ProceduralTier(load_generator(store, record.generator, device))
         self._stack = RowStack(
             store,
             commit=commit,

@@ -354,6 +354,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive_count, default=200, help="training steps (>= 1)")
     sp.add_argument("--force", action="store_true", help="replace an existing store at DIR")
 
+    from ._overlay import add_overlay_commands
+
+    add_overlay_commands(lambda name, help_, fn: add(name, help_, fn, json_flag=False))
     sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
