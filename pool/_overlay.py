@@ -41,10 +41,15 @@ from dpsn.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from dpsn.tiers import Manifest, PersistedStore, read_manifest
-from dpsn.tiers._format import FORMAT_OVERLAY
-from dpsn.tiers._overlay import OverlayBase
-from dpsn.tiers._overlay_facts import PIN_PREFIX, base_chain
+from dpsn.tiers import (
+    FORMAT_OVERLAY,
+    OVERLAY_PIN_PREFIX,
+    Manifest,
+    OverlayBase,
+    PersistedStore,
+    base_chain,
+    read_manifest,
+)
 
 __all__ = ["base_chain", "create_overlay_store", "overlay_tier"]  # base_chain: from tiers
 
@@ -106,7 +111,7 @@ def _resolve_pin(base_path: Path, base_at: str | int | None, overlay_uuid: str) 
         except SnapshotNotFoundError as e:
             raise BaseCommitNotFoundError(f"base_at={base_at!r}: {e}") from e
         uuid = store.manifest.uuid
-    name = f"{PIN_PREFIX}{overlay_uuid}"
+    name = f"{OVERLAY_PIN_PREFIX}{overlay_uuid}"
     try:
         with PersistedStore.open(base_path, writable=True) as store:
             store.pin(name, commit)

@@ -151,7 +151,7 @@ def test_chain_of_three_overlays(tmp_path):
     with dpsn.open(paths[-1]) as agent, dpsn.open(paths[0]) as foundation:
         assert torch.allclose(agent.read([3]) - foundation.read([3]), torch.full((1, DIM), 6.0))
         assert torch.equal(agent.read([1]), foundation.read([1]))
-    from dpsn.tiers._overlay_facts import base_chain
+    from dpsn.tiers import base_chain
 
     chain = base_chain(paths[-1])
     assert [c["path"] for c in chain] == [str(p.resolve()) for p in paths[-2::-1]]

@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     "COMPRESSORS": "._segments",
+    "FORMAT_OVERLAY": "._format",
     "FORMAT_VERSION": "._format",
+    "OVERLAY_PIN_PREFIX": "._overlay_facts",
+    "OverlayBase": "._overlay",
+    "base_chain": "._overlay_facts",
     "SECOND_BACKWARD": "._stack",
     "CacheStats": "._cache",
     "Column": "._columns",
@@ -77,7 +81,7 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._compact import maybe_compact
-    from ._format import FORMAT_VERSION, Manifest, read_manifest
+    from ._format import FORMAT_OVERLAY, FORMAT_VERSION, Manifest, read_manifest
     from ._health import lifecycle_health, pending_decay
     from ._info import StoreFacts, tree_bytes
     from ._layered import LayeredIndex, RowLookup
@@ -89,6 +93,8 @@ if TYPE_CHECKING:
         check_stored_policy,
     )
     from ._names import check_router_name
+    from ._overlay import OverlayBase
+    from ._overlay_facts import OVERLAY_PIN_PREFIX, base_chain
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._policy import MaintenancePolicy, parse_duration
@@ -124,10 +130,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "COMPRESSORS",
+    "FORMAT_OVERLAY",
     "FORMAT_VERSION",
     "LIFECYCLE_DEFAULTS",
     "MAX_ENTER",
     "MIN_ENTER",
+    "OVERLAY_PIN_PREFIX",
     "SECOND_BACKWARD",
     "CacheStats",
     "Column",
@@ -137,6 +145,7 @@ __all__ = [
     "LayeredIndex",
     "MaintenancePolicy",
     "Manifest",
+    "OverlayBase",
     "PersistedStore",
     "Prefetch",
     "ProceduralTier",
@@ -152,6 +161,7 @@ __all__ = [
     "UsageIndex",
     "UsageRules",
     "VerifyReport",
+    "base_chain",
     "check_lifecycle_settings",
     "check_policy",
     "check_router_name",

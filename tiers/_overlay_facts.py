@@ -11,9 +11,9 @@ from dpsn.errors import DpsnError
 
 from ._format import read_manifest
 
-__all__ = ["PIN_PREFIX", "base_chain", "overlay_pins"]
+__all__ = ["OVERLAY_PIN_PREFIX", "base_chain", "overlay_pins"]
 
-PIN_PREFIX = "overlay-"  # snapshot names of overlay pins (never rename)
+OVERLAY_PIN_PREFIX = "overlay-"  # snapshot names of overlay pins (never rename)
 MAX_CHAIN = 64
 
 
@@ -39,7 +39,7 @@ def base_chain(root: Path) -> list[dict[str, Any]]:
 def overlay_pins(snapshots: dict[str, dict[str, Any]]) -> dict[str, int]:
     """Overlay uuid -> pinned commit, from a store's snapshot records."""
     return {
-        name[len(PIN_PREFIX) :]: int(rec["commit"])
+        name[len(OVERLAY_PIN_PREFIX) :]: int(rec["commit"])
         for name, rec in snapshots.items()
-        if name.startswith(PIN_PREFIX)
+        if name.startswith(OVERLAY_PIN_PREFIX)
     }
