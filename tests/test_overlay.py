@@ -290,3 +290,31 @@ def test_four_agents_write_overlays_of_one_base_at_once_then_merge(tmp_path):
         # every agent pushed the shared rows the same way: amplified, never cancelled
         assert torch.allclose(change[0], 4 * change[3], rtol=1e-4)
         assert b.verify().ok
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_overlay_create_and_info_show_the_chain(tmp_path, capsys):
+    from dpsn.tools.cli import main
+
+    base = make_base(tmp_path / "base")
+    base.close()
+    assert (
+        main(["overlay", "create", str(tmp_path / "base"), str(tmp_path / "ov"), "--at", "s1"]) == 0
+    )
+    assert main(["overlay", "create", str(tmp_path / "ov"), str(tmp_path / "ov2")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ov2"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format_version"] == 3
+    assert [c["path"] for c in info["base_chain"]] == [
+        str((tmp_path / "ov").resolve()),
+        str((tmp_path / "base").resolve()),
+    ]
+    assert main(["info", str(tmp_path / "ov")]) == 0
+    out = capsys.readouterr().out
+    assert "overlay of" in out and "1 pinned" in out
+    assert (
+        main(["overlay", "create", str(tmp_path / "base"), str(tmp_path / "x"), "--at", "no"]) == 1
+    )
