@@ -19,6 +19,8 @@ Models, trained side by side in one run on the same batches:
   SCREENED then take no row updates any more, and the lifecycle holds them).
 - (c') the same without the protection, (c'') the lifecycle alone (router trained throughout):
   what each part does; (c'') is also the "without protection" reference of the newest task.
+- (e) protection without frozen routing; (f) frozen routing, and protection of the rows the
+  first task screened only (``pool.protect(phase="screened")`` once, at task 2's start).
 - (d) frozen routing plus sparse memory finetuning's row selection instead of protection
   (``row_selection=dpsn.SparseFinetune(top=0.25)``: each step updates the quarter of its rows
   with the highest TF-IDF score against the lifecycle's usage statistics; Lin et al. 2025).
@@ -188,7 +190,10 @@ class Model:
         (``layer.freeze_routing()``: parameters and batch-norm statistics)."""
         if index == 0 or self.layer is None:
             return
-        if self.protect:
+        if self.protect == "first":  # only what the first task screened
+            if index == 1:
+                self.pool.protect(phase="screened")
+        elif self.protect:
             self.pool.protect(phase="screened")
         if self.freeze and not self.layer.routing_frozen:
             self.layer.freeze_routing()
@@ -256,6 +261,7 @@ VARIANTS: dict[str, Variant | None] = {
     "(c'') pool+lifecycle": (True, False, False),
     "(d) pool+lifecycle+frozen router+SparseFinetune": (True, True, False, 0.25),
     "(e) pool+lifecycle+protect": (True, False, True),
+    "(f) pool+lifecycle+frozen router+protect task 1": (True, True, "first"),
 }
 MAIN = "(c) pool+lifecycle+frozen router+protect"
 UNPROTECTED = "(c'') pool+lifecycle"  # the same model without protection or frozen routing

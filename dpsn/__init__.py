@@ -27,6 +27,7 @@ _LAZY = {
     "OpenOptions": "dpsn.pool",
     "NgramMemory": "dpsn.pool",
     "Migration": "dpsn.pool",
+    "MergeReport": "dpsn.pool",
     "Pool": "dpsn.pool",
     "PoolEmbedding": "dpsn.pool",
     "PoolEmbeddingCollection": "dpsn.pool",
@@ -40,6 +41,7 @@ _LAZY = {
     "compact": "dpsn.pool",
     "create": "dpsn.pool",
     "gc": "dpsn.pool",
+    "merge": "dpsn.pool",
     "open": "dpsn.pool",
 }
 
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
         LevelledPool,
         Lifecycle,
         MaintenancePolicy,
+        MergeReport,
         Migration,
         NgramMemory,
         OpenOptions,
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
         compact,
         create,
         gc,
+        merge,
         open,
     )
 
@@ -93,6 +97,7 @@ __all__ = [
     "LevelledPool",
     "Lifecycle",
     "MaintenancePolicy",
+    "MergeReport",
     "Migration",
     "NgramMemory",
     "OpenOptions",
@@ -111,5 +116,6 @@ __all__ = [
     "create",
     "errors",
     "gc",
+    "merge",
     "open",
 ]

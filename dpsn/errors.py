@@ -9,6 +9,8 @@ and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BaseCommitNotFoundError",
+    "BaseMismatchError",
     "BatchTooLargeError",
     "CacheCapacityError",
     "CacheTooLargeError",
@@ -170,3 +172,14 @@ class LeaseWarning(UserWarning):
     store only its writer may write to, a full disk) and reads without one: a gc in a writer
     does not see it and may remove the commit it reads. ``pool.info()["reader_lease"]`` is
     ``False`` for such a reader."""
+
+
+class BaseCommitNotFoundError(SnapshotNotFoundError):
+    """An overlay's base store no longer has (or never had) the commit the overlay reads; the
+    overlay's rows cannot be served. Restore the base, or recreate the overlay over a commit it
+    has."""
+
+
+class BaseMismatchError(DpsnError, ValueError):
+    """The store found at an overlay's base path is not the store the overlay was made over
+    (another uuid), or does not fit it (rows, dim, dtype, seed)."""

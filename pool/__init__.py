@@ -11,6 +11,7 @@ from ._embedding import PoolEmbedding
 from ._layer import PoolLayer
 from ._levels import Level, LevelledPool
 from ._lifecycle import Lifecycle
+from ._merge import MergeReport, merge
 from ._migration import Migration
 from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
@@ -24,6 +25,7 @@ __all__ = [
     "LevelledPool",
     "Lifecycle",
     "MaintenancePolicy",
+    "MergeReport",
     "Migration",
     "NgramMemory",
     "OpenOptions",
@@ -45,6 +47,7 @@ __all__ = [
     "compact",
     "create",
     "gc",
+    "merge",
     "open",
     "prefetching",
 ]

@@ -25,8 +25,10 @@ from dpsn.store import (
     MaintenancePolicy,
     Manifest,
     PersistedStore,
+    read_manifest,
     write_policy,
 )
+from dpsn.tiers import check_policy
 
 from ._config import OpenOptions, StoreSpec, merge_object
 from ._lifecycle import Lifecycle, initial_record
@@ -169,6 +171,8 @@ def create(
     spec: StoreSpec | None = None,
     options: OpenOptions | None = None,
     maintenance: MaintenancePolicy | None = None,
+    base: str | os.PathLike[str] | None = None,
+    base_at: str | int | None = None,
     seed: int = 0,
     generator: str | dict[str, Any] | Generator = "hashed_slices",
     dtype: str | torch.dtype = torch.float32,
@@ -222,10 +226,18 @@ def create(
     ``levels`` (names or :class:`dpsn.Level`, slowest first) creates a levelled store instead
     (see ``dpsn.pool._levels``), with ``model_id``, ``config`` and ``migration`` (a
     :class:`dpsn.Migration`) in its provenance; ``levels=None`` keeps the single-level store.
+
+    Overlays: ``base=`` another store's path makes an overlay: its rows read the base's rows at
+    ``base_at`` (a snapshot name or commit id of the base; default its HEAD) plus the overlay's
+    own deltas, and the base is never written. ``rows``, ``dim``, ``seed``, ``generator``,
+    ``dtype``, ``chunk_rows`` and ``compressor`` then come from the base (leave them out, or
+    give the base's). See ``dpsn.pool._overlay`` for pinning and sharing.
     """
+    if base_at is not None and base is None:
+        raise InvalidArgumentError("base_at= needs base= (the store the overlay reads)")
     dispatch = shards is not None or process_group is not None or levels is not None
     dispatch = dispatch or model_id is not None or config is not None or migration is not None
-    if dispatch:
+    if dispatch or base is not None:
         if spec is not None or options is not None or maintenance is not None:
             if spec is not None:
                 rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
@@ -236,6 +248,25 @@ def create(
             if maintenance is not None:
                 keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
                 compact_above = maintenance.compact_above
+        if base is not None:
+            if dispatch:
+                raise InvalidArgumentError(
+                    "an overlay (base=) is a single-level, unsharded store: leave out shards=, "
+                    "process_group= and levels="
+                )
+            return _create_overlay(
+                path,
+                base,
+                base_at,
+                rows=rows,
+                dim=dim,
+                device=device,
+                cache_rows=cache_rows,
+                policy=policy,
+                map_size=map_size,
+                maintenance=(keep_last, keep_within, compact_above),
+                lifecycle=lifecycle,
+            )
         if shards is not None or process_group is not None:
             from ._sharded_api import create as create_sharded
 
@@ -347,6 +378,62 @@ def create(
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
     try:
         write_policy(store, maintenance)
+        return Pool(
+            store,
+            commit=1,
+            index=LayeredIndex.empty(),
+            device=device,
+            cache_rows=cache_rows,
+            policy=policy,
+        )
+    except BaseException:
+        store.discard()
+        raise
+
+
+def _create_overlay(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    base_at: str | int | None,
+    *,
+    rows: int | None,
+    dim: int | None,
+    device: Any,
+    cache_rows: int | None,
+    policy: str,
+    map_size: int | None,
+    maintenance: tuple[Any, Any, Any],
+    lifecycle: Lifecycle | None,
+) -> Pool:
+    from ._overlay import create_overlay_store
+
+    if base_at is not None and (isinstance(base_at, bool) or not isinstance(base_at, str | int)):
+        raise InvalidArgumentTypeError(
+            f"base_at= takes a snapshot name or a commit id, not {type(base_at).__name__}"
+        )
+    check_policy(policy)
+    if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+        raise InvalidArgumentTypeError(
+            f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}"
+        )
+    keep_last, keep_within, compact_above = maintenance
+    policy_obj = MaintenancePolicy().with_(
+        keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
+    )
+    bm = read_manifest(Path(base))
+    for name, given in (("rows", rows), ("dim", dim)):
+        if given is not None and given != getattr(bm, name):
+            raise InvalidArgumentError(
+                f"{name}={given} differs from the base's {getattr(bm, name)}: an overlay has "
+                "its base's shape (leave it out)"
+            )
+    device, cache_rows = check_cache_args(device, cache_rows, bm.dim, bm.dtype)
+    kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
+    if lifecycle is not None:
+        kwargs["lifecycle"] = initial_record(lifecycle)
+    store = create_overlay_store(Path(path), base, base_at, **kwargs)
+    try:
+        write_policy(store, policy_obj)
         return Pool(
             store,
             commit=1,

@@ -90,12 +90,18 @@ class Pool:
         if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
             raise TypeError(f"lifecycle= takes a dpsn.Lifecycle, got {type(lifecycle).__name__}")
         record = store.commit_record(commit)
-        generator = load_generator(store, record.generator, device)
+        procedural: ProceduralTier
+        if m.base is not None:  # an overlay: base rows (and generator) are its base store's
+            from ._overlay import overlay_tier
+
+            procedural = overlay_tier(m, device)
+        else:
+            procedural = ProceduralTier(load_generator(store, record.generator, device))
         self._stack = RowStack(
             store,
             commit=commit,
             index=index,
-            procedural=ProceduralTier(generator),
+            procedural=procedural,
             dtype_name=m.dtype,
             device=device,
             cache_rows=cache_rows,
@@ -153,6 +159,18 @@ class Pool:
     def device(self) -> torch.device:
         """Where the cache lives and rows are served."""
         return self._stack.device
+
+    @property
+    def base_store(self) -> dict[str, Any] | None:
+        """For an overlay, its base: ``{"path", "uuid", "commit", "snapshot"}``; else None."""
+        base = self._store.manifest.base
+        return dict(base) if base is not None else None
+
+    def delta_ids(self) -> torch.Tensor:
+        """Sorted int64 ids of every row with a persisted delta at this pool's commit
+        (uncommitted changes are not included)."""
+        self._check_open()
+        return torch.from_numpy(self._stack.index.ids.astype("int64", copy=True))
 
     @property
     def generator(self) -> Generator:

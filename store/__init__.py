@@ -20,6 +20,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
+    "FORMAT_OVERLAY": "._format",
+    "OVERLAY_PIN_PREFIX": "._overlay_facts",
+    "base_chain": "._overlay_facts",
     "CLOCK_LIMIT": ".usage_fields",
     "SETTING_LIMIT": ".usage_fields",
     "NotRegularFileError": "._files",
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
     from ._compact import maybe_compact
     from ._files import NotRegularFileError, file_kind
     from ._format import (
+        FORMAT_OVERLAY,
         FORMAT_VERSION,
         ROW_VALUE_DTYPE,
         Manifest,
@@ -82,6 +86,7 @@ if TYPE_CHECKING:
         check_stored_policy,
     )
     from ._names import check_router_name
+    from ._overlay_facts import OVERLAY_PIN_PREFIX, base_chain
     from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
     from ._policy import MaintenancePolicy, parse_duration
     from ._protected import read_protected
@@ -111,10 +116,12 @@ def __dir__() -> list[str]:
 __all__ = [
     "CLOCK_LIMIT",
     "COMPRESSORS",
+    "FORMAT_OVERLAY",
     "FORMAT_VERSION",
     "LIFECYCLE_DEFAULTS",
     "MAX_ENTER",
     "MIN_ENTER",
+    "OVERLAY_PIN_PREFIX",
     "ROW_VALUE_DTYPE",
     "SETTING_LIMIT",
     "Commit",
@@ -127,6 +134,7 @@ __all__ = [
     "RowLookup",
     "StoreFacts",
     "VerifyReport",
+    "base_chain",
     "check_lifecycle_settings",
     "check_router_name",
     "check_stored_policy",

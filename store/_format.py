@@ -17,13 +17,17 @@ from typing import Any
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
 FORMAT_NAME = "dpsn-store"
-FORMAT_VERSION = 2  # the newest format this dpsn reads; never renumber
+FORMAT_VERSION = 3  # the newest format this dpsn reads; never renumber
 # What a store's LMDB ``format_version`` says. A store without lifecycle data stays at 1 (its
 # bytes are format 1's). The first commit that records a lifecycle raises it to 2: from then on
 # FREE rows' deltas decay lazily (``deltas`` times a factor their ``usage`` row and the commit's
 # lifecycle epoch determine), which a format-1 reader would misread as undecayed.
 FORMAT_PLAIN = 1
 FORMAT_LIFECYCLE = 2
+# An overlay store's manifest (never its LMDB index) says 3: its rows are its base store's rows
+# at a pinned commit plus its own deltas (manifest field "base"), which a reader of format 2
+# would misread as procedural rows plus deltas.
+FORMAT_OVERLAY = 3
 
 MANIFEST = "dpsn.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -100,8 +104,17 @@ class Manifest:
     created: float
     uuid: str
     format_version: int = FORMAT_PLAIN
+    # An overlay's base: {"path", "uuid", "commit", "snapshot"} (``tiers/_overlay.py``); None
+    # for an ordinary store (the key is then absent, so older manifests digest as before).
+    base: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        out = self._fields()
+        if self.base is not None:
+            out["base"] = self.base
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -204,7 +217,32 @@ def read_manifest(root: Path) -> Manifest:
         created=float(raw["created"]),
         uuid=raw["uuid"],
         format_version=version,
+        base=_base_field(raw, path, version),
     )
+
+
+def _base_field(raw: dict[str, Any], path: Path, version: int) -> dict[str, Any] | None:
+    """The manifest's overlay link, checked (present exactly when the format is overlay)."""
+    base = raw.get("base")
+    if base is None and version < FORMAT_OVERLAY:
+        return None
+    ok = (
+        version >= FORMAT_OVERLAY
+        and isinstance(base, dict)
+        and isinstance(base.get("path"), str)
+        and 0 < len(base["path"]) < 4096
+        and isinstance(base.get("uuid"), str)
+        and isinstance(base.get("commit"), int)
+        and not isinstance(base.get("commit"), bool)
+        and 1 <= base["commit"] <= MAX_COMMIT_ID
+        and (base.get("snapshot") is None or isinstance(base.get("snapshot"), str))
+    )
+    if not ok:
+        raise CorruptStoreError(
+            f"{path}: an overlay store (format {FORMAT_OVERLAY}) needs a field 'base' "
+            "{path, uuid, commit, snapshot}; it is missing or malformed"
+        )
+    return {k: base.get(k) for k in ("path", "uuid", "commit", "snapshot")}
 
 
 def fsync_dir(path: Path) -> None:

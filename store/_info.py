@@ -63,6 +63,7 @@ from ._format import (
 )
 from ._leases import READERS_DIR
 from ._lmdb import Env, acquire_env, release_env
+from ._overlay_facts import base_chain, overlay_pins
 from ._records import Commit, generator_record, parse_record, read_u64, snapshot_record
 from ._runs import RUNS_DIR, RunsUnusableError, read_runset
 
@@ -405,6 +406,8 @@ class StoreFacts:
             "head": head,
             "commits": self.commit_count(),
             "snapshots": len(self.snapshots()),
+            "base_chain": base_chain(self.root),
+            "overlays": overlay_pins(self.snapshots()),
             "persisted_rows": record["persisted_rows"],
             "delta_bytes_raw": record["persisted_rows"] * m.dim * DTYPE_BYTES[m.dtype],
             "segments": len(segments),

@@ -21,6 +21,7 @@ _LAZY = {
     "CoUse": "._couse",
     "DeviceCache": "._cache",
     "EvictionPolicy": "._policies",
+    "OverlayBase": "._overlay",
     "Prefetch": "._stack",
     "ProceduralTier": "._procedural",
     "RowBatch": "._stack",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._couse import CoUse
+    from ._overlay import OverlayBase
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
     from ._slot_table import SlotTable
@@ -77,6 +79,7 @@ __all__ = [
     "Column",
     "DeviceCache",
     "EvictionPolicy",
+    "OverlayBase",
     "Prefetch",
     "ProceduralTier",
     "RowBatch",

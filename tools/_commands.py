@@ -75,6 +75,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _info_lines(info: dict[str, Any]) -> str:
     from ._format import fields, human_bytes, human_count
+    from ._overlay import overlay_fields
 
     gen = info["generator"]
     head = " (HEAD)" if info["commit"] == info["head"] else f" (HEAD is {info['head']})"
@@ -95,6 +96,7 @@ def _info_lines(info: dict[str, Any]) -> str:
             ("virtual parameters", f"{human_count(info['virtual_parameters'])} (rows x dim)"),
             ("commit", f"{info['commit']} of {info['commits']}{head}"),
             ("snapshots", info["snapshots"]),
+            *overlay_fields(info),
             ("persisted rows", f"{info['persisted_rows']} (rows with a delta at this commit)"),
             ("segments", f"{info['segments']} ({info['row_versions']} row versions)"),
             ("raw", human_bytes(info["segment_bytes_raw"])),

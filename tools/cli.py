@@ -381,6 +381,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _sharded.add_commands(add)  # reshard (tools/_sharded.py)
     _remote.add_commands(add)  # push (tools/_remote.py)
+    from ._overlay import add_overlay_commands
+
+    add_overlay_commands(lambda name, help_, fn: add(name, help_, fn, json_flag=False))
     sub.add_parser("bench", help="run a benchmark: dpsn bench NAME [ARGS...] (dpsn bench --help)")
     return p
 
