@@ -116,6 +116,7 @@ class Level:
             raise InvalidArgumentTypeError("Level.lifecycle takes a dpsn.Lifecycle")
 
     def to_json(self) -> dict[str, Any]:
+        """This level's settings as plain JSON (as the levels file records them)."""
         return {
             "name": self.name,
             "persist": self.persist,
@@ -127,6 +128,7 @@ class Level:
 
     @classmethod
     def from_json(cls, raw: Any) -> Level:
+        """The level that :meth:`to_json` wrote; a damaged entry is a ``CorruptStoreError``."""
         try:
             return cls(
                 name=raw["name"],
@@ -496,34 +498,42 @@ class LevelledPool:
 
     @property
     def path(self) -> Path:
+        """The levelled root's directory."""
         return self._root
 
     @property
     def rows(self) -> int:
+        """Rows of the pool (every level has the same rows)."""
         return int(self._spec["rows"])
 
     @property
     def dim(self) -> int:
+        """Width of a row (every level's)."""
         return int(self._spec["dim"])
 
     @property
     def seed(self) -> int:
+        """The seed every level's base rows come from."""
         return int(self._spec["seed"])
 
     @property
     def uuid(self) -> str:
+        """The root's uuid (its levels file records it)."""
         return str(self._spec["uuid"])
 
     @property
     def model_id(self) -> str | None:
+        """The caller's model id, covered by the provenance hash (None when not given)."""
         return self._spec["model_id"]
 
     @property
     def config(self) -> dict[str, Any]:
+        """The caller's config, covered by the provenance hash."""
         return dict(self._spec["config"])
 
     @property
     def migration_policy(self) -> mig.Migration:
+        """The migration settings (caps, thresholds, hand-off) of this hierarchy."""
         return self._migration
 
     @property
@@ -532,6 +542,7 @@ class LevelledPool:
         return [lv.name for lv in self._levels]
 
     def level_spec(self, name: str) -> Level:
+        """The :class:`Level` settings of level ``name``."""
         return self._levels[self._index(name)]
 
     def level(self, name: str) -> Pool:
@@ -557,18 +568,22 @@ class LevelledPool:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype rows are stored in."""
         return self._tp.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the train level's cache lives on."""
         return self._tp.device
 
     @property
     def generator(self) -> Any:
+        """The generator of the base rows (shared by all levels)."""
         return self._tp.generator
 
     @property
     def cache(self) -> Any:
+        """The train level's device cache (None without one)."""
         return self._tp.cache
 
     @property
@@ -578,14 +593,17 @@ class LevelledPool:
 
     @property
     def writable(self) -> bool:
+        """Whether this pool was opened for writing."""
         return self._writable
 
     @property
     def state_width(self) -> int:
+        """Optimizer state values kept per row by the train level."""
         return self._tp.state_width
 
     @property
     def staged_rows(self) -> int:
+        """Rows staged for the next commit, summed over the levels."""
         return sum(self._pools[n].staged_rows for n in self._persisted)
 
     @property
@@ -699,6 +717,7 @@ class LevelledPool:
 
     @torch.no_grad()
     def base(self, ids: Any) -> torch.Tensor:
+        """The base rows of ``ids`` (the generator's, below every level's delta)."""
         return self._tp.base(ids)
 
     @torch.no_grad()
@@ -754,6 +773,7 @@ class LevelledPool:
     enable_row_state = set_state_width
 
     def count_skipped_row_step(self) -> None:
+        """Count a row step the executor skipped (non-finite gradients) on the train level."""
         self._tp.count_skipped_row_step()
 
     def _train_step(
@@ -1013,6 +1033,7 @@ class LevelledPool:
         return record
 
     def snapshots(self) -> dict[str, int]:
+        """Snapshots of the hierarchy: name -> root commit."""
         self._check_open()
         return dict(self._log()["snapshots"])
 
@@ -1100,13 +1121,16 @@ class LevelledPool:
     # -- routers (kept with the slowest persisted level) ----------------------------------------
 
     def save_router(self, name: str, router: torch.nn.Module) -> None:
+        """Save a router with the hierarchy (in the slowest persisted level's commit)."""
         self._require_writable()
         self._pools[self._persisted[0]].save_router(name, router)
 
     def routers(self) -> dict[str, dict[str, Any]]:
+        """Routers saved with the hierarchy: name -> record."""
         return self._pools[self._persisted[0]].routers()
 
     def load_router(self, name: str) -> torch.nn.Module:
+        """The router saved as ``name`` (see :meth:`dpsn.Pool.load_router`)."""
         return self._pools[self._persisted[0]].load_router(name)
 
     def save_module(self, name: str, config: dict[str, Any]) -> None:

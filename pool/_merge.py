@@ -49,10 +49,12 @@ class MergeReport:
 
     @property
     def rows(self) -> int:
+        """Rows the merge wrote into the target."""
         return len(self.ids)
 
     @property
     def conflicting_rows(self) -> int:
+        """Rows where at least one contribution opposed the consensus direction."""
         return int((self.conflicts > 0).sum())
 
 

@@ -99,12 +99,14 @@ class Migration:
             raise bad("entropy_target must be > 0")
 
     def to_json(self) -> dict[str, Any]:
+        """These settings as plain JSON (as the levels file records them)."""
         out = asdict(self)
         out["caps"] = None if self.caps is None else list(self.caps)
         return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Migration:
+        """The settings :meth:`to_json` wrote; unknown or bad values are refused."""
         known = {f.name for f in fields(cls)}
         args = {k: v for k, v in raw.items() if k in known}
         if args.get("caps") is not None:

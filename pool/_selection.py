@@ -38,7 +38,10 @@ class RowSelection(Protocol):
     ``accumulate()`` block); it must not page rows in or commit.
     """
 
-    def select(self, pool: Any, batch: Any, grads: torch.Tensor) -> torch.Tensor | None: ...
+    def select(self, pool: Any, batch: Any, grads: torch.Tensor) -> torch.Tensor | None:
+        """The mask of ``batch``'s rows to update (bool ``[n]``, aligned with ``batch.ids``),
+        or None for all."""
+        ...
 
 
 class SparseFinetune:
@@ -101,6 +104,7 @@ class SparseFinetune:
         return tf * torch.log(1.0 / (freq + self.smooth))
 
     def select(self, pool: Any, batch: Any, grads: torch.Tensor) -> torch.Tensor | None:
+        """The top rows of the batch by TF-IDF: use here high against background use."""
         n = len(batch)
         k = self.top if isinstance(self.top, int) else max(1, math.ceil(self.top * n))
         if k >= n:
