@@ -220,6 +220,10 @@ class RowBatch:
                     f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
+        if not isinstance(grads, torch.Tensor):
+            raise InvalidArgumentError(
+                f"row gradients must be a tensor, got {type(grads).__name__}"
+            )
         if not all_finite(grads):
             self._stack.refuse_step("the row gradients are not finite (NaN or Inf)", strict)
         else:

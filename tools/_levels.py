@@ -164,7 +164,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """The root's spec, its newest (or ``--at``) root commit, and each level store's size."""
-    from dpsn.tiers import levels_format
+    from dpsn.store import levels as levels_format
 
     from ._format import human_bytes, table
 
