@@ -215,7 +215,7 @@ def test_info_sizes_are_consistent(store, capsys):
     assert info["commit"] == info["head"] == 3 and info["commits"] == 3
     assert info["generator"]["parameters"] == 4096
     with dpsn.open(store) as p:  # the library says the same
-        assert p.info() == info | {"staged_rows": 0}
+        assert p.info() == info | {"staged_rows": 0, "reader_lease": True}
     code, out, _ = run(capsys, "info", store, "--at", "v1", "--json")
     past = json.loads(out)
     assert past["commit"] == 2 and past["persisted_rows"] == 2
