@@ -73,6 +73,17 @@ class Child:
             time.sleep(0.005)
         return ""
 
+    def read_until(self, prefix: str, timeout: float = 120.0) -> str:
+        """Lines up to and including the first that starts with ``prefix`` ('' at the end if
+        none came within ``timeout``): a loop waits for the work it means to interrupt, so a
+        slow machine does not turn its kills into kills before any work."""
+        out = []
+        while True:
+            line = self.readline(timeout)
+            out.append(line)
+            if not line or line.startswith(prefix):
+                return "".join(out)
+
     def kill(self, sig: int) -> None:
         os.kill(self.pid, sig)
 

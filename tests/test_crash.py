@@ -162,6 +162,7 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
     zygote = Zygote(tmp_path, dict(os.environ, PYTHONUNBUFFERED="1"))
     last_returned = 2
     compacted = 0
+    made_runs: list[str] = []
     ids = torch.arange(5000)
 
     def content(state: dict[int, float]) -> torch.Tensor:
@@ -174,9 +175,13 @@ def test_sigkill_during_compaction_and_gc_never_loses_a_kept_commit(tmp_path):
         proc = zygote.spawn(script, str(path))
         line = proc.readline()
         assert line.startswith("READY"), line
-        time.sleep(rng.uniform(0.3, 3.0))
+        # every other run is killed only after a compaction: kills then land in later commits,
+        # compactions and gc, however slow the machine
+        seen = proc.read_until("COMPACTED" if len(made_runs) % 2 else "COMMITTED")
+        made_runs.append(seen)
+        time.sleep(rng.uniform(0.0, 1.0))
         proc.kill(signal.SIGKILL)
-        out = proc.wait()
+        out = seen + proc.wait()
         for ln in out.splitlines():
             if ln.startswith("COMMITTED"):
                 last_returned = int(ln.split()[1])

@@ -104,9 +104,10 @@ def test_sigkill_with_a_lifecycle_never_loses_or_diverges(tmp_path):
             proc = zygote.spawn(script, str(path))  # a fork: torch is imported already
             line = proc.readline()
             assert line.startswith("READY"), line
-            time.sleep(rng.uniform(0.05, 0.6))
+            seen = proc.read_until("COMMITTED")  # at least one commit a run, however slow
+            time.sleep(rng.uniform(0.0, 0.6))
             proc.kill(signal.SIGKILL)
-            out = proc.wait()
+            out = seen + proc.wait()
             for ln in out.splitlines():
                 if ln.startswith("COMMITTED"):
                     last = int(ln.split()[1])
