@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dpsn.errors import InvalidArgumentError
-from dpsn.store import PersistedStore, read_policy, rollback, write_policy
+from dpsn.store import CommitRequest, PersistedStore, read_policy, rollback, write_policy
 from dpsn.store import shards as layout
 
 from ._sharded import owner_of
@@ -83,9 +83,7 @@ def reshard(
                 for j in np.unique(owner).tolist():
                     sel = owner == j
                     has_usage = usage_w and not np.isnan(usage[sel]).all()
-                    rec, indexes[j] = new[j].commit(
-                        indexes[j],
-                        heads[j],
+                    request = CommitRequest(
                         ids[sel],
                         deltas[sel],
                         np.zeros(0, dtype=np.int64),
@@ -93,6 +91,7 @@ def reshard(
                         state=state[sel] if state_w else None,
                         usage=usage[sel] if has_usage else None,
                     )
+                    rec, indexes[j] = new[j].commit(indexes[j], heads[j], request)
                     heads[j] = rec.id
                 moved += len(ids)
                 if progress is not None:

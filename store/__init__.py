@@ -33,6 +33,7 @@ _LAZY = {
     "MAX_ENTER": "._lifecycle_policy",
     "MIN_ENTER": "._lifecycle_policy",
     "Commit": "._persisted",
+    "CommitRequest": "._persisted",
     "LayeredIndex": "._layered",
     "MaintenancePolicy": "._policy",
     "Manifest": "._format",
@@ -87,7 +88,7 @@ if TYPE_CHECKING:
     )
     from ._names import check_router_name
     from ._overlay_facts import OVERLAY_PIN_PREFIX, base_chain
-    from ._persisted import Commit, PersistedStore, VerifyReport, storage_dtype
+    from ._persisted import Commit, CommitRequest, PersistedStore, VerifyReport, storage_dtype
     from ._policy import MaintenancePolicy, parse_duration
     from ._protected import read_protected
     from ._retention import read_policy, write_policy
@@ -125,6 +126,7 @@ __all__ = [
     "ROW_VALUE_DTYPE",
     "SETTING_LIMIT",
     "Commit",
+    "CommitRequest",
     "LayeredIndex",
     "MaintenancePolicy",
     "Manifest",

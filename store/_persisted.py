@@ -137,7 +137,14 @@ from ._segments import SegmentRecord, SegmentStore, dir_bytes
 from ._zarrsafe import read_array, read_array_meta
 from .usage_fields import usage_problem
 
-__all__ = ["Commit", "PersistedStore", "VerifyReport", "check_snapshot_name", "storage_dtype"]
+__all__ = [
+    "Commit",
+    "CommitRequest",
+    "PersistedStore",
+    "VerifyReport",
+    "check_snapshot_name",
+    "storage_dtype",
+]
 
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
 # Generator arrays are written in chunks of at most this many bytes: readers refuse a chunk
@@ -324,6 +331,31 @@ def _undo_create(root: Path, made: _Made) -> None:
         (root / LOCK_FILE).unlink(missing_ok=True)
     _remove_dirs(made.dirs)
     made.lock.release()
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """What one commit writes, as one object handed from the row path to the store (it was a
+    dozen arguments passed down three layers). ``ids`` sorted unique int64 and ``deltas`` their
+    ``[n, dim]`` values in the storage dtype; ``drops`` sorted ids going back to procedural;
+    ``generator_state`` new generator weights (a new generator version); ``routers`` name ->
+    digest of routers already written for this commit; ``state`` / ``usage`` per-row columns
+    beside the deltas; ``lifecycle`` the lifecycle's JSON record; ``protected`` the new set of
+    protected rows (None: the parent's carried forward); ``modules`` module configurations that
+    changed (name -> JSON object)."""
+
+    ids: np.ndarray
+    deltas: np.ndarray
+    drops: np.ndarray
+    message: str = ""
+    stats: dict[str, Any] | None = None
+    generator_state: dict[str, np.ndarray] | None = None
+    routers: dict[str, str] | None = None
+    state: np.ndarray | None = None
+    usage: np.ndarray | None = None
+    lifecycle: dict[str, Any] | None = None
+    protected: np.ndarray | None = None
+    modules: dict[str, dict[str, Any]] | None = None
 
 
 class PersistedStore:
@@ -1131,25 +1163,11 @@ class PersistedStore:
     # -- commit --------------------------------------------------------------------------------
 
     def commit(
-        self,
-        index: LayeredIndex | RowIndex,
-        head: int,
-        ids: np.ndarray,
-        deltas: np.ndarray,
-        drops: np.ndarray,
-        *,
-        message: str = "",
-        stats: dict[str, Any] | None = None,
-        generator_state: dict[str, np.ndarray] | None = None,
-        routers: dict[str, str] | None = None,
-        state: np.ndarray | None = None,
-        usage: np.ndarray | None = None,
-        lifecycle: dict[str, Any] | None = None,
-        protected: np.ndarray | None = None,
-        modules: dict[str, dict[str, Any]] | None = None,
+        self, index: LayeredIndex | RowIndex, head: int, request: CommitRequest
     ) -> tuple[Commit, LayeredIndex]:
-        """Persist ``deltas`` for sorted unique ``ids`` and drop sorted ``drops`` (disjoint from
-        ``ids``), on top of ``index`` at commit ``head``. Returns the record and the new index.
+        """Persist what ``request`` (a :class:`CommitRequest`) holds on top of ``index`` at
+        commit ``head``: ``deltas`` for sorted unique ``ids``, sorted ``drops`` (disjoint from
+        ``ids``) back to procedural. Returns the record and the new index.
 
         ``generator_state`` (new generator weights) is written as a new generator version;
         ``routers`` maps names to digests of routers the caller has already written with
@@ -1162,6 +1180,10 @@ class PersistedStore:
         The row index's digest is updated in O(rows written): the hashes of the entries this
         commit replaces or deletes (taken from ``index``) are subtracted and those of the new
         entries added (``_digest.py``)."""
+        ids, deltas, drops, message = request.ids, request.deltas, request.drops, request.message
+        stats, generator_state, routers = request.stats, request.generator_state, request.routers
+        state, usage, lifecycle = request.state, request.usage, request.lifecycle
+        protected, modules = request.protected, request.modules
         self._require_writer()
         if generator_state is not None:
             check_generator_state(generator_state)

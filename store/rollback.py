@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._persisted import CommitRequest
 from .shards import copy_durably
 
 if TYPE_CHECKING:
@@ -64,9 +65,7 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
             copy_durably(src, dst)
             routers[name] = r["digest"]
     has_usage = usage_w and len(keep) and not np.isnan(usage).all()
-    record, _ = store.commit(
-        index_h,
-        head,
+    request = CommitRequest(
         keep,
         deltas,
         drops,
@@ -77,4 +76,5 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
         usage=usage if has_usage else None,
         lifecycle=rec_t.lifecycle,
     )
+    record, _ = store.commit(index_h, head, request)
     return record

@@ -449,7 +449,9 @@ def test_verify_checks_a_hostile_segments_chunks_one_at_a_time(tmp_path):
     )
     assert "CHUNK True" in out.stdout, out.stdout + out.stderr[-2000:]
     peak = int(out.stdout.split("PEAK")[1])
-    assert peak < 1024, f"verify peaked at {peak} MiB"  # 3 GiB if the span were read whole
+    # 3 GiB if the span were read whole; ~0.5 GiB here alone, up to ~1.1 GiB seen when two
+    # 128 MiB chunk decodes overlapped on a loaded machine
+    assert peak < 1536, f"verify peaked at {peak} MiB"
 
 
 def test_a_snapshot_record_with_the_wrong_rows_is_refused_before_reading(tmp_path):

@@ -26,7 +26,7 @@ _LAZY = {
     "ProceduralTier": "._procedural",
     "RowBatch": "._stack",
     "RowLayout": "._columns",
-    "RowOptimizer": "._stack",
+    "RowOptimizer": "._optimizer",
     "RowStack": "._stack",
     "SlotTable": "._slot_table",
     "UsageClock": "._usage",
@@ -44,11 +44,12 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._couse import CoUse
+    from ._optimizer import RowOptimizer
     from ._overlay import OverlayBase
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
     from ._slot_table import SlotTable
-    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowOptimizer, RowStack
+    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowStack
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 

@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +34,12 @@ import torch
 from dpsn import _kernels
 from dpsn._dtypes import from_storage, to_storage
 from dpsn.errors import CacheCapacityError, InvalidArgumentError, InvalidDeltaError
-from dpsn.store import Commit, PersistedStore, RowLookup
+from dpsn.store import Commit, CommitRequest, PersistedStore, RowLookup
 
 from . import _usage
 from ._cache import DeviceCache
 from ._columns import RowLayout
+from ._optimizer import RowOptimizer
 from ._procedural import ProceduralTier
 from ._stack_usage import UsageStatistics
 from ._staging import Staging
@@ -65,25 +66,6 @@ _COUNTERS = (
     "skipped_row_steps",
     "rows_held",  # rows a row step left out (protected, or not selected)
 )
-
-
-class RowOptimizer(Protocol):
-    """What ``apply_grads`` needs from a row optimizer (``dpsn.pool.RowOptimizer`` is one).
-
-    ``native`` names a fused loop of ``dpsn._kernels`` (None: none) and ``native_hyper()`` its
-    hyperparameters; with one, resident rows are updated in a single pass over the cache."""
-
-    native: int | None
-
-    def native_hyper(self) -> tuple[float, float, float, float]: ...
-
-    def state_width(self, dim: int) -> int:
-        """Floats of optimizer state kept beside each row's delta, for rows ``dim`` wide."""
-        ...
-
-    def step(
-        self, delta: torch.Tensor, grad: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _checked_step(
@@ -1097,18 +1079,20 @@ class RowStack(UsageStatistics):
             record, index = self.store.commit(
                 self.index,
                 self.head,
-                ids,
-                to_storage(values[layout.delta.name]),
-                st.drops,
-                state=values[layout.state.name].numpy() if layout.state_width else None,
-                usage=usage,
-                lifecycle=lifecycle,
-                modules=modules,
-                message=message,
-                stats=stats,
-                generator_state=generator_state,
-                routers=written,
-                protected=self.protected.numpy() if self.protected_changed else None,
+                CommitRequest(
+                    ids,
+                    to_storage(values[layout.delta.name]),
+                    st.drops,
+                    state=values[layout.state.name].numpy() if layout.state_width else None,
+                    usage=usage,
+                    lifecycle=lifecycle,
+                    modules=modules,
+                    message=message,
+                    stats=stats,
+                    generator_state=generator_state,
+                    routers=written,
+                    protected=self.protected.numpy() if self.protected_changed else None,
+                ),
             )
             self.index, self.head = index, record.id
             self.protected_changed = False
