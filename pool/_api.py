@@ -235,19 +235,57 @@ def create(
     """
     if base_at is not None and base is None:
         raise InvalidArgumentError("base_at= needs base= (the store the overlay reads)")
-    dispatch = shards is not None or process_group is not None or levels is not None
-    dispatch = dispatch or model_id is not None or config is not None or migration is not None
+    spec_given = {
+        "rows": rows,
+        "dim": dim,
+        "seed": seed,
+        "generator": generator,
+        "dtype": dtype,
+        "chunk_rows": chunk_rows,
+        "compressor": compressor,
+        "map_size": map_size,
+    }
+    spec_defaults = {
+        "rows": None,
+        "dim": None,
+        "seed": 0,
+        "generator": "hashed_slices",
+        "dtype": torch.float32,
+        "chunk_rows": None,
+        "compressor": "lz4",
+        "map_size": None,
+    }
+    open_given = {"device": device, "cache_rows": cache_rows, "policy": policy}
+    open_defaults = {"device": None, "cache_rows": None, "policy": "lru"}
+    keep_given = {
+        "keep_last": keep_last,
+        "keep_within": keep_within,
+        "compact_above": compact_above,
+    }
+    keep_defaults = {"keep_last": None, "keep_within": None, "compact_above": 1.5}
+    sharded = shards is not None or process_group is not None
+    levelled = levels is not None or model_id is not None or config is not None
+    levelled = levelled or migration is not None
+    dispatch = sharded or levelled
+    if sharded and levelled:
+        raise InvalidArgumentError(
+            "a sharded root has no levels: leave out levels=, model_id=, config= and "
+            "migration= with shards= / process_group="
+        )
     if dispatch or base is not None:
-        if spec is not None or options is not None or maintenance is not None:
-            if spec is not None:
-                rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
-                dtype, chunk_rows, compressor = spec.dtype, spec.chunk_rows, spec.compressor
-                map_size = spec.map_size
-            if options is not None:
-                device, cache_rows, policy = options.device, options.cache_rows, options.policy
-            if maintenance is not None:
-                keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
-                compact_above = maintenance.compact_above
+        # the objects are checked (type, and no setting given both ways) on every path
+        if spec is not None:
+            spec = merge_object(StoreSpec, spec, spec_given, spec_defaults, "spec")
+            rows, dim, seed, generator = spec.rows, spec.dim, spec.seed, spec.generator
+            dtype, chunk_rows, compressor = spec.dtype, spec.chunk_rows, spec.compressor
+            map_size = spec.map_size
+        if options is not None:
+            options = merge_object(OpenOptions, options, open_given, open_defaults, "options")
+            device, cache_rows, policy = options.device, options.cache_rows, options.policy
+        if maintenance is not None:
+            merge_object(MaintenancePolicy, maintenance, keep_given, keep_defaults, "maintenance")
+            keep_last, keep_within = maintenance.keep_last, maintenance.keep_within
+            compact_above = maintenance.compact_above
         if base is not None:
             if dispatch:
                 raise InvalidArgumentError(
@@ -295,50 +333,14 @@ def create(
         raise InvalidArgumentTypeError(
             "dpsn.create needs rows and dim, or spec=dpsn.StoreSpec(...)"
         )
-    spec = merge_object(
-        StoreSpec,
-        spec,
-        {
-            "rows": rows,
-            "dim": dim,
-            "seed": seed,
-            "generator": generator,
-            "dtype": dtype,
-            "chunk_rows": chunk_rows,
-            "compressor": compressor,
-            "map_size": map_size,
-        },
-        {
-            "rows": None,
-            "dim": None,
-            "seed": 0,
-            "generator": "hashed_slices",
-            "dtype": torch.float32,
-            "chunk_rows": None,
-            "compressor": "lz4",
-            "map_size": None,
-        },
-        "spec",
-    )
-    options = merge_object(
-        OpenOptions,
-        options,
-        {"device": device, "cache_rows": cache_rows, "policy": policy},
-        {"device": None, "cache_rows": None, "policy": "lru"},
-        "options",
-    )
+    spec = merge_object(StoreSpec, spec, spec_given, spec_defaults, "spec")
+    options = merge_object(OpenOptions, options, open_given, open_defaults, "options")
     if maintenance is None:
         maintenance = MaintenancePolicy().with_(
             keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
         )
     else:
-        merge_object(
-            MaintenancePolicy,
-            maintenance,
-            {"keep_last": keep_last, "keep_within": keep_within, "compact_above": compact_above},
-            {"keep_last": None, "keep_within": None, "compact_above": 1.5},
-            "maintenance",
-        )
+        merge_object(MaintenancePolicy, maintenance, keep_given, keep_defaults, "maintenance")
     rows, dim, seed, map_size = spec.rows, spec.dim, spec.seed, spec.map_size
     device, cache_rows, policy = options.device, options.cache_rows, options.policy
     if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
@@ -499,11 +501,17 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
             cache_bytes=remote.DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
         )
         at = None
+    options = merge_object(
+        OpenOptions,
+        options,
+        {"device": device, "cache_rows": cache_rows, "policy": policy},
+        {"device": None, "cache_rows": None, "policy": "lru"},
+        "options",
+    )
+    device, cache_rows, policy = options.device, options.cache_rows, options.policy
     if process_group is not None or layout.is_sharded(path):
         from ._sharded_api import open as open_sharded
 
-        if options is not None:
-            device, cache_rows, policy = options.device, options.cache_rows, options.policy
         return open_sharded(  # type: ignore[return-value]
             path, mode, process_group=process_group, at=at, device=device,
             cache_rows=cache_rows, policy=policy, lifecycle=lifecycle,
@@ -532,14 +540,6 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
         raise InvalidArgumentError(
             'a past commit (at=...) can only be opened read-only: use mode="r"'
         )
-    options = merge_object(
-        OpenOptions,
-        options,
-        {"device": device, "cache_rows": cache_rows, "policy": policy},
-        {"device": None, "cache_rows": None, "policy": "lru"},
-        "options",
-    )
-    device, cache_rows, policy = options.device, options.cache_rows, options.policy
     check_cache_args(device, cache_rows, 1, torch.float16)  # before the store is opened
     store = PersistedStore.open(Path(path), writable=mode == "r+")
     try:

@@ -801,6 +801,8 @@ class LevelledPool:
         if hold is not None:  # rows consolidated into slower levels resist as those levels do
             grads = grads * (1.0 - hold).to(grads.dtype)[:, None]
         inner.apply_grads(grads, optimizer, rows=rows)
+        if not bool(torch.isfinite(grads).all()):
+            return  # the step was skipped (and counted): nothing moved, the window records none
         if rows is not None:  # rows left out moved nothing: their window records no update
             grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
         window = self._windows[name]

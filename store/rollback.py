@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._persisted import CommitRequest
+from ._protected import read_protected
 from .shards import copy_durably
 
 if TYPE_CHECKING:
@@ -75,6 +76,14 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
         state=state if state_w else None,
         usage=usage if has_usage else None,
         lifecycle=rec_t.lifecycle,
+        protected=_protected_at(store, rec_t) if rec_t.protected != rec_h.protected else None,
     )
     record, _ = store.commit(index_h, head, request)
     return record
+
+
+def _protected_at(store: PersistedStore, record: Commit) -> np.ndarray:
+    """The protected rows as of ``record`` (none: an empty set), to restore them."""
+    if record.protected is None:
+        return np.zeros(0, dtype=np.int64)
+    return read_protected(store.root, record.protected, store.manifest.rows)
