@@ -584,8 +584,9 @@ def gc(
     progress: Any = None,
     **retention: Any,
 ) -> dict[str, Any]:
-    """``gc`` of the store at ``path`` (takes the writer lock): see ``Pool.gc``."""
-    store = PersistedStore.open(Path(path), writable=True)
+    """``gc`` of the store at ``path`` (takes the writer lock, but for a ``dry_run``, which
+    changes nothing and works beside a writer): see ``Pool.gc``."""
+    store = PersistedStore.open(Path(path), writable=not dry_run)
     try:
         return store.gc(dry_run=dry_run, progress=progress, **retention)
     finally:

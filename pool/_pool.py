@@ -681,8 +681,10 @@ class Pool:
         """Delete what no kept commit needs. Kept: HEAD, every snapshot, the commits the
         store's retention policy keeps (``keep_last`` newest commits and/or those younger than
         ``keep_within``, e.g. ``"7d"``; either given here overrides the policy for this call),
-        and every commit a live reader in any process holds. Needs ``mode="r+"``."""
-        self._require_writable()
+        and every commit a live reader in any process holds. Needs ``mode="r+"``, except a
+        ``dry_run`` (it changes nothing, so a reader may ask what gc would free)."""
+        if not dry_run:
+            self._require_writable()
         retention = {
             k: v
             for k, v in (("keep_last", keep_last), ("keep_within", keep_within))

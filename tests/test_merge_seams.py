@@ -57,3 +57,20 @@ def test_a_rollback_restores_the_protected_rows_of_its_target(tmp_path):
     with dpsn.open(tmp_path / "s") as r:
         assert np.asarray(r.protected).size == 0
         assert torch.equal(r.delta(torch.tensor([2])), torch.zeros(1, 4))
+
+
+def test_a_gc_dry_run_needs_no_writer_in_python_either(tmp_path):
+    path = tmp_path / "s"
+    w = dpsn.create(path, 100, 4)
+    for i in range(3):
+        w.write([i], torch.ones(1, 4))
+        w.commit(f"c{i}")
+    before = sorted(p.name for p in (path / "data.zarr" / "segments").iterdir())
+    plan = dpsn.gc(path, dry_run=True, keep_last=1)  # the writer still holds the lock
+    assert plan["dry_run"] and "pinned" in plan
+    with dpsn.open(path) as r:
+        assert r.gc(dry_run=True)["dry_run"]
+        with pytest.raises(dpsn.errors.ReadOnlyError):
+            r.gc()
+    assert sorted(p.name for p in (path / "data.zarr" / "segments").iterdir()) == before
+    w.close()
