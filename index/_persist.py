@@ -148,7 +148,7 @@ def save_router(router: Router, group: zarr.Group) -> str:
 
 def _local_dir(group: zarr.Group) -> Path | None:
     """The directory of a group in a local store (every dpsn store), else None: such groups
-    are read with bounded memory (``dpsn.store._zarrsafe``), others through zarr."""
+    are read with bounded memory (the store engine's checked array reads), others through zarr."""
     store = group.store
     if isinstance(store, LocalStore):
         return Path(store.root).joinpath(*[p for p in group.path.split("/") if p])

@@ -867,7 +867,7 @@ class LevelledPool:
 
     def consolidate(self) -> dict[str, Any]:
         """Fold each level's window into its inertia and signatures, and migrate what is stable
-        one level down, within each channel's cap (see ``dpsn.pool._migration``). Changes are
+        one level down, within each channel's cap (see :class:`dpsn.Migration`). Changes are
         staged; the next commit makes them durable and records the migrations. Returns what
         each channel did."""
         self._require_writable()

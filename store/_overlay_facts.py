@@ -1,6 +1,6 @@
 """Torch-free facts about overlays for ``dpsn info``: the chain of bases below a store (from
 the manifests) and the overlays that pinned commits of a store (its ``overlay-<uuid>``
-snapshots, the pin records ``dpsn.pool._overlay`` writes)."""
+snapshots, the pin records ``dpsn.create(path, base=...)`` writes)."""
 
 from __future__ import annotations
 

@@ -36,8 +36,6 @@ def _tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def open_torch_table(path: Path, tensor: str | None, ids_name: str | None) -> Any:
     """The table of a ``torch.save`` file as a ``dpsn.tools._transfer.Table``."""
-    import pickle
-
     import numpy as np
     import torch
 
@@ -45,15 +43,19 @@ def open_torch_table(path: Path, tensor: str | None, ids_name: str | None) -> An
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
-        raise TransferError(
-            f"{path} holds more than tensors ({first[:120]}); dpsn loads .pt files with "
-            "torch.load(weights_only=True) only. Save the table itself: "
-            "torch.save(emb.state_dict(), path)"
-        ) from None
-    except (RuntimeError, OSError, ValueError, EOFError) as e:
-        raise TransferError(f"{path} is not a readable torch.save file: {e}") from None
+    except Exception as e:
+        # The restricted loader refuses other objects with an UnpicklingError (matched by name:
+        # naming the class would import the unpickler this module keeps out of the library).
+        if type(e).__name__ == "UnpicklingError":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+            raise TransferError(
+                f"{path} holds more than tensors ({first[:120]}); dpsn loads .pt files with "
+                "torch.load(weights_only=True) only. Save the table itself: "
+                "torch.save(emb.state_dict(), path)"
+            ) from None
+        if isinstance(e, RuntimeError | OSError | ValueError | EOFError):
+            raise TransferError(f"{path} is not a readable torch.save file: {e}") from None
+        raise
     found = _tensors(obj)
     if not found:
         raise TransferError(f"{path} holds no tensors (a tensor or a state dict is expected)")
