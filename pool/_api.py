@@ -224,14 +224,14 @@ def create(
     ``path``): see :func:`dpsn.distributed.create`.
 
     ``levels`` (names or :class:`dpsn.Level`, slowest first) creates a levelled store instead
-    (see ``dpsn.pool._levels``), with ``model_id``, ``config`` and ``migration`` (a
+    (see docs/levels.md), with ``model_id``, ``config`` and ``migration`` (a
     :class:`dpsn.Migration`) in its provenance; ``levels=None`` keeps the single-level store.
 
     Overlays: ``base=`` another store's path makes an overlay: its rows read the base's rows at
     ``base_at`` (a snapshot name or commit id of the base; default its HEAD) plus the overlay's
     own deltas, and the base is never written. ``rows``, ``dim``, ``seed``, ``generator``,
     ``dtype``, ``chunk_rows`` and ``compressor`` then come from the base (leave them out, or
-    give the base's). See ``dpsn.pool._overlay`` for pinning and sharing.
+    give the base's). See docs/overlays.md for pinning and sharing.
     """
     if base_at is not None and base is None:
         raise InvalidArgumentError("base_at= needs base= (the store the overlay reads)")
@@ -378,19 +378,7 @@ def create(
         kwargs["lifecycle"] = initial_record(lifecycle)
     # Everything above touched no disk; from here a failure removes what create made.
     store = PersistedStore.create(Path(path), manifest, state, **kwargs)
-    try:
-        write_policy(store, maintenance)
-        return Pool(
-            store,
-            commit=1,
-            index=LayeredIndex.empty(),
-            device=device,
-            cache_rows=cache_rows,
-            policy=policy,
-        )
-    except BaseException:
-        store.discard()
-        raise
+    return _first_pool(store, maintenance, device, cache_rows, policy)
 
 
 def _create_overlay(
@@ -434,8 +422,20 @@ def _create_overlay(
     if lifecycle is not None:
         kwargs["lifecycle"] = initial_record(lifecycle)
     store = create_overlay_store(Path(path), base, base_at, **kwargs)
+    return _first_pool(store, policy_obj, device, cache_rows, policy)
+
+
+def _first_pool(
+    store: PersistedStore,
+    maintenance: MaintenancePolicy,
+    device: torch.device,
+    cache_rows: int | None,
+    policy: str,
+) -> Pool:
+    """The new store's maintenance policy written and its pool at commit 1; a failure removes
+    what create made (``store.discard()``)."""
     try:
-        write_policy(store, policy_obj)
+        write_policy(store, maintenance)
         return Pool(
             store,
             commit=1,

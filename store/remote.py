@@ -52,6 +52,7 @@ from dpsn.errors import (
 )
 
 from ._format import LMDB_DIR, MANIFEST, ZARR_DIR
+from .shards import json_object
 
 PUBLISHED_FORMAT = "dpsn-published"
 PUBLISHED_VERSION = 1  # never renumber
@@ -150,13 +151,7 @@ def _read_json(fs: Any, path: str) -> dict[str, Any]:
         raise StoreNotFoundError(f"{path}: no such object (nothing published there?)") from None
     if len(data) > MAX_RECORD_BYTES:
         raise CorruptStoreError(f"{path} is larger than {MAX_RECORD_BYTES} bytes")
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptStoreError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CorruptStoreError(f"{path} does not hold a JSON object")
-    return raw
+    return json_object(data, path)
 
 
 def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from dpsn.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
 
+from ._files import read_regular
 from ._format import fsync_dir, fsync_tree
 
 ROOT_MANIFEST = "dpsn-sharded.json"
@@ -128,19 +129,21 @@ def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES + 1)
+    try:  # a regular file, its size bounded before it is read (never a FIFO or /dev/zero)
+        data = read_regular(path, MAX_RECORD_BYTES, str(path))
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path} does not exist") from None
-    if len(data) > MAX_RECORD_BYTES:
-        raise CorruptStoreError(f"{path} is larger than {MAX_RECORD_BYTES} bytes")
+    return json_object(data, str(path))
+
+
+def json_object(data: bytes, where: str) -> dict[str, Any]:
+    """``data`` parsed as one JSON object (``CorruptStoreError`` otherwise)."""
     try:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptStoreError(f"{path} is not valid JSON: {e}") from None
+        raise CorruptStoreError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise CorruptStoreError(f"{path} does not hold a JSON object")
+        raise CorruptStoreError(f"{where} does not hold a JSON object")
     return raw
 
 
