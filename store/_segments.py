@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from ._format import (
     segment_name,
 )
 from ._zarrsafe import ArrayMeta, read_array_meta, read_chunks
+from .remote import chunk_reader
 from .usage_fields import WIDTH as USAGE_WIDTH
 
 COMPRESSORS = COMPRESSOR_NAMES
@@ -179,6 +180,8 @@ class SegmentStore:
         self.compressor = compressor
         self._store = LocalStore(str(zarr_root))
         self._open: dict[int, dict[str, ArrayMeta]] = {}
+        # A published commit checked out from a bucket reads its chunks through the disk cache.
+        self._chunk_reader = chunk_reader(zarr_root)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -323,6 +326,8 @@ class SegmentStore:
                     "the segment is missing or damaged",
                     segment=rec.name,
                 ) from e
+            if self._chunk_reader is not None:
+                meta = replace(meta, reader=self._chunk_reader)
             cached[key] = meta
         return meta
 

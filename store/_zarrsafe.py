@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ class ArrayMeta:
     dtype: np.dtype  # with the byte order of the ``bytes`` codec
     compressor: str | None  # "blosc", "zstd" or None
     fill_value: Any
+    # Where chunk bytes come from when not from files under ``path``: a published commit's
+    # read-through cache (``remote.chunk_reader``); None (no such chunk) reads as the fill value.
+    reader: Callable[[Path, int], bytes | None] | None = field(default=None, compare=False)
 
     @property
     def chunk_bytes(self) -> int:
@@ -254,6 +258,11 @@ def _read_chunk(meta: ArrayMeta, index: tuple[int, ...]) -> np.ndarray:
     key = "c/" + "/".join(map(str, index)) if index else "c"
     path = meta.path / key
     limit = 2 * meta.chunk_bytes + (64 << 10)
+    if meta.reader is not None:
+        got = meta.reader(path, limit)
+        if got is None:
+            return np.full(meta.chunks, meta.fill_value, dtype=meta.dtype)
+        return _decode(meta, key, got)
     try:
         fd, size = open_regular(path, f"chunk {path}")  # a FIFO or a device: refused
         try:

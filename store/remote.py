@@ -15,29 +15,46 @@ Layout under ``URL`` (every object but ``HEAD`` is written once and never change
 
 A writer commits locally and publishes (:func:`publish`): it uploads the files of HEAD it has
 not uploaded before (segments and generator arrays are immutable; ``dpsn.json`` and the Zarr
-group metadata are small), a compacted copy of the LMDB index taken in one read transaction,
-then the commit's record, and only then ``HEAD``. A reader (:func:`materialize`) reads ``HEAD``,
-then that record, so it never sees a half-published commit: every object a record names was
-uploaded before the record. Credentials come only from the environment or ``storage_options``
-and are never written into the bucket, the record or the cache.
+group metadata are small and travel inside the record, base64, so a reader needs no request per
+metadata file), a copy of the LMDB index taken in one read transaction, then the commit's
+record, and only then ``HEAD``. A reader (:func:`checkout`) reads ``HEAD``, then that record,
+so it never sees a half-published commit: every object a record names was uploaded before the
+record, and objects are never changed or deleted by a publish.
 
-The reader's local disk cache (``cache_dir``, ``cache_bytes``): objects are downloaded once,
-checked against their xxh64 and size, and hard-linked into a directory per published commit that
-opens as an ordinary read-only store (whose segment reads check every chunk's checksum again,
-as for any store). Past ``cache_bytes`` the least recently opened commits' directories and the
-objects no kept commit links are removed. What it is not: a per-chunk read-through cache; a
-commit's files are fetched whole when it is opened (see docs/distributed.md).
+The reader's local disk cache (``cache_dir``, ``cache_bytes``) works at two grains:
+
+- at open, the commit's *eager* files (the LMDB index, the manifest, the Zarr metadata, the
+  generator's arrays: what an open reads whole) are downloaded, checked against their xxh64 and
+  size, and hard-linked into a directory per published commit that opens as an ordinary
+  read-only store (on a later open they are checked again; a damaged one is fetched anew);
+- segment chunks (the rows) are *lazy*: :class:`ChunkCache` fetches a chunk the first time a
+  read needs it and keeps it on disk, least recently used evicted first once the objects in the
+  cache pass ``cache_bytes``. Every read of a chunk, from the cache or the network, checks the
+  object's xxh64 and size (its name) before the bytes are decoded: a damaged cache entry is
+  fetched again, a damaged object in the bucket raises ``CorruptStoreError``, and a chunk is
+  never served unchecked (the segment's own per-chunk checksum is then checked too, as for any
+  store). The store engine reaches the cache through :func:`chunk_reader`, which the segment
+  reader asks once per store: the open path takes no extra argument.
+
+Run files (``index.runs``) are not published: a reader reads the row index from the published
+LMDB copy, which it needs whole anyway. Credentials come only from the environment or
+``storage_options`` and are never written into the bucket, the record or the cache.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +68,25 @@ from dpsn.errors import (
     StoreNotFoundError,
 )
 
-from ._format import LMDB_DIR, MANIFEST, ZARR_DIR
+from ._format import LMDB_DIR, MANIFEST, SEGMENTS_GROUP, ZARR_DIR
 from .shards import json_object
 
 PUBLISHED_FORMAT = "dpsn-published"
-PUBLISHED_VERSION = 1  # never renumber
+PUBLISHED_VERSION = 2  # never renumber: 1 = no inline files, 2 = small files inline
+READ_VERSIONS = (1, 2)
 HEAD_OBJECT = "HEAD"
 OBJECTS_DIR = "objects"
 PUBLISHED_DIR = "published"
 LMDB_DATA = "data.mdb"
 DEFAULT_CACHE_BYTES = 8 << 30
 MAX_RECORD_BYTES = 64 << 20
+INLINE_BYTES = 4096  # files this small travel inside the record (metadata, the manifest)
 _OBJECT = re.compile(r"^[0-9a-f]{16}-[0-9]{1,15}$")
+# A segment chunk (lazy): data.zarr/segments/<segment>/<column>/c[/<i>...]
+_LAZY = re.compile(rf"^{ZARR_DIR}/{SEGMENTS_GROUP}/[0-9a-f]+/[a-z_]+/c(/[0-9]+)*$")
 _COMPLETE = ".complete"
+
+ChunkReader = Callable[[Path, int], "bytes | None"]
 
 
 def is_url(path: object) -> bool:
@@ -93,6 +116,14 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _object_name(data: bytes) -> str:
+    return f"{xxhash.xxh64_hexdigest(data)}-{len(data)}"
+
+
+def _object_size(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
 def _store_files(root: Path) -> list[str]:
     """Files a reader needs, relative to the store: the manifest and ``data.zarr`` (run files
     are left out: a read-only open reads the index from LMDB)."""
@@ -103,12 +134,19 @@ def _store_files(root: Path) -> list[str]:
     return out
 
 
+def is_lazy(rel: str) -> bool:
+    """Whether a reader fetches the store file ``rel`` on first use (a segment chunk) rather
+    than at open."""
+    return _LAZY.match(rel) is not None
+
+
 def publish(store: Any, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish ``store``'s HEAD (a :class:`PersistedStore`; the caller keeps writers away, as a
     pool's own writer does) under ``url``. Returns the commit, objects uploaded and bytes."""
     fs, prefix = _fs(url, storage_options)
     root = Path(store.root)
     uploaded = sent = 0
+    inline: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # The caller holds the writer lock, so HEAD cannot move during the copy. Not compacted:
         # a compacting copy renumbers the transaction that the index digests name.
@@ -116,13 +154,22 @@ def publish(store: Any, url: str, storage_options: dict[str, Any] | None = None)
         store.env.env.copy(tmp)
         index_path = Path(tmp) / LMDB_DATA
         files: dict[str, str] = {}
+        todo: dict[str, Path] = {}
         for rel in _store_files(root):
-            files[rel] = f"{_hash_file(root / rel)}-{(root / rel).stat().st_size}"
+            src = root / rel
+            size = src.stat().st_size
+            if size <= INLINE_BYTES and not is_lazy(rel):
+                data = src.read_bytes()
+                files[rel] = _object_name(data)
+                inline[files[rel]] = base64.b64encode(data).decode()
+            else:
+                files[rel] = f"{_hash_file(src)}-{size}"
+                todo[files[rel]] = src
         index_obj = f"{_hash_file(index_path)}-{index_path.stat().st_size}"
+        todo[index_obj] = index_path
         have = set()
         with contextlib.suppress(FileNotFoundError):
             have = {p.rsplit("/", 1)[-1] for p in fs.find(f"{prefix}/{OBJECTS_DIR}")}
-        todo = {obj: root / rel for rel, obj in files.items()} | {index_obj: index_path}
         for obj, src in todo.items():
             if obj in have:
                 continue
@@ -137,7 +184,9 @@ def publish(store: Any, url: str, storage_options: dict[str, Any] | None = None)
         "time": time.time(),
         "index": index_obj,
         "files": files,
+        "inline": inline,
     }
+    # Objects first, then the record, then HEAD: a reader that sees HEAD finds everything.
     fs.pipe_file(f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json", json.dumps(record).encode())
     fs.pipe_file(f"{prefix}/{HEAD_OBJECT}", json.dumps({"commit": commit}).encode())
     return {"commit": commit, "objects_uploaded": uploaded, "bytes_uploaded": sent, "url": url}
@@ -155,11 +204,17 @@ def _read_json(fs: Any, path: str) -> dict[str, Any]:
 
 
 def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    if raw.get("format") != PUBLISHED_FORMAT or raw.get("format_version") != PUBLISHED_VERSION:
-        raise CorruptStoreError(f"{where}: not a {PUBLISHED_FORMAT} v{PUBLISHED_VERSION} record")
+    if raw.get("format") != PUBLISHED_FORMAT or raw.get("format_version") not in READ_VERSIONS:
+        raise CorruptStoreError(
+            f"{where}: not a {PUBLISHED_FORMAT} record of a version this dpsn reads "
+            f"({', '.join(map(str, READ_VERSIONS))}); upgrade dpsn"
+        )
     files, index, uuid = raw.get("files"), raw.get("index"), raw.get("uuid")
+    inline = raw.setdefault("inline", {})
     if not isinstance(files, dict) or not isinstance(index, str) or not isinstance(uuid, str):
         raise CorruptStoreError(f"{where}: 'files', 'index' or 'uuid' is missing")
+    if not isinstance(inline, dict) or not all(isinstance(v, str) for v in inline.values()):
+        raise CorruptStoreError(f"{where}: 'inline' must map objects to base64 text")
     if not re.fullmatch(r"[0-9a-f]{32}", uuid):
         raise CorruptStoreError(f"{where}: bad uuid {uuid!r}")
     for rel, obj in [*files.items(), ("index", index)]:
@@ -184,6 +239,267 @@ def published(url: str, storage_options: dict[str, Any] | None = None) -> int:
     return head
 
 
+@dataclass
+class ChunkCache:
+    """A read-through, byte-capped disk cache of a bucket's objects (fsspec's cache habits:
+    counters on the cache so that policies can be compared).
+
+    ``read`` returns an object's bytes, checked against its name (xxh64 and size) on every read,
+    from the cache or the network. Objects live in ``objects`` (shared with the eager files of
+    checked-out commits, which are hard-linked and so never evicted here: a file with one link
+    is a lazily cached chunk). Past ``cap`` bytes of objects, the least recently read chunks are
+    unlinked; the bound is kept by this process's accounting (rescanned when a cache is made),
+    so several processes sharing a directory can each overshoot it by what the others add.
+    One cache per directory in a process (:func:`_cache_at`), shared by every checkout there
+    (the shards of a sharded root, older commits): objects are named by content, so a chunk
+    two commits share is cached once. Thread-safe (a lock around the bookkeeping)."""
+
+    objects: Path
+    cap: int
+    hits: int = 0
+    misses: int = 0
+    fetched_bytes: int = 0
+    refetched: int = 0  # cache entries that failed their check and were fetched again
+    evicted_bytes: int = 0
+    uncached: int = 0  # chunks served but not kept (a chunk larger than what the cap leaves)
+    _lru: OrderedDict[str, int] = field(default_factory=OrderedDict, repr=False)
+    _used: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Rebuild the bookkeeping from the directory (at each checkout: eager files come and
+        go, and other processes may share the directory)."""
+        self.objects.mkdir(parents=True, exist_ok=True)
+        entries, used = [], 0
+        for p in self.objects.iterdir():
+            if not _OBJECT.match(p.name):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            used += st.st_size
+            if st.st_nlink == 1:
+                entries.append((st.st_mtime, p.name, st.st_size))
+        with self._lock:
+            self._used = used
+            self._lru = OrderedDict((name, size) for _, name, size in sorted(entries))
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "fetched_bytes": self.fetched_bytes,
+            "refetched": self.refetched,
+            "evicted_bytes": self.evicted_bytes,
+            "uncached": self.uncached,
+            "used_bytes": self._used,
+            "cap_bytes": self.cap,
+        }
+
+    def read(self, name: str, fs: Any, prefix: str) -> bytes:
+        """The bytes of object ``name`` (checked), from the cache or else from
+        ``prefix/objects/`` on ``fs``."""
+        path = self.objects / name
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_object_size(name) + 1)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            if _object_name(data) == name:
+                with self._lock:
+                    self.hits += 1
+                    if name in self._lru:
+                        self._lru.move_to_end(name)
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # the LRU order survives the process
+                return data
+            with self._lock:  # damaged in the cache: never served, fetched again
+                self.refetched += 1
+                self._forget(name)
+            path.unlink(missing_ok=True)
+        data = self._download(name, fs, prefix)
+        self._keep(name, data)
+        return data
+
+    def _download(self, name: str, fs: Any, prefix: str) -> bytes:
+        where = f"{prefix}/{OBJECTS_DIR}/{name}"
+        try:
+            data = fs.cat_file(where)
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"{where}: an object the published record names is missing; publish again"
+            ) from None
+        with self._lock:
+            self.misses += 1
+            self.fetched_bytes += len(data)
+        if _object_name(data) != name:
+            raise CorruptStoreError(
+                f"{where}: the object does not match its checksum; publish the store again"
+            )
+        return data
+
+    def _forget(self, name: str) -> None:
+        size = self._lru.pop(name, None)
+        if size is not None:
+            self._used -= size
+
+    def _keep(self, name: str, data: bytes) -> None:
+        with self._lock:
+            if name in self._lru:
+                return
+            if len(data) > self.cap - self._pinned():
+                self.uncached += 1
+                return
+            while self._lru and self._used + len(data) > self.cap:
+                old, size = self._lru.popitem(last=False)
+                self._used -= size
+                self.evicted_bytes += size
+                (self.objects / old).unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.objects, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.objects / name)
+            self._lru[name] = len(data)
+            self._used += len(data)
+
+    def _pinned(self) -> int:
+        return self._used - sum(self._lru.values())
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A published commit checked out into the disk cache: ``path`` opens as a read-only store
+    whose segment chunks come through ``chunks`` (``lazy`` maps each chunk's path inside
+    ``data.zarr`` to its object)."""
+
+    path: Path
+    commit: int
+    chunks: ChunkCache
+    lazy: dict[str, str]
+    fs: Any
+    prefix: str
+
+
+# Checkouts of this process by the real path of their data.zarr: how the segment reader of a
+# store opened at a checkout finds its chunk cache without an argument threaded through every
+# open (``chunk_reader``). Entries hold no credentials beyond the fsspec filesystem object.
+_CHECKOUTS: dict[str, Checkout] = {}
+_CHECKOUTS_LOCK = threading.Lock()
+
+
+def chunk_reader(zarr_root: Path) -> ChunkReader | None:
+    """For the segment reader: a function ``(chunk path, size limit) -> bytes | None`` that
+    reads the segment chunks of a checked-out published commit through its cache (``None``:
+    no such chunk was published, which reads as the fill value as for a local store), or None
+    for an ordinary local store."""
+    with _CHECKOUTS_LOCK:
+        co = _CHECKOUTS.get(os.path.realpath(zarr_root))
+    if co is None:
+        return None
+    base = str(zarr_root).rstrip("/") + "/"
+
+    def read(path: Path, limit: int) -> bytes | None:
+        s = str(path)
+        name = co.lazy.get(s[len(base) :]) if s.startswith(base) else None
+        if name is None:
+            return None
+        if _object_size(name) > limit:
+            raise CorruptStoreError(f"chunk {path} is larger than any chunk of its array can be")
+        return co.chunks.read(name, co.fs, co.prefix)
+
+    return read
+
+
+def cache_counters(path: str | os.PathLike[str]) -> dict[str, int] | None:
+    """The chunk cache's counters (hits, misses, bytes fetched, ...) of the checkout a pool
+    opened from a URL reads (``pool.path``), or None if ``path`` is not one."""
+    with _CHECKOUTS_LOCK:
+        co = _CHECKOUTS.get(os.path.realpath(Path(path) / ZARR_DIR))
+    return None if co is None else co.chunks.counters()
+
+
+_CACHES: dict[str, ChunkCache] = {}
+
+
+def _cache_at(objects: Path, cap: int) -> ChunkCache:
+    """This process's cache of the directory ``objects`` (made, or its cap set to ``cap``)."""
+    key = os.path.realpath(objects)
+    with _CHECKOUTS_LOCK:
+        cache = _CACHES.get(key)
+        if cache is None or not objects.is_dir():
+            cache = _CACHES[key] = ChunkCache(objects=objects, cap=cap)
+        cache.cap = cap
+    cache.rescan()
+    return cache
+
+
+def _record(
+    url: str, storage_options: dict[str, Any] | None, at: int | None
+) -> tuple[Any, str, int, dict[str, Any]]:
+    fs, prefix = _fs(url, storage_options)
+    commit = published(url, storage_options) if at is None else at
+    where = f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json"
+    try:
+        rec = _check_record(_read_json(fs, where), where)
+    except StoreNotFoundError:
+        raise SnapshotNotFoundError(f"{url}: commit {commit} was not published") from None
+    return fs, prefix, commit, rec
+
+
+def checkout(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    at: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Checkout:
+    """Check the commit published under ``url`` (the newest, or ``at``) out into the disk
+    cache: its eager files are fetched (or found and checked again), its segment chunks are
+    left to be read through the returned checkout's :class:`ChunkCache`."""
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1:
+        raise InvalidArgumentError(f"cache_bytes must be a positive int, got {cache_bytes!r}")
+    fs, prefix, commit, rec = _record(url, storage_options, at)
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache()
+    objects = cache / OBJECTS_DIR
+    objects.mkdir(parents=True, exist_ok=True)
+    lazy_prefix = ZARR_DIR + "/"
+    lazy = {rel[len(lazy_prefix) :]: o for rel, o in rec["files"].items() if is_lazy(rel)}
+    eager = {rel: o for rel, o in rec["files"].items() if not is_lazy(rel)}
+    eager[f"{LMDB_DIR}/{LMDB_DATA}"] = rec["index"]
+    local = cache / "commits" / rec["uuid"] / f"{commit:016d}"
+    if not _intact(local, eager):
+        need = sum(_object_size(o) for o in set(eager.values()))
+        if need > cache_bytes:
+            raise CacheTooLargeError(
+                f"commit {commit} of {url} needs {need} bytes on disk at open (its index and "
+                f"metadata), more than cache_bytes={cache_bytes}; raise cache_bytes"
+            )
+        _evict(cache, cache_bytes - need, keep=set(eager.values()))
+        _fetch(fs, prefix, objects, sorted(set(eager.values()) - set(rec["inline"])))
+        for name, text in rec["inline"].items():
+            _put_inline(objects, name, text)
+        _link(local, objects, eager, commit)
+    else:
+        os.utime(local / _COMPLETE)
+    co = Checkout(
+        path=local,
+        commit=commit,
+        chunks=_cache_at(objects, cache_bytes),
+        lazy=lazy,
+        fs=fs,
+        prefix=prefix,
+    )
+    with _CHECKOUTS_LOCK:
+        _CHECKOUTS[os.path.realpath(local / ZARR_DIR)] = co
+    return co
+
+
 def materialize(
     url: str,
     storage_options: dict[str, Any] | None = None,
@@ -192,43 +508,53 @@ def materialize(
     cache_dir: str | os.PathLike[str] | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Path:
-    """A local read-only copy of the commit published under ``url`` (the newest, or ``at``),
-    in the disk cache: the directory to open as a store."""
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1:
-        raise InvalidArgumentError(f"cache_bytes must be a positive int, got {cache_bytes!r}")
-    fs, prefix = _fs(url, storage_options)
-    commit = published(url, storage_options) if at is None else at
-    where = f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json"
+    """The directory of :func:`checkout` (kept for callers that want only the path)."""
+    return checkout(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes).path
+
+
+def _intact(local: Path, eager: dict[str, str]) -> bool:
+    """Whether a checked-out commit's directory is complete and each eager file still matches
+    its object (a damaged one makes the whole directory be rebuilt, never served)."""
+    if not (local / _COMPLETE).is_file():
+        return False
+    for rel, obj in eager.items():
+        p = local.joinpath(*rel.split("/"))
+        try:
+            if p.stat().st_size != _object_size(obj) or _hash_file(p) != obj.rsplit("-", 1)[0]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _put_inline(objects: Path, name: str, text: str) -> None:
     try:
-        rec = _check_record(_read_json(fs, where), where)
-    except StoreNotFoundError:
-        raise SnapshotNotFoundError(f"{url}: commit {commit} was not published") from None
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache()
-    local = cache / "commits" / rec["uuid"] / f"{commit:016d}"
-    if (local / _COMPLETE).is_file():
-        os.utime(local / _COMPLETE)
-        return local
-    objects = cache / OBJECTS_DIR
-    objects.mkdir(parents=True, exist_ok=True)
-    wanted = {**rec["files"], f"{LMDB_DIR}/{LMDB_DATA}": rec["index"]}
-    need = sum(int(o.rsplit("-", 1)[1]) for o in set(wanted.values()))
-    if need > cache_bytes:
-        raise CacheTooLargeError(
-            f"commit {commit} of {url} needs {need} bytes on disk, more than cache_bytes="
-            f"{cache_bytes}; raise cache_bytes"
-        )
-    _evict(cache, cache_bytes - need, keep=set(wanted.values()))
-    _fetch(fs, prefix, objects, sorted(set(wanted.values())))
-    tmp = local.with_name(local.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel, obj in wanted.items():
-        dst = tmp.joinpath(*rel.split("/"))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(objects / obj, dst)
-    shutil.rmtree(local, ignore_errors=True)
-    tmp.rename(local)
-    (local / _COMPLETE).write_text(json.dumps({"url_commit": commit}))
-    return local
+        data = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise CorruptStoreError(f"the record's inline object {name} is not base64: {e}") from None
+    if _object_name(data) != name:
+        raise CorruptStoreError(f"the record's inline object {name} does not match its checksum")
+    if not (objects / name).is_file() or _hash_file(objects / name) != name.rsplit("-", 1)[0]:
+        fd, tmp = tempfile.mkstemp(dir=objects, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, objects / name)
+
+
+def _link(local: Path, objects: Path, eager: dict[str, str], commit: int) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}-"))
+    try:
+        for rel, obj in eager.items():
+            dst = tmp.joinpath(*rel.split("/"))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(objects / obj, dst)
+        (tmp / _COMPLETE).write_text(json.dumps({"url_commit": commit}))
+        shutil.rmtree(local, ignore_errors=True)
+        tmp.rename(local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _default_cache() -> Path:
@@ -237,17 +563,21 @@ def _default_cache() -> Path:
 
 
 def _fetch(fs: Any, prefix: str, objects: Path, names: list[str]) -> None:
-    """Download the objects ``names`` not cached yet into ``objects`` (one batched, concurrent
-    ``get``), checking each one's size and xxh64 (its name) before it enters the cache."""
+    """Download the objects ``names`` not cached (or not intact) into ``objects`` (one batched,
+    concurrent ``get``), checking each one's size and xxh64 (its name) before it enters the
+    cache."""
     todo = []
     for name in names:
-        if (objects / name).is_file():
-            os.utime(objects / name)
-        else:
-            todo.append(name)
+        p = objects / name
+        if p.is_file() and p.stat().st_size == _object_size(name):
+            if _hash_file(p) == name.rsplit("-", 1)[0]:
+                os.utime(p)
+                continue
+            p.unlink()
+        todo.append(name)
     if not todo:
         return
-    parts = [str(objects / (n + ".part")) for n in todo]
+    parts = [str(objects / (".part-" + n)) for n in todo]
     try:
         fs.get([f"{prefix}/{OBJECTS_DIR}/{n}" for n in todo], parts)
     except FileNotFoundError as e:
@@ -264,20 +594,34 @@ def _fetch(fs: Any, prefix: str, objects: Path, names: list[str]) -> None:
 
 
 def _evict(cache: Path, budget: int, keep: set[str]) -> None:
-    """Free the cache down to ``budget`` bytes of objects besides ``keep``: whole commit
-    directories, least recently opened first, then the objects nothing links any more."""
+    """Free the cache down to ``budget`` bytes of objects besides ``keep``: lazily cached
+    chunks first (least recently read first), then whole commit directories, least recently
+    opened first, with the objects nothing links any more."""
     objects = cache / OBJECTS_DIR
 
-    def used() -> int:
-        return sum(p.stat().st_size for p in objects.iterdir() if p.name not in keep)
+    def sizes() -> dict[str, os.stat_result]:
+        out = {}
+        for p in objects.iterdir():
+            if p.name not in keep and _OBJECT.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    out[p.name] = p.stat()
+        return out
 
-    if used() <= budget:
+    have = sizes()
+    used = sum(s.st_size for s in have.values())
+    for name, st in sorted(have.items(), key=lambda kv: kv[1].st_mtime):
+        if used <= budget:
+            return
+        if st.st_nlink == 1:
+            (objects / name).unlink(missing_ok=True)
+            used -= st.st_size
+    if used <= budget:
         return
     dirs = sorted((cache / "commits").glob("*/*/" + _COMPLETE), key=lambda p: p.stat().st_mtime)
     for marker in dirs:
         shutil.rmtree(marker.parent, ignore_errors=True)
-        for p in list(objects.iterdir()):
-            if p.name not in keep and p.stat().st_nlink == 1:
-                p.unlink()
-        if used() <= budget:
+        for name, st in sizes().items():
+            if st.st_nlink == 1:
+                (objects / name).unlink(missing_ok=True)
+        if sum(s.st_size for s in sizes().values()) <= budget:
             return

@@ -1,0 +1,259 @@
+"""The chunk-level disk cache in front of a published store, against a real S3 server that the
+test starts on localhost (moto's server mode): a cold read fetches only the chunks it needs, a
+warm read fetches nothing, the cap holds, damaged entries are never served, and a sharded root
+publishes and opens as one consistent global commit."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import dpsn
+from dpsn.errors import CorruptSegmentError
+from dpsn.store import remote
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+pytestmark = pytest.mark.slow  # real stores through a real S3 server: ~10 s on 2 cores
+
+GEN = {"kind": "hashed_slices", "memory_size": 4096}
+ROWS = 512  # rows written; chunk_rows=16 makes 32 delta chunks (and 32 of ids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    srv.start()
+    yield f"http://127.0.0.1:{port}"
+    srv.stop()
+
+
+@pytest.fixture
+def bucket(server, request):
+    opts = {
+        "endpoint_url": server,
+        "key": "AKIDTEST",
+        "secret": "test-secret",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    fs = s3fs.S3FileSystem(**opts)
+    name = "c" + request.node.name.replace("_", "-").lower()[:40]
+    fs.mkdir(name, region_name="eu-west-1")
+    return f"s3://{name}/pool", opts, fs
+
+
+class CountingFs:
+    """The real filesystem, counting the object reads a reader makes through it."""
+
+    def __init__(self, fs):
+        self.fs, self.object_gets = fs, []
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def cat_file(self, path, *a, **k):
+        self.object_gets.append(path)
+        return self.fs.cat_file(path, *a, **k)
+
+    def get(self, rpaths, lpaths, *a, **k):
+        self.object_gets.extend(rpaths)
+        return self.fs.get(rpaths, lpaths, *a, **k)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    made: list[CountingFs] = []
+    real = remote._fs
+
+    def fs(url, options):
+        f, prefix = real(url, options)
+        made.append(CountingFs(f))
+        return made[-1], prefix
+
+    monkeypatch.setattr(remote, "_fs", fs)
+    return lambda: [g for c in made for g in c.object_gets if "/objects/" in g]
+
+
+@pytest.fixture(scope="module")
+def pub(server, tmp_path_factory):
+    """One store published once for the tests that only read it (each with its own cache)."""
+    opts = {
+        "endpoint_url": server,
+        "key": "AKIDTEST",
+        "secret": "test-secret",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("cshared", region_name="eu-west-1")
+    url = "s3://cshared/pool"
+    want = _published(tmp_path_factory.mktemp("pub"), url, opts)
+    return url, opts, fs, want
+
+
+def _published(tmp_path, url, opts) -> torch.Tensor:
+    with dpsn.create(tmp_path / "s", 10**9, 8, generator=GEN, chunk_rows=16) as pool:
+        g = torch.Generator().manual_seed(0)
+        pool.write(torch.arange(ROWS), torch.randn(ROWS, 8, generator=g))
+        pool.commit("rows")
+        pool.publish(url, opts)
+        return pool.read(torch.arange(ROWS))
+
+
+def _lazy_objects(fs, url, column: str = "") -> dict[str, int]:
+    import json
+
+    head = json.loads(fs.cat_file(url[5:] + "/HEAD"))["commit"]
+    rec = json.loads(fs.cat_file(f"{url[5:]}/published/{head:016d}.json"))
+    return {
+        o: remote._object_size(o)
+        for r, o in rec["files"].items()
+        if remote.is_lazy(r) and f"/{column}" in r
+    }
+
+
+def test_cold_reads_fetch_only_the_chunks_they_need_and_warm_reads_none(pub, tmp_path, counting):
+    url, opts, fs, want = pub
+    lazy = _lazy_objects(fs, url)
+    assert len(lazy) >= 64  # 32 delta chunks, 32 ids chunks
+    ids = torch.tensor([5, 200, 500])  # three rows in three different chunks
+    cache = tmp_path / "cache"
+    before = len(counting())
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+        got = remote.cache_counters(r.path)
+        assert got is not None
+    cold = counting()[before:]
+    chunk_gets = [g for g in cold if g.rsplit("/", 1)[-1] in lazy]
+    # the index (one object) and the three chunks the rows lie in, nothing else of the rows
+    assert len(chunk_gets) == 3 == got["misses"], cold
+    assert got["fetched_bytes"] < sum(lazy.values()) / 10
+    # warm: a new open of the same cache reads the same rows without a single object request
+    before = len(counting())
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+        warm = remote.cache_counters(r.path)
+    assert counting()[before:] == []
+    assert warm["misses"] == 3 and warm["hits"] >= 3
+    # every row, read cold, equals the writer's
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "c2", cache_rows=0) as r:
+        torch.testing.assert_close(r.read(torch.arange(ROWS)), want, rtol=0, atol=0)
+
+
+def test_the_cap_holds_and_least_recently_read_chunks_go_first(pub, tmp_path):
+    url, opts, fs, want = pub
+    cache = tmp_path / "cache"
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        eager = remote.cache_counters(r.path)["used_bytes"]
+    chunk = max(_lazy_objects(fs, url).values())
+    cap = eager + 6 * chunk  # room for about six chunks beside the index and metadata
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_bytes=cap, cache_rows=0) as r:
+        for lo in range(0, ROWS, 64):  # reads walk over every chunk
+            ids = torch.arange(lo, lo + 64)
+            torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+            on_disk = sum(p.stat().st_size for p in (cache / "objects").iterdir())
+            assert on_disk <= cap
+        c = remote.cache_counters(r.path)
+        assert c["evicted_bytes"] > 0 and c["used_bytes"] <= cap
+        # the newest chunks stayed: reading the last rows again is all hits
+        misses = c["misses"]
+        torch.testing.assert_close(r.read(torch.arange(ROWS - 16, ROWS)), want[-16:])
+        assert remote.cache_counters(r.path)["misses"] == misses
+
+
+def test_a_damaged_cache_entry_is_fetched_again_never_served(pub, tmp_path):
+    url, opts, fs, want = pub
+    cache = tmp_path / "cache"
+    ids = torch.arange(0, ROWS, 37)
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        r.read(ids)
+    lazy = _lazy_objects(fs, url)
+    cached = [p for p in (cache / "objects").iterdir() if p.name in lazy]
+    assert cached
+    for p in cached:  # flip a byte of every cached chunk
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+        assert remote.cache_counters(r.path)["refetched"] == len(cached)
+    # a damaged eager file (the index copy) is fetched again at the next open
+    index = next(p for p in (cache / "commits").rglob("data.mdb"))
+    data = bytearray(index.read_bytes())
+    data[100] ^= 0xFF
+    index.write_bytes(bytes(data))
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+
+
+def test_a_damaged_object_in_the_bucket_is_a_typed_error(bucket, tmp_path):
+    url, opts, fs = bucket
+    _published(tmp_path, url, opts)
+    lazy = _lazy_objects(fs, url, "deltas/")
+    bad = sorted(lazy)[0]
+    fs.pipe_file(f"{url[5:]}/objects/{bad}", b"\0" * lazy[bad])
+    with (
+        dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache", cache_rows=0) as r,
+        pytest.raises(CorruptSegmentError, match="does not match its checksum"),
+    ):
+        r.read(torch.arange(ROWS))
+    assert not (tmp_path / "cache" / "objects" / bad).exists()  # never cached either
+
+
+def test_a_sharded_root_publishes_and_opens_read_only(bucket, tmp_path, monkeypatch):
+    from dpsn.tools.cli import main as cli
+
+    url, opts, _fs = bucket
+    root = tmp_path / "root"
+    dpsn.distributed.create_root(root, 10**9, 8, shards=3, generator=GEN)
+    ids = torch.arange(300)
+    base = dpsn.distributed.read_rows(root, ids)
+    out = dpsn.distributed.publish(root, url, opts)
+    assert out["global_commit"] == 1 and len(out["shards"]) == 3
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        assert r.global_commit.id == 1 and not r.writable
+        torch.testing.assert_close(r.read(ids), base, rtol=0, atol=0)
+    # a new global commit (one shard changed; reshard writes every shard anew), pushed by the
+    # CLI; a publisher that dies before the root's HEAD leaves readers on global commit 1
+    dpsn.distributed.reshard(root, 2)
+    moved = dpsn.distributed.read_rows(root, ids)
+    torch.testing.assert_close(moved, base, rtol=0, atol=0)
+
+    real = remote._fs
+
+    class DiesAtHead:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def pipe_file(self, path, data):
+            if path.endswith("/pool/HEAD"):
+                raise ConnectionError("killed")
+            return self.fs.pipe_file(path, data)
+
+    monkeypatch.setattr(remote, "_fs", lambda u, o: (DiesAtHead(real(u, o)[0]), real(u, o)[1]))
+    with pytest.raises(ConnectionError):
+        dpsn.distributed.publish(root, url, opts)
+    monkeypatch.undo()
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        assert r.global_commit.id == 1 and r.global_commit.count == 3
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert cli(["push", str(root), url, "--endpoint-url", opts["endpoint_url"]]) == 0
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        assert r.global_commit.count == 2
+        got = r.read(ids)
+    np.testing.assert_array_equal(got.numpy(), base.numpy())
