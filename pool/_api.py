@@ -500,7 +500,9 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
             cache_dir=cache_dir,
             cache_bytes=remote.DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
         )
-        at = None
+        at, from_url = None, True
+    else:
+        from_url = False
     options = merge_object(
         OpenOptions,
         options,
@@ -514,7 +516,7 @@ def open(  # mirrors zarr.open / builtins.open, as users expect
 
         return open_sharded(  # type: ignore[return-value]
             path, mode, process_group=process_group, at=at, device=device,
-            cache_rows=cache_rows, policy=policy, lifecycle=lifecycle,
+            cache_rows=cache_rows, policy=policy, lifecycle=lifecycle, alone_ok=from_url,
         )  # fmt: skip
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f'mode must be "r" or "r+", got {mode!r}')

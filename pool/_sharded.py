@@ -415,6 +415,47 @@ class ShardedPool:
             self._record = layout.read_global(self.root, gid)
         return self._record
 
+    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish the newest global commit to object storage (a collective, after
+        :meth:`commit`): every rank publishes its shard's commit under ``URL/<shard dir>``,
+        then rank 0, once all have, the root manifest, the global record and the root's HEAD
+        (last: a reader of the bucket opens this global commit or the previous one, never a
+        mix). Returns this rank's shard upload and the global commit."""
+        from dpsn.store import remote
+
+        d, commit = self._record.shards[self.rank]
+        problem: BaseException | None = None
+        mine: dict[str, Any] = {}
+        try:
+            mine = self.local.publish(f"{url.rstrip('/')}/{d}", storage_options)
+            if mine["commit"] != commit:
+                raise DistributedError(
+                    f"shard {d} published commit {mine['commit']}, not {commit} that global "
+                    f"commit {self._record.id} names: commit on every rank before publishing"
+                )
+        except BaseException as e:  # report to the others rather than leave them waiting
+            problem = e
+        ok = torch.tensor([0 if problem is not None else 1], device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if problem is not None:
+            raise problem
+        if int(ok) == 0:
+            raise DistributedError(
+                f"a rank failed to publish its shard; {url} keeps its previous global commit"
+            )
+        status = torch.ones(1, dtype=torch.int64, device=self.device)
+        if self.rank == 0:
+            try:
+                remote.publish_global(self.root, self._record, url, storage_options)
+            except BaseException as e:
+                problem, status[0] = e, 0
+        dist.broadcast(status, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if problem is not None:
+            raise problem
+        if int(status) == 0:
+            raise DistributedError(f"rank 0 could not publish the global record to {url}")
+        return {"global_commit": self._record.id, "shard": mine, "url": url}
+
     def close(self) -> None:
         self.local.close()
 

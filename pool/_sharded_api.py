@@ -154,13 +154,20 @@ def open(  # mirrors dpsn.open
     cache_rows: int | None = None,
     policy: str = "lru",
     lifecycle: Any = None,
+    alone_ok: bool = False,
 ) -> ShardedPool:
     """Open this rank's shard of a sharded root at its newest global commit (or global commit
     ``at``, read-only). The group must have one rank per shard (``dpsn reshard`` changes the
     count). For writing, a shard that got ahead of the global commit (its rank died between
     the two phases of a commit) is first rolled back to it, so the run resumes from a
-    consistent cut. Not a collective (no rank waits for another)."""
+    consistent cut. Not a collective (no rank waits for another). ``alone_ok`` (a published
+    root): read-only without torch.distributed opens a :class:`ShardedReader` instead."""
     root = Path(root)
+    alone = process_group is None and not (dist.is_available() and dist.is_initialized())
+    if alone_ok and mode == "r" and alone:
+        return ShardedReader(  # type: ignore[return-value]
+            root, at=at, device=device, cache_rows=cache_rows, policy=policy
+        )
     group = _group(process_group)
     manifest = layout.read_root_manifest(root)
     record = layout.read_global(root, at)
@@ -198,6 +205,138 @@ def open(  # mirrors dpsn.open
 
         raise CorruptStoreError(f"{path}: its rows/dim differ from the root's manifest")
     return ShardedPool(local, root=root, manifest=manifest, record=record, group=group)
+
+
+class ShardedReader:
+    """Every shard of a sharded root at one global commit, read-only in this one process (no
+    process group): what ``dpsn.open("s3://...")`` of a published sharded root returns when
+    torch.distributed is not initialized and no ``process_group=`` is given (with one, each
+    rank gets its own shard as a :class:`ShardedPool`). ``shards[i]`` is shard i's pool."""
+
+    writable = False
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        at: int | None = None,
+        device: str | torch.device | None = None,
+        cache_rows: int | None = None,
+        policy: str = "lru",
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = layout.read_root_manifest(self.root)
+        self.global_commit = layout.read_global(self.root, at)
+        self.shards: list[Any] = []
+        try:
+            for d, commit in self.global_commit.shards:
+                self.shards.append(
+                    _api.open(
+                        self.root / d,
+                        "r",
+                        at=commit,
+                        device=device,
+                        cache_rows=cache_rows,
+                        policy=policy,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self.root
+
+    @property
+    def head(self) -> int:
+        """The global commit read."""
+        return self.global_commit.id
+
+    @property
+    def rows(self) -> int:
+        return self.manifest.rows
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def read(self, ids: Any) -> torch.Tensor:
+        """Rows ``[*shape, dim]`` of ``ids``: each id read from the shard that owns it (one
+        read per shard, never per row)."""
+        ids_t = torch.as_tensor(ids, dtype=torch.int64)
+        flat = ids_t.reshape(-1).cpu()
+        owner = owner_of(flat, len(self.shards))
+        order = torch.argsort(owner, stable=True)
+        counts = torch.bincount(owner, minlength=len(self.shards)).tolist()
+        parts = [
+            pool.read(part)
+            for pool, part in zip(self.shards, torch.split(flat[order], counts), strict=True)
+            if len(part)
+        ]
+        out = torch.empty((len(flat), self.dim), dtype=self.shards[0].dtype)
+        if parts:
+            out[order] = torch.cat([p.to(out.device) for p in parts])
+        return out.reshape(*ids_t.shape, self.dim)
+
+    def verify(self) -> list[Any]:
+        """Each shard's :class:`VerifyReport`, in shard order."""
+        return [pool.verify() for pool in self.shards]
+
+    def close(self) -> None:
+        for pool in self.shards:
+            pool.close()
+        self.shards = []
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedReader({str(self.root)!r}, global commit {self.head}, "
+            f"{len(self.shards)} shards, read-only)"
+        )
+
+
+def publish(
+    root: str | os.PathLike[str], url: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Publish a sharded root's newest global commit to object storage, offline (``dpsn push
+    ROOT URL``; a running job publishes with :meth:`ShardedPool.publish`): each shard's commit
+    under ``URL/<shard dir>`` (each shard's writer lock held while it uploads), then the root
+    manifest, the global record and the root's HEAD, last, so a reader of the bucket opens a
+    consistent global commit or the previous one. A shard whose HEAD is not the commit the
+    global record names (a rank died between the two phases of a commit) is refused."""
+    from dpsn.errors import CorruptStoreError
+    from dpsn.store import remote
+
+    root = Path(root)
+    layout.read_root_manifest(root)
+    record = layout.read_global(root)
+    shards = []
+    for d, commit in record.shards:
+        store = PersistedStore.open(root / d, writable=True)  # no commit while it uploads
+        try:
+            if store.head() != commit:
+                raise CorruptStoreError(
+                    f"{root / d}: HEAD {store.head()} is not commit {commit}, which global "
+                    f"commit {record.id} names (a rank died between the phases of a commit): "
+                    "open the root for writing once (it rolls the shard back), then push"
+                )
+            shards.append(remote.publish(store, f"{url.rstrip('/')}/{d}", storage_options))
+        finally:
+            store.close()
+    remote.publish_global(root, record, url, storage_options)
+    return {
+        "global_commit": record.id,
+        "shards": shards,
+        "objects_uploaded": sum(s["objects_uploaded"] for s in shards),
+        "bytes_uploaded": sum(s["bytes_uploaded"] for s in shards),
+        "url": url,
+    }
 
 
 def read_rows(root: str | os.PathLike[str], ids: Any, *, at: int | None = None) -> torch.Tensor:

@@ -17,12 +17,13 @@ from dpsn.store.shards import GlobalCommit, global_log, is_sharded, read_global
 
 from ._reshard import reshard
 from ._sharded import ShardedPool, ShardedRowBatch, owner_of
-from ._sharded_api import create, create_root, open, read_rows
+from ._sharded_api import ShardedReader, create, create_root, open, publish, read_rows
 
 __all__ = [
     "DistributedError",
     "GlobalCommit",
     "ShardedPool",
+    "ShardedReader",
     "ShardedRowBatch",
     "create",
     "create_root",
@@ -30,6 +31,7 @@ __all__ = [
     "is_sharded",
     "open",
     "owner_of",
+    "publish",
     "read_global",
     "read_rows",
     "reshard",

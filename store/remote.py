@@ -233,7 +233,13 @@ def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
 def published(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """The newest commit published under ``url``."""
     fs, prefix = _fs(url, storage_options)
-    head = _read_json(fs, f"{prefix}/{HEAD_OBJECT}").get("commit")
+    raw = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+    if "global" in raw:
+        raise InvalidArgumentError(
+            f"{url} holds a published sharded root: open it with dpsn.open (its shards are "
+            "under URL/shard-XXXX)"
+        )
+    head = raw.get("commit")
     if isinstance(head, bool) or not isinstance(head, int) or head < 1:
         raise CorruptStoreError(f"{url}/{HEAD_OBJECT}: 'commit' must be a positive int")
     return head
@@ -508,8 +514,9 @@ def materialize(
     cache_dir: str | os.PathLike[str] | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Path:
-    """The directory of :func:`checkout` (kept for callers that want only the path)."""
-    return checkout(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes).path
+    """The local directory to open for ``url`` (a store or a sharded root): that of
+    :func:`checkout_any`."""
+    return checkout_any(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes)
 
 
 def _intact(local: Path, eager: dict[str, str]) -> bool:
@@ -625,3 +632,94 @@ def _evict(cache: Path, budget: int, keep: set[str]) -> None:
                 (objects / name).unlink(missing_ok=True)
         if sum(s.st_size for s in sizes().values()) <= budget:
             return
+
+
+# -- sharded roots -----------------------------------------------------------------------------
+#
+# A sharded root publishes as one prefix holding each shard as an ordinary published store
+# (``URL/shard-XXXX/...``, its own objects, records and HEAD) and, beside them, the root's
+# manifest, the global records and the root's ``HEAD`` = {"global": N}. Each shard's commit is
+# published first, then the root manifest and global record N (naming each shard's published
+# commit), then ``HEAD``: a reader that sees HEAD finds every shard commit it names.
+
+
+def publish_global(
+    root: Path, record: Any, url: str, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Phase 2 of a sharded root's publish, once every shard's commit named by ``record`` (a
+    :class:`dpsn.store.shards.GlobalCommit`) is published under ``url/<shard dir>``: the root
+    manifest, the global record, then the root's ``HEAD``."""
+    from ._files import read_regular
+    from .shards import GLOBAL_DIR, ROOT_MANIFEST
+    from .shards import MAX_RECORD_BYTES as ROOT_BYTES
+
+    fs, prefix = _fs(url, storage_options)
+    manifest = read_regular(Path(root) / ROOT_MANIFEST, ROOT_BYTES, ROOT_MANIFEST)
+    fs.pipe_file(f"{prefix}/{ROOT_MANIFEST}", manifest)
+    body = json.dumps(record.to_json(), sort_keys=True).encode()
+    fs.pipe_file(f"{prefix}/{GLOBAL_DIR}/{record.id:016d}.json", body)
+    fs.pipe_file(f"{prefix}/{HEAD_OBJECT}", json.dumps({"global": record.id}).encode())
+
+
+def checkout_any(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    at: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Path:
+    """What ``dpsn.open(url)`` opens: for a published store, its :func:`checkout`'s directory;
+    for a published sharded root, a local root in the cache (the root manifest and the one
+    global record, newest or ``at``, with each shard's checkout linked in under its name)."""
+    from . import shards as layout
+
+    fs, prefix = _fs(url, storage_options)
+    head = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+    if "global" not in head:
+        return checkout(
+            url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes
+        ).path
+    gid = head["global"] if at is None else at
+    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 1:
+        raise CorruptStoreError(f"{url}/{HEAD_OBJECT}: 'global' must be a positive int")
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache()
+    try:
+        raw = _read_json(fs, f"{prefix}/{layout.GLOBAL_DIR}/{gid:016d}.json")
+    except StoreNotFoundError:
+        raise SnapshotNotFoundError(f"{url}: global commit {gid} was not published") from None
+    record = layout.parse_global(raw, f"{url}/{layout.GLOBAL_DIR}/{gid:016d}.json")
+    manifest = json.dumps(_read_json(fs, f"{prefix}/{layout.ROOT_MANIFEST}")).encode()
+    shard_paths = [
+        checkout(
+            f"{url.rstrip('/')}/{d}",
+            storage_options,
+            at=commit,
+            cache_dir=cache,
+            cache_bytes=cache_bytes,
+        ).path
+        for d, commit in record.shards
+    ]
+    if not all((p / _COMPLETE).is_file() for p in shard_paths):
+        raise CacheTooLargeError(
+            f"the {record.count} shards of {url} do not fit cache_bytes={cache_bytes} together "
+            "(a later shard's files evicted an earlier one's); raise cache_bytes"
+        )
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".root-"))
+    try:
+        (tmp / layout.ROOT_MANIFEST).write_bytes(manifest)
+        (tmp / layout.GLOBAL_DIR).mkdir()
+        (tmp / layout.GLOBAL_DIR / f"{gid:016d}.json").write_text(
+            json.dumps(record.to_json(), sort_keys=True)
+        )
+        for (d, _), p in zip(record.shards, shard_paths, strict=True):
+            os.symlink(os.path.relpath(p, tmp.parent / "roots" / "x" / "y"), tmp / d)
+        uuid = layout.read_root_manifest(tmp).uuid  # checks the manifest before it is used
+        local = cache / "roots" / uuid / f"{gid:016d}"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(local, ignore_errors=True)
+        tmp.rename(local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return local

@@ -147,7 +147,7 @@ def json_object(data: bytes, where: str) -> dict[str, Any]:
     return raw
 
 
-def _int(raw: dict[str, Any], key: str, where: Path, lo: int = 0, hi: int = 1 << 63) -> int:
+def _int(raw: dict[str, Any], key: str, where: Path | str, lo: int = 0, hi: int = 1 << 63) -> int:
     v = raw.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
         raise CorruptStoreError(f"{where}: {key!r} must be an int in {lo}..{hi - 1}, got {v!r}")
@@ -187,7 +187,9 @@ def read_root_manifest(root: str | os.PathLike[str]) -> RootManifest:
     )
 
 
-def _parse_global(raw: dict[str, Any], path: Path) -> GlobalCommit:
+def parse_global(raw: dict[str, Any], path: Path | str) -> GlobalCommit:
+    """A global record read as untrusted JSON (from the root, or from a bucket), every field
+    checked; ``path`` names it in errors."""
     shards = raw.get("shards")
     if not isinstance(shards, list) or not 1 <= len(shards) <= MAX_SHARDS:
         raise CorruptStoreError(f"{path}: 'shards' must be a list of 1..{MAX_SHARDS} entries")
@@ -227,7 +229,7 @@ def read_global(root: str | os.PathLike[str], gid: int | None = None) -> GlobalC
 
         raise SnapshotNotFoundError(f"{root}: no global commit {gid} (have {ids[0]}..{ids[-1]})")
     path = Path(root) / GLOBAL_DIR / f"{gid:016d}.json"
-    rec = _parse_global(_read_json(path), path)
+    rec = parse_global(_read_json(path), path)
     if rec.id != gid:
         raise CorruptStoreError(f"{path}: names global commit {rec.id}, not {gid}")
     return rec

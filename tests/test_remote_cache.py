@@ -257,3 +257,26 @@ def test_a_sharded_root_publishes_and_opens_read_only(bucket, tmp_path, monkeypa
         assert r.global_commit.count == 2
         got = r.read(ids)
     np.testing.assert_array_equal(got.numpy(), base.numpy())
+
+
+def test_a_running_job_publishes_its_global_commit(bucket, tmp_path):
+    """``ShardedPool.publish`` (the collective), here in a one-rank gloo group."""
+    import torch.distributed as dist
+
+    url, opts, _fs = bucket
+    root = tmp_path / "root"
+    dpsn.distributed.create_root(root, 10**9, 8, shards=1, generator=GEN)
+    store = dist.FileStore(str(tmp_path / "pg"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with dpsn.distributed.open(root, "r+") as pool:
+            pool.local.write([1, 2], torch.ones(2, 8))
+            pool.commit("rows")
+            out = pool.publish(url, opts)
+            assert out["global_commit"] == 2
+            want = pool.read(torch.arange(10))
+    finally:
+        dist.destroy_process_group()
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        assert r.head == 2
+        torch.testing.assert_close(r.read(torch.arange(10)), want, rtol=0, atol=0)
