@@ -104,7 +104,12 @@ class SparseFinetune:
         return tf * torch.log(1.0 / (freq + self.smooth))
 
     def select(self, pool: Any, batch: Any, grads: torch.Tensor) -> torch.Tensor | None:
-        """The top rows of the batch by TF-IDF: use here high against background use."""
+        """The top rows of the batch by TF-IDF: use here high against background use. On a
+        sharded pool the usage statistics live with each row's owner, so the selection runs
+        there (each rank among its own rows; an int ``top`` is then per shard)."""
+        if hasattr(batch, "select_at_owner"):
+            batch.select_at_owner(self.select)
+            return None
         n = len(batch)
         k = self.top if isinstance(self.top, int) else max(1, math.ceil(self.top * n))
         if k >= n:

@@ -124,25 +124,57 @@ class ShardedRowBatch:
         )
 
     def apply_grads(
-        self, grads: torch.Tensor, optimizer: Any, *, rows: torch.Tensor | None = None
+        self,
+        grads: torch.Tensor,
+        optimizer: Any,
+        *,
+        rows: torch.Tensor | None = None,
+        strict: bool = False,
     ) -> None:
         """Send each row's gradient (``[n, D]``, aligned with ``ids``) to its owner, which sums
-        all ranks' contributions and applies one ``optimizer`` step (a collective). A row
-        selection (``rows=``) is not supported across shards yet and is refused; protected
-        rows are still left out by each owner."""
-        from dpsn.tiers import SECOND_BACKWARD
+        all ranks' contributions and applies one ``optimizer`` step (a collective).
 
-        if rows is not None:
-            raise NotImplementedError(
-                "row_selection= is not supported on a sharded pool yet: each owner would need "
-                "every rank's selection of its rows; train without it, or protect rows instead"
-            )
+        ``rows`` (bool ``[n]``) as in :meth:`dpsn.tiers.RowBatch.apply_grads`: an owner steps a
+        row when a rank that used it marked it (with every rank's gradient); the rest keep
+        delta and state. A selection that needs the owner's usage statistics runs at the owner
+        instead (:meth:`select_at_owner`; ``SparseFinetune`` does so). Protected rows are left
+        out by each owner. Gradients that are not finite are never sent: the step is skipped
+        (counted) by every owner of this rank's rows, and with ``strict=True`` this rank
+        raises ``InvalidDeltaError`` after the exchange (the others are not left waiting)."""
+        from dpsn.errors import InvalidDeltaError
+        from dpsn.tiers import SECOND_BACKWARD
 
         if self.applied or self._local is None:
             raise RuntimeError(SECOND_BACKWARD)
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=self.ids.device)
+            if rows.dtype != torch.bool or rows.shape != self.ids.shape:
+                raise ValueError(
+                    f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
+                    f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
+                )
         self._pool._optimizer = optimizer
-        self._exchange_grads(grads.float(), contributes=True)
+        self._pool._strict = strict
+        finite = bool(torch.isfinite(grads).all())
+        g = grads.float() if finite else torch.zeros_like(grads, dtype=torch.float32)
         self.applied = True
+        self._exchange_grads(g, contributes=finite, rows=rows)
+        if not finite and strict:  # the owners counted the skipped step
+            raise InvalidDeltaError(
+                "the row gradients are not finite (NaN or Inf): the row step was not "
+                "applied on this rank's rows (no row changed)"
+            )
+
+    def select_at_owner(self, select: Any) -> None:
+        """Run the row selection ``select(pool, batch, grads)`` at each row's owner rather than
+        here: called by a :class:`dpsn.RowSelection` that needs what only the owner has (its
+        rows' usage statistics), as ``SparseFinetune`` does when it is handed a sharded batch.
+        Each owner then calls ``select(its shard's Pool, its RowBatch of the requested rows,
+        the gradients summed over every rank)``, with ``counts`` the uses summed over every
+        rank, and steps the rows it marks: each rank selects among its own rows (so an int
+        ``top`` is per shard). The selection is kept for the pool's later steps."""
+        self._pool._owner_select = select
+        self._selects = True
 
     def release(self) -> None:
         """Take part in the gradient exchange if a backward was expected and none was given
@@ -154,24 +186,31 @@ class ShardedRowBatch:
                 (len(self.ids), self._pool.dim), dtype=torch.float32, device=self.ids.device
             )
             self.applied = True
-            self._exchange_grads(zeros, contributes=False)
+            self._exchange_grads(zeros, contributes=False, rows=None)
         else:
             self._local.release()
             self._local = None
 
-    def _exchange_grads(self, grads: torch.Tensor, *, contributes: bool) -> None:
+    def _exchange_grads(
+        self, grads: torch.Tensor, *, contributes: bool, rows: torch.Tensor | None
+    ) -> None:
+        """Send ``[grads | contributed | uses | selected | selects-at-owner]`` ``(n, D + 4)``
+        to the owners; each owner sums them per row and steps the rows every requester gave a
+        gradient for (all or none: a rank that skipped skips the batch for its rows)."""
         local, self._local = self._local, None
         assert local is not None
         pool = self._pool
-        flag = torch.full(
-            (len(grads), 1), 1.0 if contributes else 0.0, dtype=grads.dtype, device=grads.device
-        )
-        send = torch.cat([grads, flag], dim=1)[self._perm]  # grouped by owner, as the ids went
-        got = pool._a2a(send, self._send, self._recv)  # (r, D + 1)
+        n, d = len(grads), pool.dim
+        extra = torch.zeros((n, 4), dtype=grads.dtype, device=grads.device)
+        extra[:, 0] = 1.0 if contributes else 0.0
+        extra[:, 1] = self.counts.to(grads.dtype)
+        extra[:, 2] = 1.0 if rows is None else rows.to(grads.dtype)
+        extra[:, 3] = 1.0 if getattr(self, "_selects", False) else 0.0
+        send = torch.cat([grads, extra], dim=1)[self._perm]  # grouped by owner, as the ids went
+        got = pool._a2a(send, self._send, self._recv)  # (r, D + 4)
         try:
             if len(local) and pool.writable:
-                d = pool.dim
-                summed = torch.zeros((len(local), d + 1), dtype=torch.float32, device=got.device)
+                summed = torch.zeros((len(local), d + 4), dtype=torch.float32, device=got.device)
                 summed.index_add_(0, local.inverse.reshape(-1), got)
                 asked = torch.bincount(local.inverse.reshape(-1), minlength=len(local))
                 # every requester of a row gave its gradient: step; else skip the batch, as one
@@ -183,11 +222,40 @@ class ShardedRowBatch:
                             "itself, so it does not know the row optimizer: give every rank "
                             "rows in its first step"
                         )
-                    local.apply_grads(summed[:, :d].contiguous(), pool._optimizer)
+                    g = summed[:, :d].contiguous()
+                    keep = summed[:, d + 2] > 0  # some requester marked the row
+                    if bool((summed[:, d + 3] > 0).any()):
+                        keep &= self._owner_rows(local, g, summed[:, d + 1])
+                    mask = None if bool(keep.all()) else keep
+                    local.apply_grads(g, pool._optimizer, rows=mask, strict=pool._strict)
                 else:
                     pool.local.count_skipped_row_step()
         finally:
             local.release()
+
+    def _owner_rows(self, local: RowBatch, grads: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
+        """The owner's selection over its rows of the step (see :meth:`select_at_owner`)."""
+        select = self._pool._owner_select
+        if select is None:
+            raise DistributedError(
+                "a rank asked for a row selection at the owners, but this rank never ran one "
+                "(it had no rows in its first step): give every rank rows in its first step"
+            )
+        counts = local.counts
+        local.counts = uses.round().to(counts.dtype)  # every rank's uses, not requests
+        try:
+            mask = select(self._pool.local, local, grads)
+        finally:
+            local.counts = counts
+        if mask is None:
+            return torch.ones(len(local), dtype=torch.bool, device=grads.device)
+        mask = torch.as_tensor(mask, device=grads.device)
+        if mask.dtype != torch.bool or mask.shape != (len(local),):
+            raise ValueError(
+                f"the row selection returned {mask.dtype} {tuple(mask.shape)}, not a bool mask "
+                f"of shape ({len(local)},)"
+            )
+        return mask
 
     def __enter__(self) -> ShardedRowBatch:
         return self
@@ -219,6 +287,8 @@ class ShardedPool:
         self.world = dist.get_world_size(group)
         self._record = record
         self._optimizer: Any = None
+        self._strict = False
+        self._owner_select: Any = None  # a row selection run at the owners (select_at_owner)
         # a group of one skips its all-to-alls; True runs them anyway (to test a backend's
         # collectives on one device, as tests/test_distributed.py does with NCCL)
         self.exchange_when_alone = False

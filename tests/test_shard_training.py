@@ -1,0 +1,96 @@
+"""Row steps on a sharded pool: ``strict=`` and ``rows=`` on ``ShardedRowBatch.apply_grads``,
+and a row selection (``SparseFinetune``) run at each row's owner against its usage statistics.
+
+A one-rank gloo group in this process, with the all-to-alls forced on
+(``exchange_when_alone``): every row goes through the exchange and the owner's code path that
+several ranks take, and one rank's rows must equal one process's bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dpsn
+import dpsn.distributed as dd
+from dpsn.errors import InvalidDeltaError
+
+GEN = {"kind": "hashed_slices", "memory_size": 4096}
+ROWS, DIM = 10**9, 8
+
+
+@pytest.fixture
+def group(tmp_path):
+    store = dist.FileStore(str(tmp_path / "pg"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _sharded(path, **kwargs):
+    pool = dd.create(path, ROWS, DIM, seed=3, generator=GEN, **kwargs)
+    pool.exchange_when_alone = True
+    return pool
+
+
+def _train(pool, selection, steps=6):
+    emb = dpsn.PoolEmbedding(
+        pool, mode="sum", row_optimizer="sgd", row_lr=0.1, row_selection=selection
+    )
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        # rows 0..7 in every step (the background), then new rows 8..40
+        ids = torch.cat([torch.arange(8), torch.randint(8, 40, (8,), generator=g)])
+        (emb(ids.reshape(4, 4)) * torch.randn(4, DIM, generator=g)).sum().backward()
+
+
+def test_sparse_finetune_runs_at_the_owner_and_matches_one_process(group, tmp_path):
+    life = dpsn.Lifecycle(warmup=1)
+    ids = torch.arange(40)
+    with _sharded(tmp_path / "root", lifecycle=life) as pool:
+        _train(pool, None)  # background statistics: rows 0..7 used in every step
+        _train(pool, dpsn.SparseFinetune(top=0.25))
+        pool.commit("finetuned")
+        sharded = pool.read(ids)
+        held = pool.local.stats()["rows_held"]
+    with dpsn.create(tmp_path / "one", ROWS, DIM, seed=3, generator=GEN, lifecycle=life) as one:
+        _train(one, None)
+        _train(one, dpsn.SparseFinetune(top=0.25))
+        single = one.read(ids)
+        assert one.stats()["rows_held"] == held > 0  # the selection held rows back
+    torch.testing.assert_close(sharded, single, rtol=0, atol=0)
+
+
+def test_apply_grads_strict_and_rows(group, tmp_path):
+    opt = dpsn.pool.RowSGD(lr=1.0)
+    ids = torch.tensor([1, 2, 3])
+    with _sharded(tmp_path / "root") as pool:
+        before = pool.read(ids).clone()
+        bad = torch.ones(3, DIM)
+        bad[1, 2] = float("nan")
+        with torch.enable_grad():
+            batch = pool.page_in(ids)
+        with pytest.raises(InvalidDeltaError, match="not finite"):
+            batch.apply_grads(bad, opt, strict=True)
+        batch.release()
+        torch.testing.assert_close(pool.read(ids), before, rtol=0, atol=0)
+        skipped = pool.local.stats()["skipped_row_steps"]
+        with torch.enable_grad():
+            batch = pool.page_in(ids)
+        batch.apply_grads(bad, opt)  # not strict: skipped and counted
+        batch.release()
+        assert pool.local.stats()["skipped_row_steps"] == skipped + 1
+        torch.testing.assert_close(pool.read(ids), before, rtol=0, atol=0)
+        # rows= steps only the rows it marks
+        with torch.enable_grad():
+            batch = pool.page_in(ids)
+        batch.apply_grads(torch.ones(3, DIM), opt, rows=torch.tensor([True, False, True]))
+        batch.release()
+        after = pool.read(ids)
+        assert torch.equal(after[1], before[1])
+        torch.testing.assert_close(after[[0, 2]], before[[0, 2]] - 1.0)
+        with torch.enable_grad():
+            batch = pool.page_in(ids)
+        with pytest.raises(ValueError, match="bool tensor"):
+            batch.apply_grads(torch.ones(3, DIM), opt, rows=torch.tensor([1, 0, 1]))
+        batch.release()
