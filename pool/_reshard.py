@@ -8,6 +8,14 @@ written naming the new shards: a crash before it leaves the old layout whole (th
 reshard or ``gc`` of the root removes the half-made directories), and after it the old shard
 directories are deleted. Every old shard's writer lock is held throughout, so no training run
 writes while the rows move. Costs one read and one write of every persisted row.
+
+What moves besides the rows: routers (replicated), the modules' configurations, the protected
+rows (each to its new owner) and the row lifecycle. The lifecycle's per-row statistics travel
+with the rows (the ``usage`` column); its clocks (``step``, ``epoch``) may differ between the old
+shards, so the new shards take the latest and each row's clock columns move by its shard's
+difference: "used n steps ago" and a FREE row's pending decay stay exactly as they were (a
+test checks the values bit for bit). Region budgets need no state: they are recomputed from
+the rows at each consolidation.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpsn.errors import InvalidArgumentError
 from dpsn.store import CommitRequest, PersistedStore, read_policy, rollback, write_policy
 from dpsn.store import shards as layout
 
@@ -50,16 +57,15 @@ def reshard(
     old = [PersistedStore.open(root / d, writable=True) for d, _ in record.shards]
     new: list[PersistedStore] = []
     try:
-        first, first_commit = old[0], record.shards[0][1]
-        for s, (_d, c) in zip(old, record.shards, strict=True):
-            if s.commit_record(c).lifecycle is not None:
-                raise InvalidArgumentError(
-                    f"{s.root}: reshard of stores with a row lifecycle is not supported (their "
-                    "per-region statistics cannot be split by id)"
-                )
-        base = first.commit_record(first_commit)
+        first = old[0]
+        olds = [s.commit_record(c) for s, (_d, c) in zip(old, record.shards, strict=True)]
+        life, shifts = _merged_lifecycle([r.lifecycle for r in olds], [s.root for s in old])
+        protected = _protected_ids(old, olds)
+        base = olds[0]
         gen_state = first.read_generator(base.generator)
         policy = read_policy(first)
+        if life is not None:
+            life = [_for_new_shard(life, j) for j in range(shards)]
         for j in range(shards):
             m = dataclasses.replace(first.manifest, uuid=uuid.uuid4().hex)
             s = PersistedStore.create(root / layout.shard_dir_name(j, generation), m, gen_state)
@@ -79,6 +85,8 @@ def reshard(
                     index, ids, state_width=state_w, usage_width=usage_w
                 )
                 ids = ids[found]
+                if usage_w and shifts is not None:  # the rows' clocks onto the merged clocks
+                    usage = _rebase_usage(usage, *shifts[old.index(s)])
                 owner = owner_of(torch.from_numpy(ids), shards).numpy()
                 for j in np.unique(owner).tolist():
                     sel = owner == j
@@ -90,6 +98,7 @@ def reshard(
                         message=f"reshard: rows of {s.root.name}",
                         state=state[sel] if state_w else None,
                         usage=usage[sel] if has_usage else None,
+                        lifecycle=None if life is None else life[j],
                     )
                     rec, indexes[j] = new[j].commit(indexes[j], heads[j], request)
                     heads[j] = rec.id
@@ -102,15 +111,26 @@ def reshard(
                 dst = s.router_dir(name, heads[j] + 1)
                 layout.copy_durably(first.router_dir(name, int(r["version"])), dst)
                 routers[name] = r["digest"]
-            if routers:
+            mine = None
+            if protected is not None:
+                mine = protected[owner_of(torch.from_numpy(protected), shards).numpy() == j]
+            if routers or life is not None or base.modules or mine is not None:
+                # what each shard carries beside its rows: the routers (replicated), the
+                # lifecycle (a shard that got no rows needs its record too), the modules'
+                # configurations and the protected rows it now owns
                 rec, indexes[j] = s.commit(
                     indexes[j],
                     heads[j],
-                    np.zeros(0, dtype=np.int64),
-                    np.zeros((0, s.manifest.dim), dtype=s.storage_dtype),
-                    np.zeros(0, dtype=np.int64),
-                    message="reshard: routers",
-                    routers=routers,
+                    CommitRequest(
+                        np.zeros(0, dtype=np.int64),
+                        np.zeros((0, s.manifest.dim), dtype=s.storage_dtype),
+                        np.zeros(0, dtype=np.int64),
+                        message="reshard: routers, lifecycle, modules, protected rows",
+                        routers=routers or None,
+                        lifecycle=None if life is None else life[j],
+                        modules=base.modules or None,
+                        protected=mine,
+                    ),
                 )
                 heads[j] = rec.id
         for s in new:
@@ -140,3 +160,83 @@ def reshard(
         "global_commit": out.id,
         "dirs": dirs,
     }
+
+
+_USAGE_STEP_COLS = (2,)  # last: a step (docs/format.md, "Row lifecycle": usage columns)
+_USAGE_EPOCH_COLS = (7, 8, 9)  # epoch, since, born: consolidations
+_EVENTS = ("decayed", "pruned", "entered", "exited")
+
+
+def _merged_lifecycle(
+    records: list[dict[str, Any] | None], roots: list[Path]
+) -> tuple[dict[str, Any] | None, list[tuple[int, int]] | None]:
+    """The lifecycle the new shards start from, and per old shard the (steps, epochs) to add
+    to its rows' clock columns. Every old shard must have one with the same policy (they were
+    trained together); the new clocks are the latest of the old ones and each row's clocks
+    move by the same amount, so "used n steps ago" and a FREE row's pending decay
+    (``(1 - decay) ** (epoch_now - epoch_row)``) are exactly what they were. The thresholds
+    (homeostasis moves them per shard) start from their mean; ``totals`` keep the root's sums
+    (the row events go to the new shard 0, ``consolidations`` is the latest count);
+    ``health`` is recomputed by the next consolidation."""
+    from dpsn.errors import LifecycleError
+
+    if all(r is None for r in records):
+        return None, None
+    for r, root in zip(records, roots, strict=True):
+        if r is None:
+            raise LifecycleError(
+                f"{root} has no row lifecycle while other shards of the root have one; the "
+                "root is inconsistent: open it with lifecycle= once and commit, then reshard"
+            )
+    live = [r for r in records if r is not None]
+    if any(r["policy"] != live[0]["policy"] for r in live):
+        raise LifecycleError(
+            "the shards' lifecycle policies differ; open the root with one lifecycle= and "
+            "commit once, then reshard"
+        )
+    step = max(int(r["step"]) for r in live)
+    epoch = max(int(r["epoch"]) for r in live)
+    totals = {k: sum(int(r.get("totals", {}).get(k, 0)) for r in live) for k in _EVENTS}
+    totals["consolidations"] = max(int(r.get("totals", {}).get("consolidations", 0)) for r in live)
+    merged = {
+        **live[0],
+        "step": step,
+        "epoch": epoch,
+        "enter": sum(float(r["enter"]) for r in live) / len(live),
+        "exit": sum(float(r["exit"]) for r in live) / len(live),
+        "totals": totals,
+        "health": {},
+    }
+    return merged, [(step - int(r["step"]), epoch - int(r["epoch"])) for r in live]
+
+
+def _for_new_shard(life: dict[str, Any], j: int) -> dict[str, Any]:
+    if j == 0:
+        return life
+    totals = {**life["totals"], **dict.fromkeys(_EVENTS, 0)}
+    return {**life, "totals": totals}
+
+
+def _rebase_usage(usage: np.ndarray, steps: int, epochs: int) -> np.ndarray:
+    """``usage`` rows (float64 ``[n, 10]``; NaN rows have no statistics and stay NaN) with
+    their clock columns moved by ``steps`` and ``epochs``: exact (integers below 2**53)."""
+    if steps == 0 and epochs == 0:
+        return usage
+    out = usage.copy()
+    out[:, list(_USAGE_STEP_COLS)] += steps
+    out[:, list(_USAGE_EPOCH_COLS)] += epochs
+    return out
+
+
+def _protected_ids(old: list[PersistedStore], records: list[Any]) -> np.ndarray | None:
+    """Every old shard's protected rows at the global commit (sorted unique), or None."""
+    from dpsn.store import read_protected
+
+    parts = [
+        read_protected(s.root, r.protected, s.manifest.rows)
+        for s, r in zip(old, records, strict=True)
+        if r.protected is not None
+    ]
+    if not parts:
+        return None
+    return np.unique(np.concatenate(parts)).astype(np.int64)

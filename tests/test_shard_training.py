@@ -94,3 +94,58 @@ def test_apply_grads_strict_and_rows(group, tmp_path):
         with pytest.raises(ValueError, match="bool tensor"):
             batch.apply_grads(torch.ones(3, DIM), opt, rows=torch.tensor([1, 0, 1]))
         batch.release()
+
+
+def test_reshard_carries_the_lifecycle(tmp_path):
+    """Rows, usage statistics, pending decay and protected rows survive 1 -> 2 -> 1 shards,
+    with the two shards' clocks made to differ in between (one trained on alone)."""
+    from dpsn.store.shards import write_global
+
+    life = dpsn.Lifecycle(warmup=1, decay=0.3, min_uses=1000)  # FREE rows decay each commit
+    root = tmp_path / "root"
+    ids = torch.arange(40)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "pg"), 1), rank=0, world_size=1
+    )
+    try:
+        with _sharded(root, lifecycle=life) as pool:
+            _train(pool, None)
+            pool.local.protect([3, 5])
+            pool.commit("trained")
+    finally:
+        dist.destroy_process_group()
+    trained = dd.read_rows(root, ids)
+    assert dd.reshard(root, 2)["new_shards"] == 2
+    torch.testing.assert_close(dd.read_rows(root, ids), trained, rtol=0, atol=0)
+    # shard 1 trains on alone (a store like any other) and commits twice, so its clocks run
+    # ahead of shard 0's; then a global record names both heads
+    rec = dd.read_global(root)
+    (d0, c0), (d1, _c1) = rec.shards
+    mine = ids[dd.owner_of(ids, 2) == 1]  # only the rows shard 1 owns
+    with dpsn.open(root / d1, "r+") as p1:
+        emb = dpsn.PoolEmbedding(p1, mode="sum", row_optimizer="sgd", row_lr=0.1)
+        for _ in range(3):
+            emb(mine[:8].reshape(2, 4)).sum().backward()
+        p1.commit()
+        p1.commit()
+        head1 = p1.head
+    write_global(root, [(d0, c0), (d1, head1)], "shard 1 ahead")
+    before = dd.read_rows(root, ids)
+    own = dd.owner_of(ids, 2) == 0
+    with dpsn.open(root / d0) as p0, dpsn.open(root / d1) as p1:
+        u0, u1 = p0.usage(ids), p1.usage(ids)
+        assert int(u1["last"].max()) > int(u0["last"].max())  # the clocks differ
+        want = {k: torch.where(own, u0[k], u1[k]) for k in ("uses", "recent", "history", "phase")}
+        age = torch.where(own, p0.usage(ids)["last"], p1.usage(ids)["last"])
+    dd.reshard(root, 1)
+    # FREE rows' pending decay and every row's value: as before
+    torch.testing.assert_close(dd.read_rows(root, ids), before, rtol=0, atol=0)
+    ((d, _c),) = dd.read_global(root).shards
+    with dpsn.open(root / d) as p:
+        assert p.lifecycle is not None
+        got = p.usage(ids)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+        # "last used n steps ago" is kept: the rebased clocks differ by the same amount
+        assert bool((got["last"] - age >= 0).all())
+        assert sorted(p.protected.tolist()) == [3, 5]
