@@ -6,6 +6,7 @@ against the local store; and a model on paper for many hosts from the measured p
 
     python bench/distributed.py            # 1, 2, 4 ranks, 30 timed steps each
     python bench/distributed.py --quick    # 1, 2 ranks, 8 steps
+    python bench/distributed.py --quick --remote-only   # only the reads from a bucket
 
 Every rank is a forked process on this machine and talks over loopback: on a machine with
 fewer cores than ranks the ranks share cores, so the scaling figures measure that machine's
@@ -126,6 +127,7 @@ def remote_reads(rows: int, repeat: int = 3) -> dict[str, Any]:
     import logging
 
     import dpsn
+    from dpsn.store import remote
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     port = _free_port()
@@ -169,6 +171,27 @@ def remote_reads(rows: int, repeat: int = 3) -> dict[str, Any]:
                     )
                 )
             out["cold_s"], out["warm_s"] = min(colds), min(warms)
+            # a sparse read (0.1% of the rows, random): the chunk cache fetches only their chunks
+            few = torch.randperm(rows, generator=torch.Generator().manual_seed(1))[: rows // 1000]
+
+            def read_few(where: Any, **kw: Any) -> dict[str, int] | None:
+                with dpsn.open(where, cache_rows=0, **kw) as p:
+                    p.read(few)
+                    return remote.cache_counters(p.path)
+
+            out["few_rows"] = len(few)
+            out["few_local_s"] = min(_timed(lambda: read_few(path)) for _ in range(repeat))
+            colds, warms, fetched = [], [], []
+            for i in range(repeat):
+                cache = Path(tmp) / f"few{i}"
+                kw = {"storage_options": opts, "cache_dir": cache}
+                t = time.perf_counter()
+                counters = read_few("s3://bench/pool", **kw)
+                colds.append(time.perf_counter() - t)
+                fetched.append(counters["fetched_bytes"] if counters else 0)
+                warms.append(_timed(lambda kw=kw: read_few("s3://bench/pool", **kw)))
+            out["few_cold_s"], out["few_warm_s"] = min(colds), min(warms)
+            out["few_fetched_bytes"] = min(fetched)
             objs = fs.find("bench/pool/objects")
             nbytes = sum(fs.size(o) for o in objs)
             out["bucket_bytes"] = nbytes
@@ -227,12 +250,53 @@ def paper_model(
     }
 
 
+def _print_remote(r: dict[str, Any]) -> None:
+    if not r:
+        return
+    print_table(
+        f"remote reads: {r['rows']} rows of dim {DIM} (open + read all), moto S3 on localhost",
+        ["local s", "cold s", "warm s", "warm / local", "bucket MB", "server MB/s"],
+        [
+            [
+                r["local_s"],
+                r["cold_s"],
+                r["warm_s"],
+                r["local_s"] / r["warm_s"],
+                r["bucket_bytes"] / 1e6,
+                r["server_mb_s"],
+            ]
+        ],
+    )
+    print_table(
+        f"remote reads: {r['few_rows']} random rows of {r['rows']} (open + read), chunk cache",
+        ["local s", "cold s", "warm s", "warm / local", "fetched MB", "of bucket"],
+        [
+            [
+                r["few_local_s"],
+                r["few_cold_s"],
+                r["few_warm_s"],
+                r["few_local_s"] / r["few_warm_s"],
+                r["few_fetched_bytes"] / 1e6,
+                r["few_fetched_bytes"] / r["bucket_bytes"],
+            ]
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 and 2 ranks, few steps")
     ap.add_argument("--bags", type=int, default=256, help="bags per rank (weak scaling)")
     ap.add_argument("--gbps", type=float, default=100.0, help="network bandwidth of the model")
+    ap.add_argument(
+        "--remote-only", action="store_true", help="only the reads from a bucket (no ranks)"
+    )
     args = ap.parse_args(argv)
+    if args.remote_only:
+        remote = remote_reads(20_000 if args.quick else 200_000)
+        _print_remote(remote)
+        write_json("distributed_remote", {"remote": remote, "args": vars(args)})
+        return
     worlds = [1, 2] if args.quick else [1, 2, 4]
     steps, warmup = (8, 6) if args.quick else (30, 12)
     # Every rank's cache holds its whole share of the id space, whatever the rank count, and
@@ -278,22 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             eff = r["rows_per_s"] / (r["ranks"] * base_rate)
             print(f"  {r['ranks']} ranks: {eff:.2f}x of {r['ranks']} x one rank's rows/s")
     remote = remote_reads(20_000 if args.quick else 200_000)
-    if remote:
-        r = remote
-        print_table(
-            f"remote reads: {r['rows']} rows of dim {DIM} (open + read all), moto S3 on localhost",
-            ["local s", "cold s", "warm s", "warm / local", "bucket MB", "server MB/s"],
-            [
-                [
-                    r["local_s"],
-                    r["cold_s"],
-                    r["warm_s"],
-                    r["local_s"] / r["warm_s"],
-                    r["bucket_bytes"] / 1e6,
-                    r["server_mb_s"],
-                ]
-            ],
-        )
+    _print_remote(remote)
     model = paper_model(
         weak[0],
         weak[1],

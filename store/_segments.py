@@ -41,7 +41,7 @@ from ._format import (
     fsync_tree,
     segment_name,
 )
-from ._zarrsafe import ArrayMeta, read_array_meta, read_chunks
+from ._zarrsafe import ArrayMeta, chunk_paths, read_array_meta, read_chunks
 from .remote import chunk_reader
 from .usage_fields import WIDTH as USAGE_WIDTH
 
@@ -398,6 +398,8 @@ class SegmentStore:
             out = np.empty((len(offsets),), dtype="<i8")
         else:
             out = np.empty((len(offsets), rec.dim), dtype=self.storage_dtype)
+        if self._chunk_reader is not None and len(chunks) > 1:  # a bucket: fetch them at once
+            self._chunk_reader.prefetch(chunk_paths(self._array(rec, key), chunks.tolist()))
         for lo, hi in _runs(chunks):
             block = self._read_span(rec, key, lo, hi)
             a, b = np.searchsorted(offsets, [lo * cr, hi * cr])

@@ -286,6 +286,13 @@ def _read_chunk(meta: ArrayMeta, index: tuple[int, ...]) -> np.ndarray:
     return _decode(meta, key, data)
 
 
+def chunk_paths(meta: ArrayMeta, chunks: list[int]) -> list[Path]:
+    """The files of ``chunks`` along axis 0 of an array chunked only along axis 0 (the keys
+    ``read_chunks`` reads): for a reader that fetches them ahead (``ArrayMeta.reader``)."""
+    zeros = "/0" * (len(meta.shape) - 1)
+    return [meta.path / f"c/{c}{zeros}" for c in chunks]
+
+
 def read_chunks(meta: ArrayMeta, lo: int, hi: int) -> np.ndarray:
     """Rows of chunks ``[lo, hi)`` along axis 0 of an array chunked only along axis 0 (its
     other axes in one chunk), trimmed to the array's length, in native byte order."""

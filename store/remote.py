@@ -53,7 +53,6 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +84,6 @@ _OBJECT = re.compile(r"^[0-9a-f]{16}-[0-9]{1,15}$")
 # A segment chunk (lazy): data.zarr/segments/<segment>/<column>/c[/<i>...]
 _LAZY = re.compile(rf"^{ZARR_DIR}/{SEGMENTS_GROUP}/[0-9a-f]+/[a-z_]+/c(/[0-9]+)*$")
 _COMPLETE = ".complete"
-
-ChunkReader = Callable[[Path, int], "bytes | None"]
 
 
 def is_url(path: object) -> bool:
@@ -407,18 +404,59 @@ def chunk_reader(zarr_root: Path) -> ChunkReader | None:
         co = _CHECKOUTS.get(os.path.realpath(zarr_root))
     if co is None:
         return None
-    base = str(zarr_root).rstrip("/") + "/"
+    return ChunkReader(co, str(zarr_root).rstrip("/") + "/")
 
-    def read(path: Path, limit: int) -> bytes | None:
+
+class ChunkReader:
+    """The segment reader's view of a checkout: one chunk at a time (``__call__``), and
+    :meth:`prefetch` of the chunks a read is about to need, fetched concurrently."""
+
+    def __init__(self, co: Checkout, base: str) -> None:
+        self.co, self.base = co, base
+
+    def _name(self, path: Path) -> str | None:
         s = str(path)
-        name = co.lazy.get(s[len(base) :]) if s.startswith(base) else None
+        return self.co.lazy.get(s[len(self.base) :]) if s.startswith(self.base) else None
+
+    def __call__(self, path: Path, limit: int) -> bytes | None:
+        name = self._name(path)
         if name is None:
             return None
         if _object_size(name) > limit:
             raise CorruptStoreError(f"chunk {path} is larger than any chunk of its array can be")
-        return co.chunks.read(name, co.fs, co.prefix)
+        return self.co.chunks.read(name, self.co.fs, self.co.prefix)
 
-    return read
+    def prefetch(self, paths: list[Path]) -> None:
+        """Fetch the chunks at ``paths`` not in the cache yet in one concurrent request batch
+        (fsspec's ``cat`` of many paths; s3fs runs them at once), as far as half the cache's
+        room allows. Best effort: what fails here is fetched, checked and reported by the read
+        itself."""
+        cache, co = self.co.chunks, self.co
+        names = {n for p in paths if (n := self._name(p)) is not None}
+        todo = sorted(n for n in names if not (cache.objects / n).is_file())
+        room = (cache.cap - cache._pinned()) // 2
+        take, total = [], 0
+        for n in todo:
+            total += _object_size(n)
+            if total > room:
+                break
+            take.append(n)
+        if len(take) < 2:
+            return
+        where = {f"{co.prefix}/{OBJECTS_DIR}/{n}": n for n in take}
+        try:
+            got = co.fs.cat(list(where), on_error="omit")
+        except Exception:  # best effort: each read fetches (and reports) on its own
+            return
+        for remote_path, data in got.items():
+            name = where.get(remote_path) or where.get(remote_path.split("://", 1)[-1])
+            if name is None or not isinstance(data, bytes):
+                continue
+            with cache._lock:
+                cache.misses += 1
+                cache.fetched_bytes += len(data)
+            if _object_name(data) == name:
+                cache._keep(name, data)
 
 
 def cache_counters(path: str | os.PathLike[str]) -> dict[str, int] | None:

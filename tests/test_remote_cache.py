@@ -66,6 +66,10 @@ class CountingFs:
         self.object_gets.append(path)
         return self.fs.cat_file(path, *a, **k)
 
+    def cat(self, paths, *a, **k):
+        self.object_gets.extend([paths] if isinstance(paths, str) else paths)
+        return self.fs.cat(paths, *a, **k)
+
     def get(self, rpaths, lpaths, *a, **k):
         self.object_gets.extend(rpaths)
         return self.fs.get(rpaths, lpaths, *a, **k)
