@@ -68,6 +68,7 @@ from dpsn.errors import (
 )
 
 from ._format import LMDB_DIR, MANIFEST, SEGMENTS_GROUP, ZARR_DIR
+from ._runs import RUNS_DIR
 from .shards import json_object
 
 PUBLISHED_FORMAT = "dpsn-published"
@@ -84,6 +85,7 @@ _OBJECT = re.compile(r"^[0-9a-f]{16}-[0-9]{1,15}$")
 # A segment chunk (lazy): data.zarr/segments/<segment>/<column>/c[/<i>...]
 _LAZY = re.compile(rf"^{ZARR_DIR}/{SEGMENTS_GROUP}/[0-9a-f]+/[a-z_]+/c(/[0-9]+)*$")
 _COMPLETE = ".complete"
+_RUN_FILE = re.compile(r"^(runs\.json|run-[0-9]+\.bin)$")
 
 
 def is_url(path: object) -> bool:
@@ -122,12 +124,18 @@ def _object_size(name: str) -> int:
 
 
 def _store_files(root: Path) -> list[str]:
-    """Files a reader needs, relative to the store: the manifest and ``data.zarr`` (run files
-    are left out: a read-only open reads the index from LMDB)."""
+    """Files a reader needs, relative to the store: the manifest, ``data.zarr`` and the run
+    files when there are any (derived data: an open maps them instead of reading every row's
+    index entry from LMDB, and falls back to the LMDB copy when they do not fit the commit)."""
     out = [MANIFEST]
     for p in sorted((root / ZARR_DIR).rglob("*")):
         if p.is_file() and not p.name.endswith(".partial") and not p.name.startswith(".tmp"):
             out.append(p.relative_to(root).as_posix())
+    runs = root / RUNS_DIR
+    if runs.is_dir():
+        for p in sorted(runs.iterdir()):
+            if p.is_file() and _RUN_FILE.match(p.name):
+                out.append(p.relative_to(root).as_posix())
     return out
 
 
@@ -219,7 +227,10 @@ def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
             raise CorruptStoreError(f"{where}: {rel!r} names a bad object {obj!r}")
         parts = rel.split("/")
         if any(p in ("", ".", "..") for p in parts) or not (
-            rel == MANIFEST or parts[0] == ZARR_DIR or rel == "index"
+            rel == MANIFEST
+            or parts[0] == ZARR_DIR
+            or rel == "index"
+            or (len(parts) == 2 and parts[0] == RUNS_DIR and _RUN_FILE.match(parts[1]))
         ):
             raise CorruptStoreError(f"{where}: {rel!r} is not a path inside a store")
     if MANIFEST not in files:
@@ -267,6 +278,7 @@ class ChunkCache:
     uncached: int = 0  # chunks served but not kept (a chunk larger than what the cap leaves)
     _lru: OrderedDict[str, int] = field(default_factory=OrderedDict, repr=False)
     _used: int = 0
+    _lru_bytes: int = 0  # of the chunks in _lru (the rest of _used is pinned eager files)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -290,6 +302,7 @@ class ChunkCache:
         with self._lock:
             self._used = used
             self._lru = OrderedDict((name, size) for _, name, size in sorted(entries))
+            self._lru_bytes = sum(size for _, _, size in entries)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -350,6 +363,7 @@ class ChunkCache:
         size = self._lru.pop(name, None)
         if size is not None:
             self._used -= size
+            self._lru_bytes -= size
 
     def _keep(self, name: str, data: bytes) -> None:
         with self._lock:
@@ -361,6 +375,7 @@ class ChunkCache:
             while self._lru and self._used + len(data) > self.cap:
                 old, size = self._lru.popitem(last=False)
                 self._used -= size
+                self._lru_bytes -= size
                 self.evicted_bytes += size
                 (self.objects / old).unlink(missing_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.objects, prefix=".tmp-")
@@ -369,9 +384,10 @@ class ChunkCache:
             os.replace(tmp, self.objects / name)
             self._lru[name] = len(data)
             self._used += len(data)
+            self._lru_bytes += len(data)
 
     def _pinned(self) -> int:
-        return self._used - sum(self._lru.values())
+        return self._used - self._lru_bytes
 
 
 @dataclass(frozen=True)
