@@ -20,7 +20,9 @@ same order (SPMD), as with any collective.
 
 What differs from one process (documented, not hidden): ``row_clip`` clips each rank's partial
 sum; a step whose gradients are not finite on some rank is skipped by every owner that receives
-a gradient from that rank; usage statistics count one use per requesting rank and step.
+a gradient from that rank; usage statistics count one use per requesting rank and step; a row
+selection that needs usage statistics (``SparseFinetune``) runs at each owner among its own
+rows (:meth:`ShardedRowBatch.select_at_owner`), so an int ``top`` is per shard.
 
 Axes: n distinct ids this rank needs, r ids this rank owns and was asked for, D = dim, W ranks.
 """
