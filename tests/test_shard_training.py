@@ -149,3 +149,71 @@ def test_reshard_carries_the_lifecycle(tmp_path):
         # "last used n steps ago" is kept: the rebased clocks differ by the same amount
         assert bool((got["last"] - age >= 0).all())
         assert sorted(p.protected.tolist()) == [3, 5]
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1's gradients are NaN under strict=True: it raises, rank 0 does not wait for ever,
+    and no row changes; then both train with SparseFinetune at the owners."""
+    import datetime
+    import traceback
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    status = Path(out) / f"rank{rank}.txt"
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        life = dpsn.Lifecycle(warmup=1)
+        with dd.create(Path(out) / "root", ROWS, DIM, seed=3, generator=GEN, lifecycle=life) as p:
+            ids = torch.arange(16)
+            before = p.read(ids)
+            grads = torch.ones(16, DIM)
+            if rank == 1:
+                grads[3, 0] = float("nan")
+            with torch.enable_grad():
+                batch = p.page_in(ids)
+            raised = ""
+            try:
+                batch.apply_grads(grads, dpsn.pool.RowSGD(lr=1.0), strict=True)
+            except InvalidDeltaError:
+                raised = "InvalidDeltaError"
+            batch.release()
+            assert raised == ("InvalidDeltaError" if rank == 1 else ""), raised
+            assert torch.equal(p.read(ids), before)
+            assert p.local.stats()["skipped_row_steps"] == 1
+            _train(p, None, steps=3)
+            _train(p, dpsn.SparseFinetune(top=0.25), steps=3)
+            assert p.local.stats()["rows_held"] > 0
+            p.commit("done")
+        dist.destroy_process_group()
+        status.write_text("ok")
+    except BaseException:
+        status.write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_two_ranks_strict_and_selection_at_the_owners(tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == "ok", tmp_path / f"rank{r}.txt"
+    assert dd.read_global(tmp_path / "root").message == "done"
