@@ -215,5 +215,6 @@ def test_two_ranks_strict_and_selection_at_the_owners(tmp_path):
             p.kill()
             p.join()
     for r in (0, 1):
-        assert (tmp_path / f"rank{r}.txt").read_text() == "ok", tmp_path / f"rank{r}.txt"
+        got = (tmp_path / f"rank{r}.txt").read_text()
+        assert got == "ok", got
     assert dd.read_global(tmp_path / "root").message == "done"
