@@ -44,6 +44,7 @@ def _train(pool, selection, steps=6):
         (emb(ids.reshape(4, 4)) * torch.randn(4, DIM, generator=g)).sum().backward()
 
 
+@pytest.mark.slow  # ~10-15 s on 2 shared cores
 def test_sparse_finetune_runs_at_the_owner_and_matches_one_process(group, tmp_path):
     life = dpsn.Lifecycle(warmup=1)
     ids = torch.arange(40)
@@ -96,6 +97,7 @@ def test_apply_grads_strict_and_rows(group, tmp_path):
         batch.release()
 
 
+@pytest.mark.slow  # ~10-15 s on 2 shared cores
 def test_reshard_carries_the_lifecycle(tmp_path):
     """Rows, usage statistics, pending decay and protected rows survive 1 -> 2 -> 1 shards,
     with the two shards' clocks made to differ in between (one trained on alone)."""
