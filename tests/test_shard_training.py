@@ -220,3 +220,31 @@ def test_two_ranks_strict_and_selection_at_the_owners(tmp_path):
         got = (tmp_path / f"rank{r}.txt").read_text()
         assert got == "ok", got
     assert dd.read_global(tmp_path / "root").message == "done"
+
+
+@pytest.mark.slow  # ~10 s on 2 shared cores
+def test_reshard_carries_routers_and_modules(tmp_path):
+    """Routers (replicated to every new shard) and module configurations survive a reshard."""
+    from dpsn.index import ProductKeyRouter
+    from dpsn.store.shards import write_global
+
+    root = tmp_path / "root"
+    dd.create_root(root, ROWS, DIM, shards=1, generator=GEN)
+    ((d, _c),) = dd.read_global(root).shards
+    torch.manual_seed(0)
+    router = ProductKeyRouter(d_in=6, num_rows=ROWS, k=4, heads=1, query_batchnorm=False)
+    with dpsn.open(root / d, "r+") as p:
+        p.save_router("router", router)
+        p.write([1, 2], torch.ones(2, DIM))
+        p.commit("router")
+        head, modules = p.head, p.modules()
+    write_global(root, [(d, head)], "router")
+    rows = dd.read_rows(root, [1, 2])
+    dd.reshard(root, 2)
+    for d2, c2 in dd.read_global(root).shards:
+        with dpsn.open(root / d2, at=c2) as p:
+            got = p.load_router("router")
+            for a, b in zip(got.state_dict().values(), router.state_dict().values(), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert p.modules() == modules
+    torch.testing.assert_close(dd.read_rows(root, [1, 2]), rows, rtol=0, atol=0)
