@@ -334,6 +334,12 @@ def open_levelled(
             if not lv.persist:
                 pools[lv.name] = _context_pool(spec["rows"], spec["dim"], create, ctx_kwargs)
         pool = LevelledPool(root, spec, parsed, pools, head=int(record["id"]), writable=writable)
+        if writable:  # a reader never consolidates: only a writer needs the migration state
+            try:
+                pool._restore_state(record)
+            except BaseException:
+                pool.close()
+                raise
         if writable and any(pools[n].head != c for n, c in record["levels"].items()):
             pool.commit("recover: level commits no root commit named were rolled back")
         return pool
@@ -855,13 +861,17 @@ class LevelledPool:
                 pool.drop(torch.from_numpy(ids))
 
     def discard(self) -> None:
-        """Forget every uncommitted change on every level and the windows since the commit."""
+        """Forget every uncommitted change on every level, and go back to the migration state
+        of the head root commit (windows, signatures, hand-offs)."""
         for pool in self._pools.values():
             pool.discard()
         self._changed()
-        for w in self._windows.values():
-            w.clear()
-        self._pending_migrations.clear()
+        if self._writable:
+            self._restore_state(self._record(self._head))
+        else:
+            for w in self._windows.values():
+                w.clear()
+            self._pending_migrations.clear()
 
     # -- consolidation and migration -----------------------------------------------------------
 
@@ -991,6 +1001,7 @@ class LevelledPool:
             rec = self._pools[name].commit(message)
             level_commits[name], level_prov[name] = rec.id, rec.provenance
         migrations, self._pending_migrations = self._pending_migrations, []
+        state = self._save_state(parent["id"] + 1)
         health = {
             name: {k: v for k, v in figures.items() if k in HEALTH_KEYS}
             for name, figures in self.stats()["levels"].items()
@@ -1003,6 +1014,7 @@ class LevelledPool:
             "levels": level_commits,
             "migrations": migrations,
             "health": health,  # as of this commit; informational (not in the provenance)
+            "state": state,  # the migration state to go on from (see _save_state)
             "provenance": provenance(
                 parent["provenance"], spec_of(self._spec), level_prov, migrations
             ),
@@ -1010,7 +1022,67 @@ class LevelledPool:
         log["commits"].append(record)
         write_atomic(self._root / LOG_FILE, log)
         self._head = record["id"]
+        levels_format.prune_states(self._root, self._head)
         return record
+
+    def _save_state(self, commit: int) -> dict[str, Any]:
+        """Write the migration state (each persisted level's window and tracker, the hand-offs
+        in flight) for root commit ``commit`` and return the record the root commit keeps: a
+        writer that reopens this commit goes on exactly as one that never stopped. Context
+        levels start afresh at every open and are not saved."""
+        parts: dict[str, np.ndarray] = {}
+        for name in self._persisted:
+            parts.update(mig.window_to_parts(self._windows[name], f"w/{name}/"))
+            parts.update(mig.tracker_to_parts(self._trackers[name], f"t/{name}/"))
+        channels = len(self._persisted) - 1
+        for ch in range(channels):
+            ids, left = self._inflight.get(ch, (torch.zeros(0, dtype=torch.int64),) * 2)
+            parts[f"h/{ch}/ids"] = ids.numpy()
+            parts[f"h/{ch}/left"] = left.numpy().astype(np.int64)
+        record = levels_format.write_state(self._root, commit, parts)
+        record["levels"] = list(self._persisted)
+        record["health"] = {n: dict(self._trackers[n].health) for n in self._persisted}
+        return record
+
+    def _restore_state(self, record: dict[str, Any]) -> None:
+        """Load the migration state root commit ``record`` saved (a store written before
+        states were saved has none: it starts afresh), checked as untrusted input: a damaged or
+        inconsistent state is a ``CorruptStoreError`` naming what is wrong."""
+        for w in self._windows.values():
+            w.clear()
+        regions, policy = self._migration.regions, self._migration
+        self._trackers = {lv.name: mig.Tracker(regions, lv.inertia) for lv in self._levels}
+        self._inflight = {}
+        self._pending_migrations = []
+        self._changed()
+        state = record.get("state")
+        if state is None:
+            return
+        parts = levels_format.read_state(self._root, state)
+        if state.get("levels") != self._persisted or not isinstance(state.get("health"), dict):
+            raise CorruptStoreError(
+                f"{self._root}: the migration state of root commit {record['id']} names levels "
+                f"{state.get('levels')!r:.200}, not the spec's persisted {self._persisted}"
+            )
+        for lv in self._levels:
+            if not lv.persist:
+                continue
+            self._windows[lv.name] = mig.window_from_parts(
+                parts, f"w/{lv.name}/", self.dim, self.rows
+            )
+            self._trackers[lv.name] = mig.tracker_from_parts(
+                parts,
+                f"t/{lv.name}/",
+                state["health"].get(lv.name),
+                rows=self.rows,
+                bits=policy.bits,
+                regions=regions,
+                a_base=lv.inertia,
+            )
+        for ch in range(len(self._persisted) - 1):
+            ids, left = mig.inflight_from_parts(parts, f"h/{ch}/", self.rows, policy.handoff)
+            if len(ids):
+                self._inflight[ch] = (ids, left)
 
     def log(self) -> list[dict[str, Any]]:
         """Every root commit, oldest first: id, parent, time, message, levels (name -> the

@@ -37,9 +37,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
-from dpsn.errors import InvalidArgumentError
+from dpsn.errors import CorruptStoreError, InvalidArgumentError
 
 _PROJECTION_SALT = 0x6C65_7665_6C73  # "levels": the projection differs from other seeded draws
 
@@ -384,3 +385,138 @@ def plan_channel(
         compared=int(hit.sum()),
         backlog=int(cand.sum()) - len(normal) - len(bypassed),
     )
+
+
+# -- persisted state ---------------------------------------------------------------------------
+
+
+def _bad_state(what: str) -> CorruptStoreError:
+    return CorruptStoreError(f"the levelled store's migration state {what}; the store is damaged")
+
+
+def _ids_part(arr: np.ndarray, rows: int, name: str) -> torch.Tensor:
+    """Sorted unique int64 ids below ``rows`` (what every id part must be)."""
+    if arr.dtype != np.int64 or arr.ndim != 1:
+        raise _bad_state(f"part {name!r} is not a 1-D int64 array")
+    if len(arr) and (arr[0] < 0 or arr[-1] >= rows or bool((np.diff(arr) <= 0).any())):
+        raise _bad_state(f"part {name!r} is not sorted, unique ids below {rows}")
+    return torch.from_numpy(arr.copy())
+
+
+def _float_part(arr: np.ndarray, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if arr.dtype != np.float32 or tuple(arr.shape) != shape:
+        raise _bad_state(f"part {name!r} is not float32 of shape {list(shape)}")
+    if not bool(np.isfinite(arr).all()):
+        raise _bad_state(f"part {name!r} holds non-finite values")
+    return torch.from_numpy(arr.copy())
+
+
+def _part(parts: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in parts:
+        raise _bad_state(f"has no part {name!r}")
+    return parts[name]
+
+
+def window_to_parts(w: Window, prefix: str) -> dict[str, np.ndarray]:
+    """A window's state as arrays (it is folded first, in place, so that a window restored from
+    them sums later updates in the same order as one that was never saved: bit for bit)."""
+    ids, upd = w.updates()
+    use_ids, uses = w.uses()
+    w._ids, w._upd = ([ids], [upd]) if len(ids) else ([], [])
+    w._use_ids, w._uses = ([use_ids], [uses]) if len(use_ids) else ([], [])
+    return {
+        prefix + "ids": ids.numpy(),
+        prefix + "upd": upd.numpy().astype(np.float32),
+        prefix + "use_ids": use_ids.numpy(),
+        prefix + "uses": uses.numpy().astype(np.float32),
+        prefix + "steps": np.array([w.steps], dtype=np.int64),
+    }
+
+
+def window_from_parts(parts: dict[str, np.ndarray], prefix: str, dim: int, rows: int) -> Window:
+    """The window :func:`window_to_parts` saved, checked (``CorruptStoreError``)."""
+    w = Window(dim)
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    upd = _float_part(_part(parts, prefix + "upd"), (len(ids), dim), prefix + "upd")
+    use_ids = _ids_part(_part(parts, prefix + "use_ids"), rows, prefix + "use_ids")
+    uses = _float_part(_part(parts, prefix + "uses"), (len(use_ids),), prefix + "uses")
+    steps = _part(parts, prefix + "steps")
+    if steps.dtype != np.int64 or steps.shape != (1,) or not 0 <= int(steps[0]) < 1 << 62:
+        raise _bad_state(f"part {prefix + 'steps'!r} is not one count >= 0")
+    if bool((uses < 0).any()):
+        raise _bad_state(f"part {prefix + 'uses'!r} holds negative uses")
+    if len(ids):
+        w._ids, w._upd = [ids], [upd]
+    if len(use_ids):
+        w._use_ids, w._uses = [use_ids], [uses]
+    w.steps = int(steps[0])
+    return w
+
+
+def tracker_to_parts(t: Tracker, prefix: str) -> dict[str, np.ndarray]:
+    """A tracker's arrays (its health figures go to JSON beside them)."""
+    sig = t.sig.numpy().astype(np.uint8) if t.sig.numel() else np.zeros((len(t.ids), 0), np.uint8)
+    return {
+        prefix + "ids": t.ids.numpy(),
+        prefix + "sig": sig,
+        prefix + "streak": t.streak.numpy().astype(np.int64),
+        prefix + "autocorr": t.autocorr.numpy().astype(np.float32),
+        prefix + "inertia": t.inertia.numpy().astype(np.float32),
+    }
+
+
+def tracker_from_parts(
+    parts: dict[str, np.ndarray],
+    prefix: str,
+    health: Any,
+    *,
+    rows: int,
+    bits: int,
+    regions: int,
+    a_base: float,
+) -> Tracker:
+    """The tracker :func:`tracker_to_parts` saved, checked (``CorruptStoreError``)."""
+    t = Tracker(regions, a_base)
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    sig = _part(parts, prefix + "sig")
+    if sig.dtype != np.uint8 or sig.ndim != 2 or sig.shape[0] != len(ids):
+        raise _bad_state(f"part {prefix + 'sig'!r} is not uint8 [{len(ids)}, bits]")
+    if len(ids) and (sig.shape[1] != bits or bool((sig > 1).any())):
+        raise _bad_state(f"part {prefix + 'sig'!r} is not {bits} bits (0 or 1) per row")
+    streak = _part(parts, prefix + "streak")
+    if streak.dtype != np.int64 or streak.shape != (len(ids),) or bool((streak < 0).any()):
+        raise _bad_state(f"part {prefix + 'streak'!r} is not [{len(ids)}] counts >= 0")
+    ac = _float_part(_part(parts, prefix + "autocorr"), (len(ids),), prefix + "autocorr")
+    if bool(((ac < -1) | (ac > 1)).any()):
+        raise _bad_state(f"part {prefix + 'autocorr'!r} leaves [-1, 1]")
+    inertia = _float_part(_part(parts, prefix + "inertia"), (regions,), prefix + "inertia")
+    if bool(((inertia < 0) | (inertia > 1)).any()):
+        raise _bad_state(f"part {prefix + 'inertia'!r} leaves [0, 1]")
+    want = {"migration_backlog": int, "conflict_rate": float, "entropy_ratio": float}
+    if not isinstance(health, dict) or set(health) != set(want):
+        raise _bad_state(f"has malformed health figures {health!r:.200}")
+    for key, kind in want.items():
+        v = health[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise _bad_state(f"health figure {key!r} is not a finite number >= 0")
+        t.health[key] = kind(v)
+    t.ids = ids
+    t.sig = (
+        torch.from_numpy(sig.astype(bool)) if len(ids) else torch.zeros((0, 0), dtype=torch.bool)
+    )
+    t.streak, t.autocorr = torch.from_numpy(streak.copy()), ac
+    t.inertia = inertia
+    return t
+
+
+def inflight_from_parts(
+    parts: dict[str, np.ndarray], prefix: str, rows: int, handoff: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One channel's hand-offs in flight (ids and consolidations left), checked."""
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    left = _part(parts, prefix + "left")
+    if left.dtype != np.int64 or left.shape != (len(ids),):
+        raise _bad_state(f"part {prefix + 'left'!r} is not int64 [{len(ids)}]")
+    if bool(((left < 1) | (left > handoff)).any()):
+        raise _bad_state(f"part {prefix + 'left'!r} leaves 1..{handoff} (the hand-off length)")
+    return ids, torch.from_numpy(left.copy())
