@@ -983,14 +983,16 @@ class LevelledPool:
     def commit(self, message: str = "") -> dict[str, Any]:
         """Commit every persisted level, then name their commits in one new root commit
         (written atomically): one root commit pins every level. Context levels are never
-        committed. A consolidation runs first when ``Migration.consolidate_every`` says so.
+        committed. A consolidation runs first when ``Migration.consolidate_every`` says so and
+        some level was updated since the last one.
         Returns the root commit record."""
         self._require_writable()
         if not isinstance(message, str):
             raise TypeError("commit message must be a str")
         every = self._migration.consolidate_every
-        if every and (self._head + 1) % every == 0:
-            self.consolidate()
+        idle = all(w.empty for w in self._windows.values())
+        if every and (self._head + 1) % every == 0 and not idle:
+            self.consolidate()  # an idle commit (a crash's "recover") would break every streak
         log = self._log()
         parent = log["commits"][-1]
         if parent["id"] != self._head:

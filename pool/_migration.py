@@ -49,7 +49,8 @@ _PROJECTION_SALT = 0x6C65_7665_6C73  # "levels": the projection differs from oth
 class Migration:
     """How levels consolidate (one policy for the whole hierarchy, saved in the root file).
 
-    ``consolidate_every``: a consolidation runs at every N-th root commit (0: only
+    ``consolidate_every``: a consolidation runs at every N-th root commit that follows some
+    update (an idle commit, such as a crash recovery's, breaks no streak) (0: only
     ``pool.consolidate()``). ``caps``: per channel, fastest channel first, the fraction of the
     target level's rows that may start migrating per consolidation (the last value repeats for
     deeper channels); ``caps=None`` turns the caps off (every stable row moves: for measuring
@@ -234,6 +235,11 @@ class Window:
         out = torch.zeros(len(uniq))
         out.index_add_(0, inv, torch.cat(self._uses))
         return uniq, out
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was recorded since the window was cleared."""
+        return not (self.steps or self._ids or self._use_ids)
 
     def clear(self) -> None:
         self._ids, self._upd, self._use_ids, self._uses = [], [], [], []
