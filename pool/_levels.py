@@ -334,6 +334,7 @@ def open_levelled(
             if not lv.persist:
                 pools[lv.name] = _context_pool(spec["rows"], spec["dim"], create, ctx_kwargs)
         pool = LevelledPool(root, spec, parsed, pools, head=int(record["id"]), writable=writable)
+        pool._reopen = (open, kwargs)
         if writable:  # a reader never consolidates: only a writer needs the migration state
             try:
                 pool._restore_state(record)
@@ -499,6 +500,7 @@ class LevelledPool:
         cache = pools[self._train].cache
         self._memo_hold = torch.zeros(0)
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
+        self._reopen: tuple[Any, dict[str, Any]] | None = None  # dpsn.open and its kwargs
 
     # -- spec ----------------------------------------------------------------------------------
 
@@ -1085,6 +1087,46 @@ class LevelledPool:
             ids, left = mig.inflight_from_parts(parts, f"h/{ch}/", self.rows, policy.handoff)
             if len(ids):
                 self._inflight[ch] = (ids, left)
+
+    def refresh(self) -> int:
+        """Move a read-only pool to the newest root commit; returns it (a writer's head is
+        already the newest). Each level is reopened at the commit that root commit names (a
+        level store's own newest commit may be one no root commit names yet), so the train
+        level's cache starts cold."""
+        self._check_open()
+        if self._writable:
+            return self._head
+        record = self._log()["commits"][-1]
+        if int(record["id"]) == self._head:
+            return self._head
+        assert self._reopen is not None  # a read-only pool comes from open_levelled
+        open_, kwargs = self._reopen
+        fresh: dict[str, Pool] = {}
+        try:
+            for name in self._persisted:
+                kw = kwargs if name == self._persisted[-1] else {**kwargs, "cache_rows": 0}
+                level_path = self._root / LEVELS_DIR / name
+                fresh[name] = open_(level_path, "r", at=int(record["levels"][name]), **kw)
+        except BaseException:
+            for p in fresh.values():
+                p.close()
+            raise
+        for name, p in fresh.items():
+            self._pools[name].close()
+            self._pools[name] = p
+        self._pools[self._train].set_state_width(self._state_width)
+        self._head = int(record["id"])
+        self._changed()
+        for w in self._windows.values():
+            w.clear()
+        return self._head
+
+    def persisted_ids(self) -> np.ndarray:
+        """Sorted ids of the rows some persisted level holds a delta for at this pool's root
+        commit (what ``dpsn export --rows persisted`` exports)."""
+        self._check_open()
+        ids = [self._pools[n].persisted_ids() for n in self._persisted]
+        return np.unique(np.concatenate(ids)).astype(np.int64) if ids else np.zeros(0, np.int64)
 
     def log(self) -> list[dict[str, Any]]:
         """Every root commit, oldest first: id, parent, time, message, levels (name -> the

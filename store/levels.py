@@ -108,6 +108,14 @@ def is_levelled(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / LEVELS_FILE).is_file()
 
 
+def first_level(root: str | os.PathLike[str]) -> Path:
+    """The store of a levelled root's slowest persisted level (its manifest holds the spec
+    and generator every level shares)."""
+    spec = read_sealed(Path(root) / LEVELS_FILE)
+    name = next(lv["name"] for lv in spec["levels"] if lv["persist"])
+    return Path(root) / LEVELS_DIR / name
+
+
 def read_root(root: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checked spec and root log of a levelled store."""
     root = Path(root)
