@@ -187,62 +187,122 @@ def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     return fast / remaining.to(fast.device, fast.dtype).clamp_min(1)[:, None]
 
 
-class Window:
-    """One level's updates and uses since its last consolidation, kept as appended batches and
-    reduced (``torch.unique`` + ``index_add_``) when read or when too many are pending."""
+class Sums:
+    """Sorted distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``).
 
-    _FOLD_AT = 64
+    Why not a list of batches reduced on read: a training step adds ~k x batch rows, and
+    reducing thousands of steps' copies costs more than the steps. Here a batch whose ids are
+    already present is one ``searchsorted`` and one ``index_add_`` (the usual case: the hot
+    rows recur); new ids wait in a short list merged (``torch.unique`` + ``index_add_``) once
+    they outnumber half the rows held, so each id is merged O(1) times amortized. The order of
+    additions is a deterministic function of the batches, so a sum restored after a
+    :meth:`fold` goes on bit for bit as one that was never saved."""
+
+    def __init__(self, width: int | None) -> None:
+        self.width = width
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.vals = self._zeros(0)
+        self._p_ids: list[torch.Tensor] = []
+        self._p_vals: list[torch.Tensor] = []
+        self._pending = 0
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n) if self.width is None else torch.zeros((n, self.width))
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add ``vals`` at ``ids`` (CPU, float32; ``ids`` distinct within a call)."""
+        pos, hit = lookup(self.ids, ids)
+        if bool(hit.all()):
+            self.vals.index_add_(0, pos, vals)
+            return
+        if bool(hit.any()):
+            self.vals.index_add_(0, pos[hit], vals[hit])
+        miss = ~hit
+        self._p_ids.append(ids[miss])
+        self._p_vals.append(vals[miss])
+        self._pending += int(miss.sum())
+        if self._pending > max(4096, len(self.ids) // 2):
+            self.fold()
+
+    def fold(self) -> None:
+        """Merge the pending new ids in (in place)."""
+        if not self._p_ids:
+            return
+        ids = torch.cat([self.ids, *self._p_ids])
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        out = self._zeros(len(uniq))
+        out.index_add_(0, inv, torch.cat([self.vals, *self._p_vals]))
+        self.ids, self.vals = uniq, out
+        self._p_ids, self._p_vals, self._pending = [], [], 0
+
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct ids and their sums (folded first)."""
+        self.fold()
+        return self.ids, self.vals
+
+    def restore(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Take sorted distinct ``ids`` and their sums (what :meth:`items` gave)."""
+        self.ids, self.vals = ids, vals
+        self._p_ids, self._p_vals, self._pending = [], [], 0
+
+    def __bool__(self) -> bool:
+        return bool(len(self.ids) or self._p_ids)
+
+
+class Window:
+    """One level's updates and uses since its last consolidation: one :class:`Sums` of
+    ``[update (dim), uses (1)]`` per row (the two always come for the same rows, so a step is
+    one lookup and one ``index_add_``)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._ids: list[torch.Tensor] = []
-        self._upd: list[torch.Tensor] = []
-        self._use_ids: list[torch.Tensor] = []
-        self._uses: list[torch.Tensor] = []
+        self._sums = Sums(dim + 1)
         self.steps = 0
 
+    def add(
+        self, ids: torch.Tensor, update: torch.Tensor, uses: torch.Tensor, *, sign: float = 1.0
+    ) -> None:
+        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.empty((len(ids), self.dim + 1))
+        u = update.detach().reshape(-1, self.dim).cpu()
+        torch.mul(u, sign, out=both[:, : self.dim])
+        both[:, self.dim] = uses.detach().reshape(-1)
+        self._sums.add(ids, both)
+        self.steps += 1
+
     def add_update(self, ids: torch.Tensor, update: torch.Tensor) -> None:
-        self._ids.append(ids.detach().cpu().reshape(-1))
-        self._upd.append(update.detach().float().cpu().reshape(-1, self.dim))
-        if len(self._ids) >= self._FOLD_AT:
-            ids, upd = self.updates()
-            self._ids, self._upd = [ids], [upd]
+        """Updates without uses (not a step)."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.zeros((len(ids), self.dim + 1))
+        both[:, : self.dim] = update.detach().reshape(-1, self.dim)
+        self._sums.add(ids, both)
 
     def add_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
-        self._use_ids.append(ids.detach().cpu().reshape(-1))
-        self._uses.append(counts.detach().cpu().reshape(-1).float())
+        """Uses without updates (a step)."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.zeros((len(ids), self.dim + 1))
+        both[:, self.dim] = counts.detach().reshape(-1)
+        self._sums.add(ids, both)
         self.steps += 1
-        if len(self._use_ids) >= self._FOLD_AT:
-            ids, uses = self.uses()
-            self._use_ids, self._uses = [ids], [uses]
 
     def updates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct ids and their summed updates ``[n, dim]``."""
-        if not self._ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, self.dim))
-        ids = torch.cat(self._ids)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = torch.zeros((len(uniq), self.dim))
-        out.index_add_(0, inv, torch.cat(self._upd))
-        return uniq, out
+        ids, vals = self._sums.items()
+        return ids, vals[:, : self.dim]
 
     def uses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct ids and their summed uses."""
-        if not self._use_ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-        ids = torch.cat(self._use_ids)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = torch.zeros(len(uniq))
-        out.index_add_(0, inv, torch.cat(self._uses))
-        return uniq, out
+        ids, vals = self._sums.items()
+        return ids, vals[:, self.dim]
 
     @property
     def empty(self) -> bool:
         """Whether nothing was recorded since the window was cleared."""
-        return not (self.steps or self._ids or self._use_ids)
+        return not (self.steps or self._sums)
 
     def clear(self) -> None:
-        self._ids, self._upd, self._use_ids, self._uses = [], [], [], []
+        self._sums = Sums(self.dim + 1)
         self.steps = 0
 
 
@@ -426,15 +486,10 @@ def _part(parts: dict[str, np.ndarray], name: str) -> np.ndarray:
 def window_to_parts(w: Window, prefix: str) -> dict[str, np.ndarray]:
     """A window's state as arrays (it is folded first, in place, so that a window restored from
     them sums later updates in the same order as one that was never saved: bit for bit)."""
-    ids, upd = w.updates()
-    use_ids, uses = w.uses()
-    w._ids, w._upd = ([ids], [upd]) if len(ids) else ([], [])
-    w._use_ids, w._uses = ([use_ids], [uses]) if len(use_ids) else ([], [])
+    ids, vals = w._sums.items()
     return {
         prefix + "ids": ids.numpy(),
-        prefix + "upd": upd.numpy().astype(np.float32),
-        prefix + "use_ids": use_ids.numpy(),
-        prefix + "uses": uses.numpy().astype(np.float32),
+        prefix + "sums": vals.numpy().astype(np.float32),  # [n, dim + 1]: update, uses
         prefix + "steps": np.array([w.steps], dtype=np.int64),
     }
 
@@ -443,18 +498,13 @@ def window_from_parts(parts: dict[str, np.ndarray], prefix: str, dim: int, rows:
     """The window :func:`window_to_parts` saved, checked (``CorruptStoreError``)."""
     w = Window(dim)
     ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
-    upd = _float_part(_part(parts, prefix + "upd"), (len(ids), dim), prefix + "upd")
-    use_ids = _ids_part(_part(parts, prefix + "use_ids"), rows, prefix + "use_ids")
-    uses = _float_part(_part(parts, prefix + "uses"), (len(use_ids),), prefix + "uses")
+    vals = _float_part(_part(parts, prefix + "sums"), (len(ids), dim + 1), prefix + "sums")
     steps = _part(parts, prefix + "steps")
     if steps.dtype != np.int64 or steps.shape != (1,) or not 0 <= int(steps[0]) < 1 << 62:
         raise _bad_state(f"part {prefix + 'steps'!r} is not one count >= 0")
-    if bool((uses < 0).any()):
-        raise _bad_state(f"part {prefix + 'uses'!r} holds negative uses")
-    if len(ids):
-        w._ids, w._upd = [ids], [upd]
-    if len(use_ids):
-        w._use_ids, w._uses = [use_ids], [uses]
+    if bool((vals[:, dim] < 0).any()):
+        raise _bad_state(f"part {prefix + 'sums'!r} holds negative uses")
+    w._sums.restore(ids, vals)
     w.steps = int(steps[0])
     return w
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dpsn
 from dpsn.errors import CorruptStoreError
+from dpsn.pool import _migration as mig
 from dpsn.store import levels as levels_format
 
 GEN = {"kind": "hashed_slices", "memory_size": 4096}
@@ -130,7 +133,7 @@ def test_damaged_state_is_refused_by_name(tmp_path, trained):
 
     cases = [
         (lambda s: s["parts"].__setitem__("t/task/streak", ["i8", 0, [10**9]]), "runs past"),
-        (lambda s: s["parts"].pop("w/domain/upd"), "no part 'w/domain/upd'"),
+        (lambda s: s["parts"].pop("w/domain/sums"), "no part 'w/domain/sums'"),
         (lambda s: s.__setitem__("levels", ["foundation"]), "names levels"),
         (lambda s: s["sizes"].__setitem__("i8", -1), "bad size"),
         (lambda s: s["parts"].__setitem__("t/task/ids", ["f4", 0, [1]]), "not a 1-D int64"),
@@ -166,3 +169,25 @@ def test_out_of_range_values_are_refused(tmp_path, trained):
     levels_format.write_atomic(path / levels_format.LOG_FILE, log)
     with pytest.raises(CorruptStoreError, match=r"h/0/left.*hand-off"):
         dpsn.open(path, "r+")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(0, 9000), min_size=0, max_size=300).map(sorted), max_size=12
+    )
+)
+def test_sums_match_a_dict(batches):
+    """``Sums`` (hits summed in place, new ids merged in geometric batches) against a dict."""
+    sums, model = mig.Sums(2), {}
+    for k, ids in enumerate(batches):
+        t = torch.tensor(ids, dtype=torch.int64)
+        vals = torch.full((len(ids), 2), float(k + 1))
+        vals[:, 1] = t.float()
+        sums.add(t, vals)
+        for i, v in zip(ids, vals.tolist(), strict=True):
+            old = model.get(i, [0.0, 0.0])
+            model[i] = [old[0] + v[0], old[1] + v[1]]
+    ids, vals = sums.items()
+    assert ids.tolist() == sorted(model)
+    assert vals.tolist() == [model[i] for i in sorted(model)]
