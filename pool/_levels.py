@@ -854,7 +854,8 @@ class LevelledPool:
         """Whether some level slower than the train level resists change (its effective
         inertia is above 0 somewhere): only then does a batch need its rows' holds."""
         train = self._index(self._train)
-        return any(float(self._trackers[lv.name].inertia.max()) > 0 for lv in self._levels[:train])
+        slower = self._levels[:train]
+        return any(float(self._trackers[lv.name].inertia.max()) > _HOLD_MIN for lv in slower)
 
     def set_state_width(self, width: int) -> None:
         """Per-row optimizer state beside the train level's deltas (and any level trained
@@ -891,14 +892,25 @@ class LevelledPool:
         if lv.lr_scale != 1.0 or bool((a_eff > 0).any()):
             region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
             scale = lv.lr_scale * (1.0 - a_eff[region])
-        if hold is not None:  # rows consolidated into slower levels resist as those levels do
-            held = 1.0 - hold.cpu()
-            scale = held if scale is None else scale * held
         if scale is not None:
             grads = grads * scale.to(grads.device, grads.dtype)[:, None]
+        held = None if hold is None else torch.nonzero(hold > _HOLD_MIN).flatten()
+        if held is not None and len(held):
+            # Rows consolidated into slower levels resist as those levels do: their *update*
+            # is damped by (1 - hold), which an adaptive optimizer's step would undo if the
+            # gradient were scaled instead (Adagrad's g / sqrt(sum g^2) ignores a constant
+            # factor). One gather before the step and one write of those rows after.
+            dev = inner.ids.device
+            keep = 1.0 - hold[held].to(dev, torch.float32)[:, None]
+            before = torch.index_select(inner.deltas(), 0, held.to(dev))
         inner.apply_grads(grads, optimizer, rows=rows)
         if not _all_finite(grads):
             return  # the step was skipped (and counted): nothing moved, the window records none
+        if held is not None and len(held):
+            after = torch.index_select(inner.deltas(), 0, held.to(dev))
+            self._tp.write(ids[held.to(dev)], (before + keep * (after - before)).to(self.dtype))
+            grads = grads.clone()
+            grads[held.to(grads.device)] *= keep.to(grads.device, grads.dtype)
         if rows is not None:  # rows left out moved nothing: their window records no update
             grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
         self._windows[name].add(ids, grads, inner.counts, sign=-1.0)  # the update: -grads
@@ -1371,6 +1383,11 @@ class LevelledPool:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+# A hold below this (less than 1% damping) is not applied: it would cost a gather and a write
+# per step for a change below what a step's noise moves.
+_HOLD_MIN = 0.01
 
 
 def _all_finite(t: torch.Tensor) -> bool:

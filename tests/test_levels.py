@@ -350,3 +350,20 @@ def test_rows_held_by_a_slow_level_resist_training(tmp_path):
         free = p.delta([11], level="agent")
         assert free.abs().sum() > 0
         torch.testing.assert_close(held, 0.25 * free)
+
+
+def test_a_held_row_is_damped_under_an_adaptive_optimizer(tmp_path):
+    """Adagrad's step ignores a constant factor on the gradient, so a hold damps the update
+    itself: a row held by a slow level (inertia 0.9) moves a tenth of what a free row moves."""
+    levels = [dpsn.Level("slow", inertia=0.9), "fast"]
+    mig = dpsn.Migration(consolidate_every=0)
+    with make(tmp_path / "r", levels=levels, migration=mig, cache_rows=64) as p:
+        p.write([1], torch.ones(1, 8), level="slow")
+        opt = dpsn.pool.RowAdagrad(lr=0.1)
+        p.set_state_width(opt.state_width(8))
+        for _ in range(3):
+            with p.page_in(torch.tensor([1, 2])) as batch:
+                batch.apply_grads(torch.ones(2, 8), opt)
+        fast = p.delta([1, 2], level="fast")
+        torch.testing.assert_close(fast[0], 0.1 * fast[1], rtol=1e-5, atol=1e-7)
+        assert float(fast[1].abs().min()) > 0.1  # the free row moved a full Adagrad step
