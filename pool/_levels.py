@@ -437,11 +437,12 @@ class _LevelledBase(ProceduralTier):
 
 
 class LevelBatch:
-    """A :class:`dpsn.tiers.RowBatch` of the train level, with the other levels' deltas added:
-    what ``LevelledPool.page_in`` hands executors. Its rows are ``base + sum of levels``; its
-    row step trains the train level only, damped by that level's inertia and scaled by its
-    ``lr_scale``. Where no other level holds anything for these rows, ``table`` and ``index``
-    are the train level's own (nothing is copied)."""
+    """A :class:`dpsn.tiers.RowBatch` of the train level: what ``LevelledPool.page_in`` hands
+    executors. Its rows are ``base + sum of levels`` (the train level's cached rows hold the
+    other levels already, so ``table`` and ``index`` are the train level's own and nothing is
+    copied; ``others``, when given, is added instead); its row step trains the train level
+    only, damped by that level's inertia, scaled by its ``lr_scale``, and each row's update
+    damped by its ``hold``.
 
     def __init__(
         self,
@@ -826,8 +827,8 @@ class LevelledPool:
 
     @torch.no_grad()
     def read(self, ids: Any) -> torch.Tensor:
-        """Rows ``base + sum of level deltas``, ``[*ids.shape, dim]``: the train level's cached
-        rows plus one gather per other level that holds deltas."""
+        """Rows ``base + sum of level deltas``, ``[*ids.shape, dim]``: the train level's rows,
+        whose base includes the other levels (one find-and-gather when cached)."""
         full = self._ids(ids)
         flat = full.reshape(-1)
         out = self._tp.read(flat)  # the train level's rows hold the other levels (_LevelledBase)
