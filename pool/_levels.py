@@ -442,7 +442,7 @@ class LevelBatch:
     other levels already, so ``table`` and ``index`` are the train level's own and nothing is
     copied; ``others``, when given, is added instead); its row step trains the train level
     only, damped by that level's inertia, scaled by its ``lr_scale``, and each row's update
-    damped by its ``hold``.
+    damped by its ``hold``."""
 
     def __init__(
         self,
