@@ -22,13 +22,8 @@ from typing import Any
 
 import numpy as np
 import xxhash
-import zarr
-from zarr.storage import LocalStore
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError
-
-from ._format import fsync_dir, fsync_tree
-from ._zarrsafe import read_array, read_array_meta
 
 LEVELS_FILE = "dpsn-levels.json"
 LOG_FILE = "dpsn-levels-log.json"
@@ -195,6 +190,11 @@ def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[s
     few files; packing by type writes three arrays whatever the number of levels. The record
     names each part's type, offset and shape, and the XXH64 of each packed array's
     little-endian bytes; the root log that holds it is sealed."""
+    import zarr  # the torch-free read commands never write: zarr is imported when used
+    from zarr.storage import LocalStore
+
+    from ._format import fsync_dir, fsync_tree
+
     packed: dict[str, list[np.ndarray]] = {k: [] for k in _STATE_DTYPES}
     offsets = dict.fromkeys(_STATE_DTYPES, 0)
     index: dict[str, list[Any]] = {}
@@ -248,6 +248,7 @@ def read_state(root: Path, record: Any) -> dict[str, np.ndarray]:
     and checksum, and every part inside its array, all checked before anything is returned;
     damage is a ``CorruptStoreError`` that names it. (The values' meaning is checked by the
     pool that restores them.)"""
+    from ._zarrsafe import read_array, read_array_meta  # when used (numcodecs)
 
     def bad(what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{root}: the migration state of a root commit {what}")
