@@ -49,7 +49,7 @@ from dpsn.errors import (
 )
 from dpsn.store import PersistedStore, VerifyReport
 from dpsn.store import levels as levels_format
-from dpsn.tiers import RowBatch
+from dpsn.tiers import ProceduralTier, RowBatch
 
 from . import _migration as mig
 from ._lifecycle import Lifecycle
@@ -334,6 +334,13 @@ def open_levelled(
             if not lv.persist:
                 pools[lv.name] = _context_pool(spec["rows"], spec["dim"], create, ctx_kwargs)
         pool = LevelledPool(root, spec, parsed, pools, head=int(record["id"]), writable=writable)
+        pool._reopen = (open, kwargs)
+        if writable:  # a reader never consolidates: only a writer needs the migration state
+            try:
+                pool._restore_state(record)
+            except BaseException:
+                pool.close()
+                raise
         if writable and any(pools[n].head != c for n, c in record["levels"].items()):
             pool.commit("recover: level commits no root commit named were rolled back")
         return pool
@@ -382,15 +389,60 @@ def _close_level(pool: Pool) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+# -- the train level's base: generator + the other levels ---------------------------------------
+
+
+class _LevelledBase(ProceduralTier):
+    """The train level's procedural tier, with the other levels' summed deltas added to every
+    base row it makes: the train level's cache then holds ``base + other levels + its own
+    delta`` in each row, so a hot read of a levelled pool is the train level's one find-and-
+    gather, whatever the number of levels (issue 23's cost aim).
+
+    Why a procedural tier: the row stack already re-materializes every cached row from fresh
+    bases when the generator's stamp changes; :meth:`invalidate` (a write, migration or
+    rollback on another level) bumps a version in the stamp, so the next read re-materializes
+    the cache once. The stamp's version part is not a weight change: a commit saves no
+    generator for it (:meth:`changed_since_commit`). Deltas (the only thing a level stores)
+    never include the other levels."""
+
+    def __init__(self, inner: ProceduralTier, others: Any) -> None:
+        self.__dict__.update(inner.__dict__)  # the same generator, weights and counters
+        self.inner, self._others_of, self.version = inner, others, 1
+        self.seen = (*inner.seen, 0)  # != stamp(): the cached rows get the levels at once
+        self.saved = (*inner.saved, 0)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().__call__(ids)
+        others = self._others_of(ids)
+        return out if others is None else out.add_(others.to(out.device, out.dtype))
+
+    def generate_into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        super().generate_into(ids, out)
+        others = self._others_of(ids)
+        if others is not None:
+            out.add_(others.to(out.device, out.dtype))
+
+    def stamp(self) -> tuple[int, ...]:
+        return (*super().stamp(), self.version)
+
+    def changed_since_commit(self) -> bool:
+        return self.stamp()[:-1] != tuple(self.saved)[:-1]
+
+    def invalidate(self) -> None:
+        """The other levels changed: re-materialize the cached rows at the next read."""
+        self.version += 1
+
+
 # -- the executor contract over levels ---------------------------------------------------------
 
 
 class LevelBatch:
-    """A :class:`dpsn.tiers.RowBatch` of the train level, with the other levels' deltas added:
-    what ``LevelledPool.page_in`` hands executors. Its rows are ``base + sum of levels``; its
-    row step trains the train level only, damped by that level's inertia and scaled by its
-    ``lr_scale``. Where no other level holds anything for these rows, ``table`` and ``index``
-    are the train level's own (nothing is copied)."""
+    """A :class:`dpsn.tiers.RowBatch` of the train level: what ``LevelledPool.page_in`` hands
+    executors. Its rows are ``base + sum of levels`` (the train level's cached rows hold the
+    other levels already, so ``table`` and ``index`` are the train level's own and nothing is
+    copied; ``others``, when given, is added instead); its row step trains the train level
+    only, damped by that level's inertia, scaled by its ``lr_scale``, and each row's update
+    damped by its ``hold``."""
 
     def __init__(
         self,
@@ -403,7 +455,7 @@ class LevelBatch:
         self.ids, self.counts, self.inverse = inner.ids, inner.counts, inner.inverse
         self.order, self.anchor, self.spilled = inner.order, inner.anchor, inner.spilled
         self.applied = False
-        if others is None:
+        if others is None:  # the train level's rows hold the other levels already
             self.table, self.index = inner.table, inner.index
         else:
             self.table = (inner.rows().float() + others).to(inner.table.dtype)
@@ -431,7 +483,8 @@ class LevelBatch:
     def deltas(self) -> torch.Tensor:
         """``[n, dim]`` float32: the sum of the rows' level deltas."""
         out = self._inner.deltas()
-        return out if self._others is None else out + self._others
+        others = self._others if self._others is not None else self._owner._others(self.ids)
+        return out if others is None else out + others
 
     def apply_grads(
         self, grads: torch.Tensor, optimizer: Any, *, rows: torch.Tensor | None = None
@@ -493,6 +546,9 @@ class LevelledPool:
         cache = pools[self._train].cache
         self._memo_hold = torch.zeros(0)
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
+        self._reopen: tuple[Any, dict[str, Any]] | None = None  # dpsn.open and its kwargs
+        self._base: _LevelledBase | None = None  # installed on the train level (_install_base)
+        self._install_base()
 
     # -- spec ----------------------------------------------------------------------------------
 
@@ -558,8 +614,10 @@ class LevelledPool:
     @train_level.setter
     def train_level(self, name: str) -> None:
         self._check_open()
+        self._uninstall_base()
         self._train = self.levels[self._index(name)]
         self._pools[self._train].set_state_width(self._state_width)
+        self._install_base()
         self._changed()
 
     @property
@@ -673,9 +731,40 @@ class LevelledPool:
 
     def _changed(self, level: str | None = None) -> None:
         """A level other than the train level changed (None: any may have): the memo of the
-        other levels' sum is stale."""
+        other levels' sum, and the train level's cached rows that include it, are stale."""
         if level != self._train:
             self._memo_empty = None
+            if self._base is not None:
+                self._base.invalidate()
+
+    def _install_base(self) -> None:
+        """Make the train level's base rows ``generator + the other levels`` (see
+        :class:`_LevelledBase`), where there are other levels."""
+        if len(self._levels) < 2:
+            return
+        stack = self._tp._stack
+        base = _LevelledBase(stack.procedural, self._sum_for_base)
+        stack.procedural = base
+        self._base = base
+
+    def _uninstall_base(self) -> None:
+        """Give the train level back its own procedural tier (its cached rows re-made from
+        the generator alone at the next read)."""
+        if self._base is None:
+            return
+        stack = self._tp._stack
+        inner = self._base.inner
+        inner.rows_generated = self._base.rows_generated
+        inner.seen = ()  # != stamp(): re-materialize
+        stack.procedural = inner
+        self._base = None
+
+    def _sum_for_base(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The other levels' summed deltas for base rows the train level makes."""
+        if self._closed:
+            return None
+        flat = ids.reshape(-1).cpu()
+        return self._sum_levels(flat, self._train) if len(flat) else None
 
     def _memo_positions(self, flat: torch.Tensor) -> torch.Tensor | None:
         """Positions of ``flat``'s ids in the memo of the other levels' summed deltas and
@@ -718,7 +807,10 @@ class LevelledPool:
     @torch.no_grad()
     def base(self, ids: Any) -> torch.Tensor:
         """The base rows of ``ids`` (the generator's, below every level's delta)."""
-        return self._tp.base(ids)
+        if self._base is None:
+            return self._tp.base(ids)
+        other = next(n for n in self.levels if n != self._train)
+        return self._pools[other].base(ids)  # a level whose base is the generator's alone
 
     @torch.no_grad()
     def delta(self, ids: Any, level: str | None = None) -> torch.Tensor:
@@ -735,16 +827,11 @@ class LevelledPool:
 
     @torch.no_grad()
     def read(self, ids: Any) -> torch.Tensor:
-        """Rows ``base + sum of level deltas``, ``[*ids.shape, dim]``: the train level's cached
-        rows plus one gather per other level that holds deltas."""
+        """Rows ``base + sum of level deltas``, ``[*ids.shape, dim]``: the train level's rows,
+        whose base includes the other levels (one find-and-gather when cached)."""
         full = self._ids(ids)
         flat = full.reshape(-1)
-        out = self._tp.read(flat)
-        others = self._others(flat)
-        if others is not None and out.dtype == torch.float32:
-            out.add_(others)  # out is the read's own new tensor
-        elif others is not None:
-            out = (out.float() + others).to(self.dtype)
+        out = self._tp.read(flat)  # the train level's rows hold the other levels (_LevelledBase)
         return out.reshape(*full.shape, self.dim)
 
     # -- the executor contract -----------------------------------------------------------------
@@ -752,6 +839,8 @@ class LevelledPool:
     def page_in(self, ids: Any) -> LevelBatch:
         """The executor contract (``Pool.page_in``) over levels: see :class:`LevelBatch`."""
         inner = self._tp.page_in(self._ids(ids))
+        if not self._may_hold():
+            return LevelBatch(self, inner, None, None)
         try:
             pos = self._memo_positions(inner.ids)
         except BaseException:
@@ -759,9 +848,15 @@ class LevelledPool:
             raise
         if pos is None:
             return LevelBatch(self, inner, None, None)
-        others = torch.index_select(self._memo_vals, 0, pos)
         hold = torch.index_select(self._memo_hold, 0, pos)
-        return LevelBatch(self, inner, others, hold if bool((hold > 0).any()) else None)
+        return LevelBatch(self, inner, None, hold if bool((hold > 0).any()) else None)
+
+    def _may_hold(self) -> bool:
+        """Whether some level slower than the train level resists change (its effective
+        inertia is above 0 somewhere): only then does a batch need its rows' holds."""
+        train = self._index(self._train)
+        slower = self._levels[:train]
+        return any(float(self._trackers[lv.name].inertia.max()) > _HOLD_MIN for lv in slower)
 
     def set_state_width(self, width: int) -> None:
         """Per-row optimizer state beside the train level's deltas (and any level trained
@@ -794,20 +889,32 @@ class LevelledPool:
         lv = self._levels[self._index(name)]
         a_eff = self._trackers[name].inertia
         ids = inner.ids
+        scale = None  # one multiplication of the gradients, whatever damps them
         if lv.lr_scale != 1.0 or bool((a_eff > 0).any()):
             region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
-            scale = (lv.lr_scale * (1.0 - a_eff[region])).to(grads.device, grads.dtype)
-            grads = grads * scale[:, None]
-        if hold is not None:  # rows consolidated into slower levels resist as those levels do
-            grads = grads * (1.0 - hold).to(grads.dtype)[:, None]
+            scale = lv.lr_scale * (1.0 - a_eff[region])
+        if scale is not None:
+            grads = grads * scale.to(grads.device, grads.dtype)[:, None]
+        held = None if hold is None else torch.nonzero(hold > _HOLD_MIN).flatten()
+        if held is not None and len(held):
+            # Rows consolidated into slower levels resist as those levels do: their *update*
+            # is damped by (1 - hold), which an adaptive optimizer's step would undo if the
+            # gradient were scaled instead (Adagrad's g / sqrt(sum g^2) ignores a constant
+            # factor). One gather before the step and one write of those rows after.
+            dev = inner.ids.device
+            keep = 1.0 - hold[held].to(dev, torch.float32)[:, None]
+            before = torch.index_select(inner.deltas(), 0, held.to(dev))
         inner.apply_grads(grads, optimizer, rows=rows)
-        if not bool(torch.isfinite(grads).all()):
+        if not _all_finite(grads):
             return  # the step was skipped (and counted): nothing moved, the window records none
+        if held is not None and len(held):
+            after = torch.index_select(inner.deltas(), 0, held.to(dev))
+            self._tp.write(ids[held.to(dev)], (before + keep * (after - before)).to(self.dtype))
+            grads = grads.clone()
+            grads[held.to(grads.device)] *= keep.to(grads.device, grads.dtype)
         if rows is not None:  # rows left out moved nothing: their window records no update
             grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
-        window = self._windows[name]
-        window.add_update(ids, -grads)
-        window.add_uses(ids, inner.counts)
+        self._windows[name].add(ids, grads, inner.counts, sign=-1.0)  # the update: -grads
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -830,9 +937,8 @@ class LevelledPool:
         before = pool.delta(uniq).float()
         pool.write(flat, values, add=add)
         self._changed(name)
-        window = self._windows[name]
-        window.add_update(uniq, pool.delta(uniq).float() - before)
-        window.add_uses(uniq, torch.bincount(inv, minlength=len(uniq)))
+        uses = torch.bincount(inv, minlength=len(uniq))
+        self._windows[name].add(uniq, pool.delta(uniq).float() - before, uses)
 
     def drop(self, ids: Any, *, level: str | None = None) -> None:
         """Return rows of one level (default: the train level) to zero delta at the commit."""
@@ -855,13 +961,17 @@ class LevelledPool:
                 pool.drop(torch.from_numpy(ids))
 
     def discard(self) -> None:
-        """Forget every uncommitted change on every level and the windows since the commit."""
+        """Forget every uncommitted change on every level, and go back to the migration state
+        of the head root commit (windows, signatures, hand-offs)."""
         for pool in self._pools.values():
             pool.discard()
         self._changed()
-        for w in self._windows.values():
-            w.clear()
-        self._pending_migrations.clear()
+        if self._writable:
+            self._restore_state(self._record(self._head))
+        else:
+            for w in self._windows.values():
+                w.clear()
+            self._pending_migrations.clear()
 
     # -- consolidation and migration -----------------------------------------------------------
 
@@ -871,7 +981,6 @@ class LevelledPool:
         staged; the next commit makes them durable and records the migrations. Returns what
         each channel did."""
         self._require_writable()
-        self._changed()  # hand-offs and conflict damping write the levels
         policy = self._migration
         reduced: dict[str, tuple[Any, Any, int]] = {}
         for lv in self._levels:
@@ -907,6 +1016,7 @@ class LevelledPool:
         fp, sp = self._pools[fast], self._pools[slow]
         if len(plan.conflicts):  # damp the fast level where it opposes the slower one
             fp.write(plan.conflicts, -policy.conflict_damp * plan.conflict_updates, add=True)
+            self._changed(fast)
         started = torch.cat([plan.normal, plan.bypassed])
         ids = torch.cat([busy_ids, started])
         left = torch.cat([busy_left, torch.full((len(started),), policy.handoff)])
@@ -922,12 +1032,13 @@ class LevelledPool:
             if bool(done.any()):
                 fp.drop(ids[done])
             sp.write(ids, part, add=True)
+            self._changed(fast)
+            self._changed(slow)
             # arrivals are the slower level's updates: a row that keeps arriving the same way
             # becomes stable there too and moves on down, a little at a time
-            self._windows[slow].add_update(ids, part)
             upos, uhit = mig.lookup(f_uses[0], ids)
             used = torch.where(uhit, f_uses[1][upos] if len(f_uses[0]) else 0.0, 0.0)
-            self._windows[slow].add_uses(ids, used)
+            self._windows[slow].add(ids, part, used)
             moved_done = int(done.sum())
             self._inflight[ch] = (ids[keep], left[keep] - 1)
         tracker = self._trackers[fast]
@@ -973,24 +1084,29 @@ class LevelledPool:
     def commit(self, message: str = "") -> dict[str, Any]:
         """Commit every persisted level, then name their commits in one new root commit
         (written atomically): one root commit pins every level. Context levels are never
-        committed. A consolidation runs first when ``Migration.consolidate_every`` says so.
+        committed. A consolidation runs first when ``Migration.consolidate_every`` says so and
+        some level was updated since the last one.
         Returns the root commit record."""
         self._require_writable()
         if not isinstance(message, str):
             raise TypeError("commit message must be a str")
         every = self._migration.consolidate_every
-        if every and (self._head + 1) % every == 0:
-            self.consolidate()
+        idle = all(w.empty for w in self._windows.values())
+        if every and (self._head + 1) % every == 0 and not idle:
+            self.consolidate()  # an idle commit (a crash's "recover") would break every streak
         log = self._log()
         parent = log["commits"][-1]
         if parent["id"] != self._head:
             raise CorruptStoreError(f"{self._root}: the root log moved under the writer")
         level_commits, level_prov = {}, {}
-        self._changed()  # a level's own lifecycle may decay or prune at its commit
+        others = (self._pools[n] for n in self._persisted if n != self._train)
+        if any(p.lifecycle is not None for p in others):
+            self._changed()  # a level's own lifecycle may decay or prune at its commit
         for name in self._persisted:
             rec = self._pools[name].commit(message)
             level_commits[name], level_prov[name] = rec.id, rec.provenance
         migrations, self._pending_migrations = self._pending_migrations, []
+        state = self._save_state(parent["id"] + 1)
         health = {
             name: {k: v for k, v in figures.items() if k in HEALTH_KEYS}
             for name, figures in self.stats()["levels"].items()
@@ -1003,6 +1119,7 @@ class LevelledPool:
             "levels": level_commits,
             "migrations": migrations,
             "health": health,  # as of this commit; informational (not in the provenance)
+            "state": state,  # the migration state to go on from (see _save_state)
             "provenance": provenance(
                 parent["provenance"], spec_of(self._spec), level_prov, migrations
             ),
@@ -1010,7 +1127,109 @@ class LevelledPool:
         log["commits"].append(record)
         write_atomic(self._root / LOG_FILE, log)
         self._head = record["id"]
+        levels_format.prune_states(self._root, self._head)
         return record
+
+    def _save_state(self, commit: int) -> dict[str, Any]:
+        """Write the migration state (each persisted level's window and tracker, the hand-offs
+        in flight) for root commit ``commit`` and return the record the root commit keeps: a
+        writer that reopens this commit goes on exactly as one that never stopped. Context
+        levels start afresh at every open and are not saved."""
+        parts: dict[str, np.ndarray] = {}
+        for name in self._persisted:
+            parts.update(mig.window_to_parts(self._windows[name], f"w/{name}/"))
+            parts.update(mig.tracker_to_parts(self._trackers[name], f"t/{name}/"))
+        channels = len(self._persisted) - 1
+        for ch in range(channels):
+            ids, left = self._inflight.get(ch, (torch.zeros(0, dtype=torch.int64),) * 2)
+            parts[f"h/{ch}/ids"] = ids.numpy()
+            parts[f"h/{ch}/left"] = left.numpy().astype(np.int64)
+        record = levels_format.write_state(self._root, commit, parts)
+        record["levels"] = list(self._persisted)
+        record["health"] = {n: dict(self._trackers[n].health) for n in self._persisted}
+        return record
+
+    def _restore_state(self, record: dict[str, Any]) -> None:
+        """Load the migration state root commit ``record`` saved (a store written before
+        states were saved has none: it starts afresh), checked as untrusted input: a damaged or
+        inconsistent state is a ``CorruptStoreError`` naming what is wrong."""
+        for w in self._windows.values():
+            w.clear()
+        regions, policy = self._migration.regions, self._migration
+        self._trackers = {lv.name: mig.Tracker(regions, lv.inertia) for lv in self._levels}
+        self._inflight = {}
+        self._pending_migrations = []
+        self._changed()
+        state = record.get("state")
+        if state is None:
+            return
+        parts = levels_format.read_state(self._root, state)
+        if state.get("levels") != self._persisted or not isinstance(state.get("health"), dict):
+            raise CorruptStoreError(
+                f"{self._root}: the migration state of root commit {record['id']} names levels "
+                f"{state.get('levels')!r:.200}, not the spec's persisted {self._persisted}"
+            )
+        for lv in self._levels:
+            if not lv.persist:
+                continue
+            self._windows[lv.name] = mig.window_from_parts(
+                parts, f"w/{lv.name}/", self.dim, self.rows
+            )
+            self._trackers[lv.name] = mig.tracker_from_parts(
+                parts,
+                f"t/{lv.name}/",
+                state["health"].get(lv.name),
+                rows=self.rows,
+                bits=policy.bits,
+                regions=regions,
+                a_base=lv.inertia,
+            )
+        for ch in range(len(self._persisted) - 1):
+            ids, left = mig.inflight_from_parts(parts, f"h/{ch}/", self.rows, policy.handoff)
+            if len(ids):
+                self._inflight[ch] = (ids, left)
+
+    def refresh(self) -> int:
+        """Move a read-only pool to the newest root commit; returns it (a writer's head is
+        already the newest). Each level is reopened at the commit that root commit names (a
+        level store's own newest commit may be one no root commit names yet), so the train
+        level's cache starts cold."""
+        self._check_open()
+        if self._writable:
+            return self._head
+        record = self._log()["commits"][-1]
+        if int(record["id"]) == self._head:
+            return self._head
+        assert self._reopen is not None  # a read-only pool comes from open_levelled
+        open_, kwargs = self._reopen
+        fresh: dict[str, Pool] = {}
+        try:
+            for name in self._persisted:
+                kw = kwargs if name == self._persisted[-1] else {**kwargs, "cache_rows": 0}
+                level_path = self._root / LEVELS_DIR / name
+                fresh[name] = open_(level_path, "r", at=int(record["levels"][name]), **kw)
+        except BaseException:
+            for p in fresh.values():
+                p.close()
+            raise
+        self._uninstall_base()
+        for name, p in fresh.items():
+            self._pools[name].close()
+            self._pools[name] = p
+        self._pools[self._train].set_state_width(self._state_width)
+        self._install_base()
+        self._head = int(record["id"])
+        self._changed()
+        for w in self._windows.values():
+            w.clear()
+        return self._head
+
+    def persisted_ids(self) -> np.ndarray:
+        """Sorted ids of the rows some persisted level holds a delta for at this pool's root
+        commit (what ``dpsn export --rows persisted`` exports)."""
+        self._check_open()
+        ids = [self._pools[n].persisted_ids() for n in self._persisted]
+        return np.unique(np.concatenate(ids)).astype(np.int64) if ids else np.zeros(0, np.int64)
 
     def log(self) -> list[dict[str, Any]]:
         """Every root commit, oldest first: id, parent, time, message, levels (name -> the
@@ -1152,6 +1371,7 @@ class LevelledPool:
         if self._closed:
             return
         self._closed = True
+        self._base = None
         for pool in self._pools.values():
             _close_level(pool)
 
@@ -1164,6 +1384,17 @@ class LevelledPool:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+# A hold below this (less than 1% damping) is not applied: it would cost a gather and a write
+# per step for a change below what a step's noise moves.
+_HOLD_MIN = 0.01
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite: one sum in the usual case (inf and NaN carry through
+    it), element by element only when the sum itself overflows."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _has_deltas(pool: Pool) -> bool:

@@ -37,9 +37,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
-from dpsn.errors import InvalidArgumentError
+from dpsn.errors import CorruptStoreError, InvalidArgumentError
 
 _PROJECTION_SALT = 0x6C65_7665_6C73  # "levels": the projection differs from other seeded draws
 
@@ -48,7 +49,8 @@ _PROJECTION_SALT = 0x6C65_7665_6C73  # "levels": the projection differs from oth
 class Migration:
     """How levels consolidate (one policy for the whole hierarchy, saved in the root file).
 
-    ``consolidate_every``: a consolidation runs at every N-th root commit (0: only
+    ``consolidate_every``: a consolidation runs at every N-th root commit that follows some
+    update (an idle commit, such as a crash recovery's, breaks no streak) (0: only
     ``pool.consolidate()``). ``caps``: per channel, fastest channel first, the fraction of the
     target level's rows that may start migrating per consolidation (the last value repeats for
     deeper channels); ``caps=None`` turns the caps off (every stable row moves: for measuring
@@ -185,57 +187,122 @@ def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     return fast / remaining.to(fast.device, fast.dtype).clamp_min(1)[:, None]
 
 
-class Window:
-    """One level's updates and uses since its last consolidation, kept as appended batches and
-    reduced (``torch.unique`` + ``index_add_``) when read or when too many are pending."""
+class Sums:
+    """Sorted distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``).
 
-    _FOLD_AT = 64
+    Why not a list of batches reduced on read: a training step adds ~k x batch rows, and
+    reducing thousands of steps' copies costs more than the steps. Here a batch whose ids are
+    already present is one ``searchsorted`` and one ``index_add_`` (the usual case: the hot
+    rows recur); new ids wait in a short list merged (``torch.unique`` + ``index_add_``) once
+    they outnumber half the rows held, so each id is merged O(1) times amortized. The order of
+    additions is a deterministic function of the batches, so a sum restored after a
+    :meth:`fold` goes on bit for bit as one that was never saved."""
+
+    def __init__(self, width: int | None) -> None:
+        self.width = width
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.vals = self._zeros(0)
+        self._p_ids: list[torch.Tensor] = []
+        self._p_vals: list[torch.Tensor] = []
+        self._pending = 0
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n) if self.width is None else torch.zeros((n, self.width))
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add ``vals`` at ``ids`` (CPU, float32; ``ids`` distinct within a call)."""
+        pos, hit = lookup(self.ids, ids)
+        if bool(hit.all()):
+            self.vals.index_add_(0, pos, vals)
+            return
+        if bool(hit.any()):
+            self.vals.index_add_(0, pos[hit], vals[hit])
+        miss = ~hit
+        self._p_ids.append(ids[miss])
+        self._p_vals.append(vals[miss])
+        self._pending += int(miss.sum())
+        if self._pending > max(4096, len(self.ids) // 2):
+            self.fold()
+
+    def fold(self) -> None:
+        """Merge the pending new ids in (in place)."""
+        if not self._p_ids:
+            return
+        ids = torch.cat([self.ids, *self._p_ids])
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        out = self._zeros(len(uniq))
+        out.index_add_(0, inv, torch.cat([self.vals, *self._p_vals]))
+        self.ids, self.vals = uniq, out
+        self._p_ids, self._p_vals, self._pending = [], [], 0
+
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct ids and their sums (folded first)."""
+        self.fold()
+        return self.ids, self.vals
+
+    def restore(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Take sorted distinct ``ids`` and their sums (what :meth:`items` gave)."""
+        self.ids, self.vals = ids, vals
+        self._p_ids, self._p_vals, self._pending = [], [], 0
+
+    def __bool__(self) -> bool:
+        return bool(len(self.ids) or self._p_ids)
+
+
+class Window:
+    """One level's updates and uses since its last consolidation: one :class:`Sums` of
+    ``[update (dim), uses (1)]`` per row (the two always come for the same rows, so a step is
+    one lookup and one ``index_add_``)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._ids: list[torch.Tensor] = []
-        self._upd: list[torch.Tensor] = []
-        self._use_ids: list[torch.Tensor] = []
-        self._uses: list[torch.Tensor] = []
+        self._sums = Sums(dim + 1)
         self.steps = 0
 
+    def add(
+        self, ids: torch.Tensor, update: torch.Tensor, uses: torch.Tensor, *, sign: float = 1.0
+    ) -> None:
+        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.empty((len(ids), self.dim + 1))
+        u = update.detach().reshape(-1, self.dim).cpu()
+        torch.mul(u, sign, out=both[:, : self.dim])
+        both[:, self.dim] = uses.detach().reshape(-1)
+        self._sums.add(ids, both)
+        self.steps += 1
+
     def add_update(self, ids: torch.Tensor, update: torch.Tensor) -> None:
-        self._ids.append(ids.detach().cpu().reshape(-1))
-        self._upd.append(update.detach().float().cpu().reshape(-1, self.dim))
-        if len(self._ids) >= self._FOLD_AT:
-            ids, upd = self.updates()
-            self._ids, self._upd = [ids], [upd]
+        """Updates without uses (not a step)."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.zeros((len(ids), self.dim + 1))
+        both[:, : self.dim] = update.detach().reshape(-1, self.dim)
+        self._sums.add(ids, both)
 
     def add_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
-        self._use_ids.append(ids.detach().cpu().reshape(-1))
-        self._uses.append(counts.detach().cpu().reshape(-1).float())
+        """Uses without updates (a step)."""
+        ids = ids.detach().cpu().reshape(-1)
+        both = torch.zeros((len(ids), self.dim + 1))
+        both[:, self.dim] = counts.detach().reshape(-1)
+        self._sums.add(ids, both)
         self.steps += 1
-        if len(self._use_ids) >= self._FOLD_AT:
-            ids, uses = self.uses()
-            self._use_ids, self._uses = [ids], [uses]
 
     def updates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct ids and their summed updates ``[n, dim]``."""
-        if not self._ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, self.dim))
-        ids = torch.cat(self._ids)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = torch.zeros((len(uniq), self.dim))
-        out.index_add_(0, inv, torch.cat(self._upd))
-        return uniq, out
+        ids, vals = self._sums.items()
+        return ids, vals[:, : self.dim]
 
     def uses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct ids and their summed uses."""
-        if not self._use_ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-        ids = torch.cat(self._use_ids)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = torch.zeros(len(uniq))
-        out.index_add_(0, inv, torch.cat(self._uses))
-        return uniq, out
+        ids, vals = self._sums.items()
+        return ids, vals[:, self.dim]
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was recorded since the window was cleared."""
+        return not (self.steps or self._sums)
 
     def clear(self) -> None:
-        self._ids, self._upd, self._use_ids, self._uses = [], [], [], []
+        self._sums = Sums(self.dim + 1)
         self.steps = 0
 
 
@@ -384,3 +451,128 @@ def plan_channel(
         compared=int(hit.sum()),
         backlog=int(cand.sum()) - len(normal) - len(bypassed),
     )
+
+
+# -- persisted state ---------------------------------------------------------------------------
+
+
+def _bad_state(what: str) -> CorruptStoreError:
+    return CorruptStoreError(f"the levelled store's migration state {what}; the store is damaged")
+
+
+def _ids_part(arr: np.ndarray, rows: int, name: str) -> torch.Tensor:
+    """Sorted unique int64 ids below ``rows`` (what every id part must be)."""
+    if arr.dtype != np.int64 or arr.ndim != 1:
+        raise _bad_state(f"part {name!r} is not a 1-D int64 array")
+    if len(arr) and (arr[0] < 0 or arr[-1] >= rows or bool((np.diff(arr) <= 0).any())):
+        raise _bad_state(f"part {name!r} is not sorted, unique ids below {rows}")
+    return torch.from_numpy(arr.copy())
+
+
+def _float_part(arr: np.ndarray, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if arr.dtype != np.float32 or tuple(arr.shape) != shape:
+        raise _bad_state(f"part {name!r} is not float32 of shape {list(shape)}")
+    if not bool(np.isfinite(arr).all()):
+        raise _bad_state(f"part {name!r} holds non-finite values")
+    return torch.from_numpy(arr.copy())
+
+
+def _part(parts: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in parts:
+        raise _bad_state(f"has no part {name!r}")
+    return parts[name]
+
+
+def window_to_parts(w: Window, prefix: str) -> dict[str, np.ndarray]:
+    """A window's state as arrays (it is folded first, in place, so that a window restored from
+    them sums later updates in the same order as one that was never saved: bit for bit)."""
+    ids, vals = w._sums.items()
+    return {
+        prefix + "ids": ids.numpy(),
+        prefix + "sums": vals.numpy().astype(np.float32),  # [n, dim + 1]: update, uses
+        prefix + "steps": np.array([w.steps], dtype=np.int64),
+    }
+
+
+def window_from_parts(parts: dict[str, np.ndarray], prefix: str, dim: int, rows: int) -> Window:
+    """The window :func:`window_to_parts` saved, checked (``CorruptStoreError``)."""
+    w = Window(dim)
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    vals = _float_part(_part(parts, prefix + "sums"), (len(ids), dim + 1), prefix + "sums")
+    steps = _part(parts, prefix + "steps")
+    if steps.dtype != np.int64 or steps.shape != (1,) or not 0 <= int(steps[0]) < 1 << 62:
+        raise _bad_state(f"part {prefix + 'steps'!r} is not one count >= 0")
+    if bool((vals[:, dim] < 0).any()):
+        raise _bad_state(f"part {prefix + 'sums'!r} holds negative uses")
+    w._sums.restore(ids, vals)
+    w.steps = int(steps[0])
+    return w
+
+
+def tracker_to_parts(t: Tracker, prefix: str) -> dict[str, np.ndarray]:
+    """A tracker's arrays (its health figures go to JSON beside them)."""
+    sig = t.sig.numpy().astype(np.uint8) if t.sig.numel() else np.zeros((len(t.ids), 0), np.uint8)
+    return {
+        prefix + "ids": t.ids.numpy(),
+        prefix + "sig": sig,
+        prefix + "streak": t.streak.numpy().astype(np.int64),
+        prefix + "autocorr": t.autocorr.numpy().astype(np.float32),
+        prefix + "inertia": t.inertia.numpy().astype(np.float32),
+    }
+
+
+def tracker_from_parts(
+    parts: dict[str, np.ndarray],
+    prefix: str,
+    health: Any,
+    *,
+    rows: int,
+    bits: int,
+    regions: int,
+    a_base: float,
+) -> Tracker:
+    """The tracker :func:`tracker_to_parts` saved, checked (``CorruptStoreError``)."""
+    t = Tracker(regions, a_base)
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    sig = _part(parts, prefix + "sig")
+    if sig.dtype != np.uint8 or sig.ndim != 2 or sig.shape[0] != len(ids):
+        raise _bad_state(f"part {prefix + 'sig'!r} is not uint8 [{len(ids)}, bits]")
+    if len(ids) and (sig.shape[1] != bits or bool((sig > 1).any())):
+        raise _bad_state(f"part {prefix + 'sig'!r} is not {bits} bits (0 or 1) per row")
+    streak = _part(parts, prefix + "streak")
+    if streak.dtype != np.int64 or streak.shape != (len(ids),) or bool((streak < 0).any()):
+        raise _bad_state(f"part {prefix + 'streak'!r} is not [{len(ids)}] counts >= 0")
+    ac = _float_part(_part(parts, prefix + "autocorr"), (len(ids),), prefix + "autocorr")
+    if bool(((ac < -1) | (ac > 1)).any()):
+        raise _bad_state(f"part {prefix + 'autocorr'!r} leaves [-1, 1]")
+    inertia = _float_part(_part(parts, prefix + "inertia"), (regions,), prefix + "inertia")
+    if bool(((inertia < 0) | (inertia > 1)).any()):
+        raise _bad_state(f"part {prefix + 'inertia'!r} leaves [0, 1]")
+    want = {"migration_backlog": int, "conflict_rate": float, "entropy_ratio": float}
+    if not isinstance(health, dict) or set(health) != set(want):
+        raise _bad_state(f"has malformed health figures {health!r:.200}")
+    for key, kind in want.items():
+        v = health[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise _bad_state(f"health figure {key!r} is not a finite number >= 0")
+        t.health[key] = kind(v)
+    t.ids = ids
+    t.sig = (
+        torch.from_numpy(sig.astype(bool)) if len(ids) else torch.zeros((0, 0), dtype=torch.bool)
+    )
+    t.streak, t.autocorr = torch.from_numpy(streak.copy()), ac
+    t.inertia = inertia
+    return t
+
+
+def inflight_from_parts(
+    parts: dict[str, np.ndarray], prefix: str, rows: int, handoff: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One channel's hand-offs in flight (ids and consolidations left), checked."""
+    ids = _ids_part(_part(parts, prefix + "ids"), rows, prefix + "ids")
+    left = _part(parts, prefix + "left")
+    if left.dtype != np.int64 or left.shape != (len(ids),):
+        raise _bad_state(f"part {prefix + 'left'!r} is not int64 [{len(ids)}]")
+    if bool(((left < 1) | (left > handoff)).any()):
+        raise _bad_state(f"part {prefix + 'left'!r} leaves 1..{handoff} (the hand-off length)")
+    return ids, torch.from_numpy(left.copy())

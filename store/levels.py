@@ -14,9 +14,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import xxhash
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError
 
@@ -98,6 +103,14 @@ def is_levelled(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / LEVELS_FILE).is_file()
 
 
+def first_level(root: str | os.PathLike[str]) -> Path:
+    """The store of a levelled root's slowest persisted level (its manifest holds the spec
+    and generator every level shares)."""
+    spec = read_sealed(Path(root) / LEVELS_FILE)
+    name = next(lv["name"] for lv in spec["levels"] if lv["persist"])
+    return Path(root) / LEVELS_DIR / name
+
+
 def read_root(root: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checked spec and root log of a levelled store."""
     root = Path(root)
@@ -151,3 +164,142 @@ def verify_root(root: Path) -> list[str]:
         for store in stores.values():
             store.close()
     return problems
+
+
+# -- migration state (windows, signatures, streaks, hand-offs) -----------------------------------
+
+STATE_DIR = "state"  # never rename: root/state/<root commit:016x>/{i8,f4,u1}
+STATE_KEEP = 2  # the newest root commits whose state is kept (a reader racing a writer's prune)
+_STATE_DTYPES = {"i8": np.dtype("<i8"), "f4": np.dtype("<f4"), "u1": np.dtype("u1")}
+_MAX_PARTS = 4096
+_MAX_STATE_ELEMS = 1 << 36
+
+
+def state_dir(root: Path, commit: int) -> Path:
+    """Where root commit ``commit``'s migration state lives."""
+    return Path(root) / STATE_DIR / f"{commit:016x}"
+
+
+def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write the migration state of root commit ``commit`` (durable before this returns; a
+    leftover of a crashed commit with that id is replaced) and return the record the root
+    commit stores.
+
+    ``parts`` maps a name to an int64, float32 or uint8 array of at most two axes. Why packed:
+    a state is a few dozen small arrays per commit, and a Zarr array costs a directory and a
+    few files; packing by type writes three arrays whatever the number of levels. The record
+    names each part's type, offset and shape, and the XXH64 of each packed array's
+    little-endian bytes; the root log that holds it is sealed."""
+    import zarr  # the torch-free read commands never write: zarr is imported when used
+    from zarr.storage import LocalStore
+
+    from ._format import fsync_dir, fsync_tree
+
+    packed: dict[str, list[np.ndarray]] = {k: [] for k in _STATE_DTYPES}
+    offsets = dict.fromkeys(_STATE_DTYPES, 0)
+    index: dict[str, list[Any]] = {}
+    for name, arr in parts.items():
+        kind = next(
+            (k for k, dt in _STATE_DTYPES.items() if arr.dtype == dt.newbyteorder("=")), None
+        )
+        if kind is None or arr.ndim > 2:
+            raise TypeError(f"state part {name!r}: {arr.dtype} [{arr.ndim} axes] is not storable")
+        flat = np.ascontiguousarray(arr, dtype=_STATE_DTYPES[kind]).reshape(-1)
+        index[name] = [kind, offsets[kind], list(arr.shape)]
+        packed[kind].append(flat)
+        offsets[kind] += flat.size
+    final = state_dir(root, commit)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    sums: dict[str, int] = {}
+    try:
+        for kind, dt in _STATE_DTYPES.items():
+            data = np.concatenate(packed[kind]) if packed[kind] else np.zeros(0, dt)
+            data = np.ascontiguousarray(data, dtype=dt)
+            arr = zarr.create_array(
+                LocalStore(str(tmp / kind)),
+                shape=data.shape,
+                chunks=(max(1, min(len(data), 1 << 22)),),
+                dtype=str(dt.newbyteorder("=")),
+                fill_value=0,
+                zarr_format=3,
+            )
+            if len(data):
+                arr[...] = data
+            sums[kind] = xxhash.xxh64_intdigest(data.data)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"commit": commit, "sizes": offsets, "xxh64": sums, "parts": index}
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
+
+
+def read_state(root: Path, record: Any) -> dict[str, np.ndarray]:
+    """The parts a root commit's ``"state"`` record names, read as untrusted input: the record's
+    types and bounds, each packed array's metadata (allow-listed codecs, bounded chunks), length
+    and checksum, and every part inside its array, all checked before anything is returned;
+    damage is a ``CorruptStoreError`` that names it. (The values' meaning is checked by the
+    pool that restores them.)"""
+    from ._zarrsafe import read_array, read_array_meta  # when used (numcodecs)
+
+    def bad(what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{root}: the migration state of a root commit {what}")
+
+    if not isinstance(record, dict) or not _is_int(record.get("commit"), 1, 1 << 63):
+        raise bad(f"has a malformed record {record!r:.200}")
+    commit = record["commit"]
+    sizes, sums, index = record.get("sizes"), record.get("xxh64"), record.get("parts")
+    if not (isinstance(sizes, dict) and isinstance(sums, dict) and isinstance(index, dict)):
+        raise bad(f"{commit}: sizes, xxh64 and parts must be objects")
+    if set(sizes) != set(_STATE_DTYPES) or set(sums) != set(_STATE_DTYPES):
+        raise bad(f"{commit}: sizes and xxh64 must name exactly {sorted(_STATE_DTYPES)}")
+    if len(index) > _MAX_PARTS:
+        raise bad(f"{commit}: names {len(index)} parts (at most {_MAX_PARTS})")
+    packed: dict[str, np.ndarray] = {}
+    for kind, dt in _STATE_DTYPES.items():
+        n, digest = sizes[kind], sums[kind]
+        if not _is_int(n, 0, _MAX_STATE_ELEMS) or not _is_int(digest, 0, 1 << 64):
+            raise bad(f"{commit}: array {kind} has a bad size or checksum")
+        path = state_dir(root, commit) / kind
+        try:
+            meta = read_array_meta(path, dtypes={str(dt.newbyteorder("="))}, shape=(n,))
+            data = np.ascontiguousarray(read_array(meta), dtype=dt)
+        except CorruptStoreError as e:
+            raise bad(f"{commit}: {e}") from e
+        if xxhash.xxh64_intdigest(data.data) != digest:
+            raise bad(f"{commit}: array {path} fails its checksum (damaged or changed)")
+        packed[kind] = data.astype(dt.newbyteorder("="), copy=False)
+    out: dict[str, np.ndarray] = {}
+    for name, entry in index.items():
+        ok = isinstance(entry, list) and len(entry) == 3 and entry[0] in _STATE_DTYPES
+        ok = ok and isinstance(entry[2], list) and 1 <= len(entry[2]) <= 2
+        ok = ok and all(_is_int(s, 0, _MAX_STATE_ELEMS) for s in (entry[1:2] + entry[2]))
+        if not ok:
+            raise bad(f"{commit}: part {name!r:.64} has a malformed entry {entry!r:.200}")
+        kind, off, shape = entry
+        size = int(np.prod(shape, dtype=np.int64))
+        if off + size > len(packed[kind]):
+            raise bad(f"{commit}: part {name!r:.64} runs past the end of array {kind}")
+        out[name] = packed[kind][off : off + size].reshape(shape)
+    return out
+
+
+def prune_states(root: Path, head: int) -> None:
+    """Remove state directories other than the newest :data:`STATE_KEEP` root commits' (and
+    leftovers of crashed writes). Best effort: a state is advice for the next consolidation
+    of a writer that opens at that commit, and only the newest is ever opened for writing."""
+    group = Path(root) / STATE_DIR
+    if not group.is_dir():
+        return
+    keep = {state_dir(root, c).name for c in range(max(1, head - STATE_KEEP + 1), head + 1)}
+    for child in group.iterdir():
+        if child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)

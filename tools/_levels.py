@@ -250,3 +250,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print("ok" if not problems else "\n".join(problems))
     return EXIT_OK if not problems else EXIT_PROBLEM
+
+
+def parse_level_list(text: str) -> list[Any]:
+    """``--levels foundation,domain,task,context:memory``: names slowest first; a name with
+    ``:memory`` is a context level (kept in memory, never committed)."""
+    import dpsn
+
+    names = [part.strip() for part in text.split(",")]
+    if not names or any(not n for n in names):
+        raise ValueError(f"--levels takes comma-separated level names, got {text!r}")
+    out: list[Any] = []
+    for n in names:
+        name, _, kind = n.partition(":")
+        if kind not in ("", "memory"):
+            raise ValueError(f"--levels: {n!r}: the only level kind is ':memory' (a context level)")
+        out.append(dpsn.Level(name, persist=not kind))
+    return out
+
+
+def create_or(single: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``dpsn create``: ``single`` without ``--levels``; a levelled root with it."""
+
+    @functools.wraps(single)
+    def run(args: argparse.Namespace) -> int:
+        if getattr(args, "levels", None) is None:
+            if getattr(args, "model_id", None) is not None:
+                raise ValueError("--model-id needs --levels (it names a levelled store's model)")
+            return single(args)
+        import dpsn
+
+        levels = parse_level_list(args.levels)
+        with dpsn.create(
+            args.path,
+            rows=args.rows,
+            dim=args.dim,
+            seed=args.seed,
+            generator=args.generator,
+            dtype=args.dtype,
+            compressor=args.compressor,
+            cache_rows=0,
+            levels=levels,
+            model_id=args.model_id,
+        ) as pool:
+            info = {
+                "path": str(pool.path),
+                "rows": pool.rows,
+                "dim": pool.dim,
+                "seed": pool.seed,
+                "levels": [lv.to_json() for lv in (pool.level_spec(n) for n in pool.levels)],
+                "train_level": pool.train_level,
+                "model_id": pool.model_id,
+                "provenance": pool.provenance,
+            }
+        if args.json:
+            _print_json(info)
+        else:
+            print(
+                f"created levelled {args.path}: {args.rows} rows x {args.dim} ({args.dtype}), "
+                f"levels {', '.join(lv.name for lv in levels)} (slowest first), "
+                f"generator {args.generator}, seed {args.seed}"
+            )
+        return EXIT_OK
+
+    return run

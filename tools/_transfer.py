@@ -228,6 +228,7 @@ def export_rows(
 
     import dpsn
     from dpsn.store import PersistedStore, read_manifest
+    from dpsn.store import levels as levels_format
 
     out_path = Path(out)
     try:
@@ -247,10 +248,13 @@ def export_rows(
     if not out_path.resolve().parent.is_dir():
         raise FileNotFoundError(f"{out_path.parent}: no such directory (create it first)")
     spec = rows_spec or ("persisted" if deltas_only else "all")
+    levelled = levels_format.is_levelled(store)  # a levelled root: rows sum every level
     with dpsn.open(store, at=at, cache_rows=0) as pool:
         commit = pool.head
 
         def persisted() -> np.ndarray:
+            if levelled:
+                return pool.persisted_ids()
             ps = PersistedStore.open(Path(store), writable=False)
             try:
                 return ps.load_index(commit).ids
@@ -272,7 +276,7 @@ def export_rows(
                 f"{out_path.resolve().parent}; pick fewer rows (e.g. --rows persisted or "
                 "--rows 0:1000000)"
             )
-        m = read_manifest(Path(store))
+        m = read_manifest(levels_format.first_level(store) if levelled else Path(store))
         metadata = {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_VERSION,
@@ -284,7 +288,7 @@ def export_rows(
             "dtype": dtype_name,
             "seed": str(pool.seed),
         }
-        metadata["uuid"] = m.uuid
+        metadata["uuid"] = pool.uuid if levelled else m.uuid
         metadata["generator"] = json.dumps(m.generator, sort_keys=True)
         writer = SafetensorsWriter(
             out_path,

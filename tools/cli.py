@@ -182,7 +182,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     kind_names = [k for k, _ in kinds] or None
 
-    sp = add("create", "create an empty store", c.cmd_create, epilog=kinds_epilog)
+    sp = add("create", "create an empty store", lv.create_or(c.cmd_create), epilog=kinds_epilog)
     sp.add_argument("path")
     sp.add_argument("--rows", type=positive_count, required=True, help="virtual rows, e.g. 1e12")
     sp.add_argument("--dim", type=positive_count, required=True, help="row width")
@@ -196,6 +196,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     sp.add_argument("--compressor", default="lz4", choices=["lz4", "zstd", "none"])
+    sp.add_argument(
+        "--levels",
+        metavar="NAMES",
+        help="a levelled store: level names, slowest first, e.g. foundation,domain,task "
+        "(name:memory: a context level, never committed)",
+    )
+    sp.add_argument("--model-id", help="a levelled store's model id (joins its provenance)")
 
     sp = add(
         "info",
