@@ -232,13 +232,13 @@ class Model:
         v = self.variant
         if index == 0 or self.layer is None or v is None:
             return
-        if v.protect == "each" or (v.protect == "first" and index == 1):
+        if (v.protect == "each" or (v.protect == "first" and index == 1)) and not v.protect_top:
+            self.pool.protect(phase="screened")
+        elif v.protect == "each" or (v.protect == "first" and index == 1):
             screened = self._screened()
-            if v.protect_top is not None and len(screened):
-                uses = self.pool.usage(screened)["uses"].double()
-                n = max(1, round(v.protect_top * len(screened)))
-                screened = screened[torch.topk(uses, n).indices]
-            self.pool.protect(screened)
+            uses = self.pool.usage(screened)["uses"].double()
+            n = round(v.protect_top * len(screened))
+            self.pool.protect(screened[torch.topk(uses, n).indices])
         if v.freeze and not self.layer.routing_frozen:
             self.layer.freeze_routing()
         if v.background and index == 1:
@@ -320,6 +320,7 @@ VARIANTS: dict[str, Variant | None] = {
     "(g25) f, protect quarter": Variant(freeze=True, protect="first", protect_top=0.25),
     "(h50) SparseFinetune(0.5) bg task1": Variant(freeze=True, sparse=0.5, background=True),
     "(h25) SparseFinetune(0.25) bg task1": Variant(freeze=True, sparse=0.25, background=True),
+    "(h65) SparseFinetune(0.65) bg task1": Variant(freeze=True, sparse=0.65, background=True),
     "(h75) SparseFinetune(0.75) bg task1": Variant(freeze=True, sparse=0.75, background=True),
 }
 MAIN = "(c) pool+lifecycle+frozen router+protect"
