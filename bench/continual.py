@@ -161,16 +161,6 @@ class Variant:
     background: bool = False  # SparseFinetune's background: a snapshot taken after task 1
 
 
-class _Deferred(dpsn.RowSelection):
-    """A row selection chosen later (at a task start): all rows until then."""
-
-    def __init__(self, inner: Any = None) -> None:
-        self.inner = inner
-
-    def select(self, pool: Any, batch: Any, grads: torch.Tensor) -> torch.Tensor | None:
-        return None if self.inner is None else self.inner.select(pool, batch, grads)
-
-
 class Model:
     """One of the compared models: ``logits(x)``, ``train_step``, ``evaluate``, storage."""
 
@@ -179,8 +169,11 @@ class Model:
         torch.manual_seed(cfg.seed)
         self.layer: dpsn.PoolLayer | None = None
         self.background: Any = None
-        # the row selection, set at a task start where it needs a background snapshot
-        self.selection = _Deferred(self._selection(None))
+        self.selection: dpsn.SparseFinetune | None = None
+        if variant is not None and variant.sparse is not None:
+            # with a background snapshot: every row (top=1.0) until the snapshot is taken
+            top = 1.0 if variant.background else variant.sparse
+            self.selection = dpsn.SparseFinetune(top=top)
         if variant is None:
             self.net: nn.Module = nn.Sequential(
                 nn.Linear(64, cfg.k), nn.GELU(), nn.Linear(cfg.k, 10)
@@ -213,12 +206,6 @@ class Model:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.steps = 0
 
-    def _selection(self, background: Any) -> Any:
-        v = self.variant
-        if v is None or v.sparse is None or (v.background and background is None):
-            return None
-        return dpsn.SparseFinetune(top=v.sparse, background=background)
-
     @property
     def pool(self) -> Any:
         assert self.layer is not None
@@ -245,7 +232,9 @@ class Model:
             self.pool.commit()
             self.pool.snapshot("after-task-1")
             self.background = dpsn.open(self.store, at="after-task-1")
-            self.selection.inner = self._selection(self.background)
+            assert self.selection is not None and v.sparse is not None
+            self.selection.background = self.background  # what the first task used
+            self.selection.top = v.sparse
 
     def _screened(self) -> torch.Tensor:
         """Ids of the rows the lifecycle holds SCREENED now and not yet protected."""
