@@ -2,6 +2,12 @@
 
     python bench/continual.py            # full run (~25 min on 2 shared cores)
     python bench/continual.py --quick    # smoke run (~5 min)
+    python bench/continual.py --protocols domain --split val --variants "c'',h50,h,h75"
+                                         # choose settings on a validation split
+
+Settings are chosen with ``--split val`` (a stratified quarter of the training images held
+out and evaluated on; the test images are never seen) and reported with the default
+``--split test``. ``--variants`` runs a subset (short names: ``a``, ``c''``, ``h50``, ...).
 
 Models, trained side by side in one run on the same batches:
 
@@ -24,6 +30,15 @@ Models, trained side by side in one run on the same batches:
 - (d) frozen routing plus sparse memory finetuning's row selection instead of protection
   (``row_selection=dpsn.SparseFinetune(top=0.25)``: each step updates the quarter of its rows
   with the highest TF-IDF score against the lifecycle's usage statistics; Lin et al. 2025).
+- (g) frozen routing, and protection of the most-used quarter of the rows the first task
+  screened (``pool.usage(ids)["uses"]``, ``pool.protect(ids)``); (g50) half of them.
+- (h) frozen routing plus ``SparseFinetune(top=0.65)`` whose background is a snapshot taken
+  after the first task (``dpsn.open(path, at="after-task-1")``): each step updates the 65% of
+  its rows whose use now is highest against their use in task 1, so the rows task 1 relied on
+  are the ones left alone while every new task still trains most of the rows it reaches. The
+  selection is set at task 2's start on the layer's own ``SparseFinetune`` (``top=1.0``
+  before: every row). ``top`` was chosen on the validation split among 0.5, 0.65 and 0.75
+  ((h50), (h75)).
 
 Protocols:
 
@@ -42,7 +57,7 @@ Evaluation never counts as use: every accuracy is measured on a read-only view o
 commit (``dpsn.open(path)``), whose page-ins do not touch usage statistics. Held rows (touched
 fewer than ``warmup`` times, kept in memory only) are therefore not part of the evaluated model.
 
-Aims (issues 11 and 24): domain-incremental, (c) keeps >= 90% of its task-1 accuracy after
+Aims (issues 11 and 24): domain-incremental, (h) keeps >= 90% of its task-1 accuracy after
 task 5 while its newest task (5) reaches >= 90% of the accuracy (c'') reaches on it without
 protection, both in the same run; class-incremental, (c) forgets at most half as much as (a);
 persisted bytes stay within 1.2x once a task is learned while training goes on 10x longer. The
