@@ -161,7 +161,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-PIN_WAIT_S = 1.0  # how long creating an overlay waits for a busy base's writer lock
+PIN_WAIT_S = 3.0  # how long creating an overlay waits for a busy base's writer lock
 
 
 def _resolve_pin(base_path: Path, base_at: str | int | None, overlay_uuid: str) -> dict[str, Any]:

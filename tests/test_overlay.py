@@ -20,6 +20,7 @@ from dpsn.errors import (
     ReadOnlyError,
     StoreVersionError,
 )
+from dpsn.store import read_manifest
 
 DIM = 4
 SMALL = {"kind": "hashed_slices", "memory_size": 512}
@@ -289,6 +290,11 @@ def test_four_agents_write_overlays_of_one_base_at_once_then_merge(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     with dpsn.open(tmp_path / "base", mode="r+") as b:
+        # each agent took its turn at the base's writer lock to write its own pin record
+        pins = [n for n in b.snapshots() if n.startswith("overlay-")]
+        assert sorted(p[len("overlay-") :] for p in pins) == sorted(
+            read_manifest(tmp_path / f"a{n}").uuid for n in range(4)
+        )
         start = b.read([0, 1, 2, 10, 11, 12, 13]).clone()
         report = dpsn.merge(b, [tmp_path / f"a{n}" for n in range(4)], rule="resonance")
         change = b.read([0, 1, 2, 10, 11, 12, 13]) - start
