@@ -38,6 +38,7 @@ import torch
 from dpsn.errors import (
     BaseCommitNotFoundError,
     BaseMismatchError,
+    DpsnError,
     InvalidArgumentError,
     SnapshotNotFoundError,
     SnapshotUnavailableError,
@@ -255,4 +256,20 @@ def create_overlay_store(
         format_version=FORMAT_OVERLAY,
         base={"path": str(base_path), **pin},
     )
-    return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
+    try:
+        return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
+    except BaseException:
+        _unpin(base_path, pin["snapshot"], overlay_uuid)  # no overlay: no pin left behind
+        raise
+
+
+def _unpin(base_path: Path, snapshot: str, overlay_uuid: str) -> None:
+    """Remove the pin record a failed create wrote (best effort: gc of the base otherwise
+    keeps that commit until someone deletes the ``overlay-<uuid>`` snapshot)."""
+    if snapshot != f"{OVERLAY_PIN_PREFIX}{overlay_uuid}":
+        return  # the user's own snapshot: never ours to remove
+    try:
+        with PersistedStore.open(base_path, writable=True) as store:
+            store.unpin(snapshot)
+    except (OSError, DpsnError):
+        pass

@@ -93,3 +93,13 @@ def test_an_overlay_refuses_a_spec_that_differs_from_its_base(tmp_path):
     dpsn.create(
         tmp_path / "b", base=tmp_path / "base", rows=1000, dim=DIM, seed=3, generator=SMALL
     ).close()
+
+
+def test_a_failed_create_leaves_no_pin_in_the_base(tmp_path):
+    make_base(tmp_path / "base").close()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("not empty")
+    with pytest.raises(dpsn.errors.DpsnError):
+        dpsn.create(tmp_path / "taken", base=tmp_path / "base", base_at="mine")
+    with dpsn.open(tmp_path / "base") as b:
+        assert set(b.snapshots()) == {"mine"}
