@@ -2,6 +2,12 @@
 
     python bench/continual.py            # full run (~25 min on 2 shared cores)
     python bench/continual.py --quick    # smoke run (~5 min)
+    python bench/continual.py --protocols domain --split val --variants "c'',h50,h,h75"
+                                         # choose settings on a validation split
+
+Settings are chosen with ``--split val`` (a stratified quarter of the training images held
+out and evaluated on; the test images are never seen) and reported with the default
+``--split test``. ``--variants`` runs a subset (short names: ``a``, ``c''``, ``h50``, ...).
 
 Models, trained side by side in one run on the same batches:
 
@@ -24,6 +30,15 @@ Models, trained side by side in one run on the same batches:
 - (d) frozen routing plus sparse memory finetuning's row selection instead of protection
   (``row_selection=dpsn.SparseFinetune(top=0.25)``: each step updates the quarter of its rows
   with the highest TF-IDF score against the lifecycle's usage statistics; Lin et al. 2025).
+- (g) frozen routing, and protection of the most-used quarter of the rows the first task
+  screened (``pool.usage(ids)["uses"]``, ``pool.protect(ids)``); (g50) half of them.
+- (h) frozen routing plus ``SparseFinetune(top=0.65)`` whose background is a snapshot taken
+  after the first task (``dpsn.open(path, at="after-task-1")``): each step updates the 65% of
+  its rows whose use now is highest against their use in task 1, so the rows task 1 relied on
+  are the ones left alone while every new task still trains most of the rows it reaches. The
+  selection is set at task 2's start on the layer's own ``SparseFinetune`` (``top=1.0``
+  before: every row). ``top`` was chosen on the validation split among 0.5, 0.65 and 0.75
+  ((h50), (h75)).
 
 Protocols:
 
@@ -42,7 +57,7 @@ Evaluation never counts as use: every accuracy is measured on a read-only view o
 commit (``dpsn.open(path)``), whose page-ins do not touch usage statistics. Held rows (touched
 fewer than ``warmup`` times, kept in memory only) are therefore not part of the evaluated model.
 
-Aims (issues 11 and 24): domain-incremental, (c) keeps >= 90% of its task-1 accuracy after
+Aims (issues 11 and 24): domain-incremental, (h) keeps >= 90% of its task-1 accuracy after
 task 5 while its newest task (5) reaches >= 90% of the accuracy (c'') reaches on it without
 protection, both in the same run; class-incremental, (c) forgets at most half as much as (a);
 persisted bytes stay within 1.2x once a task is learned while training goes on 10x longer. The
@@ -103,12 +118,23 @@ LIFECYCLE = dpsn.Lifecycle(
 # -- data -----------------------------------------------------------------------------------------
 
 
-def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_split(
+    seed: int, split: str = "test"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train and evaluation images: ``split="test"`` the held-out quarter (what the docs
+    report), ``"val"`` a quarter of the training images held out from training instead (what
+    settings are chosen on; the test images are then never seen)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if split not in ("test", "val"):
+        raise ValueError(f"split is 'test' or 'val', got {split!r}")
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    if split == "val":
+        xtr, xte, ytr, yte = train_test_split(
+            xtr, ytr, test_size=0.25, random_state=seed, stratify=ytr
+        )
     f = lambda a: torch.as_tensor(a, dtype=torch.float32) / 16.0  # noqa: E731
     return f(xtr), torch.as_tensor(ytr), f(xte), torch.as_tensor(yte)
 
@@ -116,8 +142,8 @@ def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def class_incremental(seed: int) -> list[Task]:
-    xtr, ytr, xte, yte = load_digits_split(seed)
+def class_incremental(seed: int, split: str = "test") -> list[Task]:
+    xtr, ytr, xte, yte = load_digits_split(seed, split)
     tasks = []
     for classes in (range(0, 5), range(5, 10)):
         c = torch.tensor(list(classes))
@@ -126,8 +152,8 @@ def class_incremental(seed: int) -> list[Task]:
     return tasks
 
 
-def domain_incremental(seed: int, n: int = 5) -> list[Task]:
-    xtr, ytr, xte, yte = load_digits_split(seed)
+def domain_incremental(seed: int, n: int = 5, split: str = "test") -> list[Task]:
+    xtr, ytr, xte, yte = load_digits_split(seed, split)
     g = torch.Generator().manual_seed(seed + 1)
     perms = [torch.arange(64)] + [torch.randperm(64, generator=g) for _ in range(n - 1)]
     return [(xtr[:, p], ytr, xte[:, p], yte) for p in perms]
@@ -136,22 +162,39 @@ def domain_incremental(seed: int, n: int = 5) -> list[Task]:
 # -- models ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What a pool model does against forgetting, public API only (None: the dense MLP)."""
+
+    lifecycle: bool = True  # a dpsn.Lifecycle (consolidation, SCREENED rows)
+    freeze: bool = False  # layer.freeze_routing() after the first task
+    protect: str | None = None  # "each": pool.protect(phase="screened") at every task start;
+    # "first": only at task 2's start (what the first task screened)
+    protect_top: float | None = None  # protect only this fraction of the screened rows, the
+    # most used ones (pool.usage(ids)["uses"])
+    sparse: float | None = None  # dpsn.SparseFinetune(top=sparse)
+    background: bool = False  # SparseFinetune's background: a snapshot taken after task 1
+
+
 class Model:
     """One of the compared models: ``logits(x)``, ``train_step``, ``evaluate``, storage."""
 
     def __init__(self, name: str, cfg: Config, store: Path, variant: Variant | None) -> None:
-        self.name, self.cfg, self.store = name, cfg, store
+        self.name, self.cfg, self.store, self.variant = name, cfg, store, variant
         torch.manual_seed(cfg.seed)
         self.layer: dpsn.PoolLayer | None = None
-        self.freeze, self.protect = (variant or (False, False, False))[1:3]
-        # sparse memory finetuning: rows updated per step (a fraction of the step's rows)
-        self.sparse = variant[3] if variant is not None and len(variant) > 3 else None
+        self.background: Any = None
+        self.selection: dpsn.SparseFinetune | None = None
+        if variant is not None and variant.sparse is not None:
+            # with a background snapshot: every row (top=1.0) until the snapshot is taken
+            top = 1.0 if variant.background else variant.sparse
+            self.selection = dpsn.SparseFinetune(top=top)
         if variant is None:
             self.net: nn.Module = nn.Sequential(
                 nn.Linear(64, cfg.k), nn.GELU(), nn.Linear(cfg.k, 10)
             )
         else:
-            lifecycle = LIFECYCLE if variant[0] else None
+            lifecycle = LIFECYCLE if variant.lifecycle else None
             pool = dpsn.create(
                 store,
                 rows=cfg.rows,
@@ -164,7 +207,6 @@ class Model:
             router = ProductKeyRouter(
                 d_in=64, num_rows=cfg.rows, k=cfg.k, query_batchnorm=True, seed=cfg.seed
             )
-            selection = dpsn.SparseFinetune(top=self.sparse) if self.sparse else None
             self.layer = dpsn.PoolLayer(
                 pool,
                 64,
@@ -173,7 +215,7 @@ class Model:
                 k=cfg.k,
                 row_optimizer="adagrad",
                 row_lr=cfg.row_lr,
-                row_selection=selection,
+                row_selection=self.selection,
             )
             self.net = self.layer
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
@@ -185,18 +227,35 @@ class Model:
         return self.layer.pool
 
     def start_task(self, index: int) -> None:
-        """What (c) does at a task boundary, with public API only: protect the rows SCREENED
-        now (``pool.protect(phase="screened")``), freeze the routing after the first task
-        (``layer.freeze_routing()``: parameters and batch-norm statistics)."""
-        if index == 0 or self.layer is None:
+        """What a variant does at a task boundary, with public API only: protect the rows
+        SCREENED now (``pool.protect``), freeze the routing after the first task
+        (``layer.freeze_routing()``: parameters and batch-norm statistics), select rows against
+        a snapshot of what the first task used (``dpsn.SparseFinetune(background=...)``)."""
+        v = self.variant
+        if index == 0 or self.layer is None or v is None:
             return
-        if self.protect == "first":  # only what the first task screened
-            if index == 1:
-                self.pool.protect(phase="screened")
-        elif self.protect:
+        if (v.protect == "each" or (v.protect == "first" and index == 1)) and not v.protect_top:
             self.pool.protect(phase="screened")
-        if self.freeze and not self.layer.routing_frozen:
+        elif v.protect == "each" or (v.protect == "first" and index == 1):
+            screened = self._screened()
+            uses = self.pool.usage(screened)["uses"].double()
+            n = round(v.protect_top * len(screened))
+            self.pool.protect(screened[torch.topk(uses, n).indices])
+        if v.freeze and not self.layer.routing_frozen:
             self.layer.freeze_routing()
+        if v.background and index == 1:
+            self.pool.commit()
+            self.pool.snapshot("after-task-1")
+            self.background = dpsn.open(self.store, at="after-task-1")
+            assert self.selection is not None and v.sparse is not None
+            self.selection.background = self.background  # what the first task used
+            self.selection.top = v.sparse
+
+    def _screened(self) -> torch.Tensor:
+        """Ids of the rows the lifecycle holds SCREENED now and not yet protected."""
+        ids = self.pool.delta_ids()
+        ids = ids[self.pool.phase(ids) == 1]
+        return ids[~torch.isin(ids, self.pool.protected)]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.net.train(True)  # a frozen router stays in eval mode
@@ -243,6 +302,8 @@ class Model:
         }
 
     def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
         if self.layer is not None:
             self.pool.close()
 
@@ -250,28 +311,39 @@ class Model:
 # -- protocols ------------------------------------------------------------------------------------
 
 
-# label -> (lifecycle?, freeze the router after task 1?, protect rows SCREENED at a task start?
-# [, SparseFinetune's top fraction])
-Variant = tuple[Any, ...]
 VARIANTS: dict[str, Variant | None] = {
     "(a) dense": None,
-    "(b) pool": (False, False, False),
-    "(c) pool+lifecycle+frozen router+protect": (True, True, True),
-    "(c') pool+lifecycle+frozen router": (True, True, False),
-    "(c'') pool+lifecycle": (True, False, False),
-    "(d) pool+lifecycle+frozen router+SparseFinetune": (True, True, False, 0.25),
-    "(e) pool+lifecycle+protect": (True, False, True),
-    "(f) pool+lifecycle+frozen router+protect task 1": (True, True, "first"),
+    "(b) pool": Variant(lifecycle=False),
+    "(c) pool+lifecycle+frozen router+protect": Variant(freeze=True, protect="each"),
+    "(c') pool+lifecycle+frozen router": Variant(freeze=True),
+    "(c'') pool+lifecycle": Variant(),
+    "(d) pool+lifecycle+frozen router+SparseFinetune": Variant(freeze=True, sparse=0.25),
+    "(e) pool+lifecycle+protect": Variant(protect="each"),
+    "(f) pool+lifecycle+frozen router+protect task 1": Variant(freeze=True, protect="first"),
+    "(g) pool+lifecycle+frozen router+protect task 1's most-used quarter": Variant(
+        freeze=True, protect="first", protect_top=0.25
+    ),
+    "(g50) g, protecting half": Variant(freeze=True, protect="first", protect_top=0.5),
+    "(h) pool+lifecycle+frozen router+SparseFinetune(0.65, background: task 1)": Variant(
+        freeze=True, sparse=0.65, background=True
+    ),
+    "(h50) h, top 0.5": Variant(freeze=True, sparse=0.5, background=True),
+    "(h75) h, top 0.75": Variant(freeze=True, sparse=0.75, background=True),
 }
-MAIN = "(c) pool+lifecycle+frozen router+protect"
+# the domain aims' model (issue 24; its top chosen on the validation split: docs/continual.md)
+MAIN = "(h) pool+lifecycle+frozen router+SparseFinetune(0.65, background: task 1)"
+PROTECTED = "(c) pool+lifecycle+frozen router+protect"  # the class aim's model (issue 11)
 UNPROTECTED = "(c'') pool+lifecycle"  # the same model without protection or frozen routing
 CURVE = ("(b) pool", "(c'') pool+lifecycle")  # one task: nothing to freeze or protect
 
 
-def run_protocol(name: str, tasks: list[Task], cfg: Config, tmp: Path) -> dict[str, Any]:
+def run_protocol(
+    name: str, tasks: list[Task], cfg: Config, tmp: Path, only: Sequence[str] | None = None
+) -> dict[str, Any]:
     models = {
         label: Model(label, cfg, tmp / f"{name}-{n}", variant)
         for n, (label, variant) in enumerate(VARIANTS.items())
+        if only is None or _key(label) in only
     }
     g = torch.Generator().manual_seed(cfg.seed + 7)
     acc: dict[str, list[list[float]]] = {label: [] for label in models}
@@ -365,12 +437,13 @@ def report(name: str, res: dict[str, Any]) -> None:
     print_table(f"{name}: test accuracy on every task after each task", headers, rows)
     print_table(
         f"{name}: summary",
-        ["model", "avg forgetting", "task 1 kept", "final avg accuracy"],
+        ["model", "avg forgetting", "task 1 kept", "newest / (c'')", "final avg accuracy"],
         [
             [
                 label,
                 f"{r['average_forgetting']:.3f}",
                 f"{r['task1_kept']:.1%}",
+                "-" if (ratio := newest_ratio(res, label)) is None else f"{ratio:.1%}",
                 f"{r['final_average_accuracy']:.3f}",
             ]
             for label, r in models.items()
@@ -378,11 +451,18 @@ def report(name: str, res: dict[str, Any]) -> None:
     )
 
 
-def newest_ratio(res: dict[str, Any]) -> float:
-    """(c)'s accuracy on the newest task after it, over (c'')'s (the model without protection
-    or frozen routing) on the same task in the same run."""
-    main, free = res["models"][MAIN]["accuracy"], res["models"][UNPROTECTED]["accuracy"]
+def newest_ratio(res: dict[str, Any], label: str = MAIN) -> float | None:
+    """``label``'s accuracy on the newest task after it, over (c'')'s (the model without
+    protection or frozen routing) on the same task in the same run (None: not both run)."""
+    if label not in res["models"] or UNPROTECTED not in res["models"]:
+        return None
+    main, free = res["models"][label]["accuracy"], res["models"][UNPROTECTED]["accuracy"]
     return main[-1][-1] / free[-1][-1] if free[-1][-1] else 0.0
+
+
+def _key(label: str) -> str:
+    """A variant's short name: ``(c')`` -> ``c'``."""
+    return label[1 : label.index(")")]
 
 
 def _at(curve: list[dict[str, Any]], step: int) -> dict[str, Any]:
@@ -401,6 +481,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON)")
     ap.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="evaluate on the test images (default) or on a validation quarter of the training "
+        "images (for choosing settings)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated short names of the models to run, e.g. \"a,c,c'',g\" (default: "
+        "all; the domain aims need c and c'')",
+    )
+    ap.add_argument(
         "--protocols",
         default="class,domain,curve",
         help="comma-separated subset of class,domain,curve (default: all)",
@@ -408,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_out_argument(ap)
     args = ap.parse_args(argv)
     chosen = {p.strip() for p in args.protocols.split(",") if p.strip()}
+    only = None
+    if args.variants:
+        only = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = set(only) - {_key(label) for label in VARIANTS}
+        if unknown:
+            ap.error(f"unknown --variants {sorted(unknown)}; known: {[_key(k) for k in VARIANTS]}")
     if not chosen or chosen - {"class", "domain", "curve"}:
         ap.error(f"--protocols takes class, domain and/or curve, got {args.protocols!r}")
     torch.set_num_threads(args.threads)
@@ -421,9 +520,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     class_inc = domain_inc = curve = None
     try:
         if "class" in chosen:
-            class_inc = run_protocol("class", class_incremental(cfg.seed), cfg, tmp)
+            class_inc = run_protocol(
+                "class", class_incremental(cfg.seed, split=args.split), cfg, tmp, only
+            )
         if "domain" in chosen:
-            domain_inc = run_protocol("domain", domain_incremental(cfg.seed), cfg, tmp)
+            domain_inc = run_protocol(
+                "domain", domain_incremental(cfg.seed, split=args.split), cfg, tmp, only
+            )
         if "curve" in chosen:
             curve = storage_curve(cfg, tmp)
     finally:
@@ -431,18 +534,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     aims = []
     if class_inc is not None:
         report("class-incremental (0-4, then 5-9)", class_inc)
+    if class_inc is not None and {"(a) dense", PROTECTED} <= set(class_inc["models"]):
         a = class_inc["models"]["(a) dense"]["average_forgetting"]
-        c = class_inc["models"][MAIN]["average_forgetting"]
+        c = class_inc["models"][PROTECTED]["average_forgetting"]
         aims.append(["class: (c) forgets <= half of (a)", f"{c:.3f} vs {a:.3f}", c <= a / 2])
     if domain_inc is not None:
         report("domain-incremental (5 pixel permutations)", domain_inc)
+    if domain_inc is not None and (newest := newest_ratio(domain_inc)) is not None:
         kept = domain_inc["models"][MAIN]["task1_kept"]
-        newest = newest_ratio(domain_inc)
         domain_inc["newest_vs_unprotected"] = newest
-        aims.append(["domain: (c) keeps >= 90% of task-1 accuracy", f"{kept:.1%}", kept >= 0.9])
+        aims.append(["domain: (h) keeps >= 90% of task-1 accuracy", f"{kept:.1%}", kept >= 0.9])
         aims.append(
             [
-                "domain: (c)'s task 5 >= 90% of (c'')'s (no protection)",
+                "domain: (h)'s task 5 >= 90% of (c'')'s (no protection)",
                 f"{newest:.1%}",
                 newest >= 0.9,
             ]

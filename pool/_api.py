@@ -292,12 +292,16 @@ def create(
                     "an overlay (base=) is a single-level, unsharded store: leave out shards=, "
                     "process_group= and levels="
                 )
+            given = (
+                {k: v for k, v in spec_given.items() if v is not None and v != spec_defaults[k]}
+                if spec is None
+                else {k: getattr(spec, k) for k in spec_given}
+            )
             return _create_overlay(
                 path,
                 base,
                 base_at,
-                rows=rows,
-                dim=dim,
+                given=given,
                 device=device,
                 cache_rows=cache_rows,
                 policy=policy,
@@ -386,8 +390,7 @@ def _create_overlay(
     base: str | os.PathLike[str],
     base_at: str | int | None,
     *,
-    rows: int | None,
-    dim: int | None,
+    given: dict[str, Any],
     device: Any,
     cache_rows: int | None,
     policy: str,
@@ -395,7 +398,7 @@ def _create_overlay(
     maintenance: tuple[Any, Any, Any],
     lifecycle: Lifecycle | None,
 ) -> Pool:
-    from ._overlay import create_overlay_store
+    from ._overlay import check_overlay_spec, create_overlay_store
 
     if base_at is not None and (isinstance(base_at, bool) or not isinstance(base_at, str | int)):
         raise InvalidArgumentTypeError(
@@ -411,12 +414,7 @@ def _create_overlay(
         keep_last=keep_last, keep_within=keep_within, compact_above=compact_above
     )
     bm = read_manifest(Path(base))
-    for name, given in (("rows", rows), ("dim", dim)):
-        if given is not None and given != getattr(bm, name):
-            raise InvalidArgumentError(
-                f"{name}={given} differs from the base's {getattr(bm, name)}: an overlay has "
-                "its base's shape (leave it out)"
-            )
+    check_overlay_spec(bm, given, _build_generator)  # an overlay has its base's spec
     device, cache_rows = check_cache_args(device, cache_rows, bm.dim, bm.dtype)
     kwargs: dict[str, Any] = {} if map_size is None else {"map_size": map_size}
     if lifecycle is not None:

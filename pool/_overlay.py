@@ -7,11 +7,12 @@ Layout: an overlay is an ordinary store whose manifest (format 3, ``docs/format.
 stores zeros for the weights (no chunks): ``Pool.generator`` and ``Pool.base(ids)`` come from
 the base at the pinned commit.
 
-Pinning: the base's gc must keep the commit an overlay reads. ``base_at=`` a snapshot name of
-the base relies on that snapshot (the base may then be a read-only directory, or busy with a
-writer); otherwise creating the overlay pins the commit in the base as a snapshot named
-``overlay-<uuid>`` (which needs the base's writer lock for that moment), so ``dpsn info BASE``
-and ``Pool.snapshots()`` list every overlay that pinned it.
+Pinning: the base's gc must keep the commit an overlay reads. Creating the overlay pins that
+commit in the base as a snapshot named ``overlay-<uuid>`` (also when ``base_at=`` names a
+snapshot the user made, which the user may delete later), which needs the base's writer lock
+for that moment, so ``dpsn info BASE`` and ``Pool.snapshots()`` list every overlay that pinned
+it. Only a base that cannot be written (a read-only directory, a busy writer) makes an overlay
+on a user snapshot rely on that snapshot (``OverlayPinWarning``).
 
 Sharing: every overlay of one base commit in a process reads the base through one read-only
 pool (one cache of the base's rows); switching the overlay a request uses reloads nothing.
@@ -21,10 +22,12 @@ store at the path (uuid) ``BaseMismatchError``. Chains nest: a base may be an ov
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 import uuid as uuid_mod
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ import torch
 from dpsn.errors import (
     BaseCommitNotFoundError,
     BaseMismatchError,
+    DpsnError,
     InvalidArgumentError,
     SnapshotNotFoundError,
     SnapshotUnavailableError,
@@ -51,7 +55,16 @@ from dpsn.store import (
 )
 from dpsn.tiers import OverlayBase
 
-__all__ = ["base_chain", "create_overlay_store", "overlay_tier"]  # base_chain: from tiers
+__all__ = [  # base_chain: from tiers
+    "base_chain",
+    "check_overlay_spec",
+    "create_overlay_store",
+    "overlay_tier",
+]
+
+# What an overlay takes from its base (``StoreSpec``'s fields but ``map_size``, which is the
+# overlay's own LMDB map).
+SPEC_FIELDS = ("rows", "dim", "seed", "generator", "dtype", "chunk_rows", "compressor")
 
 _SHARED: weakref.WeakValueDictionary[tuple[str, str, int], Any] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.RLock()  # re-entered: a base may be an overlay
@@ -100,27 +113,119 @@ def overlay_tier(manifest: Manifest, device: torch.device) -> OverlayBase:
     return tier
 
 
-def _resolve_pin(base_path: Path, base_at: str | int | None, overlay_uuid: str) -> dict[str, Any]:
-    """The base commit an overlay reads and the snapshot that pins it (made when needed)."""
-    with PersistedStore.open(base_path, writable=False) as store:
-        snaps = {k: v["commit"] for k, v in store.snapshots().items()}
-        if isinstance(base_at, str) and base_at in snaps:
-            return {"commit": snaps[base_at], "snapshot": base_at, "uuid": store.manifest.uuid}
-        try:
-            commit = store.resolve(base_at) if base_at is not None else store.head()
-        except SnapshotNotFoundError as e:
-            raise BaseCommitNotFoundError(f"base_at={base_at!r}: {e}") from e
-        uuid = store.manifest.uuid
-    name = f"{OVERLAY_PIN_PREFIX}{overlay_uuid}"
-    try:
-        with PersistedStore.open(base_path, writable=True) as store:
-            store.pin(name, commit)
-    except (StoreLockedError, PermissionError, OSError) as e:
+def check_overlay_spec(base: Manifest, given: dict[str, Any], build_generator: Any) -> None:
+    """Refuse settings that differ from the base's: an overlay reads its base's rows, so its
+    shape, seed, generator and storage are the base's. ``given`` holds the settings the caller
+    gave (a ``spec=``'s fields, or keywords other than their defaults; None: not given);
+    ``build_generator(generator, dim=, seed=, rows=)`` builds a given generator to compare its
+    configuration. Raises ``InvalidArgumentError`` naming every difference."""
+    from dpsn._dtypes import parse_pool_dtype
+
+    diffs = []
+    for name in SPEC_FIELDS:
+        value = given.get(name)
+        if value is None:
+            continue
+        theirs: Any = getattr(base, name)
+        if name == "dtype":
+            value = parse_pool_dtype(value)
+        elif name == "generator":
+            value, theirs = _generator_record(value, base, build_generator), base.generator
+        if _canonical(value) != _canonical(theirs):
+            diffs.append(f"{name}={_short(value)} (the base's: {_short(theirs)})")
+    if diffs:
         raise InvalidArgumentError(
-            f"cannot pin commit {commit} in the base {base_path} for the overlay ({e}); snapshot "
-            "it in the base first and pass base_at=<snapshot name>"
-        ) from e
-    return {"commit": commit, "snapshot": name, "uuid": uuid}
+            "an overlay has its base's spec, and what was given differs from the base: "
+            + "; ".join(diffs)
+            + ". Leave these settings out (the overlay takes them from its base), or create "
+            "an ordinary store instead of an overlay"
+        )
+
+
+def _generator_record(generator: Any, base: Manifest, build: Any) -> dict[str, Any]:
+    """``{"kind", "config"}`` of ``generator`` built for the base's shape and seed, as a
+    manifest records it."""
+    try:
+        gen = build(generator, dim=base.dim, seed=base.seed, rows=base.rows)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"an overlay's generator= must be its base's: {e}") from e
+    return {"kind": gen.kind, "config": gen.config()}
+
+
+def _canonical(value: Any) -> str:
+    """JSON text with sorted keys: a config compares equal to its manifest round trip."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short(value: Any) -> str:
+    text = _canonical(value) if isinstance(value, dict) else repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+PIN_WAIT_S = 3.0  # how long creating an overlay waits for a busy base's writer lock
+
+
+def _resolve_pin(base_path: Path, base_at: str | int | None, overlay_uuid: str) -> dict[str, Any]:
+    """The base commit an overlay reads and the snapshot that pins it.
+
+    The overlay always writes its own pin record in the base (a snapshot named
+    ``overlay-<uuid>``, also when ``base_at`` names a snapshot the user made), so the base's gc
+    keeps the commit whatever becomes of the user's snapshots, and ``dpsn info BASE`` lists the
+    overlay. Pinning needs the base's writer lock for a moment (waited for up to
+    ``PIN_WAIT_S``: agents creating overlays of one base at once take turns). Where the base
+    cannot be written (a read-only directory, a writer holding it), an overlay on a snapshot
+    the user made relies on that snapshot instead, with a warning; at a commit id or HEAD it
+    is refused, since nothing would keep the commit."""
+    name = f"{OVERLAY_PIN_PREFIX}{overlay_uuid}"
+    deadline = time.monotonic() + PIN_WAIT_S
+    while True:
+        try:
+            with PersistedStore.open(base_path, writable=True) as store:
+                commit, _ = _resolve_at(store, base_at)
+                store.pin(name, commit)
+                return {"commit": commit, "snapshot": name, "uuid": store.manifest.uuid}
+        except StoreLockedError as e:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            problem: Exception = e
+        except (PermissionError, OSError) as e:  # ReadOnlyError is a PermissionError
+            if isinstance(e, StoreNotFoundError):
+                raise
+            problem = e
+        break
+    with PersistedStore.open(base_path, writable=False) as store:
+        commit, snapshot = _resolve_at(store, base_at)
+        uuid = store.manifest.uuid
+    if snapshot is None:
+        raise InvalidArgumentError(
+            f"cannot pin commit {commit} in the base {base_path} for the overlay ({problem}); "
+            "snapshot it in the base first and pass base_at=<snapshot name>"
+        )
+    warnings.warn(
+        f"could not write the overlay's pin record in its base {base_path} ({problem}); the "
+        f"overlay relies on the base's snapshot {snapshot!r}: deleting it lets the base's gc "
+        f"remove commit {commit}, which the overlay reads",
+        OverlayPinWarning,
+        stacklevel=5,  # the caller of dpsn.create
+    )
+    return {"commit": commit, "snapshot": snapshot, "uuid": uuid}
+
+
+class OverlayPinWarning(UserWarning):
+    """An overlay could not write its own pin record in its base (a read-only or busy base)
+    and relies on a snapshot the user made there."""
+
+
+def _resolve_at(store: PersistedStore, base_at: str | int | None) -> tuple[int, str | None]:
+    """The commit ``base_at`` names in ``store`` and the user snapshot it names (or None)."""
+    snaps = {k: v["commit"] for k, v in store.snapshots().items()}
+    if isinstance(base_at, str) and base_at in snaps:
+        return int(snaps[base_at]), base_at
+    try:
+        return (store.resolve(base_at) if base_at is not None else store.head()), None
+    except SnapshotNotFoundError as e:
+        raise BaseCommitNotFoundError(f"base_at={base_at!r}: {e}") from e
 
 
 def create_overlay_store(
@@ -151,4 +256,20 @@ def create_overlay_store(
         format_version=FORMAT_OVERLAY,
         base={"path": str(base_path), **pin},
     )
-    return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
+    try:
+        return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
+    except BaseException:
+        _unpin(base_path, pin["snapshot"], overlay_uuid)  # no overlay: no pin left behind
+        raise
+
+
+def _unpin(base_path: Path, snapshot: str, overlay_uuid: str) -> None:
+    """Remove the pin record a failed create wrote (best effort: gc of the base otherwise
+    keeps that commit until someone deletes the ``overlay-<uuid>`` snapshot)."""
+    if snapshot != f"{OVERLAY_PIN_PREFIX}{overlay_uuid}":
+        return  # the user's own snapshot: never ours to remove
+    try:
+        with PersistedStore.open(base_path, writable=True) as store:
+            store.unpin(snapshot)
+    except (OSError, DpsnError):
+        pass

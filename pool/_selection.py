@@ -64,25 +64,62 @@ class SparseFinetune:
             of the step's distinct rows, at least one).
         background: a pool with a lifecycle, or None (the trained pool; it needs a lifecycle).
         smooth: added to the background frequency (bounds idf by ``log(1 / smooth)``).
+
+    All three may be set again later (checked as in the constructor), which is how a
+    continual run changes its selection at a task boundary.
     """
 
     def __init__(self, top: int | float, *, background: Any = None, smooth: float = 0.01):
+        self.top = top
+        self.background = background
+        self.smooth = smooth
+
+    # The settings are properties, checked when set, so a selection can change at a task
+    # boundary without rebuilding the layer that holds it: start a run with ``top=1.0`` (every
+    # row), then at the next task set ``background`` to a snapshot of what to keep and ``top``
+    # to the fraction to update (docs/continual.md).
+
+    @property
+    def top(self) -> int | float:
+        """Rows updated per step: an int (at least 1), or a float in (0, 1] (that fraction of
+        the step's distinct rows, at least one; 1.0 updates every row and scores nothing)."""
+        return self._top
+
+    @top.setter
+    def top(self, top: int | float) -> None:
         if isinstance(top, bool) or not isinstance(top, int | float):
             raise TypeError(f"top must be an int or a float, got {type(top).__name__}")
         if isinstance(top, int) and top < 1:
             raise ValueError(f"top (rows per step) must be at least 1, got {top}")
         if isinstance(top, float) and not (0.0 < top <= 1.0):
             raise ValueError(f"top as a fraction must be in (0, 1], got {top}")
-        if not (isinstance(smooth, int | float) and math.isfinite(smooth) and smooth > 0):
-            raise ValueError(f"smooth must be a positive finite number, got {smooth!r}")
+        self._top = top
+
+    @property
+    def background(self) -> Any:
+        """The pool whose usage statistics describe the data to keep, or None (the trained
+        pool's own). The caller keeps it open while the selection is used."""
+        return self._background
+
+    @background.setter
+    def background(self, background: Any) -> None:
         if background is not None and getattr(background, "lifecycle", None) is None:
             raise LifecycleError(
                 "SparseFinetune's background pool has no row lifecycle, so no usage "
                 "statistics: open it with a store that was trained with dpsn.Lifecycle()"
             )
-        self.top = top
-        self.background = background
-        self.smooth = float(smooth)
+        self._background = background
+
+    @property
+    def smooth(self) -> float:
+        """Added to the background frequency (bounds idf by ``log(1 / smooth)``)."""
+        return self._smooth
+
+    @smooth.setter
+    def smooth(self, smooth: float) -> None:
+        if not (isinstance(smooth, int | float) and math.isfinite(smooth) and smooth > 0):
+            raise ValueError(f"smooth must be a positive finite number, got {smooth!r}")
+        self._smooth = float(smooth)
 
     def __repr__(self) -> str:
         bg = "the trained pool" if self.background is None else str(self.background.path)

@@ -342,7 +342,7 @@ class CommitRequest:
     digest of routers already written for this commit; ``state`` / ``usage`` per-row columns
     beside the deltas; ``lifecycle`` the lifecycle's JSON record; ``protected`` the new set of
     protected rows (None: the parent's carried forward); ``modules`` module configurations that
-    changed (name -> JSON object)."""
+    changed (name -> JSON object), or with ``modules_exact`` the whole set (a rollback)."""
 
     ids: np.ndarray
     deltas: np.ndarray
@@ -356,6 +356,7 @@ class CommitRequest:
     lifecycle: dict[str, Any] | None = None
     protected: np.ndarray | None = None
     modules: dict[str, dict[str, Any]] | None = None
+    modules_exact: bool = False
 
 
 class PersistedStore:
@@ -1238,7 +1239,10 @@ class PersistedStore:
         router_records = dict(parent.routers or {})
         for name, digest in (routers or {}).items():
             router_records[name] = {"version": commit_id, "digest": digest}
-        module_records = {**(parent.modules or {}), **(modules or {})}
+        module_records = {
+            **({} if request.modules_exact else parent.modules or {}),
+            **(modules or {}),
+        }
         new_index = index.apply(ids, segment_id, commit_id, drops)
         # Module configurations join the provenance only where a store has some, so stores
         # without them keep the provenance they always had.

@@ -6,8 +6,9 @@ is what the run resumes from, so before a writer trains on, the shard's rows mus
 global commit names. Store commits only go forward (the LMDB HEAD and the index digest move
 together), so the rollback is one more ordinary commit: every row written or dropped after the
 target is rewritten with its value at the target (delta, optimizer state, usage statistics) or
-dropped where it had none; the generator and routers the target used are restored. It costs
-what it rewrites: the rows changed since the target.
+dropped where it had none; the generator, routers, protected rows and module configurations
+(``Pool.modules()``: what ``PoolLayer.from_store`` rebuilds) the target used are restored. It
+costs what it rewrites: the rows changed since the target.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def widths(store: PersistedStore, index: object, ids: np.ndarray) -> tuple[int, 
 
 
 def roll_back(store: PersistedStore, target: int, message: str | None = None) -> Commit | None:
-    """Make HEAD's rows, generator and routers those of ``target`` by one new commit (None when
-    HEAD is ``target`` already). ``store`` must be open for writing; nothing is read into the
-    caller's caches, so open pools on it afterwards."""
+    """Make HEAD's rows, generator, routers, protected rows and module configurations those of
+    ``target`` by one new commit (None when HEAD is ``target`` already). ``store`` must be open
+    for writing; nothing is read into the caller's caches, so open pools on it afterwards."""
     head, index_h = store.load_head()
     if head == target:
         return None
@@ -77,6 +78,9 @@ def roll_back(store: PersistedStore, target: int, message: str | None = None) ->
         usage=usage if has_usage else None,
         lifecycle=rec_t.lifecycle,
         protected=_protected_at(store, rec_t) if rec_t.protected != rec_h.protected else None,
+        # the target's configurations exactly: a module saved after it is gone again
+        modules=rec_t.modules if rec_t.modules != rec_h.modules else None,
+        modules_exact=rec_t.modules != rec_h.modules,
     )
     record, _ = store.commit(index_h, head, request)
     return record

@@ -20,6 +20,7 @@ from dpsn.errors import (
     ReadOnlyError,
     StoreVersionError,
 )
+from dpsn.store import read_manifest
 
 DIM = 4
 SMALL = {"kind": "hashed_slices", "memory_size": 512}
@@ -59,11 +60,15 @@ def test_overlay_reads_base_at_its_commit_and_never_writes_it(tmp_path):
     ov.commit()
     assert torch.equal(ov.read([2]), want[1:2])  # dropped: back to the base's row
     ov.close()
-    # base_at given as a snapshot: nothing was pinned, nothing in the base changed
-    assert state() == before
+    # base_at given as a snapshot: the base's data and history are unchanged; it gained the
+    # overlay's own pin record, at the snapshot's commit
+    (files, log, snaps), (files0, log0, snaps0) = state(), before
+    assert (files, log) == (files0, log0)
     with dpsn.open(tmp_path / "ov") as r:
         assert torch.allclose(r.read([3]), want[2:] + 0.5)
-        assert r.base_store["snapshot"] == "s1"
+        pin = r.base_store["snapshot"]
+        assert pin == f"overlay-{r.uuid}"
+        assert snaps == {**snaps0, pin: snaps0["s1"]}
         assert r.verify().ok
 
 
@@ -101,7 +106,8 @@ def test_typed_errors_for_a_missing_commit_or_another_base(tmp_path):
     garbage.collect()
     # the base commit goes: the snapshot is removed and gc'd away
     with dpsn.open(tmp_path / "base", mode="r+") as b:
-        b._store.unpin("s1")
+        for name in list(b.snapshots()):  # the user's and the overlay's own pin
+            b.delete_snapshot(name)
         b.write([1, 2], torch.ones(2, DIM))  # commit 2's segment is dead after this
         b.commit()
         b.gc()
@@ -119,7 +125,7 @@ def test_typed_errors_for_a_missing_commit_or_another_base(tmp_path):
     other.close()
     ov2 = tmp_path / "ov"
     m = json.loads((ov2 / "dpsn.json").read_text())
-    assert m["format_version"] == 3 and m["base"]["snapshot"] == "s1"
+    assert m["format_version"] == 3 and m["base"]["snapshot"] == f"overlay-{m['uuid']}"
     overlay._SHARED.clear()
     with pytest.raises(BaseMismatchError):
         dpsn.open(ov2)
@@ -173,6 +179,7 @@ def overlays_with(tmp_path, deltas_per_source):
     base = dpsn.create(tmp_path / "base", rows=100, dim=DIM, seed=1, generator=SMALL)
     base.commit()
     base.snapshot("s")
+    base.close()  # each overlay writes its pin record in the base
     paths = []
     for n, rows in enumerate(deltas_per_source):
         p = tmp_path / f"ov{n}"
@@ -181,7 +188,7 @@ def overlays_with(tmp_path, deltas_per_source):
             ov.write(ids, torch.stack([torch.as_tensor(rows[i], dtype=torch.float32) for i in ids]))
             ov.commit()
         paths.append(p)
-    return base, paths
+    return dpsn.open(tmp_path / "base", mode="r+"), paths
 
 
 def test_merge_sum_mean_resonance_on_constructed_cases(tmp_path):
@@ -283,6 +290,11 @@ def test_four_agents_write_overlays_of_one_base_at_once_then_merge(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     with dpsn.open(tmp_path / "base", mode="r+") as b:
+        # each agent took its turn at the base's writer lock to write its own pin record
+        pins = [n for n in b.snapshots() if n.startswith("overlay-")]
+        assert sorted(p[len("overlay-") :] for p in pins) == sorted(
+            read_manifest(tmp_path / f"a{n}").uuid for n in range(4)
+        )
         start = b.read([0, 1, 2, 10, 11, 12, 13]).clone()
         report = dpsn.merge(b, [tmp_path / f"a{n}" for n in range(4)], rule="resonance")
         change = b.read([0, 1, 2, 10, 11, 12, 13]) - start

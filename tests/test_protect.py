@@ -275,6 +275,32 @@ def test_sparse_finetune_updates_the_rows_new_against_the_background(tmp_path):
         e2(torch.tensor([[1, 2]])).sum().backward()
 
 
+def test_sparse_finetune_changes_at_a_task_boundary_without_a_new_layer(tmp_path):
+    pool = make(tmp_path / "s", lifecycle=dpsn.Lifecycle(warmup=1))
+    sel = dpsn.SparseFinetune(top=1.0)  # the first task: every row
+    emb = dpsn.PoolEmbedding(pool, mode="sum", row_optimizer="sgd", row_lr=0.1, row_selection=sel)
+    for _ in range(30):
+        before = pool.read([1, 2]).clone()
+        emb(torch.tensor([[1, 2]])).sum().backward()
+        assert (pool.read([1, 2]) != before).all(1).tolist() == [True, True]
+    pool.commit()
+    pool.snapshot("task-1")
+    with dpsn.open(tmp_path / "s", at="task-1") as bg:
+        sel.background, sel.top = bg, 1  # the next task: what the first one used stays
+        before = pool.read([1, 2, 7]).clone()
+        emb(torch.tensor([[1, 2, 7]])).sum().backward()
+        assert (pool.read([1, 2, 7]) != before).any(1).tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="fraction"):
+        sel.top = 1.5
+    with pytest.raises(TypeError):
+        sel.top = True
+    with pytest.raises(ValueError, match="smooth"):
+        sel.smooth = 0.0
+    with pytest.raises(LifecycleError):
+        sel.background = make(tmp_path / "n")
+    assert sel.top == 1 and sel.smooth == 0.01
+
+
 # -- frozen routing --------------------------------------------------------------------------------
 
 
