@@ -300,7 +300,10 @@ def child_model(spec: dict[str, Any]) -> None:
                 cfg = replace(
                     cfg,
                     generator=generator,
-                    generator_options=dict(GENERATOR_OPTIONS.get(generator, {})),
+                    generator_options={
+                        **GENERATOR_OPTIONS.get(generator, {}),
+                        **spec.get("generator_options", {}),
+                    },
                     train_generator=True,
                 )
         else:
@@ -450,6 +453,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="hashed_slices",
         help="generators of the pool runs, comma-separated: hashed_slices (frozen), region_mlp "
         "(trained with the model)",
+    )
+    ap.add_argument(
+        "--model-generator-options",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="options of the trained generator over the defaults "
+        f"{GENERATOR_OPTIONS['region_mlp']}, e.g. '{{\"region_rank\": 4}}'",
     )
     ap.add_argument(
         "--model-windows",
@@ -613,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steps": model_steps,
                 "final_windows": args.model_windows or (16 if quick else None),
                 "tmp": tmp,
+                "generator_options": args.model_generator_options,
             }
             err = run_child("model", spec, got, timeout=7200)
             if err:
@@ -652,6 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model_steps": model_steps,
             "model_step_budgets": step_budgets,
             "model_generators": generators,
+            "model_generator_options": {
+                **GENERATOR_OPTIONS["region_mlp"],
+                **args.model_generator_options,
+            },
             "model_windows": args.model_windows,
             "model_rows": model_rows,
             "model_k": model_k,
