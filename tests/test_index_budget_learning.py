@@ -88,6 +88,7 @@ def _mean_k(tmp_path, price: float, steps: int = 40) -> tuple[float, float]:
     return float(k), start
 
 
+@pytest.mark.slow  # two short trainings: ~6 s alone, more on a loaded machine
 def test_without_a_price_the_budget_does_not_collapse_and_a_price_lowers_it(tmp_path) -> None:
     free, start = _mean_k(tmp_path, 0.0)
     dear, _ = _mean_k(tmp_path, 0.05)
