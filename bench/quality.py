@@ -4,7 +4,7 @@
     python bench/quality.py --quick         # smoke run (< 1 min)
     python bench/quality.py --clock cpu     # time by CPU time (a machine shared with other work)
     python bench/quality.py --tune --set k=24 --set row_lr=3e-2   # try a setting (validation only)
-    python bench/quality.py --budget-prices 0.001,0.003,0.01     # learned budgets vs fixed k
+    python bench/quality.py --budget-prices 0.00001,0.00002      # learned budgets vs fixed k
 
 Two models side by side, identical except for their feed-forward blocks (the byte-level
 transformer of ``examples/lm.py``):

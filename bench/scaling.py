@@ -64,9 +64,11 @@ DIM = 8
 CACHE_ROWS = 1 << 16
 LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
 # Trained generators of the LM runs (--model-generators), at a size whose step fits a short
-# run on 2 shared cores (docs/generators.md): one hidden layer of 64, 32 hashed features.
+# run on 2 shared cores (docs/generators.md): one hidden layer of 64. 8 hashed features and
+# region embeddings of 32 were chosen on validation bits/byte (10^4-10^6 rows, 100 steps) over
+# 32/16 (the first setting), 4/64 and 32/16 with region_rank=4 (docs/generators.md).
 GENERATOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "region_mlp": {"hidden": 64, "layers": 1, "features": 32},
+    "region_mlp": {"hidden": 64, "layers": 1, "features": 8, "region_dim": 32},
 }
 
 LM_TOKENS_PER_STEP = 1024  # bench/quality.py's DEFAULT: batch 8 x context 128
@@ -300,7 +302,10 @@ def child_model(spec: dict[str, Any]) -> None:
                 cfg = replace(
                     cfg,
                     generator=generator,
-                    generator_options=dict(GENERATOR_OPTIONS.get(generator, {})),
+                    generator_options={
+                        **GENERATOR_OPTIONS.get(generator, {}),
+                        **spec.get("generator_options", {}),
+                    },
                     train_generator=True,
                 )
         else:
@@ -450,6 +455,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="hashed_slices",
         help="generators of the pool runs, comma-separated: hashed_slices (frozen), region_mlp "
         "(trained with the model)",
+    )
+    ap.add_argument(
+        "--model-generator-options",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="options of the trained generator over the defaults "
+        f"{GENERATOR_OPTIONS['region_mlp']}, e.g. '{{\"region_rank\": 4}}'",
     )
     ap.add_argument(
         "--model-windows",
@@ -613,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steps": model_steps,
                 "final_windows": args.model_windows or (16 if quick else None),
                 "tmp": tmp,
+                "generator_options": args.model_generator_options,
             }
             err = run_child("model", spec, got, timeout=7200)
             if err:
@@ -652,6 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model_steps": model_steps,
             "model_step_budgets": step_budgets,
             "model_generators": generators,
+            "model_generator_options": {
+                **GENERATOR_OPTIONS["region_mlp"],
+                **args.model_generator_options,
+            },
             "model_windows": args.model_windows,
             "model_rows": model_rows,
             "model_k": model_k,

@@ -28,6 +28,21 @@ from a router's usage counts with :func:`novelty_from_counts`), and persisted wi
 Setting it is a change of the generator's weights like any other (cached bases are refreshed,
 and the next commit writes a new generator version).
 
+Automatic novelty: :meth:`RegionMLP.set_novelty_from_usage` takes a router's usage
+(``router.usage_counter.counts()``: the rows selected and how often), sums it per region of
+every table (one ``index_add_`` a table) and sets ``novelty = 1 / (1 + log1p(uses))``, so a
+training loop calls one method (bench/scaling.py does, at every evaluation) instead of counting
+regions itself.
+
+Per-region low-rank factors (``region_rank=r > 0``, opt-in): "a hypernetwork per cluster" in
+full, not only a per-region input. Every region of every table also owns a low-rank change of
+the output layer, ``B_t[r_t] @ A_t[r_t]`` (``A [rank, H_L]``, ``B [D, rank]``), so each region's
+rows come from their own output layer ``W_L + sum_t B_t[r_t] A_t[r_t]``. ``B`` starts at zero
+(a fresh generator with factors gives the same rows as one without), ``A`` from the seed; both
+are stored at unit scale with fixed gains like the other weights (``a = 1 / sqrt(H_L)``,
+``b = std / sqrt(rank)``). Cost: ``2 * rank * (D + H_L)`` floats a region, and a gather of
+``rank * (D + H_L)`` floats per generated row.
+
 Row formula (part of a store's meaning: never change it, add a new kind instead)::
 
     f       = hashed_uniform(id, derive_seed(seed, 0), features)                    (F)
@@ -37,6 +52,7 @@ Row formula (part of a store's meaning: never change it, add a new kind instead)
     h_0     = concat(f, e, nu)
     h_{l+1} = act(h_l @ W_l.T + b_l)           l = 0 .. layers-1
     row     = h_L @ W_L.T + b_L
+              + sum_t B_t[r_t] @ (A_t[r_t] @ h_L)                        (region_rank > 0)
 
 Weights are stored at unit scale and multiplied by a fixed per-layer gain in the forward pass
 (the "equalized learning rate" of Karras et al., ICLR 2018): ``W_l = g_l * V_l`` with ``V_l``
@@ -53,6 +69,7 @@ Row formula, exactly (``V_l``, ``c_l`` the stored ``weights.<l>``, ``biases.<l>`
 
     h_{l+1} = act(h_l @ (g_l * V_l).T + c_l)    l < L
     row     = h_L @ (g_L * V_L).T + std * c_L
+              + sum_t (b * B_t[r_t]) @ ((a * A_t[r_t]) @ h_L)            (region_rank > 0)
 """
 
 from __future__ import annotations
@@ -84,6 +101,7 @@ __all__ = [
 _STREAM_FEATURES = 0
 _STREAM_INIT = 1  # weight l uses derive_seed(derive_seed(seed, 1), l)
 _STREAM_EMBED = 2  # table t uses derive_seed(derive_seed(seed, 2), t)
+_STREAM_LOWRANK = 3  # table t's A factors use derive_seed(derive_seed(seed, 3), t)
 
 REGION_MAPS = ("product_keys", "block")
 MAX_REGIONS = 1 << 26  # entries of one region table: 2**26 x 16 floats is 4 GiB
@@ -150,6 +168,8 @@ class RegionMLP(Generator):
         num_regions: regions of the ``"block"`` map (ignored by ``"product_keys"``).
         region_dim: width of a region embedding.
         features, hidden, layers, activation, std: as :class:`RandomFeatureMLP`.
+        region_rank: rank of each region's own change of the output layer (0, the default:
+            none; see the module docstring).
     """
 
     kind = "region_mlp"  # persisted in stores: never rename
@@ -169,8 +189,10 @@ class RegionMLP(Generator):
         layers: int = 2,
         activation: str = "mish",
         std: float | None = None,
+        region_rank: int = 0,
     ) -> None:
         super().__init__(dim=dim, seed=seed)
+        self.region_rank = _positive_int("region_rank", region_rank, minimum=0)
         self.rows = _positive_int("rows", rows)
         self.region_map = _choice("region_map", region_map, dict.fromkeys(REGION_MAPS))
         self.num_regions = None if region_map == "product_keys" else num_regions
@@ -215,8 +237,26 @@ class RegionMLP(Generator):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(fan_out, dtype=torch.float32)))
 
+        # per-region low-rank output factors (a hypernetwork per cluster), opt-in
+        self.factors_a = nn.ParameterList()  # table t: [regions, rank, H_L]
+        self.factors_b = nn.ParameterList()  # table t: [regions, D, rank], zero at creation
+        h_last = widths[-2]
+        self._gain_a = 1.0 / math.sqrt(h_last)
+        self._gain_b = self.std / math.sqrt(max(self.region_rank, 1))
+        if self.region_rank:
+            low_seed = derive_seed(seed, _STREAM_LOWRANK)
+            for t, size in enumerate(sizes):
+                a = hashed_uniform_init(
+                    (size, self.region_rank, h_last), derive_seed(low_seed, t), math.sqrt(3.0)
+                )
+                self.factors_a.append(nn.Parameter(a))
+                self.factors_b.append(nn.Parameter(torch.zeros(size, dim, self.region_rank)))
+
     def config(self) -> dict[str, Any]:
+        # region_rank only when set: stores written before it existed keep their manifests
+        extra = {"region_rank": self.region_rank} if self.region_rank else {}
         return {
+            **extra,
             "rows": self.rows,
             "region_map": self.region_map,
             "num_regions": self.num_regions,
@@ -278,6 +318,24 @@ class RegionMLP(Generator):
             raise ValueError("novelty values must be finite")
         target.copy_(values.to(target.device))
 
+    @torch.no_grad()
+    def set_novelty_from_usage(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Set every table's novelty from row usage: ``ids [M]`` rows and ``counts [M]`` their
+        uses (a router's ``usage_counter.counts()``), summed per region, through
+        :func:`novelty_from_counts` (regions never used read 1). Vectorized: one ``index_add_``
+        a table."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        counts = torch.as_tensor(counts).reshape(-1)
+        if ids.shape != counts.shape:
+            raise ValueError(f"ids {tuple(ids.shape)} and counts {tuple(counts.shape)} differ")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise ValueError(f"usage ids must be rows in [0, {self.rows})")
+        regions = self.regions(ids)
+        for t, r in enumerate(regions):
+            per = torch.zeros(self.novelty[t].shape[0], dtype=torch.float64, device=r.device)
+            per.index_add_(0, r, counts.to(device=r.device, dtype=torch.float64))
+            self.set_novelty(t, novelty_from_counts(per))
+
     # -- rows ----------------------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -297,6 +355,12 @@ class RegionMLP(Generator):
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if layer != last:
                 h = self._act(F.linear(h, w * self._gains[layer], b))  # (n, H)
-            else:
-                h = F.linear(h, w * self._gains[layer], b * self.std)  # (n, D)
+                continue
+            out = F.linear(h, w * self._gains[layer], b * self.std)  # (n, D)
+            for t, r in enumerate(regions[: len(self.factors_a)]):  # region_rank > 0
+                a = self.factors_a[t].index_select(0, r)  # (n, rank, H_L)
+                z = torch.bmm(a, h[:, :, None]) * self._gain_a  # (n, rank, 1)
+                b_t = self.factors_b[t].index_select(0, r)  # (n, D, rank)
+                out = out + torch.bmm(b_t, z)[:, :, 0] * self._gain_b
+            h = out
         return h.view(*ids.shape, self.dim)

@@ -50,6 +50,9 @@ class RouteResult:
     - ``cost``: the compute penalty ``budget_cost * mean(expected k)`` of a learned budget
       with a price (already added to the loss through the scores' backward; for logging),
       else ``None``.
+    - ``keep``: ``[T, K]`` soft keep-weights of a learned budget being trained (in (0.5, 1] on
+      kept rows, 0 on padding; multiply each row's output by it so the loss trains the budget
+      head, as :meth:`gates` does; see ``dpsn.index`` budgets), else ``None``.
     """
 
     ids: Tensor
@@ -58,6 +61,7 @@ class RouteResult:
     complexity: Tensor
     regions: Tensor | None = None
     cost: Tensor | None = None
+    keep: Tensor | None = None
 
     @property
     def k_max(self) -> int:
@@ -68,6 +72,13 @@ class RouteResult:
     def mask(self) -> Tensor:
         """``[T, K]`` bool, True where the entry is a real row (``arange(K) < k[:, None]``)."""
         return torch.arange(self.k_max, device=self.k.device) < self.k[:, None]
+
+    def gates(self) -> Tensor:
+        """``[T, K]`` mixing weights of the chosen rows: ``softmax(scores)`` (padding exactly 0),
+        times :attr:`keep` while a learned budget trains (the soft budget edge through which the
+        loss trains the budget head)."""
+        g = torch.softmax(self.scores, dim=-1)
+        return g if self.keep is None else g * self.keep
 
     @property
     def mean_k(self) -> float:
@@ -178,18 +189,24 @@ class Router(nn.Module, ABC):
             ids, scores, novelty, regions = self._candidates(x)
             complexity = self.budget.complexity(x, scores.detach(), novelty)
             k = self.budget.k_for(complexity)
-        cost = None
+        cost = keep = None
         if self.budget.signal != "fixed":  # a fixed budget leaves no padding to mark
             mask = torch.arange(self.k_max, device=x.device) < k[:, None]  # [T, K]
             ids = ids.masked_fill(~mask, PAD_ID)
             scores = scores.masked_fill(~mask, PAD_SCORE)
             if self.budget.signal == "learned" and complexity.requires_grad:  # graph being built
-                scores, cost = self.budget.train_signal(scores, complexity, mask)
+                scores, keep, cost = self.budget.train_signal(scores, complexity, mask)
         if self.track_usage:
             self.usage_counter.observe(ids)  # padding (PAD_ID) is not counted
             self.budget.observe(k)
         return RouteResult(
-            ids=ids, scores=scores, k=k, complexity=complexity, regions=regions, cost=cost
+            ids=ids,
+            scores=scores,
+            k=k,
+            complexity=complexity,
+            regions=regions,
+            cost=cost,
+            keep=keep,
         )
 
     def check_input(self, x: Tensor) -> Tensor:

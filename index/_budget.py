@@ -16,11 +16,24 @@ Learning a budget against its cost (``budget_cost``, a price in loss units per r
 dynamic-k MoE routers add such a compute term to the loss). k is an integer and carries no
 gradient, so two differentiable paths stand in for it while training:
 
-- the task side: every kept candidate ``j`` (0-based rank) gets ``s_j - stop_grad(s_j)`` added
-  to its score, ``s_j = sigmoid(k_soft - j - 1/2)`` with ``k_soft = k_min + c * (k_max - k_min)``.
-  The value is exactly zero (routing and outputs are unchanged); the gradient tells the head how
-  much the loss would gain from weighting the rows at the budget's edge up (a larger budget)
-  or down (a smaller one), as a straight-through estimator does;
+- the task side: ``RouteResult.keep`` ``[T, K]``, a soft keep-weight per kept candidate,
+  ``s_j = sigmoid((k_soft - j - 1/2) / KEEP_TEMPERATURE)`` with ``j`` its 0-based rank and
+  ``k_soft = k_min + c * (k_max - k_min)`` (0 on padding; ``k = round(k_soft)`` rows are kept).
+  A consumer multiplies each row's *output* by it (``RouteResult.gates()`` does:
+  ``softmax(scores) * keep``, what ``PoolLayer`` uses), so the training loss is a smooth function
+  of ``k_soft`` and its gradient says whether more of the rows at the budget's edge would lower
+  the loss. The edge row weighs between 0.5 and 0.88 while training: the gradient is taken
+  around the middle of "row in" and "row out" (a midpoint rule), which makes it an estimate of
+  what keeping the row is worth. Only while a learned head trains (grad mode): routing in eval
+  or under ``no_grad`` has no ``keep`` and weighs every kept row fully, so a trained model's
+  outputs differ slightly from its training-time ones (as dropout's do).
+
+  Two earlier signals collapsed to ``k_min`` even at price 0 (bench/quality.py
+  ``--budget-prices 0``, docs/generators.md): the same weights put on the *scores* (with softmax
+  gates, raising a low-ranked row's score takes weight from the better rows above it, so the
+  edge row always looked harmful), and on the outputs as a straight-through factor of value 1
+  (the derivative at "row fully in" is biased toward removing it: a loss that curves upward
+  around its minimum rises with any row's own contribution, by half its curvature term);
 - the cost side: ``budget_cost * mean_t(k_soft)`` (the expected rows per input times the price)
   is added to whatever loss the scores reach, by an identity on the scores whose backward also
   feeds the penalty a gradient of one (DeepSeek-MoE's ``AddAuxiliaryLoss``). The caller's
@@ -57,6 +70,9 @@ __all__ = ["SIGNALS", "Budget", "BudgetSignal"]
 BudgetSignal = Literal["fixed", "entropy", "novelty", "learned"]
 SIGNALS: tuple[str, ...] = ("fixed", "entropy", "novelty", "learned")
 _QUANTILES = 65  # points of the stored empirical CDF
+# Width of the soft edge of a training budget (in rows): the last kept row weighs 0.5-0.88, the
+# one before it 0.88-0.98, rows further in ~1 (module docstring).
+KEEP_TEMPERATURE = 0.5
 
 
 def _seeded_linear(d_in: int, d_out: int, seed: int) -> nn.Linear:
@@ -205,18 +221,20 @@ class Budget(nn.Module):
 
     def train_signal(
         self, scores: Tensor, complexity: Tensor, mask: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """Scores ``[T, K]`` through which the loss trains a learned head, and the cost penalty
-        (None without a price); the scores' values are unchanged (module docstring)."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(scores, keep, penalty)`` while a learned head trains: the scores (values unchanged;
+        with a price, their backward also adds the penalty to the loss), the soft keep-weights
+        ``[T, K]`` (0 on padding; their gradient trains the head) and the penalty (None without
+        a price). See the module docstring."""
         k_soft = self.expected_k(complexity)  # [T]
         ranks = torch.arange(scores.shape[-1], device=scores.device, dtype=k_soft.dtype)
-        edge = torch.sigmoid(k_soft[:, None] - ranks - 0.5)  # [T, K]
-        nudge = torch.where(mask, edge - edge.detach(), torch.zeros_like(edge))
-        scores = scores + nudge.to(scores.dtype)
+        edge = torch.sigmoid((k_soft[:, None] - ranks - 0.5) / KEEP_TEMPERATURE)  # [T, K]
+        keep = torch.where(mask, edge, torch.zeros_like(edge))
+        keep = keep.to(scores.dtype)
         if not self.cost:
-            return scores, None
+            return scores, keep, None
         penalty = self.cost * k_soft.mean()
-        return _AddPenalty.apply(scores, penalty), penalty
+        return _AddPenalty.apply(scores, penalty), keep, penalty
 
     @torch.no_grad()
     def observe(self, k: Tensor) -> None:

@@ -64,7 +64,9 @@ class Uses:
     def __init__(self, route: Any) -> None:
         t, k = route.ids.shape
         device = route.ids.device
-        gates = torch.softmax(route.scores, dim=-1)  # padding: -inf -> exactly 0
+        # softmax(scores), padding exactly 0; a learned budget in training also scales each
+        # row's output by its soft keep-weight, which carries the budget head's gradient
+        gates = route.gates() if hasattr(route, "gates") else torch.softmax(route.scores, -1)
         mask = route.mask
         self.k = k if bool(mask.all()) else None  # uses per token, if every token has k_max
         if self.k is not None:  # a fixed budget: no padding, a regular layout

@@ -51,6 +51,11 @@ def _region_mlp_shapes(dim: int, config: dict[str, Any]) -> dict[str, list[int]]
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         shapes[f"weights.{i}"] = [fan_out, fan_in]
         shapes[f"biases.{i}"] = [fan_out]
+    rank = _int(config, "region_rank", 0, 0, 1 << 16)  # per-region low-rank output factors
+    if rank:
+        for t, size in enumerate(sizes):
+            shapes[f"factors_a.{t}"] = [size, rank, widths[-2]]
+            shapes[f"factors_b.{t}"] = [size, dim, rank]
     return shapes
 
 
