@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -515,11 +514,16 @@ class RowStack(UsageStatistics):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``base + delta`` of 1-D ``ids`` (repeats allowed), pool dtype, on the device.
 
         Cached rows stay pinned until the next ``read`` (the step in flight)."""
+        if torch.is_grad_enabled():  # (Pool.read turned it off already: a hot read saves ~3 us)
+            with torch.no_grad():
+                return self._read(ids)
+        return self._read(ids)
+
+    def _read(self, ids: torch.Tensor) -> torch.Tensor:
         with self.lock:
             cache = self.cache
             if cache is None:
@@ -1051,14 +1055,16 @@ class RowStack(UsageStatistics):
         message: str,
         *,
         stats: dict[str, Any] | None,
-        routers: Callable[[int], dict[str, str]] | None = None,
+        routers: dict[str, str] | None = None,
         lifecycle: dict[str, Any] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
     ) -> Commit:
         """Make every change since the last commit durable in one atomic step: dirty rows,
-        staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
-        writes the changed ones and returns their digests). On failure the store keeps its
-        previous commit and the changes stay staged.
+        staged rows and drops, changed generator weights, and the routers the caller has
+        already written as version ``head + 1`` (``routers``: name -> digest; the commit
+        record names them, nothing here calls back up to write them). On failure the store
+        keeps its previous commit and the changes stay staged (routers written for a commit
+        that failed are rewritten by the next).
 
         With usage statistics, rows still in their warm-up (FREE, fewer uses than
         ``UsageRules.warmup``, never committed) stay staged instead of being written, and
@@ -1075,7 +1081,6 @@ class RowStack(UsageStatistics):
                 at = torch.from_numpy(~held)
                 ids, values = ids[~held], {name: v[at] for name, v in values.items()}
             usage = values[layout.usage.name].numpy() if layout.usage_width else None
-            written = routers(self.head + 1) if routers is not None else None
             record, index = self.store.commit(
                 self.index,
                 self.head,
@@ -1090,7 +1095,7 @@ class RowStack(UsageStatistics):
                     message=message,
                     stats=stats,
                     generator_state=generator_state,
-                    routers=written,
+                    routers=routers,
                     protected=self.protected.numpy() if self.protected_changed else None,
                 ),
             )
