@@ -108,6 +108,10 @@ class RowBatch:
       rows beforehand (``table`` and ``index`` then point there), as autograd would need.
 
     ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
+    ``skip_step()`` counts a row step the executor skipped instead; ``writable`` says whether
+    the rows may train at all (a read-only pool's never do); ``regroup(ids)`` pages other ids
+    in from the same rows (``accumulate()`` regroups its micro-batches with it): what an
+    executor and its row trainer need, so neither calls back into the pool;
     ``release()`` unpins them; the rows of a batch garbage-collected without ``release()`` are
     let go at the stack's next operation. ``anchor`` is a scalar that requires grad: pass it into
     the executor's autograd function, so that its backward (where the rows train) runs even when
@@ -170,6 +174,22 @@ class RowBatch:
     def deltas(self) -> torch.Tensor:
         """``[n, dim]`` float32: the rows' current deltas (zeros for procedural rows)."""
         return self._stack.deltas_of(self)
+
+    @property
+    def writable(self) -> bool:
+        """Whether these rows may train: False on a read-only pool, whose executors skip the
+        row step (the rows never change)."""
+        return self._stack.writable
+
+    def skip_step(self) -> None:
+        """The executor skipped this batch's row step (non-finite gradients): counted in
+        ``stats()["skipped_row_steps"]``. The batch is not marked applied."""
+        self._stack.count_skipped_step()
+
+    def regroup(self, ids: torch.Tensor) -> RowBatch:
+        """A new batch of ``ids`` (int64, in range: e.g. the ids of several batches of this
+        pool, concatenated) paged in from the same rows, pinned until released."""
+        return self._stack.page_in(ids)
 
     def apply_grads(
         self,
@@ -335,6 +355,11 @@ class RowStack(UsageStatistics):
     @property
     def dim(self) -> int:
         return self.layout.dim
+
+    @property
+    def writable(self) -> bool:
+        """Whether the store under the stack takes commits (the pool holds the writer lock)."""
+        return bool(self.store.writable)
 
     # -- the lower tiers -----------------------------------------------------------------------
 
