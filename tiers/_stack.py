@@ -429,11 +429,11 @@ class RowStack(UsageStatistics):
             rows.index_add_(0, at, self._to_device(delta).to(rows.dtype))
         return rows
 
-    # -- the cache's callbacks -----------------------------------------------------------------
+    # -- moving rows into and out of the cache -------------------------------------------------
 
     def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Write the columns of distinct missing ``ids`` (CPU; in batch order when none
-        repeats, see ``_cache.FillFn``) into ``slots``: the row always; delta, base and state
+        repeats, see ``_cache.Admission``) into ``slots``: the row always; delta, base and state
         only for rows that have a delta (``RowLayout``).
 
         While the cache warms up its victims are a run of fresh slots: a float32 pool's
@@ -504,10 +504,24 @@ class RowStack(UsageStatistics):
         cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
 
     def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Slots of ``ids`` in the cache, the misses paged in: the stack drives the cache's
+        admission (no callbacks): dirty victims are staged first, then the missing rows are
+        read from the lower tiers into the victims' slots."""
         cache = self.cache
         assert cache is not None
         self._unpin_collected()  # (every lookup: pins of collected batches must not hold rows)
-        return cache.lookup(ids, self._fill, self._evict, counts=counts)
+        admission = cache.admit(ids, counts=counts)
+        if isinstance(admission, torch.Tensor):  # all cached
+            return admission
+        if len(admission.dirty):
+            self._evict(admission.dirty)  # their columns still hold the rows: staged, not lost
+        cache.place(admission)
+        try:
+            self._fill(admission.missing.cpu(), admission.victims)
+        except BaseException:
+            cache.abandon(admission)
+            raise
+        return cache.finish(admission)
 
     # -- staleness of cached bases -------------------------------------------------------------
 
