@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dpsn import _kernels
-from dpsn._dtypes import from_storage, to_storage
+from dpsn._dtypes import to_storage
 from dpsn.errors import CacheCapacityError, InvalidArgumentError, InvalidDeltaError
 from dpsn.store import Commit, CommitRequest, PersistedStore, RowLookup
 
@@ -42,6 +42,7 @@ from ._optimizer import RowOptimizer
 from ._procedural import ProceduralTier
 from ._stack_usage import UsageStatistics
 from ._staging import Staging
+from ._tier import PersistedTier, StagingTier, Tier
 
 SECOND_BACKWARD = (
     "these rows were already updated by this graph's backward: a second backward through the "
@@ -321,13 +322,16 @@ class RowStack(UsageStatistics):
     ) -> None:
         self.store = store
         self.head = commit
-        self.index = index
         self.procedural = procedural
         self.dtype_name = dtype_name
         self.dtype: torch.dtype = getattr(torch, dtype_name)
         self.device = device
         self.layout = RowLayout(store.manifest.dim, self.dtype, 0)
         self.staging = Staging(self.layout)
+        # the lower tiers, in the order a row's delta is looked for (see _tier.py); the
+        # procedural generator gives every row its base beside them
+        self._persisted = PersistedTier(store, index, dtype_name)
+        self.tiers: tuple[Tier, ...] = (StagingTier(self.staging), self._persisted)
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.cache: DeviceCache | None = None
         self.trained: torch.Tensor | None = None  # per slot: has a delta/base/state
@@ -357,6 +361,15 @@ class RowStack(UsageStatistics):
         return self.layout.dim
 
     @property
+    def index(self) -> RowLookup:
+        """The row index of the commit the persisted tier reads."""
+        return self._persisted.index
+
+    @index.setter
+    def index(self, index: RowLookup) -> None:
+        self._persisted.index = index
+
+    @property
     def writable(self) -> bool:
         """Whether the store under the stack takes commits (the pool holds the writer lock)."""
         return bool(self.store.writable)
@@ -366,33 +379,35 @@ class RowStack(UsageStatistics):
     def _host_rows(
         self, ids: np.ndarray
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deltas, state and usage statistics of ``ids`` (any order, repeats allowed) from
-        staging or disk: the positions in ``ids`` that have one, their deltas (pool dtype),
-        states and usage (CPU; usage ``[n, 0]`` without a lifecycle). With a lifecycle, FREE
-        deltas come decayed to the current epoch (``_usage.materialize``). Rows without a delta
-        cost nothing, so a read of procedural rows allocates no zeros."""
+        """Deltas, state and usage statistics of ``ids`` (any order, repeats allowed) from the
+        lower tiers (``self.tiers``, in order: staging, then the persisted store; each asked
+        for the ids the ones above left open): the positions in ``ids`` that have one, their
+        deltas (pool dtype), states and usage (CPU; usage ``[n, 0]`` without a lifecycle).
+        With a lifecycle, FREE deltas come decayed to the current epoch
+        (``_usage.materialize``). Rows without a delta cost nothing, so a read of procedural
+        rows allocates no zeros."""
         layout = self.layout
-        staged, staged_cols, dropped = self.staging.lookup(ids)
-        disk_pos = np.flatnonzero(~(staged | dropped))
-        found, values, state, usage = self.store.read_deltas(
-            self.index,
-            ids[disk_pos],
-            state_width=layout.state_width,
-            usage_width=layout.usage_width,
-        )
-        disk_pos = disk_pos[found]
-        self.counters["rows_from_disk"] += len(disk_pos)
-        self.counters["bytes_from_disk"] += values.nbytes + state.nbytes + usage.nbytes
-        delta, row_state = from_storage(values, self.dtype_name), torch.from_numpy(state)
-        row_usage = torch.from_numpy(usage)
-        if staged.any():
-            disk_pos = np.concatenate([disk_pos, np.flatnonzero(staged)])
-            delta = torch.cat([delta, staged_cols[layout.delta.name]])
-            row_state = torch.cat([row_state, staged_cols[layout.state.name]])
-            row_usage = torch.cat([row_usage, staged_cols[layout.usage.name]])
-        if self.usage_rules is not None and len(disk_pos):
-            delta, row_usage = self._current_epoch(delta, row_usage)
-        return disk_pos, delta, row_state, row_usage
+        open_pos = np.arange(len(ids))
+        pos, delta, state, usage = [], [], [], []
+        for tier in self.tiers:
+            got = tier.read(ids[open_pos], layout)
+            pos.append(open_pos[got.found])
+            delta.append(got.delta)
+            state.append(got.state)
+            usage.append(got.usage)
+            if tier is self._persisted:
+                self.counters["rows_from_disk"] += len(got.found)
+                self.counters["bytes_from_disk"] += got.nbytes
+            if len(got.found) or len(got.ended):
+                left = np.ones(len(open_pos), dtype=bool)
+                left[got.found] = False
+                left[got.ended] = False
+                open_pos = open_pos[left]
+        at = np.concatenate(pos)
+        row_delta, row_state, row_usage = torch.cat(delta), torch.cat(state), torch.cat(usage)
+        if self.usage_rules is not None and len(at):
+            row_delta, row_usage = self._current_epoch(row_delta, row_usage)
+        return at, row_delta, row_state, row_usage
 
     def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deltas (float32), states and usage of ``ids`` from the host tiers: zeros where no
