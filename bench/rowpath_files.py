@@ -16,7 +16,8 @@ executor (``mode="sum"``, row SGD), each traced after warming up:
 - ``hot step``: a forward and backward of one cached row (its second step);
 - ``miss step``: the same for a row never read before (procedural, nothing staged);
 - ``hot read``: ``pool.read`` of cached rows;
-- ``commit``: ``pool.commit()`` of one trained row (dirty in the cache).
+- ``commit``: ``pool.commit()`` of one trained row (dirty in the cache);
+- ``hot step, lifecycle``: the hot step on a pool with a ``dpsn.Lifecycle`` (usage statistics).
 
 Run: ``python bench/rowpath_files.py [--walk NAME] [--json]`` (``--walk`` prints the files of
 one operation in the order first entered, with their call counts). ``DPSN_NATIVE=0`` gives the
@@ -127,11 +128,23 @@ def operations(tmp: Path) -> dict[str, Callable[[], Any]]:
         pool.read(hot.reshape(-1))
         commit()
     step(hot)  # a trained row for the traced commit (the hot step below trains it again)
+    # the same hot step on a pool with a row lifecycle (usage statistics on the walk)
+    tracked = dpsn.create(
+        tmp / "l", rows=10**6, dim=16, seed=1, cache_rows=1024, lifecycle=dpsn.Lifecycle()
+    )
+    emb_l = PoolEmbedding(tracked, mode="sum", row_optimizer="sgd", row_lr=0.1)
+
+    def tracked_step() -> None:
+        emb_l(hot).square().sum().backward()
+
+    for _ in range(3):
+        tracked_step()
     return {
         "hot step": lambda: step(hot),
         "miss step": miss,
         "hot read": lambda: pool.read(hot.reshape(-1)),
         "commit": commit,
+        "hot step, lifecycle": tracked_step,
     }
 
 
@@ -148,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=1))
         return 0
     print(f"library at {root}")
-    print(f"{'operation':<12} {'files':>6} {'boundaries':>11} {'crossings':>10} {'both ways':>10}")
+    print(f"{'operation':<20} {'files':>6} {'boundaries':>11} {'crossings':>10} {'both ways':>10}")
     for name, r in results.items():
         print(
-            f"{name:<12} {r['files']:>6} {r['boundaries']:>11} {r['crossings']:>10} "
+            f"{name:<20} {r['files']:>6} {r['boundaries']:>11} {r['crossings']:>10} "
             f"{len(r['both_ways']):>10}"
         )
     if args.walk:
