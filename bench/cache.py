@@ -72,7 +72,7 @@ from _common import add_out_argument, print_table, write_json
 import dpsn
 from dpsn.index import ProductKeyRouter
 from dpsn.index.testing import mixture
-from dpsn.pool._validate import as_ids
+from dpsn.pool import as_ids
 from dpsn.tiers import Column, DeviceCache
 
 ID_SPACE = 10**8

@@ -69,7 +69,7 @@ def make_stores(tmp: Path, quick: bool) -> dict[str, Path]:
     import torch
 
     import dpsn
-    from dpsn.tools._demo import run_demo
+    from dpsn.tools import run_demo
 
     stores = {}
     demo = tmp / "demo"
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
     from dpsn.store import StoreFacts
-    from dpsn.tools._format import human_bytes
+    from dpsn.tools import human_bytes
 
     results: list[dict[str, Any]] = []
     started = time.perf_counter()

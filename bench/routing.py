@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from dpsn.index import LSHRouter, ProductKeyRouter, Router, VQRouter
-from dpsn.index._topk import merge_topk, topk_ip
+from dpsn.index import LSHRouter, ProductKeyRouter, Router, VQRouter, merge_topk, topk_ip
 from dpsn.index.testing import mixture, recall
 
 sys.path.insert(0, str(Path(__file__).parent))

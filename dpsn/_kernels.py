@@ -46,19 +46,21 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True if the native loops may run on ``tensors`` (all on the CPU)."""
-    return ENABLED and all(t.device.type == "cpu" for t in tensors)
+    # ``is_cpu`` is a flag read; ``device.type`` builds a torch.device first (a hot read asks
+    # this on every call)
+    return ENABLED and all(t.is_cpu for t in tensors)
 
 
 def _check(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> int:
     """The pointer of ``t`` once it is a contiguous CPU tensor of ``dtype`` (and ``shape``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"native loop needs a tensor, got {type(t).__name__}")
-    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
         raise ValueError(
             f"native loop needs a contiguous CPU {dtype} tensor, got a"
             f"{'' if t.is_contiguous() else ' non-contiguous'} {t.device.type} {t.dtype} one"
         )
-    if shape is not None and tuple(t.shape) != shape:
+    if shape is not None and t.shape != shape:  # (torch.Size is a tuple: no copy to compare)
         raise ValueError(f"native loop needs shape {shape}, got {tuple(t.shape)}")
     return t.data_ptr()
 
@@ -114,6 +116,42 @@ def _table_args(
     )
 
 
+class CuckooTable:
+    """A slot table's arguments for the cuckoo loops, checked once (all that ``_table_args``
+    checks) so that a hot read does not check them again on every call (they were ~5 us of a
+    ~60 us read of a few ids).
+
+    Holds ``entries`` and ``slot_ids``, which stay alive while it does. Contract: its owner
+    (``tiers.SlotTable``) builds a new one whenever a parameter changes or either tensor is
+    replaced. A tensor resized or re-pointed in place since is still refused: every use
+    compares both tensors' data pointers and sizes with the checked ones (``args``), a few
+    flag reads, before C sees a pointer."""
+
+    __slots__ = ("args", "entries", "slot_ids")
+
+    def __init__(
+        self,
+        entries: torch.Tensor,
+        half: int,
+        bits: int,
+        mult0: int,
+        mult1: int,
+        slot_ids: torch.Tensor,
+        capacity: int,
+    ) -> None:
+        self.args = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+        self.entries, self.slot_ids = entries, slot_ids
+
+    def current(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """The checked arguments, once both tensors are confirmed unchanged since the check."""
+        a, e, s = self.args, self.entries, self.slot_ids
+        if e.data_ptr() != a[0] or s.data_ptr() != a[7] or e.numel() != 2 * a[2]:
+            raise ValueError("the hash table's entries were replaced or resized since checked")
+        if s.numel() != a[6] + 1 or not (e.is_contiguous() and s.is_contiguous()):
+            raise ValueError("the cache's slot ids were replaced or resized since checked")
+        return a
+
+
 def cuckoo_find(
     entries: torch.Tensor,
     half: int,
@@ -126,8 +164,15 @@ def cuckoo_find(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The slot table's lookup in one pass (see ``_slot_table.SlotTable.find``); a negative id
     (``index.PAD_ID``) is never a hit."""
+    return cuckoo_find_in(CuckooTable(entries, half, bits, mult0, mult1, slot_ids, capacity), ids)
+
+
+def cuckoo_find_in(checked: CuckooTable, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cuckoo_find` on a table checked once (:class:`CuckooTable`)."""
     assert _lib is not None
-    table = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    if not isinstance(checked, CuckooTable):
+        raise TypeError(f"a checked CuckooTable is needed, got {type(checked).__name__}")
+    table = checked.current()
     ids = _ids(ids)
     n = len(ids)
     slots = torch.empty(n, dtype=torch.int64)
@@ -152,13 +197,27 @@ def cuckoo_insert(
     """The slot table's insertion of new ``ids`` (each >= 0) into ``slots`` (each below the
     capacity), one id after another (see ``_slot_table.SlotTable.insert``); False if a chain of
     moves ran past ``max_kicks`` (the table must then be rebuilt)."""
+    checked = CuckooTable(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    return cuckoo_insert_in(checked, home, ids, slots, max_kicks)
+
+
+def cuckoo_insert_in(
+    checked: CuckooTable,
+    home: torch.Tensor,
+    ids: torch.Tensor,
+    slots: torch.Tensor,
+    max_kicks: int,
+) -> bool:
+    """:func:`cuckoo_insert` on a table checked once (:class:`CuckooTable`)."""
     assert _lib is not None
-    table = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    if not isinstance(checked, CuckooTable):
+        raise TypeError(f"a checked CuckooTable is needed, got {type(checked).__name__}")
+    table = checked.current()
     ids, slots = _ids(ids), _ids(slots)
     n = len(ids)
     done = _lib.cuckoo_insert(
         *table,
-        _check(home, torch.int64, (capacity + 1,)),
+        _check(home, torch.int64, (table[6] + 1,)),
         ids.data_ptr(),
         _check(slots, torch.int64, (n,)),
         n,
@@ -209,21 +268,37 @@ def find_gather(
     dim]``, any dtype), or None if some id is not cached (nothing gathered then; a negative id
     never is). ``last``: an LRU policy's float64 ``[capacity]`` column, stamped with ``step``
     for every slot read."""
+    checked = CuckooTable(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    return find_gather_in(checked, ids, table, last, step)
+
+
+def find_gather_in(
+    checked: CuckooTable,
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    last: torch.Tensor | None = None,
+    step: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`find_gather` on a hash table checked once (:class:`CuckooTable`): the hot read's
+    entry. ``ids``, ``table`` and ``last`` are still checked on every call (they change)."""
     assert _lib is not None
-    args = _table_args(entries, half, bits, mult0, mult1, slot_ids, capacity)
+    if not isinstance(checked, CuckooTable):
+        raise TypeError(f"a checked CuckooTable is needed, got {type(checked).__name__}")
+    args = checked.current()
     ids = _ids(ids)
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         raise ValueError("find_gather needs a 2-D [capacity, width] table")
+    capacity, width = args[6], table.shape[1]
     n = len(ids)
     slots = torch.empty(n, dtype=torch.int64)
-    out = torch.empty((n, table.shape[1]), dtype=table.dtype)
+    out = torch.empty((n, width), dtype=table.dtype)
     misses = _lib.find_gather(
         *args,
         ids.data_ptr(),
         n,
         slots.data_ptr(),
-        _check(table, table.dtype, (capacity, table.shape[1])),
-        table.shape[1] * table.element_size(),
+        _check(table, table.dtype, (capacity, width)),
+        width * table.element_size(),
         out.data_ptr(),
         0 if last is None else _check(last, torch.float64, (capacity,)),
         float(step),

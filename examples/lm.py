@@ -530,11 +530,12 @@ def profile(
     steps: int,
     clock: str = "wall",
 ) -> dict[str, float]:
-    """Milliseconds per training step spent in each part dpsn names (``dpsn.pool._profile``:
+    """Milliseconds per training step spent in each part dpsn names (``dpsn.pool.STEP_SCOPES``:
     routing, paging rows in, the executor forward and backward, the row optimizer), and the
     rest (attention, the dense layers, the dense optimizer, autograd), over ``steps`` steps
-    timed by ``clock`` (see :func:`train`; ``dpsn.pool._profile.timing``)."""
-    from dpsn.pool._profile import SCOPES, timing
+    timed by ``clock`` (see :func:`train`; ``dpsn.pool.step_timing``)."""
+    from dpsn.pool import STEP_SCOPES as SCOPES
+    from dpsn.pool import step_timing as timing
 
     def one(i: int) -> None:
         g.manual_seed(cfg.seed * 1_000_003 + step + i)

@@ -19,6 +19,7 @@ from ._lsh import LSHRouter
 from ._persist import ROUTER_KINDS, load_router, router_digest, save_router
 from ._product_keys import ProductKeyRouter
 from ._regions import RegionRouter
+from ._topk import merge_topk, topk_ip
 from ._usage import usage_figures
 from ._vq import VQRouter
 
@@ -44,7 +45,9 @@ __all__ = [
     "VQRouter",
     "faiss_gpu_available",
     "load_router",
+    "merge_topk",
     "router_digest",
     "save_router",
+    "topk_ip",
     "usage_figures",
 ]

@@ -16,10 +16,14 @@ from ._migration import Migration
 from ._ngram import NgramMemory, prefetching
 from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
+from ._profile import SCOPES as STEP_SCOPES
+from ._profile import timing as step_timing
 from ._selection import RowSelection, SparseFinetune
+from ._validate import as_ids
 
 __all__ = [
     "ROW_OPTIMIZERS",
+    "STEP_SCOPES",
     "Commit",
     "Level",
     "LevelledPool",
@@ -44,10 +48,12 @@ __all__ = [
     "StoreSpec",
     "TableRange",
     "VerifyReport",
+    "as_ids",
     "compact",
     "create",
     "gc",
     "merge",
     "open",
     "prefetching",
+    "step_timing",
 ]

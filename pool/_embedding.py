@@ -90,7 +90,7 @@ class _Bags(torch.autograd.Function):
             keep = won >= 0
             grads = torch.zeros((len(batch), dout.shape[1]), device=dout.device)
             grads.scatter_add_(0, won.clamp(min=0), torch.where(keep, dout, 0.0))
-            if len(batch) and module.pool.writable:
+            if len(batch) and batch.writable:
                 module.trainer.step(batch, grads)
             batch.release()
             return None, None, None, None, None, None
@@ -105,7 +105,7 @@ class _Bags(torch.autograd.Function):
         if weights is not None and ctx.needs_input_grad[1]:
             rows = torch.index_select(batch.table, 0, batch.use_index.reshape(-1)).float()
             dweights = (rows * dout[bag]).sum(dim=1).to(weights.dtype)  # (m,)
-        if len(batch) and module.pool.writable:  # a read-only pool's rows never change
+        if len(batch) and batch.writable:  # a read-only pool's rows never change
             module.trainer.step(batch, sum_by_row(batch, coef, dout, bag))
         batch.release()
         return None, dweights, None, None, None, None

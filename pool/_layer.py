@@ -160,7 +160,7 @@ class _PeerRows(torch.autograd.Function):
             raise RuntimeError(SECOND_BACKWARD)
         with scope(EXECUTOR_BACKWARD):
             dx, dgates, grads = _PeerRows._grads(ctx, dy)
-        if grads is not None and len(batch) and layer.pool.writable:
+        if grads is not None and len(batch) and batch.writable:
             layer.trainer.step(batch, grads)  # a read-only pool's rows never change
         batch.release()
         return None, dx, dgates, None, None, None
@@ -233,7 +233,7 @@ class _FusedDeltas(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
         batch = ctx.batch
-        if ctx.layer.pool.writable:  # a read-only pool's rows never change
+        if batch.writable:  # a read-only pool's rows never change
             summed = torch.zeros((len(batch), grad.shape[-1]), device=grad.device)
             summed.index_add_(0, batch.inverse, grad.float())
             ctx.layer.trainer.step(batch, summed)

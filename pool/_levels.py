@@ -498,6 +498,19 @@ class LevelBatch:
         self._owner._train_step(self._inner, grads, optimizer, self._hold, rows)
         self.applied = True
 
+    @property
+    def writable(self) -> bool:
+        """Whether the train level's rows may train (see ``RowBatch.writable``)."""
+        return self._owner.writable
+
+    def skip_step(self) -> None:
+        """Count a row step the executor skipped (see ``RowBatch.skip_step``)."""
+        self._owner.count_skipped_row_step()
+
+    def regroup(self, ids: torch.Tensor) -> LevelBatch:
+        """A new batch of ``ids`` over the same levels (see ``RowBatch.regroup``)."""
+        return self._owner.page_in(ids)
+
     def release(self) -> None:
         self._inner.release()
 

@@ -68,7 +68,7 @@ class _Rows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[None, None, None]:
         batch, module = ctx.batch, ctx.module
-        if len(batch) and module.pool.writable:
+        if len(batch) and batch.writable:
             grads = torch.zeros(
                 (len(batch), dout.shape[1]), dtype=torch.float32, device=dout.device
             )

@@ -16,6 +16,7 @@ Generator staleness (the cache keeps each trained row's base beside its delta):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -392,10 +393,13 @@ class Pool:
         _couse_files.discard(self.path, head + 1)  # a leftover of a commit that failed
         if self._couse is not None:
             _couse_files.save(self.path, head + 1, self._couse, keep={head})
+        # the changed routers are written first, as the commit's version: the commit request
+        # then names what they wrote (the row path never calls back up to write them)
+        written = self._routers.write_changed(head, head + 1)
         record = self._stack.commit(
             message,
             stats=self.stats(),
-            routers=lambda version: self._routers.write_changed(head, version),
+            routers=written,
             lifecycle=lc.to_json() if lc is not None else None,
             modules=self._changed_modules(head),
         )
@@ -785,16 +789,23 @@ class Pool:
             self.close()
 
 
+@functools.cache
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say): asked once,
+    as every read checks against it (two ``sysconf`` calls cost a hot read ~2 us)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def _check_batch_memory(n: int, dim: int, dtype: torch.dtype) -> None:
     """Refuse at once a read whose result alone (``n`` rows of ``dim``, plus the float32 rows it
     is computed in) is larger than this machine's physical memory, rather than fail deep in an
     allocator (or swap for minutes)."""
-    need = n * dim * (torch.empty((), dtype=dtype).element_size() + 4)
-    try:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return
-    if need > have:
+    need = n * dim * (dtype.itemsize + 4)
+    have = _physical_memory()
+    if have is not None and need > have:
         raise BatchTooLargeError(
             f"reading {n} rows of width {dim} at once needs about {need >> 20} MiB, more than "
             f"this machine's memory ({have >> 20} MiB); read them in smaller batches"

@@ -178,6 +178,20 @@ class ShardedRowBatch:
         self._pool._owner_select = select
         self._selects = True
 
+    @property
+    def writable(self) -> bool:
+        """Whether the rows may train (see ``RowBatch.writable``)."""
+        return self._pool.writable
+
+    def skip_step(self) -> None:
+        """Count a row step the executor skipped (see ``RowBatch.skip_step``)."""
+        self._pool.count_skipped_row_step()
+
+    def regroup(self, ids: torch.Tensor) -> ShardedRowBatch:
+        """A new batch of ``ids`` fetched from their owners: a collective, like ``page_in``
+        (see ``RowBatch.regroup``)."""
+        return self._pool.page_in(ids)
+
     def release(self) -> None:
         """Take part in the gradient exchange if a backward was expected and none was given
         (idempotent), then let the owner's rows be evicted again."""

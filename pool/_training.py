@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,7 +62,11 @@ def sum_by_row(
 
 
 class RowTrainer:
-    """Turns an executor's summed row gradients into row steps (see the module docstring)."""
+    """Turns an executor's summed row gradients into row steps (see the module docstring).
+
+    It reaches the rows only through the batch it is given (``apply_grads``, ``skip_step``,
+    ``regroup``): ``pool`` is held just to hand to a row selection, whose public signature is
+    ``select(pool, batch, grads)``."""
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class RowTrainer:
         self.row_clip = None if row_clip is None else float(row_clip)
         self._depth = 0  # nesting of accumulate()
         self._stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._regroup: Callable[[Any], Any] | None = None  # the stash's first batch's regroup
 
     def step(self, batch: RowBatch, grads: torch.Tensor) -> None:
         """The backward of ``batch`` produced ``grads`` ``[n, dim]`` (aligned with
@@ -100,9 +105,11 @@ class RowTrainer:
         grads = self._unscale(grads.float())
         if self._depth:
             batch.applied = True  # its gradient is taken; a second backward still raises
+            if not self._stash:
+                self._regroup = batch.regroup  # how the block's rows are paged in again
             self._stash.append((batch.ids, grads))
             return
-        if self._ready(grads):
+        if self._ready(batch, grads):
             batch.apply_grads(grads, self.optimizer, rows=self._rows(batch, grads))
         else:
             batch.applied = True
@@ -117,7 +124,7 @@ class RowTrainer:
             return grads
         return grads / float(scaler.get_scale())
 
-    def _ready(self, grads: torch.Tensor) -> bool:
+    def _ready(self, batch: Any, grads: torch.Tensor) -> bool:
         """Check and clip ``grads`` in place; False (and counted) when they are not finite.
 
         One sum answers "all finite?" in one pass, since inf and NaN propagate through it
@@ -125,7 +132,7 @@ class RowTrainer:
         gradients); only a sum that overflows is looked at element by element."""
         finite = bool(torch.isfinite(grads.sum())) or bool(torch.isfinite(grads).all())
         if not finite:
-            self.pool.count_skipped_row_step()
+            batch.skip_step()
             return False
         if self.row_clip is not None:
             norms = torch.linalg.vector_norm(grads, dim=1, keepdim=True)
@@ -142,18 +149,23 @@ class RowTrainer:
         except BaseException:
             if self._depth == 1:
                 self._stash.clear()
+                self._regroup = None
             raise
         finally:
             self._depth -= 1
         if self._depth == 0 and self._stash:
             stash, self._stash = self._stash, []
-            self._apply_stash(stash)
+            regroup, self._regroup = self._regroup, None
+            assert regroup is not None
+            self._apply_stash(stash, regroup)
 
-    def _apply_stash(self, stash: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _apply_stash(
+        self, stash: list[tuple[torch.Tensor, torch.Tensor]], regroup: Callable[[Any], Any]
+    ) -> None:
         ids = torch.cat([i for i, _ in stash])
         grads = torch.cat([g for _, g in stash])
-        with self.pool.page_in(ids) as batch:  # the distinct rows, sorted, with use inverse
+        with regroup(ids) as batch:  # the distinct rows, sorted, with use inverse
             summed = torch.zeros((len(batch), grads.shape[1]), device=grads.device)
             summed.index_add_(0, batch.inverse.reshape(-1), grads)
-            if self._ready(summed):
+            if self._ready(batch, summed):
                 batch.apply_grads(summed, self.optimizer, rows=self._rows(batch, summed))

@@ -197,6 +197,25 @@ def _groups(root: Path) -> dict[str, list[tuple[str, Callable[[], object]]]]:
                 *good, ids, torch.zeros(8, 4), torch.zeros(3, dtype=torch.float64)
             )
         )
+        # the hot read's entries take a table checked once; what changed since is refused
+        case("kernels", "find_gather_in: not a checked table")(
+            lambda: K.find_gather_in(good, ids, torch.zeros(8, 4))  # type: ignore[arg-type]
+        )
+
+        def resized_after_check() -> None:
+            e = ent.clone()
+            checked = K.CuckooTable(e, *good[1:])
+            e.resize_(4)  # same object, shorter: its pointer no longer covers 2 * half entries
+            K.find_gather_in(checked, ids, torch.zeros(8, 4))
+
+        def repointed_after_check() -> None:
+            e = ent.clone()
+            checked = K.CuckooTable(e, *good[1:])
+            e.set_(torch.full((256,), 8, dtype=torch.int32))  # same size, other memory
+            K.cuckoo_find_in(checked, ids)
+
+        case("kernels", "find_gather_in: entries resized since checked")(resized_after_check)
+        case("kernels", "cuckoo_find_in: entries re-pointed since checked")(repointed_after_check)
         case("kernels", "cuckoo_insert: negative id")(
             lambda: K.cuckoo_insert(*good, sid.clone(), torch.tensor([-1]), torch.tensor([0]), 9)
         )
@@ -686,6 +705,11 @@ def test_what_crashed_before_now_raises_or_misses() -> None:
         ]
         typed += ["pk: n2 == 0", "pk: backward n2 == 0", "cuckoo_find: bits 0"]
         typed += ["cuckoo_find: bits vs half", "peer_forward: d_in past dim"]
+        typed += [
+            "find_gather_in: not a checked table",
+            "find_gather_in: entries resized since checked",
+            "cuckoo_find_in: entries re-pointed since checked",
+        ]
     for name in typed:
         assert results[name]["outcome"] == "typed", results[name]
 

@@ -453,3 +453,29 @@ def test_large_columns_ask_for_huge_pages_and_hold_what_torch_full_would():
                 flags = line.split()[1:]
                 break
     assert flags is not None and "hg" in flags  # MADV_HUGEPAGE was given
+
+
+def test_an_admission_changes_nothing_until_its_owner_places_it():
+    """The owner drives a miss (issue 20: the cache calls nothing of its owner's): ``admit``
+    changes no slot, names the dirty victims while their columns still hold the rows;
+    ``place`` makes the ids found; ``abandon`` forgets them again; ``finish`` counts."""
+    c = make_cache(capacity=2)
+    fill = filler(c)
+    c.lookup(torch.tensor([1, 2]), fill, no_evict)
+    c.column(V)[c.find(torch.tensor([1]))[0]] = 10.0  # row 1 changed: dirty
+    c.mark_dirty(c.find(torch.tensor([1]))[0])
+    c.lookup(torch.tensor([2]), fill, no_evict)  # 1 is now the least recent
+    a = c.admit(torch.tensor([3]))
+    assert not isinstance(a, torch.Tensor)
+    assert a.missing.tolist() == [3] and len(a.dirty) == 1
+    assert c.find(torch.tensor([1]))[1].tolist() == [True]  # nothing changed yet
+    assert c.column(V)[a.dirty].tolist() == [[10.0, 10.0]]  # the dirty row, still there
+    c.place(a)
+    assert c.find(torch.tensor([1, 3]))[1].tolist() == [False, True]
+    c.abandon(a)  # the owner could not fill: the slot is forgotten
+    assert c.find(torch.tensor([3]))[1].tolist() == [False] and len(c) == 1
+    b = c.admit(torch.tensor([3]))
+    c.place(b)
+    fill(b.missing.cpu(), b.victims)
+    assert c.finish(b).tolist() == b.victims.tolist()
+    assert c.stats.last["misses"] == 1 and len(c) == 2

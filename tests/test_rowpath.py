@@ -437,3 +437,18 @@ def test_a_failed_fill_keeps_dirty_rows_it_evicted(tmp_path, monkeypatch):
     pool.commit()
     assert pool.info()["persisted_rows"] == 4
     pool.close()
+
+
+def test_no_step_walks_back_up_a_file(tmp_path):
+    """The road from an executor to its rows runs one way (issue 20): in a hot step, a miss
+    and a hot read no two library files call each other (the cache once called the stack back
+    to fill and evict), and a commit does not call from tiers/ back into pool/ (it once did,
+    for the routers). bench/rowpath_files.py prints the counts."""
+    from dpsn.bench.rowpath_files import _library_root, operations, trace
+
+    ops = operations(tmp_path, lifecycle=False)
+    root = _library_root()
+    for name in ("hot step", "miss step", "hot read"):
+        assert trace(ops[name], root)["both_ways"] == [], name
+    commit = trace(ops["commit"], root)
+    assert not [p for p in commit["both_ways"] if "pool/" in p and "tiers/" in p]

@@ -129,3 +129,35 @@ def test_bad_rule_arguments(tmp_path):
     with pytest.raises(TypeError, match="GradScaler"):
         PoolEmbedding(pool, grad_scaler=object())
     pool.close()
+
+
+class _NoPool:
+    """A stand-in for the pool that fails on any use: the row trainer must reach rows only
+    through the batches it is given (issue 20, one road from executor to rows)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the row trainer called the pool: .{name}")
+
+
+def test_the_row_trainer_reaches_rows_only_through_the_batch(tmp_path):
+    from dpsn.pool import RowSGD
+    from dpsn.pool._training import RowTrainer
+
+    pool, _ = make(tmp_path / "s")
+    trainer = RowTrainer(_NoPool(), RowSGD(lr=0.1))
+    ids = torch.tensor([1, 2, 2, 5])
+    with pool.page_in(ids) as batch:  # a plain step
+        trainer.step(batch, torch.ones(len(batch), DIM))
+    with pool.page_in(ids) as batch:  # a skipped one (counted through the batch)
+        trainer.step(batch, torch.full((len(batch), DIM), float("nan")))
+    with trainer.accumulate():  # micro-batches regrouped through the batch
+        for part in (ids[:2], ids[2:]):
+            with pool.page_in(part) as batch:
+                trainer.step(batch, torch.ones(len(batch), DIM))
+    stats = pool.stats()
+    assert (stats["row_steps"], stats["skipped_row_steps"]) == (2, 1)
+    # SGD, lr 0.1, gradient 1 per row and batch: each row -0.1 in the first step; in the
+    # block row 2's two micro-batch gradients are summed
+    want = torch.tensor([-0.2, -0.3, -0.2])[:, None].expand(3, DIM)
+    assert torch.allclose(pool.delta(torch.tensor([1, 2, 5])), want)
+    pool.close()

@@ -7,9 +7,10 @@ replacement exact, so the policies behave as their textbook versions, which is w
 compared with Belady's optimum (``bench/cache.py``).
 
 Each slot holds the columns its owner declares (``_columns.Column``: the row's value, its delta,
-optimizer state, ...). The cache allocates them and knows nothing of what they mean: its owner
-writes the columns of newly admitted rows through a ``fill`` callback, is handed dirty slots
-before they are reused (write-back), and says which slots it changed (``mark_dirty``). Rows of a
+optimizer state, ...). The cache allocates them and knows nothing of what they mean. A lookup
+with misses is a few steps its owner drives (``admit`` -> save the dirty victims -> ``place``
+-> write the new rows' columns -> ``finish``, or ``abandon``): the cache never calls its
+owner back. The owner says which slots it changed (``mark_dirty``). Rows of a
 step in flight or of a pending prefetch are pinned and never chosen as victims. A pin is a slot
 tensor kept under its holder's key, not a per-slot counter: setting one costs nothing on a hit,
 and the pins are only consulted when a miss must evict.
@@ -70,6 +71,30 @@ class CacheStats:
     def hit_rate(self) -> float | None:
         n = self.total["hits"] + self.total["misses"]
         return self.total["hits"] / n if n else None
+
+
+@dataclass
+class Admission:
+    """The misses of one lookup, admitted in steps its owner drives (:meth:`DeviceCache.admit`,
+    then ``place``, ``finish`` or ``abandon``): the cache calls nothing of its owner's.
+
+    ``missing`` are the distinct missing ids (device; in batch order when none repeats, else
+    sorted, so that a cold batch's rows fill a run of fresh slots in batch order) and
+    ``victims`` the slots they get, in the same order; ``dirty`` are the victims whose rows
+    changed since they were written back (the owner saves them before ``place``: their
+    columns still hold them until it writes the new rows). The rest is the lookup's own:
+    the batch's ``ids``, ``slots`` of its hits, ``counts``, the positions that missed
+    (``miss``) and where each went among the missing (``where``, None when none repeats)."""
+
+    ids: torch.Tensor
+    slots: torch.Tensor
+    counts: torch.Tensor | None
+    miss: torch.Tensor
+    where: torch.Tensor | None
+    missing: torch.Tensor
+    victims: torch.Tensor
+    gone: torch.Tensor  # victims that held a row
+    dirty: torch.Tensor
 
 
 class DeviceCache:
@@ -159,7 +184,9 @@ class DeviceCache:
         *,
         counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Slots holding ``ids`` (1-D int64), paging in the misses in one batch.
+        """Slots holding ``ids`` (1-D int64), paging in the misses in one batch: the steps of
+        :meth:`admit` run with ``fill`` and ``evict`` as the owner's part (a convenience for
+        tests and benchmarks; the row stack drives the steps itself, with no callbacks).
 
         ``ids`` may repeat, or be unique with ``counts`` saying how often each was asked for
         (the statistics and the frequency policies count uses, not distinct ids). Each distinct
@@ -167,41 +194,88 @@ class DeviceCache:
         when the batch needs more slots than can be freed.
         """
         with self.mutex:
+            admission = self.admit(ids, counts=counts)
+            if isinstance(admission, torch.Tensor):
+                return admission
+            if len(admission.dirty):
+                evict(admission.dirty)
+            self.place(admission)
+            try:
+                fill(admission.missing.cpu(), admission.victims)
+            except BaseException:
+                self.abandon(admission)
+                raise
+            return self.finish(admission)
+
+    def admit(
+        self, ids: torch.Tensor, *, counts: torch.Tensor | None = None
+    ) -> torch.Tensor | Admission:
+        """The first step of a lookup of ``ids`` (see :meth:`lookup`): their slots when all
+        are cached (counted, done), else an :class:`Admission` of the misses, nothing changed
+        yet. The owner then saves ``admission.dirty`` (their columns still hold the rows),
+        calls :meth:`place`, writes the rows' columns into ``admission.victims`` and calls
+        :meth:`finish` (or :meth:`abandon` if it could not). The caller holds ``mutex``
+        throughout. Raises :class:`CacheCapacityError`, nothing changed, when the batch needs
+        more slots than can be freed."""
+        with self.mutex:
             self.step += 1
             self.stats.new_step()
             ids = ids.to(self.device)
             slots, hit = self.find(ids)
-            n_miss = 0
-            all_hit = bool(hit.all())
-            if not all_hit:
-                miss = torch.nonzero(~hit).flatten()
-                if counts is None:  # ids may repeat: each distinct missing id once
-                    missing, where = _distinct(ids[miss])
-                else:  # distinct already
-                    missing, where = ids[miss], None
-                if int(missing.min()) < 0:  # never cached (-1 is an empty slot's mark)
-                    raise IndexError("the cache holds no negative ids (index.PAD_ID is -1)")
-                n_miss = len(missing)
-                victims = self._admit(slots[hit], counts is not None, missing, fill, evict)
-                if where is None and len(miss) == len(ids):  # all missed: slots in batch order
-                    slots = victims
-                else:
-                    slots[miss] = victims if where is None else victims[where]
-            uses = len(ids) if counts is None else int(counts.sum())
-            self.policy.access(ids, slots, self.step, counts)
-            self.stats.add(lookups=1, hits=uses - n_miss, misses=n_miss)
-            return slots
+            if bool(hit.all()):
+                uses = len(ids) if counts is None else int(counts.sum())
+                self.policy.access(ids, slots, self.step, counts)
+                self.stats.add(lookups=1, hits=uses)
+                return slots
+            miss = torch.nonzero(~hit).flatten()
+            if counts is None:  # ids may repeat: each distinct missing id once
+                missing, where = _distinct(ids[miss])
+            else:  # distinct already
+                missing, where = ids[miss], None
+            if int(missing.min()) < 0:  # never cached (-1 is an empty slot's mark)
+                raise IndexError("the cache holds no negative ids (index.PAD_ID is -1)")
+            victims = self._victims(slots[hit], counts is not None, len(missing))
+            gone = victims[self.slot_ids[victims] >= 0]
+            return Admission(
+                ids, slots, counts, miss, where, missing, victims, gone, gone[self.dirty[gone]]
+            )
 
-    def _admit(
-        self,
-        hit_slots: torch.Tensor,
-        hits_unique: bool,
-        missing: torch.Tensor,
-        fill: FillFn,
-        evict: EvictFn,
-    ) -> torch.Tensor:
-        """Make room for distinct ``missing`` ids, fill them; their slots, in order."""
-        n = len(missing)
+    def place(self, admission: Admission) -> None:
+        """The victims' rows leave (their dirty ones saved by the owner) and the missing ids
+        take their slots: from now on they are found there, their columns not yet written."""
+        a = self._evicted(admission)
+        self.slot_ids[a.victims] = a.missing
+        self.dirty[a.victims] = False
+        self.table.insert(a.missing, a.victims)
+        self._occupied += len(a.missing)
+
+    def abandon(self, admission: Admission) -> None:
+        """The owner could not write the victims' columns: the slots hold nothing valid, so
+        they are forgotten (their table entries stop confirming). Dirty rows they held were
+        saved before :meth:`place`, so nothing is lost."""
+        a = admission
+        self.slot_ids[a.victims] = -1
+        self.table.release(a.victims)
+        self._occupied -= len(a.missing)
+
+    def finish(self, admission: Admission) -> torch.Tensor:
+        """The rows are written: the policy learns of them and the batch's uses, and the
+        lookup is counted. Returns the slots of every id of the batch."""
+        a = admission
+        self.policy.insert(a.victims, self.step)
+        slots = a.slots
+        if a.where is None and len(a.miss) == len(a.ids):  # all missed: slots in batch order
+            slots = a.victims
+        else:
+            slots[a.miss] = a.victims if a.where is None else a.victims[a.where]
+        uses = len(a.ids) if a.counts is None else int(a.counts.sum())
+        n_miss = len(a.missing)
+        self.policy.access(a.ids, slots, self.step, a.counts)
+        self.stats.add(lookups=1, hits=uses - n_miss, misses=n_miss)
+        return slots
+
+    def _victims(self, hit_slots: torch.Tensor, hits_unique: bool, n: int) -> torch.Tensor:
+        """``n`` slots for new rows, never one this batch's hits use nor a pinned one."""
         in_use = len(hit_slots) if hits_unique else int(torch.unique(hit_slots).numel())
         if n + in_use > self.capacity:
             raise CacheCapacityError(
@@ -210,41 +284,25 @@ class DeviceCache:
         if self._fresh + n <= self.capacity:  # warming up: never-used slots, no eviction
             victims = torch.arange(self._fresh, self._fresh + n, device=self.device)
             self._fresh += n
-        else:
-            evictable = ~self.pinned()
-            evictable[hit_slots] = False  # never evict a row this very batch uses
-            victims = self.policy.victims(evictable, self.slot_ids >= 0, n)
-            # Victims may include never-used slots: the bump region must not hand them out again.
-            self._fresh = max(self._fresh, int(victims.max()) + 1)
-            self._evict(victims, evict)
-        self.slot_ids[victims] = missing
-        self.dirty[victims] = False
-        self.table.insert(missing, victims)
-        self._occupied += n
-        try:
-            fill(missing.cpu(), victims)
-        except BaseException:
-            # The slots hold nothing valid: forget them (their table entries stop confirming).
-            # Dirty rows they held were handed to ``evict`` first, so nothing is lost.
-            self.slot_ids[victims] = -1
-            self.table.release(victims)
-            self._occupied -= n
-            raise
-        self.policy.insert(victims, self.step)
+            return victims
+        evictable = ~self.pinned()
+        evictable[hit_slots] = False  # never evict a row this very batch uses
+        victims = self.policy.victims(evictable, self.slot_ids >= 0, n)
+        # Victims may include never-used slots: the bump region must not hand them out again.
+        self._fresh = max(self._fresh, int(victims.max()) + 1)
         return victims
 
-    def _evict(self, victims: torch.Tensor, evict: EvictFn) -> None:
-        gone = victims[self.slot_ids[victims] >= 0]
-        if len(gone) == 0:
-            return
-        dirty = gone[self.dirty[gone]]
-        if len(dirty):
-            evict(dirty)
-            self.stats.add(writebacks=len(dirty))
-        self.slot_ids[gone] = -1
-        self.table.release(gone)
-        self._occupied -= len(gone)
-        self.stats.add(evictions=len(gone))
+    def _evicted(self, admission: Admission) -> Admission:
+        """The rows the admission's victims held leave the cache (counted)."""
+        gone, dirty = admission.gone, admission.dirty
+        if len(gone):
+            if len(dirty):
+                self.stats.add(writebacks=len(dirty))
+            self.slot_ids[gone] = -1
+            self.table.release(gone)
+            self._occupied -= len(gone)
+            self.stats.add(evictions=len(gone))
+        return admission
 
     # -- owner's hooks -------------------------------------------------------------------------
 

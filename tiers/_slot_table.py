@@ -70,10 +70,30 @@ class SlotTable:
         self._claims = torch.empty(2 * self.half, dtype=torch.int64, device=self.device)
         self._seed = 0
         self.rebuilds = 0
+        self._checked: _kernels.CuckooTable | None = None  # for the C loops, see _native
+        self._checked_key: tuple[int, ...] = ()
 
     def _multipliers(self) -> tuple[int, int]:
         n = len(_MULTIPLIERS)
         return _MULTIPLIERS[(2 * self._seed) % n], _MULTIPLIERS[(2 * self._seed + 1) % n]
+
+    def _native(self) -> _kernels.CuckooTable:
+        """The table's arguments for the C loops, checked when one of them last changed (a
+        rebuild's new hash functions, or an attribute replaced) rather than on every lookup."""
+        key = (self.half, self.bits, self.capacity, self._seed)
+        checked = self._checked
+        if (
+            checked is None
+            or checked.entries is not self.entries
+            or checked.slot_ids is not self._slot_ids
+            or key != self._checked_key
+        ):
+            first, second = self._multipliers()
+            checked = _kernels.CuckooTable(
+                self.entries, self.half, self.bits, first, second, self._slot_ids, self.capacity
+            )
+            self._checked, self._checked_key = checked, key
+        return checked
 
     def _place(self, ids: torch.Tensor, which: int) -> torch.Tensor:
         """Entry index of ``ids``' first (0) or second (1) place."""
@@ -86,17 +106,7 @@ class SlotTable:
         """Slots of ``ids`` (int64, any order, repeats allowed) and a hit mask; a slot is
         meaningless (but in range) where the mask is False."""
         if _kernels.usable(ids, self.entries):  # the same probes, in one C loop
-            first, second = self._multipliers()
-            return _kernels.cuckoo_find(
-                self.entries,
-                self.half,
-                self.bits,
-                first,
-                second,
-                self._slot_ids,
-                self.capacity,
-                ids,
-            )
+            return _kernels.cuckoo_find_in(self._native(), ids)
         slot = torch.index_select(self.entries, 0, self._place(ids, 0))
         hit = torch.index_select(self._slot_ids, 0, slot) == ids
         if not bool(hit.all()):
@@ -122,20 +132,7 @@ class SlotTable:
         id is not cached (a negative one never is) or the loop cannot run here."""
         if not _kernels.usable(ids, self.entries, table) or not table.is_contiguous():
             return None
-        first, second = self._multipliers()
-        return _kernels.find_gather(
-            self.entries,
-            self.half,
-            self.bits,
-            first,
-            second,
-            self._slot_ids,
-            self.capacity,
-            ids.contiguous(),
-            table,
-            last,
-            step,
-        )
+        return _kernels.find_gather_in(self._native(), ids.contiguous(), table, last, step)
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Record that unique ``ids`` (absent from the table, each >= 0) now live in ``slots``
@@ -164,20 +161,7 @@ class SlotTable:
         """One cuckoo insertion; False if it did not settle (nothing is lost: the caller
         rebuilds, which re-inserts every occupied slot)."""
         if _kernels.usable(ids, self.entries):  # one id after another, in one C loop
-            first, second = self._multipliers()
-            return _kernels.cuckoo_insert(
-                self.entries,
-                self.half,
-                self.bits,
-                first,
-                second,
-                self._slot_ids,
-                self.capacity,
-                self.home,
-                ids,
-                slots,
-                _MAX_KICKS,
-            )
+            return _kernels.cuckoo_insert_in(self._native(), self.home, ids, slots, _MAX_KICKS)
         return self._insert_vectorized(ids, slots)
 
     def _insert_vectorized(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:

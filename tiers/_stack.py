@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from dpsn import _kernels
-from dpsn._dtypes import from_storage, to_storage
+from dpsn._dtypes import to_storage
 from dpsn.errors import CacheCapacityError, InvalidArgumentError, InvalidDeltaError
 from dpsn.store import Commit, CommitRequest, PersistedStore, RowLookup
 
@@ -43,6 +42,7 @@ from ._optimizer import RowOptimizer
 from ._procedural import ProceduralTier
 from ._stack_usage import UsageStatistics
 from ._staging import Staging
+from ._tier import PersistedTier, StagingTier, Tier
 
 SECOND_BACKWARD = (
     "these rows were already updated by this graph's backward: a second backward through the "
@@ -109,6 +109,10 @@ class RowBatch:
       rows beforehand (``table`` and ``index`` then point there), as autograd would need.
 
     ``apply_grads(grads, optimizer)`` updates the rows once (a second call raises);
+    ``skip_step()`` counts a row step the executor skipped instead; ``writable`` says whether
+    the rows may train at all (a read-only pool's never do); ``regroup(ids)`` pages other ids
+    in from the same rows (``accumulate()`` regroups its micro-batches with it): what an
+    executor and its row trainer need, so neither calls back into the pool;
     ``release()`` unpins them; the rows of a batch garbage-collected without ``release()`` are
     let go at the stack's next operation. ``anchor`` is a scalar that requires grad: pass it into
     the executor's autograd function, so that its backward (where the rows train) runs even when
@@ -171,6 +175,22 @@ class RowBatch:
     def deltas(self) -> torch.Tensor:
         """``[n, dim]`` float32: the rows' current deltas (zeros for procedural rows)."""
         return self._stack.deltas_of(self)
+
+    @property
+    def writable(self) -> bool:
+        """Whether these rows may train: False on a read-only pool, whose executors skip the
+        row step (the rows never change)."""
+        return self._stack.writable
+
+    def skip_step(self) -> None:
+        """The executor skipped this batch's row step (non-finite gradients): counted in
+        ``stats()["skipped_row_steps"]``. The batch is not marked applied."""
+        self._stack.count_skipped_step()
+
+    def regroup(self, ids: torch.Tensor) -> RowBatch:
+        """A new batch of ``ids`` (int64, in range: e.g. the ids of several batches of this
+        pool, concatenated) paged in from the same rows, pinned until released."""
+        return self._stack.page_in(ids)
 
     def apply_grads(
         self,
@@ -302,13 +322,16 @@ class RowStack(UsageStatistics):
     ) -> None:
         self.store = store
         self.head = commit
-        self.index = index
         self.procedural = procedural
         self.dtype_name = dtype_name
         self.dtype: torch.dtype = getattr(torch, dtype_name)
         self.device = device
         self.layout = RowLayout(store.manifest.dim, self.dtype, 0)
         self.staging = Staging(self.layout)
+        # the lower tiers, in the order a row's delta is looked for (see _tier.py); the
+        # procedural generator gives every row its base beside them
+        self._persisted = PersistedTier(store, index, dtype_name)
+        self.tiers: tuple[Tier, ...] = (StagingTier(self.staging), self._persisted)
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.cache: DeviceCache | None = None
         self.trained: torch.Tensor | None = None  # per slot: has a delta/base/state
@@ -337,38 +360,54 @@ class RowStack(UsageStatistics):
     def dim(self) -> int:
         return self.layout.dim
 
+    @property
+    def index(self) -> RowLookup:
+        """The row index of the commit the persisted tier reads."""
+        return self._persisted.index
+
+    @index.setter
+    def index(self, index: RowLookup) -> None:
+        self._persisted.index = index
+
+    @property
+    def writable(self) -> bool:
+        """Whether the store under the stack takes commits (the pool holds the writer lock)."""
+        return bool(self.store.writable)
+
     # -- the lower tiers -----------------------------------------------------------------------
 
     def _host_rows(
         self, ids: np.ndarray
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deltas, state and usage statistics of ``ids`` (any order, repeats allowed) from
-        staging or disk: the positions in ``ids`` that have one, their deltas (pool dtype),
-        states and usage (CPU; usage ``[n, 0]`` without a lifecycle). With a lifecycle, FREE
-        deltas come decayed to the current epoch (``_usage.materialize``). Rows without a delta
-        cost nothing, so a read of procedural rows allocates no zeros."""
+        """Deltas, state and usage statistics of ``ids`` (any order, repeats allowed) from the
+        lower tiers (``self.tiers``, in order: staging, then the persisted store; each asked
+        for the ids the ones above left open): the positions in ``ids`` that have one, their
+        deltas (pool dtype), states and usage (CPU; usage ``[n, 0]`` without a lifecycle).
+        With a lifecycle, FREE deltas come decayed to the current epoch
+        (``_usage.materialize``). Rows without a delta cost nothing, so a read of procedural
+        rows allocates no zeros."""
         layout = self.layout
-        staged, staged_cols, dropped = self.staging.lookup(ids)
-        disk_pos = np.flatnonzero(~(staged | dropped))
-        found, values, state, usage = self.store.read_deltas(
-            self.index,
-            ids[disk_pos],
-            state_width=layout.state_width,
-            usage_width=layout.usage_width,
-        )
-        disk_pos = disk_pos[found]
-        self.counters["rows_from_disk"] += len(disk_pos)
-        self.counters["bytes_from_disk"] += values.nbytes + state.nbytes + usage.nbytes
-        delta, row_state = from_storage(values, self.dtype_name), torch.from_numpy(state)
-        row_usage = torch.from_numpy(usage)
-        if staged.any():
-            disk_pos = np.concatenate([disk_pos, np.flatnonzero(staged)])
-            delta = torch.cat([delta, staged_cols[layout.delta.name]])
-            row_state = torch.cat([row_state, staged_cols[layout.state.name]])
-            row_usage = torch.cat([row_usage, staged_cols[layout.usage.name]])
-        if self.usage_rules is not None and len(disk_pos):
-            delta, row_usage = self._current_epoch(delta, row_usage)
-        return disk_pos, delta, row_state, row_usage
+        open_pos = np.arange(len(ids))
+        pos, delta, state, usage = [], [], [], []
+        for tier in self.tiers:
+            got = tier.read(ids[open_pos], layout)
+            pos.append(open_pos[got.found])
+            delta.append(got.delta)
+            state.append(got.state)
+            usage.append(got.usage)
+            if tier is self._persisted:
+                self.counters["rows_from_disk"] += len(got.found)
+                self.counters["bytes_from_disk"] += got.nbytes
+            if len(got.found) or len(got.ended):
+                left = np.ones(len(open_pos), dtype=bool)
+                left[got.found] = False
+                left[got.ended] = False
+                open_pos = open_pos[left]
+        at = np.concatenate(pos)
+        row_delta, row_state, row_usage = torch.cat(delta), torch.cat(state), torch.cat(usage)
+        if self.usage_rules is not None and len(at):
+            row_delta, row_usage = self._current_epoch(row_delta, row_usage)
+        return at, row_delta, row_state, row_usage
 
     def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deltas (float32), states and usage of ``ids`` from the host tiers: zeros where no
@@ -405,11 +444,11 @@ class RowStack(UsageStatistics):
             rows.index_add_(0, at, self._to_device(delta).to(rows.dtype))
         return rows
 
-    # -- the cache's callbacks -----------------------------------------------------------------
+    # -- moving rows into and out of the cache -------------------------------------------------
 
     def _fill(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Write the columns of distinct missing ``ids`` (CPU; in batch order when none
-        repeats, see ``_cache.FillFn``) into ``slots``: the row always; delta, base and state
+        repeats, see ``_cache.Admission``) into ``slots``: the row always; delta, base and state
         only for rows that have a delta (``RowLayout``).
 
         While the cache warms up its victims are a run of fresh slots: a float32 pool's
@@ -480,10 +519,24 @@ class RowStack(UsageStatistics):
         cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
 
     def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Slots of ``ids`` in the cache, the misses paged in: the stack drives the cache's
+        admission (no callbacks): dirty victims are staged first, then the missing rows are
+        read from the lower tiers into the victims' slots."""
         cache = self.cache
         assert cache is not None
         self._unpin_collected()  # (every lookup: pins of collected batches must not hold rows)
-        return cache.lookup(ids, self._fill, self._evict, counts=counts)
+        admission = cache.admit(ids, counts=counts)
+        if isinstance(admission, torch.Tensor):  # all cached
+            return admission
+        if len(admission.dirty):
+            self._evict(admission.dirty)  # their columns still hold the rows: staged, not lost
+        cache.place(admission)
+        try:
+            self._fill(admission.missing.cpu(), admission.victims)
+        except BaseException:
+            cache.abandon(admission)
+            raise
+        return cache.finish(admission)
 
     # -- staleness of cached bases -------------------------------------------------------------
 
@@ -515,11 +568,16 @@ class RowStack(UsageStatistics):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``base + delta`` of 1-D ``ids`` (repeats allowed), pool dtype, on the device.
 
         Cached rows stay pinned until the next ``read`` (the step in flight)."""
+        if torch.is_grad_enabled():  # (Pool.read turned it off already: a hot read saves ~3 us)
+            with torch.no_grad():
+                return self._read(ids)
+        return self._read(ids)
+
+    def _read(self, ids: torch.Tensor) -> torch.Tensor:
         with self.lock:
             cache = self.cache
             if cache is None:
@@ -1051,14 +1109,16 @@ class RowStack(UsageStatistics):
         message: str,
         *,
         stats: dict[str, Any] | None,
-        routers: Callable[[int], dict[str, str]] | None = None,
+        routers: dict[str, str] | None = None,
         lifecycle: dict[str, Any] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
     ) -> Commit:
         """Make every change since the last commit durable in one atomic step: dirty rows,
-        staged rows and drops, changed generator weights, and routers (``routers(commit_id)``
-        writes the changed ones and returns their digests). On failure the store keeps its
-        previous commit and the changes stay staged.
+        staged rows and drops, changed generator weights, and the routers the caller has
+        already written as version ``head + 1`` (``routers``: name -> digest; the commit
+        record names them, nothing here calls back up to write them). On failure the store
+        keeps its previous commit and the changes stay staged (routers written for a commit
+        that failed are rewritten by the next).
 
         With usage statistics, rows still in their warm-up (FREE, fewer uses than
         ``UsageRules.warmup``, never committed) stay staged instead of being written, and
@@ -1075,7 +1135,6 @@ class RowStack(UsageStatistics):
                 at = torch.from_numpy(~held)
                 ids, values = ids[~held], {name: v[at] for name, v in values.items()}
             usage = values[layout.usage.name].numpy() if layout.usage_width else None
-            written = routers(self.head + 1) if routers is not None else None
             record, index = self.store.commit(
                 self.index,
                 self.head,
@@ -1090,7 +1149,7 @@ class RowStack(UsageStatistics):
                     message=message,
                     stats=stats,
                     generator_state=generator_state,
-                    routers=written,
+                    routers=routers,
                     protected=self.protected.numpy() if self.protected_changed else None,
                 ),
             )

@@ -39,6 +39,10 @@ def _is_demo_store(path: Path) -> bool:
 
 
 def run_demo(directory: str, *, steps: int, force: bool, as_json: bool) -> int:
+    """Run ``dpsn demo`` into ``directory``: create a store, train ``steps`` steps with
+    checkpoints, reopen it read-only, inspect and verify it. Refuses a non-empty directory that
+    an earlier demo did not make unless ``force``; ``as_json`` prints the result as JSON (the
+    narration then goes to stderr). Returns the process exit status."""
     import dpsn
     from dpsn.errors import StoreExistsError
     from dpsn.store import read_manifest

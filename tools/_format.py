@@ -7,6 +7,8 @@ from typing import Any
 
 
 def human_bytes(n: float | None) -> str:
+    """``n`` bytes in binary units as the CLI prints them (``"1.5 MiB"``); ``"-"`` for None
+    (a size nobody measured)."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
