@@ -16,8 +16,9 @@ What reads it (each vectorized over the table, no Python loop per row or pair):
 - :meth:`CoUse.partners`: a row's most frequent partners (prefetch a missed row's partners);
 - :meth:`CoUse.circuits`: groups of rows joined by pairs seen at least ``min_support`` times
   (connected components, by min-label propagation), each with its support;
-- :meth:`CoUse.placement`: an order of rows that puts each circuit's rows next to each other
-  (where segments are written, co-used rows then share chunks).
+- :meth:`CoUse.placement`: an order of rows that puts rows used together next to each other
+  (a compaction writes segments in it, so co-used rows share chunks);
+- :meth:`CoUse.miss_partners`: what a cache miss prefetches (its rows' top partners).
 
 Persisted as three plain numeric arrays (:meth:`CoUse.to_arrays` / :meth:`CoUse.from_arrays`,
 which checks shapes, dtypes and invariants: a store is untrusted input); never a pickle.
@@ -30,6 +31,7 @@ import torch
 
 from dpsn.errors import CorruptStoreError, InvalidArgumentError, InvalidIdsError
 from dpsn.hypernet import xxh64_ids
+from dpsn.store import DEFAULT_MIN_WEIGHT, cluster_order
 
 __all__ = ["COUSE_SEED", "CoUse"]
 
@@ -215,38 +217,17 @@ class CoUse:
         return out
 
     def placement(
-        self, ids: np.ndarray, *, max_group: int = 64, min_support: float = 1.0
+        self, ids: np.ndarray, *, min_support: float = DEFAULT_MIN_WEIGHT, max_rounds: int = 64
     ) -> np.ndarray:
-        """A permutation of ``ids`` (1-D) that puts co-used rows next to each other, so that
-        where rows are written in this order (``max_group`` = rows per chunk) a group shares
-        chunks: rows are grouped by the components of pairs seen ``min_support`` times or more;
-        a component larger than ``max_group`` is split by doubling the support its pairs need
-        (weak links go first), up to 12 times; rows are ordered by (their group's smallest id,
-        id), and rows in no group keep their own id as the key."""
-        ids = np.asarray(ids, dtype=np.int64)
-        key = ids.copy()
+        """A permutation of ``ids`` (1-D, distinct) that puts co-used rows next to each other,
+        so that where rows are written in this order (a compaction given these statistics:
+        ``Pool.compact``) rows that fire together share chunks: the leaf order of a
+        hierarchical clustering of the pairs seen ``min_support`` times or more
+        (``dpsn.store.cluster_order``: rounds of heavy-edge matching, vectorized)."""
         a, b, c = self.pairs(min_support)
-        sel = torch.isin(a, torch.from_numpy(ids)) & torch.isin(b, torch.from_numpy(ids))
-        a, b, c = a[sel], b[sel], c[sel]
-        support = min_support
-        for _ in range(12):
-            if len(a) == 0:
-                break
-            nodes, comp_of, ea = _components(a, b)
-            sizes = torch.bincount(comp_of)
-            small = sizes[comp_of] <= max_group  # (nodes,)
-            root = torch.full((len(sizes),), 1 << 62, dtype=torch.int64)
-            root.scatter_reduce_(0, comp_of, nodes, reduce="amin")
-            done_nodes, done_key = nodes[small].numpy(), root[comp_of][small].numpy()
-            if len(done_nodes):
-                pos = np.minimum(np.searchsorted(done_nodes, ids), len(done_nodes) - 1)
-                hit = done_nodes[pos] == ids
-                key[hit] = done_key[pos[hit]]
-            # the pairs of components still too large, with a higher bar
-            support *= 2
-            big_edge = ~small[ea] & (c >= support)
-            a, b, c = a[big_edge], b[big_edge], c[big_edge]
-        return np.lexsort((ids, key))
+        return cluster_order(
+            ids, a.numpy(), b.numpy(), c.numpy(), min_weight=min_support, max_rounds=max_rounds
+        )
 
     # -- persistence ---------------------------------------------------------------------------
 
