@@ -16,6 +16,7 @@ Generator staleness (the cache keeps each trained row's base beside its delta):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import torch
 from dpsn.errors import (
     BatchTooLargeError,
     DpsnError,
+    InvalidArgumentError,
     LifecycleError,
     ReadOnlyError,
     SnapshotExistsError,
@@ -51,6 +53,7 @@ from ._routers import RouterShelf
 from ._validate import as_deltas, as_ids
 
 CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
+MISS_PARTNERS = 2  # co-use partners a cache miss pages in (prefetch_partners_on_miss)
 _UNSET: Any = object()
 
 
@@ -110,6 +113,8 @@ class Pool:
         self._routers = RouterShelf(store)
         # co-activation statistics: on once saved with a commit, or turned on by track_couse()
         self._couse: CoUse | None = _couse_files.load(store.root, commit, m.rows)
+        self._miss_partners: tuple[int, int | None] = (MISS_PARTNERS, None)  # (k, limit)
+        self._wire_miss_advice()
         self._load_protected(record)
         self._modules: dict[str, dict[str, Any]] = {}  # configurations to save at commit
         self._lifecycle: LifecycleRunner | None = None
@@ -311,7 +316,40 @@ class Pool:
         self._check_open()
         if self._couse is None:
             self._couse = CoUse(slots)
+            self._wire_miss_advice()
         return self._couse
+
+    def prefetch_partners_on_miss(
+        self, k: int = MISS_PARTNERS, *, limit: int | None = None
+    ) -> None:
+        """When a step misses rows in the cache, page in each missed row's ``k`` most frequent
+        co-used rows (pairs seen twice or more) on the prefetch thread, at most ``limit`` rows a
+        step (default: an eighth of the cache), so that the steps after it find them resident.
+        On by default (``k=2``) whenever co-use statistics are kept; ``k=0`` turns it off.
+        Advice only: nothing is pinned, and the cache counters count only steps' own lookups
+        (``stats()["advised_rows"]``: rows paged in this way)."""
+        self._check_open()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidArgumentError(f"k must be a non-negative int, got {k!r}")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidArgumentError(f"limit must be a positive int or None, got {limit!r}")
+        self._miss_partners = (k, limit)
+        self._wire_miss_advice()
+
+    def _wire_miss_advice(self) -> None:
+        stack, sketch = self._stack, self._couse
+        k, limit = self._miss_partners
+        if sketch is None or k == 0 or stack.cache is None:
+            stack.miss_advice = None
+            return
+        stack.miss_advice = functools.partial(
+            sketch.miss_partners,
+            k=k,
+            limit=limit if limit is not None else max(1, stack.cache.capacity // 8),
+            rows=self.rows,
+        )
 
     @property
     def couse(self) -> CoUse | None:

@@ -223,3 +223,45 @@ def test_verify_reports_damaged_couse_and_repair_drops_it(tmp_path, damage):
     assert out["couse_dropped"] == [commit] and out["verify_ok"], out
     with dpsn.open(path) as r:  # the older commit's statistics, intact, are kept
         assert r.couse is not None and r.verify().ok
+
+
+def test_a_miss_pages_in_its_partners_and_the_switch_turns_it_off(tmp_path):
+    pool = dpsn.create(tmp_path / "s", rows=1 << 20, dim=4, generator=SMALL, cache_rows=256)
+    pool.track_couse(1 << 12)
+    for _ in range(4):
+        pool.record_couse(torch.tensor([[1, 2, -1], [10, 11, -1], [20, 21, -1]]))
+    pool.record_couse(torch.tensor([[30, 31, -1]]))  # seen once: below the bar
+
+    def read(i: int) -> tuple[int, int]:
+        """Read row i, let the advice (on the prefetch thread) finish: (hits, misses) added."""
+        before = pool.stats()
+        pool.read(torch.tensor([i]))
+        pool.prefetch([]).wait()  # queued behind the advice job: it has run
+        after = pool.stats()
+        return after["hits"] - before["hits"], after["misses"] - before["misses"]
+
+    assert read(1) == (0, 1) and pool.stats()["advised_rows"] == 1  # not counted as a miss
+    assert read(2) == (1, 0)  # paged in by 1's miss
+    assert read(30) == (0, 1) and pool.stats()["advised_rows"] == 1  # 30-31 seen once only
+    pool.prefetch_partners_on_miss(0)
+    assert read(10) == (0, 1) and read(11) == (0, 1) and pool.stats()["advised_rows"] == 1
+    pool.prefetch_partners_on_miss(2, limit=1)
+    assert read(20) == (0, 1) and read(21) == (1, 0) and pool.stats()["advised_rows"] == 2
+    with pytest.raises(InvalidArgumentError):
+        pool.prefetch_partners_on_miss(-1)
+    pool.close()
+
+
+def test_miss_partners_bounded_strongest_first():
+    from dpsn.tiers import CoUse
+
+    s = CoUse(1 << 10)
+    for n, group in ((5, [1, 2]), (4, [1, 3]), (3, [1, 4]), (6, [7, 8]), (2, [7, 9])):
+        for _ in range(n):
+            s.record(torch.tensor([group]))
+    got = s.miss_partners(torch.tensor([1, 7, 7]), k=2)
+    assert got.tolist() == [8, 2, 3, 9]  # top 2 of each, strongest pair first
+    assert s.miss_partners(torch.tensor([1, 7]), k=2, limit=2).tolist() == [8, 2]
+    assert s.miss_partners(torch.tensor([1, 2]), k=3).tolist() == [3, 4]  # missed rows excluded
+    assert s.miss_partners(torch.tensor([1]), k=3, rows=4).tolist() == [2, 3]
+    assert s.miss_partners(torch.tensor([5]), k=2).tolist() == []

@@ -33,10 +33,11 @@ from dpsn.errors import CorruptStoreError, InvalidArgumentError, InvalidIdsError
 from dpsn.hypernet import xxh64_ids
 from dpsn.store import DEFAULT_MIN_WEIGHT, cluster_order
 
-__all__ = ["COUSE_SEED", "CoUse"]
+__all__ = ["ADJACENCY_REFRESH", "COUSE_SEED", "CoUse"]
 
 COUSE_SEED = 0x636F757365  # "couse": the slot hash's seed (persisted in effect: never change)
 _EMPTY = -1
+ADJACENCY_REFRESH = 32  # records between rebuilds of the partner table miss_partners reads
 _MAX_SLOTS = 1 << 26
 
 
@@ -89,6 +90,12 @@ class CoUse:
         self.b = torch.full((self.slots,), _EMPTY, dtype=torch.int64)
         self.count = torch.zeros(self.slots, dtype=torch.float32)
         self.groups_seen = 0  # groups recorded (tokens or bags), for support as a fraction
+        # Rows' partners as one immutable (row, partner, count) triple sorted by (row, -count),
+        # built on first use by miss_partners and rebuilt every ADJACENCY_REFRESH records:
+        # a miss's partners are then a searchsorted away, and the triple is swapped whole, so
+        # a prefetch thread reading it never sees a half-updated table.
+        self._adjacency: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._records_since = 0
 
     def __len__(self) -> int:
         """Pairs held."""
@@ -119,6 +126,9 @@ class CoUse:
         if len(a) == 0:
             return
         key = _pair_key(a, b)
+        self._records_since += 1
+        if self._adjacency is not None and self._records_since >= ADJACENCY_REFRESH:
+            self._adjacency = None  # stale: rebuilt by the next miss_partners
         # Distinct pairs of the step: one sort by the pair's hash (pairs that share a hash but
         # differ stay apart: a new run starts wherever key, a or b changes).
         key, order = torch.sort(key)
@@ -163,6 +173,7 @@ class CoUse:
         self.count.mul_(factor)
         gone = self.count < 0.5
         self.a[gone], self.b[gone], self.count[gone] = _EMPTY, _EMPTY, 0.0
+        self._adjacency = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -195,6 +206,58 @@ class CoUse:
         rank = torch.arange(len(row)) - first
         keep = rank < k
         return row[keep], other[keep], cnt[keep]
+
+    def _partner_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        adj = self._adjacency
+        if adj is None:
+            a, b, c = self.pairs(1.0)
+            keep = (a >= 0) & (b >= 0)  # (a copy taken while another thread records)
+            a, b, c = a[keep], b[keep], c[keep]
+            row, other, cnt = torch.cat([a, b]), torch.cat([b, a]), torch.cat([c, c])
+            order = torch.argsort(cnt, descending=True, stable=True)
+            order = order[torch.argsort(row[order], stable=True)]
+            adj = (row[order], other[order], cnt[order])
+            self._adjacency, self._records_since = adj, 0
+        return adj
+
+    def miss_partners(
+        self,
+        missed: torch.Tensor,
+        k: int = 2,
+        *,
+        limit: int = 256,
+        rows: int | None = None,
+        min_support: float = 2.0,
+    ) -> torch.Tensor:
+        """What a cache miss prefetches: the distinct top-``k`` partners (pairs seen at least
+        ``min_support`` times) of the ``missed`` rows, the rows themselves excluded, ids below
+        ``rows``; at most ``limit``, strongest pairs first. Vectorized (one ``searchsorted``
+        into a partner table rebuilt every ``ADJACENCY_REFRESH`` records); safe to call from a
+        prefetch thread while the driving thread records."""
+        missed = torch.unique(missed.detach().to("cpu", torch.int64).reshape(-1))
+        row, other, cnt = self._partner_table()
+        empty = torch.empty(0, dtype=torch.int64)
+        if len(row) == 0 or len(missed) == 0 or k < 1 or limit < 1:
+            return empty
+        lo = torch.searchsorted(row, missed)
+        hi = torch.searchsorted(row, missed, right=True)
+        take = (hi - lo).clamp(max=k)
+        if int(take.sum()) == 0:
+            return empty
+        # positions lo[i] .. lo[i] + take[i] - 1 of each missed row, flattened
+        start = torch.repeat_interleave(lo, take)
+        first = torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+        at = start + torch.arange(len(start)) - first
+        got, strength = other[at], cnt[at]
+        keep = (strength >= min_support) & ~torch.isin(got, missed)
+        if rows is not None:
+            keep &= got < rows
+        got, strength = got[keep], strength[keep]
+        got = got[torch.argsort(strength, descending=True, stable=True)]
+        uniq, inv = torch.unique(got, return_inverse=True)
+        first_at = torch.full((len(uniq),), len(got), dtype=torch.int64)
+        first_at.scatter_reduce_(0, inv, torch.arange(len(got)), reduce="amin")
+        return uniq[torch.argsort(first_at)][:limit]
 
     def circuits(self, min_support: float = 2.0) -> list[tuple[torch.Tensor, float]]:
         """Groups of rows joined by pairs seen at least ``min_support`` times: a list of
