@@ -45,7 +45,7 @@ def cluster_order(
     weight: np.ndarray,
     *,
     min_weight: float = DEFAULT_MIN_WEIGHT,
-    max_rounds: int = 64,
+    max_rounds: int = 1024,
 ) -> np.ndarray:
     """A permutation of ``ids`` (1-D, distinct, any order) that puts rows joined by heavy
     pairs next to each other: ``ids[order]`` is the layout. ``(a[i], b[i], weight[i])`` are

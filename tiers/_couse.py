@@ -280,7 +280,7 @@ class CoUse:
         return out
 
     def placement(
-        self, ids: np.ndarray, *, min_support: float = DEFAULT_MIN_WEIGHT, max_rounds: int = 64
+        self, ids: np.ndarray, *, min_support: float = DEFAULT_MIN_WEIGHT, max_rounds: int = 1024
     ) -> np.ndarray:
         """A permutation of ``ids`` (1-D, distinct) that puts co-used rows next to each other,
         so that where rows are written in this order (a compaction given these statistics:
