@@ -73,7 +73,7 @@ def test_cluster_order_puts_groups_together():
 def _trained(path, *, commits: int = 4, track: bool = True):
     pool = dpsn.create(
         path, rows=ROWS, dim=DIM, chunk_rows=CHUNK, generator=SMALL, cache_rows=0,
-        compact_above=None,
+        compact_above=None, keep_last=20,
     )  # fmt: skip
     pool.set_state_width(2)
     if track:
@@ -102,6 +102,8 @@ def test_placed_compaction_keeps_bits_and_reads_fewer_chunks(tmp_path, monkeypat
     assert torch.equal(pool.delta(everything), before)
     report = pool.verify()
     assert report.ok, report.problems
+    with dpsn.open(path) as r:  # beside the writer: replays the compaction onto older runs
+        assert torch.equal(r.delta(everything), before)
     pool.close()
     with PersistedStore.open(path, writable=False) as store:
         _head, index = store.load_head()
@@ -138,6 +140,8 @@ def test_placed_compaction_keeps_bits_and_reads_fewer_chunks(tmp_path, monkeypat
         assert again["rows_moved"] > 0
         assert torch.equal(pool.delta(everything), after)
         assert pool.verify().ok
+    with dpsn.open(path, at=result["commits"][0]) as old:  # rebuilt from the log
+        assert torch.equal(old.delta(everything), before)
 
 
 def test_no_statistics_or_placement_off_keeps_id_order(tmp_path):
