@@ -73,19 +73,27 @@ def cluster_order(
     v = np.minimum(np.searchsorted(sorted_ids, b), n - 1)
     keep = (sorted_ids[u] == a) & (sorted_ids[v] == b) & (u != v) & (w >= min_weight)
     u, v, w = u[keep], v[keep], w[keep]
-    label = np.arange(n)
-    size = np.ones(n)
-    levels: list[np.ndarray] = []
+    if len(u) == 0:
+        return by_id
+    # Work on the m rows that have a pair (m <= 2 * pairs, whatever n is): each round costs
+    # O(m + pairs), never O(n).
+    node, uv = np.unique(np.concatenate([u, v]), return_inverse=True)
+    m = len(node)
+    u, v = uv[: len(u)], uv[len(u) :]
+    label = np.arange(m)  # each row's cluster: its smallest member (order kept with ids)
+    size = np.ones(m)
+    offset = np.zeros(m, dtype=np.int64)  # each row's place in its cluster's leaf order
     for _ in range(max_rounds):
         lu, lv = label[u], label[v]
         cross = lu != lv
         if not cross.any():
             break
+        u, v, w = u[cross], v[cross], w[cross]  # pairs inside a cluster are done with
         lo, hi = np.minimum(lu[cross], lv[cross]), np.maximum(lu[cross], lv[cross])
         # the weight between two clusters: every pair between their rows
-        key, inv = np.unique(lo * n + hi, return_inverse=True)
-        total = np.bincount(inv.reshape(-1), weights=w[cross])
-        lo, hi = key // n, key % n
+        key, inv = np.unique(lo * m + hi, return_inverse=True)
+        total = np.bincount(inv.reshape(-1), weights=w)
+        lo, hi = key // m, key % m
         score = total / np.sqrt(size[lo] * size[hi])
         # each cluster's best neighbour (ties: the smaller label), both directions of each edge
         src = np.concatenate([lo, hi])
@@ -94,21 +102,28 @@ def cluster_order(
         src, dst = src[pick], dst[pick]
         first = np.ones(len(src), dtype=bool)
         first[1:] = src[1:] != src[:-1]
-        best = np.full(n, -1, dtype=np.int64)
+        best = np.full(m, -1, dtype=np.int64)
         best[src[first]] = dst[first]
         has = np.flatnonzero(best >= 0)
         mutual = has[best[best[has]] == has]
         if len(mutual) == 0:
             break
-        merged = np.arange(n)
-        merged[mutual] = np.minimum(mutual, best[mutual])
-        size = np.bincount(merged, weights=size, minlength=n)
+        # a mutual pair merges: the cluster of the larger label follows the other's rows
+        gone = mutual[mutual > best[mutual]]
+        kept = best[gone]
+        shift = np.zeros(m, dtype=np.int64)
+        shift[gone] = size[kept].astype(np.int64)
+        offset += shift[label]
+        merged = np.arange(m)
+        merged[gone] = kept
+        size = np.bincount(merged, weights=size, minlength=m)
         label = merged[label]
-        levels.append(label)
-    # leaf order: by the coarsest cluster, then each finer level's, then id (lexsort's last
-    # key is its primary one)
-    order = np.lexsort((np.arange(n), *levels))
-    return by_id[order]
+    # every row by (where its cluster sits: its smallest row, or itself; place inside it)
+    where = np.arange(n)
+    where[node] = node[label]
+    inside = np.zeros(n, dtype=np.int64)
+    inside[node] = offset
+    return by_id[np.lexsort((inside, where))]
 
 
 # Given a new segment's sorted ids, the order to write them in (a permutation of 0..n-1).
