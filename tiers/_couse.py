@@ -37,7 +37,10 @@ __all__ = ["ADJACENCY_REFRESH", "COUSE_SEED", "CoUse"]
 
 COUSE_SEED = 0x636F757365  # "couse": the slot hash's seed (persisted in effect: never change)
 _EMPTY = -1
-ADJACENCY_REFRESH = 32  # records between rebuilds of the partner table miss_partners reads
+# Records between rebuilds of the partner table miss_partners reads: a rebuild sorts the whole
+# table (~80 ms for 2**18 pairs on a loaded core), so it is amortized over many steps; partners
+# a few hundred steps old are good advice.
+ADJACENCY_REFRESH = 256
 _MAX_SLOTS = 1 << 26
 
 
@@ -210,7 +213,7 @@ class CoUse:
     def _partner_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         adj = self._adjacency
         if adj is None:
-            a, b, c = self.pairs(1.0)
+            a, b, c = self.a.clone(), self.b.clone(), self.count.clone()
             keep = (a >= 0) & (b >= 0)  # (a copy taken while another thread records)
             a, b, c = a[keep], b[keep], c[keep]
             row, other, cnt = torch.cat([a, b]), torch.cat([b, a]), torch.cat([c, c])

@@ -331,7 +331,7 @@ class RowStack(UsageStatistics):
         # partners: tiers/_couse.py, set by Pool.prefetch_partners_on_miss); advice, never pinned
         self.miss_advice: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._missed: list[torch.Tensor] = []
-        self._advising = False
+        self._advising = False  # set while paging in advice or an explicit prefetch (planned)
         self.advised_rows = 0  # rows paged in on that advice
         self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
         # sorted ids no row step may change (Pool.protect), and its copy on the device
@@ -1063,6 +1063,7 @@ class RowStack(UsageStatistics):
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with self.lock, torch.no_grad():
             self._refresh_bases_if_stale()
+            self._advising = True  # its misses were planned: no advice follows them
             try:
                 if stream is not None:
                     with torch.cuda.stream(stream):
@@ -1075,6 +1076,8 @@ class RowStack(UsageStatistics):
                 # Prefetching is advice: rows that cannot all be made resident now are paged
                 # in (spilled) by the step that reads them.
                 return torch.empty(0, dtype=torch.int64, device=self.device), None
+            finally:
+                self._advising = False
             cache.pin(key, slots)
         return slots, event
 
