@@ -13,6 +13,7 @@ import torch
 from dpsn._dtypes import parse_pool_dtype, storage_dtype
 from dpsn.errors import (
     CacheTooLargeError,
+    CorruptStoreError,
     DpsnError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -575,7 +576,10 @@ def compact(
 
     store = PersistedStore.open(Path(path), writable=True)
     try:
-        sketch = _couse_files.load(store.root, store.head(), store.manifest.rows)
+        try:
+            sketch = _couse_files.load(store.root, store.head(), store.manifest.rows)
+        except CorruptStoreError:  # advice lost (verify reports it, repair deletes it)
+            sketch = None
         placement = sketch.placement if sketch is not None and len(sketch) else None
         return store.compact(progress=progress, target=target, placement=placement).to_json()
     finally:

@@ -269,3 +269,13 @@ def test_miss_partners_bounded_strongest_first():
     assert s.miss_partners(torch.tensor([1, 2]), k=3).tolist() == [3, 4]  # missed rows excluded
     assert s.miss_partners(torch.tensor([1]), k=3, rows=4).tolist() == [2, 3]
     assert s.miss_partners(torch.tensor([5]), k=2).tolist() == []
+
+
+def test_dpsn_compact_places_by_the_saved_statistics(tmp_path):
+    path = tmp_path / "s"
+    pool, _ = _trained(path, commits=3)
+    pool.close()
+    result = dpsn.compact(path)
+    with PersistedStore.open(path, writable=False) as store:
+        assert store.segment_record(result["new_segments"][0]).placed
+        assert store.verify().ok
