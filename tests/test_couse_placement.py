@@ -18,6 +18,8 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dpsn
 from dpsn.errors import CorruptStoreError, InvalidArgumentError, StoreVersionError
@@ -68,6 +70,20 @@ def test_cluster_order_puts_groups_together():
         cluster_order(np.array([3, 3]), a, b, w)
     with pytest.raises(InvalidArgumentError):
         cluster_order(ids, a, b[:-1], w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 200), unique=True, max_size=40),
+    pairs=st.lists(st.tuples(st.integers(0, 210), st.integers(0, 210), st.integers(1, 5))),
+)
+def test_cluster_order_is_a_permutation(ids, pairs):
+    ids = np.array(ids, dtype=np.int64)
+    a = np.array([min(x, y) for x, y, _ in pairs], dtype=np.int64)
+    b = np.array([max(x, y) for x, y, _ in pairs], dtype=np.int64)
+    w = np.array([c for _, _, c in pairs], dtype=np.float64)
+    order = cluster_order(ids, a, b, w, min_weight=1.0)
+    assert np.array_equal(np.sort(order), np.arange(len(ids)))
 
 
 def _trained(path, *, commits: int = 4, track: bool = True):
