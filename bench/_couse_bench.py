@@ -4,23 +4,33 @@ the row path, on a trace whose ids come in groups (the ``k`` ids of one token or
 The trace's first half feeds the statistics (each group recorded as one co-used set); the
 second half is measured:
 
-- hit rate of a ``DeviceCache`` (LRU) with and without co-use prefetch: after each batch, the
-  ``partners`` most frequent partners of each row the batch missed are paged in too (their
-  lookups are not counted as accesses; the extra rows read are reported);
-- chunk reads per cold batch: every distinct id of the trace laid out in chunks of
-  ``chunk_rows`` rows, in id order (how segments are written today) or in ``CoUse.placement``
-  order (co-used rows grouped, at most a chunk per group); a cold batch reads each chunk its
-  ids touch once.
+- hit rate of a ``DeviceCache`` (LRU) with and without co-use prefetch: after each batch, what
+  ``CoUse.miss_partners`` gives for the rows the batch missed (the ``partners`` strongest
+  partners of each, pairs seen twice or more, at most an eighth of the cache: what a pool's
+  miss pages in, ``Pool.prefetch_partners_on_miss``) is paged in too (not counted as accesses;
+  the extra rows read are reported);
+- chunk reads per cold batch, rows in chunks of ``chunk_rows``, in id order (how commits write
+  segments) or in ``CoUse.placement`` order (how a compaction given the statistics writes
+  them, format 4), two ways: every distinct id of the trace laid out (rows the first half
+  never used included: they have no pairs and keep id order), and only the rows a store
+  trained on the first half holds (the others are procedural: no chunk to read), the latter
+  measured on real stores: the rows written in one commit (id order), and that segment
+  compacted with the placement; chunks counted from the store's row index.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import dpsn
+from dpsn.store import PersistedStore
 from dpsn.tiers import Column, CoUse, DeviceCache
 
 
@@ -52,8 +62,7 @@ def _hit_rate(
         batches += 1
         if sketch is None or not missed:
             continue
-        _, more, _ = sketch.partners(torch.cat(missed), partners)
-        more = torch.unique(more)[: capacity // 2]  # advice: never more than half the cache
+        more = sketch.miss_partners(torch.cat(missed), partners, limit=max(1, capacity // 8))
         if len(more):
             saved = dict(cache.stats.total)
             n_before = len(missed)
@@ -74,6 +83,32 @@ def _chunk_reads(ids: np.ndarray, batch: int, order: np.ndarray, chunk_rows: int
     b = np.arange(len(ids)) // batch
     pairs = np.unique(b * (chunk.max() + 1) + chunk)
     return len(pairs) / (b[-1] + 1)
+
+
+def _store_chunk_reads(
+    tmp: Path, held: np.ndarray, test: np.ndarray, batch: int, sketch: CoUse, chunk_rows: int
+) -> tuple[float, float]:
+    """Mean chunk reads per cold batch of ``test`` on a real store holding rows ``held``:
+    (written by one commit in id order, after a compaction placed by ``sketch``)."""
+    path = tmp / "store"
+    rows = int(held.max()) + 1
+    with dpsn.create(path, rows=rows, dim=4, chunk_rows=chunk_rows, cache_rows=0) as pool:
+        pool.write(torch.from_numpy(held), torch.randn(len(held), 4))
+        pool.commit("trained")
+    out = []
+    with PersistedStore.open(path, writable=True) as store:
+        for placed in (False, True):
+            head, index = store.load_head()
+            if placed:
+                seg = int(index.segments()[0])
+                result = store.compact(index, head, segments=[seg], placement=sketch.placement)
+                index = result.index
+            keep = np.isin(test, held)
+            b = np.arange(len(test))[keep] // batch
+            _, seg, off, _ = index.lookup(test[keep])
+            key = (b * (int(seg.max()) + 1) + seg) * (int(off.max()) // chunk_rows + 1)
+            out.append(len(np.unique(key + off // chunk_rows)) / (len(test) // batch + 1))
+    return out[0], out[1]
 
 
 def couse_compare(
@@ -99,10 +134,18 @@ def couse_compare(
     co_hit, extra = _hit_rate(test, batch, capacity, sketch, partners)
     layout = np.unique(ids)
     t0 = time.perf_counter()
-    placed = layout[sketch.placement(layout, max_group=chunk_rows)]
+    placed = layout[sketch.placement(layout)]
     place_s = time.perf_counter() - t0
     by_id = _chunk_reads(test, batch, layout, chunk_rows)
     by_couse = _chunk_reads(test, batch, placed, chunk_rows)
+    held = np.unique(train)
+    tmp = Path(tempfile.mkdtemp(prefix="dpsn-bench-couse-"))
+    try:
+        t0 = time.perf_counter()
+        store_id, store_placed = _store_chunk_reads(tmp, held, test, batch, sketch, chunk_rows)
+        store_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "trace": name,
         "accesses": len(ids),
@@ -121,4 +164,9 @@ def couse_compare(
         "chunk_reads_per_cold_batch_placed": by_couse,
         "chunk_reads_change": by_couse / by_id - 1,
         "placement_s": place_s,
+        "store_rows": len(held),
+        "store_chunk_reads_per_cold_batch": store_id,
+        "store_chunk_reads_per_cold_batch_placed": store_placed,
+        "store_chunk_reads_change": store_placed / store_id - 1,
+        "store_s": store_s,
     }

@@ -623,8 +623,11 @@ def main() -> None:
         print_table(
             f"co-use statistics (CoUse, 2**18 pairs) fed by the trace's first half in groups "
             f"of {k} ids, measured on its second half, batches of {batch}: LRU hit rate without "
-            "and with prefetch of each missed row's 2 top partners; chunk reads per cold batch "
-            "with rows laid out by id or by CoUse.placement (64 rows a chunk)",
+            "and with a miss's prefetch of each missed row's 2 top partners "
+            "(CoUse.miss_partners, at most 1/8 of the cache); chunk reads per cold batch with "
+            "rows laid out by id or by CoUse.placement (64 rows a chunk): every distinct id of "
+            "the trace, and (store) a real store holding the rows of the first half, before "
+            "and after a placed compaction",
             [
                 "trace",
                 "capacity",
@@ -634,6 +637,10 @@ def main() -> None:
                 "chunks/batch by id",
                 "placed",
                 "change",
+                "store rows",
+                "store by id",
+                "store placed",
+                "store change",
                 "record us/group",
             ],
             [
@@ -646,6 +653,10 @@ def main() -> None:
                     r["chunk_reads_per_cold_batch"],
                     r["chunk_reads_per_cold_batch_placed"],
                     f"{100 * r['chunk_reads_change']:+.1f}%",
+                    r["store_rows"],
+                    r["store_chunk_reads_per_cold_batch"],
+                    r["store_chunk_reads_per_cold_batch_placed"],
+                    f"{100 * r['store_chunk_reads_change']:+.1f}%",
                     r["record_us_per_group"],
                 )
                 for r in results["couse"]

@@ -64,6 +64,7 @@ from lm import (  # noqa: E402
 )
 
 import dpsn  # noqa: E402
+from dpsn.tiers import ADJACENCY_REFRESH  # noqa: E402
 
 TEXTS = ("pydoc", "code")
 GENERATOR = {"kind": "hashed_slices", "memory_size": 1 << 16}
@@ -236,6 +237,7 @@ def overhead(args: argparse.Namespace, cfg: LMConfig, tmp: Path) -> dict[str, An
     for _ in range(args.rounds):  # modes interleaved: a loaded machine drifts between blocks
         for mode, cache_rows in sizes.items():
             pool = dpsn.open(store, mode="r+", cache_rows=cache_rows)
+            pool.prefetch_partners_on_miss(args.miss_partners)
             memory.pool = memory.trainer.pool = pool
             pool.set_state_width(memory.row_optimizer.state_width(pool.dim))
             if mode == "cached":
@@ -256,16 +258,35 @@ def overhead(args: argparse.Namespace, cfg: LMConfig, tmp: Path) -> dict[str, An
         out[f"{k}_cpu_overhead"] = out[f"{k}_cpu_ms"] / out["cached_cpu_ms"] - 1
     # the co-use statistics: one step's groups recorded into a sketch that has seen the
     # earlier batches; best of the per-call CPU times (a loaded machine disturbs wall time)
+    # A miss's partner prefetch (on by default with statistics) costs a CoUse.miss_partners of
+    # the step's missed rows on the prefetch thread (all the step's rows here: the disk case),
+    # its partner table rebuilt every ADJACENCY_REFRESH records: timed likewise, per step.
     sketch = dpsn.tiers.CoUse(1 << 18)
-    rec = []
+    rec, advice = [], []
     for x, _ in warm:
-        ids = memory.ids(x).reshape(-1, memory.rows_per_token)[:: memory.couse_every]
+        all_ids = memory.ids(x)
+        ids = all_ids.reshape(-1, memory.rows_per_token)[:: memory.couse_every]
         c0 = time.process_time()
         sketch.record(ids)
         rec.append(time.process_time() - c0)
+        c0 = time.process_time()
+        sketch.miss_partners(all_ids, 2, limit=sizes["disk"] // 8)
+        advice.append(time.process_time() - c0)
     out["couse_record_cpu_ms"] = 1e3 * min(rec[1:])
     out["couse_record_cpu_ms_median"] = 1e3 * statistics.median(rec[1:])
     out["couse_share_of_cached_step"] = out["couse_record_cpu_ms_median"] / out["cached_cpu_ms"]
+    out["couse_advice_cpu_ms_median"] = 1e3 * statistics.median(advice[1:])
+    # the partner table's rebuild (a fresh copy of the sketch has none), amortized
+    fresh = dpsn.tiers.CoUse.from_arrays(sketch.to_arrays())
+    c0 = time.process_time()
+    fresh.miss_partners(all_ids, 2, limit=sizes["disk"] // 8)
+    out["couse_advice_rebuild_cpu_ms"] = 1e3 * (time.process_time() - c0)
+    amortized = out["couse_advice_rebuild_cpu_ms"] / ADJACENCY_REFRESH
+    out["couse_total_cpu_ms"] = (
+        out["couse_record_cpu_ms_median"] + out["couse_advice_cpu_ms_median"] + amortized
+    )
+    out["couse_total_share_of_cached_step"] = out["couse_total_cpu_ms"] / out["cached_cpu_ms"]
+    out["couse_total_share_of_disk_step"] = out["couse_total_cpu_ms"] / out["disk_cpu_ms"]
     out["steps_timed"] = n - 1
     shutil.rmtree(store, ignore_errors=True)
     return out
@@ -283,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--overhead-steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead")
+    ap.add_argument(
+        "--miss-partners",
+        type=int,
+        default=2,
+        help="co-use partners a cache miss pages in during the overhead runs (0: off)",
+    )
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -343,7 +370,13 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"\nco-use recording: {o['couse_record_cpu_ms_median']:.2f} CPU ms per step "
                 f"(median; best {o['couse_record_cpu_ms']:.2f}), "
-                f"{100 * o['couse_share_of_cached_step']:.1f}% of a cached step's CPU ms"
+                f"{100 * o['couse_share_of_cached_step']:.1f}% of a cached step's CPU ms; "
+                f"with a miss's partner lookup (all the step's rows missed): "
+                f"+{o['couse_advice_cpu_ms_median']:.2f} ms and its table's rebuild "
+                f"({o['couse_advice_rebuild_cpu_ms']:.1f} ms every {ADJACENCY_REFRESH} steps), "
+                f"{o['couse_total_cpu_ms']:.2f} ms in all: "
+                f"{100 * o['couse_total_share_of_disk_step']:.1f}% of a disk step's CPU ms "
+                f"({100 * o['couse_total_share_of_cached_step']:.1f}% of a cached one's)"
             )
         write_json("ngram" + ("_tune" if args.tune else ""), payload)
     finally:

@@ -13,6 +13,7 @@ import torch
 from dpsn._dtypes import parse_pool_dtype, storage_dtype
 from dpsn.errors import (
     CacheTooLargeError,
+    CorruptStoreError,
     DpsnError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -569,10 +570,18 @@ def compact(
     path: str | os.PathLike[str], *, progress: Any = None, target: float = 1.1
 ) -> dict[str, Any]:
     """Compact the store at ``path`` (takes the writer lock): see ``Pool.compact``. Needs no
-    generator or cache, so it costs what it rewrites."""
+    generator or cache, so it costs what it rewrites. Rows are placed by the co-use statistics
+    saved with HEAD, if any (``Pool.compact``)."""
+    from . import _couse_files
+
     store = PersistedStore.open(Path(path), writable=True)
     try:
-        return store.compact(progress=progress, target=target).to_json()
+        try:
+            sketch = _couse_files.load(store.root, store.head(), store.manifest.rows)
+        except CorruptStoreError:  # advice lost (verify reports it, repair deletes it)
+            sketch = None
+        placement = sketch.placement if sketch is not None and len(sketch) else None
+        return store.compact(progress=progress, target=target, placement=placement).to_json()
     finally:
         store.close()
 

@@ -29,6 +29,7 @@ import torch
 from dpsn.errors import (
     BatchTooLargeError,
     DpsnError,
+    InvalidArgumentError,
     LifecycleError,
     ReadOnlyError,
     SnapshotExistsError,
@@ -52,6 +53,7 @@ from ._routers import RouterShelf
 from ._validate import as_deltas, as_ids
 
 CACHE_BYTES = 64 << 20  # default cache size when cache_rows is not given
+MISS_PARTNERS = 2  # co-use partners a cache miss pages in (prefetch_partners_on_miss)
 _UNSET: Any = object()
 
 
@@ -110,7 +112,9 @@ class Pool:
         )
         self._routers = RouterShelf(store)
         # co-activation statistics: on once saved with a commit, or turned on by track_couse()
-        self._couse: CoUse | None = _couse_files.load(store.root, commit)
+        self._couse: CoUse | None = _couse_files.load(store.root, commit, m.rows)
+        self._miss_partners: tuple[int, int | None] = (MISS_PARTNERS, None)  # (k, limit)
+        self._wire_miss_advice()
         self._load_protected(record)
         self._modules: dict[str, dict[str, Any]] = {}  # configurations to save at commit
         self._lifecycle: LifecycleRunner | None = None
@@ -312,7 +316,40 @@ class Pool:
         self._check_open()
         if self._couse is None:
             self._couse = CoUse(slots)
+            self._wire_miss_advice()
         return self._couse
+
+    def prefetch_partners_on_miss(
+        self, k: int = MISS_PARTNERS, *, limit: int | None = None
+    ) -> None:
+        """When a step misses rows in the cache, page in each missed row's ``k`` most frequent
+        co-used rows (pairs seen twice or more) on the prefetch thread, at most ``limit`` rows a
+        step (default: an eighth of the cache), so that the steps after it find them resident.
+        On by default (``k=2``) whenever co-use statistics are kept; ``k=0`` turns it off.
+        Advice only: nothing is pinned, and the cache counters count only steps' own lookups
+        (``stats()["advised_rows"]``: rows paged in this way)."""
+        self._check_open()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidArgumentError(f"k must be a non-negative int, got {k!r}")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidArgumentError(f"limit must be a positive int or None, got {limit!r}")
+        self._miss_partners = (k, limit)
+        self._wire_miss_advice()
+
+    def _wire_miss_advice(self) -> None:
+        stack, sketch = self._stack, self._couse
+        k, limit = self._miss_partners
+        if sketch is None or k == 0 or stack.cache is None:
+            stack.miss_advice = None
+            return
+        stack.miss_advice = functools.partial(
+            sketch.miss_partners,
+            k=k,
+            limit=limit if limit is not None else max(1, stack.cache.capacity // 8),
+            rows=self.rows,
+        )
 
     @property
     def couse(self) -> CoUse | None:
@@ -697,15 +734,22 @@ class Pool:
         with self._stack.lock:
             return self._store.gc(dry_run=dry_run, progress=progress, **retention)
 
-    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def compact(
+        self, *, progress: Callable[[int, int], None] | None = None, placement: bool = True
+    ) -> dict[str, Any]:
         """Rewrite the live rows of sparsely live segments into dense new ones (one or more
         commits with message ``"compact"``; no row's value changes), then gc by the retention
         policy. Returns what it did and the space/write amplification before and after.
-        Commits run this on their own when the policy's ``compact_above`` is exceeded."""
+        Commits run this on their own when the policy's ``compact_above`` is exceeded.
+        ``placement``: where the pool has co-use statistics (:meth:`track_couse`), write the
+        rows that fire together next to each other (fewer chunk reads per cold batch; the
+        store becomes format 4, docs/format.md); ``False`` keeps id order."""
         self._require_writable()
         stack = self._stack
         with stack.lock:
-            result = self._store.compact(stack.index, stack.head, progress=progress)
+            result = self._store.compact(
+                stack.index, stack.head, progress=progress, placement=self._placement(placement)
+            )
             stack.index, stack.head = result.index, result.head
         return result.to_json()
 
@@ -727,6 +771,11 @@ class Pool:
         write_policy(self._store, policy)
         return policy.to_json()
 
+    def _placement(self, on: bool) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The order compaction writes rows in: the co-use statistics' (when kept and ``on``)."""
+        sketch = self._couse
+        return sketch.placement if on and sketch is not None and len(sketch) else None
+
     def _auto_compact(self) -> None:
         """After a commit: compact if the policy's threshold is passed. The commit is durable
         already, so a failure here is a warning, never an error of the commit."""
@@ -736,7 +785,11 @@ class Pool:
         try:
             with stack.lock:
                 result = maybe_compact(
-                    self._store, stack.index, stack.head, read_policy(self._store)
+                    self._store,
+                    stack.index,
+                    stack.head,
+                    read_policy(self._store),
+                    self._placement(True),
                 )
                 if result is not None and result.commits:
                     stack.index, stack.head = result.index, result.head

@@ -28,6 +28,8 @@ _LAZY = {
     "NotRegularFileError": "._files",
     "file_kind": "._files",
     "COMPRESSORS": "._segments",
+    "DEFAULT_MIN_WEIGHT": "._placement",
+    "cluster_order": "._placement",
     "FORMAT_VERSION": "._format",
     "LIFECYCLE_DEFAULTS": "._lifecycle_policy",
     "MAX_ENTER": "._lifecycle_policy",
@@ -89,6 +91,7 @@ if TYPE_CHECKING:
     from ._names import check_router_name
     from ._overlay_facts import OVERLAY_PIN_PREFIX, base_chain
     from ._persisted import Commit, CommitRequest, PersistedStore, VerifyReport, storage_dtype
+    from ._placement import DEFAULT_MIN_WEIGHT, cluster_order
     from ._policy import MaintenancePolicy, parse_duration
     from ._protected import read_protected
     from ._retention import read_policy, write_policy
@@ -117,6 +120,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CLOCK_LIMIT",
     "COMPRESSORS",
+    "DEFAULT_MIN_WEIGHT",
     "FORMAT_OVERLAY",
     "FORMAT_VERSION",
     "LIFECYCLE_DEFAULTS",
@@ -140,6 +144,7 @@ __all__ = [
     "check_lifecycle_settings",
     "check_router_name",
     "check_stored_policy",
+    "cluster_order",
     "file_kind",
     "fsync_tree",
     "lifecycle_health",

@@ -55,6 +55,7 @@ from ._format import (
     u64_key,
 )
 from ._layered import LayeredIndex
+from ._placement import Placement, place, raise_format
 from ._records import Commit, Writer, is_compaction, parse_record, read_u64
 
 if TYPE_CHECKING:
@@ -259,12 +260,15 @@ def compact(
     progress: Callable[[int, int], None] | None = None,
     collect: bool = True,
     segments: list[int] | None = None,
+    placement: Placement | None = None,
 ) -> CompactResult:
     """Compact the store at HEAD ``head`` (whose row index is ``index``) until the live
     segments' stored bytes are at most ``target`` times their live bytes, then (``collect``)
     run ``gc`` by the store's retention policy. ``progress(done, total)`` counts rows moved.
     ``segments``: rewrite the live rows of exactly these segments instead (``dpsn repair``
-    moves the intact rows out of damaged segments so that gc can remove them)."""
+    moves the intact rows out of damaged segments so that gc can remove them).
+    ``placement``: given the sorted ids of a new segment, the order to write them in (co-use
+    statistics' ``CoUse.placement``): rows that fire together then share chunks."""
     store._require_writer()
     records = store.segment_records()
     live = index.live_rows()
@@ -284,7 +288,7 @@ def compact(
     if progress is not None:
         progress(0, total)
     for batch in batches:
-        record, index, seg, read = _compact_one(store, index, head, batch, records)
+        record, index, seg, read = _compact_one(store, index, head, batch, records, placement)
         head = record.id
         result.commits.append(record.id)
         result.source_segments += batch
@@ -310,8 +314,10 @@ def _compact_one(
     head: int,
     sources: list[int],
     records: dict[int, SegmentRecord],
+    placement: Placement | None = None,
 ) -> tuple[Commit, LayeredIndex, SegmentRecord, int]:
-    """One compaction commit: the live rows of ``sources`` (one layout) into a new segment."""
+    """One compaction commit: the live rows of ``sources`` (one layout) into a new segment,
+    in id order, or in ``placement``'s order (a placed segment, format 4: ``_placement.py``)."""
     env = store._env
     parent = store.commit_record(head)
     if store.head() != head:
@@ -336,6 +342,8 @@ def _compact_one(
         if _columns(rec) != layout:
             raise CorruptStoreError("internal error: one compaction batch mixes segment layouts")
         sel = np.flatnonzero(old_seg == s)
+        if rec.placed:  # rows in co-use order (format 4): read by offset, put back by id
+            sel = sel[np.argsort(old_off[sel], kind="stable")]
         off = old_off[sel]
         if len(off) and (int(off.max()) >= rec.rows or bool(np.any(np.diff(off) <= 0))):
             raise CorruptStoreError(
@@ -348,6 +356,11 @@ def _compact_one(
             if col not in cols:
                 cols[col] = np.empty((n, *block.shape[1:]), dtype=block.dtype)
             cols[col][sel] = block
+    perm = place(ids, placement)
+    placed = perm is not None
+    if perm is not None:  # the rows in co-use order; every column (and the old entries) alike
+        ids, old_seg, old_off, old_commit = (c[perm] for c in (ids, old_seg, old_off, old_commit))
+        cols = {c: v[perm] for c, v in cols.items()}
     commit_id = head + 1
     segment_id = store._next_segment()
     extra = {c: v for c, v in cols.items() if c != SEGMENT_DELTAS}
@@ -358,6 +371,7 @@ def _compact_one(
         cols[SEGMENT_DELTAS],
         _EMPTY,
         chunk_rows=min(store.manifest.chunk_rows, max(1, n)),
+        placed=placed,
         **extra,
     )
     removed = int(rows_hash(ids, old_seg, old_off, old_commit).sum(dtype=np.uint64))
@@ -405,6 +419,8 @@ def _compact_one(
         if items:
             txn.cursor(db=env.dbs[DB_ROWS]).putmulti(items, dupdata=False, overwrite=True)
         _bump(w, compaction_bytes=seg.stored_bytes, compactions=1, compacted_rows=n)
+        if placed:
+            raise_format(txn, env.dbs[DB_META], w)
         w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
         w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
         final = replace(record, index_digest=rows.total)
@@ -422,7 +438,9 @@ def _compact_one(
     return final, store.maintain_runs(after, final), seg, read
 
 
-def maybe_compact(store: Any, index: LayeredIndex, head: int, policy: Any) -> CompactResult | None:
+def maybe_compact(
+    store: Any, index: LayeredIndex, head: int, policy: Any, placement: Placement | None = None
+) -> CompactResult | None:
     """The automatic trigger after a commit: compact when the live segments hold more than
     ``policy.compact_above`` times the live bytes (and at least ``compact_min_bytes``), down to
     halfway between 1 and the threshold, so that the next trigger is some commits away (write
@@ -447,6 +465,6 @@ def maybe_compact(store: Any, index: LayeredIndex, head: int, policy: Any) -> Co
     if not live_bytes or stored_live <= above * live_bytes:
         return None
     try:
-        return compact(store, index, head, target=1.0 + (above - 1.0) / 2)
+        return compact(store, index, head, target=1.0 + (above - 1.0) / 2, placement=placement)
     except StoreFullError:
         return None  # the commit itself is durable; compaction waits for space

@@ -17,7 +17,7 @@ from typing import Any
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
 
 FORMAT_NAME = "dpsn-store"
-FORMAT_VERSION = 3  # the newest format this dpsn reads; never renumber
+FORMAT_VERSION = 4  # the newest format this dpsn reads; never renumber
 # What a store's LMDB ``format_version`` says. A store without lifecycle data stays at 1 (its
 # bytes are format 1's). The first commit that records a lifecycle raises it to 2: from then on
 # FREE rows' deltas decay lazily (``deltas`` times a factor their ``usage`` row and the commit's
@@ -28,6 +28,11 @@ FORMAT_LIFECYCLE = 2
 # at a pinned commit plus its own deltas (manifest field "base"), which a reader of format 2
 # would misread as procedural rows plus deltas.
 FORMAT_OVERLAY = 3
+# The LMDB ``format_version`` a store's index says once a compaction has written a placed
+# segment (record field "placed": its ids column in co-use order, not sorted; the index maps
+# each id to its offset there): a reader of format 3 would take the column for sorted and
+# point rows at other rows' deltas. Stores with no placed segment keep their number and bytes.
+FORMAT_PLACED = 4
 
 MANIFEST = "dpsn.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -63,7 +68,7 @@ U64_KEY = struct.Struct(">Q")
 # Zarr paths inside ZARR_DIR.
 SEGMENTS_GROUP = "segments"
 GENERATOR_GROUP = "generator"
-SEGMENT_IDS = "ids"  # int64 [n], sorted, unique: the rows written by the commit
+SEGMENT_IDS = "ids"  # int64 [n], unique, sorted (any order if the record says "placed")
 SEGMENT_DELTAS = "deltas"  # [n, dim] in the store dtype (bf16 stored as uint16)
 SEGMENT_DROPS = "drops"  # int64 [m], sorted: rows the commit returned to procedural
 SEGMENT_STATE = "state"  # float32 [n, w], optional: per-row state (e.g. a row optimizer's)

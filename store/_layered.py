@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._rowindex import TOMBSTONE, RowBlockError, RowIndex, merge_newest
+from ._rowindex import TOMBSTONE, RowBlockError, RowIndex, merge_newest, placed_column
 
 # What answers a lookup when a run file's block fails its checksum: LMDB's row index, read by
 # the store (``PersistedStore.fallback_lookup``), or ``RowBlockError`` when it no longer
@@ -182,9 +182,10 @@ class LayeredIndex:
     # -- change --------------------------------------------------------------------------------
 
     def apply(self, ids: np.ndarray, segment: int, commit: int, drops: np.ndarray) -> LayeredIndex:
-        """The index after a commit wrote sorted ``ids`` to ``segment`` (offsets 0..r-1) and
-        dropped sorted ``drops``: O((r + overlay) log) and no pass over the layers."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """The index after a commit wrote ``ids`` to ``segment`` (its ids column, offsets
+        0..r-1: sorted, or placed, ``placed_column``) and dropped sorted ``drops``:
+        O((r + overlay) log) and no pass over the layers."""
+        ids, offsets = placed_column(ids)
         drops = np.asarray(drops, dtype=np.int64)
         had, old_seg, _, _ = self.lookup(np.concatenate([ids, drops]))
         written_had, drops_had = had[: len(ids)], had[len(ids) :]
@@ -202,7 +203,7 @@ class LayeredIndex:
         fresh = RowIndex(
             ids,
             np.full(n, segment, dtype=np.int64),
-            np.arange(n, dtype=np.int64),
+            offsets,
             np.full(n, commit, dtype=np.int64),
         )
         tombs = RowIndex(

@@ -1496,15 +1496,24 @@ class PersistedStore:
         target: float = 1.1,
         segments: list[int] | None = None,
         collect: bool = True,
+        placement: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> Any:
         """Rewrite the live rows of sparse segments (or of exactly ``segments``), then gc
-        unless ``collect`` is False (``_compact.py``)."""
+        unless ``collect`` is False (``_compact.py``); ``placement``: the co-use order to
+        write rows in (``_placement.py``)."""
         from ._compact import compact
 
         if index is None or head is None:
             head, index = self.load_head()
         return compact(
-            self, index, head, progress=progress, target=target, segments=segments, collect=collect
+            self,
+            index,
+            head,
+            progress=progress,
+            target=target,
+            segments=segments,
+            collect=collect,
+            placement=placement,
         )
 
     def _unreferenced_versions(

@@ -136,15 +136,17 @@ class RowIndex:
         return lo
 
     def apply(self, ids: np.ndarray, segment: int, commit: int, drops: np.ndarray) -> RowIndex:
-        """The index after a commit wrote sorted ``ids`` to ``segment`` and dropped ``drops``."""
+        """The index after a commit wrote ``ids`` to ``segment`` and dropped ``drops``: ``ids``
+        is the segment's ids column (offsets 0..n-1), sorted or placed (``placed_column``)."""
         n = len(ids)
+        ids, offsets = placed_column(ids)
         return merge_newest(
             [
                 self,
                 RowIndex(
                     ids,
                     np.full(n, segment, dtype=np.int64),
-                    np.arange(n, dtype=np.int64),
+                    offsets,
                     np.full(n, commit, dtype=np.int64),
                 ),
                 RowIndex(
@@ -210,3 +212,14 @@ def merge_newest(parts: list[RowIndex], *, keep_tombstones: bool = False) -> Row
     if not keep_tombstones:
         keep = keep[seg[keep] != TOMBSTONE]
     return RowIndex(ids=ids[keep], segment=seg[keep], offset=off[keep], commit=com[keep])
+
+
+def placed_column(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A segment's ids column as ``(sorted ids, their offsets)``: the column itself and
+    ``0..n-1`` when it is sorted (every segment but a placed one, format 4), else sorted by id
+    with the offsets they sit at."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return ids, np.arange(len(ids), dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order.astype(np.int64)

@@ -84,6 +84,9 @@ class SegmentRecord:
     stored_bytes: int
     state_width: int = 0
     usage_width: int = 0
+    # Format 4: rows in co-use order (a placed compaction), not by id. Written only when true,
+    # so every other record keeps its bytes.
+    placed: bool = False
 
     @property
     def name(self) -> str:
@@ -104,6 +107,8 @@ class SegmentRecord:
         }
         if self.usage_width:  # a store without a lifecycle keeps format 1's records exactly
             out["usage_width"] = self.usage_width
+        if self.placed:
+            out["placed"] = True
         return out
 
     @classmethod
@@ -128,6 +133,9 @@ class SegmentRecord:
         usage_width = number("usage_width", 0, USAGE_WIDTH + 1, 0)
         if usage_width not in (0, USAGE_WIDTH):
             raise CorruptStoreError(f"a segment record has usage_width={usage_width!r}")
+        placed = raw.get("placed", False)
+        if not isinstance(placed, bool):
+            raise CorruptStoreError(f"a segment record has placed={placed!r}")
         sums = raw.get("checksums")
         want = {
             SEGMENT_IDS: -(-rows // chunk_rows),
@@ -163,6 +171,7 @@ class SegmentRecord:
             stored_bytes=number("stored_bytes", 0, _U64),
             state_width=state_width,
             usage_width=usage_width,
+            placed=placed,
         )
 
 
@@ -196,9 +205,11 @@ class SegmentStore:
         chunk_rows: int,
         state: np.ndarray | None = None,
         usage: np.ndarray | None = None,
+        placed: bool = False,
     ) -> SegmentRecord:
-        """Write a segment durably. The caller holds the writer lock and has not yet published
-        ``segment_id`` in LMDB, so any directory of that name is a crashed commit's leftover."""
+        """Write a segment durably (``placed``: ``ids`` are in a co-use order, not sorted).
+        The caller holds the writer lock and has not yet published ``segment_id`` in LMDB, so
+        any directory of that name is a crashed commit's leftover."""
         name = segment_name(segment_id)
         path = self.dir / name
         if path.exists():
@@ -263,6 +274,7 @@ class SegmentStore:
             stored_bytes=dir_bytes(path),
             state_width=0 if state is None else int(state.shape[1]),
             usage_width=0 if usage is None else int(usage.shape[1]),
+            placed=placed,
         )
 
     def remove(self, segment_id: int) -> int:

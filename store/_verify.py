@@ -25,6 +25,7 @@ import numpy as np
 
 from dpsn.errors import CorruptSegmentError, DpsnError
 
+from . import couse_file
 from ._compact import META_GROWTH, growth_counters
 from ._digest import DbDigest, entry_hash
 from ._files import read_regular
@@ -35,6 +36,7 @@ from ._format import (
     DB_SEGMENTS,
     DB_SNAPSHOTS,
     FORMAT_LIFECYCLE,
+    FORMAT_PLACED,
     FORMAT_VERSION,
     GENERATOR_GROUP,
     MAX_COMMIT_ID,
@@ -410,10 +412,9 @@ class _Verifier:
                 ids = segs.read_column(rec, SEGMENT_IDS)
                 drops = segs.read_column(rec, SEGMENT_DROPS)
                 self.segment_ids[rec.id] = ids
-                if len(ids) and (
-                    ids[0] < 0 or ids[-1] >= self.m.rows or np.any(ids[1:] <= ids[:-1])
-                ):
-                    self.problem("segment", f"segment {rec.name}: its ids are not sorted ids")
+                if len(ids) and not ids_ok(ids, self.m.rows, placed=rec.placed):
+                    what = "distinct ids" if rec.placed else "sorted ids"
+                    self.problem("segment", f"segment {rec.name}: its ids are not {what}")
                 if len(drops) and (
                     drops[0] < 0
                     or drops[-1] >= self.m.rows
@@ -471,6 +472,32 @@ class _Verifier:
             ids = self.segment_ids.get(sid)
             if ids is not None and not np.array_equal(ids[off], index.ids[mine]):
                 self.problem("rows", f"segment {rec.name}: its ids disagree with {where}")
+
+    def placed(self) -> None:
+        """Placed segments (format 4) only in a store whose index says format 4."""
+        placed = [r.name for r in self.segments.values() if r.placed]
+        if placed and self.format_version is not None and self.format_version < FORMAT_PLACED:
+            self.problem(
+                "meta",
+                f"meta/format_version is {self.format_version} but {len(placed)} segments hold "
+                f"rows in co-use order (format {FORMAT_PLACED}); the index is damaged",
+            )
+
+    def couse(self) -> None:
+        """Co-use statistics (``couse/``): each file pair parses and holds a valid sketch of
+        ids in the pool's range; a damaged one is advice lost, not data (`dpsn repair`)."""
+        root = self.store.root
+        for commit in couse_file.saved(root / couse_file.DIR):
+            try:
+                problem = couse_file.check_arrays(couse_file.read_arrays(root, commit), self.m.rows)
+            except DpsnError as e:
+                problem = str(e)
+            if problem is not None:
+                self.problem(
+                    "couse",
+                    f"co-use statistics of commit {commit}: {problem}; `dpsn repair` deletes "
+                    "them (statistics are advice: the pool starts a new sketch)",
+                )
 
     def lifecycle(self) -> None:
         """Lifecycle data (format 2) only in a store that says it is format 2: a reader of
@@ -660,6 +687,8 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
         ("segment records", v.segment_records, ("read_lmdb",)),
         ("segment data", v.segment_data, ("read_lmdb",)),
         ("the lifecycle", v.lifecycle, ("read_lmdb",)),
+        ("placed segments", v.placed, ("segment_records",)),
+        ("co-use statistics", v.couse, ()),
         ("snapshots", v.snapshot_records, ("read_lmdb",)),
         ("compactions and the history checkpoint", v.history, ("read_lmdb",)),
         ("generator weights", v.generator_data, ("read_lmdb",)),
@@ -681,6 +710,14 @@ def verify_store(store: Any, progress: Callable[[int], None] | None = None) -> V
             failed.add(step.__name__)
             report.problems.append(f"{what} cannot be checked: {type(e).__name__}: {e}")
     return report
+
+
+def ids_ok(ids: np.ndarray, rows: int, *, placed: bool) -> bool:
+    """A segment's ids column: ids in ``[0, rows)``, sorted and distinct (distinct in any
+    order for a placed segment, format 4)."""
+    if placed:
+        ids = np.sort(ids)
+    return not (ids[0] < 0 or ids[-1] >= rows or bool(np.any(ids[1:] <= ids[:-1])))
 
 
 def _non_finite_rows(values: np.ndarray) -> np.ndarray:

@@ -93,11 +93,6 @@ def test_circuits_and_partners():
     ids = np.array([99, 51, 12, 10, 50, 7, 11, 52])
     order = ids[s.placement(ids, min_support=3)]
     assert order.tolist() == [7, 10, 11, 12, 50, 51, 52, 99]
-    # a group larger than max_group is split where its links are weakest
-    for _ in range(20):
-        s.record(torch.tensor([[10, 11, -1]]))
-    order = ids[s.placement(ids, max_group=2, min_support=3)]
-    assert order.tolist()[:3] == [7, 10, 11]  # 12 (5 uses with 11) split off from {10, 11}
 
 
 def test_bad_input():

@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
+    "ADJACENCY_REFRESH": "._couse",
     "SECOND_BACKWARD": "._stack",
     "CacheStats": "._cache",
     "Column": "._columns",
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from . import _usage as usage
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
-    from ._couse import CoUse
+    from ._couse import ADJACENCY_REFRESH, CoUse
     from ._optimizer import RowOptimizer
     from ._overlay import OverlayBase
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
@@ -74,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ADJACENCY_REFRESH",
     "SECOND_BACKWARD",
     "CacheStats",
     "CoUse",

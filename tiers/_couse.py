@@ -16,8 +16,9 @@ What reads it (each vectorized over the table, no Python loop per row or pair):
 - :meth:`CoUse.partners`: a row's most frequent partners (prefetch a missed row's partners);
 - :meth:`CoUse.circuits`: groups of rows joined by pairs seen at least ``min_support`` times
   (connected components, by min-label propagation), each with its support;
-- :meth:`CoUse.placement`: an order of rows that puts each circuit's rows next to each other
-  (where segments are written, co-used rows then share chunks).
+- :meth:`CoUse.placement`: an order of rows that puts rows used together next to each other
+  (a compaction writes segments in it, so co-used rows share chunks);
+- :meth:`CoUse.miss_partners`: what a cache miss prefetches (its rows' top partners).
 
 Persisted as three plain numeric arrays (:meth:`CoUse.to_arrays` / :meth:`CoUse.from_arrays`,
 which checks shapes, dtypes and invariants: a store is untrusted input); never a pickle.
@@ -30,11 +31,16 @@ import torch
 
 from dpsn.errors import CorruptStoreError, InvalidArgumentError, InvalidIdsError
 from dpsn.hypernet import xxh64_ids
+from dpsn.store import DEFAULT_MIN_WEIGHT, cluster_order
 
-__all__ = ["COUSE_SEED", "CoUse"]
+__all__ = ["ADJACENCY_REFRESH", "COUSE_SEED", "CoUse"]
 
 COUSE_SEED = 0x636F757365  # "couse": the slot hash's seed (persisted in effect: never change)
 _EMPTY = -1
+# Records between rebuilds of the partner table miss_partners reads: a rebuild sorts the whole
+# table (~80 ms for 2**18 pairs on a loaded core), so it is amortized over many steps; partners
+# a few hundred steps old are good advice.
+ADJACENCY_REFRESH = 256
 _MAX_SLOTS = 1 << 26
 
 
@@ -87,6 +93,12 @@ class CoUse:
         self.b = torch.full((self.slots,), _EMPTY, dtype=torch.int64)
         self.count = torch.zeros(self.slots, dtype=torch.float32)
         self.groups_seen = 0  # groups recorded (tokens or bags), for support as a fraction
+        # Rows' partners as one immutable (row, partner, count) triple sorted by (row, -count),
+        # built on first use by miss_partners and rebuilt every ADJACENCY_REFRESH records:
+        # a miss's partners are then a searchsorted away, and the triple is swapped whole, so
+        # a prefetch thread reading it never sees a half-updated table.
+        self._adjacency: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._records_since = 0
 
     def __len__(self) -> int:
         """Pairs held."""
@@ -117,6 +129,9 @@ class CoUse:
         if len(a) == 0:
             return
         key = _pair_key(a, b)
+        self._records_since += 1
+        if self._adjacency is not None and self._records_since >= ADJACENCY_REFRESH:
+            self._adjacency = None  # stale: rebuilt by the next miss_partners
         # Distinct pairs of the step: one sort by the pair's hash (pairs that share a hash but
         # differ stay apart: a new run starts wherever key, a or b changes).
         key, order = torch.sort(key)
@@ -161,6 +176,7 @@ class CoUse:
         self.count.mul_(factor)
         gone = self.count < 0.5
         self.a[gone], self.b[gone], self.count[gone] = _EMPTY, _EMPTY, 0.0
+        self._adjacency = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -194,6 +210,58 @@ class CoUse:
         keep = rank < k
         return row[keep], other[keep], cnt[keep]
 
+    def _partner_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        adj = self._adjacency
+        if adj is None:
+            a, b, c = self.a.clone(), self.b.clone(), self.count.clone()
+            keep = (a >= 0) & (b >= 0)  # (a copy taken while another thread records)
+            a, b, c = a[keep], b[keep], c[keep]
+            row, other, cnt = torch.cat([a, b]), torch.cat([b, a]), torch.cat([c, c])
+            order = torch.argsort(cnt, descending=True, stable=True)
+            order = order[torch.argsort(row[order], stable=True)]
+            adj = (row[order], other[order], cnt[order])
+            self._adjacency, self._records_since = adj, 0
+        return adj
+
+    def miss_partners(
+        self,
+        missed: torch.Tensor,
+        k: int = 2,
+        *,
+        limit: int = 256,
+        rows: int | None = None,
+        min_support: float = 2.0,
+    ) -> torch.Tensor:
+        """What a cache miss prefetches: the distinct top-``k`` partners (pairs seen at least
+        ``min_support`` times) of the ``missed`` rows, the rows themselves excluded, ids below
+        ``rows``; at most ``limit``, strongest pairs first. Vectorized (one ``searchsorted``
+        into a partner table rebuilt every ``ADJACENCY_REFRESH`` records); safe to call from a
+        prefetch thread while the driving thread records."""
+        missed = torch.unique(missed.detach().to("cpu", torch.int64).reshape(-1))
+        row, other, cnt = self._partner_table()
+        empty = torch.empty(0, dtype=torch.int64)
+        if len(row) == 0 or len(missed) == 0 or k < 1 or limit < 1:
+            return empty
+        lo = torch.searchsorted(row, missed)
+        hi = torch.searchsorted(row, missed, right=True)
+        take = (hi - lo).clamp(max=k)
+        if int(take.sum()) == 0:
+            return empty
+        # positions lo[i] .. lo[i] + take[i] - 1 of each missed row, flattened
+        start = torch.repeat_interleave(lo, take)
+        first = torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+        at = start + torch.arange(len(start)) - first
+        got, strength = other[at], cnt[at]
+        keep = (strength >= min_support) & ~torch.isin(got, missed)
+        if rows is not None:
+            keep &= got < rows
+        got, strength = got[keep], strength[keep]
+        got = got[torch.argsort(strength, descending=True, stable=True)]
+        uniq, inv = torch.unique(got, return_inverse=True)
+        first_at = torch.full((len(uniq),), len(got), dtype=torch.int64)
+        first_at.scatter_reduce_(0, inv, torch.arange(len(got)), reduce="amin")
+        return uniq[torch.argsort(first_at)][:limit]
+
     def circuits(self, min_support: float = 2.0) -> list[tuple[torch.Tensor, float]]:
         """Groups of rows joined by pairs seen at least ``min_support`` times: a list of
         ``(rows, support)``, ``rows`` sorted, ``support`` the mean count of the group's pairs
@@ -215,38 +283,17 @@ class CoUse:
         return out
 
     def placement(
-        self, ids: np.ndarray, *, max_group: int = 64, min_support: float = 1.0
+        self, ids: np.ndarray, *, min_support: float = DEFAULT_MIN_WEIGHT, max_rounds: int = 1024
     ) -> np.ndarray:
-        """A permutation of ``ids`` (1-D) that puts co-used rows next to each other, so that
-        where rows are written in this order (``max_group`` = rows per chunk) a group shares
-        chunks: rows are grouped by the components of pairs seen ``min_support`` times or more;
-        a component larger than ``max_group`` is split by doubling the support its pairs need
-        (weak links go first), up to 12 times; rows are ordered by (their group's smallest id,
-        id), and rows in no group keep their own id as the key."""
-        ids = np.asarray(ids, dtype=np.int64)
-        key = ids.copy()
+        """A permutation of ``ids`` (1-D, distinct) that puts co-used rows next to each other,
+        so that where rows are written in this order (a compaction given these statistics:
+        ``Pool.compact``) rows that fire together share chunks: the leaf order of a
+        hierarchical clustering of the pairs seen ``min_support`` times or more
+        (``dpsn.store.cluster_order``: rounds of heavy-edge matching, vectorized)."""
         a, b, c = self.pairs(min_support)
-        sel = torch.isin(a, torch.from_numpy(ids)) & torch.isin(b, torch.from_numpy(ids))
-        a, b, c = a[sel], b[sel], c[sel]
-        support = min_support
-        for _ in range(12):
-            if len(a) == 0:
-                break
-            nodes, comp_of, ea = _components(a, b)
-            sizes = torch.bincount(comp_of)
-            small = sizes[comp_of] <= max_group  # (nodes,)
-            root = torch.full((len(sizes),), 1 << 62, dtype=torch.int64)
-            root.scatter_reduce_(0, comp_of, nodes, reduce="amin")
-            done_nodes, done_key = nodes[small].numpy(), root[comp_of][small].numpy()
-            if len(done_nodes):
-                pos = np.minimum(np.searchsorted(done_nodes, ids), len(done_nodes) - 1)
-                hit = done_nodes[pos] == ids
-                key[hit] = done_key[pos[hit]]
-            # the pairs of components still too large, with a higher bar
-            support *= 2
-            big_edge = ~small[ea] & (c >= support)
-            a, b, c = a[big_edge], b[big_edge], c[big_edge]
-        return np.lexsort((ids, key))
+        return cluster_order(
+            ids, a.numpy(), b.numpy(), c.numpy(), min_weight=min_support, max_rounds=max_rounds
+        )
 
     # -- persistence ---------------------------------------------------------------------------
 

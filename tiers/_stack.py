@@ -350,6 +350,12 @@ class RowStack(UsageStatistics):
         self._uncounted: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.collected: list[tuple[str, int]] = []  # pin keys of batches collected unreleased
         self._prefetcher: ThreadPoolExecutor | None = None
+        # miss_advice(missed ids) -> more ids to page in after a step's misses (co-use
+        # partners: tiers/_couse.py, set by Pool.prefetch_partners_on_miss); advice, never pinned
+        self.miss_advice: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._missed: list[torch.Tensor] = []
+        self._advising = False  # set while paging in advice or an explicit prefetch (planned)
+        self.advised_rows = 0  # rows paged in on that advice
         self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
         # sorted ids no row step may change (Pool.protect), and its copy on the device
         self.protected = torch.empty(0, dtype=torch.int64)
@@ -456,6 +462,8 @@ class RowStack(UsageStatistics):
         a read copies them out as one block (``_gather_rows``)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
+        if self.miss_advice is not None and not self._advising:
+            self._missed.append(ids)
         pos, delta, state, usage = self._host_rows(ids.numpy())
         dev_ids = ids.to(self.device)
         rows = cache.column(layout.row)
@@ -536,7 +544,10 @@ class RowStack(UsageStatistics):
         except BaseException:
             cache.abandon(admission)
             raise
-        return cache.finish(admission)
+        slots = cache.finish(admission)
+        if self._missed:
+            self._advise_misses()
+        return slots
 
     # -- staleness of cached bases -------------------------------------------------------------
 
@@ -1064,12 +1075,53 @@ class RowStack(UsageStatistics):
         key = ("prefetch", next(self._keys))
         return Prefetch(self, self._prefetcher.submit(self._prefetch_job, ids, key), key)
 
+    def _advise_misses(self) -> None:
+        """Page in what ``miss_advice`` says goes with this step's misses, on the prefetch
+        thread (under the lock, after this step's page-in)."""
+        missed = torch.cat(self._missed)
+        self._missed.clear()
+        if self.miss_advice is None:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dpsn-prefetch")
+        self._prefetcher.submit(self._advice_job, self.miss_advice, missed)
+
+    def _advice_job(
+        self, advice: Callable[[torch.Tensor], torch.Tensor], missed: torch.Tensor
+    ) -> None:
+        extra = advice(missed)  # outside the lock: the step goes on meanwhile
+        cache = self.cache
+        if cache is None or not len(extra):
+            return
+        with self.lock, torch.no_grad():
+            extra = extra.to(self.device)
+            extra = extra[~cache.find(extra)[1]]  # only rows not cached: no hit is counted
+            if not len(extra):
+                return
+            counts = {
+                k: dict(v) for k, v in (("total", cache.stats.total), ("last", cache.stats.last))
+            }
+            self._advising = True
+            try:
+                self._lookup(extra)
+                self.advised_rows += len(extra)
+            except _CANNOT_CACHE:
+                pass  # advice: no room now
+            finally:
+                self._advising = False
+                # the step's counters stay the step's: advice is counted in advised_rows
+                for name in ("total", "last"):
+                    now = getattr(cache.stats, name)
+                    for c in ("lookups", "hits", "misses"):
+                        now[c] = counts[name][c]
+
     def _prefetch_job(self, ids: torch.Tensor, key: tuple[str, int]) -> tuple[torch.Tensor, Any]:
         cache = self.cache
         assert cache is not None
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with self.lock, torch.no_grad():
             self._refresh_bases_if_stale()
+            self._advising = True  # its misses were planned: no advice follows them
             try:
                 if stream is not None:
                     with torch.cuda.stream(stream):
@@ -1082,6 +1134,8 @@ class RowStack(UsageStatistics):
                 # Prefetching is advice: rows that cannot all be made resident now are paged
                 # in (spilled) by the step that reads them.
                 return torch.empty(0, dtype=torch.int64, device=self.device), None
+            finally:
+                self._advising = False
             cache.pin(key, slots)
         return slots, event
 
@@ -1181,6 +1235,7 @@ class RowStack(UsageStatistics):
             self._unpin_collected()
         out: dict[str, Any] = dict(self.counters)
         out["rows_generated"] = self.procedural.rows_generated
+        out["advised_rows"] = self.advised_rows
         cache = self.cache
         if cache is None:
             out.update(hits=0, misses=0, evictions=0, hit_rate=None, capacity=0, cached_rows=0)

@@ -8,6 +8,7 @@ clean verify where that is possible without losing committed data that is still 
    segments), so that no row HEAD reads lives in one.
 4. gc with only HEAD kept (older commits that read the damaged segments cannot be rebuilt
    anyway), which removes the damaged segments unless a snapshot pins them.
+0. Delete damaged co-use statistics (``couse/``: advice, not data; a pool cannot open over them).
 5. verify again. Snapshots that still pin a damaged segment are named, with the command that
    deletes them; repair never deletes a snapshot itself.
 """
@@ -45,11 +46,12 @@ def scan(store: Any) -> tuple[set[int], set[int], set[int]]:
 def repair(path: str | Path) -> dict[str, Any]:
     """Repair the store at ``path`` (module doc); what was done, and whether verify is clean."""
     import dpsn
-    from dpsn.store import PersistedStore
+    from dpsn.store import PersistedStore, couse_file
 
     path = Path(path)
     store = PersistedStore.open(path, writable=True)
     try:
+        couse_dropped = couse_file.drop_damaged(path, store.manifest.rows)
         bad_segments, bad_rows, unreadable = scan(store)
         head, index = store.load_head()
         ids = np.array(sorted(bad_rows), dtype=np.int64)
@@ -66,6 +68,7 @@ def repair(path: str | Path) -> dict[str, Any]:
         "rows_dropped": 0,
         "rows_moved": 0,
         "unreadable_segments": sorted(unreadable),
+        "couse_dropped": couse_dropped,
     }
     if not bad_segments:
         out.update(verify_ok=True, pinned_by_snapshots=[])
