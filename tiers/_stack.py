@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
