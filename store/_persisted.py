@@ -46,7 +46,6 @@ import lmdb
 import numpy as np
 import xxhash
 import zarr
-from zarr.storage import LocalStore
 
 from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
@@ -135,6 +134,9 @@ from ._runs import maintain as maintain_runs
 from ._runs import save as save_runs
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
 from ._zarrsafe import read_array, read_array_meta
+from ._zarrseam import SeamStore
+from .fs import FileSystem
+from .fs import current as current_fs
 from .usage_fields import usage_problem
 
 __all__ = [
@@ -362,16 +364,28 @@ class PersistedStore:
     """LMDB + Zarr on disk. Knows rows, segments and commits; nothing of models or generators
     beyond storing their weights as named float32 arrays."""
 
-    def __init__(self, root: Path, manifest: Manifest, env: Env, *, writable: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        env: Env,
+        *,
+        writable: bool,
+        fs: FileSystem | None = None,
+    ) -> None:
         self.root = root
+        self.fs = fs or current_fs()  # every write goes through it (``dpsn.store.fs``)
         self.manifest = manifest
         self._env = env
         self.writable = writable
         self.storage_dtype = storage_dtype(manifest.dtype)
         self.segments = SegmentStore(
-            root / ZARR_DIR, storage_dtype=self.storage_dtype, compressor=manifest.compressor
+            root / ZARR_DIR,
+            storage_dtype=self.storage_dtype,
+            compressor=manifest.compressor,
+            fs=self.fs,
         )
-        self._zarr = LocalStore(str(root / ZARR_DIR))
+        self._zarr = SeamStore(root / ZARR_DIR, self.fs)
         self._lock: WriterLock | None = None
         self._made: _Made | None = None
         self._lease: Lease | None = None
@@ -387,13 +401,16 @@ class PersistedStore:
         *,
         map_size: int = DEFAULT_MAP_SIZE,
         lifecycle: dict[str, Any] | None = None,
+        fs: FileSystem | None = None,
     ) -> PersistedStore:
         """Make a new store at ``root`` (a new or empty directory) holding commit 1.
 
         Every argument is checked before the disk is touched; if anything fails after, what
         was made is removed (a full disk is a ``StoreFullError``), so a retry finds the path
-        as it was."""
+        as it was. ``fs``: the file system it writes through (``dpsn.store.fs``; default the
+        current one)."""
         root = Path(root)
+        fs = fs or current_fs()
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
             raise InvalidArgumentError(f"compressor must be one of {COMPRESSOR_NAMES}")
@@ -403,9 +420,9 @@ class PersistedStore:
         made = _claim_new_dir(root)
         env = None
         try:
-            zarr.open_group(LocalStore(str(root / ZARR_DIR)), mode="w", zarr_format=3)
-            env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size)
-            store = cls(root, manifest, env, writable=True)
+            zarr.open_group(SeamStore(root / ZARR_DIR, fs), mode="w", zarr_format=3)
+            env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size, fs=fs)
+            store = cls(root, manifest, env, writable=True, fs=fs)
             gen_record = store._write_generator(1, generator_state)
             spec_digest = _digest(manifest.to_json())
             first = Commit(
@@ -436,7 +453,7 @@ class PersistedStore:
             env.write(init)
             # The manifest goes last: a directory without one is not a store, so a crash during
             # create never leaves something that opens as a half-made store.
-            write_manifest(root, manifest)
+            write_manifest(root, manifest, fs)
         except BaseException as e:
             if env is not None:
                 release_env(env)
@@ -460,8 +477,11 @@ class PersistedStore:
         _undo_create(self.root, made)
 
     @classmethod
-    def open(cls, root: Path, *, writable: bool) -> PersistedStore:
+    def open(cls, root: Path, *, writable: bool, fs: FileSystem | None = None) -> PersistedStore:
+        """Open the store at ``root``; ``fs``: the file system it writes through
+        (``dpsn.store.fs``; default the current one)."""
         root = Path(root)
+        fs = fs or current_fs()
         manifest = read_manifest(root)
         storage_dtype(manifest.dtype)  # validates
         if not (root / ZARR_DIR).is_dir():
@@ -472,12 +492,12 @@ class PersistedStore:
             lock = WriterLock(root / LOCK_FILE)
             lock.acquire()
         try:
-            env = acquire_env(root / LMDB_DIR, writable=writable)
+            env = acquire_env(root / LMDB_DIR, writable=writable, fs=fs)
         except BaseException:
             if lock:
                 lock.release()
             raise
-        store = cls(root, manifest, env, writable=writable)
+        store = cls(root, manifest, env, writable=writable, fs=fs)
         store._lock = lock
         try:
             if not writable:  # so that gc in a writer's process keeps what this one reads
@@ -583,7 +603,7 @@ class PersistedStore:
     def _write_generator(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
         check_generator_state(state)
         # A directory of this version can only be a crashed commit's leftover: not referenced.
-        shutil.rmtree(
+        self.fs.rmtree(
             self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version), ignore_errors=True
         )
         root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
@@ -604,7 +624,7 @@ class PersistedStore:
         # A generator without weights (kind "zeros") still gets its version's group: readers
         # take a missing one for a version removed by gc.
         root.require_group(f"{GENERATOR_GROUP}/{generator_name(version)}")
-        fsync_tree(self.root / ZARR_DIR / GENERATOR_GROUP)
+        fsync_tree(self.root / ZARR_DIR / GENERATOR_GROUP, self.fs)
         return {"version": version, "arrays": arrays}
 
     def generator_record(self, version: int) -> dict[str, Any]:
@@ -715,7 +735,7 @@ class PersistedStore:
                 if len(flat) >= _runs.RUN_MIN_ROWS:
                     index = self._save_runs(index, head)
                 elif reason is not None:
-                    discard_runs(self.root)
+                    discard_runs(self.root, self.fs)
             except OSError:
                 pass  # runs only speed up the next open; LMDB has the index
         return head, index
@@ -1005,7 +1025,7 @@ class PersistedStore:
         path = str(self.router_dir(name, version).relative_to(self.root / ZARR_DIR))
         if write:
             self._require_writer()
-            shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
+            self.fs.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
             root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
             return root.require_group(path)
         # zarr opens the group's zarr.json itself: checked first (a FIFO would hang it)
@@ -1018,7 +1038,7 @@ class PersistedStore:
             raise CorruptStoreError(f"router {name!r} ({path}) cannot be opened: {e}") from e
 
     def sync_router(self, name: str, version: int) -> None:
-        fsync_tree(self.router_dir(name, version))
+        fsync_tree(self.router_dir(name, version), self.fs)
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -1083,17 +1103,17 @@ class PersistedStore:
                 )
                 if len(data):
                     arr[...] = data
-            fsync_tree(tmp)
+            fsync_tree(tmp, self.fs)
             if final.exists():  # a damaged or partial copy: replace it whole
                 trash = parent / f"{final.name}{_TMP}old-{uuid.uuid4().hex[:12]}"
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
+                self.fs.replace(final, trash)
+                self.fs.replace(tmp, final)
+                self.fs.rmtree(trash, ignore_errors=True)
             else:
-                os.rename(tmp, final)
-            fsync_dir(parent)
+                self.fs.replace(tmp, final)
+            fsync_dir(parent, self.fs)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.fs.rmtree(tmp, ignore_errors=True)
             if isinstance(e, StoreFullError | StoreWriteError):
                 raise
             raise _write_failed(e, f"could not write the snapshot index {final.name}") from e
@@ -1222,13 +1242,15 @@ class PersistedStore:
             protected_record = parent.protected
             if protected is not None:
                 protected_record = (
-                    write_protected(self.root, commit_id, protected) if len(protected) else None
+                    write_protected(self.root, commit_id, protected, self.fs)
+                    if len(protected)
+                    else None
                 )
         except OSError as e:
-            shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
+            self.fs.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
             if seg is not None:
                 self.segments.remove(segment_id)
-            shutil.rmtree(
+            self.fs.rmtree(
                 self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
                 ignore_errors=True,
             )
@@ -1315,7 +1337,7 @@ class PersistedStore:
             if seg is not None:
                 self.segments.remove(segment_id)
             if protected is not None and len(protected):
-                shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
+                self.fs.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
             raise
         return record, self.maintain_runs(new_index, record)
 
@@ -1325,7 +1347,7 @@ class PersistedStore:
         forward from the last run set."""
         try:
             return maintain_runs(
-                self.root, self.manifest.uuid, index, record.id, record.index_digest
+                self.root, self.manifest.uuid, index, record.id, record.index_digest, self.fs
             )
         except OSError:
             return index
@@ -1344,7 +1366,7 @@ class PersistedStore:
     def _save_runs(self, index: LayeredIndex, head: int) -> LayeredIndex:
         """Write ``index`` (HEAD's, at ``head``) as the run set (``_runs.save``)."""
         digest = self.commit_record(head).index_digest
-        return save_runs(self.root, self.manifest.uuid, index, head, digest)
+        return save_runs(self.root, self.manifest.uuid, index, head, digest, self.fs)
 
     def _next_segment(self) -> int:
         """The id the next segment takes, checked: above every recorded segment (a damaged
