@@ -24,7 +24,6 @@ files, which the next ``gc`` removes.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -290,7 +289,7 @@ def collect(
     freed = 0
     for d in stale:
         freed += _tree_bytes(d)
-        shutil.rmtree(d, ignore_errors=True)
+        store.fs.rmtree(d, ignore_errors=True)
     doomed = dead + orphans
     for done, s in enumerate(doomed, 1):
         freed += store.segments.remove(s)
@@ -301,7 +300,7 @@ def collect(
             freed += p.stat().st_size
         except OSError:
             continue
-        p.unlink(missing_ok=True)
+        store.fs.unlink(p, missing_ok=True)
     result["freed_bytes"] = freed
     return result
 
