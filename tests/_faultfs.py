@@ -107,6 +107,11 @@ class FaultFS:
     def disarm(self) -> None:
         self.armed = False
 
+    def power_off(self) -> None:
+        """Lose the power now (after an operation returned): what it made durable must stay."""
+        self._power_loss()
+        self.dead = True
+
     def _sync_file(self, path: Path) -> None:
         st = os.stat(path)
         self._files[st.st_ino] = Path(path).read_bytes()

@@ -197,11 +197,15 @@ def _one(base: Base, tmp: Path, at: int, kind: str) -> tuple[str, str | None]:
     shutil.copytree(base.root, root)
     fs = FaultFS(root, root.parent / "graveyard")
     store = PersistedStore.open(root, writable=True, fs=fs)
+    after = at == len(base.ops)  # power lost once the operation returned
     try:
-        fs.arm(at, kind)
+        fs.arm(None if after else at, None if after else kind)
         try:
             base.scenario.act(store)
             outcome = "completed"
+            if after:
+                fs.power_off()
+                outcome = "completed, then power lost"
         except Crash:
             outcome = "crashed"
         except DpsnError as e:
@@ -217,7 +221,7 @@ def _one(base: Base, tmp: Path, at: int, kind: str) -> tuple[str, str | None]:
         store.close()
     fired = fs.fired.site if fs.fired else None
     head = _check(base, root)
-    if outcome == "completed":
+    if outcome.startswith("completed"):
         assert head > base.head, f"{base.scenario.name} returned but HEAD did not move ({fired})"
     if head == base.head:  # nothing was committed: the same operation succeeds on a retry
         with PersistedStore.open(root, writable=True) as s:
@@ -228,11 +232,11 @@ def _one(base: Base, tmp: Path, at: int, kind: str) -> tuple[str, str | None]:
 
 def _cases(n_ops: int, sample: int) -> list[tuple[int, str]]:
     cases = [(i, k) for i in range(n_ops) for k in KINDS]
-    if FULL:
-        return cases
-    rng = np.random.default_rng(20)
-    picks = rng.choice(len(cases), size=min(len(cases), sample), replace=False)
-    return [cases[i] for i in sorted(picks)]
+    if not FULL:
+        rng = np.random.default_rng(20)
+        picks = rng.choice(len(cases), size=min(len(cases), sample), replace=False)
+        cases = [cases[i] for i in sorted(picks)]
+    return [*cases, (n_ops, "power")]  # and a power loss after it returned
 
 
 def _sweep(base: Base, tmp_path: Path, sample: int) -> None:
@@ -265,6 +269,30 @@ def test_every_fault_is_survived(bases, tmp_path, name):
 @pytest.mark.parametrize(("name", "sample"), [("commit", 24), ("compact", 12)])
 def test_sampled_faults_are_survived(bases, tmp_path, name, sample):
     _sweep(bases(name), tmp_path, sample)
+
+
+class _ForgetfulFS(FaultFS):
+    """A file system on which the engine's directory fsyncs are lost: what an engine that
+    forgot them would leave after a power loss."""
+
+    def fsync_dir(self, path: Path) -> None:
+        self._op("fsync_dir", path)
+
+
+def test_the_sweep_sees_a_missing_directory_fsync(bases, tmp_path):
+    """The checks can fail: with the directory fsyncs lost, a commit that returned does not
+    survive a power loss (its segment's directory entries are gone), and the check says so."""
+    base = bases("commit")
+    root = tmp_path / "store"
+    shutil.copytree(base.root, root)
+    fs = _ForgetfulFS(root, tmp_path / "graveyard")
+    with PersistedStore.open(root, writable=True, fs=fs) as store:
+        fs.arm()
+        _act_commit(store)
+        fs.power_off()
+        fs.dead = False
+    with pytest.raises((AssertionError, DpsnError)):
+        _check(base, root)
 
 
 def test_the_seam_is_chosen_per_store_and_by_a_scoped_setter(bases, tmp_path):
