@@ -27,13 +27,11 @@ it into place and only then records it in one LMDB transaction.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +53,6 @@ from dpsn.errors import (
     StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
-    StoreWriteError,
 )
 
 from . import _runs
@@ -65,10 +62,9 @@ from ._checks import (
     check_index,
     commit_key,
     full_error,
-    write_failed,
 )
-from ._compact import count_commit_bytes
-from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
+from ._commit import CommitProtocol, CommitRequest, digest_after, provenance_digest
+from ._digest import RECORD_CHECK, rows_hash_raw
 from ._files import check_regular
 from ._format import (
     COMPRESSOR_NAMES,
@@ -102,7 +98,6 @@ from ._format import (
     ZARR_DIR,
     Manifest,
     fsync_tree,
-    generator_name,
     read_manifest,
     u64_key,
     write_manifest,
@@ -117,7 +112,6 @@ from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
 from ._maintenance import Maintenance
 from ._names import check_router_name, check_snapshot_name
-from ._protected import protected_dir, write_protected
 from ._records import (
     Commit,
     VerifyReport,
@@ -150,13 +144,6 @@ __all__ = [
 
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, separators=(",", ":")).encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -253,31 +240,6 @@ def _undo_create(root: Path, made: _Made) -> None:
     made.lock.release()
 
 
-@dataclass(frozen=True)
-class CommitRequest:
-    """What one commit writes, as one object handed from the row path to the store (it was a
-    dozen arguments passed down three layers). ``ids`` sorted unique int64 and ``deltas`` their
-    ``[n, dim]`` values in the storage dtype; ``drops`` sorted ids going back to procedural;
-    ``generator_state`` new generator weights (a new generator version); ``routers`` name ->
-    digest of routers already written for this commit; ``state`` / ``usage`` per-row columns
-    beside the deltas; ``lifecycle`` the lifecycle's JSON record; ``protected`` the new set of
-    protected rows (None: the parent's carried forward); ``modules`` module configurations that
-    changed (name -> JSON object)."""
-
-    ids: np.ndarray
-    deltas: np.ndarray
-    drops: np.ndarray
-    message: str = ""
-    stats: dict[str, Any] | None = None
-    generator_state: dict[str, np.ndarray] | None = None
-    routers: dict[str, str] | None = None
-    state: np.ndarray | None = None
-    usage: np.ndarray | None = None
-    lifecycle: dict[str, Any] | None = None
-    protected: np.ndarray | None = None
-    modules: dict[str, dict[str, Any]] | None = None
-
-
 class PersistedStore:
     """LMDB + Zarr on disk. Knows rows, segments and commits; nothing of models or generators
     beyond storing their weights as named float32 arrays."""
@@ -306,6 +268,7 @@ class PersistedStore:
         self._zarr = SeamStore(root / ZARR_DIR, self.fs)
         self.generators = GeneratorVersions(self)  # generator versions (``_generators.py``)
         self.pins = Snapshots(self)  # pinned snapshots (``_snapshots.py``)
+        self.committer = CommitProtocol(self)  # the commit protocol (``_commit.py``)
         self._lock: WriterLock | None = None
         self._made: _Made | None = None
         self._lease: Lease | None = None
@@ -343,8 +306,8 @@ class PersistedStore:
             zarr.open_group(SeamStore(root / ZARR_DIR, fs), mode="w", zarr_format=3)
             env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size, fs=fs)
             store = cls(root, manifest, env, writable=True, fs=fs)
-            gen_record = store._write_generator(1, generator_state)
-            spec_digest = _digest(manifest.to_json())
+            gen_record = store.generators.write(1, generator_state)
+            spec_digest = provenance_digest(manifest.to_json())
             first = Commit(
                 id=1,
                 parent=None,
@@ -355,7 +318,7 @@ class PersistedStore:
                 persisted_rows=0,
                 segment=None,
                 generator=1,
-                provenance=_digest(spec_digest, gen_record),
+                provenance=provenance_digest(spec_digest, gen_record),
                 index_digest=0,
                 lifecycle=lifecycle,
             )
@@ -442,7 +405,7 @@ class PersistedStore:
         changed seed or dim, which would silently change every row) is a ``CorruptStoreError``."""
         first = self.commit_record(1)
         gen = {k: v for k, v in self.generator_record(1).items() if k != RECORD_CHECK}
-        if _digest(_digest(self.manifest.to_json()), gen) != first.provenance:
+        if provenance_digest(provenance_digest(self.manifest.to_json()), gen) != first.provenance:
             raise CorruptStoreError(
                 f"{self.root}: {MANIFEST} is not the manifest this store was created with (commit "
                 "1 holds a digest of it); it was edited or is damaged: restore it from a copy"
@@ -660,7 +623,7 @@ class PersistedStore:
                 ids = self.segments.read_column(seg, SEGMENT_IDS)
                 drops = self.segments.read_column(seg, SEGMENT_DROPS)
                 if digest is not None:
-                    digest = _digest_after(index, digest, ids, seg.id, rec.id, drops)
+                    digest = digest_after(index, digest, ids, seg.id, rec.id, drops)
                 index = index.apply(ids, seg.id, rec.id, drops)
         except (DpsnError, OSError, ValueError) as e:
             raise RunsUnusableError(f"the commits after the run set cannot be replayed: {e}") from e
@@ -935,161 +898,9 @@ class PersistedStore:
     def commit(
         self, index: LayeredIndex | RowIndex, head: int, request: CommitRequest
     ) -> tuple[Commit, LayeredIndex]:
-        """Persist what ``request`` (a :class:`CommitRequest`) holds on top of ``index`` at
-        commit ``head``: ``deltas`` for sorted unique ``ids``, sorted ``drops`` (disjoint from
-        ``ids``) back to procedural. Returns the record and the new index.
-
-        ``generator_state`` (new generator weights) is written as a new generator version;
-        ``routers`` maps names to digests of routers the caller has already written with
-        :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
-        ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
-        the commit record, and the first commit that has one raises the store's format
-        version to ``FORMAT_LIFECYCLE``. ``protected`` (sorted unique ids) replaces the set of
-        protected rows (``_protected.py``; empty: none); None carries the parent's forward.
-
-        The row index's digest is updated in O(rows written): the hashes of the entries this
-        commit replaces or deletes (taken from ``index``) are subtracted and those of the new
-        entries added (``_digest.py``)."""
-        ids, deltas, drops, message = request.ids, request.deltas, request.drops, request.message
-        stats, generator_state, routers = request.stats, request.generator_state, request.routers
-        state, usage, lifecycle = request.state, request.usage, request.lifecycle
-        protected, modules = request.protected, request.modules
-        self.require_writer()
-        if generator_state is not None:
-            check_generator_state(generator_state)
-        if isinstance(index, RowIndex):
-            index = LayeredIndex.of(index, head)
-        env = self._env
-        current = self.head()
-        if current != head:
-            raise CorruptStoreError(
-                f"{self.root}: HEAD moved from {head} to {current} under the writer lock"
-            )
-        parent = self.commit_record(head)
-        commit_id = head + 1
-        # Dropping a row that has no delta changes nothing; keep the record honest.
-        present = index.contains(drops)
-        drops = drops[present]
-        segment_id = self.next_segment()
-        seg = None
-        gen_version, gen_record = parent.generator, None
-        try:
-            if len(ids) or len(drops):
-                seg = self.segments.write(
-                    segment_id,
-                    commit_id,
-                    ids,
-                    deltas,
-                    drops,
-                    # A small commit gets one tight chunk instead of a mostly-padding one.
-                    chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
-                    state=state,
-                    usage=usage,
-                )
-            if generator_state is not None:
-                gen_version = commit_id
-                gen_record = self._write_generator(commit_id, generator_state)
-            protected_record = parent.protected
-            if protected is not None:
-                protected_record = (
-                    write_protected(self.root, commit_id, protected, self.fs)
-                    if len(protected)
-                    else None
-                )
-        except OSError as e:
-            self.fs.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
-            if seg is not None:
-                self.segments.remove(segment_id)
-            self.fs.rmtree(
-                self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
-                ignore_errors=True,
-            )
-            if isinstance(e, StoreFullError | StoreWriteError):
-                raise
-            raise write_failed(e, f"could not write commit {commit_id}") from e
-        router_records = dict(parent.routers or {})
-        for name, digest in (routers or {}).items():
-            router_records[name] = {"version": commit_id, "digest": digest}
-        module_records = {**(parent.modules or {}), **(modules or {})}
-        new_index = index.apply(ids, segment_id, commit_id, drops)
-        # Module configurations join the provenance only where a store has some, so stores
-        # without them keep the provenance they always had.
-        extra = (module_records,) if module_records else ()
-        record = Commit(
-            id=commit_id,
-            parent=head,
-            time=time.time(),
-            message=message,
-            rows_written=len(ids),
-            rows_dropped=len(drops),
-            persisted_rows=len(new_index),
-            segment=segment_id if seg else None,
-            generator=gen_version,
-            provenance=_digest(
-                parent.provenance,
-                seg.checksums if seg else None,
-                gen_record or gen_version,
-                router_records,
-                *([protected_record] if protected_record is not None else []),
-                *extra,
-            ),
-            stats=stats,
-            routers=router_records or None,
-            lifecycle=lifecycle,
-            protected=protected_record,
-            modules=module_records or None,
-        )
-        removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
-        values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
-        values["segment"] = segment_id
-        values["offset"] = np.arange(len(ids))
-        values["commit"] = commit_id
-        # bytes objects built by numpy in C; putmulti inserts them in C: no per-row Python loop.
-        items = list(zip(_keys(ids), values.view(f"V{ROW_VALUE.size}").tolist(), strict=True))
-        drop_keys = _keys(drops)
-
-        def flip(txn: lmdb.Transaction) -> Commit:
-            w = Writer(txn, env.dbs)
-            rows = w.digests[DB_ROWS]
-            if rows.count != len(index):
-                raise CorruptStoreError(
-                    f"{self.root}: the LMDB row index holds {rows.count} rows but the writer's "
-                    f"copy {len(index)}; the index changed or is damaged: nothing was committed"
-                )
-            rows.remove(removed, replaced + len(drops))
-            rows.add(added, len(ids))
-            db = env.dbs[DB_ROWS]
-            if items:
-                txn.cursor(db=db).putmulti(items, dupdata=False, overwrite=True)
-            cur = txn.cursor(db=db)
-            for k in drop_keys:  # drops are rare and small; py-lmdb has no batch delete
-                if cur.set_key(k):
-                    cur.delete()
-            if seg is not None:
-                count_commit_bytes(w, seg.stored_bytes)
-                w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
-                w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
-            if gen_record is not None:
-                w.put_record(DB_META, _META_GENERATOR_PREFIX + u64_key(commit_id), gen_record)
-            final = replace(record, index_digest=rows.total)
-            w.put_record(DB_COMMITS, u64_key(commit_id), final.to_json())
-            w.put(DB_META, META_HEAD, u64_key(commit_id))
-            if lifecycle is not None:
-                version = read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
-                if version < FORMAT_LIFECYCLE:
-                    w.put(DB_META, META_FORMAT, u64_key(FORMAT_LIFECYCLE))
-            w.finish()
-            return final
-
-        try:
-            record = env.write(flip)
-        except BaseException:
-            if seg is not None:
-                self.segments.remove(segment_id)
-            if protected is not None and len(protected):
-                self.fs.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
-            raise
-        return record, self.maintain_runs(new_index, record)
+        """Persist what ``request`` holds on top of ``index`` at commit ``head``; the record and
+        the new index (the commit protocol: ``_commit.CommitProtocol.commit``)."""
+        return self.committer.commit(index, head, request)
 
     def maintain_runs(self, index: LayeredIndex, record: Commit) -> LayeredIndex:
         """After a commit: fold or write the row index's runs (``_runs.py``). The commit is
@@ -1296,11 +1107,6 @@ def storage_dtype(name: str) -> np.dtype:
     return STORAGE[name]
 
 
-def _keys(ids: np.ndarray) -> list[bytes]:
-    """LMDB keys (u64 big-endian) of many ids at once."""
-    return np.ascontiguousarray(ids, dtype=">u8").view("V8").tolist()
-
-
 def _key_id(key: bytes, what: str) -> int:
     return read_u64(key, f"{what} key")
 
@@ -1317,38 +1123,6 @@ def _segment(raw: bytes, segment: int) -> SegmentRecord:
     if record.id != segment:
         raise CorruptStoreError(f"the record stored as segment {segment:016x} says {record.id}")
     return record
-
-
-def _digest_change(
-    index: RowIndex | LayeredIndex, ids: np.ndarray, segment: int, commit: int, drops: np.ndarray
-) -> tuple[int, int, int]:
-    """What a commit that writes sorted ``ids`` to ``segment`` and drops ``drops`` (all
-    present) does to the row index's digest: the hash sum of the entries it replaces or
-    deletes, how many it replaces, and the hash sum of the entries it adds. O(rows changed)."""
-    had, seg, off, com = index.lookup(np.concatenate([ids, drops]))
-    removed = int(
-        rows_hash(np.concatenate([ids, drops])[had], seg[had], off[had], com[had]).sum(
-            dtype=np.uint64
-        )
-    )
-    n = len(ids)
-    added = int(
-        rows_hash(ids, np.full(n, segment), np.arange(n), np.full(n, commit)).sum(dtype=np.uint64)
-    )
-    return removed, int(had[:n].sum()), added
-
-
-def _digest_after(
-    index: RowIndex | LayeredIndex,
-    digest: int,
-    ids: np.ndarray,
-    segment: int,
-    commit: int,
-    drops: np.ndarray,
-) -> int:
-    drops = drops[index.contains(drops)]
-    removed, _, added = _digest_change(index, ids, segment, commit, drops)
-    return (digest - removed + added) & ((1 << 64) - 1)
 
 
 def _check_group_files(root: Path) -> None:
