@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ from dpsn.errors import (
     SnapshotNotFoundError,
     SnapshotUnavailableError,
     StoreExistsError,
-    StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
@@ -62,6 +60,7 @@ from ._checks import (
     check_index,
     commit_key,
     full_error,
+    write_failed,
 )
 from ._commit import CommitProtocol, CommitRequest, digest_after, provenance_digest
 from ._digest import RECORD_CHECK, rows_hash_raw
@@ -223,17 +222,17 @@ def _remove_dirs(dirs: list[Path]) -> None:
             os.rmdir(d)
 
 
-def _undo_create(root: Path, made: _Made) -> None:
-    """Remove what a failed ``create`` wrote; the caller still holds the lock, so what is in
-    ``root`` is this create's own (its lock file too, when it made it). The directories it made
-    go only if that leaves them empty."""
+def _undo_create(root: Path, made: _Made, fs: FileSystem) -> None:
+    """Remove what a failed ``create`` wrote (through the file seam ``fs``); the caller still
+    holds the lock, so what is in ``root`` is this create's own (its lock file too, when it made
+    it). The directories it made go only if that leaves them empty."""
     for child in list(root.iterdir()) if root.is_dir() else []:
         if child.name == LOCK_FILE:
             continue
         if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
+            fs.rmtree(child, ignore_errors=True)
         else:
-            child.unlink(missing_ok=True)
+            fs.unlink(child, missing_ok=True)
     if made.lock_file:
         (root / LOCK_FILE).unlink(missing_ok=True)
     _remove_dirs(made.dirs)
@@ -340,10 +339,11 @@ class PersistedStore:
         except BaseException as e:
             if env is not None:
                 release_env(env)
-            _undo_create(root, made)
-            full = isinstance(e, OSError) and e.errno in DISK_FULL
-            if full and not isinstance(e, StoreFullError):
-                raise full_error(e, f"cannot create {root}") from e
+            _undo_create(root, made, fs)
+            if isinstance(e, OSError) and not isinstance(e, DpsnError):
+                # a full disk is StoreFullError, any other failed write StoreWriteError (errno
+                # kept): the fault sweep found EIO escaping untyped here
+                raise write_failed(e, f"cannot create {root}") from e
             raise
         store._lock = made.lock
         store._made = made
@@ -357,7 +357,7 @@ class PersistedStore:
         made, self._made, self._lock = self._made, None, None
         release_env(self._env)
         self._env = None  # type: ignore[assignment]
-        _undo_create(self.root, made)
+        _undo_create(self.root, made, self.fs)
 
     @classmethod
     def open(cls, root: Path, *, writable: bool, fs: FileSystem | None = None) -> PersistedStore:
