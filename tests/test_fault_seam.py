@@ -363,3 +363,40 @@ def test_the_seam_is_chosen_per_store_and_by_a_scoped_setter(bases, tmp_path):
     assert any("segments" in op.path for op in fs.ops)  # zarr's chunk writes came through it
     with pytest.raises(TypeError), using(object()):  # type: ignore[arg-type]
         pass
+
+
+@pytest.mark.parametrize("kind", ["eio", "short"])
+def test_a_pool_keeps_its_staged_rows_when_a_commit_fails(tmp_path, kind):
+    """Through the public API: a pool opened inside ``using(fs)`` writes through ``fs``; a
+    commit whose segment write fails raises a typed error, the staged rows stay in the pool,
+    and the next commit (the fault gone) makes them durable."""
+    torch = pytest.importorskip("torch")
+    import dpsn
+
+    path = tmp_path / "s"
+    gen = {"kind": "hashed_slices", "memory_size": 256, "slice_size": 4}
+    dpsn.create(path, rows=1000, dim=DIM, seed=3, chunk_rows=16, generator=gen).close()
+    fs = FaultFS(path, tmp_path / "graveyard")
+    rows = torch.randn(5, DIM)
+    ids = torch.tensor([3, 7, 100, 500, 999])
+    with using(fs), dpsn.open(path, "r+") as p:
+        p.write(ids, rows)
+        fs.arm()  # a dry run finds the first chunk write of the segment
+        p.commit("dry")
+        fs.disarm()
+        at = next(op.index for op in fs.ops if op.name == "write" and "/c/" in op.path)
+        p.write(ids, rows * 2)
+        want = p.read(ids)
+        fs.arm(at, kind)
+        if kind == "short":
+            p.commit("b")  # a short write is continued: nothing to see
+        else:
+            with pytest.raises(DpsnError):
+                p.commit("b")
+            fs.disarm()
+            assert torch.equal(p.read(ids), want)  # still staged, still served
+            p.commit("b")
+        fs.disarm()
+    with dpsn.open(path) as p:
+        assert torch.equal(p.read(ids), want)
+        assert p.head == 3 and p.verify().ok
