@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,8 +131,9 @@ class CommitProtocol:
 
     def __init__(self, store: Any) -> None:
         # ``store``: the PersistedStore that owns this part (typed loosely: that module imports
-        # this one, never the other way round)
-        self._store = store
+        # this one, never the other way round). A weak proxy: no reference cycle, so a store
+        # dropped without close() still goes (and releases its reader lease) at once.
+        self._store = weakref.proxy(store)
 
     def commit(
         self, index: LayeredIndex | RowIndex, head: int, request: CommitRequest

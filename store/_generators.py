@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from typing import Any
 
 import numpy as np
@@ -90,9 +91,10 @@ class GeneratorVersions:
     the store is touched)."""
 
     def __init__(self, store: Any) -> None:
-        # ``store``: the PersistedStore that owns this part (typed loosely: that module
-        # imports this one, never the other way round)
-        self._store = store
+        # ``store``: the PersistedStore that owns this part (typed loosely: that module imports
+        # this one, never the other way round). A weak proxy: no reference cycle, so a store
+        # dropped without close() still goes (and releases its reader lease) at once.
+        self._store = weakref.proxy(store)
 
     def write(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
         check_generator_state(state)

@@ -305,7 +305,7 @@ class PersistedStore:
             zarr.open_group(SeamStore(root / ZARR_DIR, fs), mode="w", zarr_format=3)
             env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size, fs=fs)
             store = cls(root, manifest, env, writable=True, fs=fs)
-            gen_record = store.generators.write(1, generator_state)
+            gen_record = store._write_generator(1, generator_state)
             spec_digest = provenance_digest(manifest.to_json())
             first = Commit(
                 id=1,

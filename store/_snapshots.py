@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,10 @@ class Snapshots:
     """The pinned snapshots of one store."""
 
     def __init__(self, store: Any) -> None:
-        # ``store``: the PersistedStore that owns this part (typed loosely: that module
-        # imports this one, never the other way round)
-        self._store = store
+        # ``store``: the PersistedStore that owns this part (typed loosely: that module imports
+        # this one, never the other way round). A weak proxy: no reference cycle, so a store
+        # dropped without close() still goes (and releases its reader lease) at once.
+        self._store = weakref.proxy(store)
 
     def all(self) -> dict[str, dict[str, Any]]:
         def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
