@@ -1,5 +1,12 @@
 """The persisted tier: a store directory of one manifest, one LMDB index and one Zarr group.
 
+``PersistedStore`` is made of parts, one concern each, that use only its public operations:
+the commit protocol (``_commit.py``, ``store.committer``), pinned snapshots (``_snapshots.py``,
+``store.pins``), generator versions (``_generators.py``, ``store.generators``); maintenance
+(compaction, retention, gc) works through ``store.begin_maintenance()`` (``_maintenance.py``).
+Every write goes through the store's file seam (``dpsn.store.fs``). This module keeps opening,
+creating, the row index and history, routers and reading deltas.
+
 Commit protocol (the only way data becomes visible):
 
 1. write the new segment under a fresh name and fsync it (``_segments.py``);
