@@ -6,7 +6,10 @@ nothing of models or torch. Around it: ``StoreFacts`` (what ``dpsn info`` prints
 records alone), the format (``Manifest``, ``read_manifest``, ``FORMAT_VERSION``), maintenance
 (``MaintenancePolicy``, retention, ``maybe_compact``), the row lifecycle's stored policy and
 health, and ``router_format`` (a module: the router format's checks, which ``dpsn.index`` saves
-and loads routers with and ``verify`` uses alone).
+and loads routers with and ``verify`` uses alone). ``dpsn.store.fs`` (a module) is the file seam
+every write of the engine goes through: ``PersistedStore.create/open(fs=)`` or
+``dpsn.store.fs.using(fs)`` put another file system (a fault-injecting one in the tests) under
+a store.
 
 This package never imports torch (a test keeps it so), and ``import dpsn.store`` imports neither
 zarr nor LMDB until a name that needs them is used, so that the ``dpsn`` commands that only read

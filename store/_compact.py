@@ -232,7 +232,7 @@ class CompactResult:
 
 
 def figures(store: Any, index: LayeredIndex) -> dict[str, Any]:
-    counters = store._read(lambda txn: growth_counters(txn.get(META_GROWTH, db=store._db(DB_META))))
+    counters = store.read(lambda txn: growth_counters(txn.get(META_GROWTH, db=store.db(DB_META))))
     return amplification(store.segment_records(), index.live_rows(), counters)
 
 
@@ -269,7 +269,7 @@ def compact(
     moves the intact rows out of damaged segments so that gc can remove them).
     ``placement``: given the sorted ids of a new segment, the order to write them in (co-use
     statistics' ``CoUse.placement``): rows that fire together then share chunks."""
-    store._require_writer()
+    store.require_writer()
     records = store.segment_records()
     live = index.live_rows()
     result = CompactResult(head=head, index=index)
@@ -318,7 +318,8 @@ def _compact_one(
 ) -> tuple[Commit, LayeredIndex, SegmentRecord, int]:
     """One compaction commit: the live rows of ``sources`` (one layout) into a new segment,
     in id order, or in ``placement``'s order (a placed segment, format 4: ``_placement.py``)."""
-    env = store._env
+    maintenance = store.begin_maintenance()
+    dbs = maintenance.dbs
     parent = store.commit_record(head)
     if store.head() != head:
         raise CorruptStoreError(f"{store.root}: HEAD moved from {head} under the writer lock")
@@ -362,7 +363,7 @@ def _compact_one(
         ids, old_seg, old_off, old_commit = (c[perm] for c in (ids, old_seg, old_off, old_commit))
         cols = {c: v[perm] for c, v in cols.items()}
     commit_id = head + 1
-    segment_id = store._next_segment()
+    segment_id = maintenance.next_segment()
     extra = {c: v for c, v in cols.items() if c != SEGMENT_DELTAS}
     seg = store.segments.write(
         segment_id,
@@ -405,8 +406,8 @@ def _compact_one(
     )
 
     def flip(txn: lmdb.Transaction) -> Commit:
-        w = Writer(txn, env.dbs)
-        if read_u64(txn.get(META_HEAD, db=env.dbs[DB_META]), "head") != head:
+        w = Writer(txn, dbs)
+        if read_u64(txn.get(META_HEAD, db=dbs[DB_META]), "head") != head:
             raise CorruptStoreError(f"{store.root}: HEAD moved under the writer lock")
         rows = w.digests[DB_ROWS]
         if rows.count != len(index):
@@ -417,10 +418,10 @@ def _compact_one(
         rows.remove(removed, n)
         rows.add(added, n)
         if items:
-            txn.cursor(db=env.dbs[DB_ROWS]).putmulti(items, dupdata=False, overwrite=True)
+            txn.cursor(db=dbs[DB_ROWS]).putmulti(items, dupdata=False, overwrite=True)
         _bump(w, compaction_bytes=seg.stored_bytes, compactions=1, compacted_rows=n)
         if placed:
-            raise_format(txn, env.dbs[DB_META], w)
+            raise_format(txn, dbs[DB_META], w)
         w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
         w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
         final = replace(record, index_digest=rows.total)
@@ -430,7 +431,7 @@ def _compact_one(
         return final
 
     try:
-        final = env.write(flip)
+        final = maintenance.write(flip)
     except BaseException:
         store.segments.remove(segment_id)
         raise

@@ -8,13 +8,16 @@ names instead and bump ``FORMAT_VERSION`` when an older dpsn could misread a new
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
+
+from .fs import FileSystem, write_file
+from .fs import current as current_fs
+from .fs import fsync_tree as _fsync_tree
 
 FORMAT_NAME = "dpsn-store"
 FORMAT_VERSION = 4  # the newest format this dpsn reads; never renumber
@@ -135,16 +138,14 @@ class Manifest:
         }
 
 
-def write_manifest(root: Path, manifest: Manifest) -> None:
+def write_manifest(root: Path, manifest: Manifest, fs: FileSystem | None = None) -> None:
     """Write the manifest durably (temp file, fsync, rename, fsync the directory)."""
+    fs = fs or current_fs()
     tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    fsync_dir(root)
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
+    write_file(fs, tmp, text.encode("utf-8"), sync=True)
+    fs.replace(tmp, root / MANIFEST)
+    fs.fsync_dir(root)
 
 
 _MANIFEST_FIELDS = {
@@ -250,21 +251,12 @@ def _base_field(raw: dict[str, Any], path: Path, version: int) -> dict[str, Any]
     return {k: base.get(k) for k in ("path", "uuid", "commit", "snapshot")}
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_dir(path: Path, fs: FileSystem | None = None) -> None:
+    """fsync directory ``path`` through the file seam (``fs``; the current one by default)."""
+    (fs or current_fs()).fsync_dir(Path(path))
 
 
-def fsync_tree(path: Path) -> None:
-    """fsync every file and directory below ``path`` (zarr writes without fsync)."""
-    for dirpath, _dirnames, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+def fsync_tree(path: Path, fs: FileSystem | None = None) -> None:
+    """fsync every file and directory below ``path`` (zarr writes without fsync) through the
+    file seam, each directory after what it holds."""
+    _fsync_tree(Path(path), fs)

@@ -17,6 +17,7 @@ is a ``CorruptStoreError``, never a SIGBUS.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from dpsn.errors import CorruptStoreError, StoreFullError, StoreNotFoundError
 from ._files import SizeGuard
 from ._format import DB_COMMITS, DB_META, DB_ROWS, DB_SEGMENTS, DB_SNAPSHOTS
 from ._lmdbfile import FREE, MAX_FILE_BYTES, check_trees, read_meta
+from .fs import FileSystem
+from .fs import current as current_fs
 
 T = TypeVar("T")
 
@@ -39,6 +42,7 @@ MAX_READERS = 512
 DATA_FILE = "data.mdb"
 _DBS = (DB_META, DB_ROWS, DB_COMMITS, DB_SEGMENTS, DB_SNAPSHOTS)
 _DISK_FULL = ("No space", "Input/output", "File too large", "Disk quota")
+_DISK_FULL_ERRNO = {errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT}
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -48,8 +52,19 @@ def _is_disk_full(e: BaseException) -> bool:
 class Env:
     """A shared LMDB environment and its named databases."""
 
-    def __init__(self, path: Path, *, create: bool, map_size: int, writable: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        create: bool,
+        map_size: int,
+        writable: bool = True,
+        fs: FileSystem | None = None,
+    ) -> None:
         self.path = path
+        # LMDB's open and each write transaction's commit go through the file seam; the bytes
+        # LMDB writes inside a commit do not (C): see ``dpsn.store.fs``.
+        self.fs = fs or current_fs()
         self.pid = os.getpid()
         self.refs = 0
         self._lock = threading.Lock()  # one write transaction at a time
@@ -92,8 +107,8 @@ class Env:
     def _open(self, *, create: bool) -> tuple[lmdb.Environment, dict[bytes, lmdb._Database]]:
         path = self.path
         try:
-            env = lmdb.open(
-                str(path),
+            env = self.fs.lmdb_open(
+                path,
                 map_size=self._map_size,
                 max_dbs=len(_DBS) + 2,
                 max_readers=MAX_READERS,
@@ -272,8 +287,14 @@ class Env:
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
+                txn = self.env.begin(write=True)
+                try:
+                    result = fn(txn)
+                    self.fs.lmdb_commit(txn)
+                except BaseException:
+                    txn.abort()  # (a no-op after a commit that failed inside LMDB)
+                    raise
+                return result
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
             except lmdb.MapFullError:
@@ -283,8 +304,8 @@ class Env:
                         f"{self.path}: the LMDB map reached {size} bytes, the limit"
                     ) from None
                 self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
-            except lmdb.Error as e:
-                if _is_disk_full(e):
+            except (lmdb.Error, OSError) as e:
+                if _is_disk_full(e) or getattr(e, "errno", None) in _DISK_FULL_ERRNO:
                     raise StoreFullError(
                         f"{self.path}: the disk is full or failing ({e}); nothing was committed"
                     ) from e
@@ -302,10 +323,16 @@ _registry_lock = threading.Lock()
 
 
 def acquire_env(
-    path: Path, *, create: bool = False, map_size: int = DEFAULT_MAP_SIZE, writable: bool = False
+    path: Path,
+    *,
+    create: bool = False,
+    map_size: int = DEFAULT_MAP_SIZE,
+    writable: bool = False,
+    fs: FileSystem | None = None,
 ) -> Env:
     """The process's environment of ``path``, opened (and checked) on first use: read-only
-    unless ``writable`` (or ``create``); a later writable acquire upgrades it in place."""
+    unless ``writable`` (or ``create``); a later writable acquire upgrades it in place. The
+    environment keeps the file system (``fs``) of the acquire that opened it."""
     key = os.path.realpath(path)
     with _registry_lock:
         env = _registry.get(key)
@@ -313,7 +340,7 @@ def acquire_env(
             _registry.pop(key)  # inherited across fork: never touch it
             env = None
         if env is None:
-            env = Env(path, create=create, map_size=map_size, writable=writable or create)
+            env = Env(path, create=create, map_size=map_size, writable=writable or create, fs=fs)
             _registry[key] = env
         elif writable and not env.writable:
             env.upgrade()

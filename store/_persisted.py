@@ -1,5 +1,12 @@
 """The persisted tier: a store directory of one manifest, one LMDB index and one Zarr group.
 
+``PersistedStore`` is made of parts, one concern each, that use only its public operations:
+the commit protocol (``_commit.py``, ``store.committer``), pinned snapshots (``_snapshots.py``,
+``store.pins``), generator versions (``_generators.py``, ``store.generators``); maintenance
+(compaction, retention, gc) works through ``store.begin_maintenance()`` (``_maintenance.py``).
+Every write goes through the store's file seam (``dpsn.store.fs``). This module keeps opening,
+creating, the row index and history, routers and reading deltas.
+
 Commit protocol (the only way data becomes visible):
 
 1. write the new segment under a fresh name and fsync it (``_segments.py``);
@@ -27,26 +34,16 @@ it into place and only then records it in one LMDB transaction.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import json
-import math
-import operator
 import os
-import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import numpy as np
-import xxhash
 import zarr
-from zarr.storage import LocalStore
 
 from dpsn._dtypes import POOL_DTYPES, STORAGE
 from dpsn.errors import (
@@ -54,22 +51,26 @@ from dpsn.errors import (
     CorruptStoreError,
     DpsnError,
     InvalidArgumentError,
-    InvalidArgumentTypeError,
-    InvalidSnapshotNameError,
     ReadOnlyError,
     SnapshotNotFoundError,
     SnapshotUnavailableError,
     StoreExistsError,
-    StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
-    StoreWriteError,
 )
 
 from . import _runs
-from ._compact import count_commit_bytes
-from ._digest import RECORD_CHECK, rows_hash, rows_hash_raw
+from ._checks import (
+    DISK_FULL,
+    check_digest,
+    check_index,
+    commit_key,
+    full_error,
+    write_failed,
+)
+from ._commit import CommitProtocol, CommitRequest, digest_after, provenance_digest
+from ._digest import RECORD_CHECK, rows_hash_raw
 from ._files import check_regular
 from ._format import (
     COMPRESSOR_NAMES,
@@ -77,7 +78,6 @@ from ._format import (
     DB_META,
     DB_ROWS,
     DB_SEGMENTS,
-    DB_SNAPSHOTS,
     FORMAT_LIFECYCLE,
     FORMAT_PLAIN,
     FORMAT_VERSION,
@@ -103,29 +103,28 @@ from ._format import (
     SNAPSHOTS_GROUP,
     ZARR_DIR,
     Manifest,
-    fsync_dir,
     fsync_tree,
-    generator_name,
     read_manifest,
     u64_key,
     write_manifest,
 )
-from ._generator_shapes import generator_shapes
+from ._generators import (
+    GeneratorVersions,
+    check_generator_state,
+)
 from ._layered import LayeredIndex
 from ._leases import Lease
 from ._lmdb import DEFAULT_MAP_SIZE, Env, acquire_env, release_env
 from ._lock import WriterLock
+from ._maintenance import Maintenance
 from ._names import check_router_name, check_snapshot_name
-from ._protected import protected_dir, protected_dirs, write_protected
 from ._records import (
     Commit,
     VerifyReport,
     Writer,
-    generator_record,
     lifecycle_record,
     parse_record,
     read_u64,
-    snapshot_record,
     stored_digests,
 )
 from ._rowindex import RowBlockError, RowIndex
@@ -134,7 +133,10 @@ from ._runs import discard as discard_runs
 from ._runs import maintain as maintain_runs
 from ._runs import save as save_runs
 from ._segments import SegmentRecord, SegmentStore, dir_bytes
-from ._zarrsafe import read_array, read_array_meta
+from ._snapshots import Snapshots
+from ._zarrseam import SeamStore
+from .fs import FileSystem
+from .fs import current as current_fs
 from .usage_fields import usage_problem
 
 __all__ = [
@@ -146,97 +148,8 @@ __all__ = [
     "storage_dtype",
 ]
 
-_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,127}")
-# Generator arrays are written in chunks of at most this many bytes: readers refuse a chunk
-# over 1 GiB (_zarrsafe.MAX_CHUNK_BYTES), and a smaller chunk keeps a read's buffers small.
-GENERATOR_CHUNK_BYTES = 256 << 20
-# What a reader accepts of a generator record (_records.generator_record): create refuses more.
-_MAX_GENERATOR_ARRAYS, _MAX_GENERATOR_NDIM, _MAX_GENERATOR_ELEMENTS = 4096, 8, 1 << 40
-
-
-def check_generator_state(state: dict[str, Any]) -> None:
-    """Refuse generator weights a reader of the store would refuse (``InvalidArgumentError``),
-    before anything is written."""
-    if len(state) > _MAX_GENERATOR_ARRAYS:
-        raise InvalidArgumentError(
-            f"the generator has {len(state)} weight arrays; a store holds at most "
-            f"{_MAX_GENERATOR_ARRAYS}"
-        )
-    for name, value in state.items():
-        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
-            raise InvalidArgumentError(
-                f"generator weight name {name!r} cannot be stored: use 1-128 of A-Z a-z 0-9 _ ."
-            )
-        shape = tuple(np.shape(value))
-        if len(shape) > _MAX_GENERATOR_NDIM or math.prod(shape) >= _MAX_GENERATOR_ELEMENTS:
-            raise InvalidArgumentError(
-                f"generator weight {name!r} has shape {list(shape)}; a store holds weights of "
-                f"at most {_MAX_GENERATOR_NDIM} dimensions and fewer than 2**40 elements"
-            )
-
-
-def generator_chunks(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...]:
-    """The chunk shape of a generator array: whole trailing axes while they fit in
-    ``GENERATOR_CHUNK_BYTES``, then as much of the next axis as fits, 1 along the rest."""
-    if not shape:
-        return (1,)
-    budget = max(1, GENERATOR_CHUNK_BYTES // itemsize)
-    chunks = [1] * len(shape)
-    inner = 1
-    for axis in range(len(shape) - 1, -1, -1):
-        n = max(1, shape[axis])
-        if inner * n <= budget:
-            chunks[axis] = n
-            inner *= n
-        else:
-            chunks[axis] = max(1, budget // inner)
-            break
-    return tuple(chunks)
-
-
 _SNAPSHOT_COLUMNS = SNAPSHOT_COLUMNS
 _META_GENERATOR_PREFIX = META_GENERATOR_PREFIX
-_TMP = ".tmp-"  # marks a directory being written under a temporary name
-_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, separators=(",", ":")).encode())
-    return h.hexdigest()
-
-
-def _full(e: OSError, what: str) -> StoreFullError:
-    return StoreFullError(
-        f"{what}: {e}. The store is unchanged; free space (or raise the file-size limit) "
-        "and try again."
-    )
-
-
-def _write_failed(e: OSError, what: str) -> StoreFullError | StoreWriteError:
-    """The typed error of a failed write: ``StoreFullError`` for a full disk (or file-size
-    limit or quota), else ``StoreWriteError`` with the OS error's ``errno``."""
-    if e.errno in _DISK_FULL:
-        return _full(e, what)
-    err = StoreWriteError(f"{what}: {e}. The store is unchanged; fix the cause and try again.")
-    err.errno = e.errno
-    return err
-
-
-def _commit_key(commit: Any) -> int:
-    """A commit id given by a caller, as an int in 1..2**63-1 (``SnapshotNotFoundError``)."""
-    if isinstance(commit, bool):
-        raise InvalidArgumentTypeError("a commit id is an int, not a bool")
-    try:
-        value = operator.index(commit)
-    except TypeError:
-        raise InvalidArgumentTypeError(
-            f"a commit is named by a snapshot name or an int id, not {type(commit).__name__}"
-        ) from None
-    if not 1 <= value <= MAX_COMMIT_ID:
-        raise SnapshotNotFoundError(f"no commit {value}: commit ids are positive, below 2**63")
-    return value
 
 
 @dataclass
@@ -269,8 +182,8 @@ def _claim_new_dir(root: Path) -> _Made:
                     pass
         except OSError as e:
             _remove_dirs(made)
-            if e.errno in _DISK_FULL:
-                raise _full(e, f"cannot create {root}") from e
+            if e.errno in DISK_FULL:
+                raise full_error(e, f"cannot create {root}") from e
             raise
         if not root.is_dir():
             _remove_dirs(made)
@@ -287,8 +200,8 @@ def _claim_new_dir(root: Path) -> _Made:
             continue  # another creator that failed removed the directory: start again
         except OSError as e:
             _remove_dirs(made)
-            if e.errno in _DISK_FULL:
-                raise _full(e, f"cannot create {root}") from e
+            if e.errno in DISK_FULL:
+                raise full_error(e, f"cannot create {root}") from e
             raise
         if not lock.still_linked():  # locked a file a failed creator has just removed
             lock.release()
@@ -316,63 +229,52 @@ def _remove_dirs(dirs: list[Path]) -> None:
             os.rmdir(d)
 
 
-def _undo_create(root: Path, made: _Made) -> None:
-    """Remove what a failed ``create`` wrote; the caller still holds the lock, so what is in
-    ``root`` is this create's own (its lock file too, when it made it). The directories it made
-    go only if that leaves them empty."""
+def _undo_create(root: Path, made: _Made, fs: FileSystem) -> None:
+    """Remove what a failed ``create`` wrote (through the file seam ``fs``); the caller still
+    holds the lock, so what is in ``root`` is this create's own (its lock file too, when it made
+    it). The directories it made go only if that leaves them empty."""
     for child in list(root.iterdir()) if root.is_dir() else []:
         if child.name == LOCK_FILE:
             continue
         if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
+            fs.rmtree(child, ignore_errors=True)
         else:
-            child.unlink(missing_ok=True)
+            fs.unlink(child, missing_ok=True)
     if made.lock_file:
         (root / LOCK_FILE).unlink(missing_ok=True)
     _remove_dirs(made.dirs)
     made.lock.release()
 
 
-@dataclass(frozen=True)
-class CommitRequest:
-    """What one commit writes, as one object handed from the row path to the store (it was a
-    dozen arguments passed down three layers). ``ids`` sorted unique int64 and ``deltas`` their
-    ``[n, dim]`` values in the storage dtype; ``drops`` sorted ids going back to procedural;
-    ``generator_state`` new generator weights (a new generator version); ``routers`` name ->
-    digest of routers already written for this commit; ``state`` / ``usage`` per-row columns
-    beside the deltas; ``lifecycle`` the lifecycle's JSON record; ``protected`` the new set of
-    protected rows (None: the parent's carried forward); ``modules`` module configurations that
-    changed (name -> JSON object), or with ``modules_exact`` the whole set (a rollback)."""
-
-    ids: np.ndarray
-    deltas: np.ndarray
-    drops: np.ndarray
-    message: str = ""
-    stats: dict[str, Any] | None = None
-    generator_state: dict[str, np.ndarray] | None = None
-    routers: dict[str, str] | None = None
-    state: np.ndarray | None = None
-    usage: np.ndarray | None = None
-    lifecycle: dict[str, Any] | None = None
-    protected: np.ndarray | None = None
-    modules: dict[str, dict[str, Any]] | None = None
-    modules_exact: bool = False
-
-
 class PersistedStore:
     """LMDB + Zarr on disk. Knows rows, segments and commits; nothing of models or generators
     beyond storing their weights as named float32 arrays."""
 
-    def __init__(self, root: Path, manifest: Manifest, env: Env, *, writable: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        env: Env,
+        *,
+        writable: bool,
+        fs: FileSystem | None = None,
+    ) -> None:
         self.root = root
+        self.fs = fs or current_fs()  # every write goes through it (``dpsn.store.fs``)
         self.manifest = manifest
         self._env = env
         self.writable = writable
         self.storage_dtype = storage_dtype(manifest.dtype)
         self.segments = SegmentStore(
-            root / ZARR_DIR, storage_dtype=self.storage_dtype, compressor=manifest.compressor
+            root / ZARR_DIR,
+            storage_dtype=self.storage_dtype,
+            compressor=manifest.compressor,
+            fs=self.fs,
         )
-        self._zarr = LocalStore(str(root / ZARR_DIR))
+        self._zarr = SeamStore(root / ZARR_DIR, self.fs)
+        self.generators = GeneratorVersions(self)  # generator versions (``_generators.py``)
+        self.pins = Snapshots(self)  # pinned snapshots (``_snapshots.py``)
+        self.committer = CommitProtocol(self)  # the commit protocol (``_commit.py``)
         self._lock: WriterLock | None = None
         self._made: _Made | None = None
         self._lease: Lease | None = None
@@ -388,13 +290,16 @@ class PersistedStore:
         *,
         map_size: int = DEFAULT_MAP_SIZE,
         lifecycle: dict[str, Any] | None = None,
+        fs: FileSystem | None = None,
     ) -> PersistedStore:
         """Make a new store at ``root`` (a new or empty directory) holding commit 1.
 
         Every argument is checked before the disk is touched; if anything fails after, what
         was made is removed (a full disk is a ``StoreFullError``), so a retry finds the path
-        as it was."""
+        as it was. ``fs``: the file system it writes through (``dpsn.store.fs``; default the
+        current one)."""
         root = Path(root)
+        fs = fs or current_fs()
         storage_dtype(manifest.dtype)
         if manifest.compressor not in COMPRESSOR_NAMES:
             raise InvalidArgumentError(f"compressor must be one of {COMPRESSOR_NAMES}")
@@ -404,11 +309,11 @@ class PersistedStore:
         made = _claim_new_dir(root)
         env = None
         try:
-            zarr.open_group(LocalStore(str(root / ZARR_DIR)), mode="w", zarr_format=3)
-            env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size)
-            store = cls(root, manifest, env, writable=True)
+            zarr.open_group(SeamStore(root / ZARR_DIR, fs), mode="w", zarr_format=3)
+            env = acquire_env(root / LMDB_DIR, create=True, map_size=map_size, fs=fs)
+            store = cls(root, manifest, env, writable=True, fs=fs)
             gen_record = store._write_generator(1, generator_state)
-            spec_digest = _digest(manifest.to_json())
+            spec_digest = provenance_digest(manifest.to_json())
             first = Commit(
                 id=1,
                 parent=None,
@@ -419,7 +324,7 @@ class PersistedStore:
                 persisted_rows=0,
                 segment=None,
                 generator=1,
-                provenance=_digest(spec_digest, gen_record),
+                provenance=provenance_digest(spec_digest, gen_record),
                 index_digest=0,
                 lifecycle=lifecycle,
             )
@@ -437,14 +342,15 @@ class PersistedStore:
             env.write(init)
             # The manifest goes last: a directory without one is not a store, so a crash during
             # create never leaves something that opens as a half-made store.
-            write_manifest(root, manifest)
+            write_manifest(root, manifest, fs)
         except BaseException as e:
             if env is not None:
                 release_env(env)
-            _undo_create(root, made)
-            full = isinstance(e, OSError) and e.errno in _DISK_FULL
-            if full and not isinstance(e, StoreFullError):
-                raise _full(e, f"cannot create {root}") from e
+            _undo_create(root, made, fs)
+            if isinstance(e, OSError) and not isinstance(e, DpsnError):
+                # a full disk is StoreFullError, any other failed write StoreWriteError (errno
+                # kept): the fault sweep found EIO escaping untyped here
+                raise write_failed(e, f"cannot create {root}") from e
             raise
         store._lock = made.lock
         store._made = made
@@ -458,11 +364,14 @@ class PersistedStore:
         made, self._made, self._lock = self._made, None, None
         release_env(self._env)
         self._env = None  # type: ignore[assignment]
-        _undo_create(self.root, made)
+        _undo_create(self.root, made, self.fs)
 
     @classmethod
-    def open(cls, root: Path, *, writable: bool) -> PersistedStore:
+    def open(cls, root: Path, *, writable: bool, fs: FileSystem | None = None) -> PersistedStore:
+        """Open the store at ``root``; ``fs``: the file system it writes through
+        (``dpsn.store.fs``; default the current one)."""
         root = Path(root)
+        fs = fs or current_fs()
         manifest = read_manifest(root)
         storage_dtype(manifest.dtype)  # validates
         if not (root / ZARR_DIR).is_dir():
@@ -473,12 +382,12 @@ class PersistedStore:
             lock = WriterLock(root / LOCK_FILE)
             lock.acquire()
         try:
-            env = acquire_env(root / LMDB_DIR, writable=writable)
+            env = acquire_env(root / LMDB_DIR, writable=writable, fs=fs)
         except BaseException:
             if lock:
                 lock.release()
             raise
-        store = cls(root, manifest, env, writable=writable)
+        store = cls(root, manifest, env, writable=writable, fs=fs)
         store._lock = lock
         try:
             if not writable:  # so that gc in a writer's process keeps what this one reads
@@ -503,7 +412,7 @@ class PersistedStore:
         changed seed or dim, which would silently change every row) is a ``CorruptStoreError``."""
         first = self.commit_record(1)
         gen = {k: v for k, v in self.generator_record(1).items() if k != RECORD_CHECK}
-        if _digest(_digest(self.manifest.to_json()), gen) != first.provenance:
+        if provenance_digest(provenance_digest(self.manifest.to_json()), gen) != first.provenance:
             raise CorruptStoreError(
                 f"{self.root}: {MANIFEST} is not the manifest this store was created with (commit "
                 "1 holds a digest of it); it was edited or is damaged: restore it from a copy"
@@ -567,116 +476,68 @@ class PersistedStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _require_writer(self) -> None:
+    def require_writer(self) -> None:
+        """``ReadOnlyError`` unless this store is open for writing (holds the writer lock)."""
         if not self.writable:
             raise ReadOnlyError(
                 f'{self.root} is open read-only; open it with mode="r+" to change it.'
             )
 
-    def _read(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+    def read(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        """Run ``fn`` in one LMDB read transaction of the store's index (records beside the
+        commit protocol: retention's policy, compaction's counters)."""
         return self._env.read(fn)
 
-    def _db(self, name: bytes) -> Any:
+    def db(self, name: bytes) -> Any:
+        """The LMDB database ``name`` (``DB_META``, ``DB_COMMITS`` ...) for :meth:`read`."""
         return self._env.dbs[name]
 
-    # -- generator weights ---------------------------------------------------------------------
+    @property
+    def zarr_store(self) -> Any:
+        """The store's Zarr v3 store (``data.zarr``), writing through the file seam."""
+        return self._zarr
+
+    def begin_maintenance(self) -> Maintenance:
+        """The operations maintenance (compaction, retention, gc) works with (``_maintenance.py``):
+        one write transaction of the index, the next segment id, snapshot index copies,
+        unreferenced versions. What writes needs the writer lock (``ReadOnlyError``); a dry
+        run reads through it on a read-only store. They keep to the commit protocol: a file
+        is written and fsynced before the transaction that references it."""
+        return Maintenance(self)
+
+    # -- generator weights (``_generators.py``) ------------------------------------------------
 
     def _write_generator(self, version: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
-        check_generator_state(state)
-        # A directory of this version can only be a crashed commit's leftover: not referenced.
-        shutil.rmtree(
-            self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version), ignore_errors=True
-        )
-        root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
-        arrays = {}
-        for name, value in sorted(state.items()):
-            value = np.ascontiguousarray(value, dtype="<f4")
-            path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
-            arr = root.create_array(
-                path,
-                shape=value.shape,
-                chunks=generator_chunks(value.shape),
-                dtype=value.dtype,
-                fill_value=0,
-                compressors=None,
-            )
-            arr[...] = value
-            arrays[name] = {"shape": list(value.shape), "xxh64": xxhash.xxh64_intdigest(value.data)}
-        # A generator without weights (kind "zeros") still gets its version's group: readers
-        # take a missing one for a version removed by gc.
-        root.require_group(f"{GENERATOR_GROUP}/{generator_name(version)}")
-        fsync_tree(self.root / ZARR_DIR / GENERATOR_GROUP)
-        return {"version": version, "arrays": arrays}
+        return self.generators.write(version, state)
 
     def generator_record(self, version: int) -> dict[str, Any]:
-        version = _commit_key(version)
-        key = _META_GENERATOR_PREFIX + u64_key(version)
-        raw = self._read(lambda txn: txn.get(key, db=self._db(DB_META)))
-        record = parse_record(raw, f"generator version {version}")
-        generator_record(record, version)
-        return record
+        return self.generators.record(version)
 
     def generator_shapes(self) -> dict[str, list[int]] | None:
         """The weight shapes the manifest's generator config implies (None: an unknown kind)."""
-        m = self.manifest
-        try:
-            return generator_shapes(m.generator["kind"], m.dim, m.generator["config"])
-        except ValueError as e:
-            raise CorruptStoreError(f"{self.root}: the manifest's generator config: {e}") from e
+        return self.generators.shapes()
 
     def read_generator(self, version: int) -> dict[str, np.ndarray]:
-        """Generator weights, each checked against the manifest's config, its recorded shape
-        (both before a byte is read) and its checksum."""
-        record = self.generator_record(version)
-        arrays = generator_record(record, version)
-        expected = self.generator_shapes()
-        if expected is not None and {n: a["shape"] for n, a in arrays.items()} != expected:
-            raise CorruptStoreError(
-                f"generator version {version} does not fit the manifest's generator config "
-                f"({self.manifest.generator['kind']}); the store is damaged"
-            )
-        gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(version)
-        if not gen_dir.is_dir():
-            raise SnapshotUnavailableError(
-                f"generator version {version} was removed by gc; only HEAD and pinned snapshots "
-                "keep theirs"
-            )
-        out = {}
-        for name, meta in arrays.items():
-            if not _ARRAY_NAME.fullmatch(name):
-                raise CorruptStoreError(f"generator version {version} names a weight {name!r}")
-            path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
-            try:
-                info = read_array_meta(
-                    gen_dir / name, dtypes={"float32"}, shape=tuple(meta["shape"])
-                )
-                value = read_array(info).astype("<f4", copy=False)
-            except CorruptStoreError as e:
-                raise CorruptStoreError(f"generator weight {path} cannot be read: {e}") from e
-            if xxhash.xxh64_intdigest(np.ascontiguousarray(value).data) != meta["xxh64"]:
-                raise CorruptStoreError(
-                    f"generator weight {path} fails its checksum; the store is damaged"
-                )
-            out[name] = value
-        return out
+        """Generator weights, checked (``GeneratorVersions.read``)."""
+        return self.generators.read(version)
 
     # -- index and history ---------------------------------------------------------------------
 
     def head(self) -> int:
-        return self._read(lambda txn: read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head"))
+        return self.read(lambda txn: read_u64(txn.get(META_HEAD, db=self.db(DB_META)), "head"))
 
     def commit_record(self, commit: int) -> Commit:
-        commit = _commit_key(commit)
-        raw = self._read(lambda txn: txn.get(u64_key(commit), db=self._db(DB_COMMITS)))
+        commit = commit_key(commit)
+        raw = self.read(lambda txn: txn.get(u64_key(commit), db=self.db(DB_COMMITS)))
         if raw is None:
             raise SnapshotNotFoundError(f"no commit {commit} in {self.root}")
         return _commit(raw, commit)
 
     def log(self) -> list[Commit]:
         def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            return list(txn.cursor(db=self._db(DB_COMMITS)))
+            return list(txn.cursor(db=self.db(DB_COMMITS)))
 
-        return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
+        return [_commit(v, _key_id(k, "commit")) for k, v in self.read(scan)]
 
     def segment_record(self, segment: int) -> SegmentRecord:
         if not 0 <= segment < 2**64:  # (a damaged index's segment field)
@@ -684,7 +545,7 @@ class PersistedStore:
                 f"{self.root}: the row index names segment {segment}, which no store can hold; "
                 "the index is damaged: run `dpsn verify`"
             )
-        raw = self._read(lambda txn: txn.get(u64_key(segment), db=self._db(DB_SEGMENTS)))
+        raw = self.read(lambda txn: txn.get(u64_key(segment), db=self.db(DB_SEGMENTS)))
         if raw is None:
             raise SnapshotUnavailableError(
                 f"segment {segment:016x} is not in {self.root} (removed by gc?)"
@@ -693,9 +554,9 @@ class PersistedStore:
 
     def segment_records(self) -> dict[int, SegmentRecord]:
         def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            return list(txn.cursor(db=self._db(DB_SEGMENTS)))
+            return list(txn.cursor(db=self.db(DB_SEGMENTS)))
 
-        recs = [_segment(v, _key_id(k, "segment")) for k, v in self._read(scan)]
+        recs = [_segment(v, _key_id(k, "segment")) for k, v in self.read(scan)]
         return {r.id: r for r in recs}
 
     def load_head(self) -> tuple[int, LayeredIndex]:
@@ -716,7 +577,7 @@ class PersistedStore:
                 if len(flat) >= _runs.RUN_MIN_ROWS:
                     index = self._save_runs(index, head)
                 elif reason is not None:
-                    discard_runs(self.root)
+                    discard_runs(self.root, self.fs)
             except OSError:
                 pass  # runs only speed up the next open; LMDB has the index
         return head, index
@@ -729,15 +590,15 @@ class PersistedStore:
             return None
 
         def scan(txn: lmdb.Transaction) -> tuple[int, bytes | None, bytes | None]:
-            head = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
-            commits = self._db(DB_COMMITS)
+            head = read_u64(txn.get(META_HEAD, db=self.db(DB_META)), "head")
+            commits = self.db(DB_COMMITS)
             return (
                 head,
                 txn.get(u64_key(head), db=commits),
                 txn.get(u64_key(runset.commit), db=commits),
             )
 
-        head, raw_head, raw_base = self._read(scan)
+        head, raw_head, raw_base = self.read(scan)
         if runset.commit > head or raw_head is None or raw_base is None:
             raise RunsUnusableError(f"the run set is of commit {runset.commit}, HEAD is {head}")
         base = _commit(raw_base, runset.commit)
@@ -769,7 +630,7 @@ class PersistedStore:
                 ids = self.segments.read_column(seg, SEGMENT_IDS)
                 drops = self.segments.read_column(seg, SEGMENT_DROPS)
                 if digest is not None:
-                    digest = _digest_after(index, digest, ids, seg.id, rec.id, drops)
+                    digest = digest_after(index, digest, ids, seg.id, rec.id, drops)
                 index = index.apply(ids, seg.id, rec.id, drops)
         except (DpsnError, OSError, ValueError) as e:
             raise RunsUnusableError(f"the commits after the run set cannot be replayed: {e}") from e
@@ -794,10 +655,10 @@ class PersistedStore:
         """The ids of every recorded segment (keys only: reads check the records)."""
 
         def keys(txn: lmdb.Transaction) -> set[int]:
-            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            cur = txn.cursor(db=self.db(DB_SEGMENTS))
             return {int.from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
 
-        return self._read(keys)
+        return self.read(keys)
 
     def _fallback_lookup(self, head: int | None) -> Any:
         """A lookup in LMDB's row index, for a ``LayeredIndex`` whose run file fails a block
@@ -809,14 +670,14 @@ class PersistedStore:
             uniq, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
 
             def scan(txn: lmdb.Transaction) -> tuple[int, list[bytes | None]]:
-                now = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
+                now = read_u64(txn.get(META_HEAD, db=self.db(DB_META)), "head")
                 if head is not None and now != head:
                     return now, []
-                db = self._db(DB_ROWS)
+                db = self.db(DB_ROWS)
                 keys = [u64_key(int(i)) if i >= 0 else None for i in uniq.tolist()]
                 return now, [txn.get(k, db=db) if k is not None else None for k in keys]
 
-            now, raw = self._read(scan)
+            now, raw = self.read(scan)
             if head is not None and now != head:
                 raise RowBlockError(
                     f"{self.root}: a run file of the row index fails its checksum and LMDB "
@@ -854,7 +715,7 @@ class PersistedStore:
         """Commits ``first..last`` (a cursor walk over just those records)."""
 
         def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            cur = txn.cursor(db=self._db(DB_COMMITS))
+            cur = txn.cursor(db=self.db(DB_COMMITS))
             out: list[tuple[bytes, bytes]] = []
             if first > last or not cur.set_range(u64_key(first)):
                 return out
@@ -864,7 +725,7 @@ class PersistedStore:
                 out.append((k, v))
             return out
 
-        return [_commit(v, _key_id(k, "commit")) for k, v in self._read(scan)]
+        return [_commit(v, _key_id(k, "commit")) for k, v in self.read(scan)]
 
     def load_flat_head(self) -> tuple[int, RowIndex]:
         """HEAD and its row index, read in one LMDB transaction (so they agree), checked: ids
@@ -872,14 +733,14 @@ class PersistedStore:
         the index's digest the one its commit (and the store's digests) recorded."""
 
         def scan(txn: lmdb.Transaction) -> tuple[Any, ...]:
-            head = read_u64(txn.get(META_HEAD, db=self._db(DB_META)), "head")
-            db = self._db(DB_ROWS)
+            head = read_u64(txn.get(META_HEAD, db=self.db(DB_META)), "head")
+            db = self.db(DB_ROWS)
             keys = b"".join(txn.cursor(db=db).iternext(keys=True, values=False))
             values = b"".join(txn.cursor(db=db).iternext(keys=False, values=True))
-            cur = txn.cursor(db=self._db(DB_COMMITS))
+            cur = txn.cursor(db=self.db(DB_COMMITS))
             newest = cur.key() if cur.last() else None
-            record = txn.get(u64_key(head), db=self._db(DB_COMMITS))
-            digests = txn.get(META_DIGESTS, db=self._db(DB_META))
+            record = txn.get(u64_key(head), db=self.db(DB_COMMITS))
+            digests = txn.get(META_DIGESTS, db=self.db(DB_META))
             return head, keys, values, newest, record, digests, txn.id()
 
         head, keys, values, newest, raw_record, raw_digests, txn_id = self._env.read_walked(
@@ -905,7 +766,7 @@ class PersistedStore:
             offset=cols["offset"].astype(np.int64),
             commit=cols["commit"].astype(np.int64),
         )
-        _check_index(index, self.manifest.rows, head, where)
+        check_index(index, self.manifest.rows, head, where)
         if len(index) != record.persisted_rows:
             raise CorruptStoreError(
                 f"{where} holds {len(index)} rows but commit {head} recorded "
@@ -932,11 +793,11 @@ class PersistedStore:
     def load_index(self, commit: int) -> RowIndex | LayeredIndex:
         """The row index as of ``commit``: HEAD's from LMDB, a snapshot's from its pinned copy,
         any other commit by replaying the segments of commits up to it."""
-        commit = _commit_key(commit)
+        commit = commit_key(commit)
         head = self.head()
         if commit == head:
             return self.load_head()[1]
-        pinned = self._pinned_index(commit)
+        pinned = self.pins.pinned_index(commit)
         if pinned is not None:
             return pinned
         from ._retention import representative
@@ -947,7 +808,7 @@ class PersistedStore:
         if rep == head:
             return self.load_head()[1]
         if rep != commit:
-            pinned = self._pinned_index(rep)
+            pinned = self.pins.pinned_index(rep)
             if pinned is not None:
                 return pinned
         return self._replay(rep)
@@ -975,7 +836,7 @@ class PersistedStore:
                 ) from e
             parts[0] = parts[0].apply(ids, seg.id, rec.id, drops)
         index = parts[0]
-        _check_digest(index, target, f"{self.root}: the replayed index of commit {commit}")
+        check_digest(index, target, f"{self.root}: the replayed index of commit {commit}")
         return index
 
     def resolve(self, at: str | int) -> int:
@@ -991,13 +852,13 @@ class PersistedStore:
                 raise SnapshotNotFoundError(
                     f"no snapshot named {shown!r} in {self.root}; known: {sorted(snaps) or 'none'}"
                 )
-        return self.commit_record(_commit_key(at)).id
+        return self.commit_record(commit_key(at)).id
 
     # -- routers -------------------------------------------------------------------------------
 
     def router_dir(self, name: str, version: int) -> Path:
         check_router_name(name)
-        return self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{_commit_key(version):016x}"
+        return self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{commit_key(version):016x}"
 
     def router_group(self, name: str, version: int, *, write: bool) -> zarr.Group:
         """The Zarr group of router ``name`` as saved by commit ``version``. For writing it is
@@ -1005,8 +866,8 @@ class PersistedStore:
         fills it and calls :meth:`sync_router` before committing."""
         path = str(self.router_dir(name, version).relative_to(self.root / ZARR_DIR))
         if write:
-            self._require_writer()
-            shutil.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
+            self.require_writer()
+            self.fs.rmtree(self.root / ZARR_DIR / path, ignore_errors=True)
             root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
             return root.require_group(path)
         # zarr opens the group's zarr.json itself: checked first (a FIFO would hang it)
@@ -1019,309 +880,34 @@ class PersistedStore:
             raise CorruptStoreError(f"router {name!r} ({path}) cannot be opened: {e}") from e
 
     def sync_router(self, name: str, version: int) -> None:
-        fsync_tree(self.router_dir(name, version))
+        fsync_tree(self.router_dir(name, version), self.fs)
 
-    # -- snapshots -----------------------------------------------------------------------------
+    # -- snapshots (``_snapshots.py``) ---------------------------------------------------------
 
     def snapshots(self) -> dict[str, dict[str, Any]]:
-        def scan(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            return list(txn.cursor(db=self._db(DB_SNAPSHOTS)))
-
-        out = {}
-        for k, v in self._read(scan):
-            try:
-                name = k.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorruptStoreError(f"{self.root}: a snapshot name is not UTF-8") from e
-            out[name] = snapshot_record(parse_record(v, f"snapshot {name!r}"), name)
-        return out
-
-    def _snapshot_dir(self, commit: int) -> Path:
-        return self.root / ZARR_DIR / SNAPSHOTS_GROUP / f"{commit:016x}"
+        """Pinned snapshots: name -> record (``commit``, ``time``, ``rows``, ``xxh64``)."""
+        return self.pins.all()
 
     def pin(self, name: str, commit: int) -> None:
-        """Pin ``commit`` under ``name``: its row index is written out so gc and history
-        rewriting can never take it away.
-
-        Atomic: the index is written under a temporary name, fsynced and renamed into place,
-        then the name is recorded in one LMDB transaction. A failure (a full disk is a
-        ``StoreFullError``) records nothing, and a retry writes the index again."""
-        self._require_writer()
-        check_snapshot_name(name)
-        commit = self.commit_record(commit).id
-        if name in self.snapshots():
-            raise InvalidSnapshotNameError(f"snapshot {name!r} exists already; choose another")
-        index = self.load_index(commit)
-        columns = {
-            col: np.ascontiguousarray(getattr(index, col), dtype="<i8") for col in _SNAPSHOT_COLUMNS
-        }
-        sums = {col: xxhash.xxh64_intdigest(data.data) for col, data in columns.items()}
-        final = self._snapshot_dir(commit)
-        if not (final.is_dir() and self._snapshot_arrays_ok(final, len(index), sums)):
-            self._write_snapshot_arrays(final, columns)
-        record = {"commit": commit, "time": time.time(), "rows": len(index), "xxh64": sums}
-
-        def flip(txn: lmdb.Transaction) -> None:
-            w = Writer(txn, self._env.dbs)
-            w.put_record(DB_SNAPSHOTS, name.encode(), record)
-            w.finish()
-
-        self._env.write(flip)
-
-    def _write_snapshot_arrays(self, final: Path, columns: dict[str, np.ndarray]) -> None:
-        parent = final.parent
-        tmp_name = f"{final.name}{_TMP}{uuid.uuid4().hex[:12]}"
-        tmp = parent / tmp_name
-        try:
-            root = zarr.open_group(self._zarr, mode="a", zarr_format=3)
-            for col, data in columns.items():
-                arr = root.create_array(
-                    f"{SNAPSHOTS_GROUP}/{tmp_name}/{col}",
-                    shape=data.shape,
-                    chunks=(max(1, min(len(data), 1 << 20)),),
-                    dtype=data.dtype,
-                    fill_value=0,
-                )
-                if len(data):
-                    arr[...] = data
-            fsync_tree(tmp)
-            if final.exists():  # a damaged or partial copy: replace it whole
-                trash = parent / f"{final.name}{_TMP}old-{uuid.uuid4().hex[:12]}"
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            fsync_dir(parent)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, StoreFullError | StoreWriteError):
-                raise
-            raise _write_failed(e, f"could not write the snapshot index {final.name}") from e
-
-    def _snapshot_arrays_ok(self, path: Path, rows: int, sums: dict[str, int]) -> bool:
-        try:
-            return all(
-                xxhash.xxh64_intdigest(self._snapshot_column(path, col, rows).data) == sums[col]
-                for col in _SNAPSHOT_COLUMNS
-            )
-        except CorruptStoreError:
-            return False
-
-    def _snapshot_column(self, path: Path, col: str, rows: int) -> np.ndarray:
-        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,))
-        return np.ascontiguousarray(read_array(meta), dtype="<i8")
+        """Pin ``commit`` under ``name`` (``Snapshots.pin``: atomic, a full disk is a
+        ``StoreFullError`` and records nothing)."""
+        self.pins.pin(name, commit)
 
     def unpin(self, name: str) -> None:
-        self._require_writer()
-        if name not in self.snapshots():
-            raise SnapshotNotFoundError(f"no snapshot named {name!r}")
-
-        def flip(txn: lmdb.Transaction) -> None:
-            w = Writer(txn, self._env.dbs)
-            w.delete(DB_SNAPSHOTS, name.encode())
-            w.finish()
-
-        self._env.write(flip)
-
-    def _pinned_index(self, commit: int) -> RowIndex | None:
-        for name, record in self.snapshots().items():
-            if record["commit"] != commit:
-                continue
-            return self.read_pinned(name, record)
-        return None
+        self.pins.unpin(name)
 
     def read_pinned(self, name: str, record: dict[str, Any]) -> RowIndex:
-        """A snapshot's pinned index, checked: columns against the snapshot's checksums, the
-        whole against the digest its commit recorded."""
-        commit = record["commit"]
-        commit_record = self.commit_record(commit)
-        if record["rows"] != commit_record.persisted_rows:  # before rows are allocated
-            raise CorruptStoreError(
-                f"{self.root}: snapshot {name!r} holds {record['rows']} rows but commit "
-                f"{commit} recorded {commit_record.persisted_rows}; the index is damaged"
-            )
-        path = self._snapshot_dir(commit)
-        cols = {}
-        for col in _SNAPSHOT_COLUMNS:
-            try:
-                data = self._snapshot_column(path, col, record["rows"])
-            except CorruptStoreError as e:
-                raise CorruptStoreError(
-                    f"snapshot {name!r}: index column {col} cannot be read: {e}"
-                ) from e
-            if xxhash.xxh64_intdigest(data.data) != record["xxh64"][col]:
-                raise CorruptStoreError(
-                    f"snapshot {name!r}: index column {col} ({path}) fails its checksum"
-                )
-            cols[col] = data.astype(np.int64)
-        index = RowIndex(**cols)
-        where = f"{self.root}: snapshot {name!r}"
-        _check_index(index, self.manifest.rows, commit, where)
-        _check_digest(index, commit_record, where)
-        return index
+        """A snapshot's pinned index, checked (``Snapshots.read_pinned``)."""
+        return self.pins.read_pinned(name, record)
 
     # -- commit --------------------------------------------------------------------------------
 
     def commit(
         self, index: LayeredIndex | RowIndex, head: int, request: CommitRequest
     ) -> tuple[Commit, LayeredIndex]:
-        """Persist what ``request`` (a :class:`CommitRequest`) holds on top of ``index`` at
-        commit ``head``: ``deltas`` for sorted unique ``ids``, sorted ``drops`` (disjoint from
-        ``ids``) back to procedural. Returns the record and the new index.
-
-        ``generator_state`` (new generator weights) is written as a new generator version;
-        ``routers`` maps names to digests of routers the caller has already written with
-        :meth:`router_group` for this commit. Both join the provenance hash. ``state`` and
-        ``usage`` are per-row columns written beside the deltas; ``lifecycle`` (JSON) goes into
-        the commit record, and the first commit that has one raises the store's format
-        version to ``FORMAT_LIFECYCLE``. ``protected`` (sorted unique ids) replaces the set of
-        protected rows (``_protected.py``; empty: none); None carries the parent's forward.
-
-        The row index's digest is updated in O(rows written): the hashes of the entries this
-        commit replaces or deletes (taken from ``index``) are subtracted and those of the new
-        entries added (``_digest.py``)."""
-        ids, deltas, drops, message = request.ids, request.deltas, request.drops, request.message
-        stats, generator_state, routers = request.stats, request.generator_state, request.routers
-        state, usage, lifecycle = request.state, request.usage, request.lifecycle
-        protected, modules = request.protected, request.modules
-        self._require_writer()
-        if generator_state is not None:
-            check_generator_state(generator_state)
-        if isinstance(index, RowIndex):
-            index = LayeredIndex.of(index, head)
-        env = self._env
-        current = self.head()
-        if current != head:
-            raise CorruptStoreError(
-                f"{self.root}: HEAD moved from {head} to {current} under the writer lock"
-            )
-        parent = self.commit_record(head)
-        commit_id = head + 1
-        # Dropping a row that has no delta changes nothing; keep the record honest.
-        present = index.contains(drops)
-        drops = drops[present]
-        segment_id = self._next_segment()
-        seg = None
-        gen_version, gen_record = parent.generator, None
-        try:
-            if len(ids) or len(drops):
-                seg = self.segments.write(
-                    segment_id,
-                    commit_id,
-                    ids,
-                    deltas,
-                    drops,
-                    # A small commit gets one tight chunk instead of a mostly-padding one.
-                    chunk_rows=min(self.manifest.chunk_rows, max(1, len(ids))),
-                    state=state,
-                    usage=usage,
-                )
-            if generator_state is not None:
-                gen_version = commit_id
-                gen_record = self._write_generator(commit_id, generator_state)
-            protected_record = parent.protected
-            if protected is not None:
-                protected_record = (
-                    write_protected(self.root, commit_id, protected) if len(protected) else None
-                )
-        except OSError as e:
-            shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
-            if seg is not None:
-                self.segments.remove(segment_id)
-            shutil.rmtree(
-                self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(commit_id),
-                ignore_errors=True,
-            )
-            if isinstance(e, StoreFullError | StoreWriteError):
-                raise
-            raise _write_failed(e, f"could not write commit {commit_id}") from e
-        router_records = dict(parent.routers or {})
-        for name, digest in (routers or {}).items():
-            router_records[name] = {"version": commit_id, "digest": digest}
-        module_records = {
-            **({} if request.modules_exact else parent.modules or {}),
-            **(modules or {}),
-        }
-        new_index = index.apply(ids, segment_id, commit_id, drops)
-        # Module configurations join the provenance only where a store has some, so stores
-        # without them keep the provenance they always had.
-        extra = (module_records,) if module_records else ()
-        record = Commit(
-            id=commit_id,
-            parent=head,
-            time=time.time(),
-            message=message,
-            rows_written=len(ids),
-            rows_dropped=len(drops),
-            persisted_rows=len(new_index),
-            segment=segment_id if seg else None,
-            generator=gen_version,
-            provenance=_digest(
-                parent.provenance,
-                seg.checksums if seg else None,
-                gen_record or gen_version,
-                router_records,
-                *([protected_record] if protected_record is not None else []),
-                *extra,
-            ),
-            stats=stats,
-            routers=router_records or None,
-            lifecycle=lifecycle,
-            protected=protected_record,
-            modules=module_records or None,
-        )
-        removed, replaced, added = _digest_change(index, ids, segment_id, commit_id, drops)
-        values = np.empty(len(ids), dtype=ROW_VALUE_DTYPE)
-        values["segment"] = segment_id
-        values["offset"] = np.arange(len(ids))
-        values["commit"] = commit_id
-        # bytes objects built by numpy in C; putmulti inserts them in C: no per-row Python loop.
-        items = list(zip(_keys(ids), values.view(f"V{ROW_VALUE.size}").tolist(), strict=True))
-        drop_keys = _keys(drops)
-
-        def flip(txn: lmdb.Transaction) -> Commit:
-            w = Writer(txn, env.dbs)
-            rows = w.digests[DB_ROWS]
-            if rows.count != len(index):
-                raise CorruptStoreError(
-                    f"{self.root}: the LMDB row index holds {rows.count} rows but the writer's "
-                    f"copy {len(index)}; the index changed or is damaged: nothing was committed"
-                )
-            rows.remove(removed, replaced + len(drops))
-            rows.add(added, len(ids))
-            db = env.dbs[DB_ROWS]
-            if items:
-                txn.cursor(db=db).putmulti(items, dupdata=False, overwrite=True)
-            cur = txn.cursor(db=db)
-            for k in drop_keys:  # drops are rare and small; py-lmdb has no batch delete
-                if cur.set_key(k):
-                    cur.delete()
-            if seg is not None:
-                count_commit_bytes(w, seg.stored_bytes)
-                w.put_record(DB_SEGMENTS, u64_key(segment_id), seg.to_json())
-                w.put(DB_META, META_NEXT_SEGMENT, u64_key(segment_id + 1))
-            if gen_record is not None:
-                w.put_record(DB_META, _META_GENERATOR_PREFIX + u64_key(commit_id), gen_record)
-            final = replace(record, index_digest=rows.total)
-            w.put_record(DB_COMMITS, u64_key(commit_id), final.to_json())
-            w.put(DB_META, META_HEAD, u64_key(commit_id))
-            if lifecycle is not None:
-                version = read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
-                if version < FORMAT_LIFECYCLE:
-                    w.put(DB_META, META_FORMAT, u64_key(FORMAT_LIFECYCLE))
-            w.finish()
-            return final
-
-        try:
-            record = env.write(flip)
-        except BaseException:
-            if seg is not None:
-                self.segments.remove(segment_id)
-            if protected is not None and len(protected):
-                shutil.rmtree(protected_dir(self.root, commit_id), ignore_errors=True)
-            raise
-        return record, self.maintain_runs(new_index, record)
+        """Persist what ``request`` holds on top of ``index`` at commit ``head``; the record and
+        the new index (the commit protocol: ``_commit.CommitProtocol.commit``)."""
+        return self.committer.commit(index, head, request)
 
     def maintain_runs(self, index: LayeredIndex, record: Commit) -> LayeredIndex:
         """After a commit: fold or write the row index's runs (``_runs.py``). The commit is
@@ -1329,7 +915,7 @@ class PersistedStore:
         forward from the last run set."""
         try:
             return maintain_runs(
-                self.root, self.manifest.uuid, index, record.id, record.index_digest
+                self.root, self.manifest.uuid, index, record.id, record.index_digest, self.fs
             )
         except OSError:
             return index
@@ -1348,18 +934,18 @@ class PersistedStore:
     def _save_runs(self, index: LayeredIndex, head: int) -> LayeredIndex:
         """Write ``index`` (HEAD's, at ``head``) as the run set (``_runs.save``)."""
         digest = self.commit_record(head).index_digest
-        return save_runs(self.root, self.manifest.uuid, index, head, digest)
+        return save_runs(self.root, self.manifest.uuid, index, head, digest, self.fs)
 
-    def _next_segment(self) -> int:
+    def next_segment(self) -> int:
         """The id the next segment takes, checked: above every recorded segment (a damaged
         ``next_segment`` must never make a commit overwrite a live segment)."""
 
         def scan(txn: lmdb.Transaction) -> tuple[int, bytes | None]:
-            nxt = read_u64(txn.get(META_NEXT_SEGMENT, db=self._db(DB_META)), "next segment id")
-            cur = txn.cursor(db=self._db(DB_SEGMENTS))
+            nxt = read_u64(txn.get(META_NEXT_SEGMENT, db=self.db(DB_META)), "next segment id")
+            cur = txn.cursor(db=self.db(DB_SEGMENTS))
             return nxt, cur.key() if cur.last() else None
 
-        nxt, last = self._read(scan)
+        nxt, last = self.read(scan)
         newest = read_u64(last, "segment id") if last is not None else 0
         if not newest < nxt <= MAX_COMMIT_ID:
             raise CorruptStoreError(
@@ -1516,41 +1102,6 @@ class PersistedStore:
             placement=placement,
         )
 
-    def _unreferenced_versions(
-        self, keep_commits: set[int] | None = None, *, checkpoint: int | None = None
-    ) -> list[Path]:
-        """Generator and router versions that no kept commit (default: HEAD and snapshots)
-        uses (older ones, and leftovers of crashed commits), indexes that neither a snapshot
-        nor the history ``checkpoint`` names, and temporaries."""
-        snaps = self.snapshots().values()
-        if keep_commits is None:
-            keep_commits = {self.head(), *(r["commit"] for r in snaps)}
-        records = [self.commit_record(c) for c in keep_commits]
-        keep = {
-            self.root / ZARR_DIR / GENERATOR_GROUP / generator_name(r.generator) for r in records
-        }
-        for r in records:
-            for name, meta in (r.routers or {}).items():
-                keep.add(self.root / ZARR_DIR / ROUTERS_GROUP / name / f"{meta['version']:016x}")
-        keep_protected, found_protected = protected_dirs(self.root, records)
-        keep |= keep_protected
-        keep |= {self._snapshot_dir(r["commit"]) for r in snaps}
-        if checkpoint is not None:
-            keep.add(self._snapshot_dir(checkpoint))
-        found = list(found_protected)
-        gen_dir = self.root / ZARR_DIR / GENERATOR_GROUP
-        if gen_dir.is_dir():
-            found += [p for p in gen_dir.iterdir() if p.is_dir()]
-        router_dir = self.root / ZARR_DIR / ROUTERS_GROUP
-        if router_dir.is_dir():
-            found += [
-                v for n in router_dir.iterdir() if n.is_dir() for v in n.iterdir() if v.is_dir()
-            ]
-        snap_dir = self.root / ZARR_DIR / SNAPSHOTS_GROUP
-        if snap_dir.is_dir():
-            found += [p for p in snap_dir.iterdir() if p.is_dir()]
-        return sorted(p for p in found if p not in keep)
-
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Check everything the store holds; report problems, never raise for them. Needs
         neither torch nor a generator or router module (``_verify.py``)."""
@@ -1572,11 +1123,6 @@ def storage_dtype(name: str) -> np.dtype:
     return STORAGE[name]
 
 
-def _keys(ids: np.ndarray) -> list[bytes]:
-    """LMDB keys (u64 big-endian) of many ids at once."""
-    return np.ascontiguousarray(ids, dtype=">u8").view("V8").tolist()
-
-
 def _key_id(key: bytes, what: str) -> int:
     return read_u64(key, f"{what} key")
 
@@ -1593,68 +1139,6 @@ def _segment(raw: bytes, segment: int) -> SegmentRecord:
     if record.id != segment:
         raise CorruptStoreError(f"the record stored as segment {segment:016x} says {record.id}")
     return record
-
-
-def _check_index(index: RowIndex, rows: int, head: int, where: str) -> None:
-    """What must hold of any row index: ids strictly increasing and below ``rows``, segments
-    and offsets in range, every commit at or before ``head``."""
-    ids = index.ids
-    bad = len(ids) and (
-        ids[0] < 0
-        or ids[-1] >= rows
-        or bool(np.any(ids[1:] <= ids[:-1]))
-        or int(index.segment.min()) < 1
-        or int(index.offset.min()) < 0
-        or int(index.commit.min()) < 2
-        or int(index.commit.max()) > head
-    )
-    if bad:
-        raise CorruptStoreError(
-            f"{where} holds ids out of order or out of range, or entries that point nowhere; "
-            "the index is damaged: restore the store from a copy"
-        )
-
-
-def _check_digest(index: RowIndex, record: Commit, where: str) -> None:
-    if record.index_digest is None:
-        return
-    got = int(rows_hash(index.ids, index.segment, index.offset, index.commit).sum(dtype=np.uint64))
-    if got != record.index_digest:
-        raise CorruptStoreError(
-            f"{where} does not match the digest commit {record.id} recorded; the store is damaged"
-        )
-
-
-def _digest_change(
-    index: RowIndex | LayeredIndex, ids: np.ndarray, segment: int, commit: int, drops: np.ndarray
-) -> tuple[int, int, int]:
-    """What a commit that writes sorted ``ids`` to ``segment`` and drops ``drops`` (all
-    present) does to the row index's digest: the hash sum of the entries it replaces or
-    deletes, how many it replaces, and the hash sum of the entries it adds. O(rows changed)."""
-    had, seg, off, com = index.lookup(np.concatenate([ids, drops]))
-    removed = int(
-        rows_hash(np.concatenate([ids, drops])[had], seg[had], off[had], com[had]).sum(
-            dtype=np.uint64
-        )
-    )
-    n = len(ids)
-    added = int(
-        rows_hash(ids, np.full(n, segment), np.arange(n), np.full(n, commit)).sum(dtype=np.uint64)
-    )
-    return removed, int(had[:n].sum()), added
-
-
-def _digest_after(
-    index: RowIndex | LayeredIndex,
-    digest: int,
-    ids: np.ndarray,
-    segment: int,
-    commit: int,
-    drops: np.ndarray,
-) -> int:
-    drops = drops[index.contains(drops)]
-    removed, _, added = _digest_change(index, ids, segment, commit, drops)
-    return (digest - removed + added) & ((1 << 64) - 1)
 
 
 def _check_group_files(root: Path) -> None:

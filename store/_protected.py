@@ -20,8 +20,6 @@ this store protects. So the format version is unchanged.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,14 @@ from typing import Any
 import numpy as np
 import xxhash
 import zarr
-from zarr.storage import LocalStore
 
 from dpsn.errors import CorruptStoreError
 
 from ._format import MAX_COMMIT_ID, ZARR_DIR, fsync_dir, fsync_tree
 from ._zarrsafe import read_array, read_array_meta
+from ._zarrseam import SeamStore
+from .fs import FileSystem
+from .fs import current as current_fs
 
 __all__ = [
     "PROTECTED_GROUP",
@@ -75,18 +75,24 @@ def protected_dir(root: Path, version: int) -> Path:
     return Path(root) / ZARR_DIR / PROTECTED_GROUP / f"{version:016x}"
 
 
-def write_protected(root: Path, version: int, ids: np.ndarray) -> dict[str, int]:
+def write_protected(
+    root: Path, version: int, ids: np.ndarray, fs: FileSystem | None = None
+) -> dict[str, int]:
     """Write sorted unique int64 ``ids`` as the protected set of commit ``version`` (durable
     before this returns; a leftover of a crashed commit with that id is replaced). Returns the
-    record the commit stores. Raises ``OSError`` on a failed write, leaving nothing behind."""
+    record the commit stores. Raises ``OSError`` on a failed write, leaving nothing behind.
+    Written through the file seam ``fs`` (``dpsn.store.fs``)."""
+    fs = fs or current_fs()
     data = np.ascontiguousarray(ids, dtype="<i8")
     final = protected_dir(root, version)
     parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    if not parent.is_dir():
+        fs.mkdir(parent, parents=True, exist_ok=True)
+        fs.fsync_dir(parent.parent)
     tmp = parent / f"{final.name}{_TMP}{uuid.uuid4().hex[:12]}"
     try:
         arr = zarr.create_array(
-            LocalStore(str(tmp / PROTECTED_IDS)),
+            SeamStore(tmp / PROTECTED_IDS, fs),
             shape=data.shape,
             chunks=(max(1, min(len(data), 1 << 20)),),
             dtype="int64",
@@ -95,13 +101,13 @@ def write_protected(root: Path, version: int, ids: np.ndarray) -> dict[str, int]
         )
         if len(data):
             arr[...] = data
-        fsync_tree(tmp)
+        fsync_tree(tmp, fs)
         if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(parent)
+            fs.rmtree(final)
+        fs.replace(tmp, final)
+        fsync_dir(parent, fs)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fs.rmtree(tmp, ignore_errors=True)
         raise
     return {"version": version, "rows": len(data), "xxh64": xxhash.xxh64_intdigest(data.data)}
 

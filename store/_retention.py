@@ -24,7 +24,6 @@ files, which the next ``gc`` removes.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +59,7 @@ _UNSET: Any = object()
 
 def read_policy(store: Any) -> MaintenancePolicy:
     """The store's retention and compaction policy (the default one if none was set)."""
-    raw = store._read(lambda txn: txn.get(META_MAINTENANCE, db=store._db(DB_META)))
+    raw = store.read(lambda txn: txn.get(META_MAINTENANCE, db=store.db(DB_META)))
     if raw is None:
         return MaintenancePolicy()
     return MaintenancePolicy.from_json(parse_record(raw, "the maintenance policy"))
@@ -68,14 +67,14 @@ def read_policy(store: Any) -> MaintenancePolicy:
 
 def write_policy(store: Any, policy: MaintenancePolicy) -> None:
     """Record ``policy`` as the store's, in one LMDB transaction (needs the writer lock)."""
-    store._require_writer()
+    maintenance = store.begin_maintenance()
 
     def put(txn: lmdb.Transaction) -> None:
-        w = Writer(txn, store.env.dbs)
+        w = Writer(txn, maintenance.dbs)
         w.put_record(DB_META, META_MAINTENANCE, policy.to_json())
         w.finish()
 
-    store.env.write(put)
+    maintenance.write(put)
 
 
 # -- the window --------------------------------------------------------------------------------
@@ -113,7 +112,7 @@ def retained_from(log: list[Commit], policy: MaintenancePolicy, now: float) -> i
 
 
 def checkpoint_record(store: Any) -> dict[str, Any] | None:
-    raw = store._read(lambda txn: txn.get(META_CHECKPOINT, db=store._db(DB_META)))
+    raw = store.read(lambda txn: txn.get(META_CHECKPOINT, db=store.db(DB_META)))
     if raw is None:
         return None
     return snapshot_record(parse_record(raw, "the history checkpoint"), "checkpoint")
@@ -158,7 +157,7 @@ def collect(
     (segments and stored bytes each holds; a segment two of them hold counts for both)."""
     own_lease = getattr(getattr(store, "_lease", None), "path", None)
     if not dry_run:
-        store._require_writer()
+        store.require_writer()
     policy = read_policy(store)
     overrides = {}
     if keep_last is not _UNSET:
@@ -237,7 +236,8 @@ def collect(
     orphans = sorted(set(store.segments.on_disk()) - set(records))
     partials = list((store.root / ZARR_DIR).rglob("*.partial"))
     cp_commit = new_cp["commit"] if new_cp else (cp["commit"] if cp and oldest < head else None)
-    stale = store._unreferenced_versions(kept_commits, checkpoint=cp_commit)
+    maintenance = store.begin_maintenance()
+    stale = maintenance.unreferenced_versions(kept_commits, checkpoint=cp_commit)
     result: dict[str, Any] = {
         "removed_segments": dead,
         "orphan_segments": orphans,
@@ -259,13 +259,15 @@ def collect(
         }
         new_cp["xxh64"] = {c: xxhash.xxh64_intdigest(d.data) for c, d in columns.items()}
         new_cp["time"] = now
-        final = store._snapshot_dir(new_cp["commit"])
-        if not (final.is_dir() and store._snapshot_arrays_ok(final, len(base), new_cp["xxh64"])):
-            store._write_snapshot_arrays(final, columns)
+        final = maintenance.snapshot_dir(new_cp["commit"])
+        if not (
+            final.is_dir() and maintenance.snapshot_arrays_ok(final, len(base), new_cp["xxh64"])
+        ):
+            maintenance.write_snapshot_arrays(final, columns)
     drop_cp = cp is not None and cp_commit is None
 
     def forget(txn: lmdb.Transaction) -> None:
-        w = Writer(txn, store.env.dbs)
+        w = Writer(txn, maintenance.dbs)
         for s in dead:
             w.delete(DB_SEGMENTS, u64_key(s))
         if new_cp is not None:
@@ -275,7 +277,7 @@ def collect(
         w.finish()
 
     if dead or new_cp is not None or drop_cp:
-        store.env.write(forget)
+        maintenance.write(forget)
     after = live_readers(store.root)
     if after.choosing or not after.names <= readers.names:
         # A reader arrived while gc decided: it may hold what gc just forgot. Leave the files
@@ -290,7 +292,7 @@ def collect(
     freed = 0
     for d in stale:
         freed += _tree_bytes(d)
-        shutil.rmtree(d, ignore_errors=True)
+        store.fs.rmtree(d, ignore_errors=True)
     doomed = dead + orphans
     for done, s in enumerate(doomed, 1):
         freed += store.segments.remove(s)
@@ -301,7 +303,7 @@ def collect(
             freed += p.stat().st_size
         except OSError:
             continue
-        p.unlink(missing_ok=True)
+        store.fs.unlink(p, missing_ok=True)
     result["freed_bytes"] = freed
     return result
 

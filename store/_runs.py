@@ -26,6 +26,7 @@ files it no longer names removed (a reader that mapped one keeps it until it clo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -39,9 +40,10 @@ import xxhash
 
 from ._digest import RECORD_CHECK, seal_record
 from ._files import SizeGuard, open_regular, read_regular
-from ._format import fsync_dir
 from ._layered import LayeredIndex
 from ._rowindex import FENCE_STEP, RowBlockError, RowIndex, block_sums, merge_newest
+from .fs import FileSystem, write_all, write_file
+from .fs import current as current_fs
 
 __all__ = ["RowBlockError"]  # re-exported: what a damaged block raises
 
@@ -256,7 +258,7 @@ def check_run_files(root: Path, runset: RunSet) -> None:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _write_run(folder: Path, name: str, layer: RowIndex) -> int:
+def _write_run(folder: Path, name: str, layer: RowIndex, fs: FileSystem) -> int:
     """Entries row by row (id, segment, offset, commit: 32 bytes, so a 4 KiB page holds
     ``FENCE_STEP`` of them), then the fences (every ``FENCE_STEP``-th id), then the block
     sums; the header (which checks the tail) is written last, at the front."""
@@ -264,8 +266,9 @@ def _write_run(folder: Path, name: str, layer: RowIndex) -> int:
     tmp = folder / f".{name}.tmp"
     sums = []
     h = xxhash.xxh64()  # of all but the header (which checks itself): what runs.json keeps
-    with open(tmp, "wb") as f:
-        f.write(bytes(_HEADER))
+    f = fs.open_write(tmp)
+    try:
+        write_all(f, bytes(_HEADER))
         step = (1 << 20) // FENCE_STEP * FENCE_STEP  # whole blocks per buffer, bounded at any size
         for lo in range(0, n, step):
             hi = min(n, lo + step)
@@ -275,18 +278,22 @@ def _write_run(folder: Path, name: str, layer: RowIndex) -> int:
             sums.append(block_sums(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]))
             data = rows.tobytes()
             h.update(data)
-            f.write(data)
+            write_all(f, data)
         fences = np.ascontiguousarray(layer.ids[::FENCE_STEP], dtype="<i8").tobytes()
         all_sums = np.concatenate(sums) if sums else np.empty(0, dtype="<u8")
         tail = fences + np.ascontiguousarray(all_sums, dtype="<u8").tobytes()
         h.update(tail)
-        f.write(tail)
+        write_all(f, tail)
         f.seek(0)
-        f.write(_header(n, tail))
-        f.flush()
-        os.fsync(f.fileno())
-
-    os.replace(tmp, folder / name)
+        write_all(f, _header(n, tail))
+        f.fsync()
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            fs.unlink(tmp, missing_ok=True)
+        raise
+    f.close()
+    fs.replace(tmp, folder / name)
     return h.intdigest()
 
 
@@ -296,12 +303,21 @@ def _next_name(folder: Path) -> int:
 
 
 def save(
-    root: Path, uuid: str, index: LayeredIndex, commit: int, digest: int | None
+    root: Path,
+    uuid: str,
+    index: LayeredIndex,
+    commit: int,
+    digest: int | None,
+    fs: FileSystem | None = None,
 ) -> LayeredIndex:
     """Write the overlay of ``index`` (at ``commit``, whose index digest is ``digest``) as a
-    run, merge runs by size, replace ``runs.json``; the same rows, now on mapped files."""
+    run, merge runs by size, replace ``runs.json``; the same rows, now on mapped files.
+    Written through the file seam ``fs`` (``dpsn.store.fs``)."""
+    fs = fs or current_fs()
     folder = runs_dir(root)
-    folder.mkdir(exist_ok=True)
+    if not folder.is_dir():
+        fs.mkdir(folder, exist_ok=True)
+        fs.fsync_dir(folder.parent)
     layers = list(index.layers)
     names = list(index.runs)
     if len(index.overlay):
@@ -321,10 +337,10 @@ def save(
         if names[i] is None or names[i] not in known:
             names[i] = f"run-{seq:016x}.bin"
             seq += 1
-            sums[names[i]] = _write_run(folder, names[i], layer)
+            sums[names[i]] = _write_run(folder, names[i], layer, fs)
         else:
             sums[names[i]] = known[names[i]]
-    fsync_dir(folder)
+    fs.fsync_dir(folder)
     doc = {
         "format": RUNS_FORMAT,
         "store": uuid,
@@ -339,13 +355,10 @@ def save(
         ],
     }
     tmp = folder / f".{RUNS_MANIFEST}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(seal_record(doc))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / RUNS_MANIFEST)
-    fsync_dir(folder)
-    remove_unnamed(root, set(names))
+    write_file(fs, tmp, seal_record(doc), sync=True)
+    fs.replace(tmp, folder / RUNS_MANIFEST)
+    fs.fsync_dir(folder)
+    remove_unnamed(root, set(names), fs)
     mapped = tuple(open_run(folder / n, len(x)) for n, x in zip(names, layers, strict=True))
     return index.with_layers(mapped, tuple(names), commit)
 
@@ -358,27 +371,34 @@ def _current_files(root: Path, uuid: str) -> tuple[tuple[str, int, int], ...]:
     return runset.files if runset is not None else ()
 
 
-def remove_unnamed(root: Path, keep: set[str]) -> None:
+def remove_unnamed(root: Path, keep: set[str], fs: FileSystem | None = None) -> None:
     """Remove run files and temporaries that ``runs.json`` does not name (writer only)."""
+    fs = fs or current_fs()
     folder = runs_dir(root)
     if not folder.is_dir():
         return
     for p in folder.iterdir():
         if p.name != RUNS_MANIFEST and p.name not in keep:
-            p.unlink(missing_ok=True)
+            fs.unlink(p, missing_ok=True)
 
 
-def discard(root: Path) -> None:
+def discard(root: Path, fs: FileSystem | None = None) -> None:
     """Forget the run set (an opener then reads LMDB): when it no longer matches the store."""
-    (runs_dir(root) / RUNS_MANIFEST).unlink(missing_ok=True)
-    remove_unnamed(root, set())
+    fs = fs or current_fs()
+    fs.unlink(runs_dir(root) / RUNS_MANIFEST, missing_ok=True)
+    remove_unnamed(root, set(), fs)
 
 
 # -- policy ----------------------------------------------------------------------------------
 
 
 def maintain(
-    root: Path, uuid: str, index: LayeredIndex, commit: int, digest: int | None
+    root: Path,
+    uuid: str,
+    index: LayeredIndex,
+    commit: int,
+    digest: int | None,
+    fs: FileSystem | None = None,
 ) -> LayeredIndex:
     """After a commit (writer): fold a small store's overlay in memory, or write runs when the
     overlay is big or old enough. The commit is durable already; a failure here leaves the
@@ -393,4 +413,4 @@ def maintain(
     due = not on_disk or len(index.overlay) >= FLUSH_ROWS or index.since >= FLUSH_COMMITS
     if not due:
         return index
-    return save(root, uuid, index, commit, digest)
+    return save(root, uuid, index, commit, digest, fs)

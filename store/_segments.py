@@ -15,7 +15,6 @@ fill value; the checksum catches all three, at every read and in ``verify``.
 from __future__ import annotations
 
 import errno
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,6 @@ import numpy as np
 import xxhash
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.storage import LocalStore
 
 from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError, StoreWriteError
 
@@ -42,6 +40,9 @@ from ._format import (
     segment_name,
 )
 from ._zarrsafe import ArrayMeta, chunk_paths, read_array_meta, read_chunks
+from ._zarrseam import SeamStore
+from .fs import FileSystem
+from .fs import current as current_fs
 from .remote import chunk_reader
 from .usage_fields import WIDTH as USAGE_WIDTH
 
@@ -182,12 +183,20 @@ def dir_bytes(path: Path) -> int:
 class SegmentStore:
     """Reads and writes segments under ``<store>/data.zarr/segments``."""
 
-    def __init__(self, zarr_root: Path, *, storage_dtype: np.dtype, compressor: str) -> None:
+    def __init__(
+        self,
+        zarr_root: Path,
+        *,
+        storage_dtype: np.dtype,
+        compressor: str,
+        fs: FileSystem | None = None,
+    ) -> None:
         self.root = zarr_root
+        self.fs = fs or current_fs()
         self.dir = zarr_root / SEGMENTS_GROUP
         self.storage_dtype = np.dtype(storage_dtype)
         self.compressor = compressor
-        self._store = LocalStore(str(zarr_root))
+        self._store = SeamStore(zarr_root, self.fs)
         self._open: dict[int, dict[str, ArrayMeta]] = {}
         # A published commit checked out from a bucket reads its chunks through the disk cache.
         self._chunk_reader = chunk_reader(zarr_root)
@@ -213,7 +222,7 @@ class SegmentStore:
         name = segment_name(segment_id)
         path = self.dir / name
         if path.exists():
-            shutil.rmtree(path)
+            self.fs.rmtree(path)
         n, dim = deltas.shape
         root = zarr.open_group(self._store, mode="a", zarr_format=3)
         try:
@@ -245,11 +254,11 @@ class SegmentStore:
                 if data.size:
                     arr[...] = data
                 checksums[key] = _checksums(data, chunks[0])
-            fsync_tree(path)
-            fsync_dir(self.dir)
-            fsync_dir(self.root)
+            fsync_tree(path, self.fs)
+            fsync_dir(self.dir, self.fs)
+            fsync_dir(self.root, self.fs)
         except OSError as e:
-            shutil.rmtree(path, ignore_errors=True)
+            self.fs.rmtree(path, ignore_errors=True)
             if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 err = StoreWriteError(
                     f"could not write segment {name}: {e}. The store is unchanged; fix the "
@@ -281,7 +290,7 @@ class SegmentStore:
         path = self.dir / segment_name(segment_id)
         freed = dir_bytes(path) if path.exists() else 0
         self._open.pop(segment_id, None)
-        shutil.rmtree(path, ignore_errors=True)
+        self.fs.rmtree(path, ignore_errors=True)
         return freed
 
     def on_disk(self) -> list[int]:

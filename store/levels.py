@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,9 @@ import numpy as np
 import xxhash
 
 from dpsn.errors import CorruptStoreError, StoreNotFoundError
+
+from .fs import FileSystem, write_file
+from .fs import current as current_fs
 
 LEVELS_FILE = "dpsn-levels.json"
 LOG_FILE = "dpsn-levels-log.json"
@@ -57,27 +59,21 @@ def read_sealed(path: Path) -> dict[str, Any]:
     return raw
 
 
-def write_atomic(path: Path, obj: dict[str, Any]) -> None:
+def write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None) -> None:
     """Write ``obj`` sealed to ``path``: a temporary file, fsynced, renamed over ``path``, and
-    the directory fsynced. A crash leaves the old file or the new one, never a mix."""
+    the directory fsynced, through the file seam ``fs`` (``dpsn.store.fs``; the current one by
+    default). A crash leaves the old file or the new one, never a mix."""
+    fs = fs or current_fs()
     data = canonical(seal(obj))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    write_file(fs, tmp, data, sync=True)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # as the level stores' files (mkstemp makes 0600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fs.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            fs.unlink(tmp, missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fs.fsync_dir(path.parent)
 
 
 def provenance(parent: str, spec: dict[str, Any], levels: dict[str, str], extra: Any) -> str:

@@ -776,7 +776,7 @@ def test_create_on_a_full_disk_leaves_nothing_behind(tmp_path):
 def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
     """Review of issue 14: generator weights over 1 GiB were written as one chunk, which the
     reader refuses (at most 1 GiB a chunk), so the store could never be opened again."""
-    from dpsn.store._persisted import GENERATOR_CHUNK_BYTES, generator_chunks
+    from dpsn.store._generators import GENERATOR_CHUNK_BYTES, generator_chunks
     from dpsn.store._zarrsafe import MAX_CHUNK_BYTES
 
     chunks = generator_chunks(shape)
@@ -788,7 +788,7 @@ def test_generator_arrays_are_written_in_chunks_a_reader_accepts(shape):
 
 
 def test_a_generator_written_in_many_chunks_reopens(tmp_path, monkeypatch):
-    import dpsn.store._persisted as persisted
+    import dpsn.store._generators as persisted
 
     monkeypatch.setattr(persisted, "GENERATOR_CHUNK_BYTES", 1024)  # weights of ~10 KiB
     path = tmp_path / "s"

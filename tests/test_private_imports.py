@@ -137,3 +137,70 @@ def test_the_check_catches_what_it_should():
         got = _findings(source, "probe.py", "pool")
         assert len(got) == want, (source, got)
     assert len(_findings("from dpsn import _kernels\n", "probe.py", None)) == 1  # user code
+
+
+# -- private members of another object inside the store engine (issue 20) ---------------------
+
+
+def _foreign_members(source: str) -> list[str]:
+    """``x._private`` in a module where ``x`` is neither ``self``/``cls``, a module, nor an
+    object the same function has just made with ``cls(...)`` (a classmethod's constructor),
+    and ``self.a._private`` (a part reaching into the object it belongs to)."""
+    tree = ast.parse(source)
+    modules = {
+        (a.asname or a.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for a in node.names
+    }
+    made: set[tuple[int, str]] = set()  # (function line, name) bound to cls(...)
+    owner: dict[int, int] = {}  # node id -> enclosing function line
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            owner[id(node)] = fn.lineno
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name)
+                and node.value.func.id == "cls"
+            ):
+                made |= {(fn.lineno, t.id) for t in node.targets if isinstance(t, ast.Name)}
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or not _private(node.attr):
+            continue
+        base = node.value
+        if isinstance(base, ast.Name):
+            if base.id in ("self", "cls") or base.id in modules:
+                continue
+            if (owner.get(id(node)), base.id) in made:
+                continue
+        bad.append(f"{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_store_modules_touch_no_other_objects_private_members():
+    """Maintenance (compaction, retention, gc, verify, rollback) and the parts PersistedStore
+    is made of work through public operations (``PersistedStore.begin_maintenance``), never
+    through another object's private members: the store's internals can change under them."""
+    found = [
+        f"{path.relative_to(ROOT)}:{b}"
+        for path in sorted((ROOT / "store").glob("*.py"))
+        for b in _foreign_members(path.read_text())
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_member_check_catches_what_it_should():
+    cases = {
+        "def f(store):\n    store._env.write()": 1,
+        "class A:\n    def f(self):\n        self._store._env": 1,
+        "class A:\n    def f(self):\n        self._x": 0,
+        "class A:\n    @classmethod\n    def f(cls):\n        s = cls()\n        s._lock = 1": 0,
+        "import os\nos._exit": 0,
+        "def f(store):\n    store.env.write()": 0,
+    }
+    for source, want in cases.items():
+        assert len(_foreign_members(source)) == want, (source, _foreign_members(source))

@@ -1,0 +1,403 @@
+"""Faults injected under the store engine through its file seam (``dpsn.store.fs``, issue 20).
+
+A dry run of a commit counts the file operations it issues through the seam (each with its
+call site); then, for operation index i and fault kind k (``tests/_faultfs.py``: ENOSPC, EIO,
+a short write, a torn write, a power loss that drops everything not fsynced), the same commit
+runs on a fresh copy of the store with that fault, and the store is reopened and checked:
+
+- HEAD is whole: the previous commit or the new one, never a mix, and a commit that returned
+  is there;
+- ``verify`` is clean (crash leftovers are notes, never problems);
+- nothing is lost: HEAD's rows read back as committed; a commit that failed raised a typed
+  dpsn error (``StoreFullError``/``StoreWriteError``: ``DpsnError`` and ``OSError`` both) or
+  died (the injected crash), and the same request commits on a retry.
+
+By default a sample runs (every kind at a spread of operations, < ~10 s);
+``DPSN_FAULT_SWEEP=full`` runs every operation with every kind (``slow``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _faultfs import KINDS, Crash, FaultFS
+
+from dpsn.errors import DpsnError, StoreNotFoundError
+from dpsn.store import CommitRequest, Manifest, PersistedStore
+from dpsn.store.fs import OS, current, using
+
+ROWS, DIM = 64, 8
+FULL = os.environ.get("DPSN_FAULT_SWEEP") == "full"
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        rows=ROWS, dim=DIM, dtype="float32", seed=0, generator={"kind": "fault-test", "config": {}},
+        chunk_rows=16, compressor="zstd", created=0.0, uuid="fault-seam",
+    )  # fmt: skip
+
+
+def _request(seed: int, ids: np.ndarray, drops: np.ndarray, **kw: object) -> CommitRequest:
+    rng = np.random.default_rng(seed)
+    deltas = rng.standard_normal((len(ids), DIM)).astype(np.float32)
+    return CommitRequest(ids=ids, deltas=deltas, drops=drops, message=f"c{seed}", **kw)
+
+
+FIRST = _request(1, np.arange(0, 40, 2, dtype=np.int64), np.empty(0, np.int64))
+# The commit under test: new rows, rewritten rows, drops, a protected set, new generator
+# weights and per-row state: every kind of file a commit writes.
+UNDER_TEST = _request(
+    2,
+    np.array([1, 2, 3, 10, 33, 50, 63], dtype=np.int64),
+    np.array([4, 6], dtype=np.int64),
+    protected=np.array([2, 50], dtype=np.int64),
+    generator_state={"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+    state=np.ones((7, 2), dtype=np.float32),
+)
+
+
+RUN_MIN_ROWS = 1 << 16  # a writer keeps runs from this many rows on (docs/format.md, "Runs")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One store operation swept with faults: ``prepare`` makes the base store (real file
+    system), ``act`` runs the operation on an open writer."""
+
+    name: str
+    rows: int
+    prepare: Callable[[PersistedStore], None]
+    act: Callable[[PersistedStore], None]
+    sweep: str = ""  # sweep only the operations whose site names this file ("": all)
+
+
+def _commit_all(store: PersistedStore, *requests: CommitRequest) -> None:
+    for r in requests:
+        head, index = store.load_head()
+        store.commit(index, head, r)
+
+
+def _act_commit(store: PersistedStore) -> None:
+    _commit_all(store, UNDER_TEST)
+
+
+def _prepare_runs(store: PersistedStore) -> None:
+    big = np.arange(RUN_MIN_ROWS, dtype=np.int64)
+    request = CommitRequest(ids=big, deltas=np.ones((len(big), DIM), np.float32), drops=big[:0])
+    _commit_all(store, request)
+    # the next writer's open writes them again
+    shutil.rmtree(store.root / "index.runs", ignore_errors=True)
+
+
+def _act_runs(store: PersistedStore) -> None:
+    store.load_head()  # a writer without runs writes them (runs.json, run files)
+    _commit_all(store, UNDER_TEST)
+
+
+def _prepare_compact(store: PersistedStore) -> None:
+    for seed in range(4):  # rewrite the same rows: the older segments go sparse
+        ids = np.arange(seed, 40, 1 + seed, dtype=np.int64)
+        _commit_all(store, _request(10 + seed, ids, np.empty(0, np.int64)))
+
+
+def _act_compact(store: PersistedStore) -> None:
+    store.compact(target=1.0, collect=True)  # a compaction commit, then gc
+
+
+SCENARIOS = {
+    "commit": Scenario("commit", ROWS, lambda s: _commit_all(s, FIRST), _act_commit),
+    # the commit after the runs is the "commit" scenario's: only the run writes are swept
+    "runs": Scenario("runs", RUN_MIN_ROWS, _prepare_runs, _act_runs, sweep="_runs.py"),
+    "compact": Scenario("compact", ROWS, _prepare_compact, _act_compact),
+}
+
+
+def _manifest_rows(rows: int) -> Manifest:
+    return replace(_manifest(), rows=rows)
+
+
+def _rows(store: PersistedStore, rows: int) -> tuple[int, dict[str, np.ndarray]]:
+    """HEAD and its rows (ids with a delta, their deltas) as a reader sees them."""
+    head, index = store.load_head()
+    ids = np.arange(rows, dtype=np.int64)
+    found, got, _, _ = store.read_deltas(index, ids)
+    return head, {"ids": ids[found], "deltas": got}
+
+
+@dataclass
+class Base:
+    """A prepared store and what it holds before and after the operation (from a dry run on
+    the real file system, which also counts the operation's file operations)."""
+
+    scenario: Scenario
+    root: Path
+    head: int
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+    ops: list
+
+
+def _base(tmp: Path, scenario: Scenario) -> Base:
+    root = tmp / f"{scenario.name}-base"
+    with PersistedStore.create(root, _manifest_rows(scenario.rows), {}) as s:
+        scenario.prepare(s)
+    with PersistedStore.open(root, writable=False) as s:
+        head, before = _rows(s, scenario.rows)
+    dry = tmp / f"{scenario.name}-dry"
+    shutil.copytree(root, dry)
+    fs = FaultFS(dry, tmp / f"{scenario.name}-dry-graveyard")
+    with PersistedStore.open(dry, writable=True, fs=fs) as s:
+        fs.arm()
+        scenario.act(s)
+        fs.disarm()
+    with PersistedStore.open(dry, writable=False) as s:
+        assert s.verify().ok
+        new_head, after = _rows(s, scenario.rows)
+    assert new_head > head
+    return Base(scenario, root, head, before, after, fs.ops)
+
+
+_BASES: dict[str, Base] = {}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Base]:
+    tmp = tmp_path_factory.mktemp("fault-bases")
+
+    def get(name: str) -> Base:
+        if name not in _BASES:
+            _BASES[name] = _base(tmp, SCENARIOS[name])
+        return _BASES[name]
+
+    yield get
+    _BASES.clear()
+
+
+def _check(base: Base, root: Path) -> int:
+    """Reopen with the real file system; HEAD whole, verify clean, the rows as committed.
+    Returns HEAD."""
+    with PersistedStore.open(root, writable=False) as s:
+        report = s.verify()
+        assert report.ok, report.problems
+        head, got = _rows(s, base.scenario.rows)
+    assert head >= base.head
+    want = base.before if head == base.head else base.after
+    np.testing.assert_array_equal(got["ids"], want["ids"])
+    np.testing.assert_array_equal(got["deltas"], want["deltas"])
+    return head
+
+
+def _one(base: Base, tmp: Path, at: int, kind: str) -> tuple[str, str | None]:
+    """Run the operation with the fault; returns (outcome, the site the fault hit)."""
+    root = tmp / f"{base.scenario.name}-{kind}-{at}" / "store"
+    shutil.copytree(base.root, root)
+    fs = FaultFS(root, root.parent / "graveyard")
+    store = PersistedStore.open(root, writable=True, fs=fs)
+    after = at == len(base.ops)  # power lost once the operation returned
+    try:
+        fs.arm(None if after else at, None if after else kind)
+        try:
+            base.scenario.act(store)
+            outcome = "completed"
+            if after:
+                fs.power_off()
+                outcome = "completed, then power lost"
+        except Crash:
+            outcome = "crashed"
+        except DpsnError as e:
+            outcome = f"typed {type(e).__name__}"
+        except OSError as e:  # what the sweep is for
+            raise AssertionError(
+                f"an untyped {e!r} escaped {base.scenario.name} ({kind} at "
+                f"{fs.fired.site if fs.fired else at})"
+            ) from e
+    finally:
+        fs.disarm()
+        fs.dead = False
+        store.close()
+    fired = fs.fired.site if fs.fired else None
+    head = _check(base, root)
+    if outcome.startswith("completed"):
+        assert head > base.head, f"{base.scenario.name} returned but HEAD did not move ({fired})"
+    if head == base.head:  # nothing was committed: the same operation succeeds on a retry
+        with PersistedStore.open(root, writable=True) as s:
+            base.scenario.act(s)
+        assert _check(base, root) > base.head
+    return outcome, fired
+
+
+def _cases(ops: list, sample: int, only: str) -> list[tuple[int, str]]:
+    n_ops = len(ops)
+    cases = [(op.index, k) for op in ops if only in op.site for k in KINDS]
+    if not FULL:
+        rng = np.random.default_rng(20)
+        picks = rng.choice(len(cases), size=min(len(cases), sample), replace=False)
+        cases = [cases[i] for i in sorted(picks)]
+    return [*cases, (n_ops, "power")]  # and a power loss after it returned
+
+
+def _sweep(base: Base, tmp_path: Path, sample: int) -> None:
+    ops = base.ops
+    sites = {op.site for op in ops if base.scenario.sweep in op.site}
+    assert len(ops) > 10 and len(sites) > 5, sorted(sites)
+    outcomes: dict[str, int] = {}
+    fired_sites = set()
+    cases = _cases(ops, sample, base.scenario.sweep)
+    for at, kind in cases:
+        outcome, fired = _one(base, tmp_path, at, kind)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if fired:
+            fired_sites.add(fired)
+    swept = sum(1 for op in ops if base.scenario.sweep in op.site)
+    print(
+        f"\n{base.scenario.name}: {swept} operations swept (of {len(ops)}) at {len(sites)} "
+        f"call sites; {len(cases)} faults injected ({len(fired_sites)} sites hit), all "
+        f"survived with nothing lost: {outcomes}"
+    )
+    assert outcomes.get("crashed", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="DPSN_FAULT_SWEEP=full runs every fault")
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_fault_is_survived(bases, tmp_path, name):
+    _sweep(bases(name), tmp_path, 0)
+
+
+@pytest.mark.parametrize(("name", "sample"), [("commit", 16), ("compact", 8)])
+def test_sampled_faults_are_survived(bases, tmp_path, name, sample):
+    _sweep(bases(name), tmp_path, sample)
+
+
+def _create_once(root: Path, at: int | None, kind: str | None) -> tuple[str, FaultFS]:
+    root.mkdir(parents=True)  # create takes an empty directory: the model starts from it
+    fs = FaultFS(root, root.parent / "graveyard")
+    fs.arm(at, kind)
+    try:
+        PersistedStore.create(root, _manifest(), {"w": np.ones(3, np.float32)}, fs=fs).close()
+        outcome = "completed"
+    except Crash:
+        outcome = "crashed"
+    except DpsnError as e:
+        outcome = f"typed {type(e).__name__}"
+    except OSError as e:  # what the sweep is for
+        site = fs.fired.site if fs.fired else at
+        raise AssertionError(f"an untyped {e!r} escaped create ({kind} at {site})") from e
+    finally:
+        fs.disarm()
+        fs.dead = False
+    return outcome, fs
+
+
+def test_create_survives_faults(tmp_path):
+    """A fault during ``create`` leaves no store that opens half made: either the store opens
+    whole at commit 1 (verify clean) or the path holds no manifest (``StoreNotFoundError``);
+    a typed failure leaves the directory empty, so a retry succeeds."""
+    _, dry = _create_once(tmp_path / "dry", None, None)
+    n = len(dry.ops)
+    cases = [(i, k) for i in range(n) for k in KINDS]
+    if not FULL:
+        rng = np.random.default_rng(21)
+        cases = [cases[i] for i in sorted(rng.choice(len(cases), size=8, replace=False))]
+    outcomes: dict[str, int] = {}
+    for at, kind in cases:
+        root = tmp_path / f"{kind}-{at}" / "store"
+        outcome, _ = _create_once(root, at, kind)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        try:
+            with PersistedStore.open(root, writable=False) as s:
+                assert s.head() == 1
+                assert s.verify().ok
+        except StoreNotFoundError:
+            assert outcome != "completed"
+            if outcome.startswith("typed"):
+                assert not any(p.name != "writer.lock" for p in root.iterdir()), outcome
+                PersistedStore.create(root, _manifest(), {}).close()
+    print(f"\ncreate: {n} operations; {len(cases)} faults injected: {outcomes}")
+
+
+class _ForgetfulFS(FaultFS):
+    """A file system on which the engine's directory fsyncs are lost: what an engine that
+    forgot them would leave after a power loss."""
+
+    def fsync_dir(self, path: Path) -> None:
+        self._op("fsync_dir", path)
+
+
+def test_the_sweep_sees_a_missing_directory_fsync(bases, tmp_path):
+    """The checks can fail: with the directory fsyncs lost, a commit that returned does not
+    survive a power loss (its segment's directory entries are gone), and the check says so."""
+    base = bases("commit")
+    root = tmp_path / "store"
+    shutil.copytree(base.root, root)
+    fs = _ForgetfulFS(root, tmp_path / "graveyard")
+    with PersistedStore.open(root, writable=True, fs=fs) as store:
+        fs.arm()
+        _act_commit(store)
+        fs.power_off()
+        fs.dead = False
+    with pytest.raises((AssertionError, DpsnError)):
+        _check(base, root)
+
+
+def test_the_seam_is_chosen_per_store_and_by_a_scoped_setter(bases, tmp_path):
+    """``fs=`` picks a store's file system; ``using`` the one stores opened in its block
+    get; a store keeps its own after the block."""
+    root = tmp_path / "s"
+    shutil.copytree(bases("commit").root, root)
+    fs = FaultFS(root, tmp_path / "graveyard")
+    assert current() is OS
+    with using(fs):
+        assert current() is fs
+        store = PersistedStore.open(root, writable=True)
+    assert current() is OS
+    with store:
+        assert store.fs is fs
+        fs.arm()
+        _act_commit(store)
+        fs.disarm()
+    names = {op.name for op in fs.ops}
+    assert {"open", "write", "fsync", "fsync_dir", "replace", "lmdb_commit"} <= names
+    assert any("segments" in op.path for op in fs.ops)  # zarr's chunk writes came through it
+    with pytest.raises(TypeError), using(object()):  # type: ignore[arg-type]
+        pass
+
+
+def test_a_pool_keeps_its_staged_rows_when_a_commit_fails(tmp_path):
+    """Through the public API: a pool opened inside ``using(fs)`` writes through ``fs``; a
+    commit whose segment write fails raises a typed error, the staged rows stay in the pool,
+    and the next commit (the fault gone) makes them durable."""
+    torch = pytest.importorskip("torch")
+    import dpsn
+
+    path = tmp_path / "s"
+    gen = {"kind": "hashed_slices", "memory_size": 256, "slice_size": 4}
+    dpsn.create(path, rows=1000, dim=DIM, seed=3, chunk_rows=16, generator=gen).close()
+    fs = FaultFS(path, tmp_path / "graveyard")
+    rows = torch.randn(5, DIM)
+    ids = torch.tensor([3, 7, 100, 500, 999])
+    with using(fs), dpsn.open(path, "r+") as p:
+        p.write(ids, rows)
+        fs.arm()  # a dry run finds the first chunk write of the segment
+        p.commit("dry")
+        fs.disarm()
+        at = next(op.index for op in fs.ops if op.name == "write" and "/c/" in op.path)
+        p.write(ids, rows * 2)
+        want = p.read(ids)
+        fs.arm(at, "eio")
+        with pytest.raises(DpsnError) as e:
+            p.commit("b")
+        assert isinstance(e.value, OSError) and e.value.errno == errno.EIO
+        fs.disarm()
+        assert torch.equal(p.read(ids), want)  # still staged, still served
+        p.commit("b")
+    with dpsn.open(path) as p:
+        assert torch.equal(p.read(ids), want)
+        assert p.head == 3 and p.verify().ok
