@@ -389,6 +389,20 @@ class ChunkCache:
     def _pinned(self) -> int:
         return self._used - self._lru_bytes
 
+    def prefetch_room(self) -> int:
+        """Bytes a prefetch may bring in: half of what the eager (pinned) files leave."""
+        with self._lock:
+            return (self.cap - self._pinned()) // 2
+
+    def add_fetched(self, name: str, data: bytes) -> None:
+        """Count ``data``, fetched from the bucket for object ``name`` by a batch prefetch, as
+        a miss and keep it if it is that object (checked against its name)."""
+        with self._lock:
+            self.misses += 1
+            self.fetched_bytes += len(data)
+        if _object_name(data) == name:
+            self._keep(name, data)
+
 
 @dataclass(frozen=True)
 class Checkout:
@@ -450,7 +464,7 @@ class ChunkReader:
         cache, co = self.co.chunks, self.co
         names = {n for p in paths if (n := self._name(p)) is not None}
         todo = sorted(n for n in names if not (cache.objects / n).is_file())
-        room = (cache.cap - cache._pinned()) // 2
+        room = cache.prefetch_room()
         take, total = [], 0
         for n in todo:
             total += _object_size(n)
@@ -468,11 +482,7 @@ class ChunkReader:
             name = where.get(remote_path) or where.get(remote_path.split("://", 1)[-1])
             if name is None or not isinstance(data, bytes):
                 continue
-            with cache._lock:
-                cache.misses += 1
-                cache.fetched_bytes += len(data)
-            if _object_name(data) == name:
-                cache._keep(name, data)
+            cache.add_fetched(name, data)
 
 
 def cache_counters(path: str | os.PathLike[str]) -> dict[str, int] | None:
