@@ -452,3 +452,14 @@ def test_no_step_walks_back_up_a_file(tmp_path):
         assert trace(ops[name], root)["both_ways"] == [], name
     commit = trace(ops["commit"], root)
     assert not [p for p in commit["both_ways"] if "pool/" in p and "tiers/" in p]
+
+
+def test_the_usage_statistics_never_call_the_stack_back(tmp_path):
+    """With a lifecycle the stack calls its usage component (tiers/_stack_usage.py) through
+    hooks and the component never calls the stack back (issue 20: it was a mixin, the two
+    called each other both ways)."""
+    from dpsn.bench.rowpath_files import _library_root, operations, trace
+
+    walk = trace(operations(tmp_path)["hot step, lifecycle"], _library_root())
+    assert "tiers/_stack_usage.py" in walk["walk"]  # the hooks are on the walk
+    assert walk["both_ways"] == []

@@ -15,8 +15,9 @@ import dpsn
 from dpsn import _kernels
 from dpsn.index import ProductKeyRouter
 from dpsn.pool import RowAdagrad, RowAdam, RowSGD
-from dpsn.tiers import RowStack, UsageClock, UsageRules
+from dpsn.tiers import UsageClock, UsageRules
 from dpsn.tiers import usage as U
+from dpsn.tiers._stack_usage import UsageStatistics
 
 pytestmark = pytest.mark.skipif(
     not _kernels.has_usage_loops(), reason="dpsn._native was not built (no C compiler)"
@@ -199,7 +200,7 @@ def test_the_loops_check_what_they_are_given() -> None:
 
 def _train(path, native: bool, monkeypatch) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
     monkeypatch.setattr(_kernels, "has_usage_loops", lambda: native)
-    calls = {"usage_touch": 0, "apply_rows_tracked": 0, "_damped": 0}
+    calls = {"usage_touch": 0, "apply_rows_tracked": 0, "damped": 0}
 
     def counted(owner, name):
         inner = getattr(owner, name)
@@ -212,7 +213,7 @@ def _train(path, native: bool, monkeypatch) -> tuple[dict, torch.Tensor, torch.T
 
     counted(_kernels, "usage_touch")
     counted(_kernels, "apply_rows_tracked")
-    counted(RowStack, "_damped")
+    counted(UsageStatistics, "damped")  # the stack's usage component
     rows = 4096
     policy = dpsn.Lifecycle(half_life=5, min_uses=2, enter=0.05, exit=0.02, inertia=0.5)
     pool = dpsn.create(
@@ -251,8 +252,8 @@ def test_training_computes_the_same_with_and_without_the_loops(tmp_path, monkeyp
     assert int(fast[2].sum()) > 0
     assert fast[3]["apply_rows_tracked"] > 0  # which counts the page-ins' uses too
     assert fast[3]["usage_touch"] == 0  # (every batch was stepped)
-    assert fast[3]["_damped"] == 0  # damped inside the native loop
-    assert slow[3]["_damped"] > 0  # the run trained SCREENED rows
+    assert fast[3]["damped"] == 0  # damped inside the native loop
+    assert slow[3]["damped"] > 0  # the run trained SCREENED rows
     assert slow[3]["usage_touch"] == slow[3]["apply_rows_tracked"] == 0
     assert set(fast[0]) >= set(U.FIELDS)
     for name in fast[0]:

@@ -41,9 +41,11 @@ from ._cache import DeviceCache
 from ._columns import RowLayout
 from ._optimizer import RowOptimizer
 from ._procedural import ProceduralTier
-from ._stack_usage import UsageStatistics
+from ._sorted import sorted_find
+from ._stack_usage import WHERE_CACHE, WHERE_STAGED, WHERE_STORE, UsageStatistics
 from ._staging import Staging
 from ._tier import PersistedTier, StagingTier, Tier
+from ._usage import UsageClock, UsageIndex, UsageRules
 
 SECOND_BACKWARD = (
     "these rows were already updated by this graph's backward: a second backward through the "
@@ -302,7 +304,7 @@ def _unpin(stack_ref: weakref.ref[RowStack], key: tuple[str, int]) -> None:
         stack.collected.append(key)
 
 
-class RowStack(UsageStatistics):
+class RowStack:
     """Device cache <- host staging <- persisted store <- procedural generator, behind one lock.
 
     ``Pool`` is a thin facade over this. All ids handed in are validated int64 tensors (1-D,
@@ -357,7 +359,8 @@ class RowStack(UsageStatistics):
         self._missed: list[torch.Tensor] = []
         self._advising = False  # set while paging in advice or an explicit prefetch (planned)
         self.advised_rows = 0  # rows paged in on that advice
-        self._init_usage()  # usage statistics (a lifecycle's): off until set_usage_rules
+        # usage statistics (a lifecycle's): off until set_usage_rules; called through hooks
+        self.usage_stats = UsageStatistics()
         # sorted ids no row step may change (Pool.protect), and its copy on the device
         self.protected = torch.empty(0, dtype=torch.int64)
         self._protected_device: torch.Tensor | None = None
@@ -366,6 +369,21 @@ class RowStack(UsageStatistics):
     @property
     def dim(self) -> int:
         return self.layout.dim
+
+    @property
+    def usage_rules(self) -> UsageRules | None:
+        """The lifecycle's usage rules (None: no usage statistics are kept)."""
+        return self.usage_stats.rules
+
+    @property
+    def clock(self) -> UsageClock:
+        """The lifecycle's clock (steps and epochs) the statistics are kept against."""
+        return self.usage_stats.clock
+
+    @property
+    def usage_index(self) -> UsageIndex | None:
+        """The committed rows' statistics, where loaded (None: not yet)."""
+        return self.usage_stats.index
 
     @property
     def index(self) -> RowLookup:
@@ -412,8 +430,8 @@ class RowStack(UsageStatistics):
                 open_pos = open_pos[left]
         at = np.concatenate(pos)
         row_delta, row_state, row_usage = torch.cat(delta), torch.cat(state), torch.cat(usage)
-        if self.usage_rules is not None and len(at):
-            row_delta, row_usage = self._current_epoch(row_delta, row_usage)
+        if self.usage_stats.rules is not None and len(at):
+            row_delta, row_usage = self.usage_stats.current_epoch(row_delta, row_usage)
         return at, row_delta, row_state, row_usage
 
     def _host_dense(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -756,14 +774,15 @@ class RowStack(UsageStatistics):
                 positions = torch.arange(len(inv), device=self.device)
                 last.scatter_reduce_(0, inv, positions, reduce="amax")
                 new = values.to(self.device)[last]
-            if self.usage_rules is None:
+            stats = self.usage_stats
+            if stats.rules is None:
                 self._store(dev, slots, hit, new, None)
                 return
             ones = torch.ones(len(uniq), dtype=torch.int64, device=self.device)
-            self._usage_touch(usage, ones)
-            usage = self._usage_after(usage, ones, None)
+            stats.record_uses(usage, ones)
+            usage = stats.after_update(usage, ones, None)
             # an explicit write is deliberate: it counts as warmed up (see UsageRules.warmup)
-            usage[:, _usage.USES].clamp_(min=float(self.usage_rules.warmup))
+            usage[:, _usage.USES].clamp_(min=float(stats.rules.warmup))
             self._store(dev, slots, hit, new, None, usage=usage)
 
     def drop(self, ids: torch.Tensor) -> None:
@@ -807,9 +826,8 @@ class RowStack(UsageStatistics):
             # counts its batch's uses in its own pass
             self.count_uses()
             cache = self.cache
-            tracking = self.usage_rules is not None and self.usage_rules.track
-            if tracking:
-                self.clock.step += 1
+            stats = self.usage_stats
+            tracking = stats.rules is not None and stats.on_page_in()
             if cache is not None:
                 self._refresh_bases_if_stale()
                 try:
@@ -823,7 +841,7 @@ class RowStack(UsageStatistics):
                     batch = RowBatch(self, uniq, counts, inverse, order, table, slots, key)
                     self._pending.add(batch)
                     if tracking:
-                        if self._native_usage(slots):
+                        if stats.native(slots):
                             self._uncounted[key] = (slots, counts)
                         else:
                             self._touch(slots, counts)
@@ -908,7 +926,8 @@ class RowStack(UsageStatistics):
         with self.lock:
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
-            rules = self.usage_rules
+            stats = self.usage_stats
+            rules = stats.rules
             # a cached batch's uses not counted yet are counted by this step (no page-in came
             # since, so the clock is its page-in's); the entry goes once the step ran
             uncounted = batch.key in self._uncounted
@@ -922,22 +941,22 @@ class RowStack(UsageStatistics):
                     self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted)
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
-                stats = None
+                updated = None
                 stepped = None
                 if rules is not None:  # the cached rows' native loop, where it can run
-                    stepped = self._step_spilled_tracked(
-                        batch, delta, state, usage, grads, optimizer
+                    stepped = stats.step_spilled(
+                        batch, delta, state, usage, grads, optimizer, self.dim
                     )
                 if stepped is not None:
-                    new_delta, new_state, stats = stepped
+                    new_delta, new_state, updated = stepped
                 else:
                     new_delta, new_state = _checked_step(optimizer, delta, grads, state)
                     if rules is not None:
                         if not batch.touched:  # (a spilled batch) its uses count now
-                            self._usage_touch(usage, batch.counts)
-                        new_delta = self._damped(usage, delta, new_delta)
+                            stats.record_uses(usage, batch.counts)
+                        new_delta = stats.damped(usage, delta, new_delta)
                         norms = torch.linalg.vector_norm(grads, dim=1)
-                        stats = self._usage_after(usage, batch.counts, norms)
+                        updated = stats.after_update(usage, batch.counts, norms)
                 new_delta = new_delta.to(self.dtype)
                 if not (all_finite(new_delta) and all_finite(new_state)):
                     self.refuse_step(
@@ -946,7 +965,7 @@ class RowStack(UsageStatistics):
                         strict,
                     )
                     return
-                self._store(batch.ids, slots, hit, new_delta, new_state, batch, stats)
+                self._store(batch.ids, slots, hit, new_delta, new_state, batch, updated)
             if uncounted:
                 del self._uncounted[batch.key]
             self.counters["row_steps"] += 1
@@ -1029,7 +1048,8 @@ class RowStack(UsageStatistics):
             keys = list(self._uncounted) if key is None else [key]
             for k in keys:
                 uses = self._uncounted.pop(k, None)
-                if uses is not None and self.usage_rules is not None and self.cache is not None:
+                tracked = self.usage_stats.rules is not None
+                if uses is not None and tracked and self.cache is not None:
                     self._touch(*uses)
 
     def _rows_change(self, exclude: RowBatch | None = None) -> None:
@@ -1184,7 +1204,7 @@ class RowStack(UsageStatistics):
             generator_state = None
             if self.procedural.changed_since_commit():
                 generator_state = self.procedural.state_arrays()
-            held = self._warming_up()
+            held = self.usage_stats.warming_up(st, layout, self.index)
             ids, values = st.ids, st.values
             if held.any():
                 at = torch.from_numpy(~held)
@@ -1211,8 +1231,8 @@ class RowStack(UsageStatistics):
             self.index, self.head = index, record.id
             self.protected_changed = False
             self.procedural.saved = self.procedural.stamp()
-            if self.usage_index is not None and usage is not None:
-                self.usage_index = self.usage_index.apply(ids, usage, st.drops)
+            if usage is not None:
+                self.usage_stats.on_commit(ids, usage, st.drops)
             if held.any():
                 st.keep(held)
             else:
@@ -1223,11 +1243,238 @@ class RowStack(UsageStatistics):
         """A reader adopts another commit: its rows replace everything cached."""
         with self.lock:
             self.head, self.index = commit, index
-            self.usage_index = None
+            self.usage_stats.forget_committed()
             if self.cache is not None:
                 self._rows_change()
                 self.cache.unpin_all()
                 self.cache.clear()
+
+    # -- usage statistics (a lifecycle's): what the stack does with its component ------------
+
+    def _cached_usage(self, slots: torch.Tensor) -> torch.Tensor:
+        """Usage statistics of cached ``slots`` (NaN rows: untrained, no statistics)."""
+        assert self.cache is not None and self.trained is not None
+        return self.usage_stats.cached(self.cache.column(self.layout.usage), self.trained, slots)
+
+    def _touch(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
+        """Count this step's uses of the trained rows among cached ``slots`` (see
+        ``UsageStatistics.touch``)."""
+        cache, trained = self.cache, self.trained
+        assert cache is not None and trained is not None
+        self.usage_stats.touch(cache, cache.column(self.layout.usage), trained, slots, counts)
+
+    def _apply_fused_tracked(
+        self,
+        batch: RowBatch,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        uncounted: bool = False,
+    ) -> None:
+        """The native fused step on resident ``slots``, then what a lifecycle adds: SCREENED
+        rows' change damped and the rows' statistics recorded (``uncounted``: the batch's uses
+        are counted here too, first)."""
+        cache, layout, stats = self.cache, self.layout, self.usage_stats
+        assert cache is not None
+        if (batch.touched or uncounted) and stats.native(slots):
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted)
+            return
+        usage = self._cached_usage(slots)
+        if not batch.touched:
+            stats.record_uses(usage, batch.counts)
+        screened = torch.nonzero(usage[:, _usage.PHASE] == _usage.SCREENED).flatten()
+        s = slots[screened]
+        old = self._cached_delta(s) if len(s) else None
+        self._apply_fused(slots, grads, optimizer)
+        if old is not None:
+            new = torch.index_select(cache.column(layout.delta), 0, s).float()
+            d = stats.damped(usage[screened], old, new)
+            cache.column(layout.delta)[s] = d.to(self.dtype)
+            row = torch.index_select(cache.column(layout.base), 0, s).add_(d)
+            cache.column(layout.row)[s] = row.to(self.dtype)
+        usage = stats.after_update(usage, batch.counts, torch.linalg.vector_norm(grads, dim=1))
+        cache.column(layout.usage)[slots] = usage
+
+    def _apply_fused_tracked_native(
+        self,
+        batch: RowBatch,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        uncounted: bool,
+    ) -> None:
+        """``_apply_fused_tracked`` as one native pass over the rows
+        (``_kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
+        page-in), the step, SCREENED rows' damping and the statistics, instead of a count at
+        page-in, a phase scan, the step, a damping pass and a statistics pass that each visited
+        every row. The same math; the bits may differ from the PyTorch path's in the last
+        place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
+        cache, layout, trained = self.cache, self.layout, self.trained
+        assert cache is not None and trained is not None
+        kind = _kernels.native_kind(optimizer, self.dim)
+        assert kind is not None  # _fused said so
+        _kernels.apply_rows_tracked(
+            kind,
+            optimizer.native_hyper(),
+            *self._step_columns(),
+            slots,
+            grads.contiguous(),
+            cache.column(layout.usage),
+            trained,
+            batch.counts,
+            self.usage_stats.step_params(touch=uncounted),
+        )
+        trained[slots] = True
+        cache.mark_dirty(slots)
+
+    def set_usage_rules(self, rules: UsageRules | None, clock: UsageClock) -> None:
+        """Keep usage statistics (a lifecycle's) with ``rules`` against ``clock``, or stop
+        (None). Turning them on or off changes the layout: dirty rows are staged first, the
+        cache is emptied, and staged rows get statistics as if written before the lifecycle."""
+        with self.lock:
+            self.usage_stats.rules, self.usage_stats.clock = rules, clock
+            width = 0 if rules is None else _usage.WIDTH
+            if width == self.layout.usage_width:
+                return
+            self.flush()
+            self.layout = self.layout.with_usage(width)
+            self.staging.set_layout(self.layout)
+            if width and len(self.staging.ids):
+                staged = self.staging.values[self.layout.delta.name]
+                self.staging.set_column(self.layout.usage.name, _usage.legacy(staged))
+            self.usage_stats.forget_committed()
+            if self.cache is not None:
+                self._rows_change()
+                self.cache.unpin_all()
+                self.cache.clear()
+                self.cache.set_column(self.layout.usage)
+
+    @torch.no_grad()
+    def usage(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, WIDTH]`` float64 statistics of 1-D ``ids`` as of now, wherever they live (NaN
+        rows: no delta)."""
+        with self.lock:
+            self.count_uses()  # steps in flight have used their rows
+            out = self._host_dense(ids.numpy())[2].to(self.device)
+            if self.cache is not None:
+                slots, hit = self.cache.find(ids.to(self.device))
+                s = slots[hit]
+                cached = self._cached_usage(s)
+                _usage.set_norm(cached, self.cache.column(self.layout.delta)[s])
+                out[hit] = cached.masked_fill_(~self.trained[s, None], float("nan"))  # type: ignore[index]
+        return out
+
+    def _committed_usage(self) -> UsageIndex:
+        """Every committed row's statistics (loaded once by the usage component)."""
+        return self.usage_stats.committed(
+            self.store, self.index, self.layout.usage_width, self.dtype_name
+        )
+
+    def usage_view(self) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """Every row that has a delta now, for a consolidation: sorted ids, their statistics as
+        stored (``[n, WIDTH]`` float64, CPU; a FREE row's NORM is as of its EPOCH) and where
+        each lives (``WHERE_CACHE``, ``WHERE_STAGED``, ``WHERE_STORE``: the first tier that has
+        it). Loads the committed rows' statistics once (``UsageIndex``)."""
+        with self.lock:
+            self.count_uses()
+            parts: list[tuple[np.ndarray, torch.Tensor, int]] = []
+            if self.cache is not None and self.trained is not None:
+                cids, cslots = self.cache.occupied_ids()
+                t = self.trained[cslots]
+                ts = cslots[t]
+                cached = self.cache.column(self.layout.usage)[ts].cpu()
+                _usage.set_norm(cached, self.cache.column(self.layout.delta)[ts])
+                parts.append((cids[t].cpu().numpy(), cached, WHERE_CACHE))
+            st = self.staging
+            parts.append((st.ids, st.values[self.layout.usage.name], WHERE_STAGED))
+            mirror = self._committed_usage()
+            parts.append((mirror.ids, torch.from_numpy(mirror.usage), WHERE_STORE))
+            return self.usage_stats.view(parts, st.drops)
+
+    @torch.no_grad()
+    def consolidate_rows(
+        self, ids: np.ndarray, where: np.ndarray, phase: np.ndarray, drop: np.ndarray
+    ) -> int:
+        """Apply one consolidation decided over ``usage_view()``'s rows (``ids``, ``where``):
+        their new ``phase`` (uint8), and ``drop`` (bool) for rows that return to procedural.
+        Then the epoch advances. Returns how many FREE rows left the cache. Decay itself is lazy
+        everywhere (``_usage.py``): nothing is rewritten for a FREE row that stays FREE.
+
+        - cached rows: a phase change is written to their statistics; FREE rows are staged (if
+          dirty or re-phased) and leave the cache;
+        - staged rows: only a phase change is written;
+        - rows only in the store: a phase change re-stages the row (read once, as of now);
+        - SCREENED rows whose phase stays are not touched at all.
+        """
+        rules, clock = self.usage_stats.rules, self.usage_stats.clock
+        assert rules is not None
+        with self.lock:
+            old, new = clock.epoch, clock.epoch + 1
+            decayed = 0
+            live = ~drop
+            cached = live & (where == WHERE_CACHE)
+            if cached.any():
+                decayed = self._consolidate_cached(ids[cached], phase[cached], old, new)
+            for tier in (WHERE_STAGED, WHERE_STORE):
+                sel = live & (where == tier)
+                if sel.any():
+                    self._restage(ids[sel], phase[sel], old, new, tier == WHERE_STORE)
+            if drop.any():
+                self.drop(torch.from_numpy(ids[drop]))
+            clock.epoch = new
+            return decayed
+
+    def _consolidate_cached(self, ids: np.ndarray, phase: np.ndarray, old: int, new: int) -> int:
+        """Cached rows: phases written to their statistics. FREE rows leave the cache (dirty ones
+        and phase changes staged first), so that their decay stays lazy and their value is the
+        same whether or not they were cached (``stored * q ** k`` on every path). Returns how
+        many left."""
+        cache, layout = self.cache, self.layout
+        assert cache is not None
+        slots, _ = cache.find(torch.from_numpy(ids).to(self.device))
+        col = cache.column(layout.usage)
+        u = col[slots]
+        ph = torch.from_numpy(phase).to(self.device, torch.float64)
+        changed = self.usage_stats.rephase_cached(u, ph, old, new)
+        free = ph == _usage.FREE
+        col[slots[changed]] = u[changed]
+        stage = free & (cache.dirty[slots] | changed)
+        if bool(stage.any()):
+            self._evict(slots[stage])
+        if bool(free.any()):
+            self._rows_change()  # steps in flight keep their rows' values
+            cache.invalidate(torch.from_numpy(ids).to(self.device)[free])
+        cache.mark_dirty(slots[changed & ~free])
+        return int(free.sum())
+
+    def _restage(
+        self, ids: np.ndarray, phase: np.ndarray, old: int, new: int, from_store: bool
+    ) -> None:
+        """Phase changes of rows that are not cached, written to staging (the statistics by
+        ``UsageStatistics.restaged``)."""
+        st, layout = self.staging, self.layout
+        name = layout.usage.name
+        if from_store:
+            current = torch.from_numpy(
+                self.usage_stats.committed_rows(
+                    ids, self.store, self.index, layout.usage_width, self.dtype_name
+                )
+            )
+        else:
+            pos, _ = sorted_find(st.ids, ids)
+            current = st.values[name][torch.from_numpy(pos)]
+        ph = torch.from_numpy(phase).to(torch.float64)
+        changed = (current[:, _usage.PHASE] != ph).numpy()
+        if not changed.any():
+            return
+        ids, ph = ids[changed], ph[torch.from_numpy(changed)]
+        # as of the epoch before this consolidation: FREE deltas decayed by what is pending
+        pos, delta, state, usage = self._host_rows(ids)
+        order = np.argsort(pos)
+        at = torch.from_numpy(order)
+        delta, state, usage = delta[at], state[at], usage[at].clone()
+        self.usage_stats.restaged(usage, ph, old, new)
+        st.put(ids, {layout.delta.name: delta, layout.state.name: state, name: usage})
 
     # -- figures and lifecycle -----------------------------------------------------------------
 
