@@ -16,6 +16,10 @@ Two ways in:
 A batch with more distinct rows than the cache can make room for is still served: it is paged in
 *spilled* (a private tensor of its rows, assembled from the cache where rows are resident and
 from the lower tiers where not), and its updates go wherever each row lives at that moment.
+
+With a row lifecycle the stack owns its usage statistics (``usage_stats``, a
+``UsageStatistics`` in ``_stack_usage.py``) and calls them through hooks, handing each what it
+reads; they never call the stack back.
 """
 
 from __future__ import annotations
