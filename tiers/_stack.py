@@ -69,6 +69,24 @@ _COUNTERS = (
 )
 
 
+def _update_scale(scale: Any, n: int) -> torch.Tensor:
+    """``scale`` as a contiguous CPU float32 ``[n]`` tensor of finite values >= 0, or a typed
+    error naming what is wrong (a negative scale would turn the step around; a NaN would put
+    NaN into the rows, which the fused loops update in place)."""
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise InvalidArgumentError(f"scale= must be a float tensor of shape [{n}], got {got}")
+    if tuple(scale.shape) != (n,):
+        raise InvalidArgumentError(
+            f"scale= must have shape [{n}] (one per distinct row of the batch), got "
+            f"{tuple(scale.shape)}"
+        )
+    out = scale.detach().to("cpu", torch.float32).contiguous()
+    if n and not (bool(torch.isfinite(out).all()) and bool((out >= 0).all())):
+        raise InvalidArgumentError("scale= must be finite and >= 0 (NaN, Inf or < 0 found)")
+    return out
+
+
 def _checked_step(
     optimizer: RowOptimizer, delta: torch.Tensor, grads: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +218,20 @@ class RowBatch:
         *,
         rows: torch.Tensor | None = None,
         strict: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
         each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
         already updated: a graph's row step applies once.
+
+        ``scale`` (float ``[n]``, finite and >= 0, aligned with ``ids``) scales each row's
+        *update*: its new delta is ``old + scale[i] * (what the step alone would move it)``.
+        The optimizer state is updated as without it (it sees the whole gradient): a row
+        held back by a slower level (``dpsn.pool``'s levels) keeps its adaptive statistics
+        honest and moves a fraction of its step. Unlike scaling ``grads``, this damps
+        Adagrad's and Adam's steps too (they cancel a constant gradient factor). The native
+        loops apply it as a per-row learning rate in the same pass; the PyTorch path
+        interpolates the optimizer's result (the same to float32 rounding).
 
         ``rows`` (bool ``[n]``, aligned with ``ids``) restricts the step to the rows it marks:
         the others keep delta and optimizer state untouched (their uses are still counted).
@@ -223,6 +251,8 @@ class RowBatch:
                     f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
+        if scale is not None:
+            scale = _update_scale(scale, len(self.ids))
         if not isinstance(grads, torch.Tensor):
             raise InvalidArgumentError(
                 f"row gradients must be a tensor, got {type(grads).__name__}"
@@ -230,7 +260,7 @@ class RowBatch:
         if not all_finite(grads):
             self._stack.refuse_step("the row gradients are not finite (NaN or Inf)", strict)
         else:
-            self._stack.apply_grads(self, grads, optimizer, rows, strict=strict)
+            self._stack.apply_grads(self, grads, optimizer, rows, strict=strict, scale=scale)
         self.applied = True
 
     def _subset(self, keep: torch.Tensor) -> RowBatch:
@@ -869,9 +899,11 @@ class RowStack(UsageStatistics):
         rows: torch.Tensor | None = None,
         *,
         strict: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`): those
-        ``rows`` marks (all when None), less the protected ones; the caller has checked
+        ``rows`` marks (all when None), less the protected ones, each row's update scaled by
+        ``scale`` (checked float32 ``[n]`` on the CPU, or None); the caller has checked
         ``grads`` finite. Every step's results are checked before they are stored, but the
         native loop's on resident float32 rows, which it updates in place (a second pass over
         the rows would cost about what the step does): with finite gradients and settings that
@@ -905,6 +937,8 @@ class RowStack(UsageStatistics):
             if not bool(keep.any()):
                 return
             batch, grads = batch._subset(keep), grads[keep]
+            if scale is not None:
+                scale = scale[keep.cpu()]
         with self.lock:
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
@@ -917,21 +951,24 @@ class RowStack(UsageStatistics):
             if resident is not None and self._fused(optimizer, grads):
                 self._rows_change(exclude=batch)
                 if rules is None:
-                    self._apply_fused(resident, grads, optimizer)
+                    self._apply_fused(resident, grads, optimizer, scale)
                 else:
-                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted)
+                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted, scale)
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 stats = None
                 stepped = None
                 if rules is not None:  # the cached rows' native loop, where it can run
                     stepped = self._step_spilled_tracked(
-                        batch, delta, state, usage, grads, optimizer
+                        batch, delta, state, usage, grads, optimizer, scale
                     )
                 if stepped is not None:
                     new_delta, new_state, stats = stepped
                 else:
                     new_delta, new_state = _checked_step(optimizer, delta, grads, state)
+                    if scale is not None:  # the update scaled, the state as stepped
+                        s = scale.to(new_delta.device, new_delta.dtype)[:, None]
+                        new_delta = delta + s * (new_delta - delta)
                     if rules is not None:
                         if not batch.touched:  # (a spilled batch) its uses count now
                             self._usage_touch(usage, batch.counts)
@@ -963,10 +1000,15 @@ class RowStack(UsageStatistics):
         )
 
     def _apply_fused(
-        self, slots: torch.Tensor, grads: torch.Tensor, optimizer: RowOptimizer
+        self,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
-        their row), step delta and state, re-materialize ``row = base + delta``."""
+        their row), step delta and state (each row's update times ``scale``),
+        re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
         kind = _kernels.native_kind(optimizer, self.dim)
         assert cache is not None and trained is not None and kind is not None
@@ -977,6 +1019,7 @@ class RowStack(UsageStatistics):
             slots,
             ~trained[slots],
             grads.contiguous(),
+            scale,
         )
         trained[slots] = True
         cache.mark_dirty(slots)

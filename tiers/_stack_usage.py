@@ -144,14 +144,15 @@ class UsageStatistics:
         grads: torch.Tensor,
         optimizer: Any,
         uncounted: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
-        """The native fused step on resident ``slots``, then what a lifecycle adds: SCREENED
-        rows' change damped and the rows' statistics recorded (``uncounted``: the batch's uses
-        are counted here too, first)."""
+        """The native fused step on resident ``slots`` (each row's update times ``scale``),
+        then what a lifecycle adds: SCREENED rows' change damped and the rows' statistics
+        recorded (``uncounted``: the batch's uses are counted here too, first)."""
         cache, layout = self.cache, self.layout
         assert cache is not None
         if (batch.touched or uncounted) and self._native_usage(slots):
-            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted)
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted, scale)
             return
         usage = self._cached_usage(slots)
         if not batch.touched:
@@ -159,7 +160,7 @@ class UsageStatistics:
         screened = torch.nonzero(usage[:, _usage.PHASE] == _usage.SCREENED).flatten()
         s = slots[screened]
         old = self._cached_delta(s) if len(s) else None
-        self._apply_fused(slots, grads, optimizer)
+        self._apply_fused(slots, grads, optimizer, scale)
         if old is not None:
             new = torch.index_select(cache.column(layout.delta), 0, s).float()
             d = self._damped(usage[screened], old, new)
@@ -180,6 +181,7 @@ class UsageStatistics:
         grads: torch.Tensor,
         optimizer: Any,
         uncounted: bool,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """``_apply_fused_tracked`` as one native pass over the rows
         (``_kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
@@ -201,6 +203,7 @@ class UsageStatistics:
             trained,
             batch.counts,
             self._usage_step(touch=uncounted),
+            scale,
         )
         trained[slots] = True
         cache.mark_dirty(slots)
@@ -222,6 +225,7 @@ class UsageStatistics:
         usage: torch.Tensor,
         grads: torch.Tensor,
         optimizer: Any,
+        scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The row step of rows not stepped in the cache (a spilled batch; compact float32
         copies) by the native loop the cache's rows take (``_kernels.step_rows_tracked``): new
@@ -247,6 +251,7 @@ class UsageStatistics:
             usage,
             batch.counts,
             self._usage_step(touch=not batch.touched),
+            scale,
         )
         return delta, state, usage
 
