@@ -583,6 +583,14 @@ static PyObject *state_width(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(opt_width(opt, dim));
 }
 
+/* Row i's learning rate: lr times its update scale (scale: NULL, every row 1). The step's
+ * change of the delta is proportional to lr for every kind (SGD, Adagrad, Adam), so this
+ * scales row i's update, not its gradient: the optimizer state still sees the whole gradient.
+ * The wrapper (dpsn/_kernels.py) checks scale float32 [n] and finite. */
+static inline double row_lr(double lr, const float *scale, long long i) {
+    return scale ? lr * (double)scale[i] : lr;
+}
+
 /* One step on one row; with `base` and `row` also re-materializes row = base + delta in the
  * same pass (NULL: compact arrays without them). */
 static inline void opt_step(int opt, float *delta, float *state, const float *g, long long dim,
@@ -635,13 +643,13 @@ static inline void step_cached_row(int opt, float *d, float *st, float *b, float
 }
 
 HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
-    unsigned long long delta_p, state_p, base_p, row_p, slots_p, fresh_p, grads_p;
+    unsigned long long delta_p, state_p, base_p, row_p, slots_p, fresh_p, grads_p, scale_p;
     long long capacity, dim, width, n;
     int opt;
     double lr, eps, b1, b2;
-    if (!PyArg_ParseTuple(args, "iKKKKLLLKKKLdddd", &opt, &delta_p, &state_p, &base_p, &row_p,
+    if (!PyArg_ParseTuple(args, "iKKKKLLLKKKLddddK", &opt, &delta_p, &state_p, &base_p, &row_p,
                           &capacity, &dim, &width, &slots_p, &fresh_p, &grads_p, &n, &lr, &eps,
-                          &b1, &b2) ||
+                          &b1, &b2, &scale_p) ||
         !step_ok("apply_rows", opt, dim, width, n, capacity)) {
         return NULL;
     }
@@ -649,7 +657,7 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
     float *row = (float *)row_p;
     const int64_t *slots = (const int64_t *)slots_p;
     const uint8_t *fresh = (const uint8_t *)fresh_p;
-    const float *grads = (const float *)grads_p;
+    const float *grads = (const float *)grads_p, *scale = (const float *)scale_p;
     long long bad = 0;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
@@ -661,7 +669,8 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
             prefetch_row(base + s1 * dim, dim);
         }
         step_cached_row(opt, delta + s * dim, state + s * width, base + s * dim, row + s * dim,
-                        fresh[i], grads + i * dim, dim, width, lr, eps, b1, b2);
+                        fresh[i], grads + i * dim, dim, width, row_lr(lr, scale, i), eps, b1,
+                        b2);
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -676,20 +685,21 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
  * tracked pair bit for bit); against the PyTorch expressions of pool/_optim.py the tests allow
  * float32 rounding (relative 1e-5: FMA contraction and another summation order). */
 HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
-    unsigned long long delta_p, state_p, grads_p;
+    unsigned long long delta_p, state_p, grads_p, scale_p;
     long long dim, width, n;
     int opt;
     double lr, eps, b1, b2;
-    if (!PyArg_ParseTuple(args, "iKKKLLLdddd", &opt, &delta_p, &state_p, &grads_p, &dim,
-                          &width, &n, &lr, &eps, &b1, &b2) ||
+    if (!PyArg_ParseTuple(args, "iKKKLLLddddK", &opt, &delta_p, &state_p, &grads_p, &dim,
+                          &width, &n, &lr, &eps, &b1, &b2, &scale_p) ||
         !step_ok("step_rows", opt, dim, width, n, 0)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p;
-    const float *grads = (const float *)grads_p;
+    const float *grads = (const float *)grads_p, *scale = (const float *)scale_p;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
-        opt_step(opt, delta + i * dim, state + i * width, grads + i * dim, dim, (float)lr,
+        opt_step(opt, delta + i * dim, state + i * width, grads + i * dim, dim,
+                 (float)row_lr(lr, scale, i),
                  (float)eps, (float)b1, (float)b2, NULL, NULL);
     }
     Py_END_ALLOW_THREADS
@@ -890,16 +900,16 @@ static int parse_rates(PyObject *args, usage_rates *rt) {
  * step and a statistics pass after it, which each missed the cache on every row. */
 HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, base_p, row_p, slots_p, grads_p, col_p, trained_p,
-        counts_p;
+        counts_p, scale_p;
     long long capacity, dim, width, n;
     int opt;
     double lr, eps, b1, b2;
     PyObject *rates_args;
     usage_rates rt;
-    if (!PyArg_ParseTuple(args, "iKKKKLLLKKLddddKKKO!", &opt, &delta_p, &state_p, &base_p,
+    if (!PyArg_ParseTuple(args, "iKKKKLLLKKLddddKKKO!K", &opt, &delta_p, &state_p, &base_p,
                           &row_p, &capacity, &dim, &width, &slots_p, &grads_p, &n, &lr, &eps,
                           &b1, &b2, &col_p, &trained_p, &counts_p, &PyTuple_Type,
-                          &rates_args) ||
+                          &rates_args, &scale_p) ||
         !parse_rates(rates_args, &rt) ||
         !step_ok("apply_rows_tracked", opt, dim, width, n, capacity)) {
         return NULL;
@@ -907,7 +917,7 @@ HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
     float *delta = (float *)delta_p, *state = (float *)state_p, *base = (float *)base_p;
     float *row = (float *)row_p;
     const int64_t *slots = (const int64_t *)slots_p, *counts = (const int64_t *)counts_p;
-    const float *grads = (const float *)grads_p;
+    const float *grads = (const float *)grads_p, *scale = (const float *)scale_p;
     double *col = (double *)col_p;
     const uint8_t *trained = (const uint8_t *)trained_p;
     float *old = (float *)malloc(sizeof(float) * (dim > 0 ? dim : 1));
@@ -924,7 +934,7 @@ HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
         }
         prefetch_usage(col, slots, i, n, capacity);
         tracked_row(opt, delta + s * dim, state + s * width, base + s * dim, row + s * dim,
-                    !trained[s], grads + i * dim, dim, width, lr, eps, b1, b2,
+                    !trained[s], grads + i * dim, dim, width, row_lr(lr, scale, i), eps, b1, b2,
                     col + s * U_WIDTH, counts[i], &rt, old);
     }
     Py_END_ALLOW_THREADS
@@ -940,20 +950,20 @@ HOT static PyObject *apply_rows_tracked(PyObject *self, PyObject *args) {
  * delta [n, dim], state [n, width] and usage [n, U_WIDTH] updated in place; a row without
  * statistics (NaN) starts them. */
 HOT static PyObject *step_rows_tracked(PyObject *self, PyObject *args) {
-    unsigned long long delta_p, state_p, grads_p, usage_p, counts_p;
+    unsigned long long delta_p, state_p, grads_p, usage_p, counts_p, scale_p;
     long long dim, width, n;
     int opt;
     double lr, eps, b1, b2;
     PyObject *rates_args;
     usage_rates rt;
-    if (!PyArg_ParseTuple(args, "iKKKLLLddddKKO!", &opt, &delta_p, &state_p, &grads_p, &dim,
+    if (!PyArg_ParseTuple(args, "iKKKLLLddddKKO!K", &opt, &delta_p, &state_p, &grads_p, &dim,
                           &width, &n, &lr, &eps, &b1, &b2, &usage_p, &counts_p, &PyTuple_Type,
-                          &rates_args) ||
+                          &rates_args, &scale_p) ||
         !parse_rates(rates_args, &rt) || !step_ok("step_rows_tracked", opt, dim, width, n, 0)) {
         return NULL;
     }
     float *delta = (float *)delta_p, *state = (float *)state_p;
-    const float *grads = (const float *)grads_p;
+    const float *grads = (const float *)grads_p, *scale = (const float *)scale_p;
     double *usage = (double *)usage_p;
     const int64_t *counts = (const int64_t *)counts_p;
     float *old = (float *)malloc(sizeof(float) * (dim > 0 ? dim : 1));
@@ -961,7 +971,8 @@ HOT static PyObject *step_rows_tracked(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
         tracked_row(opt, delta + i * dim, state + i * width, NULL, NULL, 0, grads + i * dim,
-                    dim, width, lr, eps, b1, b2, usage + i * U_WIDTH, counts[i], &rt, old);
+                    dim, width, row_lr(lr, scale, i), eps, b1, b2, usage + i * U_WIDTH,
+                    counts[i], &rt, old);
     }
     Py_END_ALLOW_THREADS
     free(old);

@@ -350,6 +350,19 @@ def _hyper(hyper: tuple[float, float, float, float]) -> tuple[float, float, floa
     return lr, eps, b1, b2
 
 
+def _scale(scale: Any, n: int) -> int:
+    """The pointer of a per-row update scale (0: none, every row 1): a contiguous CPU float32
+    ``[n]`` tensor of finite values. The loops multiply row ``i``'s learning rate by
+    ``scale[i]`` (csrc/native.c ``row_lr``); a NaN or Inf there would put non-finite values
+    into resident rows, which the fused loops update in place, so it is refused here."""
+    if scale is None:
+        return 0
+    ptr = _check(scale, torch.float32, (n,))
+    if n and not bool(torch.isfinite(scale).all()):
+        raise ValueError("native loop needs a finite update scale (NaN or Inf found)")
+    return ptr
+
+
 def _matrix(t: Any, name: str) -> tuple[int, int]:
     """The ``(rows, width)`` of a 2-D tensor ``t`` (checked further by :func:`_check`)."""
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
@@ -383,11 +396,13 @@ def apply_rows(
     slots: torch.Tensor,
     fresh: torch.Tensor,
     grads: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """One optimizer step on the cache's float32 columns at ``slots`` (each below the
     capacity, else IndexError with nothing written), and ``row = base + delta`` for them, in
     one pass; ``fresh`` rows start from a zero delta and state, with their current row as
-    base."""
+    base. ``scale`` (float32 ``[n]``, finite): each row's update scale (its learning rate
+    times ``scale[i]``; the state sees the whole gradient)."""
     assert _lib is not None
     columns = _cache_columns(opt, delta, state, base, row)
     dim = columns[-2]
@@ -400,6 +415,7 @@ def apply_rows(
         _check(grads, torch.float32, (n, dim)),
         n,
         *_hyper(hyper),
+        _scale(scale, n),
     )
 
 
@@ -428,10 +444,12 @@ def step_rows(
     delta: torch.Tensor,
     state: torch.Tensor,
     grads: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """The same step on compact float32 arrays, in place (rows not in the cache)."""
     assert _lib is not None
-    _lib.step_rows(*_compact_arrays(opt, delta, state, grads), *_hyper(hyper))
+    arrays = _compact_arrays(opt, delta, state, grads)
+    _lib.step_rows(*arrays, *_hyper(hyper), _scale(scale, arrays[-1]))
 
 
 # Activation kinds of the PEER loops (csrc/native.c ACT_*): never renumber.
@@ -718,6 +736,7 @@ def apply_rows_tracked(
     trained: torch.Tensor,
     counts: torch.Tensor,
     rates: UsageStep,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """:func:`apply_rows` with a lifecycle, in the same pass over the rows (each used
     ``counts`` times in the step): rows without a delta (``~trained``) start fresh; a SCREENED
@@ -740,6 +759,7 @@ def apply_rows_tracked(
         _check(trained, torch.bool, (capacity,)),
         _check(counts, torch.int64, (n,)),
         rates.args(),
+        _scale(scale, n),
     )
 
 
@@ -752,6 +772,7 @@ def step_rows_tracked(
     usage: torch.Tensor,
     counts: torch.Tensor,
     rates: UsageStep,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """The same tracked step on compact float32 arrays (rows not in the cache), in place:
     ``delta [n, dim]``, ``state``, ``usage [n, USAGE_WIDTH]`` (a row without statistics, NaN,
@@ -766,6 +787,7 @@ def step_rows_tracked(
         _check(usage, torch.float64, (n, USAGE_WIDTH)),
         _check(counts, torch.int64, (n,)),
         rates.args(),
+        _scale(scale, n),
     )
 
 

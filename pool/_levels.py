@@ -893,11 +893,15 @@ class LevelledPool:
         rows: Any = None,
     ) -> None:
         """The row step of one batch on the train level: the row gradients are scaled by
-        ``lr_scale * (1 - a_eff)`` of each row's region and by ``1 - hold`` (the inertia of the
-        slower levels that hold the row, see :meth:`_sum_and_hold`) (for SGD exactly the
-        update's damping; for adaptive optimizers, the gradient's), then the optimizer steps.
-        The window records minus the scaled gradients as the rows' update direction: no extra
-        read of the deltas (a step's cost stays the optimizer's)."""
+        ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
+        for adaptive optimizers, the gradient's), then the optimizer steps with each row's
+        *update* scaled by ``1 - hold`` (the inertia of the slower levels that hold the row,
+        see :meth:`_sum_and_hold`): ``RowBatch.apply_grads(scale=)``, inside the step (the
+        native loops' per-row learning rate), so it damps Adagrad's and Adam's steps too and
+        costs no gather or write. The optimizer state is updated as if the row were free (it
+        sees the whole gradient); only the delta's change is damped. The window records minus
+        the scaled gradients (held rows' times ``1 - hold``) as the rows' update direction:
+        no extra read of the deltas (a step's cost stays the optimizer's)."""
         name = self._train
         lv = self._levels[self._index(name)]
         a_eff = self._trackers[name].inertia
@@ -908,23 +912,19 @@ class LevelledPool:
             scale = lv.lr_scale * (1.0 - a_eff[region])
         if scale is not None:
             grads = grads * scale.to(grads.device, grads.dtype)[:, None]
-        held = None if hold is None else torch.nonzero(hold > _HOLD_MIN).flatten()
-        if held is not None and len(held):
+        keep = None  # each row's update scale, 1 - hold (None: no row is held)
+        if hold is not None and bool((hold > _HOLD_MIN).any()):
             # Rows consolidated into slower levels resist as those levels do: their *update*
             # is damped by (1 - hold), which an adaptive optimizer's step would undo if the
             # gradient were scaled instead (Adagrad's g / sqrt(sum g^2) ignores a constant
-            # factor). One gather before the step and one write of those rows after.
-            dev = inner.ids.device
-            keep = 1.0 - hold[held].to(dev, torch.float32)[:, None]
-            before = torch.index_select(inner.deltas(), 0, held.to(dev))
-        inner.apply_grads(grads, optimizer, rows=rows)
+            # factor); holds below _HOLD_MIN are not applied.
+            h = hold.to("cpu", torch.float32)
+            keep = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
+        inner.apply_grads(grads, optimizer, rows=rows, scale=keep)
         if not _all_finite(grads):
             return  # the step was skipped (and counted): nothing moved, the window records none
-        if held is not None and len(held):
-            after = torch.index_select(inner.deltas(), 0, held.to(dev))
-            self._tp.write(ids[held.to(dev)], (before + keep * (after - before)).to(self.dtype))
-            grads = grads.clone()
-            grads[held.to(grads.device)] *= keep.to(grads.device, grads.dtype)
+        if keep is not None:
+            grads = grads * keep.to(grads.device, grads.dtype)[:, None]
         if rows is not None:  # rows left out moved nothing: their window records no update
             grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
         self._windows[name].add(ids, grads, inner.counts, sign=-1.0)  # the update: -grads
@@ -1399,8 +1399,8 @@ class LevelledPool:
             self.close()
 
 
-# A hold below this (less than 1% damping) is not applied: it would cost a gather and a write
-# per step for a change below what a step's noise moves.
+# A hold below this (less than 1% damping) is not applied: a batch whose holds are all below
+# it steps without an update scale, for a change below what a step's noise moves.
 _HOLD_MIN = 0.01
 
 

@@ -335,6 +335,50 @@ def _groups(root: Path) -> dict[str, list[tuple[str, Callable[[], object]]]]:
         }.items():
             case("kernels", label)(fn)
 
+        # a per-row update scale (the loops' per-row learning rate): float32 [n], finite
+        for label, sc in {
+            "NaN": torch.tensor([float("nan")]),
+            "Inf": torch.tensor([float("inf")]),
+            "float64": torch.ones(1, dtype=torch.float64),
+            "int": torch.ones(1, dtype=torch.int64),
+            "short": torch.ones(0),
+            "long": torch.ones(2),
+            "2-D": torch.ones(1, 1),
+            "non-contiguous": torch.ones(2)[::2],
+            "a list": [1.0],
+        }.items():
+            case("kernels", f"apply_rows: {label} scale")(
+                lambda s=sc: K.apply_rows(*sgd, *cols(0), one, fresh, g, s)
+            )
+            case("kernels", f"step_rows: {label} scale")(
+                lambda s=sc: K.step_rows(*sgd, torch.zeros(1, dim), torch.zeros(1, 0), g, s)
+            )
+            case("kernels", f"step_rows_tracked: {label} scale")(
+                lambda s=sc: K.step_rows_tracked(
+                    *sgd,
+                    torch.zeros(1, dim),
+                    torch.zeros(1, 0),
+                    g,
+                    torch.zeros(1, K.USAGE_WIDTH, dtype=torch.float64),
+                    one,
+                    K.UsageStep(1, 0, 0.9, 0.9, 0.5),
+                    s,
+                )
+            )
+            case("kernels", f"apply_rows_tracked: {label} scale")(
+                lambda s=sc: K.apply_rows_tracked(
+                    *sgd,
+                    *cols(0),
+                    one,
+                    g,
+                    torch.zeros(cap, K.USAGE_WIDTH, dtype=torch.float64),
+                    torch.zeros(cap, dtype=torch.bool),
+                    one,
+                    K.UsageStep(1, 0, 0.9, 0.9, 0.5),
+                    s,
+                )
+            )
+
         table_ = torch.randn(6, 5)
 
         def peer(d_in=3, act="gelu", index=None, offsets=None, order=None, token=None, x=None):
@@ -513,13 +557,14 @@ def _groups(root: Path) -> dict[str, list[tuple[str, Callable[[], object]]]]:
         def step(self, delta, grad, state):
             return delta - 0.1 * grad, state
 
-    def step_batch(grads, optimizer=None, cached: bool = True) -> None:
+    def step_batch(grads, optimizer=None, cached: bool = True, scale=None) -> None:
         p = pool(f"batch{len(opened)}", **({"cache_rows": 64} if cached else {}))
         optimizer = optimizer or RowAdam()
         p.set_state_width(optimizer.state_width(8))
         with p.page_in(torch.tensor([1, 5, 5, 9])) as batch:
             g = grads(len(batch)) if callable(grads) else grads
-            batch.apply_grads(g, optimizer)
+            s = scale(len(batch)) if callable(scale) else scale
+            batch.apply_grads(g, optimizer, scale=s)
 
     for cached in (True, False):
         for label, grads in {
@@ -533,6 +578,20 @@ def _groups(root: Path) -> dict[str, list[tuple[str, Callable[[], object]]]]:
         }.items():
             case("train", f"RowBatch.apply_grads: {label} grads, cached={cached}")(
                 lambda g=grads, c=cached: step_batch(g, cached=c)
+            )
+        for label, sc in {
+            "NaN": lambda n: torch.full((n,), float("nan")),
+            "Inf": lambda n: torch.full((n,), float("inf")),
+            "negative": lambda n: -torch.ones(n),
+            "short": torch.ones(1),
+            "2-D": lambda n: torch.ones(n, 1),
+            "int": lambda n: torch.ones(n, dtype=torch.int64),
+            "non-contiguous": lambda n: torch.ones(2 * n)[::2],
+            "float64": lambda n: torch.full((n,), 0.5, dtype=torch.float64),
+            "a list": [1.0, 1.0, 1.0],
+        }.items():
+            case("train", f"RowBatch.apply_grads: {label} scale, cached={cached}")(
+                lambda s=sc, c=cached: step_batch(lambda n: torch.ones(n, 8), cached=c, scale=s)
             )
         odd = {"a duck claiming Adam's loop": Duck(), "RowAdam width 1": NarrowAdam()}
         for label, opt in odd.items():

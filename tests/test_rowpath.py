@@ -463,3 +463,35 @@ def test_the_usage_statistics_never_call_the_stack_back(tmp_path):
     walk = trace(operations(tmp_path)["hot step, lifecycle"], _library_root())
     assert "tiers/_stack_usage.py" in walk["walk"]  # the hooks are on the walk
     assert walk["both_ways"] == []
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "spilled"])
+@pytest.mark.parametrize("opt", ["adagrad", "adam"])
+def test_an_update_scale_scales_the_step_not_the_state(tmp_path, opt, cached, row_kernels):
+    """``apply_grads(scale=)`` moves each row ``scale[i]`` times what the step alone would move
+    it (Adagrad and Adam included, which a gradient scale would not damp), and the optimizer
+    state is updated as without it: a next step at scale 1 moves the rows as an unscaled
+    pool's."""
+    from dpsn.pool import RowAdagrad, RowAdam
+
+    ids = torch.tensor([1, 5, 9])
+    g1 = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    g2 = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    scale = torch.tensor([1.0, 0.1, 0.0])
+    moved = {}
+    for name, first in (("scaled", scale), ("free", None)):
+        kw = {"cache_rows": 16} if cached else {}
+        pool = dpsn.create(tmp_path / name, rows=100, dim=4, generator=SMALL, **kw)
+        o = {"adagrad": RowAdagrad, "adam": RowAdam}[opt](lr=0.1)
+        pool.set_state_width(o.state_width(4))
+        with pool.page_in(ids) as batch:
+            batch.apply_grads(g1, o, scale=first)
+        d1 = pool.delta(ids)
+        with pool.page_in(ids) as batch:
+            batch.apply_grads(g2, o, scale=torch.ones(3))
+        moved[name] = (d1, pool.delta(ids) - d1)
+        pool.close()
+    (s1, s2), (f1, f2) = moved["scaled"], moved["free"]
+    assert bool((f1.abs() > 1e-4).all())  # the free step moved every row
+    torch.testing.assert_close(s1, f1 * scale[:, None], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s2, f2, rtol=1e-4, atol=1e-6)  # the same state after step 1

@@ -75,6 +75,24 @@ _COUNTERS = (
 )
 
 
+def _update_scale(scale: Any, n: int) -> torch.Tensor:
+    """``scale`` as a contiguous CPU float32 ``[n]`` tensor of finite values >= 0, or a typed
+    error naming what is wrong (a negative scale would turn the step around; a NaN would put
+    NaN into the rows, which the fused loops update in place)."""
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise InvalidArgumentError(f"scale= must be a float tensor of shape [{n}], got {got}")
+    if tuple(scale.shape) != (n,):
+        raise InvalidArgumentError(
+            f"scale= must have shape [{n}] (one per distinct row of the batch), got "
+            f"{tuple(scale.shape)}"
+        )
+    out = scale.detach().to("cpu", torch.float32).contiguous()
+    if n and not (bool(torch.isfinite(out).all()) and bool((out >= 0).all())):
+        raise InvalidArgumentError("scale= must be finite and >= 0 (NaN, Inf or < 0 found)")
+    return out
+
+
 def _checked_step(
     optimizer: RowOptimizer, delta: torch.Tensor, grads: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,10 +224,20 @@ class RowBatch:
         *,
         rows: torch.Tensor | None = None,
         strict: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One ``optimizer`` step on the rows from ``grads`` ``[n, dim]`` (float, summed over
         each row's uses, aligned with ``ids``). Raises ``RuntimeError`` if this batch's rows were
         already updated: a graph's row step applies once.
+
+        ``scale`` (float ``[n]``, finite and >= 0, aligned with ``ids``) scales each row's
+        *update*: its new delta is ``old + scale[i] * (what the step alone would move it)``.
+        The optimizer state is updated as without it (it sees the whole gradient): a row
+        held back by a slower level (``dpsn.pool``'s levels) keeps its adaptive statistics
+        honest and moves a fraction of its step. Unlike scaling ``grads``, this damps
+        Adagrad's and Adam's steps too (they cancel a constant gradient factor). The native
+        loops apply it as a per-row learning rate in the same pass; the PyTorch path
+        interpolates the optimizer's result (the same to float32 rounding).
 
         ``rows`` (bool ``[n]``, aligned with ``ids``) restricts the step to the rows it marks:
         the others keep delta and optimizer state untouched (their uses are still counted).
@@ -229,6 +257,8 @@ class RowBatch:
                     f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
+        if scale is not None:
+            scale = _update_scale(scale, len(self.ids))
         if not isinstance(grads, torch.Tensor):
             raise InvalidArgumentError(
                 f"row gradients must be a tensor, got {type(grads).__name__}"
@@ -236,7 +266,7 @@ class RowBatch:
         if not all_finite(grads):
             self._stack.refuse_step("the row gradients are not finite (NaN or Inf)", strict)
         else:
-            self._stack.apply_grads(self, grads, optimizer, rows, strict=strict)
+            self._stack.apply_grads(self, grads, optimizer, rows, strict=strict, scale=scale)
         self.applied = True
 
     def _subset(self, keep: torch.Tensor) -> RowBatch:
@@ -891,9 +921,11 @@ class RowStack:
         rows: torch.Tensor | None = None,
         *,
         strict: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One optimizer step on ``batch``'s rows (see :meth:`RowBatch.apply_grads`): those
-        ``rows`` marks (all when None), less the protected ones; the caller has checked
+        ``rows`` marks (all when None), less the protected ones, each row's update scaled by
+        ``scale`` (checked float32 ``[n]`` on the CPU, or None); the caller has checked
         ``grads`` finite. Every step's results are checked before they are stored, but the
         native loop's on resident float32 rows, which it updates in place (a second pass over
         the rows would cost about what the step does): with finite gradients and settings that
@@ -927,6 +959,8 @@ class RowStack:
             if not bool(keep.any()):
                 return
             batch, grads = batch._subset(keep), grads[keep]
+            if scale is not None:
+                scale = scale[keep.cpu()]
         with self.lock:
             resident = self._resident_slots(batch)
             grads = grads.to(self.device, torch.float32)
@@ -940,21 +974,24 @@ class RowStack:
             if resident is not None and self._fused(optimizer, grads):
                 self._rows_change(exclude=batch)
                 if rules is None:
-                    self._apply_fused(resident, grads, optimizer)
+                    self._apply_fused(resident, grads, optimizer, scale)
                 else:
-                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted)
+                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted, scale)
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 updated = None
                 stepped = None
                 if rules is not None:  # the cached rows' native loop, where it can run
                     stepped = stats.step_spilled(
-                        batch, delta, state, usage, grads, optimizer, self.dim
+                        batch, delta, state, usage, grads, optimizer, self.dim, scale
                     )
                 if stepped is not None:
                     new_delta, new_state, updated = stepped
                 else:
                     new_delta, new_state = _checked_step(optimizer, delta, grads, state)
+                    if scale is not None:  # the update scaled, the state as stepped
+                        s = scale.to(new_delta.device, new_delta.dtype)[:, None]
+                        new_delta = delta + s * (new_delta - delta)
                     if rules is not None:
                         if not batch.touched:  # (a spilled batch) its uses count now
                             stats.record_uses(usage, batch.counts)
@@ -986,10 +1023,15 @@ class RowStack:
         )
 
     def _apply_fused(
-        self, slots: torch.Tensor, grads: torch.Tensor, optimizer: RowOptimizer
+        self,
+        slots: torch.Tensor,
+        grads: torch.Tensor,
+        optimizer: RowOptimizer,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """One pass over the rows at ``slots``: start untrained rows at zero (their base is
-        their row), step delta and state, re-materialize ``row = base + delta``."""
+        their row), step delta and state (each row's update times ``scale``),
+        re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
         kind = _kernels.native_kind(optimizer, self.dim)
         assert cache is not None and trained is not None and kind is not None
@@ -1000,6 +1042,7 @@ class RowStack:
             slots,
             ~trained[slots],
             grads.contiguous(),
+            scale,
         )
         trained[slots] = True
         cache.mark_dirty(slots)
@@ -1274,14 +1317,15 @@ class RowStack:
         grads: torch.Tensor,
         optimizer: RowOptimizer,
         uncounted: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
-        """The native fused step on resident ``slots``, then what a lifecycle adds: SCREENED
-        rows' change damped and the rows' statistics recorded (``uncounted``: the batch's uses
-        are counted here too, first)."""
+        """The native fused step on resident ``slots`` (each row's update times ``scale``),
+        then what a lifecycle adds: SCREENED rows' change damped and the rows' statistics
+        recorded (``uncounted``: the batch's uses are counted here too, first)."""
         cache, layout, stats = self.cache, self.layout, self.usage_stats
         assert cache is not None
         if (batch.touched or uncounted) and stats.native(slots):
-            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted)
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted, scale)
             return
         usage = self._cached_usage(slots)
         if not batch.touched:
@@ -1289,7 +1333,7 @@ class RowStack:
         screened = torch.nonzero(usage[:, _usage.PHASE] == _usage.SCREENED).flatten()
         s = slots[screened]
         old = self._cached_delta(s) if len(s) else None
-        self._apply_fused(slots, grads, optimizer)
+        self._apply_fused(slots, grads, optimizer, scale)
         if old is not None:
             new = torch.index_select(cache.column(layout.delta), 0, s).float()
             d = stats.damped(usage[screened], old, new)
@@ -1306,6 +1350,7 @@ class RowStack:
         grads: torch.Tensor,
         optimizer: RowOptimizer,
         uncounted: bool,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """``_apply_fused_tracked`` as one native pass over the rows
         (``_kernels.apply_rows_tracked``): the batch's uses (``uncounted``: not counted at its
@@ -1327,6 +1372,7 @@ class RowStack:
             trained,
             batch.counts,
             self.usage_stats.step_params(touch=uncounted),
+            scale,
         )
         trained[slots] = True
         cache.mark_dirty(slots)

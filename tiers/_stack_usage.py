@@ -172,9 +172,11 @@ class UsageStatistics:
         grads: torch.Tensor,
         optimizer: Any,
         dim: int,
+        scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The row step of rows not stepped in the cache (a spilled batch; compact float32
-        copies) by the native loop the cache's rows take (``_kernels.step_rows_tracked``): new
+        copies; each row's update times ``scale``) by the native loop the cache's rows take
+        (``_kernels.step_rows_tracked``): new
         ``(delta, state, usage)``, the same bits as if the rows had been cached. None where that
         loop cannot run (no native loop for this optimizer, CUDA, ``DPSN_NATIVE=0``): the
         PyTorch path then computes the same math."""
@@ -197,6 +199,7 @@ class UsageStatistics:
             usage,
             batch.counts,
             self.step_params(touch=not batch.touched),
+            scale,
         )
         return delta, state, usage
 
