@@ -238,11 +238,28 @@ def create_overlay_store(
         raise InvalidArgumentError("an overlay cannot be created at its base's own path")
     overlay_uuid = uuid_mod.uuid4().hex
     pin = _resolve_pin(base_path, base_at, overlay_uuid)
-    with PersistedStore.open(base_path, writable=False) as store:
-        state = store.read_generator(store.commit_record(pin["commit"]).generator)
-    # The overlay reads its base's generator; its own weights are zeros, which Zarr stores as
-    # no chunks at all, so an overlay costs its deltas and a few KiB of metadata.
-    state = {k: np.zeros_like(v) for k, v in state.items()}
+    try:
+        with PersistedStore.open(base_path, writable=False) as store:
+            state = store.read_generator(store.commit_record(pin["commit"]).generator)
+        # The overlay reads its base's generator; its own weights are zeros, which Zarr stores
+        # as no chunks at all, so an overlay costs its deltas and a few KiB of metadata.
+        state = {k: np.zeros_like(v) for k, v in state.items()}
+        return _create_pinned(path, bm, base_path, pin, overlay_uuid, state, create_kwargs)
+    except BaseException:
+        _unpin(base_path, pin["snapshot"], overlay_uuid)  # no overlay: no pin left behind
+        raise
+
+
+def _create_pinned(
+    path: str | os.PathLike[str],
+    bm: Manifest,
+    base_path: Path,
+    pin: dict[str, Any],
+    overlay_uuid: str,
+    state: dict[str, np.ndarray],
+    create_kwargs: dict[str, Any],
+) -> PersistedStore:
+    """The overlay store itself, over a base commit already pinned."""
     manifest = Manifest(
         rows=bm.rows,
         dim=bm.dim,
@@ -256,11 +273,7 @@ def create_overlay_store(
         format_version=FORMAT_OVERLAY,
         base={"path": str(base_path), **pin},
     )
-    try:
-        return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
-    except BaseException:
-        _unpin(base_path, pin["snapshot"], overlay_uuid)  # no overlay: no pin left behind
-        raise
+    return PersistedStore.create(Path(path), manifest, state, **create_kwargs)
 
 
 def _unpin(base_path: Path, snapshot: str, overlay_uuid: str) -> None:

@@ -3,6 +3,7 @@ snapshot does not let the base's gc take the commit), the fallback where the bas
 written, and overlays refusing a spec that differs from their base's (issue 24)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import dpsn
 import dpsn.pool._overlay as overlay
 from dpsn.errors import InvalidArgumentError
+from dpsn.store import PersistedStore
 from dpsn.store._overlay_facts import overlay_pins
 from dpsn.tools.cli import main as cli
 
@@ -102,4 +104,19 @@ def test_a_failed_create_leaves_no_pin_in_the_base(tmp_path):
     with pytest.raises(dpsn.errors.DpsnError):
         dpsn.create(tmp_path / "taken", base=tmp_path / "base", base_at="mine")
     with dpsn.open(tmp_path / "base") as b:
+        assert set(b.snapshots()) == {"mine"}
+
+
+def test_a_base_whose_generator_cannot_be_read_leaves_no_pin(tmp_path):
+    """The pin is written before the base's generator is read for the overlay: a failure there
+    (here the generator's arrays are gone) removes it again (review of issue 24's merge)."""
+    make_base(tmp_path / "base").close()
+    generators = tmp_path / "base" / "data.zarr" / "generator"
+    assert generators.is_dir()
+    for d in generators.iterdir():
+        if d.is_dir():
+            shutil.rmtree(d)
+    with pytest.raises(dpsn.errors.DpsnError):
+        dpsn.create(tmp_path / "ov", base=tmp_path / "base", base_at="mine")
+    with PersistedStore.open(tmp_path / "base", writable=False) as b:  # (no pool: no generator)
         assert set(b.snapshots()) == {"mine"}

@@ -515,8 +515,6 @@ class RowStack:
         a read copies them out as one block (``_gather_rows``)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
-        if self.miss_advice is not None and not self._advising:
-            self._missed.append(ids)
         pos, delta, state, usage = self._host_rows(ids.numpy())
         dev_ids = ids.to(self.device)
         rows = cache.column(layout.row)
@@ -598,7 +596,9 @@ class RowStack:
             cache.abandon(admission)
             raise
         slots = cache.finish(admission)
-        if self._missed:
+        if self.miss_advice is not None and not self._advising:
+            # Only rows that were paged in ask for their partners (a failed fill asks nothing).
+            self._missed.append(admission.missing.cpu())
             self._advise_misses()
         return slots
 
