@@ -14,7 +14,7 @@ checked, in order, before a byte of array data is read:
 4. the entries' total size against a sane maximum (half this machine's memory, at most 64 GiB):
    a router larger than that could not be loaded anyway.
 
-Then each array is read with bounded memory (``dpsn.store._zarrsafe``: decoded sizes from the
+Then each array is read with bounded memory (the store's bounded Zarr reader: decoded sizes from the
 codec headers are checked before decoding) and its blake2b compared with its entry.
 """
 

@@ -5,7 +5,6 @@ commit, the bounded disk cache, and credentials never written anywhere."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -14,8 +13,10 @@ import dpsn
 from dpsn.errors import CacheTooLargeError, InvalidArgumentError
 from dpsn.tools.cli import main as cli
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+from _s3 import bucket_name, moto_server, new_bucket
 
 # Each test trains and publishes real stores through a real S3 server: ~10-15 s on 2 cores.
 pytestmark = pytest.mark.slow
@@ -24,33 +25,15 @@ GEN = {"kind": "hashed_slices", "memory_size": 4096}
 SECRET = "sEcReT-never-in-a-store-7f3a"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    yield f"http://127.0.0.1:{port}"
-    srv.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def bucket(server, request):
-    opts = {
-        "endpoint_url": server,
-        "key": "AKIDTEST",
-        "secret": SECRET,
-        "client_kwargs": {"region_name": "eu-west-1"},
-    }
-    fs = s3fs.S3FileSystem(**opts)
-    name = "b" + request.node.name.replace("_", "-").lower()[:40]
-    fs.mkdir(name, region_name="eu-west-1")
-    return f"s3://{name}/pool", opts, fs
+    return new_bucket(server, bucket_name("b", request.node.name), SECRET)
 
 
 def _trained(path, steps=3):

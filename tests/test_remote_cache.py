@@ -5,8 +5,6 @@ publishes and opens as one consistent global commit."""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +13,10 @@ import dpsn
 from dpsn.errors import CorruptSegmentError
 from dpsn.store import remote
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+from _s3 import bucket_name, moto_server, new_bucket
 
 pytestmark = pytest.mark.slow  # real stores through a real S3 server: ~10 s on 2 cores
 
@@ -24,33 +24,15 @@ GEN = {"kind": "hashed_slices", "memory_size": 4096}
 ROWS = 512  # rows written; chunk_rows=16 makes 32 delta chunks (and 32 of ids)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    yield f"http://127.0.0.1:{port}"
-    srv.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def bucket(server, request):
-    opts = {
-        "endpoint_url": server,
-        "key": "AKIDTEST",
-        "secret": "test-secret",
-        "client_kwargs": {"region_name": "eu-west-1"},
-    }
-    fs = s3fs.S3FileSystem(**opts)
-    name = "c" + request.node.name.replace("_", "-").lower()[:40]
-    fs.mkdir(name, region_name="eu-west-1")
-    return f"s3://{name}/pool", opts, fs
+    return new_bucket(server, bucket_name("c", request.node.name), "test-secret")
 
 
 class CountingFs:
@@ -92,15 +74,7 @@ def counting(monkeypatch):
 @pytest.fixture(scope="module")
 def pub(server, tmp_path_factory):
     """One store published once for the tests that only read it (each with its own cache)."""
-    opts = {
-        "endpoint_url": server,
-        "key": "AKIDTEST",
-        "secret": "test-secret",
-        "client_kwargs": {"region_name": "eu-west-1"},
-    }
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir("cshared", region_name="eu-west-1")
-    url = "s3://cshared/pool"
+    url, opts, fs = new_bucket(server, "cshared", "test-secret")
     want = _published(tmp_path_factory.mktemp("pub"), url, opts)
     return url, opts, fs, want
 

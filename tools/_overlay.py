@@ -1,7 +1,7 @@
 """``dpsn overlay``: overlay stores from the command line, and their lines in ``dpsn info``.
 
 ``dpsn overlay create BASE NEW [--at SNAP]`` makes NEW an overlay of BASE at snapshot or commit
-SNAP (default: BASE's HEAD, pinned in BASE as ``overlay-<uuid>``); see ``dpsn.pool._overlay``.
+SNAP (default: BASE's HEAD, pinned in BASE as ``overlay-<uuid>``); see docs/overlays.md.
 """
 
 from __future__ import annotations

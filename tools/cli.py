@@ -9,8 +9,8 @@ ends quietly.
 
 Commands that only read records (``info``, ``log``, ``stats`` without ``--replay``,
 ``inspect --no-base``, ``verify``, ``gc``, ``snapshot``) never import torch or build the
-generator: they answer from the manifest and the LMDB records (``dpsn.store._info``), and read
-Zarr segments only where they must look at deltas.
+generator: they answer from the manifest and the LMDB records (``dpsn.store``, torch-free),
+and read Zarr segments only where they must look at deltas.
 """
 
 from __future__ import annotations
