@@ -448,6 +448,22 @@ def _first_pool(
         raise
 
 
+def _url_scope(fn: Any) -> Any:
+    """Keep a URL's checkouts held until the open returns (``remote.open_scope``): by then
+    the stores it opened hold them, and close releases them."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dpsn.store import remote
+
+        with remote.open_scope():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_url_scope
 def open(  # mirrors zarr.open / builtins.open, as users expect
     path: str | os.PathLike[str],
     mode: Literal["r", "r+"] = "r",

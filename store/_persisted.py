@@ -455,6 +455,7 @@ class PersistedStore:
         return self._env
 
     def close(self) -> None:
+        self.segments.close()
         if self._lease is not None:
             self._lease.release()
             self._lease = None

@@ -199,7 +199,12 @@ class SegmentStore:
         self._store = SeamStore(zarr_root, self.fs)
         self._open: dict[int, dict[str, ArrayMeta]] = {}
         # A published commit checked out from a bucket reads its chunks through the disk cache.
-        self._chunk_reader = chunk_reader(zarr_root)
+        self._chunk_reader = chunk_reader(zarr_root)  # holds the checkout until close()
+
+    def close(self) -> None:
+        """Release what the reader holds (a checked-out published commit's hold); idempotent."""
+        if self._chunk_reader is not None:
+            self._chunk_reader.release()
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
+import fcntl
 import json
 import os
 import re
@@ -52,8 +54,9 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +307,12 @@ class ChunkCache:
             self._lru = OrderedDict((name, size) for _, name, size in sorted(entries))
             self._lru_bytes = sum(size for _, _, size in entries)
 
+    @property
+    def used(self) -> int:
+        """Bytes of objects in the cache directory, as of the last scan and this process's
+        own additions."""
+        return self._used
+
     def counters(self) -> dict[str, int]:
         return {
             "hits": self.hits,
@@ -408,7 +417,8 @@ class ChunkCache:
 class Checkout:
     """A published commit checked out into the disk cache: ``path`` opens as a read-only store
     whose segment chunks come through ``chunks`` (``lazy`` maps each chunk's path inside
-    ``data.zarr`` to its object)."""
+    ``data.zarr`` to its object). ``hold`` is the caller's hold on it (:class:`CheckoutHold`):
+    release it once the store opened at ``path`` holds its own (or is not needed)."""
 
     path: Path
     commit: int
@@ -416,33 +426,137 @@ class Checkout:
     lazy: dict[str, str]
     fs: Any
     prefix: str
+    hold: CheckoutHold | None = field(default=None, compare=False, repr=False)
 
 
-# Checkouts of this process by the real path of their data.zarr: how the segment reader of a
-# store opened at a checkout finds its chunk cache without an argument threaded through every
-# open (``chunk_reader``). Entries hold no credentials beyond the fsspec filesystem object.
-_CHECKOUTS: dict[str, Checkout] = {}
+@dataclass
+class _Held:
+    """A checkout some reader of this process holds: how many holds, and the file descriptor
+    whose shared ``flock`` on the checkout's marker tells other processes' eviction to keep
+    the directory (one per process; the kernel drops it when the process dies)."""
+
+    co: Checkout
+    refs: int
+    fd: int
+
+
+# Checkouts this process holds, by the real path of their data.zarr: how the segment reader of
+# a store opened at a checkout finds its chunk cache without an argument threaded through every
+# open (``chunk_reader``). An entry lives while a hold does (an open store, or a checkout not
+# yet handed to one) and goes with the last release. Entries hold no credentials beyond the
+# fsspec filesystem object.
+_CHECKOUTS: dict[str, _Held] = {}
 _CHECKOUTS_LOCK = threading.Lock()
+
+
+def _lock_shared(local: Path) -> int | None:
+    """A descriptor holding a shared ``flock`` on ``local``'s marker, or None if the directory
+    is gone or was replaced meanwhile (an evictor renames a directory aside under an exclusive
+    lock before it removes it, so a shared lock on a marker still at its path pins it)."""
+    marker = local / _COMPLETE
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits out an evictor's brief exclusive lock
+        st, now = os.fstat(fd), os.stat(marker)
+        if (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev):
+            return fd
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _release(key: str) -> None:
+    with _CHECKOUTS_LOCK:
+        held = _CHECKOUTS.get(key)
+        if held is None:
+            return
+        held.refs -= 1
+        if held.refs > 0:
+            return
+        del _CHECKOUTS[key]
+    os.close(held.fd)  # drops the shared flock: the directory may now be evicted
+
+
+class CheckoutHold:
+    """One reader's hold on a checked-out commit: while any hold of this process lives, the
+    checkout stays registered (its chunks read through the cache) and its directory is pinned
+    against eviction, by this process (the refcount) and by any other sharing the cache
+    directory (a shared ``flock``). :meth:`release` is idempotent; a hold that is garbage
+    collected unreleased releases itself (a backstop, not the contract)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._fin = weakref.finalize(self, _release, key)
+
+    def release(self) -> None:
+        self._fin()
+
+    @property
+    def released(self) -> bool:
+        return not self._fin.alive
+
+
+def _hold(co: Checkout) -> CheckoutHold | None:
+    """A new hold on ``co`` (None if its directory vanished before it could be pinned)."""
+    key = os.path.realpath(co.path / ZARR_DIR)
+    with _CHECKOUTS_LOCK:
+        held = _CHECKOUTS.get(key)
+        if held is not None:
+            held.refs += 1
+            return CheckoutHold(key)
+    fd = _lock_shared(co.path)  # outside the lock: it may wait for an evictor
+    if fd is None:
+        return None
+    with _CHECKOUTS_LOCK:
+        held = _CHECKOUTS.get(key)
+        if held is not None:  # another thread registered it meanwhile
+            held.refs += 1
+            os.close(fd)
+        else:
+            _CHECKOUTS[key] = _Held(co=co, refs=1, fd=fd)
+    return CheckoutHold(key)
+
+
+def held_checkouts() -> list[Path]:
+    """The checkout directories this process holds (open stores read them)."""
+    with _CHECKOUTS_LOCK:
+        return [h.co.path for h in _CHECKOUTS.values()]
 
 
 def chunk_reader(zarr_root: Path) -> ChunkReader | None:
     """For the segment reader: a function ``(chunk path, size limit) -> bytes | None`` that
     reads the segment chunks of a checked-out published commit through its cache (``None``:
     no such chunk was published, which reads as the fill value as for a local store), or None
-    for an ordinary local store."""
+    for an ordinary local store. The reader holds the checkout (:class:`CheckoutHold`) until
+    its :meth:`ChunkReader.release` (the segment store's close)."""
+    key = os.path.realpath(zarr_root)
     with _CHECKOUTS_LOCK:
-        co = _CHECKOUTS.get(os.path.realpath(zarr_root))
-    if co is None:
-        return None
-    return ChunkReader(co, str(zarr_root).rstrip("/") + "/")
+        held = _CHECKOUTS.get(key)
+        if held is None:
+            return None
+        held.refs += 1
+        co = held.co
+    return ChunkReader(co, str(zarr_root).rstrip("/") + "/", CheckoutHold(key))
 
 
 class ChunkReader:
     """The segment reader's view of a checkout: one chunk at a time (``__call__``), and
     :meth:`prefetch` of the chunks a read is about to need, fetched concurrently."""
 
-    def __init__(self, co: Checkout, base: str) -> None:
-        self.co, self.base = co, base
+    def __init__(self, co: Checkout, base: str, hold: CheckoutHold | None = None) -> None:
+        self.co, self.base, self.hold = co, base, hold
+
+    def release(self) -> None:
+        """Let go of the checkout (the store reading it closed); idempotent."""
+        if self.hold is not None:
+            self.hold.release()
 
     def _name(self, path: Path) -> str | None:
         s = str(path)
@@ -489,8 +603,8 @@ def cache_counters(path: str | os.PathLike[str]) -> dict[str, int] | None:
     """The chunk cache's counters (hits, misses, bytes fetched, ...) of the checkout a pool
     opened from a URL reads (``pool.path``), or None if ``path`` is not one."""
     with _CHECKOUTS_LOCK:
-        co = _CHECKOUTS.get(os.path.realpath(Path(path) / ZARR_DIR))
-    return None if co is None else co.chunks.counters()
+        held = _CHECKOUTS.get(os.path.realpath(Path(path) / ZARR_DIR))
+    return None if held is None else held.co.chunks.counters()
 
 
 _CACHES: dict[str, ChunkCache] = {}
@@ -521,6 +635,9 @@ def _record(
     return fs, prefix, commit, rec
 
 
+_ATTEMPTS = 5  # checkouts built and evicted by another process before this one could hold
+
+
 def checkout(
     url: str,
     storage_options: dict[str, Any] | None = None,
@@ -531,7 +648,9 @@ def checkout(
 ) -> Checkout:
     """Check the commit published under ``url`` (the newest, or ``at``) out into the disk
     cache: its eager files are fetched (or found and checked again), its segment chunks are
-    left to be read through the returned checkout's :class:`ChunkCache`."""
+    left to be read through the returned checkout's :class:`ChunkCache`. The checkout comes
+    held (``Checkout.hold``): eviction, in this process or another sharing ``cache_dir``, leaves
+    it alone until the hold is released."""
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1:
         raise InvalidArgumentError(f"cache_bytes must be a positive int, got {cache_bytes!r}")
     fs, prefix, commit, rec = _record(url, storage_options, at)
@@ -543,7 +662,38 @@ def checkout(
     eager = {rel: o for rel, o in rec["files"].items() if not is_lazy(rel)}
     eager[f"{LMDB_DIR}/{LMDB_DATA}"] = rec["index"]
     local = cache / "commits" / rec["uuid"] / f"{commit:016d}"
-    if not _intact(local, eager):
+    co = Checkout(
+        path=local,
+        commit=commit,
+        chunks=_cache_at(objects, cache_bytes),
+        lazy=lazy,
+        fs=fs,
+        prefix=prefix,
+    )
+    for _ in range(_ATTEMPTS):
+        if (local / _COMPLETE).is_file():
+            hold = _hold(co)
+            if hold is None:
+                continue  # evicted by another process between the check and the lock
+            try:
+                bad = _damaged(local, eager)
+                if bad:  # mended in place: a reader of this directory keeps its paths
+                    _fetch(fs, prefix, objects, sorted(set(bad.values()) - set(rec["inline"])))
+                    for name, text in rec["inline"].items():
+                        if name in bad.values():
+                            _put_inline(objects, name, text)
+                    _relink(local, objects, bad)
+                else:
+                    os.utime(local / _COMPLETE)
+            except BaseException:
+                hold.release()
+                raise
+            co.chunks.rescan()  # the eager files just linked count against the cap
+            if co.chunks.used > cache_bytes:  # over the cap (held checkouts were kept): trim
+                with contextlib.suppress(OSError):
+                    _evict(cache, cache_bytes - _held_bytes(eager), keep=set(eager.values()))
+                co.chunks.rescan()
+            return replace(co, hold=hold)
         need = sum(_object_size(o) for o in set(eager.values()))
         if need > cache_bytes:
             raise CacheTooLargeError(
@@ -554,20 +704,33 @@ def checkout(
         _fetch(fs, prefix, objects, sorted(set(eager.values()) - set(rec["inline"])))
         for name, text in rec["inline"].items():
             _put_inline(objects, name, text)
-        _link(local, objects, eager, commit)
-    else:
-        os.utime(local / _COMPLETE)
-    co = Checkout(
-        path=local,
-        commit=commit,
-        chunks=_cache_at(objects, cache_bytes),
-        lazy=lazy,
-        fs=fs,
-        prefix=prefix,
+        _link(local, objects, eager, commit)  # or another process linked it meanwhile
+    raise CacheTooLargeError(
+        f"commit {commit} of {url} was evicted from {cache} by another process {_ATTEMPTS} "
+        "times before this one could hold it; raise cache_bytes"
     )
-    with _CHECKOUTS_LOCK:
-        _CHECKOUTS[os.path.realpath(local / ZARR_DIR)] = co
-    return co
+
+
+# Holds that ``materialize`` took for an open in progress (``open_scope``): released when the
+# open returns, by which time the stores it opened hold their checkouts themselves.
+_SCOPE: contextvars.ContextVar[list[CheckoutHold] | None] = contextvars.ContextVar(
+    "dpsn_remote_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def open_scope() -> Any:
+    """Keep the checkouts :func:`materialize` makes inside the block held until it ends: an
+    open wraps itself in one, so that nothing evicts a checkout between its making and the
+    store that reads it taking its own hold (:func:`chunk_reader`)."""
+    token = _SCOPE.set([])
+    try:
+        yield
+    finally:
+        holds = _SCOPE.get() or []
+        _SCOPE.reset(token)
+        for h in holds:
+            h.release()
 
 
 def materialize(
@@ -579,23 +742,48 @@ def materialize(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Path:
     """The local directory to open for ``url`` (a store or a sharded root): that of
-    :func:`checkout_any`."""
-    return checkout_any(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes)
+    :func:`checkout_any`. Its checkouts stay held until the enclosing :func:`open_scope` ends
+    (without one, they are released at once: open the directory inside a scope)."""
+    path, holds = checkout_any(
+        url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes
+    )
+    scope = _SCOPE.get()
+    if scope is None:
+        for h in holds:
+            h.release()
+    else:
+        scope.extend(holds)
+    return path
 
 
-def _intact(local: Path, eager: dict[str, str]) -> bool:
-    """Whether a checked-out commit's directory is complete and each eager file still matches
-    its object (a damaged one makes the whole directory be rebuilt, never served)."""
-    if not (local / _COMPLETE).is_file():
-        return False
+def _held_bytes(eager: dict[str, str]) -> int:
+    """Bytes of ``eager``'s objects (what a checkout pins)."""
+    return sum(_object_size(o) for o in set(eager.values()))
+
+
+def _damaged(local: Path, eager: dict[str, str]) -> dict[str, str]:
+    """The eager files of a checked-out commit's directory (relative path: object) that are
+    missing or no longer match their object (size and xxh64): they are mended, never served."""
+    bad = {}
     for rel, obj in eager.items():
         p = local.joinpath(*rel.split("/"))
         try:
             if p.stat().st_size != _object_size(obj) or _hash_file(p) != obj.rsplit("-", 1)[0]:
-                return False
+                bad[rel] = obj
         except OSError:
-            return False
-    return True
+            bad[rel] = obj
+    return bad
+
+
+def _relink(local: Path, objects: Path, files: dict[str, str]) -> None:
+    """Point each of ``files`` in ``local`` at its (fetched, checked) object, atomically."""
+    for rel, obj in files.items():
+        dst = local.joinpath(*rel.split("/"))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".relink-{dst.name}-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        os.link(objects / obj, tmp)
+        os.replace(tmp, dst)
 
 
 def _put_inline(objects: Path, name: str, text: str) -> None:
@@ -613,6 +801,8 @@ def _put_inline(objects: Path, name: str, text: str) -> None:
 
 
 def _link(local: Path, objects: Path, eager: dict[str, str], commit: int) -> None:
+    """Build the commit's directory aside and rename it into place; if another process built
+    it meanwhile, keep theirs (a complete directory is never replaced: someone may hold it)."""
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}-"))
     try:
@@ -621,8 +811,12 @@ def _link(local: Path, objects: Path, eager: dict[str, str], commit: int) -> Non
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(objects / obj, dst)
         (tmp / _COMPLETE).write_text(json.dumps({"url_commit": commit}))
-        shutil.rmtree(local, ignore_errors=True)
-        tmp.rename(local)
+        if local.is_dir() and not (local / _COMPLETE).is_file():
+            shutil.rmtree(local, ignore_errors=True)  # a leftover without a marker: unheld
+        try:
+            tmp.rename(local)
+        except OSError:  # another process's complete directory is there now
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -664,10 +858,39 @@ def _fetch(fs: Any, prefix: str, objects: Path, names: list[str]) -> None:
         part.rename(objects / name)
 
 
+def _remove_unheld(local: Path) -> bool:
+    """Remove the checked-out commit directory ``local`` unless a reader holds it (a shared
+    ``flock`` on its marker, from this process or another): under an exclusive lock it is
+    renamed aside, so a reader waiting for its shared lock finds the path gone, then deleted."""
+    marker = local / _COMPLETE
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # held
+        st, now = os.fstat(fd), os.stat(marker)
+        if (st.st_ino, st.st_dev) != (now.st_ino, now.st_dev):
+            return False  # replaced meanwhile
+        aside = local.parent / f".evict-{local.name}-{os.getpid()}-{threading.get_ident()}"
+        os.rename(local, aside)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
 def _evict(cache: Path, budget: int, keep: set[str]) -> None:
     """Free the cache down to ``budget`` bytes of objects besides ``keep``: lazily cached
-    chunks first (least recently read first), then whole commit directories, least recently
-    opened first, with the objects nothing links any more."""
+    chunks first (least recently read first), then whole commit directories that no reader
+    holds, least recently opened first, with the objects nothing links any more. A chunk is
+    unlinked even if a reader is about to read it: a read opens a cached chunk and reads it
+    whole in one go, and one that finds it gone fetches it again."""
     objects = cache / OBJECTS_DIR
 
     def sizes() -> dict[str, os.stat_result]:
@@ -688,9 +911,13 @@ def _evict(cache: Path, budget: int, keep: set[str]) -> None:
             used -= st.st_size
     if used <= budget:
         return
-    dirs = sorted((cache / "commits").glob("*/*/" + _COMPLETE), key=lambda p: p.stat().st_mtime)
-    for marker in dirs:
-        shutil.rmtree(marker.parent, ignore_errors=True)
+    markers = []
+    for m in (cache / "commits").glob("*/*/" + _COMPLETE):
+        with contextlib.suppress(FileNotFoundError):
+            markers.append((m.stat().st_mtime, m))
+    for _, marker in sorted(markers):
+        if not _remove_unheld(marker.parent):
+            continue
         for name, st in sizes().items():
             if st.st_nlink == 1:
                 (objects / name).unlink(missing_ok=True)
@@ -732,18 +959,20 @@ def checkout_any(
     at: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> Path:
-    """What ``dpsn.open(url)`` opens: for a published store, its :func:`checkout`'s directory;
-    for a published sharded root, a local root in the cache (the root manifest and the one
-    global record, newest or ``at``, with each shard's checkout linked in under its name)."""
+) -> tuple[Path, list[CheckoutHold]]:
+    """What ``dpsn.open(url)`` opens, with the holds on its checkouts (release them once the
+    stores opened there hold their own): for a published store, its :func:`checkout`'s
+    directory; for a published sharded root, a local root in the cache (the root manifest and
+    the one global record, newest or ``at``, with each shard's checkout linked in under its
+    name)."""
     from . import shards as layout
 
     fs, prefix = _fs(url, storage_options)
     head = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
     if "global" not in head:
-        return checkout(
-            url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes
-        ).path
+        co = checkout(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        assert co.hold is not None
+        return co.path, [co.hold]
     gid = head["global"] if at is None else at
     if isinstance(gid, bool) or not isinstance(gid, int) or gid < 1:
         raise CorruptStoreError(f"{url}/{HEAD_OBJECT}: 'global' must be a positive int")
@@ -754,21 +983,46 @@ def checkout_any(
         raise SnapshotNotFoundError(f"{url}: global commit {gid} was not published") from None
     record = layout.parse_global(raw, f"{url}/{layout.GLOBAL_DIR}/{gid:016d}.json")
     manifest = json.dumps(_read_json(fs, f"{prefix}/{layout.ROOT_MANIFEST}")).encode()
-    shard_paths = [
-        checkout(
-            f"{url.rstrip('/')}/{d}",
-            storage_options,
-            at=commit,
-            cache_dir=cache,
-            cache_bytes=cache_bytes,
-        ).path
-        for d, commit in record.shards
-    ]
-    if not all((p / _COMPLETE).is_file() for p in shard_paths):
-        raise CacheTooLargeError(
-            f"the {record.count} shards of {url} do not fit cache_bytes={cache_bytes} together "
-            "(a later shard's files evicted an earlier one's); raise cache_bytes"
+    holds: list[CheckoutHold] = []
+    try:
+        shard_paths = []
+        for d, commit in record.shards:
+            co = checkout(
+                f"{url.rstrip('/')}/{d}",
+                storage_options,
+                at=commit,
+                cache_dir=cache,
+                cache_bytes=cache_bytes,
+            )
+            assert co.hold is not None
+            holds.append(co.hold)
+            shard_paths.append(co.path)
+        local = _root_dir(cache, layout, manifest, record, gid, shard_paths)
+    except BaseException:
+        for h in holds:
+            h.release()
+        raise
+    return local, holds
+
+
+def _same_root(local: Path, new: Path, dirs: list[str], layout: Any) -> bool:
+    """Whether the local root ``local`` already says what ``new`` does (manifest, record and
+    each shard's link)."""
+    try:
+        return (
+            (local / layout.ROOT_MANIFEST).read_bytes() == (new / layout.ROOT_MANIFEST).read_bytes()
+            and all(os.readlink(local / d) == os.readlink(new / d) for d in dirs)
+            and sorted(p.name for p in (local / layout.GLOBAL_DIR).iterdir())
+            == sorted(p.name for p in (new / layout.GLOBAL_DIR).iterdir())
         )
+    except OSError:
+        return False
+
+
+def _root_dir(
+    cache: Path, layout: Any, manifest: bytes, record: Any, gid: int, shard_paths: list[Path]
+) -> Path:
+    """The local root of a published sharded root's global commit ``gid`` in ``cache``."""
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".root-"))
     try:
         (tmp / layout.ROOT_MANIFEST).write_bytes(manifest)
@@ -781,6 +1035,9 @@ def checkout_any(
         uuid = layout.read_root_manifest(tmp).uuid  # checks the manifest before it is used
         local = cache / "roots" / uuid / f"{gid:016d}"
         local.parent.mkdir(parents=True, exist_ok=True)
+        if _same_root(local, tmp, [d for d, _ in record.shards], layout):
+            shutil.rmtree(tmp, ignore_errors=True)  # a reader may be using it: left in place
+            return local
         shutil.rmtree(local, ignore_errors=True)
         tmp.rename(local)
     except BaseException:

@@ -258,3 +258,76 @@ def test_a_running_job_publishes_its_global_commit(bucket, tmp_path):
     with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
         assert r.head == 2
         torch.testing.assert_close(r.read(torch.arange(10)), want, rtol=0, atol=0)
+
+
+def _eager_bytes(fs, url, commit: int) -> int:
+    """What an open of ``commit`` needs on disk (its index copy and metadata)."""
+    import json
+
+    rec = json.loads(fs.cat_file(f"{url[5:]}/published/{commit:016d}.json"))
+    eager = {o for r, o in rec["files"].items() if not remote.is_lazy(r)} | {rec["index"]}
+    return sum(remote._object_size(o) for o in eager)
+
+
+def _two_commits(tmp_path, url, opts):
+    """Commit 1 (rows 0..ROWS) and commit 2 (two rows changed), both published."""
+    with dpsn.create(tmp_path / "s", 10**9, 8, generator=GEN, chunk_rows=16) as pool:
+        g = torch.Generator().manual_seed(0)
+        pool.write(torch.arange(ROWS), torch.randn(ROWS, 8, generator=g))
+        pool.commit("rows")
+        first = pool.publish(url, opts)["commit"]
+        want1 = pool.read(torch.arange(ROWS))
+        pool.write([1, 2], torch.full((2, 8), 7.0))
+        pool.commit("more")
+        pool.publish(url, opts)
+        return first, want1, pool.read(torch.arange(ROWS))
+
+
+# Another process checking the newest commit out into the same cache under a tight cap (the
+# checkout is what an open does first; torch-free, so the process starts fast).
+_EVICTOR = """
+import json, sys
+from dpsn.store import remote
+url, opts, cache, cap = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+remote.checkout(url, opts, cache_dir=cache, cache_bytes=cap).hold.release()
+"""
+
+
+def test_an_open_reader_keeps_its_checkout_however_others_evict(bucket, tmp_path):
+    """Readers hold their checkout: another pool of this process, and another process sharing
+    the cache directory, evict around it (its rows stay readable, the same), and only once
+    every reader closed is its space reclaimed."""
+    import json
+    import subprocess
+    import sys
+
+    url, opts, fs = bucket
+    first, want1, want2 = _two_commits(tmp_path, url, opts)
+    cache = tmp_path / "cache"
+    tight = _eager_bytes(fs, url, first + 1)  # room for commit 2's open and nothing else
+    ids = torch.arange(ROWS)
+
+    def evict_in_another_process() -> None:
+        args = [url, json.dumps(opts), str(cache), str(tight)]
+        subprocess.run([sys.executable, "-c", _EVICTOR, *args], check=True, timeout=120)
+
+    r1 = dpsn.open(url, at=first, storage_options=opts, cache_dir=cache, cache_rows=0)
+    r1b = dpsn.open(url, at=first, storage_options=opts, cache_dir=cache, cache_rows=0)
+    held = r1.path
+    assert held == r1b.path and held in remote.held_checkouts()
+    r1b.close()  # the other pool on the same checkout still holds it
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_bytes=tight) as r2:
+        torch.testing.assert_close(r2.read(ids), want2, rtol=0, atol=0)
+    assert held.is_dir()
+    evict_in_another_process()
+    assert held.is_dir()
+    # read only now: every segment's metadata and chunk is read after the evictions
+    torch.testing.assert_close(r1.read(ids), want1, rtol=0, atol=0)
+    evict_in_another_process()  # evicts the chunks r1 just read: they are fetched again
+    torch.testing.assert_close(r1.read(ids), want1, rtol=0, atol=0)
+    r1.close()
+    assert held not in remote.held_checkouts()
+    evict_in_another_process()
+    assert not held.exists()  # reclaimed once no reader holds it
+    on_disk = sum(p.stat().st_size for p in (cache / "objects").iterdir())
+    assert on_disk <= tight
