@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dpsn.errors import DistributedError, DpsnError, ReadOnlyError
+from dpsn.errors import DistributedError, DpsnError, InvalidDeltaError, ReadOnlyError
 from dpsn.hypernet import xxh64_ids
 from dpsn.store import shards as layout
 from dpsn.tiers import RowBatch
@@ -142,8 +142,11 @@ class ShardedRowBatch:
         instead (:meth:`select_at_owner`; ``SparseFinetune`` does so). Protected rows are left
         out by each owner. Gradients that are not finite are never sent: the step is skipped
         (counted) by every owner of this rank's rows, and with ``strict=True`` this rank
-        raises ``InvalidDeltaError`` after the exchange (the others are not left waiting)."""
-        from dpsn.errors import InvalidDeltaError
+        raises ``InvalidDeltaError`` after the exchange (the others are not left waiting).
+        ``strict`` travels with this rank's rows: an owner that refuses their step because
+        its results would not be finite (gradients summed over ranks that overflow) skips and
+        counts it whatever its own flag, and this rank raises ``InvalidDeltaError`` when it
+        asked for ``strict``."""
         from dpsn.tiers import SECOND_BACKWARD
 
         if self.applied or self._local is None:
@@ -156,15 +159,20 @@ class ShardedRowBatch:
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
         self._pool._optimizer = optimizer
-        self._pool._strict = strict
         finite = bool(torch.isfinite(grads).all())
         g = grads.float() if finite else torch.zeros_like(grads, dtype=torch.float32)
         self.applied = True
-        self._exchange_grads(g, contributes=finite, rows=rows)
+        refused = self._exchange_grads(g, contributes=finite, rows=rows, strict=strict)
         if not finite and strict:  # the owners counted the skipped step
             raise InvalidDeltaError(
                 "the row gradients are not finite (NaN or Inf): the row step was not "
                 "applied on this rank's rows (no row changed)"
+            )
+        if refused and strict:
+            raise InvalidDeltaError(
+                "the row step's results are not finite at the owner of some of this rank's "
+                "rows (the gradients summed over ranks, or the row optimizer, overflowed): "
+                "that owner skipped the step (no row of its batch changed)"
             )
 
     def select_at_owner(self, select: Any) -> None:
@@ -202,35 +210,60 @@ class ShardedRowBatch:
                 (len(self.ids), self._pool.dim), dtype=torch.float32, device=self.ids.device
             )
             self.applied = True
-            self._exchange_grads(zeros, contributes=False, rows=None)
+            self._exchange_grads(zeros, contributes=False, rows=None, strict=False)
         else:
             self._local.release()
             self._local = None
 
     def _exchange_grads(
-        self, grads: torch.Tensor, *, contributes: bool, rows: torch.Tensor | None
-    ) -> None:
+        self, grads: torch.Tensor, *, contributes: bool, rows: torch.Tensor | None, strict: bool
+    ) -> bool:
         """Send ``[grads | contributed | uses | selected | selects-at-owner]`` ``(n, D + 4)``
-        to the owners; each owner sums them per row and steps the rows every requester gave a
-        gradient for (all or none: a rank that skipped skips the batch for its rows)."""
+        to the owners, each rank's rows for rank j led by one header row carrying the sender's
+        ``strict`` flag; each owner sums the rows per row and steps those every requester gave
+        a gradient for (all or none: a rank that skipped skips the batch for its rows).
+
+        The owner never applies its own ``strict`` to others' rows: a step it refuses because
+        its results would not be finite (gradients summed over ranks that overflow, an
+        optimizer that does) is skipped and counted there, and when any rank asked for
+        ``strict`` (every rank learns it from the headers, so all agree) a second, small
+        all-to-all tells each requester which of its rows were refused. Returns whether this
+        rank's rows were refused somewhere (False when no rank asked for ``strict``)."""
         local, self._local = self._local, None
         assert local is not None
         pool = self._pool
         n, d = len(grads), pool.dim
+        world = len(self._send)
         extra = torch.zeros((n, 4), dtype=grads.dtype, device=grads.device)
         extra[:, 0] = 1.0 if contributes else 0.0
         extra[:, 1] = self.counts.to(grads.dtype)
         extra[:, 2] = 1.0 if rows is None else rows.to(grads.dtype)
         extra[:, 3] = 1.0 if getattr(self, "_selects", False) else 0.0
-        send = torch.cat([grads, extra], dim=1)[self._perm]  # grouped by owner, as the ids went
-        got = pool._a2a(send, self._send, self._recv)  # (r, D + 4)
+        body = torch.cat([grads, extra], dim=1)[self._perm]  # grouped by owner, as the ids went
+        # one header row ahead of each destination's rows: [0.., strict] (column d)
+        send_counts = torch.tensor(self._send, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(world), send_counts).to(grads.device)
+        at = torch.arange(n, device=grads.device) + owner + 1
+        heads = torch.cumsum(send_counts + 1, 0) - send_counts - 1
+        send = torch.zeros((n + world, d + 4), dtype=grads.dtype, device=grads.device)
+        send[at] = body
+        send[heads.to(grads.device), d] = 1.0 if strict else 0.0
+        got_all = pool._a2a(send, [c + 1 for c in self._send], [c + 1 for c in self._recv])
+        recv_counts = torch.tensor(self._recv, dtype=torch.int64)
+        rheads = (torch.cumsum(recv_counts + 1, 0) - recv_counts - 1).to(got_all.device)
+        any_strict = bool((got_all[rheads, d] > 0).any())  # every rank sent every rank a header
+        is_row = torch.ones(len(got_all), dtype=torch.bool, device=got_all.device)
+        is_row[rheads] = False
+        got = got_all[is_row]  # (r, D + 4), in the order the rows came
+        refused = torch.zeros(len(got), dtype=grads.dtype, device=got.device)
         try:
             if len(local) and pool.writable:
                 summed = torch.zeros((len(local), d + 4), dtype=torch.float32, device=got.device)
                 summed.index_add_(0, local.inverse.reshape(-1), got)
                 asked = torch.bincount(local.inverse.reshape(-1), minlength=len(local))
                 # every requester of a row gave its gradient: step; else skip the batch, as one
-                # process skips a step whose gradients are not finite
+                # process skips a step whose gradients are not finite (that requester raises
+                # under its own strict)
                 if bool((summed[:, d] == asked.to(summed.dtype)).all()):
                     if pool._optimizer is None:
                         raise DistributedError(
@@ -243,11 +276,19 @@ class ShardedRowBatch:
                     if bool((summed[:, d + 3] > 0).any()):
                         keep &= self._owner_rows(local, g, summed[:, d + 1])
                     mask = None if bool(keep.all()) else keep
-                    local.apply_grads(g, pool._optimizer, rows=mask, strict=pool._strict)
+                    try:  # strict here only to learn of a refusal, which is counted below
+                        local.apply_grads(g, pool._optimizer, rows=mask, strict=True)
+                    except InvalidDeltaError:
+                        pool.local.count_skipped_row_step()
+                        refused[:] = 1.0
                 else:
                     pool.local.count_skipped_row_step()
         finally:
             local.release()
+        if not any_strict:
+            return False
+        back = pool._a2a(refused[:, None], list(self._recv), list(self._send))
+        return bool((back > 0).any())
 
     def _owner_rows(self, local: RowBatch, grads: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
         """The owner's selection over its rows of the step (see :meth:`select_at_owner`)."""
@@ -303,7 +344,6 @@ class ShardedPool:
         self.world = dist.get_world_size(group)
         self._record = record
         self._optimizer: Any = None
-        self._strict = False
         self._owner_select: Any = None  # a row selection run at the owners (select_at_owner)
         # a group of one skips its all-to-alls; True runs them anyway (to test a backend's
         # collectives on one device, as tests/test_distributed.py does with NCCL)

@@ -188,6 +188,25 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
             assert raised == ("InvalidDeltaError" if rank == 1 else ""), raised
             assert torch.equal(p.read(ids), before)
             assert p.local.stats()["skipped_row_steps"] == 1
+            # each requester's strict travels with its rows: rank 1 asks for strict, rank 0
+            # does not; the gradients summed at rank 0 (the owner) of some rows overflow, so
+            # rank 0 skips (counts) its batch and rank 1, whose rows those were too, raises
+            mine = dd.owner_of(ids, 2) == 0
+            grads = torch.ones(16, DIM)
+            grads[int(torch.nonzero(mine)[0]), 0] = 3e38  # finite; 6e38 summed over ranks
+            with torch.enable_grad():
+                batch = p.page_in(ids)
+            raised = ""
+            try:
+                batch.apply_grads(grads, dpsn.pool.RowSGD(lr=1.0), strict=rank == 1)
+            except InvalidDeltaError:
+                raised = "InvalidDeltaError"
+            batch.release()
+            assert raised == ("InvalidDeltaError" if rank == 1 else ""), raised
+            after = p.read(ids)
+            assert torch.equal(after[mine], before[mine])  # the owner refused its batch
+            torch.testing.assert_close(after[~mine], before[~mine] - 2.0)  # 1 + 1, lr 1
+            assert p.local.stats()["skipped_row_steps"] == (2 if rank == 0 else 1)
             _train(p, None, steps=3)
             _train(p, dpsn.SparseFinetune(top=0.25), steps=3)
             assert p.local.stats()["rows_held"] > 0
