@@ -88,6 +88,7 @@ _OBJECT = re.compile(r"^[0-9a-f]{16}-[0-9]{1,15}$")
 # A segment chunk (lazy): data.zarr/segments/<segment>/<column>/c[/<i>...]
 _LAZY = re.compile(rf"^{ZARR_DIR}/{SEGMENTS_GROUP}/[0-9a-f]+/[a-z_]+/c(/[0-9]+)*$")
 _COMPLETE = ".complete"
+_TOUCH_S = 60.0  # a cache hit refreshes its file's mtime (the cross-process LRU) at most this often
 _RUN_FILE = re.compile(r"^(runs\.json|run-[0-9]+\.bin)$")
 
 
@@ -195,20 +196,28 @@ def publish(store: Any, url: str, storage_options: dict[str, Any] | None = None)
         "inline": inline,
     }
     # Objects first, then the record, then HEAD: a reader that sees HEAD finds everything.
-    fs.pipe_file(f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json", json.dumps(record).encode())
-    fs.pipe_file(f"{prefix}/{HEAD_OBJECT}", json.dumps({"commit": commit}).encode())
+    # HEAD names the record's bytes (xxh64 and size) too, so that a reader holding that very
+    # record in its cache needs no second request (readers of HEADs without it fetch it).
+    body = json.dumps(record).encode()
+    fs.pipe_file(f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json", body)
+    head = {"commit": commit, "record": _object_name(body)}
+    fs.pipe_file(f"{prefix}/{HEAD_OBJECT}", json.dumps(head).encode())
     return {"commit": commit, "objects_uploaded": uploaded, "bytes_uploaded": sent, "url": url}
 
 
-def _read_json(fs: Any, path: str) -> dict[str, Any]:
+def _read_bytes(fs: Any, path: str) -> bytes:
+    """A small object's bytes in one ranged GET (``fs.open`` would ask for its size first)."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES + 1)
+        data = fs.cat_file(path, start=0, end=MAX_RECORD_BYTES + 1)
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path}: no such object (nothing published there?)") from None
     if len(data) > MAX_RECORD_BYTES:
         raise CorruptStoreError(f"{path} is larger than {MAX_RECORD_BYTES} bytes")
-    return json_object(data, path)
+    return data
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any]:
+    return json_object(_read_bytes(fs, path), path)
 
 
 def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -244,7 +253,10 @@ def _check_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
 def published(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """The newest commit published under ``url``."""
     fs, prefix = _fs(url, storage_options)
-    raw = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+    return _head_commit(_read_json(fs, f"{prefix}/{HEAD_OBJECT}"), url)
+
+
+def _head_commit(raw: dict[str, Any], url: str) -> int:
     if "global" in raw:
         raise InvalidArgumentError(
             f"{url} holds a published sharded root: open it with dpsn.open (its shards are "
@@ -329,19 +341,29 @@ class ChunkCache:
         """The bytes of object ``name`` (checked), from the cache or else from
         ``prefix/objects/`` on ``fs``."""
         path = self.objects / name
+        size = _object_size(name)
+        data = stale = None
         try:
-            with open(path, "rb") as f:
-                data = f.read(_object_size(name) + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            data = None
+            pass
+        else:
+            try:
+                st = os.fstat(fd)
+                # a regular file of the object's size is read whole (one call) and checked
+                data = os.pread(fd, size + 1, 0) if st.st_size == size else b""
+                stale = time.time() - st.st_mtime > _TOUCH_S
+            finally:
+                os.close(fd)
         if data is not None:
             if _object_name(data) == name:
                 with self._lock:
                     self.hits += 1
                     if name in self._lru:
                         self._lru.move_to_end(name)
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # the LRU order survives the process
+                if stale:  # the LRU order survives the process (to _TOUCH_S)
+                    with contextlib.suppress(OSError):
+                        os.utime(path)
                 return data
             with self._lock:  # damaged in the cache: never served, fetched again
                 self.refetched += 1
@@ -577,6 +599,8 @@ class ChunkReader:
         itself."""
         cache, co = self.co.chunks, self.co
         names = {n for p in paths if (n := self._name(p)) is not None}
+        with cache._lock:  # chunks this process knows to be cached need no stat
+            names -= cache._lru.keys()
         todo = sorted(n for n in names if not (cache.objects / n).is_file())
         room = cache.prefetch_room()
         take, total = [], 0
@@ -618,21 +642,58 @@ def _cache_at(objects: Path, cap: int) -> ChunkCache:
         if cache is None or not objects.is_dir():
             cache = _CACHES[key] = ChunkCache(objects=objects, cap=cap)
         cache.cap = cap
-    cache.rescan()
-    return cache
+    return cache  # rescanned by the checkout, once it holds its directory
 
 
 def _record(
-    url: str, storage_options: dict[str, Any] | None, at: int | None
+    url: str,
+    storage_options: dict[str, Any] | None,
+    at: int | None,
+    head: dict[str, Any] | None,
+    objects: Path,
 ) -> tuple[Any, str, int, dict[str, Any]]:
+    """The commit to check out (``at``, or what HEAD names) and its record. ``head``: HEAD
+    as already read (None: read it here). A record HEAD names by its bytes (xxh64 and size)
+    is kept in ``objects`` and read from there while it matches: a warm open of the newest
+    commit asks the bucket for HEAD alone."""
     fs, prefix = _fs(url, storage_options)
-    commit = published(url, storage_options) if at is None else at
+    name = None
+    if at is None:
+        raw = head if head is not None else _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+        commit = _head_commit(raw, url)
+        if isinstance(raw.get("record"), str) and _OBJECT.match(raw["record"]):
+            name = raw["record"]
+    else:
+        commit = at
     where = f"{prefix}/{PUBLISHED_DIR}/{commit:016d}.json"
-    try:
-        rec = _check_record(_read_json(fs, where), where)
-    except StoreNotFoundError:
-        raise SnapshotNotFoundError(f"{url}: commit {commit} was not published") from None
+    data = None
+    if name is not None:
+        with contextlib.suppress(OSError):
+            data = (objects / name).read_bytes()
+        if data is not None and _object_name(data) != name:
+            data = None  # damaged in the cache: fetched again
+    if data is None:
+        try:
+            data = _read_bytes(fs, where)
+        except StoreNotFoundError:
+            raise SnapshotNotFoundError(f"{url}: commit {commit} was not published") from None
+        if name is not None:
+            if _object_name(data) != name:
+                raise CorruptStoreError(
+                    f"{where} is not the record {url}/{HEAD_OBJECT} names (its checksum "
+                    "differs); publish the store again"
+                )
+            with contextlib.suppress(OSError):
+                _put_bytes(objects, name, data)
+    rec = _check_record(json_object(data, where), where)
     return fs, prefix, commit, rec
+
+
+def _put_bytes(objects: Path, name: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=objects, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, objects / name)
 
 
 _ATTEMPTS = 5  # checkouts built and evicted by another process before this one could hold
@@ -645,6 +706,7 @@ def checkout(
     at: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    _head: dict[str, Any] | None = None,
 ) -> Checkout:
     """Check the commit published under ``url`` (the newest, or ``at``) out into the disk
     cache: its eager files are fetched (or found and checked again), its segment chunks are
@@ -653,10 +715,10 @@ def checkout(
     it alone until the hold is released."""
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1:
         raise InvalidArgumentError(f"cache_bytes must be a positive int, got {cache_bytes!r}")
-    fs, prefix, commit, rec = _record(url, storage_options, at)
     cache = Path(cache_dir) if cache_dir is not None else _default_cache()
     objects = cache / OBJECTS_DIR
     objects.mkdir(parents=True, exist_ok=True)
+    fs, prefix, commit, rec = _record(url, storage_options, at, _head, objects)
     lazy_prefix = ZARR_DIR + "/"
     lazy = {rel[len(lazy_prefix) :]: o for rel, o in rec["files"].items() if is_lazy(rel)}
     eager = {rel: o for rel, o in rec["files"].items() if not is_lazy(rel)}
@@ -970,7 +1032,9 @@ def checkout_any(
     fs, prefix = _fs(url, storage_options)
     head = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
     if "global" not in head:
-        co = checkout(url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        co = checkout(
+            url, storage_options, at=at, cache_dir=cache_dir, cache_bytes=cache_bytes, _head=head
+        )
         assert co.hold is not None
         return co.path, [co.hold]
     gid = head["global"] if at is None else at

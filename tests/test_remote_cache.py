@@ -68,7 +68,7 @@ def counting(monkeypatch):
         return made[-1], prefix
 
     monkeypatch.setattr(remote, "_fs", fs)
-    return lambda: [g for c in made for g in c.object_gets if "/objects/" in g]
+    return lambda every=False: [g for c in made for g in c.object_gets if every or "/objects/" in g]
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +331,38 @@ def test_an_open_reader_keeps_its_checkout_however_others_evict(bucket, tmp_path
     assert not held.exists()  # reclaimed once no reader holds it
     on_disk = sum(p.stat().st_size for p in (cache / "objects").iterdir())
     assert on_disk <= tight
+
+
+def test_a_warm_open_asks_the_bucket_for_head_alone(bucket, tmp_path, counting):
+    """HEAD names its record's bytes: a cached copy that matches serves the open, a damaged
+    one is fetched again, and a record in the bucket that is not the one HEAD names is a
+    typed error."""
+    import json
+
+    from dpsn.errors import CorruptStoreError
+
+    url, opts, fs = bucket
+    want = _published(tmp_path, url, opts)
+    cache = tmp_path / "cache"
+    ids = torch.arange(0, ROWS, 7)
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        r.read(ids)
+    before = len(counting(every=True))
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+    asked = counting(every=True)[before:]
+    assert len(asked) == 1 and asked[0].endswith("/pool/HEAD"), asked
+    named = json.loads(fs.cat_file(url[5:] + "/HEAD"))["record"]
+    (cache / "objects" / named).write_bytes(b"{}")  # damaged in the cache: fetched again
+    before = len(counting(every=True))
+    with dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0) as r:
+        torch.testing.assert_close(r.read(ids), want[ids], rtol=0, atol=0)
+    assert len(counting(every=True)[before:]) == 2
+    (cache / "objects" / named).unlink()
+    head = json.loads(fs.cat_file(url[5:] + "/HEAD"))["commit"]
+    where = f"{url[5:]}/published/{head:016d}.json"
+    rec = json.loads(fs.cat_file(where))
+    rec["time"] += 1  # a different record at HEAD's commit: not the one HEAD names
+    fs.pipe_file(where, json.dumps(rec).encode())
+    with pytest.raises(CorruptStoreError, match="not the record"):
+        dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0)
