@@ -987,6 +987,113 @@ def _evict(cache: Path, budget: int, keep: set[str]) -> None:
             return
 
 
+# -- garbage collection of a bucket ------------------------------------------------------------
+
+GC_GRACE_S = 3600.0  # objects younger than this are never removed (a publish may be under way)
+_RECORD_NAME = re.compile(r"^([0-9]{16})\.json$")
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """An object's upload time (seconds since the epoch) from a listing, if it says."""
+    t = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if t is None:
+        return None
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
+def gc(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    keep_last: int | None = None,
+    keep_within: float | None = None,
+    grace: float = GC_GRACE_S,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Remove what a bucket's published store no longer needs: the records of commits not
+    retained, then every object under ``objects/`` that no retained record names.
+
+    Retained: every published commit when neither ``keep_last`` (the newest N records) nor
+    ``keep_within`` (records uploaded in the last that many seconds) is given; always the
+    commit HEAD names and any newer one (a publish between its record and HEAD). Objects
+    uploaded less than ``grace`` seconds ago are kept whatever names them: a publish uploads
+    its objects before its record. Run it while no publish to ``url`` is under way (like a
+    local gc under the writer lock): a publish reuses objects it finds in the bucket, and one
+    that found an object just before this run removed it would name a missing object (HEAD is
+    read again before objects go, and nothing is removed if it moved). A reader of a commit
+    that was not retained finds it gone (``SnapshotNotFoundError``, or a missing object).
+    Returns what was (or, with ``dry_run``, would be) removed."""
+    for name, v in (("keep_last", keep_last), ("keep_within", keep_within), ("grace", grace)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise InvalidArgumentError(f"{name} must be a number >= 0, got {v!r}")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise InvalidArgumentError(f"keep_last must be a positive int, got {keep_last!r}")
+    fs, prefix = _fs(url, storage_options)
+    head_raw = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+    if "global" in head_raw:
+        raise InvalidArgumentError(
+            f"{url} holds a published sharded root: gc of a sharded root's bucket is not "
+            "supported yet (each shard under URL/shard-XXXX is a published store, but its "
+            "retained commits are those the global records name)"
+        )
+    head = _head_commit(head_raw, url)
+    now = time.time()
+    records: dict[int, tuple[str, float | None]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        listing = fs.find(f"{prefix}/{PUBLISHED_DIR}", detail=True)
+        for path, info in listing.items():
+            m = _RECORD_NAME.match(path.rsplit("/", 1)[-1])
+            if m:
+                records[int(m.group(1))] = (path, _mtime(info))
+    commits = sorted(records)
+    if keep_last is None and keep_within is None:
+        keep = set(commits)
+    else:
+        keep = set(commits[-keep_last:]) if keep_last else set()
+        if keep_within is not None:
+            keep |= {c for c in commits if (records[c][1] or now) >= now - keep_within}
+    keep |= {c for c in commits if c >= head}
+    referenced: set[str] = set()
+    for c in sorted(keep):
+        where = f"{prefix}/{PUBLISHED_DIR}/{c:016d}.json"
+        rec = _check_record(_read_json(fs, where), where)
+        referenced |= set(rec["files"].values()) | {rec["index"]}
+    doomed_records = [c for c in commits if c not in keep]
+    objects: dict[str, tuple[str, int, float | None]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for path, info in fs.find(f"{prefix}/{OBJECTS_DIR}", detail=True).items():
+            name = path.rsplit("/", 1)[-1]
+            objects[name] = (path, int(info.get("size") or 0), _mtime(info))
+    doomed, young = [], 0
+    for name, (_path, _size, t) in sorted(objects.items()):
+        if name in referenced:
+            continue
+        if t is None or now - t < grace:
+            young += 1  # a publish may be uploading it, or it cannot tell: kept
+            continue
+        doomed.append(name)
+    out = {
+        "url": url,
+        "head": head,
+        "kept_commits": sorted(keep),
+        "removed_commits": doomed_records,
+        "removed_objects": len(doomed),
+        "freed_bytes": sum(objects[n][1] for n in doomed),
+        "young_objects_kept": young,
+        "dry_run": dry_run,
+    }
+    if dry_run:
+        return out
+    for c in doomed_records:  # records first: an interrupted gc leaves only unnamed objects
+        fs.rm_file(records[c][0])
+    if _head_commit(_read_json(fs, f"{prefix}/{HEAD_OBJECT}"), url) != head:
+        out.update(removed_objects=0, freed_bytes=0, head_moved=True)
+        return out  # a publish ran meanwhile: its objects are left alone (run gc again)
+    if doomed:
+        fs.rm([objects[n][0] for n in doomed])
+    return out
+
+
 # -- sharded roots -----------------------------------------------------------------------------
 #
 # A sharded root publishes as one prefix holding each shard as an ordinary published store

@@ -167,3 +167,49 @@ def test_bucket_is_read_only_and_push_cli(bucket, tmp_path, capsys, monkeypatch)
     assert json.loads(capsys.readouterr().out)["commit"] == head
     with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
         torch.testing.assert_close(r.read(torch.arange(50)), want, rtol=0, atol=0)
+
+
+def test_gc_of_a_bucket_keeps_what_retained_commits_name(bucket, tmp_path, monkeypatch, capsys):
+    """``dpsn gc URL``: records of commits not retained go, then objects no retained record
+    names (a dead publisher's leftover included, once older than the grace period); HEAD's
+    commit stays whole and readable."""
+    from dpsn.errors import SnapshotNotFoundError
+    from dpsn.store import remote
+
+    url, opts, fs = bucket
+    ids = torch.arange(200)
+    commits = []
+    with _trained(tmp_path / "s", steps=2) as pool:
+        for k in range(3):
+            pool.write([k], torch.full((1, 8), float(k)))
+            pool.commit(f"c{k}")
+            commits.append(pool.publish(url, opts)["commit"])
+        want = pool.read(ids)
+    base = url[5:]
+    fs.pipe_file(f"{base}/objects/0123456789abcdef-5", b"stale")  # a dead publisher's object
+    before = set(fs.find(f"{base}/objects"))
+
+    dry = remote.gc(url, opts, grace=0, dry_run=True)  # every commit kept: only the leftover
+    assert dry["removed_commits"] == [] and dry["removed_objects"] == 1
+    assert set(fs.find(f"{base}/objects")) == before
+    young = remote.gc(url, opts)  # within the grace period: kept
+    assert young["removed_objects"] == 0 and young["young_objects_kept"] == 1
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    args = ["gc", url, "--keep-last", "1", "--grace", "0s", "--json"]
+    assert cli([*args, "--endpoint-url", opts["endpoint_url"]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept_commits"] == [commits[-1]] and out["removed_commits"] == commits[:-1]
+    assert out["removed_objects"] > 1  # the leftover and the older commits' index copies
+    head = json.loads(fs.cat_file(f"{base}/published/{commits[-1]:016d}.json"))
+    left = {p.rsplit("/", 1)[-1] for p in fs.find(f"{base}/objects")}
+    assert set(head["files"].values()) - set(head["inline"]) | {head["index"]} <= left
+    assert len(left) == len(before) - out["removed_objects"]
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        torch.testing.assert_close(r.read(ids), want, rtol=0, atol=0)
+        assert r.verify().ok
+    with pytest.raises(SnapshotNotFoundError):
+        dpsn.open(url, at=commits[0], storage_options=opts, cache_dir=tmp_path / "c2")
+    assert remote.gc(url, opts, grace=0)["removed_objects"] == 0  # nothing more to remove

@@ -327,7 +327,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from dpsn.store import PersistedStore
+    from dpsn.store import PersistedStore, remote
+
+    if remote.is_url(args.path):  # a bucket's published store (tools/_remote.py)
+        from ._remote import cmd_gc_url
+
+        return cmd_gc_url(args)
 
     from ._format import human_bytes
 

@@ -1,4 +1,5 @@
-"""``dpsn push STORE URL``: publish a local store's newest commit to object storage."""
+"""``dpsn push STORE URL``: publish a local store's newest commit to object storage; and
+``dpsn gc URL``: remove what a bucket's published store no longer needs."""
 
 from __future__ import annotations
 
@@ -60,5 +61,43 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(
             f"{args.path}: commit {out['commit']} published to {args.url} "
             f"({out['objects_uploaded']} objects, {out['bytes_uploaded']} bytes uploaded)"
+        )
+    return 0
+
+
+def cmd_gc_url(args: argparse.Namespace) -> int:
+    """``dpsn gc s3://...``: :func:`dpsn.store.remote.gc` (from ``cmd_gc``)."""
+    from dpsn.store import remote
+
+    from ._format import human_bytes
+
+    options: dict[str, Any] = {}
+    if getattr(args, "endpoint_url", None):
+        options["endpoint_url"] = args.endpoint_url
+    grace = getattr(args, "grace", None)
+    out = remote.gc(
+        args.path,
+        options,
+        keep_last=getattr(args, "keep_last", None),
+        keep_within=getattr(args, "keep_within", None),
+        grace=remote.GC_GRACE_S if grace is None else grace,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        from ._commands import _print_json
+
+        _print_json(out)
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(
+            f"{args.path}: {verb} {len(out['removed_commits'])} published commit(s) and "
+            f"{out['removed_objects']} object(s) ({human_bytes(out['freed_bytes'])}); kept "
+            f"commits {out['kept_commits']} (HEAD {out['head']}), "
+            f"{out['young_objects_kept']} unreferenced object(s) younger than the grace period"
+            + (
+                "; HEAD moved during the run, no object removed: run it again"
+                if out.get("head_moved")
+                else ""
+            )
         )
     return 0

@@ -258,6 +258,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="AGE",
         help="keep commits younger than AGE, e.g. 7d, 12h, 30m (this run only)",
     )
+    sp.add_argument(  # gc of a bucket (PATH an s3:// URL): tools/_remote.py
+        "--endpoint-url", help="for a URL: an S3-compatible server's endpoint (MinIO, moto, ...)"
+    )
+    sp.add_argument(
+        "--grace",
+        type=_duration,
+        metavar="AGE",
+        help="for a URL: keep unreferenced objects younger than AGE (default 1h: a publish "
+        "may be uploading them)",
+    )
 
     sp = add(
         "compact",
