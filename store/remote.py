@@ -11,7 +11,8 @@ Layout under ``URL`` (every object but ``HEAD`` is written once and never change
 
     objects/<xxh64 hex>-<size>       a store file, content-addressed (dedup across commits)
     published/<commit:016d>.json     what a commit needs: {relative path: object} + the index
-    HEAD                             {"commit": N}: the newest published commit, written last
+    HEAD                             {"commit": N, "record": <xxh64 hex>-<size> of record N}:
+                                     the newest published commit, written last
 
 A writer commits locally and publishes (:func:`publish`): it uploads the files of HEAD it has
 not uploaded before (segments and generator arrays are immutable; ``dpsn.json`` and the Zarr
@@ -26,7 +27,9 @@ The reader's local disk cache (``cache_dir``, ``cache_bytes``) works at two grai
 - at open, the commit's *eager* files (the LMDB index, the manifest, the Zarr metadata, the
   generator's arrays: what an open reads whole) are downloaded, checked against their xxh64 and
   size, and hard-linked into a directory per published commit that opens as an ordinary
-  read-only store (on a later open they are checked again; a damaged one is fetched anew);
+  read-only store (on a later open they are checked again; a damaged one is fetched anew and
+  re-linked in place). The record HEAD names by its bytes is kept in the cache too, so a warm
+  open of the newest commit makes one request (HEAD);
 - segment chunks (the rows) are *lazy*: :class:`ChunkCache` fetches a chunk the first time a
   read needs it and keeps it on disk, least recently used evicted first once the objects in the
   cache pass ``cache_bytes``. Every read of a chunk, from the cache or the network, checks the
@@ -36,8 +39,12 @@ The reader's local disk cache (``cache_dir``, ``cache_bytes``) works at two grai
   store). The store engine reaches the cache through :func:`chunk_reader`, which the segment
   reader asks once per store: the open path takes no extra argument.
 
-Run files (``index.runs``) are not published: a reader reads the row index from the published
-LMDB copy, which it needs whole anyway. Credentials come only from the environment or
+Readers hold their checkout (:class:`CheckoutHold`): a refcount in the process and a shared
+``flock`` on the directory's marker, taken by :func:`checkout` and by each store opened there
+(:func:`chunk_reader`, released by the store's close). Eviction, by this process or another
+sharing ``cache_dir``, removes only commit directories it can lock exclusively without waiting
+(:func:`_remove_unheld`), so an open pool's directory is never removed under it. :func:`gc`
+removes what a bucket no longer needs. Credentials come only from the environment or
 ``storage_options`` and are never written into the bucket, the record or the cache.
 """
 
