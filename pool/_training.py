@@ -32,6 +32,7 @@ import torch
 
 from dpsn.tiers import SECOND_BACKWARD, RowBatch
 
+from . import _profile
 from ._optim import RowOptimizer
 from ._profile import ROW_STEP, scope
 from ._selection import check_row_selection
@@ -98,7 +99,10 @@ class RowTrainer:
         ``batch.ids``): apply one row step, or stash it inside ``accumulate()``."""
         if batch.applied:
             raise RuntimeError(SECOND_BACKWARD)
-        with scope(ROW_STEP):
+        if _profile.timing_on or _profile.profiling():
+            with scope(ROW_STEP):
+                self._step(batch, grads)
+        else:  # nothing times or profiles the step: no scope to open
             self._step(batch, grads)
 
     def _step(self, batch: RowBatch, grads: torch.Tensor) -> None:

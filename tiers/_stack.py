@@ -577,14 +577,17 @@ class RowStack:
         self.staging.put(ids.cpu().numpy(), values)
         cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
 
-    def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def _lookup(
+        self, ids: torch.Tensor, counts: torch.Tensor | None = None, *, cold: bool = False
+    ) -> torch.Tensor:
         """Slots of ``ids`` in the cache, the misses paged in: the stack drives the cache's
         admission (no callbacks): dirty victims are staged first, then the missing rows are
-        read from the lower tiers into the victims' slots."""
+        read from the lower tiers into the victims' slots. ``cold``: rows paged in on advice,
+        admitted as unused (``DeviceCache.admit``)."""
         cache = self.cache
         assert cache is not None
         self._unpin_collected()  # (every lookup: pins of collected batches must not hold rows)
-        admission = cache.admit(ids, counts=counts)
+        admission = cache.admit(ids, counts=counts, cold=cold)
         if isinstance(admission, torch.Tensor):  # all cached
             return admission
         if len(admission.dirty):
@@ -1163,25 +1166,21 @@ class RowStack:
             return
         with self.lock, torch.no_grad():
             extra = extra.to(self.device)
-            extra = extra[~cache.find(extra)[1]]  # only rows not cached: no hit is counted
+            extra = extra[~cache.find(extra)[1]]  # only rows not cached
             if not len(extra):
                 return
-            counts = {
-                k: dict(v) for k, v in (("total", cache.stats.total), ("last", cache.stats.last))
-            }
+            last = dict(cache.stats.last)
             self._advising = True
             try:
-                self._lookup(extra)
+                # admitted cold: no lookup, hit, miss or policy access is counted (a guess is
+                # not a use); the bytes and evictions it costs count in the totals
+                self._lookup(extra, cold=True)
                 self.advised_rows += len(extra)
             except _CANNOT_CACHE:
                 pass  # advice: no room now
             finally:
                 self._advising = False
-                # the step's counters stay the step's: advice is counted in advised_rows
-                for name in ("total", "last"):
-                    now = getattr(cache.stats, name)
-                    for c in ("lookups", "hits", "misses"):
-                        now[c] = counts[name][c]
+                cache.stats.last = last  # the last step's counters stay the step's
 
     def _prefetch_job(self, ids: torch.Tensor, key: tuple[str, int]) -> tuple[torch.Tensor, Any]:
         cache = self.cache
