@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from dpsn.tiers import SECOND_BACKWARD, RowBatch
+from dpsn.tiers import SECOND_BACKWARD, RowBatch, RowOptimizer
 
 from . import _profile
-from ._optim import RowOptimizer
 from ._profile import ROW_STEP, scope
 from ._selection import check_row_selection
 

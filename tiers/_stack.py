@@ -48,7 +48,7 @@ from ._procedural import ProceduralTier
 from ._sorted import sorted_find
 from ._stack_usage import WHERE_CACHE, WHERE_STAGED, WHERE_STORE, UsageStatistics
 from ._staging import Staging
-from ._tier import PersistedTier, StagingTier, Tier
+from ._tier import PersistedTier, Tier
 from ._usage import UsageClock, UsageIndex, UsageRules
 
 SECOND_BACKWARD = (
@@ -368,7 +368,7 @@ class RowStack:
         # the lower tiers, in the order a row's delta is looked for (see _tier.py); the
         # procedural generator gives every row its base beside them
         self._persisted = PersistedTier(store, index, dtype_name)
-        self.tiers: tuple[Tier, ...] = (StagingTier(self.staging), self._persisted)
+        self.tiers: tuple[Tier, ...] = (self.staging, self._persisted)
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.cache: DeviceCache | None = None
         self.trained: torch.Tensor | None = None  # per slot: has a delta/base/state
@@ -974,12 +974,15 @@ class RowStack:
             uncounted = batch.key in self._uncounted
             if batch.key is not None and not uncounted:
                 batch.touched = True  # counted at its page-in, or since (count_uses)
-            if resident is not None and self._fused(optimizer, grads):
+            kind = None if resident is None else self._fused(optimizer, width, grads)
+            if resident is not None and kind is not None:
                 self._rows_change(exclude=batch)
                 if rules is None:
-                    self._apply_fused(resident, grads, optimizer, scale)
+                    self._apply_fused(resident, grads, optimizer, kind, scale)
                 else:
-                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted, scale)
+                    self._apply_fused_tracked(
+                        batch, resident, grads, optimizer, kind, uncounted, scale
+                    )
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 updated = None
@@ -1015,29 +1018,28 @@ class RowStack:
             self.counters["row_steps"] += 1
             self.counters["rows_updated"] += len(batch)
 
-    def _fused(self, optimizer: RowOptimizer, grads: torch.Tensor) -> bool:
-        """Whether the optimizer's native loop can update resident rows in place: float32
-        columns on the CPU, bases kept (a frozen generator)."""
-        return (
-            _kernels.native_kind(optimizer, self.dim) is not None
-            and self.dtype == torch.float32
-            and _kernels.usable(grads)
-            and not self.procedural.trainable()
-        )
+    def _fused(self, optimizer: RowOptimizer, width: int, grads: torch.Tensor) -> int | None:
+        """The kind of the optimizer's native loop when it can update resident rows in place
+        (float32 columns on the CPU, bases kept: a frozen generator), else None; ``width`` is
+        its state width (the row step asked it). Resolved once a step and handed to the loop
+        that runs it."""
+        if self.dtype != torch.float32 or not _kernels.usable(grads) or self.procedural.trainable():
+            return None
+        return _kernels.native_kind(getattr(optimizer, "native", None), width, self.dim)
 
     def _apply_fused(
         self,
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         scale: torch.Tensor | None = None,
     ) -> None:
-        """One pass over the rows at ``slots``: start untrained rows at zero (their base is
-        their row), step delta and state (each row's update times ``scale``),
-        re-materialize ``row = base + delta``."""
+        """One pass over the rows at ``slots`` by the native loop ``kind`` (``_fused``): start
+        untrained rows at zero (their base is their row), step delta and state (each row's
+        update times ``scale``), re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
-        kind = _kernels.native_kind(optimizer, self.dim)
-        assert cache is not None and trained is not None and kind is not None
+        assert cache is not None and trained is not None
         _kernels.apply_rows(
             kind,
             optimizer.native_hyper(),
@@ -1315,6 +1317,7 @@ class RowStack:
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         uncounted: bool = False,
         scale: torch.Tensor | None = None,
     ) -> None:
@@ -1324,7 +1327,7 @@ class RowStack:
         cache, layout, stats = self.cache, self.layout, self.usage_stats
         assert cache is not None
         if (batch.touched or uncounted) and stats.native(slots):
-            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted, scale)
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, kind, uncounted, scale)
             return
         usage = self._cached_usage(slots)
         if not batch.touched:
@@ -1332,7 +1335,7 @@ class RowStack:
         screened = torch.nonzero(usage[:, _usage.PHASE] == _usage.SCREENED).flatten()
         s = slots[screened]
         old = self._cached_delta(s) if len(s) else None
-        self._apply_fused(slots, grads, optimizer, scale)
+        self._apply_fused(slots, grads, optimizer, kind, scale)
         if old is not None:
             new = torch.index_select(cache.column(layout.delta), 0, s).float()
             d = stats.damped(usage[screened], old, new)
@@ -1348,6 +1351,7 @@ class RowStack:
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         uncounted: bool,
         scale: torch.Tensor | None = None,
     ) -> None:
@@ -1359,8 +1363,6 @@ class RowStack:
         place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
-        kind = _kernels.native_kind(optimizer, self.dim)
-        assert kind is not None  # _fused said so
         _kernels.apply_rows_tracked(
             kind,
             optimizer.native_hyper(),
