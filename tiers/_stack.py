@@ -1302,7 +1302,10 @@ class RowStack:
     def _cached_usage(self, slots: torch.Tensor) -> torch.Tensor:
         """Usage statistics of cached ``slots`` (NaN rows: untrained, no statistics)."""
         assert self.cache is not None and self.trained is not None
-        return self.usage_stats.cached(self.cache.column(self.layout.usage), self.trained, slots)
+        column = self.cache.column(self.layout.usage)
+        if not column.shape[1]:  # no lifecycle: ``[n, 0]``, nothing for the component to mask
+            return torch.index_select(column, 0, slots)
+        return self.usage_stats.cached(column, self.trained, slots)
 
     def _touch(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
         """Count this step's uses of the trained rows among cached ``slots`` (see
