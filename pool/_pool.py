@@ -328,7 +328,10 @@ class Pool:
         co-used rows (pairs seen twice or more) on the prefetch thread, at most ``limit`` rows a
         step (default: an eighth of the cache), so that the steps after it find them resident.
         On by default (``k=2``) whenever co-use statistics are kept; ``k=0`` turns it off.
-        Advice only: nothing is pinned, and the cache counters count only steps' own lookups
+        Advice only: nothing is pinned, and the rows are admitted cold: no lookup, hit or miss
+        is counted for them and the eviction policy counts no access (a guess is not a use:
+        a frequency policy would otherwise keep unused partners over rows really read); the
+        bytes they move and the evictions they cause count in the cache's totals
         (``stats()["advised_rows"]``: rows paged in this way)."""
         self._check_open()
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
