@@ -15,6 +15,9 @@ executor (``mode="sum"``, row SGD), each traced after warming up:
 
 - ``hot step``: a forward and backward of one cached row (its second step);
 - ``miss step``: the same for a row never read before (procedural, nothing staged);
+- ``miss, full cache``: the same once the cache is full of trained rows, so that the miss
+  evicts a dirty row into staging (the policy picks the victim) and searches a staging area
+  that holds rows: the steady state of a long training run;
 - ``hot read``: ``pool.read`` of cached rows;
 - ``commit``: ``pool.commit()`` of one trained row (dirty in the cache);
 - ``hot step, lifecycle``: the hot step on a pool with a ``dpsn.Lifecycle`` (usage statistics).
@@ -129,9 +132,21 @@ def operations(tmp: Path, *, lifecycle: bool = True) -> dict[str, Callable[[], A
         pool.read(hot.reshape(-1))
         commit()
     step(hot)  # a trained row for the traced commit (the hot step below trains it again)
+    # a second pool whose cache is full of trained (dirty) rows: a miss there evicts one
+    full = dpsn.create(tmp / "f", rows=10**6, dim=16, seed=1, cache_rows=1024)
+    emb_f = PoolEmbedding(full, mode="sum", row_optimizer="sgd", row_lr=0.1)
+    for start in range(0, 3 * 1024, 512):  # 3 x the cache, in batches it can hold
+        emb_f(torch.arange(start, start + 512).reshape(-1, 1)).square().sum().backward()
+    cold = iter(range(10**5, 10**6))
+
+    def full_miss() -> None:
+        emb_f(torch.tensor([[next(cold)]])).square().sum().backward()
+
+    full_miss()
     ops = {
         "hot step": lambda: step(hot),
         "miss step": miss,
+        "miss, full cache": full_miss,
         "hot read": lambda: pool.read(hot.reshape(-1)),
         "commit": commit,
     }

@@ -531,7 +531,7 @@ HOT static PyObject *peer_backward(PyObject *self, PyObject *args) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Row optimizers (pool/_optim.py), fused with the cache's columns (tiers/_stack.py):         */
+/* Row optimizers (tiers/_optimizer.py), fused with the cache's columns (tiers/_stack.py):     */
 /* for each row i in slot s: step on delta[s] with grad[i] and state[s]; row[s] = base[s] +  */
 /* delta[s]. `fresh[i]` marks a row read procedural: its delta and state start at zero and   */
 /* its base is its current row (float32 pools only).                                         */
@@ -682,8 +682,8 @@ HOT static PyObject *apply_rows(PyObject *self, PyObject *args) {
 
 /* The same optimizer math on compact host arrays (rows not in the cache): delta [n, dim] and
  * state [n, width] updated in place. Shares opt_step with apply_rows (the tests compare the
- * tracked pair bit for bit); against the PyTorch expressions of pool/_optim.py the tests allow
- * float32 rounding (relative 1e-5: FMA contraction and another summation order). */
+ * tracked pair bit for bit); against the PyTorch expressions of tiers/_optimizer.py the tests
+ * allow float32 rounding (relative 1e-5: FMA contraction and another summation order). */
 HOT static PyObject *step_rows(PyObject *self, PyObject *args) {
     unsigned long long delta_p, state_p, grads_p, scale_p;
     long long dim, width, n;

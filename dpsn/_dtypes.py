@@ -10,6 +10,8 @@ storage half of the table without it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,3 +93,14 @@ def from_storage(values: np.ndarray, name: str) -> torch.Tensor:
     if name == "bfloat16":
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(values)
+
+
+def storage_reader(name: str) -> Callable[[np.ndarray], torch.Tensor]:
+    """:func:`from_storage` for pool dtype ``name``, chosen once by a reader that converts many
+    arrays: ``torch.from_numpy`` itself where the stored array already has the tensor's dtype
+    (every pool dtype but bfloat16), so each read converts without a dispatch on the name."""
+    import torch
+
+    if name == "bfloat16":
+        return functools.partial(from_storage, name=name)
+    return torch.from_numpy

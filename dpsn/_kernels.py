@@ -1,7 +1,7 @@
 """The fused CPU loops of ``dpsn._native`` (csrc/native.c), behind the checks they rely on.
 
-Private to dpsn: the row path (``tiers/``), the pool's optimizers and layer (``pool/``) and the
-product-key router (``index/``) call it; nothing here is API.
+Private to dpsn: the row path and its optimizers (``tiers/``), the pool's layer (``pool/``)
+and the product-key router (``index/``) call it; nothing here is API.
 
 Every caller keeps its PyTorch path: these run only when the extension was built, the tensors
 are on the CPU and the environment does not say ``DPSN_NATIVE=0``; the row path's tests run on
@@ -314,25 +314,25 @@ def state_width(kind: int, dim: int) -> int:
     return int(_lib.state_width(_int(kind, "optimizer kind", -(2**31), 2**31 - 1), int(dim)))
 
 
-def native_kind(optimizer: Any, dim: int) -> int | None:
-    """The loop kind that computes ``optimizer``'s step on rows of ``dim``, or None (take the
-    PyTorch path): its ``native`` must be one of :data:`OPTIMIZER_KINDS` and its
-    ``state_width(dim)`` the one that loop uses. ``dpsn.pool``'s optimizers also drop
-    ``native`` in any subclass that overrides their step, state width or hyperparameters."""
-    kind = getattr(optimizer, "native", None)
+def native_kind(native: Any, width: Any, dim: int) -> int | None:
+    """The loop kind that computes the step of an optimizer whose ``native`` attribute is
+    ``native`` and which keeps ``width`` state floats a row (its ``state_width(dim)``) for rows
+    of ``dim``, or None (take the PyTorch path): ``native`` must be one of
+    :data:`OPTIMIZER_KINDS` and ``width`` the one that loop uses. The caller asks the optimizer
+    for its width (the row step has it already), so nothing here calls into an optimizer. The
+    built-in optimizers also drop ``native`` in any subclass that overrides their step, state
+    width or hyperparameters."""
     if (
         _lib is None
-        or isinstance(kind, bool)
-        or not isinstance(kind, int)
-        or kind not in OPTIMIZER_KINDS
+        or isinstance(native, bool)
+        or not isinstance(native, int)
+        or native not in OPTIMIZER_KINDS
         or dim < 1
+        or isinstance(width, bool)
+        or not isinstance(width, int)
     ):
         return None
-    try:
-        width = optimizer.state_width(dim)
-    except Exception:  # an optimizer of the user's that cannot say: its own path decides
-        return None
-    return kind if width == state_width(kind, dim) else None
+    return native if width == state_width(native, dim) else None
 
 
 def _step_kind(opt: int, dim: int, width: int) -> int:

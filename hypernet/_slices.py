@@ -150,7 +150,9 @@ class HashedSlices(Generator):
         if self._k * self._s != self.dim or not out.is_contiguous():
             super().generate_into(ids, out)  # rows are cut from a longer slice run
             return
-        offsets, sign = self._slices(self._prepare_ids(ids))
+        # to the memory's device only: stream_bits checks and converts the dtype (the check
+        # _prepare_ids would make first, a second time on every fill)
+        offsets, sign = self._slices(ids.to(self.memory.device))
         memory = self.memory.detach()
         windows = memory.as_strided((memory.numel() - self._s + 1, self._s), (1, 1))
         flat = out.view(-1, self._s)  # (n * k, S): the same bytes as out

@@ -2,7 +2,7 @@
 layer of a model."""
 
 from dpsn.store import Commit, MaintenancePolicy, VerifyReport
-from dpsn.tiers import Prefetch, RowBatch
+from dpsn.tiers import ROW_OPTIMIZERS, Prefetch, RowAdagrad, RowAdam, RowBatch, RowOptimizer, RowSGD
 
 from ._api import compact, create, gc, open
 from ._collection import PoolEmbeddingCollection, TableRange
@@ -14,7 +14,6 @@ from ._lifecycle import Lifecycle
 from ._merge import MergeReport, merge
 from ._migration import Migration
 from ._ngram import NgramMemory, prefetching
-from ._optim import ROW_OPTIMIZERS, RowAdagrad, RowAdam, RowOptimizer, RowSGD
 from ._pool import Pool
 from ._profile import SCOPES as STEP_SCOPES
 from ._profile import timing as step_timing

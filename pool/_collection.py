@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dpsn.tiers import RowOptimizer
+
 from ._embedding import PoolEmbedding
-from ._optim import RowOptimizer
 from ._pool import Pool
 
 __all__ = ["PoolEmbeddingCollection", "TableRange"]

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpsn.tiers import RowBatch
+from dpsn.tiers import RowBatch, RowOptimizer, make_row_optimizer
 
-from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
 from ._reopen import (
     CONFIG_FORMAT,

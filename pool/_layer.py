@@ -37,9 +37,8 @@ from torch import nn
 
 from dpsn import _kernels
 from dpsn.errors import FreshRouterWarning
-from dpsn.tiers import SECOND_BACKWARD, RowBatch
+from dpsn.tiers import SECOND_BACKWARD, RowBatch, RowOptimizer, make_row_optimizer
 
-from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
 from ._profile import EXECUTOR_BACKWARD, EXECUTOR_FORWARD, PAGE_IN, ROUTE, scope
 from ._reopen import (

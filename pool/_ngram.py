@@ -40,9 +40,8 @@ from torch import nn
 
 from dpsn.errors import InvalidArgumentError, InvalidArgumentTypeError, InvalidIdsError
 from dpsn.hypernet import derive_seed, xxh64_ids
-from dpsn.tiers import Prefetch, RowBatch
+from dpsn.tiers import Prefetch, RowBatch, RowOptimizer, make_row_optimizer
 
-from ._optim import RowOptimizer, make_row_optimizer
 from ._pool import Pool
 from ._training import RowTrainer
 

@@ -83,6 +83,8 @@ class Pool:
         lifecycle: Lifecycle | None = None,
     ) -> None:
         self._store = store
+        # the pool's own flag, set by close(): a step checks it without a call into the store
+        self._closed = store.closed
         m = store.manifest
         device = torch.device(device) if device is not None else torch.device("cpu")
         check_policy(policy)  # a typo is an error even where no cache is built
@@ -217,7 +219,7 @@ class Pool:
         )
 
     def _check_open(self) -> None:
-        if self._store.closed:
+        if self._closed:
             raise ValueError(f"{self.path}: this pool is closed")
 
     def _require_writable(self) -> None:
@@ -326,7 +328,10 @@ class Pool:
         co-used rows (pairs seen twice or more) on the prefetch thread, at most ``limit`` rows a
         step (default: an eighth of the cache), so that the steps after it find them resident.
         On by default (``k=2``) whenever co-use statistics are kept; ``k=0`` turns it off.
-        Advice only: nothing is pinned, and the cache counters count only steps' own lookups
+        Advice only: nothing is pinned, and the rows are admitted cold: no lookup, hit or miss
+        is counted for them and the eviction policy counts no access (a guess is not a use:
+        a frequency policy would otherwise keep unused partners over rows really read); the
+        bytes they move and the evictions they cause count in the cache's totals
         (``stats()["advised_rows"]``: rows paged in this way)."""
         self._check_open()
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -823,13 +828,16 @@ class Pool:
     def close(self) -> None:
         """Release the store (and the writer lock). Uncommitted changes are discarded."""
         stack = getattr(self, "_stack", None)
-        if stack is not None:
-            if self.writable and not self._store.closed:
-                # The next open then maps the runs and replays nothing.
-                self._store.settle_runs(stack.index, stack.head)
-            stack.close()
-        if not self._store.closed:
-            self._store.close()
+        try:
+            if stack is not None:
+                if self.writable and not self._store.closed:
+                    # The next open then maps the runs and replays nothing.
+                    self._store.settle_runs(stack.index, stack.head)
+                stack.close()
+            if not self._store.closed:
+                self._store.close()
+        finally:
+            self._closed = self._store.closed
 
     def __enter__(self) -> Pool:
         return self

@@ -3,7 +3,8 @@
 ``record_function`` costs tens of microseconds even with no profiler running, so a scope only
 opens one while a profiler runs; and ``torch.profiler``'s own per-op overhead swells the parts
 made of many small ops (the router), so :func:`timing` measures the parts by wall clock instead.
-Outside both, a scope costs a flag check.
+Outside both, a scope costs a flag check; a caller on the hot path (the row step) reads the
+flags itself (``timing_on``, ``profiling()``) and opens no scope at all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ SCOPES = (ROUTE, PAGE_IN, EXECUTOR_FORWARD, EXECUTOR_BACKWARD, ROW_STEP)
 _NONE = nullcontext()
 _timings: dict[str, float] | None = None  # seconds per scope while timing() runs
 _clock: Callable[[], float] = time.perf_counter
+timing_on = False  # True while timing() runs (read as an attribute: no call)
+# whether a torch profiler runs now (torch's own C function: a call that enters no dpsn file)
+profiling: Callable[[], bool] = torch.autograd._profiler_enabled
 
 
 class _Timer:
@@ -47,7 +51,7 @@ def scope(name: str) -> AbstractContextManager[object]:
     """``with scope(ROUTE): ...`` names that part of the step for a profile or a timing."""
     if _timings is not None:
         return _Timer(name)
-    if torch.autograd._profiler_enabled():
+    if profiling():
         return record_function(name)
     return _NONE
 
@@ -57,9 +61,9 @@ def timing(clock: Callable[[], float] = time.perf_counter) -> Iterator[dict[str,
     """Sum the seconds spent in each scope inside the block, by ``clock`` (wall clock, or
     ``time.process_time`` for CPU time on a shared machine). On the CPU the time is the work;
     on CUDA it is only the launch time, as nothing waits for the device here."""
-    global _timings, _clock
-    _timings, _clock = defaultdict(float), clock
+    global _timings, _clock, timing_on
+    _timings, _clock, timing_on = defaultdict(float), clock, True
     try:
         yield _timings
     finally:
-        _timings, _clock = None, time.perf_counter
+        _timings, _clock, timing_on = None, time.perf_counter, False

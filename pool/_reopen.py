@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpsn.errors import CorruptStoreError, ModuleNotSavedError
-
-from ._optim import ROW_OPTIMIZERS, RowOptimizer, make_row_optimizer
+from dpsn.tiers import ROW_OPTIMIZERS, RowOptimizer, make_row_optimizer
 
 MODULE = "module"  # the name a module's configuration is saved under (one module per pool)
 ROUTER = "router"  # the name PoolLayer saves its router under

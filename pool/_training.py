@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from dpsn.tiers import SECOND_BACKWARD, RowBatch
+from dpsn.tiers import SECOND_BACKWARD, RowBatch, RowOptimizer
 
-from ._optim import RowOptimizer
+from . import _profile
 from ._profile import ROW_STEP, scope
 from ._selection import check_row_selection
 
@@ -98,7 +98,10 @@ class RowTrainer:
         ``batch.ids``): apply one row step, or stash it inside ``accumulate()``."""
         if batch.applied:
             raise RuntimeError(SECOND_BACKWARD)
-        with scope(ROW_STEP):
+        if _profile.timing_on or _profile.profiling():
+            with scope(ROW_STEP):
+                self._step(batch, grads)
+        else:  # nothing times or profiles the step: no scope to open
             self._step(batch, grads)
 
     def _step(self, batch: RowBatch, grads: torch.Tensor) -> None:

@@ -272,6 +272,56 @@ def test_a_miss_pages_in_its_partners_and_the_switch_turns_it_off(tmp_path):
     pool.close()
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "tinylfu"])
+def test_advice_rows_are_admitted_cold(tmp_path, policy):
+    """Rows a miss's advice pages in (its co-use partners) are new rows, not uses: the
+    eviction policy counts no access for them (LFU's count stays the insert's 1, TinyLFU's
+    sketch never saw them: a guess must not outrank rows really read), and the step's clock and
+    counters stay the step's; the bytes the advice moved count in the totals (review of issue
+    26: they were admitted by a full lookup)."""
+
+    def run(advise: bool) -> tuple[dpsn.Pool, dict]:
+        pool = dpsn.create(
+            tmp_path / f"s{advise}",
+            rows=1 << 20,
+            dim=4,
+            generator=SMALL,
+            cache_rows=256,
+            policy=policy,
+        )
+        pool.track_couse(1 << 12)
+        for _ in range(4):
+            pool.record_couse(torch.tensor([[1, 2, -1]]))
+        pool.prefetch_partners_on_miss(2 if advise else 0)
+        pool.read(torch.tensor([1]))
+        pool.prefetch([]).wait()  # queued behind the advice job: it has run
+        c = pool.cache
+        got = {"step": c.step, "last": dict(c.stats.last), "total": dict(c.stats.total)}
+        return pool, got
+
+    plain, want = run(False)
+    advised, got = run(True)
+    cache = advised.cache
+    slots, hit = cache.find(torch.tensor([1, 2]))
+    assert hit.tolist() == [True, True] and advised.stats()["advised_rows"] == 1
+    assert got["step"] == want["step"] and got["last"] == want["last"]
+    row_bytes = 4 * 4  # one float32 row of dim 4, never trained: its row column only
+    assert got["total"] == {
+        **want["total"],
+        "bytes_to_device": want["total"]["bytes_to_device"] + row_bytes,
+    }
+    p = cache.policy
+    if policy == "lru":  # inserted at the step that missed: as recent as the row that missed
+        assert float(p.last[slots[1]]) == float(p.last[slots[0]]) > 0
+    elif policy == "lfu":  # the insert's count only; the row read has its access on top
+        assert float(p.count[slots[1]]) == 1.0 and float(p.count[slots[0]]) == 2.0
+    else:  # never counted in the sketch, no frequency
+        assert int(p.estimate(torch.tensor([2]))[0]) == 0 and float(p.freq[slots[1]]) == 0.0
+        assert int(p.estimate(torch.tensor([1]))[0]) == 1
+    plain.close()
+    advised.close()
+
+
 def test_miss_partners_bounded_strongest_first():
     from dpsn.tiers import CoUse
 

@@ -290,7 +290,7 @@ def test_row_optimizers_follow_their_formulas(row_kernels):
 def test_native_row_steps_match_the_pytorch_formulas(name, monkeypatch):
     """The fused loops (dpsn._native) and the PyTorch formulas agree over many steps."""
     from dpsn import _kernels
-    from dpsn.pool._optim import make_row_optimizer
+    from dpsn.tiers import make_row_optimizer
 
     if _kernels._lib is None:
         pytest.skip("dpsn._native was not built")

@@ -448,10 +448,44 @@ def test_no_step_walks_back_up_a_file(tmp_path):
 
     ops = operations(tmp_path, lifecycle=False)
     root = _library_root()
-    for name in ("hot step", "miss step", "hot read"):
+    for name in ("hot step", "miss step", "miss, full cache", "hot read"):
         assert trace(ops[name], root)["both_ways"] == [], name
     commit = trace(ops["commit"], root)
     assert not [p for p in commit["both_ways"] if "pool/" in p and "tiers/" in p]
+
+
+def test_a_hot_step_and_a_miss_cross_few_files(tmp_path):
+    """Issue 20: a hot step enters at most 10 of the library's files and a miss at most 18
+    (15 and 25 before; docs/row-path.md has the walk): no per-step call into the store for its
+    ``closed``, the policy for LRU's stamp, the column declarations, the step-timing scope
+    nobody watches, a second optimizer module, or an adapter in front of staging. A new stop on
+    the walk has to be one the step needs (raise the ceiling with the docs' table)."""
+    from dpsn.bench.rowpath_files import _library_root, operations, trace
+
+    ops = operations(tmp_path, lifecycle=False)
+    root = _library_root()
+    hot, miss = trace(ops["hot step"], root), trace(ops["miss step"], root)
+    assert hot["files"] <= 10, sorted(hot["walk"])
+    assert miss["files"] <= 18, sorted(miss["walk"])
+    assert "store/_persisted.py" not in hot["walk"]  # (a miss reads the store: it must)
+    for name in ("tiers/_columns.py", "pool/_profile.py", "tiers/_policies.py"):
+        assert name not in hot["walk"] and name not in miss["walk"], name
+
+
+def test_a_closed_pool_refuses_every_step(tmp_path):
+    """The pool keeps its own closed flag (a step no longer asks the store): after close(),
+    reads, page-ins and commits raise, a second close is a no-op."""
+    pool = dpsn.create(tmp_path / "s", rows=100, dim=4, cache_rows=16)
+    pool.read([1, 2])
+    pool.close()
+    for call in (
+        lambda: pool.read([1]),
+        lambda: pool.page_in(torch.tensor([1])),
+        lambda: pool.commit(),
+    ):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    pool.close()
 
 
 def test_the_usage_statistics_never_call_the_stack_back(tmp_path):

@@ -27,7 +27,11 @@ _LAZY = {
     "ProceduralTier": "._procedural",
     "RowBatch": "._stack",
     "RowLayout": "._columns",
+    "ROW_OPTIMIZERS": "._optimizer",
+    "RowAdagrad": "._optimizer",
+    "RowAdam": "._optimizer",
     "RowOptimizer": "._optimizer",
+    "RowSGD": "._optimizer",
     "RowStack": "._stack",
     "SlotTable": "._slot_table",
     "UsageClock": "._usage",
@@ -35,6 +39,7 @@ _LAZY = {
     "UsageRules": "._usage",
     "check_policy": "._policies",
     "load_generator": "._procedural",
+    "make_row_optimizer": "._optimizer",
     "make_policy": "._policies",
     "policies": "._policies",
     "register_policy": "._policies",
@@ -45,7 +50,14 @@ if TYPE_CHECKING:
     from ._cache import CacheStats, DeviceCache
     from ._columns import Column, RowLayout
     from ._couse import ADJACENCY_REFRESH, CoUse
-    from ._optimizer import RowOptimizer
+    from ._optimizer import (
+        ROW_OPTIMIZERS,
+        RowAdagrad,
+        RowAdam,
+        RowOptimizer,
+        RowSGD,
+        make_row_optimizer,
+    )
     from ._overlay import OverlayBase
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
@@ -76,6 +88,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ADJACENCY_REFRESH",
+    "ROW_OPTIMIZERS",
     "SECOND_BACKWARD",
     "CacheStats",
     "CoUse",
@@ -85,9 +98,12 @@ __all__ = [
     "OverlayBase",
     "Prefetch",
     "ProceduralTier",
+    "RowAdagrad",
+    "RowAdam",
     "RowBatch",
     "RowLayout",
     "RowOptimizer",
+    "RowSGD",
     "RowStack",
     "SlotTable",
     "UsageClock",
@@ -96,6 +112,7 @@ __all__ = [
     "check_policy",
     "load_generator",
     "make_policy",
+    "make_row_optimizer",
     "policies",
     "register_policy",
     "usage",

@@ -95,6 +95,7 @@ class Admission:
     victims: torch.Tensor
     gone: torch.Tensor  # victims that held a row
     dirty: torch.Tensor
+    cold: bool = False  # rows paged in on advice: placed, not a lookup (see DeviceCache.admit)
 
 
 class DeviceCache:
@@ -118,6 +119,9 @@ class DeviceCache:
         self.capacity = capacity
         self.device = torch.device(device)
         self.policy = make_policy(policy, capacity, self.device)
+        # LRU's recency column, asked for once: a lookup stamps it in place of calling the
+        # policy's access and insert, which for LRU are that stamp (None: call them)
+        self._recency = self.policy.recency_column()
         self._data: dict[str, torch.Tensor] = {}
         for col in columns:
             self.set_column(col)
@@ -164,7 +168,7 @@ class DeviceCache:
         gathered in one pass and counted as a lookup of hits, or None (nothing counted, nothing
         changed: do a :meth:`lookup`)."""
         with self.mutex:
-            last = self.policy.recency_column()
+            last = self._recency
             found = self.table.find_gather(ids, self._data[col.name], last, self.step + 1)
             if found is None:
                 return None
@@ -208,7 +212,7 @@ class DeviceCache:
             return self.finish(admission)
 
     def admit(
-        self, ids: torch.Tensor, *, counts: torch.Tensor | None = None
+        self, ids: torch.Tensor, *, counts: torch.Tensor | None = None, cold: bool = False
     ) -> torch.Tensor | Admission:
         """The first step of a lookup of ``ids`` (see :meth:`lookup`): their slots when all
         are cached (counted, done), else an :class:`Admission` of the misses, nothing changed
@@ -216,15 +220,28 @@ class DeviceCache:
         calls :meth:`place`, writes the rows' columns into ``admission.victims`` and calls
         :meth:`finish` (or :meth:`abandon` if it could not). The caller holds ``mutex``
         throughout. Raises :class:`CacheCapacityError`, nothing changed, when the batch needs
-        more slots than can be freed."""
+        more slots than can be freed.
+
+        ``cold``: rows paged in on advice (a missed row's co-use partners), which nobody has
+        used yet: they are admitted as new rows (the policy's ``insert``), but the admission is
+        no lookup: the step clock, the lookup/hit/miss counters and the policy's access counts
+        stay as they are, so a guess never ranks as a use (a frequency policy would otherwise
+        keep unused partners over rows really read). The bytes and evictions they cost are
+        counted, as they happened."""
         with self.mutex:
-            self.step += 1
-            self.stats.new_step()
+            if not cold:
+                self.step += 1
+                self.stats.new_step()
             ids = ids.to(self.device)
             slots, hit = self.find(ids)
             if bool(hit.all()):
+                if cold:
+                    return slots
                 uses = len(ids) if counts is None else int(counts.sum())
-                self.policy.access(ids, slots, self.step, counts)
+                if self._recency is not None:  # LRU: its access is this stamp
+                    self._recency.scatter_(0, slots, float(self.step))
+                else:
+                    self.policy.access(ids, slots, self.step, counts)
                 self.stats.add(lookups=1, hits=uses)
                 return slots
             miss = torch.nonzero(~hit).flatten()
@@ -237,7 +254,16 @@ class DeviceCache:
             victims = self._victims(slots[hit], counts is not None, len(missing))
             gone = victims[self.slot_ids[victims] >= 0]
             return Admission(
-                ids, slots, counts, miss, where, missing, victims, gone, gone[self.dirty[gone]]
+                ids,
+                slots,
+                counts,
+                miss,
+                where,
+                missing,
+                victims,
+                gone,
+                gone[self.dirty[gone]],
+                cold,
             )
 
     def place(self, admission: Admission) -> None:
@@ -262,15 +288,21 @@ class DeviceCache:
         """The rows are written: the policy learns of them and the batch's uses, and the
         lookup is counted. Returns the slots of every id of the batch."""
         a = admission
-        self.policy.insert(a.victims, self.step)
         slots = a.slots
         if a.where is None and len(a.miss) == len(a.ids):  # all missed: slots in batch order
             slots = a.victims
         else:
             slots[a.miss] = a.victims if a.where is None else a.victims[a.where]
+        if a.cold:  # new rows, not a use (see admit)
+            self.policy.insert(a.victims, self.step)
+            return slots
+        if self._recency is not None:  # LRU: insert and access both stamp; slots cover victims
+            self._recency.scatter_(0, slots, float(self.step))
+        else:
+            self.policy.insert(a.victims, self.step)
+            self.policy.access(a.ids, slots, self.step, a.counts)
         uses = len(a.ids) if a.counts is None else int(a.counts.sum())
         n_miss = len(a.missing)
-        self.policy.access(a.ids, slots, self.step, a.counts)
         self.stats.add(lookups=1, hits=uses - n_miss, misses=n_miss)
         return slots
 

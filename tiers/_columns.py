@@ -12,7 +12,7 @@ the state width its executor's row optimizer asks for, and on whether the pool h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -59,26 +59,25 @@ class RowLayout:
     dtype: torch.dtype
     state_width: int = 0
     usage_width: int = 0
+    # The columns themselves, made once from the four fields above (a layout is frozen; a new
+    # width is a new layout, ``with_state``/``with_usage``): plain attributes, so that the row
+    # path reads them on every step without a call.
+    row: Column = field(init=False, repr=False, compare=False)
+    delta: Column = field(init=False, repr=False, compare=False)
+    base: Column = field(init=False, repr=False, compare=False)
+    state: Column = field(init=False, repr=False, compare=False)
+    usage: Column = field(init=False, repr=False, compare=False)
 
-    @property
-    def row(self) -> Column:
-        return Column("row", self.dim, self.dtype, persisted=False)
-
-    @property
-    def delta(self) -> Column:
-        return Column("delta", self.dim, self.dtype, persisted=True)
-
-    @property
-    def base(self) -> Column:
-        return Column("base", self.dim, torch.float32, persisted=False)
-
-    @property
-    def state(self) -> Column:
-        return Column("state", self.state_width, torch.float32, persisted=True)
-
-    @property
-    def usage(self) -> Column:
-        return Column("usage", self.usage_width, torch.float64, persisted=True)
+    def __post_init__(self) -> None:
+        made = {
+            "row": Column("row", self.dim, self.dtype, persisted=False),
+            "delta": Column("delta", self.dim, self.dtype, persisted=True),
+            "base": Column("base", self.dim, torch.float32, persisted=False),
+            "state": Column("state", self.state_width, torch.float32, persisted=True),
+            "usage": Column("usage", self.usage_width, torch.float64, persisted=True),
+        }
+        for name, col in made.items():
+            object.__setattr__(self, name, col)  # (frozen: set once, here)
 
     def columns(self) -> tuple[Column, ...]:
         """Every column a cache slot holds."""

@@ -40,8 +40,10 @@ class EvictionPolicy(ABC):
         self.touch(slots, step)
 
     def recency_column(self) -> torch.Tensor | None:
-        """The float64 ``[capacity]`` column a hot read may stamp with the step in place of
-        :meth:`access` (what LRU's access is); None: call :meth:`access`."""
+        """The float64 ``[capacity]`` column a lookup may stamp with the step in place of
+        calling :meth:`access` and :meth:`insert` (what LRU's are), or None: call them. The
+        cache asks once, when it is made: a policy that returns a column keeps that tensor
+        for its life."""
         return None
 
     @abstractmethod
@@ -92,7 +94,14 @@ class LRU(EvictionPolicy):
         return self.last
 
     def recency_column(self) -> torch.Tensor | None:
-        return self.last if type(self).access is EvictionPolicy.access else None
+        # only while access, touch and insert are exactly the stamp (a subclass may change one)
+        cls = type(self)
+        exact = (
+            cls.access is EvictionPolicy.access
+            and cls.touch is LRU.touch
+            and cls.insert is LRU.insert
+        )
+        return self.last if exact else None
 
 
 class LFU(EvictionPolicy):

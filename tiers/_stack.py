@@ -48,7 +48,7 @@ from ._procedural import ProceduralTier
 from ._sorted import sorted_find
 from ._stack_usage import WHERE_CACHE, WHERE_STAGED, WHERE_STORE, UsageStatistics
 from ._staging import Staging
-from ._tier import PersistedTier, StagingTier, Tier
+from ._tier import PersistedTier, Tier
 from ._usage import UsageClock, UsageIndex, UsageRules
 
 SECOND_BACKWARD = (
@@ -368,7 +368,7 @@ class RowStack:
         # the lower tiers, in the order a row's delta is looked for (see _tier.py); the
         # procedural generator gives every row its base beside them
         self._persisted = PersistedTier(store, index, dtype_name)
-        self.tiers: tuple[Tier, ...] = (StagingTier(self.staging), self._persisted)
+        self.tiers: tuple[Tier, ...] = (self.staging, self._persisted)
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.cache: DeviceCache | None = None
         self.trained: torch.Tensor | None = None  # per slot: has a delta/base/state
@@ -577,14 +577,17 @@ class RowStack:
         self.staging.put(ids.cpu().numpy(), values)
         cache.stats.add(bytes_written_back=len(slots) * cache.row_bytes())
 
-    def _lookup(self, ids: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def _lookup(
+        self, ids: torch.Tensor, counts: torch.Tensor | None = None, *, cold: bool = False
+    ) -> torch.Tensor:
         """Slots of ``ids`` in the cache, the misses paged in: the stack drives the cache's
         admission (no callbacks): dirty victims are staged first, then the missing rows are
-        read from the lower tiers into the victims' slots."""
+        read from the lower tiers into the victims' slots. ``cold``: rows paged in on advice,
+        admitted as unused (``DeviceCache.admit``)."""
         cache = self.cache
         assert cache is not None
         self._unpin_collected()  # (every lookup: pins of collected batches must not hold rows)
-        admission = cache.admit(ids, counts=counts)
+        admission = cache.admit(ids, counts=counts, cold=cold)
         if isinstance(admission, torch.Tensor):  # all cached
             return admission
         if len(admission.dirty):
@@ -971,12 +974,15 @@ class RowStack:
             uncounted = batch.key in self._uncounted
             if batch.key is not None and not uncounted:
                 batch.touched = True  # counted at its page-in, or since (count_uses)
-            if resident is not None and self._fused(optimizer, grads):
+            kind = None if resident is None else self._fused(optimizer, width, grads)
+            if resident is not None and kind is not None:
                 self._rows_change(exclude=batch)
                 if rules is None:
-                    self._apply_fused(resident, grads, optimizer, scale)
+                    self._apply_fused(resident, grads, optimizer, kind, scale)
                 else:
-                    self._apply_fused_tracked(batch, resident, grads, optimizer, uncounted, scale)
+                    self._apply_fused_tracked(
+                        batch, resident, grads, optimizer, kind, uncounted, scale
+                    )
             else:
                 slots, hit, delta, state, usage = self._current(batch.ids, resident)
                 updated = None
@@ -1012,29 +1018,28 @@ class RowStack:
             self.counters["row_steps"] += 1
             self.counters["rows_updated"] += len(batch)
 
-    def _fused(self, optimizer: RowOptimizer, grads: torch.Tensor) -> bool:
-        """Whether the optimizer's native loop can update resident rows in place: float32
-        columns on the CPU, bases kept (a frozen generator)."""
-        return (
-            _kernels.native_kind(optimizer, self.dim) is not None
-            and self.dtype == torch.float32
-            and _kernels.usable(grads)
-            and not self.procedural.trainable()
-        )
+    def _fused(self, optimizer: RowOptimizer, width: int, grads: torch.Tensor) -> int | None:
+        """The kind of the optimizer's native loop when it can update resident rows in place
+        (float32 columns on the CPU, bases kept: a frozen generator), else None; ``width`` is
+        its state width (the row step asked it). Resolved once a step and handed to the loop
+        that runs it."""
+        if self.dtype != torch.float32 or not _kernels.usable(grads) or self.procedural.trainable():
+            return None
+        return _kernels.native_kind(getattr(optimizer, "native", None), width, self.dim)
 
     def _apply_fused(
         self,
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         scale: torch.Tensor | None = None,
     ) -> None:
-        """One pass over the rows at ``slots``: start untrained rows at zero (their base is
-        their row), step delta and state (each row's update times ``scale``),
-        re-materialize ``row = base + delta``."""
+        """One pass over the rows at ``slots`` by the native loop ``kind`` (``_fused``): start
+        untrained rows at zero (their base is their row), step delta and state (each row's
+        update times ``scale``), re-materialize ``row = base + delta``."""
         cache, trained = self.cache, self.trained
-        kind = _kernels.native_kind(optimizer, self.dim)
-        assert cache is not None and trained is not None and kind is not None
+        assert cache is not None and trained is not None
         _kernels.apply_rows(
             kind,
             optimizer.native_hyper(),
@@ -1163,25 +1168,21 @@ class RowStack:
             return
         with self.lock, torch.no_grad():
             extra = extra.to(self.device)
-            extra = extra[~cache.find(extra)[1]]  # only rows not cached: no hit is counted
+            extra = extra[~cache.find(extra)[1]]  # only rows not cached
             if not len(extra):
                 return
-            counts = {
-                k: dict(v) for k, v in (("total", cache.stats.total), ("last", cache.stats.last))
-            }
+            last = dict(cache.stats.last)
             self._advising = True
             try:
-                self._lookup(extra)
+                # admitted cold: no lookup, hit, miss or policy access is counted (a guess is
+                # not a use); the bytes and evictions it costs count in the totals
+                self._lookup(extra, cold=True)
                 self.advised_rows += len(extra)
             except _CANNOT_CACHE:
                 pass  # advice: no room now
             finally:
                 self._advising = False
-                # the step's counters stay the step's: advice is counted in advised_rows
-                for name in ("total", "last"):
-                    now = getattr(cache.stats, name)
-                    for c in ("lookups", "hits", "misses"):
-                        now[c] = counts[name][c]
+                cache.stats.last = last  # the last step's counters stay the step's
 
     def _prefetch_job(self, ids: torch.Tensor, key: tuple[str, int]) -> tuple[torch.Tensor, Any]:
         cache = self.cache
@@ -1301,7 +1302,10 @@ class RowStack:
     def _cached_usage(self, slots: torch.Tensor) -> torch.Tensor:
         """Usage statistics of cached ``slots`` (NaN rows: untrained, no statistics)."""
         assert self.cache is not None and self.trained is not None
-        return self.usage_stats.cached(self.cache.column(self.layout.usage), self.trained, slots)
+        column = self.cache.column(self.layout.usage)
+        if not column.shape[1]:  # no lifecycle: ``[n, 0]``, nothing for the component to mask
+            return torch.index_select(column, 0, slots)
+        return self.usage_stats.cached(column, self.trained, slots)
 
     def _touch(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
         """Count this step's uses of the trained rows among cached ``slots`` (see
@@ -1316,6 +1320,7 @@ class RowStack:
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         uncounted: bool = False,
         scale: torch.Tensor | None = None,
     ) -> None:
@@ -1325,7 +1330,7 @@ class RowStack:
         cache, layout, stats = self.cache, self.layout, self.usage_stats
         assert cache is not None
         if (batch.touched or uncounted) and stats.native(slots):
-            self._apply_fused_tracked_native(batch, slots, grads, optimizer, uncounted, scale)
+            self._apply_fused_tracked_native(batch, slots, grads, optimizer, kind, uncounted, scale)
             return
         usage = self._cached_usage(slots)
         if not batch.touched:
@@ -1333,7 +1338,7 @@ class RowStack:
         screened = torch.nonzero(usage[:, _usage.PHASE] == _usage.SCREENED).flatten()
         s = slots[screened]
         old = self._cached_delta(s) if len(s) else None
-        self._apply_fused(slots, grads, optimizer, scale)
+        self._apply_fused(slots, grads, optimizer, kind, scale)
         if old is not None:
             new = torch.index_select(cache.column(layout.delta), 0, s).float()
             d = stats.damped(usage[screened], old, new)
@@ -1349,6 +1354,7 @@ class RowStack:
         slots: torch.Tensor,
         grads: torch.Tensor,
         optimizer: RowOptimizer,
+        kind: int,
         uncounted: bool,
         scale: torch.Tensor | None = None,
     ) -> None:
@@ -1360,8 +1366,6 @@ class RowStack:
         place (libm's ``pow``, the gradient norm's summation order, an FMA in the damping)."""
         cache, layout, trained = self.cache, self.layout, self.trained
         assert cache is not None and trained is not None
-        kind = _kernels.native_kind(optimizer, self.dim)
-        assert kind is not None  # _fused said so
         _kernels.apply_rows_tracked(
             kind,
             optimizer.native_hyper(),

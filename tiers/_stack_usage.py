@@ -180,7 +180,8 @@ class UsageStatistics:
         ``(delta, state, usage)``, the same bits as if the rows had been cached. None where that
         loop cannot run (no native loop for this optimizer, CUDA, ``DPSN_NATIVE=0``): the
         PyTorch path then computes the same math."""
-        kind = _kernels.native_kind(optimizer, dim)
+        # the state's width is the optimizer's state_width(dim): the row step checked it
+        kind = _kernels.native_kind(getattr(optimizer, "native", None), state.shape[1], dim)
         if (
             kind is None
             or not _kernels.usable(delta, grads)

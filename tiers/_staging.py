@@ -26,11 +26,17 @@ import torch
 
 from ._columns import Column, RowLayout
 from ._sorted import sorted_find
+from ._tier import TierRead
 
 _NO_IDS = np.empty((0,), dtype=np.int64)
 
 
 class Staging:
+    """The staged rows (see the module docstring), and the first of the row stack's lower
+    tiers (``_tier.Tier``: staged rows are found, rows staged for dropping end the search)."""
+
+    name = "staging"
+
     def __init__(self, layout: RowLayout) -> None:
         self.layout = layout
         self.clear()
@@ -109,6 +115,29 @@ class Staging:
         _, dropped = sorted_find(self.drops, ids)
         sel = torch.from_numpy(self._slots[pos[staged]])
         return staged, {name: v[sel] for name, v in self._cols.items()}, dropped
+
+    def read(self, ids: np.ndarray, layout: RowLayout) -> TierRead:
+        """The tier protocol's read (``_tier.Tier``): the staged rows of ``ids`` and the ones
+        staged for dropping, with the columns of ``layout``. Staging that holds nothing (a
+        read-only pool's never does; a writer's is empty after each commit until a dirty row
+        is evicted) answers without a search."""
+        if not len(self._ids) and not len(self.drops):
+            cols = self._cols
+            return TierRead(
+                _NO_IDS,
+                _NO_IDS,
+                cols[layout.delta.name][:0],
+                cols[layout.state.name][:0],
+                cols[layout.usage.name][:0],
+            )
+        staged, cols, dropped = self.lookup(ids)
+        return TierRead(
+            np.flatnonzero(staged),
+            np.flatnonzero(dropped),
+            cols[layout.delta.name],
+            cols[layout.state.name],
+            cols[layout.usage.name],
+        )
 
     def put(self, ids: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         """Stage whole rows for sorted unique ``ids``; a persisted column missing from

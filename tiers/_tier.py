@@ -1,7 +1,9 @@
 """The lower tiers of the row stack: one small protocol, held in order by ``RowStack``.
 
 Below the device cache a row's delta lives in the first tier that has it: host staging
-(uncommitted rows, ``_staging.py``), then the persisted store (HEAD's segments, ``dpsn.store``).
+(uncommitted rows: ``Staging``, ``_staging.py``, is a tier itself), then the persisted store
+(HEAD's segments in ``dpsn.store``, read through :class:`PersistedTier`, which turns the store's
+arrays into tensors).
 Each answers :meth:`Tier.read` for a batch of ids: which it holds (their delta, optimizer state
 and usage statistics) and which it *ends* without a delta (a row staged for dropping: the tiers
 below must not be asked). The stack asks them in order, each for the ids the ones above left
@@ -22,11 +24,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dpsn._dtypes import from_storage
+from dpsn._dtypes import storage_reader
 from dpsn.store import PersistedStore, RowLookup
 
 from ._columns import RowLayout
-from ._staging import Staging
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,25 +56,6 @@ class Tier(Protocol):
         ...
 
 
-class StagingTier:
-    """Host staging as a tier: staged rows are found, rows staged for dropping end here."""
-
-    name = "staging"
-
-    def __init__(self, staging: Staging) -> None:
-        self.staging = staging
-
-    def read(self, ids: np.ndarray, layout: RowLayout) -> TierRead:
-        staged, cols, dropped = self.staging.lookup(ids)
-        return TierRead(
-            np.flatnonzero(staged),
-            np.flatnonzero(dropped),
-            cols[layout.delta.name],
-            cols[layout.state.name],
-            cols[layout.usage.name],
-        )
-
-
 class PersistedTier:
     """The persisted store at one commit as a tier: rows with a delta in its row index.
 
@@ -84,6 +66,7 @@ class PersistedTier:
 
     def __init__(self, store: PersistedStore, index: RowLookup, dtype_name: str) -> None:
         self.store, self.index, self.dtype_name = store, index, dtype_name
+        self._to_tensor = storage_reader(dtype_name)  # stored deltas -> pool dtype, chosen once
 
     def read(self, ids: np.ndarray, layout: RowLayout) -> TierRead:
         found, values, state, usage = self.store.read_deltas(
@@ -92,7 +75,7 @@ class PersistedTier:
         return TierRead(
             np.flatnonzero(found),
             np.zeros(0, dtype=np.int64),
-            from_storage(values, self.dtype_name),
+            self._to_tensor(values),
             torch.from_numpy(state),
             torch.from_numpy(usage),
             values.nbytes + state.nbytes + usage.nbytes,
