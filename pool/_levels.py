@@ -869,7 +869,7 @@ class LevelledPool:
         inertia is above 0 somewhere): only then does a batch need its rows' holds."""
         train = self._index(self._train)
         slower = self._levels[:train]
-        return any(float(self._trackers[lv.name].inertia.max()) > _HOLD_MIN for lv in slower)
+        return any(self._trackers[lv.name].max_inertia > _HOLD_MIN for lv in slower)
 
     def set_state_width(self, width: int) -> None:
         """Per-row optimizer state beside the train level's deltas (and any level trained
@@ -892,42 +892,35 @@ class LevelledPool:
         hold: torch.Tensor | None,
         rows: Any = None,
     ) -> None:
-        """The row step of one batch on the train level: the row gradients are scaled by
-        ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
-        for adaptive optimizers, the gradient's), then the optimizer steps with each row's
-        *update* scaled by ``1 - hold`` (the inertia of the slower levels that hold the row,
-        see :meth:`_sum_and_hold`): ``RowBatch.apply_grads(scale=)``, inside the step (the
-        native loops' per-row learning rate), so it damps Adagrad's and Adam's steps too and
-        costs no gather or write. The optimizer state is updated as if the row were free (it
-        sees the whole gradient); only the delta's change is damped. The window records minus
-        the scaled gradients (held rows' times ``1 - hold``) as the rows' update direction:
+        """The row step of one batch on the train level. Each row's *update* is scaled by
+        ``lr_scale * (1 - a_eff)`` of its region times ``1 - hold`` (the inertia of the slower
+        levels that hold the row, see :meth:`_sum_and_hold`): ``RowBatch.apply_grads(scale=)``,
+        inside the step (the native loops' per-row learning rate), so it damps Adagrad's and
+        Adam's steps too (they normalise a gradient by its size, so a scaled *gradient* would
+        not damp them at all) and costs no gather or write. The optimizer state is updated as
+        if the row were free (it sees the whole gradient); only the delta's change is damped.
+        The window records minus the gradients times that scale as the rows' update direction:
         no extra read of the deltas (a step's cost stays the optimizer's)."""
         name = self._train
         lv = self._levels[self._index(name)]
-        a_eff = self._trackers[name].inertia
-        ids = inner.ids
-        scale = None  # one multiplication of the gradients, whatever damps them
-        if lv.lr_scale != 1.0 or bool((a_eff > 0).any()):
-            region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
-            scale = lv.lr_scale * (1.0 - a_eff[region])
-        if scale is not None:
-            grads = grads * scale.to(grads.device, grads.dtype)[:, None]
-        keep = None  # each row's update scale, 1 - hold (None: no row is held)
+        tracker = self._trackers[name]
+        keep = None  # each row's update scale (None: every row takes the whole step)
+        if lv.lr_scale != 1.0 or tracker.any_inertia:
+            if tracker.any_inertia:
+                region = mig.regions_of(inner.ids.cpu(), self.rows, self._migration.regions)
+                keep = lv.lr_scale * (1.0 - tracker.inertia[region])
+            else:
+                keep = torch.full((len(inner.ids),), float(lv.lr_scale))
         if hold is not None and bool((hold > _HOLD_MIN).any()):
-            # Rows consolidated into slower levels resist as those levels do: their *update*
-            # is damped by (1 - hold), which an adaptive optimizer's step would undo if the
-            # gradient were scaled instead (Adagrad's g / sqrt(sum g^2) ignores a constant
-            # factor); holds below _HOLD_MIN are not applied.
+            # Rows consolidated into slower levels resist as those levels do; holds below
+            # _HOLD_MIN are not applied.
             h = hold.to("cpu", torch.float32)
-            keep = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
+            held = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
+            keep = held if keep is None else keep * held
         inner.apply_grads(grads, optimizer, rows=rows, scale=keep)
         if not _all_finite(grads):
             return  # the step was skipped (and counted): nothing moved, the window records none
-        if keep is not None:
-            grads = grads * keep.to(grads.device, grads.dtype)[:, None]
-        if rows is not None:  # rows left out moved nothing: their window records no update
-            grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
-        self._windows[name].add(ids, grads, inner.counts, sign=-1.0)  # the update: -grads
+        self._windows[name].add(inner.ids, grads, inner.counts, sign=-1.0, scale=keep, rows=rows)
 
     # -- writing -------------------------------------------------------------------------------
 

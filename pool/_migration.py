@@ -260,13 +260,30 @@ class Window:
         self.steps = 0
 
     def add(
-        self, ids: torch.Tensor, update: torch.Tensor, uses: torch.Tensor, *, sign: float = 1.0
+        self,
+        ids: torch.Tensor,
+        update: torch.Tensor,
+        uses: torch.Tensor,
+        *,
+        sign: float = 1.0,
+        scale: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``."""
+        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``; each
+        row's update times ``scale[i]`` (float ``[n]``) and zero where ``rows`` (bool ``[n]``)
+        is False (a row the step left out moved nothing), in one multiplication."""
         ids = ids.detach().cpu().reshape(-1)
         both = torch.empty((len(ids), self.dim + 1))
         u = update.detach().reshape(-1, self.dim).cpu()
-        torch.mul(u, sign, out=both[:, : self.dim])
+        if scale is None and rows is None:
+            torch.mul(u, sign, out=both[:, : self.dim])
+        else:
+            f = torch.full((len(ids),), float(sign))
+            if scale is not None:
+                f.mul_(scale.detach().to("cpu", torch.float32).reshape(-1))
+            if rows is not None:
+                f.mul_(torch.as_tensor(rows).cpu().reshape(-1).to(torch.float32))
+            torch.mul(u, f[:, None], out=both[:, : self.dim])
         both[:, self.dim] = uses.detach().reshape(-1)
         self._sums.add(ids, both)
         self.steps += 1
@@ -329,6 +346,19 @@ class Tracker:
             "conflict_rate": 0.0,
             "entropy_ratio": 0.0,
         }
+
+    @property
+    def inertia(self) -> torch.Tensor:
+        """The effective inertia ``a_eff`` of each region (``[regions]`` float32)."""
+        return self._inertia
+
+    @inertia.setter
+    def inertia(self, value: torch.Tensor) -> None:
+        # its maximum is kept beside it: a training step asks whether any region resists
+        # without a reduction (and a tensor-to-Python sync) per step
+        self._inertia = value
+        self.max_inertia = float(value.max()) if len(value) else 0.0
+        self.any_inertia = self.max_inertia > 0
 
     def advance(
         self, ids: torch.Tensor, updates: torch.Tensor, proj: torch.Tensor, tau: float

@@ -367,3 +367,33 @@ def test_a_held_row_is_damped_under_an_adaptive_optimizer(tmp_path):
         fast = p.delta([1, 2], level="fast")
         torch.testing.assert_close(fast[0], 0.1 * fast[1], rtol=1e-5, atol=1e-7)
         assert float(fast[1].abs().min()) > 0.1  # the free row moved a full Adagrad step
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_train_level_inertia_damps_an_adaptive_step(tmp_path, row_kernels, optimizer):
+    """The train level's own damping, ``lr_scale * (1 - a_eff)`` of a row's region, scales the
+    row's *update*: Adagrad and Adam normalise a gradient by its size, so a scaled gradient
+    would move a row of high effective inertia as far as one of low inertia. A region whose
+    inertia rose with use (a written window, then a consolidation) moves less, by the factor
+    the inertias give, against the same step on a level with no inertia."""
+    levels = [dpsn.Level("slow"), dpsn.Level("fast", inertia=0.2, lr_scale=0.5)]
+    mig = dpsn.Migration(consolidate_every=0, regions=2)  # region 0: ids < 500
+    make_opt = {"adagrad": dpsn.pool.RowAdagrad, "adam": dpsn.pool.RowAdam}[optimizer]
+    moved = {}
+    for label, lv in (("damped", levels), ("free", ["slow", "fast"])):
+        with make(tmp_path / label, levels=lv, migration=mig, cache_rows=64) as p:
+            if label == "damped":
+                p.write(torch.arange(0, 50), torch.ones(50, 8), level="fast")
+                p.consolidate()  # region 0 was used: its effective inertia rises
+                low, high = p.stats()["levels"]["fast"]["inertia_range"]
+                assert low == pytest.approx(0.2) and high > 0.5
+            opt = make_opt(lr=0.1)
+            p.set_state_width(opt.state_width(8))
+            for _ in range(3):
+                with p.page_in(torch.tensor([100, 600])) as batch:
+                    batch.apply_grads(torch.ones(2, 8), opt)
+            moved[label] = p.delta([100, 600], level="fast")
+    free = moved["free"]
+    assert float(free.abs().min()) > 0.1  # a full adaptive step
+    expect = torch.tensor([0.5 * (1 - high), 0.5 * (1 - low)])[:, None] * free
+    torch.testing.assert_close(moved["damped"], expect, rtol=1e-5, atol=1e-7)
