@@ -74,7 +74,9 @@ class LevelModel(cont.Model):
     ) -> None:
         self.name, self.cfg, self.store = name, cfg, store
         torch.manual_seed(cfg.seed)
-        self.freeze = self.protect = self.frozen_router = False
+        self.variant = None
+        self.layer: dpsn.PoolLayer | None = None
+        self.background = self.selection = None
         pool = dpsn.create(
             store,
             rows=cfg.rows,
@@ -113,8 +115,8 @@ def run(cfg: cont.Config, tmp: Path) -> dict[str, Any]:
     tasks = cont.domain_incremental(cfg.seed)
     models: dict[str, cont.Model] = {
         "dense": cont.Model("dense", cfg, tmp / "dense", None),
-        "pool": cont.Model("pool", cfg, tmp / "pool", (False, False, False)),
-        "pool+lifecycle": cont.Model("pool+lc", cfg, tmp / "pool-lc", (True, False, False)),
+        "pool": cont.Model("pool", cfg, tmp / "pool", cont.Variant(lifecycle=False)),
+        "pool+lifecycle": cont.Model("pool+lc", cfg, tmp / "pool-lc", cont.Variant()),
         "levels": LevelModel("levels", cfg, tmp / "levels", (0.01, 0.005)),
         "levels (caps off)": LevelModel("levels-off", cfg, tmp / "levels-off", None),
     }
@@ -190,7 +192,7 @@ def tune(cfg: cont.Config, tmp: Path) -> list[dict[str, Any]]:
     accuracy after the last task and the newest task's."""
     tasks = _validation_tasks(cfg.seed)
     models: dict[str, cont.Model] = {
-        "pool": cont.Model("pool", cfg, tmp / "t-pool", (False, False, False))
+        "pool": cont.Model("pool", cfg, tmp / "t-pool", cont.Variant(lifecycle=False))
     }
     for i, ((a0, a1), mig) in enumerate(TUNE_GRID):
         levels = (dpsn.Level("foundation", inertia=a0), dpsn.Level("domain", inertia=a1), "task")

@@ -742,13 +742,30 @@ class LevelledPool:
                 hold = torch.maximum(hold, torch.where(has, a, torch.zeros_like(a)))
         return out, hold
 
-    def _changed(self, level: str | None = None) -> None:
+    def _changed(self, level: str | None = None, ids: torch.Tensor | None = None) -> None:
         """A level other than the train level changed (None: any may have): the memo of the
-        other levels' sum, and the train level's cached rows that include it, are stale."""
-        if level != self._train:
+        other levels' sum, and the train level's cached rows that include it, are stale. With
+        ``ids`` only those rows changed: only they leave the memo and only their cached rows
+        are re-made (the rest of the cache is not re-read); without, all of them."""
+        if level == self._train:
+            return
+        if ids is None or self._base is None:
             self._memo_empty = None
             if self._base is not None:
                 self._base.invalidate()
+            return
+        ids = torch.unique(ids.reshape(-1).cpu())
+        if self._memo_empty is True:
+            self._memo_empty = None  # the level may hold deltas now: the memo starts afresh
+        elif self._memo_empty is False and len(self._memo_ids):
+            stale = torch.isin(self._memo_ids, ids)
+            if bool(stale.any()):  # the memo keeps its other rows (it stays sorted)
+                fresh = ~stale
+                dev = fresh.to(self.device)
+                self._memo_ids = self._memo_ids[fresh]
+                self._memo_vals = self._memo_vals[dev]
+                self._memo_hold = self._memo_hold[dev]
+        self._tp._stack.refresh_cached_bases(ids)
 
     def _install_base(self) -> None:
         """Make the train level's base rows ``generator + the other levels`` (see
@@ -942,15 +959,16 @@ class LevelledPool:
         uniq, inv = torch.unique(flat, return_inverse=True)
         before = pool.delta(uniq).float()
         pool.write(flat, values, add=add)
-        self._changed(name)
+        self._changed(name, uniq)
         uses = torch.bincount(inv, minlength=len(uniq))
         self._windows[name].add(uniq, pool.delta(uniq).float() - before, uses)
 
     def drop(self, ids: Any, *, level: str | None = None) -> None:
         """Return rows of one level (default: the train level) to zero delta at the commit."""
         name = self._level_for_write(level)
-        self._pools[name].drop(ids)
-        self._changed(name)
+        full = as_ids(ids, self.rows)
+        self._pools[name].drop(full)
+        self._changed(name, full)
 
     def clear_level(self, name: str) -> None:
         """Empty a level. A context level forgets everything at once; a persisted level forgets
@@ -1001,6 +1019,7 @@ class LevelledPool:
                 upd[0], upd[1], self.rows, policy.regions, policy.entropy_target
             )
             w.clear()
+        self._memo_empty = None  # the memo's holds follow the inertia just folded in
         out: dict[str, Any] = {"channels": []}
         persisted = self._persisted
         for ch in range(len(persisted) - 1):
@@ -1022,7 +1041,7 @@ class LevelledPool:
         fp, sp = self._pools[fast], self._pools[slow]
         if len(plan.conflicts):  # damp the fast level where it opposes the slower one
             fp.write(plan.conflicts, -policy.conflict_damp * plan.conflict_updates, add=True)
-            self._changed(fast)
+            self._changed(fast, plan.conflicts)
         started = torch.cat([plan.normal, plan.bypassed])
         ids = torch.cat([busy_ids, started])
         left = torch.cat([busy_left, torch.full((len(started),), policy.handoff)])
@@ -1038,8 +1057,8 @@ class LevelledPool:
             if bool(done.any()):
                 fp.drop(ids[done])
             sp.write(ids, part, add=True)
-            self._changed(fast)
-            self._changed(slow)
+            self._changed(fast, ids)
+            self._changed(slow, ids)
             # arrivals are the slower level's updates: a row that keeps arriving the same way
             # becomes stable there too and moves on down, a little at a time
             upos, uhit = mig.lookup(f_uses[0], ids)

@@ -397,3 +397,26 @@ def test_train_level_inertia_damps_an_adaptive_step(tmp_path, row_kernels, optim
     assert float(free.abs().min()) > 0.1  # a full adaptive step
     expect = torch.tensor([0.5 * (1 - high), 0.5 * (1 - low)])[:, None] * free
     torch.testing.assert_close(moved["damped"], expect, rtol=1e-5, atol=1e-7)
+
+
+def test_a_write_to_another_level_refreshes_only_its_rows(tmp_path):
+    """The train level's cache holds ``base + the other levels``: a write to another level
+    re-makes the cached rows it touched, not the whole cache (the stack's count of generated
+    base rows grows by the rows written), and every row reads its new value."""
+    with make(tmp_path / "r", cache_rows=512) as p:
+        ids = torch.arange(0, 300)
+        p.write(ids, torch.full((300, 8), 0.5), level="domain")
+        before = p.read(ids).clone()
+        made = p.level(p.train_level).stats()["rows_generated"]
+        d = torch.randn(3, 8)
+        p.write([5, 7, 299], d, level="foundation")
+        p.write([5], d[:1], level="domain", add=True)
+        after = p.read(ids)
+        assert p.level(p.train_level).stats()["rows_generated"] - made <= 3 + 1
+        expect = before.clone()
+        expect[[5, 7, 299]] += d
+        expect[5] += d[0]
+        torch.testing.assert_close(after, expect)
+        torch.testing.assert_close(after, p.base(ids) + p.delta(ids))
+        p.drop([7], level="foundation")
+        torch.testing.assert_close(p.read(ids), p.base(ids) + p.delta(ids))
