@@ -558,6 +558,7 @@ class LevelledPool:
         self._memo_vals = torch.zeros((0, spec["dim"]))
         cache = pools[self._train].cache
         self._memo_hold = torch.zeros(0)
+        self._memo_table: mig.IdTable | None = None  # see _memo_find
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
         self._reopen: tuple[Any, dict[str, Any]] | None = None  # dpsn.open and its kwargs
         self._base: _LevelledBase | None = None  # installed on the train level (_install_base)
@@ -811,7 +812,7 @@ class LevelledPool:
         if self._memo_empty:
             return None
         ids = flat.cpu()
-        pos, hit = mig.lookup(self._memo_ids, ids)
+        pos, hit = self._memo_find(ids)
         if not bool(hit.all()):
             miss = torch.unique(ids[~hit])
             vals, hold = self._sum_and_hold(miss, self._train)
@@ -825,8 +826,16 @@ class LevelledPool:
             self._memo_ids = merged[order]
             self._memo_vals = torch.cat([keep[1], vals.to(self.device)])[dev_order]
             self._memo_hold = torch.cat([keep[2], hold.to(self.device)])[dev_order]
-            pos, hit = mig.lookup(self._memo_ids, ids)
+            pos, hit = self._memo_find(ids)
         return pos.to(self.device)
+
+    def _memo_find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mig.lookup(self._memo_ids, ids)`` through a hash table built once per memo (the
+        memo changes only when rows are added to it or leave it)."""
+        table = self._memo_table
+        if table is None or table.ids is not self._memo_ids:
+            table = self._memo_table = mig.IdTable(self._memo_ids)
+        return table.find(ids)
 
     def _others(self, flat: torch.Tensor) -> torch.Tensor | None:
         """``[len(flat), dim]``: the sum of every level's delta but the train level's (None:

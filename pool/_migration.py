@@ -188,65 +188,78 @@ def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
 
 
 class Sums:
-    """Sorted distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``).
+    """Distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``), read
+    back sorted by id (:meth:`items`).
 
-    Why not a list of batches reduced on read: a training step adds ~k x batch rows, and
-    reducing thousands of steps' copies costs more than the steps. Here a batch whose ids are
-    already present is one ``searchsorted`` and one ``index_add_`` (the usual case: the hot
-    rows recur); new ids wait in a short list merged (``torch.unique`` + ``index_add_``) once
-    they outnumber half the rows held, so each id is merged O(1) times amortized. The order of
-    additions is a deterministic function of the batches, so a sum restored after a
-    :meth:`fold` goes on bit for bit as one that was never saved."""
+    Why this shape: a training step adds ~k x batch rows, and a window must cost less than the
+    step. The ids map to rows of a growing table through the device cache's cuckoo hash table
+    (:class:`dpsn.tiers.SlotTable`: one C probe per id, where the sorted column this replaces
+    paid a ``searchsorted`` per step), so a step is one lookup and one ``index_add_``; a new id
+    takes the next row (zeros) and the table doubles when full. Why not a list of batches
+    reduced on read: reducing thousands of steps' copies costs more than the steps.
+
+    Every id's sum is its values added in the order they came, starting from zero, however
+    the table grew or was saved and restored: a sum restored from :meth:`items` goes on bit for
+    bit as one that was never saved."""
 
     def __init__(self, width: int | None) -> None:
         self.width = width
-        self.ids = torch.zeros(0, dtype=torch.int64)
-        self.vals = self._zeros(0)
-        self._p_ids: list[torch.Tensor] = []
-        self._p_vals: list[torch.Tensor] = []
-        self._pending = 0
+        self._n = 0
+        self._grow(0)
 
     def _zeros(self, n: int) -> torch.Tensor:
         return torch.zeros(n) if self.width is None else torch.zeros((n, self.width))
 
-    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Add ``vals`` at ``ids`` (CPU, float32; ``ids`` distinct within a call)."""
-        pos, hit = lookup(self.ids, ids)
-        if bool(hit.all()):
-            self.vals.index_add_(0, pos, vals)
-            return
-        if bool(hit.any()):
-            self.vals.index_add_(0, pos[hit], vals[hit])
-        miss = ~hit
-        self._p_ids.append(ids[miss])
-        self._p_vals.append(vals[miss])
-        self._pending += int(miss.sum())
-        if self._pending > max(4096, len(self.ids) // 2):
-            self.fold()
+    def _grow(self, need: int) -> None:
+        """Make room for ``need`` rows (at least 64; capacity doubles), keeping the rows held."""
+        from dpsn.tiers._slot_table import SlotTable
 
-    def fold(self) -> None:
-        """Merge the pending new ids in (in place)."""
-        if not self._p_ids:
-            return
-        ids = torch.cat([self.ids, *self._p_ids])
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = self._zeros(len(uniq))
-        out.index_add_(0, inv, torch.cat([self.vals, *self._p_vals]))
-        self.ids, self.vals = uniq, out
-        self._p_ids, self._p_vals, self._pending = [], [], 0
+        cap = 64
+        while cap < need:
+            cap *= 2
+        n = self._n
+        ids = torch.full((cap + 1,), -1, dtype=torch.int64)
+        vals = self._zeros(cap)
+        if n:
+            ids[:n] = self._ids[:n]
+            vals[:n] = self._vals[:n]
+        table = SlotTable(cap, ids)
+        if n:
+            table.insert(ids[:n], torch.arange(n))
+        self._ids, self._vals, self._table = ids, vals, table
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add ``vals`` at ``ids`` (CPU, float32; an id repeated in a call adds each value, in
+        order)."""
+        pos, hit = self._table.find(ids)
+        if not bool(hit.all()):
+            miss = torch.nonzero(~hit).flatten()
+            new, inv = torch.unique(ids[miss], return_inverse=True)  # (a repeat adds twice)
+            n, m = self._n, len(new)
+            if n + m > len(self._vals):
+                self._grow(n + m)
+            at = torch.arange(n, n + m)
+            self._ids[n : n + m] = new
+            self._table.insert(new, at)
+            self._n = n + m
+            pos = pos.clone()
+            pos[miss] = at[inv]
+        self._vals.index_add_(0, pos, vals)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted distinct ids and their sums (folded first)."""
-        self.fold()
-        return self.ids, self.vals
+        """Sorted distinct ids and their sums (copies)."""
+        ids = self._ids[: self._n]
+        order = torch.argsort(ids)
+        return ids[order], self._vals[: self._n][order]
 
     def restore(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Take sorted distinct ``ids`` and their sums (what :meth:`items` gave)."""
-        self.ids, self.vals = ids, vals
-        self._p_ids, self._p_vals, self._pending = [], [], 0
+        """Take distinct ``ids`` and their sums (what :meth:`items` gave)."""
+        self._n = 0
+        self._grow(len(ids))
+        self.add(ids.to(torch.int64), vals)
 
     def __bool__(self) -> bool:
-        return bool(len(self.ids) or self._p_ids)
+        return self._n > 0
 
 
 class Window:
@@ -321,6 +334,28 @@ class Window:
     def clear(self) -> None:
         self._sums = Sums(self.dim + 1)
         self.steps = 0
+
+
+class IdTable:
+    """:func:`lookup` for a set of distinct ids asked about many times: the positions of ids
+    in ``ids`` through the device cache's cuckoo hash table (one C probe per id, not a binary
+    search), built once (a hot training step asks the same memo every step)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        from dpsn.tiers._slot_table import SlotTable
+
+        self.ids = ids
+        self._table = None
+        if len(ids):
+            slot_ids = torch.cat([ids.cpu(), torch.full((1,), -1, dtype=torch.int64)])
+            self._table = SlotTable(len(ids), slot_ids)
+            self._table.insert(slot_ids[:-1], torch.arange(len(ids)))
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of ``ids`` and whether each is there (as :func:`lookup`)."""
+        if self._table is None:
+            return torch.zeros_like(ids), torch.zeros(len(ids), dtype=torch.bool)
+        return self._table.find(ids)
 
 
 def lookup(sorted_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
