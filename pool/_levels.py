@@ -877,7 +877,8 @@ class LevelledPool:
 
     def page_in(self, ids: Any) -> LevelBatch:
         """The executor contract (``Pool.page_in``) over levels: see :class:`LevelBatch`."""
-        inner = self._tp.page_in(self._ids(ids))
+        self._check_open()
+        inner = self._tp.page_in(ids)  # which checks the ids (as Pool.page_in)
         if not self._may_hold():
             return LevelBatch(self, inner, None, None)
         try:
@@ -943,9 +944,11 @@ class LevelledPool:
             h = hold.to("cpu", torch.float32)
             held = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
             keep = held if keep is None else keep * held
+        counters = self._tp._stack.counters
+        skipped = counters["skipped_row_steps"]
         inner.apply_grads(grads, optimizer, rows=rows, scale=keep)
-        if not _all_finite(grads):
-            return  # the step was skipped (and counted): nothing moved, the window records none
+        if counters["skipped_row_steps"] != skipped:
+            return  # not finite: skipped (and counted), nothing moved, the window records none
         self._windows[name].add(inner.ids, grads, inner.counts, sign=-1.0, scale=keep, rows=rows)
 
     # -- writing -------------------------------------------------------------------------------
@@ -1423,12 +1426,6 @@ class LevelledPool:
 # A hold below this (less than 1% damping) is not applied: a batch whose holds are all below
 # it steps without an update scale, for a change below what a step's noise moves.
 _HOLD_MIN = 0.01
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value is finite: one sum in the usual case (inf and NaN carry through
-    it), element by element only when the sum itself overflows."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _has_deltas(pool: Pool) -> bool:

@@ -420,3 +420,17 @@ def test_a_write_to_another_level_refreshes_only_its_rows(tmp_path):
         torch.testing.assert_close(after, p.base(ids) + p.delta(ids))
         p.drop([7], level="foundation")
         torch.testing.assert_close(p.read(ids), p.base(ids) + p.delta(ids))
+
+
+def test_a_skipped_step_records_nothing_in_the_window(tmp_path):
+    """Non-finite row gradients skip the step (counted): no row moves and the migration
+    window records no update for it."""
+    with make(tmp_path / "r", levels=["slow", "fast"], cache_rows=64) as p:
+        opt = dpsn.pool.RowSGD(lr=0.1)
+        bad = torch.ones(2, 8)
+        bad[0, 0] = float("nan")
+        with p.page_in(torch.tensor([1, 2])) as batch:
+            batch.apply_grads(bad, opt)
+        assert p.level("fast").stats()["skipped_row_steps"] == 1
+        assert torch.equal(p.delta([1, 2]), torch.zeros(2, 8))
+        assert p._windows["fast"].updates()[0].numel() == 0
