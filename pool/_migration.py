@@ -192,20 +192,26 @@ class Sums:
     back sorted by id (:meth:`items`).
 
     Why this shape: a training step adds ~k x batch rows, and a window must cost less than the
-    step. The ids map to rows of a growing table through the device cache's cuckoo hash table
-    (:class:`dpsn.tiers.SlotTable`: one C probe per id, where the sorted column this replaces
-    paid a ``searchsorted`` per step), so a step is one lookup and one ``index_add_``; a new id
-    takes the next row (zeros) and the table doubles when full. Why not a list of batches
-    reduced on read: reducing thousands of steps' copies costs more than the steps.
+    step. A step's rows are written into a pending buffer (:meth:`reserve`: the caller makes its
+    values there, no copy), and the buffer is folded in once it is full or read: one lookup of
+    all its ids and one ``index_add_``, instead of one of each per step. The ids map to rows of
+    a growing table through the device cache's cuckoo hash table (:class:`SlotTable`: one C
+    probe per id, where a sorted column paid a binary search); a new id takes the next row
+    (zeros) and the table doubles when full.
 
-    Every id's sum is its values added in the order they came, starting from zero, however
-    the table grew or was saved and restored: a sum restored from :meth:`items` goes on bit for
-    bit as one that was never saved."""
+    Every id's sum is its values added in the order they came, starting from zero, however the
+    buffer was folded or the table grew, saved and restored: a sum restored from :meth:`items`
+    goes on bit for bit as one that was never saved."""
+
+    _BUFFER_ROWS = (1 << 12, 1 << 15)  # the pending buffer's least and largest rows
 
     def __init__(self, width: int | None) -> None:
         self.width = width
         self._n = 0
         self._grow(0)
+        self._p_ids = torch.zeros(0, dtype=torch.int64)
+        self._p_vals = self._zeros(0)
+        self._pend = 0
 
     def _zeros(self, n: int) -> torch.Tensor:
         return torch.zeros(n) if self.width is None else torch.zeros((n, self.width))
@@ -228,13 +234,36 @@ class Sums:
             table.insert(ids[:n], torch.arange(n))
         self._ids, self._vals, self._table = ids, vals, table
 
+    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for one call's ``n`` rows: ``(ids [n], values [n, width])`` views the caller
+        fills (ids >= 0; an id repeated adds each value, in order) before any other call."""
+        if self._pend + n > len(self._p_ids):
+            self.fold()
+            if n > len(self._p_ids):
+                low, high = self._BUFFER_ROWS
+                rows = max(n, min(high, max(low, 8 * n)))
+                self._p_ids = torch.empty(rows, dtype=torch.int64)
+                self._p_vals = torch.empty((rows,) if self.width is None else (rows, self.width))
+        a, b = self._pend, self._pend + n
+        self._pend = b
+        return self._p_ids[a:b], self._p_vals[a:b]
+
     def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Add ``vals`` at ``ids`` (CPU, float32; an id repeated in a call adds each value, in
-        order)."""
+        """Add ``vals`` at ``ids`` (CPU, float32; an id repeated adds each value, in order)."""
+        i, v = self.reserve(len(ids))
+        i.copy_(ids)
+        v.copy_(vals)
+
+    def fold(self) -> None:
+        """Add the pending rows into the sums (in place)."""
+        if not self._pend:
+            return
+        ids, vals = self._p_ids[: self._pend], self._p_vals[: self._pend]
+        self._pend = 0
         pos, hit = self._table.find(ids)
         if not bool(hit.all()):
             miss = torch.nonzero(~hit).flatten()
-            new, inv = torch.unique(ids[miss], return_inverse=True)  # (a repeat adds twice)
+            new, inv = torch.unique(ids[miss], return_inverse=True)
             n, m = self._n, len(new)
             if n + m > len(self._vals):
                 self._grow(n + m)
@@ -247,19 +276,21 @@ class Sums:
         self._vals.index_add_(0, pos, vals)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted distinct ids and their sums (copies)."""
+        """Sorted distinct ids and their sums (folded first; copies)."""
+        self.fold()
         ids = self._ids[: self._n]
         order = torch.argsort(ids)
         return ids[order], self._vals[: self._n][order]
 
     def restore(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
         """Take distinct ``ids`` and their sums (what :meth:`items` gave)."""
-        self._n = 0
+        self._n, self._pend = 0, 0
         self._grow(len(ids))
         self.add(ids.to(torch.int64), vals)
+        self.fold()
 
     def __bool__(self) -> bool:
-        return self._n > 0
+        return self._n > 0 or self._pend > 0
 
 
 class Window:
@@ -285,20 +316,27 @@ class Window:
         """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``; each
         row's update times ``scale[i]`` (float ``[n]``) and zero where ``rows`` (bool ``[n]``)
         is False (a row the step left out moved nothing), in one multiplication."""
-        ids = ids.detach().cpu().reshape(-1)
-        both = torch.empty((len(ids), self.dim + 1))
+        ids = ids.detach().reshape(-1)
+        n = len(ids)
         u = update.detach().reshape(-1, self.dim).cpu()
-        if scale is None and rows is None:
-            torch.mul(u, sign, out=both[:, : self.dim])
-        else:
-            f = torch.full((len(ids),), float(sign))
+        count = uses.detach().reshape(-1)
+        f = None  # each row's factor (None: sign alone)
+        if scale is not None or rows is not None:
+            f = torch.full((n,), float(sign))
             if scale is not None:
                 f.mul_(scale.detach().to("cpu", torch.float32).reshape(-1))
             if rows is not None:
                 f.mul_(torch.as_tensor(rows).cpu().reshape(-1).to(torch.float32))
+        if len(u) != n or len(count) != n:
+            raise ValueError(f"{n} ids for {len(u)} updates and {len(count)} uses")
+        # checked: now made in place in the sums' pending buffer (nothing below can fail)
+        at, both = self._sums.reserve(n)
+        at.copy_(ids)
+        if f is None:
+            torch.mul(u, sign, out=both[:, : self.dim])
+        else:
             torch.mul(u, f[:, None], out=both[:, : self.dim])
-        both[:, self.dim] = uses.detach().reshape(-1)
-        self._sums.add(ids, both)
+        both[:, self.dim] = count
         self.steps += 1
 
     def add_update(self, ids: torch.Tensor, update: torch.Tensor) -> None:
