@@ -442,16 +442,16 @@ class LevelBatch:
     other levels already, so ``table`` and ``index`` are the train level's own and nothing is
     copied; ``others``, when given, is added instead); its row step trains the train level
     only, damped by that level's inertia, scaled by its ``lr_scale``, and each row's update
-    damped by its ``hold``."""
+    times ``held`` (``1 - hold`` of the slower levels that hold the row; None: no row held)."""
 
     def __init__(
         self,
         owner: LevelledPool,
         inner: RowBatch,
         others: torch.Tensor | None,
-        hold: torch.Tensor | None,
+        held: torch.Tensor | None,
     ) -> None:
-        self._owner, self._inner, self._others, self._hold = owner, inner, others, hold
+        self._owner, self._inner, self._others, self._held = owner, inner, others, held
         self.ids, self.counts, self.inverse = inner.ids, inner.counts, inner.inverse
         self.order, self.anchor, self.spilled = inner.order, inner.anchor, inner.spilled
         self.applied = False
@@ -495,7 +495,7 @@ class LevelBatch:
             from dpsn.tiers import SECOND_BACKWARD
 
             raise RuntimeError(SECOND_BACKWARD)
-        self._owner._train_step(self._inner, grads, optimizer, self._hold, rows)
+        self._owner._train_step(self._inner, grads, optimizer, self._held, rows)
         self.applied = True
 
     @property
@@ -557,7 +557,9 @@ class LevelledPool:
         self._memo_ids = torch.zeros(0, dtype=torch.int64)
         self._memo_vals = torch.zeros((0, spec["dim"]))
         cache = pools[self._train].cache
-        self._memo_hold = torch.zeros(0)
+        self._memo_keep = torch.zeros(0)
+        # per level: (the tracker's inertia, lr_scale * (1 - inertia) per region), see _train_step
+        self._region_keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._memo_table: mig.IdTable | None = None  # see _memo_find
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
         self._reopen: tuple[Any, dict[str, Any]] | None = None  # dpsn.open and its kwargs
@@ -765,7 +767,7 @@ class LevelledPool:
                 dev = fresh.to(self.device)
                 self._memo_ids = self._memo_ids[fresh]
                 self._memo_vals = self._memo_vals[dev]
-                self._memo_hold = self._memo_hold[dev]
+                self._memo_keep = self._memo_keep[dev]
         self._tp._stack.refresh_cached_bases(ids)
 
     def _install_base(self) -> None:
@@ -808,7 +810,7 @@ class LevelledPool:
             self._memo_empty = not any(_has_deltas(self._pools[n]) for n in others)
             self._memo_ids = torch.zeros(0, dtype=torch.int64)
             self._memo_vals = torch.zeros((0, self.dim), device=self.device)
-            self._memo_hold = torch.zeros(0, device=self.device)
+            self._memo_keep = torch.zeros(0, device=self.device)
         if self._memo_empty:
             return None
         ids = flat.cpu()
@@ -817,7 +819,7 @@ class LevelledPool:
             miss = torch.unique(ids[~hit])
             vals, hold = self._sum_and_hold(miss, self._train)
             assert vals is not None  # some other level holds deltas (_memo_empty is False)
-            keep = (self._memo_ids, self._memo_vals, self._memo_hold)
+            keep = (self._memo_ids, self._memo_vals, self._memo_keep)
             if len(keep[0]) + len(miss) > self._memo_limit:
                 keep = (keep[0][:0], keep[1][:0], keep[2][:0])
             merged = torch.cat([keep[0], miss])
@@ -825,7 +827,9 @@ class LevelledPool:
             dev_order = order.to(self.device)
             self._memo_ids = merged[order]
             self._memo_vals = torch.cat([keep[1], vals.to(self.device)])[dev_order]
-            self._memo_hold = torch.cat([keep[2], hold.to(self.device)])[dev_order]
+            # a row's update factor, 1 - hold (1 where the hold is below _HOLD_MIN)
+            factor = torch.where(hold > _HOLD_MIN, 1.0 - hold, torch.ones_like(hold))
+            self._memo_keep = torch.cat([keep[2], factor.to(self.device)])[dev_order]
             pos, hit = self._memo_find(ids)
         return pos.to(self.device)
 
@@ -888,8 +892,8 @@ class LevelledPool:
             raise
         if pos is None:
             return LevelBatch(self, inner, None, None)
-        hold = torch.index_select(self._memo_hold, 0, pos)
-        return LevelBatch(self, inner, None, hold if bool((hold > 0).any()) else None)
+        held = torch.index_select(self._memo_keep, 0, pos)
+        return LevelBatch(self, inner, None, held if bool((held < 1).any()) else None)
 
     def _may_hold(self) -> bool:
         """Whether some level slower than the train level resists change (its effective
@@ -916,7 +920,7 @@ class LevelledPool:
         inner: RowBatch,
         grads: torch.Tensor,
         optimizer: Any,
-        hold: torch.Tensor | None,
+        held: torch.Tensor | None,
         rows: Any = None,
     ) -> None:
         """The row step of one batch on the train level. Each row's *update* is scaled by
@@ -927,23 +931,22 @@ class LevelledPool:
         not damp them at all) and costs no gather or write. The optimizer state is updated as
         if the row were free (it sees the whole gradient); only the delta's change is damped.
         The window records minus the gradients times that scale as the rows' update direction:
-        no extra read of the deltas (a step's cost stays the optimizer's)."""
+        no extra read of the deltas (a step's cost stays the optimizer's). ``held``: each row's
+        ``1 - hold`` (see :meth:`page_in`; None: no row is held)."""
         name = self._train
         lv = self._levels[self._index(name)]
         tracker = self._trackers[name]
         keep = None  # each row's update scale (None: every row takes the whole step)
         if lv.lr_scale != 1.0 or tracker.any_inertia:
-            if tracker.any_inertia:
-                region = mig.regions_of(inner.ids.cpu(), self.rows, self._migration.regions)
-                keep = lv.lr_scale * (1.0 - tracker.inertia[region])
-            else:
-                keep = torch.full((len(inner.ids),), float(lv.lr_scale))
-        if hold is not None and bool((hold > _HOLD_MIN).any()):
-            # Rows consolidated into slower levels resist as those levels do; holds below
-            # _HOLD_MIN are not applied.
-            h = hold.to("cpu", torch.float32)
-            held = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
-            keep = held if keep is None else keep * held
+            per_region = self._region_keep.get(name)
+            if per_region is None or per_region[0] is not tracker.inertia:
+                per_region = (tracker.inertia, lv.lr_scale * (1.0 - tracker.inertia))
+                self._region_keep[name] = per_region
+            region = mig.regions_of(inner.ids.cpu(), self.rows, self._migration.regions)
+            keep = per_region[1][region]
+        if held is not None:  # rows consolidated into slower levels resist as those levels do
+            h = held.to("cpu", torch.float32)
+            keep = h if keep is None else keep * h
         counters = self._tp._stack.counters
         skipped = counters["skipped_row_steps"]
         inner.apply_grads(grads, optimizer, rows=rows, scale=keep)
