@@ -204,6 +204,7 @@ class Sums:
     goes on bit for bit as one that was never saved."""
 
     _BUFFER_ROWS = (1 << 12, 1 << 15)  # the pending buffer's least and largest rows
+    _BUFFER_BYTES = 16 << 20  # and its largest size (but one call's rows always fit)
 
     def __init__(self, width: int | None) -> None:
         self.width = width
@@ -241,6 +242,7 @@ class Sums:
             self.fold()
             if n > len(self._p_ids):
                 low, high = self._BUFFER_ROWS
+                high = min(high, self._BUFFER_BYTES // (4 * (self.width or 1)))  # wide rows
                 rows = max(n, min(high, max(low, 8 * n)))
                 self._p_ids = torch.empty(rows, dtype=torch.int64)
                 self._p_vals = torch.empty((rows,) if self.width is None else (rows, self.width))
