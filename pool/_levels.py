@@ -442,16 +442,16 @@ class LevelBatch:
     other levels already, so ``table`` and ``index`` are the train level's own and nothing is
     copied; ``others``, when given, is added instead); its row step trains the train level
     only, damped by that level's inertia, scaled by its ``lr_scale``, and each row's update
-    damped by its ``hold``."""
+    times ``held`` (``1 - hold`` of the slower levels that hold the row; None: no row held)."""
 
     def __init__(
         self,
         owner: LevelledPool,
         inner: RowBatch,
         others: torch.Tensor | None,
-        hold: torch.Tensor | None,
+        held: torch.Tensor | None,
     ) -> None:
-        self._owner, self._inner, self._others, self._hold = owner, inner, others, hold
+        self._owner, self._inner, self._others, self._held = owner, inner, others, held
         self.ids, self.counts, self.inverse = inner.ids, inner.counts, inner.inverse
         self.order, self.anchor, self.spilled = inner.order, inner.anchor, inner.spilled
         self.applied = False
@@ -495,7 +495,7 @@ class LevelBatch:
             from dpsn.tiers import SECOND_BACKWARD
 
             raise RuntimeError(SECOND_BACKWARD)
-        self._owner._train_step(self._inner, grads, optimizer, self._hold, rows)
+        self._owner._train_step(self._inner, grads, optimizer, self._held, rows)
         self.applied = True
 
     @property
@@ -557,7 +557,10 @@ class LevelledPool:
         self._memo_ids = torch.zeros(0, dtype=torch.int64)
         self._memo_vals = torch.zeros((0, spec["dim"]))
         cache = pools[self._train].cache
-        self._memo_hold = torch.zeros(0)
+        self._memo_keep = torch.zeros(0)
+        # per level: (the tracker's inertia, lr_scale * (1 - inertia) per region), see _train_step
+        self._region_keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._memo_table: mig.IdTable | None = None  # see _memo_find
         self._memo_limit = max(1 << 12, cache.capacity if cache is not None else 0)
         self._reopen: tuple[Any, dict[str, Any]] | None = None  # dpsn.open and its kwargs
         self._base: _LevelledBase | None = None  # installed on the train level (_install_base)
@@ -742,13 +745,30 @@ class LevelledPool:
                 hold = torch.maximum(hold, torch.where(has, a, torch.zeros_like(a)))
         return out, hold
 
-    def _changed(self, level: str | None = None) -> None:
+    def _changed(self, level: str | None = None, ids: torch.Tensor | None = None) -> None:
         """A level other than the train level changed (None: any may have): the memo of the
-        other levels' sum, and the train level's cached rows that include it, are stale."""
-        if level != self._train:
+        other levels' sum, and the train level's cached rows that include it, are stale. With
+        ``ids`` only those rows changed: only they leave the memo and only their cached rows
+        are re-made (the rest of the cache is not re-read); without, all of them."""
+        if level == self._train:
+            return
+        if ids is None or self._base is None:
             self._memo_empty = None
             if self._base is not None:
                 self._base.invalidate()
+            return
+        ids = torch.unique(ids.reshape(-1).cpu())
+        if self._memo_empty is True:
+            self._memo_empty = None  # the level may hold deltas now: the memo starts afresh
+        elif self._memo_empty is False and len(self._memo_ids):
+            stale = torch.isin(self._memo_ids, ids)
+            if bool(stale.any()):  # the memo keeps its other rows (it stays sorted)
+                fresh = ~stale
+                dev = fresh.to(self.device)
+                self._memo_ids = self._memo_ids[fresh]
+                self._memo_vals = self._memo_vals[dev]
+                self._memo_keep = self._memo_keep[dev]
+        self._tp._stack.refresh_cached_bases(ids)
 
     def _install_base(self) -> None:
         """Make the train level's base rows ``generator + the other levels`` (see
@@ -790,16 +810,16 @@ class LevelledPool:
             self._memo_empty = not any(_has_deltas(self._pools[n]) for n in others)
             self._memo_ids = torch.zeros(0, dtype=torch.int64)
             self._memo_vals = torch.zeros((0, self.dim), device=self.device)
-            self._memo_hold = torch.zeros(0, device=self.device)
+            self._memo_keep = torch.zeros(0, device=self.device)
         if self._memo_empty:
             return None
         ids = flat.cpu()
-        pos, hit = mig.lookup(self._memo_ids, ids)
+        pos, hit = self._memo_find(ids)
         if not bool(hit.all()):
             miss = torch.unique(ids[~hit])
             vals, hold = self._sum_and_hold(miss, self._train)
             assert vals is not None  # some other level holds deltas (_memo_empty is False)
-            keep = (self._memo_ids, self._memo_vals, self._memo_hold)
+            keep = (self._memo_ids, self._memo_vals, self._memo_keep)
             if len(keep[0]) + len(miss) > self._memo_limit:
                 keep = (keep[0][:0], keep[1][:0], keep[2][:0])
             merged = torch.cat([keep[0], miss])
@@ -807,9 +827,19 @@ class LevelledPool:
             dev_order = order.to(self.device)
             self._memo_ids = merged[order]
             self._memo_vals = torch.cat([keep[1], vals.to(self.device)])[dev_order]
-            self._memo_hold = torch.cat([keep[2], hold.to(self.device)])[dev_order]
-            pos, hit = mig.lookup(self._memo_ids, ids)
+            # a row's update factor, 1 - hold (1 where the hold is below _HOLD_MIN)
+            factor = torch.where(hold > _HOLD_MIN, 1.0 - hold, torch.ones_like(hold))
+            self._memo_keep = torch.cat([keep[2], factor.to(self.device)])[dev_order]
+            pos, hit = self._memo_find(ids)
         return pos.to(self.device)
+
+    def _memo_find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mig.lookup(self._memo_ids, ids)`` through a hash table built once per memo (the
+        memo changes only when rows are added to it or leave it)."""
+        table = self._memo_table
+        if table is None or table.ids is not self._memo_ids:
+            table = self._memo_table = mig.IdTable(self._memo_ids)
+        return table.find(ids)
 
     def _others(self, flat: torch.Tensor) -> torch.Tensor | None:
         """``[len(flat), dim]``: the sum of every level's delta but the train level's (None:
@@ -851,7 +881,8 @@ class LevelledPool:
 
     def page_in(self, ids: Any) -> LevelBatch:
         """The executor contract (``Pool.page_in``) over levels: see :class:`LevelBatch`."""
-        inner = self._tp.page_in(self._ids(ids))
+        self._check_open()
+        inner = self._tp.page_in(ids)  # which checks the ids (as Pool.page_in)
         if not self._may_hold():
             return LevelBatch(self, inner, None, None)
         try:
@@ -861,15 +892,15 @@ class LevelledPool:
             raise
         if pos is None:
             return LevelBatch(self, inner, None, None)
-        hold = torch.index_select(self._memo_hold, 0, pos)
-        return LevelBatch(self, inner, None, hold if bool((hold > 0).any()) else None)
+        held = torch.index_select(self._memo_keep, 0, pos)
+        return LevelBatch(self, inner, None, held if bool((held < 1).any()) else None)
 
     def _may_hold(self) -> bool:
         """Whether some level slower than the train level resists change (its effective
         inertia is above 0 somewhere): only then does a batch need its rows' holds."""
         train = self._index(self._train)
         slower = self._levels[:train]
-        return any(float(self._trackers[lv.name].inertia.max()) > _HOLD_MIN for lv in slower)
+        return any(self._trackers[lv.name].max_inertia > _HOLD_MIN for lv in slower)
 
     def set_state_width(self, width: int) -> None:
         """Per-row optimizer state beside the train level's deltas (and any level trained
@@ -889,45 +920,39 @@ class LevelledPool:
         inner: RowBatch,
         grads: torch.Tensor,
         optimizer: Any,
-        hold: torch.Tensor | None,
+        held: torch.Tensor | None,
         rows: Any = None,
     ) -> None:
-        """The row step of one batch on the train level: the row gradients are scaled by
-        ``lr_scale * (1 - a_eff)`` of each row's region (for SGD exactly the update's damping;
-        for adaptive optimizers, the gradient's), then the optimizer steps with each row's
-        *update* scaled by ``1 - hold`` (the inertia of the slower levels that hold the row,
-        see :meth:`_sum_and_hold`): ``RowBatch.apply_grads(scale=)``, inside the step (the
-        native loops' per-row learning rate), so it damps Adagrad's and Adam's steps too and
-        costs no gather or write. The optimizer state is updated as if the row were free (it
-        sees the whole gradient); only the delta's change is damped. The window records minus
-        the scaled gradients (held rows' times ``1 - hold``) as the rows' update direction:
-        no extra read of the deltas (a step's cost stays the optimizer's)."""
+        """The row step of one batch on the train level. Each row's *update* is scaled by
+        ``lr_scale * (1 - a_eff)`` of its region times ``1 - hold`` (the inertia of the slower
+        levels that hold the row, see :meth:`_sum_and_hold`): ``RowBatch.apply_grads(scale=)``,
+        inside the step (the native loops' per-row learning rate), so it damps Adagrad's and
+        Adam's steps too (they normalise a gradient by its size, so a scaled *gradient* would
+        not damp them at all) and costs no gather or write. The optimizer state is updated as
+        if the row were free (it sees the whole gradient); only the delta's change is damped.
+        The window records minus the gradients times that scale as the rows' update direction:
+        no extra read of the deltas (a step's cost stays the optimizer's). ``held``: each row's
+        ``1 - hold`` (see :meth:`page_in`; None: no row is held)."""
         name = self._train
         lv = self._levels[self._index(name)]
-        a_eff = self._trackers[name].inertia
-        ids = inner.ids
-        scale = None  # one multiplication of the gradients, whatever damps them
-        if lv.lr_scale != 1.0 or bool((a_eff > 0).any()):
-            region = mig.regions_of(ids.cpu(), self.rows, self._migration.regions)
-            scale = lv.lr_scale * (1.0 - a_eff[region])
-        if scale is not None:
-            grads = grads * scale.to(grads.device, grads.dtype)[:, None]
-        keep = None  # each row's update scale, 1 - hold (None: no row is held)
-        if hold is not None and bool((hold > _HOLD_MIN).any()):
-            # Rows consolidated into slower levels resist as those levels do: their *update*
-            # is damped by (1 - hold), which an adaptive optimizer's step would undo if the
-            # gradient were scaled instead (Adagrad's g / sqrt(sum g^2) ignores a constant
-            # factor); holds below _HOLD_MIN are not applied.
-            h = hold.to("cpu", torch.float32)
-            keep = torch.where(h > _HOLD_MIN, 1.0 - h, torch.ones_like(h))
+        tracker = self._trackers[name]
+        keep = None  # each row's update scale (None: every row takes the whole step)
+        if lv.lr_scale != 1.0 or tracker.any_inertia:
+            per_region = self._region_keep.get(name)
+            if per_region is None or per_region[0] is not tracker.inertia:
+                per_region = (tracker.inertia, lv.lr_scale * (1.0 - tracker.inertia))
+                self._region_keep[name] = per_region
+            region = mig.regions_of(inner.ids.cpu(), self.rows, self._migration.regions)
+            keep = per_region[1][region]
+        if held is not None:  # rows consolidated into slower levels resist as those levels do
+            h = held.to("cpu", torch.float32)
+            keep = h if keep is None else keep * h
+        counters = self._tp._stack.counters
+        skipped = counters["skipped_row_steps"]
         inner.apply_grads(grads, optimizer, rows=rows, scale=keep)
-        if not _all_finite(grads):
-            return  # the step was skipped (and counted): nothing moved, the window records none
-        if keep is not None:
-            grads = grads * keep.to(grads.device, grads.dtype)[:, None]
-        if rows is not None:  # rows left out moved nothing: their window records no update
-            grads = grads * torch.as_tensor(rows, device=grads.device)[:, None].to(grads.dtype)
-        self._windows[name].add(ids, grads, inner.counts, sign=-1.0)  # the update: -grads
+        if counters["skipped_row_steps"] != skipped:
+            return  # not finite: skipped (and counted), nothing moved, the window records none
+        self._windows[name].add(inner.ids, grads, inner.counts, sign=-1.0, scale=keep, rows=rows)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -949,15 +974,16 @@ class LevelledPool:
         uniq, inv = torch.unique(flat, return_inverse=True)
         before = pool.delta(uniq).float()
         pool.write(flat, values, add=add)
-        self._changed(name)
+        self._changed(name, uniq)
         uses = torch.bincount(inv, minlength=len(uniq))
         self._windows[name].add(uniq, pool.delta(uniq).float() - before, uses)
 
     def drop(self, ids: Any, *, level: str | None = None) -> None:
         """Return rows of one level (default: the train level) to zero delta at the commit."""
         name = self._level_for_write(level)
-        self._pools[name].drop(ids)
-        self._changed(name)
+        full = as_ids(ids, self.rows)
+        self._pools[name].drop(full)
+        self._changed(name, full)
 
     def clear_level(self, name: str) -> None:
         """Empty a level. A context level forgets everything at once; a persisted level forgets
@@ -1008,6 +1034,7 @@ class LevelledPool:
                 upd[0], upd[1], self.rows, policy.regions, policy.entropy_target
             )
             w.clear()
+        self._memo_empty = None  # the memo's holds follow the inertia just folded in
         out: dict[str, Any] = {"channels": []}
         persisted = self._persisted
         for ch in range(len(persisted) - 1):
@@ -1029,7 +1056,7 @@ class LevelledPool:
         fp, sp = self._pools[fast], self._pools[slow]
         if len(plan.conflicts):  # damp the fast level where it opposes the slower one
             fp.write(plan.conflicts, -policy.conflict_damp * plan.conflict_updates, add=True)
-            self._changed(fast)
+            self._changed(fast, plan.conflicts)
         started = torch.cat([plan.normal, plan.bypassed])
         ids = torch.cat([busy_ids, started])
         left = torch.cat([busy_left, torch.full((len(started),), policy.handoff)])
@@ -1045,8 +1072,8 @@ class LevelledPool:
             if bool(done.any()):
                 fp.drop(ids[done])
             sp.write(ids, part, add=True)
-            self._changed(fast)
-            self._changed(slow)
+            self._changed(fast, ids)
+            self._changed(slow, ids)
             # arrivals are the slower level's updates: a row that keeps arriving the same way
             # becomes stable there too and moves on down, a little at a time
             upos, uhit = mig.lookup(f_uses[0], ids)
@@ -1402,12 +1429,6 @@ class LevelledPool:
 # A hold below this (less than 1% damping) is not applied: a batch whose holds are all below
 # it steps without an update scale, for a change below what a step's noise moves.
 _HOLD_MIN = 0.01
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value is finite: one sum in the usual case (inf and NaN carry through
-    it), element by element only when the sum itself overflows."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _has_deltas(pool: Pool) -> bool:

@@ -188,65 +188,111 @@ def handoff_part(fast: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
 
 
 class Sums:
-    """Sorted distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``).
+    """Distinct ids with a running sum of values per id (``[n, width]``, or ``[n]``), read
+    back sorted by id (:meth:`items`).
 
-    Why not a list of batches reduced on read: a training step adds ~k x batch rows, and
-    reducing thousands of steps' copies costs more than the steps. Here a batch whose ids are
-    already present is one ``searchsorted`` and one ``index_add_`` (the usual case: the hot
-    rows recur); new ids wait in a short list merged (``torch.unique`` + ``index_add_``) once
-    they outnumber half the rows held, so each id is merged O(1) times amortized. The order of
-    additions is a deterministic function of the batches, so a sum restored after a
-    :meth:`fold` goes on bit for bit as one that was never saved."""
+    Why this shape: a training step adds ~k x batch rows, and a window must cost less than the
+    step. A step's rows are written into a pending buffer (:meth:`reserve`: the caller makes its
+    values there, no copy), and the buffer is folded in once it is full or read: one lookup of
+    all its ids and one ``index_add_``, instead of one of each per step. The ids map to rows of
+    a growing table through the device cache's cuckoo hash table (:class:`SlotTable`: one C
+    probe per id, where a sorted column paid a binary search); a new id takes the next row
+    (zeros) and the table doubles when full.
+
+    Every id's sum is its values added in the order they came, starting from zero, however the
+    buffer was folded or the table grew, saved and restored: a sum restored from :meth:`items`
+    goes on bit for bit as one that was never saved."""
+
+    _BUFFER_ROWS = (1 << 12, 1 << 15)  # the pending buffer's least and largest rows
+    _BUFFER_BYTES = 16 << 20  # and its largest size (but one call's rows always fit)
 
     def __init__(self, width: int | None) -> None:
         self.width = width
-        self.ids = torch.zeros(0, dtype=torch.int64)
-        self.vals = self._zeros(0)
-        self._p_ids: list[torch.Tensor] = []
-        self._p_vals: list[torch.Tensor] = []
-        self._pending = 0
+        self._n = 0
+        self._grow(0)
+        self._p_ids = torch.zeros(0, dtype=torch.int64)
+        self._p_vals = self._zeros(0)
+        self._pend = 0
 
     def _zeros(self, n: int) -> torch.Tensor:
         return torch.zeros(n) if self.width is None else torch.zeros((n, self.width))
 
-    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Add ``vals`` at ``ids`` (CPU, float32; ``ids`` distinct within a call)."""
-        pos, hit = lookup(self.ids, ids)
-        if bool(hit.all()):
-            self.vals.index_add_(0, pos, vals)
-            return
-        if bool(hit.any()):
-            self.vals.index_add_(0, pos[hit], vals[hit])
-        miss = ~hit
-        self._p_ids.append(ids[miss])
-        self._p_vals.append(vals[miss])
-        self._pending += int(miss.sum())
-        if self._pending > max(4096, len(self.ids) // 2):
+    def _grow(self, need: int) -> None:
+        """Make room for ``need`` rows (at least 64; capacity doubles), keeping the rows held."""
+        from dpsn.tiers._slot_table import SlotTable
+
+        cap = 64
+        while cap < need:
+            cap *= 2
+        n = self._n
+        ids = torch.full((cap + 1,), -1, dtype=torch.int64)
+        vals = self._zeros(cap)
+        if n:
+            ids[:n] = self._ids[:n]
+            vals[:n] = self._vals[:n]
+        table = SlotTable(cap, ids)
+        if n:
+            table.insert(ids[:n], torch.arange(n))
+        self._ids, self._vals, self._table = ids, vals, table
+
+    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for one call's ``n`` rows: ``(ids [n], values [n, width])`` views the caller
+        fills (ids >= 0; an id repeated adds each value, in order) before any other call."""
+        if self._pend + n > len(self._p_ids):
             self.fold()
+            if n > len(self._p_ids):
+                low, high = self._BUFFER_ROWS
+                high = min(high, self._BUFFER_BYTES // (4 * (self.width or 1)))  # wide rows
+                rows = max(n, min(high, max(low, 8 * n)))
+                self._p_ids = torch.empty(rows, dtype=torch.int64)
+                self._p_vals = torch.empty((rows,) if self.width is None else (rows, self.width))
+        a, b = self._pend, self._pend + n
+        self._pend = b
+        return self._p_ids[a:b], self._p_vals[a:b]
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add ``vals`` at ``ids`` (CPU, float32; an id repeated adds each value, in order)."""
+        i, v = self.reserve(len(ids))
+        i.copy_(ids)
+        v.copy_(vals)
 
     def fold(self) -> None:
-        """Merge the pending new ids in (in place)."""
-        if not self._p_ids:
+        """Add the pending rows into the sums (in place)."""
+        if not self._pend:
             return
-        ids = torch.cat([self.ids, *self._p_ids])
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = self._zeros(len(uniq))
-        out.index_add_(0, inv, torch.cat([self.vals, *self._p_vals]))
-        self.ids, self.vals = uniq, out
-        self._p_ids, self._p_vals, self._pending = [], [], 0
+        ids, vals = self._p_ids[: self._pend], self._p_vals[: self._pend]
+        self._pend = 0
+        pos, hit = self._table.find(ids)
+        if not bool(hit.all()):
+            miss = torch.nonzero(~hit).flatten()
+            new, inv = torch.unique(ids[miss], return_inverse=True)
+            n, m = self._n, len(new)
+            if n + m > len(self._vals):
+                self._grow(n + m)
+            at = torch.arange(n, n + m)
+            self._ids[n : n + m] = new
+            self._table.insert(new, at)
+            self._n = n + m
+            pos = pos.clone()
+            pos[miss] = at[inv]
+        self._vals.index_add_(0, pos, vals)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted distinct ids and their sums (folded first)."""
+        """Sorted distinct ids and their sums (folded first; copies)."""
         self.fold()
-        return self.ids, self.vals
+        ids = self._ids[: self._n]
+        order = torch.argsort(ids)
+        return ids[order], self._vals[: self._n][order]
 
     def restore(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Take sorted distinct ``ids`` and their sums (what :meth:`items` gave)."""
-        self.ids, self.vals = ids, vals
-        self._p_ids, self._p_vals, self._pending = [], [], 0
+        """Take distinct ``ids`` and their sums (what :meth:`items` gave)."""
+        self._n, self._pend = 0, 0
+        self._grow(len(ids))
+        self.add(ids.to(torch.int64), vals)
+        self.fold()
 
     def __bool__(self) -> bool:
-        return bool(len(self.ids) or self._p_ids)
+        return self._n > 0 or self._pend > 0
 
 
 class Window:
@@ -260,15 +306,39 @@ class Window:
         self.steps = 0
 
     def add(
-        self, ids: torch.Tensor, update: torch.Tensor, uses: torch.Tensor, *, sign: float = 1.0
+        self,
+        ids: torch.Tensor,
+        update: torch.Tensor,
+        uses: torch.Tensor,
+        *,
+        sign: float = 1.0,
+        scale: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``."""
-        ids = ids.detach().cpu().reshape(-1)
-        both = torch.empty((len(ids), self.dim + 1))
+        """One step: the rows' updates ``sign * update`` ``[n, dim]`` and uses ``[n]``; each
+        row's update times ``scale[i]`` (float ``[n]``) and zero where ``rows`` (bool ``[n]``)
+        is False (a row the step left out moved nothing), in one multiplication."""
+        ids = ids.detach().reshape(-1)
+        n = len(ids)
         u = update.detach().reshape(-1, self.dim).cpu()
-        torch.mul(u, sign, out=both[:, : self.dim])
-        both[:, self.dim] = uses.detach().reshape(-1)
-        self._sums.add(ids, both)
+        count = uses.detach().reshape(-1)
+        f = None  # each row's factor (None: sign alone)
+        if scale is not None or rows is not None:
+            f = torch.full((n,), float(sign))
+            if scale is not None:
+                f.mul_(scale.detach().to("cpu", torch.float32).reshape(-1))
+            if rows is not None:
+                f.mul_(torch.as_tensor(rows).cpu().reshape(-1).to(torch.float32))
+        if len(u) != n or len(count) != n:
+            raise ValueError(f"{n} ids for {len(u)} updates and {len(count)} uses")
+        # checked: now made in place in the sums' pending buffer (nothing below can fail)
+        at, both = self._sums.reserve(n)
+        at.copy_(ids)
+        if f is None:
+            torch.mul(u, sign, out=both[:, : self.dim])
+        else:
+            torch.mul(u, f[:, None], out=both[:, : self.dim])
+        both[:, self.dim] = count
         self.steps += 1
 
     def add_update(self, ids: torch.Tensor, update: torch.Tensor) -> None:
@@ -306,6 +376,28 @@ class Window:
         self.steps = 0
 
 
+class IdTable:
+    """:func:`lookup` for a set of distinct ids asked about many times: the positions of ids
+    in ``ids`` through the device cache's cuckoo hash table (one C probe per id, not a binary
+    search), built once (a hot training step asks the same memo every step)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        from dpsn.tiers._slot_table import SlotTable
+
+        self.ids = ids
+        self._table = None
+        if len(ids):
+            slot_ids = torch.cat([ids.cpu(), torch.full((1,), -1, dtype=torch.int64)])
+            self._table = SlotTable(len(ids), slot_ids)
+            self._table.insert(slot_ids[:-1], torch.arange(len(ids)))
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of ``ids`` and whether each is there (as :func:`lookup`)."""
+        if self._table is None:
+            return torch.zeros_like(ids), torch.zeros(len(ids), dtype=torch.bool)
+        return self._table.find(ids)
+
+
 def lookup(sorted_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of ``ids`` in ``sorted_ids`` and whether each is there."""
     if len(sorted_ids) == 0:
@@ -329,6 +421,19 @@ class Tracker:
             "conflict_rate": 0.0,
             "entropy_ratio": 0.0,
         }
+
+    @property
+    def inertia(self) -> torch.Tensor:
+        """The effective inertia ``a_eff`` of each region (``[regions]`` float32)."""
+        return self._inertia
+
+    @inertia.setter
+    def inertia(self, value: torch.Tensor) -> None:
+        # its maximum is kept beside it: a training step asks whether any region resists
+        # without a reduction (and a tensor-to-Python sync) per step
+        self._inertia = value
+        self.max_inertia = float(value.max()) if len(value) else 0.0
+        self.any_inertia = self.max_inertia > 0
 
     def advance(
         self, ids: torch.Tensor, updates: torch.Tensor, proj: torch.Tensor, tau: float

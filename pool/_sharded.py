@@ -132,6 +132,7 @@ class ShardedRowBatch:
         *,
         rows: torch.Tensor | None = None,
         strict: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """Send each row's gradient (``[n, D]``, aligned with ``ids``) to its owner, which sums
         all ranks' contributions and applies one ``optimizer`` step (a collective).
@@ -140,9 +141,12 @@ class ShardedRowBatch:
         row when a rank that used it marked it (with every rank's gradient); the rest keep
         delta and state. A selection that needs the owner's usage statistics runs at the owner
         instead (:meth:`select_at_owner`; ``SparseFinetune`` does so). Protected rows are left
-        out by each owner. Gradients that are not finite are never sent: the step is skipped
-        (counted) by every owner of this rank's rows, and with ``strict=True`` this rank
-        raises ``InvalidDeltaError`` after the exchange (the others are not left waiting).
+        out by each owner. ``scale`` (float ``[n]``, finite and >= 0) scales each row's update
+        as in ``RowBatch.apply_grads``; an owner scales a row by the mean of its requesters'
+        scales (a rank that gives none counts 1). Gradients that are not finite are never
+        sent: the step is skipped (counted) by every owner of this rank's rows, and with
+        ``strict=True`` this rank raises ``InvalidDeltaError`` after the exchange (the others
+        are not left waiting).
         ``strict`` travels with this rank's rows: an owner that refuses their step because
         its results would not be finite (gradients summed over ranks that overflow) skips and
         counts it whatever its own flag, and this rank raises ``InvalidDeltaError`` when it
@@ -158,11 +162,15 @@ class ShardedRowBatch:
                     f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
+        if scale is not None:
+            from dpsn.tiers._stack import _update_scale
+
+            scale = _update_scale(scale, len(self.ids))  # checked here, before the collective
         self._pool._optimizer = optimizer
         finite = bool(torch.isfinite(grads).all())
         g = grads.float() if finite else torch.zeros_like(grads, dtype=torch.float32)
         self.applied = True
-        refused = self._exchange_grads(g, contributes=finite, rows=rows, strict=strict)
+        refused = self._exchange_grads(g, contributes=finite, rows=rows, strict=strict, scale=scale)
         if not finite and strict:  # the owners counted the skipped step
             raise InvalidDeltaError(
                 "the row gradients are not finite (NaN or Inf): the row step was not "
@@ -216,9 +224,16 @@ class ShardedRowBatch:
             self._local = None
 
     def _exchange_grads(
-        self, grads: torch.Tensor, *, contributes: bool, rows: torch.Tensor | None, strict: bool
+        self,
+        grads: torch.Tensor,
+        *,
+        contributes: bool,
+        rows: torch.Tensor | None,
+        strict: bool,
+        scale: torch.Tensor | None = None,
     ) -> bool:
-        """Send ``[grads | contributed | uses | selected | selects-at-owner]`` ``(n, D + 4)``
+        """Send ``[grads | contributed | uses | selected | selects-at-owner | scale]``
+        ``(n, D + 5)``
         to the owners, each rank's rows for rank j led by one header row carrying the sender's
         ``strict`` flag; each owner sums the rows per row and steps those every requester gave
         a gradient for (all or none: a rank that skipped skips the batch for its rows).
@@ -234,18 +249,19 @@ class ShardedRowBatch:
         pool = self._pool
         n, d = len(grads), pool.dim
         world = len(self._send)
-        extra = torch.zeros((n, 4), dtype=grads.dtype, device=grads.device)
+        extra = torch.zeros((n, 5), dtype=grads.dtype, device=grads.device)
         extra[:, 0] = 1.0 if contributes else 0.0
         extra[:, 1] = self.counts.to(grads.dtype)
         extra[:, 2] = 1.0 if rows is None else rows.to(grads.dtype)
         extra[:, 3] = 1.0 if getattr(self, "_selects", False) else 0.0
+        extra[:, 4] = 1.0 if scale is None else scale.to(grads.device, grads.dtype)
         body = torch.cat([grads, extra], dim=1)[self._perm]  # grouped by owner, as the ids went
         # one header row ahead of each destination's rows: [0.., strict] (column d)
         send_counts = torch.tensor(self._send, dtype=torch.int64)
         owner = torch.repeat_interleave(torch.arange(world), send_counts).to(grads.device)
         at = torch.arange(n, device=grads.device) + owner + 1
         heads = torch.cumsum(send_counts + 1, 0) - send_counts - 1
-        send = torch.zeros((n + world, d + 4), dtype=grads.dtype, device=grads.device)
+        send = torch.zeros((n + world, d + 5), dtype=grads.dtype, device=grads.device)
         send[at] = body
         send[heads.to(grads.device), d] = 1.0 if strict else 0.0
         got_all = pool._a2a(send, [c + 1 for c in self._send], [c + 1 for c in self._recv])
@@ -254,11 +270,11 @@ class ShardedRowBatch:
         any_strict = bool((got_all[rheads, d] > 0).any())  # every rank sent every rank a header
         is_row = torch.ones(len(got_all), dtype=torch.bool, device=got_all.device)
         is_row[rheads] = False
-        got = got_all[is_row]  # (r, D + 4), in the order the rows came
+        got = got_all[is_row]  # (r, D + 5), in the order the rows came
         refused = torch.zeros(len(got), dtype=grads.dtype, device=got.device)
         try:
             if len(local) and pool.writable:
-                summed = torch.zeros((len(local), d + 4), dtype=torch.float32, device=got.device)
+                summed = torch.zeros((len(local), d + 5), dtype=torch.float32, device=got.device)
                 summed.index_add_(0, local.inverse.reshape(-1), got)
                 asked = torch.bincount(local.inverse.reshape(-1), minlength=len(local))
                 # every requester of a row gave its gradient: step; else skip the batch, as one
@@ -276,8 +292,12 @@ class ShardedRowBatch:
                     if bool((summed[:, d + 3] > 0).any()):
                         keep &= self._owner_rows(local, g, summed[:, d + 1])
                     mask = None if bool(keep.all()) else keep
+                    mean = summed[:, d + 4] / asked.to(summed.dtype).clamp_min(1)
+                    step_scale = None if bool((mean == 1).all()) else mean.cpu()
                     try:  # strict here only to learn of a refusal, which is counted below
-                        local.apply_grads(g, pool._optimizer, rows=mask, strict=True)
+                        local.apply_grads(
+                            g, pool._optimizer, rows=mask, strict=True, scale=step_scale
+                        )
                     except InvalidDeltaError:
                         pool.local.count_skipped_row_step()
                         refused[:] = 1.0

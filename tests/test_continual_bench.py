@@ -63,3 +63,22 @@ def test_variants_run_through_the_public_api(continual, tmp_path):
     assert res["domain_incremental"]["newest_vs_unprotected"] is not None
     with pytest.raises(SystemExit):
         continual.main(["--variants", "zz", "--no-write"])
+
+
+def test_levels_tune_runs_on_the_validation_split(continual, tmp_path, monkeypatch):
+    """bench/levels.py --tune (issue 23) runs through the public API, on bench/continual.py's
+    validation split: one row per setting and the single-level pool."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("levels_bench", BENCH / "levels.py")
+        levels = importlib.util.module_from_spec(spec)
+        sys.modules["levels_bench"] = levels
+        spec.loader.exec_module(levels)
+    finally:
+        sys.path.remove(str(BENCH))
+    val = levels._validation_tasks(0)
+    assert [len(t[2]) for t in val] == [len(continual.load_digits_split(0, "val")[2])] * 5
+    monkeypatch.setattr(levels, "TUNE_GRID", levels.TUNE_GRID[-1:])  # one setting: fast
+    res = levels.main(["--quick", "--steps", "2", "--tune", "--no-write"])
+    assert [r["model"] for r in res["tune"]] == ["pool", "grid 0"]
+    assert all(0 <= r["task1_final"] <= 1 for r in res["tune"])

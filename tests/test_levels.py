@@ -367,3 +367,70 @@ def test_a_held_row_is_damped_under_an_adaptive_optimizer(tmp_path):
         fast = p.delta([1, 2], level="fast")
         torch.testing.assert_close(fast[0], 0.1 * fast[1], rtol=1e-5, atol=1e-7)
         assert float(fast[1].abs().min()) > 0.1  # the free row moved a full Adagrad step
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_train_level_inertia_damps_an_adaptive_step(tmp_path, row_kernels, optimizer):
+    """The train level's own damping, ``lr_scale * (1 - a_eff)`` of a row's region, scales the
+    row's *update*: Adagrad and Adam normalise a gradient by its size, so a scaled gradient
+    would move a row of high effective inertia as far as one of low inertia. A region whose
+    inertia rose with use (a written window, then a consolidation) moves less, by the factor
+    the inertias give, against the same step on a level with no inertia."""
+    levels = [dpsn.Level("slow"), dpsn.Level("fast", inertia=0.2, lr_scale=0.5)]
+    mig = dpsn.Migration(consolidate_every=0, regions=2)  # region 0: ids < 500
+    make_opt = {"adagrad": dpsn.pool.RowAdagrad, "adam": dpsn.pool.RowAdam}[optimizer]
+    moved = {}
+    for label, lv in (("damped", levels), ("free", ["slow", "fast"])):
+        with make(tmp_path / label, levels=lv, migration=mig, cache_rows=64) as p:
+            if label == "damped":
+                p.write(torch.arange(0, 50), torch.ones(50, 8), level="fast")
+                p.consolidate()  # region 0 was used: its effective inertia rises
+                low, high = p.stats()["levels"]["fast"]["inertia_range"]
+                assert low == pytest.approx(0.2) and high > 0.5
+            opt = make_opt(lr=0.1)
+            p.set_state_width(opt.state_width(8))
+            for _ in range(3):
+                with p.page_in(torch.tensor([100, 600])) as batch:
+                    batch.apply_grads(torch.ones(2, 8), opt)
+            moved[label] = p.delta([100, 600], level="fast")
+    free = moved["free"]
+    assert float(free.abs().min()) > 0.1  # a full adaptive step
+    expect = torch.tensor([0.5 * (1 - high), 0.5 * (1 - low)])[:, None] * free
+    torch.testing.assert_close(moved["damped"], expect, rtol=1e-5, atol=1e-7)
+
+
+def test_a_write_to_another_level_refreshes_only_its_rows(tmp_path):
+    """The train level's cache holds ``base + the other levels``: a write to another level
+    re-makes the cached rows it touched, not the whole cache (the stack's count of generated
+    base rows grows by the rows written), and every row reads its new value."""
+    with make(tmp_path / "r", cache_rows=512) as p:
+        ids = torch.arange(0, 300)
+        p.write(ids, torch.full((300, 8), 0.5), level="domain")
+        before = p.read(ids).clone()
+        made = p.level(p.train_level).stats()["rows_generated"]
+        d = torch.randn(3, 8)
+        p.write([5, 7, 299], d, level="foundation")
+        p.write([5], d[:1], level="domain", add=True)
+        after = p.read(ids)
+        assert p.level(p.train_level).stats()["rows_generated"] - made <= 3 + 1
+        expect = before.clone()
+        expect[[5, 7, 299]] += d
+        expect[5] += d[0]
+        torch.testing.assert_close(after, expect)
+        torch.testing.assert_close(after, p.base(ids) + p.delta(ids))
+        p.drop([7], level="foundation")
+        torch.testing.assert_close(p.read(ids), p.base(ids) + p.delta(ids))
+
+
+def test_a_skipped_step_records_nothing_in_the_window(tmp_path):
+    """Non-finite row gradients skip the step (counted): no row moves and the migration
+    window records no update for it."""
+    with make(tmp_path / "r", levels=["slow", "fast"], cache_rows=64) as p:
+        opt = dpsn.pool.RowSGD(lr=0.1)
+        bad = torch.ones(2, 8)
+        bad[0, 0] = float("nan")
+        with p.page_in(torch.tensor([1, 2])) as batch:
+            batch.apply_grads(bad, opt)
+        assert p.level("fast").stats()["skipped_row_steps"] == 1
+        assert torch.equal(p.delta([1, 2]), torch.zeros(2, 8))
+        assert p._windows["fast"].updates()[0].numel() == 0

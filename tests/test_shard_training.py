@@ -97,6 +97,26 @@ def test_apply_grads_strict_and_rows(group, tmp_path):
         batch.release()
 
 
+def test_apply_grads_scale_damps_each_rows_update(group, tmp_path):
+    """``scale=`` scales each row's update at its owner, under Adagrad too (which a scaled
+    gradient would not damp); a bad scale is refused before the exchange."""
+    opt = dpsn.pool.RowAdagrad(lr=0.1)
+    ids = torch.tensor([1, 2, 3])
+    with _sharded(tmp_path / "root") as pool:
+        pool.set_state_width(opt.state_width(DIM))
+        before = pool.read(ids).clone()
+        with torch.enable_grad():
+            batch = pool.page_in(ids)
+        with pytest.raises(dpsn.errors.InvalidArgumentError, match="scale="):
+            batch.apply_grads(torch.ones(3, DIM), opt, scale=torch.tensor([1.0, -1.0, 1.0]))
+        batch.apply_grads(torch.ones(3, DIM), opt, scale=torch.tensor([1.0, 0.25, 0.0]))
+        batch.release()
+        moved = pool.read(ids) - before
+        assert float(moved[0].abs().min()) > 0.05
+        torch.testing.assert_close(moved[1], 0.25 * moved[0])
+        assert torch.equal(moved[2], torch.zeros(DIM))
+
+
 @pytest.mark.slow  # ~10-15 s on 2 shared cores
 def test_reshard_carries_the_lifecycle(tmp_path):
     """Rows, usage statistics, pending decay and protected rows survive 1 -> 2 -> 1 shards,

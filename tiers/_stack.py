@@ -627,6 +627,29 @@ class RowStack:
             base[t] += cache.column(layout.delta)[s[t]].float()
             cache.column(layout.row)[s] = base.to(self.dtype)
 
+    def refresh_cached_bases(self, ids: torch.Tensor) -> int:
+        """Re-materialize the cached rows of ``ids`` (1-D, distinct) from fresh bases and their
+        cached deltas, and no other row: the procedural tier's rows changed for these ids only
+        (a levelled pool's other level was written). Returns how many were cached. Nothing to
+        do when a whole refresh is pending anyway (the stamp changed) or rows are not cached."""
+        with self.lock:
+            cache, layout, trained = self.cache, self.layout, self.trained
+            if cache is None or trained is None or self.procedural.trainable():
+                return 0
+            if self.procedural.stamp() != self.procedural.seen:
+                return 0  # the next read re-materializes every cached row
+            slots, hit = cache.find(ids.to(self.device))
+            s = slots[hit]
+            if not len(s):
+                return 0
+            self._rows_change()
+            base = self.procedural(cache.slot_ids[s])
+            t = trained[s]
+            cache.column(layout.base)[s[t]] = base[t]
+            base[t] += cache.column(layout.delta)[s[t]].float()
+            cache.column(layout.row)[s] = base.to(self.dtype)
+            return len(s)
+
     def _cached_delta(self, slots: torch.Tensor) -> torch.Tensor:
         """Float32 deltas of cached ``slots`` (zeros for untrained rows)."""
         assert self.cache is not None and self.trained is not None
