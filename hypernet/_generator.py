@@ -71,10 +71,9 @@ class Generator(nn.Module, ABC):
     def refresh_from_uses(self) -> bool:
         """Fold the uses noted since the last call into the weights (True if a weight moved).
 
-        The tier stack calls it before every commit (so the committed weights hold the
-        refreshed values and a reopened store reads the same rows) and, while the generator
-        trains with the model (its bases regenerated on every read anyway), after every row
-        step. Deterministic: the same uses in the same order give the same weights."""
+        The tier stack calls it before every commit, so rows move at commits only and the
+        committed weights hold the values that made them (a reopened store reads the same
+        rows). Deterministic: the same uses in the same order give the same weights."""
         return False
 
     @property

@@ -29,19 +29,19 @@ with the weights.
 Setting it is a change of the generator's weights like any other (cached bases are refreshed,
 and the next commit writes a new generator version).
 
-Automatic novelty (``novelty_source="usage"``, the default of new generators): the pool's
-tier stack tells the generator which rows every row step trained and how often
+Automatic novelty (``novelty_source="usage"``, the default of new generators): the pool's tier
+stack tells the generator which rows every row step trained and how often
 (:meth:`RegionMLP.observe_uses`, one ``index_add_`` a table into per-region counts held aside),
-and folds them in with :meth:`RegionMLP.refresh_from_uses`: before every commit, and after every
-row step while the generator trains with the model (its bases are regenerated on every read
-then, so moving them costs nothing). Folding adds the counts to ``uses.<t>`` (one float32 per
-region, persisted with the weights, frozen like novelty) and sets
-``novelty = 1 / (1 + log1p(uses))`` (:func:`novelty_from_counts`; 1 for a region never trained,
-which is also every region's value at creation). Why these two points: a frozen generator's
-bases are cached, and moving them at every step would re-make every cached row at every step;
-at a commit they move once, and the commit stores the values that made them, so a reopened
-store reads its rows bit for bit. Uses noted after the last commit are not persisted (like
-uncommitted deltas); a store reopened at that commit continues exactly as the writer would have.
+and folds them in with :meth:`RegionMLP.refresh_from_uses` before every commit. Folding adds the
+counts to ``uses.<t>`` (one float32 per region, persisted with the weights, frozen like novelty)
+and sets ``novelty = 1 / (1 + log1p(uses))`` (:func:`novelty_from_counts`; 1 for a region never
+trained, which is also every region's value at creation). Why at commits only: a frozen
+generator's bases are cached, and moving them at every step would re-make every cached row at
+every step; a trained generator's are made on every read, but folding at every step drifted its
+MLP's input under it (docs/generators.md: 1.5% worse validation bits/byte at 10**6 rows). At a
+commit they move once, and the commit stores the values that made them, so a reopened store
+reads its rows bit for bit. Uses noted after the last commit are not persisted (like uncommitted
+deltas); a store reopened at that commit continues exactly as the writer would have.
 ``novelty_source="manual"`` (what a manifest without the option means: generators written
 before it existed) keeps novelty where :meth:`RegionMLP.set_novelty` or
 :meth:`RegionMLP.set_novelty_from_usage` (a router's ``usage_counter.counts()``, summed per

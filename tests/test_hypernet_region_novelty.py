@@ -57,14 +57,18 @@ def test_novelty_follows_row_steps_at_commit_and_reopens_bit_for_bit(tmp_path) -
         assert torch.equal(p.read(probe), after)
 
 
-def test_a_generator_that_trains_folds_uses_at_every_step(tmp_path) -> None:
-    pool = dpsn.create(tmp_path / "s", rows=100, dim=2 * D, seed=3, generator=SPEC, cache_rows=256)
+def test_a_generator_that_trains_moves_its_novelty_at_commits_only(tmp_path) -> None:
+    pool = dpsn.create(tmp_path / "s", rows=100, dim=2 * D, seed=3, generator=SPEC)
     router = ProductKeyRouter(d_in=D, num_rows=100, k=4)
     layer = PoolLayer(pool, D, D, router=router, k=4, train_generator=True)
-    used = _train(layer, 1)
-    want = torch.bincount(pool.generator.regions(used)[0], minlength=4).float()
-    assert torch.equal(pool.generator.uses[0], want)  # at once: bases are made every read
-    assert not pool.generator.uses[0].requires_grad and not pool.generator.novelty[0].requires_grad
+    gen = pool.generator
+    used = _train(layer, 2)
+    assert torch.equal(gen.novelty[0], torch.ones(4))  # not under the steps: at the commit
+    layer.commit("trained")
+    want = torch.bincount(gen.regions(used)[0], minlength=4).float()
+    assert torch.equal(gen.uses[0], want)
+    assert not gen.uses[0].requires_grad and not gen.novelty[0].requires_grad
+    assert all(p.requires_grad for p in gen.weights)
     pool.close()
 
 

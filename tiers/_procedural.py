@@ -66,12 +66,12 @@ class ProceduralTier:
 
     def observe_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
         """A row step trained distinct ``ids`` ``counts`` times: tell the generator (rows that
-        depend on use, ``region_mlp``'s novelty). While the generator trains its bases are made
-        on every read anyway, so its uses are folded in at once; a frozen one's at the commit
-        (:meth:`refresh_from_uses`), so cached bases move once a commit, not once a step."""
+        depend on use, ``region_mlp``'s novelty). No row moves here; the commit folds the uses
+        in (:meth:`refresh_from_uses`), trained generator or frozen: folding them at every step
+        of a trained one cost 1.5% validation bits/byte in docs/generators.md's LM at 10^6 rows
+        (its MLP input drifts under it), and a frozen one's cached bases would be re-made at
+        every step."""
         self.generator.observe_uses(ids, counts)
-        if self.trainable():
-            self.generator.refresh_from_uses()
 
     def refresh_from_uses(self) -> None:
         """Fold the uses noted since the last refresh into the generator (before a commit)."""
