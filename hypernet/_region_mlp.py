@@ -38,7 +38,7 @@ and sets ``novelty = 1 / (1 + log1p(uses))`` (:func:`novelty_from_counts`; 1 for
 trained, which is also every region's value at creation). Why at commits only: a frozen
 generator's bases are cached, and moving them at every step would re-make every cached row at
 every step; a trained generator's are made on every read, but folding at every step drifted its
-MLP's input under it (docs/generators.md: 1.5% worse validation bits/byte at 10**6 rows). At a
+MLP's input under it (docs/generators.md: 0.9-1.5% worse validation bits/byte at 10**6). At a
 commit they move once, and the commit stores the values that made them, so a reopened store
 reads its rows bit for bit. Uses noted after the last commit are not persisted (like uncommitted
 deltas); a store reopened at that commit continues exactly as the writer would have.

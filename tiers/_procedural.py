@@ -68,7 +68,7 @@ class ProceduralTier:
         """A row step trained distinct ``ids`` ``counts`` times: tell the generator (rows that
         depend on use, ``region_mlp``'s novelty). No row moves here; the commit folds the uses
         in (:meth:`refresh_from_uses`), trained generator or frozen: folding them at every step
-        of a trained one cost 1.5% validation bits/byte in docs/generators.md's LM at 10^6 rows
+        of a trained one cost 0.9-1.5% validation bits/byte in docs/generators.md's LM at 10^6 rows
         (its MLP input drifts under it), and a frozen one's cached bases would be re-made at
         every step."""
         self.generator.observe_uses(ids, counts)
