@@ -66,9 +66,11 @@ LM_K = 32  # rows per token of the LM runs (the README's scaling figures)
 # Trained generators of the LM runs (--model-generators), at a size whose step fits a short
 # run on 2 shared cores (docs/generators.md): one hidden layer of 64. 8 hashed features and
 # region embeddings of 32 were chosen on validation bits/byte (10^4-10^6 rows, 100 steps) over
-# 32/16 (the first setting), 4/64 and 32/16 with region_rank=4 (docs/generators.md).
+# 32/16 (the first setting), 4/64 and 32/16 with region_rank=4; an initial row scale of 0.03
+# (std; the generator's default is 1/sqrt(dim) = 0.0625 here) over 0.0625 and 0.015, region_dim
+# 16 and per-step novelty, on the whole validation split (docs/generators.md).
 GENERATOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "region_mlp": {"hidden": 64, "layers": 1, "features": 8, "region_dim": 32},
+    "region_mlp": {"hidden": 64, "layers": 1, "features": 8, "region_dim": 32, "std": 0.03},
 }
 
 LM_TOKENS_PER_STEP = 1024  # bench/quality.py's DEFAULT: batch 8 x context 128

@@ -61,6 +61,21 @@ class Generator(nn.Module, ABC):
         with torch.no_grad():
             out.copy_(self(ids))
 
+    def observe_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Note that a row step trained rows ``ids [M]`` (distinct), used ``counts [M]`` times.
+
+        The tier stack calls this at every row step, so a generator whose rows depend on use
+        (``region_mlp``'s novelty) needs no call from the user. It must not change any row:
+        rows move only at :meth:`refresh_from_uses`. The default ignores uses."""
+
+    def refresh_from_uses(self) -> bool:
+        """Fold the uses noted since the last call into the weights (True if a weight moved).
+
+        The tier stack calls it before every commit, so rows move at commits only and the
+        committed weights hold the values that made them (a reopened store reads the same
+        rows). Deterministic: the same uses in the same order give the same weights."""
+        return False
+
     @property
     def device(self) -> torch.device:
         """The device the parameters live on (and rows are produced on)."""

@@ -21,18 +21,31 @@ Regions are a pure function of the id (no router call), so a row can still be re
   ``dpsn.index.VQRouter`` / ``LSHRouter`` with ``num_regions`` regions over ``rows`` (a test
   holds the two together). One table of ``num_regions`` embeddings.
 
-Novelty: every region also has a novelty value (``novelty.<t>``, one float per region, 0 at
-creation), fed to the MLP as one more input. It is a signal, not a trained weight: it stays
-frozen under ``requires_grad_(True)`` and is set by :meth:`RegionMLP.set_novelty` (for example
-from a router's usage counts with :func:`novelty_from_counts`), and persisted with the weights.
+Novelty: every region also has a novelty value (``novelty.<t>``, one float per region, 1 at
+creation with ``novelty_source="usage"``, 0 with ``"manual"``), fed to the MLP as one more
+input. It is a signal, not a trained weight: it stays frozen under ``requires_grad_(True)``, is
+set from the rows' training uses (below) or by :meth:`RegionMLP.set_novelty`, and is persisted
+with the weights.
 Setting it is a change of the generator's weights like any other (cached bases are refreshed,
 and the next commit writes a new generator version).
 
-Automatic novelty: :meth:`RegionMLP.set_novelty_from_usage` takes a router's usage
-(``router.usage_counter.counts()``: the rows selected and how often), sums it per region of
-every table (one ``index_add_`` a table) and sets ``novelty = 1 / (1 + log1p(uses))``, so a
-training loop calls one method (bench/scaling.py does, at every evaluation) instead of counting
-regions itself.
+Automatic novelty (``novelty_source="usage"``, the default of new generators): the pool's tier
+stack tells the generator which rows every row step trained and how often
+(:meth:`RegionMLP.observe_uses`, one ``index_add_`` a table into per-region counts held aside),
+and folds them in with :meth:`RegionMLP.refresh_from_uses` before every commit. Folding adds the
+counts to ``uses.<t>`` (one float32 per region, persisted with the weights, frozen like novelty)
+and sets ``novelty = 1 / (1 + log1p(uses))`` (:func:`novelty_from_counts`; 1 for a region never
+trained, which is also every region's value at creation). Why at commits only: a frozen
+generator's bases are cached, and moving them at every step would re-make every cached row at
+every step; a trained generator's are made on every read, but folding at every step drifted its
+MLP's input under it (docs/generators.md: 0.9-1.5% worse validation bits/byte at 10**6). At a
+commit they move once, and the commit stores the values that made them, so a reopened store
+reads its rows bit for bit. Uses noted after the last commit are not persisted (like uncommitted
+deltas); a store reopened at that commit continues exactly as the writer would have.
+``novelty_source="manual"`` (what a manifest without the option means: generators written
+before it existed) keeps novelty where :meth:`RegionMLP.set_novelty` or
+:meth:`RegionMLP.set_novelty_from_usage` (a router's ``usage_counter.counts()``, summed per
+region) put it; in ``"usage"`` mode those still work, until the next refresh.
 
 Per-region low-rank factors (``region_rank=r > 0``, opt-in): "a hypernetwork per cluster" in
 full, not only a per-region input. Every region of every table also owns a low-rank change of
@@ -76,7 +89,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +103,7 @@ from ._rf_mlp import _ACTIVATIONS, _choice, _positive_int
 
 __all__ = [
     "MAX_REGIONS",
+    "NOVELTY_SOURCES",
     "REGION_MAPS",
     "RegionMLP",
     "novelty_from_counts",
@@ -104,6 +118,7 @@ _STREAM_EMBED = 2  # table t uses derive_seed(derive_seed(seed, 2), t)
 _STREAM_LOWRANK = 3  # table t's A factors use derive_seed(derive_seed(seed, 3), t)
 
 REGION_MAPS = ("product_keys", "block")
+NOVELTY_SOURCES = ("usage", "manual")
 MAX_REGIONS = 1 << 26  # entries of one region table: 2**26 x 16 floats is 4 GiB
 
 
@@ -170,10 +185,15 @@ class RegionMLP(Generator):
         features, hidden, layers, activation, std: as :class:`RandomFeatureMLP`.
         region_rank: rank of each region's own change of the output layer (0, the default:
             none; see the module docstring).
+        novelty_source: ``"usage"`` (default: novelty follows the rows' training uses, kept by
+            the pool) or ``"manual"`` (set only by :meth:`set_novelty`); module docstring.
     """
 
     kind = "region_mlp"  # persisted in stores: never rename
     takes_rows = True  # dpsn.create passes the pool's rows
+    # What a stored config without an option means (it was written before the option existed):
+    # such generators had manual novelty, zero at creation, and no per-region use counts.
+    manifest_defaults: ClassVar[dict[str, Any]] = {"novelty_source": "manual"}
 
     def __init__(
         self,
@@ -190,8 +210,13 @@ class RegionMLP(Generator):
         activation: str = "mish",
         std: float | None = None,
         region_rank: int = 0,
+        novelty_source: str = "usage",
     ) -> None:
         super().__init__(dim=dim, seed=seed)
+        self.novelty_source = _choice(
+            "novelty_source", novelty_source, dict.fromkeys(NOVELTY_SOURCES)
+        )
+        auto = novelty_source == "usage"
         self.region_rank = _positive_int("region_rank", region_rank, minimum=0)
         self.rows = _positive_int("rows", rows)
         self.region_map = _choice("region_map", region_map, dict.fromkeys(REGION_MAPS))
@@ -216,10 +241,17 @@ class RegionMLP(Generator):
         embed_seed = derive_seed(seed, _STREAM_EMBED)
         self.embeddings = nn.ParameterList()
         self.novelty = nn.ParameterList()
+        self.uses = nn.ParameterList()  # "usage" mode: uses folded in per region (float32)
         for t, size in enumerate(sizes):
             e = hashed_normal_init((size, region_dim), derive_seed(embed_seed, t), 3.0**-0.5)
             self.embeddings.append(nn.Parameter(e))
-            self.novelty.append(nn.Parameter(torch.zeros(size), requires_grad=False))
+            start = torch.ones(size) if auto else torch.zeros(size)  # ones: never trained
+            self.novelty.append(nn.Parameter(start, requires_grad=False))
+            if auto:
+                self.uses.append(nn.Parameter(torch.zeros(size), requires_grad=False))
+        # uses noted since the last refresh, per table (float64, made at the first use); not
+        # a parameter: noting a use changes no row and must not look like a weight change
+        self._pending: list[torch.Tensor] | None = None
 
         widths = [features + region_dim + 1] + [hidden] * layers + [dim]
         hidden_gain2 = 1.0 if activation == "tanh" else 2.0
@@ -257,6 +289,7 @@ class RegionMLP(Generator):
         extra = {"region_rank": self.region_rank} if self.region_rank else {}
         return {
             **extra,
+            "novelty_source": self.novelty_source,
             "rows": self.rows,
             "region_map": self.region_map,
             "num_regions": self.num_regions,
@@ -269,10 +302,10 @@ class RegionMLP(Generator):
         }
 
     def requires_grad_(self, requires_grad: bool = True) -> RegionMLP:
-        """As ``nn.Module.requires_grad_``, but novelty stays frozen: it is a signal set by
-        :meth:`set_novelty`, not a weight the optimizer steps."""
+        """As ``nn.Module.requires_grad_``, but novelty and use counts stay frozen: they are
+        signals (set from uses or by :meth:`set_novelty`), not weights the optimizer steps."""
         super().requires_grad_(requires_grad)
-        for p in self.novelty:
+        for p in itertools.chain(self.novelty, self.uses):
             p.requires_grad_(False)
         return self
 
@@ -335,6 +368,37 @@ class RegionMLP(Generator):
             per = torch.zeros(self.novelty[t].shape[0], dtype=torch.float64, device=r.device)
             per.index_add_(0, r, counts.to(device=r.device, dtype=torch.float64))
             self.set_novelty(t, novelty_from_counts(per))
+
+    @torch.no_grad()
+    def observe_uses(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add ``counts [M]`` uses of rows ``ids [M]`` to their regions' pending counts (one
+        ``index_add_`` a table; no row changes until :meth:`refresh_from_uses`). The pool calls
+        it at every row step; ``"manual"`` novelty ignores it."""
+        if self.novelty_source != "usage":
+            return
+        ids = self._prepare_ids(ids).reshape(-1)
+        if ids.numel() == 0:
+            return
+        weights = torch.as_tensor(counts).reshape(-1).to(ids.device, torch.float64)
+        if self._pending is None or self._pending[0].device != ids.device:
+            self._pending = [
+                torch.zeros(len(n), dtype=torch.float64, device=ids.device) for n in self.novelty
+            ]
+        for pending, r in zip(self._pending, self.regions(ids), strict=True):
+            pending.index_add_(0, r, weights)
+
+    @torch.no_grad()
+    def refresh_from_uses(self) -> bool:
+        """Fold the pending uses into ``uses.<t>`` and set ``novelty = novelty_from_counts(
+        uses)`` in every table; False (nothing moves) when no use is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        for t, add in enumerate(pending):
+            total = self.uses[t].double() + add.to(self.uses[t].device)
+            self.uses[t].copy_(total.float())
+            self.novelty[t].copy_(novelty_from_counts(self.uses[t]))
+        return True
 
     # -- rows ----------------------------------------------------------------------------------
 

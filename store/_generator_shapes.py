@@ -48,6 +48,12 @@ def _region_mlp_shapes(dim: int, config: dict[str, Any]) -> dict[str, list[int]]
     for t, size in enumerate(sizes):
         shapes[f"embeddings.{t}"] = [size, e]
         shapes[f"novelty.{t}"] = [size]
+    # per-region use counts of automatic novelty; a config without the option predates it
+    source = config.get("novelty_source", "manual")
+    if source not in ("usage", "manual"):
+        raise ValueError(f"generator option novelty_source={source!r} is unknown")
+    if source == "usage":
+        shapes.update({f"uses.{t}": [size] for t, size in enumerate(sizes)})
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         shapes[f"weights.{i}"] = [fan_out, fan_in]
         shapes[f"biases.{i}"] = [fan_out]

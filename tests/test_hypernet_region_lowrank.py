@@ -57,9 +57,9 @@ def test_factors_train_with_the_model_and_persist_as_a_generator_version(tmp_pat
         opt.step()
     assert float(pool.generator.factors_b[0].detach().abs().sum()) > 0  # B got a gradient, moved
     ids = torch.tensor([0, 450, 899])
-    want = pool.read(ids)
-    commit = layer.commit("joint")
+    commit = layer.commit("joint")  # (it folds the steps' uses into novelty: rows move here)
     assert commit.generator == commit.id
+    want = pool.read(ids)
     pool.close()
     with dpsn.open(tmp_path / "s") as p:
         assert p.generator.config()["region_rank"] == 2

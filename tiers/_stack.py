@@ -971,6 +971,8 @@ class RowStack:
             )
         if len(batch) == 0:
             return
+        with self.lock:  # every use counts for the generator, held rows' included
+            self.procedural.observe_uses(batch.ids, batch.counts)
         held = self.protected_mask(batch.ids)
         keep = rows
         if held is not None:
@@ -1273,6 +1275,7 @@ class RowStack:
             self.flush()
             st, layout = self.staging, self.layout
             generator_state = None
+            self.procedural.refresh_from_uses()  # the committed weights hold the uses so far
             if self.procedural.changed_since_commit():
                 generator_state = self.procedural.state_arrays()
             held = self.usage_stats.warming_up(st, layout, self.index)
