@@ -42,6 +42,12 @@ def load_generator(store: PersistedStore, version: int, device: torch.device) ->
     return gen.to(device).eval()
 
 
+def _observes_uses(generator: Generator) -> bool:
+    """Whether the generator's rows depend on use (it overrides ``observe_uses``): asked once,
+    so a row step of any other generator does not call into it."""
+    return type(generator).observe_uses is not Generator.observe_uses
+
+
 class ProceduralTier:
     """Makes base rows and tracks the generator's weights against what the cache and the last
     commit hold."""
@@ -49,6 +55,7 @@ class ProceduralTier:
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
         self._params = list(generator.parameters())
+        self.observes_uses = _observes_uses(generator)
         self.rows_generated = 0
         self.seen = self.stamp()  # the weights cached rows were made from
         self.saved = self.seen  # the weights as last committed
@@ -103,4 +110,5 @@ class ProceduralTier:
         """Adopt another version of the weights (a reader moving to a newer commit)."""
         self.generator = generator
         self._params = list(generator.parameters())
+        self.observes_uses = _observes_uses(generator)
         self.seen = self.saved = self.stamp()

@@ -971,8 +971,9 @@ class RowStack:
             )
         if len(batch) == 0:
             return
-        with self.lock:  # every use counts for the generator, held rows' included
-            self.procedural.observe_uses(batch.ids, batch.counts)
+        if self.procedural.observes_uses:
+            with self.lock:  # every use counts for the generator, held rows' included
+                self.procedural.observe_uses(batch.ids, batch.counts)
         held = self.protected_mask(batch.ids)
         keep = rows
         if held is not None:
@@ -1275,7 +1276,8 @@ class RowStack:
             self.flush()
             st, layout = self.staging, self.layout
             generator_state = None
-            self.procedural.refresh_from_uses()  # the committed weights hold the uses so far
+            if self.procedural.observes_uses:  # the committed weights hold the uses so far
+                self.procedural.refresh_from_uses()
             if self.procedural.changed_since_commit():
                 generator_state = self.procedural.state_arrays()
             held = self.usage_stats.warming_up(st, layout, self.index)
