@@ -219,7 +219,7 @@ class Sums:
 
     def _grow(self, need: int) -> None:
         """Make room for ``need`` rows (at least 64; capacity doubles), keeping the rows held."""
-        from dpsn.tiers._slot_table import SlotTable
+        from dpsn.tiers import SlotTable
 
         cap = 64
         while cap < need:
@@ -382,7 +382,7 @@ class IdTable:
     search), built once (a hot training step asks the same memo every step)."""
 
     def __init__(self, ids: torch.Tensor) -> None:
-        from dpsn.tiers._slot_table import SlotTable
+        from dpsn.tiers import SlotTable
 
         self.ids = ids
         self._table = None

@@ -163,9 +163,9 @@ class ShardedRowBatch:
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
         if scale is not None:
-            from dpsn.tiers._stack import _update_scale
+            from dpsn.tiers import check_update_scale
 
-            scale = _update_scale(scale, len(self.ids))  # checked here, before the collective
+            scale = check_update_scale(scale, len(self.ids))  # checked here, before the collective
         self._pool._optimizer = optimizer
         finite = bool(torch.isfinite(grads).all())
         g = grads.float() if finite else torch.zeros_like(grads, dtype=torch.float32)

@@ -427,6 +427,11 @@ class ChunkCache:
     def _pinned(self) -> int:
         return self._used - self._lru_bytes
 
+    def not_known(self, names: set[str]) -> set[str]:
+        """The ``names`` this process has not seen in the cache (those it has need no stat)."""
+        with self._lock:
+            return names - self._lru.keys()
+
     def prefetch_room(self) -> int:
         """Bytes a prefetch may bring in: half of what the eager (pinned) files leave."""
         with self._lock:
@@ -606,8 +611,7 @@ class ChunkReader:
         itself."""
         cache, co = self.co.chunks, self.co
         names = {n for p in paths if (n := self._name(p)) is not None}
-        with cache._lock:  # chunks this process knows to be cached need no stat
-            names -= cache._lru.keys()
+        names = cache.not_known(names)  # chunks this process knows to be cached need no stat
         todo = sorted(n for n in names if not (cache.objects / n).is_file())
         room = cache.prefetch_room()
         take, total = [], 0

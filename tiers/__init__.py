@@ -38,6 +38,7 @@ _LAZY = {
     "UsageIndex": "._usage",
     "UsageRules": "._usage",
     "check_policy": "._policies",
+    "check_update_scale": "._stack",
     "load_generator": "._procedural",
     "make_row_optimizer": "._optimizer",
     "make_policy": "._policies",
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
     from ._slot_table import SlotTable
-    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowStack
+    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowStack, check_update_scale
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 
@@ -110,6 +111,7 @@ __all__ = [
     "UsageIndex",
     "UsageRules",
     "check_policy",
+    "check_update_scale",
     "load_generator",
     "make_policy",
     "make_row_optimizer",

@@ -75,7 +75,7 @@ _COUNTERS = (
 )
 
 
-def _update_scale(scale: Any, n: int) -> torch.Tensor:
+def check_update_scale(scale: Any, n: int) -> torch.Tensor:
     """``scale`` as a contiguous CPU float32 ``[n]`` tensor of finite values >= 0, or a typed
     error naming what is wrong (a negative scale would turn the step around; a NaN would put
     NaN into the rows, which the fused loops update in place)."""
@@ -258,7 +258,7 @@ class RowBatch:
                     f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
                 )
         if scale is not None:
-            scale = _update_scale(scale, len(self.ids))
+            scale = check_update_scale(scale, len(self.ids))
         if not isinstance(grads, torch.Tensor):
             raise InvalidArgumentError(
                 f"row gradients must be a tensor, got {type(grads).__name__}"
