@@ -137,7 +137,7 @@ class Snapshots:
             return False
 
     def _column(self, path: Path, col: str, rows: int) -> np.ndarray:
-        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,))
+        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,), fs=self._store.fs)
         return np.ascontiguousarray(read_array(meta), dtype="<i8")
 
     def unpin(self, name: str) -> None:

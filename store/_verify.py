@@ -631,7 +631,9 @@ class _Verifier:
             for name, r in sorted((c.routers or {}).items()):
                 try:
                     check_router(
-                        self.store.router_dir(name, r["version"]), expected_digest=r["digest"]
+                        self.store.router_dir(name, r["version"]),
+                        expected_digest=r["digest"],
+                        fs=self.store.fs,
                     )
                 except (DpsnError, ValueError) as e:
                     self.problem("router", f"router {name!r} of commit {c.id}: {e}")
@@ -640,7 +642,7 @@ class _Verifier:
         from ._protected import verify_protected
 
         rows = self.store.manifest.rows
-        for problem in verify_protected(self.store.root, self.kept_commits(), rows):
+        for problem in verify_protected(self.store.root, self.kept_commits(), rows, self.store.fs):
             self.problem("protected", problem)
 
     def zarr_groups(self) -> None:
@@ -651,7 +653,7 @@ class _Verifier:
             if not path.exists() and group:
                 continue
             try:
-                raw = json.loads(read_regular(path, 1 << 20))
+                raw = json.loads(read_regular(path, 1 << 20, fs=self.store.fs))
                 ok = isinstance(raw, dict) and raw.get("node_type") == "group"
             except (OSError, ValueError, RecursionError):
                 ok = False
