@@ -116,11 +116,12 @@ class FaultFS:
         self.armed, self.dead = True, False
         self._files, self._dirs = {}, {}
         for dirpath, dirnames, filenames in os.walk(self.root):
-            if dirpath == str(self.root):
-                dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
+            # (at any depth: a sharded or levelled root holds several stores)
+            dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
             self._sync_dir(Path(dirpath))
             for name in filenames:
-                self._sync_file(Path(dirpath) / name)
+                if name not in UNTRACKED:
+                    self._sync_file(Path(dirpath) / name)
 
     def disarm(self) -> None:
         self.armed = False
@@ -149,20 +150,24 @@ class FaultFS:
         os.rename(self.root, old)
         os.mkdir(self.root)
 
-        def build(ino: int, dst: Path, top: bool) -> None:
+        def build(ino: int, dst: Path) -> None:
             for name, (child, is_dir) in self._dirs.get(ino, {}).items():
-                if top and name in UNTRACKED:
+                if name in UNTRACKED:
                     continue
                 if is_dir:
                     os.mkdir(dst / name)
-                    build(child, dst / name, False)
+                    build(child, dst / name)
                 else:
                     (dst / name).write_bytes(self._files.get(child, b""))
 
-        build(root_ino, self.root, True)
-        for name in UNTRACKED:
-            if (old / name).exists():
-                os.rename(old / name, self.root / name)
+        build(root_ino, self.root)
+        # the untracked files are kept as they are, wherever their directory survived
+        for dirpath, dirnames, filenames in os.walk(old):
+            rel = Path(dirpath).relative_to(old)
+            for name in [*dirnames, *filenames]:
+                if name in UNTRACKED and (self.root / rel).is_dir():
+                    os.rename(Path(dirpath) / name, self.root / rel / name)
+            dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
 
     # -- counting and failing ----------------------------------------------------------------
 
