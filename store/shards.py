@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpsn.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
+from dpsn.errors import CorruptStoreError, DpsnError, InvalidArgumentError, StoreNotFoundError
 
+from ._checks import write_failed
 from ._files import read_regular
 from ._format import fsync_dir, fsync_tree
 from .fs import FileSystem, write_file
@@ -120,7 +121,8 @@ def _write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None)
     """Write JSON to ``path`` so that it appears whole or not at all, durably: temp file in
     the same directory, fsync, link to its name, fsync of the directory, through the file seam
     ``fs``. Refuses to replace a file. A failure removes the temporary file (a crash leaves it:
-    :func:`global_ids` skips it)."""
+    :func:`global_ids` skips it) and is ``StoreFullError``/``StoreWriteError`` (a record that
+    exists already stays a ``FileExistsError``)."""
     fs = fs or current_fs()
     data = json.dumps(obj, sort_keys=True).encode()
     tmp = path.parent / f".tmp-{uuid.uuid4().hex[:12]}.json"
@@ -131,9 +133,11 @@ def _write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None)
         fs.link(tmp, path)  # fails if a racing writer made it first: records are never replaced
         fs.unlink(tmp)
         fsync_dir(path.parent, fs)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             fs.unlink(tmp, missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError | DpsnError):
+            raise write_failed(e, f"could not write {path}") from e
         raise
 
 
@@ -268,8 +272,11 @@ def write_global(
     )
     d = Path(root) / GLOBAL_DIR
     if not d.is_dir():
-        fs.mkdir(d, exist_ok=True)
-        fsync_dir(d.parent, fs)
+        try:
+            fs.mkdir(d, exist_ok=True)
+            fsync_dir(d.parent, fs)
+        except OSError as e:
+            raise write_failed(e, f"could not make {d}") from e
     _write_atomic(d / f"{rec.id:016d}.json", rec.to_json(), fs)
     return rec
 

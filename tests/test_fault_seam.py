@@ -448,3 +448,263 @@ def test_a_pool_keeps_its_staged_rows_when_a_commit_fails(tmp_path):
     with dpsn.open(path) as p:
         assert torch.equal(p.read(ids), want)
         assert p.head == 3 and p.verify().ok
+
+
+# -- roots of several stores: a sharded root's two-phase commit, a levelled root's commit -----
+
+
+@dataclass(frozen=True)
+class RootScenario:
+    """An operation on a root holding several stores, swept like :class:`Scenario`. ``open``
+    runs inside ``using(fs)`` before arming (so every store below writes through the seam);
+    ``state`` reads the root with the real file system, checks it (verify clean) and returns
+    (its root commit, what a reader sees); ``same`` compares two of the latter."""
+
+    name: str
+    prepare: Callable[[Path], None]
+    open: Callable[[Path], object]
+    act: Callable[[object], None]
+    close: Callable[[object], None]
+    state: Callable[[Path], tuple[int, object]]
+    same: Callable[[object, object], None]
+    needs_torch: bool = False
+
+
+def _root_case(
+    scn: RootScenario, base: Path, root: Path, at: int | None, kind: str | None
+) -> tuple[str, FaultFS]:
+    shutil.copytree(base, root)
+    fs = FaultFS(root, root.parent / "graveyard")
+    with using(fs):
+        handle = scn.open(root)
+    after = at == "after"
+    try:
+        fs.arm(None if after else at, None if after else kind)
+        try:
+            with using(fs):
+                scn.act(handle)
+            outcome = "completed"
+            if after:
+                fs.power_off()
+                outcome = "completed, then power lost"
+        except Crash:
+            outcome = "crashed"
+        except DpsnError as e:
+            outcome = f"typed {type(e).__name__}"
+        except OSError as e:
+            site = fs.fired.site if fs.fired else at
+            raise AssertionError(f"an untyped {e!r} escaped {scn.name} ({kind} at {site})") from e
+    finally:
+        fs.disarm()
+        fs.dead = False
+        try:
+            scn.close(handle)
+        except (DpsnError, OSError):
+            if outcome == "completed":  # a healthy run closes cleanly
+                raise
+    return outcome, fs
+
+
+def _root_sweep(scn: RootScenario, tmp: Path, sample: int) -> None:
+    base = tmp / "base"
+    base.mkdir()
+    scn.prepare(base)
+    head0, before = scn.state(base)
+    outcome, dry = _root_case(scn, base, tmp / "dry" / "root", None, None)
+    assert outcome == "completed"
+    head1, after = scn.state(tmp / "dry" / "root")
+    assert head1 > head0
+    ops = dry.ops
+    sites = {op.site for op in ops}
+    assert len(ops) > 10 and len(sites) > 5, sorted(sites)
+    cases: list = [(op.index, k) for op in ops for k in KINDS if applies(op.name, k)]
+    if not FULL:
+        rng = np.random.default_rng(22)
+        cases = [cases[i] for i in sorted(rng.choice(len(cases), sample, replace=False))]
+    cases.append(("after", "power"))
+    outcomes: dict[str, int] = {}
+    fired_sites = set()
+    for at, kind in cases:
+        root = tmp / f"{kind}-{at}" / "root"
+        outcome, fs = _root_case(scn, base, root, at, kind)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if fs.fired:
+            fired_sites.add(fs.fired.site)
+        head, got = scn.state(root)
+        assert head in (head0, head1), (head, kind, at)
+        scn.same(got, after if head == head1 else before)
+        if outcome.startswith("completed"):
+            assert head == head1, f"{scn.name} returned but its root did not move ({kind} {at})"
+        if head == head0:  # the same operation succeeds on a retry
+            handle = scn.open(root)
+            try:
+                scn.act(handle)
+            finally:
+                scn.close(handle)
+            head, got = scn.state(root)
+            assert head == head1
+            scn.same(got, after)
+    print(
+        f"\n{scn.name}: {len(ops)} operations swept at {len(sites)} call sites; {len(cases)} "
+        f"faults injected ({len(fired_sites)} sites hit), all survived with nothing lost: "
+        f"{outcomes}"
+    )
+    assert outcomes.get("crashed", 0)
+
+
+# A sharded root (dpsn.store.shards): two shard stores and the global records. The operation:
+# phase 1 (each shard commits) then phase 2 (the next global record). A reader opens the
+# shards at the commits the newest record names; a shard ahead of it is what a writer rolls
+# back before it trains on, so a retry is the same two phases again.
+
+SHARDS = ("shard-0000", "shard-0001")
+
+
+def _shard_prepare(root: Path) -> None:
+    from dpsn.store.shards import RootManifest, write_global, write_root_manifest
+
+    write_root_manifest(root, RootManifest(uuid="fault-shards", rows=ROWS, dim=DIM, created=0.0))
+    heads = []
+    for i, d in enumerate(SHARDS):
+        with PersistedStore.create(root / d, _manifest(), {}) as s:
+            _commit_all(s, _request(30 + i, np.arange(i, 40, 2, dtype=np.int64), FIRST.drops))
+            heads.append((d, s.head()))
+    write_global(root, heads, "first")
+
+
+def _shard_open(root: Path) -> dict[str, PersistedStore]:
+    return {d: PersistedStore.open(root / d, writable=True) for d in SHARDS}
+
+
+def _shard_act(stores: dict[str, PersistedStore]) -> None:
+    from dpsn.store.shards import write_global
+
+    heads = []
+    for i, (d, s) in enumerate(stores.items()):
+        ids = np.array([i, 10 + i, 33, 50 + i], dtype=np.int64)
+        _commit_all(s, _request(40 + i, ids, np.array([2 + i], dtype=np.int64)))  # phase 1
+        heads.append((d, s.head()))
+    write_global(next(iter(stores.values())).root.parent, heads, "second")  # phase 2
+
+
+def _shard_close(stores: dict[str, PersistedStore]) -> None:
+    for s in stores.values():
+        s.close()
+
+
+def _shard_state(root: Path) -> tuple[int, object]:
+    from dpsn.store.shards import read_global, read_root_manifest
+
+    read_root_manifest(root)
+    rec = read_global(root)
+    rows = []
+    for d, commit in rec.shards:
+        with PersistedStore.open(root / d, writable=False) as s:
+            report = s.verify()
+            assert report.ok, report.problems
+            index = s.load_index(commit)
+            ids = np.arange(ROWS, dtype=np.int64)
+            found, got, _, _ = s.read_deltas(index, ids)
+            rows.append((ids[found], got))
+    return rec.id, rows
+
+
+def _same_rows(a: object, b: object) -> None:
+    assert len(a) == len(b)
+    for (ia, da), (ib, db) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(da, db)
+
+
+ROOT_SCENARIOS = {
+    "shard-root": RootScenario(
+        "shard-root", _shard_prepare, _shard_open, _shard_act, _shard_close, _shard_state,
+        _same_rows,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="DPSN_FAULT_SWEEP=full runs every fault")
+@pytest.mark.parametrize("name", sorted(ROOT_SCENARIOS))
+def test_every_root_fault_is_survived(tmp_path, name):
+    if ROOT_SCENARIOS[name].needs_torch:
+        pytest.importorskip("torch")
+    _root_sweep(ROOT_SCENARIOS[name], tmp_path, 0)
+
+
+@pytest.mark.parametrize(("name", "sample"), [("shard-root", 6)])
+def test_sampled_root_faults_are_survived(tmp_path, name, sample):
+    if ROOT_SCENARIOS[name].needs_torch:
+        pytest.importorskip("torch")
+    _root_sweep(ROOT_SCENARIOS[name], tmp_path, sample)
+
+
+def test_a_failed_global_record_is_typed_and_leaves_no_record(tmp_path):
+    """Phase 2 of a sharded commit (``write_global``) failing under the seam raises a typed
+    error (it let a bare ``OSError`` escape before), writes no record and leaves no
+    temporary file; the retry writes the record."""
+    from dpsn.store.shards import GLOBAL_DIR, global_ids, read_global, write_global
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _shard_prepare(root)
+    fs = FaultFS(root, tmp_path / "graveyard")
+    heads = [(d, 2) for d in SHARDS]
+    for kind, error in (("eio", "StoreWriteError"), ("enospc", "StoreFullError")):
+        fs.arm(0, kind)
+        with pytest.raises(DpsnError) as e:
+            write_global(root, heads, "second", fs=fs)
+        fs.disarm()
+        assert type(e.value).__name__ == error and isinstance(e.value, OSError)
+        assert global_ids(root) == [1]
+        assert sorted(p.name for p in (root / GLOBAL_DIR).iterdir()) == [f"{1:016d}.json"]
+    assert write_global(root, heads, "second", fs=fs).id == 2
+    assert read_global(root).shards == tuple(heads)
+
+
+@pytest.mark.parametrize("target", ["manifest", "segment", "protected", "generator"])
+def test_a_read_fault_is_a_typed_error_naming_the_file(bases, tmp_path, target):
+    """The engine's reads go through the seam: ``EIO`` on reading one of its files is a
+    ``StoreReadError`` (a ``CorruptStoreError``, an ``OSError`` with ``errno`` EIO) naming the
+    file, and the store is as it was: the same read succeeds once the device is healthy."""
+    from dpsn.errors import StoreReadError
+
+    root = tmp_path / "s"
+    shutil.copytree(bases("commit").root, root)
+    with PersistedStore.open(root, writable=True) as s:
+        _act_commit(s)  # protected rows, generator weights and state on disk
+    want = {
+        "manifest": "dpsn.json",
+        "segment": "segments/",
+        "protected": "protected/",
+        "generator": "generator/",
+    }[target]
+
+    def read(fs: FaultFS) -> None:
+        with PersistedStore.open(root, writable=False, fs=fs) as s:
+            head, index = s.load_head()
+            s.read_deltas(index, np.arange(ROWS, dtype=np.int64))
+            rec = s.commit_record(head)
+            s.read_generator(rec.generator)
+            from dpsn.store import read_protected
+
+            read_protected(root, rec.protected, ROWS, fs)
+
+    fs = FaultFS(root, tmp_path / "graveyard")
+    fs.arm()
+    read(fs)
+    fs.disarm()
+    at = next(op.index for op in fs.ops if op.name in ("open_read", "read") and want in op.path)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*") if "readers" not in p.parts)
+    fs.arm(at, "eio")
+    with pytest.raises(StoreReadError) as e:
+        read(fs)
+    assert e.value.errno == errno.EIO and isinstance(e.value, OSError)
+    assert want.rstrip("/") in str(e.value) and want.rstrip("/") in e.value.filename
+    fs.disarm()
+    after = sorted(str(p.relative_to(root)) for p in root.rglob("*") if "readers" not in p.parts)
+    assert after == before  # nothing written, nothing removed
+    read(fs)  # the device healthy again: the same read succeeds
+    with PersistedStore.open(root, writable=False) as s:
+        assert s.verify().ok
