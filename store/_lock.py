@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dpsn.errors import ReadOnlyError, StoreLockedError
 
+from ._checks import write_failed
 from .fs import FileSystem
 from .fs import current as current_fs
 
@@ -41,10 +42,16 @@ class WriterLock:
                 f"cannot take the writer lock {self._path}: {e}. Open the store read-only "
                 '(mode="r") or fix its permissions.'
             ) from e
+        except OSError as e:
+            if isinstance(e, FileNotFoundError | FileExistsError):
+                raise  # (the callers handle a folder removed or a file made meanwhile)
+            raise write_failed(e, f"cannot take the writer lock {self._path}") from e
         try:
             held = self._fs.lock(fd)
-        except BaseException:
+        except BaseException as e:
             os.close(fd)
+            if isinstance(e, OSError):
+                raise write_failed(e, f"cannot take the writer lock {self._path}") from e
             raise
         if not held:
             os.close(fd)
@@ -71,7 +78,8 @@ class WriterLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:  # explicitly: a forked child may share the open file (and so the lock)
-                self._fs.unlock(fd)
+                with contextlib.suppress(OSError):  # (closing it releases ours anyway)
+                    self._fs.unlock(fd)
             finally:
                 with contextlib.suppress(OSError):
                     os.close(fd)

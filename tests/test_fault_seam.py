@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -782,3 +783,55 @@ def test_a_read_fault_is_a_typed_error_naming_the_file(bases, tmp_path, target):
     read(fs)  # the device healthy again: the same read succeeds
     with PersistedStore.open(root, writable=False) as s:
         assert s.verify().ok
+
+
+def test_opening_survives_faults_at_the_lock_the_lease_and_every_read(bases, tmp_path):
+    """Opening a writer (the writer lock's file and ``flock``, the manifest, the groups'
+    metadata, LMDB) and a reader (its lease: file, ``flock``, content, rename) goes through the
+    seam: a fault at any of those operations is a typed error, or for a reader's lease a
+    reader without one (``LeaseWarning``), never a bare ``OSError``; the store is unchanged."""
+    from dpsn.errors import LeaseWarning
+
+    base = bases("commit")
+    dry_root = tmp_path / "dry"
+    shutil.copytree(base.root, dry_root)
+    dry = FaultFS(dry_root, tmp_path / "dry-graveyard")
+
+    def open_both(root: Path, fs: FaultFS) -> None:
+        with PersistedStore.open(root, writable=True, fs=fs) as w:
+            w.load_head()
+        with PersistedStore.open(root, writable=False, fs=fs) as r:
+            r.load_head()
+
+    dry.arm()
+    open_both(dry_root, dry)
+    dry.disarm()
+    names = {op.name for op in dry.ops}
+    assert {"open_lock", "lock", "unlock", "overwrite", "replace", "open_read", "read"} <= names
+    cases = [(op.index, k) for op in dry.ops for k in ("eio", "enospc") if applies(op.name, k)]
+    if not FULL:
+        rng = np.random.default_rng(23)
+        cases = [cases[i] for i in sorted(rng.choice(len(cases), size=10, replace=False))]
+    outcomes: dict[str, int] = {}
+    for at, kind in cases:
+        root = tmp_path / f"{kind}-{at}" / "store"
+        shutil.copytree(base.root, root)
+        fs = FaultFS(root, root.parent / "graveyard")
+        fs.arm(at, kind)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                open_both(root, fs)
+            leaseless = any(issubclass(w.category, LeaseWarning) for w in caught)
+            outcome = "opened without a lease" if leaseless else "opened"
+        except DpsnError as e:
+            outcome = f"typed {type(e).__name__}"
+        except OSError as e:
+            site = fs.fired.site if fs.fired else at
+            raise AssertionError(f"an untyped {e!r} escaped open ({kind} at {site})") from e
+        finally:
+            fs.disarm()
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        _check(base, root)  # verify clean, the rows as they were
+        open_both(root, OS)  # and it opens again
+    print(f"\nopen: {len(dry.ops)} operations; {len(cases)} faults injected: {outcomes}")
