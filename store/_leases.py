@@ -198,7 +198,8 @@ def live_readers(
                     commits.add(commit)
                 continue
             if remove_dead:  # its owner is gone: the kernel released its lock
-                fs.unlink(path, missing_ok=True)
+                with contextlib.suppress(OSError):  # best effort: the next scan retries
+                    fs.unlink(path, missing_ok=True)
         finally:
             os.close(fd)
     return LiveReaders(frozenset(commits), choosing, frozenset(names))
