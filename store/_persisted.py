@@ -580,14 +580,14 @@ class PersistedStore:
                     index = self._save_runs(index, head)
                 elif reason is not None:
                     discard_runs(self.root, self.fs)
-            except OSError:
+            except (OSError, RunsUnusableError):
                 pass  # runs only speed up the next open; LMDB has the index
         return head, index
 
     def load_from_runs(self) -> tuple[int, LayeredIndex] | None:
         """HEAD and its index from the run set and the commits since (``None``: no run set;
         ``RunsUnusableError``: one that cannot be used, and why)."""
-        runset = read_runset(self.root, self.manifest.uuid)
+        runset = read_runset(self.root, self.manifest.uuid, self.fs)
         if runset is None:
             return None
 
@@ -708,7 +708,7 @@ class PersistedStore:
     def runs_commit(self) -> int | None:
         """The commit the row index's run set reflects (``None``: no usable set)."""
         try:
-            runset = read_runset(self.root, self.manifest.uuid)
+            runset = read_runset(self.root, self.manifest.uuid, self.fs)
         except RunsUnusableError:
             return None
         return runset.commit if runset is not None else None
@@ -919,7 +919,7 @@ class PersistedStore:
             return maintain_runs(
                 self.root, self.manifest.uuid, index, record.id, record.index_digest, self.fs
             )
-        except OSError:
+        except (OSError, RunsUnusableError):  # (a run just written that cannot be read back)
             return index
 
     def settle_runs(self, index: RowIndex | LayeredIndex, head: int) -> None:
@@ -929,7 +929,7 @@ class PersistedStore:
             return
         if not any(r is not None for r in index.runs):
             return
-        with contextlib.suppress(OSError, DpsnError):
+        with contextlib.suppress(OSError, DpsnError, RunsUnusableError):
             if head == self.head():
                 self._save_runs(index, head)
 
