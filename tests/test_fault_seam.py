@@ -12,8 +12,13 @@ runs on a fresh copy of the store with that fault, and the store is reopened and
   dpsn error (``StoreFullError``/``StoreWriteError``: ``DpsnError`` and ``OSError`` both) or
   died (the injected crash), and the same request commits on a retry.
 
-By default a sample runs (every kind at a spread of operations, < ~10 s);
-``DPSN_FAULT_SWEEP=full`` runs every operation with every kind (``slow``).
+The operations swept: a commit, the run-file writes of a writer's open, a compaction with
+gc, ``pin``, gc alone, a rollback, create, opening a writer and a reader (the lock, the lease,
+the reads), and two roots of several stores: a sharded root's two-phase commit and a
+levelled root's consolidating commit. Reads fail too (``EIO``: a typed ``StoreReadError``).
+
+By default a sample runs (a spread of operations and kinds, ~20 s on a loaded machine);
+``DPSN_FAULT_SWEEP=full`` runs every operation with every kind that can hit it (``slow``).
 """
 
 from __future__ import annotations
@@ -318,7 +323,7 @@ def test_every_fault_is_survived(bases, tmp_path, name):
 
 @pytest.mark.parametrize(
     ("name", "sample"),
-    [("commit", 16), ("compact", 8), ("pin", 5), ("gc", 5), ("rollback", 5)],
+    [("commit", 12), ("compact", 6), ("pin", 3), ("gc", 3), ("rollback", 3)],
 )
 @pytest.mark.skipif(FULL, reason="the full sweep runs every case")
 def test_sampled_faults_are_survived(bases, tmp_path, name, sample):
@@ -709,7 +714,7 @@ def test_every_root_fault_is_survived(tmp_path, name):
     _root_sweep(ROOT_SCENARIOS[name], tmp_path, 0)
 
 
-@pytest.mark.parametrize(("name", "sample"), [("shard-root", 6), ("level-commit", 4)])
+@pytest.mark.parametrize(("name", "sample"), [("shard-root", 3), ("level-commit", 2)])
 @pytest.mark.skipif(FULL, reason="the full sweep runs every case")
 def test_sampled_root_faults_are_survived(tmp_path, name, sample):
     if ROOT_SCENARIOS[name].needs_torch:
@@ -813,7 +818,7 @@ def test_opening_survives_faults_at_the_lock_the_lease_and_every_read(bases, tmp
     cases = [(op.index, k) for op in dry.ops for k in ("eio", "enospc") if applies(op.name, k)]
     if not FULL:
         rng = np.random.default_rng(23)
-        cases = [cases[i] for i in sorted(rng.choice(len(cases), size=10, replace=False))]
+        cases = [cases[i] for i in sorted(rng.choice(len(cases), size=6, replace=False))]
     outcomes: dict[str, int] = {}
     for at, kind in cases:
         root = tmp_path / f"{kind}-{at}" / "store"
