@@ -342,6 +342,12 @@ class PersistedStore:
                 w.finish()
 
             env.write(init)
+            # What the store's first commit names is durable before the manifest makes it a
+            # store: the Zarr groups and generator version 1, and the root's entries (a power
+            # loss after create returned left data.zarr/zarr.json empty: the create sweep's
+            # power-loss case at close found it).
+            fsync_tree(root / ZARR_DIR, fs)
+            fs.fsync_dir(root)
             # The manifest goes last: a directory without one is not a store, so a crash during
             # create never leaves something that opens as a half-made store.
             write_manifest(root, manifest, fs)

@@ -23,6 +23,7 @@ By default a sample runs (a spread of operations and kinds, ~20 s on a loaded ma
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -69,9 +70,6 @@ UNDER_TEST = _request(
 )
 
 
-RUN_MIN_ROWS = 1 << 16  # a writer keeps runs from this many rows on (docs/format.md, "Runs")
-
-
 @dataclass(frozen=True)
 class Scenario:
     """One store operation swept with faults: ``prepare`` makes the base store (real file
@@ -102,17 +100,31 @@ def _act_commit(store: PersistedStore) -> None:
     _commit_all(store, UNDER_TEST)
 
 
+def _small_runs() -> contextlib.AbstractContextManager:
+    """Run files from a few rows on (the thresholds lowered, as tests/damage_tools.py does):
+    the same code paths as at 2**16 rows, on a store small enough to copy per fault."""
+    from unittest import mock
+
+    from dpsn.store import _runs
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(_runs, "RUN_MIN_ROWS", 4))
+    stack.enter_context(mock.patch.object(_runs, "FLUSH_ROWS", 4))
+    stack.enter_context(mock.patch.object(_runs, "FLUSH_COMMITS", 1))
+    return stack
+
+
 def _prepare_runs(store: PersistedStore) -> None:
-    big = np.arange(RUN_MIN_ROWS, dtype=np.int64)
-    request = CommitRequest(ids=big, deltas=np.ones((len(big), DIM), np.float32), drops=big[:0])
-    _commit_all(store, request)
+    with _small_runs():
+        _commit_all(store, FIRST)
     # the next writer's open writes them again
     shutil.rmtree(store.root / "index.runs", ignore_errors=True)
 
 
 def _act_runs(store: PersistedStore) -> None:
-    store.load_head()  # a writer without runs writes them (runs.json, run files)
-    _commit_all(store, UNDER_TEST)
+    with _small_runs():
+        store.load_head()  # a writer without runs writes them (runs.json, run files)
+        _commit_all(store, UNDER_TEST)  # and after the commit, its new run
 
 
 def _prepare_compact(store: PersistedStore) -> None:
@@ -159,7 +171,7 @@ def _act_rollback(store: PersistedStore) -> None:
 SCENARIOS = {
     "commit": Scenario("commit", ROWS, lambda s: _commit_all(s, FIRST), _act_commit),
     # the commit after the runs is the "commit" scenario's: only the run writes are swept
-    "runs": Scenario("runs", RUN_MIN_ROWS, _prepare_runs, _act_runs, sweep="_runs.py"),
+    "runs": Scenario("runs", ROWS, _prepare_runs, _act_runs, sweep="_runs.py"),
     "compact": Scenario("compact", ROWS, _prepare_compact, _act_compact),
     "pin": Scenario("pin", ROWS, _prepare_pin, _act_pin, done=lambda s, _: "kept" in s.snapshots()),
     # gc changes no row: every outcome reads the same rows; a retry always runs
@@ -360,6 +372,9 @@ def test_create_survives_faults(tmp_path):
     if not FULL:
         rng = np.random.default_rng(21)
         cases = [cases[i] for i in sorted(rng.choice(len(cases), size=8, replace=False))]
+        # and the power lost at close (the lock's release): after create returned
+        assert dry.ops[-1].name == "unlock"
+        cases.append((n - 1, "power"))
     outcomes: dict[str, int] = {}
     for at, kind in cases:
         root = tmp_path / f"{kind}-{at}" / "store"
