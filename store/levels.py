@@ -77,14 +77,26 @@ def write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None) 
     fs = fs or current_fs()
     data = canonical(seal(obj))
     tmp = path.parent / f"{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    write_file(fs, tmp, data, sync=True)
     try:
-        fs.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.unlink(tmp, missing_ok=True)
-        raise
-    fs.fsync_dir(path.parent)
+        write_file(fs, tmp, data, sync=True)
+        try:
+            fs.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp, missing_ok=True)
+            raise
+        fs.fsync_dir(path.parent)
+    except OSError as e:
+        raise _typed(e, f"could not write {path}") from e
+
+
+def _typed(e: OSError, what: str) -> OSError:
+    """A failed write as ``StoreFullError``/``StoreWriteError`` (a dpsn error kept as it is)."""
+    from dpsn.errors import DpsnError
+
+    from ._checks import write_failed
+
+    return e if isinstance(e, DpsnError) else write_failed(e, what)
 
 
 def provenance(parent: str, spec: dict[str, Any], levels: dict[str, str], extra: Any) -> str:
@@ -223,8 +235,11 @@ def write_state(
         offsets[kind] += flat.size
     final = state_dir(root, commit)
     if not final.parent.is_dir():
-        fs.mkdir(final.parent, parents=True, exist_ok=True)
-        fsync_dir(final.parent.parent, fs)
+        try:
+            fs.mkdir(final.parent, parents=True, exist_ok=True)
+            fsync_dir(final.parent.parent, fs)
+        except OSError as e:
+            raise _typed(e, f"could not make {final.parent}") from e
     tmp = final.parent / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     sums: dict[str, int] = {}
     try:
@@ -247,9 +262,11 @@ def write_state(
             fs.rmtree(final)
         fs.replace(tmp, final)
         fsync_dir(final.parent, fs)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             fs.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _typed(e, f"could not write the migration state {final}") from e
         raise
     return {"commit": commit, "sizes": offsets, "xxh64": sums, "parts": index}
 

@@ -923,3 +923,34 @@ def test_a_commit_returns_when_its_new_run_cannot_be_read_back(tmp_path):
                 want = got
         assert got[0] == want[0] == 3
         np.testing.assert_array_equal(got[1]["deltas"], want[1]["deltas"])
+
+
+@pytest.mark.parametrize("kind", ["eio", "enospc"])
+def test_a_failed_migration_state_or_root_file_is_typed(tmp_path, kind):
+    """A levelled root's migration state and root files are written through the seam; a
+    failure is ``StoreWriteError``/``StoreFullError`` (a bare ``OSError`` escaped a levelled
+    commit before), leaves no temporary behind, and the old file stands."""
+    from dpsn.store import levels
+
+    root = tmp_path / "root"
+    root.mkdir()
+    levels.write_atomic(root / levels.LOG_FILE, {"commits": []})
+    parts = {"a": np.arange(5, dtype=np.int64), "b": np.ones((2, 3), np.float32)}
+    levels.write_state(root, 1, parts)
+    fs = FaultFS(root, tmp_path / "graveyard")
+    want = "StoreFullError" if kind == "enospc" else "StoreWriteError"
+    for write in (
+        lambda: levels.write_state(root, 2, parts, fs),
+        lambda: levels.write_atomic(root / levels.LOG_FILE, {"commits": [1]}, fs),
+    ):
+        fs.arm(1, kind)  # the first write of either
+        with pytest.raises(DpsnError) as e:
+            write()
+        fs.disarm()
+        assert type(e.value).__name__ == want and isinstance(e.value, OSError)
+    assert sorted(p.name for p in (root / levels.STATE_DIR).iterdir()) == [f"{1:016x}"]
+    assert [p.name for p in root.iterdir() if "tmp" in p.name] == []
+    assert levels.read_sealed(root / levels.LOG_FILE)["commits"] == []
+    record = levels.write_state(root, 2, parts, fs)  # the retry
+    got = levels.read_state(root, record, fs)
+    np.testing.assert_array_equal(got["b"], parts["b"])
