@@ -295,13 +295,23 @@ def _one(base: Base, tmp: Path, at: int, kind: str) -> tuple[str, str | None]:
     return outcome, fired
 
 
+def _pick(cases: list, sample: int, seed: int) -> list:
+    """A sample of ``cases`` (``(at, kind)``): half of it crashes (torn, power), half typed
+    failures, so every sample sees both."""
+    rng = np.random.default_rng(seed)
+    crash = [c for c in cases if c[1] in ("torn", "power")]
+    other = [c for c in cases if c[1] not in ("torn", "power")]
+    picked = []
+    for group, n in ((crash, (sample + 1) // 2), (other, sample // 2)):
+        picked += [group[i] for i in rng.choice(len(group), min(n, len(group)), replace=False)]
+    return sorted(picked, key=lambda c: (str(c[0]), c[1]))
+
+
 def _cases(ops: list, sample: int, only: str) -> list[tuple[int, str]]:
     n_ops = len(ops)
     cases = [(op.index, k) for op in ops if only in op.site for k in KINDS if applies(op.name, k)]
     if not FULL:
-        rng = np.random.default_rng(20)
-        picks = rng.choice(len(cases), size=min(len(cases), sample), replace=False)
-        cases = [cases[i] for i in sorted(picks)]
+        cases = _pick(cases, sample, 20)
     return [*cases, (n_ops, "power")]  # and a power loss after it returned
 
 
@@ -545,8 +555,7 @@ def _root_sweep(scn: RootScenario, tmp: Path, sample: int) -> None:
     assert len(ops) > 10 and len(sites) > 5, sorted(sites)
     cases: list = [(op.index, k) for op in ops for k in KINDS if applies(op.name, k)]
     if not FULL:
-        rng = np.random.default_rng(22)
-        cases = [cases[i] for i in sorted(rng.choice(len(cases), sample, replace=False))]
+        cases = _pick(cases, sample, 22)
     cases.append(("after", "power"))
     outcomes: dict[str, int] = {}
     fired_sites = set()
