@@ -37,6 +37,7 @@ __all__ = [
     "StoreFullError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreReadError",
     "StoreVersionError",
     "StoreWriteError",
 ]
@@ -128,6 +129,12 @@ class StoreFullError(DpsnError, OSError):
 class StoreWriteError(DpsnError, OSError):
     """Writing to the store failed for a reason other than a full disk; ``errno`` and the
     message are the operating system's. The store was left as it was."""
+
+
+class StoreReadError(CorruptStoreError):
+    """A file of the store could not be read (an I/O error such as ``EIO``); ``errno`` and
+    ``filename`` name it. A ``CorruptStoreError`` because what cannot be read cannot be trusted;
+    reading changes nothing, so the store is as it was (retry once the device is healthy)."""
 
 
 class SnapshotNotFoundError(DpsnError, LookupError):

@@ -7,7 +7,8 @@ records alone), the format (``Manifest``, ``read_manifest``, ``FORMAT_VERSION``)
 (``MaintenancePolicy``, retention, ``maybe_compact``), the row lifecycle's stored policy and
 health, and ``router_format`` (a module: the router format's checks, which ``dpsn.index`` saves
 and loads routers with and ``verify`` uses alone). ``dpsn.store.fs`` (a module) is the file seam
-every write of the engine goes through: ``PersistedStore.create/open(fs=)`` or
+the engine's file I/O goes through (writes, reads of its own files, the writer lock and reader
+leases; what it does not reach is listed there): ``PersistedStore.create/open(fs=)`` or
 ``dpsn.store.fs.using(fs)`` put another file system (a fault-injecting one in the tests) under
 a store.
 

@@ -6,26 +6,58 @@ anything. So every file the store engine reads is opened with ``O_NONBLOCK`` (an
 FIFO returns at once instead of waiting for a writer), checked with ``fstat`` to be a regular
 file before a byte is read, and read only up to a bound its caller states. ``O_NONBLOCK`` has
 no effect on regular files, so reads after the check behave as usual.
+
+Both go through the file seam (``dpsn.store.fs``: ``open_read`` and ``pread``), on the file
+system the caller names (the store's own) or the current one. An I/O error while opening or
+reading (``EIO`` and its kin, not a missing file) becomes :class:`StoreReadError`, naming the
+file: the caller's "could not read" is typed, and nothing was changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
 
-from dpsn.errors import CorruptStoreError
+from dpsn.errors import CorruptStoreError, StoreReadError
+
+from .fs import FileSystem
+from .fs import current as current_fs
 
 __all__ = [
+    "READ_FAULTS",
     "NotRegularFileError",
     "SizeGuard",
+    "StoreReadError",
     "check_regular",
     "file_kind",
     "kind_of",
     "open_regular",
+    "pread_regular",
+    "read_fault",
     "read_regular",
 ]
+
+# What a read of a store's file fails with when the device does (not a missing or
+# wrong-type file, which callers handle by their own names).
+READ_FAULTS = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.ESTALE})
+
+
+def read_fault(e: OSError, path: Path | str, what: str = "") -> OSError:
+    """``e`` as :class:`StoreReadError` naming ``path`` when it is a device's read fault
+    (:data:`READ_FAULTS`); otherwise ``e`` itself (a caller re-raises what it gets)."""
+    if isinstance(e, CorruptStoreError) or e.errno not in READ_FAULTS:
+        return e
+    err = StoreReadError(
+        e.errno,
+        f"{what or path} cannot be read ({os.strerror(e.errno)}): the device failed the read; "
+        "nothing was changed",
+        str(path),
+    )
+    err.__cause__ = e
+    return err
 
 
 class NotRegularFileError(CorruptStoreError):
@@ -51,11 +83,15 @@ def kind_of(mode: int) -> str:
 file_kind = kind_of  # the public name (``dpsn.tiers.file_kind``)
 
 
-def open_regular(path: Path | str, what: str = "") -> tuple[int, int]:
+def open_regular(path: Path | str, what: str = "", fs: FileSystem | None = None) -> tuple[int, int]:
     """A read-only descriptor of ``path`` and its size, once it is known to be a regular file
-    (``NotRegularFileError`` otherwise; ``FileNotFoundError`` and other ``OSError`` pass).
-    Never blocks: a FIFO is opened non-blocking and refused."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    (``NotRegularFileError`` otherwise; an I/O error is :class:`StoreReadError`;
+    ``FileNotFoundError`` and other ``OSError`` pass). Never blocks: a FIFO is opened
+    non-blocking and refused. Opened through ``fs`` (the current file system by default)."""
+    try:
+        fd = (fs or current_fs()).open_read(Path(path))
+    except OSError as e:
+        raise read_fault(e, path, what) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -69,18 +105,31 @@ def open_regular(path: Path | str, what: str = "") -> tuple[int, int]:
     return fd, st.st_size
 
 
-def check_regular(path: Path | str, what: str = "") -> int:
+def check_regular(path: Path | str, what: str = "", fs: FileSystem | None = None) -> int:
     """The size of ``path`` once it is known to be a regular file (see :func:`open_regular`)."""
-    fd, size = open_regular(path, what)
+    fd, size = open_regular(path, what, fs)
     os.close(fd)
     return size
 
 
-def read_regular(path: Path | str, limit: int, what: str = "") -> bytes:
+def pread_regular(
+    fd: int, n: int, offset: int, path: Path | str, what: str = "", fs: FileSystem | None = None
+) -> bytes:
+    """``fs.pread`` of a descriptor :func:`open_regular` gave, an I/O error typed."""
+    try:
+        return (fs or current_fs()).pread(fd, n, offset)
+    except OSError as e:
+        raise read_fault(e, path, what) from None
+
+
+def read_regular(
+    path: Path | str, limit: int, what: str = "", fs: FileSystem | None = None
+) -> bytes:
     """The whole of a regular file of at most ``limit`` bytes (``CorruptStoreError`` when it is
     larger: the size is checked before anything is read, and the read stops at the bound
-    whatever the file does meanwhile)."""
-    fd, size = open_regular(path, what)
+    whatever the file does meanwhile). Read through ``fs`` (the current one by default)."""
+    fs = fs or current_fs()
+    fd, size = open_regular(path, what, fs)
     try:
         if size > limit:
             raise CorruptStoreError(
@@ -89,7 +138,7 @@ def read_regular(path: Path | str, limit: int, what: str = "") -> bytes:
             )
         chunks, got = [], 0
         while got <= limit:
-            block = os.read(fd, min(1 << 20, limit + 1 - got))
+            block = pread_regular(fd, min(1 << 20, limit + 1 - got), got, path, what, fs)
             if not block:
                 break
             chunks.append(block)

@@ -161,8 +161,12 @@ _MANIFEST_FIELDS = {
 }
 
 
-def read_manifest(root: Path) -> Manifest:
-    """Read and validate a manifest; a store is untrusted input, so every field is checked."""
+def read_manifest(root: Path, fs: FileSystem | None = None) -> Manifest:
+    """Read and validate a manifest; a store is untrusted input, so every field is checked.
+    Read through the file seam ``fs`` (the current one by default): a device's read fault is
+    ``StoreReadError`` naming the file."""
+    from ._files import read_regular
+
     path = root / MANIFEST
     if not root.exists():
         raise StoreNotFoundError(f"no such store: {root} does not exist")
@@ -176,13 +180,12 @@ def read_manifest(root: Path) -> Manifest:
             "Create one with dpsn.create(path, rows, dim) or `dpsn create`."
         )
     try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise CorruptStoreError(f"{path} is over {MAX_MANIFEST_BYTES} bytes: not a manifest")
+        text = read_regular(path, MAX_MANIFEST_BYTES, f"{path} (the manifest)", fs)
         raw = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptStoreError(f"{path} is not valid JSON: {e}") from e
+    except CorruptStoreError:
+        raise
     except OSError as e:
         raise CorruptStoreError(f"{path} cannot be read: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:

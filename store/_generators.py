@@ -15,7 +15,12 @@ import numpy as np
 import xxhash
 import zarr
 
-from dpsn.errors import CorruptStoreError, InvalidArgumentError, SnapshotUnavailableError
+from dpsn.errors import (
+    CorruptStoreError,
+    InvalidArgumentError,
+    SnapshotUnavailableError,
+    StoreReadError,
+)
 
 from ._checks import commit_key
 from ._format import (
@@ -166,9 +171,14 @@ class GeneratorVersions:
             path = f"{GENERATOR_GROUP}/{generator_name(version)}/{name}"
             try:
                 info = read_array_meta(
-                    gen_dir / name, dtypes={"float32"}, shape=tuple(meta["shape"])
+                    gen_dir / name,
+                    dtypes={"float32"},
+                    shape=tuple(meta["shape"]),
+                    fs=self._store.fs,
                 )
                 value = read_array(info).astype("<f4", copy=False)
+            except StoreReadError:
+                raise
             except CorruptStoreError as e:
                 raise CorruptStoreError(f"generator weight {path} cannot be read: {e}") from e
             if xxhash.xxh64_intdigest(np.ascontiguousarray(value).data) != meta["xxh64"]:

@@ -22,12 +22,15 @@ to, a full disk) reads without one: it warns (``LeaseWarning``) and ``pool.info(
 ``"reader_lease": False``. Nothing then stops a writer's gc from removing the commit it reads
 (its reads fail with ``SnapshotUnavailableError``, never return wrong rows): give readers
 write access to ``readers/``, or pin what they read with a snapshot.
+
+Every file operation here (the folder, the lease's creation, ``flock``, its content, the
+rename, the scan's opens, locks, reads and removals) goes through the file seam
+(``dpsn.store.fs``): the store's file system, or the current one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import stat
@@ -38,6 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsn.errors import LeaseWarning
+
+from ._files import READ_FAULTS, read_fault
+from .fs import FileSystem
+from .fs import current as current_fs
 
 __all__ = ["READERS_DIR", "Lease", "LeaseWarning", "LiveReaders", "live_readers"]
 
@@ -50,9 +57,10 @@ _MAX_LEASE_BYTES = 4096
 class Lease:
     """One reader's lease; ``hold(commit)`` names the commit it reads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fs: FileSystem | None = None) -> None:
         self.path: Path | None = None
         self._fd: int | None = None
+        self._fs = fs = fs or current_fs()
         self.problem: str | None = None  # why no lease could be made
         folder = Path(root) / READERS_DIR
         name = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
@@ -61,8 +69,8 @@ class Lease:
         tmp, path = folder / f"{name}.tmp", folder / f"{name}{_SUFFIX}"
         for attempt in range(5):
             try:
-                folder.mkdir(exist_ok=True)
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fs.mkdir(folder, exist_ok=True)
+                fd = fs.open_lock(tmp, create=True)
                 break
             except FileNotFoundError:  # the last reader removed the folder meanwhile
                 if attempt == 4:
@@ -71,27 +79,35 @@ class Lease:
                 # A read-only copy or mount, a store only its writer may write to, a full
                 # disk, a damaged store (``readers`` is a file): read without a lease rather
                 # than not at all, and say so (a gc elsewhere cannot see this reader).
-                self.problem = f"{folder}: {e.strerror or e}"
-                warnings.warn(
-                    f"this reader holds no lease ({self.problem}): a gc in a writer cannot "
-                    "see it and may remove the commit it reads. Give readers write access to "
-                    f"{folder}/ or pin the commit with a snapshot (pool.info()['reader_lease'] "
-                    "is False)",
-                    LeaseWarning,
-                    stacklevel=4,
-                )
+                self._no_lease(folder, e)
                 return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not fs.lock(fd):  # a new file no one else has opened: never taken
+                raise BlockingIOError(f"{tmp} is locked by another reader")
             self._fd = fd
             self.hold(None)
-            os.rename(tmp, path)
-        except OSError:
+            fs.replace(tmp, path)
+        except BaseException as e:
             self._fd = None
             os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp, missing_ok=True)
+            if not isinstance(e, OSError):
+                raise
+            self._no_lease(folder, e)  # a failed lock, write or rename: as a failed create
+            return
         self.path = path
+
+    def _no_lease(self, folder: Path, e: OSError) -> None:
+        self.problem = f"{folder}: {e.strerror or e}"
+        warnings.warn(
+            f"this reader holds no lease ({self.problem}): a gc in a writer cannot "
+            "see it and may remove the commit it reads. Give readers write access to "
+            f"{folder}/ or pin the commit with a snapshot (pool.info()['reader_lease'] "
+            "is False)",
+            LeaseWarning,
+            stacklevel=5,
+        )
 
     @property
     def active(self) -> bool:
@@ -102,20 +118,21 @@ class Lease:
         if self._fd is None:
             return
         data = json.dumps({"commit": commit, "pid": os.getpid(), "time": time.time()}).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        self._fs.overwrite(self._fd, data)
 
     def release(self) -> None:
         fd, path = self._fd, self.path
         self._fd = self.path = None
         if fd is None:
             return
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            with contextlib.suppress(OSError):  # the last one out leaves the store as it was
-                path.parent.rmdir()
-        os.close(fd)
+        try:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    self._fs.unlink(path)
+                with contextlib.suppress(OSError):  # the last one out leaves the store as it was
+                    self._fs.rmdir(path.parent)
+        finally:
+            os.close(fd)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -131,11 +148,20 @@ class LiveReaders:
     names: frozenset[str]
 
 
-def live_readers(root: Path, *, remove_dead: bool = False, skip: str | None = None) -> LiveReaders:
+def live_readers(
+    root: Path,
+    *,
+    remove_dead: bool = False,
+    skip: str | None = None,
+    fs: FileSystem | None = None,
+) -> LiveReaders:
     """Scan the leases of a store. A lease whose lock can be taken is a dead reader's (removed
     when ``remove_dead``: the caller holds the writer lock); one that cannot be parsed while
     locked is being written, and counts as choosing. ``skip``: a lease file name to leave out
-    (the caller's own, when it reads the store to answer a dry run)."""
+    (the caller's own, when it reads the store to answer a dry run). Through the file seam
+    ``fs`` (the current one by default); a scan that cannot read the folder or a lease raises
+    its ``OSError`` (gc then keeps every file: it cannot know what readers hold)."""
+    fs = fs or current_fs()
     folder = Path(root) / READERS_DIR
     commits: set[int] = set()
     names: set[str] = set()
@@ -150,16 +176,20 @@ def live_readers(root: Path, *, remove_dead: bool = False, skip: str | None = No
             continue
         try:
             # Non-blocking: a FIFO planted under a lease's name must not hang gc.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+            fd = fs.open_read(path, follow=False)
+        except OSError as e:
+            if e.errno in READ_FAULTS:  # the device failed: gc cannot know what it holds
+                raise read_fault(e, path, f"reader lease {path}") from None
             continue  # removed meanwhile (or a link: never a lease)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue  # not a lease: no reader made it
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raw = os.pread(fd, _MAX_LEASE_BYTES, 0)
+                held = not fs.lock(fd)
+                raw = fs.pread(fd, _MAX_LEASE_BYTES, 0) if held else b""
+            except OSError as e:
+                raise read_fault(e, path, f"reader lease {path}") from None
+            if held:
                 names.add(path.name)
                 commit = None if creating else _commit_of(raw)
                 if commit is None:
@@ -168,7 +198,8 @@ def live_readers(root: Path, *, remove_dead: bool = False, skip: str | None = No
                     commits.add(commit)
                 continue
             if remove_dead:  # its owner is gone: the kernel released its lock
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # best effort: the next scan retries
+                    fs.unlink(path, missing_ok=True)
         finally:
             os.close(fd)
     return LiveReaders(frozenset(commits), choosing, frozenset(names))

@@ -118,6 +118,14 @@ class Env:
             )
         except lmdb.InvalidError as e:
             raise CorruptStoreError(f"{path} is not a valid LMDB environment: {e}") from e
+        except OSError as e:  # the file seam's own failure (py-lmdb raises lmdb.Error)
+            from ._checks import write_failed
+            from ._files import read_fault
+
+            err = read_fault(e, path, f"the LMDB index {path}")
+            raise (
+                write_failed(e, f"cannot open the LMDB index at {path}") if err is e else err
+            ) from e
         except lmdb.Error as e:
             if create and _is_disk_full(e):
                 raise StoreFullError(f"{path}: the disk is full or failing ({e})") from e

@@ -4,20 +4,28 @@ LMDB already serialises write transactions, but a second writer would interleave
 segments and commits with ours; we want it refused up front with a clear error. ``flock`` locks
 belong to an open file description, so a second ``open(mode="r+")`` in the same process is
 refused too, and the kernel releases the lock when a writer dies (even by SIGKILL).
+
+The lock file is made, opened and locked through the file seam (``dpsn.store.fs``:
+``open_lock`` and ``lock``), so a fault-injecting file system reaches it too.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 from pathlib import Path
 
 from dpsn.errors import ReadOnlyError, StoreLockedError
 
+from ._checks import write_failed
+from .fs import FileSystem
+from .fs import current as current_fs
+
 
 class WriterLock:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fs: FileSystem | None = None) -> None:
         self._path = path
+        self._fs = fs or current_fs()
         self._fd: int | None = None
 
     def acquire(self) -> bool:
@@ -25,23 +33,32 @@ class WriterLock:
         created = True
         try:
             try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = self._fs.open_lock(self._path, create=True)
             except FileExistsError:
                 created = False
-                fd = os.open(self._path, os.O_RDWR)
+                fd = self._fs.open_lock(self._path, create=False)
         except PermissionError as e:
             raise ReadOnlyError(
                 f"cannot take the writer lock {self._path}: {e}. Open the store read-only "
                 '(mode="r") or fix its permissions.'
             ) from e
+        except OSError as e:
+            if isinstance(e, FileNotFoundError | FileExistsError):
+                raise  # (the callers handle a folder removed or a file made meanwhile)
+            raise write_failed(e, f"cannot take the writer lock {self._path}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            held = self._fs.lock(fd)
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise write_failed(e, f"cannot take the writer lock {self._path}") from e
+            raise
+        if not held:
             os.close(fd)
             raise StoreLockedError(
                 f"{self._path.parent} is already open for writing by another process or Pool; "
                 'close that writer first, or open this one with mode="r".'
-            ) from None
+            )
         self._fd = fd
         return created
 
@@ -58,10 +75,14 @@ class WriterLock:
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:  # explicitly: a forked child may share the open file (and so the lock)
+                with contextlib.suppress(OSError):  # (closing it releases ours anyway)
+                    self._fs.unlock(fd)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     @property
     def held(self) -> bool:

@@ -34,7 +34,6 @@ it into place and only then records it in one LMDB transaction.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,8 +160,9 @@ class _Made:
     lock_file: bool  # create made writer.lock (the root existed and was empty)
 
 
-def _claim_new_dir(root: Path) -> _Made:
-    """Make ``root`` if needed and take its writer lock, then check it holds nothing else.
+def _claim_new_dir(root: Path, fs: FileSystem) -> _Made:
+    """Make ``root`` if needed and take its writer lock, then check it holds nothing else
+    (through the file seam ``fs``).
 
     The lock comes first: two creators of one path cannot both pass the emptiness check, and a
     writer opening a store never sees one half made (there is no manifest until the end)."""
@@ -176,30 +176,30 @@ def _claim_new_dir(root: Path) -> _Made:
         try:
             for d in reversed(missing):
                 try:
-                    d.mkdir()
+                    fs.mkdir(d)
                     made.append(d)
                 except FileExistsError:
                     pass
         except OSError as e:
-            _remove_dirs(made)
+            _remove_dirs(made, fs)
             if e.errno in DISK_FULL:
                 raise full_error(e, f"cannot create {root}") from e
             raise
         if not root.is_dir():
-            _remove_dirs(made)
+            _remove_dirs(made, fs)
             raise StoreExistsError(f"{root} already exists and is not a directory")
-        lock = WriterLock(root / LOCK_FILE)
+        lock = WriterLock(root / LOCK_FILE, fs)
         try:
             lock_file = lock.acquire()
         except StoreLockedError:
-            _remove_dirs(made)
+            _remove_dirs(made, fs)
             raise StoreExistsError(
                 f"{root} is being created or written by another process; pick a new path"
             ) from None
         except FileNotFoundError:
             continue  # another creator that failed removed the directory: start again
         except OSError as e:
-            _remove_dirs(made)
+            _remove_dirs(made, fs)
             if e.errno in DISK_FULL:
                 raise full_error(e, f"cannot create {root}") from e
             raise
@@ -208,9 +208,10 @@ def _claim_new_dir(root: Path) -> _Made:
             continue
         if any(p.name != LOCK_FILE for p in root.iterdir()):
             if lock_file:
-                (root / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    fs.unlink(root / LOCK_FILE, missing_ok=True)
             lock.release()
-            _remove_dirs(made)
+            _remove_dirs(made, fs)
             raise StoreExistsError(
                 f"{root} already exists and is not an empty directory; "
                 "pick a new path or remove it first."
@@ -219,14 +220,14 @@ def _claim_new_dir(root: Path) -> _Made:
     raise StoreExistsError(f"{root} kept changing while create tried to claim it")
 
 
-def _remove_dirs(dirs: list[Path]) -> None:
+def _remove_dirs(dirs: list[Path], fs: FileSystem) -> None:
     """Remove the directories this process made, innermost first, each only if it is empty.
 
     Never recursively: once made, a directory is visible to every process, and another creator
     may have claimed it (its lock file) or put its own store beside ours in a new parent."""
     for d in reversed(dirs):
         with contextlib.suppress(OSError):  # not empty (or gone): not ours to remove
-            os.rmdir(d)
+            fs.rmdir(d)
 
 
 def _undo_create(root: Path, made: _Made, fs: FileSystem) -> None:
@@ -241,8 +242,9 @@ def _undo_create(root: Path, made: _Made, fs: FileSystem) -> None:
         else:
             fs.unlink(child, missing_ok=True)
     if made.lock_file:
-        (root / LOCK_FILE).unlink(missing_ok=True)
-    _remove_dirs(made.dirs)
+        with contextlib.suppress(OSError):
+            fs.unlink(root / LOCK_FILE, missing_ok=True)
+    _remove_dirs(made.dirs, fs)
     made.lock.release()
 
 
@@ -306,7 +308,7 @@ class PersistedStore:
         check_generator_state(generator_state)
         if lifecycle is not None:
             lifecycle_record(lifecycle)  # what a reader will check, checked before writing
-        made = _claim_new_dir(root)
+        made = _claim_new_dir(root, fs)
         env = None
         try:
             zarr.open_group(SeamStore(root / ZARR_DIR, fs), mode="w", zarr_format=3)
@@ -340,6 +342,12 @@ class PersistedStore:
                 w.finish()
 
             env.write(init)
+            # What the store's first commit names is durable before the manifest makes it a
+            # store: the Zarr groups and generator version 1, and the root's entries (a power
+            # loss after create returned left data.zarr/zarr.json empty: the create sweep's
+            # power-loss case at close found it).
+            fsync_tree(root / ZARR_DIR, fs)
+            fs.fsync_dir(root)
             # The manifest goes last: a directory without one is not a store, so a crash during
             # create never leaves something that opens as a half-made store.
             write_manifest(root, manifest, fs)
@@ -372,14 +380,14 @@ class PersistedStore:
         (``dpsn.store.fs``; default the current one)."""
         root = Path(root)
         fs = fs or current_fs()
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, fs)
         storage_dtype(manifest.dtype)  # validates
         if not (root / ZARR_DIR).is_dir():
             raise StoreNotFoundError(f"{root} is damaged: its Zarr group {ZARR_DIR} is missing")
-        _check_group_files(root)
+        _check_group_files(root, fs)
         lock = None
         if writable:
-            lock = WriterLock(root / LOCK_FILE)
+            lock = WriterLock(root / LOCK_FILE, fs)
             lock.acquire()
         try:
             env = acquire_env(root / LMDB_DIR, writable=writable, fs=fs)
@@ -391,7 +399,7 @@ class PersistedStore:
         store._lock = lock
         try:
             if not writable:  # so that gc in a writer's process keeps what this one reads
-                store._lease = Lease(root)
+                store._lease = Lease(root, fs)
             version = env.read(
                 lambda txn: read_u64(txn.get(META_FORMAT, db=env.dbs[DB_META]), "format version")
             )
@@ -579,14 +587,14 @@ class PersistedStore:
                     index = self._save_runs(index, head)
                 elif reason is not None:
                     discard_runs(self.root, self.fs)
-            except OSError:
+            except (OSError, RunsUnusableError):
                 pass  # runs only speed up the next open; LMDB has the index
         return head, index
 
     def load_from_runs(self) -> tuple[int, LayeredIndex] | None:
         """HEAD and its index from the run set and the commits since (``None``: no run set;
         ``RunsUnusableError``: one that cannot be used, and why)."""
-        runset = read_runset(self.root, self.manifest.uuid)
+        runset = read_runset(self.root, self.manifest.uuid, self.fs)
         if runset is None:
             return None
 
@@ -609,10 +617,10 @@ class PersistedStore:
         if self.writable:
             # A writer computes each commit's digest change from what the index says: it reads
             # the runs whole once (sequentially, ~GB/s) rather than trust bytes it did not write.
-            check_run_files(self.root, runset)
+            check_run_files(self.root, runset, self.fs)
         names = tuple(name for name, _, _ in runset.files)
         index = LayeredIndex(
-            open_layers(self.root, runset),
+            open_layers(self.root, runset, self.fs),
             names,
             RowIndex.empty(),
             base_commit=runset.commit,
@@ -707,7 +715,7 @@ class PersistedStore:
     def runs_commit(self) -> int | None:
         """The commit the row index's run set reflects (``None``: no usable set)."""
         try:
-            runset = read_runset(self.root, self.manifest.uuid)
+            runset = read_runset(self.root, self.manifest.uuid, self.fs)
         except RunsUnusableError:
             return None
         return runset.commit if runset is not None else None
@@ -874,7 +882,7 @@ class PersistedStore:
         # zarr opens the group's zarr.json itself: checked first (a FIFO would hang it)
         meta = self.root / ZARR_DIR / path / "zarr.json"
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            check_regular(meta, f"router {name!r} ({path})'s zarr.json")
+            check_regular(meta, f"router {name!r} ({path})'s zarr.json", self.fs)
         try:
             return zarr.open_group(self._zarr, path=path, mode="r", zarr_format=3)
         except Exception as e:
@@ -918,7 +926,7 @@ class PersistedStore:
             return maintain_runs(
                 self.root, self.manifest.uuid, index, record.id, record.index_digest, self.fs
             )
-        except OSError:
+        except (OSError, RunsUnusableError):  # (a run just written that cannot be read back)
             return index
 
     def settle_runs(self, index: RowIndex | LayeredIndex, head: int) -> None:
@@ -928,7 +936,7 @@ class PersistedStore:
             return
         if not any(r is not None for r in index.runs):
             return
-        with contextlib.suppress(OSError, DpsnError):
+        with contextlib.suppress(OSError, DpsnError, RunsUnusableError):
             if head == self.head():
                 self._save_runs(index, head)
 
@@ -1142,14 +1150,14 @@ def _segment(raw: bytes, segment: int) -> SegmentRecord:
     return record
 
 
-def _check_group_files(root: Path) -> None:
+def _check_group_files(root: Path, fs: FileSystem) -> None:
     """The Zarr groups' metadata files zarr itself opens (a writer's commit): regular files,
     or absent (``NotRegularFileError`` before zarr could block on a FIFO there)."""
     top = root / ZARR_DIR
     for group in ("", SEGMENTS_GROUP, GENERATOR_GROUP, SNAPSHOTS_GROUP, ROUTERS_GROUP):
         path = top / group / "zarr.json" if group else top / "zarr.json"
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            check_regular(path, f"{root}: the Zarr group metadata {path.relative_to(root)}")
+            check_regular(path, f"{root}: the Zarr group metadata {path.relative_to(root)}", fs)
 
 
 def _mapped(index: RowIndex | LayeredIndex) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 import xxhash
 import zarr
 
-from dpsn.errors import CorruptStoreError
+from dpsn.errors import CorruptStoreError, StoreReadError
 
 from ._format import MAX_COMMIT_ID, ZARR_DIR, fsync_dir, fsync_tree
 from ._zarrsafe import read_array, read_array_meta
@@ -112,13 +112,18 @@ def write_protected(
     return {"version": version, "rows": len(data), "xxh64": xxhash.xxh64_intdigest(data.data)}
 
 
-def read_protected(root: Path, record: dict[str, Any], rows: int) -> np.ndarray:
-    """The protected ids a commit's record names, checked in full (``CorruptStoreError``)."""
+def read_protected(
+    root: Path, record: dict[str, Any], rows: int, fs: FileSystem | None = None
+) -> np.ndarray:
+    """The protected ids a commit's record names, checked in full (``CorruptStoreError``;
+    ``StoreReadError`` when the device fails the read). Read through the file seam ``fs``."""
     rec = check_protected_record(record, rows)
     path = protected_dir(root, rec["version"]) / PROTECTED_IDS
     try:
-        meta = read_array_meta(path, dtypes={"int64"}, shape=(rec["rows"],))
+        meta = read_array_meta(path, dtypes={"int64"}, shape=(rec["rows"],), fs=fs)
         data = np.ascontiguousarray(read_array(meta), dtype="<i8")
+    except StoreReadError:
+        raise
     except CorruptStoreError as e:
         raise CorruptStoreError(f"the protected rows of commit {rec['version']}: {e}") from e
     if xxhash.xxh64_intdigest(data.data) != rec["xxh64"]:
@@ -148,7 +153,9 @@ def protected_dirs(root: Path, records: list[Any]) -> tuple[set[Path], list[Path
     return keep, found
 
 
-def verify_protected(root: Path, records: list[Any], rows: int) -> list[str]:
+def verify_protected(
+    root: Path, records: list[Any], rows: int, fs: FileSystem | None = None
+) -> list[str]:
     """Problems with the protected sets the commit ``records`` name (each set checked once)."""
     problems = []
     seen: set[int] = set()
@@ -161,7 +168,7 @@ def verify_protected(root: Path, records: list[Any], rows: int) -> list[str]:
             continue
         seen.add(version)  # type: ignore[arg-type]
         try:
-            read_protected(root, raw, rows)
+            read_protected(root, raw, rows, fs)
         except CorruptStoreError as e:
             problems.append(f"commit {r.id}: {e}")
     return problems

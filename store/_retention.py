@@ -170,6 +170,7 @@ def collect(
         store.root,
         remove_dead=not dry_run,
         skip=own_lease.name if own_lease is not None else None,
+        fs=store.fs,
     )
     # What HEAD's rows are in is read from LMDB and checked against HEAD's digests, never
     # taken from a derived file (the run set's rows per segment) or the caller's index: gc
@@ -278,7 +279,7 @@ def collect(
 
     if dead or new_cp is not None or drop_cp:
         maintenance.write(forget)
-    after = live_readers(store.root)
+    after = live_readers(store.root, fs=store.fs)
     if after.choosing or not after.names <= readers.names:
         # A reader arrived while gc decided: it may hold what gc just forgot. Leave the files
         # (unreferenced now: the next gc removes them once no reader is choosing).

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreVersionError
+from dpsn.errors import CorruptStoreError, StoreNotFoundError, StoreReadError, StoreVersionError
 
 from ._files import read_regular
 from ._zarrsafe import MAX_META_BYTES, ArrayMeta, array_dir, read_array, read_array_meta
+from .fs import FileSystem
 
 __all__ = [
     "ATTR",
@@ -121,12 +122,13 @@ class RouterCheck:
         )
 
 
-def read_manifest(group_dir: Path) -> dict[str, Any]:
-    """The ``dpsn_router`` manifest from a group's ``zarr.json``, structure checked."""
+def read_manifest(group_dir: Path, fs: FileSystem | None = None) -> dict[str, Any]:
+    """The ``dpsn_router`` manifest from a group's ``zarr.json``, structure checked (read
+    through the file seam ``fs``, the current one by default)."""
     where = str(group_dir)
     path = Path(group_dir) / "zarr.json"
     try:
-        raw_bytes = read_regular(path, MAX_META_BYTES, f"router group {where}'s zarr.json")
+        raw_bytes = read_regular(path, MAX_META_BYTES, f"router group {where}'s zarr.json", fs)
     except FileNotFoundError as e:
         raise StoreNotFoundError(f"{where} holds no zarr group, so no dpsn router") from e
     except CorruptStoreError:
@@ -220,14 +222,18 @@ def check_header(manifest: dict[str, Any], where: str, expected_digest: str | No
     return check
 
 
-def array_meta(group_dir: Path, name: str, entry: dict[str, Any]) -> ArrayMeta:
+def array_meta(
+    group_dir: Path, name: str, entry: dict[str, Any], fs: FileSystem | None = None
+) -> ArrayMeta:
     """An array's ``zarr.json`` checked against its manifest entry (step 3)."""
     where = str(group_dir)
     want = DTYPES[entry["dtype"]]
     try:
         meta = read_array_meta(
-            array_dir(Path(group_dir), name), shape=tuple(entry["shape"]), codecs=CODECS
+            array_dir(Path(group_dir), name), shape=tuple(entry["shape"]), codecs=CODECS, fs=fs
         )
+    except StoreReadError:
+        raise
     except CorruptStoreError as e:
         raise CorruptStoreError(
             f"router array {name!r} in {where!r} is not what its manifest says (its codecs, "
@@ -249,6 +255,8 @@ def read_checked(
         meta = array_meta(group_dir, name, entry)
     try:
         data = read_array(meta)
+    except StoreReadError:
+        raise
     except CorruptStoreError as e:
         raise CorruptStoreError(f"router array {name!r} cannot be read: {e}") from e
     if array_digest(data) != entry["blake2b"]:
@@ -260,15 +268,19 @@ def read_checked(
 
 
 def check_router(
-    group_dir: Path, *, expected_digest: str | None = None, read: bool = True
+    group_dir: Path,
+    *,
+    expected_digest: str | None = None,
+    read: bool = True,
+    fs: FileSystem | None = None,
 ) -> RouterCheck:
     """Check the router saved in the Zarr group at ``group_dir`` (the module doc's steps);
     with ``read``, also read every array and return them. Raises ``StoreNotFoundError`` (no
     router there), ``StoreVersionError``, ``UnknownRouterError`` or ``CorruptStoreError``."""
     group_dir = Path(group_dir)
-    manifest = read_manifest(group_dir)
+    manifest = read_manifest(group_dir, fs)
     check = check_header(manifest, str(group_dir), expected_digest)
-    metas = {name: array_meta(group_dir, name, e) for name, e in check.entries.items()}
+    metas = {name: array_meta(group_dir, name, e, fs) for name, e in check.entries.items()}
     if read:  # every array's metadata was checked before the first byte of data is read
         for name, entry in check.entries.items():
             check.arrays[name] = read_checked(group_dir, name, entry, metas[name])

@@ -39,7 +39,7 @@ import numpy as np
 import xxhash
 
 from ._digest import RECORD_CHECK, seal_record
-from ._files import SizeGuard, open_regular, read_regular
+from ._files import SizeGuard, open_regular, pread_regular, read_regular
 from ._layered import LayeredIndex
 from ._rowindex import FENCE_STEP, RowBlockError, RowIndex, block_sums, merge_newest
 from .fs import FileSystem, write_all, write_file
@@ -92,11 +92,12 @@ def runs_dir(root: Path) -> Path:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_runset(root: Path, uuid: str) -> RunSet | None:
-    """The run set of the store ``uuid`` at ``root``; ``None`` when there is none."""
+def read_runset(root: Path, uuid: str, fs: FileSystem | None = None) -> RunSet | None:
+    """The run set of the store ``uuid`` at ``root``; ``None`` when there is none. Read
+    through the file seam ``fs`` (the current one by default), as are the run files below."""
     path = runs_dir(root) / RUNS_MANIFEST
     try:
-        raw = read_regular(path, MAX_MANIFEST_BYTES)
+        raw = read_regular(path, MAX_MANIFEST_BYTES, fs=fs)
     except FileNotFoundError:
         return None
     except OSError as e:  # a FIFO, a device, too big, unreadable
@@ -170,7 +171,7 @@ def run_size(entries: int) -> int:
     return _HEADER + 8 * (_COLUMNS * entries + 2 * _fence_count(entries))
 
 
-def open_run(path: Path, entries: int) -> RowIndex:
+def open_run(path: Path, entries: int, fs: FileSystem | None = None) -> RowIndex:
     """A run file as a ``RowIndex`` of memory-mapped columns: the header and the tail (fences
     and block sums) read and checked, the entries mapped and checked block by block as lookups
     first touch them; the OS told to read pages as touched, without read-ahead (lookups land at
@@ -178,14 +179,14 @@ def open_run(path: Path, entries: int) -> RowIndex:
     fences = _fence_count(entries)
     want = run_size(entries)
     try:
-        fd, size = open_regular(path)
+        fd, size = open_regular(path, fs=fs)
     except OSError as e:
         raise RunsUnusableError(f"{path} cannot be read: {e}") from e
     guard = SizeGuard(fd, want)  # closes fd when the index goes
     try:
-        header = os.pread(fd, _HEADER, 0)
+        header = pread_regular(fd, _HEADER, 0, path, fs=fs)
         tail_at = _HEADER + 8 * _COLUMNS * entries
-        tail = os.pread(fd, 16 * fences, tail_at) if size == want else b""
+        tail = pread_regular(fd, 16 * fences, tail_at, path, fs=fs) if size == want else b""
     except OSError as e:
         raise RunsUnusableError(f"{path} cannot be read: {e}") from e
     if (
@@ -219,19 +220,19 @@ def open_run(path: Path, entries: int) -> RowIndex:
     )
 
 
-def open_layers(root: Path, runset: RunSet) -> tuple[RowIndex, ...]:
-    return tuple(open_run(runs_dir(root) / name, n) for name, n, _ in runset.files)
+def open_layers(root: Path, runset: RunSet, fs: FileSystem | None = None) -> tuple[RowIndex, ...]:
+    return tuple(open_run(runs_dir(root) / name, n, fs) for name, n, _ in runset.files)
 
 
-def run_checksum(path: Path) -> int:
+def run_checksum(path: Path, fs: FileSystem | None = None) -> int:
     """xxh64 of a run file past its header (which checks itself), read in blocks: what
     ``dpsn verify`` and a writer's open compare with ``runs.json``."""
     h = xxhash.xxh64()
-    fd, size = open_regular(path)
+    fd, size = open_regular(path, fs=fs)
     try:
         done = _HEADER
         while done < size:  # never past the size seen at open (a link to /dev/zero: size 0)
-            block = os.pread(fd, min(1 << 22, size - done), done)
+            block = pread_regular(fd, min(1 << 22, size - done), done, path, fs=fs)
             if not block:
                 break
             h.update(block)
@@ -241,14 +242,14 @@ def run_checksum(path: Path) -> int:
     return h.intdigest()
 
 
-def check_run_files(root: Path, runset: RunSet) -> None:
+def check_run_files(root: Path, runset: RunSet, fs: FileSystem | None = None) -> None:
     """Every run file read whole against its checksum in ``runs.json`` (``RunsUnusableError``
     naming the first that fails): what a writer's open and ``dpsn verify`` run."""
     for name, entries, want in runset.files:
         try:
             path = runs_dir(root) / name
-            open_run(path, entries)  # the header and the tail
-            ok = run_checksum(path) == want
+            open_run(path, entries, fs)  # the header and the tail
+            ok = run_checksum(path, fs) == want
         except OSError as e:
             raise RunsUnusableError(f"run file {name} cannot be read: {e}") from e
         if not ok:
@@ -332,7 +333,7 @@ def save(
         names[-2:] = [None]
     seq = _next_name(folder)
     sums = {}
-    known = {name: h for name, _, h in _current_files(root, uuid)}
+    known = {name: h for name, _, h in _current_files(root, uuid, fs)}
     for i, layer in enumerate(layers):
         if names[i] is None or names[i] not in known:
             names[i] = f"run-{seq:016x}.bin"
@@ -359,13 +360,15 @@ def save(
     fs.replace(tmp, folder / RUNS_MANIFEST)
     fs.fsync_dir(folder)
     remove_unnamed(root, set(names), fs)
-    mapped = tuple(open_run(folder / n, len(x)) for n, x in zip(names, layers, strict=True))
+    mapped = tuple(open_run(folder / n, len(x), fs) for n, x in zip(names, layers, strict=True))
     return index.with_layers(mapped, tuple(names), commit)
 
 
-def _current_files(root: Path, uuid: str) -> tuple[tuple[str, int, int], ...]:
+def _current_files(
+    root: Path, uuid: str, fs: FileSystem | None = None
+) -> tuple[tuple[str, int, int], ...]:
     try:
-        runset = read_runset(root, uuid)
+        runset = read_runset(root, uuid, fs)
     except RunsUnusableError:
         return ()
     return runset.files if runset is not None else ()

@@ -25,7 +25,13 @@ import xxhash
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from dpsn.errors import CorruptSegmentError, CorruptStoreError, StoreFullError, StoreWriteError
+from dpsn.errors import (
+    CorruptSegmentError,
+    CorruptStoreError,
+    StoreFullError,
+    StoreReadError,
+    StoreWriteError,
+)
 
 from ._format import (
     COMPRESSOR_NAMES,
@@ -336,6 +342,7 @@ class SegmentStore:
                     self.dir / rec.name / key,
                     shape=(n, *tail),
                     codecs=frozenset({"bytes"} | ({codec} if codec else set())),
+                    fs=self.fs,
                 )
                 if (
                     meta.chunks != (max(1, step), *tail)
@@ -346,6 +353,8 @@ class SegmentStore:
                         f"its chunks {list(meta.chunks)}, dtype {meta.dtype} or compressor "
                         f"{meta.compressor} differ from the record and the manifest"
                     )
+            except StoreReadError:
+                raise  # the device failed a read: not damage to report rows of
             except CorruptStoreError as e:
                 raise CorruptSegmentError(
                     f"segment {rec.name}: array {key!r} cannot be opened ({e}); "
@@ -376,6 +385,8 @@ class SegmentStore:
         for c in range(chunk_lo, chunk_hi):
             try:
                 piece = read_chunks(meta, c, c + 1)
+            except StoreReadError:
+                raise
             except CorruptStoreError as e:
                 raise self._damage(rec, key, c, c + 1, f"cannot be decoded ({e})") from e
             if xxhash.xxh64_intdigest(piece.data) != expected[c]:

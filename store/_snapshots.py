@@ -98,6 +98,7 @@ class Snapshots:
 
     def write_arrays(self, final: Path, columns: dict[str, np.ndarray]) -> None:
         parent = final.parent
+        new_group = not (parent / "zarr.json").is_file()  # the first pin makes snapshots/
         tmp_name = f"{final.name}{TMP}{uuid.uuid4().hex[:12]}"
         tmp = parent / tmp_name
         try:
@@ -121,6 +122,9 @@ class Snapshots:
             else:
                 self._store.fs.replace(tmp, final)
             fsync_dir(parent, self._store.fs)
+            if new_group:  # else a power loss after the pin returned loses snapshots/ whole
+                self._store.fs.fsync_file(parent / "zarr.json")
+                fsync_dir(parent.parent, self._store.fs)
         except OSError as e:
             self._store.fs.rmtree(tmp, ignore_errors=True)
             if isinstance(e, StoreFullError | StoreWriteError):
@@ -137,7 +141,7 @@ class Snapshots:
             return False
 
     def _column(self, path: Path, col: str, rows: int) -> np.ndarray:
-        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,))
+        meta = read_array_meta(path / col, dtypes={"int64"}, shape=(rows,), fs=self._store.fs)
         return np.ascontiguousarray(read_array(meta), dtype="<i8")
 
     def unpin(self, name: str) -> None:

@@ -323,10 +323,10 @@ class _Verifier:
         checked and the runs (with the commits since) must equal the LMDB index."""
         root, fix = self.store.root, f"remove {RUNS_DIR}/ (the next writer rebuilds it)"
         try:
-            runset = read_runset(root, self.m.uuid)
+            runset = read_runset(root, self.m.uuid, self.store.fs)
             if runset is None or self.index is None:
                 return
-            check_run_files(root, runset)
+            check_run_files(root, runset, self.store.fs)
             got = self.store.load_from_runs()
         except (RunsUnusableError, OSError) as e:
             self.problem("runs", f"the row index's run files cannot be used: {e}; {fix}")
@@ -345,7 +345,7 @@ class _Verifier:
         if got[1].live != self.index.live_rows():
             self.problem("runs", f"runs.json's rows per segment disagree with LMDB's; {fix}")
         top = 0
-        for layer in open_layers(root, runset):
+        for layer in open_layers(root, runset, self.store.fs):
             alive = np.asarray(layer.commit)[np.asarray(layer.segment) != TOMBSTONE]
             top = max(top, int(alive.max()) if len(alive) else 0)
         if not top <= runset.newest <= runset.commit:
@@ -631,7 +631,9 @@ class _Verifier:
             for name, r in sorted((c.routers or {}).items()):
                 try:
                     check_router(
-                        self.store.router_dir(name, r["version"]), expected_digest=r["digest"]
+                        self.store.router_dir(name, r["version"]),
+                        expected_digest=r["digest"],
+                        fs=self.store.fs,
                     )
                 except (DpsnError, ValueError) as e:
                     self.problem("router", f"router {name!r} of commit {c.id}: {e}")
@@ -640,7 +642,7 @@ class _Verifier:
         from ._protected import verify_protected
 
         rows = self.store.manifest.rows
-        for problem in verify_protected(self.store.root, self.kept_commits(), rows):
+        for problem in verify_protected(self.store.root, self.kept_commits(), rows, self.store.fs):
             self.problem("protected", problem)
 
     def zarr_groups(self) -> None:
@@ -651,7 +653,7 @@ class _Verifier:
             if not path.exists() and group:
                 continue
             try:
-                raw = json.loads(read_regular(path, 1 << 20))
+                raw = json.loads(read_regular(path, 1 << 20, fs=self.store.fs))
                 ok = isinstance(raw, dict) and raw.get("node_type") == "group"
             except (OSError, ValueError, RecursionError):
                 ok = False

@@ -34,7 +34,8 @@ import numpy as np
 
 from dpsn.errors import CorruptStoreError
 
-from ._files import NotRegularFileError, open_regular
+from ._files import NotRegularFileError, open_regular, pread_regular
+from .fs import FileSystem
 
 __all__ = ["ArrayMeta", "read_array", "read_array_meta", "read_chunks"]
 
@@ -72,6 +73,8 @@ class ArrayMeta:
     # Where chunk bytes come from when not from files under ``path``: a published commit's
     # read-through cache (``remote.chunk_reader``); None (no such chunk) reads as the fill value.
     reader: Callable[[Path, int], bytes | None] | None = field(default=None, compare=False)
+    # The file seam chunk files are read through (the store's; None: the current one).
+    fs: FileSystem | None = field(default=None, compare=False)
 
     @property
     def chunk_bytes(self) -> int:
@@ -104,15 +107,18 @@ def read_array_meta(
     shape: tuple[int, ...] | None = None,
     codecs: frozenset[str] = ALL_CODECS,
     max_bytes: int | None = None,
+    fs: FileSystem | None = None,
 ) -> ArrayMeta:
-    """Read and check ``path/zarr.json``; every expectation given must hold."""
+    """Read and check ``path/zarr.json``; every expectation given must hold. ``fs``: the file
+    seam to read it and the array's chunks through (the store's; default the current one); an
+    I/O error is ``StoreReadError`` naming the file."""
     meta_file = Path(path) / "zarr.json"
     try:
-        fd, size = open_regular(meta_file)  # a FIFO or a device: refused, never read
+        fd, size = open_regular(meta_file, fs=fs)  # a FIFO or a device: refused, never read
         try:
             if size > MAX_META_BYTES:
                 raise _bad(path, f"has a zarr.json over {MAX_META_BYTES} bytes")
-            raw_bytes = os.pread(fd, MAX_META_BYTES + 1, 0)
+            raw_bytes = pread_regular(fd, MAX_META_BYTES + 1, 0, meta_file, fs=fs)
         finally:
             os.close(fd)
     except FileNotFoundError as e:
@@ -192,6 +198,7 @@ def read_array_meta(
         dtype=dtype,
         compressor=compressor,
         fill_value=fill,
+        fs=fs,
     )
     if out.chunk_bytes > MAX_CHUNK_BYTES:
         raise _bad(path, f"has chunks of {out.chunk_bytes} bytes (at most {MAX_CHUNK_BYTES})")
@@ -264,13 +271,13 @@ def _read_chunk(meta: ArrayMeta, index: tuple[int, ...]) -> np.ndarray:
             return np.full(meta.chunks, meta.fill_value, dtype=meta.dtype)
         return _decode(meta, key, got)
     try:
-        fd, size = open_regular(path, f"chunk {path}")  # a FIFO or a device: refused
+        fd, size = open_regular(path, f"chunk {path}", meta.fs)  # a FIFO: refused
         try:
             if size > limit:
                 raise CorruptStoreError(
                     f"chunk {path} is larger than any chunk of its array can be"
                 )
-            data = os.pread(fd, limit + 1, 0)
+            data = pread_regular(fd, limit + 1, 0, path, f"chunk {path}", meta.fs)
         finally:
             os.close(fd)
     except FileNotFoundError:

@@ -1,4 +1,4 @@
-"""The file seam: every file and LMDB-environment write of the store engine goes through here.
+"""The file seam: the store engine's file and LMDB-environment I/O goes through here.
 
 LevelDB's ``Env`` and zarr's ``WrapperStore`` show the idea: the engine never calls ``os``
 for a write itself, it asks a :class:`FileSystem`, so a test (or a user) can put another one
@@ -11,20 +11,27 @@ per store; :func:`using` sets the one that stores opened inside its ``with`` blo
 default is :data:`OS`, plain POSIX). A store keeps the file system it was opened with for its
 life, and hands it to everything it writes through: segments and every other Zarr array
 (a zarr ``LocalStore`` whose writes go through the seam, ``_zarrseam.SeamStore``), run files,
-protected rows, snapshot copies, the manifest, LMDB's open and each LMDB transaction's commit.
+protected rows, snapshot copies, the manifest, LMDB's open and each LMDB transaction's commit,
+the writer lock and the reader leases (their files and their ``flock``), a sharded root's
+manifest and global records (:mod:`dpsn.store.shards`), a levelled root's files and its
+migration-state arrays (:mod:`dpsn.store.levels`). Reads of the engine's own files go through
+it too (:meth:`FileSystem.open_read`, :meth:`FileSystem.pread`): the manifest, JSON records,
+level and shard roots, every checked Zarr array (generator versions, routers, protected rows,
+snapshot copies, segment metadata, migration state), run-file headers and co-use files. A read
+that fails with an I/O error becomes :class:`dpsn.errors.StoreReadError`, naming the file.
 
 What the seam cannot reach (documented, not hidden):
 
 - the bytes LMDB writes to ``data.mdb``/``lock.mdb``: LMDB writes and fsyncs them in C inside
   ``mdb_txn_commit``; the seam sees the commit as one operation (:meth:`FileSystem.lmdb_commit`)
   that succeeds whole or fails whole, which is LMDB's own contract (its meta page flips last);
-- reads: the engine reads through ``os``/numpy/zarr directly (the seam is for faults in what
-  is written; damaged reads are covered by the corruption tests, tests/test_damage_fuzz.py);
-- advisory locks (``flock`` on the writer lock and the lease files): they need real file
-  descriptors of the real file system, so ``_lock.py`` and ``_leases.py`` take them with
-  ``os`` directly;
-- the remote-store and shard-copy helpers (``dpsn.store.remote``, ``dpsn.store.shards``),
-  which write outside any open store.
+- memory-mapped reads: LMDB's map and the run files' entries (``np.memmap``) are read by page
+  faults, not calls (their sizes are guarded: ``_files.SizeGuard``); the LMDB file checks of
+  ``verify`` (``_lmdbfile``) read ``data.mdb`` with ``os`` directly;
+- reads by zarr itself: the segment chunks a ``zarr`` array reads (``LocalStore``'s reads);
+- the remote-store helpers (:mod:`dpsn.store.remote`: publishing to and reading from a
+  bucket, and its local read-through cache), and ``shards.copy_durably`` (a reshard's copy of
+  a whole shard directory, fsynced after), which write outside any open store.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -103,6 +111,38 @@ class FileSystem(Protocol):
 
     def lmdb_open(self, path: Path, **kwargs: Any) -> Any:
         """``lmdb.open(str(path), **kwargs)``."""
+        ...
+
+    # -- reads: ``os`` descriptors, since the engine checks them with ``fstat`` and maps some
+
+    def open_read(self, path: Path, *, follow: bool = True) -> int:
+        """A read-only descriptor of ``path`` (an ``os`` one, close it with ``os.close``),
+        opened non-blocking (a FIFO never hangs the open); ``follow=False``: refuse a link."""
+        ...
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes of ``fd`` from ``offset`` (``os.pread``: fewer only at its end)."""
+        ...
+
+    # -- locks: the writer lock and the reader leases (``flock`` needs a real descriptor)
+
+    def open_lock(self, path: Path, *, create: bool) -> int:
+        """A read-write ``os`` descriptor of the lock or lease file ``path``: a new file
+        (``create``: fails if it exists) or the existing one."""
+        ...
+
+    def lock(self, fd: int) -> bool:
+        """Try to take the exclusive ``flock`` of ``fd`` without waiting: False when another
+        open file holds it. The kernel releases it when the process dies, however it dies."""
+        ...
+
+    def unlock(self, fd: int) -> None:
+        """Release the ``flock`` of ``fd`` (a forked child may share the open file)."""
+        ...
+
+    def overwrite(self, fd: int, data: bytes) -> None:
+        """Replace the whole content of the open file ``fd`` with ``data`` (a lease naming the
+        commit its reader holds; never fsynced: a lease lives only as long as its process)."""
         ...
 
     def lmdb_commit(self, txn: Any) -> None:
@@ -180,6 +220,36 @@ class OsFileSystem:
 
     def lmdb_commit(self, txn: Any) -> None:
         txn.commit()
+
+    def open_read(self, path: Path, *, follow: bool = True) -> int:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        return os.open(path, flags if follow else flags | os.O_NOFOLLOW)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return os.pread(fd, n, offset)
+
+    def open_lock(self, path: Path, *, create: bool) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL if create else flags, 0o644)
+
+    def lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def overwrite(self, fd: int, data: bytes) -> None:
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(fd, view, len(data) - len(view))
+            if n <= 0:
+                raise OSError(errno.EIO, "a write made no progress")
+            view = view[n:]
 
 
 OS: FileSystem = OsFileSystem()

@@ -6,6 +6,10 @@ level under ``levels/<name>/``, the spec ``dpsn-levels.json`` and the root commi
 ``"checksum": "sha256:<hex>"`` of the rest, and replaced whole (temporary file, fsync, rename,
 directory fsync). The layout is documented in docs/format.md ("Levelled stores"). This module
 reads and checks them for the pool and for the torch-free ``dpsn`` commands.
+
+Every read and write here goes through the file seam (``dpsn.store.fs``): the root files, the
+migration-state arrays (written through a seam-routed zarr store) and their pruning. Each
+function takes ``fs=`` (default: the current file system, :func:`dpsn.store.fs.using`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,12 +47,20 @@ def seal(obj: dict[str, Any]) -> dict[str, Any]:
     return {**body, "checksum": "sha256:" + hashlib.sha256(canonical(body)).hexdigest()}
 
 
-def read_sealed(path: Path) -> dict[str, Any]:
-    """A root file, its checksum checked (``CorruptStoreError`` if it fails)."""
+MAX_ROOT_BYTES = 1 << 26  # a root file (the log grows a record a commit)
+
+
+def read_sealed(path: Path, fs: FileSystem | None = None) -> dict[str, Any]:
+    """A root file, its checksum checked (``CorruptStoreError`` if it fails; a device's read
+    fault is ``StoreReadError`` naming it)."""
+    from ._files import read_regular
+
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(read_regular(path, MAX_ROOT_BYTES, str(path), fs))
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path} does not exist") from None
+    except CorruptStoreError:
+        raise
     except (OSError, ValueError) as e:
         raise CorruptStoreError(f"{path} is not readable JSON: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("checksum"), str):
@@ -66,14 +77,26 @@ def write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None) 
     fs = fs or current_fs()
     data = canonical(seal(obj))
     tmp = path.parent / f"{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    write_file(fs, tmp, data, sync=True)
     try:
-        fs.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.unlink(tmp, missing_ok=True)
-        raise
-    fs.fsync_dir(path.parent)
+        write_file(fs, tmp, data, sync=True)
+        try:
+            fs.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp, missing_ok=True)
+            raise
+        fs.fsync_dir(path.parent)
+    except OSError as e:
+        raise _typed(e, f"could not write {path}") from e
+
+
+def _typed(e: OSError, what: str) -> OSError:
+    """A failed write as ``StoreFullError``/``StoreWriteError`` (a dpsn error kept as it is)."""
+    from dpsn.errors import DpsnError
+
+    from ._checks import write_failed
+
+    return e if isinstance(e, DpsnError) else write_failed(e, what)
 
 
 def provenance(parent: str, spec: dict[str, Any], levels: dict[str, str], extra: Any) -> str:
@@ -107,13 +130,15 @@ def first_level(root: str | os.PathLike[str]) -> Path:
     return Path(root) / LEVELS_DIR / name
 
 
-def read_root(root: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_root(
+    root: str | os.PathLike[str], fs: FileSystem | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checked spec and root log of a levelled store."""
     root = Path(root)
-    spec = read_sealed(root / LEVELS_FILE)
+    spec = read_sealed(root / LEVELS_FILE, fs)
     if spec.get("format") != FORMAT_NAME:
         raise CorruptStoreError(f"{root / LEVELS_FILE} is not a dpsn levels file")
-    return spec, read_sealed(root / LOG_FILE)
+    return spec, read_sealed(root / LOG_FILE, fs)
 
 
 def verify_root(root: Path) -> list[str]:
@@ -176,7 +201,9 @@ def state_dir(root: Path, commit: int) -> Path:
     return Path(root) / STATE_DIR / f"{commit:016x}"
 
 
-def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[str, Any]:
+def write_state(
+    root: Path, commit: int, parts: dict[str, np.ndarray], fs: FileSystem | None = None
+) -> dict[str, Any]:
     """Write the migration state of root commit ``commit`` (durable before this returns; a
     leftover of a crashed commit with that id is replaced) and return the record the root
     commit stores.
@@ -185,12 +212,14 @@ def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[s
     a state is a few dozen small arrays per commit, and a Zarr array costs a directory and a
     few files; packing by type writes three arrays whatever the number of levels. The record
     names each part's type, offset and shape, and the XXH64 of each packed array's
-    little-endian bytes; the root log that holds it is sealed."""
+    little-endian bytes; the root log that holds it is sealed. Written through the file seam
+    ``fs`` (the current one by default)."""
     import zarr  # the torch-free read commands never write: zarr is imported when used
-    from zarr.storage import LocalStore
 
     from ._format import fsync_dir, fsync_tree
+    from ._zarrseam import SeamStore
 
+    fs = fs or current_fs()
     packed: dict[str, list[np.ndarray]] = {k: [] for k in _STATE_DTYPES}
     offsets = dict.fromkeys(_STATE_DTYPES, 0)
     index: dict[str, list[Any]] = {}
@@ -205,7 +234,12 @@ def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[s
         packed[kind].append(flat)
         offsets[kind] += flat.size
     final = state_dir(root, commit)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.is_dir():
+        try:
+            fs.mkdir(final.parent, parents=True, exist_ok=True)
+            fsync_dir(final.parent.parent, fs)
+        except OSError as e:
+            raise _typed(e, f"could not make {final.parent}") from e
     tmp = final.parent / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     sums: dict[str, int] = {}
     try:
@@ -213,7 +247,7 @@ def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[s
             data = np.concatenate(packed[kind]) if packed[kind] else np.zeros(0, dt)
             data = np.ascontiguousarray(data, dtype=dt)
             arr = zarr.create_array(
-                LocalStore(str(tmp / kind)),
+                SeamStore(tmp / kind, fs),
                 shape=data.shape,
                 chunks=(max(1, min(len(data), 1 << 22)),),
                 dtype=str(dt.newbyteorder("=")),
@@ -223,13 +257,16 @@ def write_state(root: Path, commit: int, parts: dict[str, np.ndarray]) -> dict[s
             if len(data):
                 arr[...] = data
             sums[kind] = xxhash.xxh64_intdigest(data.data)
-        fsync_tree(tmp)
+        fsync_tree(tmp, fs)
         if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            fs.rmtree(final)
+        fs.replace(tmp, final)
+        fsync_dir(final.parent, fs)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            fs.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _typed(e, f"could not write the migration state {final}") from e
         raise
     return {"commit": commit, "sizes": offsets, "xxh64": sums, "parts": index}
 
@@ -238,12 +275,15 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
 
 
-def read_state(root: Path, record: Any) -> dict[str, np.ndarray]:
+def read_state(root: Path, record: Any, fs: FileSystem | None = None) -> dict[str, np.ndarray]:
     """The parts a root commit's ``"state"`` record names, read as untrusted input: the record's
     types and bounds, each packed array's metadata (allow-listed codecs, bounded chunks), length
     and checksum, and every part inside its array, all checked before anything is returned;
     damage is a ``CorruptStoreError`` that names it. (The values' meaning is checked by the
-    pool that restores them.)"""
+    pool that restores them.) Read through the file seam ``fs``; a device's read fault is
+    ``StoreReadError`` naming the file."""
+    from dpsn.errors import StoreReadError
+
     from ._zarrsafe import read_array, read_array_meta  # when used (numcodecs)
 
     def bad(what: str) -> CorruptStoreError:
@@ -266,8 +306,10 @@ def read_state(root: Path, record: Any) -> dict[str, np.ndarray]:
             raise bad(f"{commit}: array {kind} has a bad size or checksum")
         path = state_dir(root, commit) / kind
         try:
-            meta = read_array_meta(path, dtypes={str(dt.newbyteorder("="))}, shape=(n,))
+            meta = read_array_meta(path, dtypes={str(dt.newbyteorder("="))}, shape=(n,), fs=fs)
             data = np.ascontiguousarray(read_array(meta), dtype=dt)
+        except StoreReadError:
+            raise
         except CorruptStoreError as e:
             raise bad(f"{commit}: {e}") from e
         if xxhash.xxh64_intdigest(data.data) != digest:
@@ -288,7 +330,7 @@ def read_state(root: Path, record: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def prune_states(root: Path, head: int) -> None:
+def prune_states(root: Path, head: int, fs: FileSystem | None = None) -> None:
     """Remove state directories other than the newest :data:`STATE_KEEP` root commits' (and
     leftovers of crashed writes). Best effort: a state is advice for the next consolidation
     of a writer that opens at that commit, and only the newest is ever opened for writing."""
@@ -296,6 +338,8 @@ def prune_states(root: Path, head: int) -> None:
     if not group.is_dir():
         return
     keep = {state_dir(root, c).name for c in range(max(1, head - STATE_KEEP + 1), head + 1)}
+    fs = fs or current_fs()
     for child in group.iterdir():
         if child.name not in keep:
-            shutil.rmtree(child, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                fs.rmtree(child, ignore_errors=True)

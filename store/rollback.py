@@ -90,4 +90,4 @@ def _protected_at(store: PersistedStore, record: Commit) -> np.ndarray:
     """The protected rows as of ``record`` (none: an empty set), to restore them."""
     if record.protected is None:
         return np.zeros(0, dtype=np.int64)
-    return read_protected(store.root, record.protected, store.manifest.rows)
+    return read_protected(store.root, record.protected, store.manifest.rows, store.fs)

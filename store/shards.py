@@ -20,23 +20,32 @@ is atomic the same way.
 
 Everything here is persisted: never renumber :data:`PLACEMENT_SEED` or rename the keys.
 Records are read as untrusted input (JSON only, every field checked).
+
+The root manifest and the global records are written and read through the file seam
+(``dpsn.store.fs``; each function takes ``fs=``, default the current file system).
+:func:`copy_durably` (a reshard's whole-directory copy) is not: it copies with ``shutil`` and
+then fsyncs the copy through the seam.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpsn.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
+from dpsn.errors import CorruptStoreError, DpsnError, InvalidArgumentError, StoreNotFoundError
 
+from ._checks import write_failed
 from ._files import read_regular
 from ._format import fsync_dir, fsync_tree
+from .fs import FileSystem, write_file
+from .fs import current as current_fs
 
 ROOT_MANIFEST = "dpsn-sharded.json"
 ROOT_FORMAT_NAME = "dpsn-sharded-root"
@@ -108,29 +117,33 @@ def is_sharded(root: str | os.PathLike[str]) -> bool:
     return (Path(root) / ROOT_MANIFEST).is_file()
 
 
-def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
+def _write_atomic(path: Path, obj: dict[str, Any], fs: FileSystem | None = None) -> None:
     """Write JSON to ``path`` so that it appears whole or not at all, durably: temp file in
-    the same directory, fsync, rename, fsync of the directory. Refuses to replace a file."""
+    the same directory, fsync, link to its name, fsync of the directory, through the file seam
+    ``fs``. Refuses to replace a file. A failure removes the temporary file (a crash leaves it:
+    :func:`global_ids` skips it) and is ``StoreFullError``/``StoreWriteError`` (a record that
+    exists already stays a ``FileExistsError``)."""
+    fs = fs or current_fs()
     data = json.dumps(obj, sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:12]}.json"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(fs, tmp, data, sync=True)
         if path.exists():
             raise FileExistsError(f"{path} exists: a record is never rewritten")
-        os.link(tmp, path)  # fails if a racing writer made it first: records are never replaced
-        os.unlink(tmp)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fs.link(tmp, path)  # fails if a racing writer made it first: records are never replaced
+        fs.unlink(tmp)
+        fsync_dir(path.parent, fs)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            fs.unlink(tmp, missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError | DpsnError):
+            raise write_failed(e, f"could not write {path}") from e
         raise
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, fs: FileSystem | None = None) -> dict[str, Any]:
     try:  # a regular file, its size bounded before it is read (never a FIFO or /dev/zero)
-        data = read_regular(path, MAX_RECORD_BYTES, str(path))
+        data = read_regular(path, MAX_RECORD_BYTES, str(path), fs)
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path} does not exist") from None
     return json_object(data, str(path))
@@ -154,17 +167,17 @@ def _int(raw: dict[str, Any], key: str, where: Path | str, lo: int = 0, hi: int 
     return v
 
 
-def write_root_manifest(root: Path, manifest: RootManifest) -> None:
-    _write_atomic(root / ROOT_MANIFEST, manifest.to_json())
+def write_root_manifest(root: Path, manifest: RootManifest, fs: FileSystem | None = None) -> None:
+    _write_atomic(root / ROOT_MANIFEST, manifest.to_json(), fs)
 
 
-def read_root_manifest(root: str | os.PathLike[str]) -> RootManifest:
+def read_root_manifest(root: str | os.PathLike[str], fs: FileSystem | None = None) -> RootManifest:
     """The root's manifest; ``StoreNotFoundError`` if ``root`` is not a sharded root,
     ``CorruptStoreError`` if its manifest is damaged."""
     path = Path(root) / ROOT_MANIFEST
     if not path.is_file():
         raise StoreNotFoundError(f"{root} is not a sharded dpsn root (no {ROOT_MANIFEST})")
-    raw = _read_json(path)
+    raw = _read_json(path, fs)
     if raw.get("format") != ROOT_FORMAT_NAME:
         raise CorruptStoreError(f"{path}: not a {ROOT_FORMAT_NAME} manifest")
     version = _int(raw, "format_version", path, 1)
@@ -217,7 +230,9 @@ def global_ids(root: str | os.PathLike[str]) -> list[int]:
     return sorted(ids)
 
 
-def read_global(root: str | os.PathLike[str], gid: int | None = None) -> GlobalCommit:
+def read_global(
+    root: str | os.PathLike[str], gid: int | None = None, fs: FileSystem | None = None
+) -> GlobalCommit:
     """Global commit ``gid`` (default the newest): the consistent cut a reader opens."""
     ids = global_ids(root)
     if not ids:
@@ -229,21 +244,25 @@ def read_global(root: str | os.PathLike[str], gid: int | None = None) -> GlobalC
 
         raise SnapshotNotFoundError(f"{root}: no global commit {gid} (have {ids[0]}..{ids[-1]})")
     path = Path(root) / GLOBAL_DIR / f"{gid:016d}.json"
-    rec = parse_global(_read_json(path), path)
+    rec = parse_global(_read_json(path, fs), path)
     if rec.id != gid:
         raise CorruptStoreError(f"{path}: names global commit {rec.id}, not {gid}")
     return rec
 
 
-def global_log(root: str | os.PathLike[str]) -> list[GlobalCommit]:
-    return [read_global(root, gid) for gid in global_ids(root)]
+def global_log(root: str | os.PathLike[str], fs: FileSystem | None = None) -> list[GlobalCommit]:
+    return [read_global(root, gid, fs) for gid in global_ids(root)]
 
 
 def write_global(
-    root: str | os.PathLike[str], shards: list[tuple[str, int]], message: str
+    root: str | os.PathLike[str],
+    shards: list[tuple[str, int]],
+    message: str,
+    fs: FileSystem | None = None,
 ) -> GlobalCommit:
     """Phase 2: append the next global commit naming ``shards`` (each already committed).
-    Atomic and durable; returns it."""
+    Atomic and durable (through the file seam ``fs``); returns it."""
+    fs = fs or current_fs()
     ids = global_ids(root)
     rec = GlobalCommit(
         id=(ids[-1] + 1) if ids else 1,
@@ -252,8 +271,13 @@ def write_global(
         message=message,
     )
     d = Path(root) / GLOBAL_DIR
-    d.mkdir(exist_ok=True)
-    _write_atomic(d / f"{rec.id:016d}.json", rec.to_json())
+    if not d.is_dir():
+        try:
+            fs.mkdir(d, exist_ok=True)
+            fsync_dir(d.parent, fs)
+        except OSError as e:
+            raise write_failed(e, f"could not make {d}") from e
+    _write_atomic(d / f"{rec.id:016d}.json", rec.to_json(), fs)
     return rec
 
 

@@ -3,7 +3,8 @@
 ``FaultFS`` passes every operation to the real file system and counts it. Armed with
 ``arm(at=n, kind=k)`` it fails the n-th operation (0-based, counted from the arming) with:
 
-- ``"enospc"`` / ``"eio"``: the operation raises ``OSError`` (nothing done);
+- ``"enospc"`` / ``"eio"``: the operation raises ``OSError`` (nothing done); a read, a
+  lock or an unlock is not hit by ``"enospc"`` (reads fail with ``EIO``);
 - ``"short"``: a write writes half of its bytes and says so (``os.write`` may); other
   operations are not hit by this kind;
 - ``"torn"``: a write writes half of its bytes, then the process dies (:class:`Crash`); for
@@ -39,10 +40,26 @@ from dpsn.store.fs import OS
 
 KINDS = ("enospc", "eio", "short", "torn", "power")
 WRITE_OPS = {"write"}
-# What the model leaves alone: LMDB's directory (LMDB syncs it) and the writer lock.
-UNTRACKED = {"index.lmdb", "writer.lock"}
+READ_OPS = {"open_read", "read", "lock", "unlock"}  # no ENOSPC, no short write
+# What the model leaves alone: LMDB's directory (LMDB syncs it), the writer lock and the
+# reader leases (locks of live processes: never data, never fsynced).
+UNTRACKED = {"index.lmdb", "writer.lock", "readers"}
 # The seam's shared helpers: a site is named by their caller.
-_HELPERS = {"fsync_tree", "fsync_dir", "write_file", "write_all", "_fsync_tree"}
+_HELPERS = {
+    "fsync_tree", "fsync_dir", "write_file", "write_all", "_fsync_tree",
+    "open_regular", "pread_regular", "read_regular", "check_regular",
+    "read_array_meta", "read_array", "read_chunks", "_read_chunk",
+}  # fmt: skip
+
+
+def applies(name: str, kind: str) -> bool:
+    """Whether fault ``kind`` can hit an operation named ``name`` (a short write only hits a
+    write; a read or a lock cannot run out of space)."""
+    if kind == "short":
+        return name in WRITE_OPS
+    if kind == "enospc":
+        return name not in READ_OPS
+    return True
 
 
 class Crash(BaseException):
@@ -87,6 +104,7 @@ class FaultFS:
     _files: dict[int, bytes] = field(default_factory=dict)  # inode -> durable content
     # directory inode -> its durable entries: name -> (inode, is a directory)
     _dirs: dict[int, dict[str, tuple[int, bool]]] = field(default_factory=dict)
+    _fds: dict[int, Path] = field(default_factory=dict)  # descriptors it opened -> path
 
     # -- arming and the durable model ------------------------------------------------------
 
@@ -98,11 +116,12 @@ class FaultFS:
         self.armed, self.dead = True, False
         self._files, self._dirs = {}, {}
         for dirpath, dirnames, filenames in os.walk(self.root):
-            if dirpath == str(self.root):
-                dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
+            # (at any depth: a sharded or levelled root holds several stores)
+            dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
             self._sync_dir(Path(dirpath))
             for name in filenames:
-                self._sync_file(Path(dirpath) / name)
+                if name not in UNTRACKED:
+                    self._sync_file(Path(dirpath) / name)
 
     def disarm(self) -> None:
         self.armed = False
@@ -131,20 +150,24 @@ class FaultFS:
         os.rename(self.root, old)
         os.mkdir(self.root)
 
-        def build(ino: int, dst: Path, top: bool) -> None:
+        def build(ino: int, dst: Path) -> None:
             for name, (child, is_dir) in self._dirs.get(ino, {}).items():
-                if top and name in UNTRACKED:
+                if name in UNTRACKED:
                     continue
                 if is_dir:
                     os.mkdir(dst / name)
-                    build(child, dst / name, False)
+                    build(child, dst / name)
                 else:
                     (dst / name).write_bytes(self._files.get(child, b""))
 
-        build(root_ino, self.root, True)
-        for name in UNTRACKED:
-            if (old / name).exists():
-                os.rename(old / name, self.root / name)
+        build(root_ino, self.root)
+        # the untracked files are kept as they are, wherever their directory survived
+        for dirpath, dirnames, filenames in os.walk(old):
+            rel = Path(dirpath).relative_to(old)
+            for name in [*dirnames, *filenames]:
+                if name in UNTRACKED and (self.root / rel).is_dir():
+                    os.rename(Path(dirpath) / name, self.root / rel / name)
+            dirnames[:] = [d for d in dirnames if d not in UNTRACKED]
 
     # -- counting and failing ----------------------------------------------------------------
 
@@ -174,8 +197,8 @@ class FaultFS:
             if op.index != self.at or self.kind is None:
                 return None
             kind = self.kind
-            if kind == "short" and name not in WRITE_OPS:
-                return None  # nothing to shorten
+            if not applies(name, kind):
+                return None  # nothing to shorten, no space to run out of
             self.fired = op
         if kind in ("enospc", "eio"):
             code = errno.ENOSPC if kind == "enospc" else errno.EIO
@@ -265,6 +288,34 @@ class FaultFS:
     def lmdb_commit(self, txn: Any) -> None:
         self._op("lmdb_commit", self.root / "index.lmdb")
         OS.lmdb_commit(txn)
+
+    def open_read(self, path: Path, *, follow: bool = True) -> int:
+        self._op("open_read", path)
+        fd = OS.open_read(path, follow=follow)
+        self._fds[fd] = Path(path)
+        return fd
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        self._op("read", self._fds.get(fd, Path(f"fd-{fd}")))
+        return OS.pread(fd, n, offset)
+
+    def open_lock(self, path: Path, *, create: bool) -> int:
+        self._op("open_lock", path)
+        fd = OS.open_lock(path, create=create)
+        self._fds[fd] = Path(path)
+        return fd
+
+    def lock(self, fd: int) -> bool:
+        self._op("lock", self._fds.get(fd, Path(f"fd-{fd}")))
+        return OS.lock(fd)
+
+    def unlock(self, fd: int) -> None:
+        self._op("unlock", self._fds.get(fd, Path(f"fd-{fd}")))
+        OS.unlock(fd)
+
+    def overwrite(self, fd: int, data: bytes) -> None:
+        self._op("overwrite", self._fds.get(fd, Path(f"fd-{fd}")))
+        OS.overwrite(fd, data)
 
 
 class _Handle:

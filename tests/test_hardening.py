@@ -612,21 +612,35 @@ def test_gc_removes_unpinned_snapshot_indexes(tmp_path):
 
 # -- 4. create -----------------------------------------------------------------------------------
 
-PAUSED_CREATOR = """
-    import sys, time, torch, dpsn
-    from dpsn.store import PersistedStore
-    real = PersistedStore._write_generator
-    def slow(self, *a, **k):
+# A file system (the store's file seam, dpsn.store.fs) that stops at create's first write of
+# the generator's weights: it pauses (PAUSED_CREATOR) or fails with EIO (FAILING_CREATOR).
+GENERATOR_WRITE_HOOK = """
+    import errno, sys, time
+    from dpsn.store.fs import OsFileSystem, using
+    class AtGenerator(OsFileSystem):
+        def __init__(self, then):
+            self.then, self.hit = then, False
+        def open_write(self, path, **kw):
+            if not self.hit and "/generator/" in str(path):
+                self.hit = True
+                self.then()
+            return super().open_write(path, **kw)
+"""
+
+PAUSED_CREATOR = (
+    GENERATOR_WRITE_HOOK
+    + """
+    import torch, dpsn
+    def pause():
         print("PAUSED", flush=True)
         time.sleep(3)
-        return real(self, *a, **k)
-    PersistedStore._write_generator = slow
-    with dpsn.create(sys.argv[1], rows=100, dim=4, generator={"kind": "hashed_slices",
-                                                              "memory_size": 64}) as p:
+    with using(AtGenerator(pause)), dpsn.create(sys.argv[1], rows=100, dim=4,
+            generator={"kind": "hashed_slices", "memory_size": 64}) as p:
         p.write([7], torch.full((1, 4), 7.0))
         p.commit("mine")
     print("CREATED", flush=True)
 """
+)
 
 
 def test_a_second_create_while_the_first_is_paused_fails_and_harms_nothing(tmp_path):
@@ -650,19 +664,22 @@ def test_a_second_create_while_the_first_is_paused_fails_and_harms_nothing(tmp_p
         dpsn.create(path, rows=100, dim=4)
 
 
-FAILING_CREATOR = """
-    import sys, dpsn
-    from dpsn.store import PersistedStore
-    def fail(self, *a, **k):
+FAILING_CREATOR = (
+    GENERATOR_WRITE_HOOK
+    + """
+    import dpsn
+    def fail():
         print("PAUSED", flush=True)
         sys.stdin.readline()
-        raise OSError(5, "injected I/O error")
-    PersistedStore._write_generator = fail
+        raise OSError(errno.EIO, "injected I/O error")
     try:
-        dpsn.create(sys.argv[1], rows=100, dim=4, generator={"kind": "zeros"})
+        with using(AtGenerator(fail)):
+            dpsn.create(sys.argv[1], rows=100, dim=4,
+                        generator={"kind": "hashed_slices", "memory_size": 64})
     except OSError as e:
-        print("FAILED", e, flush=True)
+        print("FAILED", type(e).__name__, e, flush=True)
 """
+)
 
 
 def test_a_failed_create_leaves_a_sibling_store_under_its_new_parent_intact(tmp_path):
@@ -680,7 +697,7 @@ def test_a_failed_create_leaves_a_sibling_store_under_its_new_parent_intact(tmp_
         p.write([7], torch.full((1, 4), 7.0))
         p.commit("mine")
     out, _ = first.communicate("go\n", timeout=120)
-    assert "FAILED" in out and "injected" in out
+    assert "FAILED StoreWriteError" in out and "injected" in out  # typed, the cause kept
     assert not (parent / "a").exists()
     with dpsn.open(parent / "b") as p:
         assert p.head == 2 and torch.equal(p.delta([7]), torch.full((1, 4), 7.0))
