@@ -312,6 +312,7 @@ def child_model(spec: dict[str, Any]) -> None:
                 )
         else:
             cfg = replace(DEFAULT, ffn="dense", d_ff=run["width"], k=run["width"])
+        cfg = replace(cfg, seed=spec.get("seed", 0))
         steps = run.get("steps", spec["steps"])
         name = f"lm-{run['kind']}-{generator}-{steps}-{run.get('rows', run.get('width'))}"
         store = Path(spec["tmp"]) / name
@@ -475,6 +476,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and speed)")
     ap.add_argument("--model-k", type=int, default=LM_K, help=f"rows per token ({LM_K})")
     ap.add_argument(
+        "--model-seed",
+        type=int,
+        default=0,
+        help="LM seed (init, batches, stores); another seed shows how much one run's figure moves",
+    )
+    ap.add_argument(
         "--model-tokens",
         type=parse_count,
         default=None,
@@ -629,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "final_windows": args.model_windows or (16 if quick else None),
                 "tmp": tmp,
                 "generator_options": args.model_generator_options,
+                "seed": args.model_seed,
             }
             err = run_child("model", spec, got, timeout=7200)
             if err:
@@ -675,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model_windows": args.model_windows,
             "model_rows": model_rows,
             "model_k": model_k,
+            "model_seed": args.model_seed,
         },
         "records": records,
         "model": model,
