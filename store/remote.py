@@ -1033,7 +1033,13 @@ def gc(
     that found an object just before this run removed it would name a missing object (HEAD is
     read again before objects go, and nothing is removed if it moved). A reader of a commit
     that was not retained finds it gone (``SnapshotNotFoundError``, or a missing object).
-    Returns what was (or, with ``dry_run``, would be) removed."""
+
+    A published sharded root is collected the same way one level up: the rule picks the global
+    commits retained (HEAD's and newer always), their records go first, and then each shard
+    keeps exactly the commits the retained global records name (and its own HEAD's and newer,
+    a publish under way), with its objects collected as a store's. Returns what was (or, with
+    ``dry_run``, would be) removed; for a sharded root, ``head``/``kept_commits``/
+    ``removed_commits`` count global commits and ``shards`` holds each shard's own answer."""
     for name, v in (("keep_last", keep_last), ("keep_within", keep_within), ("grace", grace)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
             raise InvalidArgumentError(f"{name} must be a number >= 0, got {v!r}")
@@ -1041,35 +1047,53 @@ def gc(
         raise InvalidArgumentError(f"keep_last must be a positive int, got {keep_last!r}")
     fs, prefix = _fs(url, storage_options)
     head_raw = _read_json(fs, f"{prefix}/{HEAD_OBJECT}")
+
+    def retained(head: int, records: dict[int, tuple[str, float | None]]) -> set[int]:
+        commits, now = sorted(records), time.time()
+        if keep_last is None and keep_within is None:
+            keep = set(commits)
+        else:
+            keep = set(commits[-keep_last:]) if keep_last else set()
+            if keep_within is not None:
+                keep |= {c for c in commits if (records[c][1] or now) >= now - keep_within}
+        return keep | {c for c in commits if c >= head}
+
     if "global" in head_raw:
-        raise InvalidArgumentError(
-            f"{url} holds a published sharded root: gc of a sharded root's bucket is not "
-            "supported yet (each shard under URL/shard-XXXX is a published store, but its "
-            "retained commits are those the global records name)"
-        )
-    head = _head_commit(head_raw, url)
-    now = time.time()
-    records: dict[int, tuple[str, float | None]] = {}
+        return _gc_sharded(fs, prefix, url, head_raw, retained, grace, dry_run)
+    return _gc_store(fs, prefix, url, head_raw, retained, grace, dry_run)
+
+
+def _records(fs: Any, where: str) -> dict[int, tuple[str, float | None]]:
+    """The commit records under ``where`` (``<16 digits>.json``): id -> (path, upload time)."""
+    out: dict[int, tuple[str, float | None]] = {}
     with contextlib.suppress(FileNotFoundError):
-        listing = fs.find(f"{prefix}/{PUBLISHED_DIR}", detail=True)
-        for path, info in listing.items():
+        for path, info in fs.find(where, detail=True).items():
             m = _RECORD_NAME.match(path.rsplit("/", 1)[-1])
             if m:
-                records[int(m.group(1))] = (path, _mtime(info))
-    commits = sorted(records)
-    if keep_last is None and keep_within is None:
-        keep = set(commits)
-    else:
-        keep = set(commits[-keep_last:]) if keep_last else set()
-        if keep_within is not None:
-            keep |= {c for c in commits if (records[c][1] or now) >= now - keep_within}
-    keep |= {c for c in commits if c >= head}
+                out[int(m.group(1))] = (path, _mtime(info))
+    return out
+
+
+def _gc_store(
+    fs: Any,
+    prefix: str,
+    url: str,
+    head_raw: dict[str, Any],
+    retained: Any,
+    grace: float,
+    dry_run: bool,
+) -> dict[str, Any]:
+    """:func:`gc` of one published store: ``retained(head, records)`` names the commits kept."""
+    head = _head_commit(head_raw, url)
+    now = time.time()
+    records = _records(fs, f"{prefix}/{PUBLISHED_DIR}")
+    keep = set(retained(head, records)) & set(records)
     referenced: set[str] = set()
     for c in sorted(keep):
         where = f"{prefix}/{PUBLISHED_DIR}/{c:016d}.json"
         rec = _check_record(_read_json(fs, where), where)
         referenced |= set(rec["files"].values()) | {rec["index"]}
-    doomed_records = [c for c in commits if c not in keep]
+    doomed_records = [c for c in sorted(records) if c not in keep]
     objects: dict[str, tuple[str, int, float | None]] = {}
     with contextlib.suppress(FileNotFoundError):
         for path, info in fs.find(f"{prefix}/{OBJECTS_DIR}", detail=True).items():
@@ -1103,6 +1127,96 @@ def gc(
     if doomed:
         fs.rm([objects[n][0] for n in doomed])
     return out
+
+
+def _gc_whole(fs: Any, prefix: str, url: str, grace: float, dry_run: bool) -> dict[str, Any]:
+    """Remove a published shard store no retained global commit names (a layout a reshard left
+    behind): every object, record and its HEAD, unless something under it is younger than
+    ``grace`` (a publish may be writing there: then nothing of it goes)."""
+    now = time.time()
+    files: dict[str, tuple[int, float | None]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for path, info in fs.find(prefix, detail=True).items():
+            files[path] = (int(info.get("size") or 0), _mtime(info))
+    young = sum(1 for _size, t in files.values() if t is None or now - t < grace)
+    names = [p.rsplit("/", 1)[-1] for p in files]
+    out = {
+        "url": url,
+        "head": None,
+        "kept_commits": [],
+        "removed_commits": sorted(int(m.group(1)) for n in names if (m := _RECORD_NAME.match(n))),
+        "removed_objects": sum(1 for p in files if f"/{OBJECTS_DIR}/" in p),
+        "freed_bytes": sum(size for size, _t in files.values()),
+        "young_objects_kept": 0,
+        "whole_store": True,
+        "dry_run": dry_run,
+    }
+    if young:  # kept whole: run gc again once the grace period has passed
+        out.update(removed_commits=[], removed_objects=0, freed_bytes=0, young_objects_kept=young)
+        return out
+    if not dry_run and files:
+        head = f"{prefix}/{HEAD_OBJECT}"  # HEAD first: no reader starts on what goes next
+        if head in files:
+            fs.rm_file(head)
+        fs.rm([p for p in files if p != head])
+    return out
+
+
+def _gc_sharded(
+    fs: Any,
+    prefix: str,
+    url: str,
+    head_raw: dict[str, Any],
+    retained: Any,
+    grace: float,
+    dry_run: bool,
+) -> dict[str, Any]:
+    """:func:`gc` of a published sharded root: global commits first, then each shard keeps
+    what the retained global records name."""
+    from . import shards as layout
+
+    gid = head_raw["global"]
+    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 1:
+        raise CorruptStoreError(f"{url}/{HEAD_OBJECT}: 'global' must be a positive int")
+    records = _records(fs, f"{prefix}/{layout.GLOBAL_DIR}")
+    if gid not in records:
+        raise CorruptStoreError(f"{url}: HEAD names global commit {gid}, which is not published")
+    keep = set(retained(gid, records)) & set(records)
+    named: dict[str, set[int]] = {}  # every shard directory a global record names: what it keeps
+    for g in sorted(records):
+        where = f"{prefix}/{layout.GLOBAL_DIR}/{g:016d}.json"
+        for d, commit in layout.parse_global(_read_json(fs, where), where).shards:
+            named.setdefault(d, set()).update([commit] if g in keep else [])
+    doomed = [g for g in sorted(records) if g not in keep]
+    if not dry_run:
+        for g in doomed:  # global records first: no reader is offered a shard commit that goes
+            fs.rm_file(records[g][0])
+    shards: dict[str, Any] = {}
+    for d in sorted(named):
+        shard_prefix = f"{prefix}/{d}"
+        shard_url = f"{url.rstrip('/')}/{d}"
+        mine = named[d]  # what retained global commits name, and its HEAD's and newer
+        if not mine:  # named by dropped global commits only: the whole shard store goes
+            shards[d] = _gc_whole(fs, shard_prefix, shard_url, grace, dry_run)
+            continue
+
+        def kept(head: int, recs: dict[int, tuple[str, float | None]], mine=mine) -> set[int]:
+            return mine | {c for c in recs if c >= head}
+
+        shard_head = _read_json(fs, f"{shard_prefix}/{HEAD_OBJECT}")
+        shards[d] = _gc_store(fs, shard_prefix, shard_url, shard_head, kept, grace, dry_run)
+    return {
+        "url": url,
+        "head": gid,
+        "kept_commits": sorted(keep),
+        "removed_commits": doomed,
+        "removed_objects": sum(o["removed_objects"] for o in shards.values()),
+        "freed_bytes": sum(o["freed_bytes"] for o in shards.values()),
+        "young_objects_kept": sum(o["young_objects_kept"] for o in shards.values()),
+        "head_moved": any(o.get("head_moved") for o in shards.values()),
+        "dry_run": dry_run,
+        "shards": shards,
+    }
 
 
 # -- sharded roots -----------------------------------------------------------------------------

@@ -366,3 +366,42 @@ def test_a_warm_open_asks_the_bucket_for_head_alone(bucket, tmp_path, counting):
     fs.pipe_file(where, json.dumps(rec).encode())
     with pytest.raises(CorruptStoreError, match="not the record"):
         dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0)
+
+
+def test_gc_of_a_sharded_roots_bucket_keeps_what_retained_global_commits_name(bucket, tmp_path):
+    """``remote.gc`` of a published sharded root: global records not retained go first, then
+    each shard keeps the commits the retained global records name; HEAD's global commit stays
+    whole and readable, an older one is gone."""
+    from dpsn.errors import SnapshotNotFoundError
+
+    url, opts, fs = bucket
+    root = tmp_path / "root"
+    dpsn.distributed.create_root(root, 10**9, 8, shards=2, generator=GEN)
+    ids = torch.arange(300)
+    base = dpsn.distributed.read_rows(root, ids)
+    assert dpsn.distributed.publish(root, url, opts)["global_commit"] == 1
+    dpsn.distributed.reshard(root, 3)  # a new global commit naming three new shard commits
+    assert dpsn.distributed.publish(root, url, opts)["global_commit"] == 2
+    prefix = url[5:]
+    before = set(fs.find(prefix))
+
+    every = remote.gc(url, opts, grace=0)  # no rule given: every commit kept, nothing to remove
+    assert every["kept_commits"] == [1, 2] and every["removed_commits"] == []
+    assert every["removed_objects"] == 0 and set(fs.find(prefix)) == before
+
+    dry = remote.gc(url, opts, keep_last=1, grace=0, dry_run=True)
+    assert dry["removed_commits"] == [1] and set(fs.find(prefix)) == before
+    out = remote.gc(url, opts, keep_last=1, grace=0)
+    assert out["head"] == 2 and out["kept_commits"] == [2] and out["removed_commits"] == [1]
+    assert out["removed_objects"] == dry["removed_objects"] > 0
+    gone = {d for d, o in out["shards"].items() if o.get("whole_store")}
+    assert gone == {"shard-0000", "shard-0001"} and len(out["shards"]) == 5
+    assert not any("/shard-0000/" in p or "/shard-0001/" in p for p in fs.find(prefix))
+    assert not any(p.endswith("global/0000000000000001.json") for p in fs.find(prefix))
+    with dpsn.open(url, storage_options=opts, cache_dir=tmp_path / "cache") as r:
+        assert r.global_commit.id == 2 and r.global_commit.count == 3
+        torch.testing.assert_close(r.read(ids), base, rtol=0, atol=0)
+    with pytest.raises(SnapshotNotFoundError):
+        dpsn.open(url, at=1, storage_options=opts, cache_dir=tmp_path / "c2")
+    again = remote.gc(url, opts, keep_last=1, grace=0)
+    assert again["removed_commits"] == [] and again["removed_objects"] == 0
