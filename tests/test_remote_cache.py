@@ -368,7 +368,9 @@ def test_a_warm_open_asks_the_bucket_for_head_alone(bucket, tmp_path, counting):
         dpsn.open(url, storage_options=opts, cache_dir=cache, cache_rows=0)
 
 
-def test_gc_of_a_sharded_roots_bucket_keeps_what_retained_global_commits_name(bucket, tmp_path):
+def test_gc_of_a_sharded_roots_bucket_keeps_what_retained_global_commits_name(
+    bucket, tmp_path, monkeypatch, capsys
+):
     """``remote.gc`` of a published sharded root: global records not retained go first, then
     each shard keeps the commits the retained global records name; HEAD's global commit stays
     whole and readable, an older one is gone."""
@@ -405,3 +407,13 @@ def test_gc_of_a_sharded_roots_bucket_keeps_what_retained_global_commits_name(bu
         dpsn.open(url, at=1, storage_options=opts, cache_dir=tmp_path / "c2")
     again = remote.gc(url, opts, keep_last=1, grace=0)
     assert again["removed_commits"] == [] and again["removed_objects"] == 0
+    from dpsn.tools.cli import main as cli
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    capsys.readouterr()
+    assert cli(["gc", url, "--dry-run", "--endpoint-url", opts["endpoint_url"]]) == 0
+    said = capsys.readouterr().out
+    assert "would remove 0 global commit(s)" in said and "kept global commits [1, 2]" not in said
+    assert "kept global commits [2] (HEAD 2)" in said

@@ -89,10 +89,11 @@ def cmd_gc_url(args: argparse.Namespace) -> int:
         _print_json(out)
     else:
         verb = "would remove" if args.dry_run else "removed"
+        kind = "global" if "shards" in out else "published"  # a sharded root's: global commits
         print(
-            f"{args.path}: {verb} {len(out['removed_commits'])} published commit(s) and "
+            f"{args.path}: {verb} {len(out['removed_commits'])} {kind} commit(s) and "
             f"{out['removed_objects']} object(s) ({human_bytes(out['freed_bytes'])}); kept "
-            f"commits {out['kept_commits']} (HEAD {out['head']}), "
+            f"{kind} commits {out['kept_commits']} (HEAD {out['head']}), "
             f"{out['young_objects_kept']} unreferenced object(s) younger than the grace period"
             + (
                 "; HEAD moved during the run, no object removed: run it again"
