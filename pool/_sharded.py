@@ -40,7 +40,7 @@ import torch.distributed as dist
 from dpsn.errors import DistributedError, DpsnError, InvalidDeltaError, ReadOnlyError
 from dpsn.hypernet import xxh64_ids
 from dpsn.store import shards as layout
-from dpsn.tiers import RowBatch
+from dpsn.tiers import SECOND_BACKWARD, RowBatch, check_row_mask, check_update_scale
 
 from ._pool import Pool
 
@@ -151,20 +151,11 @@ class ShardedRowBatch:
         its results would not be finite (gradients summed over ranks that overflow) skips and
         counts it whatever its own flag, and this rank raises ``InvalidDeltaError`` when it
         asked for ``strict``."""
-        from dpsn.tiers import SECOND_BACKWARD
-
         if self.applied or self._local is None:
             raise RuntimeError(SECOND_BACKWARD)
         if rows is not None:
-            rows = torch.as_tensor(rows, device=self.ids.device)
-            if rows.dtype != torch.bool or rows.shape != self.ids.shape:
-                raise ValueError(
-                    f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
-                    f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
-                )
+            rows = check_row_mask(rows, self.ids)
         if scale is not None:
-            from dpsn.tiers import check_update_scale
-
             scale = check_update_scale(scale, len(self.ids))  # checked here, before the collective
         self._pool._optimizer = optimizer
         finite = bool(torch.isfinite(grads).all())

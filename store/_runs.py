@@ -26,7 +26,6 @@ files it no longer names removed (a reader that mapped one keeps it until it clo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -42,7 +41,7 @@ from ._digest import RECORD_CHECK, seal_record
 from ._files import SizeGuard, open_regular, pread_regular, read_regular
 from ._layered import LayeredIndex
 from ._rowindex import FENCE_STEP, RowBlockError, RowIndex, block_sums, merge_newest
-from .fs import FileSystem, write_all, write_file
+from .fs import FileSystem, creating, write_all, write_file
 from .fs import current as current_fs
 
 __all__ = ["RowBlockError"]  # re-exported: what a damaged block raises
@@ -267,8 +266,7 @@ def _write_run(folder: Path, name: str, layer: RowIndex, fs: FileSystem) -> int:
     tmp = folder / f".{name}.tmp"
     sums = []
     h = xxhash.xxh64()  # of all but the header (which checks itself): what runs.json keeps
-    f = fs.open_write(tmp)
-    try:
+    with creating(fs, tmp) as f:
         write_all(f, bytes(_HEADER))
         step = (1 << 20) // FENCE_STEP * FENCE_STEP  # whole blocks per buffer, bounded at any size
         for lo in range(0, n, step):
@@ -288,12 +286,6 @@ def _write_run(folder: Path, name: str, layer: RowIndex, fs: FileSystem) -> int:
         f.seek(0)
         write_all(f, _header(n, tail))
         f.fsync()
-    except BaseException:
-        f.close()
-        with contextlib.suppress(OSError):
-            fs.unlink(tmp, missing_ok=True)
-        raise
-    f.close()
     fs.replace(tmp, folder / name)
     return h.intdigest()
 

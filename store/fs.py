@@ -182,18 +182,10 @@ class OsFileSystem:
         return _OsHandle(os.open(path, flags, 0o644))
 
     def fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(path)
 
     def fsync_file(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(path)
 
     def replace(self, src: Path, dst: Path) -> None:
         os.replace(src, dst)
@@ -294,19 +286,36 @@ def write_all(f: WriteHandle, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def write_file(fs: FileSystem, path: Path, data: bytes | memoryview, *, sync: bool) -> None:
-    """Create ``path`` with ``data`` (fsynced when ``sync``); a failure removes the file."""
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (both through a read-only descriptor)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def creating(fs: FileSystem, path: Path) -> Iterator[WriteHandle]:
+    """``path`` created for writing through ``fs`` and closed after the block; a block that
+    fails removes it, so a failed write leaves no partial file behind."""
     f = fs.open_write(path)
     try:
-        write_all(f, data)
-        if sync:
-            f.fsync()
+        yield f
     except BaseException:
         f.close()
         with contextlib.suppress(OSError):
             fs.unlink(path, missing_ok=True)
         raise
     f.close()
+
+
+def write_file(fs: FileSystem, path: Path, data: bytes | memoryview, *, sync: bool) -> None:
+    """Create ``path`` with ``data`` (fsynced when ``sync``); a failure removes the file."""
+    with creating(fs, path) as f:
+        write_all(f, data)
+        if sync:
+            f.fsync()
 
 
 def fsync_dir(path: Path, fs: FileSystem | None = None) -> None:

@@ -38,6 +38,7 @@ _LAZY = {
     "UsageIndex": "._usage",
     "UsageRules": "._usage",
     "check_policy": "._policies",
+    "check_row_mask": "._stack",
     "check_update_scale": "._stack",
     "load_generator": "._procedural",
     "make_row_optimizer": "._optimizer",
@@ -63,7 +64,14 @@ if TYPE_CHECKING:
     from ._policies import EvictionPolicy, check_policy, make_policy, policies, register_policy
     from ._procedural import ProceduralTier, load_generator
     from ._slot_table import SlotTable
-    from ._stack import SECOND_BACKWARD, Prefetch, RowBatch, RowStack, check_update_scale
+    from ._stack import (
+        SECOND_BACKWARD,
+        Prefetch,
+        RowBatch,
+        RowStack,
+        check_row_mask,
+        check_update_scale,
+    )
     from ._usage import UsageClock, UsageIndex, UsageRules
 
 
@@ -111,6 +119,7 @@ __all__ = [
     "UsageIndex",
     "UsageRules",
     "check_policy",
+    "check_row_mask",
     "check_update_scale",
     "load_generator",
     "make_policy",

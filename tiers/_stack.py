@@ -75,6 +75,19 @@ _COUNTERS = (
 )
 
 
+def check_row_mask(rows: Any, ids: torch.Tensor) -> torch.Tensor:
+    """``rows`` as a bool tensor aligned with ``ids`` (one flag per distinct row of a batch) on
+    their device, or ``ValueError`` naming what is wrong; shared by every batch's row step so
+    that a sharded one refuses the same input before its collective starts."""
+    rows = torch.as_tensor(rows, device=ids.device)
+    if rows.dtype != torch.bool or rows.shape != ids.shape:
+        raise ValueError(
+            f"rows= must be a bool tensor of shape {tuple(ids.shape)} (one flag per distinct "
+            f"row of the batch), got {rows.dtype} {tuple(rows.shape)}"
+        )
+    return rows
+
+
 def check_update_scale(scale: Any, n: int) -> torch.Tensor:
     """``scale`` as a contiguous CPU float32 ``[n]`` tensor of finite values >= 0, or a typed
     error naming what is wrong (a negative scale would turn the step around; a NaN would put
@@ -251,12 +264,7 @@ class RowBatch:
         if self.applied:
             raise RuntimeError(SECOND_BACKWARD)
         if rows is not None:
-            rows = torch.as_tensor(rows, device=self.ids.device)
-            if rows.dtype != torch.bool or rows.shape != self.ids.shape:
-                raise ValueError(
-                    f"rows= must be a bool tensor of shape {tuple(self.ids.shape)} (one flag "
-                    f"per distinct row of the batch), got {rows.dtype} {tuple(rows.shape)}"
-                )
+            rows = check_row_mask(rows, self.ids)
         if scale is not None:
             scale = check_update_scale(scale, len(self.ids))
         if not isinstance(grads, torch.Tensor):
